@@ -1,0 +1,353 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""kt-sidecar decision core: token buckets, budget periods, low-water tier choice.
+
+The only in-process implementation of these rules. ``lua/decide.lua`` mirrors
+it for the Redis backend; ``tests/reference_model.py`` is the specification
+both are tested against. Pure computation: the clock comes in as ``now_us``
+(integer microseconds since the Unix epoch, UTC), nothing here does I/O.
+
+Units: tokens are integers; a budget is in tokens or nano-USD (1e-9 USD).
+"""
+from libc.math cimport floor, ceil
+from cpython.mem cimport PyMem_Malloc, PyMem_Free
+
+cdef extern from *:
+    ctypedef long long int64 "long long"
+
+# Outcome kinds; same numbers in lua/decide.lua and sidecar/model.py
+ALLOW = 0
+DOWNGRADE = 1
+DENY_RATE = 2
+DENY_BUDGET = 3
+TOO_LARGE = 4
+# Which limit decided
+R_NONE = 0
+R_RPM = 1
+R_TPM = 2
+R_BUDGET = 3
+# Budget periods
+P_MINUTE = 0
+P_HOUR = 1
+P_DAY = 2
+P_MONTH = 3
+P_TOTAL = 4
+
+cdef int64 US = 1000000
+cdef int64 DAY_US = 86400000000
+# "no end" for a `total` period; far beyond any clock, well inside int64 and
+# exactly representable as a double (Lua numbers are doubles).
+cdef int64 NO_END = 4611686018427387904
+NO_END_US = NO_END
+
+cdef int64 _days_from_civil(int64 y, int64 m, int64 d) noexcept nogil:
+    # Howard Hinnant's days_from_civil: proleptic Gregorian date -> days since 1970-01-01
+    cdef int64 era, yoe, doy, doe
+    if m <= 2:
+        y -= 1
+    era = (y if y >= 0 else y - 399) // 400
+    yoe = y - era * 400
+    doy = (153 * (m + (-3 if m > 2 else 9)) + 2) // 5 + d - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146097 + doe - 719468
+
+cdef void _year_month(int64 days, int64* y_out, int64* m_out) noexcept nogil:
+    # Inverse of _days_from_civil, keeping only year and month.
+    cdef int64 z = days + 719468
+    cdef int64 era = (z if z >= 0 else z - 146096) // 146097
+    cdef int64 doe = z - era * 146097
+    cdef int64 yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    cdef int64 y = yoe + era * 400
+    cdef int64 doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    cdef int64 mp = (5 * doy + 2) // 153
+    cdef int64 m = mp + (3 if mp < 10 else -9)
+    if m <= 2:
+        y += 1
+    y_out[0] = y
+    m_out[0] = m
+
+cdef void _period_bounds(int64 now, int period, int64* start, int64* end) noexcept nogil:
+    cdef int64 size, days, y, m
+    if period == 4:  # total
+        start[0] = 0
+        end[0] = NO_END
+        return
+    if period == 3:  # calendar month, UTC
+        days = now // DAY_US if now >= 0 else -((-now + DAY_US - 1) // DAY_US)
+        _year_month(days, &y, &m)
+        start[0] = _days_from_civil(y, m, 1) * DAY_US
+        if m == 12:
+            end[0] = _days_from_civil(y + 1, 1, 1) * DAY_US
+        else:
+            end[0] = _days_from_civil(y, m + 1, 1) * DAY_US
+        return
+    if period == 0:
+        size = 60 * US
+    elif period == 1:
+        size = 3600 * US
+    else:
+        size = DAY_US
+    start[0] = (now // size) * size
+    end[0] = start[0] + size
+
+
+def period_bounds(int64 now_us, int period):
+    """[start, end) in microseconds of the UTC-aligned window that holds now_us."""
+    cdef int64 s, e
+    _period_bounds(now_us, period, &s, &e)
+    return s, e
+
+
+cdef class Limits:
+    """One tenant's compiled limits. rpm/tpm 0 = unlimited; budget -1 = none.
+
+    prices: one (nano-USD per input token, nano-USD per output token) per tier,
+    best tier first; its length is the number of tiers.
+    """
+    cdef readonly int64 rpm, tpm, budget
+    cdef readonly double burst, low_water, req_cap, tok_cap, req_rate, tok_rate
+    cdef readonly bint budget_in_usd
+    cdef readonly int period, ntiers
+    cdef int64* _pin
+    cdef int64* _pout
+    cdef readonly tuple prices
+
+    def __cinit__(self, int64 rpm=0, int64 tpm=0, double burst=1.0, int64 budget=-1,
+                  bint budget_in_usd=False, int period=2, double low_water=0.0,
+                  prices=((0, 0),)):
+        cdef Py_ssize_t i
+        if rpm < 0 or tpm < 0:
+            raise ValueError("rpm and tpm must be >= 0")
+        if burst < 1.0:
+            raise ValueError("burst must be >= 1")
+        if period < 0 or period > 4:
+            raise ValueError("unknown period")
+        self.prices = tuple((int(a), int(b)) for a, b in prices)
+        if len(self.prices) < 1:
+            raise ValueError("at least one tier")
+        self.rpm, self.tpm, self.budget = rpm, tpm, budget
+        self.burst, self.low_water = burst, low_water
+        self.budget_in_usd, self.period = budget_in_usd, period
+        self.req_cap = rpm * burst
+        self.tok_cap = tpm * burst
+        self.req_rate = rpm / 60e6
+        self.tok_rate = tpm / 60e6
+        self.ntiers = len(self.prices)
+        self._pin = <int64*>PyMem_Malloc(self.ntiers * sizeof(int64))
+        self._pout = <int64*>PyMem_Malloc(self.ntiers * sizeof(int64))
+        if self._pin == NULL or self._pout == NULL:
+            raise MemoryError()
+        for i in range(self.ntiers):
+            self._pin[i] = self.prices[i][0]
+            self._pout[i] = self.prices[i][1]
+
+    def __dealloc__(self):
+        PyMem_Free(self._pin)
+        PyMem_Free(self._pout)
+
+    cdef inline int64 cost(self, int tier, int64 input_tokens, int64 output_tokens):
+        if not self.budget_in_usd:
+            return input_tokens + output_tokens
+        return input_tokens * self._pin[tier] + output_tokens * self._pout[tier]
+
+
+cdef class State:
+    """One tenant's mutable state. A level < 0 means never used: the bucket is full."""
+    cdef public double req_level, tok_level
+    cdef public int64 req_last, tok_last, spent, period_start
+
+    def __cinit__(self):
+        self.req_level = -1.0
+        self.tok_level = -1.0
+        self.req_last = 0
+        self.tok_last = 0
+        self.spent = 0
+        self.period_start = -1
+
+
+cdef class Outcome:
+    """The result of one decision; also built by the Redis backend from Lua's reply."""
+    cdef readonly int kind, reason, tier
+    cdef readonly int64 retry_after_s
+    cdef readonly int64 limit_requests, remaining_requests, reset_requests_us
+    cdef readonly int64 limit_tokens, remaining_tokens, reset_tokens_us
+    cdef readonly int64 budget_limit, budget_remaining, budget_reset_us
+    cdef readonly int64 charged_tokens, charged_cost
+
+    def __init__(self, int kind, int reason, int tier, int64 retry_after_s,
+                 int64 limit_requests, int64 remaining_requests, int64 reset_requests_us,
+                 int64 limit_tokens, int64 remaining_tokens, int64 reset_tokens_us,
+                 int64 budget_limit, int64 budget_remaining, int64 budget_reset_us,
+                 int64 charged_tokens, int64 charged_cost):
+        self.kind, self.reason, self.tier = kind, reason, tier
+        self.retry_after_s = retry_after_s
+        self.limit_requests = limit_requests
+        self.remaining_requests = remaining_requests
+        self.reset_requests_us = reset_requests_us
+        self.limit_tokens = limit_tokens
+        self.remaining_tokens = remaining_tokens
+        self.reset_tokens_us = reset_tokens_us
+        self.budget_limit = budget_limit
+        self.budget_remaining = budget_remaining
+        self.budget_reset_us = budget_reset_us
+        self.charged_tokens = charged_tokens
+        self.charged_cost = charged_cost
+
+    @property
+    def admitted(self):
+        return self.kind == 0 or self.kind == 1
+
+    def __repr__(self):
+        return ("Outcome(kind=%d, reason=%d, tier=%d, retry_after_s=%d, remaining_requests=%d, "
+                "remaining_tokens=%d, budget_remaining=%d, charged_tokens=%d, charged_cost=%d)" % (
+                    self.kind, self.reason, self.tier, self.retry_after_s, self.remaining_requests,
+                    self.remaining_tokens, self.budget_remaining, self.charged_tokens,
+                    self.charged_cost))
+
+
+cdef inline double _refill(double level, int64 last, double cap, double rate, int64 now):
+    cdef int64 elapsed
+    cdef double filled
+    if level < 0.0:
+        return cap
+    elapsed = now - last
+    if elapsed <= 0:
+        return level
+    filled = level + elapsed * rate
+    return cap if filled > cap else filled
+
+
+cdef inline int64 _wait_us(double deficit, double cap, double rate):
+    if deficit <= 0.0:
+        return 0
+    return <int64>ceil(deficit / rate)
+
+
+cpdef Outcome decide(Limits lim, State st, int64 now_us, int tier, int64 input_tokens,
+                     int64 output_tokens, int64 firm_tokens, bint commit_on_deny=False):
+    """Decide one request and apply it to ``st``.
+
+    tier: the tier the request asked for (0 = best). firm_tokens: the part of the
+    estimate that cannot be trimmed (prompt + an explicit max_tokens); the rest of
+    output_tokens is a defaulted guess, trimmed so it never makes a request
+    impossible. A denied request changes nothing but the buckets' refill
+    bookkeeping, unless commit_on_deny (shadow mode: it goes through anyway).
+    """
+    cdef int kind = 0, reason = 0
+    cdef double retry_us = 0.0, wait_req = 0.0, wait_tok = 0.0
+    cdef int64 tokens = input_tokens + output_tokens
+    cdef int64 cost = 0, budget_remaining = -1, start = 0, end = NO_END, remaining
+    cdef double req_level = 0.0, tok_level = 0.0
+    cdef int64 charged_tokens = 0, charged_cost = 0
+    if tier < 0 or tier >= lim.ntiers:
+        raise ValueError("tier out of range")
+    if input_tokens < 0 or output_tokens < 0:
+        raise ValueError("token counts must be >= 0")
+    # 1. trim the soft part of the estimate
+    if lim.tpm > 0 and tokens > lim.tok_cap:
+        if firm_tokens > lim.tok_cap:
+            kind, reason = 4, 2
+        else:
+            output_tokens = <int64>lim.tok_cap - input_tokens
+            if output_tokens < 0:
+                output_tokens = 0
+            tokens = input_tokens + output_tokens
+    # 2. budget
+    if lim.budget >= 0:
+        _period_bounds(now_us, lim.period, &start, &end)
+        if st.period_start != start:
+            st.period_start = start
+            st.spent = 0
+        remaining = lim.budget - st.spent
+        if remaining < lim.low_water * lim.budget and tier + 1 < lim.ntiers:
+            tier += 1
+            if kind == 0:
+                kind = 1
+        cost = lim.cost(tier, input_tokens, output_tokens)
+        budget_remaining = remaining
+        if kind <= 1:
+            if cost > lim.budget:
+                kind, reason = 4, 3
+            elif cost > remaining:
+                kind, reason = 3, 3
+                if end != NO_END:
+                    retry_us = <double>(end - now_us)
+    # 3. buckets
+    if lim.rpm > 0:
+        req_level = _refill(st.req_level, st.req_last, lim.req_cap, lim.req_rate, now_us)
+        st.req_level = req_level
+        st.req_last = now_us
+    if lim.tpm > 0:
+        tok_level = _refill(st.tok_level, st.tok_last, lim.tok_cap, lim.tok_rate, now_us)
+        st.tok_level = tok_level
+        st.tok_last = now_us
+    if kind <= 1:
+        if lim.rpm > 0 and req_level < 1.0:
+            wait_req = (1.0 - req_level) / lim.req_rate
+        if lim.tpm > 0 and tok_level < tokens:
+            wait_tok = (tokens - tok_level) / lim.tok_rate
+        if wait_req > 0.0 or wait_tok > 0.0:
+            kind = 2
+            if wait_req >= wait_tok:
+                reason, retry_us = 1, wait_req
+            else:
+                reason, retry_us = 2, wait_tok
+    # 4. commit
+    if kind <= 1 or commit_on_deny:
+        if lim.rpm > 0:
+            req_level -= 1.0
+            st.req_level = req_level
+        if lim.tpm > 0:
+            tok_level -= tokens
+            st.tok_level = tok_level
+        if lim.budget >= 0:
+            st.spent += cost
+            budget_remaining = lim.budget - st.spent
+        charged_tokens, charged_cost = tokens, cost
+    cdef int64 retry_after_s = 0
+    if retry_us > 0.0:
+        retry_after_s = <int64>ceil(retry_us / US)
+        if retry_after_s < 1:
+            retry_after_s = 1
+    return Outcome(
+        kind, reason, tier, retry_after_s,
+        lim.rpm, (<int64>floor(req_level) if req_level > 0 else 0) if lim.rpm > 0 else -1,
+        _wait_us(lim.req_cap - req_level, lim.req_cap, lim.req_rate) if lim.rpm > 0 else 0,
+        lim.tpm, (<int64>floor(tok_level) if tok_level > 0 else 0) if lim.tpm > 0 else -1,
+        _wait_us(lim.tok_cap - tok_level, lim.tok_cap, lim.tok_rate) if lim.tpm > 0 else 0,
+        lim.budget, (budget_remaining if budget_remaining > 0 else 0) if lim.budget >= 0 else -1,
+        (end - now_us if end != NO_END else 0) if lim.budget >= 0 else 0,
+        charged_tokens, charged_cost,
+    )
+
+
+cpdef int64 settle(Limits lim, State st, int64 now_us, int64 delta_tokens, int64 delta_cost,
+                   int64 period_start):
+    """Apply a reconciliation: the difference between actual usage and what was
+    charged at decision time (negative = refund). The token bucket takes the token
+    difference now; the budget takes the cost difference only if the charge was
+    made in the current period (a refund never reaches into a closed period).
+    Returns the budget spent after the adjustment (-1 without a budget)."""
+    cdef double tok_level
+    cdef int64 start = 0, end = 0
+    if lim.tpm > 0 and delta_tokens != 0:
+        tok_level = _refill(st.tok_level, st.tok_last, lim.tok_cap, lim.tok_rate, now_us)
+        tok_level -= delta_tokens
+        if tok_level > lim.tok_cap:
+            tok_level = lim.tok_cap
+        st.tok_level = tok_level
+        st.tok_last = now_us
+    if lim.budget < 0:
+        return -1
+    _period_bounds(now_us, lim.period, &start, &end)
+    if st.period_start != start:
+        st.period_start = start
+        st.spent = 0
+    if period_start == start:
+        st.spent += delta_cost
+        if st.spent < 0:
+            st.spent = 0
+    elif delta_cost > 0:
+        # extra usage of a request admitted in an earlier period is charged now:
+        # spend is never lost, it lands in the period in which it became known
+        st.spent += delta_cost
+    return st.spent

@@ -1,0 +1,66 @@
+"""The one seam between the decision service and where state lives.
+
+A backend applies the decision core's rules to one tenant's shared state and
+returns an ``Outcome``. It never chooses what Envoy sees: on any failure it
+raises ``BackendError`` and the service applies the configured failure mode.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from sidecar._core import Limits, Outcome
+
+
+class BackendError(Exception):
+    """The backend could not decide (unreachable, timed out, malformed reply)."""
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    ready: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """What a reconciliation did: ``applied`` is False when the request id was seen before."""
+
+    applied: bool
+    budget_spent: int
+
+
+class Backend(Protocol):
+    name: str
+
+    async def start(self) -> None:
+        """Connect / load state. May raise BackendError."""
+
+    async def close(self) -> None:
+        """Flush and release everything; safe to call twice."""
+
+    async def decide(
+        self,
+        tenant: str,
+        limits: Limits,
+        tier: int,
+        input_tokens: int,
+        output_tokens: int,
+        firm_tokens: int,
+        commit_on_deny: bool,
+    ) -> Outcome:
+        """One atomic decision against the tenant's shared state (see native/core.pyx)."""
+
+    async def settle(
+        self,
+        tenant: str,
+        limits: Limits,
+        request_id: str,
+        delta_tokens: int,
+        delta_cost: int,
+        period_start_us: int,
+    ) -> Settlement:
+        """Apply actual-minus-charged usage once per request id (idempotent)."""
+
+    def status(self) -> BackendStatus:
+        """Readiness, cheap and non-blocking (read by /readyz)."""

@@ -1,0 +1,196 @@
+"""The reference model of one decision: plain Python, written for clarity, not speed.
+
+This is the *specification* that both implementations are held to:
+the Cython core (``native/core.pyx``, used by the embedded backend) and the Lua
+scripts (``lua/decide.lua``, used by the Redis backend). It lives in tests/ on
+purpose: the package has exactly one implementation of each rule per backend,
+and this file exists only to check them.
+
+Units: time in integer microseconds since the Unix epoch (UTC); tokens are
+integers; a budget is in tokens or in nano-USD (1e-9 USD), always an integer.
+"""
+from __future__ import annotations
+
+import calendar
+import math
+from dataclasses import dataclass, field
+
+US = 1_000_000
+
+# Outcome kinds (same numbers in core.pyx and decide.lua)
+ALLOW, DOWNGRADE, DENY_RATE, DENY_BUDGET, TOO_LARGE = 0, 1, 2, 3, 4
+# Reasons: which limit decided
+R_NONE, R_RPM, R_TPM, R_BUDGET = 0, 1, 2, 3
+# Periods
+P_MINUTE, P_HOUR, P_DAY, P_MONTH, P_TOTAL = 0, 1, 2, 3, 4
+NO_END = 2**62
+
+
+def period_bounds(now_us: int, period: int) -> tuple[int, int]:
+    """[start, end) of the UTC-aligned window holding now_us."""
+    if period == P_TOTAL:
+        return 0, NO_END
+    if period in (P_MINUTE, P_HOUR, P_DAY):
+        size = (60, 3600, 86400)[period] * US
+        start = (now_us // size) * size
+        return start, start + size
+    days = now_us // (86400 * US)
+    y, m = _civil_year_month(days)
+    start = calendar.timegm((y, m, 1, 0, 0, 0)) * US
+    ny, nm = (y + 1, 1) if m == 12 else (y, m + 1)
+    return start, calendar.timegm((ny, nm, 1, 0, 0, 0)) * US
+
+
+def _civil_year_month(days: int) -> tuple[int, int]:
+    import datetime
+
+    d = datetime.date(1970, 1, 1) + datetime.timedelta(days=days)
+    return d.year, d.month
+
+
+@dataclass
+class Limits:
+    rpm: int = 0  # 0 = no request limit
+    tpm: int = 0  # 0 = no token limit
+    burst: float = 1.0
+    budget: int = -1  # -1 = no budget
+    budget_in_usd: bool = False
+    period: int = P_DAY
+    low_water: float = 0.0
+    # per tier: (nano-USD per input token, nano-USD per output token)
+    prices: list[tuple[int, int]] = field(default_factory=lambda: [(0, 0)])
+
+    @property
+    def req_cap(self) -> float:
+        return self.rpm * self.burst
+
+    @property
+    def tok_cap(self) -> float:
+        return self.tpm * self.burst
+
+
+@dataclass
+class State:
+    req_level: float = -1.0  # < 0: never used, the bucket starts full
+    req_last: int = 0
+    tok_level: float = -1.0
+    tok_last: int = 0
+    spent: int = 0
+    period_start: int = -1
+
+
+@dataclass
+class Outcome:
+    kind: int
+    reason: int
+    tier: int
+    retry_after_s: int
+    remaining_requests: int
+    remaining_tokens: int
+    budget_remaining: int
+    charged_tokens: int
+    charged_cost: int
+
+
+def _refill(level: float, last: int, cap: float, rpm_like: int, now: int) -> float:
+    if level < 0:
+        return cap
+    elapsed = now - last
+    if elapsed <= 0:
+        return level
+    return min(cap, level + elapsed * (rpm_like / 60e6))
+
+
+def cost_of(lim: Limits, tier: int, input_tokens: int, output_tokens: int) -> int:
+    if not lim.budget_in_usd:
+        return input_tokens + output_tokens
+    pin, pout = lim.prices[tier]
+    return input_tokens * pin + output_tokens * pout
+
+
+def decide(
+    lim: Limits,
+    st: State,
+    now: int,
+    tier: int,
+    input_tokens: int,
+    output_tokens: int,
+    firm_tokens: int,
+    commit_on_deny: bool = False,
+) -> Outcome:
+    """One decision. Mutates ``st`` only as the rules say (a denial holds nothing,
+    unless commit_on_deny: shadow mode, where the request goes through anyway)."""
+    kind, reason, retry_us = ALLOW, R_NONE, 0
+    # 1. Estimate trimming: the soft part (a defaulted output size) never makes a
+    #    request impossible; the firm part (prompt + explicit max_tokens) may.
+    tokens = input_tokens + output_tokens
+    if lim.tpm > 0 and tokens > lim.tok_cap:
+        if firm_tokens > lim.tok_cap:
+            kind, reason = TOO_LARGE, R_TPM
+        else:
+            output_tokens = max(0, int(lim.tok_cap) - input_tokens)
+            tokens = input_tokens + output_tokens
+    # 2. Budget: period from the clock, downgrade below low water, cost at the
+    #    tier the request actually goes to.
+    cost = 0
+    budget_remaining = -1
+    if lim.budget >= 0:
+        start, end = period_bounds(now, lim.period)
+        if st.period_start != start:
+            st.period_start, st.spent = start, 0
+        remaining = lim.budget - st.spent
+        if remaining < lim.low_water * lim.budget and tier + 1 < len(lim.prices):
+            tier += 1
+            if kind == ALLOW:
+                kind = DOWNGRADE
+        cost = cost_of(lim, tier, input_tokens, output_tokens)
+        budget_remaining = remaining
+        if kind in (ALLOW, DOWNGRADE):
+            if cost > lim.budget:
+                kind, reason = TOO_LARGE, R_BUDGET
+            elif cost > remaining:
+                kind, reason = DENY_BUDGET, R_BUDGET
+                retry_us = end - now if end != NO_END else 0
+    # 3. Buckets: each limit its own state; refill is continuous.
+    req_level = tok_level = 0.0
+    if lim.rpm > 0:
+        req_level = _refill(st.req_level, st.req_last, lim.req_cap, lim.rpm, now)
+        st.req_level, st.req_last = req_level, now
+    if lim.tpm > 0:
+        tok_level = _refill(st.tok_level, st.tok_last, lim.tok_cap, lim.tpm, now)
+        st.tok_level, st.tok_last = tok_level, now
+    if kind in (ALLOW, DOWNGRADE):
+        wait_req = wait_tok = 0.0
+        if lim.rpm > 0 and req_level < 1.0:
+            wait_req = (1.0 - req_level) / (lim.rpm / 60e6)
+        if lim.tpm > 0 and tok_level < tokens:
+            wait_tok = (tokens - tok_level) / (lim.tpm / 60e6)
+        if wait_req > 0 or wait_tok > 0:
+            kind = DENY_RATE
+            reason = R_RPM if wait_req >= wait_tok else R_TPM
+            retry_us = max(wait_req, wait_tok)
+    # 4. Commit: only an admitted request (or any request, in shadow mode) is charged.
+    charged_tokens = charged_cost = 0
+    if kind in (ALLOW, DOWNGRADE) or commit_on_deny:
+        if lim.rpm > 0:
+            st.req_level = req_level = req_level - 1.0
+        if lim.tpm > 0:
+            st.tok_level = tok_level = tok_level - tokens
+        if lim.budget >= 0:
+            st.spent += cost
+            budget_remaining = lim.budget - st.spent
+        charged_tokens, charged_cost = tokens, cost
+    retry_after_s = 0
+    if retry_us > 0:
+        retry_after_s = max(1, math.ceil(retry_us / US))
+    return Outcome(
+        kind=kind,
+        reason=reason,
+        tier=tier,
+        retry_after_s=retry_after_s,
+        remaining_requests=max(0, math.floor(req_level)) if lim.rpm > 0 else -1,
+        remaining_tokens=max(0, math.floor(tok_level)) if lim.tpm > 0 else -1,
+        budget_remaining=max(0, budget_remaining) if lim.budget >= 0 else -1,
+        charged_tokens=charged_tokens,
+        charged_cost=charged_cost,
+    )
