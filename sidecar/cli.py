@@ -1,0 +1,119 @@
+"""kt: the command line. Thin: parse arguments, call into the package."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import Optional, Sequence
+
+from sidecar.policy.load import PolicyError, load_policy
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from sidecar.backends.base import BackendError
+    from sidecar.server import ServerConfig, serve
+
+    cfg = ServerConfig(grpc_addr=args.grpc, http_addr=args.http, policy_path=args.config,
+                       state_file=args.state_file, ready_file=args.ready_file)
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it
+        runner = asyncio.run
+    try:
+        runner(serve(cfg))
+    except PolicyError as exc:
+        print(f"kt serve: {exc}", file=sys.stderr)
+        return 2
+    except BackendError as exc:
+        print(f"kt serve: backend: {exc}", file=sys.stderr)
+        return 3
+    except OSError as exc:
+        print(f"kt serve: {exc}", file=sys.stderr)
+        return 4
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    ok = True
+    for path in args.files:
+        try:
+            p = load_policy(path)
+        except PolicyError as exc:
+            print(exc, file=sys.stderr)
+            ok = False
+            continue
+        print(f"{path}: ok ({len(p.tenants)} tenants, {len(p.tiers)} tiers, "
+              f"backend {type(p.backend).__name__}, digest {p.digest})")
+    return 0 if ok else 1
+
+
+def _envoy_config(args: argparse.Namespace) -> int:
+    from sidecar.envoy_config import EnvoyOptions, TierRoute, render
+    from sidecar.server import sample_policy
+
+    policy = load_policy(args.config) if args.config else sample_policy()
+    upstreams = dict(u.split("=", 1) for u in args.upstream)
+    unknown = set(upstreams) - {t.name for t in policy.tiers}
+    if unknown:
+        print(f"kt envoy-config: --upstream names unknown tier(s): {sorted(unknown)}",
+              file=sys.stderr)
+        return 2
+    tiers = [TierRoute(t.name, t.model, upstreams.get(t.name, args.default_upstream))
+             for t in policy.tiers]
+    lhost, _, lport = args.listen.rpartition(":")
+    ahost, _, aport = args.admin.rpartition(":")
+    opts = EnvoyOptions(
+        listen_host=lhost, listen_port=int(lport), admin_host=ahost, admin_port=int(aport),
+        sidecar_address=args.sidecar, tiers=tiers, mode=args.mode,
+        failure_mode=args.failure_mode, tenant_header=policy.tenant_header)
+    sys.stdout.write(render(opts))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kt", description="kt-sidecar: rate limits and budgets "
+                                "for LLM traffic behind Envoy.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the sidecar (gRPC ext_authz + RLS, HTTP side port)")
+    s.add_argument("--config", help="policy YAML (default: the sample policy, embedded backend)")
+    s.add_argument("--grpc", default="127.0.0.1:8081", help="gRPC listen HOST:PORT")
+    s.add_argument("--http", default="127.0.0.1:9090", help="HTTP side port HOST:PORT "
+                   "(/metrics, /healthz, /readyz)")
+    s.add_argument("--state-file", help="embedded backend: where budget spend is persisted")
+    s.add_argument("--ready-file", help="write {grpc_port, http_port} as JSON here once serving")
+    s.add_argument("--log-level", default="INFO")
+    s.set_defaults(func=_serve)
+
+    c = sub.add_parser("check-config", help="validate policy files; exit 1 on any error")
+    c.add_argument("files", nargs="+")
+    c.set_defaults(func=_check_config)
+
+    e = sub.add_parser("envoy-config", help="print an Envoy bootstrap wired to the sidecar")
+    e.add_argument("--config", help="policy YAML whose tiers become routes (default: sample)")
+    e.add_argument("--listen", default="127.0.0.1:10000", help="Envoy listener HOST:PORT")
+    e.add_argument("--admin", default="127.0.0.1:9901", help="Envoy admin HOST:PORT")
+    e.add_argument("--sidecar", default="127.0.0.1:8081", help="the sidecar's gRPC HOST:PORT")
+    e.add_argument("--upstream", action="append", default=[], metavar="TIER=HOST:PORT",
+                   help="upstream of a tier (repeatable)")
+    e.add_argument("--default-upstream", default="127.0.0.1:8000",
+                   help="upstream of tiers without --upstream")
+    e.add_argument("--mode", choices=["authz", "rls"], default="authz")
+    e.add_argument("--failure-mode", choices=["allow", "deny"], default="deny",
+                   help="what Envoy does when the sidecar cannot answer")
+    e.set_defaults(func=_envoy_config)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(args, "log_level", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Request → Estimate: how many tokens a request will use, before it runs.
+
+Order of evidence (docs/contract.md): an explicit count (the `x-kt-estimated-tokens`
+header, or RLS `hits_addend`), then the OpenAI-style JSON body Envoy forwards
+(`with_request_body`), then the policy's default. A malformed explicit count or
+body is the caller's error (400), never a guess.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import msgspec
+
+from sidecar.model import Estimate, Request
+from sidecar.policy.load import CompiledPolicy
+
+MAX_TOKENS = 1_000_000_000  # an estimate above this is a malformed request, not a big one
+
+
+class EstimateError(ValueError):
+    """The request carries an estimate or body that cannot be read; the message says which."""
+
+
+class _ChatBody(msgspec.Struct):
+    """The fields of an OpenAI chat/completions/embeddings body that matter here.
+    Prompt-bearing fields stay raw: their byte size is the prompt-size proxy."""
+
+    model: Optional[str] = None
+    max_tokens: Optional[int] = None
+    max_completion_tokens: Optional[int] = None
+    messages: msgspec.Raw = msgspec.Raw()
+    prompt: msgspec.Raw = msgspec.Raw()
+    input: msgspec.Raw = msgspec.Raw()
+
+
+_decode_body = msgspec.json.Decoder(_ChatBody).decode
+
+
+def _parse_count(value: Union[str, int], what: str) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise EstimateError(f"{what} must be a non-negative integer, got {str(value)[:40]!r}") from None
+    if n < 0 or n > MAX_TOKENS:
+        raise EstimateError(f"{what} must be between 0 and {MAX_TOKENS}, got {n}")
+    return n
+
+
+def estimate(policy: CompiledPolicy, req: Request) -> Estimate:
+    cfg = policy.estimate
+    body: Optional[_ChatBody] = None
+    if req.body and not req.body_truncated:
+        try:
+            body = _decode_body(req.body)
+        except msgspec.ValidationError as exc:
+            raise EstimateError(f"request body: {exc}") from None
+        except msgspec.DecodeError:
+            raise EstimateError("request body is not valid JSON") from None
+    model = req.model or (body.model if body is not None else None)
+
+    explicit: Optional[int] = None
+    if req.tokens is not None:
+        explicit = _parse_count(req.tokens, "token count")
+    else:
+        header = req.headers.get(cfg.header)
+        if header is not None:
+            explicit = _parse_count(header.strip(), f"header {cfg.header}")
+    if explicit is not None:
+        # No split is known: count it all as output, the dearer side of every price list.
+        return Estimate(0, explicit, explicit, model, "header" if req.tokens is None else "transport")
+
+    if body is not None:
+        prompt_bytes = len(body.messages) + len(body.prompt) + len(body.input)
+        input_tokens = math.ceil(prompt_bytes / cfg.chars_per_token)
+        asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if asked is not None:
+            out = _parse_count(asked, "max_tokens")
+            return Estimate(input_tokens, out, input_tokens + out, model, "body")
+        return Estimate(input_tokens, cfg.default_output_tokens, input_tokens, model, "body")
+
+    if req.body_truncated:
+        # Envoy sent only the first part of a large body: size it from content-length.
+        size = len(req.body)
+        length = req.headers.get("content-length")
+        if length is not None and length.isdigit():
+            size = max(size, int(length))
+        input_tokens = math.ceil(size / cfg.chars_per_token)
+        return Estimate(input_tokens, cfg.default_output_tokens, input_tokens, model, "body")
+
+    return Estimate(0, cfg.default_request_tokens, 0, model, "default")

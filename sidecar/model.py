@@ -1,0 +1,80 @@
+"""The small values that flow through the sidecar, transport → estimate → decision → contract."""
+from __future__ import annotations
+
+import enum
+from typing import Optional
+
+import msgspec
+
+from sidecar import _core
+
+
+class Request(msgspec.Struct, frozen=True):
+    """What a transport extracted from Envoy's call; nothing protocol-specific."""
+
+    headers: dict[str, str]  # lower-cased names
+    body: bytes = b""
+    body_truncated: bool = False
+    tenant: Optional[str] = None  # set when the transport carries it out of band (RLS descriptor)
+    model: Optional[str] = None
+    tokens: Optional[int] = None  # an explicit token count from the transport (RLS hits_addend)
+    request_id: str = ""
+
+
+class Estimate(msgspec.Struct, frozen=True):
+    """Tokens a request is expected to use. ``firm_tokens`` is the part that is
+    known (prompt + an explicit max_tokens); the rest is a defaulted guess."""
+
+    input_tokens: int
+    output_tokens: int
+    firm_tokens: int
+    model: Optional[str]
+    source: str  # "header", "body", "transport" or "default"
+
+
+class Kind(str, enum.Enum):
+    """Every answer the sidecar can give; contract.py maps each to status and headers."""
+
+    ALLOW = "allow"
+    DOWNGRADE = "downgrade"
+    DENY_RATE = "rate_limited"  # RPM or TPM bucket empty
+    DENY_BUDGET = "budget_exhausted"  # budget for the period spent
+    TOO_LARGE = "too_large"  # can never fit the tenant's bucket or budget
+    UNKNOWN_TENANT = "unknown_tenant"
+    MISSING_TENANT = "missing_tenant"
+    BAD_REQUEST = "bad_request"
+    FAIL_OPEN = "fail_open"  # backend failed; configured to allow
+    FAIL_CLOSED = "fail_closed"  # backend failed; configured to deny
+    UNAVAILABLE = "unavailable"  # backend failed; Envoy's own failure mode decides
+
+
+CORE_KINDS = {
+    _core.ALLOW: Kind.ALLOW,
+    _core.DOWNGRADE: Kind.DOWNGRADE,
+    _core.DENY_RATE: Kind.DENY_RATE,
+    _core.DENY_BUDGET: Kind.DENY_BUDGET,
+    _core.TOO_LARGE: Kind.TOO_LARGE,
+}
+REASONS = {_core.R_NONE: "", _core.R_RPM: "requests", _core.R_TPM: "tokens", _core.R_BUDGET: "budget"}
+
+
+class Decision(msgspec.Struct, frozen=True):
+    """The service's answer; the contract turns it into headers, status and body.
+
+    ``shadow`` is set when shadow mode turned a refusal into an allow: ``kind``
+    then says what would have happened."""
+
+    kind: Kind
+    tenant: str = ""
+    tier: str = ""
+    model: str = ""
+    priority: str = ""
+    outcome: Optional[_core.Outcome] = None
+    message: str = ""
+    shadow: bool = False
+    downgraded: bool = False  # the request goes to a lower tier than it asked for
+    budget_unit: str = ""
+
+    @property
+    def admitted(self) -> bool:
+        return self.shadow or self.kind in (Kind.ALLOW, Kind.DOWNGRADE, Kind.FAIL_OPEN)

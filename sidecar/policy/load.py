@@ -1,0 +1,206 @@
+"""Policy file → CompiledPolicy: decode (msgspec), check meaning, compile limits.
+
+Every error names the file, the field path and what was expected, e.g.
+``policy.yaml: $.tenants.acme.budget: set exactly one of `tokens` or `usd```.
+A policy that fails to load never replaces one that is serving (see server.py).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import msgspec
+import yaml
+
+from sidecar import _core
+from sidecar.policy import schema
+
+PERIODS = {"minute": _core.P_MINUTE, "hour": _core.P_HOUR, "day": _core.P_DAY,
+           "month": _core.P_MONTH, "total": _core.P_TOTAL}
+# USD per 1K tokens -> nano-USD per token
+NANO_PER_USD_PER_1K = 1_000_000
+NANO_PER_USD = 1_000_000_000
+
+
+class PolicyError(ValueError):
+    """A policy file that cannot be used; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class TenantRule:
+    """Everything the service needs to decide for one tenant (or the defaults)."""
+
+    name: str
+    priority: str
+    limits: _core.Limits
+    shadow: bool
+    budget_unit: str  # "tokens", "usd" or "" (no budget)
+
+
+@dataclass(frozen=True)
+class CompiledPolicy:
+    source: str
+    digest: str
+    tenant_header: str
+    unknown_tenant: str
+    missing_tenant: str
+    tiers: tuple[schema.Tier, ...]
+    tier_by_model: dict[str, int]
+    tenants: dict[str, TenantRule]
+    defaults: TenantRule
+    estimate: schema.Estimate
+    backend: schema.Backend
+    pricing: dict[str, schema.Price] = field(default_factory=dict)
+
+    def rule_for(self, tenant: str) -> Optional[TenantRule]:
+        """The tenant's rule; the defaults for an unknown tenant, or None if unknown tenants are denied."""
+        rule = self.tenants.get(tenant)
+        if rule is not None:
+            return rule
+        if self.unknown_tenant == "defaults":
+            return self.defaults
+        return None
+
+
+def load_policy(path: str | Path) -> CompiledPolicy:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    return parse_policy(raw, str(path))
+
+
+def parse_policy(raw: bytes, source: str) -> CompiledPolicy:
+    try:
+        doc = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise PolicyError(f"{source}: not valid YAML{where}: {problem}") from None
+    if not isinstance(doc, dict):
+        raise PolicyError(f"{source}: $: expected a mapping at the top level, got {type(doc).__name__}")
+    try:
+        policy = msgspec.convert(doc, schema.Policy, strict=True)
+    except msgspec.ValidationError as exc:
+        raise PolicyError(f"{source}: {_path_first(str(exc))}") from None
+    return compile_policy(policy, source, hashlib.sha256(raw).hexdigest()[:12])
+
+
+def _path_first(message: str) -> str:
+    # msgspec says "Expected `int`, got `str` - at `$.defaults.limits.rpm`";
+    # put the path first so every error reads "file: path: what".
+    text, sep, where = message.rpartition(" - at `")
+    if not sep:
+        return f"$: {message}"
+    return f"{where.rstrip('`')}: {text}"
+
+
+def compile_policy(policy: schema.Policy, source: str, digest: str = "") -> CompiledPolicy:
+    def fail(where: str, what: str) -> PolicyError:
+        return PolicyError(f"{source}: {where}: {what}")
+
+    if not policy.tiers:
+        raise fail("$.tiers", "at least one tier is required")
+    tier_by_model: dict[str, int] = {}
+    names: set[str] = set()
+    for i, tier in enumerate(policy.tiers):
+        if not tier.name or not tier.model:
+            raise fail(f"$.tiers[{i}]", "`name` and `model` must be non-empty")
+        if tier.name in names:
+            raise fail(f"$.tiers[{i}].name", f"duplicate tier name {tier.name!r}")
+        names.add(tier.name)
+        tier_by_model.setdefault(tier.model, i)
+    for model, price in policy.pricing.items():
+        if price.input < 0 or price.output < 0:
+            raise fail(f"$.pricing.{model}", "prices must be >= 0")
+    est = policy.estimate
+    if est.default_output_tokens < 0 or est.default_request_tokens < 0 or est.chars_per_token <= 0:
+        raise fail("$.estimate", "token defaults must be >= 0 and chars_per_token > 0")
+    if not est.header:
+        raise fail("$.estimate.header", "must be a header name")
+    if not policy.tenant.header:
+        raise fail("$.tenant.header", "must be a header name")
+    backend = policy.backend
+    if isinstance(backend, schema.RedisBackend) and not (0 < backend.timeout_ms <= 10_000):
+        raise fail("$.backend.timeout_ms", "must be between 1 and 10000")
+    if isinstance(backend, schema.MemoryBackend) and backend.flush_interval_s <= 0:
+        raise fail("$.backend.flush_interval_s", "must be > 0")
+
+    def prices_for(where: str, unit: str) -> tuple[tuple[int, int], ...]:
+        out = []
+        for i, tier in enumerate(policy.tiers):
+            price = policy.pricing.get(tier.model)
+            if price is None:
+                if unit == "usd":
+                    # an unpriced model would be counted as free against a USD budget
+                    raise fail(where, f"USD budget, but tier {tier.name!r} uses model "
+                                      f"{tier.model!r} which has no entry in `pricing`")
+                out.append((0, 0))
+            else:
+                out.append((round(price.input * NANO_PER_USD_PER_1K),
+                            round(price.output * NANO_PER_USD_PER_1K)))
+        return tuple(out)
+
+    def build(where: str, name: str, priority: str, lim: schema.Limits,
+              budget: Optional[schema.Budget], shadow: bool) -> TenantRule:
+        rpm = lim.rpm or 0
+        tpm = lim.tpm or 0
+        if rpm < 0 or tpm < 0:
+            raise fail(f"{where}.limits", "rpm and tpm must be >= 0 (0 or absent = unlimited)")
+        burst = lim.burst if lim.burst is not None else 1.0
+        if burst < 1.0:
+            raise fail(f"{where}.limits.burst", f"must be >= 1.0, got {burst}")
+        unit, amount, period, low_water = "", -1, _core.P_DAY, 0.0
+        if budget is not None:
+            bwhere = f"{where}.budget"
+            if (budget.tokens is None) == (budget.usd is None):
+                raise fail(bwhere, "set exactly one of `tokens` or `usd`")
+            if not (0.0 <= budget.low_water < 1.0):
+                raise fail(f"{bwhere}.low_water", f"must be in [0, 1), got {budget.low_water}")
+            if budget.tokens is not None:
+                if budget.tokens < 0:
+                    raise fail(f"{bwhere}.tokens", "must be >= 0")
+                unit, amount = "tokens", budget.tokens
+            else:
+                assert budget.usd is not None
+                if budget.usd < 0:
+                    raise fail(f"{bwhere}.usd", "must be >= 0")
+                unit, amount = "usd", round(budget.usd * NANO_PER_USD)
+            period = PERIODS[budget.period]
+            low_water = budget.low_water
+        limits = _core.Limits(
+            rpm=rpm, tpm=tpm, burst=burst, budget=amount, budget_in_usd=(unit == "usd"),
+            period=period, low_water=low_water, prices=prices_for(f"{where}.budget", unit),
+        )
+        return TenantRule(name=name, priority=priority, limits=limits, shadow=shadow,
+                          budget_unit=unit)
+
+    d = policy.defaults
+    defaults = build("$.defaults", "", d.priority, d.limits, d.budget, policy.shadow_mode)
+    tenants: dict[str, TenantRule] = {}
+    for name, t in policy.tenants.items():
+        where = f"$.tenants.{name}"
+        if not name or len(name) > 128:
+            raise fail("$.tenants", f"tenant name {name!r} must be 1..128 characters")
+        # a tenant's limits override the defaults field by field; its budget replaces them whole
+        lim = d.limits
+        if t.limits is not None:
+            lim = schema.Limits(
+                rpm=t.limits.rpm if t.limits.rpm is not None else d.limits.rpm,
+                tpm=t.limits.tpm if t.limits.tpm is not None else d.limits.tpm,
+                burst=t.limits.burst if t.limits.burst is not None else d.limits.burst,
+            )
+        tenants[name] = build(where, name, t.priority or d.priority, lim,
+                              t.budget if t.budget is not None else d.budget,
+                              t.shadow_mode if t.shadow_mode is not None else policy.shadow_mode)
+    return CompiledPolicy(
+        source=source, digest=digest, tenant_header=policy.tenant.header.lower(),
+        unknown_tenant=policy.tenant.unknown, missing_tenant=policy.tenant.missing,
+        tiers=tuple(policy.tiers), tier_by_model=tier_by_model, tenants=tenants,
+        defaults=defaults, estimate=est, backend=backend, pricing=dict(policy.pricing),
+    )
+

@@ -1,0 +1,108 @@
+"""The policy file's shape, as msgspec Structs. Unknown keys are rejected.
+
+Semantic checks that msgspec cannot express (a tier's model has a price, a
+low-water fraction is in [0, 1), ...) live in ``load.py``; both report errors
+with the file name and the field path.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+import msgspec
+
+Period = Literal["minute", "hour", "day", "month", "total"]
+Priority = Literal["low", "normal", "high"]
+FailureMode = Literal["open", "closed", "envoy"]
+
+
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    pass
+
+
+class TenantSource(_Strict):
+    header: str = "x-tenant-id"
+    # what to do with a request whose tenant is not listed under `tenants`:
+    # `defaults` applies the default limits (each unknown tenant gets its own
+    # state), `deny` refuses it with 403.
+    unknown: Literal["defaults", "deny"] = "defaults"
+    # what to do with a request that carries no tenant at all
+    missing: Literal["deny", "anonymous"] = "deny"
+
+
+class Tier(_Strict):
+    name: str
+    model: str
+
+
+class Price(_Strict):
+    input: float  # USD per 1K tokens
+    output: float
+
+
+class Limits(_Strict):
+    rpm: Optional[int] = None
+    tpm: Optional[int] = None
+    burst: Optional[float] = None  # bucket capacity = limit x burst; absent = 1.0
+
+
+class Budget(_Strict):
+    tokens: Optional[int] = None
+    usd: Optional[float] = None
+    period: Period = "month"
+    low_water: float = 0.0
+
+
+class TenantPolicy(_Strict):
+    priority: Optional[Priority] = None
+    limits: Optional[Limits] = None
+    budget: Optional[Budget] = None
+    shadow_mode: Optional[bool] = None
+
+
+class Defaults(_Strict):
+    priority: Priority = "normal"
+    limits: Limits = Limits()
+    budget: Optional[Budget] = None
+
+
+class Estimate(_Strict):
+    # output tokens assumed when a request names no max_tokens; trimmed to fit
+    # a small bucket, so it never makes a request impossible by accident
+    default_output_tokens: int = 256
+    # tokens assumed for a request with neither a header estimate nor a body
+    default_request_tokens: int = 512
+    chars_per_token: float = 4.0
+    header: str = "x-kt-estimated-tokens"
+
+
+class FailureModes(_Strict):
+    rate_limits: FailureMode = "open"
+    budgets: FailureMode = "closed"
+
+
+class MemoryBackend(_Strict, tag_field="kind", tag="memory"):
+    # where budget spend is persisted (atomic rename); "" disables persistence
+    state_file: str = "kt-state/spend.json"
+    flush_interval_s: float = 1.0
+
+
+class RedisBackend(_Strict, tag_field="kind", tag="redis"):
+    url: str = "redis://127.0.0.1:6379/0"
+    cluster: bool = False
+    timeout_ms: int = 15
+    failure_mode: Union[FailureMode, FailureModes] = FailureModes()
+    key_prefix: str = "kt"
+
+
+Backend = Union[MemoryBackend, RedisBackend]
+
+
+class Policy(_Strict, kw_only=True):
+    tenant: TenantSource = TenantSource()
+    tiers: list[Tier]
+    pricing: dict[str, Price] = {}
+    defaults: Defaults = Defaults()
+    tenants: dict[str, TenantPolicy] = {}
+    shadow_mode: bool = False
+    estimate: Estimate = Estimate()
+    backend: Backend = msgspec.field(default_factory=MemoryBackend)

@@ -1,0 +1,216 @@
+"""Wiring: policy + backend + service + transports on one gRPC port, and the HTTP
+side port (/metrics, /healthz, /readyz). No decision logic lives here."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from socketserver import ThreadingMixIn
+
+import grpc
+from envoy.service.auth.v3 import external_auth_pb2_grpc
+from envoy.service.ratelimit.v3 import rls_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from prometheus_client import make_wsgi_app
+
+from sidecar.backends.base import Backend
+from sidecar.backends.memory import MemoryBackend
+from sidecar.metrics import Metrics
+from sidecar.policy import schema
+from sidecar.policy.load import CompiledPolicy, PolicyError, load_policy, parse_policy
+from sidecar.service import DecisionService
+from sidecar.transports.authz import AuthorizationServicer
+from sidecar.transports.rls import RateLimitServicer
+
+log = logging.getLogger("kt.server")
+
+
+def sample_policy() -> CompiledPolicy:
+    raw = resources.files("sidecar").joinpath("samples/policy.yaml").read_bytes()
+    return parse_policy(raw, "<sample policy>")
+
+
+@dataclass
+class ServerConfig:
+    grpc_addr: str = "127.0.0.1:8081"
+    http_addr: str = "127.0.0.1:9090"
+    policy_path: Optional[str] = None  # None: the sample policy shipped in the package
+    state_file: Optional[str] = None  # overrides the memory backend's state_file
+    ready_file: Optional[str] = None  # JSON {"grpc_port", "http_port"} written once serving
+    reload_interval_s: float = 2.0
+    grace_s: float = 2.0
+
+
+def make_backend(policy: CompiledPolicy, cfg: ServerConfig) -> Backend:
+    b = policy.backend
+    if isinstance(b, schema.RedisBackend):
+        from sidecar.backends.redis import RedisBackend  # only needed with a redis policy
+
+        return RedisBackend(b)
+    state_file = cfg.state_file if cfg.state_file is not None else b.state_file
+    return MemoryBackend(state_file=state_file, flush_interval_s=b.flush_interval_s)
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 (signature is the stdlib's)
+        pass
+
+
+class Sidecar:
+    def __init__(self, cfg: ServerConfig, policy: Optional[CompiledPolicy] = None) -> None:
+        self.cfg = cfg
+        self.policy = policy or (load_policy(cfg.policy_path) if cfg.policy_path else sample_policy())
+        self.metrics = Metrics()
+        self.backend = make_backend(self.policy, cfg)
+        self.service = DecisionService(self.policy, self.backend, self.metrics)
+        self.grpc_server: Optional[grpc.aio.Server] = None
+        self.http_server: Optional[_ThreadingWSGIServer] = None
+        self.grpc_port = 0
+        self.http_port = 0
+        self._reloader: Optional[asyncio.Task] = None
+        self._policy_stamp = self._stamp()
+        self._health: Optional[health_aio.HealthServicer] = None
+
+    # --- lifecycle ---------------------------------------------------------
+    async def start(self) -> None:
+        await self.backend.start()
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+            AuthorizationServicer(self.service), server)
+        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(self.service), server)
+        self._health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        self.grpc_port = server.add_insecure_port(self.cfg.grpc_addr)
+        await server.start()
+        self.grpc_server = server
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self._start_http()
+        self.metrics.policy_info.labels(self.policy.source, self.policy.digest).set(1)
+        if self.cfg.policy_path:
+            self._reloader = asyncio.get_running_loop().create_task(self._reload_loop())
+        if self.cfg.ready_file:
+            tmp = self.cfg.ready_file + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"grpc_port": self.grpc_port, "http_port": self.http_port}, f)
+            os.replace(tmp, self.cfg.ready_file)
+        log.info("serving gRPC on %s (port %d), HTTP on port %d, policy %s (%s), backend %s",
+                 self.cfg.grpc_addr, self.grpc_port, self.http_port, self.policy.source,
+                 self.policy.digest, self.backend.name)
+
+    async def stop(self) -> None:
+        if self._reloader is not None:
+            self._reloader.cancel()
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(self.cfg.grace_s)
+        if self.http_server is not None:
+            self.http_server.shutdown()
+            self.http_server.server_close()
+        await self.backend.close()
+
+    # --- HTTP side port ----------------------------------------------------
+    def _start_http(self) -> None:
+        host, _, port = self.cfg.http_addr.rpartition(":")
+        metrics_app = make_wsgi_app(self.metrics.registry)
+
+        def app(environ, start_response):
+            path = environ.get("PATH_INFO", "")
+            if path == "/metrics":
+                self._refresh_gauges()
+                return metrics_app(environ, start_response)
+            if path == "/healthz":
+                return _text(start_response, "200 OK", "ok\n")
+            if path == "/readyz":
+                st = self.backend.status()
+                if st.ready:
+                    return _text(start_response, "200 OK", f"ready: {st.detail}\n")
+                return _text(start_response, "503 Service Unavailable", f"not ready: {st.detail}\n")
+            return _text(start_response, "404 Not Found", "not found\n")
+
+        self.http_server = make_server(host.strip("[]") or "127.0.0.1", int(port), app,
+                                       server_class=_ThreadingWSGIServer,
+                                       handler_class=_QuietHandler)
+        self.http_port = self.http_server.server_address[1]
+        threading.Thread(target=self.http_server.serve_forever, name="kt-http",
+                         daemon=True).start()
+
+    def _refresh_gauges(self) -> None:
+        self.metrics.backend_ready.labels(self.backend.name).set(
+            1 if self.backend.status().ready else 0)
+
+    # --- policy hot reload -------------------------------------------------
+    def _stamp(self) -> Optional[tuple]:
+        # stat the resolved path: a Kubernetes ConfigMap update swaps a symlink,
+        # which changes the target's inode even when mtime looks older
+        if not self.cfg.policy_path:
+            return None
+        try:
+            st = Path(self.cfg.policy_path).resolve().stat()
+            return (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            return None
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.reload_interval_s)
+            self.reload_if_changed()
+
+    def reload_if_changed(self) -> bool:
+        stamp = self._stamp()
+        if stamp is None or stamp == self._policy_stamp:
+            return False
+        self._policy_stamp = stamp
+        assert self.cfg.policy_path
+        try:
+            new = load_policy(self.cfg.policy_path)
+        except PolicyError as exc:
+            # a bad policy never replaces a good one
+            self.metrics.policy_reloads.labels("error").inc()
+            log.error("policy reload failed, still serving %s: %s", self.policy.digest, exc)
+            return False
+        if new.digest == self.policy.digest:
+            return False
+        if type(new.backend) is not type(self.policy.backend) or new.backend != self.policy.backend:
+            self.metrics.policy_reloads.labels("error").inc()
+            log.error("policy reload: the backend section changed; that needs a restart. "
+                      "Still serving %s", self.policy.digest)
+            return False
+        self.metrics.policy_info.clear()
+        self.metrics.policy_info.labels(new.source, new.digest).set(1)
+        self.policy = new
+        self.service.replace_policy(new)
+        self.metrics.policy_reloads.labels("ok").inc()
+        log.info("policy reloaded: %s", new.digest)
+        return True
+
+
+def _text(start_response, status: str, text: str):
+    start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+    return [text.encode()]
+
+
+async def serve(cfg: ServerConfig) -> None:
+    import signal
+
+    sidecar = Sidecar(cfg)
+    await sidecar.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: draining gRPC, flushing state")
+    await sidecar.stop()
