@@ -1,0 +1,128 @@
+"""The Cython core (sidecar._core) against the reference model, step by step."""
+from __future__ import annotations
+
+import calendar
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sidecar import _core
+from tests import reference_model as ref
+
+T0 = calendar.timegm((2026, 11, 22, 13, 0, 0)) * 1_000_000
+
+
+@st.composite
+def limit_sets(draw):
+    ntiers = draw(st.integers(1, 3))
+    prices = [(draw(st.integers(0, 20_000)), draw(st.integers(0, 40_000))) for _ in range(ntiers)]
+    budget = draw(st.one_of(st.just(-1), st.integers(0, 2_000_000)))
+    return ref.Limits(
+        rpm=draw(st.sampled_from([0, 1, 3, 7, 60, 100, 600])),
+        tpm=draw(st.sampled_from([0, 10, 500, 1000, 20_000, 200_000])),
+        burst=draw(st.sampled_from([1.0, 1.5, 2.0, 3.0])),
+        budget=budget,
+        budget_in_usd=draw(st.booleans()),
+        period=draw(st.integers(0, 4)),
+        low_water=draw(st.sampled_from([0.0, 0.1, 0.2, 0.5, 0.9])),
+        prices=prices,
+    )
+
+
+def to_core(lim: ref.Limits) -> _core.Limits:
+    return _core.Limits(rpm=lim.rpm, tpm=lim.tpm, burst=lim.burst, budget=lim.budget,
+                        budget_in_usd=lim.budget_in_usd, period=lim.period,
+                        low_water=lim.low_water, prices=tuple(lim.prices))
+
+
+requests = st.lists(
+    st.tuples(
+        st.integers(0, 90_000_000),  # microseconds since the previous request
+        st.integers(0, 2),  # tier asked for
+        st.integers(0, 3000),  # input tokens
+        st.integers(0, 3000),  # output tokens
+        st.booleans(),  # output is firm (explicit max_tokens)
+        st.booleans(),  # shadow mode
+    ),
+    min_size=1, max_size=40)
+
+
+@given(limit_sets(), requests)
+def test_core_matches_reference_model(lim, seq):
+    core_lim = to_core(lim)
+    core_state, ref_state = _core.State(), ref.State()
+    now = T0
+    for gap, tier, inp, out, firm_out, shadow in seq:
+        now += gap
+        tier = min(tier, len(lim.prices) - 1)
+        firm = inp + (out if firm_out else 0)
+        want = ref.decide(lim, ref_state, now, tier, inp, out, firm, shadow)
+        got = _core.decide(core_lim, core_state, now, tier, inp, out, firm, shadow)
+        for name in ("kind", "reason", "tier", "retry_after_s", "remaining_requests",
+                     "remaining_tokens", "budget_remaining", "charged_tokens", "charged_cost"):
+            assert getattr(got, name) == getattr(want, name), (name, got, want)
+        assert core_state.spent == ref_state.spent
+        assert core_state.req_level == ref_state.req_level
+        assert core_state.tok_level == ref_state.tok_level
+
+
+@given(st.integers(0, 4_000_000_000 * 1_000_000), st.integers(0, 4))
+def test_period_bounds_match_reference(now, period):
+    assert _core.period_bounds(now, period) == ref.period_bounds(now, period)
+
+
+def test_a_denied_request_holds_nothing():
+    lim = _core.Limits(rpm=2, tpm=1000, budget=10_000, period=_core.P_DAY)
+    st_ = _core.State()
+    assert _core.decide(lim, st_, T0, 0, 100, 100, 200).admitted
+    assert _core.decide(lim, st_, T0, 0, 100, 100, 200).admitted
+    spent = st_.spent
+    denied = _core.decide(lim, st_, T0, 0, 100, 100, 200)
+    assert denied.kind == _core.DENY_RATE and denied.reason == _core.R_RPM
+    assert denied.charged_tokens == 0 and st_.spent == spent
+    assert st_.tok_level == 600.0
+
+
+def test_retry_after_comes_from_the_bucket_that_refused():
+    # rpm 60: one request a second; tpm 6000: 100 tokens a second
+    lim = _core.Limits(rpm=60, tpm=6000)
+    s = _core.State()
+    assert _core.decide(lim, s, T0, 0, 0, 6000, 6000).admitted  # empties the token bucket
+    out = _core.decide(lim, s, T0, 0, 0, 3000, 3000)
+    assert (out.kind, out.reason, out.retry_after_s) == (_core.DENY_RATE, _core.R_TPM, 30)
+    lim = _core.Limits(rpm=6, tpm=1_000_000)
+    s = _core.State()
+    for _ in range(6):
+        assert _core.decide(lim, s, T0, 0, 0, 10, 10).admitted
+    out = _core.decide(lim, s, T0, 0, 0, 10, 10)
+    assert (out.kind, out.reason, out.retry_after_s) == (_core.DENY_RATE, _core.R_RPM, 10)
+
+
+def test_a_default_estimate_is_trimmed_but_a_firm_one_is_too_large():
+    lim = _core.Limits(tpm=100)
+    s = _core.State()
+    soft = _core.decide(lim, s, T0, 0, 20, 1024, 20)  # default output guess
+    assert soft.admitted and soft.charged_tokens == 100
+    firm = _core.decide(lim, _core.State(), T0, 0, 20, 1024, 1044)
+    assert (firm.kind, firm.reason, firm.retry_after_s) == (_core.TOO_LARGE, _core.R_TPM, 0)
+
+
+def test_downgrade_below_low_water_is_priced_at_the_lower_tier():
+    # 1 USD budget; tier 0 costs 1000 nano-USD/token, tier 1 costs 10
+    lim = _core.Limits(budget=1_000_000_000, budget_in_usd=True, period=_core.P_MONTH,
+                       low_water=0.2, prices=((1000, 1000), (10, 10)))
+    s = _core.State()
+    first = _core.decide(lim, s, T0, 0, 400_001, 400_000, 800_001)  # leaves just under 20%
+    assert first.kind == _core.ALLOW and first.charged_cost == 800_001_000
+    second = _core.decide(lim, s, T0, 0, 1000, 1000, 2000)
+    assert second.kind == _core.DOWNGRADE and second.tier == 1 and second.charged_cost == 20_000
+
+
+def test_budget_rolls_over_at_the_utc_month_boundary():
+    lim = _core.Limits(budget=100, period=_core.P_MONTH)
+    s = _core.State()
+    end_of_nov = calendar.timegm((2026, 11, 30, 23, 59, 59)) * 1_000_000
+    assert _core.decide(lim, s, end_of_nov, 0, 0, 100, 100).admitted
+    out = _core.decide(lim, s, end_of_nov, 0, 0, 1, 1)
+    assert out.kind == _core.DENY_BUDGET and out.retry_after_s == 1
+    assert _core.decide(lim, s, end_of_nov + 1_000_000, 0, 0, 100, 100).admitted
