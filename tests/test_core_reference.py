@@ -15,14 +15,18 @@ T0 = calendar.timegm((2026, 11, 22, 13, 0, 0)) * 1_000_000
 @st.composite
 def limit_sets(draw):
     ntiers = draw(st.integers(1, 3))
-    prices = [(draw(st.integers(0, 20_000)), draw(st.integers(0, 40_000))) for _ in range(ntiers)]
-    budget = draw(st.one_of(st.just(-1), st.integers(0, 2_000_000)))
+    # nano-USD per token, best (dearest) tier first
+    prices = sorted(((draw(st.integers(0, 5_000)), draw(st.integers(0, 10_000)))
+                     for _ in range(ntiers)), reverse=True)
+    in_usd = draw(st.booleans())
+    # budgets sized so that a few requests cross low water: tokens, or nano-USD
+    budget = draw(st.one_of(st.just(-1), st.integers(0, 60_000_000 if in_usd else 30_000)))
     return ref.Limits(
         rpm=draw(st.sampled_from([0, 1, 3, 7, 60, 100, 600])),
         tpm=draw(st.sampled_from([0, 10, 500, 1000, 20_000, 200_000])),
         burst=draw(st.sampled_from([1.0, 1.5, 2.0, 3.0])),
         budget=budget,
-        budget_in_usd=draw(st.booleans()),
+        budget_in_usd=in_usd,
         period=draw(st.integers(0, 4)),
         low_water=draw(st.sampled_from([0.0, 0.1, 0.2, 0.5, 0.9])),
         prices=prices,
@@ -37,7 +41,8 @@ def to_core(lim: ref.Limits) -> _core.Limits:
 
 requests = st.lists(
     st.tuples(
-        st.integers(0, 90_000_000),  # microseconds since the previous request
+        st.one_of(st.integers(0, 2_000_000), st.integers(0, 90_000_000),
+                  st.integers(0, 40 * 86_400_000_000)),  # µs since the previous request
         st.integers(0, 2),  # tier asked for
         st.integers(0, 3000),  # input tokens
         st.integers(0, 3000),  # output tokens
@@ -49,6 +54,22 @@ requests = st.lists(
 
 @given(limit_sets(), requests)
 def test_core_matches_reference_model(lim, seq):
+    run_both(lim, seq)
+
+
+@given(limit_sets(), requests)
+def test_core_matches_reference_model_on_budgets_and_tiers(lim, seq):
+    # the same, with buckets off and several tiers, so downgrades are common
+    lim.rpm = lim.tpm = 0
+    lim.budget = abs(lim.budget) * 4
+    if len(lim.prices) == 1:
+        lim.prices = lim.prices + [(p // 10, q // 10) for p, q in lim.prices]
+    kinds = run_both(lim, seq)
+    assert kinds <= {ref.ALLOW, ref.DOWNGRADE, ref.DENY_BUDGET, ref.TOO_LARGE}
+
+
+def run_both(lim: ref.Limits, seq) -> set[int]:
+    kinds = set()
     core_lim = to_core(lim)
     core_state, ref_state = _core.State(), ref.State()
     now = T0
@@ -64,6 +85,8 @@ def test_core_matches_reference_model(lim, seq):
         assert core_state.spent == ref_state.spent
         assert core_state.req_level == ref_state.req_level
         assert core_state.tok_level == ref_state.tok_level
+        kinds.add(want.kind)
+    return kinds
 
 
 @given(st.integers(0, 4_000_000_000 * 1_000_000), st.integers(0, 4))
