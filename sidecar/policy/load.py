@@ -86,17 +86,44 @@ def parse_policy(raw: bytes, source: str) -> CompiledPolicy:
     try:
         policy = msgspec.convert(doc, schema.Policy, strict=True)
     except msgspec.ValidationError as exc:
-        raise PolicyError(f"{source}: {_path_first(str(exc))}") from None
+        raise PolicyError(f"{source}: {_explain(str(exc), doc)}") from None
     return compile_policy(policy, source, hashlib.sha256(raw).hexdigest()[:12])
 
 
-def _path_first(message: str) -> str:
-    # msgspec says "Expected `int`, got `str` - at `$.defaults.limits.rpm`";
-    # put the path first so every error reads "file: path: what".
+# what a field of a closed set accepts, for error messages
+_ALLOWED = {
+    "period": schema.Period, "priority": schema.Priority, "unknown": ("defaults", "deny"),
+    "missing": ("deny", "anonymous"), "rate_limits": schema.FailureMode,
+    "budgets": schema.FailureMode, "failure_mode": schema.FailureMode,
+    "kind": ("memory", "redis"),
+}
+# maps whose keys are names; msgspec reports them as `[...]`
+_NAMED_MAPS = {"tenants": schema.TenantPolicy, "pricing": schema.Price}
+
+
+def _explain(message: str, doc: dict) -> str:
+    """msgspec says "Expected `int`, got `str` - at `$.tenants[...].limits.rpm`";
+    make it "$.tenants.acme.limits.rpm: Expected `int`, got `str`", with the
+    accepted values of a closed set, so every error reads "file: path: what"."""
     text, sep, where = message.rpartition(" - at `")
     if not sep:
         return f"$: {message}"
-    return f"{where.rstrip('`')}: {text}"
+    where = where.rstrip("`")
+    for field_name, struct in _NAMED_MAPS.items():
+        prefix = f"$.{field_name}[...]"
+        if where.startswith(prefix) and isinstance(doc.get(field_name), dict):
+            for key, value in doc[field_name].items():
+                try:
+                    msgspec.convert(value, struct, strict=True)
+                except msgspec.ValidationError:
+                    where = f"$.{field_name}.{key}" + where[len(prefix):]
+                    break
+    if text.startswith("Invalid enum value") or text.startswith("Invalid value"):
+        allowed = _ALLOWED.get(where.rsplit(".", 1)[-1])
+        if allowed is not None:
+            values = getattr(allowed, "__args__", allowed)
+            text += f"; expected one of: {', '.join(values)}"
+    return f"{where}: {text}"
 
 
 def compile_policy(policy: schema.Policy, source: str, digest: str = "") -> CompiledPolicy:
