@@ -69,11 +69,12 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 class Sidecar:
-    def __init__(self, cfg: ServerConfig, policy: Optional[CompiledPolicy] = None) -> None:
+    def __init__(self, cfg: ServerConfig, policy: Optional[CompiledPolicy] = None,
+                 backend: Optional[Backend] = None) -> None:
         self.cfg = cfg
         self.policy = policy or (load_policy(cfg.policy_path) if cfg.policy_path else sample_policy())
         self.metrics = Metrics()
-        self.backend = make_backend(self.policy, cfg)
+        self.backend = backend or make_backend(self.policy, cfg)
         self.service = DecisionService(self.policy, self.backend, self.metrics)
         self.grpc_server: Optional[grpc.aio.Server] = None
         self.http_server: Optional[_ThreadingWSGIServer] = None
