@@ -308,16 +308,32 @@ cpdef Outcome decide(Limits lim, State st, int64 now_us, int tier, int64 input_t
         retry_after_s = <int64>ceil(retry_us / US)
         if retry_after_s < 1:
             retry_after_s = 1
-    return Outcome(
-        kind, reason, tier, retry_after_s,
-        lim.rpm, (<int64>floor(req_level) if req_level > 0 else 0) if lim.rpm > 0 else -1,
-        _wait_us(lim.req_cap - req_level, lim.req_cap, lim.req_rate) if lim.rpm > 0 else 0,
-        lim.tpm, (<int64>floor(tok_level) if tok_level > 0 else 0) if lim.tpm > 0 else -1,
-        _wait_us(lim.tok_cap - tok_level, lim.tok_cap, lim.tok_rate) if lim.tpm > 0 else 0,
-        lim.budget, (budget_remaining if budget_remaining > 0 else 0) if lim.budget >= 0 else -1,
-        (end - now_us if end != NO_END else 0) if lim.budget >= 0 else 0,
-        charged_tokens, charged_cost,
-    )
+    # fields set directly: no Python-level __init__ call on the hot path
+    cdef Outcome o = Outcome.__new__(Outcome)
+    o.kind, o.reason, o.tier, o.retry_after_s = kind, reason, tier, retry_after_s
+    o.limit_requests = lim.rpm
+    o.limit_tokens = lim.tpm
+    if lim.rpm > 0:
+        o.remaining_requests = <int64>floor(req_level) if req_level > 0 else 0
+        o.reset_requests_us = _wait_us(lim.req_cap - req_level, lim.req_cap, lim.req_rate)
+    else:
+        o.remaining_requests = -1
+        o.reset_requests_us = 0
+    if lim.tpm > 0:
+        o.remaining_tokens = <int64>floor(tok_level) if tok_level > 0 else 0
+        o.reset_tokens_us = _wait_us(lim.tok_cap - tok_level, lim.tok_cap, lim.tok_rate)
+    else:
+        o.remaining_tokens = -1
+        o.reset_tokens_us = 0
+    o.budget_limit = lim.budget
+    if lim.budget >= 0:
+        o.budget_remaining = budget_remaining if budget_remaining > 0 else 0
+        o.budget_reset_us = end - now_us if end != NO_END else 0
+    else:
+        o.budget_remaining = -1
+        o.budget_reset_us = 0
+    o.charged_tokens, o.charged_cost = charged_tokens, charged_cost
+    return o
 
 
 cpdef int64 settle(Limits lim, State st, int64 now_us, int64 delta_tokens, int64 delta_cost,
