@@ -172,12 +172,14 @@ cdef class Outcome:
     cdef readonly int64 limit_tokens, remaining_tokens, reset_tokens_us
     cdef readonly int64 budget_limit, budget_remaining, budget_reset_us
     cdef readonly int64 charged_tokens, charged_cost
+    # start of the budget period the charge went to (for settle); 0 without a budget
+    cdef readonly int64 period_start_us
 
     def __init__(self, int kind, int reason, int tier, int64 retry_after_s,
                  int64 limit_requests, int64 remaining_requests, int64 reset_requests_us,
                  int64 limit_tokens, int64 remaining_tokens, int64 reset_tokens_us,
                  int64 budget_limit, int64 budget_remaining, int64 budget_reset_us,
-                 int64 charged_tokens, int64 charged_cost):
+                 int64 charged_tokens, int64 charged_cost, int64 period_start_us=0):
         self.kind, self.reason, self.tier = kind, reason, tier
         self.retry_after_s = retry_after_s
         self.limit_requests = limit_requests
@@ -191,6 +193,7 @@ cdef class Outcome:
         self.budget_reset_us = budget_reset_us
         self.charged_tokens = charged_tokens
         self.charged_cost = charged_cost
+        self.period_start_us = period_start_us
 
     @property
     def admitted(self):
@@ -333,6 +336,7 @@ cpdef Outcome decide(Limits lim, State st, int64 now_us, int tier, int64 input_t
         o.budget_remaining = -1
         o.budget_reset_us = 0
     o.charged_tokens, o.charged_cost = charged_tokens, charged_cost
+    o.period_start_us = start if lim.budget >= 0 else 0
     return o
 
 
@@ -342,6 +346,7 @@ cpdef int64 settle(Limits lim, State st, int64 now_us, int64 delta_tokens, int64
     charged at decision time (negative = refund). The token bucket takes the token
     difference now; the budget takes the cost difference only if the charge was
     made in the current period (a refund never reaches into a closed period).
+    period_start < 0 means "the current period" (usage with no reservation found).
     Returns the budget spent after the adjustment (-1 without a budget)."""
     cdef double tok_level
     cdef int64 start = 0, end = 0
@@ -358,7 +363,7 @@ cpdef int64 settle(Limits lim, State st, int64 now_us, int64 delta_tokens, int64
     if st.period_start != start:
         st.period_start = start
         st.spent = 0
-    if period_start == start:
+    if period_start == start or period_start < 0:
         st.spent += delta_cost
         if st.spent < 0:
             st.spent = 0

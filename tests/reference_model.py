@@ -194,3 +194,28 @@ def decide(
         charged_tokens=charged_tokens,
         charged_cost=charged_cost,
     )
+
+
+def settle(lim: Limits, st: State, now: int, delta_tokens: int, delta_cost: int,
+           period_start: int) -> int:
+    """Reconcile actual usage with what was charged (negative delta = refund).
+
+    The token bucket takes the token difference now (never above its capacity);
+    the budget takes the cost difference in the period the charge was made, or
+    in the current one when period_start < 0 (no reservation known). A refund
+    never reaches into a closed period; extra usage of a request admitted in a
+    closed period lands in the current one: spend is never lost.
+    Returns the budget spent after it (-1 without a budget)."""
+    if lim.tpm > 0 and delta_tokens != 0:
+        level = _refill(st.tok_level, st.tok_last, lim.tok_cap, lim.tpm, now)
+        st.tok_level, st.tok_last = min(lim.tok_cap, level - delta_tokens), now
+    if lim.budget < 0:
+        return -1
+    start, _ = period_bounds(now, lim.period)
+    if st.period_start != start:
+        st.period_start, st.spent = start, 0
+    if period_start == start or period_start < 0:
+        st.spent = max(0, st.spent + delta_cost)
+    elif delta_cost > 0:
+        st.spent += delta_cost
+    return st.spent

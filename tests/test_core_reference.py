@@ -85,8 +85,38 @@ def run_both(lim: ref.Limits, seq) -> set[int]:
         assert core_state.spent == ref_state.spent
         assert core_state.req_level == ref_state.req_level
         assert core_state.tok_level == ref_state.tok_level
+        if lim.budget >= 0:
+            assert got.period_start_us == ref.period_bounds(now, lim.period)[0]
         kinds.add(want.kind)
     return kinds
+
+
+settlements = st.lists(
+    st.tuples(st.integers(0, 90_000_000), st.integers(-5000, 5000), st.integers(-5000, 5000),
+              st.sampled_from(["current", "previous", "unknown"])),
+    min_size=1, max_size=20)
+
+
+@given(limit_sets(), requests, settlements)
+def test_settle_matches_reference_model(lim, seq, adjustments):
+    run_both(lim, seq)  # some state to settle against
+    core_lim, core_state, ref_state = to_core(lim), _core.State(), ref.State()
+    now = T0
+    for gap, tier, inp, out, firm_out, shadow in seq:
+        now += gap
+        tier = min(tier, len(lim.prices) - 1)
+        firm = inp + (out if firm_out else 0)
+        ref.decide(lim, ref_state, now, tier, inp, out, firm, shadow)
+        _core.decide(core_lim, core_state, now, tier, inp, out, firm, shadow)
+    for gap, d_tokens, d_cost, which in adjustments:
+        now += gap
+        start = ref.period_bounds(now, lim.period)[0]
+        period_start = {"current": start, "previous": start - 1, "unknown": -1}[which]
+        want = ref.settle(lim, ref_state, now, d_tokens, d_cost, period_start)
+        got = _core.settle(core_lim, core_state, now, d_tokens, d_cost, period_start)
+        assert got == want
+        assert core_state.spent == ref_state.spent
+        assert core_state.tok_level == ref_state.tok_level
 
 
 @given(st.integers(0, 4_000_000_000 * 1_000_000), st.integers(0, 4))
