@@ -1,32 +1,47 @@
-"""Builds the Cython decision core (native/core.pyx -> sidecar._core) and ships
-the Lua scripts from lua/ inside the package, so an installed sidecar carries
-everything it loads at run time."""
+"""Build steps beyond the pure-Python package:
+- the Cython decision core: native/core.pyx -> sidecar._core;
+- this project's own gRPC API: proto/*.proto -> sidecar/_proto/*_pb2.py (grpcio-tools);
+- the Lua scripts: lua/*.lua copied into sidecar/lua/ so an installed sidecar carries them.
+Generated files are not committed (.gitignore); every build makes them anew from
+the sources above, so there is one source of each."""
 import os
 import shutil
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
-from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-class BuildPyWithLua(build_py):
-    """Copy lua/*.lua into sidecar/lua/ so package data finds them."""
+def compile_protos() -> None:
+    from grpc_tools import protoc  # a build requirement (pyproject.toml)
 
-    def run(self):
-        src = os.path.join(HERE, "lua")
-        dst = os.path.join(HERE, "sidecar", "lua")
-        if os.path.isdir(src):
-            os.makedirs(dst, exist_ok=True)
-            for name in os.listdir(src):
-                if name.endswith(".lua"):
-                    shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
-        super().run()
+    src = os.path.join(HERE, "proto")
+    out = os.path.join(HERE, "sidecar", "_proto")
+    os.makedirs(out, exist_ok=True)
+    open(os.path.join(out, "__init__.py"), "a").close()
+    include = os.path.join(os.path.dirname(protoc.__file__), "_proto")
+    for name in sorted(os.listdir(src)):
+        if name.endswith(".proto"):
+            rc = protoc.main(["grpc_tools.protoc", f"-I{src}", f"-I{include}",
+                              f"--python_out={out}", f"--pyi_out={out}", name])
+            if rc != 0:
+                raise RuntimeError(f"protoc failed on proto/{name}")
 
+
+def copy_lua() -> None:
+    src = os.path.join(HERE, "lua")
+    dst = os.path.join(HERE, "sidecar", "lua")
+    os.makedirs(dst, exist_ok=True)
+    for name in os.listdir(src):
+        if name.endswith(".lua"):
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+
+
+compile_protos()
+copy_lua()
 
 setup(
-    cmdclass={"build_py": BuildPyWithLua},
     ext_modules=cythonize(
         [Extension("sidecar._core", ["native/core.pyx"], extra_compile_args=["-O3"])],
         compiler_directives={"language_level": "3"},

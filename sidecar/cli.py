@@ -73,6 +73,28 @@ def _envoy_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _spend(args: argparse.Namespace) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{args.http}/v1/spend", timeout=5) as r:
+            doc = json.load(r)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"kt spend: cannot read http://{args.http}/v1/spend: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(doc, indent=2, sort_keys=True))
+        return 0
+    rows = [(t, m, v["input_tokens"], v["output_tokens"], v["usd"])
+            for t, models in sorted(doc["tenants"].items()) for m, v in sorted(models.items())]
+    print(f"{'tenant':<24} {'model':<24} {'input':>12} {'output':>12} {'usd':>14}")
+    for t, m, i, o, usd in rows:
+        print(f"{t:<24} {m:<24} {i:>12} {o:>12} {usd:>14.6f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kt", description="kt-sidecar: rate limits and budgets "
                                 "for LLM traffic behind Envoy.")
@@ -105,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--failure-mode", choices=["allow", "deny"], default="deny",
                    help="what Envoy does when the sidecar cannot answer")
     e.set_defaults(func=_envoy_config)
+    u = sub.add_parser("spend", help="actual tokens and USD per tenant and model, from a "
+                       "running sidecar (since its start)")
+    u.add_argument("--http", default="127.0.0.1:9090", help="the sidecar's HTTP side port")
+    u.add_argument("--json", action="store_true", help="print JSON")
+    u.set_defaults(func=_spend)
     return p
 
 

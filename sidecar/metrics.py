@@ -40,6 +40,23 @@ class Metrics:
             registry=r)
         self.policy_info = Gauge(
             "kt_policy_info", "The policy being served (value 1).", ["source", "digest"], registry=r)
+        self.tokens_total = Counter(
+            "kt_tokens", "Actual tokens used, from responses and usage reports, by tenant "
+            "(named tenants; others as _other), model and type (input, output).",
+            ["tenant", "model", "type"], registry=r)
+        self.cost_dollars = Counter(
+            "kt_cost_dollars", "Actual cost in USD priced with the policy's pricing, by tenant "
+            "and model.", ["tenant", "model"], registry=r)
+        self.unpriced_tokens = Counter(
+            "kt_unpriced_tokens", "Tokens of models missing from `pricing`, charged at the "
+            "dearest listed price (never as free).", ["model"], registry=r)
+        self.settlements = Counter(
+            "kt_settlements", "Reservations settled with actual usage, by source (ext_proc, "
+            "report, release).", ["source"], registry=r)
+        self.reservations_closed = Counter(
+            "kt_reservations_closed", "Reservations closed without usage, by outcome "
+            "(released_upstream_error: refunded; kept_abandoned, kept_no_usage: the estimate "
+            "stays charged).", ["outcome"], registry=r)
         self.backend_ready = Gauge(
             "kt_backend_ready", "1 when the backend answers, 0 when decisions fall back to the "
             "failure mode.", ["backend"], registry=r)

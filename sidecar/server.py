@@ -28,7 +28,10 @@ from sidecar.policy import schema
 from sidecar.policy.load import CompiledPolicy, PolicyError, load_policy, parse_policy
 from sidecar.service import DecisionService
 from sidecar.transports.authz import AuthorizationServicer
+from sidecar.transports.ext_proc import ExternalProcessorServicer
 from sidecar.transports.rls import RateLimitServicer
+from sidecar.transports.usage_api import report_json, usage_service_handler
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 
 log = logging.getLogger("kt.server")
 
@@ -83,6 +86,7 @@ class Sidecar:
         self._reloader: Optional[asyncio.Task] = None
         self._policy_stamp = self._stamp()
         self._health: Optional[health_aio.HealthServicer] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
 
     # --- lifecycle ---------------------------------------------------------
     async def start(self) -> None:
@@ -91,12 +95,16 @@ class Sidecar:
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
             AuthorizationServicer(self.service), server)
         rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(self.service), server)
+        external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
+            ExternalProcessorServicer(self.service), server)
+        server.add_generic_rpc_handlers((usage_service_handler(self.service),))
         self._health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         self.grpc_port = server.add_insecure_port(self.cfg.grpc_addr)
         await server.start()
         self.grpc_server = server
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self._loop = asyncio.get_running_loop()
         self._start_http()
         self.metrics.policy_info.labels(self.policy.source, self.policy.digest).set(1)
         if self.cfg.policy_path:
@@ -132,6 +140,10 @@ class Sidecar:
             if path == "/metrics":
                 self._refresh_gauges()
                 return metrics_app(environ, start_response)
+            if path == "/v1/usage":
+                return self._usage_report(environ, start_response)
+            if path == "/v1/spend":
+                return _json(start_response, "200 OK", self.spend_summary())
             if path == "/healthz":
                 return _text(start_response, "200 OK", "ok\n")
             if path == "/readyz":
@@ -147,6 +159,46 @@ class Sidecar:
         self.http_port = self.http_server.server_address[1]
         threading.Thread(target=self.http_server.serve_forever, name="kt-http",
                          daemon=True).start()
+
+    def _usage_report(self, environ, start_response):
+        if environ.get("REQUEST_METHOD") != "POST":
+            return _text(start_response, "405 Method Not Allowed", "POST a JSON usage report\n")
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= 65536:
+            return _text(start_response, "400 Bad Request", "content-length 0..65536 required\n")
+        body = environ["wsgi.input"].read(length)
+        # the WSGI thread hands the report to the event loop that owns the backend
+        future = asyncio.run_coroutine_threadsafe(report_json(self.service, body), self._loop)
+        try:
+            status, payload = future.result(timeout=5)
+        except Exception as exc:  # noqa: BLE001 - a report must get an answer, never a hang
+            future.cancel()
+            status, payload = 503, json.dumps({"error": {
+                "type": "service_unavailable", "code": "limiter_unavailable",
+                "message": f"usage not recorded, retry: {exc!r}"}}).encode()
+        reason = {200: "OK", 400: "Bad Request", 503: "Service Unavailable"}.get(status, "")
+        start_response(f"{status} {reason}", [("Content-Type", "application/json")])
+        return [payload]
+
+    def spend_summary(self) -> dict:
+        """Actual tokens and USD per tenant and model since start (from the metrics)."""
+        out: dict = {}
+        for metric in self.metrics.registry.collect():
+            if metric.name not in ("kt_tokens", "kt_cost_dollars"):
+                continue
+            for sample in metric.samples:
+                if not sample.name.endswith("_total"):
+                    continue
+                rec = out.setdefault(sample.labels["tenant"], {}).setdefault(
+                    sample.labels["model"], {"input_tokens": 0, "output_tokens": 0, "usd": 0.0})
+                if metric.name == "kt_cost_dollars":
+                    rec["usd"] = sample.value
+                else:
+                    rec[sample.labels["type"] + "_tokens"] = int(sample.value)
+        return {"tenants": out}
 
     def _refresh_gauges(self) -> None:
         self.metrics.backend_ready.labels(self.backend.name).set(
@@ -196,6 +248,11 @@ class Sidecar:
         self.metrics.policy_reloads.labels("ok").inc()
         log.info("policy reloaded: %s", new.digest)
         return True
+
+
+def _json(start_response, status: str, doc) -> list:
+    start_response(status, [("Content-Type", "application/json")])
+    return [json.dumps(doc, sort_keys=True).encode()]
 
 
 def _text(start_response, status: str, text: str):

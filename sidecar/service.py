@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Optional
+
+import msgspec
 
 from sidecar import _core
 from sidecar.backends.base import Backend, BackendError
@@ -20,6 +24,82 @@ MAX_TENANT_LEN = 128
 _STRICTNESS = {"open": 0, "envoy": 1, "closed": 2}
 
 
+# An unsettled reservation is forgotten after this long: its estimate stays charged.
+RESERVATION_TTL_S = 900.0
+RESERVATIONS_MAX = 500_000
+OTHER_TENANTS = "_other"  # metric label for tenants not named in the policy
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """What an admitted request was charged, kept until its usage is known."""
+
+    tenant: str
+    tier: int
+    model: str
+    charged_tokens: int
+    charged_cost: int
+    period_start_us: int
+    created_s: float
+
+
+class ReservationBook:
+    """Reservations by request id, oldest first; bounded in size and age, so none leaks."""
+
+    def __init__(self, ttl_s: float = RESERVATION_TTL_S, max_entries: int = RESERVATIONS_MAX,
+                 clock=time.monotonic) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self.clock = clock
+        self._book: OrderedDict[str, Reservation] = OrderedDict()
+        self.expired = 0
+
+    def __len__(self) -> int:
+        return len(self._book)
+
+    def put(self, request_id: str, res: Reservation) -> None:
+        self._book[request_id] = res
+        self._book.move_to_end(request_id)
+        self.expire()
+
+    def pop(self, request_id: str) -> Optional[Reservation]:
+        return self._book.pop(request_id, None)
+
+    def get(self, request_id: str) -> Optional[Reservation]:
+        return self._book.get(request_id)
+
+    def expire(self) -> int:
+        limit = self.clock() - self.ttl_s
+        n = 0
+        while self._book:
+            first = next(iter(self._book.values()))
+            if first.created_s >= limit and len(self._book) <= self.max_entries:
+                break
+            self._book.popitem(last=False)
+            n += 1
+        self.expired += n
+        return n
+
+
+class UsageError(ValueError):
+    """A usage report that cannot be applied; the message says why."""
+
+
+class SettleResult(msgspec.Struct, frozen=True):
+    applied: bool  # False: this request id was settled before (nothing changed)
+    request_id: str
+    tenant: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    reserved_tokens: int
+    delta_tokens: int
+    delta_cost: int  # in the budget's unit (tokens or nano-USD)
+    cost_usd: float
+    budget_spent: int
+    unpriced: bool = False
+
+
 def _valid_tenant(t: str) -> bool:
     return 0 < len(t) <= MAX_TENANT_LEN and t.isprintable() and not any(c in t for c in "{}")
 
@@ -29,6 +109,10 @@ class DecisionService:
         self.policy = policy
         self.backend = backend
         self.metrics = metrics or Metrics()
+        self.reservations = ReservationBook()
+        # tenant of recently settled request ids, so a repeated report without a
+        # tenant still reaches the backend's idempotency check (bounded, oldest out)
+        self._settled_tenant: OrderedDict[str, str] = OrderedDict()
 
     def replace_policy(self, policy: CompiledPolicy) -> None:
         self.policy = policy
@@ -72,6 +156,10 @@ class DecisionService:
         except BackendError as exc:
             return self._failure(tenant, rule, asked, str(exc))
         self._observe(tenant, rule, out)
+        if req.request_id and out.charged_tokens:
+            self.reservations.put(req.request_id, Reservation(
+                tenant, out.tier, policy.tiers[out.tier].model, out.charged_tokens,
+                out.charged_cost, out.period_start_us, time.monotonic()))
         tier = policy.tiers[out.tier]
         kind = CORE_KINDS[out.kind]
         admitted = kind in (Kind.ALLOW, Kind.DOWNGRADE)
@@ -124,3 +212,79 @@ class DecisionService:
         if out.budget_limit >= 0:
             value = out.budget_remaining / 1e9 if rule.budget_unit == "usd" else out.budget_remaining
             m.budget_remaining.labels(tenant, rule.budget_unit).set(value)
+
+    # --- usage: reconcile reservations with what the model really used -------
+    async def settle_usage(self, request_id: str, tenant: Optional[str], model: Optional[str],
+                           input_tokens: int, output_tokens: int,
+                           source: str = "report") -> SettleResult:
+        """Replace a request's reserved estimate by its actual usage, once per request id.
+
+        Without a reservation (RLS, a fail-open, another replica, or a report-only
+        gateway) the whole actual usage is charged in the current period."""
+        if not request_id or len(request_id) > 256:
+            raise UsageError("request_id must be 1..256 characters")
+        if not (0 <= input_tokens <= 10**9 and 0 <= output_tokens <= 10**9):
+            raise UsageError("input_tokens and output_tokens must be integers in 0..1e9")
+        policy = self.policy
+        res = self.reservations.pop(request_id)
+        if res is not None:
+            tenant = res.tenant
+        elif not tenant:
+            tenant = self._settled_tenant.get(request_id)
+        if not tenant or not _valid_tenant(tenant):
+            raise UsageError("unknown request id and no valid tenant given")
+        rule = policy.rule_for(tenant)
+        if rule is None:
+            raise UsageError(f"unknown tenant {tenant!r}")
+        model = model or (res.model if res is not None else policy.tiers[0].model)
+        price = policy.price_of(model)
+        unpriced = price is None
+        if price is None:
+            price = policy.dearest_price()
+        nano = input_tokens * price[0] + output_tokens * price[1]
+        cost = nano if rule.budget_unit == "usd" else input_tokens + output_tokens
+        charged_tokens = res.charged_tokens if res is not None else 0
+        charged_cost = res.charged_cost if res is not None else 0
+        period_start = res.period_start_us if res is not None else -1
+        delta_tokens = input_tokens + output_tokens - charged_tokens
+        delta_cost = cost - charged_cost if rule.limits.budget >= 0 else 0
+        try:
+            st = await self.backend.settle(tenant, rule.limits, request_id, delta_tokens,
+                                           delta_cost, period_start)
+        except BackendError:
+            if res is not None:
+                self.reservations.put(request_id, res)  # keep it for a retry
+            self.metrics.backend_errors.labels(self.backend.name).inc()
+            raise
+        self._settled_tenant[request_id] = tenant
+        if len(self._settled_tenant) > RESERVATIONS_MAX:
+            self._settled_tenant.popitem(last=False)
+        m = self.metrics
+        label = tenant if rule.name else OTHER_TENANTS
+        if st.applied:
+            m.tokens_total.labels(label, model, "input").inc(input_tokens)
+            m.tokens_total.labels(label, model, "output").inc(output_tokens)
+            m.cost_dollars.labels(label, model).inc(nano / 1e9)
+            m.settlements.labels(source).inc()
+            if unpriced:
+                m.unpriced_tokens.labels(model).inc(input_tokens + output_tokens)
+                log.warning("usage of unpriced model %r charged at the dearest listed price "
+                            "(tenant %s, request %s)", model, tenant, request_id)
+        return SettleResult(
+            applied=st.applied, request_id=request_id, tenant=tenant, model=model,
+            input_tokens=input_tokens, output_tokens=output_tokens,
+            reserved_tokens=charged_tokens, delta_tokens=delta_tokens, delta_cost=delta_cost,
+            cost_usd=nano / 1e9, budget_spent=st.budget_spent, unpriced=unpriced)
+
+    async def release(self, request_id: str, why: str) -> Optional[SettleResult]:
+        """The upstream failed without usage: refund the whole reservation."""
+        res = self.reservations.get(request_id)
+        if res is None:
+            return None
+        self.metrics.reservations_closed.labels("released_" + why).inc()
+        return await self.settle_usage(request_id, res.tenant, res.model, 0, 0, "release")
+
+    def abandon(self, request_id: str, why: str) -> None:
+        """No usage will come (client gone, usage missing): the estimate stays charged."""
+        if self.reservations.pop(request_id) is not None:
+            self.metrics.reservations_closed.labels("kept_" + why).inc()

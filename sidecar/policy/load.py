@@ -54,6 +54,18 @@ class CompiledPolicy:
     backend: schema.Backend
     pricing: dict[str, schema.Price] = field(default_factory=dict)
 
+    def price_of(self, model: Optional[str]) -> Optional[tuple[int, int]]:
+        """nano-USD per (input, output) token of a model; None if the model has no price."""
+        price = self.pricing.get(model) if model else None
+        if price is None:
+            return None
+        return (round(price.input * NANO_PER_USD_PER_1K), round(price.output * NANO_PER_USD_PER_1K))
+
+    def dearest_price(self) -> tuple[int, int]:
+        """What an unpriced model is charged at: never free (docs/usage.md)."""
+        prices = [self.price_of(m) for m in self.pricing] or [(0, 0)]
+        return (max(p[0] for p in prices if p), max(p[1] for p in prices if p))
+
     def rule_for(self, tenant: str) -> Optional[TenantRule]:
         """The tenant's rule; the defaults for an unknown tenant, or None if unknown tenants are denied."""
         rule = self.tenants.get(tenant)

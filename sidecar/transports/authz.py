@@ -39,7 +39,9 @@ def request_from_check(req: external_auth_pb2.CheckRequest) -> Request:
                    for h in http.header_map.headers}
     body = http.raw_body or http.body.encode()
     truncated = headers.get("x-envoy-auth-partial-body") == "true"
-    return Request(headers=headers, body=body, body_truncated=truncated, request_id=http.id)
+    # x-request-id, not http.id: ext_proc and usage reports see the same x-request-id
+    return Request(headers=headers, body=body, body_truncated=truncated,
+                   request_id=headers.get("x-request-id", ""))
 
 
 def check_response(ans: contract.Answer) -> external_auth_pb2.CheckResponse:

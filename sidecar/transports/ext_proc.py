@@ -1,0 +1,163 @@
+"""envoy.service.ext_proc.v3.ExternalProcessor/Process: translation only.
+
+Runs after ext_authz on the same request (Envoy filter order), so it sees the
+`x-kt-*` headers the decision set. Expected processing mode (kt envoy-config):
+request headers SEND, request body BUFFERED, response headers SEND, response
+body STREAMED, `allow_mode_override: true`.
+
+- Request: for a downgraded request, rewrite the JSON body's `model` to the
+  tier's model (and content-length), so any OpenAI-compatible upstream really
+  serves the cheaper model. Other requests skip body processing (mode override).
+- Response: pass every chunk on at once (never hold a stream back) while
+  reading usage from the JSON body or the SSE usage chunk; at the end, settle
+  the reservation with the actual usage (service.settle_usage).
+- Rules without usage (docs/usage.md): a non-2xx reply without usage releases
+  the reservation; a 2xx reply without usage, or a stream the client abandons,
+  keeps the reserved estimate charged.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import msgspec
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
+
+from sidecar import contract
+from sidecar.backends.base import BackendError
+from sidecar.service import DecisionService, UsageError
+from sidecar.usage import UsageScanner
+
+log = logging.getLogger("kt.ext_proc")
+_PM = processing_mode_pb2.ProcessingMode
+# after the request headers of a request whose body needs no rewrite
+_SKIP_REQUEST_BODY = _PM(request_header_mode=_PM.SEND, response_header_mode=_PM.SEND,
+                         request_body_mode=_PM.NONE, response_body_mode=_PM.STREAMED,
+                         request_trailer_mode=_PM.SKIP, response_trailer_mode=_PM.SKIP)
+_CONTINUE = pb.CommonResponse(status=pb.CommonResponse.CONTINUE)
+
+
+def _headers(msg: pb.HttpHeaders) -> dict[str, str]:
+    return {h.key.lower(): (h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value)
+            for h in msg.headers.headers}
+
+
+def rewrite_model(body: bytes, model: str) -> Optional[bytes]:
+    """The body with its top-level `model` replaced; None if it is not a JSON object."""
+    try:
+        doc = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return None
+    if not isinstance(doc, dict) or doc.get("model") == model:
+        return None
+    doc["model"] = model
+    return msgspec.json.encode(doc)
+
+
+class _Exchange:
+    """What one request/response pair has shown so far."""
+
+    def __init__(self) -> None:
+        self.request_id = ""
+        self.tenant: Optional[str] = None
+        self.rewrite_to: Optional[str] = None
+        self.status = 0
+        self.scanner: Optional[UsageScanner] = None
+        self.done = False
+
+
+class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
+    def __init__(self, service: DecisionService) -> None:
+        self.service = service
+
+    async def Process(self, request_iterator, context):  # noqa: N802 (gRPC method name)
+        ex = _Exchange()
+        try:
+            async for req in request_iterator:
+                which = req.WhichOneof("request")
+                if which == "request_headers":
+                    yield self._request_headers(ex, req.request_headers)
+                elif which == "request_body":
+                    yield self._request_body(ex, req.request_body)
+                elif which == "response_headers":
+                    yield await self._response_headers(ex, req.response_headers)
+                elif which == "response_body":
+                    yield await self._response_body(ex, req.response_body)
+                elif which == "request_trailers":
+                    yield pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+                elif which == "response_trailers":
+                    await self._finish(ex)
+                    yield pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+        finally:
+            if not ex.done and ex.request_id:
+                # Envoy closed the stream before the response ended: the client went
+                # away (or the upstream reset). The reserved estimate stays charged.
+                self.service.abandon(ex.request_id, "abandoned")
+
+    def _request_headers(self, ex: _Exchange, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
+        h = _headers(msg)
+        ex.request_id = h.get("x-request-id", "")
+        ex.tenant = h.get(contract.H_TENANT) or h.get(self.service.policy.tenant_header)
+        if h.get(contract.H_DECISION) == "downgrade" and h.get(contract.H_MODEL):
+            ex.rewrite_to = h[contract.H_MODEL]
+        if ex.rewrite_to is None or msg.end_of_stream:
+            return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=_CONTINUE),
+                                         mode_override=_SKIP_REQUEST_BODY)
+        return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=_CONTINUE))
+
+    def _request_body(self, ex: _Exchange, msg: pb.HttpBody) -> pb.ProcessingResponse:
+        new = rewrite_model(msg.body, ex.rewrite_to) if ex.rewrite_to else None
+        if new is None:
+            return pb.ProcessingResponse(request_body=pb.BodyResponse(response=_CONTINUE))
+        common = pb.CommonResponse(
+            status=pb.CommonResponse.CONTINUE,
+            header_mutation=pb.HeaderMutation(set_headers=[base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key="content-length", raw_value=str(len(new)).encode()),
+                append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)]),
+            body_mutation=pb.BodyMutation(body=new))
+        return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
+
+    async def _response_headers(self, ex: _Exchange, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
+        h = _headers(msg)
+        try:
+            ex.status = int(h.get(":status", "0"))
+        except ValueError:
+            ex.status = 0
+        ex.scanner = UsageScanner(streamed="text/event-stream" in h.get("content-type", ""))
+        if msg.end_of_stream:
+            await self._finish(ex)
+        return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=_CONTINUE))
+
+    async def _response_body(self, ex: _Exchange, msg: pb.HttpBody) -> pb.ProcessingResponse:
+        if ex.scanner is not None:
+            ex.scanner.feed(msg.body)
+        if msg.end_of_stream:
+            await self._finish(ex)
+        return pb.ProcessingResponse(response_body=pb.BodyResponse(response=_CONTINUE))
+
+    async def _finish(self, ex: _Exchange) -> None:
+        if ex.done:
+            return
+        ex.done = True
+        if not ex.request_id:
+            return
+        scanner = ex.scanner
+        usage = None
+        if scanner is not None:
+            scanner.finish()
+            usage = scanner.usage
+        try:
+            if usage is not None:
+                await self.service.settle_usage(
+                    ex.request_id, ex.tenant, scanner.model if scanner else None,
+                    usage.prompt_tokens, usage.completion_tokens, "ext_proc")
+            elif not 200 <= ex.status < 300:
+                await self.service.release(ex.request_id, "upstream_error")
+            else:
+                self.service.abandon(ex.request_id, "no_usage")
+        except (UsageError, BackendError) as exc:
+            # the response is already on its way; never fail it for accounting
+            log.warning("usage of request %s not settled: %s", ex.request_id, exc)

@@ -1,0 +1,76 @@
+"""Usage reports for gateways without ext_proc: kt.v1.Usage/Report over gRPC
+(proto/usage.proto) and `POST /v1/usage` (JSON) on the HTTP side port. Both
+translate to DecisionService.settle_usage and nothing more."""
+from __future__ import annotations
+
+from typing import Optional
+
+import grpc
+import msgspec
+
+from sidecar._proto import usage_pb2
+from sidecar.backends.base import BackendError
+from sidecar.service import DecisionService, SettleResult, UsageError
+
+
+class UsageReportJson(msgspec.Struct, forbid_unknown_fields=True):
+    request_id: str
+    input_tokens: int
+    output_tokens: int
+    tenant: Optional[str] = None
+    model: Optional[str] = None
+
+
+_decode_report = msgspec.json.Decoder(UsageReportJson).decode
+_encode = msgspec.json.Encoder().encode
+
+
+def ack_fields(r: SettleResult) -> dict:
+    return {"applied": r.applied, "tenant": r.tenant, "model": r.model,
+            "reserved_tokens": r.reserved_tokens, "delta_tokens": r.delta_tokens,
+            "cost_usd": r.cost_usd, "unpriced": r.unpriced}
+
+
+async def report_json(service: DecisionService, body: bytes) -> tuple[int, bytes]:
+    """POST /v1/usage → (HTTP status, JSON body). 400 malformed, 503 backend down."""
+    try:
+        rep = _decode_report(body)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        return 400, _encode({"error": {"type": "invalid_request_error", "code": "invalid_report",
+                                       "message": f"usage report: {exc}"}})
+    try:
+        res = await service.settle_usage(rep.request_id, rep.tenant, rep.model,
+                                         rep.input_tokens, rep.output_tokens, "report")
+    except UsageError as exc:
+        return 400, _encode({"error": {"type": "invalid_request_error", "code": "invalid_report",
+                                       "message": f"usage report: {exc}"}})
+    except BackendError as exc:
+        return 503, _encode({"error": {"type": "service_unavailable",
+                                       "code": "limiter_unavailable",
+                                       "message": f"usage not recorded, retry: {exc}"}})
+    return 200, _encode(ack_fields(res))
+
+
+def _report_handler(service: DecisionService):
+    async def report(request: usage_pb2.UsageReport, context) -> usage_pb2.UsageAck:
+        try:
+            res = await service.settle_usage(request.request_id, request.tenant or None,
+                                             request.model or None, request.input_tokens,
+                                             request.output_tokens, "report")
+        except UsageError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except BackendError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"usage not recorded, retry: {exc}")
+        return usage_pb2.UsageAck(**ack_fields(res))
+
+    return report
+
+
+def usage_service_handler(service: DecisionService) -> grpc.GenericRpcHandler:
+    """kt.v1.Usage registered from the compiled messages (no generated stub module needed)."""
+    return grpc.method_handlers_generic_handler("kt.v1.Usage", {
+        "Report": grpc.unary_unary_rpc_method_handler(
+            _report_handler(service),
+            request_deserializer=usage_pb2.UsageReport.FromString,
+            response_serializer=usage_pb2.UsageAck.SerializeToString),
+    })
