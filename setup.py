@@ -33,7 +33,7 @@ def copy_lua() -> None:
     src = os.path.join(HERE, "lua")
     dst = os.path.join(HERE, "sidecar", "lua")
     os.makedirs(dst, exist_ok=True)
-    for name in os.listdir(src):
+    for name in os.listdir(src) if os.path.isdir(src) else []:
         if name.endswith(".lua"):
             shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
 
