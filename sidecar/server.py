@@ -15,7 +15,6 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from socketserver import ThreadingMixIn
 
 import grpc
-from envoy.service.auth.v3 import external_auth_pb2_grpc
 from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
@@ -27,7 +26,7 @@ from sidecar.metrics import Metrics
 from sidecar.policy import schema
 from sidecar.policy.load import CompiledPolicy, PolicyError, load_policy, parse_policy
 from sidecar.service import DecisionService
-from sidecar.transports.authz import AuthorizationServicer
+from sidecar.transports.authz import authorization_handler
 from sidecar.transports.ext_proc import ExternalProcessorServicer
 from sidecar.transports.rls import RateLimitServicer
 from sidecar.transports.usage_api import report_json, usage_service_handler
@@ -92,8 +91,7 @@ class Sidecar:
     async def start(self) -> None:
         await self.backend.start()
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-            AuthorizationServicer(self.service), server)
+        server.add_generic_rpc_handlers((authorization_handler(self.service),))
         rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(self.service), server)
         external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
             ExternalProcessorServicer(self.service), server)

@@ -110,6 +110,8 @@ class DecisionService:
         self.backend = backend
         self.metrics = metrics or Metrics()
         self.reservations = ReservationBook()
+        self._children: dict = {}
+        self._tenant_gauges: dict = {}
         # tenant of recently settled request ids, so a repeated report without a
         # tenant still reaches the backend's idempotency check (bounded, oldest out)
         self._settled_tenant: OrderedDict[str, str] = OrderedDict()
@@ -120,11 +122,18 @@ class DecisionService:
     async def decide(self, req: Request, transport: str = "authz") -> Decision:
         started = time.perf_counter()
         decision = await self._decide(req)
-        m = self.metrics
-        m.latency.labels(transport).observe(time.perf_counter() - started)
-        m.requests.labels(decision.kind.value if not decision.shadow else "allow", transport).inc()
+        elapsed = time.perf_counter() - started
+        kind = decision.kind.value if not decision.shadow else "allow"
+        # labelled children looked up once: .labels() costs microseconds per call
+        children = self._children.get((kind, transport))
+        if children is None:
+            m = self.metrics
+            children = self._children[(kind, transport)] = (
+                m.requests.labels(kind, transport), m.latency.labels(transport))
+        children[0].inc()
+        children[1].observe(elapsed)
         if decision.shadow:
-            m.shadow_denials.labels(decision.kind.value).inc()
+            self.metrics.shadow_denials.labels(decision.kind.value).inc()
         return decision
 
     async def _decide(self, req: Request) -> Decision:
@@ -206,12 +215,16 @@ class DecisionService:
     def _observe(self, tenant: str, rule: TenantRule, out: _core.Outcome) -> None:
         if not rule.name:  # unknown tenants share the defaults: no per-tenant series
             return
-        m = self.metrics
+        gauges = self._tenant_gauges.get(tenant)
+        if gauges is None:
+            m = self.metrics
+            gauges = self._tenant_gauges[tenant] = (
+                m.tokens_remaining.labels(tenant), m.budget_remaining.labels(tenant, rule.budget_unit))
         if out.limit_tokens > 0:
-            m.tokens_remaining.labels(tenant).set(out.remaining_tokens)
+            gauges[0].set(out.remaining_tokens)
         if out.budget_limit >= 0:
             value = out.budget_remaining / 1e9 if rule.budget_unit == "usd" else out.budget_remaining
-            m.budget_remaining.labels(tenant, rule.budget_unit).set(value)
+            gauges[1].set(value)
 
     # --- usage: reconcile reservations with what the model really used -------
     async def settle_usage(self, request_id: str, tenant: Optional[str], model: Optional[str],
