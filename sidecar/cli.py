@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from typing import Optional, Sequence
@@ -16,14 +15,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     cfg = ServerConfig(grpc_addr=args.grpc, http_addr=args.http, policy_path=args.config,
                        state_file=args.state_file, ready_file=args.ready_file)
-    try:
-        import uvloop
+    import uvloop
 
-        runner = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it
-        runner = asyncio.run
     try:
-        runner(serve(cfg))
+        uvloop.run(serve(cfg))
     except PolicyError as exc:
         print(f"kt serve: {exc}", file=sys.stderr)
         return 2

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, get_args
 
 import msgspec
 import yaml
@@ -103,11 +103,11 @@ def parse_policy(raw: bytes, source: str) -> CompiledPolicy:
 
 
 # what a field of a closed set accepts, for error messages
-_ALLOWED = {
-    "period": schema.Period, "priority": schema.Priority, "unknown": ("defaults", "deny"),
-    "missing": ("deny", "anonymous"), "rate_limits": schema.FailureMode,
-    "budgets": schema.FailureMode, "failure_mode": schema.FailureMode,
-    "kind": ("memory", "redis"),
+_ALLOWED: dict[str, tuple[str, ...]] = {
+    "period": get_args(schema.Period), "priority": get_args(schema.Priority),
+    "unknown": ("defaults", "deny"), "missing": ("deny", "anonymous"),
+    "rate_limits": get_args(schema.FailureMode), "budgets": get_args(schema.FailureMode),
+    "failure_mode": get_args(schema.FailureMode), "kind": ("memory", "redis"),
 }
 # maps whose keys are names; msgspec reports them as `[...]`
 _NAMED_MAPS = {"tenants": schema.TenantPolicy, "pricing": schema.Price}
@@ -133,8 +133,7 @@ def _explain(message: str, doc: dict) -> str:
     if text.startswith("Invalid enum value") or text.startswith("Invalid value"):
         allowed = _ALLOWED.get(where.rsplit(".", 1)[-1])
         if allowed is not None:
-            values = getattr(allowed, "__args__", allowed)
-            text += f"; expected one of: {', '.join(values)}"
+            text += f"; expected one of: {', '.join(allowed)}"
     return f"{where}: {text}"
 
 

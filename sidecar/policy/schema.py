@@ -19,7 +19,7 @@ class _Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=T
     pass
 
 
-class TenantSource(_Strict):
+class TenantSource(_Strict, frozen=True):
     header: str = "x-tenant-id"
     # what to do with a request whose tenant is not listed under `tenants`:
     # `defaults` applies the default limits (each unknown tenant gets its own
@@ -29,43 +29,43 @@ class TenantSource(_Strict):
     missing: Literal["deny", "anonymous"] = "deny"
 
 
-class Tier(_Strict):
+class Tier(_Strict, frozen=True):
     name: str
     model: str
 
 
-class Price(_Strict):
+class Price(_Strict, frozen=True):
     input: float  # USD per 1K tokens
     output: float
 
 
-class Limits(_Strict):
+class Limits(_Strict, frozen=True):
     rpm: Optional[int] = None
     tpm: Optional[int] = None
     burst: Optional[float] = None  # bucket capacity = limit x burst; absent = 1.0
 
 
-class Budget(_Strict):
+class Budget(_Strict, frozen=True):
     tokens: Optional[int] = None
     usd: Optional[float] = None
     period: Period = "month"
     low_water: float = 0.0
 
 
-class TenantPolicy(_Strict):
+class TenantPolicy(_Strict, frozen=True):
     priority: Optional[Priority] = None
     limits: Optional[Limits] = None
     budget: Optional[Budget] = None
     shadow_mode: Optional[bool] = None
 
 
-class Defaults(_Strict):
+class Defaults(_Strict, frozen=True):
     priority: Priority = "normal"
     limits: Limits = Limits()
     budget: Optional[Budget] = None
 
 
-class Estimate(_Strict):
+class Estimate(_Strict, frozen=True):
     # output tokens assumed when a request names no max_tokens; trimmed to fit
     # a small bucket, so it never makes a request impossible by accident
     default_output_tokens: int = 256
@@ -75,18 +75,18 @@ class Estimate(_Strict):
     header: str = "x-kt-estimated-tokens"
 
 
-class FailureModes(_Strict):
+class FailureModes(_Strict, frozen=True):
     rate_limits: FailureMode = "open"
     budgets: FailureMode = "closed"
 
 
-class MemoryBackend(_Strict, tag_field="kind", tag="memory"):
+class MemoryBackend(_Strict, frozen=True, tag_field="kind", tag="memory"):
     # where budget spend is persisted (atomic rename); "" disables persistence
     state_file: str = "kt-state/spend.json"
     flush_interval_s: float = 1.0
 
 
-class RedisBackend(_Strict, tag_field="kind", tag="redis"):
+class RedisBackend(_Strict, frozen=True, tag_field="kind", tag="redis"):
     url: str = "redis://127.0.0.1:6379/0"
     cluster: bool = False
     timeout_ms: int = 15
@@ -97,7 +97,7 @@ class RedisBackend(_Strict, tag_field="kind", tag="redis"):
 Backend = Union[MemoryBackend, RedisBackend]
 
 
-class Policy(_Strict, kw_only=True):
+class Policy(_Strict, frozen=True, kw_only=True):
     tenant: TenantSource = TenantSource()
     tiers: list[Tier]
     pricing: dict[str, Price] = {}

@@ -1,0 +1,75 @@
+# Type stub of the Cython decision core (native/core.pyx).
+ALLOW: int
+DOWNGRADE: int
+DENY_RATE: int
+DENY_BUDGET: int
+TOO_LARGE: int
+R_NONE: int
+R_RPM: int
+R_TPM: int
+R_BUDGET: int
+P_MINUTE: int
+P_HOUR: int
+P_DAY: int
+P_MONTH: int
+P_TOTAL: int
+NO_END_US: int
+
+def period_bounds(now_us: int, period: int) -> tuple[int, int]: ...
+
+class Limits:
+    rpm: int
+    tpm: int
+    budget: int
+    burst: float
+    low_water: float
+    req_cap: float
+    tok_cap: float
+    req_rate: float
+    tok_rate: float
+    budget_in_usd: bool
+    period: int
+    ntiers: int
+    prices: tuple[tuple[int, int], ...]
+    def __init__(self, rpm: int = 0, tpm: int = 0, burst: float = 1.0, budget: int = -1,
+                 budget_in_usd: bool = False, period: int = 2, low_water: float = 0.0,
+                 prices: object = ((0, 0),)) -> None: ...
+
+class State:
+    req_level: float
+    tok_level: float
+    req_last: int
+    tok_last: int
+    spent: int
+    period_start: int
+    def __init__(self) -> None: ...
+
+class Outcome:
+    kind: int
+    reason: int
+    tier: int
+    retry_after_s: int
+    limit_requests: int
+    remaining_requests: int
+    reset_requests_us: int
+    limit_tokens: int
+    remaining_tokens: int
+    reset_tokens_us: int
+    budget_limit: int
+    budget_remaining: int
+    budget_reset_us: int
+    charged_tokens: int
+    charged_cost: int
+    period_start_us: int
+    def __init__(self, kind: int, reason: int, tier: int, retry_after_s: int,
+                 limit_requests: int, remaining_requests: int, reset_requests_us: int,
+                 limit_tokens: int, remaining_tokens: int, reset_tokens_us: int,
+                 budget_limit: int, budget_remaining: int, budget_reset_us: int,
+                 charged_tokens: int, charged_cost: int, period_start_us: int = 0) -> None: ...
+    @property
+    def admitted(self) -> bool: ...
+
+def decide(lim: Limits, st: State, now_us: int, tier: int, input_tokens: int,
+           output_tokens: int, firm_tokens: int, commit_on_deny: bool = False) -> Outcome: ...
+def settle(lim: Limits, st: State, now_us: int, delta_tokens: int, delta_cost: int,
+           period_start: int) -> int: ...

@@ -1,0 +1,14 @@
+"""mypy on the package: the seams (Backend protocol, core stub) stay honest."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_mypy_passes_on_the_package():
+    res = subprocess.run([sys.executable, "-m", "mypy", "--no-error-summary", "sidecar"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
