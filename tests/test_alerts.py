@@ -11,6 +11,7 @@ import yaml
 from sidecar.metrics import Metrics
 
 RULES = Path(__file__).parent.parent / "docs" / "prometheus" / "alerts.yaml"
+DASHBOARD = Path(__file__).parent.parent / "docs" / "grafana" / "kt-sidecar.json"
 
 
 def exported_series() -> dict[str, set[str]]:
@@ -24,17 +25,29 @@ def exported_series() -> dict[str, set[str]]:
     return out
 
 
-def test_alert_rules_reference_exported_metrics_and_labels():
-    doc = yaml.safe_load(RULES.read_text())
+def check_exprs(exprs: dict[str, str]) -> int:
     series = exported_series()
     seen = 0
-    for rule in doc["groups"][0]["rules"]:
-        for name, selector in re.findall(r"\b(kt_[a-z_]+)(\{[^}]*\})?", rule["expr"]):
-            assert name in series, f"{rule['alert']}: {name} is not exported"
+    for where, expr in exprs.items():
+        for name, selector in re.findall(r"\b(kt_[a-z_]+)(\{[^}]*\})?", expr):
+            assert name in series, f"{where}: {name} is not exported"
             for label in re.findall(r"(\w+)\s*=", selector or ""):
-                assert label in series[name], f"{rule['alert']}: {name} has no label {label}"
+                assert label in series[name], f"{where}: {name} has no label {label}"
             seen += 1
-    assert seen >= 7
+    return seen
+
+
+def test_alert_rules_reference_exported_metrics_and_labels():
+    doc = yaml.safe_load(RULES.read_text())
+    assert check_exprs({r["alert"]: r["expr"] for r in doc["groups"][0]["rules"]}) >= 7
+
+
+def test_dashboard_references_exported_metrics():
+    import json
+
+    doc = json.loads(DASHBOARD.read_text())
+    exprs = {f"{p['title']}/{t['refId']}": t["expr"] for p in doc["panels"] for t in p["targets"]}
+    assert check_exprs(exprs) >= 10
 
 
 def test_promtool_accepts_the_rules():
