@@ -1,0 +1,206 @@
+"""An Envoy v3 bootstrap wired to the sidecar (`kt envoy-config`). Pure: options in, YAML out.
+
+Two ways to call the sidecar:
+- ``authz`` (default): ext_authz over gRPC decides (allow / downgrade / deny with our
+  status, headers and body), with ``clear_route_cache`` so a downgrade's ``x-kt-tier``
+  re-selects the route; then ext_proc rewrites a downgraded body's ``model`` and reads
+  actual usage from the response for reconciliation (docs/usage.md).
+- ``rls``: Envoy's rate-limit filter; the tenant (and model) go as descriptor entries,
+  the token estimate as ``hits_addend``. The rate-limit filter cannot re-select the
+  route after the decision, so in this mode a downgrade arrives at the upstream as
+  ``x-kt-tier`` / ``x-kt-model`` headers and dynamic metadata only: use ``authz`` mode
+  when Envoy itself must route the compact tier to its own cluster.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
+
+import yaml
+
+from sidecar import contract
+
+TYPE = "type.googleapis.com/"
+
+
+class TierRoute(NamedTuple):
+    name: str
+    model: str
+    upstream: str  # host:port
+
+
+@dataclass(frozen=True)
+class EnvoyOptions:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 10000
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 9901
+    sidecar_address: str = "127.0.0.1:8081"
+    tiers: list[TierRoute] = field(default_factory=lambda: [
+        TierRoute("default", "gpt-4o", "127.0.0.1:8000"),
+        TierRoute("compact", "gpt-4o-mini", "127.0.0.1:8000")])
+    mode: Literal["authz", "rls"] = "authz"
+    # what Envoy does when the sidecar cannot answer: "deny" answers 503 (ext_authz
+    # status_on_error; RLS failure_mode_deny answers 500), "allow" lets the request through
+    failure_mode: Literal["allow", "deny"] = "deny"
+    # Envoy's own defaults: ext_authz 200 ms, RLS 20 ms. The sidecar answers in well under
+    # a millisecond; these bound the damage of a stalled sidecar.
+    authz_timeout_s: float = 0.2
+    rls_timeout_s: float = 0.02
+    with_request_body: bool = True  # the sidecar reads model / max_tokens from the body
+    max_request_bytes: int = 65536
+    ext_proc: bool = True  # authz mode: body rewrite on downgrade and usage reconciliation
+    tenant_header: str = "x-tenant-id"
+    upstream_timeout_s: float = 300.0  # LLM replies are slow; streams longer still
+
+
+def _addr(hostport: str) -> dict:
+    host, _, port = hostport.rpartition(":")
+    return {"socket_address": {"address": host.strip("[]"), "port_value": int(port)}}
+
+
+def _cluster(name: str, hostport: str, http2: bool) -> dict:
+    c: dict = {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "0.25s",
+        "load_assignment": {"cluster_name": name, "endpoints": [
+            {"lb_endpoints": [{"endpoint": {"address": _addr(hostport)}}]}]},
+    }
+    if http2:  # gRPC needs HTTP/2 to the sidecar
+        c["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": TYPE + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}}}}
+    return c
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.3f}s"
+
+
+def _missing_tenant_body() -> str:
+    return contract.error_body(
+        "No tenant: the request carries no tenant header.", "invalid_request_error",
+        "missing_tenant").decode()
+
+
+def _routes(o: EnvoyOptions) -> list[dict]:
+    timeout = _seconds(o.upstream_timeout_s)
+    routes: list[dict] = []
+    if o.mode == "rls":
+        # Envoy makes no RLS call when a descriptor's header is absent, which would let
+        # such a request through unlimited: refuse it here with the contract's answer.
+        routes.append({
+            "match": {"prefix": "/", "headers": [
+                {"name": o.tenant_header, "present_match": False}]},
+            "direct_response": {"status": 400, "body": {"inline_string": _missing_tenant_body()}},
+            "response_headers_to_add": [{"header": {"key": "content-type",
+                                                    "value": "application/json"}}],
+        })
+    for tier in o.tiers[1:]:
+        routes.append({
+            "match": {"prefix": "/", "headers": [
+                {"name": contract.H_TIER, "string_match": {"exact": tier.name}}]},
+            "route": {"cluster": f"tier_{tier.name}", "timeout": timeout},
+        })
+    routes.append({"match": {"prefix": "/"},
+                   "route": {"cluster": f"tier_{o.tiers[0].name}", "timeout": timeout}})
+    return routes
+
+
+def _rate_limits(o: EnvoyOptions) -> list[dict]:
+    return [{
+        "actions": [{"request_headers": {"header_name": o.tenant_header,
+                                         "descriptor_key": "tenant"}}],
+        # the request's token estimate is the number of hits
+        "hits_addend": {"format": "%REQ(x-kt-estimated-tokens)%"},
+    }]
+
+
+def _filters(o: EnvoyOptions) -> list[dict]:
+    sidecar = {"envoy_grpc": {"cluster_name": "kt_sidecar"}}
+    filters: list[dict] = []
+    if o.mode == "authz":
+        authz: dict = {
+            "@type": TYPE + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+            "transport_api_version": "V3",
+            "grpc_service": dict(sidecar, timeout=_seconds(o.authz_timeout_s)),
+            "failure_mode_allow": o.failure_mode == "allow",
+            "status_on_error": {"code": "ServiceUnavailable"},
+            # the decision's x-kt-tier must re-select the route (downgrade → compact cluster)
+            "clear_route_cache": True,
+        }
+        if o.with_request_body:
+            authz["with_request_body"] = {"max_request_bytes": o.max_request_bytes,
+                                          "allow_partial_message": True,
+                                          "pack_as_bytes": True}
+        filters.append({"name": "envoy.filters.http.ext_authz", "typed_config": authz})
+        if o.ext_proc:
+            filters.append({"name": "envoy.filters.http.ext_proc", "typed_config": {
+                "@type": TYPE + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+                "grpc_service": dict(sidecar, timeout=_seconds(o.authz_timeout_s)),
+                # accounting never fails a request that ext_authz admitted
+                "failure_mode_allow": True,
+                "message_timeout": _seconds(o.authz_timeout_s),
+                "processing_mode": {
+                    "request_header_mode": "SEND", "request_body_mode": "BUFFERED",
+                    "response_header_mode": "SEND",
+                    # every chunk is answered at once: a stream is never held back
+                    "response_body_mode": "STREAMED",
+                    "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"},
+                # a request that needs no body rewrite tells Envoy to skip its body
+                "allow_mode_override": True,
+            }})
+    else:
+        filters.append({"name": "envoy.filters.http.ratelimit", "typed_config": {
+            "@type": TYPE + "envoy.extensions.filters.http.ratelimit.v3.RateLimit",
+            "domain": "kt",
+            "request_type": "external",
+            "timeout": _seconds(o.rls_timeout_s),
+            "failure_mode_deny": o.failure_mode == "deny",
+            "rate_limit_service": {"grpc_service": sidecar, "transport_api_version": "V3"},
+        }})
+    filters.append({"name": "envoy.filters.http.router", "typed_config": {
+        "@type": TYPE + "envoy.extensions.filters.http.router.v3.Router"}})
+    return filters
+
+
+def bootstrap(o: EnvoyOptions) -> dict:
+    if not o.tiers:
+        raise ValueError("at least one tier is required")
+    vhost: dict = {"name": "llm", "domains": ["*"], "routes": _routes(o)}
+    if o.mode == "rls":
+        vhost["rate_limits"] = _rate_limits(o)
+    hcm = {
+        "@type": TYPE + "envoy.extensions.filters.network.http_connection_manager.v3."
+                        "HttpConnectionManager",
+        "stat_prefix": "llm",
+        "codec_type": "AUTO",
+        "route_config": {"name": "llm", "virtual_hosts": [vhost]},
+        "http_filters": _filters(o),
+    }
+    clusters = [_cluster("kt_sidecar", o.sidecar_address, http2=True)]
+    clusters += [_cluster(f"tier_{t.name}", t.upstream, http2=False) for t in o.tiers]
+    return {
+        "admin": {"address": {"socket_address": {"address": o.admin_host,
+                                                  "port_value": o.admin_port}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "llm",
+                "address": {"socket_address": {"address": o.listen_host,
+                                               "port_value": o.listen_port}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": hcm}]}],
+            }],
+            "clusters": clusters,
+        },
+    }
+
+
+def render(o: EnvoyOptions) -> str:
+    head = (f"# Envoy bootstrap for kt-sidecar ({o.mode} mode), printed by `kt envoy-config`.\n"
+            f"# Sidecar at {o.sidecar_address}; tiers: "
+            + ", ".join(f"{t.name}={t.model}@{t.upstream}" for t in o.tiers) + "\n")
+    return head + yaml.safe_dump(bootstrap(o), sort_keys=False, width=100)
