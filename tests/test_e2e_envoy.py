@@ -1,0 +1,246 @@
+"""End to end through a real Envoy configured as `kt envoy-config` prints it, the
+sidecar as a real `kt serve` process, and fake OpenAI-compatible upstreams."""
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import socket
+from pathlib import Path
+from typing import Iterator, Optional
+
+import pytest
+
+from sidecar.envoy_config import EnvoyOptions, TierRoute, render
+from tests.support.procs import EnvoyProcess, SidecarProcess, free_port, workdir
+from tests.support.upstream import FakeUpstream
+
+POLICY = """
+tenant: {header: x-tenant-id, unknown: %(unknown)s}
+tiers:
+  - {name: default, model: gpt-4o}
+  - {name: compact, model: gpt-4o-mini}
+pricing:
+  gpt-4o: {input: 0.0025, output: 0.01}
+  gpt-4o-mini: {input: 0.00015, output: 0.0006}
+defaults:
+  limits: {rpm: 5, tpm: 100000}
+  budget: {tokens: 10000, period: day, low_water: 0.5}
+tenants:
+  finops:
+    limits: {rpm: 1000, tpm: 1000000}
+    budget: {usd: 5, period: month, low_water: 0.1}
+  streamer:
+    budget: {usd: 5, period: month}
+%(backend)s
+"""
+
+
+class Stack:
+    """Sidecar + Envoy + one fake upstream per tier, all on ephemeral loopback ports."""
+
+    def __init__(self, dir: Path, sidecar: SidecarProcess, envoy: EnvoyProcess,
+                 upstreams: dict[str, FakeUpstream]) -> None:
+        self.dir, self.sidecar, self.envoy, self.upstreams = dir, sidecar, envoy, upstreams
+
+    def post(self, tenant: Optional[str], body: Optional[dict] = None,
+             headers: Optional[dict] = None) -> tuple[int, dict, bytes]:
+        h = {"content-type": "application/json"}
+        if tenant is not None:
+            h["x-tenant-id"] = tenant
+        h.update(headers or {})
+        conn = http.client.HTTPConnection("127.0.0.1", self.envoy.listen_port, timeout=10)
+        try:
+            data = json.dumps(body if body is not None else chat()).encode()
+            conn.request("POST", "/v1/chat/completions", body=data, headers=h)
+            resp = conn.getresponse()
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+        finally:
+            conn.close()
+
+    def spend(self) -> dict:
+        conn = http.client.HTTPConnection("127.0.0.1", self.sidecar.http_port, timeout=5)
+        try:
+            conn.request("GET", "/v1/spend")
+            return json.loads(conn.getresponse().read())["tenants"]
+        finally:
+            conn.close()
+
+
+def chat(model: str = "gpt-4o", max_tokens: Optional[int] = 50, stream: bool = False) -> dict:
+    body: dict = {"model": model, "messages": [{"role": "user", "content": "Say hi."}]}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+@contextlib.contextmanager
+def stack(mode: str = "authz", failure_mode: str = "deny", unknown: str = "defaults",
+          backend: str = "") -> Iterator[Stack]:
+    with workdir() as d, FakeUpstream("default") as up_default, \
+            FakeUpstream("compact") as up_compact:
+        policy = d / "policy.yaml"
+        policy.write_text(POLICY % {"unknown": unknown, "backend": backend})
+        with SidecarProcess(policy, d) as sidecar:
+            admin, listen = free_port(), free_port()
+            opts = EnvoyOptions(
+                listen_port=listen, admin_port=admin,
+                sidecar_address=f"127.0.0.1:{sidecar.grpc_port}", mode=mode,
+                failure_mode=failure_mode,
+                tiers=[TierRoute("default", "gpt-4o", up_default.address),
+                       TierRoute("compact", "gpt-4o-mini", up_compact.address)])
+            with EnvoyProcess(render(opts), d, admin, listen) as envoy:
+                yield Stack(d, sidecar, envoy, {"default": up_default, "compact": up_compact})
+
+
+@pytest.fixture(scope="module")
+def authz() -> Iterator[Stack]:
+    with stack("authz") as s:
+        yield s
+
+
+def test_allow_reaches_the_default_tier_with_decision_and_openai_headers(authz):
+    status, headers, body = authz.post("t-allow")
+    assert status == 200, body
+    reply = json.loads(body)
+    assert reply["served_by"] == "default" and reply["model"] == "gpt-4o"
+    got = reply["received_headers"]
+    assert (got["x-kt-decision"], got["x-kt-tenant"], got["x-kt-tier"], got["x-kt-model"]) == (
+        "allow", "t-allow", "default", "gpt-4o")
+    assert headers["x-ratelimit-limit-requests"] == "5"
+    assert headers["x-ratelimit-remaining-requests"] == "4"
+    assert headers["x-ratelimit-limit-tokens"] == "100000"
+    assert int(headers["x-ratelimit-remaining-tokens"]) < 100000
+    assert "connection" not in headers or headers["connection"] != "close"
+
+
+def test_downgrade_below_low_water_goes_to_the_compact_cluster_with_the_compact_model(authz):
+    # budget 10,000 tokens, low water 0.5; actual usage 6,000 leaves 4,000 (< 5,000)
+    status, _, body = authz.post("t-down", headers={"x-fake-usage": "5000,1000"})
+    assert status == 200 and json.loads(body)["served_by"] == "default"
+    status, headers, body = authz.post("t-down")
+    assert status == 200, body
+    reply = json.loads(body)
+    assert reply["served_by"] == "compact"
+    got = reply["received_headers"]
+    assert (got["x-kt-decision"], got["x-kt-tier"], got["x-kt-model"]) == (
+        "downgrade", "compact", "gpt-4o-mini")
+    # ext_proc rewrote the JSON body: the upstream was asked for the compact model
+    assert authz.upstreams["compact"].requests[-1]["body"]["model"] == "gpt-4o-mini"
+    assert reply["model"] == "gpt-4o-mini"
+
+
+def test_429_with_retry_after_once_rpm_is_spent(authz):
+    for _ in range(5):
+        assert authz.post("t-rpm")[0] == 200
+    status, headers, body = authz.post("t-rpm")
+    assert status == 429
+    assert headers["retry-after"] == "12"  # rpm 5: one request every 12 s
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    assert headers["content-type"] == "application/json"
+    err = json.loads(body)["error"]
+    assert err["type"] == "rate_limit_exceeded" and "t-rpm" in err["message"]
+
+
+def test_unknown_tenant_gets_the_defaults(authz):
+    status, headers, _ = authz.post("never-heard-of-you")
+    assert status == 200 and headers["x-ratelimit-limit-requests"] == "5"
+
+
+def test_missing_tenant_and_malformed_body_get_documented_400s(authz):
+    status, _, body = authz.post(None)
+    assert status == 400 and json.loads(body)["error"]["code"] == "missing_tenant"
+    status, _, body = authz.post("t-bad", body={"model": "gpt-4o", "max_tokens": "lots"})
+    assert status == 400 and json.loads(body)["error"]["code"] == "invalid_request"
+
+
+def test_budget_spend_equals_the_upstream_reported_usage(authz):
+    usages = [(120, 30), (900, 250), (40, 8), (3000, 1)]
+    for i, (inp, out) in enumerate(usages):
+        status, _, _ = authz.post("finops", headers={"x-fake-usage": f"{inp},{out}"},
+                                  body=chat(max_tokens=2000))
+        assert status == 200
+    rec = authz.spend()["finops"]["gpt-4o"]
+    assert rec["input_tokens"] == sum(u[0] for u in usages)
+    assert rec["output_tokens"] == sum(u[1] for u in usages)
+    assert rec["usd"] == pytest.approx(sum(i * 2.5e-6 + o * 1e-5 for i, o in usages))
+    # the budget holds the actual usage, not the estimates (2,000 max_tokens each)
+    _, headers, _ = authz.post("finops", headers={"x-kt-estimated-tokens": "0"}, body=chat(
+        max_tokens=None))
+    spent = sum(i * 2.5e-6 + o * 1e-5 for i, o in usages)
+    assert float(headers["x-kt-budget-remaining"]) == pytest.approx(5 - spent, abs=1e-6)
+
+
+def test_a_stream_arrives_chunk_by_chunk_and_is_settled_on_its_usage(authz):
+    up = authz.upstreams["default"]
+    up.release_stream.clear()
+    body = json.dumps(chat(stream=True)).encode()
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: llm\r\nconnection: close\r\n"
+               b"x-tenant-id: streamer\r\nx-fake-usage: 77,11\r\n"
+               b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body)) + body
+    received = b""
+    try:
+        with socket.create_connection(("127.0.0.1", authz.envoy.listen_port), timeout=10) as sock:
+            sock.sendall(request)
+            while b'"first"' not in received:  # the upstream is still holding the rest back
+                chunk = sock.recv(65536)
+                assert chunk, received
+                received += chunk
+            assert b"[DONE]" not in received
+            up.release_stream.set()
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+    finally:
+        up.release_stream.set()
+    assert received.startswith(b"HTTP/1.1 200")
+    assert b"[DONE]" in received
+    rec = authz.spend()["streamer"]["gpt-4o"]
+    assert (rec["input_tokens"], rec["output_tokens"]) == (77, 11)
+
+
+def test_an_upstream_error_refunds_the_reservation(authz):
+    status, _, _ = authz.post("t-5xx", headers={"x-fake-status": "503"}, body=chat(max_tokens=3000))
+    assert status == 503
+    _, headers, _ = authz.post("t-5xx", headers={"x-kt-estimated-tokens": "100"})
+    # tokens budget 10,000: only this request's 100 is held, the failed one was refunded
+    assert headers["x-kt-budget-remaining"] == "9900"
+
+
+def test_unknown_tenant_denied_when_the_policy_says_so():
+    with stack("authz", unknown="deny") as s:
+        status, _, body = s.post("stranger")
+        assert status == 403 and json.loads(body)["error"]["code"] == "unknown_tenant"
+        assert s.post("finops")[0] == 200
+
+
+@pytest.mark.parametrize("failure_mode,expected", [("deny", 503), ("allow", 200)])
+def test_sidecar_stopped_envoy_failure_mode_decides(failure_mode, expected):
+    with stack("authz", failure_mode=failure_mode) as s:
+        assert s.post("t-fail")[0] == 200
+        s.sidecar.stop()
+        status, _, body = s.post("t-fail")
+        assert status == expected, body
+        if expected == 200:
+            assert json.loads(body)["served_by"] == "default"
+
+
+def test_rls_mode_allows_then_429s_with_our_headers_and_body():
+    with stack("rls") as s:
+        status, headers, body = s.post("t-rls", headers={"x-kt-estimated-tokens": "10"})
+        assert status == 200, body
+        got = json.loads(body)["received_headers"]
+        assert got["x-kt-decision"] == "allow" and got["x-kt-tenant"] == "t-rls"
+        for _ in range(4):
+            assert s.post("t-rls", headers={"x-kt-estimated-tokens": "10"})[0] == 200
+        status, headers, body = s.post("t-rls", headers={"x-kt-estimated-tokens": "10"})
+        assert status == 429
+        assert headers["retry-after"] == "12"
+        assert json.loads(body)["error"]["type"] == "rate_limit_exceeded"
+        status, _, body = s.post(None)
+        assert status == 400 and json.loads(body)["error"]["code"] == "missing_tenant"
