@@ -1,0 +1,213 @@
+-- decide.lua: one decision, atomically, on one tenant's shared state.
+-- Mirrors decide() in native/core.pyx rule for rule; tests/test_lua_reference.py
+-- holds both to tests/reference_model.py.
+--
+-- Why Lua and not MULTI/EXEC: the decision reads state, computes, and writes only
+-- if the request is admitted; MULTI/EXEC cannot branch on what it read without a
+-- WATCH/retry loop, which under contention on one hot tenant costs round trips
+-- and retries. A script is atomic and one round trip, whatever the contention.
+--
+-- KEYS[1]  request bucket, hash {l = level, t = last µs}      e.g. kt:{acme}:rpm
+-- KEYS[2]  token bucket, hash {l, t}                           e.g. kt:{acme}:tpm
+-- KEYS[3]  budget, hash {ps = period start µs, s = spent}      e.g. kt:{acme}:budget
+--          All keys of a tenant share the hash tag {tenant}: one slot on a cluster.
+-- ARGV[1]  clock override in µs; "0" in production (the server's TIME is used, so
+--          replicas with skewed clocks agree). Tests pass a time to replay sequences.
+-- ARGV[2..8]  rpm, tpm, burst, budget (-1 = none), budget_in_usd (0/1),
+--             period (0 minute, 1 hour, 2 day, 3 month, 4 total), low_water
+-- ARGV[9..13] tier asked, input tokens, output tokens, firm tokens, commit_on_deny (0/1)
+-- ARGV[14]    number of tiers n; ARGV[15..14+2n] nano-USD per input, output token per tier
+--
+-- Reply: 16 integers, Outcome's order: kind, reason, tier, retry_after_s,
+-- limit_requests, remaining_requests, reset_requests_us, limit_tokens,
+-- remaining_tokens, reset_tokens_us, budget_limit, budget_remaining, budget_reset_us,
+-- charged_tokens, charged_cost, period_start_us.
+--
+-- TTLs: a bucket key expires when it would be full again (plus 1 s): a missing bucket
+-- reads as full, which is exactly its state by then, so expiry never changes a
+-- decision. The TTL is written by this same script (no extra round trip). A budget key
+-- gets PEXPIREAT period end + 1 day once, when a new period starts. A `total` budget
+-- key has no TTL: expiring it would hand the tenant its spend back.
+--
+-- Numbers are doubles (Lua 5.1); µs since the epoch (~1.8e15) and nano-USD sums stay
+-- below 2^53, so they are exact. Bucket levels are stored with %.17g (tostring keeps
+-- 14 digits, which would drift from the core).
+
+local NO_END = 4611686018427387904
+local US = 1000000
+local DAY_US = 86400000000
+
+local now = tonumber(ARGV[1])
+if now == 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * US + tonumber(t[2])
+end
+local rpm, tpm, burst = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local budget, in_usd, period = tonumber(ARGV[5]), ARGV[6] == '1', tonumber(ARGV[7])
+local low_water = tonumber(ARGV[8])
+local tier, input, output = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
+local firm, commit_on_deny = tonumber(ARGV[12]), ARGV[13] == '1'
+local ntiers = tonumber(ARGV[14])
+
+local function floordiv(a, b) return math.floor(a / b) end
+
+-- proleptic Gregorian calendar (Howard Hinnant's algorithms), days since 1970-01-01
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = floordiv(y >= 0 and y or y - 399, 400)
+  local yoe = y - era * 400
+  local mp = m > 2 and m - 3 or m + 9
+  local doy = floordiv(153 * mp + 2, 5) + d - 1
+  local doe = yoe * 365 + floordiv(yoe, 4) - floordiv(yoe, 100) + doy
+  return era * 146097 + doe - 719468
+end
+
+local function year_month(days)
+  local z = days + 719468
+  local era = floordiv(z >= 0 and z or z - 146096, 146097)
+  local doe = z - era * 146097
+  local yoe = floordiv(doe - floordiv(doe, 1460) + floordiv(doe, 36524) - floordiv(doe, 146096), 365)
+  local y = yoe + era * 400
+  local doy = doe - (365 * yoe + floordiv(yoe, 4) - floordiv(yoe, 100))
+  local mp = floordiv(5 * doy + 2, 153)
+  local m = mp < 10 and mp + 3 or mp - 9
+  if m <= 2 then y = y + 1 end
+  return y, m
+end
+
+local function period_bounds(t, p)
+  if p == 4 then return 0, NO_END end
+  if p == 3 then
+    local days = (t - math.fmod(t, DAY_US)) / DAY_US
+    local y, m = year_month(days)
+    local s = days_from_civil(y, m, 1) * DAY_US
+    if m == 12 then return s, days_from_civil(y + 1, 1, 1) * DAY_US end
+    return s, days_from_civil(y, m + 1, 1) * DAY_US
+  end
+  local size = (p == 0 and 60 or (p == 1 and 3600 or 86400)) * US
+  local s = t - math.fmod(t, size)
+  return s, s + size
+end
+
+local function refill(key, cap, rate)
+  local st = redis.call('HMGET', key, 'l', 't')
+  local level, last = tonumber(st[1]), tonumber(st[2])
+  if level == nil or level < 0 then return cap end
+  local elapsed = now - last
+  if elapsed <= 0 then return level end
+  local filled = level + elapsed * rate
+  if filled > cap then return cap end
+  return filled
+end
+
+local function store(key, level, cap, rate)
+  redis.call('HSET', key, 'l', string.format('%.17g', level), 't', string.format('%d', now))
+  local deficit = cap - level
+  local ms = 1000
+  if deficit > 0 then ms = ms + math.ceil(deficit / rate / 1000) end
+  redis.call('PEXPIRE', key, ms)
+end
+
+local function wait_us(deficit, rate)
+  if deficit <= 0 then return 0 end
+  return math.ceil(deficit / rate)
+end
+
+local kind, reason, retry_us = 0, 0, 0
+local tokens = input + output
+local req_cap, tok_cap = rpm * burst, tpm * burst
+local req_rate, tok_rate = rpm / 60e6, tpm / 60e6
+
+-- 1. the soft part of an estimate never makes a request impossible
+if tpm > 0 and tokens > tok_cap then
+  if firm > tok_cap then
+    kind, reason = 4, 2
+  else
+    output = math.floor(tok_cap) - input
+    if output < 0 then output = 0 end
+    tokens = input + output
+  end
+end
+
+-- 2. budget: period from the clock, downgrade below low water, cost at the tier it goes to
+local cost, budget_remaining, pstart, pend, spent = 0, -1, 0, NO_END, 0
+if budget >= 0 then
+  pstart, pend = period_bounds(now, period)
+  local b = redis.call('HMGET', KEYS[3], 'ps', 's')
+  if tonumber(b[1]) == pstart then spent = tonumber(b[2]) or 0 end
+  local remaining = budget - spent
+  if remaining < low_water * budget and tier + 1 < ntiers then
+    tier = tier + 1
+    if kind == 0 then kind = 1 end
+  end
+  if in_usd then
+    cost = input * tonumber(ARGV[15 + 2 * tier]) + output * tonumber(ARGV[16 + 2 * tier])
+  else
+    cost = input + output
+  end
+  budget_remaining = remaining
+  if kind <= 1 then
+    if cost > budget then
+      kind, reason = 4, 3
+    elseif cost > remaining then
+      kind, reason = 3, 3
+      if pend ~= NO_END then retry_us = pend - now end
+    end
+  end
+end
+
+-- 3. buckets, each limit its own key
+local req_level, tok_level = 0, 0
+if rpm > 0 then req_level = refill(KEYS[1], req_cap, req_rate) end
+if tpm > 0 then tok_level = refill(KEYS[2], tok_cap, tok_rate) end
+if kind <= 1 then
+  local wait_req, wait_tok = 0, 0
+  if rpm > 0 and req_level < 1 then wait_req = (1 - req_level) / req_rate end
+  if tpm > 0 and tok_level < tokens then wait_tok = (tokens - tok_level) / tok_rate end
+  if wait_req > 0 or wait_tok > 0 then
+    kind = 2
+    if wait_req >= wait_tok then reason, retry_us = 1, wait_req else reason, retry_us = 2, wait_tok end
+  end
+end
+
+-- 4. commit: only an admitted request (or shadow mode) is charged; a denial holds nothing.
+-- The refilled levels are written either way (refill bookkeeping, as the core does).
+local charged_tokens, charged_cost = 0, 0
+local admitted = kind <= 1 or commit_on_deny
+if admitted then
+  if rpm > 0 then req_level = req_level - 1 end
+  if tpm > 0 then tok_level = tok_level - tokens end
+  charged_tokens, charged_cost = tokens, cost
+end
+if rpm > 0 then store(KEYS[1], req_level, req_cap, req_rate) end
+if tpm > 0 then store(KEYS[2], tok_level, tok_cap, tok_rate) end
+if budget >= 0 then
+  local b = redis.call('HGET', KEYS[3], 'ps')
+  local new_period = tonumber(b) ~= pstart
+  if new_period or admitted then
+    if admitted then spent = spent + cost end
+    redis.call('HSET', KEYS[3], 'ps', string.format('%d', pstart), 's', string.format('%d', spent))
+    if new_period and pend ~= NO_END then
+      redis.call('PEXPIREAT', KEYS[3], math.floor((pend + DAY_US) / 1000))
+    end
+  end
+  budget_remaining = budget - spent
+end
+
+local retry_after_s = 0
+if retry_us > 0 then
+  retry_after_s = math.ceil(retry_us / US)
+  if retry_after_s < 1 then retry_after_s = 1 end
+end
+local function floor0(x) if x > 0 then return math.floor(x) end return 0 end
+local rem_req, reset_req, rem_tok, reset_tok = -1, 0, -1, 0
+if rpm > 0 then rem_req, reset_req = floor0(req_level), wait_us(req_cap - req_level, req_rate) end
+if tpm > 0 then rem_tok, reset_tok = floor0(tok_level), wait_us(tok_cap - tok_level, tok_rate) end
+local b_rem, b_reset, ps_out = -1, 0, 0
+if budget >= 0 then
+  b_rem = budget_remaining > 0 and budget_remaining or 0
+  if pend ~= NO_END then b_reset = pend - now end
+  ps_out = pstart
+end
+return {kind, reason, tier, retry_after_s, rpm, rem_req, reset_req, tpm, rem_tok, reset_tok,
+        budget, b_rem, b_reset, charged_tokens, charged_cost, ps_out}

@@ -1,0 +1,214 @@
+"""Shared backend: one truth across replicas in Redis / Valkey, changed only by the
+Lua scripts in lua/ (decide.lua mirrors the Cython core; settle.lua reconciles).
+
+- One round trip per batch of decisions: decisions queued in the same event-loop
+  tick are sent as one pipeline of EVALSHA calls (a coalescer), over a small,
+  bounded pool of connections; nothing opens a connection per decision.
+- Scripts are loaded once (SCRIPT LOAD) and called by SHA; on NOSCRIPT (Redis
+  restarted or failed over and lost its script cache) they are loaded again and
+  the call retried once.
+- Every failure (refused, reset, timeout, NOSCRIPT that will not reload, a reply
+  that is not what the script returns) is raised as BackendError within
+  ``timeout_ms``: the service then applies the configured failure mode.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError, RedisError
+
+from sidecar import _core
+from sidecar.backends.base import BackendError, BackendStatus, Settlement
+from sidecar.policy import schema
+
+log = logging.getLogger("kt.redis")
+# how long a settled request id is remembered (a repeated report within it is a no-op)
+SETTLED_TTL_MS = 7 * 24 * 3600 * 1000
+# connections per sidecar process: pipelines in flight at once
+POOL_SIZE = 4
+
+
+def load_script(name: str) -> str:
+    """lua/<name> from the source tree when running from a checkout, else the packaged copy."""
+    repo = Path(__file__).resolve().parents[2] / "lua" / name
+    if repo.is_file():
+        return repo.read_text()
+    return resources.files("sidecar").joinpath("lua", name).read_text()
+
+
+class _Script:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.source = load_script(name)
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+
+
+class RedisBackend:
+    name = "redis"
+
+    def __init__(self, cfg: schema.RedisBackend,
+                 clock_override: Optional[Callable[[], int]] = None) -> None:
+        """``clock_override`` (tests only) passes a time to the scripts instead of Redis's TIME."""
+        self.cfg = cfg
+        self.timeout_s = cfg.timeout_ms / 1000.0
+        self.clock_override = clock_override
+        self.prefix = cfg.key_prefix
+        self.decide_script = _Script("decide.lua")
+        self.settle_script = _Script("settle.lua")
+        self.client: Any = None
+        self._queue: list[tuple[_Script, list[str], list[Any], asyncio.Future]] = []
+        self._flush_scheduled = False
+        self._last_error = ""
+        self._last_error_at = 0.0
+        self._last_ok_at = 0.0
+        self.round_trips = 0
+        self.decisions = 0
+        self.errors = 0
+
+    # --- lifecycle ---------------------------------------------------------
+    async def start(self) -> None:
+        opts = dict(socket_timeout=max(self.timeout_s, 0.001),
+                    socket_connect_timeout=max(self.timeout_s, 0.05),
+                    retry_on_timeout=False)
+        if self.cfg.cluster:
+            self.client = RedisCluster.from_url(self.cfg.url, max_connections=POOL_SIZE * 8,
+                                                **opts)
+        else:
+            pool = aioredis.BlockingConnectionPool.from_url(
+                self.cfg.url, max_connections=POOL_SIZE, timeout=self.timeout_s, **opts)
+            self.client = aioredis.Redis(connection_pool=pool)
+        try:
+            await asyncio.wait_for(self._load_scripts(), max(self.timeout_s * 20, 1.0))
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            # Start anyway: decisions follow the failure mode until Redis answers.
+            self._failed(f"cannot load scripts: {exc!r}")
+            log.error("redis at %s not available at start: %r", self.cfg.url, exc)
+
+    async def close(self) -> None:
+        if self.client is not None:
+            try:
+                await self.client.aclose()
+            except (RedisError, OSError):
+                pass
+            self.client = None
+
+    async def _load_scripts(self) -> None:
+        for script in (self.decide_script, self.settle_script):
+            if self.cfg.cluster:
+                await self.client.script_load(script.source)  # sent to every primary
+            else:
+                sha = await self.client.script_load(script.source)
+                if sha != script.sha:
+                    raise BackendError(f"SCRIPT LOAD returned {sha}, expected {script.sha}")
+
+    # --- decisions ---------------------------------------------------------
+    def keys(self, tenant: str) -> tuple[str, str, str]:
+        tag = f"{self.prefix}:{{{tenant}}}"  # one hash tag: one cluster slot per tenant
+        return f"{tag}:rpm", f"{tag}:tpm", f"{tag}:budget"
+
+    def _now_arg(self) -> int:
+        return self.clock_override() if self.clock_override is not None else 0
+
+    async def decide(self, tenant: str, limits: _core.Limits, tier: int, input_tokens: int,
+                     output_tokens: int, firm_tokens: int, commit_on_deny: bool) -> _core.Outcome:
+        args: list[Any] = [
+            self._now_arg(), limits.rpm, limits.tpm, repr(limits.burst), limits.budget,
+            1 if limits.budget_in_usd else 0, limits.period, repr(limits.low_water),
+            tier, input_tokens, output_tokens, firm_tokens, 1 if commit_on_deny else 0,
+            limits.ntiers]
+        for pin, pout in limits.prices:
+            args += [pin, pout]
+        reply = await self._call(self.decide_script, list(self.keys(tenant)), args)
+        if not (isinstance(reply, list) and len(reply) == 16
+                and all(isinstance(x, int) for x in reply)):
+            raise self._failed(f"decide.lua: unexpected reply {str(reply)[:120]}")
+        self.decisions += 1
+        return _core.Outcome(*reply)
+
+    async def settle(self, tenant: str, limits: _core.Limits, request_id: str, delta_tokens: int,
+                     delta_cost: int, period_start_us: int) -> Settlement:
+        _, tpm_key, budget_key = self.keys(tenant)
+        marker = f"{self.prefix}:{{{tenant}}}:settled:{request_id}"
+        args = [self._now_arg(), limits.tpm, repr(limits.burst), limits.budget, limits.period,
+                delta_tokens, delta_cost, period_start_us, SETTLED_TTL_MS]
+        reply = await self._call(self.settle_script, [tpm_key, budget_key, marker], args)
+        if not (isinstance(reply, list) and len(reply) == 2
+                and all(isinstance(x, int) for x in reply)):
+            raise self._failed(f"settle.lua: unexpected reply {str(reply)[:120]}")
+        return Settlement(applied=reply[0] == 1, budget_spent=reply[1])
+
+    # --- the coalescer -----------------------------------------------------
+    async def _call(self, script: _Script, keys: list[str], args: list[Any]) -> Any:
+        if self.client is None:
+            raise BackendError("redis backend not started")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+        self._queue.append((script, keys, args, fut))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush_soon)
+        try:
+            return await asyncio.wait_for(fut, self.timeout_s)
+        except asyncio.TimeoutError:
+            raise self._failed(f"no reply within {self.cfg.timeout_ms} ms") from None
+
+    def _flush_soon(self) -> None:
+        batch, self._queue = self._queue, []
+        self._flush_scheduled = False
+        if batch:
+            asyncio.get_running_loop().create_task(self._flush(batch))
+
+    async def _flush(self, batch: list) -> None:
+        try:
+            results = await self._pipeline(batch)
+            retry = [item for item, res in zip(batch, results) if isinstance(res, NoScriptError)]
+            if retry:
+                # Redis lost its script cache (restart, failover, SCRIPT FLUSH): load, retry once
+                await self._load_scripts()
+                again = await self._pipeline(retry)
+                fixed = dict(zip((id(i) for i in retry), again))
+                results = [fixed.get(id(item), res) for item, res in zip(batch, results)]
+        except (RedisError, OSError, BackendError, asyncio.TimeoutError) as exc:
+            err = self._failed(f"{type(exc).__name__}: {exc}")
+            for *_, fut in batch:
+                if not fut.done():
+                    fut.set_exception(err)
+            return
+        ok = False
+        for (*_, fut), res in zip(batch, results):
+            if fut.done():  # its caller timed out already
+                continue
+            if isinstance(res, Exception):
+                fut.set_exception(self._failed(f"{type(res).__name__}: {res}"))
+            else:
+                ok = True
+                fut.set_result(res)
+        if ok:
+            self._last_ok_at = time.monotonic()
+
+    async def _pipeline(self, batch: list) -> list:
+        pipe = self.client.pipeline(transaction=False)
+        for script, keys, args, _ in batch:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        self.round_trips += 1
+        return await pipe.execute(raise_on_error=False)
+
+    # --- health --------------------------------------------------------------
+    def _failed(self, message: str) -> BackendError:
+        self.errors += 1
+        self._last_error = message
+        self._last_error_at = time.monotonic()
+        return BackendError(f"redis {self.cfg.url}: {message}")
+
+    def status(self) -> BackendStatus:
+        if self._last_error_at and self._last_error_at >= self._last_ok_at:
+            return BackendStatus(False, f"redis: {self._last_error}")
+        return BackendStatus(True, f"redis {self.cfg.url}")
