@@ -28,6 +28,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class ProcessExited(RuntimeError):
+    """The process being waited for is gone: stop waiting at once."""
+
+
 def wait_until(check, timeout: float, what: str, log: Optional[Path] = None) -> None:
     deadline = time.monotonic() + timeout
     last: Exception | None = None
@@ -35,6 +39,8 @@ def wait_until(check, timeout: float, what: str, log: Optional[Path] = None) -> 
         try:
             if check():
                 return
+        except ProcessExited as exc:
+            raise ProcessExited(f"{what}: {exc}{log_tail(log) if log else ''}") from None
         except Exception as exc:  # noqa: BLE001 - polling: any failure means "not yet"
             last = exc
         time.sleep(0.05)
@@ -85,17 +91,17 @@ class SidecarProcess:
         self.proc: Optional[subprocess.Popen] = None
         self.grpc_port = self.http_port = 0
 
-    def start(self, timeout: float = 30.0) -> "SidecarProcess":
+    def start(self, timeout: float = 30.0, env: Optional[dict] = None) -> "SidecarProcess":
         if self.ready.exists():
             self.ready.unlink()
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT,
-                                         cwd=self.workdir)
+                                         cwd=self.workdir, env=env)
 
         def ready() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise RuntimeError(f"sidecar exited with {self.proc.returncode}")
+                raise ProcessExited(f"sidecar exited with {self.proc.returncode}")
             return self.ready.exists()
 
         try:
@@ -144,7 +150,7 @@ class EnvoyProcess:
         def ready() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise RuntimeError(f"envoy exited with {self.proc.returncode}")
+                raise ProcessExited(f"envoy exited with {self.proc.returncode}")
             with urllib.request.urlopen(
                     f"http://{LOOPBACK}:{self.admin_port}/ready", timeout=1) as r:
                 if r.read().strip() != b"LIVE":

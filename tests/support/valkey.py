@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from tests.support.procs import LOOPBACK, free_port, log_tail, stop_process, wait_until
+from tests.support.procs import (LOOPBACK, ProcessExited, free_port, log_tail, stop_process,
+                                 wait_until)
 
 
 def valkey_binary() -> str:
@@ -49,6 +50,7 @@ class Valkey:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.log = self.dir / "valkey.log"
         self.proc: Optional[subprocess.Popen] = None
+        self.bus_port = free_port() if cluster else 0
 
     @property
     def url(self) -> str:
@@ -64,7 +66,9 @@ class Valkey:
                 "--save", "", "--appendonly", "no", "--dir", str(self.dir),
                 "--logfile", str(self.log), "--protected-mode", "no"]
         if self.cluster:
-            args += ["--cluster-enabled", "yes", "--cluster-config-file",
+            # an explicit bus port: the default (port + 10000) may be taken or out of range
+            args += ["--cluster-enabled", "yes", "--cluster-port", str(self.bus_port),
+                     "--cluster-config-file",
                      str(self.dir / "nodes.conf"), "--cluster-node-timeout", "2000"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         try:
@@ -76,7 +80,7 @@ class Valkey:
 
     def _alive(self) -> bool:
         if self.proc is None or self.proc.poll() is not None:
-            raise RuntimeError(f"valkey exited{log_tail(self.log)}")
+            raise ProcessExited("valkey exited")
         return True
 
     def kill(self) -> None:
@@ -125,7 +129,8 @@ class ValkeyCluster:
                 reply = command(n.port, "CLUSTER", "ADDSLOTSRANGE", str(lo), str(hi))
                 assert reply.startswith(b"+OK"), reply
             for n in self.nodes[1:]:
-                reply = command(self.nodes[0].port, "CLUSTER", "MEET", LOOPBACK, str(n.port))
+                reply = command(self.nodes[0].port, "CLUSTER", "MEET", LOOPBACK, str(n.port),
+                                str(n.bus_port))
                 assert reply.startswith(b"+OK"), reply
 
             def ok() -> bool:

@@ -1,0 +1,319 @@
+"""The Redis backend on a real Valkey: exactness across sidecar processes (and on a
+3-node cluster), agreement across skewed clocks, and behaviour under faults."""
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+
+from sidecar.backends.base import BackendError
+from sidecar.backends.redis import RedisBackend
+from sidecar.model import Kind, Request
+from sidecar.policy import schema
+from sidecar.policy.load import parse_policy
+from sidecar.service import DecisionService
+from tests.support.procs import SidecarProcess, workdir
+from tests.support.valkey import Valkey, ValkeyCluster
+
+POLICY = """
+tenant: {header: x-tenant-id, unknown: defaults}
+tiers: [{name: default, model: gpt-4o}, {name: compact, model: gpt-4o-mini}]
+defaults:
+  limits: {rpm: 100, tpm: 10000000}
+  budget: {tokens: 100000000, period: day}
+tenants:
+  hundred-tokens:
+    limits: {rpm: 100000, tpm: 10000000}
+    budget: {tokens: 100, period: minute}
+backend: {kind: redis, url: "%(url)s", cluster: %(cluster)s, timeout_ms: %(timeout)d,
+          failure_mode: %(failure_mode)s}
+"""
+
+
+def policy_text(url: str, cluster: bool = False, timeout: int = 500,
+                failure_mode: str = "{rate_limits: open, budgets: closed}") -> str:
+    return POLICY % {"url": url, "cluster": str(cluster).lower(), "timeout": timeout,
+                     "failure_mode": failure_mode}
+
+
+async def hammer(ports: list[int], tenant: str, n: int) -> list[tuple[bool, int]]:
+    """n concurrent Check calls spread over the sidecars; (admitted, estimate) each."""
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{p}") for p in ports]
+    stubs = [external_auth_pb2_grpc.AuthorizationStub(c) for c in channels]
+    rng = random.Random(7)
+
+    async def one(i: int) -> tuple[bool, int]:
+        est = rng.randint(1, 50) if tenant != "hundred-tokens" else 1
+        req = external_auth_pb2.CheckRequest()
+        req.attributes.request.http.headers.update(
+            {"x-tenant-id": tenant, "x-kt-estimated-tokens": str(est)})
+        resp = await stubs[i % len(stubs)].Check(req, timeout=10)
+        return resp.status.code == 0, est
+
+    try:
+        return await asyncio.gather(*(one(i) for i in range(n)))
+    finally:
+        for c in channels:
+            await c.close()
+
+
+def start_sidecars(d: Path, text: str, count: int, env_per_process=None) -> list[SidecarProcess]:
+    procs = []
+    for i in range(count):
+        sub = d / f"sidecar-{i}"
+        sub.mkdir()
+        policy = sub / "policy.yaml"
+        policy.write_text(text)
+        procs.append(SidecarProcess(policy, sub))
+    try:
+        for i, p in enumerate(procs):
+            p.start(env=(env_per_process or {}).get(i))
+    except BaseException:
+        for p in procs:
+            p.stop()
+        raise
+    return procs
+
+
+def budget_spent(r, key: str) -> int:
+    return int(r.hget(key, "s") or 0)
+
+
+@pytest.fixture(scope="module")
+def shared_valkey():
+    with workdir() as d, Valkey(d) as v:
+        yield v
+
+
+@pytest.fixture
+def valkey(shared_valkey):
+    """The module's Valkey, emptied: each test starts from no state."""
+    r = redis.Redis.from_url(shared_valkey.url)
+    r.flushall()
+    r.close()
+    return shared_valkey
+
+
+def test_two_sidecars_admit_exactly_the_limit_and_charge_exactly_the_admitted(valkey):
+    with workdir() as d:
+        procs = start_sidecars(d, policy_text(valkey.url), 2)
+        try:
+            started = time.monotonic()
+            results = asyncio.run(hammer([p.grpc_port for p in procs], "exact-rpm", 400))
+            elapsed = time.monotonic() - started
+        finally:
+            for p in procs:
+                p.stop()
+    admitted = [est for ok, est in results if ok]
+    # rpm 100, burst 1: the bucket holds 100 and refills 100/60 per second while we run
+    assert 100 <= len(admitted) <= 100 + int(elapsed * 100 / 60) + 1, (len(admitted), elapsed)
+    r = redis.Redis.from_url(valkey.url)
+    assert budget_spent(r, "kt:{exact-rpm}:budget") == sum(admitted)  # to the token
+
+
+def run_exact_budget(url: str, cluster: bool) -> None:
+    """Budget 100 tokens this minute, every request 1 token, 300 concurrent callers over
+    two sidecar processes: exactly 100 admitted (no refill can blur this one)."""
+    with workdir() as d:
+        procs = start_sidecars(d, policy_text(url, cluster=cluster), 2)
+        try:
+            results = asyncio.run(hammer([p.grpc_port for p in procs], "hundred-tokens", 300))
+        finally:
+            for p in procs:
+                p.stop()
+    assert sum(ok for ok, _ in results) == 100
+
+
+def test_two_sidecars_exact_on_a_budget(valkey):
+    run_exact_budget(valkey.url, cluster=False)
+
+
+def test_two_sidecars_exact_on_a_three_node_cluster():
+    with workdir() as d, ValkeyCluster(d) as c:
+        run_exact_budget(c.url, cluster=True)
+        # the tenant's keys really live on one node of the three
+        owners = []
+        for n in c.nodes:
+            r = redis.Redis(port=n.port)
+            slot = r.execute_command("CLUSTER", "KEYSLOT", "kt:{hundred-tokens}:budget")
+            owners.append(r.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) > 0)
+            r.close()
+        assert sorted(owners) == [False, False, True]
+
+
+SKEW = """
+import time as _t
+_offset = %d
+_real_time, _real_ns = _t.time, _t.time_ns
+_t.time = lambda: _real_time() + _offset
+_t.time_ns = lambda: _real_ns() + _offset * 1_000_000_000
+"""
+
+
+def test_sidecars_with_clocks_minutes_apart_agree(valkey):
+    # one sidecar's clock 10 minutes ahead, the other's 10 minutes behind; a per-minute
+    # budget would split into two windows (200 admitted) if either used its own clock
+    with workdir() as d:
+        envs = {}
+        for i, offset in enumerate((600, -600)):
+            site = d / f"skew-{i}"
+            site.mkdir()
+            (site / "sitecustomize.py").write_text(SKEW % offset)
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
+            envs[i] = env
+            # the skew really is in effect for a Python started with this environment
+            seen = subprocess.run([sys.executable, "-c", "import time; print(time.time())"],
+                                  env=env, capture_output=True, text=True, check=True).stdout
+            assert abs(float(seen) - time.time() - offset) < 30
+        procs = start_sidecars(d, policy_text(valkey.url), 2, envs)
+        try:
+            results = asyncio.run(hammer([p.grpc_port for p in procs], "hundred-tokens", 300))
+        finally:
+            for p in procs:
+                p.stop()
+    assert sum(ok for ok, _ in results) == 100
+
+
+# --- faults, in process: the service's failure modes over a real backend ------
+def service_for(url: str, failure_mode: str, timeout_ms: int = 50) -> DecisionService:
+    policy = parse_policy(policy_text(url, timeout=timeout_ms, failure_mode=failure_mode).encode(),
+                          "<test>")
+    assert isinstance(policy.backend, schema.RedisBackend)
+    return DecisionService(policy, RedisBackend(policy.backend))
+
+
+def req(tenant: str = "fault") -> Request:
+    return Request(headers={"x-tenant-id": tenant, "x-kt-estimated-tokens": "5"})
+
+
+def test_killed_then_restarted_valkey_failure_mode_then_recovery():
+    with workdir() as d:
+        v = Valkey(d).start()
+        try:
+            svc = service_for(v.url, "closed")
+
+            async def main():
+                await svc.backend.start()
+                assert (await svc.decide(req())).kind is Kind.ALLOW
+                v.kill()
+                t0 = time.monotonic()
+                down = await svc.decide(req())
+                gap_latency = time.monotonic() - t0
+                assert down.kind is Kind.FAIL_CLOSED
+                assert not svc.backend.status().ready
+                v.start()  # same port, empty: its script cache is gone too
+                t1 = time.monotonic()
+                while (await svc.decide(req())).kind is not Kind.ALLOW:
+                    assert time.monotonic() - t1 < 5, "no recovery"
+                    await asyncio.sleep(0.01)
+                recovered = time.monotonic() - t1
+                assert svc.backend.status().ready
+                await svc.backend.close()
+                return gap_latency, recovered
+
+            gap_latency, recovered = asyncio.run(main())
+        finally:
+            v.stop()
+    assert gap_latency < 1.0  # generous: the bound is the 50 ms timeout
+    assert recovered < 2.0, recovered  # the issue's "within a second", with slack for CI
+    m = svc.metrics.registry
+    assert m.get_sample_value("kt_failure_mode_decisions_total", {"mode": "closed"}) >= 1
+    assert m.get_sample_value("kt_backend_errors_total", {"backend": "redis"}) >= 1
+
+
+@pytest.mark.parametrize("mode,kind", [("open", Kind.FAIL_OPEN), ("closed", Kind.FAIL_CLOSED),
+                                       ("envoy", Kind.UNAVAILABLE)])
+def test_stalled_valkey_answers_by_failure_mode_within_the_timeout(mode, kind):
+    with workdir() as d, Valkey(d) as v:
+        svc = service_for(v.url, mode, timeout_ms=30)
+
+        async def main():
+            await svc.backend.start()
+            assert (await svc.decide(req())).kind is Kind.ALLOW
+            v.pause()
+            try:
+                t0 = time.monotonic()
+                results = await asyncio.gather(*(svc.decide(req()) for _ in range(20)))
+                took = time.monotonic() - t0
+            finally:
+                v.resume()
+            await svc.backend.close()
+            return results, took
+
+        results, took = asyncio.run(main())
+    assert {r.kind for r in results} == {kind}
+    assert took < 1.0  # 20 concurrent decisions, bounded by the 30 ms timeout, not stalled
+
+
+def test_per_class_failure_mode_is_the_strictest_the_tenant_has(valkey):
+    svc = service_for("redis://127.0.0.1:1/0", "{rate_limits: open, budgets: closed}")
+    rules = svc.policy
+    assert svc.failure_mode_for(rules.defaults) == "closed"  # rpm + budget
+    only_rates = parse_policy(policy_text(valkey.url).replace(
+        "budget: {tokens: 100000000, period: day}", "").encode(), "<t>")
+    svc2 = DecisionService(only_rates, RedisBackend(only_rates.backend))
+    assert svc2.failure_mode_for(only_rates.defaults) == "open"
+
+
+def test_script_flush_is_transparent(valkey):
+    backend = RedisBackend(schema.RedisBackend(url=valkey.url, timeout_ms=500))
+    from sidecar import _core
+
+    lim = _core.Limits(rpm=1000)
+
+    async def main():
+        await backend.start()
+        assert (await backend.decide("flush", lim, 0, 1, 1, 2, False)).admitted
+        r = redis.Redis.from_url(valkey.url)
+        r.script_flush()
+        r.close()
+        out = await backend.decide("flush", lim, 0, 1, 1, 2, False)
+        await backend.close()
+        return out
+
+    assert asyncio.run(main()).remaining_requests == 998
+
+
+def test_unreachable_redis_at_start_is_not_a_crash_but_not_ready():
+    backend = RedisBackend(schema.RedisBackend(url="redis://127.0.0.1:1/0", timeout_ms=20))
+    from sidecar import _core
+
+    async def main():
+        await backend.start()
+        assert not backend.status().ready
+        with pytest.raises(BackendError):
+            await backend.decide("x", _core.Limits(rpm=1), 0, 1, 1, 2, False)
+        await backend.close()
+
+    asyncio.run(main())
+
+
+def test_one_round_trip_carries_many_decisions(valkey):
+    backend = RedisBackend(schema.RedisBackend(url=valkey.url, timeout_ms=1000))
+    from sidecar import _core
+
+    lim = _core.Limits(rpm=100000)
+
+    async def main():
+        await backend.start()
+        await asyncio.gather(*(backend.decide(f"rt-{i % 7}", lim, 0, 1, 1, 2, False)
+                               for i in range(200)))
+        await backend.close()
+
+    asyncio.run(main())
+    assert backend.decisions == 200
+    assert backend.round_trips < 20  # coalesced: not one round trip per decision
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
