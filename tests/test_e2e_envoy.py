@@ -14,6 +14,7 @@ import pytest
 from sidecar.envoy_config import EnvoyOptions, TierRoute, render
 from tests.support.procs import EnvoyProcess, SidecarProcess, free_port, workdir
 from tests.support.upstream import FakeUpstream
+from tests.support.valkey import Valkey
 
 POLICY = """
 tenant: {header: x-tenant-id, unknown: %(unknown)s}
@@ -96,10 +97,17 @@ def stack(mode: str = "authz", failure_mode: str = "deny", unknown: str = "defau
                 yield Stack(d, sidecar, envoy, {"default": up_default, "compact": up_compact})
 
 
-@pytest.fixture(scope="module")
-def authz() -> Iterator[Stack]:
-    with stack("authz") as s:
-        yield s
+@pytest.fixture(scope="module", params=["memory", "redis"])
+def authz(request) -> Iterator[Stack]:
+    """The same end-to-end tests on the embedded backend and on a real Valkey."""
+    if request.param == "memory":
+        with stack("authz") as s:
+            yield s
+        return
+    with workdir() as d, Valkey(d) as v:
+        backend = f'backend: {{kind: redis, url: "{v.url}", timeout_ms: 200}}'
+        with stack("authz", backend=backend) as s:
+            yield s
 
 
 def test_allow_reaches_the_default_tier_with_decision_and_openai_headers(authz):
