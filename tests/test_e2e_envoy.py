@@ -12,7 +12,7 @@ from typing import Iterator, Optional
 import pytest
 
 from sidecar.envoy_config import EnvoyOptions, TierRoute, render
-from tests.support.procs import EnvoyProcess, SidecarProcess, free_port, workdir
+from tests.support.procs import EnvoyProcess, SidecarProcess, free_port, wait_until, workdir
 from tests.support.upstream import FakeUpstream
 from tests.support.valkey import Valkey
 
@@ -210,6 +210,32 @@ def test_a_stream_arrives_chunk_by_chunk_and_is_settled_on_its_usage(authz):
     assert b"[DONE]" in received
     rec = authz.spend()["streamer"]["gpt-4o"]
     assert (rec["input_tokens"], rec["output_tokens"]) == (77, 11)
+
+
+def test_a_client_that_leaves_mid_stream_pays_its_reservation(authz):
+    up = authz.upstreams["default"]
+    up.release_stream.clear()
+    body = json.dumps(chat(stream=True, max_tokens=700)).encode()
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: llm\r\n"
+               b"x-tenant-id: t-gone\r\ncontent-type: application/json\r\n"
+               b"content-length: %d\r\n\r\n" % len(body)) + body
+    try:
+        with socket.create_connection(("127.0.0.1", authz.envoy.listen_port), timeout=10) as sock:
+            sock.sendall(request)
+            received = b""
+            while b'"first"' not in received:
+                chunk = sock.recv(65536)
+                assert chunk, received
+                received += chunk
+        # the client is gone before the usage chunk was sent
+    finally:
+        up.release_stream.set()
+    wait_until(lambda: 'kt_reservations_closed_total{outcome="kept_abandoned"}'
+               in authz.sidecar.metrics(), 10, "ext_proc stream closed as abandoned")
+    _, headers, _ = authz.post("t-gone", headers={"x-kt-estimated-tokens": "0"})
+    charged = 10000 - int(headers["x-kt-budget-remaining"])
+    # the prompt (~10 tokens) + max_tokens 700 stay charged: never refunded, never doubled
+    assert 700 < charged < 760, charged
 
 
 def test_an_upstream_error_refunds_the_reservation(authz):
