@@ -14,7 +14,8 @@ def _serve(args: argparse.Namespace) -> int:
     from sidecar.server import ServerConfig, serve
 
     cfg = ServerConfig(grpc_addr=args.grpc, http_addr=args.http, policy_path=args.config,
-                       state_file=args.state_file, ready_file=args.ready_file)
+                       state_file=args.state_file, ready_file=args.ready_file,
+                       http_authz_addr=args.http_authz)
     import uvloop
 
     try:
@@ -62,7 +63,8 @@ def _envoy_config(args: argparse.Namespace) -> int:
     ahost, _, aport = args.admin.rpartition(":")
     opts = EnvoyOptions(
         listen_host=lhost, listen_port=int(lport), admin_host=ahost, admin_port=int(aport),
-        sidecar_address=args.sidecar, tiers=tiers, mode=args.mode,
+        sidecar_address=args.sidecar, sidecar_http_address=args.sidecar_http, tiers=tiers,
+        mode=args.mode,
         failure_mode=args.failure_mode, tenant_header=policy.tenant_header)
     sys.stdout.write(render(opts))
     return 0
@@ -100,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grpc", default="127.0.0.1:8081", help="gRPC listen HOST:PORT")
     s.add_argument("--http", default="127.0.0.1:9090", help="HTTP side port HOST:PORT "
                    "(/metrics, /healthz, /readyz)")
+    s.add_argument("--http-authz", metavar="HOST:PORT",
+                   help="also serve Envoy's HTTP ext_authz here (the fast path)")
     s.add_argument("--state-file", help="embedded backend: where budget spend is persisted")
     s.add_argument("--ready-file", help="write {grpc_port, http_port} as JSON here once serving")
     s.add_argument("--log-level", default="INFO")
@@ -118,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="upstream of a tier (repeatable)")
     e.add_argument("--default-upstream", default="127.0.0.1:8000",
                    help="upstream of tiers without --upstream")
-    e.add_argument("--mode", choices=["authz", "rls"], default="authz")
+    e.add_argument("--sidecar-http", default="127.0.0.1:8082",
+                   help="the sidecar's HTTP ext_authz HOST:PORT (--mode http-authz)")
+    e.add_argument("--mode", choices=["authz", "http-authz", "rls"], default="authz")
     e.add_argument("--failure-mode", choices=["allow", "deny"], default="deny",
                    help="what Envoy does when the sidecar cannot answer")
     e.set_defaults(func=_envoy_config)

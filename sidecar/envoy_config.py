@@ -36,10 +36,11 @@ class EnvoyOptions:
     admin_host: str = "127.0.0.1"
     admin_port: int = 9901
     sidecar_address: str = "127.0.0.1:8081"
+    sidecar_http_address: str = "127.0.0.1:8082"  # `kt serve --http-authz` (http-authz mode)
     tiers: list[TierRoute] = field(default_factory=lambda: [
         TierRoute("default", "gpt-4o", "127.0.0.1:8000"),
         TierRoute("compact", "gpt-4o-mini", "127.0.0.1:8000")])
-    mode: Literal["authz", "rls"] = "authz"
+    mode: Literal["authz", "http-authz", "rls"] = "authz"
     # what Envoy does when the sidecar cannot answer: "deny" answers 503 (ext_authz
     # status_on_error; RLS failure_mode_deny answers 500), "allow" lets the request through
     failure_mode: Literal["allow", "deny"] = "deny"
@@ -118,9 +119,45 @@ def _rate_limits(o: EnvoyOptions) -> list[dict]:
     }]
 
 
+def _exact(*names: str) -> list[dict]:
+    return [{"exact": n} for n in names]
+
+
+def _http_authz(o: EnvoyOptions) -> dict:
+    """ext_authz over HTTP to `kt serve --http-authz`: the same contract, header by header."""
+    allowed = [o.tenant_header, "x-kt-estimated-tokens", "x-request-id", "content-type"]
+    client = [{"prefix": "x-ratelimit-"}, {"prefix": "x-kt-budget-"}]
+    cfg: dict = {
+        "@type": TYPE + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+        "transport_api_version": "V3",
+        "http_service": {
+            "server_uri": {"uri": f"http://{o.sidecar_http_address}",
+                           "cluster": "kt_sidecar_http", "timeout": _seconds(o.authz_timeout_s)},
+            "authorization_request": {"allowed_headers": {"patterns": _exact(*allowed)}},
+            "authorization_response": {
+                "allowed_upstream_headers": {"patterns": _exact(
+                    contract.H_DECISION, contract.H_TENANT, contract.H_TIER, contract.H_MODEL,
+                    contract.H_PRIORITY, contract.H_SHADOW)},
+                "allowed_client_headers": {"patterns": _exact(
+                    contract.H_RETRY_AFTER, contract.H_CONTENT_TYPE) + client},
+                "allowed_client_headers_on_success": {"patterns": client},
+            },
+        },
+        "failure_mode_allow": o.failure_mode == "allow",
+        "status_on_error": {"code": "ServiceUnavailable"},
+        "clear_route_cache": True,
+    }
+    if o.with_request_body:
+        cfg["with_request_body"] = {"max_request_bytes": o.max_request_bytes,
+                                    "allow_partial_message": True}
+    return cfg
+
+
 def _filters(o: EnvoyOptions) -> list[dict]:
     sidecar = {"envoy_grpc": {"cluster_name": "kt_sidecar"}}
     filters: list[dict] = []
+    if o.mode == "http-authz":
+        filters.append({"name": "envoy.filters.http.ext_authz", "typed_config": _http_authz(o)})
     if o.mode == "authz":
         authz: dict = {
             "@type": TYPE + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
@@ -136,6 +173,7 @@ def _filters(o: EnvoyOptions) -> list[dict]:
                                           "allow_partial_message": True,
                                           "pack_as_bytes": True}
         filters.append({"name": "envoy.filters.http.ext_authz", "typed_config": authz})
+    if o.mode in ("authz", "http-authz"):
         if o.ext_proc:
             filters.append({"name": "envoy.filters.http.ext_proc", "typed_config": {
                 "@type": TYPE + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
@@ -152,7 +190,7 @@ def _filters(o: EnvoyOptions) -> list[dict]:
                 # a request that needs no body rewrite tells Envoy to skip its body
                 "allow_mode_override": True,
             }})
-    else:
+    if o.mode == "rls":
         filters.append({"name": "envoy.filters.http.ratelimit", "typed_config": {
             "@type": TYPE + "envoy.extensions.filters.http.ratelimit.v3.RateLimit",
             "domain": "kt",
@@ -181,6 +219,8 @@ def bootstrap(o: EnvoyOptions) -> dict:
         "http_filters": _filters(o),
     }
     clusters = [_cluster("kt_sidecar", o.sidecar_address, http2=True)]
+    if o.mode == "http-authz":
+        clusters.append(_cluster("kt_sidecar_http", o.sidecar_http_address, http2=False))
     clusters += [_cluster(f"tier_{t.name}", t.upstream, http2=False) for t in o.tiers]
     return {
         "admin": {"address": {"socket_address": {"address": o.admin_host,

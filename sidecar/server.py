@@ -28,6 +28,7 @@ from sidecar.policy.load import CompiledPolicy, PolicyError, load_policy, parse_
 from sidecar.service import DecisionService
 from sidecar.transports.authz import authorization_handler
 from sidecar.transports.ext_proc import ExternalProcessorServicer
+from sidecar.transports.http_authz import start_http_authz
 from sidecar.transports.rls import RateLimitServicer
 from sidecar.transports.usage_api import report_json, usage_service_handler
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
@@ -46,7 +47,8 @@ class ServerConfig:
     http_addr: str = "127.0.0.1:9090"
     policy_path: Optional[str] = None  # None: the sample policy shipped in the package
     state_file: Optional[str] = None  # overrides the memory backend's state_file
-    ready_file: Optional[str] = None  # JSON {"grpc_port", "http_port"} written once serving
+    ready_file: Optional[str] = None  # JSON {"grpc_port", "http_port", ...} written once serving
+    http_authz_addr: Optional[str] = None  # the fast path: Envoy's HTTP ext_authz
     reload_interval_s: float = 2.0
     grace_s: float = 2.0
 
@@ -82,6 +84,8 @@ class Sidecar:
         self.http_server: Optional[_ThreadingWSGIServer] = None
         self.grpc_port = 0
         self.http_port = 0
+        self.http_authz_port = 0
+        self.http_authz_server: Optional[asyncio.AbstractServer] = None
         self._reloader: Optional[asyncio.Task] = None
         self._policy_stamp = self._stamp()
         self._health: Optional[health_aio.HealthServicer] = None
@@ -104,13 +108,18 @@ class Sidecar:
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         self._loop = asyncio.get_running_loop()
         self._start_http()
+        if self.cfg.http_authz_addr:
+            host, _, port = self.cfg.http_authz_addr.rpartition(":")
+            self.http_authz_server, self.http_authz_port = await start_http_authz(
+                self.service, host.strip("[]"), int(port))
         self.metrics.policy_info.labels(self.policy.source, self.policy.digest).set(1)
         if self.cfg.policy_path:
             self._reloader = asyncio.get_running_loop().create_task(self._reload_loop())
         if self.cfg.ready_file:
             tmp = self.cfg.ready_file + ".tmp"
             with open(tmp, "w") as f:
-                json.dump({"grpc_port": self.grpc_port, "http_port": self.http_port}, f)
+                json.dump({"grpc_port": self.grpc_port, "http_port": self.http_port,
+                           "http_authz_port": self.http_authz_port}, f)
             os.replace(tmp, self.cfg.ready_file)
         log.info("serving gRPC on %s (port %d), HTTP on port %d, policy %s (%s), backend %s",
                  self.cfg.grpc_addr, self.grpc_port, self.http_port, self.policy.source,
@@ -121,6 +130,8 @@ class Sidecar:
             self._reloader.cancel()
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
+        if self.http_authz_server is not None:
+            self.http_authz_server.close()
         if self.grpc_server is not None:
             await self.grpc_server.stop(self.cfg.grace_s)
         if self.http_server is not None:

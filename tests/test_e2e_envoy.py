@@ -85,11 +85,12 @@ def stack(mode: str = "authz", failure_mode: str = "deny", unknown: str = "defau
             FakeUpstream("compact") as up_compact:
         policy = d / "policy.yaml"
         policy.write_text(POLICY % {"unknown": unknown, "backend": backend})
-        with SidecarProcess(policy, d) as sidecar:
+        with SidecarProcess(policy, d, ("--http-authz", "127.0.0.1:0")) as sidecar:
             admin, listen = free_port(), free_port()
             opts = EnvoyOptions(
                 listen_port=listen, admin_port=admin,
-                sidecar_address=f"127.0.0.1:{sidecar.grpc_port}", mode=mode,
+                sidecar_address=f"127.0.0.1:{sidecar.grpc_port}",
+                sidecar_http_address=f"127.0.0.1:{sidecar.http_authz_port}", mode=mode,
                 failure_mode=failure_mode,
                 tiers=[TierRoute("default", "gpt-4o", up_default.address),
                        TierRoute("compact", "gpt-4o-mini", up_compact.address)])
@@ -97,16 +98,20 @@ def stack(mode: str = "authz", failure_mode: str = "deny", unknown: str = "defau
                 yield Stack(d, sidecar, envoy, {"default": up_default, "compact": up_compact})
 
 
-@pytest.fixture(scope="module", params=["memory", "redis"])
+@pytest.fixture(scope="module", params=[("authz", "memory"), ("authz", "redis"),
+                                        ("http-authz", "redis")],
+                ids=["grpc-memory", "grpc-redis", "http-redis"])
 def authz(request) -> Iterator[Stack]:
-    """The same end-to-end tests on the embedded backend and on a real Valkey."""
-    if request.param == "memory":
-        with stack("authz") as s:
+    """The same end-to-end tests on both backends (embedded and a real Valkey) and on
+    both ext_authz transports (gRPC and the HTTP fast path): one contract."""
+    mode, backend_kind = request.param
+    if backend_kind == "memory":
+        with stack(mode) as s:
             yield s
         return
     with workdir() as d, Valkey(d) as v:
         backend = f'backend: {{kind: redis, url: "{v.url}", timeout_ms: 200}}'
-        with stack("authz", backend=backend) as s:
+        with stack(mode, backend=backend) as s:
             yield s
 
 

@@ -89,7 +89,7 @@ class SidecarProcess:
                      "--ready-file", str(self.ready),
                      "--state-file", str(workdir / "spend.json"), *extra_args]
         self.proc: Optional[subprocess.Popen] = None
-        self.grpc_port = self.http_port = 0
+        self.grpc_port = self.http_port = self.http_authz_port = 0
 
     def start(self, timeout: float = 30.0, env: Optional[dict] = None) -> "SidecarProcess":
         if self.ready.exists():
@@ -111,6 +111,7 @@ class SidecarProcess:
             raise
         ports = json.loads(self.ready.read_text())
         self.grpc_port, self.http_port = ports["grpc_port"], ports["http_port"]
+        self.http_authz_port = ports.get("http_authz_port", 0)
         return self
 
     def stop(self) -> None:

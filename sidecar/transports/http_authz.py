@@ -1,0 +1,187 @@
+"""Envoy ext_authz over HTTP (`http_service`) on a raw asyncio protocol: the fast path.
+
+Envoy's HTTP ext_authz client sends the original request's method, path, the headers
+its `allowed_headers` let through and (with `with_request_body`) the body, over
+keep-alive HTTP/1.1. The answer is the same `contract.Answer` as the gRPC path:
+- 200 + the upstream headers (`x-kt-*`, copied to the upstream request through
+  `allowed_upstream_headers`) + the client headers (`x-ratelimit-*`, `x-kt-budget-*`,
+  through `allowed_client_headers_on_success`);
+- otherwise the deny status, its headers and OpenAI-style body, which Envoy returns to
+  the client (`allowed_client_headers`).
+`kt envoy-config --mode http-authz` wires exactly these matchers.
+
+Why a hand-written parser rather than a framework or httptools: the only client is
+Envoy, whose requests are a small, well-formed subset of HTTP/1.1 (no chunked bodies
+from ext_authz, Content-Length always set for a body); parsing that subset with
+bytes.find/split is a few microseconds, fewer than per-header parser callbacks, and
+adds no dependency. Anything outside the subset gets 400 (or 413, 431) and the
+connection is closed: a malformed request never crashes or stalls the server.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Optional
+
+from sidecar import contract
+from sidecar.model import Request
+from sidecar.service import DecisionService
+
+log = logging.getLogger("kt.http_authz")
+MAX_HEAD = 32 * 1024  # request line + headers
+MAX_BODY = 1024 * 1024
+# a connection that sends part of a request and then nothing is closed after this
+IDLE_TIMEOUT_S = 30.0
+_REASONS = {200: b"OK", 400: b"Bad Request", 403: b"Forbidden", 413: b"Payload Too Large",
+            429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
+            503: b"Service Unavailable"}
+
+
+def _status_line(status: int) -> bytes:
+    return b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Status"))
+
+
+def render(ans: contract.Answer) -> bytes:
+    """The HTTP/1.1 response for an answer (keep-alive)."""
+    if ans.unavailable:
+        body = ans.body or b"limiter unavailable"
+        return (_status_line(503) + b"content-type: text/plain\r\ncontent-length: %d\r\n\r\n"
+                % len(body) + body)
+    lines = [_status_line(ans.status)]
+    for k, v in ans.upstream_headers:
+        lines.append(b"%s: %s\r\n" % (k.encode(), v.encode()))
+    for k, v in ans.response_headers:
+        lines.append(b"%s: %s\r\n" % (k.encode(), v.encode()))
+    body = ans.body if not ans.allowed else b""
+    lines.append(b"content-length: %d\r\n\r\n" % len(body))
+    lines.append(body)
+    return b"".join(lines)
+
+
+def _error(status: int, message: str) -> bytes:
+    body = contract.error_body(message, "invalid_request_error", "invalid_request")
+    return (_status_line(status) + b"content-type: application/json\r\nconnection: close\r\n"
+            b"content-length: %d\r\n\r\n" % len(body) + body)
+
+
+class AuthzProtocol(asyncio.Protocol):
+    """One connection from Envoy. Requests are answered in order (pipelining-safe)."""
+
+    def __init__(self, service: DecisionService) -> None:
+        self.service = service
+        self.transport: Optional[asyncio.Transport] = None
+        self.buf = bytearray()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.worker: Optional[asyncio.Task] = None
+        self.idle: Optional[asyncio.TimerHandle] = None
+        self.closing = False
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        self.transport = transport
+        self.worker = asyncio.get_running_loop().create_task(self._answer_in_order())
+        self._arm_idle()
+
+    def connection_lost(self, exc) -> None:
+        self.closing = True
+        if self.worker is not None:
+            self.worker.cancel()
+        if self.idle is not None:
+            self.idle.cancel()
+
+    def _arm_idle(self) -> None:
+        if self.idle is not None:
+            self.idle.cancel()
+        self.idle = asyncio.get_running_loop().call_later(IDLE_TIMEOUT_S, self._on_idle)
+
+    def _on_idle(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.buf += data
+        self._arm_idle()
+        while not self.closing:
+            req = self._parse_one()
+            if req is None:
+                return
+            self.queue.put_nowait(req)
+
+    def _fail(self, status: int, message: str) -> None:
+        self.closing = True
+        self.queue.put_nowait(_error(status, message))
+
+    def _parse_one(self) -> Optional[object]:
+        """A complete Request (or an error response) off the buffer, or None for more data."""
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.buf) > MAX_HEAD:
+                self._fail(431, "request head too large")
+            return None
+        if end > MAX_HEAD:
+            self._fail(431, "request head too large")
+            return None
+        head = bytes(self.buf[:end]).split(b"\r\n")
+        parts = head[0].split(b" ")
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+            self._fail(400, "malformed request line")
+            return None
+        headers: dict[str, str] = {}
+        for line in head[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep or not name or name != name.strip():
+                self._fail(400, "malformed header line")
+                return None
+            try:
+                headers[name.decode("ascii").lower()] = value.strip().decode("utf-8")
+            except UnicodeDecodeError:
+                self._fail(400, "header is not valid UTF-8")
+                return None
+        if "transfer-encoding" in headers:
+            self._fail(400, "chunked request bodies are not accepted; Envoy sends content-length")
+            return None
+        length_text = headers.get("content-length", "0")
+        if not length_text.isdigit():
+            self._fail(400, "malformed content-length")
+            return None
+        length = int(length_text)
+        if length > MAX_BODY:
+            self._fail(413, "request body too large")
+            return None
+        start = end + 4
+        if len(self.buf) < start + length:
+            return None
+        body = bytes(self.buf[start:start + length])
+        del self.buf[:start + length]
+        return Request(headers=headers, body=body,
+                       body_truncated=headers.get("x-envoy-auth-partial-body") == "true",
+                       request_id=headers.get("x-request-id", ""))
+
+    async def _answer_in_order(self) -> None:
+        while True:
+            item = await self.queue.get()
+            if isinstance(item, bytes):  # a parse error: answer, then close
+                if self.transport is not None and not self.transport.is_closing():
+                    self.transport.write(item)
+                    self.transport.close()
+                return
+            try:
+                decision = await self.service.decide(item, "http")  # type: ignore[arg-type]
+                out = render(contract.answer(decision))
+            except Exception:  # noqa: BLE001 - never a crash: answer, keep serving
+                log.exception("http authz: decision failed")
+                out = _error(503, "internal error in the limiter")
+            if self.transport is None or self.transport.is_closing():
+                return
+            self.transport.write(out)
+
+
+async def start_http_authz(service: DecisionService, host: str, port: int,
+                           reuse_port: bool = False) -> tuple[asyncio.AbstractServer, int]:
+    """Serve the fast path; returns the server and the bound port (port 0 = ephemeral)."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: AuthzProtocol(service), host, port,
+                                      reuse_port=reuse_port or None, backlog=1024)
+    bound = server.sockets[0].getsockname()[1]
+    return server, bound
