@@ -40,7 +40,7 @@ class EnvoyOptions:
     tiers: list[TierRoute] = field(default_factory=lambda: [
         TierRoute("default", "gpt-4o", "127.0.0.1:8000"),
         TierRoute("compact", "gpt-4o-mini", "127.0.0.1:8000")])
-    mode: Literal["authz", "http-authz", "rls"] = "authz"
+    mode: Literal["authz", "http-authz", "rls", "none"] = "authz"  # none: Envoy alone
     # what Envoy does when the sidecar cannot answer: "deny" answers 503 (ext_authz
     # status_on_error; RLS failure_mode_deny answers 500), "allow" lets the request through
     failure_mode: Literal["allow", "deny"] = "deny"
@@ -53,6 +53,10 @@ class EnvoyOptions:
     ext_proc: bool = True  # authz mode: body rewrite on downgrade and usage reconciliation
     tenant_header: str = "x-tenant-id"
     upstream_timeout_s: float = 300.0  # LLM replies are slow; streams longer still
+    # benchmarking: answer 200 from Envoy itself instead of routing to the tiers, and read
+    # the request body first (a direct response to an unread POST body closes the
+    # connection, which would measure reconnects, not Envoy)
+    direct_response: bool = False
 
 
 def _addr(hostport: str) -> dict:
@@ -99,6 +103,10 @@ def _routes(o: EnvoyOptions) -> list[dict]:
             "response_headers_to_add": [{"header": {"key": "content-type",
                                                     "value": "application/json"}}],
         })
+    if o.direct_response:
+        routes.append({"match": {"prefix": "/"},
+                       "direct_response": {"status": 200, "body": {"inline_string": "{}"}}})
+        return routes
     for tier in o.tiers[1:]:
         routes.append({
             "match": {"prefix": "/", "headers": [
@@ -199,6 +207,10 @@ def _filters(o: EnvoyOptions) -> list[dict]:
             "failure_mode_deny": o.failure_mode == "deny",
             "rate_limit_service": {"grpc_service": sidecar, "transport_api_version": "V3"},
         }})
+    if o.direct_response:
+        filters.append({"name": "envoy.filters.http.buffer", "typed_config": {
+            "@type": TYPE + "envoy.extensions.filters.http.buffer.v3.Buffer",
+            "max_request_bytes": o.max_request_bytes * 4}})
     filters.append({"name": "envoy.filters.http.router", "typed_config": {
         "@type": TYPE + "envoy.extensions.filters.http.router.v3.Router"}})
     return filters

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 
 # Decisions take microseconds in process and ~1 ms over Redis: buckets from 50 µs to 250 ms.
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015,
@@ -60,3 +61,23 @@ class Metrics:
         self.backend_ready = Gauge(
             "kt_backend_ready", "1 when the backend answers, 0 when decisions fall back to the "
             "failure mode.", ["backend"], registry=r)
+
+    def watch_backend(self, backend) -> None:
+        """Export the backend's own counters (round trips and decisions), read at scrape time."""
+        self.registry.register(_BackendCollector(backend))
+
+
+class _BackendCollector:
+    def __init__(self, backend) -> None:
+        self.backend = backend
+
+    def collect(self):
+        b = self.backend
+        trips = CounterMetricFamily("kt_backend_round_trips", "Round trips to the backend "
+                                    "(one pipeline = one round trip).", labels=["backend"])
+        trips.add_metric([b.name], getattr(b, "round_trips", 0))
+        calls = CounterMetricFamily("kt_backend_decisions", "Decisions the backend made.",
+                                    labels=["backend"])
+        calls.add_metric([b.name], getattr(b, "decisions", 0))
+        yield trips
+        yield calls

@@ -80,6 +80,7 @@ class Sidecar:
         self.metrics = Metrics()
         self.backend = backend or make_backend(self.policy, cfg)
         self.service = DecisionService(self.policy, self.backend, self.metrics)
+        self.metrics.watch_backend(self.backend)
         self.grpc_server: Optional[grpc.aio.Server] = None
         self.http_server: Optional[_ThreadingWSGIServer] = None
         self.grpc_port = 0
