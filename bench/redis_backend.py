@@ -48,13 +48,15 @@ async def drive(backend: RedisBackend, seconds: float, concurrency: int, tenants
         import hashlib
         script.sha = hashlib.sha1(script.source.encode()).hexdigest()
         await backend.client.script_load(script.source)
+    from sidecar.backends.redis import pack
+    noop_packed = pack("EVALSHA", script.sha, 1, "k")
 
     async def worker(w: int) -> None:
         nonlocal done
         i = w
         while time.monotonic() < deadline:
             if noop:
-                await backend._call(script, ["k"], [])
+                await backend._call(script, ["k"], [], noop_packed)
             else:
                 await backend.decide(f"t{i % tenants}", LIMITS, 0, 200, 150, 350, False)
             done += 1

@@ -13,10 +13,12 @@
 --          All keys of a tenant share the hash tag {tenant}: one slot on a cluster.
 -- ARGV[1]  clock override in µs; "0" in production (the server's TIME is used, so
 --          replicas with skewed clocks agree). Tests pass a time to replay sequences.
--- ARGV[2..8]  rpm, tpm, burst, budget (-1 = none), budget_in_usd (0/1),
---             period (0 minute, 1 hour, 2 day, 3 month, 4 total), low_water
--- ARGV[9..13] tier asked, input tokens, output tokens, firm tokens, commit_on_deny (0/1)
+-- ARGV[2..6]  the request: tier asked, input tokens, output tokens, firm tokens,
+--             commit_on_deny (0/1)
+-- ARGV[7..13] the tenant's limits: rpm, tpm, burst, budget (-1 = none), budget_in_usd
+--             (0/1), period (0 minute, 1 hour, 2 day, 3 month, 4 total), low_water
 -- ARGV[14]    number of tiers n; ARGV[15..14+2n] nano-USD per input, output token per tier
+-- (the request's arguments come first so the caller can keep the limits' encoding)
 --
 -- Reply: 16 integers, Outcome's order: kind, reason, tier, retry_after_s,
 -- limit_requests, remaining_requests, reset_requests_us, limit_tokens,
@@ -42,11 +44,11 @@ if now == 0 then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * US + tonumber(t[2])
 end
-local rpm, tpm, burst = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local budget, in_usd, period = tonumber(ARGV[5]), ARGV[6] == '1', tonumber(ARGV[7])
-local low_water = tonumber(ARGV[8])
-local tier, input, output = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
-local firm, commit_on_deny = tonumber(ARGV[12]), ARGV[13] == '1'
+local tier, input, output = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local firm, commit_on_deny = tonumber(ARGV[5]), ARGV[6] == '1'
+local rpm, tpm, burst = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local budget, in_usd, period = tonumber(ARGV[10]), ARGV[11] == '1', tonumber(ARGV[12])
+local low_water = tonumber(ARGV[13])
 local ntiers = tonumber(ARGV[14])
 
 local function floordiv(a, b) return math.floor(a / b) end

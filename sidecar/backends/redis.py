@@ -4,6 +4,10 @@ Lua scripts in lua/ (decide.lua mirrors the Cython core; settle.lua reconciles).
 - One round trip per batch of decisions: decisions queued in the same event-loop
   tick are sent as one pipeline of EVALSHA calls (a coalescer), over a small,
   bounded pool of connections; nothing opens a connection per decision.
+- redis-py does the I/O, the connection pool and the reply parsing (hiredis); the
+  EVALSHA commands themselves are encoded here, with the per-tenant and per-limits
+  parts encoded once and cached: redis-py's generic pack_command costs ~50 µs for
+  a 20-argument call, which was most of the sidecar's CPU per decision (docs/redis.md).
 - Scripts are loaded once (SCRIPT LOAD) and called by SHA; on NOSCRIPT (Redis
   restarted or failed over and lost its script cache) they are loaded again and
   the call retried once.
@@ -23,7 +27,7 @@ from typing import Any, Callable, Optional
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from sidecar import _core
 from sidecar.backends.base import BackendError, BackendStatus, Settlement
@@ -42,6 +46,16 @@ def load_script(name: str) -> str:
     if repo.is_file():
         return repo.read_text()
     return resources.files("sidecar").joinpath("lua", name).read_text()
+
+
+def _bulk(arg: Any) -> bytes:
+    b = arg if isinstance(arg, bytes) else str(arg).encode()
+    return b"$%d\r\n%s\r\n" % (len(b), b)
+
+
+def pack(*args: Any) -> bytes:
+    """One command in RESP: *N, then each argument as a bulk string."""
+    return b"*%d\r\n" % len(args) + b"".join(_bulk(a) for a in args)
 
 
 class _Script:
@@ -64,7 +78,11 @@ class RedisBackend:
         self.decide_script = _Script("decide.lua")
         self.settle_script = _Script("settle.lua")
         self.client: Any = None
+        self.pool: Any = None
         self._queue: list[tuple[_Script, list[str], list[Any], asyncio.Future]] = []
+        # cached encodings: per tenant (command head + keys), per Limits (their ARGV)
+        self._heads: dict[tuple[str, int], bytes] = {}
+        self._limit_args: dict[_core.Limits, bytes] = {}
         self._flush_scheduled = False
         self._last_error = ""
         self._last_error_at = 0.0
@@ -81,9 +99,9 @@ class RedisBackend:
             self.client = RedisCluster.from_url(self.cfg.url, max_connections=POOL_SIZE * 8,
                                                 **opts)
         else:
-            pool = aioredis.BlockingConnectionPool.from_url(
+            self.pool = aioredis.BlockingConnectionPool.from_url(
                 self.cfg.url, max_connections=POOL_SIZE, timeout=self.timeout_s, **opts)
-            self.client = aioredis.Redis(connection_pool=pool)
+            self.client = aioredis.Redis(connection_pool=self.pool)
         try:
             await asyncio.wait_for(self._load_scripts(), max(self.timeout_s * 20, 1.0))
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
@@ -118,19 +136,42 @@ class RedisBackend:
 
     async def decide(self, tenant: str, limits: _core.Limits, tier: int, input_tokens: int,
                      output_tokens: int, firm_tokens: int, commit_on_deny: bool) -> _core.Outcome:
-        args: list[Any] = [
-            self._now_arg(), limits.rpm, limits.tpm, repr(limits.burst), limits.budget,
-            1 if limits.budget_in_usd else 0, limits.period, repr(limits.low_water),
-            tier, input_tokens, output_tokens, firm_tokens, 1 if commit_on_deny else 0,
-            limits.ntiers]
+        request = [self._now_arg(), tier, input_tokens, output_tokens, firm_tokens,
+                   1 if commit_on_deny else 0]
+        limit_args = [limits.rpm, limits.tpm, repr(limits.burst), limits.budget,
+                      1 if limits.budget_in_usd else 0, limits.period, repr(limits.low_water),
+                      limits.ntiers]
         for pin, pout in limits.prices:
-            args += [pin, pout]
-        reply = await self._call(self.decide_script, list(self.keys(tenant)), args)
+            limit_args += [pin, pout]
+        keys = list(self.keys(tenant))
+        packed = None
+        if not self.cfg.cluster:
+            packed = self._head(tenant, 3 + 3 + len(request) + len(limit_args)) \
+                + b"".join([_bulk(a) for a in request]) + self._limits_packed(limits, limit_args)
+        reply = await self._call(self.decide_script, keys, request + limit_args, packed)
         if not (isinstance(reply, list) and len(reply) == 16
                 and all(isinstance(x, int) for x in reply)):
             raise self._failed(f"decide.lua: unexpected reply {str(reply)[:120]}")
         self.decisions += 1
         return _core.Outcome(*reply)
+
+    def _head(self, tenant: str, nargs: int) -> bytes:
+        """*N EVALSHA <sha> 3 <keys>: encoded once per tenant."""
+        head = self._heads.get((tenant, nargs))
+        if head is None:
+            if len(self._heads) > 100_000:
+                self._heads.clear()
+            head = self._heads[(tenant, nargs)] = b"*%d\r\n" % nargs + b"".join(
+                _bulk(a) for a in ("EVALSHA", self.decide_script.sha, 3, *self.keys(tenant)))
+        return head
+
+    def _limits_packed(self, limits: _core.Limits, args: list) -> bytes:
+        packed = self._limit_args.get(limits)
+        if packed is None:
+            if len(self._limit_args) > 10_000:
+                self._limit_args.clear()
+            packed = self._limit_args[limits] = b"".join(_bulk(a) for a in args)
+        return packed
 
     async def settle(self, tenant: str, limits: _core.Limits, request_id: str, delta_tokens: int,
                      delta_cost: int, period_start_us: int) -> Settlement:
@@ -138,19 +179,23 @@ class RedisBackend:
         marker = f"{self.prefix}:{{{tenant}}}:settled:{request_id}"
         args = [self._now_arg(), limits.tpm, repr(limits.burst), limits.budget, limits.period,
                 delta_tokens, delta_cost, period_start_us, SETTLED_TTL_MS]
-        reply = await self._call(self.settle_script, [tpm_key, budget_key, marker], args)
+        keys = [tpm_key, budget_key, marker]
+        packed = None if self.cfg.cluster else pack(
+            "EVALSHA", self.settle_script.sha, 3, *keys, *args)
+        reply = await self._call(self.settle_script, keys, args, packed)
         if not (isinstance(reply, list) and len(reply) == 2
                 and all(isinstance(x, int) for x in reply)):
             raise self._failed(f"settle.lua: unexpected reply {str(reply)[:120]}")
         return Settlement(applied=reply[0] == 1, budget_spent=reply[1])
 
     # --- the coalescer -----------------------------------------------------
-    async def _call(self, script: _Script, keys: list[str], args: list[Any]) -> Any:
+    async def _call(self, script: _Script, keys: list[str], args: list[Any],
+                    packed: Optional[bytes]) -> Any:
         if self.client is None:
             raise BackendError("redis backend not started")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future = loop.create_future()
-        self._queue.append((script, keys, args, fut))
+        self._queue.append((script, keys, args, packed, fut))  # type: ignore[arg-type]
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush_soon)
@@ -182,7 +227,7 @@ class RedisBackend:
                     fut.set_exception(err)
             return
         ok = False
-        for (*_, fut), res in zip(batch, results):
+        for (*_, fut), res in zip(batch, results):  # noqa: B007
             if fut.done():  # its caller timed out already
                 continue
             if isinstance(res, Exception):
@@ -200,11 +245,23 @@ class RedisBackend:
             # owning its tenant's slot, concurrently (one round trip per decision there)
             return await asyncio.gather(
                 *(self.client.evalsha(script.sha, len(keys), *keys, *args)
-                  for script, keys, args, _ in batch), return_exceptions=True)
-        pipe = self.client.pipeline(transaction=False)
-        for script, keys, args, _ in batch:
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
-        return await pipe.execute(raise_on_error=False)
+                  for script, keys, args, _, _ in batch), return_exceptions=True)
+        # one write of every pre-encoded command, then one reply each, in order
+        conn = await self.pool.get_connection()
+        try:
+            await conn.send_packed_command(b"".join(item[3] for item in batch), check_health=False)
+            results: list = []
+            for _ in batch:
+                try:
+                    results.append(await conn.read_response(disconnect_on_error=True))
+                except ResponseError as exc:  # a script error or NOSCRIPT: that call only
+                    results.append(exc)
+            return results
+        except BaseException:
+            await conn.disconnect()  # a half-read connection must not go back to the pool
+            raise
+        finally:
+            await self.pool.release(conn)
 
     # --- health --------------------------------------------------------------
     def _failed(self, message: str) -> BackendError:
