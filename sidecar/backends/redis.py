@@ -2,12 +2,12 @@
 Lua scripts in lua/ (decide.lua mirrors the Cython core; settle.lua reconciles).
 
 - One round trip per batch of decisions: decisions queued in the same event-loop
-  tick are sent as one pipeline of EVALSHA calls (a coalescer), over a small,
-  bounded pool of connections; nothing opens a connection per decision.
-- redis-py does the I/O, the connection pool and the reply parsing (hiredis); the
-  EVALSHA commands themselves are encoded here, with the per-tenant and per-limits
-  parts encoded once and cached: redis-py's generic pack_command costs ~50 µs for
-  a 20-argument call, which was most of the sidecar's CPU per decision (docs/redis.md).
+  tick go out in one write on one pipelined connection (sidecar/backends/resp.py),
+  replies matched in order; nothing opens a connection per decision.
+- The EVALSHA commands are encoded here, with the per-tenant and per-limits parts
+  encoded once and cached: redis-py's generic pack_command costs ~50 µs for a
+  20-argument call. redis-py does SCRIPT LOAD and the whole cluster mode
+  (docs/redis.md says why the hot path does not go through it).
 - Scripts are loaded once (SCRIPT LOAD) and called by SHA; on NOSCRIPT (Redis
   restarted or failed over and lost its script cache) they are loaded again and
   the call retried once.
@@ -27,7 +27,10 @@ from typing import Any, Callable, Optional
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+import hiredis
+from redis.exceptions import NoScriptError, RedisError
+
+from sidecar.backends.resp import ConnectionLost, PipelinedConnection
 
 from sidecar import _core
 from sidecar.backends.base import BackendError, BackendStatus, Settlement
@@ -36,8 +39,6 @@ from sidecar.policy import schema
 log = logging.getLogger("kt.redis")
 # how long a settled request id is remembered (a repeated report within it is a no-op)
 SETTLED_TTL_MS = 7 * 24 * 3600 * 1000
-# connections per sidecar process: pipelines in flight at once
-POOL_SIZE = 4
 
 
 def load_script(name: str) -> str:
@@ -78,30 +79,34 @@ class RedisBackend:
         self.decide_script = _Script("decide.lua")
         self.settle_script = _Script("settle.lua")
         self.client: Any = None
-        self.pool: Any = None
-        self._queue: list[tuple[_Script, list[str], list[Any], asyncio.Future]] = []
+        self.conn: Optional[PipelinedConnection] = None
         # cached encodings: per tenant (command head + keys), per Limits (their ARGV)
         self._heads: dict[tuple[str, int], bytes] = {}
         self._limit_args: dict[_core.Limits, bytes] = {}
-        self._flush_scheduled = False
         self._last_error = ""
         self._last_error_at = 0.0
         self._last_ok_at = 0.0
-        self.round_trips = 0
+        self._cluster_round_trips = 0
         self.decisions = 0
         self.errors = 0
 
     # --- lifecycle ---------------------------------------------------------
     async def start(self) -> None:
-        opts = dict(socket_timeout=max(self.timeout_s, 0.001),
-                    socket_connect_timeout=max(self.timeout_s, 0.05))
+        opts: dict[str, Any] = dict(socket_timeout=max(self.timeout_s, 0.001),
+                                    socket_connect_timeout=max(self.timeout_s, 0.05))
         if self.cfg.cluster:
-            self.client = RedisCluster.from_url(self.cfg.url, max_connections=POOL_SIZE * 8,
-                                                **opts)
+            self.client = RedisCluster.from_url(self.cfg.url, **opts)
         else:
-            self.pool = aioredis.BlockingConnectionPool.from_url(
-                self.cfg.url, max_connections=POOL_SIZE, timeout=self.timeout_s, **opts)
-            self.client = aioredis.Redis(connection_pool=self.pool)
+            self.client = aioredis.Redis.from_url(self.cfg.url, **opts)
+            kw = self.client.connection_pool.connection_kwargs
+            setup = []
+            if kw.get("password"):
+                setup.append(pack("AUTH", *([kw["username"]] if kw.get("username") else []),
+                                  kw["password"]))
+            if kw.get("db"):
+                setup.append(pack("SELECT", kw["db"]))
+            self.conn = PipelinedConnection(kw.get("host", "127.0.0.1"), int(kw.get("port", 6379)),
+                                            max(self.timeout_s, 0.05), tuple(setup))
         try:
             await asyncio.wait_for(self._load_scripts(), max(self.timeout_s * 20, 1.0))
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
@@ -110,6 +115,8 @@ class RedisBackend:
             log.error("redis at %s not available at start: %r", self.cfg.url, exc)
 
     async def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
         if self.client is not None:
             try:
                 await self.client.aclose()
@@ -188,80 +195,50 @@ class RedisBackend:
             raise self._failed(f"settle.lua: unexpected reply {str(reply)[:120]}")
         return Settlement(applied=reply[0] == 1, budget_spent=reply[1])
 
-    # --- the coalescer -----------------------------------------------------
+    # --- calls ---------------------------------------------------------------
     async def _call(self, script: _Script, keys: list[str], args: list[Any],
                     packed: Optional[bytes]) -> Any:
         if self.client is None:
             raise BackendError("redis backend not started")
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future = loop.create_future()
-        self._queue.append((script, keys, args, packed, fut))  # type: ignore[arg-type]
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush_soon)
         try:
-            return await asyncio.wait_for(fut, self.timeout_s)
+            reply = await asyncio.wait_for(self._send(script, keys, args, packed), self.timeout_s)
         except asyncio.TimeoutError:
+            if self.conn is not None:
+                self.conn.lose(ConnectionLost("timed out"))  # bound the backlog; reconnect next
             raise self._failed(f"no reply within {self.cfg.timeout_ms} ms") from None
-
-    def _flush_soon(self) -> None:
-        batch, self._queue = self._queue, []
-        self._flush_scheduled = False
-        if batch:
-            asyncio.get_running_loop().create_task(self._flush(batch))
-
-    async def _flush(self, batch: list) -> None:
-        try:
-            results = await self._pipeline(batch)
-            retry = [item for item, res in zip(batch, results) if isinstance(res, NoScriptError)]
-            if retry:
-                # Redis lost its script cache (restart, failover, SCRIPT FLUSH): load, retry once
-                await self._load_scripts()
-                again = await self._pipeline(retry)
-                fixed = dict(zip((id(i) for i in retry), again))
-                results = [fixed.get(id(item), res) for item, res in zip(batch, results)]
-        except Exception as exc:  # noqa: BLE001 - the one seam: every failure is a BackendError
-            err = self._failed(f"{type(exc).__name__}: {exc}")
-            for *_, fut in batch:
-                if not fut.done():
-                    fut.set_exception(err)
-            return
-        ok = False
-        for (*_, fut), res in zip(batch, results):  # noqa: B007
-            if fut.done():  # its caller timed out already
-                continue
-            if isinstance(res, Exception):
-                fut.set_exception(self._failed(f"{type(res).__name__}: {res}"))
-            else:
-                ok = True
-                fut.set_result(res)
-        if ok:
-            self._last_ok_at = time.monotonic()
-
-    async def _pipeline(self, batch: list) -> list:
-        self.round_trips += 1
-        if self.cfg.cluster:
-            # redis-py refuses EVALSHA in cluster pipelines: send each call to the node
-            # owning its tenant's slot, concurrently (one round trip per decision there)
-            return await asyncio.gather(
-                *(self.client.evalsha(script.sha, len(keys), *keys, *args)
-                  for script, keys, args, _, _ in batch), return_exceptions=True)
-        # one write of every pre-encoded command, then one reply each, in order
-        conn = await self.pool.get_connection()
-        try:
-            await conn.send_packed_command(b"".join(item[3] for item in batch), check_health=False)
-            results: list = []
-            for _ in batch:
-                try:
-                    results.append(await conn.read_response(disconnect_on_error=True))
-                except ResponseError as exc:  # a script error or NOSCRIPT: that call only
-                    results.append(exc)
-            return results
-        except BaseException:
-            await conn.disconnect()  # a half-read connection must not go back to the pool
+        except BackendError:
             raise
-        finally:
-            await self.pool.release(conn)
+        except Exception as exc:  # noqa: BLE001 - the one seam: every failure is a BackendError
+            raise self._failed(f"{type(exc).__name__}: {exc}") from None
+        self._last_ok_at = time.monotonic()
+        return reply
+
+    async def _send(self, script: _Script, keys: list[str], args: list[Any],
+                    packed: Optional[bytes]) -> Any:
+        for attempt in (1, 2):
+            if self.cfg.cluster:
+                # redis-py routes EVALSHA to the node owning the tenant's slot
+                self._cluster_round_trips += 1
+                try:
+                    return await self.client.evalsha(script.sha, len(keys), *keys, *args)
+                except NoScriptError:
+                    if attempt == 2:
+                        raise
+            else:
+                assert self.conn is not None and packed is not None
+                reply = await self.conn.call(packed)
+                if not isinstance(reply, hiredis.ReplyError):
+                    return reply
+                if not str(reply).startswith("NOSCRIPT") or attempt == 2:
+                    raise self._failed(f"{script.name}: {reply}")
+            # Redis lost its script cache (restart, failover, SCRIPT FLUSH): load, retry once
+            await self._load_scripts()
+        raise AssertionError("unreachable")
+
+    @property
+    def round_trips(self) -> int:
+        """Writes to Redis: each carries every command queued in one event-loop tick."""
+        return self.conn.writes if self.conn is not None else self._cluster_round_trips
 
     # --- health --------------------------------------------------------------
     def _failed(self, message: str) -> BackendError:
