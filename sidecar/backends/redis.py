@@ -203,8 +203,10 @@ class RedisBackend:
         try:
             reply = await asyncio.wait_for(self._send(script, keys, args, packed), self.timeout_s)
         except asyncio.TimeoutError:
-            if self.conn is not None:
-                self.conn.lose(ConnectionLost("timed out"))  # bound the backlog; reconnect next
+            if self.conn is not None and self.conn.stalled(self.timeout_s):
+                # nothing has come back for a whole timeout: drop the link (failing the
+                # calls queued on it) so the backlog stays bounded and the next call reconnects
+                self.conn.lose(ConnectionLost("no reply within the timeout"))
             raise self._failed(f"no reply within {self.cfg.timeout_ms} ms") from None
         except BackendError:
             raise

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from typing import Any, Optional
 
 import hiredis
@@ -43,6 +44,7 @@ class _Protocol(asyncio.Protocol):
                 self.owner.lose(ConnectionLost("a reply nobody asked for"))
                 return
             fut = pending.popleft()
+            self.owner.last_reply_at = time.monotonic()
             if not fut.done():  # its caller may have timed out already
                 fut.set_result(reply)
 
@@ -63,6 +65,7 @@ class PipelinedConnection:
         self._outbox: list[bytes] = []
         self._flush_scheduled = False
         self.writes = 0  # one write = one round trip for everything in it
+        self.last_reply_at = time.monotonic()
 
     async def call(self, packed: bytes) -> Any:
         """Send one pre-encoded command; its reply (a hiredis.ReplyError for an error reply)."""
@@ -99,6 +102,7 @@ class PipelinedConnection:
                 loop.create_connection(lambda: _Protocol(self), self.host, self.port),
                 self.connect_timeout_s)
             self.transport = transport  # type: ignore[assignment]
+            self.last_reply_at = time.monotonic()
             for cmd in self.setup:
                 fut = loop.create_future()
                 self.pending.append(fut)
@@ -125,6 +129,11 @@ class PipelinedConnection:
             fut = self.pending.popleft()
             if not fut.done():
                 fut.set_exception(exc)
+
+    def stalled(self, silence_s: float) -> bool:
+        """Replies are owed but none came for ``silence_s``: the server (or the link) hangs.
+        A single slow reply while others keep flowing is not a stall."""
+        return bool(self.pending) and time.monotonic() - self.last_reply_at > silence_s
 
     def close(self) -> None:
         self.lose(ConnectionLost("closed"))
