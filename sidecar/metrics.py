@@ -56,8 +56,8 @@ class Metrics:
             "report, release).", ["source"], registry=r)
         self.reservations_closed = Counter(
             "kt_reservations_closed", "Reservations closed without usage, by outcome "
-            "(released_upstream_error: refunded; kept_abandoned, kept_no_usage: the estimate "
-            "stays charged).", ["outcome"], registry=r)
+            "(released_upstream_error: refunded; kept_abandoned, kept_no_usage, kept_expired: "
+            "the estimate stays charged).", ["outcome"], registry=r)
         self.backend_ready = Gauge(
             "kt_backend_ready", "1 when the backend answers, 0 when decisions fall back to the "
             "failure mode.", ["backend"], registry=r)

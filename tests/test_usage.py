@@ -234,3 +234,17 @@ def test_ext_proc_refunds_an_upstream_error_and_keeps_an_abandoned_stream(sideca
     ])
     assert spent(sidecar, "t-gone") == reserved
     assert len(sidecar.sidecar.service.reservations) == 0  # nothing left behind
+
+
+def test_the_reservation_book_is_bounded_in_size_and_age():
+    from sidecar.service import ReservationBook
+
+    now = [1000.0]
+    book = ReservationBook(ttl_s=60, max_entries=3, clock=lambda: now[0])
+    for i in range(5):
+        book.put(f"r{i}", "t", 0, "m", 10, 10, 0, now[0])
+    assert len(book) == 3 and book.get("r0") is None and book.get("r4").charged_tokens == 10
+    now[0] += 61
+    book.put("fresh", "t", 0, "m", 1, 1, 0, now[0])
+    assert len(book) == 1 and book.pop("fresh").tenant == "t"
+    assert book.expired == 5
