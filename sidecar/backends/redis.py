@@ -62,7 +62,8 @@ def pack(*args: Any) -> bytes:
 class _Script:
     def __init__(self, name: str) -> None:
         self.name = name
-        self.source = load_script(name)
+        # the shared calendar first (Redis scripts cannot import one another)
+        self.source = load_script("common.lua") + "\n" + load_script(name)
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
 

@@ -1,0 +1,58 @@
+-- common.lua: the calendar shared by decide.lua and settle.lua. Not a script of its
+-- own: sidecar/backends/redis.py prepends it to each script before SCRIPT LOAD, so the
+-- UTC period rules exist once in Lua (and once in native/core.pyx).
+
+local NO_END = 4611686018427387904
+local US = 1000000
+local DAY_US = 86400000000
+
+-- the clock: a test override (ARGV[1] > 0) or the server's TIME, in µs
+local function clock_us(override)
+  local now = tonumber(override)
+  if now == 0 then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * US + tonumber(t[2])
+  end
+  return now
+end
+
+local function floordiv(a, b) return math.floor(a / b) end
+
+-- proleptic Gregorian calendar (Howard Hinnant's algorithms), days since 1970-01-01
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = floordiv(y >= 0 and y or y - 399, 400)
+  local yoe = y - era * 400
+  local mp = m > 2 and m - 3 or m + 9
+  local doy = floordiv(153 * mp + 2, 5) + d - 1
+  local doe = yoe * 365 + floordiv(yoe, 4) - floordiv(yoe, 100) + doy
+  return era * 146097 + doe - 719468
+end
+
+local function year_month(days)
+  local z = days + 719468
+  local era = floordiv(z >= 0 and z or z - 146096, 146097)
+  local doe = z - era * 146097
+  local yoe = floordiv(doe - floordiv(doe, 1460) + floordiv(doe, 36524) - floordiv(doe, 146096), 365)
+  local y = yoe + era * 400
+  local doy = doe - (365 * yoe + floordiv(yoe, 4) - floordiv(yoe, 100))
+  local mp = floordiv(5 * doy + 2, 153)
+  local m = mp < 10 and mp + 3 or mp - 9
+  if m <= 2 then y = y + 1 end
+  return y, m
+end
+
+local function period_bounds(t, p)
+  if p == 4 then return 0, NO_END end
+  if p == 3 then
+    local days = (t - math.fmod(t, DAY_US)) / DAY_US
+    local y, m = year_month(days)
+    local s = days_from_civil(y, m, 1) * DAY_US
+    if m == 12 then return s, days_from_civil(y + 1, 1, 1) * DAY_US end
+    return s, days_from_civil(y, m + 1, 1) * DAY_US
+  end
+  local size = (p == 0 and 60 or (p == 1 and 3600 or 86400)) * US
+  local s = t - math.fmod(t, size)
+  return s, s + size
+end
+
