@@ -123,6 +123,7 @@ class DecisionService:
         self.metrics = metrics or Metrics()
         self.reservations = ReservationBook()
         self._children: dict = {}
+        self._last_failure_log = 0.0
         self._tenant_gauges: dict = {}
         # tenant of recently settled request ids, so a repeated report without a
         # tenant still reaches the backend's idempotency check (bounded, oldest out)
@@ -199,7 +200,11 @@ class DecisionService:
         self.metrics.backend_errors.labels(self.backend.name).inc()
         mode = self.failure_mode_for(rule)
         self.metrics.failure_mode.labels(mode).inc()
-        log.warning("backend error, failure mode %s for tenant %s: %s", mode, tenant, error)
+        now = time.monotonic()
+        if now - self._last_failure_log >= 1.0:  # an outage must not flood the log
+            self._last_failure_log = now
+            log.warning("backend error, failure mode %s (tenant %s; further errors this second "
+                        "are only counted in kt_backend_errors_total): %s", mode, tenant, error)
         tier = self.policy.tiers[asked]
         if mode == "open":
             return Decision(Kind.FAIL_OPEN, tenant=tenant, tier=tier.name, model=tier.model,
