@@ -83,7 +83,7 @@ class RedisBackend:
         self.conn: Optional[PipelinedConnection] = None
         # cached encodings: per tenant (command head + keys), per Limits (their ARGV)
         self._heads: dict[tuple[str, int], bytes] = {}
-        self._limit_args: dict[_core.Limits, bytes] = {}
+        self._limit_args: dict[_core.Limits, tuple[bytes, int]] = {}
         self._last_error = ""
         self._last_error_at = 0.0
         self._last_ok_at = 0.0
@@ -146,22 +146,29 @@ class RedisBackend:
                      output_tokens: int, firm_tokens: int, commit_on_deny: bool) -> _core.Outcome:
         request = [self._now_arg(), tier, input_tokens, output_tokens, firm_tokens,
                    1 if commit_on_deny else 0]
-        limit_args = [limits.rpm, limits.tpm, repr(limits.burst), limits.budget,
-                      1 if limits.budget_in_usd else 0, limits.period, repr(limits.low_water),
-                      limits.ntiers]
-        for pin, pout in limits.prices:
-            limit_args += [pin, pout]
         keys = list(self.keys(tenant))
         packed = None
+        limits_packed, n_limit_args = self._limits_packed(limits)
         if not self.cfg.cluster:
-            packed = self._head(tenant, 3 + 3 + len(request) + len(limit_args)) \
-                + b"".join([_bulk(a) for a in request]) + self._limits_packed(limits, limit_args)
-        reply = await self._call(self.decide_script, keys, request + limit_args, packed)
+            packed = self._head(tenant, 3 + 3 + len(request) + n_limit_args) \
+                + b"".join([_bulk(a) for a in request]) + limits_packed
+        # the plain arguments are only needed by cluster mode (redis-py encodes them there)
+        args = request + self._limit_args_of(limits) if self.cfg.cluster else []
+        reply = await self._call(self.decide_script, keys, args, packed)
         if not (isinstance(reply, list) and len(reply) == 16
                 and all(isinstance(x, int) for x in reply)):
             raise self._failed(f"decide.lua: unexpected reply {str(reply)[:120]}")
         self.decisions += 1
         return _core.Outcome(*reply)
+
+    @staticmethod
+    def _limit_args_of(limits: _core.Limits) -> list:
+        args: list = [limits.rpm, limits.tpm, repr(limits.burst), limits.budget,
+                      1 if limits.budget_in_usd else 0, limits.period, repr(limits.low_water),
+                      limits.ntiers]
+        for pin, pout in limits.prices:
+            args += [pin, pout]
+        return args
 
     def _head(self, tenant: str, nargs: int) -> bytes:
         """*N EVALSHA <sha> 3 <keys>: encoded once per tenant."""
@@ -173,12 +180,14 @@ class RedisBackend:
                 _bulk(a) for a in ("EVALSHA", self.decide_script.sha, 3, *self.keys(tenant)))
         return head
 
-    def _limits_packed(self, limits: _core.Limits, args: list) -> bytes:
+    def _limits_packed(self, limits: _core.Limits) -> tuple[bytes, int]:
+        """The limits' ARGV, encoded once per Limits object (a policy reload makes new ones)."""
         packed = self._limit_args.get(limits)
         if packed is None:
             if len(self._limit_args) > 10_000:
                 self._limit_args.clear()
-            packed = self._limit_args[limits] = b"".join(_bulk(a) for a in args)
+            args = self._limit_args_of(limits)
+            packed = self._limit_args[limits] = (b"".join(_bulk(a) for a in args), len(args))
         return packed
 
     async def settle(self, tenant: str, limits: _core.Limits, request_id: str, delta_tokens: int,
