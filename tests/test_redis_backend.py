@@ -317,3 +317,38 @@ def test_one_round_trip_carries_many_decisions(valkey):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_password_db_and_unix_socket_urls_work_and_the_password_never_shows():
+    from sidecar import _core
+
+    lim = _core.Limits(rpm=10)
+    with workdir() as d:
+        sock = str(d / "valkey.sock")
+        with Valkey(d, extra_args=("--requirepass", "s3cret", "--unixsocket", sock)) as v:
+            for url in (f"redis://:s3cret@127.0.0.1:{v.port}/2", f"unix://:s3cret@{sock}?db=3"):
+                backend = RedisBackend(schema.RedisBackend(url=url, timeout_ms=500))
+
+                async def main():
+                    await backend.start()
+                    out = await backend.decide("auth", lim, 0, 1, 1, 2, False)
+                    await backend.close()
+                    return out
+
+                assert asyncio.run(main()).remaining_requests == 9
+                assert "s3cret" not in backend.status().detail
+            r = redis.Redis(port=v.port, password="s3cret", db=2)
+            assert r.exists("kt:{auth}:rpm")  # SELECT 2 took effect
+            r.close()
+            wrong = RedisBackend(schema.RedisBackend(
+                url=f"redis://:wrong-pass@127.0.0.1:{v.port}/0", timeout_ms=200))
+
+            async def refused():
+                await wrong.start()
+                with pytest.raises(BackendError) as info:
+                    await wrong.decide("auth", lim, 0, 1, 1, 2, False)
+                await wrong.close()
+                return str(info.value)
+
+            message = asyncio.run(refused())
+            assert "wrong-pass" not in message and "wrong-pass" not in wrong.status().detail

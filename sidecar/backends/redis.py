@@ -20,10 +20,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import ssl
 import time
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Optional
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -47,6 +49,16 @@ def load_script(name: str) -> str:
     if repo.is_file():
         return repo.read_text()
     return resources.files("sidecar").joinpath("lua", name).read_text()
+
+
+def redact(url: str) -> str:
+    """The URL without its user and password, for logs, errors and /readyz."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, "***@" + netloc, parts.path, parts.query, ""))
 
 
 def _bulk(arg: Any) -> bytes:
@@ -74,6 +86,7 @@ class RedisBackend:
                  clock_override: Optional[Callable[[], int]] = None) -> None:
         """``clock_override`` (tests only) passes a time to the scripts instead of Redis's TIME."""
         self.cfg = cfg
+        self.where = redact(cfg.url)  # for messages: never the password
         self.timeout_s = cfg.timeout_ms / 1000.0
         self.clock_override = clock_override
         self.prefix = cfg.key_prefix
@@ -106,14 +119,16 @@ class RedisBackend:
                                   kw["password"]))
             if kw.get("db"):
                 setup.append(pack("SELECT", kw["db"]))
+            tls = ssl.create_default_context() if self.cfg.url.startswith("rediss://") else None
             self.conn = PipelinedConnection(kw.get("host", "127.0.0.1"), int(kw.get("port", 6379)),
-                                            max(self.timeout_s, 0.05), tuple(setup))
+                                            max(self.timeout_s, 0.05), tuple(setup),
+                                            unix_path=kw.get("path"), ssl_context=tls)
         try:
             await asyncio.wait_for(self._load_scripts(), max(self.timeout_s * 20, 1.0))
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             # Start anyway: decisions follow the failure mode until Redis answers.
             self._failed(f"cannot load scripts: {exc!r}")
-            log.error("redis at %s not available at start: %r", self.cfg.url, exc)
+            log.error("redis at %s not available at start: %r", self.where, exc)
 
     async def close(self) -> None:
         if self.conn is not None:
@@ -257,9 +272,9 @@ class RedisBackend:
         self.errors += 1
         self._last_error = message
         self._last_error_at = time.monotonic()
-        return BackendError(f"redis {self.cfg.url}: {message}")
+        return BackendError(f"redis {self.where}: {message}")
 
     def status(self) -> BackendStatus:
         if self._last_error_at and self._last_error_at >= self._last_ok_at:
             return BackendStatus(False, f"redis: {self._last_error}")
-        return BackendStatus(True, f"redis {self.cfg.url}")
+        return BackendStatus(True, f"redis {self.where}")

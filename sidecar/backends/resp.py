@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ssl
 import time
 from typing import Any, Optional
 
@@ -54,9 +55,13 @@ class _Protocol(asyncio.Protocol):
 
 class PipelinedConnection:
     def __init__(self, host: str, port: int, connect_timeout_s: float,
-                 setup: tuple[bytes, ...] = ()) -> None:
-        """``setup``: pre-encoded commands sent first on every (re)connect (AUTH, SELECT)."""
+                 setup: tuple[bytes, ...] = (), unix_path: Optional[str] = None,
+                 ssl_context: Optional[ssl.SSLContext] = None) -> None:
+        """``setup``: pre-encoded commands sent first on every (re)connect (AUTH, SELECT).
+        ``unix_path``: connect to a Unix socket instead of host:port; ``ssl_context``: TLS."""
         self.host, self.port = host, port
+        self.unix_path = unix_path
+        self.ssl_context = ssl_context
         self.connect_timeout_s = connect_timeout_s
         self.setup = setup
         self.pending: collections.deque[asyncio.Future] = collections.deque()
@@ -98,9 +103,12 @@ class PipelinedConnection:
         loop = asyncio.get_running_loop()
         self._connecting = loop.create_future()
         try:
-            transport, _ = await asyncio.wait_for(
-                loop.create_connection(lambda: _Protocol(self), self.host, self.port),
-                self.connect_timeout_s)
+            if self.unix_path:
+                opening = loop.create_unix_connection(lambda: _Protocol(self), self.unix_path)
+            else:
+                opening = loop.create_connection(lambda: _Protocol(self), self.host, self.port,
+                                                 ssl=self.ssl_context)
+            transport, _ = await asyncio.wait_for(opening, self.connect_timeout_s)
             self.transport = transport  # type: ignore[assignment]
             self.last_reply_at = time.monotonic()
             for cmd in self.setup:
@@ -115,7 +123,8 @@ class PipelinedConnection:
             self.lose(exc if isinstance(exc, ConnectionError) else ConnectionLost(repr(exc)))
             self._connecting.set_exception(ConnectionLost(f"cannot connect: {exc!r}"))
             self._connecting.exception()  # retrieved: waiters get it through shield
-            raise ConnectionLost(f"cannot connect to {self.host}:{self.port}: {exc!r}") from None
+            where = self.unix_path or f"{self.host}:{self.port}"
+            raise ConnectionLost(f"cannot connect to {where}: {exc!r}") from None
         finally:
             self._connecting = None
 

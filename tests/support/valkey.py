@@ -23,7 +23,8 @@ def valkey_binary() -> str:
 def _ping(port: int) -> bool:
     with socket.create_connection((LOOPBACK, port), timeout=0.5) as s:
         s.sendall(b"PING\r\n")
-        return s.recv(64).startswith(b"+PONG")
+        # +PONG, or -NOAUTH when a password is set: either way the server answers
+        return s.recv(64)[:1] in (b"+", b"-")
 
 
 def command(port: int, *args: str, timeout: float = 5.0) -> bytes:
@@ -42,7 +43,8 @@ class Valkey:
     """One Valkey server. ``kill()`` / ``start()`` again on the same port for fault tests;
     ``pause()`` / ``resume()`` stall it (SIGSTOP / SIGCONT)."""
 
-    def __init__(self, workdir: Path, port: Optional[int] = None, cluster: bool = False) -> None:
+    def __init__(self, workdir: Path, port: Optional[int] = None, cluster: bool = False,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
         self.port = port or free_port()
         self.cluster = cluster
@@ -51,6 +53,7 @@ class Valkey:
         self.log = self.dir / "valkey.log"
         self.proc: Optional[subprocess.Popen] = None
         self.bus_port = free_port() if cluster else 0
+        self.extra_args = extra_args
 
     @property
     def url(self) -> str:
@@ -65,6 +68,7 @@ class Valkey:
         args = [valkey_binary(), "--port", str(self.port), "--bind", LOOPBACK,
                 "--save", "", "--appendonly", "no", "--dir", str(self.dir),
                 "--logfile", str(self.log), "--protected-mode", "no"]
+        args += list(self.extra_args)
         if self.cluster:
             # an explicit bus port: the default (port + 10000) may be taken or out of range
             args += ["--cluster-enabled", "yes", "--cluster-port", str(self.bus_port),
