@@ -13,9 +13,20 @@ def _serve(args: argparse.Namespace) -> int:
     from sidecar.backends.base import BackendError
     from sidecar.server import ServerConfig, serve
 
+    if args.workers < 1:
+        print("kt serve: --workers must be >= 1", file=sys.stderr)
+        return 2
+    if args.workers > 1:
+        from sidecar.workers import WorkerError, supervise
+
+        try:
+            return supervise(args, args.workers)
+        except (WorkerError, PolicyError) as exc:
+            print(f"kt serve: {exc}", file=sys.stderr)
+            return 2
     cfg = ServerConfig(grpc_addr=args.grpc, http_addr=args.http, policy_path=args.config,
                        state_file=args.state_file, ready_file=args.ready_file,
-                       http_authz_addr=args.http_authz)
+                       http_authz_addr=args.http_authz, reuse_port=args.worker_of_supervisor)
     import uvloop
 
     try:
@@ -104,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(/metrics, /healthz, /readyz)")
     s.add_argument("--http-authz", metavar="HOST:PORT",
                    help="also serve Envoy's HTTP ext_authz here (the fast path)")
+    s.add_argument("--workers", type=int, default=1,
+                   help="processes sharing the gRPC and HTTP-authz ports (redis backend only); "
+                   "worker i serves its side port at --http port + i")
+    s.add_argument("--worker-of-supervisor", action="store_true", help=argparse.SUPPRESS)
     s.add_argument("--state-file", help="embedded backend: where budget spend is persisted")
     s.add_argument("--ready-file", help="write {grpc_port, http_port} as JSON here once serving")
     s.add_argument("--log-level", default="INFO")

@@ -49,6 +49,8 @@ class ServerConfig:
     state_file: Optional[str] = None  # overrides the memory backend's state_file
     ready_file: Optional[str] = None  # JSON {"grpc_port", "http_port", ...} written once serving
     http_authz_addr: Optional[str] = None  # the fast path: Envoy's HTTP ext_authz
+    # share the gRPC and HTTP-authz ports with sibling worker processes (kt serve --workers)
+    reuse_port: bool = False
     reload_interval_s: float = 2.0
     grace_s: float = 2.0
 
@@ -95,7 +97,8 @@ class Sidecar:
     # --- lifecycle ---------------------------------------------------------
     async def start(self) -> None:
         await self.backend.start()
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        # without --workers a second process on the same port is an error, not a silent share
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if self.cfg.reuse_port else 0)])
         server.add_generic_rpc_handlers((authorization_handler(self.service),))
         rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(self.service), server)
         external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
@@ -112,7 +115,7 @@ class Sidecar:
         if self.cfg.http_authz_addr:
             host, _, port = self.cfg.http_authz_addr.rpartition(":")
             self.http_authz_server, self.http_authz_port = await start_http_authz(
-                self.service, host.strip("[]"), int(port))
+                self.service, host.strip("[]"), int(port), reuse_port=self.cfg.reuse_port)
         self.metrics.policy_info.labels(self.policy.source, self.policy.digest).set(1)
         if self.cfg.policy_path:
             self._reloader = asyncio.get_running_loop().create_task(self._reload_loop())
