@@ -146,24 +146,40 @@ def run_h2load(url: str, profile: str, rate: float, seconds: float, workdir_: Pa
             "p99": pct(99)}
 
 
-def scrape(port: int) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
+def side_ports(sidecar: SidecarProcess) -> list[int]:
+    """Every worker's side port (one with a single process)."""
+    doc = json.loads(sidecar.ready.read_text())
+    return doc.get("worker_http_ports", [sidecar.http_port])
+
+
+def scrape(sidecar: SidecarProcess) -> dict:
+    """Counters summed over the sidecar's workers."""
     out = {"decisions": 0.0, "round_trips": 0.0, "backend_decisions": 0.0}
-    for line in text.splitlines():
-        if line.startswith("kt_requests_total{"):
-            out["decisions"] += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("kt_backend_round_trips_total{"):
-            out["round_trips"] = float(line.rsplit(" ", 1)[1])
-        elif line.startswith("kt_backend_decisions_total{"):
-            out["backend_decisions"] = float(line.rsplit(" ", 1)[1])
+    for port in side_ports(sidecar):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        for line in text.splitlines():
+            if line.startswith("kt_requests_total{"):
+                out["decisions"] += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("kt_backend_round_trips_total{"):
+                out["round_trips"] += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("kt_backend_decisions_total{"):
+                out["backend_decisions"] += float(line.rsplit(" ", 1)[1])
     return out
 
 
 def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU of a process and its direct children (a --workers supervisor's workers)."""
+    def one(p: int) -> float:
+        with open(f"/proc/{p}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    try:
+        children = open(f"/proc/{pid}/task/{pid}/children").read().split()
+    except OSError:
+        children = []
+    return one(pid) + sum(one(int(c)) for c in children)
 
 
 def probe(url: str) -> None:
@@ -240,6 +256,9 @@ def main() -> int:
         pol = d / "policy.yaml"
         pol.write_text(policy(valkey.url))
         sidecar = SidecarProcess(pol, d, ("--http-authz", "127.0.0.1:0")).start()
+        wd2 = d / "workers2"
+        wd2.mkdir()
+        sidecar2 = SidecarProcess(pol, wd2, ("--http-authz", "127.0.0.1:0", "--workers", "2")).start()
         noop_grpc, noop_grpc_port = start_noop("grpc", d)
         noop_http, noop_http_port = start_noop("http", d)
         try:
@@ -249,16 +268,21 @@ def main() -> int:
                 "grpc_sidecar": ("authz", f"127.0.0.1:{sidecar.grpc_port}", ""),
                 "http_noop": ("http-authz", "", f"127.0.0.1:{noop_http_port}"),
                 "http_sidecar": ("http-authz", "", f"127.0.0.1:{sidecar.http_authz_port}"),
+                "http_sidecar_2workers": ("http-authz", "",
+                                          f"127.0.0.1:{sidecar2.http_authz_port}"),
             }
             for name, (mode, grpc_addr, http_addr) in configs.items():
+                which = sidecar2 if name == "http_sidecar_2workers" else sidecar
                 results["configs"][name] = run_config(
-                    d, name, mode, grpc_addr, http_addr, sidecar, profiles, seconds, runs,
-                    a.connections)
+                    d, name, mode, grpc_addr, http_addr, which,
+                    profiles if name != "http_sidecar_2workers" else ["chat_short"],
+                    seconds, runs, a.connections)
             # latency at half of the fast path's throughput, against Envoy alone at that rate
             fast = results["configs"]["http_sidecar"]["chat_short"]["rps"]["median"]
             results["half_load_latency"] = half_load(d, configs, fast / 2, 1.0 if a.smoke else 5.0)
         finally:
             sidecar.stop()
+            sidecar2.stop()
             stop_process(noop_grpc)
             stop_process(noop_http)
     summarize(results)
@@ -290,7 +314,7 @@ def run_config(d: Path, name: str, mode: str, grpc_addr: str, http_addr: str,
                         ext_proc=False, direct_response=True, authz_timeout_s=1.0)
     sub = d / name
     sub.mkdir()
-    uses_sidecar = name.endswith("_sidecar")
+    uses_sidecar = "_sidecar" in name
     out: dict = {}
     with EnvoyProcess(render(opts), sub, admin, listen) as envoy:
         url = envoy.url()
@@ -300,11 +324,11 @@ def run_config(d: Path, name: str, mode: str, grpc_addr: str, http_addr: str,
             wrk_script(profile, script)
             samples = []
             for _ in range(runs):
-                m0, c0 = (scrape(sidecar.http_port), cpu_seconds(sidecar.proc.pid)) \
+                m0, c0 = (scrape(sidecar), cpu_seconds(sidecar.proc.pid)) \
                     if uses_sidecar else ({}, 0.0)
                 r = run_wrk(url, script, seconds, connections)
                 if uses_sidecar:
-                    m1, c1 = scrape(sidecar.http_port), cpu_seconds(sidecar.proc.pid)
+                    m1, c1 = scrape(sidecar), cpu_seconds(sidecar.proc.pid)
                     decided = m1["decisions"] - m0["decisions"]
                     r["decisions_per_s"] = decided / (r["duration_us"] / 1e6)
                     bd = m1["backend_decisions"] - m0["backend_decisions"]
@@ -407,9 +431,9 @@ def smoke_failures(res: dict) -> list[str]:
             if m["errors"]["max"] > 0:
                 bad.append(f"{name}/{profile}: {m['errors']['max']} socket errors")
             # the sidecar's 429s are answers; a reference must never answer non-2xx
-            if not name.endswith("_sidecar") and m["status_errors"]["max"] > 0:
+            if "_sidecar" not in name and m["status_errors"]["max"] > 0:
                 bad.append(f"{name}/{profile}: {m['status_errors']['max']} non-2xx answers")
-            if name.endswith("_sidecar") and m["decisions_per_s"]["min"] <= 0:
+            if "_sidecar" in name and m["decisions_per_s"]["min"] <= 0:
                 bad.append(f"{name}/{profile}: the sidecar decided nothing")
     return bad
 
