@@ -12,19 +12,14 @@ from typing import Iterator, Optional
 import pytest
 
 from sidecar.envoy_config import EnvoyOptions, TierRoute, render
+from tests.support.policies import TIERS_AND_PRICING
 from tests.support.procs import EnvoyProcess, SidecarProcess, free_port, wait_until, workdir
 from tests.support.upstream import FakeUpstream
 from tests.support.valkey import Valkey
 
 POLICY = """
 tenant: {header: x-tenant-id, unknown: %(unknown)s}
-tiers:
-  - {name: default, model: gpt-4o}
-  - {name: compact, model: gpt-4o-mini}
-pricing:
-  gpt-4o: {input: 0.0025, output: 0.01}
-  gpt-4o-mini: {input: 0.00015, output: 0.0006}
-defaults:
+""" + TIERS_AND_PRICING + """defaults:
   limits: {rpm: 5, tpm: 100000}
   budget: {tokens: 10000, period: day, low_water: 0.5}
 tenants:

@@ -13,16 +13,11 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.inproc import RunningSidecar
+from tests.support.policies import TIERS_AND_PRICING
 
 POLICY = """
 tenant: {header: x-tenant-id, unknown: defaults}
-tiers:
-  - {name: default, model: gpt-4o}
-  - {name: compact, model: gpt-4o-mini}
-pricing:
-  gpt-4o: {input: 0.0025, output: 0.01}
-  gpt-4o-mini: {input: 0.00015, output: 0.0006}
-defaults:
+""" + TIERS_AND_PRICING + """defaults:
   limits: {rpm: 3, tpm: 10000}
   budget: {tokens: 5000, period: day, low_water: 0.5}
 tenants:

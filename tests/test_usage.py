@@ -18,16 +18,11 @@ from sidecar.cli import main as kt
 from sidecar.transports.ext_proc import rewrite_model
 from sidecar.usage import UsageScanner, usage_from_json
 from tests.inproc import RunningSidecar
+from tests.support.policies import TIERS_AND_PRICING
 
 POLICY = """
 tenant: {header: x-tenant-id, unknown: defaults}
-tiers:
-  - {name: default, model: gpt-4o}
-  - {name: compact, model: gpt-4o-mini}
-pricing:
-  gpt-4o: {input: 0.0025, output: 0.01}
-  gpt-4o-mini: {input: 0.00015, output: 0.0006}
-defaults:
+""" + TIERS_AND_PRICING + """defaults:
   limits: {rpm: 1000, tpm: 1000000}
   budget: {tokens: 100000, period: day, low_water: 0.2}
 tenants:
