@@ -167,7 +167,7 @@ def test_missing_tenant_and_malformed_body_get_documented_400s(authz):
 
 def test_budget_spend_equals_the_upstream_reported_usage(authz):
     usages = [(120, 30), (900, 250), (40, 8), (3000, 1)]
-    for i, (inp, out) in enumerate(usages):
+    for inp, out in usages:
         status, _, _ = authz.post("finops", headers={"x-fake-usage": f"{inp},{out}"},
                                   body=chat(max_tokens=2000))
         assert status == 200

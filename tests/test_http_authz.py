@@ -2,7 +2,6 @@
 keep-alive and pipelining, and malformed input answered without harm."""
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 

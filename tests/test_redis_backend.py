@@ -329,13 +329,13 @@ def test_password_db_and_unix_socket_urls_work_and_the_password_never_shows():
             for url in (f"redis://:s3cret@127.0.0.1:{v.port}/2", f"unix://:s3cret@{sock}?db=3"):
                 backend = RedisBackend(schema.RedisBackend(url=url, timeout_ms=500))
 
-                async def main():
+                async def main(backend: RedisBackend):
                     await backend.start()
                     out = await backend.decide("auth", lim, 0, 1, 1, 2, False)
                     await backend.close()
                     return out
 
-                assert asyncio.run(main()).remaining_requests == 9
+                assert asyncio.run(main(backend)).remaining_requests == 9
                 assert "s3cret" not in backend.status().detail
             r = redis.Redis(port=v.port, password="s3cret", db=2)
             assert r.exists("kt:{auth}:rpm")  # SELECT 2 took effect

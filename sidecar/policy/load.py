@@ -170,7 +170,7 @@ def compile_policy(policy: schema.Policy, source: str, digest: str = "") -> Comp
 
     def prices_for(where: str, unit: str) -> tuple[tuple[int, int], ...]:
         out = []
-        for i, tier in enumerate(policy.tiers):
+        for tier in policy.tiers:
             price = policy.pricing.get(tier.model)
             if price is None:
                 if unit == "usd":

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from tests.support.procs import (LOOPBACK, ProcessExited, free_port, log_tail, stop_process,
+from tests.support.procs import (LOOPBACK, ProcessExited, free_port, stop_process,
                                  wait_until)
 
 
@@ -129,7 +129,7 @@ class ValkeyCluster:
             for n in self.nodes:
                 n.start()
             ranges = [(0, 5460), (5461, 10922), (10923, 16383)]
-            for n, (lo, hi) in zip(self.nodes, ranges):
+            for n, (lo, hi) in zip(self.nodes, ranges, strict=True):
                 reply = command(n.port, "CLUSTER", "ADDSLOTSRANGE", str(lo), str(hi))
                 assert reply.startswith(b"+OK"), reply
             for n in self.nodes[1:]:
