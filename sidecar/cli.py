@@ -76,7 +76,8 @@ def _envoy_config(args: argparse.Namespace) -> int:
         listen_host=lhost, listen_port=int(lport), admin_host=ahost, admin_port=int(aport),
         sidecar_address=args.sidecar, sidecar_http_address=args.sidecar_http, tiers=tiers,
         mode=args.mode,
-        failure_mode=args.failure_mode, tenant_header=policy.tenant_header)
+        failure_mode=args.failure_mode, tenant_header=policy.tenant_header,
+        tenant_metadata_namespace=policy.tenant_metadata[0] if policy.tenant_metadata else "")
     sys.stdout.write(render(opts))
     return 0
 

@@ -52,6 +52,8 @@ class EnvoyOptions:
     max_request_bytes: int = 65536
     ext_proc: bool = True  # authz mode: body rewrite on downgrade and usage reconciliation
     tenant_header: str = "x-tenant-id"
+    # namespace of dynamic metadata to send to ext_authz (policy `tenant.metadata`)
+    tenant_metadata_namespace: str = ""
     upstream_timeout_s: float = 300.0  # LLM replies are slow; streams longer still
     # benchmarking: answer 200 from Envoy itself instead of routing to the tiers, and read
     # the request body first (a direct response to an unread POST body closes the
@@ -176,6 +178,8 @@ def _filters(o: EnvoyOptions) -> list[dict]:
             # the decision's x-kt-tier must re-select the route (downgrade → compact cluster)
             "clear_route_cache": True,
         }
+        if o.tenant_metadata_namespace:  # the tenant from an authenticating filter
+            authz["metadata_context_namespaces"] = [o.tenant_metadata_namespace]
         if o.with_request_body:
             authz["with_request_body"] = {"max_request_bytes": o.max_request_bytes,
                                           "allow_partial_message": True,

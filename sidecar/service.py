@@ -156,6 +156,11 @@ class DecisionService:
             tenant = tenant.strip()
         if not tenant:
             if policy.missing_tenant == "deny":
+                if policy.tenant_metadata is not None:
+                    ns, path = policy.tenant_metadata
+                    return Decision(Kind.MISSING_TENANT, message=(
+                        f"No tenant: the request has no {ns}:{'.'.join(path)} metadata "
+                        "(was it authenticated?)."))
                 return Decision(Kind.MISSING_TENANT, message=(
                     f"No tenant: the request carries no {policy.tenant_header!r} header."))
             tenant = "anonymous"

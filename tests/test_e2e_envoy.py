@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import base64
+import hashlib
+import hmac
 import json
 import socket
+import time
 from pathlib import Path
 from typing import Iterator, Optional
 
 import pytest
+import yaml
 
 from sidecar.envoy_config import EnvoyOptions, TierRoute, render
 from tests.support.policies import TIERS_AND_PRICING
@@ -75,21 +80,32 @@ def chat(model: str = "gpt-4o", max_tokens: Optional[int] = 50, stream: bool = F
 
 @contextlib.contextmanager
 def stack(mode: str = "authz", failure_mode: str = "deny", unknown: str = "defaults",
-          backend: str = "") -> Iterator[Stack]:
+          backend: str = "", tenant_source: str = "", add_filter: Optional[dict] = None,
+          tenant_metadata_namespace: str = "") -> Iterator[Stack]:
     with workdir() as d, FakeUpstream("default") as up_default, \
             FakeUpstream("compact") as up_compact:
         policy = d / "policy.yaml"
-        policy.write_text(POLICY % {"unknown": unknown, "backend": backend})
+        text = POLICY % {"unknown": unknown, "backend": backend}
+        if tenant_source:
+            text = text.replace(f"tenant: {{header: x-tenant-id, unknown: {unknown}}}",
+                                tenant_source)
+        policy.write_text(text)
         with SidecarProcess(policy, d, ("--http-authz", "127.0.0.1:0")) as sidecar:
             admin, listen = free_port(), free_port()
             opts = EnvoyOptions(
                 listen_port=listen, admin_port=admin,
                 sidecar_address=f"127.0.0.1:{sidecar.grpc_port}",
                 sidecar_http_address=f"127.0.0.1:{sidecar.http_authz_port}", mode=mode,
-                failure_mode=failure_mode,
+                failure_mode=failure_mode, tenant_metadata_namespace=tenant_metadata_namespace,
                 tiers=[TierRoute("default", "gpt-4o", up_default.address),
                        TierRoute("compact", "gpt-4o-mini", up_compact.address)])
-            with EnvoyProcess(render(opts), d, admin, listen) as envoy:
+            bootstrap = render(opts)
+            if add_filter is not None:  # an authenticating filter in front of ext_authz
+                doc = yaml.safe_load(bootstrap)
+                hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+                hcm["typed_config"]["http_filters"].insert(0, add_filter)
+                bootstrap = yaml.safe_dump(doc)
+            with EnvoyProcess(bootstrap, d, admin, listen) as envoy:
                 yield Stack(d, sidecar, envoy, {"default": up_default, "compact": up_compact})
 
 
@@ -278,3 +294,37 @@ def test_rls_mode_allows_then_429s_with_our_headers_and_body():
         assert json.loads(body)["error"]["type"] == "rate_limit_exceeded"
         status, _, body = s.post(None)
         assert status == 400 and json.loads(body)["error"]["code"] == "missing_tenant"
+
+
+JWT_SECRET = b"kt-test-secret-kt-test-secret-32"
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def hs256_token(claims: dict) -> str:
+    head = b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64url(json.dumps(claims).encode())
+    sig = hmac.new(JWT_SECRET, f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{b64url(sig)}"
+
+
+def test_tenant_from_a_validated_jwt_cannot_be_forged_with_a_header():
+    jwt_filter = {"name": "envoy.filters.http.jwt_authn", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+        "providers": {"kt": {
+            "issuer": "kt-test",
+            "local_jwks": {"inline_string": json.dumps({"keys": [
+                {"kty": "oct", "alg": "HS256", "k": b64url(JWT_SECRET)}]})},
+            "payload_in_metadata": "jwt_payload"}},
+        "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "kt"}}]}}
+    with stack("authz", add_filter=jwt_filter,
+               tenant_source='tenant: {metadata: "envoy.filters.http.jwt_authn:jwt_payload.org"}',
+               tenant_metadata_namespace="envoy.filters.http.jwt_authn") as s:
+        token = hs256_token({"iss": "kt-test", "org": "finops", "exp": int(time.time()) + 600})
+        status, _, body = s.post("someone-else", headers={"authorization": f"Bearer {token}"})
+        assert status == 200, body
+        assert json.loads(body)["received_headers"]["x-kt-tenant"] == "finops"
+        status, _, _ = s.post("finops")  # a header alone, no token: Envoy's jwt_authn refuses
+        assert status == 401

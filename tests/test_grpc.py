@@ -236,3 +236,22 @@ def test_unknown_tenant_denied_when_configured():
         assert resp.denied_response.status.code == 403
         assert json.loads(resp.denied_response.body)["error"]["code"] == "unknown_tenant"
         assert check(stub, "acme").status.code == 0
+
+
+def test_tenant_from_dynamic_metadata_wins_over_a_forged_header():
+    policy = POLICY.replace("tenant: {header: x-tenant-id, unknown: defaults}",
+                            'tenant: {metadata: "envoy.filters.http.jwt_authn:jwt_payload.org"}')
+    with RunningSidecar(policy) as sc, grpc.insecure_channel(sc.grpc_target) as ch:
+        stub = external_auth_pb2_grpc.AuthorizationStub(ch)
+        req = external_auth_pb2.CheckRequest()
+        req.attributes.request.http.headers["x-tenant-id"] = "forged"
+        req.attributes.metadata_context.filter_metadata["envoy.filters.http.jwt_authn"].update(
+            {"jwt_payload": {"org": "acme", "sub": "user-1"}})
+        resp = stub.Check(req, timeout=5)
+        assert headers_of(resp.ok_response.headers)["x-kt-tenant"] == "acme"
+        bare = external_auth_pb2.CheckRequest()
+        bare.attributes.request.http.headers["x-tenant-id"] = "forged"
+        denied = stub.Check(bare, timeout=5).denied_response
+        assert denied.status.code == 400
+        err = json.loads(denied.body)["error"]
+        assert err["code"] == "missing_tenant" and "jwt_payload.org" in err["message"]

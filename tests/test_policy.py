@@ -30,6 +30,8 @@ BAD = {
     "negative_rpm.yaml": "$.defaults.limits: rpm and tpm must be >= 0 (0 or absent = unlimited)",
     "unknown_backend.yaml": "$.backend.kind: Invalid value 'etcd'; expected one of: memory, redis",
     "bad_unknown_mode.yaml": "$.tenant.unknown: Invalid enum value 'allow'; expected one of: defaults, deny",
+    "bad_tenant_metadata.yaml": ('$.tenant.metadata: expected "namespace:path.to.field", e.g. '
+                                 '"envoy.filters.http.jwt_authn:jwt_payload.tenant"'),
 }
 
 

@@ -53,6 +53,8 @@ class CompiledPolicy:
     estimate: schema.Estimate
     backend: schema.Backend
     pricing: dict[str, schema.Price] = field(default_factory=dict)
+    # (namespace, path) of the dynamic metadata naming the tenant; None: the header does
+    tenant_metadata: Optional[tuple[str, tuple[str, ...]]] = None
 
     def price_of(self, model: Optional[str]) -> Optional[tuple[int, int]]:
         """nano-USD per (input, output) token of a model; None if the model has no price."""
@@ -162,6 +164,13 @@ def compile_policy(policy: schema.Policy, source: str, digest: str = "") -> Comp
         raise fail("$.estimate.header", "must be a header name")
     if not policy.tenant.header:
         raise fail("$.tenant.header", "must be a header name")
+    tenant_metadata: Optional[tuple[str, tuple[str, ...]]] = None
+    if policy.tenant.metadata is not None:
+        ns, sep, path = policy.tenant.metadata.partition(":")
+        if not sep or not ns or not path or "" in path.split("."):
+            raise fail("$.tenant.metadata", "expected \"namespace:path.to.field\", e.g. "
+                       "\"envoy.filters.http.jwt_authn:jwt_payload.tenant\"")
+        tenant_metadata = (ns, tuple(path.split(".")))
     backend = policy.backend
     if isinstance(backend, schema.RedisBackend) and not (0 < backend.timeout_ms <= 10_000):
         raise fail("$.backend.timeout_ms", "must be between 1 and 10000")
@@ -237,6 +246,7 @@ def compile_policy(policy: schema.Policy, source: str, digest: str = "") -> Comp
                               t.shadow_mode if t.shadow_mode is not None else policy.shadow_mode)
     return CompiledPolicy(
         source=source, digest=digest, tenant_header=policy.tenant.header.lower(),
+        tenant_metadata=tenant_metadata,
         unknown_tenant=policy.tenant.unknown, missing_tenant=policy.tenant.missing,
         tiers=tuple(policy.tiers), tier_by_model=tier_by_model, tenants=tenants,
         defaults=defaults, estimate=est, backend=backend, pricing=dict(policy.pricing),

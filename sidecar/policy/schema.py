@@ -21,6 +21,10 @@ class _Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=T
 
 class TenantSource(_Strict, frozen=True):
     header: str = "x-tenant-id"
+    # "namespace:path.to.field" of Envoy dynamic metadata that names the tenant, e.g.
+    # "envoy.filters.http.jwt_authn:jwt_payload.tenant" after jwt_authn validated a token.
+    # A client cannot forge it; when set, the header is not read (ext_authz over gRPC only).
+    metadata: Optional[str] = None
     # what to do with a request whose tenant is not listed under `tenants`:
     # `defaults` applies the default limits (each unknown tenant gets its own
     # state), `deny` refuses it with 403.

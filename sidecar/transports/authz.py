@@ -102,7 +102,29 @@ def _metadata(md: dict | None) -> bytes:
                      lambda: external_auth_pb2.CheckResponse(dynamic_metadata=metadata_struct(md)))
 
 
-def request_from_check(req: external_auth_pb2.CheckRequest) -> Request:
+def tenant_from_metadata(req: external_auth_pb2.CheckRequest,
+                         where: tuple[str, tuple[str, ...]]) -> str:
+    """The string at namespace/path of the request's metadata_context; "" when absent
+    (which the service answers as a missing tenant: never a fallback to a header)."""
+    namespace, path = where
+    fm = req.attributes.metadata_context.filter_metadata
+    if namespace not in fm:
+        return ""
+    value = None
+    fields = fm[namespace].fields
+    for key in path:
+        if key not in fields:
+            return ""
+        value = fields[key]
+        if value.HasField("struct_value"):
+            fields = value.struct_value.fields
+    if value is None or not value.HasField("string_value"):
+        return ""
+    return value.string_value
+
+
+def request_from_check(req: external_auth_pb2.CheckRequest,
+                       tenant_metadata: tuple[str, tuple[str, ...]] | None = None) -> Request:
     http = req.attributes.request.http
     if http.headers:
         headers = dict(http.headers)
@@ -112,7 +134,8 @@ def request_from_check(req: external_auth_pb2.CheckRequest) -> Request:
     body = http.raw_body or http.body.encode()
     truncated = headers.get("x-envoy-auth-partial-body") == "true"
     # x-request-id, not http.id: ext_proc and usage reports see the same x-request-id
-    return Request(headers=headers, body=body, body_truncated=truncated,
+    tenant = tenant_from_metadata(req, tenant_metadata) if tenant_metadata else None
+    return Request(headers=headers, body=body, body_truncated=truncated, tenant=tenant,
                    request_id=headers.get("x-request-id", ""))
 
 
@@ -143,7 +166,8 @@ def authorization_handler(service: DecisionService) -> grpc.GenericRpcHandler:
     """envoy.service.auth.v3.Authorization with Check answering pre-serialized bytes."""
 
     async def check(request: external_auth_pb2.CheckRequest, context) -> bytes:
-        decision = await service.decide(request_from_check(request), "authz")
+        decision = await service.decide(
+            request_from_check(request, service.policy.tenant_metadata), "authz")
         ans = contract.answer(decision)
         if ans.unavailable:
             # UNAVAILABLE, not UNKNOWN: Envoy treats UNKNOWN as OK, and must see a failure

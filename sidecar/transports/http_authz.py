@@ -154,7 +154,10 @@ class AuthzProtocol(asyncio.Protocol):
             return None
         body = bytes(self.buf[start:start + length])
         del self.buf[:start + length]
-        return Request(headers=headers, body=body,
+        # HTTP ext_authz carries no dynamic metadata: a policy that names the tenant by
+        # metadata must not fall back to a header a client could set
+        tenant = "" if self.service.policy.tenant_metadata is not None else None
+        return Request(headers=headers, body=body, tenant=tenant,
                        body_truncated=headers.get("x-envoy-auth-partial-body") == "true",
                        request_id=headers.get("x-request-id", ""))
 
