@@ -276,7 +276,7 @@ def main() -> int:
                 results["configs"][name] = run_config(
                     d, name, mode, grpc_addr, http_addr, which,
                     profiles if name != "http_sidecar_2workers" else ["chat_short"],
-                    seconds, runs, a.connections)
+                    seconds, runs, a.connections, valkey_pid=valkey.pid)
             # latency at half of the fast path's throughput, against Envoy alone at that rate
             fast = results["configs"]["http_sidecar"]["chat_short"]["rps"]["median"]
             results["half_load_latency"] = half_load(d, configs, fast / 2, 1.0 if a.smoke else 5.0)
@@ -304,7 +304,7 @@ def main() -> int:
 
 def run_config(d: Path, name: str, mode: str, grpc_addr: str, http_addr: str,
                sidecar: SidecarProcess, profiles: list[str], seconds: float, runs: int,
-               connections: int) -> dict:
+               connections: int, valkey_pid: int = 0) -> dict:
     admin, listen = free_port(), free_port()
     opts = EnvoyOptions(listen_port=listen, admin_port=admin, mode=mode,  # type: ignore[arg-type]
                         sidecar_address=grpc_addr or "127.0.0.1:1",
@@ -326,6 +326,7 @@ def run_config(d: Path, name: str, mode: str, grpc_addr: str, http_addr: str,
             for _ in range(runs):
                 m0, c0 = (scrape(sidecar), cpu_seconds(sidecar.proc.pid)) \
                     if uses_sidecar else ({}, 0.0)
+                v0 = cpu_seconds(valkey_pid) if uses_sidecar and valkey_pid else 0.0
                 r = run_wrk(url, script, seconds, connections)
                 if uses_sidecar:
                     m1, c1 = scrape(sidecar), cpu_seconds(sidecar.proc.pid)
@@ -334,6 +335,9 @@ def run_config(d: Path, name: str, mode: str, grpc_addr: str, http_addr: str,
                     bd = m1["backend_decisions"] - m0["backend_decisions"]
                     r["round_trips_per_decision"] = (m1["round_trips"] - m0["round_trips"]) / max(bd, 1)
                     r["cpu_ms_per_1000_decisions"] = 1e6 * (c1 - c0) / max(decided, 1)
+                    if valkey_pid:
+                        r["valkey_cpu_ms_per_1000_decisions"] = \
+                            1e6 * (cpu_seconds(valkey_pid) - v0) / max(decided, 1)
                 samples.append(r)
             out[profile] = {k: median_spread([s[k] for s in samples]) for k in samples[0]
                             if isinstance(samples[0][k], (int, float))}
@@ -379,7 +383,8 @@ def summarize(res: dict) -> None:
                 "p99_ms": m["p99"]["median"] / 1000,
                 "errors": m["errors"]["max"],
             }
-            for k in ("decisions_per_s", "round_trips_per_decision", "cpu_ms_per_1000_decisions"):
+            for k in ("decisions_per_s", "round_trips_per_decision", "cpu_ms_per_1000_decisions",
+                      "valkey_cpu_ms_per_1000_decisions"):
                 if k in m:
                     row[k] = m[k]["median"]
             rows.append(row)

@@ -104,6 +104,17 @@ def _spend(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from sidecar.plan import PlanError, plan
+
+    try:
+        print(plan(args.results, args.rps, args.transport, args.profile, args.headroom).text())
+    except PlanError as exc:
+        print(f"kt plan: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kt", description="kt-sidecar: rate limits and budgets "
                                 "for LLM traffic behind Envoy.")
@@ -144,6 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--failure-mode", choices=["allow", "deny"], default="deny",
                    help="what Envoy does when the sidecar cannot answer")
     e.set_defaults(func=_envoy_config)
+    pl = sub.add_parser("plan", help="sidecar and Redis cores for a request rate, from a "
+                        "bench result measured on your hardware")
+    pl.add_argument("--rps", type=float, required=True, help="peak requests per second")
+    pl.add_argument("--transport", choices=["http", "grpc"], default="http")
+    pl.add_argument("--profile", default="chat_short", help="workload profile of the result")
+    pl.add_argument("--headroom", type=float, default=1.5)
+    pl.add_argument("--results", default="bench/results/latest.json",
+                    help="a bench/run.py result (JSON)")
+    pl.set_defaults(func=_plan)
+
     u = sub.add_parser("spend", help="actual tokens and USD per tenant and model, from a "
                        "running sidecar (since its start)")
     u.add_argument("--http", default="127.0.0.1:9090", help="the sidecar's HTTP side port")

@@ -1,0 +1,78 @@
+"""`kt plan`: how many sidecar cores (workers) and Redis cores a request rate needs,
+computed from a bench harness result (bench/results/*.json), never from guesses.
+
+The result file gives, for each transport and workload profile, the sidecar's CPU per
+decision and Valkey's CPU per decision, measured in that run on that machine; the plan
+scales them to the asked rate with a headroom factor. The answer is only as good as the
+resemblance between that machine and yours: run `python bench/run.py` on your hardware.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+TRANSPORTS = {"http": "http_sidecar", "grpc": "grpc_sidecar"}
+
+
+class PlanError(ValueError):
+    """The result file cannot answer the question; the message says why."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    rps: float
+    transport: str
+    profile: str
+    headroom: float
+    sidecar_cpu_us: float  # per decision, measured
+    valkey_cpu_us: float  # per decision, measured
+    sidecar_cores: int
+    redis_cores: int
+    source: str
+    machine: str
+
+    def text(self) -> str:
+        return (
+            f"{self.rps:.0f} req/s, {self.transport} ext_authz, profile {self.profile}, "
+            f"headroom x{self.headroom:g}\n"
+            f"  sidecar: {self.sidecar_cpu_us:.0f} us CPU per decision (measured) -> "
+            f"{self.sidecar_cores} core(s): `kt serve --workers {self.sidecar_cores}` "
+            "(Redis backend), or spread over gateway pods\n"
+            f"  redis:   {self.valkey_cpu_us:.0f} us Valkey CPU per decision (measured) -> "
+            f"{self.redis_cores} core(s); shard tenants over a cluster beyond one\n"
+            f"  from {self.source} ({self.machine}); one settle call per reconciled request "
+            "is not included")
+
+
+def plan(results_path: str | Path, rps: float, transport: str = "http",
+         profile: str = "chat_short", headroom: float = 1.5) -> Plan:
+    if rps <= 0 or headroom < 1:
+        raise PlanError("--rps must be > 0 and --headroom >= 1")
+    config = TRANSPORTS.get(transport)
+    if config is None:
+        raise PlanError(f"--transport must be one of {', '.join(TRANSPORTS)}")
+    try:
+        doc = json.loads(Path(results_path).read_text())
+    except (OSError, ValueError) as exc:
+        raise PlanError(f"{results_path}: not a readable bench result ({exc})") from None
+    try:
+        measured = doc["configs"][config][profile]
+        sidecar_us = measured["cpu_ms_per_1000_decisions"]["median"]
+    except (KeyError, TypeError):
+        raise PlanError(f"{results_path}: no {config}/{profile} measurement "
+                        "(run `python bench/run.py` without --smoke)") from None
+    valkey = measured.get("valkey_cpu_ms_per_1000_decisions")
+    if valkey is None:
+        raise PlanError(f"{results_path}: no Valkey CPU measurement (a result from an older "
+                        "harness; run `python bench/run.py` again)")
+    valkey_us = valkey["median"]
+    m = doc.get("machine", {})
+    return Plan(
+        rps=rps, transport=transport, profile=profile, headroom=headroom,
+        sidecar_cpu_us=sidecar_us, valkey_cpu_us=valkey_us,
+        sidecar_cores=max(1, math.ceil(rps * sidecar_us / 1e6 * headroom)),
+        redis_cores=max(1, math.ceil(rps * valkey_us / 1e6 * headroom)),
+        source=str(results_path),
+        machine=f"{m.get('cpus', '?')} CPUs {m.get('cpu_model', '')}, {m.get('date', '')}".strip())

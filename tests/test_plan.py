@@ -1,0 +1,46 @@
+"""`kt plan` turns a bench result into cores, and says why when it cannot."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sidecar.cli import main as kt
+from sidecar.plan import PlanError, plan
+
+ROOT = Path(__file__).parent.parent
+
+
+def result(tmp_path, sidecar_ms: float, valkey_ms: float | None) -> Path:
+    measured = {"cpu_ms_per_1000_decisions": {"median": sidecar_ms}}
+    if valkey_ms is not None:
+        measured["valkey_cpu_ms_per_1000_decisions"] = {"median": valkey_ms}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"machine": {"cpus": 2}, "configs": {
+        "http_sidecar": {"chat_short": measured}}}))
+    return path
+
+
+def test_cores_scale_with_the_measured_cpu_per_decision(tmp_path):
+    # 80 us sidecar CPU and 20 us Valkey CPU per decision, 30,000 req/s, headroom 1.5
+    p = plan(result(tmp_path, 80.0, 20.0), 30_000, "http", "chat_short", 1.5)
+    assert (p.sidecar_cores, p.redis_cores) == (4, 1)  # ceil(3.6), ceil(0.9)
+    assert "kt serve --workers 4" in p.text()
+
+
+@pytest.mark.parametrize("valkey,args,fragment", [
+    (None, {}, "no Valkey CPU measurement"),
+    (20.0, {"transport": "grpc"}, "no grpc_sidecar/chat_short measurement"),
+    (20.0, {"headroom": 0.5}, "--headroom >= 1"),
+])
+def test_what_the_result_cannot_answer_is_said(tmp_path, valkey, args, fragment):
+    with pytest.raises(PlanError, match=fragment.replace("/", ".")):
+        plan(result(tmp_path, 80.0, valkey), 1000, **args)
+
+
+def test_the_committed_bench_result_plans(capsys):
+    latest = ROOT / "bench" / "results" / "latest.json"
+    assert kt(["plan", "--rps", "20000", "--results", str(latest)]) == 0
+    out = capsys.readouterr().out
+    assert "us CPU per decision (measured)" in out and "core(s)" in out
