@@ -7,9 +7,11 @@ Two ways to call the sidecar:
   actual usage from the response for reconciliation (docs/usage.md).
 - ``rls``: Envoy's rate-limit filter; the tenant (and model) go as descriptor entries,
   the token estimate as ``hits_addend``. The rate-limit filter cannot re-select the
-  route after the decision, so in this mode a downgrade arrives at the upstream as
-  ``x-kt-tier`` / ``x-kt-model`` headers and dynamic metadata only: use ``authz`` mode
-  when Envoy itself must route the compact tier to its own cluster.
+  route after the decision (it has no ``clear_route_cache``; checked on Envoy 1.40: an
+  ``x-kt-tier: compact`` added by the RLS still reaches the default tier's cluster), so
+  in this mode a downgrade arrives at the upstream as ``x-kt-tier`` / ``x-kt-model``
+  headers and dynamic metadata only, and the upstream (or a later filter) must act on
+  it: use ``authz`` mode when Envoy itself must route the compact tier to its own cluster.
 """
 from __future__ import annotations
 
@@ -45,13 +47,20 @@ class EnvoyOptions:
     # status_on_error; RLS failure_mode_deny answers 500), "allow" lets the request through
     failure_mode: Literal["allow", "deny"] = "deny"
     # Envoy's own defaults: ext_authz 200 ms, RLS 20 ms. The sidecar answers in well under
-    # a millisecond; these bound the damage of a stalled sidecar.
+    # a millisecond; these bound the damage of a stalled sidecar. RLS keeps Envoy's tight
+    # 20 ms: a rate limiter on every request must fail fast (a 10 s limiter timeout turned a
+    # Redis outage into second-long stalls, envoyproxy/ratelimit #462), and the Redis
+    # backend's own 15 ms timeout sits under it so the sidecar's failure mode answers first.
     authz_timeout_s: float = 0.2
     rls_timeout_s: float = 0.02
     with_request_body: bool = True  # the sidecar reads model / max_tokens from the body
     max_request_bytes: int = 65536
     ext_proc: bool = True  # authz mode: body rewrite on downgrade and usage reconciliation
     tenant_header: str = "x-tenant-id"
+    # rls mode: the rate-limit filter never sees the body, so a client that wants a
+    # particular model's tier says so in this header (descriptor entry `model`, optional)
+    rls_model_header: str = "x-kt-model"
+    estimate_header: str = "x-kt-estimated-tokens"  # policy `estimate.header`; rls hits_addend
     # namespace of dynamic metadata to send to ext_authz (policy `tenant.metadata`)
     tenant_metadata_namespace: str = ""
     upstream_timeout_s: float = 300.0  # LLM replies are slow; streams longer still
@@ -92,19 +101,29 @@ def _missing_tenant_body() -> str:
         "missing_tenant").decode()
 
 
+def _json_400(match_headers: list[dict], body: str) -> dict:
+    return {"match": {"prefix": "/", "headers": match_headers},
+            "direct_response": {"status": 400, "body": {"inline_string": body}},
+            "response_headers_to_add": [{"header": {"key": "content-type",
+                                                    "value": "application/json"}}]}
+
+
 def _routes(o: EnvoyOptions) -> list[dict]:
     timeout = _seconds(o.upstream_timeout_s)
     routes: list[dict] = []
     if o.mode == "rls":
-        # Envoy makes no RLS call when a descriptor's header is absent, which would let
-        # such a request through unlimited: refuse it here with the contract's answer.
-        routes.append({
-            "match": {"prefix": "/", "headers": [
-                {"name": o.tenant_header, "present_match": False}]},
-            "direct_response": {"status": 400, "body": {"inline_string": _missing_tenant_body()}},
-            "response_headers_to_add": [{"header": {"key": "content-type",
-                                                    "value": "application/json"}}],
-        })
+        # Envoy makes no RLS call when the descriptor cannot be built, which would let
+        # such a request through unlimited: refuse those here with the contract's answer.
+        # (1) no tenant header;
+        routes.append(_json_400([{"name": o.tenant_header, "present_match": False}],
+                                _missing_tenant_body()))
+        # (2) an estimate header that hits_addend cannot parse (not a number, or above
+        # Envoy's and the sidecar's 1e9 cap): "a malformed estimate is a 400, never a guess"
+        routes.append(_json_400(
+            [{"name": o.estimate_header, "string_match": {"safe_regex": {"regex": "[0-9]{1,9}"}},
+              "invert_match": True}],
+            contract.error_body(f"header {o.estimate_header} must be an integer between 0 and "
+                                "999999999", "invalid_request_error", "invalid_request").decode()))
     if o.direct_response:
         routes.append({"match": {"prefix": "/"},
                        "direct_response": {"status": 200, "body": {"inline_string": "{}"}}})
@@ -121,11 +140,22 @@ def _routes(o: EnvoyOptions) -> list[dict]:
 
 
 def _rate_limits(o: EnvoyOptions) -> list[dict]:
+    # One descriptor: (tenant, [model]). Given to the filter itself, not to the route
+    # table: Envoy 1.40 accepts `hits_addend` on a route's or virtual host's rate_limits
+    # but never sends it; only the filter's own `rate_limits` evaluate it, and they send
+    # it as the descriptor's `hits_addend` (not the request-level field).
     return [{
-        "actions": [{"request_headers": {"header_name": o.tenant_header,
-                                         "descriptor_key": "tenant"}}],
-        # the request's token estimate is the number of hits
-        "hits_addend": {"format": "%REQ(x-kt-estimated-tokens)%"},
+        "actions": [
+            {"request_headers": {"header_name": o.tenant_header, "descriptor_key": "tenant"}},
+            # without skip_if_absent a request with no model header would get no
+            # descriptor at all, i.e. no RLS call and no limit
+            {"request_headers": {"header_name": o.rls_model_header, "descriptor_key": "model",
+                                 "skip_if_absent": True}},
+        ],
+        # the request's token estimate is the number of hits. If this format yields no
+        # number Envoy sends no descriptor at all: see the early header mutation (absent
+        # header) and the 400 route (malformed header) that make that impossible
+        "hits_addend": {"format": f"%REQ({o.estimate_header})%"},
     }]
 
 
@@ -206,10 +236,21 @@ def _filters(o: EnvoyOptions) -> list[dict]:
         filters.append({"name": "envoy.filters.http.ratelimit", "typed_config": {
             "@type": TYPE + "envoy.extensions.filters.http.ratelimit.v3.RateLimit",
             "domain": "kt",
-            "request_type": "external",
+            # "both" (Envoy's default, spelled out): with "external", a request the
+            # connection manager marks internal (x-envoy-internal: an app on loopback when
+            # internal_address_config covers it, the usual pod-sidecar set-up) skips the
+            # RLS call entirely: no limit, no budget (seen on Envoy 1.40)
+            "request_type": "both",
             "timeout": _seconds(o.rls_timeout_s),
             "failure_mode_deny": o.failure_mode == "deny",
+            # a sidecar that cannot answer is a 503, as in ext_authz mode (Envoy's own
+            # default would be 500)
+            "status_on_error": {"code": "ServiceUnavailable"},
+            # the sidecar sends the OpenAI-style x-ratelimit-* itself; Envoy's draft-RFC
+            # headers would contradict them
+            "enable_x_ratelimit_headers": "OFF",
             "rate_limit_service": {"grpc_service": sidecar, "transport_api_version": "V3"},
+            "rate_limits": _rate_limits(o),
         }})
     if o.direct_response:
         filters.append({"name": "envoy.filters.http.buffer", "typed_config": {
@@ -224,9 +265,7 @@ def bootstrap(o: EnvoyOptions) -> dict:
     if not o.tiers:
         raise ValueError("at least one tier is required")
     vhost: dict = {"name": "llm", "domains": ["*"], "routes": _routes(o)}
-    if o.mode == "rls":
-        vhost["rate_limits"] = _rate_limits(o)
-    hcm = {
+    hcm: dict = {
         "@type": TYPE + "envoy.extensions.filters.network.http_connection_manager.v3."
                         "HttpConnectionManager",
         "stat_prefix": "llm",
@@ -234,6 +273,18 @@ def bootstrap(o: EnvoyOptions) -> dict:
         "route_config": {"name": "llm", "virtual_hosts": [vhost]},
         "http_filters": _filters(o),
     }
+    if o.mode == "rls":
+        # hits_addend's %REQ()% of an absent header is no number, and then Envoy drops the
+        # whole descriptor (no RLS call: unlimited). "0" means "no estimate given" to the
+        # sidecar (its default estimate applies); early mutations run before routing.
+        hcm["early_header_mutation_extensions"] = [{
+            "name": "envoy.http.early_header_mutation.header_mutation",
+            "typed_config": {
+                "@type": TYPE + "envoy.extensions.http.early_header_mutation.header_mutation"
+                                ".v3.HeaderMutation",
+                "mutations": [{"append": {
+                    "header": {"key": o.estimate_header, "value": "0"},
+                    "append_action": "ADD_IF_ABSENT"}}]}}]
     clusters = [_cluster("kt_sidecar", o.sidecar_address, http2=True)]
     if o.mode == "http-authz":
         clusters.append(_cluster("kt_sidecar_http", o.sidecar_http_address, http2=False))
