@@ -81,7 +81,8 @@ def chat(model: str = "gpt-4o", max_tokens: Optional[int] = 50, stream: bool = F
 @contextlib.contextmanager
 def stack(mode: str = "authz", failure_mode: str = "deny", unknown: str = "defaults",
           backend: str = "", tenant_source: str = "", add_filter: Optional[dict] = None,
-          tenant_metadata_namespace: str = "") -> Iterator[Stack]:
+          tenant_metadata_namespace: str = "", hcm_extra: Optional[dict] = None
+          ) -> Iterator[Stack]:
     with workdir() as d, FakeUpstream("default") as up_default, \
             FakeUpstream("compact") as up_compact:
         policy = d / "policy.yaml"
@@ -100,10 +101,12 @@ def stack(mode: str = "authz", failure_mode: str = "deny", unknown: str = "defau
                 tiers=[TierRoute("default", "gpt-4o", up_default.address),
                        TierRoute("compact", "gpt-4o-mini", up_compact.address)])
             bootstrap = render(opts)
-            if add_filter is not None:  # an authenticating filter in front of ext_authz
+            if add_filter is not None or hcm_extra:
                 doc = yaml.safe_load(bootstrap)
                 hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-                hcm["typed_config"]["http_filters"].insert(0, add_filter)
+                if add_filter is not None:  # an authenticating filter in front of ext_authz
+                    hcm["typed_config"]["http_filters"].insert(0, add_filter)
+                hcm["typed_config"].update(hcm_extra or {})  # connection-manager settings
                 bootstrap = yaml.safe_dump(doc)
             with EnvoyProcess(bootstrap, d, admin, listen) as envoy:
                 yield Stack(d, sidecar, envoy, {"default": up_default, "compact": up_compact})
@@ -163,10 +166,15 @@ def test_429_with_retry_after_once_rpm_is_spent(authz):
     status, headers, body = authz.post("t-rpm")
     assert status == 429
     assert headers["retry-after"] == "12"  # rpm 5: one request every 12 s
+    assert headers["x-ratelimit-limit-requests"] == "5"
     assert headers["x-ratelimit-remaining-requests"] == "0"
+    assert headers["x-ratelimit-limit-tokens"] == "100000"
     assert headers["content-type"] == "application/json"
     err = json.loads(body)["error"]
     assert err["type"] == "rate_limit_exceeded" and "t-rpm" in err["message"]
+    # the refused request never reached an upstream
+    assert sum(r["headers"].get("x-tenant-id") == "t-rpm"
+               for r in authz.upstreams["default"].requests) == 5
 
 
 def test_unknown_tenant_gets_the_defaults(authz):
@@ -264,14 +272,19 @@ def test_an_upstream_error_refunds_the_reservation(authz):
 
 def test_unknown_tenant_denied_when_the_policy_says_so():
     with stack("authz", unknown="deny") as s:
-        status, _, body = s.post("stranger")
-        assert status == 403 and json.loads(body)["error"]["code"] == "unknown_tenant"
+        status, headers, body = s.post("stranger")
+        assert status == 403 and headers["content-type"] == "application/json"
+        err = json.loads(body)["error"]
+        assert (err["type"], err["code"]) == ("permission_error", "unknown_tenant")
+        assert "stranger" in err["message"]
+        assert s.upstreams["default"].requests == []
         assert s.post("finops")[0] == 200
 
 
+@pytest.mark.parametrize("mode", ["authz", "rls"])
 @pytest.mark.parametrize("failure_mode,expected", [("deny", 503), ("allow", 200)])
-def test_sidecar_stopped_envoy_failure_mode_decides(failure_mode, expected):
-    with stack("authz", failure_mode=failure_mode) as s:
+def test_sidecar_stopped_envoy_failure_mode_decides(mode, failure_mode, expected):
+    with stack(mode, failure_mode=failure_mode) as s:
         assert s.post("t-fail")[0] == 200
         s.sidecar.stop()
         status, _, body = s.post("t-fail")
@@ -280,20 +293,88 @@ def test_sidecar_stopped_envoy_failure_mode_decides(failure_mode, expected):
             assert json.loads(body)["served_by"] == "default"
 
 
-def test_rls_mode_allows_then_429s_with_our_headers_and_body():
+@pytest.fixture(scope="module")
+def rls() -> Iterator[Stack]:
+    """One RLS-mode stack for the RLS tests (each uses its own tenants)."""
     with stack("rls") as s:
-        status, headers, body = s.post("t-rls", headers={"x-kt-estimated-tokens": "10"})
+        yield s
+
+
+def test_rls_mode_allows_then_429s_with_our_headers_and_body(rls):
+    status, headers, body = rls.post("t-rls", headers={"x-kt-estimated-tokens": "10"})
+    assert status == 200, body
+    got = json.loads(body)["received_headers"]
+    assert got["x-kt-decision"] == "allow" and got["x-kt-tenant"] == "t-rls"
+    for _ in range(4):
+        assert rls.post("t-rls", headers={"x-kt-estimated-tokens": "10"})[0] == 200
+    status, headers, body = rls.post("t-rls", headers={"x-kt-estimated-tokens": "10"})
+    assert status == 429
+    assert headers["retry-after"] == "12"
+    assert json.loads(body)["error"]["type"] == "rate_limit_exceeded"
+    assert headers["x-ratelimit-limit-requests"] == "5"
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    status, _, body = rls.post(None)
+    assert status == 400 and json.loads(body)["error"]["code"] == "missing_tenant"
+
+
+def test_rls_limits_a_request_without_an_estimate_and_refuses_a_malformed_one(rls):
+    # Envoy sends no descriptor (no RLS call: no limit) when hits_addend's format yields no
+    # number; the config defaults an absent header and answers a malformed one itself
+    for _ in range(5):
+        status, _, body = rls.post("t-rls-noest")
         assert status == 200, body
-        got = json.loads(body)["received_headers"]
-        assert got["x-kt-decision"] == "allow" and got["x-kt-tenant"] == "t-rls"
-        for _ in range(4):
-            assert s.post("t-rls", headers={"x-kt-estimated-tokens": "10"})[0] == 200
-        status, headers, body = s.post("t-rls", headers={"x-kt-estimated-tokens": "10"})
-        assert status == 429
-        assert headers["retry-after"] == "12"
-        assert json.loads(body)["error"]["type"] == "rate_limit_exceeded"
-        status, _, body = s.post(None)
-        assert status == 400 and json.loads(body)["error"]["code"] == "missing_tenant"
+    status, headers, body = rls.post("t-rls-noest")
+    assert status == 429 and headers["retry-after"] == "12", body
+    for bad in ("lots", "-1", "1000000000", "1.5"):
+        status, headers, body = rls.post("t-rls-bad", headers={"x-kt-estimated-tokens": bad})
+        assert status == 400, (bad, body)
+        assert headers["content-type"] == "application/json"
+        assert json.loads(body)["error"]["code"] == "invalid_request"
+    assert not any(r["headers"].get("x-tenant-id") == "t-rls-bad"
+                   for r in rls.upstreams["default"].requests)
+
+
+def test_rls_model_header_selects_the_requested_tier(rls):
+    status, _, body = rls.post("t-rls-model", headers={"x-kt-model": "gpt-4o-mini",
+                                                       "x-kt-estimated-tokens": "10"})
+    assert status == 200, body
+    got = json.loads(body)["received_headers"]
+    assert (got["x-kt-decision"], got["x-kt-tier"], got["x-kt-model"]) == (
+        "allow", "compact", "gpt-4o-mini")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "sidecar bug: sidecar/transports/rls.py reads only RateLimitRequest.hits_addend, but "
+    "Envoy 1.40 sends the estimate as the descriptor's hits_addend (UInt64Value); the "
+    "default estimate (512) is charged instead of 6000"))
+def test_rls_estimate_is_the_hits_and_a_downgrade_arrives_as_headers_only(rls):
+    # tokens budget 10,000, low water 0.5: 6,000 charged leaves 4,000
+    status, headers, body = rls.post("t-rls-down", headers={"x-kt-estimated-tokens": "6000"})
+    assert status == 200, body
+    assert headers["x-kt-budget-remaining"] == "4000"
+    status, headers, body = rls.post("t-rls-down", headers={"x-kt-estimated-tokens": "10"})
+    assert status == 200, body
+    reply = json.loads(body)
+    got = reply["received_headers"]
+    assert (got["x-kt-decision"], got["x-kt-tier"], got["x-kt-model"]) == (
+        "downgrade", "compact", "gpt-4o-mini")
+    # documented limit of RLS mode: the rate-limit filter cannot re-select the route, so
+    # the default tier's upstream gets the request and must act on the headers
+    assert reply["served_by"] == "default"
+
+
+def test_rls_still_limits_requests_envoy_marks_internal():
+    # an app on loopback, trusted as internal: with request_type "external" Envoy would
+    # skip the RLS call for these requests altogether
+    internal = {"use_remote_address": True, "internal_address_config": {
+        "cidr_ranges": [{"address_prefix": "127.0.0.0", "prefix_len": 8}]}}
+    with stack("rls", hcm_extra=internal) as s:
+        for _ in range(5):
+            status, _, body = s.post("t-internal")
+            assert status == 200, body
+        assert json.loads(body)["received_headers"]["x-envoy-internal"] == "true"
+        status, headers, _ = s.post("t-internal")
+        assert status == 429 and headers["retry-after"] == "12"
 
 
 JWT_SECRET = b"kt-test-secret-kt-test-secret-32"
