@@ -18,7 +18,8 @@ import yaml
 
 from sidecar.envoy_config import EnvoyOptions, TierRoute, render
 from tests.support.policies import TIERS_AND_PRICING
-from tests.support.procs import EnvoyProcess, SidecarProcess, free_port, wait_until, workdir
+from tests.support.procs import (EnvoyProcess, SidecarProcess, free_port, log_tail, wait_until,
+                                 workdir)
 from tests.support.upstream import FakeUpstream
 from tests.support.valkey import Valkey
 
@@ -109,7 +110,12 @@ def stack(mode: str = "authz", failure_mode: str = "deny", unknown: str = "defau
                 hcm["typed_config"].update(hcm_extra or {})  # connection-manager settings
                 bootstrap = yaml.safe_dump(doc)
             with EnvoyProcess(bootstrap, d, admin, listen) as envoy:
-                yield Stack(d, sidecar, envoy, {"default": up_default, "compact": up_compact})
+                try:
+                    yield Stack(d, sidecar, envoy, {"default": up_default, "compact": up_compact})
+                except AssertionError as exc:  # show what Envoy and the sidecar logged
+                    exc.args = (f"{exc.args[0] if exc.args else ''}"
+                                f"{log_tail(envoy.log, 20)}{log_tail(sidecar.log, 20)}",)
+                    raise
 
 
 @pytest.fixture(scope="module", params=[("authz", "memory"), ("authz", "redis"),
