@@ -43,8 +43,8 @@ class EnvoyOptions:
         TierRoute("default", "gpt-4o", "127.0.0.1:8000"),
         TierRoute("compact", "gpt-4o-mini", "127.0.0.1:8000")])
     mode: Literal["authz", "http-authz", "rls", "none"] = "authz"  # none: Envoy alone
-    # what Envoy does when the sidecar cannot answer: "deny" answers 503 (ext_authz
-    # status_on_error; RLS failure_mode_deny answers 500), "allow" lets the request through
+    # what Envoy does when the sidecar cannot answer: "deny" answers 503 (ext_authz and
+    # RLS `status_on_error`), "allow" lets the request through
     failure_mode: Literal["allow", "deny"] = "deny"
     # Envoy's own defaults: ext_authz 200 ms, RLS 20 ms. The sidecar answers in well under
     # a millisecond; these bound the damage of a stalled sidecar. RLS keeps Envoy's tight
