@@ -20,6 +20,9 @@ H_TIER = "x-kt-tier"
 H_MODEL = "x-kt-model"
 H_PRIORITY = "x-kt-priority"
 H_SHADOW = "x-kt-shadow"  # shadow mode: what the decision would have been
+# Only the sidecar may set these: the printed Envoy config strips them from the client's
+# request before any filter runs (else a fail-open or an appending filter lets them through).
+UPSTREAM_HEADERS = (H_DECISION, H_TENANT, H_TIER, H_MODEL, H_PRIORITY, H_SHADOW)
 # Set on the response to the client (OpenAI-style).
 H_LIMIT_REQUESTS = "x-ratelimit-limit-requests"
 H_REMAINING_REQUESTS = "x-ratelimit-remaining-requests"

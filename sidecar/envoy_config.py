@@ -59,7 +59,9 @@ class EnvoyOptions:
     tenant_header: str = "x-tenant-id"
     # rls mode: the rate-limit filter never sees the body, so a client that wants a
     # particular model's tier says so in this header (descriptor entry `model`, optional)
-    rls_model_header: str = "x-kt-model"
+    # the client's model for the RLS `model` descriptor (the filter cannot read the body);
+    # not x-kt-model, which is the sidecar's answer and stripped at the listener
+    rls_model_header: str = "x-kt-requested-model"
     estimate_header: str = "x-kt-estimated-tokens"  # policy `estimate.header`; rls hits_addend
     # namespace of dynamic metadata to send to ext_authz (policy `tenant.metadata`)
     tenant_metadata_namespace: str = ""
@@ -273,18 +275,23 @@ def bootstrap(o: EnvoyOptions) -> dict:
         "route_config": {"name": "llm", "virtual_hosts": [vhost]},
         "http_filters": _filters(o),
     }
+    # Client-sent x-kt-decision/-tier/-model... are removed before any filter: the sidecar
+    # overwrites them on an answer, but a fail-open (sidecar unreachable) would pass them
+    # on and let x-kt-tier pick a route, and Envoy's rate-limit filter *appends* its
+    # request_headers_to_add (seen on Envoy 1.40: "gpt-4o, gpt-4o-mini")
+    mutations: list[dict] = [{"remove": h} for h in contract.UPSTREAM_HEADERS]
     if o.mode == "rls":
         # hits_addend's %REQ()% of an absent header is no number, and then Envoy drops the
         # whole descriptor (no RLS call: unlimited). "0" means "no estimate given" to the
         # sidecar (its default estimate applies); early mutations run before routing.
-        hcm["early_header_mutation_extensions"] = [{
-            "name": "envoy.http.early_header_mutation.header_mutation",
-            "typed_config": {
-                "@type": TYPE + "envoy.extensions.http.early_header_mutation.header_mutation"
-                                ".v3.HeaderMutation",
-                "mutations": [{"append": {
-                    "header": {"key": o.estimate_header, "value": "0"},
-                    "append_action": "ADD_IF_ABSENT"}}]}}]
+        mutations.append({"append": {"header": {"key": o.estimate_header, "value": "0"},
+                                     "append_action": "ADD_IF_ABSENT"}})
+    hcm["early_header_mutation_extensions"] = [{
+        "name": "envoy.http.early_header_mutation.header_mutation",
+        "typed_config": {
+            "@type": TYPE + "envoy.extensions.http.early_header_mutation.header_mutation"
+                            ".v3.HeaderMutation",
+            "mutations": mutations}}]
     clusters = [_cluster("kt_sidecar", o.sidecar_address, http2=True)]
     if o.mode == "http-authz":
         clusters.append(_cluster("kt_sidecar_http", o.sidecar_http_address, http2=False))

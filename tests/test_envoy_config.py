@@ -110,7 +110,9 @@ def test_authz_filter_wiring(failure_mode):
     assert authz["status_on_error"] == {"code": "ServiceUnavailable"}
     body = authz["with_request_body"]
     assert body["max_request_bytes"] == 65536 and body["allow_partial_message"] is True
-    assert "early_header_mutation_extensions" not in _hcm(doc)  # rls only
+    mutations = _hcm(doc)["early_header_mutation_extensions"][0]["typed_config"]["mutations"]
+    assert mutations == [{"remove": h} for h in (  # and no estimate default outside RLS
+        "x-kt-decision", "x-kt-tenant", "x-kt-tier", "x-kt-model", "x-kt-priority", "x-kt-shadow")]
 
 
 @pytest.mark.parametrize("failure_mode", ["allow", "deny"])
@@ -127,7 +129,7 @@ def test_rls_filter_wiring(failure_mode):
     assert rl["rate_limits"] == [{
         "actions": [
             {"request_headers": {"header_name": "x-tenant-id", "descriptor_key": "tenant"}},
-            {"request_headers": {"header_name": "x-kt-model", "descriptor_key": "model",
+            {"request_headers": {"header_name": "x-kt-requested-model", "descriptor_key": "model",
                                  "skip_if_absent": True}}],
         "hits_addend": {"format": "%REQ(x-kt-estimated-tokens)%"}}]
     vhost = hcm["route_config"]["virtual_hosts"][0]
@@ -139,7 +141,7 @@ def test_rls_filter_wiring(failure_mode):
     assert second["match"]["headers"][0]["name"] == "x-kt-estimated-tokens"
     assert second["match"]["headers"][0]["invert_match"] is True
     assert first["direct_response"]["status"] == second["direct_response"]["status"] == 400
-    mutation = hcm["early_header_mutation_extensions"][0]["typed_config"]["mutations"][0]
+    mutation = hcm["early_header_mutation_extensions"][0]["typed_config"]["mutations"][-1]
     assert mutation == {"append": {"header": {"key": "x-kt-estimated-tokens", "value": "0"},
                                    "append_action": "ADD_IF_ABSENT"}}
 

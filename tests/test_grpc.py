@@ -172,9 +172,11 @@ def test_partial_body_is_sized_from_content_length(authz):
     assert remaining <= 200000 - 10000  # 40000 bytes / 4 chars per token
 
 
-def rls_request(tenant, hits=0, model=None, domain="kt"):
+def rls_request(tenant, hits=0, model=None, domain="kt", descriptor_hits=None):
     req = rls_pb2.RateLimitRequest(domain=domain, hits_addend=hits)
     d = req.descriptors.add()
+    if descriptor_hits is not None:
+        d.hits_addend.value = descriptor_hits
     if tenant is not None:
         d.entries.add(key="tenant", value=tenant)
     if model is not None:
@@ -198,6 +200,18 @@ def test_rls_ok_carries_decision_headers_and_over_limit_carries_429_parts(rls):
     assert down["retry-after"] == "20"
     assert json.loads(over.raw_body)["error"]["type"] == "rate_limit_exceeded"
     assert not over.request_headers_to_add
+
+
+def test_rls_estimate_from_the_descriptor_hits_addend_wins(rls):
+    # Envoy 1.40 sends the estimate per descriptor; the request-level field is the old form
+    ok = rls.ShouldRateLimit(rls_request("rls-desc-hits", hits=7, descriptor_hits=1234),
+                             timeout=5)
+    down = {h.key: h.value for h in ok.response_headers_to_add}
+    assert down["x-ratelimit-remaining-tokens"] == str(10000 - 1234)
+    # a descriptor hits_addend of 0 is "no estimate": the policy's default applies
+    ok = rls.ShouldRateLimit(rls_request("rls-desc-zero", hits=0, descriptor_hits=0), timeout=5)
+    down = {h.key: h.value for h in ok.response_headers_to_add}
+    assert int(down["x-ratelimit-remaining-tokens"]) < 10000
 
 
 def test_rls_without_tenant_descriptor_is_refused(rls):

@@ -1,7 +1,10 @@
 """envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit: translation only.
 
 Descriptor entries: `tenant` (required), `model` (optional). `hits_addend` is the
-request's token estimate (0 = not given: the policy's default estimate applies).
+request's token estimate (0 = not given: the policy's default estimate applies). Envoy
+1.40 sends it on the descriptor (`RateLimitDescriptor.hits_addend`, a UInt64Value) when the
+filter's rate_limits set `hits_addend`; the request-level field is the older form and is
+read only when no descriptor carries one.
 Every refusal is OVER_LIMIT (Envoy answers it with 429, or its configured
 `rate_limited_status`); our status, headers and OpenAI-style body ride along
 in response_headers_to_add and raw_body.
@@ -24,14 +27,18 @@ _OVER = rls_pb2.RateLimitResponse.OVER_LIMIT
 
 def request_from_rls(req: rls_pb2.RateLimitRequest) -> Request:
     tenant = model = None
+    hits = None
     for descriptor in req.descriptors:
+        if hits is None and descriptor.HasField("hits_addend"):
+            hits = descriptor.hits_addend.value
         for entry in descriptor.entries:
             if entry.key == TENANT_KEY and tenant is None:
                 tenant = entry.value
             elif entry.key == MODEL_KEY and model is None:
                 model = entry.value
+    tokens = req.hits_addend if hits is None else hits
     return Request(headers={}, tenant=tenant if tenant is not None else "", model=model or None,
-                   tokens=req.hits_addend if req.hits_addend > 0 else None)
+                   tokens=tokens if tokens > 0 else None)
 
 
 def rls_response(ans: contract.Answer, n_descriptors: int) -> rls_pb2.RateLimitResponse:

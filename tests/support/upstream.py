@@ -46,7 +46,12 @@ class FakeUpstream:
             def do_POST(self):  # noqa: N802 (stdlib name)
                 length = int(self.headers.get("content-length") or 0)
                 raw = self.rfile.read(length)
-                headers = {k.lower(): v for k, v in self.headers.items()}
+                # a header sent twice shows as "a, b", so an appended (not overwritten)
+                # x-kt-* header fails the tests that read it
+                headers: dict[str, str] = {}
+                for k, v in self.headers.items():
+                    k = k.lower()
+                    headers[k] = f"{headers[k]}, {v}" if k in headers else v
                 try:
                     body = json.loads(raw) if raw else {}
                 except ValueError:
