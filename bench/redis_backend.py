@@ -42,7 +42,7 @@ async def drive(backend: RedisBackend, seconds: float, concurrency: int, tenants
                 noop: bool) -> int:
     done = 0
     deadline = time.monotonic() + seconds
-    script = _Script("decide.lua")
+    script = _Script("decide.lua", "decide.lua", "decide_one.lua")
     if noop:
         script.source = "return 1"
         import hashlib

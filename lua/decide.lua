@@ -2,6 +2,11 @@
 -- Mirrors decide() in native/core.pyx rule for rule; tests/test_lua_reference.py
 -- holds both to tests/reference_model.py.
 --
+-- This file defines decide(KEYS, ARGV); an entry file appended at load calls it:
+-- decide_one.lua (one decision: the script's own KEYS and ARGV) or decide_batch.lua
+-- (the decisions queued in one event-loop tick, one after another in one script call).
+-- Below, KEYS and ARGV are the one decision's.
+--
 -- Why Lua and not MULTI/EXEC: the decision reads state, computes, and writes only
 -- if the request is admitted; MULTI/EXEC cannot branch on what it read without a
 -- WATCH/retry loop, which under contention on one hot tenant costs round trips
@@ -37,133 +42,136 @@
 
 -- (common.lua, prepended at load, defines NO_END, US, DAY_US, clock_us, period_bounds)
 
-local now = clock_us(ARGV[1])
-local tier, input, output = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local firm, commit_on_deny = tonumber(ARGV[5]), ARGV[6] == '1'
-local rpm, tpm, burst = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local budget, in_usd, period = tonumber(ARGV[10]), ARGV[11] == '1', tonumber(ARGV[12])
-local low_water = tonumber(ARGV[13])
-local ntiers = tonumber(ARGV[14])
+local function decide(KEYS, ARGV)
 
-local function refill(key, cap, rate)
-  local st = redis.call('HMGET', key, 'l', 't')
-  local level, last = tonumber(st[1]), tonumber(st[2])
-  if level == nil or level < 0 then return cap end
-  local elapsed = now - last
-  if elapsed <= 0 then return level end
-  local filled = level + elapsed * rate
-  if filled > cap then return cap end
-  return filled
-end
+  local now = clock_us(ARGV[1])
+  local tier, input, output = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+  local firm, commit_on_deny = tonumber(ARGV[5]), ARGV[6] == '1'
+  local rpm, tpm, burst = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+  local budget, in_usd, period = tonumber(ARGV[10]), ARGV[11] == '1', tonumber(ARGV[12])
+  local low_water = tonumber(ARGV[13])
+  local ntiers = tonumber(ARGV[14])
 
-local function store(key, level, cap, rate)
-  redis.call('HSET', key, 'l', string.format('%.17g', level), 't', string.format('%d', now))
-  local deficit = cap - level
-  local ms = 1000
-  if deficit > 0 then ms = ms + math.ceil(deficit / rate / 1000) end
-  redis.call('PEXPIRE', key, ms)
-end
-
-local function wait_us(deficit, rate)
-  if deficit <= 0 then return 0 end
-  return math.ceil(deficit / rate)
-end
-
-local kind, reason, retry_us = 0, 0, 0
-local tokens = input + output
-local req_cap, tok_cap = rpm * burst, tpm * burst
-local req_rate, tok_rate = rpm / 60e6, tpm / 60e6
-
--- 1. the soft part of an estimate never makes a request impossible
-if tpm > 0 and tokens > tok_cap then
-  if firm > tok_cap then
-    kind, reason = 4, 2
-  else
-    output = math.floor(tok_cap) - input
-    if output < 0 then output = 0 end
-    tokens = input + output
+  local function refill(key, cap, rate)
+    local st = redis.call('HMGET', key, 'l', 't')
+    local level, last = tonumber(st[1]), tonumber(st[2])
+    if level == nil or level < 0 then return cap end
+    local elapsed = now - last
+    if elapsed <= 0 then return level end
+    local filled = level + elapsed * rate
+    if filled > cap then return cap end
+    return filled
   end
-end
 
--- 2. budget: period from the clock, downgrade below low water, cost at the tier it goes to
-local cost, budget_remaining, pstart, pend, spent = 0, -1, 0, NO_END, 0
-if budget >= 0 then
-  pstart, pend = period_bounds(now, period)
-  local b = redis.call('HMGET', KEYS[3], 'ps', 's')
-  if tonumber(b[1]) == pstart then spent = tonumber(b[2]) or 0 end
-  local remaining = budget - spent
-  if remaining < low_water * budget and tier + 1 < ntiers then
-    tier = tier + 1
-    if kind == 0 then kind = 1 end
+  local function store(key, level, cap, rate)
+    redis.call('HSET', key, 'l', string.format('%.17g', level), 't', string.format('%d', now))
+    local deficit = cap - level
+    local ms = 1000
+    if deficit > 0 then ms = ms + math.ceil(deficit / rate / 1000) end
+    redis.call('PEXPIRE', key, ms)
   end
-  if in_usd then
-    cost = input * tonumber(ARGV[15 + 2 * tier]) + output * tonumber(ARGV[16 + 2 * tier])
-  else
-    cost = input + output
+
+  local function wait_us(deficit, rate)
+    if deficit <= 0 then return 0 end
+    return math.ceil(deficit / rate)
   end
-  budget_remaining = remaining
+
+  local kind, reason, retry_us = 0, 0, 0
+  local tokens = input + output
+  local req_cap, tok_cap = rpm * burst, tpm * burst
+  local req_rate, tok_rate = rpm / 60e6, tpm / 60e6
+
+  -- 1. the soft part of an estimate never makes a request impossible
+  if tpm > 0 and tokens > tok_cap then
+    if firm > tok_cap then
+      kind, reason = 4, 2
+    else
+      output = math.floor(tok_cap) - input
+      if output < 0 then output = 0 end
+      tokens = input + output
+    end
+  end
+
+  -- 2. budget: period from the clock, downgrade below low water, cost at the tier it goes to
+  local cost, budget_remaining, pstart, pend, spent = 0, -1, 0, NO_END, 0
+  if budget >= 0 then
+    pstart, pend = period_bounds(now, period)
+    local b = redis.call('HMGET', KEYS[3], 'ps', 's')
+    if tonumber(b[1]) == pstart then spent = tonumber(b[2]) or 0 end
+    local remaining = budget - spent
+    if remaining < low_water * budget and tier + 1 < ntiers then
+      tier = tier + 1
+      if kind == 0 then kind = 1 end
+    end
+    if in_usd then
+      cost = input * tonumber(ARGV[15 + 2 * tier]) + output * tonumber(ARGV[16 + 2 * tier])
+    else
+      cost = input + output
+    end
+    budget_remaining = remaining
+    if kind <= 1 then
+      if cost > budget then
+        kind, reason = 4, 3
+      elseif cost > remaining then
+        kind, reason = 3, 3
+        if pend ~= NO_END then retry_us = pend - now end
+      end
+    end
+  end
+
+  -- 3. buckets, each limit its own key
+  local req_level, tok_level = 0, 0
+  if rpm > 0 then req_level = refill(KEYS[1], req_cap, req_rate) end
+  if tpm > 0 then tok_level = refill(KEYS[2], tok_cap, tok_rate) end
   if kind <= 1 then
-    if cost > budget then
-      kind, reason = 4, 3
-    elseif cost > remaining then
-      kind, reason = 3, 3
-      if pend ~= NO_END then retry_us = pend - now end
+    local wait_req, wait_tok = 0, 0
+    if rpm > 0 and req_level < 1 then wait_req = (1 - req_level) / req_rate end
+    if tpm > 0 and tok_level < tokens then wait_tok = (tokens - tok_level) / tok_rate end
+    if wait_req > 0 or wait_tok > 0 then
+      kind = 2
+      if wait_req >= wait_tok then reason, retry_us = 1, wait_req else reason, retry_us = 2, wait_tok end
     end
   end
-end
 
--- 3. buckets, each limit its own key
-local req_level, tok_level = 0, 0
-if rpm > 0 then req_level = refill(KEYS[1], req_cap, req_rate) end
-if tpm > 0 then tok_level = refill(KEYS[2], tok_cap, tok_rate) end
-if kind <= 1 then
-  local wait_req, wait_tok = 0, 0
-  if rpm > 0 and req_level < 1 then wait_req = (1 - req_level) / req_rate end
-  if tpm > 0 and tok_level < tokens then wait_tok = (tokens - tok_level) / tok_rate end
-  if wait_req > 0 or wait_tok > 0 then
-    kind = 2
-    if wait_req >= wait_tok then reason, retry_us = 1, wait_req else reason, retry_us = 2, wait_tok end
+  -- 4. commit: only an admitted request (or shadow mode) is charged; a denial holds nothing.
+  -- The refilled levels are written either way (refill bookkeeping, as the core does).
+  local charged_tokens, charged_cost = 0, 0
+  local admitted = kind <= 1 or commit_on_deny
+  if admitted then
+    if rpm > 0 then req_level = req_level - 1 end
+    if tpm > 0 then tok_level = tok_level - tokens end
+    charged_tokens, charged_cost = tokens, cost
   end
-end
-
--- 4. commit: only an admitted request (or shadow mode) is charged; a denial holds nothing.
--- The refilled levels are written either way (refill bookkeeping, as the core does).
-local charged_tokens, charged_cost = 0, 0
-local admitted = kind <= 1 or commit_on_deny
-if admitted then
-  if rpm > 0 then req_level = req_level - 1 end
-  if tpm > 0 then tok_level = tok_level - tokens end
-  charged_tokens, charged_cost = tokens, cost
-end
-if rpm > 0 then store(KEYS[1], req_level, req_cap, req_rate) end
-if tpm > 0 then store(KEYS[2], tok_level, tok_cap, tok_rate) end
-if budget >= 0 then
-  local b = redis.call('HGET', KEYS[3], 'ps')
-  local new_period = tonumber(b) ~= pstart
-  if new_period or admitted then
-    if admitted then spent = spent + cost end
-    redis.call('HSET', KEYS[3], 'ps', string.format('%d', pstart), 's', string.format('%d', spent))
-    if new_period and pend ~= NO_END then
-      redis.call('PEXPIREAT', KEYS[3], math.floor((pend + DAY_US) / 1000))
+  if rpm > 0 then store(KEYS[1], req_level, req_cap, req_rate) end
+  if tpm > 0 then store(KEYS[2], tok_level, tok_cap, tok_rate) end
+  if budget >= 0 then
+    local b = redis.call('HGET', KEYS[3], 'ps')
+    local new_period = tonumber(b) ~= pstart
+    if new_period or admitted then
+      if admitted then spent = spent + cost end
+      redis.call('HSET', KEYS[3], 'ps', string.format('%d', pstart), 's', string.format('%d', spent))
+      if new_period and pend ~= NO_END then
+        redis.call('PEXPIREAT', KEYS[3], math.floor((pend + DAY_US) / 1000))
+      end
     end
+    budget_remaining = budget - spent
   end
-  budget_remaining = budget - spent
-end
 
-local retry_after_s = 0
-if retry_us > 0 then
-  retry_after_s = math.ceil(retry_us / US)
-  if retry_after_s < 1 then retry_after_s = 1 end
+  local retry_after_s = 0
+  if retry_us > 0 then
+    retry_after_s = math.ceil(retry_us / US)
+    if retry_after_s < 1 then retry_after_s = 1 end
+  end
+  local function floor0(x) if x > 0 then return math.floor(x) end return 0 end
+  local rem_req, reset_req, rem_tok, reset_tok = -1, 0, -1, 0
+  if rpm > 0 then rem_req, reset_req = floor0(req_level), wait_us(req_cap - req_level, req_rate) end
+  if tpm > 0 then rem_tok, reset_tok = floor0(tok_level), wait_us(tok_cap - tok_level, tok_rate) end
+  local b_rem, b_reset, ps_out = -1, 0, 0
+  if budget >= 0 then
+    b_rem = budget_remaining > 0 and budget_remaining or 0
+    if pend ~= NO_END then b_reset = pend - now end
+    ps_out = pstart
+  end
+  return {kind, reason, tier, retry_after_s, rpm, rem_req, reset_req, tpm, rem_tok, reset_tok,
+          budget, b_rem, b_reset, charged_tokens, charged_cost, ps_out}
 end
-local function floor0(x) if x > 0 then return math.floor(x) end return 0 end
-local rem_req, reset_req, rem_tok, reset_tok = -1, 0, -1, 0
-if rpm > 0 then rem_req, reset_req = floor0(req_level), wait_us(req_cap - req_level, req_rate) end
-if tpm > 0 then rem_tok, reset_tok = floor0(tok_level), wait_us(tok_cap - tok_level, tok_rate) end
-local b_rem, b_reset, ps_out = -1, 0, 0
-if budget >= 0 then
-  b_rem = budget_remaining > 0 and budget_remaining or 0
-  if pend ~= NO_END then b_reset = pend - now end
-  ps_out = pstart
-end
-return {kind, reason, tier, retry_after_s, rpm, rem_req, reset_req, tpm, rem_tok, reset_tok,
-        budget, b_rem, b_reset, charged_tokens, charged_cost, ps_out}

@@ -12,9 +12,10 @@ import time
 import pytest
 import redis
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sidecar import _core
-from sidecar.backends.redis import RedisBackend
+from sidecar.backends.redis import BATCH_MAX, RedisBackend
 from sidecar.policy import schema
 from tests import reference_model as ref
 from tests.support.procs import workdir
@@ -120,6 +121,68 @@ def test_decide_lua_matches_reference_model_on_budgets_and_tiers(valkey, lim, se
 @given(limit_sets(), requests, settlements)
 def test_settle_lua_matches_reference_model(valkey, lim, seq, adjustments):
     run_sequence(valkey, lim, seq, adjustments)
+
+
+def run_batched(valkey, limits: list[ref.Limits], seq) -> None:
+    """Every request of ``seq`` queued in one event-loop tick, over several tenants: they
+    reach Redis as decide_batch.lua calls and must come out as the reference model's
+    decisions applied in queue order."""
+    times = []
+    now = int(time.time()) * 1_000_000
+    for gap, *_ in seq:
+        now += gap
+        times.append(now)
+    clock = iter(times).__next__  # each decision takes its own time, in queue order
+    backend = RedisBackend(schema.RedisBackend(url=valkey.url, timeout_ms=2000),
+                           clock_override=clock)
+    tenants = [f"lua-{next(_tenants)}" for _ in limits]
+    states = [ref.State() for _ in limits]
+    r = redis.Redis.from_url(valkey.url)
+
+    async def main():
+        await backend.start()
+        try:
+            calls, wants = [], []
+            for i, (_, tier, inp, out, firm_out, shadow) in enumerate(seq):
+                t = i % len(limits)
+                lim = limits[t]
+                tier = min(tier, len(lim.prices) - 1)
+                firm = inp + (out if firm_out else 0)
+                wants.append(ref.decide(lim, states[t], times[i], tier, inp, out, firm, shadow))
+                calls.append(backend.decide(tenants[t], to_core(lim), tier, inp, out, firm,
+                                            shadow))
+            writes = backend.round_trips
+            got = await asyncio.gather(*calls)
+            # one script call per BATCH_MAX decisions: the batch path is what ran
+            assert backend.round_trips - writes == -(-len(seq) // BATCH_MAX)
+            for i, (g, w) in enumerate(zip(got, wants, strict=True)):
+                for name in FIELDS:
+                    assert getattr(g, name) == getattr(w, name), (i, name, g, w)
+            for t, lim in enumerate(limits):
+                req_l, tok_l, spent = stored_state(r, backend, tenants[t])
+                if lim.rpm > 0:
+                    assert req_l == states[t].req_level
+                if lim.tpm > 0:
+                    assert tok_l == states[t].tok_level
+                if lim.budget >= 0:
+                    assert spent == states[t].spent
+        finally:
+            await backend.close()
+
+    asyncio.run(main())
+    r.close()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(limit_sets(), min_size=1, max_size=3), requests)
+def test_decide_batch_lua_matches_reference_model_in_queue_order(valkey, limits, seq):
+    run_batched(valkey, limits, seq)
+
+
+def test_more_than_one_batch_in_a_tick_keeps_the_order(valkey):
+    lim = ref.Limits(rpm=100, tpm=0, burst=1.0, budget=-1, budget_in_usd=False, period=0,
+                     low_water=0.0, prices=[(0, 0)])
+    run_batched(valkey, [lim], [(1000, 0, 1, 1, False, False)] * (2 * BATCH_MAX + 5))
 
 
 def test_keys_share_one_hash_tag_and_carry_ttls(valkey):

@@ -1,9 +1,11 @@
 """Shared backend: one truth across replicas in Redis / Valkey, changed only by the
 Lua scripts in lua/ (decide.lua mirrors the Cython core; settle.lua reconciles).
 
-- One round trip per batch of decisions: decisions queued in the same event-loop
-  tick go out in one write on one pipelined connection (sidecar/backends/resp.py),
-  replies matched in order; nothing opens a connection per decision.
+- One script call per batch of decisions: the decisions queued in one event-loop tick
+  go out as one EVALSHA of decide_batch.lua (up to BATCH_MAX each; a lone decision as
+  decide_one.lua) on one pipelined connection (sidecar/backends/resp.py), replies
+  matched in order; nothing opens a connection per decision. One timer per batch
+  bounds its wait (``timeout_ms``), not one per decision.
 - The EVALSHA commands are encoded here, with the per-tenant and per-limits parts
   encoded once and cached: redis-py's generic pack_command costs ~50 µs for a
   20-argument call. redis-py does SCRIPT LOAD and the whole cluster mode
@@ -71,12 +73,28 @@ def pack(*args: Any) -> bytes:
     return b"*%d\r\n" % len(args) + b"".join(_bulk(a) for a in args)
 
 
+# decisions sent in one script call at most: bounds how long one call holds Redis
+# (a decision's script work is a few µs)
+BATCH_MAX = 64
+
+
 class _Script:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *files: str) -> None:
+        """A script made of lua/common.lua and ``files`` (Redis scripts cannot import
+        one another, so the shared parts are joined at load)."""
         self.name = name
-        # the shared calendar first (Redis scripts cannot import one another)
-        self.source = load_script("common.lua") + "\n" + load_script(name)
+        self.source = "\n".join(load_script(f) for f in ("common.lua", *(files or (name,))))
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+
+
+class _Batch:
+    """Decisions sent in one script call: (tenant, encoded ARGV, ARGV count, future)."""
+    __slots__ = ("items", "timer", "attempt")
+
+    def __init__(self, items: list, timer: Optional[asyncio.TimerHandle]) -> None:
+        self.items = items
+        self.timer = timer
+        self.attempt = 1
 
 
 class RedisBackend:
@@ -90,12 +108,14 @@ class RedisBackend:
         self.timeout_s = cfg.timeout_ms / 1000.0
         self.clock_override = clock_override
         self.prefix = cfg.key_prefix
-        self.decide_script = _Script("decide.lua")
+        self.decide_script = _Script("decide.lua", "decide.lua", "decide_one.lua")
+        self.batch_script = _Script("decide_batch.lua", "decide.lua", "decide_batch.lua")
         self.settle_script = _Script("settle.lua")
         self.client: Any = None
         self.conn: Optional[PipelinedConnection] = None
-        # cached encodings: per tenant (command head + keys), per Limits (their ARGV)
-        self._heads: dict[tuple[str, int], bytes] = {}
+        # cached encodings: per tenant (its three keys), per Limits (their ARGV)
+        self._tenant_keys: dict[str, bytes] = {}
+        self._queued: list[tuple[str, bytes, int, asyncio.Future]] = []
         self._limit_args: dict[_core.Limits, tuple[bytes, int]] = {}
         self._last_error = ""
         self._last_error_at = 0.0
@@ -141,7 +161,7 @@ class RedisBackend:
             self.client = None
 
     async def _load_scripts(self) -> None:
-        for script in (self.decide_script, self.settle_script):
+        for script in (self.decide_script, self.batch_script, self.settle_script):
             if self.cfg.cluster:
                 await self.client.script_load(script.source)  # sent to every primary
             else:
@@ -161,20 +181,128 @@ class RedisBackend:
                      output_tokens: int, firm_tokens: int, commit_on_deny: bool) -> _core.Outcome:
         request = [self._now_arg(), tier, input_tokens, output_tokens, firm_tokens,
                    1 if commit_on_deny else 0]
-        keys = list(self.keys(tenant))
-        packed = None
-        limits_packed, n_limit_args = self._limits_packed(limits)
-        if not self.cfg.cluster:
-            packed = self._head(tenant, 3 + 3 + len(request) + n_limit_args) \
-                + b"".join([_bulk(a) for a in request]) + limits_packed
-        # the plain arguments are only needed by cluster mode (redis-py encodes them there)
-        args = request + self._limit_args_of(limits) if self.cfg.cluster else []
-        reply = await self._call(self.decide_script, keys, args, packed)
+        if self.cfg.cluster:
+            # redis-py routes each EVALSHA to the tenant's node (no batching across slots)
+            reply = await self._call(self.decide_script, list(self.keys(tenant)),
+                                     request + self._limit_args_of(limits), None)
+        else:
+            limits_packed, n_limit_args = self._limits_packed(limits)
+            reply = await self._queue_decision(
+                tenant, b"".join([_bulk(a) for a in request]) + limits_packed,
+                len(request) + n_limit_args)
         if not (isinstance(reply, list) and len(reply) == 16
                 and all(isinstance(x, int) for x in reply)):
             raise self._failed(f"decide.lua: unexpected reply {str(reply)[:120]}")
         self.decisions += 1
         return _core.Outcome(*reply)
+
+    # --- batching (single node) ------------------------------------------------
+    def _queue_decision(self, tenant: str, args: bytes, nargs: int) -> asyncio.Future:
+        if self.client is None:
+            raise BackendError("redis backend not started")
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._queued.append((tenant, args, nargs, fut))
+        if len(self._queued) == 1:
+            loop.call_soon(self._flush_decisions)
+        return fut
+
+    def _flush_decisions(self) -> None:
+        queued, self._queued = self._queued, []
+        loop = asyncio.get_running_loop()
+        for i in range(0, len(queued), BATCH_MAX):
+            batch = _Batch(queued[i:i + BATCH_MAX], None)
+            batch.timer = loop.call_later(self.timeout_s, self._batch_timed_out, batch)
+            self._send_batch(batch)
+
+    def _send_batch(self, batch: _Batch) -> None:
+        assert self.conn is not None
+        if not self.conn.connected:
+            asyncio.get_running_loop().create_task(self._connect_then_send(batch))
+            return
+        items = batch.items
+        if len(items) == 1:
+            tenant, args, nargs, _ = items[0]
+            packed = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n3\r\n" % (
+                6 + nargs, self.decide_script.sha.encode()) + self._keys_packed(tenant) + args
+        else:
+            n = len(items)
+            parts = [b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n" % (
+                4 + 3 * n + n + sum(it[2] for it in items), self.batch_script.sha.encode()),
+                _bulk(3 * n)]
+            parts += [self._keys_packed(it[0]) for it in items]
+            parts.append(_bulk(n))
+            for _, args, nargs, _ in items:
+                parts.append(_bulk(nargs))
+                parts.append(args)
+            packed = b"".join(parts)
+        self.conn.submit(packed).add_done_callback(
+            lambda fut: self._batch_replied(batch, fut))
+
+    async def _connect_then_send(self, batch: _Batch) -> None:
+        assert self.conn is not None
+        try:
+            await self.conn.connect()
+        except Exception as exc:  # noqa: BLE001 - the one seam: every failure is a BackendError
+            self._fail_batch(batch, f"{type(exc).__name__}: {exc}")
+            return
+        if any(not it[3].done() for it in batch.items):
+            self._send_batch(batch)
+
+    def _batch_replied(self, batch: _Batch, fut: asyncio.Future) -> None:
+        if fut.cancelled():
+            self._fail_batch(batch, "cancelled")
+            return
+        exc = fut.exception()
+        if exc is not None:
+            self._fail_batch(batch, f"{type(exc).__name__}: {exc}")
+            return
+        reply = fut.result()
+        if isinstance(reply, hiredis.ReplyError):
+            if str(reply).startswith("NOSCRIPT") and batch.attempt == 1:
+                # Redis lost its script cache (restart, failover, SCRIPT FLUSH): load, resend
+                batch.attempt = 2
+                asyncio.get_running_loop().create_task(self._reload_then_send(batch))
+                return
+            name = self.decide_script.name if len(batch.items) == 1 else self.batch_script.name
+            self._fail_batch(batch, f"{name}: {reply}")
+            return
+        if batch.timer is not None:
+            batch.timer.cancel()
+        self._last_ok_at = time.monotonic()
+        items = batch.items
+        if len(items) == 1:
+            replies = [reply]
+        elif isinstance(reply, list) and len(reply) == len(items):
+            replies = reply
+        else:
+            self._fail_batch(batch, f"decide_batch.lua: unexpected reply {str(reply)[:120]}")
+            return
+        for it, one in zip(items, replies, strict=True):
+            if not it[3].done():  # a caller that timed out already was answered
+                it[3].set_result(one)
+
+    async def _reload_then_send(self, batch: _Batch) -> None:
+        try:
+            await self._load_scripts()
+        except Exception as exc:  # noqa: BLE001 - the one seam: every failure is a BackendError
+            self._fail_batch(batch, f"NOSCRIPT, and reloading failed: {exc!r}")
+            return
+        self._send_batch(batch)
+
+    def _batch_timed_out(self, batch: _Batch) -> None:
+        if self.conn is not None and self.conn.stalled(self.timeout_s):
+            # nothing has come back for a whole timeout: drop the link (failing the calls
+            # queued on it) so the backlog stays bounded and the next call reconnects
+            self.conn.lose(ConnectionLost("no reply within the timeout"))
+        self._fail_batch(batch, f"no reply within {self.cfg.timeout_ms} ms")
+
+    def _fail_batch(self, batch: _Batch, message: str) -> None:
+        if batch.timer is not None:
+            batch.timer.cancel()
+        for it in batch.items:
+            if not it[3].done():
+                it[3].set_exception(self._failed(message))
 
     @staticmethod
     def _limit_args_of(limits: _core.Limits) -> list:
@@ -185,15 +313,14 @@ class RedisBackend:
             args += [pin, pout]
         return args
 
-    def _head(self, tenant: str, nargs: int) -> bytes:
-        """*N EVALSHA <sha> 3 <keys>: encoded once per tenant."""
-        head = self._heads.get((tenant, nargs))
-        if head is None:
-            if len(self._heads) > 100_000:
-                self._heads.clear()
-            head = self._heads[(tenant, nargs)] = b"*%d\r\n" % nargs + b"".join(
-                _bulk(a) for a in ("EVALSHA", self.decide_script.sha, 3, *self.keys(tenant)))
-        return head
+    def _keys_packed(self, tenant: str) -> bytes:
+        """The tenant's three keys as bulk strings: encoded once per tenant."""
+        packed = self._tenant_keys.get(tenant)
+        if packed is None:
+            if len(self._tenant_keys) > 100_000:
+                self._tenant_keys.clear()
+            packed = self._tenant_keys[tenant] = b"".join(_bulk(k) for k in self.keys(tenant))
+        return packed
 
     def _limits_packed(self, limits: _core.Limits) -> tuple[bytes, int]:
         """The limits' ARGV, encoded once per Limits object (a policy reload makes new ones)."""

@@ -72,10 +72,14 @@ class PipelinedConnection:
         self.writes = 0  # one write = one round trip for everything in it
         self.last_reply_at = time.monotonic()
 
+    @property
+    def connected(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
+
     async def call(self, packed: bytes) -> Any:
         """Send one pre-encoded command; its reply (a hiredis.ReplyError for an error reply)."""
-        if self.transport is None or self.transport.is_closing():
-            await self._connect()
+        if not self.connected:
+            await self.connect()
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self.pending.append(fut)
@@ -84,6 +88,15 @@ class PipelinedConnection:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
         return await fut
+
+    def submit(self, packed: bytes) -> asyncio.Future:
+        """Write one pre-encoded command now (with anything already queued ahead of it, so
+        replies stay in order); the future of its reply. The connection must be open."""
+        fut = asyncio.get_running_loop().create_future()
+        self.pending.append(fut)
+        self._outbox.append(packed)
+        self._flush()
+        return fut
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -96,7 +109,7 @@ class PipelinedConnection:
         self.transport.write(data)
         self.writes += 1
 
-    async def _connect(self) -> None:
+    async def connect(self) -> None:
         if self._connecting is not None:  # one connect at a time; others wait for it
             await asyncio.shield(self._connecting)
             return

@@ -1,0 +1,20 @@
+-- entry: several decisions in one script call, applied in the order given, each
+-- exactly as decide_one.lua would apply it (the batch is atomic as a whole).
+--
+-- KEYS     3 keys per decision, in order (decide.lua's KEYS[1..3] of each)
+-- ARGV[1]  number of decisions n
+-- then, per decision: its argument count c, then its c arguments (decide.lua's ARGV)
+-- Reply: n replies, each decide.lua's 16 integers
+--
+-- Why: a script call's fixed cost in Redis (lookup, set-up, reply) is several times a
+-- small decision's own; the sidecar sends what one event-loop tick queued as one call.
+local out = {}
+local at = 2
+for i = 1, tonumber(ARGV[1]) do
+  local argc = tonumber(ARGV[at])
+  local args = {}
+  for j = 1, argc do args[j] = ARGV[at + j] end
+  out[i] = decide({KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]}, args)
+  at = at + argc + 1
+end
+return out
