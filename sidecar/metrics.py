@@ -58,6 +58,12 @@ class Metrics:
             "kt_reservations_closed", "Reservations closed without usage, by outcome "
             "(released_upstream_error: refunded; kept_abandoned, kept_no_usage, kept_expired: "
             "the estimate stays charged).", ["outcome"], registry=r)
+        self.late_replies = Counter(
+            "kt_backend_late_replies", "Redis decisions whose reply came after the timeout "
+            "(answered by the failure mode meanwhile), by what was done with the charge Redis "
+            "applied: refunded (the sidecar refused the request: fail closed), kept (the "
+            "request went on: fail open, held as its reservation; or Envoy's own failure mode "
+            "decided, unknown here), refund_failed, nothing_charged.", ["action"], registry=r)
         self.backend_ready = Gauge(
             "kt_backend_ready", "1 when the backend answers, 0 when decisions fall back to the "
             "failure mode.", ["backend"], registry=r)

@@ -3,9 +3,12 @@ every transport. It knows nothing of Envoy or Redis: it resolves the tenant,
 estimates, asks the backend, applies shadow mode and the failure mode, counts."""
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
 import logging
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
@@ -13,7 +16,7 @@ from typing import Optional
 import msgspec
 
 from sidecar import _core
-from sidecar.backends.base import Backend, BackendError
+from sidecar.backends.base import Backend, BackendError, BackendTimeout
 from sidecar.estimate import EstimateError, estimate
 from sidecar.metrics import Metrics
 from sidecar.model import CORE_KINDS, Decision, Kind, Request
@@ -124,6 +127,7 @@ class DecisionService:
         self.reservations = ReservationBook()
         self._children: dict = {}
         self._last_failure_log = 0.0
+        self._background: set[asyncio.Task] = set()  # late refunds in flight (kept referenced)
         self._tenant_gauges: dict = {}
         # tenant of recently settled request ids, so a repeated report without a
         # tenant still reaches the backend's idempotency check (bounded, oldest out)
@@ -181,7 +185,11 @@ class DecisionService:
             out = await self.backend.decide(tenant, rule.limits, asked, est.input_tokens,
                                             est.output_tokens, est.firm_tokens, rule.shadow)
         except BackendError as exc:
-            return self._failure(tenant, rule, asked, str(exc))
+            decision = self._failure(tenant, rule, asked, str(exc))
+            if isinstance(exc, BackendTimeout):
+                exc.late.on_outcome = functools.partial(
+                    self._late_outcome, decision.kind, tenant, rule, req.request_id)
+            return decision
         self._observe(tenant, rule, out)
         if req.request_id and out.charged_tokens:
             self.reservations.put(req.request_id, tenant, out.tier, policy.tiers[out.tier].model,
@@ -219,6 +227,40 @@ class DecisionService:
                 "The rate limiter is unavailable and this tenant's limits fail closed. "
                 "Try again shortly."))
         return Decision(Kind.UNAVAILABLE, tenant=tenant, message=f"limiter backend: {error}")
+
+    def _late_outcome(self, answered: Kind, tenant: str, rule: TenantRule, request_id: str,
+                      out: _core.Outcome) -> None:
+        """Redis applied a decision after it timed out and the failure mode had answered.
+        The charge it made is right only if the request went on: refund it when the
+        sidecar itself refused the request (fail closed); keep it, as the request's
+        reservation, when the request went on (fail open); keep it when Envoy's own
+        failure mode decided (unknown here: a refund could lose spend, a charge cannot)."""
+        action = "kept"
+        if not (out.charged_tokens or out.charged_cost):
+            action = "nothing_charged"
+        elif answered is Kind.FAIL_CLOSED:
+            task = asyncio.get_running_loop().create_task(self._refund_late(tenant, rule, out))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return
+        elif answered is Kind.FAIL_OPEN and request_id:
+            self.reservations.put(request_id, tenant, out.tier, self.policy.tiers[out.tier].model,
+                                  out.charged_tokens, out.charged_cost, out.period_start_us,
+                                  time.monotonic())
+        self.metrics.late_replies.labels(action).inc()
+
+    async def _refund_late(self, tenant: str, rule: TenantRule, out: _core.Outcome) -> None:
+        try:
+            # a fresh id: this refund is applied once, and never mistaken for a usage report
+            await self.backend.settle(tenant, rule.limits, f"late-refund:{uuid.uuid4().hex}",
+                                      -out.charged_tokens, -out.charged_cost, out.period_start_us)
+        except BackendError as exc:
+            log.warning("could not refund a late decision for tenant %s (%d tokens, %d "
+                        "nano-units stay charged): %s", tenant, out.charged_tokens,
+                        out.charged_cost, exc)
+            self.metrics.late_replies.labels("refund_failed").inc()
+            return
+        self.metrics.late_replies.labels("refunded").inc()
 
     def failure_mode_for(self, rule: TenantRule) -> str:
         """The strictest mode among the classes of limit this tenant has (closed > envoy > open)."""

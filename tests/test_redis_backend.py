@@ -22,7 +22,7 @@ from sidecar.policy import schema
 from sidecar.policy.load import parse_policy
 from sidecar.service import DecisionService
 from tests.support.procs import SidecarProcess, workdir
-from tests.support.valkey import Valkey, ValkeyCluster
+from tests.support.valkey import Valkey, ValkeyCluster, command
 
 POLICY = """
 tenant: {header: x-tenant-id, unknown: defaults}
@@ -253,6 +253,53 @@ def test_stalled_valkey_answers_by_failure_mode_within_the_timeout(mode, kind):
         results, took = asyncio.run(main())
     assert {r.kind for r in results} == {kind}
     assert took < 1.0  # 20 concurrent decisions, bounded by the 30 ms timeout, not stalled
+
+
+@pytest.mark.parametrize("mode,answer,action,spent_after", [
+    ("closed", Kind.FAIL_CLOSED, "refunded", 5),  # refused by the sidecar: charge given back
+    ("open", Kind.FAIL_OPEN, "kept", 10),  # the request went on: charged, held as reserved
+])
+def test_a_decision_applied_after_its_timeout_is_put_right(mode, answer, action, spent_after):
+    with workdir() as d, Valkey(d, extra_args=("--enable-debug-command", "yes")) as v:
+        svc = service_for(v.url, mode, timeout_ms=50)
+        r = redis.Redis.from_url(v.url)
+        budget_key = svc.backend.keys("late")[2]
+
+        def late_count() -> float:
+            return svc.metrics.registry.get_sample_value(
+                "kt_backend_late_replies_total", {"action": action}) or 0
+
+        async def main():
+            await svc.backend.start()
+            assert (await svc.decide(req("late"))).kind is Kind.ALLOW
+            assert budget_spent(r, budget_key) == 5
+            # the server is busy for 400 ms (as under a backlog): the next decision times
+            # out after 50 ms, and Redis applies it when it wakes
+            sleeper = asyncio.create_task(asyncio.to_thread(
+                command, v.port, "DEBUG", "SLEEP", "0.4"))
+            await asyncio.sleep(0.05)
+            late = await svc.decide(Request(headers={"x-tenant-id": "late",
+                                                     "x-kt-estimated-tokens": "5"},
+                                            request_id="late-1"))
+            await sleeper
+            for _ in range(100):
+                if late_count():
+                    break
+                await asyncio.sleep(0.02)
+            spent = budget_spent(r, budget_key)
+            reserved = svc.reservations.get("late-1")
+            await svc.backend.close()
+            return late, spent, reserved
+
+        late, spent, reserved = asyncio.run(main())
+        r.close()
+    assert late.kind is answer
+    assert svc.backend.late_replies == 1 and late_count() == 1
+    assert spent == spent_after
+    if mode == "open":  # a usage report for it replaces the estimate instead of adding to it
+        assert reserved is not None and reserved.charged_tokens == 5
+    else:
+        assert reserved is None
 
 
 def test_per_class_failure_mode_is_the_strictest_the_tenant_has(valkey):

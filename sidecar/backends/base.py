@@ -7,13 +7,34 @@ raises ``BackendError`` and the service applies the configured failure mode.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Optional, Protocol
 
 from sidecar._core import Limits, Outcome
 
 
 class BackendError(Exception):
     """The backend could not decide (unreachable, timed out, malformed reply)."""
+
+
+class LateReply:
+    """Where a decision that timed out reports its outcome if the reply comes after all.
+
+    A timed-out command may still be applied by the server: the service, which knows
+    what it answered meanwhile (the failure mode), sets ``on_outcome`` to put that right
+    (refund a charge for a request it refused; keep one for a request it let through)."""
+
+    __slots__ = ("on_outcome",)
+
+    def __init__(self) -> None:
+        self.on_outcome: Optional[Callable[[Outcome], None]] = None
+
+
+class BackendTimeout(BackendError):
+    """No reply within the timeout; the decision may still be applied (see ``late``)."""
+
+    def __init__(self, message: str, late: LateReply) -> None:
+        super().__init__(message)
+        self.late = late
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,8 @@ from redis.exceptions import NoScriptError, RedisError
 from sidecar.backends.resp import ConnectionLost, PipelinedConnection
 
 from sidecar import _core
-from sidecar.backends.base import BackendError, BackendStatus, Settlement
+from sidecar.backends.base import (BackendError, BackendStatus, BackendTimeout, LateReply,
+                                   Settlement)
 from sidecar.policy import schema
 
 log = logging.getLogger("kt.redis")
@@ -87,8 +88,13 @@ class _Script:
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
 
+def _is_outcome(reply: Any) -> bool:
+    return isinstance(reply, list) and len(reply) == 16 and all(isinstance(x, int) for x in reply)
+
+
 class _Batch:
-    """Decisions sent in one script call: (tenant, encoded ARGV, ARGV count, future)."""
+    """Decisions sent in one script call: (tenant, encoded ARGV, ARGV count, future,
+    LateReply)."""
     __slots__ = ("items", "timer", "attempt")
 
     def __init__(self, items: list, timer: Optional[asyncio.TimerHandle]) -> None:
@@ -106,6 +112,10 @@ class RedisBackend:
         self.cfg = cfg
         self.where = redact(cfg.url)  # for messages: never the password
         self.timeout_s = cfg.timeout_ms / 1000.0
+        # silence (replies owed, none coming) after which the link is dropped: longer than
+        # one timeout, so a server that is only slow keeps its link and its late replies
+        # still arrive (and are put right); a dead one is dropped within half a second
+        self._stall_s = max(10 * self.timeout_s, 0.5)
         self.clock_override = clock_override
         self.prefix = cfg.key_prefix
         self.decide_script = _Script("decide.lua", "decide.lua", "decide_one.lua")
@@ -115,7 +125,8 @@ class RedisBackend:
         self.conn: Optional[PipelinedConnection] = None
         # cached encodings: per tenant (its three keys), per Limits (their ARGV)
         self._tenant_keys: dict[str, bytes] = {}
-        self._queued: list[tuple[str, bytes, int, asyncio.Future]] = []
+        self._queued: list[tuple[str, bytes, int, asyncio.Future, LateReply]] = []
+        self.late_replies = 0  # replies that came after their decision had timed out
         self._limit_args: dict[_core.Limits, tuple[bytes, int]] = {}
         self._last_error = ""
         self._last_error_at = 0.0
@@ -190,8 +201,7 @@ class RedisBackend:
             reply = await self._queue_decision(
                 tenant, b"".join([_bulk(a) for a in request]) + limits_packed,
                 len(request) + n_limit_args)
-        if not (isinstance(reply, list) and len(reply) == 16
-                and all(isinstance(x, int) for x in reply)):
+        if not _is_outcome(reply):
             raise self._failed(f"decide.lua: unexpected reply {str(reply)[:120]}")
         self.decisions += 1
         return _core.Outcome(*reply)
@@ -202,7 +212,7 @@ class RedisBackend:
             raise BackendError("redis backend not started")
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._queued.append((tenant, args, nargs, fut))
+        self._queued.append((tenant, args, nargs, fut, LateReply()))
         if len(self._queued) == 1:
             loop.call_soon(self._flush_decisions)
         return fut
@@ -222,7 +232,7 @@ class RedisBackend:
             return
         items = batch.items
         if len(items) == 1:
-            tenant, args, nargs, _ = items[0]
+            tenant, args, nargs, _, _ = items[0]
             packed = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n3\r\n" % (
                 6 + nargs, self.decide_script.sha.encode()) + self._keys_packed(tenant) + args
         else:
@@ -232,7 +242,7 @@ class RedisBackend:
                 _bulk(3 * n)]
             parts += [self._keys_packed(it[0]) for it in items]
             parts.append(_bulk(n))
-            for _, args, nargs, _ in items:
+            for _, args, nargs, _, _ in items:
                 parts.append(_bulk(nargs))
                 parts.append(args)
             packed = b"".join(parts)
@@ -279,8 +289,13 @@ class RedisBackend:
             self._fail_batch(batch, f"decide_batch.lua: unexpected reply {str(reply)[:120]}")
             return
         for it, one in zip(items, replies, strict=True):
-            if not it[3].done():  # a caller that timed out already was answered
+            if not it[3].done():
                 it[3].set_result(one)
+            elif it[4].on_outcome is not None and _is_outcome(one):
+                # its caller timed out and was answered by the failure mode, yet Redis
+                # applied the decision: the service puts the charge right
+                self.late_replies += 1
+                it[4].on_outcome(_core.Outcome(*one))
 
     async def _reload_then_send(self, batch: _Batch) -> None:
         try:
@@ -291,11 +306,16 @@ class RedisBackend:
         self._send_batch(batch)
 
     def _batch_timed_out(self, batch: _Batch) -> None:
-        if self.conn is not None and self.conn.stalled(self.timeout_s):
-            # nothing has come back for a whole timeout: drop the link (failing the calls
-            # queued on it) so the backlog stays bounded and the next call reconnects
+        # the callers are answered now (by the failure mode); the batch stays owed and, if
+        # its reply still comes, _batch_replied hands the outcomes to their LateReply
+        message = f"no reply within {self.cfg.timeout_ms} ms"
+        for it in batch.items:
+            if not it[3].done():
+                it[3].set_exception(self._failed(message, it[4]))
+        if self.conn is not None and self.conn.stalled(self._stall_s):
+            # nothing at all has come back for a long while: drop the link (failing the
+            # calls queued on it) so the backlog stays bounded and the next call reconnects
             self.conn.lose(ConnectionLost("no reply within the timeout"))
-        self._fail_batch(batch, f"no reply within {self.cfg.timeout_ms} ms")
 
     def _fail_batch(self, batch: _Batch, message: str) -> None:
         if batch.timer is not None:
@@ -355,9 +375,7 @@ class RedisBackend:
         try:
             reply = await asyncio.wait_for(self._send(script, keys, args, packed), self.timeout_s)
         except asyncio.TimeoutError:
-            if self.conn is not None and self.conn.stalled(self.timeout_s):
-                # nothing has come back for a whole timeout: drop the link (failing the
-                # calls queued on it) so the backlog stays bounded and the next call reconnects
+            if self.conn is not None and self.conn.stalled(self._stall_s):
                 self.conn.lose(ConnectionLost("no reply within the timeout"))
             raise self._failed(f"no reply within {self.cfg.timeout_ms} ms") from None
         except BackendError:
@@ -395,11 +413,12 @@ class RedisBackend:
         return self.conn.writes if self.conn is not None else self._cluster_round_trips
 
     # --- health --------------------------------------------------------------
-    def _failed(self, message: str) -> BackendError:
+    def _failed(self, message: str, late: Optional[LateReply] = None) -> BackendError:
         self.errors += 1
         self._last_error = message
         self._last_error_at = time.monotonic()
-        return BackendError(f"redis {self.where}: {message}")
+        text = f"redis {self.where}: {message}"
+        return BackendTimeout(text, late) if late is not None else BackendError(text)
 
     def status(self) -> BackendStatus:
         if self._last_error_at and self._last_error_at >= self._last_ok_at:
