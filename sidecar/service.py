@@ -243,7 +243,7 @@ class DecisionService:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
             return
-        elif answered is Kind.FAIL_OPEN and request_id:
+        elif answered is Kind.FAIL_OPEN and request_id and out.tier < len(self.policy.tiers):
             self.reservations.put(request_id, tenant, out.tier, self.policy.tiers[out.tier].model,
                                   out.charged_tokens, out.charged_cost, out.period_start_us,
                                   time.monotonic())

@@ -30,6 +30,9 @@ BAD = {
     "negative_rpm.yaml": "$.defaults.limits: rpm and tpm must be >= 0 (0 or absent = unlimited)",
     "unknown_backend.yaml": "$.backend.kind: Invalid value 'etcd'; expected one of: memory, redis",
     "bad_unknown_mode.yaml": "$.tenant.unknown: Invalid enum value 'allow'; expected one of: defaults, deny",
+    "tls_without_rediss.yaml": "$.backend.tls: TLS settings need a rediss:// url",
+    "tls_missing_file.yaml": "$.backend.tls.ca_file: no such file: /nonexistent/kt-ca.pem",
+    "tls_cert_without_key.yaml": "$.backend.tls: cert_file and key_file go together (mutual TLS)",
     "bad_tenant_metadata.yaml": ('$.tenant.metadata: expected "namespace:path.to.field", e.g. '
                                  '"envoy.filters.http.jwt_authn:jwt_payload.tenant"'),
 }
@@ -46,6 +49,16 @@ def test_bad_policy_fails_with_file_path_and_reason(name):
 def test_every_bad_fixture_has_a_test():
     files = {p.name for p in FIXTURES.glob("*.yaml")} - {"good.yaml"}
     assert files == set(BAD)
+
+
+def test_a_tls_file_that_is_not_pem_is_a_policy_error(tmp_path):
+    junk = tmp_path / "ca.pem"
+    junk.write_text("not a certificate")
+    path = tmp_path / "policy.yaml"
+    path.write_text('tiers: [{name: default, model: gpt-4o}]\n'
+                    f'backend: {{kind: redis, url: "rediss://r:6380/0", tls: {{ca_file: "{junk}"}}}}\n')
+    with pytest.raises(PolicyError, match=r"\$\.backend\.tls: cannot use these files: "):
+        load_policy(path)
 
 
 def test_missing_file_is_a_policy_error():

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import ssl
 import time
 from importlib import resources
 from pathlib import Path
@@ -35,6 +34,7 @@ import hiredis
 from redis.exceptions import NoScriptError, RedisError
 
 from sidecar.backends.resp import ConnectionLost, PipelinedConnection
+from sidecar.backends.tls import tls_context
 
 from sidecar import _core
 from sidecar.backends.base import (BackendError, BackendStatus, BackendTimeout, LateReply,
@@ -139,6 +139,10 @@ class RedisBackend:
     async def start(self) -> None:
         opts: dict[str, Any] = dict(socket_timeout=max(self.timeout_s, 0.001),
                                     socket_connect_timeout=max(self.timeout_s, 0.05))
+        tls = self.cfg.tls
+        if tls is not None:  # only with rediss:// (the policy checks)
+            opts.update(ssl_ca_certs=tls.ca_file, ssl_certfile=tls.cert_file,
+                        ssl_keyfile=tls.key_file)
         if self.cfg.cluster:
             self.client = RedisCluster.from_url(self.cfg.url, **opts)
         else:
@@ -150,10 +154,10 @@ class RedisBackend:
                                   kw["password"]))
             if kw.get("db"):
                 setup.append(pack("SELECT", kw["db"]))
-            tls = ssl.create_default_context() if self.cfg.url.startswith("rediss://") else None
             self.conn = PipelinedConnection(kw.get("host", "127.0.0.1"), int(kw.get("port", 6379)),
                                             max(self.timeout_s, 0.05), tuple(setup),
-                                            unix_path=kw.get("path"), ssl_context=tls)
+                                            unix_path=kw.get("path"),
+                                            ssl_context=tls_context(self.cfg))
         try:
             await asyncio.wait_for(self._load_scripts(), max(self.timeout_s * 20, 1.0))
         except (RedisError, OSError, asyncio.TimeoutError) as exc:

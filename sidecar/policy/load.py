@@ -7,6 +7,8 @@ A policy that fails to load never replaces one that is serving (see server.py).
 from __future__ import annotations
 
 import hashlib
+import os
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, get_args
@@ -15,6 +17,7 @@ import msgspec
 import yaml
 
 from sidecar import _core
+from sidecar.backends.tls import tls_context
 from sidecar.policy import schema
 
 PERIODS = {"minute": _core.P_MINUTE, "hour": _core.P_HOUR, "day": _core.P_DAY,
@@ -174,6 +177,20 @@ def compile_policy(policy: schema.Policy, source: str, digest: str = "") -> Comp
     backend = policy.backend
     if isinstance(backend, schema.RedisBackend) and not (0 < backend.timeout_ms <= 10_000):
         raise fail("$.backend.timeout_ms", "must be between 1 and 10000")
+    if isinstance(backend, schema.RedisBackend) and backend.tls is not None:
+        tls = backend.tls
+        if not backend.url.startswith("rediss://"):
+            raise fail("$.backend.tls", "TLS settings need a rediss:// url")
+        if (tls.cert_file is None) != (tls.key_file is None):
+            raise fail("$.backend.tls", "cert_file and key_file go together (mutual TLS)")
+        for name in ("ca_file", "cert_file", "key_file"):
+            path = getattr(tls, name)
+            if path is not None and not os.path.isfile(path):
+                raise fail(f"$.backend.tls.{name}", f"no such file: {path}")
+        try:
+            tls_context(backend)
+        except (OSError, ssl.SSLError) as exc:
+            raise fail("$.backend.tls", f"cannot use these files: {exc}") from None
     if isinstance(backend, schema.MemoryBackend) and backend.flush_interval_s <= 0:
         raise fail("$.backend.flush_interval_s", "must be > 0")
 

@@ -90,12 +90,20 @@ class MemoryBackend(_Strict, frozen=True, tag_field="kind", tag="memory"):
     flush_interval_s: float = 1.0
 
 
+class Tls(_Strict, frozen=True):
+    """TLS for a rediss:// URL. Paths are PEM files, relative to the working directory."""
+    ca_file: Optional[str] = None  # CAs that sign the server's certificate (else the system's)
+    cert_file: Optional[str] = None  # client certificate for mutual TLS, with key_file
+    key_file: Optional[str] = None
+
+
 class RedisBackend(_Strict, frozen=True, tag_field="kind", tag="redis"):
     url: str = "redis://127.0.0.1:6379/0"
     cluster: bool = False
     timeout_ms: int = 15
     failure_mode: Union[FailureMode, FailureModes] = FailureModes()
     key_prefix: str = "kt"
+    tls: Optional[Tls] = None
 
 
 Backend = Union[MemoryBackend, RedisBackend]
