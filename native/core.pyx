@@ -340,6 +340,25 @@ cpdef Outcome decide(Limits lim, State st, int64 now_us, int tier, int64 input_t
     return o
 
 
+cpdef bint at_rest(Limits lim, State st, int64 now_us):
+    """True when ``st`` is, under ``lim`` at now_us, what a fresh State() is: both buckets
+    full again and nothing spent in the current budget period. From then on it decides
+    and settles exactly as a fresh State() would (tests/test_core_reference.py holds that),
+    so the embedded backend may drop it to bound its memory."""
+    cdef int64 start = 0, end = 0
+    if lim.rpm > 0 and _refill(st.req_level, st.req_last, lim.req_cap, lim.req_rate,
+                               now_us) < lim.req_cap:
+        return False
+    if lim.tpm > 0 and _refill(st.tok_level, st.tok_last, lim.tok_cap, lim.tok_rate,
+                               now_us) < lim.tok_cap:
+        return False
+    if lim.budget >= 0 and st.spent != 0:
+        _period_bounds(now_us, lim.period, &start, &end)
+        if st.period_start == start:
+            return False
+    return True
+
+
 cpdef int64 settle(Limits lim, State st, int64 now_us, int64 delta_tokens, int64 delta_cost,
                    int64 period_start):
     """Apply a reconciliation: the difference between actual usage and what was

@@ -91,6 +91,47 @@ def run_both(lim: ref.Limits, seq) -> set[int]:
     return kinds
 
 
+OUTCOME_FIELDS = ("kind", "reason", "tier", "retry_after_s", "limit_requests",
+                  "remaining_requests", "reset_requests_us", "limit_tokens", "remaining_tokens",
+                  "reset_tokens_us", "budget_limit", "budget_remaining", "budget_reset_us",
+                  "charged_tokens", "charged_cost", "period_start_us")
+
+
+@given(limit_sets(), requests)
+def test_a_state_at_rest_decides_as_a_fresh_one(lim, seq):
+    """What lets the embedded backend drop a tenant's state: whenever at_rest() says so,
+    the state and a fresh State() give the same outcome and end in the same state."""
+    core_lim, state = to_core(lim), _core.State()
+    now = T0
+    for gap, tier, inp, out, firm_out, shadow in seq:
+        now += gap
+        tier = min(tier, len(lim.prices) - 1)
+        firm = inp + (out if firm_out else 0)
+        if _core.at_rest(core_lim, state, now):
+            fresh = _core.State()
+            a = _core.decide(core_lim, state, now, tier, inp, out, firm, shadow)
+            b = _core.decide(core_lim, fresh, now, tier, inp, out, firm, shadow)
+            for name in OUTCOME_FIELDS:
+                assert getattr(a, name) == getattr(b, name), (name, a, b)
+            for name in ("req_level", "tok_level", "spent"):
+                assert getattr(state, name) == getattr(fresh, name), name
+        else:
+            _core.decide(core_lim, state, now, tier, inp, out, firm, shadow)
+
+
+def test_at_rest_waits_for_full_buckets_and_for_the_period_that_holds_spend():
+    lim = ref.Limits(rpm=60, tpm=6000, budget=1000, period=ref.P_DAY, prices=[(0, 0)])
+    core_lim, state = to_core(lim), _core.State()
+    assert _core.at_rest(core_lim, state, T0)
+    _core.decide(core_lim, state, T0, 0, 100, 0, 100, False)
+    assert not _core.at_rest(core_lim, state, T0 + 500_000)  # buckets refilling
+    # buckets full after a second (60/min refills 1 request and 100 tokens per second),
+    # but 100 tokens are spent today
+    assert not _core.at_rest(core_lim, state, T0 + 1_000_000)
+    start, end = _core.period_bounds(T0, ref.P_DAY)
+    assert _core.at_rest(core_lim, state, end)  # a new day: the spend belongs to the past
+
+
 settlements = st.lists(
     st.tuples(st.integers(0, 90_000_000), st.integers(-5000, 5000), st.integers(-5000, 5000),
               st.sampled_from(["current", "previous", "unknown"])),

@@ -124,3 +124,28 @@ def test_hot_reload_follows_a_configmap_style_symlink_swap(tmp_path):
     assert sc.reload_if_changed()
     assert sc.service.policy.defaults.limits.rpm == 9
     assert load_policy(link).digest == sc.service.policy.digest
+
+
+def test_random_tenant_names_do_not_grow_memory_without_bound_and_spend_is_kept():
+    # `unknown: defaults` lets a client invent tenant names: states at rest are dropped
+    clock = FakeClock()
+    backend = MemoryBackend(clock=clock, sweep_at=50)
+    rate_only = _core.Limits(rpm=60, tpm=6000)
+    with_budget = _core.Limits(rpm=60, budget=1000, period=_core.P_MONTH)
+    for i in range(5):  # these spend budget this month: never dropped
+        out = backend.decide_now(f"payer-{i}", with_budget, 0, 100, 0, 100, False)
+        assert out.charged_tokens == 100
+    for i in range(1000):
+        backend.decide_now(f"random-{i}", rate_only, 0, 10, 0, 10, False)
+        clock.advance(0.01)  # one request per name, then 10 s of refill for the lot
+    # kept: at most twice the states not at rest (the ~100 names of the last second,
+    # whose buckets are still refilling, and the payers), never the 1,005 names seen
+    assert len(backend.states) <= 2 * (100 + 5) + 1, len(backend.states)
+    assert backend.states_dropped >= 1000 - 2 * (100 + 5)
+    # a dropped name starts again exactly where a fresh state would: a full bucket
+    again = backend.decide_now("random-0", rate_only, 0, 10, 0, 10, False)
+    assert (again.remaining_requests, again.remaining_tokens) == (59, 5990)
+    # the payers' spend survived every sweep
+    for i in range(5):
+        out = backend.decide_now(f"payer-{i}", with_budget, 0, 100, 0, 100, False)
+        assert out.budget_remaining == 800

@@ -23,6 +23,9 @@ log = logging.getLogger("kt.memory")
 STATE_VERSION = 1
 # request ids remembered for idempotent settlement; older ones fall out first
 SETTLED_IDS_MAX = 200_000
+# tenant states kept before a sweep drops those at rest (see _sweep); a sweep then waits
+# until the count doubles, so its cost per decision stays constant
+TENANT_STATES_SWEEP_AT = 100_000
 
 
 def wall_clock_us() -> int:
@@ -33,11 +36,15 @@ class MemoryBackend:
     name = "memory"
 
     def __init__(self, state_file: str = "", flush_interval_s: float = 1.0,
-                 clock: Callable[[], int] = wall_clock_us) -> None:
+                 clock: Callable[[], int] = wall_clock_us,
+                 sweep_at: int = TENANT_STATES_SWEEP_AT) -> None:
         self.state_file = state_file
         self.flush_interval_s = flush_interval_s
         self.clock = clock
         self.states: dict[str, _core.State] = {}
+        self._limits: dict[str, _core.Limits] = {}  # the limits each state was last used with
+        self.min_sweep_at = self._sweep_at = sweep_at
+        self.states_dropped = 0
         self.settled: OrderedDict[str, None] = OrderedDict()
         self._dirty = False
         self._flusher: Optional[asyncio.Task] = None
@@ -60,11 +67,31 @@ class MemoryBackend:
             self._flusher = None
         self.flush()
 
-    def state_for(self, tenant: str) -> _core.State:
+    def state_for(self, tenant: str, limits: Optional[_core.Limits] = None) -> _core.State:
         st = self.states.get(tenant)
         if st is None:
+            if len(self.states) >= self._sweep_at:
+                self._sweep()
             st = self.states[tenant] = _core.State()
+        if limits is not None:
+            self._limits[tenant] = limits
         return st
+
+    def _sweep(self) -> None:
+        """Drop the states at rest (buckets full, nothing spent this period): each decides
+        exactly as the fresh state that replaces it would (_core.at_rest), so nothing is
+        lost, and memory stays bounded when clients send ever new tenant names under
+        `unknown: defaults`. States with spend this period are kept: they are the budget."""
+        now = self.clock()
+        at_rest = _core.at_rest
+        drop = [t for t, st in self.states.items()
+                if (lim := self._limits.get(t)) is not None and at_rest(lim, st, now)]
+        for t in drop:
+            del self.states[t]
+            del self._limits[t]
+        self.states_dropped += len(drop)
+        self._sweep_at = max(self.min_sweep_at, 2 * len(self.states))
+        log.info("dropped %d tenant states at rest; %d kept", len(drop), len(self.states))
 
     async def decide(self, tenant: str, limits: _core.Limits, tier: int, input_tokens: int,
                      output_tokens: int, firm_tokens: int, commit_on_deny: bool) -> _core.Outcome:
@@ -73,7 +100,7 @@ class MemoryBackend:
 
     def decide_now(self, tenant: str, limits: _core.Limits, tier: int, input_tokens: int,
                    output_tokens: int, firm_tokens: int, commit_on_deny: bool) -> _core.Outcome:
-        out = _core.decide(limits, self.state_for(tenant), self.clock(), tier, input_tokens,
+        out = _core.decide(limits, self.state_for(tenant, limits), self.clock(), tier, input_tokens,
                            output_tokens, firm_tokens, commit_on_deny)
         self.decisions += 1
         if out.charged_cost:
@@ -82,7 +109,7 @@ class MemoryBackend:
 
     async def settle(self, tenant: str, limits: _core.Limits, request_id: str, delta_tokens: int,
                      delta_cost: int, period_start_us: int) -> Settlement:
-        st = self.state_for(tenant)
+        st = self.state_for(tenant, limits)
         if request_id in self.settled:
             return Settlement(applied=False, budget_spent=st.spent)
         self.settled[request_id] = None
