@@ -24,3 +24,16 @@ def test_bench_smoke_runs_end_to_end():
     for config in ("envoy_alone", "grpc_noop", "grpc_sidecar", "http_noop", "http_sidecar"):
         assert f"| {config} | chat_short |" in res.stdout
     assert "Fixed rate" in res.stdout
+
+
+@pytest.mark.parametrize("script,args,expect", [
+    ("micro_fastpath.py", ["--requests", "600", "--runs", "1"], "µs CPU per request"),
+    ("micro_core.py", ["--n", "20000", "--runs", "1"], "M decisions/s"),
+])
+def test_micro_benchmarks_run(script, args, expect):
+    # micro_fastpath answers every request through the real protocol objects (it waits
+    # for each answer, so a fast path that stops answering fails here by the timeout)
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert expect in res.stdout

@@ -47,15 +47,11 @@ def render(ans: contract.Answer) -> bytes:
         body = ans.body or b"limiter unavailable"
         return (_status_line(503) + b"content-type: text/plain\r\ncontent-length: %d\r\n\r\n"
                 % len(body) + body)
-    lines = [_status_line(ans.status)]
-    for k, v in ans.upstream_headers:
-        lines.append(b"%s: %s\r\n" % (k.encode(), v.encode()))
-    for k, v in ans.response_headers:
-        lines.append(b"%s: %s\r\n" % (k.encode(), v.encode()))
+    # the header block as one str, encoded once (a dozen small encodes cost more)
+    head = "".join([f"{k}: {v}\r\n" for k, v in ans.upstream_headers]
+                   + [f"{k}: {v}\r\n" for k, v in ans.response_headers]).encode()
     body = ans.body if not ans.allowed else b""
-    lines.append(b"content-length: %d\r\n\r\n" % len(body))
-    lines.append(body)
-    return b"".join(lines)
+    return b"%s%scontent-length: %d\r\n\r\n%s" % (_status_line(ans.status), head, len(body), body)
 
 
 def _error(status: int, message: str) -> bytes:
