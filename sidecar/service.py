@@ -49,6 +49,24 @@ class Reservation:
     created_s: float
 
 
+def _reservation_record(tier: int, model: str, tokens: int, cost: int, period_start: int) -> str:
+    """A reservation as shared through the backend (model last: it may hold any character)."""
+    return f"{tier}|{tokens}|{cost}|{period_start}|{model}"
+
+
+def _parse_reservation(tenant: str, record: Optional[str]) -> Optional["Reservation"]:
+    if record is None:
+        return None
+    try:
+        tier, tokens, cost, period_start, model = record.split("|", 4)
+        return Reservation(tenant, int(tier), model, int(tokens), int(cost), int(period_start),
+                           time.monotonic())
+    except ValueError:
+        log.warning("ignoring a malformed shared reservation for tenant %s: %r", tenant,
+                    record[:200])
+        return None
+
+
 class ReservationBook:
     """Reservations by request id, oldest first; bounded in size and age, so none leaks.
 
@@ -195,6 +213,10 @@ class DecisionService:
             self.reservations.put(req.request_id, tenant, out.tier, policy.tiers[out.tier].model,
                                   out.charged_tokens, out.charged_cost, out.period_start_us,
                                   time.monotonic())
+            if self.backend.shares_reservations:
+                self.backend.share_reservation(tenant, req.request_id, _reservation_record(
+                    out.tier, policy.tiers[out.tier].model, out.charged_tokens,
+                    out.charged_cost, out.period_start_us))
             if self.reservations.expired:
                 self.metrics.reservations_closed.labels("kept_expired").inc(
                     self.reservations.expired)
@@ -314,6 +336,10 @@ class DecisionService:
             tenant = self._settled_tenant.get(request_id)
         if not tenant or not _valid_tenant(tenant):
             raise UsageError("unknown request id and no valid tenant given")
+        if res is None and self.backend.shares_reservations:
+            # decided by another replica: its reservation, if it shared one
+            res = _parse_reservation(tenant, await self.backend.take_reservation(
+                tenant, request_id))
         rule = policy.rule_for(tenant)
         if rule is None:
             raise UsageError(f"unknown tenant {tenant!r}")

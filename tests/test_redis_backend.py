@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -300,6 +303,53 @@ def test_a_decision_applied_after_its_timeout_is_put_right(mode, answer, action,
         assert reserved is not None and reserved.charged_tokens == 5
     else:
         assert reserved is None
+
+
+@pytest.mark.parametrize("shared,spent_after", [
+    (True, 150),  # replica B finds A's reservation: the estimate is replaced
+    (False, 2000 + 150),  # B has no reservation: it charges in full, A's estimate stays
+])
+def test_a_usage_report_to_another_replica(valkey, shared, spent_after):
+    text = policy_text(valkey.url).replace(
+        "failure_mode:", f"shared_reservations: {str(shared).lower()}, failure_mode:")
+    with workdir() as d:
+        a, b = start_sidecars(d, text, 2)
+        try:
+            async def decide_on_a():
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{a.grpc_port}") as ch:
+                    req = external_auth_pb2.CheckRequest()
+                    req.attributes.request.http.headers.update({
+                        "x-tenant-id": "report", "x-kt-estimated-tokens": "2000",
+                        "x-request-id": "req-elsewhere"})
+                    resp = await external_auth_pb2_grpc.AuthorizationStub(ch).Check(
+                        req, timeout=10)
+                    assert resp.status.code == 0
+
+            asyncio.run(decide_on_a())
+            r = redis.Redis.from_url(valkey.url)
+            key = RedisBackend(schema.RedisBackend(url=valkey.url)).keys("report")[2]
+            assert budget_spent(r, key) == 2000
+            doc = {"request_id": "req-elsewhere", "tenant": "report", "model": "gpt-4o",
+                   "input_tokens": 100, "output_tokens": 50}
+            for _ in range(2):  # the second report is recognised and changes nothing
+                status, ack = post_json(f"http://127.0.0.1:{b.http_port}/v1/usage", doc)
+                assert status == 200, ack
+                assert budget_spent(r, key) == spent_after
+            assert ack["applied"] is False
+            r.close()
+        finally:
+            a.stop()
+            b.stop()
+
+
+def post_json(url: str, doc: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=json.dumps(doc).encode(),
+                                 headers={"content-type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
 
 
 def test_per_class_failure_mode_is_the_strictest_the_tenant_has(valkey):

@@ -53,6 +53,7 @@ class Settlement:
 
 class Backend(Protocol):
     name: str
+    shares_reservations: bool  # reservations visible to every replica (share/take below)
 
     async def start(self) -> None:
         """Connect / load state. May raise BackendError."""
@@ -82,6 +83,14 @@ class Backend(Protocol):
         period_start_us: int,
     ) -> Settlement:
         """Apply actual-minus-charged usage once per request id (idempotent)."""
+
+    def share_reservation(self, tenant: str, request_id: str, record: str) -> None:
+        """Keep a reservation where every replica finds it (no-op for a one-process backend).
+        Fire and forget: never waits, never raises (the local book still has it)."""
+
+    async def take_reservation(self, tenant: str, request_id: str) -> Optional[str]:
+        """The reservation another replica shared for this request, removed (None if none).
+        May raise BackendError."""
 
     def status(self) -> BackendStatus:
         """Readiness, cheap and non-blocking (read by /readyz)."""

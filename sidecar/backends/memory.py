@@ -34,6 +34,7 @@ def wall_clock_us() -> int:
 
 class MemoryBackend:
     name = "memory"
+    shares_reservations = False  # one process: its reservation book is the only one
 
     def __init__(self, state_file: str = "", flush_interval_s: float = 1.0,
                  clock: Callable[[], int] = wall_clock_us,
@@ -118,6 +119,12 @@ class MemoryBackend:
         spent = _core.settle(limits, st, self.clock(), delta_tokens, delta_cost, period_start_us)
         self._dirty = True
         return Settlement(applied=True, budget_spent=spent)
+
+    def share_reservation(self, tenant: str, request_id: str, record: str) -> None:
+        pass  # one process: its own reservation book is the only one
+
+    async def take_reservation(self, tenant: str, request_id: str) -> Optional[str]:
+        return None
 
     def status(self) -> BackendStatus:
         if self._last_error:

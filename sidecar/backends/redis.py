@@ -44,6 +44,13 @@ from sidecar.policy import schema
 log = logging.getLogger("kt.redis")
 # how long a settled request id is remembered (a repeated report within it is a no-op)
 SETTLED_TTL_MS = 7 * 24 * 3600 * 1000
+# a shared reservation lives as long as a local one (sidecar/service.py RESERVATION_TTL_S)
+RESERVATION_TTL_MS = 600 * 1000
+
+
+def _ignore_reply(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()  # retrieved: a lost write only means the local book is the record
 
 
 def load_script(name: str) -> str:
@@ -118,6 +125,7 @@ class RedisBackend:
         self._stall_s = max(10 * self.timeout_s, 0.5)
         self.clock_override = clock_override
         self.prefix = cfg.key_prefix
+        self.shares_reservations = cfg.shared_reservations and not cfg.cluster
         self.decide_script = _Script("decide.lua", "decide.lua", "decide_one.lua")
         self.batch_script = _Script("decide_batch.lua", "decide.lua", "decide_batch.lua")
         self.settle_script = _Script("settle.lua")
@@ -355,6 +363,38 @@ class RedisBackend:
             args = self._limit_args_of(limits)
             packed = self._limit_args[limits] = (b"".join(_bulk(a) for a in args), len(args))
         return packed
+
+    # --- reservations shared across replicas (backend.shared_reservations) -------
+    def _reservation_key(self, tenant: str, request_id: str) -> str:
+        return f"{self.prefix}:{{{tenant}}}:reserved:{request_id}"
+
+    def share_reservation(self, tenant: str, request_id: str, record: str) -> None:
+        if not self.shares_reservations or self.conn is None or not self.conn.connected:
+            return  # cluster mode: not offered (docs/usage.md); no link: the local book has it
+        self.conn.submit(pack("SET", self._reservation_key(tenant, request_id), record,
+                              "PX", RESERVATION_TTL_MS)).add_done_callback(_ignore_reply)
+
+    async def take_reservation(self, tenant: str, request_id: str) -> Optional[str]:
+        if not self.shares_reservations:
+            return None
+        key = self._reservation_key(tenant, request_id)
+        reply = await self._send_plain(pack("GETDEL", key))
+        if reply is None:
+            return None
+        if not isinstance(reply, bytes):
+            raise self._failed(f"GETDEL {key}: unexpected reply {str(reply)[:120]}")
+        return reply.decode()
+
+    async def _send_plain(self, packed: bytes) -> Any:
+        """One plain command on the pipelined connection, bounded by the timeout."""
+        assert self.conn is not None
+        try:
+            reply = await asyncio.wait_for(self.conn.call(packed), self.timeout_s)
+        except Exception as exc:  # noqa: BLE001 - the one seam: every failure is a BackendError
+            raise self._failed(f"{type(exc).__name__}: {exc}") from None
+        if isinstance(reply, hiredis.ReplyError):
+            raise self._failed(str(reply))
+        return reply
 
     async def settle(self, tenant: str, limits: _core.Limits, request_id: str, delta_tokens: int,
                      delta_cost: int, period_start_us: int) -> Settlement:

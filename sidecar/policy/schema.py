@@ -104,6 +104,10 @@ class RedisBackend(_Strict, frozen=True, tag_field="kind", tag="redis"):
     failure_mode: Union[FailureMode, FailureModes] = FailureModes()
     key_prefix: str = "kt"
     tls: Optional[Tls] = None
+    # keep each admitted request's reservation in Redis too, so a usage report reaching
+    # another replica replaces the estimate instead of adding to it (docs/usage.md);
+    # one extra write per admitted request with an x-request-id
+    shared_reservations: bool = False
 
 
 Backend = Union[MemoryBackend, RedisBackend]
