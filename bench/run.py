@@ -29,6 +29,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -279,7 +280,8 @@ def main() -> int:
                     seconds, runs, a.connections, valkey_pid=valkey.pid)
             # latency at half of the fast path's throughput, against Envoy alone at that rate
             fast = results["configs"]["http_sidecar"]["chat_short"]["rps"]["median"]
-            results["half_load_latency"] = half_load(d, configs, fast / 2, 1.0 if a.smoke else 5.0)
+            results["half_load_latency"] = half_load(d, configs, fast / 2, 1.0 if a.smoke else 5.0,
+                                                     sidecar)
         finally:
             sidecar.stop()
             sidecar2.stop()
@@ -344,9 +346,39 @@ def run_config(d: Path, name: str, mode: str, grpc_addr: str, http_addr: str,
     return out
 
 
-def half_load(d: Path, configs: dict, rate: float, seconds: float) -> dict:
+def decision_latency_buckets(sidecar: SidecarProcess, transport: str) -> dict[float, float]:
+    """kt_decision_latency_seconds{transport} as cumulative counts by upper bound (seconds)."""
+    out: dict[float, float] = {}
+    prefix = 'kt_decision_latency_seconds_bucket{le="'
+    for port in side_ports(sidecar):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        for line in text.splitlines():
+            if line.startswith(prefix) and f'transport="{transport}"' in line:
+                le = line[len(prefix):].split('"', 1)[0]
+                bound = float("inf") if le == "+Inf" else float(le)
+                out[bound] = out.get(bound, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def bucket_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
+    """The smallest bucket bound holding a share q of the decisions made between two scrapes
+    (an upper bound on the quantile: the histogram cannot say more)."""
+    bounds = sorted(after)
+    total = after.get(float("inf"), 0.0) - before.get(float("inf"), 0.0)
+    if total <= 0:
+        return float("nan")
+    for b in bounds:
+        if after[b] - before.get(b, 0.0) >= q * total:
+            return b
+    return float("inf")
+
+
+def half_load(d: Path, configs: dict, rate: float, seconds: float,
+              sidecar: Optional[SidecarProcess] = None) -> dict:
     out = {}
-    for name in ("envoy_alone", "http_sidecar", "grpc_sidecar"):
+    # the do-nothing handlers at the same rate: what any authz hop adds on this machine
+    for name in ("envoy_alone", "http_noop", "http_sidecar", "grpc_noop", "grpc_sidecar"):
         mode, grpc_addr, http_addr = configs[name]
         admin, listen = free_port(), free_port()
         opts = EnvoyOptions(listen_port=listen, admin_port=admin, mode=mode,
@@ -355,11 +387,21 @@ def half_load(d: Path, configs: dict, rate: float, seconds: float) -> dict:
                             ext_proc=False, direct_response=True, authz_timeout_s=1.0)
         sub = d / f"half-{name}"
         sub.mkdir()
+        transport = {"http_sidecar": "http", "grpc_sidecar": "authz"}.get(name)
         with EnvoyProcess(render(opts), sub, admin, listen) as envoy:
+            before = decision_latency_buckets(sidecar, transport) if sidecar and transport else {}
             out[name] = run_h2load(envoy.url(), "chat_short", rate, seconds, sub)
+            if sidecar and transport:
+                # the sidecar's own time per decision (parse to answer, Redis round trip
+                # included), to tell its share of the added latency from the machine's
+                after = decision_latency_buckets(sidecar, transport)
+                out[name]["decision_p50_le_us"] = 1e6 * bucket_quantile(before, after, 0.50)
+                out[name]["decision_p99_le_us"] = 1e6 * bucket_quantile(before, after, 0.99)
     out["rate"] = rate
     out["added_p99_us_http_sidecar"] = out["http_sidecar"]["p99"] - out["envoy_alone"]["p99"]
     out["added_p99_us_grpc_sidecar"] = out["grpc_sidecar"]["p99"] - out["envoy_alone"]["p99"]
+    out["added_p99_us_http_noop"] = out["http_noop"]["p99"] - out["envoy_alone"]["p99"]
+    out["added_p99_us_grpc_noop"] = out["grpc_noop"]["p99"] - out["envoy_alone"]["p99"]
     return out
 
 
@@ -399,6 +441,8 @@ def summarize(res: dict) -> None:
     if hl:
         targets["http_sidecar added p99 at half its max rate, ms (target < 2)"] = \
             hl["added_p99_us_http_sidecar"] / 1000
+        targets["(reference) do-nothing HTTP handler's added p99 at the same rate, ms"] = \
+            hl["added_p99_us_http_noop"] / 1000
     res["targets"] = targets
     m = res["machine"]
     lines = [f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), kernel {m['kernel']}, Python "
@@ -421,8 +465,12 @@ def summarize(res: dict) -> None:
     lines += [f"| {k} | {v:.3f} |" for k, v in targets.items()]
     if hl:
         lines += ["", f"Fixed rate {hl['rate']:.0f} req/s (half the fast path's max), h2load, p99 µs: "
-                  + ", ".join(f"{n} {hl[n]['p99']:.0f}" for n in ("envoy_alone", "http_sidecar",
-                                                                  "grpc_sidecar"))]
+                  + ", ".join(f"{n} {hl[n]['p99']:.0f}" for n in (
+                      "envoy_alone", "http_noop", "http_sidecar", "grpc_noop", "grpc_sidecar"))
+                  + "; inside the sidecar (kt_decision_latency_seconds, bucket bounds): "
+                  + ", ".join(f"{n} p50 ≤ {hl[n].get('decision_p50_le_us', float('nan')):.0f}, "
+                              f"p99 ≤ {hl[n].get('decision_p99_le_us', float('nan')):.0f}"
+                              for n in ("http_sidecar", "grpc_sidecar"))]
     res["markdown"] = "\n".join(lines) + "\n"
 
 
@@ -440,6 +488,10 @@ def smoke_failures(res: dict) -> list[str]:
                 bad.append(f"{name}/{profile}: {m['status_errors']['max']} non-2xx answers")
             if "_sidecar" in name and m["decisions_per_s"]["min"] <= 0:
                 bad.append(f"{name}/{profile}: the sidecar decided nothing")
+    hl = res.get("half_load_latency", {})
+    for name in ("http_sidecar", "grpc_sidecar"):
+        if name in hl and not hl[name].get("decision_p99_le_us", float("nan")) > 0:
+            bad.append(f"half load/{name}: no decision latency recorded by the sidecar")
     return bad
 
 

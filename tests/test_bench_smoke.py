@@ -3,6 +3,9 @@ the do-nothing references, one real Envoy per configuration), drives load with w
 h2load, and must produce a result for every configuration. It judges no speed."""
 from __future__ import annotations
 
+import importlib.util
+import math
+import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +14,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parent.parent
+_spec = importlib.util.spec_from_file_location("bench_run", ROOT / "bench" / "run.py")
+bench_run = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_run)
 
 
 def test_bench_smoke_runs_end_to_end():
@@ -24,6 +30,20 @@ def test_bench_smoke_runs_end_to_end():
     for config in ("envoy_alone", "grpc_noop", "grpc_sidecar", "http_noop", "http_sidecar"):
         assert f"| {config} | chat_short |" in res.stdout
     assert "Fixed rate" in res.stdout
+    # the sidecar's own share of the half-load latency, from its histogram
+    assert re.search(r"inside the sidecar .*http_sidecar p50 ≤ \d+, p99 ≤ \d+", res.stdout), \
+        res.stdout[-2000:]
+
+
+def test_bucket_quantile_reads_the_decisions_between_two_scrapes():
+    inf = float("inf")
+    before = {0.0001: 10.0, 0.001: 10.0, 0.01: 10.0, inf: 10.0}
+    # 100 decisions since: 90 within 100 µs, 9 more within 1 ms, 1 more within 10 ms
+    after = {0.0001: 100.0, 0.001: 109.0, 0.01: 110.0, inf: 110.0}
+    assert bench_run.bucket_quantile(before, after, 0.50) == 0.0001
+    assert bench_run.bucket_quantile(before, after, 0.95) == 0.001
+    assert bench_run.bucket_quantile(before, after, 0.995) == 0.01
+    assert math.isnan(bench_run.bucket_quantile(after, after, 0.99))  # nothing decided
 
 
 @pytest.mark.parametrize("script,args,expect", [
