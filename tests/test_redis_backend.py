@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -24,7 +21,7 @@ from sidecar.model import Kind, Request
 from sidecar.policy import schema
 from sidecar.policy.load import parse_policy
 from sidecar.service import DecisionService
-from tests.support.procs import SidecarProcess, workdir
+from tests.support.procs import SidecarProcess, post_json, workdir
 from tests.support.valkey import Valkey, ValkeyCluster, command
 
 POLICY = """
@@ -87,6 +84,14 @@ def start_sidecars(d: Path, text: str, count: int, env_per_process=None) -> list
     return procs
 
 
+def clear_of_a_period_boundary(period_s: int, margin_s: float = 3.0) -> None:
+    """Wait, if need be, until the next UTC-aligned period boundary is more than margin_s
+    away: an exact count over a per-minute budget holds only within one period."""
+    left = period_s - time.time() % period_s
+    if left < margin_s:
+        time.sleep(left + 0.05)
+
+
 def budget_spent(r, key: str) -> int:
     return int(r.hget(key, "s") or 0)
 
@@ -110,6 +115,7 @@ def test_two_sidecars_admit_exactly_the_limit_and_charge_exactly_the_admitted(va
     with workdir() as d:
         procs = start_sidecars(d, policy_text(valkey.url), 2)
         try:
+            clear_of_a_period_boundary(86400)  # the default budget is per day
             started = time.monotonic()
             results = asyncio.run(hammer([p.grpc_port for p in procs], "exact-rpm", 400))
             elapsed = time.monotonic() - started
@@ -129,6 +135,7 @@ def run_exact_budget(url: str, cluster: bool) -> None:
     with workdir() as d:
         procs = start_sidecars(d, policy_text(url, cluster=cluster), 2)
         try:
+            clear_of_a_period_boundary(60)
             results = asyncio.run(hammer([p.grpc_port for p in procs], "hundred-tokens", 300))
         finally:
             for p in procs:
@@ -180,6 +187,7 @@ def test_sidecars_with_clocks_minutes_apart_agree(valkey):
             assert abs(float(seen) - time.time() - offset) < 30
         procs = start_sidecars(d, policy_text(valkey.url), 2, envs)
         try:
+            clear_of_a_period_boundary(60)  # Valkey's clock: the real one
             results = asyncio.run(hammer([p.grpc_port for p in procs], "hundred-tokens", 300))
         finally:
             for p in procs:
@@ -342,16 +350,6 @@ def test_a_usage_report_to_another_replica(valkey, shared, spent_after):
             b.stop()
 
 
-def post_json(url: str, doc: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=json.dumps(doc).encode(),
-                                 headers={"content-type": "application/json"}, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            return resp.status, json.load(resp)
-    except urllib.error.HTTPError as e:
-        return e.code, json.load(e)
-
-
 def test_per_class_failure_mode_is_the_strictest_the_tenant_has(valkey):
     svc = service_for("redis://127.0.0.1:1/0", "{rate_limits: open, budgets: closed}")
     rules = svc.policy
@@ -410,6 +408,38 @@ def test_one_round_trip_carries_many_decisions(valkey):
     asyncio.run(main())
     assert backend.decisions == 200
     assert backend.round_trips < 20  # coalesced: not one round trip per decision
+
+
+def test_decisions_racing_the_first_connection_each_get_their_own_reply(valkey):
+    # Decisions arriving over many event-loop ticks while the hot-path connection is still
+    # opening: each batch that found it closed waits for a connect, and one resuming after
+    # the link came up must use it, not open a second link (replies on the first link would
+    # then be matched to the second link's callers: another tenant's decision, or an
+    # "unexpected reply" failure). Every tenant has its own rpm limit, and every outcome
+    # carries the limit it was decided under, so a reply given to the wrong caller shows.
+    from sidecar import _core
+
+    async def main() -> list:
+        backend = RedisBackend(schema.RedisBackend(url=valkey.url, timeout_ms=2000))
+        await backend.start()
+
+        async def one(i: int):
+            for _ in range(i % 97):  # spread the calls over 97 loop ticks
+                await asyncio.sleep(0)
+            rpm = 1000 + i % 13
+            out = await backend.decide(f"race-{i % 13}", _core.Limits(rpm=rpm), 0, 1, 1, 2, False)
+            return rpm, out
+
+        try:
+            return await asyncio.gather(*(one(i) for i in range(1000)), return_exceptions=True)
+        finally:
+            await backend.close()
+
+    for _ in range(6):  # the race needs the connection to be opened afresh each time
+        results = asyncio.run(main())
+        errors = [r for r in results if isinstance(r, BaseException)]
+        assert not errors, errors[:3]
+        assert [out.limit_requests for _, out in results] == [rpm for rpm, _ in results]
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,7 +3,6 @@ gRPC), and the ext_proc stream driven through a real gRPC channel."""
 from __future__ import annotations
 
 import json
-import urllib.error
 import urllib.request
 
 import grpc
@@ -19,6 +18,7 @@ from sidecar.transports.ext_proc import rewrite_model
 from sidecar.usage import UsageScanner, usage_from_json
 from tests.inproc import RunningSidecar
 from tests.support.policies import TIERS_AND_PRICING
+from tests.support.procs import post_json
 
 POLICY = """
 tenant: {header: x-tenant-id, unknown: defaults}
@@ -98,13 +98,7 @@ def spent(sc, tenant):
 
 
 def post_usage(sc, doc):
-    req = urllib.request.Request(sc.http_base + "/v1/usage", data=json.dumps(doc).encode(),
-                                 headers={"content-type": "application/json"}, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=5) as r:
-            return r.status, json.load(r)
-    except urllib.error.HTTPError as e:
-        return e.code, json.load(e)
+    return post_json(sc.http_base + "/v1/usage", doc)
 
 
 def test_report_replaces_the_estimate_with_actual_usage_once(sidecar):

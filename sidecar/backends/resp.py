@@ -26,11 +26,18 @@ class ConnectionLost(ConnectionError):
 
 
 class _Protocol(asyncio.Protocol):
+    """One link's replies. Once its owner has dropped it (``current`` is False), whatever
+    it still receives belongs to calls already failed, and its close is no news: it must
+    touch neither the owner's pending calls nor the link that replaced it."""
+
     def __init__(self, owner: "PipelinedConnection") -> None:
         self.owner = owner
         self.reader = hiredis.Reader()
+        self.current = True
 
     def data_received(self, data: bytes) -> None:
+        if not self.current:
+            return
         self.reader.feed(data)
         pending = self.owner.pending
         while True:
@@ -50,7 +57,8 @@ class _Protocol(asyncio.Protocol):
                 fut.set_result(reply)
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
-        self.owner.lose(ConnectionLost(f"connection closed: {exc!r}"))
+        if self.current:
+            self.owner.lose(ConnectionLost(f"connection closed: {exc!r}"))
 
 
 class PipelinedConnection:
@@ -66,6 +74,7 @@ class PipelinedConnection:
         self.setup = setup
         self.pending: collections.deque[asyncio.Future] = collections.deque()
         self.transport: Optional[asyncio.Transport] = None
+        self.protocol: Optional[_Protocol] = None
         self._connecting: Optional[asyncio.Future] = None
         self._outbox: list[bytes] = []
         self._flush_scheduled = False
@@ -110,8 +119,12 @@ class PipelinedConnection:
         self.writes += 1
 
     async def connect(self) -> None:
+        """Open the link unless it is open: a caller that saw it closed may get here after
+        another opened it, and a second link would split the replies from their callers."""
         if self._connecting is not None:  # one connect at a time; others wait for it
             await asyncio.shield(self._connecting)
+            return
+        if self.connected:
             return
         loop = asyncio.get_running_loop()
         self._connecting = loop.create_future()
@@ -121,13 +134,17 @@ class PipelinedConnection:
             else:
                 opening = loop.create_connection(lambda: _Protocol(self), self.host, self.port,
                                                  ssl=self.ssl_context)
-            transport, _ = await asyncio.wait_for(opening, self.connect_timeout_s)
-            self.transport = transport  # type: ignore[assignment]
+            transport, protocol = await asyncio.wait_for(opening, self.connect_timeout_s)
+            self.transport, self.protocol = transport, protocol  # type: ignore[assignment]
             self.last_reply_at = time.monotonic()
-            for cmd in self.setup:
-                fut = loop.create_future()
-                self.pending.append(fut)
-                transport.write(cmd)
+            # the link counts as connected from here, so calls may be written behind the
+            # setup: all of it goes out first, in one write (a call must not run between
+            # AUTH and SELECT)
+            setup = [loop.create_future() for _ in self.setup]
+            self.pending.extend(setup)
+            if self.setup:
+                transport.write(b"".join(self.setup))
+            for fut in setup:
                 reply = await asyncio.wait_for(fut, self.connect_timeout_s)
                 if isinstance(reply, hiredis.ReplyError):
                     raise ConnectionLost(f"connection setup refused: {reply}")
@@ -143,6 +160,9 @@ class PipelinedConnection:
 
     def lose(self, exc: BaseException) -> None:
         """Close the link and fail every outstanding call; the next call reconnects."""
+        if self.protocol is not None:
+            self.protocol.current = False
+            self.protocol = None
         if self.transport is not None:
             self.transport.abort()
             self.transport = None

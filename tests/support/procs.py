@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Iterator, Optional
@@ -188,3 +189,14 @@ def env_without_proxies() -> dict:
     for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
         env.pop(k, None)
     return env
+
+
+def post_json(url: str, doc: dict) -> tuple[int, dict]:
+    """POST a JSON document; the status and the JSON answer, error statuses included."""
+    req = urllib.request.Request(url, data=json.dumps(doc).encode(),
+                                 headers={"content-type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
