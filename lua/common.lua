@@ -1,17 +1,24 @@
--- common.lua: the calendar shared by decide.lua and settle.lua. Not a script of its
--- own: sidecar/backends/redis.py prepends it to each script before SCRIPT LOAD, so the
--- UTC period rules exist once in Lua (and once in native/core.pyx).
+-- common.lua: the calendar and the bucket storage shared by decide.lua and settle.lua.
+-- Not a script of its own: sidecar/backends/redis.py prepends it to each script before
+-- SCRIPT LOAD, so the UTC period rules and the bucket refill exist once in Lua (and once
+-- in native/core.pyx).
 
 local NO_END = 4611686018427387904
 local US = 1000000
 local DAY_US = 86400000000
 
--- the clock: a test override (ARGV[1] > 0) or the server's TIME, in µs
+-- the clock: a test override (ARGV[1] > 0) or the server's TIME, in µs. TIME is read
+-- once per script call: the decisions of one batch are taken at one instant (the call
+-- is atomic anyway), and a Redis call per decision is saved.
+local server_now = nil
 local function clock_us(override)
   local now = tonumber(override)
   if now == 0 then
-    local t = redis.call('TIME')
-    now = tonumber(t[1]) * US + tonumber(t[2])
+    if server_now == nil then
+      local t = redis.call('TIME')
+      server_now = tonumber(t[1]) * US + tonumber(t[2])
+    end
+    now = server_now
   end
   return now
 end
@@ -56,3 +63,32 @@ local function period_bounds(t, p)
   return s, s + size
 end
 
+-- A bucket is one string, "<level> <µs of its last update>", whose TTL is the time it
+-- takes to be full again plus 1 s: a missing bucket reads as full, which is exactly its
+-- state by then, so expiry never changes a decision. One SET ... PX writes level and TTL
+-- together (as a hash it took HSET and PEXPIRE: a Redis call more per bucket per
+-- decision). Levels are written with %.17g (tostring keeps 14 digits, which would drift
+-- from the core).
+
+-- the level now: the stored one refilled at `rate` per µs, capped at `cap`
+local function bucket_level(key, cap, rate, now)
+  -- pcall: a key of another type (a hash from before this format) reads as full and is
+  -- replaced by the next write, instead of failing every decision until it expires
+  local v = redis.pcall('GET', key)
+  if type(v) ~= 'string' then return cap end
+  local sp = string.find(v, ' ', 1, true)
+  if sp == nil then return cap end
+  local level, last = tonumber(string.sub(v, 1, sp - 1)), tonumber(string.sub(v, sp + 1))
+  if level == nil or last == nil or level < 0 then return cap end
+  local elapsed = now - last
+  if elapsed <= 0 then return level end
+  local filled = level + elapsed * rate
+  if filled > cap then return cap end
+  return filled
+end
+
+local function bucket_store(key, level, cap, rate, now)
+  local ms = 1000
+  if cap - level > 0 then ms = ms + math.ceil((cap - level) / rate / 1000) end
+  redis.call('SET', key, string.format('%.17g %d', level, now), 'PX', ms)
+end

@@ -12,8 +12,8 @@
 -- WATCH/retry loop, which under contention on one hot tenant costs round trips
 -- and retries. A script is atomic and one round trip, whatever the contention.
 --
--- KEYS[1]  request bucket, hash {l = level, t = last µs}      e.g. kt:{acme}:rpm
--- KEYS[2]  token bucket, hash {l, t}                           e.g. kt:{acme}:tpm
+-- KEYS[1]  request bucket, "<level> <last µs>" (common.lua)   e.g. kt:{acme}:rpm
+-- KEYS[2]  token bucket, the same form                         e.g. kt:{acme}:tpm
 -- KEYS[3]  budget, hash {ps = period start µs, s = spent}      e.g. kt:{acme}:budget
 --          All keys of a tenant share the hash tag {tenant}: one slot on a cluster.
 -- ARGV[1]  clock override in µs; "0" in production (the server's TIME is used, so
@@ -30,17 +30,16 @@
 -- remaining_tokens, reset_tokens_us, budget_limit, budget_remaining, budget_reset_us,
 -- charged_tokens, charged_cost, period_start_us.
 --
--- TTLs: a bucket key expires when it would be full again (plus 1 s): a missing bucket
--- reads as full, which is exactly its state by then, so expiry never changes a
--- decision. The TTL is written by this same script (no extra round trip). A budget key
+-- TTLs: a bucket key expires when it would be full again (plus 1 s), written with its
+-- level in one SET (common.lua). A budget key
 -- gets PEXPIREAT period end + 1 day once, when a new period starts. A `total` budget
 -- key has no TTL: expiring it would hand the tenant its spend back.
 --
 -- Numbers are doubles (Lua 5.1); µs since the epoch (~1.8e15) and nano-USD sums stay
--- below 2^53, so they are exact. Bucket levels are stored with %.17g (tostring keeps
--- 14 digits, which would drift from the core).
+-- below 2^53, so they are exact.
 
--- (common.lua, prepended at load, defines NO_END, US, DAY_US, clock_us, period_bounds)
+-- (common.lua, prepended at load, defines NO_END, US, DAY_US, clock_us, period_bounds,
+-- bucket_level, bucket_store)
 
 local function decide(KEYS, ARGV)
 
@@ -51,25 +50,6 @@ local function decide(KEYS, ARGV)
   local budget, in_usd, period = tonumber(ARGV[10]), ARGV[11] == '1', tonumber(ARGV[12])
   local low_water = tonumber(ARGV[13])
   local ntiers = tonumber(ARGV[14])
-
-  local function refill(key, cap, rate)
-    local st = redis.call('HMGET', key, 'l', 't')
-    local level, last = tonumber(st[1]), tonumber(st[2])
-    if level == nil or level < 0 then return cap end
-    local elapsed = now - last
-    if elapsed <= 0 then return level end
-    local filled = level + elapsed * rate
-    if filled > cap then return cap end
-    return filled
-  end
-
-  local function store(key, level, cap, rate)
-    redis.call('HSET', key, 'l', string.format('%.17g', level), 't', string.format('%d', now))
-    local deficit = cap - level
-    local ms = 1000
-    if deficit > 0 then ms = ms + math.ceil(deficit / rate / 1000) end
-    redis.call('PEXPIRE', key, ms)
-  end
 
   local function wait_us(deficit, rate)
     if deficit <= 0 then return 0 end
@@ -94,10 +74,12 @@ local function decide(KEYS, ARGV)
 
   -- 2. budget: period from the clock, downgrade below low water, cost at the tier it goes to
   local cost, budget_remaining, pstart, pend, spent = 0, -1, 0, NO_END, 0
+  local new_period = false
   if budget >= 0 then
     pstart, pend = period_bounds(now, period)
     local b = redis.call('HMGET', KEYS[3], 'ps', 's')
-    if tonumber(b[1]) == pstart then spent = tonumber(b[2]) or 0 end
+    new_period = tonumber(b[1]) ~= pstart
+    if not new_period then spent = tonumber(b[2]) or 0 end
     local remaining = budget - spent
     if remaining < low_water * budget and tier + 1 < ntiers then
       tier = tier + 1
@@ -121,8 +103,8 @@ local function decide(KEYS, ARGV)
 
   -- 3. buckets, each limit its own key
   local req_level, tok_level = 0, 0
-  if rpm > 0 then req_level = refill(KEYS[1], req_cap, req_rate) end
-  if tpm > 0 then tok_level = refill(KEYS[2], tok_cap, tok_rate) end
+  if rpm > 0 then req_level = bucket_level(KEYS[1], req_cap, req_rate, now) end
+  if tpm > 0 then tok_level = bucket_level(KEYS[2], tok_cap, tok_rate, now) end
   if kind <= 1 then
     local wait_req, wait_tok = 0, 0
     if rpm > 0 and req_level < 1 then wait_req = (1 - req_level) / req_rate end
@@ -142,11 +124,10 @@ local function decide(KEYS, ARGV)
     if tpm > 0 then tok_level = tok_level - tokens end
     charged_tokens, charged_cost = tokens, cost
   end
-  if rpm > 0 then store(KEYS[1], req_level, req_cap, req_rate) end
-  if tpm > 0 then store(KEYS[2], tok_level, tok_cap, tok_rate) end
+  if rpm > 0 then bucket_store(KEYS[1], req_level, req_cap, req_rate, now) end
+  if tpm > 0 then bucket_store(KEYS[2], tok_level, tok_cap, tok_rate, now) end
   if budget >= 0 then
-    local b = redis.call('HGET', KEYS[3], 'ps')
-    local new_period = tonumber(b) ~= pstart
+    -- nothing wrote the budget key since it was read above (the script is atomic)
     if new_period or admitted then
       if admitted then spent = spent + cost end
       redis.call('HSET', KEYS[3], 'ps', string.format('%d', pstart), 's', string.format('%d', spent))

@@ -1,7 +1,7 @@
 -- settle.lua: reconcile one request's actual usage with what decide.lua charged.
 -- Mirrors settle() in native/core.pyx; idempotent per request id.
 --
--- KEYS[1]  token bucket hash {l, t}                 kt:{tenant}:tpm
+-- KEYS[1]  token bucket (common.lua)               kt:{tenant}:tpm
 -- KEYS[2]  budget hash {ps, s}                      kt:{tenant}:budget
 -- KEYS[3]  settled marker for the request id        kt:{tenant}:settled:<request id>
 -- ARGV[1]  clock override in µs ("0" in production: the server's TIME)
@@ -14,7 +14,8 @@
 -- A refund never reaches into a closed period; extra usage of a request charged in a
 -- closed period lands in the current one: spend is never lost.
 
--- (common.lua, prepended at load, defines NO_END, US, DAY_US, clock_us, period_bounds)
+-- (common.lua, prepended at load, defines NO_END, US, DAY_US, clock_us, period_bounds,
+-- bucket_level, bucket_store)
 
 local now = clock_us(ARGV[1])
 local tpm, burst, budget, period = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -28,20 +29,9 @@ end
 
 if tpm > 0 and d_tokens ~= 0 then
   local cap, rate = tpm * burst, tpm / 60e6
-  local st = redis.call('HMGET', KEYS[1], 'l', 't')
-  local level, last = tonumber(st[1]), tonumber(st[2])
-  if level == nil or level < 0 then
-    level = cap
-  elseif now - last > 0 then
-    level = level + (now - last) * rate
-    if level > cap then level = cap end
-  end
-  level = level - d_tokens
+  local level = bucket_level(KEYS[1], cap, rate, now) - d_tokens
   if level > cap then level = cap end
-  redis.call('HSET', KEYS[1], 'l', string.format('%.17g', level), 't', string.format('%d', now))
-  local ms = 1000
-  if cap - level > 0 then ms = ms + math.ceil((cap - level) / rate / 1000) end
-  redis.call('PEXPIRE', KEYS[1], ms)
+  bucket_store(KEYS[1], level, cap, rate, now)
 end
 
 if budget < 0 then return {1, -1} end

@@ -379,6 +379,36 @@ def test_script_flush_is_transparent(valkey):
     assert asyncio.run(main()).remaining_requests == 998
 
 
+def test_buckets_are_one_string_with_a_ttl_and_a_key_of_another_type_reads_as_full(valkey):
+    # a bucket is "<level> <last µs>" with its TTL in one SET (lua/common.lua); a bucket
+    # left as a hash by an earlier format (here: an empty one) must not fail decisions: it
+    # reads as full once and is replaced
+    from sidecar import _core
+
+    backend = RedisBackend(schema.RedisBackend(url=valkey.url, timeout_ms=500))
+    rpm_key, tpm_key, _ = backend.keys("format")
+    r = redis.Redis.from_url(valkey.url)
+    r.hset(rpm_key, mapping={"l": "0", "t": str(time.time_ns() // 1000)})
+    lim = _core.Limits(rpm=60, tpm=6000)
+
+    async def main():
+        await backend.start()
+        try:
+            return [await backend.decide("format", lim, 0, 10, 0, 10, False) for _ in range(2)]
+        finally:
+            await backend.close()
+
+    first, second = asyncio.run(main())
+    assert first.admitted and first.remaining_requests == 59
+    assert second.admitted and second.remaining_requests == 58
+    assert r.type(rpm_key) == b"string" and r.type(tpm_key) == b"string"
+    level, last = r.get(tpm_key).split()
+    assert float(level) == pytest.approx(5980, abs=1) and int(last) > 0
+    # empty by 20 tokens at 100 tokens/s: full again in 0.2 s, so the TTL is 1 s + 0.2 s
+    assert 1000 < r.pttl(tpm_key) <= 1200
+    r.close()
+
+
 def test_unreachable_redis_at_start_is_not_a_crash_but_not_ready():
     backend = RedisBackend(schema.RedisBackend(url="redis://127.0.0.1:1/0", timeout_ms=20))
     from sidecar import _core
