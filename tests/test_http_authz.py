@@ -113,6 +113,7 @@ def test_keep_alive_and_pipelined_requests_answer_in_order(sidecar):
     (b"GARBAGE\r\n\r\n", 400),
     (b"POST / HTTP/1.1\r\nno-colon-here\r\n\r\n", 400),
     (b"POST / HTTP/1.1\r\ncontent-length: ten\r\n\r\n", 400),
+    ("POST / HTTP/1.1\r\ncontent-length: \u00b2\r\n\r\n".encode(), 400),  # a digit to str, not int
     (b"POST / HTTP/1.1\r\ncontent-length: 99999999\r\n\r\n", 413),
     (b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n", 400),
     (b"POST / HTTP/1.1\r\nx: " + b"y" * 40000 + b"\r\n\r\n", 431),
@@ -124,6 +125,12 @@ def test_malformed_http_gets_a_clear_answer_and_the_server_keeps_serving(sidecar
     assert json.loads(answers[0][2])["error"]["type"] == "invalid_request_error"
     # and the next connection is served normally
     assert http(sidecar.http_authz_port, request("a", "1"))[0][0] in (200, 429)
+
+
+def test_a_malformed_request_behind_a_good_one_keeps_the_good_ones_answer(sidecar):
+    bad = "POST / HTTP/1.1\r\ncontent-length: \u00b2\r\n\r\n".encode()
+    answers = http(sidecar.http_authz_port, request("a", "1") + bad, expect=2)
+    assert [a[0] for a in answers] == [200, 400]
 
 
 def test_a_half_sent_request_then_close_harms_nothing(sidecar):

@@ -284,6 +284,9 @@ def test_a_decision_applied_after_its_timeout_is_put_right(mode, answer, action,
             await svc.backend.start()
             assert (await svc.decide(req("late"))).kind is Kind.ALLOW
             assert budget_spent(r, budget_key) == 5
+            # the link then idles longer than the stall window (0.5 s): a slow reply after
+            # a quiet spell is a late reply, not a hung server
+            await asyncio.sleep(0.8)
             # the server is busy for 400 ms (as under a backlog): the next decision times
             # out after 50 ms, and Redis applies it when it wakes
             sleeper = asyncio.create_task(asyncio.to_thread(

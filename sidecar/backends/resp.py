@@ -91,7 +91,7 @@ class PipelinedConnection:
             await self.connect()
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self.pending.append(fut)
+        self._owe(fut)
         self._outbox.append(packed)
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -102,10 +102,17 @@ class PipelinedConnection:
         """Write one pre-encoded command now (with anything already queued ahead of it, so
         replies stay in order); the future of its reply. The connection must be open."""
         fut = asyncio.get_running_loop().create_future()
-        self.pending.append(fut)
+        self._owe(fut)
         self._outbox.append(packed)
         self._flush()
         return fut
+
+    def _owe(self, fut: asyncio.Future) -> None:
+        # silence is counted from the last reply or from the moment a reply became owed,
+        # whichever is later: after an idle spell the first slow reply is not a stall
+        if not self.pending:
+            self.last_reply_at = time.monotonic()
+        self.pending.append(fut)
 
     def _flush(self) -> None:
         self._flush_scheduled = False

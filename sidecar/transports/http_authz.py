@@ -99,7 +99,12 @@ class AuthzProtocol(asyncio.Protocol):
         self.buf += data
         self._arm_idle()
         while not self.closing:
-            req = self._parse_one()
+            try:
+                req = self._parse_one()
+            except Exception:  # noqa: BLE001 - a parse bug must answer 400, not drop the link
+                log.exception("http authz: unparseable request")
+                self._fail(400, "malformed request")
+                return
             if req is None:
                 return
             self.queue.put_nowait(req)
@@ -138,7 +143,8 @@ class AuthzProtocol(asyncio.Protocol):
             self._fail(400, "chunked request bodies are not accepted; Envoy sends content-length")
             return None
         length_text = headers.get("content-length", "0")
-        if not length_text.isdigit():
+        # ASCII digits only: str.isdigit() also accepts "²", which int() rejects
+        if not (length_text.isascii() and length_text.isdigit()):
             self._fail(400, "malformed content-length")
             return None
         length = int(length_text)
