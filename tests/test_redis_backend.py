@@ -363,6 +363,38 @@ def test_per_class_failure_mode_is_the_strictest_the_tenant_has(valkey):
     assert svc2.failure_mode_for(only_rates.defaults) == "open"
 
 
+def test_a_bad_key_fails_only_its_own_decision_in_a_batch(valkey, caplog):
+    # one tenant's budget key overwritten with the wrong type (an operator's mistake): its
+    # decision fails (budgets: closed, so it is denied and charged nothing) while the
+    # decisions batched before and after it are decided and charged normally. Before,
+    # the whole script failed after charging the decisions ahead of it: tenants answered
+    # by the failure mode and billed anyway.
+    svc = service_for(valkey.url, "{rate_limits: open, budgets: closed}", timeout_ms=2000)
+    r = redis.Redis.from_url(valkey.url)
+    bad_key = svc.backend.keys("batch-bad")[2]
+    r.set(bad_key, "not a hash")
+    tenants = ["batch-before", "batch-bad", "batch-after"]
+
+    async def main():
+        await svc.backend.start()
+        try:
+            trips = svc.backend.round_trips
+            out = await asyncio.gather(*(svc.decide(req(t)) for t in tenants))
+            return out, svc.backend.round_trips - trips
+        finally:
+            await svc.backend.close()
+
+    (before, bad, after), trips = asyncio.run(main())
+    assert trips == 1  # the three went as one batch
+    assert before.kind is Kind.ALLOW and after.kind is Kind.ALLOW
+    assert bad.kind is Kind.FAIL_CLOSED
+    assert "tenant batch-bad" in caplog.text and "WRONGTYPE" in caplog.text  # the log says why
+    assert budget_spent(r, svc.backend.keys("batch-before")[2]) == 5
+    assert budget_spent(r, svc.backend.keys("batch-after")[2]) == 5
+    assert r.get(bad_key) == b"not a hash"
+    r.close()
+
+
 def test_script_flush_is_transparent(valkey):
     backend = RedisBackend(schema.RedisBackend(url=valkey.url, timeout_ms=500))
     from sidecar import _core

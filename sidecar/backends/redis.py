@@ -213,6 +213,8 @@ class RedisBackend:
             reply = await self._queue_decision(
                 tenant, b"".join([_bulk(a) for a in request]) + limits_packed,
                 len(request) + n_limit_args)
+        if isinstance(reply, hiredis.ReplyError):  # this decision failed in its batch
+            raise self._failed(f"decide.lua: {reply}")
         if not _is_outcome(reply):
             raise self._failed(f"decide.lua: unexpected reply {str(reply)[:120]}")
         self.decisions += 1
