@@ -21,6 +21,7 @@ from typing import Literal, NamedTuple
 import yaml
 
 from sidecar import contract
+from sidecar.transports.http_authz import IDLE_TIMEOUT_S as SIDECAR_HTTP_IDLE_TIMEOUT_S
 
 TYPE = "type.googleapis.com/"
 
@@ -77,7 +78,7 @@ def _addr(hostport: str) -> dict:
     return {"socket_address": {"address": host.strip("[]"), "port_value": int(port)}}
 
 
-def _cluster(name: str, hostport: str, http2: bool) -> dict:
+def _cluster(name: str, hostport: str, http2: bool, idle_timeout_s: float = 0.0) -> dict:
     c: dict = {
         "name": name,
         "type": "STATIC",
@@ -85,11 +86,15 @@ def _cluster(name: str, hostport: str, http2: bool) -> dict:
         "load_assignment": {"cluster_name": name, "endpoints": [
             {"lb_endpoints": [{"endpoint": {"address": _addr(hostport)}}]}]},
     }
-    if http2:  # gRPC needs HTTP/2 to the sidecar
+    if http2 or idle_timeout_s:
+        opts: dict = {
+            "@type": TYPE + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {  # gRPC needs HTTP/2 to the sidecar
+                "http2_protocol_options" if http2 else "http_protocol_options": {}}}
+        if idle_timeout_s:
+            opts["common_http_protocol_options"] = {"idle_timeout": f"{idle_timeout_s:g}s"}
         c["typed_extension_protocol_options"] = {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": TYPE + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}}}}
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": opts}
     return c
 
 
@@ -294,7 +299,11 @@ def bootstrap(o: EnvoyOptions) -> dict:
             "mutations": mutations}}]
     clusters = [_cluster("kt_sidecar", o.sidecar_address, http2=True)]
     if o.mode == "http-authz":
-        clusters.append(_cluster("kt_sidecar_http", o.sidecar_http_address, http2=False))
+        # Envoy closes an idle connection to the HTTP fast path before the sidecar does
+        # (Envoy's default is an hour): otherwise a request Envoy sends on a pooled
+        # connection just as the sidecar closes it fails, and Envoy's failure mode answers
+        clusters.append(_cluster("kt_sidecar_http", o.sidecar_http_address, http2=False,
+                                 idle_timeout_s=SIDECAR_HTTP_IDLE_TIMEOUT_S * 2 / 3))
     clusters += [_cluster(f"tier_{t.name}", t.upstream, http2=False) for t in o.tiers]
     return {
         "admin": {"address": {"socket_address": {"address": o.admin_host,

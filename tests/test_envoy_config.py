@@ -11,7 +11,7 @@ from sidecar.envoy_config import EnvoyOptions, TierRoute, render
 from tests.support.procs import find_binary
 
 
-@pytest.mark.parametrize("mode", ["authz", "rls"])
+@pytest.mark.parametrize("mode", ["authz", "rls", "http-authz"])
 @pytest.mark.parametrize("failure_mode", ["allow", "deny"])
 def test_envoy_validates_every_variant(tmp_path, capsys, mode, failure_mode):
     assert kt(["envoy-config", "--mode", mode, "--failure-mode", failure_mode,
@@ -27,16 +27,18 @@ def test_envoy_validates_every_variant(tmp_path, capsys, mode, failure_mode):
     filters = [f["name"] for f in hcm["http_filters"]]
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
     clusters = {c["name"] for c in doc["static_resources"]["clusters"]}
-    assert clusters == {"kt_sidecar", "tier_default", "tier_compact"}
+    fast_path = {"kt_sidecar_http"} if mode == "http-authz" else set()
+    assert clusters == {"kt_sidecar", "tier_default", "tier_compact"} | fast_path
     compact = [r for r in routes if r.get("route", {}).get("cluster") == "tier_compact"]
     assert compact[0]["match"]["headers"] == [{"name": "x-kt-tier", "string_match": {"exact": "compact"}}]
     assert routes[-1]["route"]["cluster"] == "tier_default"
-    if mode == "authz":
+    if mode in ("authz", "http-authz"):
         assert filters == ["envoy.filters.http.ext_authz", "envoy.filters.http.ext_proc",
                            "envoy.filters.http.router"]
         authz = hcm["http_filters"][0]["typed_config"]
         assert authz["clear_route_cache"] is True
         assert authz["failure_mode_allow"] is (failure_mode == "allow")
+        assert ("http_service" in authz) is (mode == "http-authz")
     else:
         assert filters == ["envoy.filters.http.ratelimit", "envoy.filters.http.router"]
         assert hcm["http_filters"][0]["typed_config"]["failure_mode_deny"] is (failure_mode == "deny")
@@ -94,6 +96,20 @@ def test_the_sidecar_cluster_is_static_loopback_http2_with_a_short_connect_timeo
     # the tiers speak HTTP/1.1 (no protocol options): an OpenAI-compatible upstream
     assert all("typed_extension_protocol_options" not in c
                for c in doc["static_resources"]["clusters"] if c["name"].startswith("tier_"))
+
+
+def test_envoy_closes_idle_fast_path_connections_before_the_sidecar_does():
+    # the sidecar closes an HTTP authz connection idle for IDLE_TIMEOUT_S; if Envoy kept
+    # it longer, a request sent on it as the sidecar closes it would fail
+    from sidecar.transports.http_authz import IDLE_TIMEOUT_S
+
+    doc = _render(mode="http-authz")
+    cluster = {c["name"]: c for c in doc["static_resources"]["clusters"]}["kt_sidecar_http"]
+    opts = cluster["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert "http_protocol_options" in opts["explicit_http_config"]  # HTTP/1.1, as before
+    idle = opts["common_http_protocol_options"]["idle_timeout"]
+    assert idle.endswith("s") and 0 < float(idle[:-1]) < IDLE_TIMEOUT_S
 
 
 @pytest.mark.parametrize("failure_mode", ["allow", "deny"])
