@@ -255,15 +255,16 @@ class DecisionService:
         """Redis applied a decision after it timed out and the failure mode had answered.
         The charge it made is right only if the request went on: refund it when the
         sidecar itself refused the request (fail closed); keep it, as the request's
-        reservation, when the request went on (fail open); keep it when Envoy's own
-        failure mode decided (unknown here: a refund could lose spend, a charge cannot)."""
+        reservation, when the request went on (fail open; a usage report already on its
+        way is settled after this reply, on the same link, and finds it: settle_usage);
+        keep it when Envoy's own failure mode decided (unknown here: a refund could lose
+        spend, a charge cannot)."""
         action = "kept"
         if not (out.charged_tokens or out.charged_cost):
             action = "nothing_charged"
         elif answered is Kind.FAIL_CLOSED:
-            task = asyncio.get_running_loop().create_task(self._refund_late(tenant, rule, out))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._refund_late(tenant, rule, out.charged_tokens, out.charged_cost,
+                              out.period_start_us)
             return
         elif answered is Kind.FAIL_OPEN and request_id and out.tier < len(self.policy.tiers):
             self.reservations.put(request_id, tenant, out.tier, self.policy.tiers[out.tier].model,
@@ -271,18 +272,23 @@ class DecisionService:
                                   time.monotonic())
         self.metrics.late_replies.labels(action).inc()
 
-    async def _refund_late(self, tenant: str, rule: TenantRule, out: _core.Outcome) -> None:
-        try:
-            # a fresh id: this refund is applied once, and never mistaken for a usage report
-            await self.backend.settle(tenant, rule.limits, f"late-refund:{uuid.uuid4().hex}",
-                                      -out.charged_tokens, -out.charged_cost, out.period_start_us)
-        except BackendError as exc:
-            log.warning("could not refund a late decision for tenant %s (%d tokens, %d "
-                        "nano-units stay charged): %s", tenant, out.charged_tokens,
-                        out.charged_cost, exc)
-            self.metrics.late_replies.labels("refund_failed").inc()
-            return
-        self.metrics.late_replies.labels("refunded").inc()
+    def _refund_late(self, tenant: str, rule: TenantRule, tokens: int, cost: int,
+                     period_start_us: int) -> None:
+        async def refund() -> None:
+            try:
+                # a fresh id: this refund is applied once, never mistaken for a usage report
+                await self.backend.settle(tenant, rule.limits, f"late-refund:{uuid.uuid4().hex}",
+                                          -tokens, -cost, period_start_us)
+            except BackendError as exc:
+                log.warning("could not refund a late decision for tenant %s (%d tokens, %d "
+                            "nano-units stay charged): %s", tenant, tokens, cost, exc)
+                self.metrics.late_replies.labels("refund_failed").inc()
+                return
+            self.metrics.late_replies.labels("refunded").inc()
+
+        task = asyncio.get_running_loop().create_task(refund())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def failure_mode_for(self, rule: TenantRule) -> str:
         """The strictest mode among the classes of limit this tenant has (closed > envoy > open)."""
@@ -366,6 +372,13 @@ class DecisionService:
         self._settled_tenant[request_id] = tenant
         if len(self._settled_tenant) > RESERVATIONS_MAX:
             self._settled_tenant.popitem(last=False)
+        if res is None and st.applied:
+            # a failed-open decision's late reply that came in while this settled (both on
+            # one link, in order) left a reservation for a request just charged in full
+            late = self.reservations.pop(request_id)
+            if late is not None:
+                self._refund_late(tenant, rule, late.charged_tokens, late.charged_cost,
+                                  late.period_start_us)
         m = self.metrics
         label = tenant if rule.name else OTHER_TENANTS
         if st.applied:

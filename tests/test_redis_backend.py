@@ -316,6 +316,54 @@ def test_a_decision_applied_after_its_timeout_is_put_right(mode, answer, action,
         assert reserved is None
 
 
+def test_a_late_failed_open_charge_is_refunded_when_its_usage_was_settled_in_full():
+    # fail open: the request went on with no reservation, and its usage report came in
+    # while Redis was still stalled. Both go down the one link in order, so the decision's
+    # late reply lands just before the settlement charges the actual usage in full: the
+    # late charge must be refunded, or the request pays its estimate and its usage.
+    with workdir() as d, Valkey(d) as v:
+        svc = service_for(v.url, "open", timeout_ms=200)
+        r = redis.Redis.from_url(v.url)
+        budget_key = svc.backend.keys("late")[2]
+
+        def late_count(action: str) -> float:
+            return svc.metrics.registry.get_sample_value(
+                "kt_backend_late_replies_total", {"action": action}) or 0
+
+        async def main():
+            await svc.backend.start()
+            try:
+                assert (await svc.decide(req("late"))).kind is Kind.ALLOW
+                v.pause()
+                try:
+                    late = await svc.decide(Request(headers={"x-tenant-id": "late",
+                                                             "x-kt-estimated-tokens": "5"},
+                                                    request_id="late-2"))
+                    settling = asyncio.create_task(
+                        svc.settle_usage("late-2", "late", None, 7, 0))
+                    for _ in range(5):  # written to the socket behind the decision
+                        await asyncio.sleep(0)
+                finally:
+                    v.resume()
+                settled = await settling
+                for _ in range(100):
+                    if late_count("refunded"):
+                        break
+                    await asyncio.sleep(0.02)
+                return late, settled
+            finally:
+                await svc.backend.close()
+
+        late, settled = asyncio.run(main())
+        spent = budget_spent(r, budget_key)
+        r.close()
+    assert late.kind is Kind.FAIL_OPEN
+    assert settled.applied and settled.reserved_tokens == 0  # charged 7 in full
+    assert svc.backend.late_replies == 1 and late_count("refunded") == 1
+    assert spent == 5 + 7  # the first request's 5, this one's actual 7: not 5 + 5 + 7
+    assert svc.reservations.get("late-2") is None
+
+
 @pytest.mark.parametrize("shared,spent_after", [
     (True, 150),  # replica B finds A's reservation: the estimate is replaced
     (False, 2000 + 150),  # B has no reservation: it charges in full, A's estimate stays
