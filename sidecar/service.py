@@ -16,7 +16,7 @@ from typing import Optional
 import msgspec
 
 from sidecar import _core
-from sidecar.backends.base import Backend, BackendError, BackendTimeout
+from sidecar.backends.base import Backend, BackendError, BackendTimeout, LateReply
 from sidecar.estimate import EstimateError, estimate
 from sidecar.metrics import Metrics
 from sidecar.model import CORE_KINDS, Decision, Kind, Request
@@ -199,15 +199,24 @@ class DecisionService:
         except EstimateError as exc:
             return Decision(Kind.BAD_REQUEST, tenant=tenant, message=f"Malformed request: {exc}.")
         asked = policy.tier_by_model.get(est.model, 0) if est.model else 0
+        late = LateReply()
         try:
             out = await self.backend.decide(tenant, rule.limits, asked, est.input_tokens,
-                                            est.output_tokens, est.firm_tokens, rule.shadow)
+                                            est.output_tokens, est.firm_tokens, rule.shadow,
+                                            late)
         except BackendError as exc:
             decision = self._failure(tenant, rule, asked, str(exc))
             if isinstance(exc, BackendTimeout):
-                exc.late.on_outcome = functools.partial(
+                late.on_outcome = functools.partial(
                     self._late_outcome, decision.kind, tenant, rule, req.request_id)
             return decision
+        except asyncio.CancelledError:
+            # the caller stopped waiting (Envoy's own ext_authz timeout cancels the gRPC
+            # call) and Envoy's failure mode answered: if Redis applies the decision
+            # anyway, it is put right as for the "envoy" failure mode
+            late.on_outcome = functools.partial(
+                self._late_outcome, Kind.UNAVAILABLE, tenant, rule, req.request_id)
+            raise
         self._observe(tenant, rule, out)
         if req.request_id and out.charged_tokens:
             self.reservations.put(req.request_id, tenant, out.tier, policy.tiers[out.tier].model,
@@ -257,8 +266,9 @@ class DecisionService:
         sidecar itself refused the request (fail closed); keep it, as the request's
         reservation, when the request went on (fail open; a usage report already on its
         way is settled after this reply, on the same link, and finds it: settle_usage);
-        keep it when Envoy's own failure mode decided (unknown here: a refund could lose
-        spend, a charge cannot)."""
+        when Envoy's own failure mode decided, whether the request went on is unknown
+        here, so keep it as a reservation too: a refund could lose spend, a charge cannot,
+        and usage, if the request went on, replaces it instead of adding to it."""
         action = "kept"
         if not (out.charged_tokens or out.charged_cost):
             action = "nothing_charged"
@@ -266,7 +276,8 @@ class DecisionService:
             self._refund_late(tenant, rule, out.charged_tokens, out.charged_cost,
                               out.period_start_us)
             return
-        elif answered is Kind.FAIL_OPEN and request_id and out.tier < len(self.policy.tiers):
+        elif (answered in (Kind.FAIL_OPEN, Kind.UNAVAILABLE) and request_id
+              and out.tier < len(self.policy.tiers)):
             self.reservations.put(request_id, tenant, out.tier, self.policy.tiers[out.tier].model,
                                   out.charged_tokens, out.charged_cost, out.period_start_us,
                                   time.monotonic())

@@ -364,6 +364,51 @@ def test_a_late_failed_open_charge_is_refunded_when_its_usage_was_settled_in_ful
     assert svc.reservations.get("late-2") is None
 
 
+def test_a_check_envoy_gave_up_on_is_held_as_the_requests_reservation():
+    # Envoy's ext_authz timeout cancels the gRPC call (here: the client's deadline) while
+    # Redis is stalled, and Envoy's failure mode answers. Redis then applies the decision:
+    # whether the request went on is unknown here, so the charge is kept as the request's
+    # reservation, and its usage, if it comes, replaces the estimate instead of adding to it
+    from tests.inproc import RunningSidecar
+
+    with workdir() as d, Valkey(d) as v:
+        text = policy_text(v.url, timeout=5000, failure_mode="envoy")
+        policy = parse_policy(text.encode(), "<test>")
+        with RunningSidecar(text, backend=RedisBackend(policy.backend)) as sc:
+            svc = sc.sidecar.service
+            budget_key = svc.backend.keys("gone")[2]
+
+            def check(request_id: str, timeout: float):
+                req = external_auth_pb2.CheckRequest()
+                req.attributes.request.http.headers.update({
+                    "x-tenant-id": "gone", "x-kt-estimated-tokens": "5",
+                    "x-request-id": request_id})
+                with grpc.insecure_channel(sc.grpc_target) as ch:
+                    return external_auth_pb2_grpc.AuthorizationStub(ch).Check(req, timeout=timeout)
+
+            assert check("gone-0", 5).status.code == 0
+            v.pause()
+            try:
+                with pytest.raises(grpc.RpcError) as gave_up:
+                    check("gone-1", 0.3)
+            finally:
+                v.resume()
+            assert gave_up.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            for _ in range(100):
+                if svc.backend.late_replies:
+                    break
+                time.sleep(0.02)
+            reserved = svc.reservations.get("gone-1")
+            settled = sc.run(svc.settle_usage("gone-1", None, None, 7, 0))
+            r = redis.Redis.from_url(v.url)
+            spent = budget_spent(r, budget_key)
+            r.close()
+    assert svc.backend.late_replies == 1
+    assert reserved is not None and reserved.charged_tokens == 5
+    assert settled.applied and settled.reserved_tokens == 5 and settled.delta_tokens == 2
+    assert spent == 5 + 7  # gone-0's 5 and gone-1's actual 7: not 5 + 5 + 7
+
+
 @pytest.mark.parametrize("shared,spent_after", [
     (True, 150),  # replica B finds A's reservation: the estimate is replaced
     (False, 2000 + 150),  # B has no reservation: it charges in full, A's estimate stays

@@ -70,8 +70,12 @@ class Backend(Protocol):
         output_tokens: int,
         firm_tokens: int,
         commit_on_deny: bool,
+        late: Optional[LateReply] = None,
     ) -> Outcome:
-        """One atomic decision against the tenant's shared state (see native/core.pyx)."""
+        """One atomic decision against the tenant's shared state (see native/core.pyx).
+
+        ``late``: where the outcome goes if the caller stops waiting (a timeout, or its
+        task cancelled) and the backend applies the decision all the same."""
 
     async def settle(
         self,

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from typing import Callable, Optional
 
 from sidecar import _core
-from sidecar.backends.base import BackendError, BackendStatus, Settlement
+from sidecar.backends.base import BackendError, BackendStatus, LateReply, Settlement
 
 log = logging.getLogger("kt.memory")
 STATE_VERSION = 1
@@ -95,7 +95,9 @@ class MemoryBackend:
         log.info("dropped %d tenant states at rest; %d kept", len(drop), len(self.states))
 
     async def decide(self, tenant: str, limits: _core.Limits, tier: int, input_tokens: int,
-                     output_tokens: int, firm_tokens: int, commit_on_deny: bool) -> _core.Outcome:
+                     output_tokens: int, firm_tokens: int, commit_on_deny: bool,
+                     late: Optional[LateReply] = None) -> _core.Outcome:
+        # decided before this returns control: never late
         return self.decide_now(tenant, limits, tier, input_tokens, output_tokens, firm_tokens,
                                commit_on_deny)
 

@@ -201,7 +201,8 @@ class RedisBackend:
         return self.clock_override() if self.clock_override is not None else 0
 
     async def decide(self, tenant: str, limits: _core.Limits, tier: int, input_tokens: int,
-                     output_tokens: int, firm_tokens: int, commit_on_deny: bool) -> _core.Outcome:
+                     output_tokens: int, firm_tokens: int, commit_on_deny: bool,
+                     late: Optional[LateReply] = None) -> _core.Outcome:
         request = [self._now_arg(), tier, input_tokens, output_tokens, firm_tokens,
                    1 if commit_on_deny else 0]
         if self.cfg.cluster:
@@ -212,7 +213,7 @@ class RedisBackend:
             limits_packed, n_limit_args = self._limits_packed(limits)
             reply = await self._queue_decision(
                 tenant, b"".join([_bulk(a) for a in request]) + limits_packed,
-                len(request) + n_limit_args)
+                len(request) + n_limit_args, late or LateReply())
         if isinstance(reply, hiredis.ReplyError):  # this decision failed in its batch
             raise self._failed(f"decide.lua: {reply}")
         if not _is_outcome(reply):
@@ -221,12 +222,13 @@ class RedisBackend:
         return _core.Outcome(*reply)
 
     # --- batching (single node) ------------------------------------------------
-    def _queue_decision(self, tenant: str, args: bytes, nargs: int) -> asyncio.Future:
+    def _queue_decision(self, tenant: str, args: bytes, nargs: int,
+                        late: LateReply) -> asyncio.Future:
         if self.client is None:
             raise BackendError("redis backend not started")
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._queued.append((tenant, args, nargs, fut, LateReply()))
+        self._queued.append((tenant, args, nargs, fut, late))
         if len(self._queued) == 1:
             loop.call_soon(self._flush_decisions)
         return fut
