@@ -103,3 +103,30 @@ def test_setup_commands_run_before_any_call_written_behind_them(valkey):
         conn.close()
 
     asyncio.run(main())
+
+
+def test_a_caller_cancelled_while_connecting_does_not_fail_the_others():
+    # the first caller's request is given up on (its task cancelled) while the link's
+    # setup (SELECT) is still unanswered; the callers waiting on the same connect must
+    # get their replies, not a connection error and the failure mode
+    with workdir() as d, Valkey(d) as v:
+        async def main() -> list:
+            conn = PipelinedConnection("127.0.0.1", v.port, 2.0,
+                                       setup=(pack("SELECT", "1"),))
+            v.pause()  # the TCP connect completes; SELECT's reply waits
+            try:
+                first = asyncio.ensure_future(conn.call(pack("ECHO", "first")))
+                others = [asyncio.ensure_future(conn.call(pack("ECHO", f"other-{i}")))
+                          for i in range(3)]
+                for _ in range(20):
+                    await asyncio.sleep(0.01)
+                first.cancel()
+                await asyncio.sleep(0.05)
+            finally:
+                v.resume()
+            try:
+                return await asyncio.wait_for(asyncio.gather(*others), 5)
+            finally:
+                conn.close()
+
+        assert asyncio.run(main()) == [f"other-{i}".encode() for i in range(3)]

@@ -75,7 +75,7 @@ class PipelinedConnection:
         self.pending: collections.deque[asyncio.Future] = collections.deque()
         self.transport: Optional[asyncio.Transport] = None
         self.protocol: Optional[_Protocol] = None
-        self._connecting: Optional[asyncio.Future] = None
+        self._connecting: Optional[asyncio.Task] = None
         self._outbox: list[bytes] = []
         self._flush_scheduled = False
         self.writes = 0  # one write = one round trip for everything in it
@@ -127,14 +127,23 @@ class PipelinedConnection:
 
     async def connect(self) -> None:
         """Open the link unless it is open: a caller that saw it closed may get here after
-        another opened it, and a second link would split the replies from their callers."""
-        if self._connecting is not None:  # one connect at a time; others wait for it
-            await asyncio.shield(self._connecting)
-            return
-        if self.connected:
-            return
+        another opened it, and a second link would split the replies from their callers.
+        The opening runs as its own task, so a caller cancelled while it waits (its
+        request given up on) does not abort the connect the other callers wait for."""
+        if self._connecting is None:
+            if self.connected:
+                return
+            self._connecting = asyncio.get_running_loop().create_task(self._open())
+            self._connecting.add_done_callback(self._opened)
+        await asyncio.shield(self._connecting)
+
+    def _opened(self, task: asyncio.Task) -> None:
+        self._connecting = None
+        if not task.cancelled():
+            task.exception()  # retrieved here: every waiter may have been cancelled
+
+    async def _open(self) -> None:
         loop = asyncio.get_running_loop()
-        self._connecting = loop.create_future()
         try:
             if self.unix_path:
                 opening = loop.create_unix_connection(lambda: _Protocol(self), self.unix_path)
@@ -155,15 +164,10 @@ class PipelinedConnection:
                 reply = await asyncio.wait_for(fut, self.connect_timeout_s)
                 if isinstance(reply, hiredis.ReplyError):
                     raise ConnectionLost(f"connection setup refused: {reply}")
-            self._connecting.set_result(None)
         except BaseException as exc:
             self.lose(exc if isinstance(exc, ConnectionError) else ConnectionLost(repr(exc)))
-            self._connecting.set_exception(ConnectionLost(f"cannot connect: {exc!r}"))
-            self._connecting.exception()  # retrieved: waiters get it through shield
             where = self.unix_path or f"{self.host}:{self.port}"
             raise ConnectionLost(f"cannot connect to {where}: {exc!r}") from None
-        finally:
-            self._connecting = None
 
     def lose(self, exc: BaseException) -> None:
         """Close the link and fail every outstanding call; the next call reconnects."""
@@ -185,4 +189,6 @@ class PipelinedConnection:
         return bool(self.pending) and time.monotonic() - self.last_reply_at > silence_s
 
     def close(self) -> None:
+        if self._connecting is not None:  # a link opened after close would be left open
+            self._connecting.cancel()
         self.lose(ConnectionLost("closed"))
