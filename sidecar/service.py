@@ -384,8 +384,9 @@ class DecisionService:
         if len(self._settled_tenant) > RESERVATIONS_MAX:
             self._settled_tenant.popitem(last=False)
         if res is None and st.applied:
-            # a failed-open decision's late reply that came in while this settled (both on
-            # one link, in order) left a reservation for a request just charged in full
+            # a late decision reply (fail open, or Envoy's failure mode) that came in while
+            # this settled (both on one link, in order) left a reservation for a request
+            # just charged in full
             late = self.reservations.pop(request_id)
             if late is not None:
                 self._refund_late(tenant, rule, late.charged_tokens, late.charged_cost,

@@ -30,11 +30,8 @@ class LateReply:
 
 
 class BackendTimeout(BackendError):
-    """No reply within the timeout; the decision may still be applied (see ``late``)."""
-
-    def __init__(self, message: str, late: LateReply) -> None:
-        super().__init__(message)
-        self.late = late
+    """No reply within the timeout; the decision may still be applied (its outcome then
+    goes to the caller's ``LateReply``)."""
 
 
 @dataclass(frozen=True)

@@ -327,7 +327,7 @@ class RedisBackend:
         message = f"no reply within {self.cfg.timeout_ms} ms"
         for it in batch.items:
             if not it[3].done():
-                it[3].set_exception(self._failed(message, it[4]))
+                it[3].set_exception(self._failed(message, timed_out=True))
         if self.conn is not None and self.conn.stalled(self._stall_s):
             # nothing at all has come back for a long while: drop the link (failing the
             # calls queued on it) so the backlog stays bounded and the next call reconnects
@@ -461,12 +461,12 @@ class RedisBackend:
         return self.conn.writes if self.conn is not None else self._cluster_round_trips
 
     # --- health --------------------------------------------------------------
-    def _failed(self, message: str, late: Optional[LateReply] = None) -> BackendError:
+    def _failed(self, message: str, timed_out: bool = False) -> BackendError:
         self.errors += 1
         self._last_error = message
         self._last_error_at = time.monotonic()
         text = f"redis {self.where}: {message}"
-        return BackendTimeout(text, late) if late is not None else BackendError(text)
+        return BackendTimeout(text) if timed_out else BackendError(text)
 
     def status(self) -> BackendStatus:
         if self._last_error_at and self._last_error_at >= self._last_ok_at:
