@@ -70,21 +70,34 @@ end
 -- decision). Levels are written with %.17g (tostring keeps 14 digits, which would drift
 -- from the core).
 
--- the level now: the stored one refilled at `rate` per µs, capped at `cap`
+-- the level now: the stored one refilled at `rate` per µs, never above `cap`. A missing
+-- key is a bucket never used (or full long enough to expire): full. A stored level below
+-- zero is a debt (a settlement larger than the estimate, or shadow mode) and refills from
+-- where it is; no stored level means "full" (it once did: TPM leaked). The clamp applies even when no time passed,
+-- so a policy reload that lowered the capacity takes effect at once.
 local function bucket_level(key, cap, rate, now)
-  -- pcall: a key of another type (a hash from before this format) reads as full and is
-  -- replaced by the next write, instead of failing every decision until it expires
+  local level, last
+  -- pcall: a key of another type fails GET with WRONGTYPE instead of failing the decision
   local v = redis.pcall('GET', key)
-  if type(v) ~= 'string' then return cap end
-  local sp = string.find(v, ' ', 1, true)
-  if sp == nil then return cap end
-  local level, last = tonumber(string.sub(v, 1, sp - 1)), tonumber(string.sub(v, sp + 1))
-  if level == nil or last == nil or level < 0 then return cap end
+  if type(v) == 'string' then
+    local sp = string.find(v, ' ', 1, true)
+    if sp ~= nil then
+      level, last = tonumber(string.sub(v, 1, sp - 1)), tonumber(string.sub(v, sp + 1))
+    end
+  elseif type(v) == 'table' and v.err ~= nil then
+    -- a bucket left as a hash {l = level, t = last µs} by the earlier format: read it (a
+    -- debt it holds still counts); the next write replaces it with the string form
+    local h = redis.pcall('HMGET', key, 'l', 't')
+    if type(h) == 'table' and h.err == nil then level, last = tonumber(h[1]), tonumber(h[2]) end
+  end
+  -- unreadable (absent, malformed, or not finite) reads as full, as an expired key would
+  if level == nil or last == nil or level ~= level or level == math.huge or level == -math.huge then
+    return cap
+  end
   local elapsed = now - last
-  if elapsed <= 0 then return level end
-  local filled = level + elapsed * rate
-  if filled > cap then return cap end
-  return filled
+  if elapsed > 0 then level = level + elapsed * rate end
+  if level > cap then return cap end
+  return level
 end
 
 local function bucket_store(key, level, cap, rate, now)

@@ -8,7 +8,7 @@ both are tested against. Pure computation: the clock comes in as ``now_us``
 
 Units: tokens are integers; a budget is in tokens or nano-USD (1e-9 USD).
 """
-from libc.math cimport floor, ceil
+from libc.math cimport floor, ceil, INFINITY
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
 
 cdef extern from *:
@@ -151,13 +151,20 @@ cdef class Limits:
 
 
 cdef class State:
-    """One tenant's mutable state. A level < 0 means never used: the bucket is full."""
+    """One tenant's mutable state.
+
+    A bucket never used has level +inf: full at any capacity, because every read
+    clamps a level to the capacity in force (_refill). No decision or settlement can
+    produce +inf (levels only fall from, or refill up to, a finite capacity), so
+    "never used" is not a value a bucket in use can reach. Any level below zero is a
+    debt (a settlement larger than the estimate, or shadow mode) and refills from there.
+    """
     cdef public double req_level, tok_level
     cdef public int64 req_last, tok_last, spent, period_start
 
     def __cinit__(self):
-        self.req_level = -1.0
-        self.tok_level = -1.0
+        self.req_level = INFINITY
+        self.tok_level = INFINITY
         self.req_last = 0
         self.tok_last = 0
         self.spent = 0
@@ -208,15 +215,14 @@ cdef class Outcome:
 
 
 cdef inline double _refill(double level, int64 last, double cap, double rate, int64 now):
-    cdef int64 elapsed
-    cdef double filled
-    if level < 0.0:
-        return cap
-    elapsed = now - last
-    if elapsed <= 0:
-        return level
-    filled = level + elapsed * rate
-    return cap if filled > cap else filled
+    # The level now: refilled at `rate` per µs since `last`, never above `cap`. The clamp
+    # applies even when no time passed: a never-used bucket (+inf) reads as full, and a
+    # policy reload that lowered the capacity takes effect at once. A negative level is
+    # a debt: it refills from where it is, like any other level.
+    cdef int64 elapsed = now - last
+    if elapsed > 0:
+        level = level + elapsed * rate
+    return cap if level > cap else level
 
 
 cdef inline int64 _wait_us(double deficit, double cap, double rate):

@@ -71,9 +71,11 @@ class Limits:
 
 @dataclass
 class State:
-    req_level: float = -1.0  # < 0: never used, the bucket starts full
+    # +inf: never used, full at any capacity (every read clamps to the capacity). A
+    # bucket in use never reaches it; any level below zero is a debt that refills.
+    req_level: float = math.inf
     req_last: int = 0
-    tok_level: float = -1.0
+    tok_level: float = math.inf
     tok_last: int = 0
     spent: int = 0
     period_start: int = -1
@@ -93,12 +95,12 @@ class Outcome:
 
 
 def _refill(level: float, last: int, cap: float, rpm_like: int, now: int) -> float:
-    if level < 0:
-        return cap
+    """The level now, never above the capacity in force (also when no time passed: a
+    reload may have lowered it). A debt (level < 0) refills from where it is."""
     elapsed = now - last
-    if elapsed <= 0:
-        return level
-    return min(cap, level + elapsed * (rpm_like / 60e6))
+    if elapsed > 0:
+        level = level + elapsed * (rpm_like / 60e6)
+    return min(cap, level)
 
 
 def cost_of(lim: Limits, tier: int, input_tokens: int, output_tokens: int) -> int:

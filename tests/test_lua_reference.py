@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import time
 
 import pytest
@@ -46,8 +47,8 @@ def stored_state(r: redis.Redis, backend: RedisBackend, tenant: str) -> tuple:
     rpm_key, tpm_key, budget_key = backend.keys(tenant)
 
     def level(key: str) -> float:
-        v = r.get(key)  # "<level> <last µs>" (lua/common.lua)
-        return float(v.split()[0]) if v is not None else -1.0
+        v = r.get(key)  # "<level> <last µs>" (lua/common.lua); absent: never used
+        return float(v.split()[0]) if v is not None else math.inf
 
     b = r.hmget(budget_key, "ps", "s")
     return level(rpm_key), level(tpm_key), int(b[1]) if b[1] is not None else 0

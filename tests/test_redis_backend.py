@@ -507,16 +507,18 @@ def test_script_flush_is_transparent(valkey):
     assert asyncio.run(main()).remaining_requests == 998
 
 
-def test_buckets_are_one_string_with_a_ttl_and_a_key_of_another_type_reads_as_full(valkey):
+def test_buckets_are_one_string_with_a_ttl_and_a_hash_of_the_old_format_still_counts(valkey):
     # a bucket is "<level> <last µs>" with its TTL in one SET (lua/common.lua); a bucket
-    # left as a hash by an earlier format (here: an empty one) must not fail decisions: it
-    # reads as full once and is replaced
+    # left as a hash {l, t} by the earlier format keeps its level (a tenant in debt at the
+    # upgrade stays in debt) and is replaced by the string form on its next write; a hash
+    # without those fields reads as full, as an expired bucket would
     from sidecar import _core
 
     backend = RedisBackend(schema.RedisBackend(url=valkey.url, timeout_ms=500))
     rpm_key, tpm_key, _ = backend.keys("format")
     r = redis.Redis.from_url(valkey.url)
-    r.hset(rpm_key, mapping={"l": "0", "t": str(time.time_ns() // 1000)})
+    r.hset(rpm_key, mapping={"l": "10", "t": str(time.time_ns() // 1000)})
+    r.hset(tpm_key, mapping={"x": "1"})
     lim = _core.Limits(rpm=60, tpm=6000)
 
     async def main():
@@ -527,8 +529,8 @@ def test_buckets_are_one_string_with_a_ttl_and_a_key_of_another_type_reads_as_fu
             await backend.close()
 
     first, second = asyncio.run(main())
-    assert first.admitted and first.remaining_requests == 59
-    assert second.admitted and second.remaining_requests == 58
+    assert first.admitted and first.remaining_requests == 9
+    assert second.admitted and second.remaining_requests == 8
     assert r.type(rpm_key) == b"string" and r.type(tpm_key) == b"string"
     level, last = r.get(tpm_key).split()
     assert float(level) == pytest.approx(5980, abs=1) and int(last) > 0
