@@ -143,11 +143,17 @@ local function decide(KEYS, ARGV)
     retry_after_s = math.ceil(retry_us / US)
     if retry_after_s < 1 then retry_after_s = 1 end
   end
-  local function floor0(x) if x > 0 then return math.floor(x) end return 0 end
-  local rem_req, reset_req, rem_tok, reset_tok = -1, 0, -1, 0
-  if rpm > 0 then rem_req, reset_req = floor0(req_level), wait_us(req_cap - req_level, req_rate) end
-  if tpm > 0 then rem_tok, reset_tok = floor0(tok_level), wait_us(tok_cap - tok_level, tok_rate) end
-  local b_rem, b_reset, ps_out = -1, 0, 0
+  -- remaining in [0, limit]: a debt shows as 0, the burst above the limit is not promised;
+  -- reset: time until remaining is back at the limit (docs/contract.md, "Headers and burst")
+  local function remaining(level, limit)
+    if level <= 0 then return 0 end
+    if level >= limit then return limit end
+    return math.floor(level)
+  end
+  local rem_req, reset_req, rem_tok, reset_tok = 0, 0, 0, 0
+  if rpm > 0 then rem_req, reset_req = remaining(req_level, rpm), wait_us(rpm - req_level, req_rate) end
+  if tpm > 0 then rem_tok, reset_tok = remaining(tok_level, tpm), wait_us(tpm - tok_level, tok_rate) end
+  local b_rem, b_reset, ps_out = 0, 0, 0
   if budget >= 0 then
     b_rem = budget_remaining > 0 and budget_remaining or 0
     if pend ~= NO_END then b_reset = pend - now end

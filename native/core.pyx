@@ -225,10 +225,21 @@ cdef inline double _refill(double level, int64 last, double cap, double rate, in
     return cap if level > cap else level
 
 
-cdef inline int64 _wait_us(double deficit, double cap, double rate):
+cdef inline int64 _wait_us(double deficit, double rate):
     if deficit <= 0.0:
         return 0
     return <int64>ceil(deficit / rate)
+
+
+cdef inline int64 _remaining(double level, int64 limit):
+    # What the headers call remaining: whole units in the bucket, never negative (a debt
+    # shows as 0) and never above the limit shown beside it (a bucket with burst holds up
+    # to limit x burst; the part above the limit is headroom the headers do not promise).
+    if level <= 0.0:
+        return 0
+    if level >= <double>limit:
+        return limit
+    return <int64>floor(level)
 
 
 cpdef Outcome decide(Limits lim, State st, int64 now_us, int tier, int64 input_tokens,
@@ -322,24 +333,27 @@ cpdef Outcome decide(Limits lim, State st, int64 now_us, int tier, int64 input_t
     o.kind, o.reason, o.tier, o.retry_after_s = kind, reason, tier, retry_after_s
     o.limit_requests = lim.rpm
     o.limit_tokens = lim.tpm
+    # remaining in [0, limit] (0 without a limit, where limit 0 says there is none); reset:
+    # time until remaining is back at the limit (docs/contract.md, "Headers and burst")
     if lim.rpm > 0:
-        o.remaining_requests = <int64>floor(req_level) if req_level > 0 else 0
-        o.reset_requests_us = _wait_us(lim.req_cap - req_level, lim.req_cap, lim.req_rate)
+        o.remaining_requests = _remaining(req_level, lim.rpm)
+        o.reset_requests_us = _wait_us(lim.rpm - req_level, lim.req_rate)
     else:
-        o.remaining_requests = -1
+        o.remaining_requests = 0
         o.reset_requests_us = 0
     if lim.tpm > 0:
-        o.remaining_tokens = <int64>floor(tok_level) if tok_level > 0 else 0
-        o.reset_tokens_us = _wait_us(lim.tok_cap - tok_level, lim.tok_cap, lim.tok_rate)
+        o.remaining_tokens = _remaining(tok_level, lim.tpm)
+        o.reset_tokens_us = _wait_us(lim.tpm - tok_level, lim.tok_rate)
     else:
-        o.remaining_tokens = -1
+        o.remaining_tokens = 0
         o.reset_tokens_us = 0
     o.budget_limit = lim.budget
     if lim.budget >= 0:
+        # spend never goes below zero in its period (settle), so remaining <= budget
         o.budget_remaining = budget_remaining if budget_remaining > 0 else 0
         o.budget_reset_us = end - now_us if end != NO_END else 0
     else:
-        o.budget_remaining = -1
+        o.budget_remaining = 0
         o.budget_reset_us = 0
     o.charged_tokens, o.charged_cost = charged_tokens, charged_cost
     o.period_start_us = start if lim.budget >= 0 else 0

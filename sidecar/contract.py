@@ -108,6 +108,14 @@ def budget_amount(value: int, unit: str) -> str:
     return str(value)
 
 
+def _within(value: int, limit: int) -> int:
+    """``value`` clamped to [0, limit]. The backends already keep remaining values there
+    (native/core.pyx, lua/decide.lua); the headers hold to it whatever an Outcome says,
+    because OpenAI-style clients pace on them: a remaining above its limit or below zero
+    reads as a contradiction (docs/contract.md, "Headers and burst")."""
+    return 0 if value < 0 else (limit if value > limit else value)
+
+
 def _rate_headers(d: Decision) -> list[tuple[str, str]]:
     o = d.outcome
     if o is None:
@@ -115,14 +123,15 @@ def _rate_headers(d: Decision) -> list[tuple[str, str]]:
     h: list[tuple[str, str]] = []
     if o.limit_requests > 0:
         h += [(H_LIMIT_REQUESTS, str(o.limit_requests)),
-              (H_REMAINING_REQUESTS, str(o.remaining_requests)),
+              (H_REMAINING_REQUESTS, str(_within(o.remaining_requests, o.limit_requests))),
               (H_RESET_REQUESTS, duration(o.reset_requests_us))]
     if o.limit_tokens > 0:
         h += [(H_LIMIT_TOKENS, str(o.limit_tokens)),
-              (H_REMAINING_TOKENS, str(o.remaining_tokens)),
+              (H_REMAINING_TOKENS, str(_within(o.remaining_tokens, o.limit_tokens))),
               (H_RESET_TOKENS, duration(o.reset_tokens_us))]
     if o.budget_limit >= 0:
-        h.append((H_BUDGET_REMAINING, budget_amount(o.budget_remaining, d.budget_unit)))
+        h.append((H_BUDGET_REMAINING, budget_amount(_within(o.budget_remaining, o.budget_limit),
+                                                    d.budget_unit)))
         if o.budget_reset_us > 0:
             h.append((H_BUDGET_RESET, duration(o.budget_reset_us)))
     return h
@@ -139,12 +148,13 @@ def _deny_message(d: Decision) -> str:
                 f"Try again in {o.retry_after_s}s.")
     if d.kind is Kind.DENY_BUDGET and o is not None:
         tail = f" Budget resets in {duration(o.budget_reset_us)}." if o.budget_reset_us > 0 else ""
-        return (f"Budget exhausted for tenant {d.tenant!r}: "
-                f"{budget_amount(o.budget_remaining, d.budget_unit)} {d.budget_unit} left.{tail}")
+        left = budget_amount(_within(o.budget_remaining, o.budget_limit), d.budget_unit)
+        return f"Budget exhausted for tenant {d.tenant!r}: {left} {d.budget_unit} left.{tail}"
     if d.kind is Kind.TOO_LARGE and o is not None:
         if reason == "tokens":
-            return (f"Request too large for tenant {d.tenant!r}: its token estimate exceeds the "
-                    f"tenant's token bucket of {o.limit_tokens} tokens; it can never be admitted.")
+            return (f"Request too large for tenant {d.tenant!r}: its token estimate exceeds what "
+                    f"the tenant's token bucket holds ({o.limit_tokens} tokens per minute, "
+                    "times its burst); it can never be admitted.")
         return (f"Request too large for tenant {d.tenant!r}: its cost exceeds the tenant's whole "
                 f"budget of {budget_amount(o.budget_limit, d.budget_unit)} {d.budget_unit}.")
     return d.kind.value

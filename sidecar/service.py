@@ -324,12 +324,16 @@ class DecisionService:
             return
         gauges = self._tenant_gauges.get(tenant)
         if gauges is None:
-            m = self.metrics
-            gauges = self._tenant_gauges[tenant] = (
-                m.tokens_remaining.labels(tenant), m.budget_remaining.labels(tenant, rule.budget_unit))
+            gauges = self._tenant_gauges[tenant] = [None, None]
+        # a series exists only for a limit the tenant has: a tenant without a budget must
+        # not export kt_budget_remaining 0, which any low-budget alert would fire on
         if out.limit_tokens > 0:
+            if gauges[0] is None:
+                gauges[0] = self.metrics.tokens_remaining.labels(tenant)
             gauges[0].set(out.remaining_tokens)
         if out.budget_limit >= 0:
+            if gauges[1] is None:
+                gauges[1] = self.metrics.budget_remaining.labels(tenant, rule.budget_unit)
             value = out.budget_remaining / 1e9 if rule.budget_unit == "usd" else out.budget_remaining
             gauges[1].set(value)
 

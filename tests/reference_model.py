@@ -92,6 +92,20 @@ class Outcome:
     budget_remaining: int
     charged_tokens: int
     charged_cost: int
+    reset_requests_us: int = 0
+    reset_tokens_us: int = 0
+    budget_reset_us: int = 0
+
+
+def remaining_shown(level: float, limit: int) -> int:
+    """What the headers call remaining: whole units in the bucket, in [0, limit]. A debt
+    shows as 0; with burst the bucket holds up to limit x burst, and the part above the
+    limit is headroom the headers do not promise (docs/contract.md)."""
+    return max(0, math.floor(min(level, limit)))
+
+
+def wait_us(deficit: float, rpm_like: int) -> int:
+    return math.ceil(deficit / (rpm_like / 60e6)) if deficit > 0 else 0
 
 
 def _refill(level: float, last: int, cap: float, rpm_like: int, now: int) -> float:
@@ -135,9 +149,11 @@ def decide(
     # 2. Budget: period from the clock, downgrade below low water, cost at the
     #    tier the request actually goes to.
     cost = 0
-    budget_remaining = -1
+    budget_remaining = 0
+    budget_end = NO_END
     if lim.budget >= 0:
         start, end = period_bounds(now, lim.period)
+        budget_end = end
         if st.period_start != start:
             st.period_start, st.spent = start, 0
         remaining = lim.budget - st.spent
@@ -185,16 +201,20 @@ def decide(
     retry_after_s = 0
     if retry_us > 0:
         retry_after_s = max(1, math.ceil(retry_us / US))
+    # without a limit its remaining and reset are 0 (the limit, 0, says there is none)
     return Outcome(
         kind=kind,
         reason=reason,
         tier=tier,
         retry_after_s=retry_after_s,
-        remaining_requests=max(0, math.floor(req_level)) if lim.rpm > 0 else -1,
-        remaining_tokens=max(0, math.floor(tok_level)) if lim.tpm > 0 else -1,
-        budget_remaining=max(0, budget_remaining) if lim.budget >= 0 else -1,
+        remaining_requests=remaining_shown(req_level, lim.rpm) if lim.rpm > 0 else 0,
+        remaining_tokens=remaining_shown(tok_level, lim.tpm) if lim.tpm > 0 else 0,
+        budget_remaining=max(0, budget_remaining) if lim.budget >= 0 else 0,
         charged_tokens=charged_tokens,
         charged_cost=charged_cost,
+        reset_requests_us=wait_us(lim.rpm - req_level, lim.rpm) if lim.rpm > 0 else 0,
+        reset_tokens_us=wait_us(lim.tpm - tok_level, lim.tpm) if lim.tpm > 0 else 0,
+        budget_reset_us=(budget_end - now if lim.budget >= 0 and budget_end != NO_END else 0),
     )
 
 

@@ -80,7 +80,8 @@ def run_both(lim: ref.Limits, seq) -> set[int]:
         want = ref.decide(lim, ref_state, now, tier, inp, out, firm, shadow)
         got = _core.decide(core_lim, core_state, now, tier, inp, out, firm, shadow)
         for name in ("kind", "reason", "tier", "retry_after_s", "remaining_requests",
-                     "remaining_tokens", "budget_remaining", "charged_tokens", "charged_cost"):
+                     "remaining_tokens", "budget_remaining", "charged_tokens", "charged_cost",
+                     "reset_requests_us", "reset_tokens_us", "budget_reset_us"):
             assert getattr(got, name) == getattr(want, name), (name, got, want)
         assert core_state.spent == ref_state.spent
         assert core_state.req_level == ref_state.req_level

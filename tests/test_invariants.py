@@ -9,9 +9,12 @@ import time
 
 import pytest
 
-from sidecar import _core
+from sidecar import _core, contract
 from sidecar.backends.memory import MemoryBackend
 from sidecar.backends.redis import RedisBackend
+from sidecar.model import CORE_KINDS, Decision, Kind, Request
+from sidecar.policy.load import parse_policy
+from sidecar.service import DecisionService
 from sidecar.policy import schema
 from tests.support.procs import workdir
 from tests.support.valkey import Valkey
@@ -95,3 +98,77 @@ def test_settlements_beyond_the_estimate_leave_the_token_bucket_in_debt(backend_
             await backend.close()
 
     asyncio.run(main())
+
+
+def headers_of(out: _core.Outcome, unit: str = "tokens") -> dict[str, str]:
+    kind = CORE_KINDS[out.kind]
+    answer = contract.answer(Decision(kind, tenant="t", tier="default", model="m",
+                                      outcome=out, budget_unit=unit))
+    return dict(answer.response_headers)
+
+
+def test_headers_with_burst_never_show_more_remaining_than_the_limit(backend_kind, backend_url):
+    """The issue's case: with burst 1.5 the headers said `limit-requests: 600` and
+    `remaining-requests: 899`. Limit is the policy's RPM; remaining is clamped to it, and
+    the burst (900 at once) stays admitted, unadvertised (docs/contract.md)."""
+    clock = Clock()
+    backend = make_backend(backend_kind, clock, backend_url)
+    lim = _core.Limits(rpm=600, tpm=1000, burst=1.5)
+    tenant = fresh_tenant("burst")
+
+    async def main():
+        await backend.start()
+        try:
+            shown = []
+            for _ in range(900):  # one instant: the whole burst capacity
+                out = await backend.decide(tenant, lim, 0, 0, 1, 1, False)
+                assert out.admitted
+                h = headers_of(out)
+                shown.append(int(h[contract.H_REMAINING_REQUESTS]))
+                assert h[contract.H_LIMIT_REQUESTS] == "600"
+                assert 0 <= int(h[contract.H_REMAINING_TOKENS]) <= 1000
+            # 899 .. 600 left show as 600, then one fewer per request down to 0
+            assert shown[:300] == [600] * 300 and shown[300:] == list(range(599, -1, -1))
+            refused = await backend.decide(tenant, lim, 0, 0, 1, 1, False)
+            assert refused.kind == _core.DENY_RATE and refused.remaining_requests == 0
+            h = headers_of(refused)
+            # back at the limit (600 in the bucket) after a minute at 10 per second
+            assert h[contract.H_RESET_REQUESTS] == "1m0s"
+        finally:
+            await backend.close()
+
+    asyncio.run(main())
+
+
+def test_the_contract_clamps_whatever_an_outcome_says():
+    # an Outcome as a backend could build it from a reply: remaining above the limit,
+    # below zero, and a budget remaining above the budget
+    out = _core.Outcome(_core.ALLOW, 0, 0, 0, 600, 899, 0, 1000, -5, 0, 100, 250, 0, 1, 0)
+    h = headers_of(out)
+    assert h[contract.H_REMAINING_REQUESTS] == "600"
+    assert h[contract.H_REMAINING_TOKENS] == "0"
+    assert h[contract.H_BUDGET_REMAINING] == "100"
+
+
+def test_a_tenant_without_a_budget_exports_no_budget_series():
+    """The issue's false alarm: `kt_budget_remaining{unit=""} 0` for a tenant without a
+    budget fired every low-budget alert."""
+    policy = parse_policy(b"""
+tiers: [{name: default, model: m}]
+tenants:
+  nobudget: {limits: {rpm: 10}}
+  withbudget: {limits: {tpm: 1000}, budget: {tokens: 500, period: day}}
+""", "<test>")
+    clock = Clock()
+    svc = DecisionService(policy, MemoryBackend(clock=clock))
+
+    async def main():
+        for tenant in ("nobudget", "withbudget"):
+            d = await svc.decide(Request(headers={"x-tenant-id": tenant}, tokens=100))
+            assert d.kind is Kind.ALLOW
+
+    asyncio.run(main())
+    samples = [(m.name, s.labels, s.value) for m in svc.metrics.registry.collect()
+               for s in m.samples if m.name in ("kt_budget_remaining", "kt_tokens_remaining")]
+    assert ("kt_budget_remaining", {"tenant": "withbudget", "unit": "tokens"}, 400.0) in samples
+    assert not [s for s in samples if s[1]["tenant"] == "nobudget"]

@@ -24,7 +24,8 @@ from tests.support.valkey import Valkey
 from tests.test_core_reference import limit_sets, requests, settlements, to_core
 
 FIELDS = ("kind", "reason", "tier", "retry_after_s", "remaining_requests", "remaining_tokens",
-          "budget_remaining", "charged_tokens", "charged_cost")
+          "budget_remaining", "charged_tokens", "charged_cost", "reset_requests_us",
+          "reset_tokens_us", "budget_reset_us")
 _tenants = itertools.count()
 
 
