@@ -170,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--http", default="127.0.0.1:9090", help="the sidecar's HTTP side port")
     u.add_argument("--json", action="store_true", help="print JSON")
     u.set_defaults(func=_spend)
+
+    from sidecar.ledger.cli import register as register_events  # kt events stats|migrate
+
+    register_events(sub)
     return p
 
 

@@ -18,6 +18,7 @@ import yaml
 
 from sidecar import _core
 from sidecar.backends.tls import tls_context
+from sidecar.ledger import config as ledger_config
 from sidecar.policy import schema
 
 PERIODS = {"minute": _core.P_MINUTE, "hour": _core.P_HOUR, "day": _core.P_DAY,
@@ -58,6 +59,7 @@ class CompiledPolicy:
     pricing: dict[str, schema.Price] = field(default_factory=dict)
     # (namespace, path) of the dynamic metadata naming the tenant; None: the header does
     tenant_metadata: Optional[tuple[str, tuple[str, ...]]] = None
+    ledger: ledger_config.LedgerConfig = field(default_factory=ledger_config.LedgerConfig)
 
     def price_of(self, model: Optional[str]) -> Optional[tuple[int, int]]:
         """nano-USD per (input, output) token of a model; None if the model has no price."""
@@ -160,6 +162,9 @@ def compile_policy(policy: schema.Policy, source: str, digest: str = "") -> Comp
     for model, price in policy.pricing.items():
         if price.input < 0 or price.output < 0:
             raise fail(f"$.pricing.{model}", "prices must be >= 0")
+        if any(p is not None and not 0 <= p < float("inf")
+               for p in (price.cached_input, price.cache_write)):
+            raise fail(f"$.pricing.{model}", "cached_input and cache_write must be finite and >= 0")
     est = policy.estimate
     if est.default_output_tokens < 0 or est.default_request_tokens < 0 or est.chars_per_token <= 0:
         raise fail("$.estimate", "token defaults must be >= 0 and chars_per_token > 0")
@@ -193,6 +198,9 @@ def compile_policy(policy: schema.Policy, source: str, digest: str = "") -> Comp
             raise fail("$.backend.tls", f"cannot use these files: {exc}") from None
     if isinstance(backend, schema.MemoryBackend) and backend.flush_interval_s <= 0:
         raise fail("$.backend.flush_interval_s", "must be > 0")
+    ledger_error = ledger_config.check(policy.ledger)
+    if ledger_error is not None:
+        raise fail(*ledger_error)
 
     def prices_for(where: str, unit: str) -> tuple[tuple[int, int], ...]:
         out = []
@@ -267,5 +275,6 @@ def compile_policy(policy: schema.Policy, source: str, digest: str = "") -> Comp
         unknown_tenant=policy.tenant.unknown, missing_tenant=policy.tenant.missing,
         tiers=tuple(policy.tiers), tier_by_model=tier_by_model, tenants=tenants,
         defaults=defaults, estimate=est, backend=backend, pricing=dict(policy.pricing),
+        ledger=policy.ledger,
     )
 

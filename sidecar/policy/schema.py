@@ -10,6 +10,8 @@ from typing import Literal, Optional, Union
 
 import msgspec
 
+from sidecar.ledger.config import LedgerConfig
+
 Period = Literal["minute", "hour", "day", "month", "total"]
 Priority = Literal["low", "normal", "high"]
 FailureMode = Literal["open", "closed", "envoy"]
@@ -41,6 +43,10 @@ class Tier(_Strict, frozen=True):
 class Price(_Strict, frozen=True):
     input: float  # USD per 1K tokens
     output: float
+    # prompt tokens read from / written to the provider's prompt cache (sidecar/usage.py);
+    # absent: the input price (never cheaper than the operator said)
+    cached_input: Optional[float] = None
+    cache_write: Optional[float] = None
 
 
 class Limits(_Strict, frozen=True):
@@ -122,3 +128,4 @@ class Policy(_Strict, frozen=True, kw_only=True):
     shadow_mode: bool = False
     estimate: Estimate = Estimate()
     backend: Backend = msgspec.field(default_factory=MemoryBackend)
+    ledger: LedgerConfig = msgspec.field(default_factory=LedgerConfig)  # sidecar/ledger/

@@ -1,0 +1,117 @@
+"""``kt events ...``: the ledger's commands, registered by sidecar/cli.py.
+
+- ``kt events stats --last 24h [--config POLICY | --dir DIR | --dsn DSN | --dsn-file F] [--json]``
+- ``kt events migrate [--config POLICY | --dsn DSN | --dsn-file F]``
+
+The source is taken from the flags, else from the policy's ``ledger:`` section
+(``--config``), else the default file sink directory (kt-state/events)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+
+def _source(args: argparse.Namespace) -> tuple[Optional[str], Optional[str]]:
+    """(directory, dsn) to read from; raises ValueError with a message for the user."""
+    dsn = args.dsn
+    if args.dsn_file:
+        try:
+            dsn = Path(args.dsn_file).read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read --dsn-file {args.dsn_file}: {exc.strerror}") from None
+    if dsn:
+        return None, dsn
+    if getattr(args, "dir", None):
+        return args.dir, None
+    if args.config:
+        from sidecar.policy.load import load_policy
+
+        led = load_policy(args.config).ledger
+        if led.sink == "postgres":
+            dsn = led.dsn
+            if led.dsn_file:
+                dsn = Path(led.dsn_file).read_text().strip()
+            return None, dsn
+        return led.dir, None
+    from sidecar.ledger.config import LedgerConfig
+
+    return LedgerConfig().dir, None
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from sidecar.ledger.stats import parse_window, stats
+    from sidecar.policy.load import PolicyError
+
+    try:
+        window = parse_window(args.last)
+        directory, dsn = _source(args)
+    except (ValueError, PolicyError) as exc:
+        print(f"kt events stats: {exc}", file=sys.stderr)
+        return 2
+    until = time.time_ns() // 1000 + 1
+    since = until - window * 1_000_000
+    if directory is not None and not Path(directory).is_dir():
+        print(f"kt events stats: no event directory {directory} (is the file sink elsewhere? "
+              "--dir, or --config with the policy)", file=sys.stderr)
+        return 1
+    try:
+        st = stats(directory, dsn, since, until)
+    except Exception as exc:  # noqa: BLE001 - psycopg's errors, OSError: one clear line
+        print(f"kt events stats: {type(exc).__name__}: {str(exc).strip()}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(st.to_json(), indent=2, sort_keys=True))
+    else:
+        sys.stdout.write(st.text())
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from sidecar.policy.load import PolicyError
+
+    try:
+        _, dsn = _source(args)
+    except (ValueError, PolicyError) as exc:
+        print(f"kt events migrate: {exc}", file=sys.stderr)
+        return 2
+    if not dsn:
+        print("kt events migrate: no PostgreSQL to migrate: give --dsn, --dsn-file, or a "
+              "--config whose ledger sink is postgres", file=sys.stderr)
+        return 2
+    from sidecar.ledger.postgres import migrate
+
+    try:
+        version = migrate(dsn)
+    except Exception as exc:  # noqa: BLE001 - psycopg's errors: one clear line
+        print(f"kt events migrate: {type(exc).__name__}: {str(exc).strip()}", file=sys.stderr)
+        return 1
+    print(f"ledger schema at version {version}")
+    return 0
+
+
+def register(sub) -> None:
+    """Add ``kt events`` to the main parser's subcommands."""
+    ev = sub.add_parser("events", help="the ledger's usage events: stats, migrate")
+    evsub = ev.add_subparsers(dest="events_command", required=True)
+
+    def source_flags(p: argparse.ArgumentParser, with_dir: bool) -> None:
+        p.add_argument("--config", help="policy YAML whose `ledger:` section names the sink")
+        if with_dir:
+            p.add_argument("--dir", help="a file sink's directory")
+        p.add_argument("--dsn", help="PostgreSQL connection string")
+        p.add_argument("--dsn-file", help="a file holding the connection string")
+
+    st = evsub.add_parser("stats", help="counts, tokens, cost and refusals per tenant, model "
+                          "and provider over a recent window")
+    source_flags(st, with_dir=True)
+    st.add_argument("--last", default="24h", help="window: 1h, 24h, 30d, ...")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    st.set_defaults(func=_stats)
+
+    mg = evsub.add_parser("migrate", help="create the ledger's PostgreSQL tables (idempotent)")
+    source_flags(mg, with_dir=False)
+    mg.set_defaults(func=_migrate)

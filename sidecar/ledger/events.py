@@ -1,0 +1,101 @@
+"""The ledger's records. One JSON object per line, told apart by ``type``.
+
+Units: times are integer microseconds since the Unix epoch (UTC), as everywhere in
+the sidecar; money is integer nano-USD (1e-9 USD); ``budget_charge`` is in the
+budget's own unit (nano-USD for a USD budget, tokens for a token budget), so the sum
+of a tenant's ``budget_charge`` over a period equals what its budget was charged.
+"""
+from __future__ import annotations
+
+from typing import Literal, Union
+
+import msgspec
+
+# How a reservation was closed (UsageEvent.outcome):
+#   settled   actual usage replaced the estimate (settled_by: ext_proc_json, ext_proc_sse, report)
+#   released  the upstream failed without usage: the estimate was refunded (settled_by: release)
+#   kept      no usage will come (client gone, 2xx without usage): the estimate stays charged
+#             (settled_by: abandoned, no_usage)
+#   expired   no usage came in time: the estimate stays charged (settled_by: expiry)
+Outcome = Literal["settled", "released", "kept", "expired"]
+
+
+class UsageEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="usage",
+                 omit_defaults=False):
+    request_id: str
+    tenant: str
+    outcome: Outcome
+    settled_by: str
+    decided_us: int = 0  # 0: the decision is not known here (no reservation: RLS, another replica)
+    settled_us: int
+    model_asked: str = ""
+    model_served: str = ""
+    tier: str = ""
+    provider: str = ""
+    decision: str = ""  # allow, downgrade, fail_open, shadow ("" unknown)
+    estimate_tokens: int = 0  # what the reservation held
+    input_tokens: int = 0  # all input tokens, cache reads and writes included
+    output_tokens: int = 0
+    cached_tokens: int = 0  # of input_tokens: read from the provider's prompt cache
+    cache_write_tokens: int = 0  # of input_tokens: written to it
+    cost_nano_usd: int = 0  # the usage priced with the policy's pricing
+    budget_unit: str = ""  # "usd" (nano-USD), "tokens", "" (no budget)
+    budget_charge: int = 0  # what this request finally cost the budget, in its unit
+    unpriced: bool = False  # the model had no price: charged at the dearest listed one
+    instance: str = ""
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """Unique per event: a request's reservation is closed once per outcome kind (an
+        estimate kept for a vanished stream and a usage report arriving later are two
+        charges, both real), and a retried or replayed batch repeats the same keys."""
+        return (self.tenant, self.request_id, self.outcome)
+
+
+class RefusalsEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type",
+                    tag="refusals"):
+    """Requests refused, counted per tenant, reason and minute (a flood of 429s is one
+    line per minute, not one per request)."""
+
+    minute_us: int  # start of the UTC minute
+    tenant: str
+    reason: str  # the decision: rate_limited, budget_exhausted, too_large, unknown_tenant, ...
+    count: int
+    instance: str = ""
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        return (str(self.minute_us), self.tenant, self.reason, self.instance)
+
+
+class ThresholdEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type",
+                     tag="threshold"):
+    """A tenant's spend crossed a fraction of its budget for the first time this period."""
+
+    tenant: str
+    period_start_us: int
+    fraction: float
+    budget: int  # in the budget's unit
+    spent: int
+    budget_unit: str
+    at_us: int
+    instance: str = ""
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.tenant, str(self.period_start_us), repr(self.fraction))
+
+
+Event = Union[UsageEvent, RefusalsEvent, ThresholdEvent]
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Event)
+
+
+def encode_line(event: Event) -> bytes:
+    return _encoder.encode(event) + b"\n"
+
+
+def decode_line(line: bytes) -> Event:
+    """One event from its JSON line; raises msgspec.DecodeError / ValidationError."""
+    return _decoder.decode(line)
