@@ -58,22 +58,41 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _envoy_config(args: argparse.Namespace) -> int:
-    from sidecar.envoy_config import EnvoyOptions, TierRoute, render
+    from sidecar.envoy_config import (EnvoyOptions, TierRoute, Upstream, UpstreamError,
+                                      parse_hostport, parse_upstream, render)
     from sidecar.server import sample_policy
 
-    policy = load_policy(args.config) if args.config else sample_policy()
-    upstreams = dict(u.split("=", 1) for u in args.upstream)
-    unknown = set(upstreams) - {t.name for t in policy.tiers}
-    if unknown:
-        print(f"kt envoy-config: --upstream names unknown tier(s): {sorted(unknown)}",
-              file=sys.stderr)
+    try:
+        policy = load_policy(args.config) if args.config else sample_policy()
+    except PolicyError as exc:
+        print(f"kt envoy-config: {exc}", file=sys.stderr)
         return 2
-    tiers = [TierRoute(t.name, t.model, upstreams.get(t.name, args.default_upstream))
-             for t in policy.tiers]
-    lhost, _, lport = args.listen.rpartition(":")
-    ahost, _, aport = args.admin.rpartition(":")
+    tier_names = [t.name for t in policy.tiers]
+    try:
+        upstreams: dict[str, list[Upstream]] = {}
+        for flag in args.upstream:
+            tier, eq, spec = flag.partition("=")
+            if not eq or not tier or not spec:
+                raise UpstreamError(f"--upstream {flag!r}: expected TIER=HOST:PORT or "
+                                    "TIER=https://HOST[:PORT][,weight=N,...]")
+            if tier not in tier_names:
+                raise UpstreamError(f"--upstream {flag!r}: unknown tier {tier!r} (the "
+                                    f"policy's tiers: {', '.join(tier_names)})")
+            upstreams.setdefault(tier, []).append(parse_upstream(spec, f"--upstream {tier}="))
+        default = parse_upstream(args.default_upstream, "--default-upstream")
+        tiers = [TierRoute(t.name, t.model, upstreams.get(t.name, [default]))
+                 for t in policy.tiers]
+        for t in tiers:
+            t.upstreams()  # names clash?
+        lhost, lport = parse_hostport(args.listen, "--listen")
+        ahost, aport = parse_hostport(args.admin, "--admin")
+        parse_hostport(args.sidecar, "--sidecar")
+        parse_hostport(args.sidecar_http, "--sidecar-http")
+    except UpstreamError as exc:
+        print(f"kt envoy-config: {exc}", file=sys.stderr)
+        return 2
     opts = EnvoyOptions(
-        listen_host=lhost, listen_port=int(lport), admin_host=ahost, admin_port=int(aport),
+        listen_host=lhost, listen_port=lport, admin_host=ahost, admin_port=aport,
         sidecar_address=args.sidecar, sidecar_http_address=args.sidecar_http, tiers=tiers,
         mode=args.mode,
         failure_mode=args.failure_mode, tenant_header=policy.tenant_header,
@@ -145,9 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--listen", default="127.0.0.1:10000", help="Envoy listener HOST:PORT")
     e.add_argument("--admin", default="127.0.0.1:9901", help="Envoy admin HOST:PORT")
     e.add_argument("--sidecar", default="127.0.0.1:8081", help="the sidecar's gRPC HOST:PORT")
-    e.add_argument("--upstream", action="append", default=[], metavar="TIER=HOST:PORT",
-                   help="upstream of a tier (repeatable)")
-    e.add_argument("--default-upstream", default="127.0.0.1:8000",
+    e.add_argument("--upstream", action="append", default=[], metavar="TIER=UPSTREAM",
+                   help="an upstream of a tier, repeatable (several for one tier: weighted, "
+                   "with failover by priority). UPSTREAM is HOST:PORT (TLS when the port is "
+                   "443) or http(s)://HOST[:PORT], then optional ,weight=N ,priority=N "
+                   ",name=ID ,sni=NAME ,ca=FILE ,key-file=FILE (the provider's API key, "
+                   "injected by Envoy) ,key-header=HEADER (default authorization: Bearer)")
+    e.add_argument("--default-upstream", default="127.0.0.1:8000", metavar="UPSTREAM",
                    help="upstream of tiers without --upstream")
     e.add_argument("--sidecar-http", default="127.0.0.1:8082",
                    help="the sidecar's HTTP ext_authz HOST:PORT (--mode http-authz)")

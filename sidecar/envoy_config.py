@@ -12,11 +12,22 @@ Two ways to call the sidecar:
   in this mode a downgrade arrives at the upstream as ``x-kt-tier`` / ``x-kt-model``
   headers and dynamic metadata only, and the upstream (or a later filter) must act on
   it: use ``authz`` mode when Envoy itself must route the compact tier to its own cluster.
+
+Upstreams (the providers a tier's requests go to) are `Upstream` values: an IP address
+becomes a STATIC cluster, a hostname a LOGICAL_DNS one (one address at a time, re-resolved:
+what Envoy recommends for a large web service behind DNS, such as a provider's API); TLS
+with SNI and the server's name checked against a CA bundle; the provider's API key read
+by Envoy from a file and injected by an upstream credential-injector filter (it never
+passes through the policy or the sidecar). Several upstreams in one tier are chosen by
+weight within a priority group, and a retry (on 429, 5xx, reset or connect failure, within
+a retry budget) goes to the next priority group: Envoy's priority-group cluster specifier.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+import ipaddress
+import re
+from dataclasses import dataclass, field, replace
+from typing import Literal, NamedTuple, Sequence, Union
 
 import yaml
 
@@ -26,10 +37,167 @@ from sidecar.transports.http_authz import IDLE_TIMEOUT_S as SIDECAR_HTTP_IDLE_TI
 TYPE = "type.googleapis.com/"
 
 
+# Debian/Ubuntu's bundle of public CAs: the envoyproxy/envoy image (Ubuntu) carries it.
+DEFAULT_CA_FILE = "/etc/ssl/certs/ca-certificates.crt"
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                       r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
+_HEADER = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+class UpstreamError(ValueError):
+    """An address or upstream spec that cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """One provider endpoint (an OpenAI-compatible API) that a tier's requests can go to.
+
+    The issue-13 `providers:` section maps onto this one to one (host, port, tls, weight)."""
+    host: str
+    port: int
+    tls: bool = False
+    name: str = ""  # names its cluster within the tier; default: its position
+    weight: int = 1  # share among the upstreams of the same priority
+    priority: int = 0  # 0 is tried first; a retry goes to the next priority present
+    sni: str = ""  # TLS server name (and the name checked in its certificate); default: host
+    ca_file: str = DEFAULT_CA_FILE  # CAs that sign the provider's certificate
+    api_key_file: str = ""  # Envoy reads the provider's key here and injects it
+    api_key_header: str = "authorization"  # "Bearer <key>"; another header gets the raw key
+
+    @property
+    def is_ip(self) -> bool:
+        try:
+            ipaddress.ip_address(self.host)
+            return True
+        except ValueError:
+            return False
+
+    @property
+    def host_header(self) -> str:
+        default = 443 if self.tls else 80
+        return self.host if self.port == default else f"{self.host}:{self.port}"
+
+    def describe(self) -> str:
+        scheme = "https" if self.tls else "http"
+        extra = "".join(f",{k}={v}" for k, v in (
+            ("weight", self.weight if self.weight != 1 else None),
+            ("priority", self.priority or None),
+            ("key-file", self.api_key_file or None)) if v is not None)
+        return f"{scheme}://{self.host_header}{extra}"
+
+
+def _split(text: str, what: str) -> tuple[str, str | None]:
+    """HOST, [V6], HOST:PORT or [V6]:PORT into host and port text (None when absent)."""
+    if text.startswith("["):
+        end = text.find("]")
+        tail = text[end + 1:] if end > 0 else "?"
+        if end < 0 or (tail and not tail.startswith(":")):
+            raise UpstreamError(f"{what} {text!r}: expected [IPv6]:PORT")
+        return text[1:end], (tail[1:] if tail else None)
+    if text.count(":") > 1:
+        raise UpstreamError(f"{what} {text!r}: write an IPv6 address in brackets, [::1]:PORT")
+    host, sep, port = text.partition(":")
+    return host, (port if sep else None)
+
+
+def _check_port(port: str, text: str, what: str) -> int:
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise UpstreamError(f"{what} {text!r}: the port must be a number from 1 to 65535")
+    return int(port)
+
+
+def parse_hostport(text: str, what: str) -> tuple[str, int]:
+    """HOST:PORT (IPv6 as [::1]:PORT) or raise UpstreamError naming `what`."""
+    host, port = _split(text, what)
+    if not host or port is None:
+        raise UpstreamError(f"{what} {text!r}: expected HOST:PORT")
+    _check_host(host, f"{what} {text!r}")
+    return host, _check_port(port, text, what)
+
+
+def _check_host(host: str, what: str) -> None:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOSTNAME.match(host):
+            raise UpstreamError(f"{what}: {host!r} is neither an IP address nor a host name") \
+                from None
+
+
+_OPTIONS = {"weight", "priority", "name", "sni", "ca", "key-file", "key-header"}
+
+
+def parse_upstream(spec: str, what: str = "upstream") -> Upstream:
+    """`[http://|https://]HOST[:PORT][,weight=N][,priority=N][,name=ID][,sni=NAME][,ca=FILE]
+    [,key-file=FILE][,key-header=HEADER]`. Without a scheme, port 443 means TLS."""
+    first, *opts = spec.split(",")
+    scheme, sep, rest = first.partition("://")
+    if not sep:
+        scheme, rest = "", first
+    if scheme not in ("", "http", "https"):
+        raise UpstreamError(f"{what} {spec!r}: the scheme must be http:// or https://")
+    rest = rest.rstrip("/")
+    if "/" in rest:
+        raise UpstreamError(f"{what} {spec!r}: a path is not allowed (Envoy forwards the "
+                            "client's path as it is)")
+    host, port_text = _split(rest, what)
+    if not host or (port_text is None and not scheme):
+        raise UpstreamError(f"{what} {spec!r}: expected HOST:PORT or https://HOST[:PORT]")
+    _check_host(host, f"{what} {spec!r}")
+    port = (_check_port(port_text, spec, what) if port_text is not None
+            else 443 if scheme == "https" else 80)
+    kw: dict = {"host": host, "port": port,
+                "tls": scheme == "https" or (scheme == "" and port == 443)}
+    for opt in opts:
+        key, eq, value = opt.partition("=")
+        key = key.strip()
+        if not eq or key not in _OPTIONS:
+            raise UpstreamError(f"{what} {spec!r}: unknown option {opt!r} (known: "
+                                f"{', '.join(sorted(_OPTIONS))})")
+        if key in ("weight", "priority"):
+            if not value.isdigit() or not (1 if key == "weight" else 0) <= int(value) <= 1000:
+                raise UpstreamError(f"{what} {spec!r}: {key} must be an integer "
+                                    f"{'1' if key == 'weight' else '0'}..1000")
+            kw[key] = int(value)
+        elif key == "name":
+            if not _NAME.match(value):
+                raise UpstreamError(f"{what} {spec!r}: name must be lowercase letters, digits, "
+                                    "'-' or '_'")
+            kw["name"] = value
+        elif key == "sni":
+            _check_host(value, f"{what} {spec!r} sni")
+            kw["sni"] = value
+        elif key == "ca":
+            kw["ca_file"] = value
+        elif key == "key-file":
+            kw["api_key_file"] = value
+        elif key == "key-header":
+            if not _HEADER.match(value.lower()):
+                raise UpstreamError(f"{what} {spec!r}: key-header {value!r} is not a header name")
+            kw["api_key_header"] = value.lower()
+    u = Upstream(**kw)
+    if (u.sni or u.ca_file != DEFAULT_CA_FILE) and not u.tls:
+        raise UpstreamError(f"{what} {spec!r}: sni and ca apply to https:// upstreams only")
+    return u
+
+
 class TierRoute(NamedTuple):
     name: str
     model: str
-    upstream: str  # host:port
+    # HOST:PORT or an upstream spec (parse_upstream), or the tier's upstreams
+    upstream: Union[str, Sequence[Upstream]]
+
+    def upstreams(self) -> list[Upstream]:
+        if isinstance(self.upstream, str):
+            return [parse_upstream(self.upstream, f"tier {self.name!r} upstream")]
+        ups = list(self.upstream)
+        if not ups:
+            raise UpstreamError(f"tier {self.name!r} has no upstream")
+        names = [u.name or str(i) for i, u in enumerate(ups)]
+        if len(set(names)) != len(names):
+            raise UpstreamError(f"tier {self.name!r}: two upstreams share the name in {names}")
+        return [u if u.name else replace(u, name=str(i)) for i, u in enumerate(ups)]
 
 
 @dataclass(frozen=True)
@@ -67,6 +235,17 @@ class EnvoyOptions:
     # namespace of dynamic metadata to send to ext_authz (policy `tenant.metadata`)
     tenant_metadata_namespace: str = ""
     upstream_timeout_s: float = 300.0  # LLM replies are slow; streams longer still
+    # a provider across the internet: TCP and TLS handshake; the sidecar keeps 0.25 s
+    upstream_connect_timeout_s: float = 5.0
+    # providers close idle keep-alive connections (often after about a minute): Envoy
+    # closes its own first, so a request never goes out on a connection being closed
+    upstream_idle_timeout_s: float = 50.0
+    # concurrent requests per provider cluster (HTTP/1.1: one connection each). Envoy's
+    # default, 1024, is low for a gateway whose streams last a minute
+    upstream_max_requests: int = 10000
+    # retries never add more than this share of the cluster's active requests (and never
+    # fewer than 3 at once): a failing provider cannot double the load on the others
+    retry_budget_percent: float = 20.0
     # benchmarking: answer 200 from Envoy itself instead of routing to the tiers, and read
     # the request body first (a direct response to an unread POST body closes the
     # connection, which would measure reconnects, not Envoy)
@@ -96,6 +275,117 @@ def _cluster(name: str, hostport: str, http2: bool, idle_timeout_s: float = 0.0)
         c["typed_extension_protocol_options"] = {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": opts}
     return c
+
+
+def _tier_clusters(tier: TierRoute) -> list[tuple[str, Upstream]]:
+    """Cluster name and upstream of each of a tier's upstreams (tier_<tier> when alone)."""
+    ups = tier.upstreams()
+    if len(ups) == 1:
+        return [(f"tier_{tier.name}", ups[0])]
+    return [(f"tier_{tier.name}_{u.name}", u) for u in ups]
+
+
+def _upstream_cluster(name: str, u: Upstream, o: EnvoyOptions) -> dict:
+    endpoint: dict = {"address": {"socket_address": {"address": u.host, "port_value": u.port}}}
+    c: dict = {"name": name, "connect_timeout": _seconds(o.upstream_connect_timeout_s)}
+    if u.is_ip:
+        c["type"] = "STATIC"
+    else:
+        # one address at a time, re-resolved in the background (a provider's API sits
+        # behind DNS that rotates many addresses); IPv4 first: many clusters have no IPv6
+        c.update(type="LOGICAL_DNS", dns_lookup_family="V4_PREFERRED")
+        endpoint["hostname"] = u.host_header  # the Host header auto_host_rewrite sets
+    c["load_assignment"] = {"cluster_name": name,
+                            "endpoints": [{"lb_endpoints": [{"endpoint": endpoint}]}]}
+    c["circuit_breakers"] = {"thresholds": [{
+        "priority": "DEFAULT", "max_connections": o.upstream_max_requests,
+        "max_pending_requests": o.upstream_max_requests,
+        "max_requests": o.upstream_max_requests,
+        "retry_budget": {"budget_percent": {"value": o.retry_budget_percent},
+                         "min_retry_concurrency": 3}}]}
+    if u.tls:
+        server_name = u.sni or (u.host if not u.is_ip else "")
+        san = ({"san_type": "DNS", "matcher": {"exact": server_name}} if server_name
+               else {"san_type": "IP_ADDRESS", "matcher": {"exact": u.host}})
+        tls: dict = {
+            "@type": TYPE + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": {
+                "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+                "validation_context": {"trusted_ca": {"filename": u.ca_file},
+                                       "match_typed_subject_alt_names": [san]}}}
+        if server_name:
+            tls["sni"] = server_name
+        c["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": tls}
+    opts: dict = {
+        "@type": TYPE + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http_protocol_options": {}},
+        "common_http_protocol_options": {"idle_timeout": f"{o.upstream_idle_timeout_s:g}s"}}
+    if u.api_key_file:
+        # An upstream filter of this cluster only: each provider gets its own key, read by
+        # Envoy from the file at start (a Kubernetes Secret), replacing any the client sent
+        opts["http_filters"] = [
+            {"name": "envoy.filters.http.credential_injector", "typed_config": {
+                "@type": TYPE + "envoy.extensions.filters.http.credential_injector.v3."
+                                "CredentialInjector",
+                "overwrite": True,
+                "credential": {"name": "envoy.http.injected_credentials.generic",
+                               "typed_config": {
+                                   "@type": TYPE + "envoy.extensions.http.injected_credentials."
+                                                   "generic.v3.Generic",
+                                   "credential": {"name": _secret_name(name)},
+                                   "header": u.api_key_header,
+                                   "header_value_prefix": "Bearer " if u.api_key_header
+                                   == "authorization" else ""}}}},
+            {"name": "envoy.filters.http.upstream_codec", "typed_config": {
+                "@type": TYPE + "envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"}}]
+    c["typed_extension_protocol_options"] = {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": opts}
+    return c
+
+
+def _secret_name(cluster: str) -> str:
+    return f"{cluster}_api_key"
+
+
+def _secrets(o: EnvoyOptions) -> list[dict]:
+    return [{"name": _secret_name(name), "generic_secret": {"secret": {"filename": u.api_key_file}}}
+            for tier in o.tiers for name, u in _tier_clusters(tier) if u.api_key_file]
+
+
+def _tier_route(tier: TierRoute, timeout: str) -> dict:
+    clusters = _tier_clusters(tier)
+    route: dict
+    if len(clusters) == 1:
+        route = {"cluster": clusters[0][0], "timeout": timeout,
+                 # nothing reached the provider: safe to try once more
+                 "retry_policy": {"retry_on": "connect-failure,refused-stream",
+                                  "num_retries": 1}}
+    else:
+        # one group per priority (weighted within it); a retry moves to the next group
+        # (after the last, back to the first): weighted routing plus failover
+        groups: dict[int, list[dict]] = {}
+        for name, u in clusters:
+            groups.setdefault(u.priority, []).append({"cluster_name": name, "weight": u.weight})
+        route = {
+            "inline_cluster_specifier_plugin": {"extension": {
+                "name": "envoy.router.cluster_specifier_plugin.priority_group",
+                "typed_config": {
+                    "@type": TYPE + "envoy.extensions.router.cluster_specifiers.priority_group."
+                                    "v3.PriorityGroupClusterSpecifier",
+                    "priority_groups": [{"name": f"priority_{p}", "clusters": groups[p]}
+                                        for p in sorted(groups)]}}},
+            "timeout": timeout,
+            # A provider's 429 (its own quota), 5xx, a reset or a refused connection: try
+            # the next group. Only before the response started: a stream is never replayed.
+            "retry_policy": {
+                "retry_on": "connect-failure,refused-stream,reset,5xx,retriable-status-codes",
+                "retriable_status_codes": [429],
+                "num_retries": max(1, len(groups) - 1),
+                "refresh_cluster_on_retry": True}}
+    if any(not u.is_ip for _, u in clusters):
+        # the provider's own name, not the gateway's, in Host (and so in TLS SNI checks)
+        route["auto_host_rewrite"] = True
+    return route
 
 
 def _seconds(s: float) -> str:
@@ -139,10 +429,9 @@ def _routes(o: EnvoyOptions) -> list[dict]:
         routes.append({
             "match": {"prefix": "/", "headers": [
                 {"name": contract.H_TIER, "string_match": {"exact": tier.name}}]},
-            "route": {"cluster": f"tier_{tier.name}", "timeout": timeout},
+            "route": _tier_route(tier, timeout),
         })
-    routes.append({"match": {"prefix": "/"},
-                   "route": {"cluster": f"tier_{o.tiers[0].name}", "timeout": timeout}})
+    routes.append({"match": {"prefix": "/"}, "route": _tier_route(o.tiers[0], timeout)})
     return routes
 
 
@@ -180,7 +469,6 @@ def _http_authz(o: EnvoyOptions) -> dict:
         "http_service": {
             "server_uri": {"uri": f"http://{o.sidecar_http_address}",
                            "cluster": "kt_sidecar_http", "timeout": _seconds(o.authz_timeout_s)},
-            "authorization_request": {"allowed_headers": {"patterns": _exact(*allowed)}},
             "authorization_response": {
                 "allowed_upstream_headers": {"patterns": _exact(
                     contract.H_DECISION, contract.H_TENANT, contract.H_TIER, contract.H_MODEL,
@@ -190,6 +478,9 @@ def _http_authz(o: EnvoyOptions) -> dict:
                 "allowed_client_headers_on_success": {"patterns": client},
             },
         },
+        # the filter-level list (http_service.authorization_request.allowed_headers is
+        # deprecated since Envoy 1.32); Host, method, path and content-length go anyway
+        "allowed_headers": {"patterns": _exact(*allowed)},
         "failure_mode_allow": o.failure_mode == "allow",
         "status_on_error": {"code": "ServiceUnavailable"},
         "clear_route_cache": True,
@@ -304,11 +595,16 @@ def bootstrap(o: EnvoyOptions) -> dict:
         # connection just as the sidecar closes it fails, and Envoy's failure mode answers
         clusters.append(_cluster("kt_sidecar_http", o.sidecar_http_address, http2=False,
                                  idle_timeout_s=SIDECAR_HTTP_IDLE_TIMEOUT_S * 2 / 3))
-    clusters += [_cluster(f"tier_{t.name}", t.upstream, http2=False) for t in o.tiers]
+    clusters += [_upstream_cluster(name, u, o) for t in o.tiers for name, u in _tier_clusters(t)]
+    static: dict = {}
+    secrets = _secrets(o)
+    if secrets:
+        static["secrets"] = secrets
     return {
         "admin": {"address": {"socket_address": {"address": o.admin_host,
                                                   "port_value": o.admin_port}}},
         "static_resources": {
+            **static,
             "listeners": [{
                 "name": "llm",
                 "address": {"socket_address": {"address": o.listen_host,
@@ -325,5 +621,6 @@ def bootstrap(o: EnvoyOptions) -> dict:
 def render(o: EnvoyOptions) -> str:
     head = (f"# Envoy bootstrap for kt-sidecar ({o.mode} mode), printed by `kt envoy-config`.\n"
             f"# Sidecar at {o.sidecar_address}; tiers: "
-            + ", ".join(f"{t.name}={t.model}@{t.upstream}" for t in o.tiers) + "\n")
+            + "; ".join(f"{t.name}={t.model}@" + " ".join(u.describe() for u in t.upstreams())
+                        for t in o.tiers) + "\n")
     return head + yaml.safe_dump(bootstrap(o), sort_keys=False, width=100)

@@ -1,27 +1,84 @@
 """`kt envoy-config` prints bootstraps the real Envoy accepts, with the documented wiring."""
 from __future__ import annotations
 
+import collections
 import subprocess
+import urllib.error
+import sys
+import urllib.request
 
 import pytest
 import yaml
 
 from sidecar.cli import main as kt
-from sidecar.envoy_config import EnvoyOptions, TierRoute, render
-from tests.support.procs import find_binary
+from sidecar.envoy_config import (EnvoyOptions, TierRoute, Upstream, UpstreamError,
+                                  parse_upstream, render)
+from tests.support.procs import EnvoyProcess, find_binary, free_port, workdir
+from tests.support.upstream import FakeUpstream
 
 
-@pytest.mark.parametrize("mode", ["authz", "rls", "http-authz"])
-@pytest.mark.parametrize("failure_mode", ["allow", "deny"])
-def test_envoy_validates_every_variant(tmp_path, capsys, mode, failure_mode):
+def envoy_validate(path) -> str:
+    """`envoy --mode validate`; fails the test on a rejected config, returns the log, in
+    which Envoy names every deprecated field it was given."""
+    res = subprocess.run([find_binary("envoy"), "--mode", "validate", "-c", str(path),
+                          "--log-level", "warning"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout + res.stderr
+    assert "eprecated" not in out, out
+    return out
+
+
+@pytest.fixture(scope="module")
+def provider_files(tmp_path_factory):
+    """A CA bundle and two API key files, as a Kubernetes Secret would mount them."""
+    import trustme
+
+    d = tmp_path_factory.mktemp("provider")
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(d / "ca.pem"))
+    (d / "openai.key").write_text("sk-openai-test")
+    (d / "azure.key").write_text("azure-test")
+    return d
+
+
+def upstream_shapes(d) -> dict[str, list[str]]:
+    """Every shape of --upstream the command takes, as flags."""
+    return {
+        "ip": ["--upstream", "default=127.0.0.1:8000", "--upstream", "compact=127.0.0.1:8001"],
+        "hostname": ["--upstream", "default=llm.internal:8000"],
+        "tls-443": ["--upstream", "default=api.openai.com:443"],
+        "tls-key": ["--upstream", f"default=https://api.openai.com,key-file={d}/openai.key",
+                    "--upstream", f"compact=https://api.openai.com,key-file={d}/openai.key"],
+        "tls-own-ca": ["--upstream", f"default=https://localhost:8443,ca={d}/ca.pem,"
+                       f"sni=llm.example.com,key-file={d}/openai.key,key-header=x-api-key"],
+        "weighted-failover": [
+            "--upstream", f"default=https://api.openai.com,weight=60,name=openai,"
+                          f"key-file={d}/openai.key",
+            "--upstream", f"default=https://acme.openai.azure.com,weight=25,name=azure,"
+                          f"key-file={d}/azure.key,key-header=api-key",
+            "--upstream", "default=10.0.0.7:8000,priority=1,name=local"],
+    }
+
+
+MODES = ["authz", "rls", "http-authz"]
+SHAPES = ["hostname", "tls-443", "tls-key", "tls-own-ca", "weighted-failover"]
+# every mode with both failure modes, and every upstream shape in every mode (the upstream
+# clusters do not depend on the failure mode)
+VARIANTS = ([(m, f, "ip") for m in MODES for f in ("allow", "deny")]
+            + [(m, "deny", shape) for m in MODES for shape in SHAPES])
+
+
+@pytest.mark.parametrize("mode,failure_mode,shape", VARIANTS)
+def test_envoy_validates_every_variant_without_deprecated_fields(
+        tmp_path, capsys, provider_files, mode, failure_mode, shape):
     assert kt(["envoy-config", "--mode", mode, "--failure-mode", failure_mode,
-               "--upstream", "default=127.0.0.1:8000", "--upstream", "compact=127.0.0.1:8001"]) == 0
+               *upstream_shapes(provider_files)[shape]]) == 0
     text = capsys.readouterr().out
     path = tmp_path / "envoy.yaml"
     path.write_text(text)
-    res = subprocess.run([find_binary("envoy"), "--mode", "validate", "-c", str(path),
-                          "--log-level", "error"], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stdout + res.stderr
+    envoy_validate(path)
+    if shape != "ip":
+        return
     doc = yaml.safe_load(text)
     hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     filters = [f["name"] for f in hcm["http_filters"]]
@@ -93,9 +150,13 @@ def test_the_sidecar_cluster_is_static_loopback_http2_with_a_short_connect_timeo
     assert "http2_protocol_options" in opts["explicit_http_config"]
     ep = sidecar["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
     assert ep["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 18081}
-    # the tiers speak HTTP/1.1 (no protocol options): an OpenAI-compatible upstream
-    assert all("typed_extension_protocol_options" not in c
-               for c in doc["static_resources"]["clusters"] if c["name"].startswith("tier_"))
+    # the tiers speak HTTP/1.1 (an OpenAI-compatible upstream), with no TLS to an IP upstream
+    for c in doc["static_resources"]["clusters"]:
+        if c["name"].startswith("tier_"):
+            opts = c["typed_extension_protocol_options"][
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+            assert opts["explicit_http_config"] == {"http_protocol_options": {}}
+            assert c["type"] == "STATIC" and "transport_socket" not in c
 
 
 def test_envoy_closes_idle_fast_path_connections_before_the_sidecar_does():
@@ -175,3 +236,196 @@ def test_header_names_are_options(tmp_path):
 def test_no_tiers_is_refused():
     with pytest.raises(ValueError, match="at least one tier"):
         render(EnvoyOptions(tiers=[]))
+
+
+# --- real upstreams: hostnames, TLS, API keys, weights and failover -----------------------
+
+def _clusters(doc: dict) -> dict:
+    return {c["name"]: c for c in doc["static_resources"]["clusters"]}
+
+
+def test_a_provider_named_by_hostname_on_443_is_dns_and_tls_with_sni_and_name_check():
+    # the issue's own command: before, a STATIC cluster without TLS that Envoy refused
+    doc = _render(tiers=[TierRoute("default", "gpt-4o", "api.openai.com:443")])
+    c = _clusters(doc)["tier_default"]
+    assert c["type"] == "LOGICAL_DNS"
+    ep = c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert ep["address"]["socket_address"] == {"address": "api.openai.com", "port_value": 443}
+    assert ep["hostname"] == "api.openai.com"
+    tls = c["transport_socket"]["typed_config"]
+    assert tls["sni"] == "api.openai.com"
+    v = tls["common_tls_context"]["validation_context"]
+    assert v["trusted_ca"] == {"filename": "/etc/ssl/certs/ca-certificates.crt"}
+    assert v["match_typed_subject_alt_names"] == [
+        {"san_type": "DNS", "matcher": {"exact": "api.openai.com"}}]
+    route = _hcm(doc)["route_config"]["virtual_hosts"][0]["routes"][-1]["route"]
+    assert route["auto_host_rewrite"] is True and route["cluster"] == "tier_default"
+
+
+def test_the_api_key_is_read_by_envoy_from_a_file_and_never_printed(tmp_path):
+    key = tmp_path / "openai.key"
+    key.write_text("sk-secret-value")
+    u = parse_upstream(f"https://api.openai.com,key-file={key}")
+    text = render(EnvoyOptions(tiers=[TierRoute("default", "gpt-4o", [u])]))
+    assert "sk-secret-value" not in text
+    doc = yaml.safe_load(text)
+    assert doc["static_resources"]["secrets"] == [
+        {"name": "tier_default_api_key", "generic_secret": {"secret": {"filename": str(key)}}}]
+    opts = _clusters(doc)["tier_default"]["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    injector, codec = opts["http_filters"]
+    assert codec["name"] == "envoy.filters.http.upstream_codec"
+    cfg = injector["typed_config"]
+    assert cfg["overwrite"] is True  # a client's own Authorization never reaches the provider
+    generic = cfg["credential"]["typed_config"]
+    assert (generic["header"], generic["header_value_prefix"]) == ("authorization", "Bearer ")
+    assert generic["credential"] == {"name": "tier_default_api_key"}
+
+
+def test_weighted_upstreams_with_failover_use_priority_groups_and_a_retry_budget():
+    ups = [parse_upstream("https://api.openai.com,weight=60,name=openai"),
+           parse_upstream("https://acme.openai.azure.com,weight=25,name=azure,key-header=api-key"),
+           parse_upstream("10.0.0.7:8000,priority=1,name=local")]
+    doc = _render(tiers=[TierRoute("default", "gpt-4o", ups)])
+    route = _hcm(doc)["route_config"]["virtual_hosts"][0]["routes"][-1]["route"]
+    spec = route["inline_cluster_specifier_plugin"]["extension"]["typed_config"]
+    assert spec["priority_groups"] == [
+        {"name": "priority_0", "clusters": [{"cluster_name": "tier_default_openai", "weight": 60},
+                                            {"cluster_name": "tier_default_azure", "weight": 25}]},
+        {"name": "priority_1", "clusters": [{"cluster_name": "tier_default_local", "weight": 1}]}]
+    retry = route["retry_policy"]
+    assert retry["refresh_cluster_on_retry"] is True and retry["retriable_status_codes"] == [429]
+    assert set(retry["retry_on"].split(",")) >= {"5xx", "reset", "connect-failure",
+                                                 "retriable-status-codes"}
+    clusters = _clusters(doc)
+    assert clusters["tier_default_local"]["type"] == "STATIC"
+    for name in ("tier_default_openai", "tier_default_azure", "tier_default_local"):
+        budget = clusters[name]["circuit_breakers"]["thresholds"][0]["retry_budget"]
+        assert budget["budget_percent"]["value"] == 20.0
+
+
+@pytest.mark.parametrize("spec,fragment", [
+    ("default", "expected TIER=HOST:PORT"),
+    ("default=", "expected TIER=HOST:PORT"),
+    ("premium=127.0.0.1:1", "unknown tier 'premium'"),
+    ("default=127.0.0.1", "expected HOST:PORT or https://HOST"),
+    ("default=127.0.0.1:http", "the port must be a number from 1 to 65535"),
+    ("default=127.0.0.1:70000", "the port must be a number from 1 to 65535"),
+    ("default=ftp://x.example", "the scheme must be http:// or https://"),
+    ("default=https://api.openai.com/v1", "a path is not allowed"),
+    ("default=under_score.example:80", "neither an IP address nor a host name"),
+    ("default=https://api.openai.com,weight=0", "weight must be an integer 1..1000"),
+    ("default=https://api.openai.com,wieght=2", "unknown option 'wieght=2'"),
+    ("default=http://10.0.0.1:80,sni=x.example", "apply to https:// upstreams only"),
+])
+def test_a_malformed_upstream_is_one_line_and_exit_2(spec, fragment):
+    res = subprocess.run([sys.executable, "-m", "sidecar.cli", "envoy-config", "--upstream", spec],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.startswith("kt envoy-config: --upstream") and fragment in res.stderr
+
+
+@pytest.mark.parametrize("flag,value,fragment", [
+    ("--sidecar", "127.0.0.1:notaport", "--sidecar '127.0.0.1:notaport': the port must be"),
+    ("--sidecar", "127.0.0.1", "--sidecar '127.0.0.1': expected HOST:PORT"),
+    ("--sidecar-http", ":8082", "--sidecar-http ':8082': expected HOST:PORT"),
+    ("--listen", "0.0.0.0:99999", "--listen '0.0.0.0:99999': the port must be"),
+    ("--admin", "::1:9901", "write an IPv6 address in brackets"),
+    ("--default-upstream", "nowhere", "--default-upstream 'nowhere': expected HOST:PORT"),
+])
+def test_a_malformed_address_is_one_line_and_exit_2(flag, value, fragment):
+    res = subprocess.run([sys.executable, "-m", "sidecar.cli", "envoy-config", flag, value],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.count("\n") == 1 and fragment in res.stderr, res.stderr
+
+
+def test_upstream_spec_forms():
+    assert parse_upstream("api.openai.com:443") == Upstream("api.openai.com", 443, tls=True)
+    assert parse_upstream("https://api.openai.com") == Upstream("api.openai.com", 443, tls=True)
+    assert parse_upstream("http://llm.internal") == Upstream("llm.internal", 80)
+    assert parse_upstream("[::1]:8000") == Upstream("::1", 8000)
+    assert parse_upstream("https://h.example:8443,name=a,weight=3,priority=2,key-header=API-Key") \
+        == Upstream("h.example", 8443, tls=True, name="a", weight=3, priority=2,
+                    api_key_header="api-key")
+    with pytest.raises(UpstreamError, match="share the name"):
+        TierRoute("t", "m", [parse_upstream("a.example:80,name=x"),
+                             parse_upstream("b.example:80,name=x")]).upstreams()
+
+
+# --- through a real Envoy: TLS by hostname, key injection, failover, weights --------------
+
+@pytest.fixture(scope="module")
+def tls_ca():
+    import trustme
+
+    return trustme.CA()
+
+
+def _server_ctx(ca, hostname: str = "localhost"):
+    import ssl
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(hostname).configure_cert(ctx)
+    return ctx
+
+
+def _through_envoy(d, tiers, n: int, headers: dict | None = None) -> list[dict]:
+    admin, listen = free_port(), free_port()
+    text = render(EnvoyOptions(mode="none", listen_port=listen, admin_port=admin, tiers=tiers))
+    out = []
+    with EnvoyProcess(text, d, admin, listen) as envoy:
+        for _ in range(n):
+            req = urllib.request.Request(envoy.url(), data=b'{"model":"gpt-4o"}', method="POST",
+                                         headers={"content-type": "application/json",
+                                                  **(headers or {})})
+            with urllib.request.urlopen(req, timeout=10) as r:
+                assert r.status == 200
+                out.append(__import__("json").load(r))
+    return out
+
+
+def test_envoy_reaches_a_tls_provider_by_hostname_with_its_key_from_a_file(tls_ca):
+    with workdir() as d, FakeUpstream("provider", ssl_context=_server_ctx(tls_ca)) as up:
+        tls_ca.cert_pem.write_to_path(str(d / "ca.pem"))
+        (d / "key").write_text("sk-from-the-secret-file\n".rstrip("\n"))
+        u = parse_upstream(f"https://localhost:{up.port},ca={d}/ca.pem,key-file={d}/key")
+        answers = _through_envoy(d, [TierRoute("default", "gpt-4o", [u])], 3,
+                                 {"authorization": "Bearer client-supplied"})
+    assert [a["served_by"] for a in answers] == ["provider"] * 3
+    got = up.requests[-1]["headers"]
+    assert got["authorization"] == "Bearer sk-from-the-secret-file"
+    assert got["host"] == f"localhost:{up.port}"
+
+
+def test_envoy_refuses_a_provider_whose_certificate_names_another_host(tls_ca):
+    # SNI and the certificate check are real: a certificate for another name is refused
+    with workdir() as d, FakeUpstream("impostor", ssl_context=_server_ctx(tls_ca, "other.example")) as up:
+        tls_ca.cert_pem.write_to_path(str(d / "ca.pem"))
+        u = parse_upstream(f"https://localhost:{up.port},ca={d}/ca.pem")
+        with pytest.raises(urllib.error.HTTPError) as err:
+            _through_envoy(d, [TierRoute("default", "gpt-4o", [u])], 1)
+    assert err.value.code == 503 and up.requests == []
+
+
+def test_a_provider_answering_429_fails_over_to_the_next_priority(tls_ca):
+    with workdir() as d, FakeUpstream("full", status=429, ssl_context=_server_ctx(tls_ca)) as full, \
+            FakeUpstream("spare", ssl_context=_server_ctx(tls_ca)) as spare:
+        tls_ca.cert_pem.write_to_path(str(d / "ca.pem"))
+        ups = [parse_upstream(f"https://localhost:{full.port},name=full,ca={d}/ca.pem"),
+               parse_upstream(f"https://localhost:{spare.port},name=spare,priority=1,"
+                              f"ca={d}/ca.pem")]
+        answers = _through_envoy(d, [TierRoute("default", "gpt-4o", ups)], 10)
+    assert [a["served_by"] for a in answers] == ["spare"] * 10
+    assert len(full.requests) == 10  # each tried first, then retried on the spare
+
+
+def test_weights_split_the_traffic_between_providers():
+    with workdir() as d, FakeUpstream("a") as a, FakeUpstream("b") as b:
+        ups = [parse_upstream(f"127.0.0.1:{a.port},name=a,weight=3"),
+               parse_upstream(f"127.0.0.1:{b.port},name=b,weight=1")]
+        answers = _through_envoy(d, [TierRoute("default", "gpt-4o", ups)], 200)
+    counts = collections.Counter(x["served_by"] for x in answers)
+    # 3:1 of 200 is 150 ± 6.1 (one standard deviation): 110..190 is more than six of them
+    assert 110 < counts["a"] < 190 and counts["a"] + counts["b"] == 200, counts

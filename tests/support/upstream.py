@@ -5,6 +5,8 @@ request body's model, with a `usage` block, and echoes the request headers it
 received and its own name (`served_by`). Test controls, as request headers:
 - `x-fake-usage: IN,OUT`  the usage to report (default 10,5);
 - `x-fake-status: 503`    answer that status with an error body and no usage;
+- `FakeUpstream(name, status=429)` answers that status to every request (a provider
+  out of quota), `ssl_context=` serves HTTPS (a trustme certificate: a provider on TLS);
 - body `"stream": true`   answer SSE: a first chunk at once, the rest (with the
   usage chunk if `stream_options.include_usage`) once `release_stream` is set,
   so a test can see the first chunk arrive before the upstream finishes.
@@ -12,14 +14,18 @@ received and its own name (`served_by`). Test controls, as request headers:
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
 
 
 class FakeUpstream:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, status: int = 200,
+                 ssl_context: Optional[ssl.SSLContext] = None) -> None:
         self.name = name
+        self.status = status
+        self.ssl_context = ssl_context
         self.requests: list[dict] = []  # {"headers", "body"} of every request served
         self.release_stream = threading.Event()
         self._server: Optional[ThreadingHTTPServer] = None
@@ -57,7 +63,7 @@ class FakeUpstream:
                 except ValueError:
                     body = {"_unparsed": raw.decode(errors="replace")}
                 upstream.requests.append({"headers": headers, "body": body})
-                status = int(headers.get("x-fake-status", "200"))
+                status = int(headers.get("x-fake-status", upstream.status))
                 usage_in, usage_out = (int(x) for x in headers.get("x-fake-usage", "10,5").split(","))
                 model = body.get("model", "unknown")
                 if status != 200:
@@ -107,6 +113,14 @@ class FakeUpstream:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
+        if self.ssl_context is not None:
+            ctx = self.ssl_context
+
+            def get_request():  # TLS per connection, in the handler's thread (no stall)
+                sock, addr = self._server.socket.accept()  # type: ignore[union-attr]
+                return ctx.wrap_socket(sock, server_side=True,
+                                       do_handshake_on_connect=False), addr
+            self._server.get_request = get_request  # type: ignore[method-assign]
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
         return self
