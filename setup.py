@@ -1,7 +1,9 @@
 """Build steps beyond the pure-Python package:
 - the Cython decision core: native/core.pyx -> sidecar._core;
 - this project's own gRPC API: proto/*.proto -> sidecar/_proto/*_pb2.py (grpcio-tools);
-- the Lua scripts: lua/*.lua copied into sidecar/lua/ so an installed sidecar carries them.
+- the Lua scripts: lua/*.lua copied into sidecar/lua/ so an installed sidecar carries them;
+- the reference bench result: the measurements of bench/results/latest.json that `kt plan`
+  reads (sidecar/bench_reference.json), so `kt plan` works outside a clone.
 Generated files are not committed (.gitignore); every build makes them anew from
 the sources above, so there is one source of each."""
 import os
@@ -38,8 +40,23 @@ def copy_lua() -> None:
             shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
 
 
+def copy_bench_reference() -> None:
+    import json
+
+    src = os.path.join(HERE, "bench", "results", "latest.json")
+    if not os.path.exists(src):  # an sdist without bench/: `kt plan` then says what to run
+        return
+    with open(src) as f:
+        doc = json.load(f)
+    ref = {"machine": doc.get("machine", {}), "configs": doc.get("configs", {}),
+           "source": "bench/results/latest.json"}
+    with open(os.path.join(HERE, "sidecar", "bench_reference.json"), "w") as f:
+        json.dump(ref, f, indent=1, sort_keys=True)
+
+
 compile_protos()
 copy_lua()
+copy_bench_reference()
 
 setup(
     ext_modules=cythonize(

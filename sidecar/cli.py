@@ -10,20 +10,36 @@ from sidecar.policy.load import PolicyError, load_policy
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from sidecar.address import AddressError, parse_hostport
     from sidecar.backends.base import BackendError
-    from sidecar.server import ServerConfig, serve
+    from sidecar.server import ServerConfig, StartupError, serve
 
     if args.workers < 1:
         print("kt serve: --workers must be >= 1", file=sys.stderr)
         return 2
+    try:  # a typo in an address is caught before anything starts
+        for flag, value in (("--grpc", args.grpc), ("--http", args.http),
+                            ("--http-authz", args.http_authz)):
+            if value is not None:
+                parse_hostport(value, flag, allow_zero=True)
+    except AddressError as exc:
+        print(f"kt serve: {exc}", file=sys.stderr)
+        return 2
     if args.workers > 1:
-        from sidecar.workers import WorkerError, supervise
+        from sidecar.workers import WorkerError, WorkerExited, supervise
 
         try:
             return supervise(args, args.workers)
+        except WorkerExited as exc:
+            if not exc.explained:  # otherwise the worker printed its own one line
+                print(f"kt serve: {exc}", file=sys.stderr)
+            return exc.code or 1
         except (WorkerError, PolicyError) as exc:
             print(f"kt serve: {exc}", file=sys.stderr)
             return 2
+        except StartupError as exc:
+            print(f"kt serve: {exc}", file=sys.stderr)
+            return 4
     cfg = ServerConfig(grpc_addr=args.grpc, http_addr=args.http, policy_path=args.config,
                        state_file=args.state_file, ready_file=args.ready_file,
                        http_authz_addr=args.http_authz, reuse_port=args.worker_of_supervisor)
@@ -37,6 +53,9 @@ def _serve(args: argparse.Namespace) -> int:
     except BackendError as exc:
         print(f"kt serve: backend: {exc}", file=sys.stderr)
         return 3
+    except StartupError as exc:
+        print(f"kt serve: {exc}", file=sys.stderr)
+        return 4
     except OSError as exc:
         print(f"kt serve: {exc}", file=sys.stderr)
         return 4
@@ -58,8 +77,9 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _envoy_config(args: argparse.Namespace) -> int:
+    from sidecar.address import AddressError, parse_hostport
     from sidecar.envoy_config import (EnvoyOptions, TierRoute, Upstream, UpstreamError,
-                                      parse_hostport, parse_upstream, render)
+                                      parse_upstream, render)
     from sidecar.server import sample_policy
 
     try:
@@ -88,7 +108,7 @@ def _envoy_config(args: argparse.Namespace) -> int:
         ahost, aport = parse_hostport(args.admin, "--admin")
         parse_hostport(args.sidecar, "--sidecar")
         parse_hostport(args.sidecar_http, "--sidecar-http")
-    except UpstreamError as exc:
+    except AddressError as exc:
         print(f"kt envoy-config: {exc}", file=sys.stderr)
         return 2
     opts = EnvoyOptions(
@@ -148,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also serve Envoy's HTTP ext_authz here (the fast path)")
     s.add_argument("--workers", type=int, default=1,
                    help="processes sharing the gRPC and HTTP-authz ports (redis backend only); "
-                   "worker i serves its side port at --http port + i")
+                   "the side port (--http) serves them as one sidecar: summed /metrics, "
+                   "/readyz ready when every worker is")
     s.add_argument("--worker-of-supervisor", action="store_true", help=argparse.SUPPRESS)
     s.add_argument("--state-file", help="embedded backend: where budget spend is persisted")
     s.add_argument("--ready-file", help="write {grpc_port, http_port} as JSON here once serving")
@@ -184,8 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--transport", choices=["http", "grpc"], default="http")
     pl.add_argument("--profile", default="chat_short", help="workload profile of the result")
     pl.add_argument("--headroom", type=float, default=1.5)
-    pl.add_argument("--results", default="bench/results/latest.json",
-                    help="a bench/run.py result (JSON)")
+    pl.add_argument("--results", default=None,
+                    help="a bench/run.py result (JSON); default: the reference result shipped "
+                    "with the package (measured on the machine it names)")
     pl.set_defaults(func=_plan)
 
     u = sub.add_parser("spend", help="actual tokens and USD per tenant and model, from a "

@@ -24,7 +24,6 @@ a retry budget) goes to the next priority group: Envoy's priority-group cluster 
 """
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass, field, replace
 from typing import Literal, NamedTuple, Sequence, Union
@@ -32,6 +31,7 @@ from typing import Literal, NamedTuple, Sequence, Union
 import yaml
 
 from sidecar import contract
+from sidecar.address import AddressError, check_host, check_port, is_ip, split_host_port
 from sidecar.transports.http_authz import IDLE_TIMEOUT_S as SIDECAR_HTTP_IDLE_TIMEOUT_S
 
 TYPE = "type.googleapis.com/"
@@ -39,13 +39,11 @@ TYPE = "type.googleapis.com/"
 
 # Debian/Ubuntu's bundle of public CAs: the envoyproxy/envoy image (Ubuntu) carries it.
 DEFAULT_CA_FILE = "/etc/ssl/certs/ca-certificates.crt"
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-                       r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
 _HEADER = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
-class UpstreamError(ValueError):
+class UpstreamError(AddressError):
     """An address or upstream spec that cannot be used; the message says why."""
 
 
@@ -67,11 +65,7 @@ class Upstream:
 
     @property
     def is_ip(self) -> bool:
-        try:
-            ipaddress.ip_address(self.host)
-            return True
-        except ValueError:
-            return False
+        return is_ip(self.host)
 
     @property
     def host_header(self) -> str:
@@ -85,44 +79,6 @@ class Upstream:
             ("priority", self.priority or None),
             ("key-file", self.api_key_file or None)) if v is not None)
         return f"{scheme}://{self.host_header}{extra}"
-
-
-def _split(text: str, what: str) -> tuple[str, str | None]:
-    """HOST, [V6], HOST:PORT or [V6]:PORT into host and port text (None when absent)."""
-    if text.startswith("["):
-        end = text.find("]")
-        tail = text[end + 1:] if end > 0 else "?"
-        if end < 0 or (tail and not tail.startswith(":")):
-            raise UpstreamError(f"{what} {text!r}: expected [IPv6]:PORT")
-        return text[1:end], (tail[1:] if tail else None)
-    if text.count(":") > 1:
-        raise UpstreamError(f"{what} {text!r}: write an IPv6 address in brackets, [::1]:PORT")
-    host, sep, port = text.partition(":")
-    return host, (port if sep else None)
-
-
-def _check_port(port: str, text: str, what: str) -> int:
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise UpstreamError(f"{what} {text!r}: the port must be a number from 1 to 65535")
-    return int(port)
-
-
-def parse_hostport(text: str, what: str) -> tuple[str, int]:
-    """HOST:PORT (IPv6 as [::1]:PORT) or raise UpstreamError naming `what`."""
-    host, port = _split(text, what)
-    if not host or port is None:
-        raise UpstreamError(f"{what} {text!r}: expected HOST:PORT")
-    _check_host(host, f"{what} {text!r}")
-    return host, _check_port(port, text, what)
-
-
-def _check_host(host: str, what: str) -> None:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        if not _HOSTNAME.match(host):
-            raise UpstreamError(f"{what}: {host!r} is neither an IP address nor a host name") \
-                from None
 
 
 _OPTIONS = {"weight", "priority", "name", "sni", "ca", "key-file", "key-header"}
@@ -141,11 +97,11 @@ def parse_upstream(spec: str, what: str = "upstream") -> Upstream:
     if "/" in rest:
         raise UpstreamError(f"{what} {spec!r}: a path is not allowed (Envoy forwards the "
                             "client's path as it is)")
-    host, port_text = _split(rest, what)
+    host, port_text = split_host_port(rest, what)
     if not host or (port_text is None and not scheme):
         raise UpstreamError(f"{what} {spec!r}: expected HOST:PORT or https://HOST[:PORT]")
-    _check_host(host, f"{what} {spec!r}")
-    port = (_check_port(port_text, spec, what) if port_text is not None
+    check_host(host, f"{what} {spec!r}")
+    port = (check_port(port_text, spec, what) if port_text is not None
             else 443 if scheme == "https" else 80)
     kw: dict = {"host": host, "port": port,
                 "tls": scheme == "https" or (scheme == "" and port == 443)}
@@ -166,7 +122,7 @@ def parse_upstream(spec: str, what: str = "upstream") -> Upstream:
                                     "'-' or '_'")
             kw["name"] = value
         elif key == "sni":
-            _check_host(value, f"{what} {spec!r} sni")
+            check_host(value, f"{what} {spec!r} sni")
             kw["sni"] = value
         elif key == "ca":
             kw["ca_file"] = value

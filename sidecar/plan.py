@@ -5,13 +5,17 @@ The result file gives, for each transport and workload profile, the sidecar's CP
 decision and Valkey's CPU per decision, measured in that run on that machine; the plan
 scales them to the asked rate with a headroom factor. The answer is only as good as the
 resemblance between that machine and yours: run `python bench/run.py` on your hardware.
+Without `--results`, the package's reference result (the repository's
+bench/results/latest.json, copied in at build time) answers, and the plan says so.
 """
 from __future__ import annotations
 
 import json
 import math
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
+from typing import Optional
 
 TRANSPORTS = {"http": "http_sidecar", "grpc": "grpc_sidecar"}
 
@@ -46,26 +50,42 @@ class Plan:
             "is not included")
 
 
-def plan(results_path: str | Path, rps: float, transport: str = "http",
+REFERENCE = "bench_reference.json"  # package data (setup.py)
+MAKE_ONE = ("run `python bench/run.py` in a clone of the repository (on hardware like "
+            "yours) and pass --results bench/results/latest.json")
+
+
+def _read(results_path: Optional[str | Path]) -> tuple[dict, str]:
+    if results_path is None:
+        ref = resources.files("sidecar").joinpath(REFERENCE)
+        if not ref.is_file():
+            raise PlanError(f"this installation carries no reference bench result: {MAKE_ONE}")
+        doc = json.loads(ref.read_text())
+        return doc, f"the reference result shipped with kt-sidecar ({doc.get('source', '')})"
+    try:
+        return json.loads(Path(results_path).read_text()), str(results_path)
+    except (OSError, ValueError) as exc:
+        raise PlanError(f"{results_path}: not a readable bench result ({exc}); "
+                        f"to make one, {MAKE_ONE}") from None
+
+
+def plan(results_path: Optional[str | Path], rps: float, transport: str = "http",
          profile: str = "chat_short", headroom: float = 1.5) -> Plan:
     if rps <= 0 or headroom < 1:
         raise PlanError("--rps must be > 0 and --headroom >= 1")
     config = TRANSPORTS.get(transport)
     if config is None:
         raise PlanError(f"--transport must be one of {', '.join(TRANSPORTS)}")
-    try:
-        doc = json.loads(Path(results_path).read_text())
-    except (OSError, ValueError) as exc:
-        raise PlanError(f"{results_path}: not a readable bench result ({exc})") from None
+    doc, source = _read(results_path)
     try:
         measured = doc["configs"][config][profile]
         sidecar_us = measured["cpu_ms_per_1000_decisions"]["median"]
     except (KeyError, TypeError):
-        raise PlanError(f"{results_path}: no {config}/{profile} measurement "
+        raise PlanError(f"{source}: no {config}/{profile} measurement "
                         "(run `python bench/run.py` without --smoke)") from None
     valkey = measured.get("valkey_cpu_ms_per_1000_decisions")
     if valkey is None:
-        raise PlanError(f"{results_path}: no Valkey CPU measurement (a result from an older "
+        raise PlanError(f"{source}: no Valkey CPU measurement (a result from an older "
                         "harness; run `python bench/run.py` again)")
     valkey_us = valkey["median"]
     m = doc.get("machine", {})
@@ -74,5 +94,5 @@ def plan(results_path: str | Path, rps: float, transport: str = "http",
         sidecar_cpu_us=sidecar_us, valkey_cpu_us=valkey_us,
         sidecar_cores=max(1, math.ceil(rps * sidecar_us / 1e6 * headroom)),
         redis_cores=max(1, math.ceil(rps * valkey_us / 1e6 * headroom)),
-        source=str(results_path),
+        source=source,
         machine=f"{m.get('cpus', '?')} CPUs {m.get('cpu_model', '')}, {m.get('date', '')}".strip())

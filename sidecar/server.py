@@ -36,6 +36,37 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 log = logging.getLogger("kt.server")
 
 
+class StartupError(Exception):
+    """The sidecar cannot start as configured (a port in use, an address not on this host);
+    the message names the flag and the address. Whatever had started is stopped again."""
+
+
+def listen_error(flag: str, addr: str, exc: BaseException) -> StartupError:
+    """A bind failure as one line, naming the flag, the address and the reason."""
+    reason = str(exc)
+    if isinstance(exc, OSError) and exc.errno:
+        reason = os.strerror(exc.errno)
+    elif not isinstance(exc, OSError):  # gRPC only says "Failed to bind": ask the kernel
+        try:
+            probe_bind(addr)
+        except OSError as probe_exc:
+            reason = os.strerror(probe_exc.errno) if probe_exc.errno else str(probe_exc)
+    return StartupError(f"cannot listen on {addr} ({flag}): {reason}")
+
+
+def probe_bind(addr: str) -> None:
+    """Bind HOST:PORT once and let go (raises the kernel's OSError): checked before gRPC
+    binds, whose own failure is a multi-line C-core log and a bare RuntimeError."""
+    import socket
+
+    host, _, port = addr.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
+        probe.bind((host, int(port)))
+
+
 def sample_policy() -> CompiledPolicy:
     raw = resources.files("sidecar").joinpath("samples/policy.yaml").read_bytes()
     return parse_policy(raw, "<sample policy>")
@@ -84,7 +115,7 @@ class Sidecar:
         self.service = DecisionService(self.policy, self.backend, self.metrics)
         self.metrics.watch_backend(self.backend)
         self.grpc_server: Optional[grpc.aio.Server] = None
-        self.http_server: Optional[_ThreadingWSGIServer] = None
+        self.http_server: Optional[WSGIServer] = None
         self.grpc_port = 0
         self.http_port = 0
         self.http_authz_port = 0
@@ -97,6 +128,15 @@ class Sidecar:
     # --- lifecycle ---------------------------------------------------------
     async def start(self) -> None:
         await self.backend.start()
+        try:
+            await self._start_listeners()
+        except BaseException:
+            # stop what had started (the gRPC server's threads outliving the event loop
+            # made a second traceback) before the error reaches `kt serve`
+            await self.stop()
+            raise
+
+    async def _start_listeners(self) -> None:
         # without --workers a second process on the same port is an error, not a silent share
         server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if self.cfg.reuse_port else 0)])
         server.add_generic_rpc_handlers((authorization_handler(self.service),))
@@ -106,7 +146,12 @@ class Sidecar:
         server.add_generic_rpc_handlers((usage_service_handler(self.service),))
         self._health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        self.grpc_port = server.add_insecure_port(self.cfg.grpc_addr)
+        try:
+            if not self.cfg.reuse_port:  # a worker joins a port its siblings hold
+                probe_bind(self.cfg.grpc_addr)
+            self.grpc_port = server.add_insecure_port(self.cfg.grpc_addr)
+        except (OSError, RuntimeError) as exc:
+            raise listen_error("--grpc", self.cfg.grpc_addr, exc) from None
         await server.start()
         self.grpc_server = server
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -114,8 +159,11 @@ class Sidecar:
         self._start_http()
         if self.cfg.http_authz_addr:
             host, _, port = self.cfg.http_authz_addr.rpartition(":")
-            self.http_authz_server, self.http_authz_port = await start_http_authz(
-                self.service, host.strip("[]"), int(port), reuse_port=self.cfg.reuse_port)
+            try:
+                self.http_authz_server, self.http_authz_port = await start_http_authz(
+                    self.service, host.strip("[]"), int(port), reuse_port=self.cfg.reuse_port)
+            except OSError as exc:
+                raise listen_error("--http-authz", self.cfg.http_authz_addr, exc) from None
         self.metrics.policy_info.labels(self.policy.source, self.policy.digest).set(1)
         if self.cfg.policy_path:
             self._reloader = asyncio.get_running_loop().create_task(self._reload_loop())
@@ -166,12 +214,9 @@ class Sidecar:
                 return _text(start_response, "503 Service Unavailable", f"not ready: {st.detail}\n")
             return _text(start_response, "404 Not Found", "not found\n")
 
-        self.http_server = make_server(host.strip("[]") or "127.0.0.1", int(port), app,
-                                       server_class=_ThreadingWSGIServer,
-                                       handler_class=_QuietHandler)
-        self.http_port = self.http_server.server_address[1]
-        threading.Thread(target=self.http_server.serve_forever, name="kt-http",
-                         daemon=True).start()
+        server = serve_wsgi("--http", self.cfg.http_addr, app)
+        self.http_server = server
+        self.http_port = server.server_address[1]
 
     def _usage_report(self, environ, start_response):
         if environ.get("REQUEST_METHOD") != "POST":
@@ -198,20 +243,7 @@ class Sidecar:
 
     def spend_summary(self) -> dict:
         """Actual tokens and USD per tenant and model since start (from the metrics)."""
-        out: dict = {}
-        for metric in self.metrics.registry.collect():
-            if metric.name not in ("kt_tokens", "kt_cost_dollars"):
-                continue
-            for sample in metric.samples:
-                if not sample.name.endswith("_total"):
-                    continue
-                rec = out.setdefault(sample.labels["tenant"], {}).setdefault(
-                    sample.labels["model"], {"input_tokens": 0, "output_tokens": 0, "usd": 0.0})
-                if metric.name == "kt_cost_dollars":
-                    rec["usd"] = sample.value
-                else:
-                    rec[sample.labels["type"] + "_tokens"] = int(sample.value)
-        return {"tenants": out}
+        return spend_from_metrics(self.metrics.registry.collect())
 
     def _refresh_gauges(self) -> None:
         self.metrics.backend_ready.labels(self.backend.name).set(
@@ -261,6 +293,37 @@ class Sidecar:
         self.metrics.policy_reloads.labels("ok").inc()
         log.info("policy reloaded: %s", new.digest)
         return True
+
+
+def spend_from_metrics(families) -> dict:
+    """Actual tokens and USD per tenant and model, from metric families (a registry's, or
+    the merged families of `kt serve --workers`)."""
+    out: dict = {}
+    for metric in families:
+        if metric.name not in ("kt_tokens", "kt_cost_dollars"):
+            continue
+        for sample in metric.samples:
+            if not sample.name.endswith("_total"):
+                continue
+            rec = out.setdefault(sample.labels["tenant"], {}).setdefault(
+                sample.labels["model"], {"input_tokens": 0, "output_tokens": 0, "usd": 0.0})
+            if metric.name == "kt_cost_dollars":
+                rec["usd"] = sample.value
+            else:
+                rec[sample.labels["type"] + "_tokens"] = int(sample.value)
+    return {"tenants": out}
+
+
+def serve_wsgi(flag: str, addr: str, app) -> WSGIServer:
+    """The side port: the standard library's threaded WSGI server, in a daemon thread."""
+    host, _, port = addr.rpartition(":")
+    try:
+        server = make_server(host.strip("[]") or "127.0.0.1", int(port), app,
+                             server_class=_ThreadingWSGIServer, handler_class=_QuietHandler)
+    except OSError as exc:
+        raise listen_error(flag, addr, exc) from None
+    threading.Thread(target=server.serve_forever, name="kt-http", daemon=True).start()
+    return server
 
 
 def _json(start_response, status: str, doc) -> list:

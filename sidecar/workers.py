@@ -1,18 +1,32 @@
-"""`kt serve --workers N`: N sidecar processes sharing the gRPC and HTTP-authz ports.
+"""`kt serve --workers N`: N sidecar processes that look like one sidecar from outside.
 
 One Python process decides on one core; workers let a sidecar use more. The kernel
-spreads Envoy's connections over the processes (SO_REUSEPORT). Each worker is a whole
-`kt serve` with its own side port (metrics, probes), so every worker is scraped on its
-own port: worker i serves `--http` port + i (or an ephemeral port with port 0; the ready
-file lists them). Workers share state only through Redis, so the embedded backend,
-whose state lives in one process, refuses N > 1.
+spreads Envoy's connections over the processes (SO_REUSEPORT on the gRPC and HTTP-authz
+ports). Workers share state only through Redis, so the embedded backend, whose state
+lives in one process, refuses N > 1.
 
-This supervisor serves nothing itself: it starts the workers, restarts one that dies
-(at most 5 times a minute, then it gives up and stops them all, so the pod restarts),
-and forwards SIGTERM / SIGINT for a graceful stop.
+The supervisor serves the side port (`--http`) itself, so Prometheus, the kubelet and an
+operator see one sidecar:
+- `/metrics` is the sum of the workers' metrics, read from each worker's own side port
+  (loopback, ephemeral) at scrape time: counters and histograms add up; a gauge adds up
+  too (a queue depth, in-flight requests) unless `GAUGE_MERGE` says otherwise (a backend
+  that one worker finds not ready makes the pod's `kt_backend_ready` 0).
+  prometheus-client's multiprocess mode was the alternative; it needs every gauge to
+  declare its mode and cannot carry custom collectors (the backend's round-trip counters),
+  so the supervisor merges the workers' own expositions instead.
+- `/readyz` answers 200 only when every worker is running and answers its own `/readyz`
+  with 200 (within a second); otherwise 503 naming the first worker that is not.
+- `/healthz` answers 200 while the supervisor runs (it restarts a worker that dies).
+- `/v1/spend` is computed from the merged metrics; `POST /v1/usage` goes to one worker
+  (round robin; with the Redis backend's `shared_reservations` any worker settles any
+  reservation, docs/usage.md).
+
+It also starts the workers, restarts one that dies (at most 5 times a minute, then it
+gives up and stops them all, so the pod restarts) and forwards SIGTERM / SIGINT.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -21,24 +35,216 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterable, Optional
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.policy import schema
 from sidecar.policy.load import load_policy
-from sidecar.server import sample_policy
+from sidecar.server import (listen_error, probe_bind, sample_policy, serve_wsgi,
+                            spend_from_metrics)
 
 log = logging.getLogger("kt.workers")
 MAX_RESTARTS_PER_MINUTE = 5
+WORKER_TIMEOUT_S = 1.0  # a worker that cannot answer a probe or a scrape in this is not ready
+# gauges whose pod-wide value is not the sum of the workers' values
+GAUGE_MERGE: dict[str, Callable[[Iterable[float]], float]] = {
+    "kt_backend_ready": min,  # ready only if every worker reaches the backend
+    "kt_policy_info": max,  # 1 per policy served
+    # the remaining tokens or budget after the latest decision: every worker reads the
+    # same Redis state, the lowest value is the most recent (it only falls between refills)
+    "kt_tokens_remaining": min,
+    "kt_budget_remaining": min,
+}
+# the exit codes with which `kt serve` has already printed its own one-line reason
+_EXPLAINED = {2, 3, 4}
+_LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a proxy
 
 
 class WorkerError(Exception):
     """The workers cannot run as asked; the message says why."""
 
 
+class WorkerExited(WorkerError):
+    """A worker stopped before serving; it printed its own reason when `explained`."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+        self.explained = code in _EXPLAINED
+
+
 def _port(addr: str) -> tuple[str, int]:
     host, _, port = addr.rpartition(":")
     return host, int(port)
+
+
+@dataclass
+class Worker:
+    index: int
+    command: list[str]
+    ready_file: Path
+    proc: Optional[subprocess.Popen] = None
+    http_port: int = 0  # its own side port, on loopback; 0 until it serves
+
+    def start(self) -> None:
+        self.http_port = 0
+        self.ready_file.unlink(missing_ok=True)
+        self.proc = subprocess.Popen(self.command)
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def poll_ready(self) -> bool:
+        """Whether it serves (and then its side port is known)."""
+        if not self.http_port and self.ready_file.exists():
+            self.http_port = json.loads(self.ready_file.read_text())["http_port"]
+        return bool(self.http_port)
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        return _request(f"http://127.0.0.1:{self.http_port}{path}")
+
+
+def _request(url: str, data: Optional[bytes] = None,
+             headers: Optional[dict] = None) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=data, headers=headers or {},
+                                 method="POST" if data is not None else "GET")
+    try:
+        with _LOOPBACK.open(req, timeout=WORKER_TIMEOUT_S) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def merge_metrics(texts: list[str]) -> list[Metric]:
+    """The workers' expositions as one: samples with the same name and labels combined
+    (summed, or by GAUGE_MERGE), in the order the first worker lists them."""
+    families: dict[str, Metric] = {}
+    values: dict[tuple, list[float]] = {}
+    for text in texts:
+        for fam in text_string_to_metric_families(text):
+            if fam.name not in families:
+                families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+            for s in fam.samples:
+                key = (fam.name, s.name, tuple(sorted(s.labels.items())))
+                values.setdefault(key, []).append(s.value)
+    for (fam_name, sample_name, labels), vals in values.items():
+        fam = families[fam_name]
+        if sample_name.endswith("_created"):
+            value = min(vals)  # the earliest start, not a sum of timestamps
+        elif fam.type == "gauge" and fam_name in GAUGE_MERGE:
+            value = GAUGE_MERGE[fam_name](vals)
+        else:
+            value = sum(vals)
+        fam.add_sample(sample_name, dict(labels), value)
+    return list(families.values())
+
+
+class _Merged:
+    """A collector that yields the merged families of one scrape."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self):
+        return iter(self.families)
+
+
+class Supervisor:
+    def __init__(self, workers: list[Worker]) -> None:
+        self.workers = workers
+        self._next = itertools.cycle(range(len(workers)))
+
+    # --- the pod's one side port ----------------------------------------------
+    def app(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path == "/healthz":
+            return _reply(start_response, 200, "text/plain", b"ok\n")
+        if path == "/readyz":
+            problem = self.not_ready()
+            if problem:
+                return _reply(start_response, 503, "text/plain", f"not ready: {problem}\n".encode())
+            return _reply(start_response, 200, "text/plain",
+                          f"ready: {len(self.workers)} workers\n".encode())
+        if path == "/metrics":
+            try:
+                families = self.scrape()
+            except WorkerError as exc:  # a partial sum would look like a drop in counters
+                return _reply(start_response, 503, "text/plain", f"{exc}\n".encode())
+            registry = CollectorRegistry()
+            registry.register(_Merged(families))
+            return _reply(start_response, 200, "text/plain; version=0.0.4; charset=utf-8",
+                          generate_latest(registry))
+        if path == "/v1/spend":
+            try:
+                doc = spend_from_metrics(self.scrape())
+            except WorkerError as exc:
+                return _reply(start_response, 503, "text/plain", f"{exc}\n".encode())
+            return _reply(start_response, 200, "application/json",
+                          json.dumps(doc, sort_keys=True).encode())
+        if path == "/v1/usage" and environ.get("REQUEST_METHOD") == "POST":
+            return self._forward_usage(environ, start_response)
+        return _reply(start_response, 404, "text/plain", b"not found\n")
+
+    def not_ready(self) -> str:
+        for w in self.workers:
+            if not w.running():
+                return f"worker {w.index} is not running"
+            if not w.poll_ready():
+                return f"worker {w.index} is starting"
+            try:
+                status, body = w.get("/readyz")
+            except OSError as exc:
+                return f"worker {w.index} does not answer ({exc})"
+            if status != 200:
+                return f"worker {w.index}: {body.decode(errors='replace').strip()}"
+        return ""
+
+    def scrape(self) -> list[Metric]:
+        texts = []
+        for w in self.workers:
+            if not (w.running() and w.poll_ready()):
+                raise WorkerError(f"worker {w.index} is not serving; metrics are incomplete")
+            try:
+                status, body = w.get("/metrics")
+            except OSError as exc:
+                raise WorkerError(f"worker {w.index} does not answer ({exc})") from None
+            if status != 200:
+                raise WorkerError(f"worker {w.index} answered {status} to /metrics")
+            texts.append(body.decode())
+        return merge_metrics(texts)
+
+    def _forward_usage(self, environ, start_response):
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= 65536:
+            return _reply(start_response, 400, "text/plain", b"content-length 0..65536 required\n")
+        body = environ["wsgi.input"].read(length)
+        w = self.workers[next(self._next)]
+        try:
+            status, answer = _request(f"http://127.0.0.1:{w.http_port}/v1/usage", body,
+                                      {"content-type": "application/json"})
+        except OSError:
+            status, answer = 503, json.dumps({"error": {
+                "type": "service_unavailable", "code": "limiter_unavailable",
+                "message": "usage not recorded, retry: no worker answered"}}).encode()
+        return _reply(start_response, status, "application/json", answer)
+
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 503: "Service Unavailable"}
+
+
+def _reply(start_response, status: int, ctype: str, body: bytes) -> list[bytes]:
+    start_response(f"{status} {_REASONS.get(status, 'Status')}", [("Content-Type", ctype)])
+    return [body]
 
 
 def supervise(args, n: int) -> int:
@@ -47,11 +253,11 @@ def supervise(args, n: int) -> int:
         raise WorkerError("--workers > 1 needs the redis backend: with the embedded backend "
                           "each worker would keep its own limits and budgets (limit x workers)")
     tmp = Path(tempfile.mkdtemp(prefix="kt-workers-"))
-    http_host, http_port = _port(args.http)
 
     def command(i: int, grpc_addr: str, authz_addr: Optional[str]) -> list[str]:
+        # each worker's own side port is on loopback: only the supervisor reads it
         cmd = [sys.executable, "-m", "sidecar.cli", "serve", "--worker-of-supervisor",
-               "--grpc", grpc_addr, "--http", f"{http_host}:{http_port + i if http_port else 0}",
+               "--grpc", grpc_addr, "--http", "127.0.0.1:0",
                "--ready-file", str(tmp / f"worker-{i}.json"), "--log-level", args.log_level]
         if args.config:
             cmd += ["--config", args.config]
@@ -59,53 +265,73 @@ def supervise(args, n: int) -> int:
             cmd += ["--http-authz", authz_addr]
         return cmd
 
-    def wait_ready(i: int, proc: subprocess.Popen) -> dict:
-        ready = tmp / f"worker-{i}.json"
+    def wait_ready(w: Worker) -> dict:
         deadline = time.monotonic() + 60
-        while not ready.exists():
-            if proc.poll() is not None:
-                raise WorkerError(f"worker {i} exited with {proc.returncode} before serving")
+        while not w.poll_ready():
+            assert w.proc is not None
+            if w.proc.poll() is not None:
+                raise WorkerExited(f"worker {w.index} exited with {w.proc.returncode} before "
+                                   "serving", w.proc.returncode)
             if time.monotonic() > deadline:
-                raise WorkerError(f"worker {i} not serving after 60 s")
+                raise WorkerError(f"worker {w.index} not serving after 60 s")
             time.sleep(0.05)
-        return json.loads(ready.read_text())
+        return json.loads(w.ready_file.read_text())
 
-    procs: list[Optional[subprocess.Popen]] = [None] * n
+    workers: list[Worker] = []
     stopping = False
+    http_server = None
 
     def stop_all(*_sig) -> None:
         nonlocal stopping
         stopping = True
-        for p in procs:
-            if p is not None and p.poll() is None:
-                p.send_signal(signal.SIGTERM)
+        for w in workers:
+            if w.running():
+                assert w.proc is not None
+                w.proc.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, stop_all)
     signal.signal(signal.SIGINT, stop_all)
     try:
-        # worker 0 binds the ports (possibly ephemeral); the others join the same ones
-        proc = procs[0] = subprocess.Popen(command(0, args.grpc, args.http_authz))
-        first = wait_ready(0, proc)
+        supervisor = Supervisor(workers)
+        # the pod's side port first: a port in use stops everything before any worker runs
+        http_server = serve_wsgi("--http", args.http, supervisor.app)
+        # the workers bind the decision ports with SO_REUSEPORT, which does not refuse a
+        # port another sidecar of ours holds: check they are free first
+        for flag, addr in (("--grpc", args.grpc), ("--http-authz", args.http_authz)):
+            if addr and _port(addr)[1]:
+                try:
+                    probe_bind(addr)
+                except OSError as exc:
+                    raise listen_error(flag, addr, exc) from None
+        # worker 0 binds the decision ports (possibly ephemeral); the others join them
+        first_worker = Worker(0, command(0, args.grpc, args.http_authz), tmp / "worker-0.json")
+        workers.append(first_worker)
+        first_worker.start()
+        first = wait_ready(first_worker)
         grpc_addr = f"{_port(args.grpc)[0]}:{first['grpc_port']}"
         authz_addr = (f"{_port(args.http_authz)[0]}:{first['http_authz_port']}"
                       if args.http_authz else None)
         # with the ports now fixed, so that a restarted worker (0 included) joins them
-        commands = [command(i, grpc_addr, authz_addr) for i in range(n)]
-        ports = [first["http_port"]]
+        first_worker.command = command(0, grpc_addr, authz_addr)
         for i in range(1, n):
-            proc = procs[i] = subprocess.Popen(commands[i])
-            ports.append(wait_ready(i, proc)["http_port"])
+            w = Worker(i, command(i, grpc_addr, authz_addr), tmp / f"worker-{i}.json")
+            workers.append(w)
+            w.start()
+            wait_ready(w)
+        http_port = http_server.server_address[1]
         if args.ready_file:
-            doc = dict(first, worker_http_ports=ports, workers=n)
+            doc = dict(first, http_port=http_port, workers=n,
+                       worker_http_ports=[w.http_port for w in workers],
+                       worker_pids=[w.proc.pid for w in workers if w.proc is not None])
             Path(args.ready_file + ".tmp").write_text(json.dumps(doc))
             os.replace(args.ready_file + ".tmp", args.ready_file)
-        log.info("%d workers serving gRPC on %s%s; side ports %s", n, grpc_addr,
-                 f", HTTP authz on {authz_addr}" if authz_addr else "", ports)
+        log.info("%d workers serving gRPC on %s%s; side port %s (the workers' sum)", n,
+                 grpc_addr, f", HTTP authz on {authz_addr}" if authz_addr else "", http_port)
         restarts: list[float] = []
         while not stopping:
             time.sleep(0.5)
-            for i, p in enumerate(procs):
-                if stopping or p is None or p.poll() is None:
+            for w in workers:
+                if stopping or w.running():
                     continue
                 now = time.monotonic()
                 restarts = [t for t in restarts if now - t < 60] + [now]
@@ -114,17 +340,21 @@ def supervise(args, n: int) -> int:
                               len(restarts) - 1)
                     stop_all()
                     return 1
-                log.error("worker %d exited with %s: restarting it", i, p.returncode)
-                procs[i] = subprocess.Popen(commands[i])
+                assert w.proc is not None
+                log.error("worker %d exited with %s: restarting it", w.index, w.proc.returncode)
+                w.start()
         return 0
     finally:
         stop_all()
-        for p in procs:
-            if p is not None:
+        for w in workers:
+            if w.proc is not None:
                 try:
-                    p.wait(10)
+                    w.proc.wait(10)
                 except subprocess.TimeoutExpired:
-                    p.kill()
+                    w.proc.kill()
+        if http_server is not None:
+            http_server.shutdown()
+            http_server.server_close()
         for f in tmp.iterdir():
             f.unlink()
         tmp.rmdir()

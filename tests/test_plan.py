@@ -44,3 +44,21 @@ def test_the_committed_bench_result_plans(capsys):
     assert kt(["plan", "--rps", "20000", "--results", str(latest)]) == 0
     out = capsys.readouterr().out
     assert "us CPU per decision (measured)" in out and "core(s)" in out
+
+
+def test_kt_plan_works_outside_the_repository(tmp_path):
+    # before: "bench/results/latest.json: not a readable bench result" anywhere but the root
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "sidecar.cli", "plan", "--rps", "5000"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "from the reference result shipped with kt-sidecar" in res.stdout
+    latest = json.loads((ROOT / "bench" / "results" / "latest.json").read_text())
+    measured = latest["configs"]["http_sidecar"]["chat_short"]["cpu_ms_per_1000_decisions"]
+    assert f"{measured['median']:.0f} us CPU per decision" in res.stdout
+    missing = subprocess.run([sys.executable, "-m", "sidecar.cli", "plan", "--rps", "5",
+                              "--results", "nope.json"], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=60)
+    assert missing.returncode == 2 and "run `python bench/run.py`" in missing.stderr

@@ -1,13 +1,18 @@
-"""`kt serve --workers N`: processes share the gRPC and HTTP-authz ports over one Valkey."""
+"""`kt serve --workers N`: processes share the gRPC and HTTP-authz ports over one Valkey,
+and look like one sidecar from outside: one /metrics, one /v1/spend, one readiness."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 
-from tests.support.procs import SidecarProcess, workdir
+from sidecar.workers import merge_metrics
+from tests.support.procs import SidecarProcess, wait_until, workdir
 from tests.support.valkey import Valkey
 
 POLICY = """
@@ -26,25 +31,72 @@ def authz(port: int, tenant: str) -> int:
         return int(s.recv(4096).split(b" ", 2)[1])
 
 
-def decisions(port: int) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def decisions(text: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("kt_requests_total{"))
 
 
-def test_two_workers_share_the_ports_and_each_has_its_side_port():
+def test_two_workers_are_one_sidecar_on_the_side_port():
     with workdir() as d, Valkey(d) as v:
         policy = d / "policy.yaml"
         policy.write_text(POLICY % v.url)
         sc = SidecarProcess(policy, d, ("--workers", "2", "--http-authz", "127.0.0.1:0"))
         with sc:
             doc = json.loads(sc.ready.read_text())
-            ports = doc["worker_http_ports"]
-            assert doc["workers"] == 2 and len(set(ports)) == 2
+            assert doc["workers"] == 2 and sc.http_port not in doc["worker_http_ports"]
             # one connection per request: the kernel spreads them over both workers
-            assert all(authz(sc.http_authz_port, "w") == 200 for _ in range(200))
-            counts = [decisions(p) for p in ports]
-            assert sum(counts) == 200 and min(counts) > 0, counts
+            assert all(authz(sc.http_authz_port, "w") == 200 for _ in range(40))
+            per_worker = [decisions(get(p, "/metrics")[1]) for p in doc["worker_http_ports"]]
+            assert sum(per_worker) == 40 and min(per_worker) > 0, per_worker  # both decided
+            status, text = get(sc.http_port, "/metrics")
+            assert status == 200 and decisions(text) == 40  # before: 24 here, 16 elsewhere
+            assert text.count("# TYPE kt_requests_total counter") == 1
+            # histograms add up bucket by bucket
+            count = [line for line in text.splitlines()
+                     if line.startswith('kt_decision_latency_seconds_count{transport="http"}')]
+            assert count and float(count[0].rsplit(" ", 1)[1]) == 40
+            assert get(sc.http_port, "/readyz") == (200, "ready: 2 workers\n")
+            # one readiness: a worker that cannot answer makes the pod not ready
+            stopped = doc["worker_pids"][1]
+            os.kill(stopped, signal.SIGSTOP)
+            try:
+                status, text = get(sc.http_port, "/readyz")
+                assert status == 503 and "worker 1 does not answer" in text, text
+                assert get(sc.http_port, "/healthz")[0] == 200  # alive: no restart for this
+            finally:
+                os.kill(stopped, signal.SIGCONT)
+            wait_until(lambda: get(sc.http_port, "/readyz")[0] == 200, 10, "ready again")
+
+
+def test_a_worker_that_dies_is_restarted_and_readiness_follows():
+    with workdir() as d, Valkey(d) as v:
+        policy = d / "policy.yaml"
+        policy.write_text(POLICY % v.url)
+        with SidecarProcess(policy, d, ("--workers", "2")) as sc:
+            doc = json.loads(sc.ready.read_text())
+            os.kill(doc["worker_pids"][0], signal.SIGKILL)
+            wait_until(lambda: get(sc.http_port, "/readyz")[0] == 503, 10, "not ready")
+            wait_until(lambda: get(sc.http_port, "/readyz")[0] == 200, 60, "restarted")
+
+
+def test_gauges_merge_by_meaning_counters_by_sum():
+    a = ('# TYPE kt_backend_ready gauge\nkt_backend_ready{backend="redis"} 1.0\n'
+         '# TYPE kt_requests counter\nkt_requests_total{decision="allow",transport="grpc"} 3.0\n'
+         '# TYPE kt_queue gauge\nkt_queue 2.0\n')
+    b = a.replace("} 1.0", "} 0.0").replace("} 3.0", "} 4.0").replace("kt_queue 2.0", "kt_queue 5.0")
+    merged = {(s.name, tuple(s.labels.values())): s.value
+              for fam in merge_metrics([a, b]) for s in fam.samples}
+    assert merged[("kt_backend_ready", ("redis",))] == 0.0  # one worker not ready: not ready
+    assert merged[("kt_requests_total", ("allow", "grpc"))] == 7.0
+    assert merged[("kt_queue", ())] == 7.0  # an unlisted gauge (a queue depth) adds up
 
 
 def test_workers_refuse_the_embedded_backend():
