@@ -22,6 +22,7 @@ from prometheus_client import make_wsgi_app
 
 from sidecar.backends.base import Backend
 from sidecar.backends.memory import MemoryBackend
+from sidecar.ledger.recorder import Ledger, LedgerCollector, build_ledger
 from sidecar.metrics import Metrics
 from sidecar.policy import schema
 from sidecar.policy.load import CompiledPolicy, PolicyError, load_policy, parse_policy
@@ -107,13 +108,17 @@ class _QuietHandler(WSGIRequestHandler):
 
 class Sidecar:
     def __init__(self, cfg: ServerConfig, policy: Optional[CompiledPolicy] = None,
-                 backend: Optional[Backend] = None) -> None:
+                 backend: Optional[Backend] = None, ledger: Optional[Ledger] = None) -> None:
         self.cfg = cfg
         self.policy = policy or (load_policy(cfg.policy_path) if cfg.policy_path else sample_policy())
         self.metrics = Metrics()
         self.backend = backend or make_backend(self.policy, cfg)
-        self.service = DecisionService(self.policy, self.backend, self.metrics)
+        # the policy's ledger: section (a change of it needs a restart, like the backend)
+        self.ledger = ledger if ledger is not None else build_ledger(self.policy.ledger)
+        self.service = DecisionService(self.policy, self.backend, self.metrics, self.ledger)
         self.metrics.watch_backend(self.backend)
+        self.metrics.registry.register(LedgerCollector(self.ledger))
+        self._ledger_ticker: Optional[asyncio.Task] = None
         self.grpc_server: Optional[grpc.aio.Server] = None
         self.http_server: Optional[WSGIServer] = None
         self.grpc_port = 0
@@ -128,6 +133,8 @@ class Sidecar:
     # --- lifecycle ---------------------------------------------------------
     async def start(self) -> None:
         await self.backend.start()
+        self.ledger.start()
+        self._ledger_ticker = asyncio.get_running_loop().create_task(self._tick_ledger())
         try:
             await self._start_listeners()
         except BaseException:
@@ -180,6 +187,8 @@ class Sidecar:
     async def stop(self) -> None:
         if self._reloader is not None:
             self._reloader.cancel()
+        if self._ledger_ticker is not None:
+            self._ledger_ticker.cancel()
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         if self.http_authz_server is not None:
@@ -190,6 +199,15 @@ class Sidecar:
             self.http_server.shutdown()
             self.http_server.server_close()
         await self.backend.close()
+        # after the drain: the last settlements' events are in the buffer; written (or
+        # spilled) by the writer thread, off the event loop
+        await asyncio.to_thread(self.ledger.close)
+
+    async def _tick_ledger(self) -> None:
+        """Close each minute's refusal counts even when no refusal follows."""
+        while True:
+            await asyncio.sleep(5)
+            self.ledger.tick()
 
     # --- HTTP side port ----------------------------------------------------
     def _start_http(self) -> None:
@@ -209,9 +227,13 @@ class Sidecar:
                 return _text(start_response, "200 OK", "ok\n")
             if path == "/readyz":
                 st = self.backend.status()
+                # a failing ledger sink is a detail, not unreadiness: its events spill to
+                # local disk and nothing is lost, so decisions must go on
+                ledger = self.ledger.status()[1]
                 if st.ready:
-                    return _text(start_response, "200 OK", f"ready: {st.detail}\n")
-                return _text(start_response, "503 Service Unavailable", f"not ready: {st.detail}\n")
+                    return _text(start_response, "200 OK", f"ready: {st.detail}; {ledger}\n")
+                return _text(start_response, "503 Service Unavailable",
+                             f"not ready: {st.detail}; {ledger}\n")
             return _text(start_response, "404 Not Found", "not found\n")
 
         server = serve_wsgi("--http", self.cfg.http_addr, app)

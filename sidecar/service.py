@@ -11,17 +11,19 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import msgspec
 
 from sidecar import _core
 from sidecar.backends.base import Backend, BackendError, BackendTimeout, LateReply
 from sidecar.estimate import EstimateError, estimate
+from sidecar.ledger.recorder import Ledger
 from sidecar.metrics import Metrics
 from sidecar.model import CORE_KINDS, Decision, Kind, Request
 from sidecar.policy import schema
 from sidecar.policy.load import CompiledPolicy, TenantRule
+from sidecar.usage import ModelPrice, Usage, cost_nano, model_price
 
 log = logging.getLogger("kt.service")
 MAX_TENANT_LEN = 128
@@ -47,6 +49,8 @@ class Reservation:
     charged_cost: int
     period_start_us: int
     created_s: float
+    model_asked: str = ""  # for the ledger: what the request asked for, and the answer
+    decision: str = ""
 
 
 def _reservation_record(tier: int, model: str, tokens: int, cost: int, period_start: int) -> str:
@@ -81,14 +85,17 @@ class ReservationBook:
         self.clock = clock
         self._book: OrderedDict[str, tuple] = OrderedDict()
         self.expired = 0
+        # told of each reservation forgotten unsettled (the ledger records it as expired)
+        self.on_expired: Optional[Callable[[str, Reservation], None]] = None
 
     def __len__(self) -> int:
         return len(self._book)
 
     def put(self, request_id: str, tenant: str, tier: int, model: str, charged_tokens: int,
-            charged_cost: int, period_start_us: int, created_s: float) -> None:
+            charged_cost: int, period_start_us: int, created_s: float, model_asked: str = "",
+            decision: str = "") -> None:
         self._book[request_id] = (tenant, tier, model, charged_tokens, charged_cost,
-                                  period_start_us, created_s)
+                                  period_start_us, created_s, model_asked, decision)
         self._book.move_to_end(request_id)
         self.expire()
 
@@ -108,8 +115,10 @@ class ReservationBook:
             first = next(iter(book.values()))
             if first[6] >= limit and len(book) <= self.max_entries:
                 break
-            book.popitem(last=False)
+            request_id, entry = book.popitem(last=False)
             n += 1
+            if self.on_expired is not None:
+                self.on_expired(request_id, Reservation(*entry))
         self.expired += n
         return n
 
@@ -131,6 +140,15 @@ class SettleResult(msgspec.Struct, frozen=True):
     cost_usd: float
     budget_spent: int
     unpriced: bool = False
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
+
+
+def _ledger_decision(kind: Kind, downgraded: bool) -> str:
+    """How an admitted request was let through, as the ledger records it."""
+    if kind in (Kind.ALLOW, Kind.DOWNGRADE):
+        return "downgrade" if downgraded else "allow"
+    return "shadow"  # a refusal shadow mode let through
 
 
 def _valid_tenant(t: str) -> bool:
@@ -138,11 +156,15 @@ def _valid_tenant(t: str) -> bool:
 
 
 class DecisionService:
-    def __init__(self, policy: CompiledPolicy, backend: Backend, metrics: Optional[Metrics] = None):
+    def __init__(self, policy: CompiledPolicy, backend: Backend, metrics: Optional[Metrics] = None,
+                 ledger: Optional[Ledger] = None):
         self.policy = policy
         self.backend = backend
         self.metrics = metrics or Metrics()
         self.reservations = ReservationBook()
+        # what was spent, request by request (sidecar/ledger/); Ledger(None) records nothing
+        self.ledger = ledger or Ledger(None)
+        self.reservations.on_expired = self._ledger_expired
         self._children: dict = {}
         self._last_failure_log = 0.0
         self._background: set[asyncio.Task] = set()  # late refunds in flight (kept referenced)
@@ -169,6 +191,8 @@ class DecisionService:
         children[1].observe(elapsed)
         if decision.shadow:
             self.metrics.shadow_denials.labels(decision.kind.value).inc()
+        elif not decision.admitted:
+            self.ledger.refused(decision.tenant or "-", decision.kind.value)
         return decision
 
     async def _decide(self, req: Request) -> Decision:
@@ -218,10 +242,15 @@ class DecisionService:
                 self._late_outcome, Kind.UNAVAILABLE, tenant, rule, req.request_id)
             raise
         self._observe(tenant, rule, out)
+        if out.budget_limit >= 0:
+            self.ledger.budget_seen(tenant, tenant if rule.name else OTHER_TENANTS,
+                                    rule.budget_unit, out.budget_limit,
+                                    out.budget_limit - out.budget_remaining, out.period_start_us)
         if req.request_id and out.charged_tokens:
             self.reservations.put(req.request_id, tenant, out.tier, policy.tiers[out.tier].model,
                                   out.charged_tokens, out.charged_cost, out.period_start_us,
-                                  time.monotonic())
+                                  time.monotonic(), est.model or policy.tiers[asked].model,
+                                  _ledger_decision(CORE_KINDS[out.kind], out.tier > asked))
             if self.backend.shares_reservations:
                 self.backend.share_reservation(tenant, req.request_id, _reservation_record(
                     out.tier, policy.tiers[out.tier].model, out.charged_tokens,
@@ -340,15 +369,24 @@ class DecisionService:
     # --- usage: reconcile reservations with what the model really used -------
     async def settle_usage(self, request_id: str, tenant: Optional[str], model: Optional[str],
                            input_tokens: int, output_tokens: int,
-                           source: str = "report") -> SettleResult:
+                           source: str = "report", cached_tokens: int = 0,
+                           cache_write_tokens: int = 0,
+                           settled_by: Optional[str] = None) -> SettleResult:
         """Replace a request's reserved estimate by its actual usage, once per request id.
 
+        ``input_tokens`` counts every input token; ``cached_tokens`` and
+        ``cache_write_tokens`` of them are priced at the model's cache prices.
+        ``settled_by`` names how the usage was read, for the ledger (default: ``source``).
         Without a reservation (RLS, a fail-open, another replica, or a report-only
         gateway) the whole actual usage is charged in the current period."""
         if not request_id or len(request_id) > 256:
             raise UsageError("request_id must be 1..256 characters")
         if not (0 <= input_tokens <= 10**9 and 0 <= output_tokens <= 10**9):
             raise UsageError("input_tokens and output_tokens must be integers in 0..1e9")
+        if not (0 <= cached_tokens and 0 <= cache_write_tokens
+                and cached_tokens + cache_write_tokens <= input_tokens):
+            raise UsageError("cached_tokens and cache_write_tokens must be >= 0 and together "
+                             "at most input_tokens (they are part of it)")
         policy = self.policy
         res = self.reservations.pop(request_id)
         if res is not None:
@@ -365,11 +403,8 @@ class DecisionService:
         if rule is None:
             raise UsageError(f"unknown tenant {tenant!r}")
         model = model or (res.model if res is not None else policy.tiers[0].model)
-        price = policy.price_of(model)
-        unpriced = price is None
-        if price is None:
-            price = policy.dearest_price()
-        nano = input_tokens * price[0] + output_tokens * price[1]
+        nano, unpriced = self._price(model, Usage(input_tokens, output_tokens, cached_tokens,
+                                                  cache_write_tokens))
         cost = nano if rule.budget_unit == "usd" else input_tokens + output_tokens
         charged_tokens = res.charged_tokens if res is not None else 0
         charged_cost = res.charged_cost if res is not None else 0
@@ -406,11 +441,72 @@ class DecisionService:
                 m.unpriced_tokens.labels(model).inc(input_tokens + output_tokens)
                 log.warning("usage of unpriced model %r charged at the dearest listed price "
                             "(tenant %s, request %s)", model, tenant, request_id)
+        if st.applied:
+            self._ledger_settled(request_id, tenant, rule, res, model, source,
+                                 settled_by or source, input_tokens, output_tokens,
+                                 cached_tokens, cache_write_tokens, nano, cost, unpriced,
+                                 st.budget_spent)
         return SettleResult(
             applied=st.applied, request_id=request_id, tenant=tenant, model=model,
             input_tokens=input_tokens, output_tokens=output_tokens,
             reserved_tokens=charged_tokens, delta_tokens=delta_tokens, delta_cost=delta_cost,
-            cost_usd=nano / 1e9, budget_spent=st.budget_spent, unpriced=unpriced)
+            cost_usd=nano / 1e9, budget_spent=st.budget_spent, unpriced=unpriced,
+            cached_tokens=cached_tokens, cache_write_tokens=cache_write_tokens)
+
+    def _price(self, model: str, usage: Usage) -> tuple[int, bool]:
+        """(nano-USD, unpriced) of the usage: an unpriced model is never free (docs/usage.md)."""
+        price = self.policy.pricing.get(model)
+        if price is not None:
+            return cost_nano(usage, model_price(price)), False
+        inp, out = self.policy.dearest_price()
+        return cost_nano(usage, ModelPrice(inp, out, inp, inp)), True
+
+    # --- the ledger: one event per reservation closed (sidecar/ledger/) ------
+    @staticmethod
+    def _decided_us(res: Optional[Reservation]) -> int:
+        if res is None:
+            return 0
+        return time.time_ns() // 1000 - int((time.monotonic() - res.created_s) * 1e6)
+
+    def _ledger_settled(self, request_id: str, tenant: str, rule: TenantRule,
+                        res: Optional[Reservation], model: str, source: str, settled_by: str,
+                        input_tokens: int, output_tokens: int, cached_tokens: int,
+                        cache_write_tokens: int, nano: int, cost: int, unpriced: bool,
+                        budget_spent: int) -> None:
+        released = source == "release"
+        has_budget = rule.limits.budget >= 0
+        self.ledger.closed(
+            request_id=request_id, tenant=tenant, outcome="released" if released else "settled",
+            settled_by=settled_by, decided_us=self._decided_us(res),
+            model_asked=res.model_asked if res is not None else "",
+            model_served=model, tier=self.policy.tiers[res.tier].name
+            if res is not None and res.tier < len(self.policy.tiers) else "",
+            decision=res.decision if res is not None else "",
+            estimate_tokens=res.charged_tokens if res is not None else 0,
+            input_tokens=input_tokens, output_tokens=output_tokens, cached_tokens=cached_tokens,
+            cache_write_tokens=cache_write_tokens, cost_nano_usd=nano,
+            budget_unit=rule.budget_unit if has_budget else "",
+            budget_charge=cost if has_budget else 0, unpriced=unpriced)
+        if has_budget and budget_spent >= 0 and res is not None:
+            self.ledger.budget_seen(tenant, tenant if rule.name else OTHER_TENANTS,
+                                    rule.budget_unit, rule.limits.budget, budget_spent,
+                                    res.period_start_us)
+
+    def _ledger_kept(self, request_id: str, res: Reservation, outcome: str, why: str) -> None:
+        """A reservation closed without usage: its estimate stays charged."""
+        rule = self.policy.rule_for(res.tenant)
+        unit = rule.budget_unit if rule is not None and rule.limits.budget >= 0 else ""
+        self.ledger.closed(
+            request_id=request_id, tenant=res.tenant, outcome=outcome, settled_by=why,
+            decided_us=self._decided_us(res), model_asked=res.model_asked,
+            model_served=res.model, tier=self.policy.tiers[res.tier].name
+            if res.tier < len(self.policy.tiers) else "", decision=res.decision,
+            estimate_tokens=res.charged_tokens,
+            cost_nano_usd=res.charged_cost if unit == "usd" else 0, budget_unit=unit,
+            budget_charge=res.charged_cost if unit else 0)
+
+    def _ledger_expired(self, request_id: str, res: Reservation) -> None:
+        self._ledger_kept(request_id, res, "expired", "expiry")
 
     async def release(self, request_id: str, why: str) -> Optional[SettleResult]:
         """The upstream failed without usage: refund the whole reservation."""
@@ -422,5 +518,7 @@ class DecisionService:
 
     def abandon(self, request_id: str, why: str) -> None:
         """No usage will come (client gone, usage missing): the estimate stays charged."""
-        if self.reservations.pop(request_id) is not None:
+        res = self.reservations.pop(request_id)
+        if res is not None:
             self.metrics.reservations_closed.labels("kept_" + why).inc()
+            self._ledger_kept(request_id, res, "kept", why)

@@ -10,6 +10,7 @@ import uvloop
 
 from sidecar.backends.base import Backend
 from sidecar.backends.memory import MemoryBackend
+from sidecar.ledger.recorder import Ledger
 from sidecar.policy.load import CompiledPolicy, parse_policy
 from sidecar.server import ServerConfig, Sidecar
 
@@ -32,13 +33,15 @@ class RunningSidecar:
 
     def __init__(self, policy_yaml: str, backend: Optional[Backend] = None,
                  clock: Optional[FakeClock] = None, state_file: str = "",
-                 policy_path: Optional[str] = None) -> None:
+                 policy_path: Optional[str] = None, ledger: Optional[Ledger] = None) -> None:
         self.clock = clock or FakeClock()
         self.policy: CompiledPolicy = parse_policy(policy_yaml.encode(), "<test policy>")
         self.backend = backend or MemoryBackend(state_file=state_file, clock=self.clock)
         cfg = ServerConfig(grpc_addr="127.0.0.1:0", http_addr="127.0.0.1:0",
                            policy_path=policy_path, reload_interval_s=3600)
-        self.sidecar = Sidecar(cfg, policy=self.policy, backend=self.backend)
+        # no ledger unless the test gives one (the default would write under the cwd)
+        self.sidecar = Sidecar(cfg, policy=self.policy, backend=self.backend,
+                               ledger=ledger if ledger is not None else Ledger(None))
         self.loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 

@@ -153,7 +153,9 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
             if usage is not None:
                 await self.service.settle_usage(
                     ex.request_id, ex.tenant, scanner.model if scanner else None,
-                    usage.prompt_tokens, usage.completion_tokens, "ext_proc")
+                    usage.prompt_tokens, usage.completion_tokens, "ext_proc",
+                    usage.cached_tokens, usage.cache_write_tokens,
+                    scanner.format if scanner else "ext_proc")
             elif not 200 <= ex.status < 300:
                 await self.service.release(ex.request_id, "upstream_error")
             else:

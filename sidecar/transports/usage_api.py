@@ -19,6 +19,8 @@ class UsageReportJson(msgspec.Struct, forbid_unknown_fields=True):
     output_tokens: int
     tenant: Optional[str] = None
     model: Optional[str] = None
+    cached_tokens: int = 0  # of input_tokens: read from the provider's prompt cache
+    cache_write_tokens: int = 0  # of input_tokens: written to it
 
 
 _decode_report = msgspec.json.Decoder(UsageReportJson).decode
@@ -40,7 +42,8 @@ async def report_json(service: DecisionService, body: bytes) -> tuple[int, bytes
                                        "message": f"usage report: {exc}"}})
     try:
         res = await service.settle_usage(rep.request_id, rep.tenant, rep.model,
-                                         rep.input_tokens, rep.output_tokens, "report")
+                                         rep.input_tokens, rep.output_tokens, "report",
+                                         rep.cached_tokens, rep.cache_write_tokens)
     except UsageError as exc:
         return 400, _encode({"error": {"type": "invalid_request_error", "code": "invalid_report",
                                        "message": f"usage report: {exc}"}})
@@ -56,7 +59,8 @@ def _report_handler(service: DecisionService):
         try:
             res = await service.settle_usage(request.request_id, request.tenant or None,
                                              request.model or None, request.input_tokens,
-                                             request.output_tokens, "report")
+                                             request.output_tokens, "report",
+                                             request.cached_tokens, request.cache_write_tokens)
         except UsageError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except BackendError as exc:
