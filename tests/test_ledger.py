@@ -396,3 +396,29 @@ def test_events_stats_from_files(tmp_path, capsys):
     assert "1h, 24h or 30d" in capsys.readouterr().err
     assert kt(["events", "stats", "--dir", str(tmp_path / "nope")]) == 1
 
+
+
+def test_the_spill_of_a_process_that_is_gone_is_adopted_and_replayed(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    gone = int(dead.stdout)
+    SpillFile(tmp_path / f"spill-{gone}.jsonl").append([usage_event(1), usage_event(2)])
+    alive = SpillFile(tmp_path / f"spill-{os.getppid()}.jsonl")  # a live process's: left alone
+    alive.append([usage_event(9)])
+    sink = FileSink(tmp_path / "events", fsync=False)
+    log = EventLog(sink, SpillFile(tmp_path / f"spill-{os.getpid()}.jsonl"),
+                   flush_interval_s=0.01)
+    log.start()
+    log.emit(usage_event(3))
+    deadline = time.monotonic() + 5
+    while log.written < 3 and time.monotonic() < deadline:
+        log.flush()
+        time.sleep(0.01)
+    log.close()
+    got = sorted(e.request_id for e in read_events(event_files(tmp_path / "events")))
+    assert got == ["req-1", "req-2", "req-3"]
+    assert not (tmp_path / f"spill-{gone}.jsonl").exists()
+    assert (tmp_path / f"spill-{os.getppid()}.jsonl").exists()

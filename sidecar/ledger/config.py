@@ -16,7 +16,8 @@ class LedgerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_o
     # libpq connection string; a password is better kept in `dsn_file` (read at start)
     dsn: Optional[str] = None
     dsn_file: Optional[str] = None
-    # where events wait while the sink is failing (default: `dir`/spill.jsonl)
+    # where events wait while the sink is failing (default: `dir`/spill-<pid>.jsonl; the
+    # spill files of processes that are gone are adopted and replayed at start)
     spill_file: Optional[str] = None
     buffer_events: int = 100_000  # in memory between the event loop and the writer thread
     batch_events: int = 5_000  # written per batch (one COPY / one file append)

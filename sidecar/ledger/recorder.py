@@ -180,7 +180,8 @@ def build_ledger(cfg: Optional[LedgerConfig], sink: Optional[Sink] = None) -> Le
         else:
             sink = FileSink(cfg.dir, rotate_bytes=int(cfg.rotate_mb * (1 << 20)),
                             retention_s=cfg.retention_days * 86400, fsync=cfg.fsync)
-    spill = SpillFile(cfg.spill_file or str(Path(cfg.dir) / "spill.jsonl"))
+    # one spill file per process (workers share the directory, never a spill file)
+    spill = SpillFile(cfg.spill_file or str(Path(cfg.dir) / f"spill-{os.getpid()}.jsonl"))
     events = EventLog(sink, spill, buffer_events=cfg.buffer_events,
                       batch_events=cfg.batch_events, flush_interval_s=cfg.flush_interval_s,
                       retry_interval_s=cfg.retry_interval_s)

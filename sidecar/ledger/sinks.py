@@ -185,6 +185,40 @@ class SpillFile:
         finally:
             os.close(fd)
 
+    def adopt_orphans(self, pattern: str = "spill-*.jsonl") -> int:
+        """Take over the spill files of processes that are gone (a SIGKILLed worker's), so
+        their events are replayed too: appended to this file, then deleted. Each process
+        spills to a file of its own (spill-<pid>.jsonl), so workers never share one."""
+        adopted = 0
+        for other in self.path.parent.glob(pattern):
+            if other == self.path:
+                continue
+            try:
+                pid = int(other.stem.rsplit("-", 1)[1])
+                os.kill(pid, 0)
+                continue  # alive: its own process replays it
+            except (ValueError, IndexError):
+                continue
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue  # alive, another user's
+            try:
+                data = other.read_bytes()
+                if data and not data.endswith(b"\n"):
+                    data += b"\n"
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+                try:
+                    _write_all(fd, data)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                other.unlink()
+                adopted += 1
+            except OSError as exc:
+                log.error("cannot adopt the spill file %s: %s", other, exc)
+        return adopted
+
     def replay(self, sink: Sink, batch: int) -> int:
         """Write spilled events to the sink in batches; the file is removed once all are in.
         Raises SinkError when the sink fails (what was replayed stays replayed). A torn

@@ -117,6 +117,11 @@ class EventLog:
 
     # --- the writer thread --------------------------------------------------
     def _run(self) -> None:
+        try:
+            if self.spill.adopt_orphans():
+                log.info("ledger: spill files of stopped processes adopted for replay")
+        except Exception:  # noqa: BLE001 - never let this stop the writer
+            log.exception("ledger: adopting spill files failed")
         while True:
             self._wake.wait(self.flush_interval_s)
             self._wake.clear()
