@@ -4,6 +4,7 @@
 -- KEYS     3 keys per decision, in order (decide.lua's KEYS[1..3] of each)
 -- ARGV[1]  number of decisions n
 -- then, per decision: its argument count c, then its c arguments (decide.lua's ARGV)
+-- last     the callers' deadline (deadline.lua): past it, nothing is applied
 -- Reply: n replies, each decide.lua's 16 integers, or an error reply for a decision
 -- that failed (a key of the wrong type, say) while the others stand
 --
@@ -13,6 +14,8 @@
 -- key would fail the whole batch after the decisions before it were charged: tenants
 -- answered by the failure mode yet billed. decide() reads every key before it writes
 -- any, so a decision that fails on a key has changed nothing.
+local late = expired(ARGV[#ARGV])
+if late then return late end
 local out = {}
 local at = 2
 for i = 1, tonumber(ARGV[1]) do

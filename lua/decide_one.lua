@@ -1,2 +1,5 @@
--- entry: one decision with this script call's KEYS and ARGV (see decide.lua)
+-- entry: one decision with this script call's KEYS and ARGV (see decide.lua), its
+-- deadline after them (the last ARGV, see deadline.lua)
+local late = expired(ARGV[#ARGV])
+if late then return late end
 return decide(KEYS, ARGV)

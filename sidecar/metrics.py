@@ -87,3 +87,33 @@ class _BackendCollector:
         calls.add_metric([b.name], getattr(b, "decisions", 0))
         yield trips
         yield calls
+        yield from _backend_health(b)
+
+
+def _backend_health(b):
+    """The backends' own failure counters (sidecar/backends/*), read at scrape time; each
+    family only for a backend that keeps it."""
+    if hasattr(b, "connection_attempts"):
+        opened, failed = b.connection_attempts
+        attempts = CounterMetricFamily(
+            "kt_backend_connection_attempts", "Connections to the backend attempted, by result "
+            "(opened, failed); failed attempts back off exponentially with jitter, capped.",
+            labels=["backend", "result"])
+        attempts.add_metric([b.name, "opened"], opened)
+        attempts.add_metric([b.name, "failed"], failed)
+        yield attempts
+    if hasattr(b, "expired"):
+        expired = CounterMetricFamily(
+            "kt_backend_expired_decisions", "Decisions Redis refused to apply because they "
+            "reached it after their deadline (their callers had been answered by the failure "
+            "mode): nothing charged.", labels=["backend"])
+        expired.add_metric([b.name], b.expired)
+        yield expired
+    if hasattr(b, "store_resets"):
+        resets = CounterMetricFamily(
+            "kt_backend_store_resets", "Times the shared store was found to have lost its "
+            "data (its marker key gone or replaced: a restart without persistence, FLUSHALL, "
+            "failover to an empty replica): budgets and buckets restarted from zero.",
+            labels=["backend"])
+        resets.add_metric([b.name], b.store_resets)
+        yield resets

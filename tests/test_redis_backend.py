@@ -34,6 +34,8 @@ tenants:
   hundred-tokens:
     limits: {rpm: 100000, tpm: 10000000}
     budget: {tokens: 100, period: minute}
+  rpm-three:
+    limits: {rpm: 3, tpm: 10000000}
 backend: {kind: redis, url: "%(url)s", cluster: %(cluster)s, timeout_ms: %(timeout)d,
           failure_mode: %(failure_mode)s}
 """
@@ -266,49 +268,298 @@ def test_stalled_valkey_answers_by_failure_mode_within_the_timeout(mode, kind):
     assert took < 1.0  # 20 concurrent decisions, bounded by the 30 ms timeout, not stalled
 
 
-@pytest.mark.parametrize("mode,answer,action,spent_after", [
-    ("closed", Kind.FAIL_CLOSED, "refunded", 5),  # refused by the sidecar: charge given back
-    ("open", Kind.FAIL_OPEN, "kept", 10),  # the request went on: charged, held as reserved
-])
-def test_a_decision_applied_after_its_timeout_is_put_right(mode, answer, action, spent_after):
+@pytest.mark.parametrize("spread_over_ticks", [0, 1, 3])
+def test_after_a_restart_the_first_decisions_are_decided_not_failed(spread_over_ticks):
+    # issue 11: one second after Valkey came back (empty, its scripts gone), five
+    # concurrent decisions for a tenant with rpm 3 were answered allow, fail-open, 429,
+    # allow, allow. A decision that finds the link closed must reconnect (scripts loaded
+    # on the new link) and be sent within its timeout: exactly 3 admitted and 2 refused.
+    with workdir() as d:
+        v = Valkey(d).start()
+        try:
+            svc = service_for(v.url, "open", timeout_ms=100)
+
+            async def main():
+                await svc.backend.start()
+                try:
+                    assert (await svc.decide(req("warm-up"))).kind is Kind.ALLOW
+                    v.kill()
+                    v.start()  # same port, empty: no keys, no scripts
+                    await asyncio.sleep(1.0)
+
+                    async def one(i: int):
+                        for _ in range(i * spread_over_ticks):
+                            await asyncio.sleep(0)
+                        return (await svc.decide(Request(
+                            headers={"x-tenant-id": "rpm-three", "x-kt-estimated-tokens": "5"},
+                            request_id=f"after-restart-{i}"))).kind
+
+                    return await asyncio.gather(*(one(i) for i in range(5)))
+                finally:
+                    await svc.backend.close()
+
+            kinds = asyncio.run(main())
+        finally:
+            v.stop()
+    assert sorted(k.value for k in kinds) == ["allow"] * 3 + ["rate_limited"] * 2, kinds
+
+
+def test_requests_refused_during_a_stall_are_never_charged_when_it_ends():
+    # issue 11: Valkey stopped (SIGSTOP) for 2.5 s under a steady stream of decisions for
+    # a fail-closed tenant. Every one is answered by the failure mode (503), and none may
+    # be charged when Valkey resumes: not the ones queued on the link before the stall was
+    # noticed (their deadline has passed when Redis reads them: lua/deadline.lua), and no
+    # new link may carry decisions to a server that has not answered its setup (a stopped
+    # server's kernel still accepts connections). Before, 169 of 201 were charged.
+    with workdir() as d, Valkey(d) as v:
+        svc = service_for(v.url, "closed", timeout_ms=20)
+        r = redis.Redis.from_url(v.url)
+        budget_key = svc.backend.keys("stalled")[2]
+
+        async def main():
+            await svc.backend.start()
+            try:
+                assert (await svc.decide(req("stalled"))).kind is Kind.ALLOW
+                answered = []
+                v.pause()
+                try:
+                    ends = time.monotonic() + 2.5
+                    while time.monotonic() < ends:
+                        answered += await asyncio.gather(*(svc.decide(req("stalled"))
+                                                           for _ in range(4)))
+                        await asyncio.sleep(0.01)
+                finally:
+                    v.resume()
+                recovering = time.monotonic()
+                while (await svc.decide(req("after-the-stall"))).kind is not Kind.ALLOW:
+                    assert time.monotonic() - recovering < 10, "no recovery"
+                    await asyncio.sleep(0.02)
+                return answered
+            finally:
+                await svc.backend.close()
+
+        answered = asyncio.run(main())
+        # whatever reached the stopped server has been read by now (it answered the new
+        # link); give its event loop a moment for the dropped links' data all the same
+        time.sleep(0.5)
+        spent = budget_spent(r, budget_key)
+        r.close()
+    assert len(answered) > 50 and {a.kind for a in answered} == {Kind.FAIL_CLOSED}
+    assert spent == 5, f"{(spent - 5) // 5} of {len(answered)} refused requests were charged"
+
+
+def _connections_received(r: redis.Redis) -> int:
+    return int(r.info("stats")["total_connections_received"])
+
+
+def test_a_wrong_password_costs_a_few_connections_not_one_per_decision():
+    # issue 12: with a wrong password, 600 decisions opened 516 connections. Attempts now
+    # back off (exponentially, with jitter, capped), are counted, and the decisions in
+    # between are answered by the failure mode at once, without waiting for a timeout.
+    with workdir() as d, Valkey(d, extra_args=("--requirepass", "s3cret")) as v:
+        svc = service_for(f"redis://:wrong@127.0.0.1:{v.port}/0", "open", timeout_ms=2000)
+        svc.metrics.watch_backend(svc.backend)
+        admin = redis.Redis(port=v.port, password="s3cret")
+        before = _connections_received(admin)
+
+        async def main():
+            await svc.backend.start()
+            try:
+                kinds, slowest = [], 0.0
+                for _ in range(100):
+                    t0 = time.monotonic()
+                    kinds += [d.kind for d in await asyncio.gather(*(svc.decide(req("pw"))
+                                                                     for _ in range(6)))]
+                    slowest = max(slowest, time.monotonic() - t0)
+                    await asyncio.sleep(0.005)
+                return kinds, slowest
+            finally:
+                await svc.backend.close()
+
+        kinds, slowest = asyncio.run(main())
+        opened = _connections_received(admin) - before
+        admin.close()
+    assert kinds == [Kind.FAIL_OPEN] * 600
+    assert opened <= 20, opened  # was 516
+    m = svc.metrics.registry
+    failed = m.get_sample_value("kt_backend_connection_attempts_total",
+                                {"backend": "redis", "result": "failed"})
+    assert failed == opened and m.get_sample_value(
+        "kt_backend_connection_attempts_total", {"backend": "redis", "result": "opened"}) == 0
+    assert slowest < 2.0  # no decision waited for its 2 s timeout: the failure mode at once
+
+
+def test_a_refused_port_is_retried_with_backoff_and_answered_at_once():
+    svc = service_for("redis://127.0.0.1:1/0", "closed", timeout_ms=2000)
+
+    async def main():
+        await svc.backend.start()
+        try:
+            kinds = []
+            for _ in range(100):
+                kinds += [d.kind for d in await asyncio.gather(*(svc.decide(req("refused"))
+                                                                 for _ in range(6)))]
+                await asyncio.sleep(0.005)
+            return kinds
+        finally:
+            await svc.backend.close()
+
+    kinds = asyncio.run(main())
+    assert kinds == [Kind.FAIL_CLOSED] * 600
+    opened, failed = svc.backend.connection_attempts
+    assert opened == 0 and 1 <= failed <= 20, failed
+    assert "next attempt in" in svc.backend.status().detail
+
+
+def test_a_store_that_lost_its_data_is_reported_by_every_replica():
+    # issue 11: after a restart without persistence (or a FLUSHALL) every budget starts
+    # again from zero, silently. The store marker (written once, no TTL) shows it: gone
+    # or replaced while a sidecar had seen it means the store lost its data.
+    from sidecar.metrics import Metrics
+
+    def wait_for(cond, what: str):
+        async def poll():
+            for _ in range(250):
+                if cond():
+                    return
+                await asyncio.sleep(0.02)
+            raise AssertionError(f"timed out waiting for {what}")
+        return poll()
+
+    with workdir() as d, Valkey(d) as v:
+        a, b = (RedisBackend(schema.RedisBackend(url=v.url, timeout_ms=500)) for _ in range(2))
+        metrics = Metrics()
+        metrics.watch_backend(a)
+        from sidecar import _core
+
+        lim = _core.Limits(rpm=1000, budget=10**6, period=_core.P_MONTH)
+
+        async def main():
+            await a.start()
+            await b.start()
+            try:
+                assert (await a.decide("forgets", lim, 0, 5, 0, 5, False)).admitted
+                await wait_for(lambda: a._marker is not None and b._marker is not None,
+                               "both to see the marker")
+                assert a._marker == b._marker
+                # a dropped link to a store that kept its data is no reset (the heartbeat
+                # reconnects: the next link reads the same marker)
+                assert command(v.port, "CLIENT", "KILL", "TYPE", "normal").startswith(b":")
+                await wait_for(lambda: a.conn.opened == 2 and a.conn.connected, "a reconnect")
+                assert (await a.decide("forgets", lim, 0, 5, 0, 5, False)).admitted
+                await asyncio.sleep(1.5)  # a heartbeat or two
+                assert (a.store_resets, b.store_resets) == (0, 0)
+                assert "lost its data" not in a.status().detail
+                command(v.port, "FLUSHALL")
+                await wait_for(lambda: a.store_resets == 1 and b.store_resets == 1,
+                               "both to report the FLUSHALL")
+                assert a.status().ready and "lost its data" in a.status().detail
+                assert a._marker == b._marker  # one new marker for both
+                v.kill()
+                v.start()  # no persistence: empty again
+                await wait_for(lambda: a.store_resets == 2 and b.store_resets == 2,
+                               "both to report the restart")
+                out = await a.decide("forgets", lim, 0, 5, 0, 5, False)
+                assert out.budget_remaining == 10**6 - 5  # what it reported: spend from zero
+            finally:
+                await a.close()
+                await b.close()
+
+        asyncio.run(main())
+    assert metrics.registry.get_sample_value("kt_backend_store_resets_total",
+                                             {"backend": "redis"}) == 2
+
+
+@pytest.mark.parametrize("mode,answer", [("closed", Kind.FAIL_CLOSED), ("open", Kind.FAIL_OPEN)])
+def test_a_decision_that_reaches_redis_after_its_deadline_is_not_applied(mode, answer):
+    # the server is busy for 400 ms (as under a backlog): the decision times out after
+    # 50 ms and its caller is answered by the failure mode; when Redis gets to it, its
+    # deadline (lua/deadline.lua) has passed and it applies nothing: no charge to put right
     with workdir() as d, Valkey(d, extra_args=("--enable-debug-command", "yes")) as v:
         svc = service_for(v.url, mode, timeout_ms=50)
         r = redis.Redis.from_url(v.url)
         budget_key = svc.backend.keys("late")[2]
 
-        def late_count() -> float:
-            return svc.metrics.registry.get_sample_value(
-                "kt_backend_late_replies_total", {"action": action}) or 0
-
         async def main():
             await svc.backend.start()
+            try:
+                assert (await svc.decide(req("late"))).kind is Kind.ALLOW
+                assert budget_spent(r, budget_key) == 5
+                sleeper = asyncio.create_task(asyncio.to_thread(
+                    command, v.port, "DEBUG", "SLEEP", "0.4"))
+                await asyncio.sleep(0.05)
+                late = await svc.decide(Request(headers={"x-tenant-id": "late",
+                                                         "x-kt-estimated-tokens": "5"},
+                                                request_id="late-1"))
+                await sleeper
+                for _ in range(100):  # the refusal comes back on the link when Redis wakes
+                    if svc.backend.expired:
+                        break
+                    await asyncio.sleep(0.02)
+                after = await svc.decide(req("late"))
+                return late, after
+            finally:
+                await svc.backend.close()
+
+        late, after = asyncio.run(main())
+        spent = budget_spent(r, budget_key)
+        r.close()
+    assert late.kind is answer
+    assert after.kind is Kind.ALLOW  # the link survived the stall
+    assert svc.backend.expired == 1 and svc.backend.late_replies == 0
+    assert spent == 5 + 5  # the first and the last decision: not the one that came too late
+    assert svc.reservations.get("late-1") is None
+    exported = svc.metrics.registry.get_sample_value(
+        "kt_backend_expired_decisions_total", {"backend": "redis"})
+    assert exported is None or exported == 1  # (read at scrape time when watched)
+
+
+async def decide_with_its_reply_held(svc: DecisionService, request: Request):
+    """Decide while this side does not read the link: Redis applies the decision at once,
+    its reply waits in the socket past the timeout (as a slow network would hold it)."""
+    conn = svc.backend.conn
+    assert conn is not None and conn.transport is not None
+    deciding = asyncio.ensure_future(svc.decide(request))
+    await asyncio.sleep(0)  # the decision is queued; its batch is written in the next tick
+    asyncio.get_running_loop().call_soon(conn.transport.pause_reading)  # right after it
+    return await deciding
+
+
+@pytest.mark.parametrize("mode,answer,action,spent_after", [
+    ("closed", Kind.FAIL_CLOSED, "refunded", 5),  # refused by the sidecar: charge given back
+    ("open", Kind.FAIL_OPEN, "kept", 10),  # the request went on: charged, held as reserved
+])
+def test_a_decision_whose_reply_came_after_its_timeout_is_put_right(
+        valkey, mode, answer, action, spent_after):
+    svc = service_for(valkey.url, mode, timeout_ms=50)
+    r = redis.Redis.from_url(valkey.url)
+    budget_key = svc.backend.keys("late")[2]
+
+    def late_count() -> float:
+        return svc.metrics.registry.get_sample_value(
+            "kt_backend_late_replies_total", {"action": action}) or 0
+
+    async def main():
+        await svc.backend.start()
+        try:
             assert (await svc.decide(req("late"))).kind is Kind.ALLOW
-            assert budget_spent(r, budget_key) == 5
-            # the link then idles longer than the stall window (0.5 s): a slow reply after
-            # a quiet spell is a late reply, not a hung server
-            await asyncio.sleep(0.8)
-            # the server is busy for 400 ms (as under a backlog): the next decision times
-            # out after 50 ms, and Redis applies it when it wakes
-            sleeper = asyncio.create_task(asyncio.to_thread(
-                command, v.port, "DEBUG", "SLEEP", "0.4"))
-            await asyncio.sleep(0.05)
-            late = await svc.decide(Request(headers={"x-tenant-id": "late",
-                                                     "x-kt-estimated-tokens": "5"},
-                                            request_id="late-1"))
-            await sleeper
+            late = await decide_with_its_reply_held(svc, Request(
+                headers={"x-tenant-id": "late", "x-kt-estimated-tokens": "5"},
+                request_id="late-1"))
+            assert budget_spent(r, budget_key) == 10  # applied in time; only its reply is late
+            svc.backend.conn.transport.resume_reading()
             for _ in range(100):
                 if late_count():
                     break
                 await asyncio.sleep(0.02)
-            spent = budget_spent(r, budget_key)
-            reserved = svc.reservations.get("late-1")
+            return late, budget_spent(r, budget_key), svc.reservations.get("late-1")
+        finally:
             await svc.backend.close()
-            return late, spent, reserved
 
-        late, spent, reserved = asyncio.run(main())
-        r.close()
+    late, spent, reserved = asyncio.run(main())
+    r.close()
     assert late.kind is answer
-    assert svc.backend.late_replies == 1 and late_count() == 1
+    assert svc.backend.late_replies == 1 and late_count() == 1 and svc.backend.expired == 0
     assert spent == spent_after
     if mode == "open":  # a usage report for it replaces the estimate instead of adding to it
         assert reserved is not None and reserved.charged_tokens == 5
@@ -316,47 +567,43 @@ def test_a_decision_applied_after_its_timeout_is_put_right(mode, answer, action,
         assert reserved is None
 
 
-def test_a_late_failed_open_charge_is_refunded_when_its_usage_was_settled_in_full():
+def test_a_late_failed_open_charge_is_refunded_when_its_usage_was_settled_in_full(valkey):
     # fail open: the request went on with no reservation, and its usage report came in
-    # while Redis was still stalled. Both go down the one link in order, so the decision's
-    # late reply lands just before the settlement charges the actual usage in full: the
-    # late charge must be refunded, or the request pays its estimate and its usage.
-    with workdir() as d, Valkey(d) as v:
-        svc = service_for(v.url, "open", timeout_ms=200)
-        r = redis.Redis.from_url(v.url)
-        budget_key = svc.backend.keys("late")[2]
+    # while the decision's reply was still on its way. Both go down the one link in order,
+    # so the decision's late reply lands just before the settlement charges the actual
+    # usage in full: the late charge must be refunded, or the request pays its estimate
+    # and its usage.
+    svc = service_for(valkey.url, "open", timeout_ms=50)
+    r = redis.Redis.from_url(valkey.url)
+    budget_key = svc.backend.keys("late")[2]
 
-        def late_count(action: str) -> float:
-            return svc.metrics.registry.get_sample_value(
-                "kt_backend_late_replies_total", {"action": action}) or 0
+    def late_count(action: str) -> float:
+        return svc.metrics.registry.get_sample_value(
+            "kt_backend_late_replies_total", {"action": action}) or 0
 
-        async def main():
-            await svc.backend.start()
-            try:
-                assert (await svc.decide(req("late"))).kind is Kind.ALLOW
-                v.pause()
-                try:
-                    late = await svc.decide(Request(headers={"x-tenant-id": "late",
-                                                             "x-kt-estimated-tokens": "5"},
-                                                    request_id="late-2"))
-                    settling = asyncio.create_task(
-                        svc.settle_usage("late-2", "late", None, 7, 0))
-                    for _ in range(5):  # written to the socket behind the decision
-                        await asyncio.sleep(0)
-                finally:
-                    v.resume()
-                settled = await settling
-                for _ in range(100):
-                    if late_count("refunded"):
-                        break
-                    await asyncio.sleep(0.02)
-                return late, settled
-            finally:
-                await svc.backend.close()
+    async def main():
+        await svc.backend.start()
+        try:
+            assert (await svc.decide(req("late"))).kind is Kind.ALLOW
+            late = await decide_with_its_reply_held(svc, Request(
+                headers={"x-tenant-id": "late", "x-kt-estimated-tokens": "5"},
+                request_id="late-2"))
+            settling = asyncio.create_task(svc.settle_usage("late-2", "late", None, 7, 0))
+            for _ in range(5):  # written to the socket behind the decision
+                await asyncio.sleep(0)
+            svc.backend.conn.transport.resume_reading()
+            settled = await settling
+            for _ in range(100):
+                if late_count("refunded"):
+                    break
+                await asyncio.sleep(0.02)
+            return late, settled
+        finally:
+            await svc.backend.close()
 
-        late, settled = asyncio.run(main())
-        spent = budget_spent(r, budget_key)
-        r.close()
+    late, settled = asyncio.run(main())
+    spent = budget_spent(r, budget_key)
+    r.close()
     assert late.kind is Kind.FAIL_OPEN
     assert settled.applied and settled.reserved_tokens == 0  # charged 7 in full
     assert svc.backend.late_replies == 1 and late_count("refunded") == 1
@@ -384,13 +631,21 @@ def test_a_check_envoy_gave_up_on_is_held_as_the_requests_reservation():
                     "x-tenant-id": "gone", "x-kt-estimated-tokens": "5",
                     "x-request-id": request_id})
                 with grpc.insecure_channel(sc.grpc_target) as ch:
-                    return external_auth_pb2_grpc.AuthorizationStub(ch).Check(req, timeout=timeout)
+                    call = external_auth_pb2_grpc.AuthorizationStub(ch).Check.future(
+                        req, timeout=timeout)
+                    return call.result()
 
             assert check("gone-0", 5).status.code == 0
+            conn = svc.backend.conn
+            writes = conn.writes
             v.pause()
             try:
                 with pytest.raises(grpc.RpcError) as gave_up:
-                    check("gone-1", 0.3)
+                    check("gone-1", 1.0)
+                assert conn.writes > writes  # the decision went out to the stopped server
+                # stay stopped a while: the decision cannot complete meanwhile, and the
+                # sidecar learns that its caller is gone (the cancellation reaches it)
+                time.sleep(0.5)
             finally:
                 v.resume()
             assert gave_up.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED

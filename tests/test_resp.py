@@ -8,7 +8,8 @@ import asyncio
 import pytest
 
 from sidecar.backends.redis import pack
-from sidecar.backends.resp import PipelinedConnection
+from sidecar.backends.resp import (BACKOFF_BASE_S, BACKOFF_CAP_S, ConnectionLost,
+                                   PipelinedConnection, backoff_delay)
 from tests.support.procs import workdir
 from tests.support.valkey import Valkey
 
@@ -88,21 +89,57 @@ def test_a_dropped_links_late_callbacks_leave_its_replacement_alone(valkey):
 
 
 def test_setup_commands_run_before_any_call_written_behind_them(valkey):
-    # SELECT in the setup: a call written while the link is still being set up must run
-    # after it, on the selected database
+    # SELECT in the setup: a call must run after it, on the selected database; the link
+    # counts as connected only once the whole setup has been answered
     async def main() -> None:
         conn = PipelinedConnection("127.0.0.1", valkey.port, 1.0,
                                    setup=(pack("CLIENT", "SETNAME", "kt-test"), pack("SELECT", 3)))
         opening = asyncio.ensure_future(conn.connect())
-        while not conn.connected:
+        while conn.transport is None:
             await asyncio.sleep(0)
-        behind = conn.submit(pack("CLIENT", "INFO"))  # written before the setup is answered
+        assert not conn.connected  # the TCP link is up, its setup not answered yet
+        behind = asyncio.ensure_future(conn.call(pack("CLIENT", "INFO")))
         await opening
         info = (await behind).decode()
         assert " name=kt-test " in f" {info} " and " db=3 " in f" {info} ", info
         conn.close()
 
     asyncio.run(main())
+
+
+def test_a_server_that_accepts_but_does_not_answer_gets_no_call_and_a_backoff():
+    # a stopped server's kernel still completes the TCP handshake: the link must not count
+    # as connected (nor carry calls) until the setup is answered, and a failed attempt
+    # makes the next ones wait (no connection per caller)
+    with workdir() as d, Valkey(d) as v:
+        async def main() -> None:
+            conn = PipelinedConnection("127.0.0.1", v.port, 0.2, setup=(pack("PING"),))
+            v.pause()
+            try:
+                with pytest.raises(ConnectionLost, match="no answer within 200 ms"):
+                    await conn.connect()
+                assert not conn.connected and conn.failed == 1 and conn.backing_off() > 0
+                with pytest.raises(ConnectionLost, match="next attempt in"):
+                    await conn.call(pack("ECHO", "never written"))  # at once, no new link
+                assert conn.failed == 1
+            finally:
+                v.resume()
+            while conn.backing_off():
+                await asyncio.sleep(0.01)
+            assert await conn.call(pack("ECHO", "back")) == b"back"
+            assert (conn.opened, conn.failures) == (1, 0)  # a success resets the backoff
+            conn.close()
+
+        asyncio.run(main())
+
+
+def test_backoff_doubles_with_jitter_up_to_its_cap():
+    low = [backoff_delay(n, lambda: 0.0) for n in range(1, 12)]
+    high = [backoff_delay(n, lambda: 1.0) for n in range(1, 12)]
+    assert low[0] == BACKOFF_BASE_S / 2 and high[0] == BACKOFF_BASE_S
+    assert all(b == 2 * a for a, b in zip(high, high[1:]) if b < BACKOFF_CAP_S)
+    assert max(high) == BACKOFF_CAP_S and max(low) == BACKOFF_CAP_S / 2
+    assert backoff_delay(10**6, lambda: 1.0) == BACKOFF_CAP_S  # no overflow
 
 
 def test_a_caller_cancelled_while_connecting_does_not_fail_the_others():

@@ -10,9 +10,15 @@ Lua scripts in lua/ (decide.lua mirrors the Cython core; settle.lua reconciles).
   encoded once and cached: redis-py's generic pack_command costs ~50 µs for a
   20-argument call. redis-py does SCRIPT LOAD and the whole cluster mode
   (docs/redis.md says why the hot path does not go through it).
-- Scripts are loaded once (SCRIPT LOAD) and called by SHA; on NOSCRIPT (Redis
-  restarted or failed over and lost its script cache) they are loaded again and
-  the call retried once.
+- Scripts are loaded (SCRIPT LOAD) on every new link, before any decision is written
+  on it, and called by SHA; on NOSCRIPT (SCRIPT FLUSH while connected) they are
+  loaded again and the call retried once.
+- A decision carries its deadline in Redis's clock (lua/deadline.lua): Redis refuses
+  to apply one that reaches it after its caller was answered by the failure mode, so
+  a decision stuck behind a stalled server is never applied blind (docs/redis.md).
+- A heartbeat every HEARTBEAT_S reads Redis's clock (for those deadlines), checks the
+  store marker (a store that lost its data is reported, not silently trusted) and
+  reconnects, with backoff, when the link is down.
 - Every failure (refused, reset, timeout, NOSCRIPT that will not reload, a reply
   that is not what the script returns) is raised as BackendError within
   ``timeout_ms``: the service then applies the configured failure mode.
@@ -23,6 +29,7 @@ import asyncio
 import hashlib
 import logging
 import time
+import uuid
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -46,6 +53,15 @@ log = logging.getLogger("kt.redis")
 SETTLED_TTL_MS = 7 * 24 * 3600 * 1000
 # a shared reservation lives as long as a local one (sidecar/service.py RESERVATION_TTL_S)
 RESERVATION_TTL_MS = 600 * 1000
+# how often the link is checked while connected (Redis's clock, the store marker) and a
+# reconnect tried while it is down (the backoff still applies)
+HEARTBEAT_S = 1.0
+# how fast the offset between this host's monotonic clock and Redis's TIME may drift
+# (a bound, 100 ppm: NTP keeps both far closer); see RedisBackend._clock_offset
+CLOCK_DRIFT = 1e-4
+# the key whose disappearance shows the store lost its data (docs/redis.md, persistence);
+# under the key prefix, outside every tenant's {hash tag}
+MARKER_KEY = "store-marker"
 
 
 def _ignore_reply(fut: asyncio.Future) -> None:
@@ -95,19 +111,25 @@ class _Script:
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
 
+def _mono_us() -> int:
+    return time.monotonic_ns() // 1000
+
+
 def _is_outcome(reply: Any) -> bool:
     return isinstance(reply, list) and len(reply) == 16 and all(isinstance(x, int) for x in reply)
 
 
 class _Batch:
     """Decisions sent in one script call: (tenant, encoded ARGV, ARGV count, future,
-    LateReply)."""
-    __slots__ = ("items", "timer", "attempt")
+    LateReply). ``deadline_us``: when its callers stop waiting (monotonic µs)."""
+    __slots__ = ("items", "timer", "attempt", "deadline_us")
 
-    def __init__(self, items: list, timer: Optional[asyncio.TimerHandle]) -> None:
+    def __init__(self, items: list, timer: Optional[asyncio.TimerHandle],
+                 deadline_us: int = 0) -> None:
         self.items = items
         self.timer = timer
         self.attempt = 1
+        self.deadline_us = deadline_us
 
 
 class RedisBackend:
@@ -126,10 +148,11 @@ class RedisBackend:
         self.clock_override = clock_override
         self.prefix = cfg.key_prefix
         self.shares_reservations = cfg.shared_reservations and not cfg.cluster
-        self.decide_script = _Script("decide.lua", "decide.lua", "decide_one.lua")
-        self.batch_script = _Script("decide_batch.lua", "decide.lua", "decide_batch.lua")
+        self.decide_script = _Script("decide.lua", "decide.lua", "deadline.lua", "decide_one.lua")
+        self.batch_script = _Script("decide_batch.lua", "decide.lua", "deadline.lua",
+                                    "decide_batch.lua")
         self.settle_script = _Script("settle.lua")
-        self.client: Any = None
+        self.client: Any = None  # redis-py: cluster mode only (and URL parsing)
         self.conn: Optional[PipelinedConnection] = None
         # cached encodings: per tenant (its three keys), per Limits (their ARGV)
         self._tenant_keys: dict[str, bytes] = {}
@@ -142,6 +165,17 @@ class RedisBackend:
         self._cluster_round_trips = 0
         self.decisions = 0
         self.errors = 0
+        self.expired = 0  # decisions Redis refused to apply: they came after their deadline
+        # lower bound of (Redis's TIME - this host's monotonic clock) in µs, and when it
+        # was measured (monotonic µs); None until the first link's setup answered
+        self._offset_lo: Optional[int] = None
+        self._offset_at = 0
+        self.marker_key = f"{self.prefix}:{MARKER_KEY}"
+        self._marker: Optional[bytes] = None  # the store marker as last seen
+        self.store_resets = 0  # times the store was found to have lost its data
+        self._store_reset_note = ""
+        self._heartbeat: Optional[asyncio.Task] = None
+        self._heartbeat_due: Optional[asyncio.Event] = None
 
     # --- lifecycle ---------------------------------------------------------
     async def start(self) -> None:
@@ -162,10 +196,29 @@ class RedisBackend:
                                   kw["password"]))
             if kw.get("db"):
                 setup.append(pack("SELECT", kw["db"]))
+            # every new link loads the scripts and reads Redis's clock before any decision
+            # is written on it: after a restart (scripts gone) the first decisions are sent
+            # as they are, and a server that accepts connections without answering (stopped)
+            # never has a decision queued on a fresh link
+            setup += [pack("SCRIPT", "LOAD", s.source) for s in self._scripts()]
+            setup.append(pack("TIME"))
             self.conn = PipelinedConnection(kw.get("host", "127.0.0.1"), int(kw.get("port", 6379)),
-                                            max(self.timeout_s, 0.05), tuple(setup),
+                                            max(self._stall_s, 0.25), tuple(setup),
                                             unix_path=kw.get("path"),
-                                            ssl_context=tls_context(self.cfg))
+                                            ssl_context=tls_context(self.cfg),
+                                            on_setup=self._link_ready)
+            await self.client.aclose()  # it only parsed the URL: nothing else uses it here
+            self.client = None
+            self._heartbeat_due = asyncio.Event()
+            self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop())
+            try:
+                await self.conn.connect()
+            except ConnectionLost as exc:
+                # Start anyway: decisions follow the failure mode until Redis answers (the
+                # heartbeat reconnects, with backoff).
+                self._failed(str(exc))
+                log.error("redis at %s not available at start: %s", self.where, exc)
+            return
         try:
             await asyncio.wait_for(self._load_scripts(), max(self.timeout_s * 20, 1.0))
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
@@ -173,7 +226,17 @@ class RedisBackend:
             self._failed(f"cannot load scripts: {exc!r}")
             log.error("redis at %s not available at start: %r", self.where, exc)
 
+    def _scripts(self) -> tuple[_Script, ...]:
+        return (self.decide_script, self.batch_script, self.settle_script)
+
     async def close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            try:
+                await self._heartbeat
+            except asyncio.CancelledError:
+                pass
+            self._heartbeat = None
         if self.conn is not None:
             self.conn.close()
         if self.client is not None:
@@ -184,13 +247,139 @@ class RedisBackend:
             self.client = None
 
     async def _load_scripts(self) -> None:
-        for script in (self.decide_script, self.batch_script, self.settle_script):
-            if self.cfg.cluster:
+        if self.cfg.cluster:
+            for script in self._scripts():
                 await self.client.script_load(script.source)  # sent to every primary
-            else:
-                sha = await self.client.script_load(script.source)
-                if sha != script.sha:
-                    raise BackendError(f"SCRIPT LOAD returned {sha}, expected {script.sha}")
+            return
+        assert self.conn is not None
+        replies = await asyncio.gather(*(self.conn.call(pack("SCRIPT", "LOAD", s.source))
+                                         for s in self._scripts()))
+        self._check_loaded(replies)
+
+    def _check_loaded(self, replies: list) -> None:
+        for script, sha in zip(self._scripts(), replies, strict=True):
+            if sha != script.sha.encode():
+                raise BackendError(f"SCRIPT LOAD {script.name} returned {sha!r}, "
+                                   f"expected {script.sha}")
+
+    # --- the link: set-up, Redis's clock, the store marker ------------------------
+    def _link_ready(self, replies: list, sent_at: float, answered_at: float) -> None:
+        """A new link's setup was answered: scripts loaded, Redis's clock read."""
+        n = len(self._scripts())
+        self._check_loaded(replies[-1 - n:-1])
+        self._observe_clock(replies[-1], int(sent_at * 1e6), int(answered_at * 1e6))
+        self._last_ok_at = max(self._last_ok_at, sent_at)
+        if self._heartbeat_due is not None:
+            self._heartbeat_due.set()  # check the store marker on this link now
+
+    def _observe_clock(self, reply: Any, sent_us: int, answered_us: int) -> None:
+        """One reading of Redis's TIME, taken between ``sent_us`` and ``answered_us`` on
+        this host's monotonic clock. Keeps the best lower bound of the offset between the
+        two clocks: a decision's deadline is its caller's (monotonic) deadline plus that
+        bound, so Redis may refuse a decision a little early (by the reading's round
+        trip, ~0.1 ms on a LAN) but never applies one after its caller gave up on it."""
+        redis_us = int(reply[0]) * 1_000_000 + int(reply[1])
+        lo, hi = redis_us - answered_us, redis_us - sent_us
+        current = self._clock_offset(answered_us)
+        # a tighter bound, or Redis's clock was set back (the old bound is then too high)
+        if current is None or lo > current or hi < current:
+            self._offset_lo, self._offset_at = lo, answered_us
+
+    def _clock_offset(self, now_us: int) -> Optional[int]:
+        """The offset's lower bound now: the last one, less the drift it may have had since."""
+        if self._offset_lo is None:
+            return None
+        return self._offset_lo - int(CLOCK_DRIFT * (now_us - self._offset_at))
+
+    async def _heartbeat_loop(self) -> None:
+        # no asyncio.wait_for here: on Python < 3.12 it can swallow the cancellation that
+        # close() (or the loop's shutdown) sends, and this loop would then never end
+        due = self._heartbeat_due
+        assert due is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            timer = loop.call_later(HEARTBEAT_S, due.set)
+            try:
+                await due.wait()
+            finally:
+                timer.cancel()
+            due.clear()
+            try:
+                await self._beat()
+            except Exception as exc:  # noqa: BLE001 - the heartbeat must outlive any failure
+                log.warning("redis heartbeat: %r", exc)
+
+    async def _calls(self, *packed: bytes) -> Optional[list]:
+        """Commands on the link, written together; their replies, or None if they did not
+        all come within the stall window (then the link is dropped if it is stalled)."""
+        assert self.conn is not None
+        replies = asyncio.gather(*(self.conn.call(p, counted=False) for p in packed))
+        replies.add_done_callback(_ignore_reply)  # retrieved even if this task is cancelled
+        done, _ = await asyncio.wait({replies}, timeout=self._stall_s)
+        if not done:
+            replies.cancel()
+            if self.conn.stalled(self._stall_s):
+                self.conn.lose(ConnectionLost("no reply to the heartbeat"))
+            return None
+        return replies.result()
+
+    async def _beat(self) -> None:
+        conn = self.conn
+        assert conn is not None
+        if not conn.connected:
+            if conn.connecting or conn.backing_off():
+                return
+            try:
+                await conn.connect()  # its setup wakes the next beat (the marker check)
+            except ConnectionLost as exc:
+                self._failed(str(exc))
+            return
+        sent = _mono_us()
+        sent_at = time.monotonic()
+        try:
+            replies = await self._calls(pack("TIME"), pack("GET", self.marker_key))
+        except ConnectionError as exc:
+            self._failed(f"heartbeat: {exc}")
+            return
+        if replies is None:
+            self._failed(f"no reply to the heartbeat within {self._stall_s * 1000:.0f} ms")
+            return
+        clock, marker = replies
+        for reply in replies:
+            if isinstance(reply, hiredis.ReplyError):
+                self._failed(f"heartbeat: {reply}")
+                return
+        self._observe_clock(clock, sent, _mono_us())
+        # healthy as of when it was asked: a failure seen since then still counts
+        self._last_ok_at = max(self._last_ok_at, sent_at)
+        if marker is None or marker != self._marker:
+            await self._marker_changed(marker)
+
+    async def _marker_changed(self, marker: Optional[bytes]) -> None:
+        """The store marker is missing, or not the one this sidecar saw: the store lost its
+        data (restart without persistence, FLUSHALL, failover to an empty replica) — unless
+        this sidecar never saw one (its first look at a new store)."""
+        assert self.conn is not None
+        if marker is None:
+            made = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {uuid.uuid4().hex}"
+            # one marker for every replica: the first SET NX wins, all read the winner
+            replies = await self._calls(pack("SET", self.marker_key, made, "NX"),
+                                        pack("GET", self.marker_key))
+            if replies is None or not isinstance(replies[1], bytes):
+                return  # the next beat looks again
+            marker = replies[1]
+        if self._marker is not None:
+            self.store_resets += 1
+            self._store_reset_note = (
+                f"the store lost its data at {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}"
+                f" ({self.store_resets} time(s) since start): its marker {self.marker_key} was "
+                "gone or replaced, so budgets and buckets started again from zero "
+                "(docs/redis.md, persistence)")
+            log.error("redis %s: %s", self.where, self._store_reset_note)
+        elif isinstance(marker, bytes):
+            log.info("redis %s: store marker %s = %s", self.where, self.marker_key,
+                     marker.decode(errors="replace"))
+        self._marker = marker if isinstance(marker, bytes) else None
 
     # --- decisions ---------------------------------------------------------
     def keys(self, tenant: str) -> tuple[str, str, str]:
@@ -206,9 +395,10 @@ class RedisBackend:
         request = [self._now_arg(), tier, input_tokens, output_tokens, firm_tokens,
                    1 if commit_on_deny else 0]
         if self.cfg.cluster:
-            # redis-py routes each EVALSHA to the tenant's node (no batching across slots)
+            # redis-py routes each EVALSHA to the tenant's node (no batching across slots);
+            # no deadline (0): its clock is not read here (docs/redis.md, not covered)
             reply = await self._call(self.decide_script, list(self.keys(tenant)),
-                                     request + self._limit_args_of(limits), None)
+                                     request + self._limit_args_of(limits) + [0], None)
         else:
             limits_packed, n_limit_args = self._limits_packed(limits)
             reply = await self._queue_decision(
@@ -224,7 +414,7 @@ class RedisBackend:
     # --- batching (single node) ------------------------------------------------
     def _queue_decision(self, tenant: str, args: bytes, nargs: int,
                         late: LateReply) -> asyncio.Future:
-        if self.client is None:
+        if self.client is None and self.conn is None:
             raise BackendError("redis backend not started")
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
@@ -236,8 +426,9 @@ class RedisBackend:
     def _flush_decisions(self) -> None:
         queued, self._queued = self._queued, []
         loop = asyncio.get_running_loop()
+        deadline_us = _mono_us() + int(self.timeout_s * 1e6)
         for i in range(0, len(queued), BATCH_MAX):
-            batch = _Batch(queued[i:i + BATCH_MAX], None)
+            batch = _Batch(queued[i:i + BATCH_MAX], None, deadline_us)
             batch.timer = loop.call_later(self.timeout_s, self._batch_timed_out, batch)
             self._send_batch(batch)
 
@@ -247,20 +438,26 @@ class RedisBackend:
             asyncio.get_running_loop().create_task(self._connect_then_send(batch))
             return
         items = batch.items
+        # the callers' deadline in Redis's clock (lua/deadline.lua): past it, Redis applies
+        # nothing, for its callers have been answered by the failure mode
+        offset = self._clock_offset(_mono_us())
+        deadline = _bulk(batch.deadline_us + offset if offset is not None else 0)
         if len(items) == 1:
             tenant, args, nargs, _, _ = items[0]
             packed = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n3\r\n" % (
-                6 + nargs, self.decide_script.sha.encode()) + self._keys_packed(tenant) + args
+                7 + nargs, self.decide_script.sha.encode()) + self._keys_packed(tenant) + args \
+                + deadline
         else:
             n = len(items)
             parts = [b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n" % (
-                4 + 3 * n + n + sum(it[2] for it in items), self.batch_script.sha.encode()),
+                5 + 3 * n + n + sum(it[2] for it in items), self.batch_script.sha.encode()),
                 _bulk(3 * n)]
             parts += [self._keys_packed(it[0]) for it in items]
             parts.append(_bulk(n))
             for _, args, nargs, _, _ in items:
                 parts.append(_bulk(nargs))
                 parts.append(args)
+            parts.append(deadline)
             packed = b"".join(parts)
         self.conn.submit(packed).add_done_callback(
             lambda fut: self._batch_replied(batch, fut))
@@ -285,6 +482,11 @@ class RedisBackend:
             return
         reply = fut.result()
         if isinstance(reply, hiredis.ReplyError):
+            if str(reply).startswith("KTEXPIRED"):
+                # it reached Redis after its callers were answered: nothing was applied
+                self.expired += len(batch.items)
+                self._fail_batch(batch, f"no reply within {self.cfg.timeout_ms} ms ({reply})")
+                return
             if str(reply).startswith("NOSCRIPT") and batch.attempt == 1:
                 # Redis lost its script cache (restart, failover, SCRIPT FLUSH): load, resend
                 batch.attempt = 2
@@ -418,7 +620,7 @@ class RedisBackend:
     # --- calls ---------------------------------------------------------------
     async def _call(self, script: _Script, keys: list[str], args: list[Any],
                     packed: Optional[bytes]) -> Any:
-        if self.client is None:
+        if self.client is None and self.conn is None:
             raise BackendError("redis backend not started")
         try:
             reply = await asyncio.wait_for(self._send(script, keys, args, packed), self.timeout_s)
@@ -469,6 +671,14 @@ class RedisBackend:
         return BackendTimeout(text) if timed_out else BackendError(text)
 
     def status(self) -> BackendStatus:
+        # a store that lost its data still decides (every replica shares the loss; failing
+        # readiness would take the whole gateway down): reported, with an alert on the metric
+        note = f"; {self._store_reset_note}" if self._store_reset_note else ""
         if self._last_error_at and self._last_error_at >= self._last_ok_at:
-            return BackendStatus(False, f"redis: {self._last_error}")
-        return BackendStatus(True, f"redis {self.where}")
+            return BackendStatus(False, f"redis: {self._last_error}{note}")
+        return BackendStatus(True, f"redis {self.where}{note}")
+
+    @property
+    def connection_attempts(self) -> tuple[int, int]:
+        """(attempts that opened a working link, attempts that failed) since start."""
+        return (self.conn.opened, self.conn.failed) if self.conn is not None else (0, 0)
