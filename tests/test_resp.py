@@ -4,6 +4,7 @@ callers connect, and a link that was dropped cannot disturb the one that replace
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 
@@ -137,7 +138,7 @@ def test_backoff_doubles_with_jitter_up_to_its_cap():
     low = [backoff_delay(n, lambda: 0.0) for n in range(1, 12)]
     high = [backoff_delay(n, lambda: 1.0) for n in range(1, 12)]
     assert low[0] == BACKOFF_BASE_S / 2 and high[0] == BACKOFF_BASE_S
-    assert all(b == 2 * a for a, b in zip(high, high[1:]) if b < BACKOFF_CAP_S)
+    assert all(b == 2 * a for a, b in itertools.pairwise(high) if b < BACKOFF_CAP_S)
     assert max(high) == BACKOFF_CAP_S and max(low) == BACKOFF_CAP_S / 2
     assert backoff_delay(10**6, lambda: 1.0) == BACKOFF_CAP_S  # no overflow
 
