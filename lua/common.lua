@@ -6,6 +6,32 @@
 local NO_END = 4611686018427387904
 local US = 1000000
 local DAY_US = 86400000000
+-- Bounds, the core's (native/core.pyx): numbers here are doubles, exact for integers up
+-- to 2^53, and every integer these scripts compute stays there. A count above MAX_TOKENS
+-- is too large (reason 4, size); a cost is capped at MAX_COST (2^53, above any budget; a
+-- true product beyond it rounds to >= 2^53, so the cap gives the core's value); spend
+-- saturates at MAX_COST; settlement deltas are clamped to +-MAX_COST; waits to MAX_WAIT_US.
+local MAX_TOKENS = 34359738367
+local MAX_COST = 9007199254740992
+local MAX_WAIT_US = 1e15
+
+-- spend after adding `amount`, in [0, MAX_COST] (amount within +-MAX_COST: exact enough
+-- that a true sum beyond MAX_COST still reads beyond it)
+local function add_spend(spent, amount)
+  if spent > MAX_COST then spent = MAX_COST elseif spent < 0 then spent = 0 end
+  spent = spent + amount
+  if spent > MAX_COST then return MAX_COST end
+  if spent > 0 then return spent end
+  return 0
+end
+
+-- a stored spend as a number in [0, MAX_COST] (absent or unreadable: 0)
+local function stored_spend(v)
+  local n = tonumber(v)
+  if n == nil or n ~= n or n < 0 then return 0 end
+  if n > MAX_COST then return MAX_COST end
+  return n
+end
 
 -- the clock: a test override (ARGV[1] > 0) or the server's TIME, in µs. TIME is read
 -- once per script call: the decisions of one batch are taken at one instant (the call

@@ -53,16 +53,24 @@ local function decide(KEYS, ARGV)
 
   local function wait_us(deficit, rate)
     if deficit <= 0 then return 0 end
-    return math.ceil(deficit / rate)
+    local w = deficit / rate
+    if w >= MAX_WAIT_US then return MAX_WAIT_US end
+    return math.ceil(w)
   end
 
   local kind, reason, retry_us = 0, 0, 0
+  -- 0. a count beyond MAX_TOKENS is too large for every tenant, counted as MAX_TOKENS
+  if input > MAX_TOKENS or output > MAX_TOKENS then
+    kind, reason = 4, 4
+    if input > MAX_TOKENS then input = MAX_TOKENS end
+    if output > MAX_TOKENS then output = MAX_TOKENS end
+  end
   local tokens = input + output
   local req_cap, tok_cap = rpm * burst, tpm * burst
   local req_rate, tok_rate = rpm / 60e6, tpm / 60e6
 
   -- 1. the soft part of an estimate never makes a request impossible
-  if tpm > 0 and tokens > tok_cap then
+  if kind == 0 and tpm > 0 and tokens > tok_cap then
     if firm > tok_cap then
       kind, reason = 4, 2
     else
@@ -79,7 +87,7 @@ local function decide(KEYS, ARGV)
     pstart, pend = period_bounds(now, period)
     local b = redis.call('HMGET', KEYS[3], 'ps', 's')
     new_period = tonumber(b[1]) ~= pstart
-    if not new_period then spent = tonumber(b[2]) or 0 end
+    if not new_period then spent = stored_spend(b[2]) end
     local remaining = budget - spent
     if remaining < low_water * budget and tier + 1 < ntiers then
       tier = tier + 1
@@ -90,6 +98,7 @@ local function decide(KEYS, ARGV)
     else
       cost = input + output
     end
+    if cost > MAX_COST then cost = MAX_COST end
     budget_remaining = remaining
     if kind <= 1 then
       if cost > budget then
@@ -129,7 +138,7 @@ local function decide(KEYS, ARGV)
   if budget >= 0 then
     -- nothing wrote the budget key since it was read above (the script is atomic)
     if new_period or admitted then
-      if admitted then spent = spent + cost end
+      if admitted then spent = add_spend(spent, cost) end
       redis.call('HSET', KEYS[3], 'ps', string.format('%d', pstart), 's', string.format('%d', spent))
       if new_period and pend ~= NO_END then
         redis.call('PEXPIREAT', KEYS[3], math.floor((pend + DAY_US) / 1000))
@@ -139,6 +148,7 @@ local function decide(KEYS, ARGV)
   end
 
   local retry_after_s = 0
+  if retry_us > MAX_WAIT_US then retry_us = MAX_WAIT_US end
   if retry_us > 0 then
     retry_after_s = math.ceil(retry_us / US)
     if retry_after_s < 1 then retry_after_s = 1 end

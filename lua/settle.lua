@@ -20,10 +20,17 @@
 local now = clock_us(ARGV[1])
 local tpm, burst, budget, period = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local d_tokens, d_cost, charge_start = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+-- clamped as the core clamps them (usage reports bound them long before)
+local function clamp_delta(x)
+  if x > MAX_COST then return MAX_COST end
+  if x < -MAX_COST then return -MAX_COST end
+  return x
+end
+d_tokens, d_cost = clamp_delta(d_tokens), clamp_delta(d_cost)
 
 if not redis.call('SET', KEYS[3], '1', 'NX', 'PX', tonumber(ARGV[9])) then
   local s = -1
-  if budget >= 0 then s = tonumber(redis.call('HGET', KEYS[2], 's')) or 0 end
+  if budget >= 0 then s = stored_spend(redis.call('HGET', KEYS[2], 's')) end
   return {0, s}
 end
 
@@ -39,12 +46,11 @@ local pstart, pend = period_bounds(now, period)
 local b = redis.call('HMGET', KEYS[2], 'ps', 's')
 local spent = 0
 local new_period = tonumber(b[1]) ~= pstart
-if not new_period then spent = tonumber(b[2]) or 0 end
+if not new_period then spent = stored_spend(b[2]) end
 if charge_start == pstart or charge_start < 0 then
-  spent = spent + d_cost
-  if spent < 0 then spent = 0 end
+  spent = add_spend(spent, d_cost)
 elseif d_cost > 0 then
-  spent = spent + d_cost
+  spent = add_spend(spent, d_cost)
 end
 redis.call('HSET', KEYS[2], 'ps', string.format('%d', pstart), 's', string.format('%d', spent))
 if new_period and pend ~= NO_END then

@@ -7,6 +7,14 @@ both are tested against. Pure computation: the clock comes in as ``now_us``
 (integer microseconds since the Unix epoch, UTC), nothing here does I/O.
 
 Units: tokens are integers; a budget is in tokens or nano-USD (1e-9 USD).
+
+Bounds (docs/contract.md, "Bounds"): every quantity is bounded where it enters, so no
+product or sum below can wrap int64, and the Lua scripts, whose numbers are doubles,
+compute the same values exactly (every integer they handle stays at or below 2^53):
+a token count per request above MAX_TOKENS is refused as too large (R_SIZE); a cost is
+at most MAX_TOKENS x MAX_PRICE x 2 < 2^63 before it is capped at MAX_COST (2^53, more
+than any budget: such a request is too large); spend saturates at MAX_COST; waits are
+capped at MAX_WAIT_US. Limits() refuses anything outside its bounds.
 """
 from libc.math cimport floor, ceil, INFINITY
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
@@ -25,6 +33,7 @@ R_NONE = 0
 R_RPM = 1
 R_TPM = 2
 R_BUDGET = 3
+R_SIZE = 4  # a token count beyond MAX_TOKENS: larger than anything the sidecar counts
 # Budget periods
 P_MINUTE = 0
 P_HOUR = 1
@@ -38,6 +47,21 @@ cdef int64 DAY_US = 86400000000
 # exactly representable as a double (Lua numbers are doubles).
 cdef int64 NO_END = 4611686018427387904
 NO_END_US = NO_END
+
+# Bounds (see the module docstring). 2^35 tokens x 1e8 nano-USD x 2 < 2^63.
+cdef int64 MAX_TOKENS_C = 34359738367          # 2^35 - 1 tokens per count of one request
+cdef int64 MAX_RATE_C = 1000000000000          # rpm, tpm: 1e12 (x burst 1000 < 2^53)
+cdef double MAX_BURST_C = 1000.0
+cdef int64 MAX_PRICE_C = 100000000             # nano-USD per token: $100 per 1K tokens
+cdef int64 MAX_COST_C = 9007199254740992       # 2^53: budgets below it, costs and spend capped at it
+cdef double MAX_WAIT_US_C = 1e15               # retry-after and reset: ~31.7 years at most
+MAX_TOKENS = MAX_TOKENS_C
+MAX_RATE = MAX_RATE_C
+MAX_BURST = MAX_BURST_C
+MAX_PRICE = MAX_PRICE_C
+MAX_COST = MAX_COST_C
+MAX_BUDGET = MAX_COST_C - 1
+MAX_WAIT_US = <int64>MAX_WAIT_US_C
 
 cdef int64 _days_from_civil(int64 y, int64 m, int64 d) noexcept nogil:
     # Howard Hinnant's days_from_civil: proleptic Gregorian date -> days since 1970-01-01
@@ -98,10 +122,13 @@ def period_bounds(int64 now_us, int period):
 
 
 cdef class Limits:
-    """One tenant's compiled limits. rpm/tpm 0 = unlimited; budget -1 = none.
+    """One tenant's compiled limits. rpm/tpm 0 = unlimited (the policy refuses an
+    explicit 0, which would read as "nothing" to a person); budget -1 = none (0 is a
+    budget of nothing: every request with a cost is refused).
 
     prices: one (nano-USD per input token, nano-USD per output token) per tier,
-    best tier first; its length is the number of tiers.
+    best tier first; its length is the number of tiers. Every value is checked against
+    its bound (ValueError): NaN and infinities never get in.
     """
     cdef readonly int64 rpm, tpm, budget
     cdef readonly double burst, low_water, req_cap, tok_cap, req_rate, tok_rate
@@ -115,15 +142,23 @@ cdef class Limits:
                   bint budget_in_usd=False, int period=2, double low_water=0.0,
                   prices=((0, 0),)):
         cdef Py_ssize_t i
-        if rpm < 0 or tpm < 0:
-            raise ValueError("rpm and tpm must be >= 0")
-        if burst < 1.0:
-            raise ValueError("burst must be >= 1")
+        if not (0 <= rpm <= MAX_RATE_C and 0 <= tpm <= MAX_RATE_C):
+            raise ValueError(f"rpm and tpm must be in 0..{MAX_RATE_C}")
+        # written so that NaN fails too (every comparison with NaN is false)
+        if not (1.0 <= burst <= MAX_BURST_C):
+            raise ValueError(f"burst must be in 1..{MAX_BURST_C:g}")
+        if not (0.0 <= low_water < 1.0):
+            raise ValueError("low_water must be in [0, 1)")
+        if not (-1 <= budget < MAX_COST_C):
+            raise ValueError(f"budget must be -1 (none) or in 0..{MAX_COST_C - 1}")
         if period < 0 or period > 4:
             raise ValueError("unknown period")
         self.prices = tuple((int(a), int(b)) for a, b in prices)
         if len(self.prices) < 1:
             raise ValueError("at least one tier")
+        for a, b in self.prices:
+            if not (0 <= a <= MAX_PRICE_C and 0 <= b <= MAX_PRICE_C):
+                raise ValueError(f"prices must be in 0..{MAX_PRICE_C} nano-USD per token")
         self.rpm, self.tpm, self.budget = rpm, tpm, budget
         self.burst, self.low_water = burst, low_water
         self.budget_in_usd, self.period = budget_in_usd, period
@@ -145,9 +180,36 @@ cdef class Limits:
         PyMem_Free(self._pout)
 
     cdef inline int64 cost(self, int tier, int64 input_tokens, int64 output_tokens):
+        # counts <= MAX_TOKENS and prices <= MAX_PRICE: the products and their sum stay
+        # below 2^63; the result is capped at MAX_COST, more than any budget
+        cdef int64 c
         if not self.budget_in_usd:
-            return input_tokens + output_tokens
-        return input_tokens * self._pin[tier] + output_tokens * self._pout[tier]
+            c = input_tokens + output_tokens
+        else:
+            c = input_tokens * self._pin[tier] + output_tokens * self._pout[tier]
+        return MAX_COST_C if c > MAX_COST_C else c
+
+
+cdef inline int64 _add_spend(int64 spent, int64 amount):
+    # amount in [-MAX_COST, MAX_COST] (callers clamp) and spent brought into [0, MAX_COST]
+    # first (State.spent is writable from Python: a state file), so the sum cannot wrap;
+    # spend saturates at MAX_COST (more than any budget) and never goes negative
+    if spent > MAX_COST_C:
+        spent = MAX_COST_C
+    elif spent < 0:
+        spent = 0
+    spent += amount
+    if spent > MAX_COST_C:
+        return MAX_COST_C
+    return spent if spent > 0 else 0
+
+
+cdef inline int64 _clamp_delta(int64 x):
+    if x > MAX_COST_C:
+        return MAX_COST_C
+    if x < -MAX_COST_C:
+        return -MAX_COST_C
+    return x
 
 
 cdef class State:
@@ -226,9 +288,12 @@ cdef inline double _refill(double level, int64 last, double cap, double rate, in
 
 
 cdef inline int64 _wait_us(double deficit, double rate):
+    cdef double w
     if deficit <= 0.0:
         return 0
-    return <int64>ceil(deficit / rate)
+    w = deficit / rate
+    # a deep debt at a low rate could exceed int64 as a double: cap before the cast
+    return <int64>MAX_WAIT_US_C if w >= MAX_WAIT_US_C else <int64>ceil(w)
 
 
 cdef inline int64 _remaining(double level, int64 limit):
@@ -254,16 +319,26 @@ cpdef Outcome decide(Limits lim, State st, int64 now_us, int tier, int64 input_t
     """
     cdef int kind = 0, reason = 0
     cdef double retry_us = 0.0, wait_req = 0.0, wait_tok = 0.0
-    cdef int64 tokens = input_tokens + output_tokens
-    cdef int64 cost = 0, budget_remaining = -1, start = 0, end = NO_END, remaining
+    cdef int64 tokens
+    cdef int64 cost = 0, budget_remaining = 0, start = 0, end = NO_END, remaining
     cdef double req_level = 0.0, tok_level = 0.0
     cdef int64 charged_tokens = 0, charged_cost = 0
     if tier < 0 or tier >= lim.ntiers:
         raise ValueError("tier out of range")
-    if input_tokens < 0 or output_tokens < 0:
+    if input_tokens < 0 or output_tokens < 0 or firm_tokens < 0:
         raise ValueError("token counts must be >= 0")
+    # 0. a count beyond MAX_TOKENS is larger than anything counted: too large for every
+    #    tenant. It is counted as MAX_TOKENS (what shadow mode charges), so nothing below
+    #    can wrap.
+    if input_tokens > MAX_TOKENS_C or output_tokens > MAX_TOKENS_C:
+        kind, reason = 4, 4
+        if input_tokens > MAX_TOKENS_C:
+            input_tokens = MAX_TOKENS_C
+        if output_tokens > MAX_TOKENS_C:
+            output_tokens = MAX_TOKENS_C
+    tokens = input_tokens + output_tokens
     # 1. trim the soft part of the estimate
-    if lim.tpm > 0 and tokens > lim.tok_cap:
+    if kind == 0 and lim.tpm > 0 and tokens > lim.tok_cap:
         if firm_tokens > lim.tok_cap:
             kind, reason = 4, 2
         else:
@@ -277,6 +352,7 @@ cpdef Outcome decide(Limits lim, State st, int64 now_us, int tier, int64 input_t
         if st.period_start != start:
             st.period_start = start
             st.spent = 0
+        st.spent = _add_spend(st.spent, 0)  # into [0, MAX_COST]: no subtraction can wrap
         remaining = lim.budget - st.spent
         if remaining < lim.low_water * lim.budget and tier + 1 < lim.ntiers:
             tier += 1
@@ -320,10 +396,12 @@ cpdef Outcome decide(Limits lim, State st, int64 now_us, int tier, int64 input_t
             tok_level -= tokens
             st.tok_level = tok_level
         if lim.budget >= 0:
-            st.spent += cost
+            st.spent = _add_spend(st.spent, cost)
             budget_remaining = lim.budget - st.spent
         charged_tokens, charged_cost = tokens, cost
     cdef int64 retry_after_s = 0
+    if retry_us > MAX_WAIT_US_C:
+        retry_us = MAX_WAIT_US_C
     if retry_us > 0.0:
         retry_after_s = <int64>ceil(retry_us / US)
         if retry_after_s < 1:
@@ -389,6 +467,9 @@ cpdef int64 settle(Limits lim, State st, int64 now_us, int64 delta_tokens, int64
     Returns the budget spent after the adjustment (-1 without a budget)."""
     cdef double tok_level
     cdef int64 start = 0, end = 0
+    # deltas come from usage reports (bounded there); clamped again so no sum can wrap
+    delta_tokens = _clamp_delta(delta_tokens)
+    delta_cost = _clamp_delta(delta_cost)
     if lim.tpm > 0 and delta_tokens != 0:
         tok_level = _refill(st.tok_level, st.tok_last, lim.tok_cap, lim.tok_rate, now_us)
         tok_level -= delta_tokens
@@ -403,11 +484,9 @@ cpdef int64 settle(Limits lim, State st, int64 now_us, int64 delta_tokens, int64
         st.period_start = start
         st.spent = 0
     if period_start == start or period_start < 0:
-        st.spent += delta_cost
-        if st.spent < 0:
-            st.spent = 0
+        st.spent = _add_spend(st.spent, delta_cost)
     elif delta_cost > 0:
         # extra usage of a request admitted in an earlier period is charged now:
         # spend is never lost, it lands in the period in which it became known
-        st.spent += delta_cost
+        st.spent = _add_spend(st.spent, delta_cost)
     return st.spent

@@ -8,12 +8,20 @@ R_NONE: int
 R_RPM: int
 R_TPM: int
 R_BUDGET: int
+R_SIZE: int
 P_MINUTE: int
 P_HOUR: int
 P_DAY: int
 P_MONTH: int
 P_TOTAL: int
 NO_END_US: int
+MAX_TOKENS: int
+MAX_RATE: int
+MAX_BURST: float
+MAX_PRICE: int
+MAX_COST: int
+MAX_BUDGET: int
+MAX_WAIT_US: int
 
 def period_bounds(now_us: int, period: int) -> tuple[int, int]: ...
 

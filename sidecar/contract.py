@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import msgspec
 
+from sidecar import _core
 from sidecar.model import REASONS, Decision, Kind
 
 # Set on the upstream request (the LLM provider / gateway sees them; Envoy routes on x-kt-tier).
@@ -151,6 +152,9 @@ def _deny_message(d: Decision) -> str:
         left = budget_amount(_within(o.budget_remaining, o.budget_limit), d.budget_unit)
         return f"Budget exhausted for tenant {d.tenant!r}: {left} {d.budget_unit} left.{tail}"
     if d.kind is Kind.TOO_LARGE and o is not None:
+        if reason == "size":
+            return (f"Request too large for tenant {d.tenant!r}: its token estimate exceeds "
+                    f"{_core.MAX_TOKENS} tokens, the most any request may count.")
         if reason == "tokens":
             return (f"Request too large for tenant {d.tenant!r}: its token estimate exceeds what "
                     f"the tenant's token bucket holds ({o.limit_tokens} tokens per minute, "

@@ -12,6 +12,7 @@ from typing import Optional, Union
 
 import msgspec
 
+from sidecar import _core
 from sidecar.model import Estimate, Request
 from sidecar.policy.load import CompiledPolicy
 
@@ -45,6 +46,28 @@ def _parse_count(value: Union[str, int], what: str) -> int:
     if n < 0 or n > MAX_TOKENS:
         raise EstimateError(f"{what} must be between 0 and {MAX_TOKENS}, got {n}")
     return n
+
+
+# content-length digits read at most: more is beyond the cap whatever they say (and int()
+# of thousands of digits is slow, or refused by Python)
+_LENGTH_DIGITS_MAX = 18
+
+
+def _content_length_tokens(req: Request, chars_per_token: float) -> int:
+    """Prompt tokens of a partial body, sized from what arrived and from content-length
+    (the client's claim: it can only make its own estimate larger). Capped at one more
+    than the core counts (_core.MAX_TOKENS + 1), so a claim beyond it is refused as too
+    large (413) and no product of it can wrap: a claimed 2e16 bytes once became 5e15
+    tokens and a negative cost."""
+    cap = _core.MAX_TOKENS + 1
+    size = len(req.body)
+    length = req.headers.get("content-length", "").strip()
+    if length.isascii() and length.isdigit():
+        if len(length) > _LENGTH_DIGITS_MAX:
+            return cap
+        size = max(size, int(length))
+    tokens = size / chars_per_token
+    return math.ceil(tokens) if tokens < cap else cap
 
 
 def estimate(policy: CompiledPolicy, req: Request) -> Estimate:
@@ -81,11 +104,7 @@ def estimate(policy: CompiledPolicy, req: Request) -> Estimate:
 
     if req.body_truncated:
         # Envoy sent only the first part of a large body: size it from content-length.
-        size = len(req.body)
-        length = req.headers.get("content-length")
-        if length is not None and length.isdigit():
-            size = max(size, int(length))
-        input_tokens = math.ceil(size / cfg.chars_per_token)
+        input_tokens = _content_length_tokens(req, cfg.chars_per_token)
         return Estimate(input_tokens, cfg.default_output_tokens, input_tokens, model, "body")
 
     return Estimate(0, cfg.default_request_tokens, 0, model, "default")

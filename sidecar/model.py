@@ -55,7 +55,8 @@ CORE_KINDS = {
     _core.DENY_BUDGET: Kind.DENY_BUDGET,
     _core.TOO_LARGE: Kind.TOO_LARGE,
 }
-REASONS = {_core.R_NONE: "", _core.R_RPM: "requests", _core.R_TPM: "tokens", _core.R_BUDGET: "budget"}
+REASONS = {_core.R_NONE: "", _core.R_RPM: "requests", _core.R_TPM: "tokens",
+           _core.R_BUDGET: "budget", _core.R_SIZE: "size"}
 
 
 class Decision(msgspec.Struct, frozen=True):

@@ -19,11 +19,26 @@ US = 1_000_000
 
 # Outcome kinds (same numbers in core.pyx and decide.lua)
 ALLOW, DOWNGRADE, DENY_RATE, DENY_BUDGET, TOO_LARGE = 0, 1, 2, 3, 4
-# Reasons: which limit decided
-R_NONE, R_RPM, R_TPM, R_BUDGET = 0, 1, 2, 3
+# Reasons: which limit decided (R_SIZE: a count beyond MAX_TOKENS)
+R_NONE, R_RPM, R_TPM, R_BUDGET, R_SIZE = 0, 1, 2, 3, 4
 # Periods
 P_MINUTE, P_HOUR, P_DAY, P_MONTH, P_TOTAL = 0, 1, 2, 3, 4
 NO_END = 2**62
+# Bounds (native/core.pyx). Python integers cannot wrap; the bounds are part of the rules
+# because the implementations' int64 and doubles need them: a count beyond MAX_TOKENS is
+# too large; a cost is capped at MAX_COST (above any budget); spend saturates there;
+# settlement deltas are clamped to +-MAX_COST; waits are capped at MAX_WAIT_US.
+MAX_TOKENS = 2**35 - 1
+MAX_COST = 2**53
+MAX_WAIT_US = 10**15
+
+
+def add_spend(spent: int, amount: int) -> int:
+    return max(0, min(MAX_COST, max(0, min(spent, MAX_COST)) + amount))
+
+
+def clamp_delta(x: int) -> int:
+    return max(-MAX_COST, min(MAX_COST, x))
 
 
 def period_bounds(now_us: int, period: int) -> tuple[int, int]:
@@ -105,7 +120,10 @@ def remaining_shown(level: float, limit: int) -> int:
 
 
 def wait_us(deficit: float, rpm_like: int) -> int:
-    return math.ceil(deficit / (rpm_like / 60e6)) if deficit > 0 else 0
+    if deficit <= 0:
+        return 0
+    w = deficit / (rpm_like / 60e6)
+    return MAX_WAIT_US if w >= MAX_WAIT_US else math.ceil(w)
 
 
 def _refill(level: float, last: int, cap: float, rpm_like: int, now: int) -> float:
@@ -119,9 +137,9 @@ def _refill(level: float, last: int, cap: float, rpm_like: int, now: int) -> flo
 
 def cost_of(lim: Limits, tier: int, input_tokens: int, output_tokens: int) -> int:
     if not lim.budget_in_usd:
-        return input_tokens + output_tokens
+        return min(MAX_COST, input_tokens + output_tokens)
     pin, pout = lim.prices[tier]
-    return input_tokens * pin + output_tokens * pout
+    return min(MAX_COST, input_tokens * pin + output_tokens * pout)
 
 
 def decide(
@@ -137,10 +155,14 @@ def decide(
     """One decision. Mutates ``st`` only as the rules say (a denial holds nothing,
     unless commit_on_deny: shadow mode, where the request goes through anyway)."""
     kind, reason, retry_us = ALLOW, R_NONE, 0
+    # 0. A count beyond MAX_TOKENS is too large for every tenant (counted as MAX_TOKENS).
+    if max(input_tokens, output_tokens) > MAX_TOKENS:
+        kind, reason = TOO_LARGE, R_SIZE
+        input_tokens, output_tokens = min(input_tokens, MAX_TOKENS), min(output_tokens, MAX_TOKENS)
     # 1. Estimate trimming: the soft part (a defaulted output size) never makes a
     #    request impossible; the firm part (prompt + explicit max_tokens) may.
     tokens = input_tokens + output_tokens
-    if lim.tpm > 0 and tokens > lim.tok_cap:
+    if kind == ALLOW and lim.tpm > 0 and tokens > lim.tok_cap:
         if firm_tokens > lim.tok_cap:
             kind, reason = TOO_LARGE, R_TPM
         else:
@@ -156,6 +178,7 @@ def decide(
         budget_end = end
         if st.period_start != start:
             st.period_start, st.spent = start, 0
+        st.spent = add_spend(st.spent, 0)
         remaining = lim.budget - st.spent
         if remaining < lim.low_water * lim.budget and tier + 1 < len(lim.prices):
             tier += 1
@@ -195,10 +218,11 @@ def decide(
         if lim.tpm > 0:
             st.tok_level = tok_level = tok_level - tokens
         if lim.budget >= 0:
-            st.spent += cost
+            st.spent = add_spend(st.spent, cost)
             budget_remaining = lim.budget - st.spent
         charged_tokens, charged_cost = tokens, cost
     retry_after_s = 0
+    retry_us = min(retry_us, MAX_WAIT_US)
     if retry_us > 0:
         retry_after_s = max(1, math.ceil(retry_us / US))
     # without a limit its remaining and reset are 0 (the limit, 0, says there is none)
@@ -228,6 +252,7 @@ def settle(lim: Limits, st: State, now: int, delta_tokens: int, delta_cost: int,
     never reaches into a closed period; extra usage of a request admitted in a
     closed period lands in the current one: spend is never lost.
     Returns the budget spent after it (-1 without a budget)."""
+    delta_tokens, delta_cost = clamp_delta(delta_tokens), clamp_delta(delta_cost)
     if lim.tpm > 0 and delta_tokens != 0:
         level = _refill(st.tok_level, st.tok_last, lim.tok_cap, lim.tpm, now)
         st.tok_level, st.tok_last = min(lim.tok_cap, level - delta_tokens), now
@@ -237,7 +262,7 @@ def settle(lim: Limits, st: State, now: int, delta_tokens: int, delta_cost: int,
     if st.period_start != start:
         st.period_start, st.spent = start, 0
     if period_start == start or period_start < 0:
-        st.spent = max(0, st.spent + delta_cost)
+        st.spent = add_spend(st.spent, delta_cost)
     elif delta_cost > 0:
-        st.spent += delta_cost
+        st.spent = add_spend(st.spent, delta_cost)
     return st.spent

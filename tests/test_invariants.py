@@ -12,6 +12,7 @@ import pytest
 from sidecar import _core, contract
 from sidecar.backends.memory import MemoryBackend
 from sidecar.backends.redis import RedisBackend
+from sidecar.estimate import estimate
 from sidecar.model import CORE_KINDS, Decision, Kind, Request
 from sidecar.policy.load import parse_policy
 from sidecar.service import DecisionService
@@ -172,3 +173,65 @@ tenants:
                for s in m.samples if m.name in ("kt_budget_remaining", "kt_tokens_remaining")]
     assert ("kt_budget_remaining", {"tenant": "withbudget", "unit": "tokens"}, 400.0) in samples
     assert not [s for s in samples if s[1]["tenant"] == "nobudget"]
+
+
+USD_POLICY = b"""
+tiers: [{name: default, model: gpt-4o}]
+pricing: {gpt-4o: {input: 0.0025, output: 0.01}}
+tenants:
+  acme: {budget: {usd: 50, period: month}}
+"""
+
+
+@pytest.mark.parametrize("length", ["20000000000000000", "9" * 40, "  20000000000000000 "])
+def test_a_huge_content_length_is_too_large_and_never_wraps_the_budget(backend_kind, backend_url,
+                                                                       length):
+    """The issue's case: a partial body whose content-length claims 2e16 bytes was
+    estimated at 5e15 tokens; tokens x price wrapped negative in the core and a $50
+    budget showed $5,946,744,123 remaining. The estimate is capped one past the core's
+    MAX_TOKENS, so the request is refused as too large (413) and charges nothing."""
+    text = USD_POLICY
+    if backend_kind == "redis":
+        text += f"backend: {{kind: redis, url: '{backend_url}', timeout_ms: 2000}}\n".encode()
+    policy = parse_policy(text, "<test>")
+    clock = Clock()
+    svc = DecisionService(policy, make_backend(backend_kind, clock, backend_url))
+    tenant = fresh_tenant("acme")
+    svc.policy.tenants[tenant] = svc.policy.tenants["acme"]
+
+    async def main():
+        await svc.backend.start()
+        try:
+            huge = await svc.decide(Request(headers={"x-tenant-id": tenant,
+                                                     "content-length": length},
+                                            body=b'{"model": "gpt-4o", "messages": [{"con',
+                                            body_truncated=True))
+            small = await svc.decide(Request(headers={"x-tenant-id": tenant},
+                                             body=b'{"model": "gpt-4o", "max_tokens": 100}'))
+            return huge, small
+        finally:
+            await svc.backend.close()
+
+    huge, small = asyncio.run(main())
+    assert huge.kind is Kind.TOO_LARGE and huge.outcome.reason == _core.R_SIZE
+    answer = contract.answer(huge)
+    assert answer.status == 413 and b"request_too_large" in answer.body
+    assert huge.outcome.charged_cost == 0 and huge.outcome.budget_remaining == 50_000_000_000
+    # nothing was charged: the next request sees the whole $50 less its own cost
+    assert small.kind is Kind.ALLOW and small.outcome.charged_cost == 100 * 10_000
+    assert small.outcome.budget_remaining == 50_000_000_000 - 1_000_000
+
+
+def test_content_length_at_the_cap_is_counted_and_beyond_it_too_large():
+    policy = parse_policy(b"tiers: [{name: default, model: m}]\n", "<test>")
+    cap_bytes = _core.MAX_TOKENS * 4  # chars_per_token 4: exactly MAX_TOKENS tokens
+
+    def tokens(length: str) -> int:
+        return estimate(policy, Request(headers={"content-length": length}, body=b"{",
+                                        body_truncated=True)).input_tokens
+
+    assert tokens(str(cap_bytes)) == _core.MAX_TOKENS
+    assert tokens(str(cap_bytes + 1)) == _core.MAX_TOKENS + 1  # refused by the core (R_SIZE)
+    assert tokens("2" + "0" * 16) == _core.MAX_TOKENS + 1
+    assert tokens("١٢٣") == 1  # not ASCII digits: sized from what arrived, never a crash
+    assert tokens("-5") == 1 and tokens("") == 1

@@ -120,7 +120,7 @@ pricing:
 
 
 @pytest.mark.parametrize("fragment, message", [
-    ("pricing: {m: {input: 1, output: 1, cached_input: -0.1}}", "$.pricing.m: cached_input"),
+    ("pricing: {m: {input: 1, output: 1, cached_input: -0.1}}", "$.pricing.m.cached_input: must be a number in 0..100"),
     ("ledger: {sink: postgres}", "$.ledger: sink postgres needs `dsn` or `dsn_file`"),
     ("ledger: {thresholds: [0.5, 0]}", "$.ledger.thresholds: fractions must be in (0, 10]"),
     ("ledger: {rotate_mb: 0}", "$.ledger.rotate_mb: must be > 0"),

@@ -213,8 +213,30 @@ def test_keys_share_one_hash_tag_and_carry_ttls(valkey):
     r.close()
 
 
+_MAXT = _core.MAX_TOKENS
+_USD_AT_THE_BOUNDS = ref.Limits(budget=_core.MAX_BUDGET, budget_in_usd=True,
+                                prices=[(_core.MAX_PRICE, _core.MAX_PRICE)])
+
 # Boundaries random sequences rarely hit, replayed on the reference, the core and Lua.
 BOUNDARY_CASES = {
+    # the bounds of docs/contract.md: at them a request is counted exactly, beyond them
+    # it is too large, and nothing wraps (a content-length of 2e16 once made a cost
+    # negative in the core and a $50 budget show $5.9e9 remaining)
+    "a count at MAX_TOKENS is counted": (ref.Limits(budget=2**40),
+                                         [(0, 0, _MAXT, 0, True, False)]),
+    "a count beyond MAX_TOKENS is too large": (ref.Limits(budget=2**40),
+                                               [(0, 0, _MAXT + 1, 0, True, False),
+                                                (0, 0, 0, _MAXT + 1, False, False)]),
+    "a cost beyond MAX_COST is capped and too large": (
+        _USD_AT_THE_BOUNDS, [(0, 0, _MAXT, _MAXT, True, False), (0, 0, 1, 0, True, False)]),
+    "shadow mode saturates spend, never wraps it": (
+        _USD_AT_THE_BOUNDS, [(0, 0, _MAXT, _MAXT, True, True)] * 3 + [(0, 0, 1, 0, True, False)]),
+    "a deep debt caps retry-after and reset": (
+        ref.Limits(rpm=1, tpm=1, budget=-1),
+        [(0, 0, _MAXT, 0, True, True), (0, 0, 0, 1, True, False)]),
+    "a budget at its bound is exact": (
+        ref.Limits(budget=_core.MAX_BUDGET),
+        [(0, 0, _MAXT, _MAXT, True, False), (0, 0, 0, 1, True, False)]),
     # spend exactly down to the low-water mark: not below it, so no downgrade yet
     "low water is strict": (ref.Limits(budget=1000, low_water=0.5, prices=[(0, 0), (0, 0)]),
                             [(0, 0, 0, 500, True, False), (0, 0, 0, 1, True, False),
@@ -240,4 +262,44 @@ def test_boundaries_agree_on_core_and_lua(valkey, case):
         want = ref.decide(lim, ref_state, now, tier, inp, out, inp + out, shadow)
         got = _core.decide(core_lim, core_state, now, tier, inp, out, inp + out, shadow)
         assert [getattr(got, f) for f in FIELDS] == [getattr(want, f) for f in FIELDS]
+        # what no boundary may break, whatever the model says
+        assert 0 <= got.charged_cost <= _core.MAX_COST and 0 <= core_state.spent <= _core.MAX_COST
+        assert 0 <= got.budget_remaining <= max(lim.budget, 0)
+        assert 0 <= got.retry_after_s <= _core.MAX_WAIT_US // 1_000_000
+        assert 0 <= got.reset_tokens_us <= _core.MAX_WAIT_US
+        if max(inp, out) > _core.MAX_TOKENS:
+            assert (got.kind, got.reason) == (_core.TOO_LARGE, _core.R_SIZE)
     run_sequence(valkey, lim, seq)
+
+
+SETTLE_BOUNDARY_CASES = {
+    # deltas far beyond any usage report: clamped to +-MAX_COST, spend stays in
+    # [0, MAX_COST], the token bucket's debt caps its waits
+    "huge charges saturate": [(0, 2**62, 2**62, "current"), (0, 2**62 + 1, 2**62 + 1, "unknown"),
+                              (1000, 1, 1, "previous")],
+    "huge refunds stop at zero": [(0, -2**62, -2**62, "current"), (0, 5, 5, "current")],
+    "a closed period takes charges, never refunds": [(0, 10, 10, "previous"),
+                                                     (0, -10, -10, "previous")],
+}
+
+
+@pytest.mark.parametrize("case", sorted(SETTLE_BOUNDARY_CASES))
+def test_settlement_boundaries_agree_on_core_and_lua(valkey, case):
+    lim = ref.Limits(rpm=5, tpm=1000, budget=_core.MAX_BUDGET, period=ref.P_DAY)
+    adjustments = SETTLE_BOUNDARY_CASES[case]
+    seq = [(0, 0, 10, 10, True, False)]
+    core_lim, core_state, ref_state = to_core(lim), _core.State(), ref.State()
+    now = int(time.time()) * 1_000_000
+    ref.decide(lim, ref_state, now, 0, 10, 10, 20)
+    _core.decide(core_lim, core_state, now, 0, 10, 10, 20)
+    for gap, d_tokens, d_cost, which in adjustments:
+        now += gap
+        start = ref.period_bounds(now, lim.period)[0]
+        period_start = {"current": start, "previous": start - 1, "unknown": -1}[which]
+        want = ref.settle(lim, ref_state, now, d_tokens, d_cost, period_start)
+        assert _core.settle(core_lim, core_state, now, d_tokens, d_cost, period_start) == want
+        assert 0 <= want <= _core.MAX_COST
+        assert core_state.tok_level == ref_state.tok_level
+        after = ref.decide(lim, ref.State(**vars(ref_state)), now, 0, 1, 0, 1)
+        assert after.retry_after_s <= _core.MAX_WAIT_US // 1_000_000
+    run_sequence(valkey, lim, seq, adjustments)

@@ -23,11 +23,12 @@ BAD = {
     "unpriced_usd.yaml": ("$.tenants.acme.budget: USD budget, but tier 'compact' uses model "
                           "'gpt-4o-mini' which has no entry in `pricing`"),
     "low_water_out_of_range.yaml": "$.defaults.budget.low_water: must be in [0, 1), got 1.5",
-    "burst_below_one.yaml": "$.tenants.acme.limits.burst: must be >= 1.0, got 0.5",
+    "burst_below_one.yaml": "$.tenants.acme.limits.burst: must be a number in 1..1000, got 0.5",
     "duplicate_tier.yaml": "$.tiers[1].name: duplicate tier name 'default'",
     "not_yaml.yaml": "not valid YAML at line 2, column 1: expected ',' or ']', but got '<scalar>'",
     "not_a_mapping.yaml": "$: expected a mapping at the top level, got list",
-    "negative_rpm.yaml": "$.defaults.limits: rpm and tpm must be >= 0 (0 or absent = unlimited)",
+    "negative_rpm.yaml": ("$.defaults.limits.rpm: must be in 1..1000000000000, got -5 "
+                          "(omit it for no limit: 0 would read as \"nothing\")"),
     "unknown_backend.yaml": "$.backend.kind: Invalid value 'etcd'; expected one of: memory, redis",
     "bad_unknown_mode.yaml": "$.tenant.unknown: Invalid enum value 'allow'; expected one of: defaults, deny",
     "tls_without_rediss.yaml": "$.backend.tls: TLS settings need a rediss:// url",

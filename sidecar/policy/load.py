@@ -26,6 +26,10 @@ PERIODS = {"minute": _core.P_MINUTE, "hour": _core.P_HOUR, "day": _core.P_DAY,
 # USD per 1K tokens -> nano-USD per token
 NANO_PER_USD_PER_1K = 1_000_000
 NANO_PER_USD = 1_000_000_000
+# bounds of the core (docs/contract.md, "Bounds") in the policy's units
+MAX_PRICE_USD_PER_1K = _core.MAX_PRICE / NANO_PER_USD_PER_1K  # 100 USD per 1K tokens
+MAX_BUDGET_USD = _core.MAX_BUDGET // NANO_PER_USD  # 9,007,199 USD
+MAX_ESTIMATE_TOKENS = 1_000_000_000  # sidecar.estimate.MAX_TOKENS: a default is an estimate
 
 
 class PolicyError(ValueError):
@@ -160,14 +164,20 @@ def compile_policy(policy: schema.Policy, source: str, digest: str = "") -> Comp
         names.add(tier.name)
         tier_by_model.setdefault(tier.model, i)
     for model, price in policy.pricing.items():
-        if price.input < 0 or price.output < 0:
-            raise fail(f"$.pricing.{model}", "prices must be >= 0")
-        if any(p is not None and not 0 <= p < float("inf")
-               for p in (price.cached_input, price.cache_write)):
-            raise fail(f"$.pricing.{model}", "cached_input and cache_write must be finite and >= 0")
+        for side in ("input", "output", "cached_input", "cache_write"):
+            value = getattr(price, side)
+            # written so that NaN fails too: every comparison with NaN is false
+            if value is not None and not (0.0 <= value <= MAX_PRICE_USD_PER_1K):
+                raise fail(f"$.pricing.{model}.{side}", f"must be a number in "
+                           f"0..{MAX_PRICE_USD_PER_1K:g} (USD per 1K tokens), got {value}")
     est = policy.estimate
-    if est.default_output_tokens < 0 or est.default_request_tokens < 0 or est.chars_per_token <= 0:
-        raise fail("$.estimate", "token defaults must be >= 0 and chars_per_token > 0")
+    if not (0.01 <= est.chars_per_token <= 1000.0):
+        raise fail("$.estimate.chars_per_token", f"must be a number in 0.01..1000, got "
+                   f"{est.chars_per_token}")
+    for name in ("default_output_tokens", "default_request_tokens"):
+        if not (0 <= getattr(est, name) <= MAX_ESTIMATE_TOKENS):
+            raise fail(f"$.estimate.{name}", f"must be in 0..{MAX_ESTIMATE_TOKENS}, got "
+                       f"{getattr(est, name)}")
     if not est.header:
         raise fail("$.estimate.header", "must be a header name")
     if not policy.tenant.header:
@@ -196,8 +206,9 @@ def compile_policy(policy: schema.Policy, source: str, digest: str = "") -> Comp
             tls_context(backend)
         except (OSError, ssl.SSLError) as exc:
             raise fail("$.backend.tls", f"cannot use these files: {exc}") from None
-    if isinstance(backend, schema.MemoryBackend) and backend.flush_interval_s <= 0:
-        raise fail("$.backend.flush_interval_s", "must be > 0")
+    if isinstance(backend, schema.MemoryBackend) and not (0.0 < backend.flush_interval_s <= 3600.0):
+        raise fail("$.backend.flush_interval_s", f"must be a number of seconds in (0, 3600], got "
+                   f"{backend.flush_interval_s}")
     ledger_error = ledger_config.check(policy.ledger)
     if ledger_error is not None:
         raise fail(*ledger_error)
@@ -219,13 +230,16 @@ def compile_policy(policy: schema.Policy, source: str, digest: str = "") -> Comp
 
     def build(where: str, name: str, priority: str, lim: schema.Limits,
               budget: Optional[schema.Budget], shadow: bool) -> TenantRule:
+        for key in ("rpm", "tpm"):
+            value = getattr(lim, key)
+            if value is not None and not (1 <= value <= _core.MAX_RATE):
+                raise fail(f"{where}.limits.{key}", f"must be in 1..{_core.MAX_RATE}, got {value} "
+                           "(omit it for no limit: 0 would read as \"nothing\")")
         rpm = lim.rpm or 0
         tpm = lim.tpm or 0
-        if rpm < 0 or tpm < 0:
-            raise fail(f"{where}.limits", "rpm and tpm must be >= 0 (0 or absent = unlimited)")
         burst = lim.burst if lim.burst is not None else 1.0
-        if burst < 1.0:
-            raise fail(f"{where}.limits.burst", f"must be >= 1.0, got {burst}")
+        if not (1.0 <= burst <= _core.MAX_BURST):
+            raise fail(f"{where}.limits.burst", f"must be a number in 1..{_core.MAX_BURST:g}, got {burst}")
         unit, amount, period, low_water = "", -1, _core.P_DAY, 0.0
         if budget is not None:
             bwhere = f"{where}.budget"
@@ -234,20 +248,27 @@ def compile_policy(policy: schema.Policy, source: str, digest: str = "") -> Comp
             if not (0.0 <= budget.low_water < 1.0):
                 raise fail(f"{bwhere}.low_water", f"must be in [0, 1), got {budget.low_water}")
             if budget.tokens is not None:
-                if budget.tokens < 0:
-                    raise fail(f"{bwhere}.tokens", "must be >= 0")
+                if not (0 <= budget.tokens <= _core.MAX_BUDGET):
+                    raise fail(f"{bwhere}.tokens", f"must be in 0..{_core.MAX_BUDGET}, got "
+                               f"{budget.tokens}")
                 unit, amount = "tokens", budget.tokens
             else:
                 assert budget.usd is not None
-                if budget.usd < 0:
-                    raise fail(f"{bwhere}.usd", "must be >= 0")
-                unit, amount = "usd", round(budget.usd * NANO_PER_USD)
+                if not (0.0 <= budget.usd <= MAX_BUDGET_USD):
+                    raise fail(f"{bwhere}.usd", f"must be a number in 0..{MAX_BUDGET_USD}, got "
+                               f"{budget.usd}")
+                unit, amount = "usd", min(round(budget.usd * NANO_PER_USD), _core.MAX_BUDGET)
             period = PERIODS[budget.period]
             low_water = budget.low_water
-        limits = _core.Limits(
-            rpm=rpm, tpm=tpm, burst=burst, budget=amount, budget_in_usd=(unit == "usd"),
-            period=period, low_water=low_water, prices=prices_for(f"{where}.budget", unit),
-        )
+        prices = prices_for(f"{where}.budget", unit)
+        try:
+            limits = _core.Limits(
+                rpm=rpm, tpm=tpm, burst=burst, budget=amount, budget_in_usd=(unit == "usd"),
+                period=period, low_water=low_water, prices=prices,
+            )
+        except (ValueError, OverflowError) as exc:
+            # the core's own bounds (docs/contract.md, "Bounds")
+            raise fail(where, str(exc)) from None
         return TenantRule(name=name, priority=priority, limits=limits, shadow=shadow,
                           budget_unit=unit)
 
