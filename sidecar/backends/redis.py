@@ -401,15 +401,31 @@ class RedisBackend:
                                      request + self._limit_args_of(limits) + [0], None)
         else:
             limits_packed, n_limit_args = self._limits_packed(limits)
-            reply = await self._queue_decision(
+            late = late or LateReply()
+            fut = self._queue_decision(
                 tenant, b"".join([_bulk(a) for a in request]) + limits_packed,
-                len(request) + n_limit_args, late or LateReply())
+                len(request) + n_limit_args, late)
+            try:
+                reply = await fut
+            except asyncio.CancelledError:
+                # cancelled after the reply had arrived but before this resumed: the
+                # decision was applied, so its outcome goes to the LateReply, whose handler
+                # the caller sets as the cancellation passes through it (soon after this)
+                if fut.done() and not fut.cancelled() and fut.exception() is None:
+                    asyncio.get_running_loop().call_soon(self._late_after_cancel, late,
+                                                         fut.result())
+                raise
         if isinstance(reply, hiredis.ReplyError):  # this decision failed in its batch
             raise self._failed(f"decide.lua: {reply}")
         if not _is_outcome(reply):
             raise self._failed(f"decide.lua: unexpected reply {str(reply)[:120]}")
         self.decisions += 1
         return _core.Outcome(*reply)
+
+    def _late_after_cancel(self, late: LateReply, reply: Any) -> None:
+        if late.on_outcome is not None and _is_outcome(reply):
+            self.late_replies += 1
+            late.on_outcome(_core.Outcome(*reply))
 
     # --- batching (single node) ------------------------------------------------
     def _queue_decision(self, tenant: str, args: bytes, nargs: int,
@@ -506,14 +522,17 @@ class RedisBackend:
         else:
             self._fail_batch(batch, f"decide_batch.lua: unexpected reply {str(reply)[:120]}")
             return
+        loop = asyncio.get_running_loop()
         for it, one in zip(items, replies, strict=True):
             if not it[3].done():
                 it[3].set_result(one)
-            elif it[4].on_outcome is not None and _is_outcome(one):
-                # its caller timed out and was answered by the failure mode, yet Redis
-                # applied the decision: the service puts the charge right
-                self.late_replies += 1
-                it[4].on_outcome(_core.Outcome(*one))
+            else:
+                # its caller timed out and was answered by the failure mode, or was
+                # cancelled, yet Redis applied the decision: the service puts the charge
+                # right. Looked at on the next turn: a caller cancelled just now has its
+                # future cancelled at once, but sets its handler only when its task runs,
+                # which is already queued ahead of this
+                loop.call_soon(self._late_after_cancel, it[4], one)
 
     async def _reload_then_send(self, batch: _Batch) -> None:
         try:
