@@ -71,6 +71,7 @@ def policy(valkey_url: str) -> str:
                      f"budget: {{usd: {usd}, period: month, low_water: 0.2}}}}")
     for i in range(HOT_TENANTS):
         lines.append(f"  hot{i}: {{limits: {{rpm: 60, tpm: 100000}}}}")
+    lines += full_path_tenants()
     lines.append(f'backend: {{kind: redis, url: "{valkey_url}", timeout_ms: 100, '
                  'failure_mode: {rate_limits: open, budgets: closed}}')
     return "\n".join(lines) + "\n"
@@ -234,6 +235,222 @@ def machine() -> dict:
             "wrk": "wrk (Debian)", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
+# --- the full path: Envoy -> decision -> fake upstream -> usage reconciled ------------
+FULL_TENANTS = 200  # u0..u199: the long tail
+FULL_HOT = 5  # h0..h4: half of all requests, well within their limits (lease candidates)
+
+
+def full_path_tenants() -> list[str]:
+    """RPM, TPM and a USD budget each; uneven budgets over the tail (a quarter small enough
+    to run out within a run), a tenth of the tail downgraded (low water crossed after a few
+    requests, so the compact route and its body rewrite carry traffic), five hot tenants."""
+    lines = []
+    for i in range(FULL_TENANTS):
+        usd = [1000000, 50000, 100, 5][i % 4]
+        low = 0.9999 if i % 10 == 7 else 0.2
+        lines.append(f"  u{i}: {{limits: {{rpm: 100000000, tpm: 100000000000}}, "
+                     f"budget: {{usd: {usd}, period: month, low_water: {low}}}}}")
+    for i in range(FULL_HOT):
+        lines.append(f"  h{i}: {{limits: {{rpm: 100000000, tpm: 100000000000}}, "
+                     "budget: {usd: 1000000000, period: month, low_water: 0.1}}")
+    return lines
+
+
+def full_path_requests(hot_only: bool = False) -> list[tuple[str, bool]]:
+    """(tenant, streamed) in the order wrk cycles them: every other request goes to a hot
+    tenant (so hot tenants carry half the load, a tenth each), every other pair streams."""
+    out: list[tuple[str, bool]] = []
+    for i in range(FULL_TENANTS):
+        tail = f"h{i % FULL_HOT}" if hot_only else f"u{i}"
+        out.append((tail, i % 2 == 1))
+        out.append((f"h{i % FULL_HOT}", i % 2 == 0))
+    return out
+
+
+def wrk_script_full(path: Path, hot_only: bool = False) -> None:
+    from bench.upstream import STREAM_HEADER
+
+    inp, out = PROFILES["chat_short"]
+    plain = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * (inp * 4 - 40)}],
+             "max_tokens": out}
+    streamed = dict(plain, stream=True, stream_options={"include_usage": True})
+    reqs = []
+    for tenant, is_stream in full_path_requests(hot_only):
+        headers = {"content-type": "application/json", "x-tenant-id": tenant}
+        if is_stream:
+            headers[STREAM_HEADER] = "1"
+        lua_headers = ", ".join(f'["{k}"] = "{v}"' for k, v in headers.items())
+        reqs.append(f'  {{{{{lua_headers}}}, {json.dumps(json.dumps(streamed if is_stream else plain))}}}')
+    path.write_text("""
+local specs = {
+%s
+}
+local reqs = {}
+local i = 0
+function init(args)
+  for k, s in ipairs(specs) do
+    reqs[k] = wrk.format("POST", "/v1/chat/completions", s[1], s[2])
+  end
+end
+function request()
+  i = i %% #reqs + 1
+  return reqs[i]
+end
+local statuses = {}
+function response(status, headers, body)
+  statuses[status] = (statuses[status] or 0) + 1
+end
+function done(summary, latency, requests)
+  io.write(string.format('KTJSON {"requests": %%d, "duration_us": %%d, "errors": %%d, '
+    .. '"status_errors": %%d, "p50": %%d, "p95": %%d, "p99": %%d}\\n',
+    summary.requests, summary.duration,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    summary.errors.status, latency:percentile(50), latency:percentile(95), latency:percentile(99)))
+end
+""" % ",\n".join(reqs))
+
+
+def valkey_info(port: int, section: str) -> str:
+    """INFO <section> over a raw socket, read to the end of its bulk reply."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"*2\r\n$4\r\nINFO\r\n$%d\r\n%s\r\n" % (len(section), section.encode()))
+        data = b""
+        while b"\r\n" not in data:
+            data += s.recv(65536)
+        head, _, rest = data.partition(b"\r\n")
+        size = int(head[1:])
+        while len(rest) < size:
+            rest += s.recv(65536)
+    return rest[:size].decode()
+
+
+def valkey_calls(port: int) -> dict[str, int]:
+    """Commands Valkey has run, by name (INFO commandstats; a script's own calls included)."""
+    out: dict[str, int] = {}
+    for line in valkey_info(port, "commandstats").splitlines():
+        m = re.match(r"cmdstat_([^:]+):calls=(\d+)", line)
+        if m:
+            out[m.group(1)] = int(m.group(2))
+    return out
+
+
+def settlements(sidecar: SidecarProcess) -> float:
+    total = 0.0
+    for port in side_ports(sidecar):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith("kt_settlements_total{"):
+                    total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+# name -> (Envoy mode, how usage is reconciled); every one goes to the same fake upstream
+FULL_PATH_CONFIGS: dict[str, tuple[str, str]] = {
+    "path_upstream": ("none", "none"),          # Envoy -> upstream, no kt filter (reference)
+    "path_decision": ("http-authz", "none"),    # + the decision (HTTP fast path), no usage
+    "path_ext_proc": ("http-authz", "ext_proc"),  # + usage by ext_proc (per-request stream)
+}
+
+
+def full_path(d: Path, valkey: Valkey, sidecar: SidecarProcess, seconds: float, runs: int,
+              connections: int, smoke: bool) -> dict:
+    """The whole request path side by side in one run: the upstream alone, Envoy -> upstream
+    with no kt filter, the decision only, and decision + usage reconciliation."""
+    from bench.upstream import bootstrap as upstream_bootstrap
+
+    sub = d / "full-path"
+    sub.mkdir()
+    up_admin, up_default, up_compact = free_port(), free_port(), free_port()
+    up_yaml = upstream_bootstrap(up_admin, {"default": (up_default, "gpt-4o"),
+                                            "compact": (up_compact, "gpt-4o-mini")})
+    scripts = {"mixed": sub / "mixed.lua", "hot_only": sub / "hot_only.lua"}
+    wrk_script_full(scripts["mixed"])
+    wrk_script_full(scripts["hot_only"], hot_only=True)
+    out: dict = {"configs": {}}
+    with EnvoyProcess(up_yaml, sub, up_admin, up_default) as upstream:
+        probe(f"http://127.0.0.1:{up_default}/v1/chat/completions")
+        # the upstream on its own, with the same requests: it must not be the bottleneck
+        samples = []
+        for _ in range(runs):
+            u0 = cpu_seconds(upstream.proc.pid)
+            r = run_wrk(f"http://127.0.0.1:{up_default}/v1/chat/completions", scripts["mixed"],
+                        seconds, connections)
+            r["upstream_cpu_ms_per_1000"] = 1e6 * (cpu_seconds(upstream.proc.pid) - u0) / max(
+                r["requests"], 1)
+            samples.append(r)
+        out["upstream_alone"] = _summary(samples)
+        for name, (mode, usage) in FULL_PATH_CONFIGS.items():
+            per_profile = {}
+            for profile in (["mixed"] if name == "path_upstream" else ["mixed", "hot_only"]):
+                per_profile[profile] = run_full_config(
+                    sub, name, mode, usage, sidecar, valkey, upstream.proc.pid,
+                    {"default": up_default, "compact": up_compact}, scripts[profile],
+                    seconds, runs, connections)
+            out["configs"][name] = per_profile
+    return out
+
+
+def _summary(samples: list[dict]) -> dict:
+    return {k: median_spread([s[k] for s in samples]) for k in samples[0]
+            if isinstance(samples[0][k], (int, float))}
+
+
+def run_full_config(d: Path, name: str, mode: str, usage: str, sidecar: SidecarProcess,
+                    valkey: Valkey, upstream_pid: int, upstream_ports: dict[str, int],
+                    script: Path, seconds: float, runs: int, connections: int) -> dict:
+    admin, listen = free_port(), free_port()
+    opts = EnvoyOptions(listen_port=listen, admin_port=admin, mode=mode,  # type: ignore[arg-type]
+                        sidecar_address=f"127.0.0.1:{sidecar.grpc_port}",
+                        sidecar_http_address=f"127.0.0.1:{sidecar.http_authz_port}",
+                        tiers=[TierRoute("default", "gpt-4o", f"127.0.0.1:{upstream_ports['default']}"),
+                               TierRoute("compact", "gpt-4o-mini",
+                                         f"127.0.0.1:{upstream_ports['compact']}")],
+                        ext_proc=usage == "ext_proc", authz_timeout_s=1.0)
+    sub = d / f"{name}-{script.stem}"
+    sub.mkdir()
+    uses_sidecar = mode != "none"
+    # every configuration starts from the same books: no budget spent, no bucket drawn
+    valkey_command(valkey.port, "FLUSHALL")
+    samples = []
+    with EnvoyProcess(render(opts), sub, admin, listen) as envoy:
+        probe(envoy.url())
+        for _ in range(runs):
+            c0 = {"envoy": cpu_seconds(envoy.proc.pid), "upstream": cpu_seconds(upstream_pid),
+                  "sidecar": cpu_seconds(sidecar.proc.pid), "valkey": cpu_seconds(valkey.pid)}
+            calls0, settled0 = valkey_calls(valkey.port), settlements(sidecar)
+            m0 = scrape(sidecar)
+            r = run_wrk(envoy.url(), script, seconds, connections)
+            n = max(r["requests"], 1)
+            for k, pid in (("envoy", envoy.proc.pid), ("upstream", upstream_pid),
+                           ("sidecar", sidecar.proc.pid), ("valkey", valkey.pid)):
+                r[f"{k}_cpu_ms_per_1000"] = 1e6 * (cpu_seconds(pid) - c0[k]) / n
+            calls1 = valkey_calls(valkey.port)
+            r["valkey_calls_per_request"] = (sum(calls1.values()) - sum(calls0.values())) / n
+            r["valkey_script_calls_per_request"] = sum(
+                calls1.get(c, 0) - calls0.get(c, 0) for c in ("evalsha", "evalsha_ro")) / n
+            r["settlements_per_request"] = (settlements(sidecar) - settled0) / n
+            r["decisions_per_request"] = (scrape(sidecar)["decisions"] - m0["decisions"]) / n
+            if not uses_sidecar:
+                for k in ("sidecar_cpu_ms_per_1000", "valkey_cpu_ms_per_1000"):
+                    r.pop(k)
+            samples.append(r)
+    return _summary(samples)
+
+
+def valkey_command(port: int, *args: str) -> None:
+    import socket
+
+    payload = b"*%d\r\n" % len(args) + b"".join(
+        b"$%d\r\n%s\r\n" % (len(a.encode()), a.encode()) for a in args)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(payload)
+        reply = s.recv(1024)
+    if not reply.startswith(b"+"):
+        raise RuntimeError(f"valkey {args[0]}: {reply!r}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="seconds, not minutes; no speed judged")
@@ -282,6 +499,8 @@ def main() -> int:
             fast = results["configs"]["http_sidecar"]["chat_short"]["rps"]["median"]
             results["half_load_latency"] = half_load(d, configs, fast / 2, 1.0 if a.smoke else 5.0,
                                                      sidecar)
+            results["full_path"] = full_path(d, valkey, sidecar, seconds, runs, a.connections,
+                                             a.smoke)
         finally:
             sidecar.stop()
             sidecar2.stop()
@@ -432,9 +651,11 @@ def summarize(res: dict) -> None:
             rows.append(row)
     res["rows"] = rows
     targets = {
-        "grpc_sidecar_vs_grpc_noop (target >= 0.90)":
+        "grpc_sidecar × grpc_noop (issue 16: >= 0.75; issue 5: >= 0.90)":
             c["grpc_sidecar"]["chat_short"]["rps"]["median"] / ref_grpc,
-        "http_sidecar_vs_envoy_alone (target >= 0.35)":
+        "http_sidecar × http_noop (issue 16: >= 0.8)":
+            c["http_sidecar"]["chat_short"]["rps"]["median"] / ref_http,
+        "http_sidecar × envoy_alone (issue 5: >= 0.35)":
             c["http_sidecar"]["chat_short"]["rps"]["median"] / ref_envoy,
     }
     hl = res.get("half_load_latency", {})
@@ -461,7 +682,9 @@ def summarize(res: dict) -> None:
             f"{r.get('decisions_per_s', float('nan')):.0f} | "
             f"{r.get('round_trips_per_decision', float('nan')):.3f} | "
             f"{r.get('cpu_ms_per_1000_decisions', float('nan')):.1f} | {r['errors']} |")
-    lines += ["", "| target (issue 5) | measured |", "|---|---|"]
+    fp = res.get("full_path")
+    full_lines = full_path_markdown(fp, targets) if fp else []
+    lines += ["", "| target | measured |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in targets.items()]
     if hl:
         lines += ["", f"Fixed rate {hl['rate']:.0f} req/s (half the fast path's max), h2load, p99 µs: "
@@ -471,7 +694,47 @@ def summarize(res: dict) -> None:
                   + ", ".join(f"{n} p50 ≤ {hl[n].get('decision_p50_le_us', float('nan')):.0f}, "
                               f"p99 ≤ {hl[n].get('decision_p99_le_us', float('nan')):.0f}"
                               for n in ("http_sidecar", "grpc_sidecar"))]
+    if full_lines:
+        lines += [""] + full_lines
     res["markdown"] = "\n".join(lines) + "\n"
+
+
+def full_path_markdown(fp: dict, targets: dict) -> list[str]:
+    """The full-path table: each configuration against Envoy -> upstream with no kt filter
+    and against the decision alone, measured in the same run."""
+    cfg = fp["configs"]
+    ref = cfg["path_upstream"]["mixed"]["rps"]["median"]
+    decision = {p: m["rps"]["median"] for p, m in cfg["path_decision"].items()}
+    up = fp["upstream_alone"]
+    lines = [f"Full path (Envoy -> decision -> fake upstream -> usage; mixed: half the requests "
+             f"to {FULL_HOT} hot tenants, half over {FULL_TENANTS}, half of them streamed; "
+             f"hot_only: the hot tenants alone). The fake upstream alone: "
+             f"{up['rps']['median']:.0f} req/s ({up['rps']['min']:.0f}–{up['rps']['max']:.0f}), "
+             f"{up['upstream_cpu_ms_per_1000']['median']:.1f} ms CPU per 1,000 requests.", "",
+             "| config | profile | req/s median (min–max) | × Envoy → upstream | × decision only "
+             "| p50 ms | p99 ms | non-2xx | CPU ms per 1,000 req: Envoy / upstream / sidecar / "
+             "Valkey | Valkey commands / script calls per request | settlements per request |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, per_profile in cfg.items():
+        for profile, m in per_profile.items():
+            rps = m["rps"]["median"]
+
+            def med(k: str, m: dict = m) -> float:
+                return m[k]["median"] if k in m else float("nan")
+
+            lines.append(
+                f"| {name} | {profile} | {rps:.0f} ({m['rps']['min']:.0f}–{m['rps']['max']:.0f}) "
+                f"| {rps / ref:.3f} | {rps / decision[profile]:.3f} | {med('p50') / 1000:.2f} "
+                f"| {med('p99') / 1000:.2f} | {m['status_errors']['max']:.0f} "
+                f"| {med('envoy_cpu_ms_per_1000'):.1f} / {med('upstream_cpu_ms_per_1000'):.1f} / "
+                f"{med('sidecar_cpu_ms_per_1000'):.1f} / {med('valkey_cpu_ms_per_1000'):.1f} "
+                f"| {med('valkey_calls_per_request'):.3f} / "
+                f"{med('valkey_script_calls_per_request'):.3f} "
+                f"| {med('settlements_per_request'):.3f} |")
+            if name != "path_upstream" and profile == "mixed" and name != "path_decision":
+                targets[f"{name} × decision only (target >= 0.8)"] = rps / decision[profile]
+                targets[f"{name} × Envoy -> upstream (target >= 0.25)"] = rps / ref
+    return lines
 
 
 def smoke_failures(res: dict) -> list[str]:
@@ -488,6 +751,22 @@ def smoke_failures(res: dict) -> list[str]:
                 bad.append(f"{name}/{profile}: {m['status_errors']['max']} non-2xx answers")
             if "_sidecar" in name and m["decisions_per_s"]["min"] <= 0:
                 bad.append(f"{name}/{profile}: the sidecar decided nothing")
+    fp = res.get("full_path", {})
+    if fp and fp["upstream_alone"]["requests"]["min"] <= 0:
+        bad.append("upstream alone: no requests")
+    for name, per_profile in fp.get("configs", {}).items():
+        for profile, m in per_profile.items():
+            if m["requests"]["min"] <= 0:
+                bad.append(f"{name}/{profile}: no requests")
+            if m["errors"]["max"] > 0:
+                bad.append(f"{name}/{profile}: {m['errors']['max']} socket errors")
+            if name == "path_upstream" and m["status_errors"]["max"] > 0:
+                bad.append(f"{name}/{profile}: {m['status_errors']['max']} non-2xx answers")
+            if name != "path_upstream" and m["decisions_per_request"]["min"] <= 0:
+                bad.append(f"{name}/{profile}: the sidecar decided nothing")
+            if name not in ("path_upstream", "path_decision") and \
+                    m["settlements_per_request"]["min"] <= 0:
+                bad.append(f"{name}/{profile}: no usage settled")
     hl = res.get("half_load_latency", {})
     for name in ("http_sidecar", "grpc_sidecar"):
         if name in hl and not hl[name].get("decision_p99_le_us", float("nan")) > 0:

@@ -33,6 +33,13 @@ def test_bench_smoke_runs_end_to_end():
     # the sidecar's own share of the half-load latency, from its histogram
     assert re.search(r"inside the sidecar .*http_sidecar p50 ≤ \d+, p99 ≤ \d+", res.stdout), \
         res.stdout[-2000:]
+    # the whole path beside its references, with Valkey's commands per request measured
+    assert re.search(r"The fake upstream alone: [1-9]\d* req/s", res.stdout), res.stdout[-3000:]
+    for config in ("path_upstream", "path_decision", "path_ext_proc"):
+        assert f"| {config} | mixed |" in res.stdout, res.stdout[-3000:]
+    row = re.search(r"\| path_decision \| hot_only \|.*\| ([\d.]+) / ([\d.]+) \| ([\d.]+) \|$",
+                    res.stdout, re.M)
+    assert row and float(row.group(1)) > 0 and float(row.group(3)) == 0, res.stdout[-3000:]
 
 
 def test_bucket_quantile_reads_the_decisions_between_two_scrapes():
