@@ -351,6 +351,7 @@ FULL_PATH_CONFIGS: dict[str, tuple[str, str]] = {
     "path_upstream": ("none", "none"),          # Envoy -> upstream, no kt filter (reference)
     "path_decision": ("http-authz", "none"),    # + the decision (HTTP fast path), no usage
     "path_ext_proc": ("http-authz", "ext_proc"),  # + usage by ext_proc (per-request stream)
+    "path_als": ("http-authz", "als"),  # + usage by Envoy's Lua filter and access log (default)
 }
 
 
@@ -407,7 +408,7 @@ def run_full_config(d: Path, name: str, mode: str, usage: str, sidecar: SidecarP
                         tiers=[TierRoute("default", "gpt-4o", f"127.0.0.1:{upstream_ports['default']}"),
                                TierRoute("compact", "gpt-4o-mini",
                                          f"127.0.0.1:{upstream_ports['compact']}")],
-                        ext_proc=usage == "ext_proc", authz_timeout_s=1.0)
+                        usage=usage, authz_timeout_s=1.0)  # type: ignore[arg-type]
     sub = d / f"{name}-{script.stem}"
     sub.mkdir()
     uses_sidecar = mode != "none"
@@ -532,7 +533,7 @@ def run_config(d: Path, name: str, mode: str, grpc_addr: str, http_addr: str,
                         sidecar_http_address=http_addr or "127.0.0.1:1",
                         tiers=[TierRoute("default", "gpt-4o", "127.0.0.1:1"),
                                TierRoute("compact", "gpt-4o-mini", "127.0.0.1:1")],
-                        ext_proc=False, direct_response=True, authz_timeout_s=1.0)
+                        usage="none", direct_response=True, authz_timeout_s=1.0)
     sub = d / name
     sub.mkdir()
     uses_sidecar = "_sidecar" in name
@@ -603,7 +604,7 @@ def half_load(d: Path, configs: dict, rate: float, seconds: float,
         opts = EnvoyOptions(listen_port=listen, admin_port=admin, mode=mode,
                             sidecar_address=grpc_addr or "127.0.0.1:1",
                             sidecar_http_address=http_addr or "127.0.0.1:1",
-                            ext_proc=False, direct_response=True, authz_timeout_s=1.0)
+                            usage="none", direct_response=True, authz_timeout_s=1.0)
         sub = d / f"half-{name}"
         sub.mkdir()
         transport = {"http_sidecar": "http", "grpc_sidecar": "authz"}.get(name)

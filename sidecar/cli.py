@@ -114,7 +114,7 @@ def _envoy_config(args: argparse.Namespace) -> int:
     opts = EnvoyOptions(
         listen_host=lhost, listen_port=lport, admin_host=ahost, admin_port=aport,
         sidecar_address=args.sidecar, sidecar_http_address=args.sidecar_http, tiers=tiers,
-        mode=args.mode,
+        mode=args.mode, usage=args.usage,
         failure_mode=args.failure_mode, tenant_header=policy.tenant_header,
         tenant_metadata_namespace=policy.tenant_metadata[0] if policy.tenant_metadata else "")
     sys.stdout.write(render(opts))
@@ -198,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--mode", choices=["authz", "http-authz", "rls"], default="authz")
     e.add_argument("--failure-mode", choices=["allow", "deny"], default="deny",
                    help="what Envoy does when the sidecar cannot answer")
+    e.add_argument("--usage", choices=["als", "ext_proc", "none"], default="als",
+                   help="how actual usage reaches the sidecar (authz, http-authz): Envoy's Lua "
+                   "filter and gRPC access log (default), ext_proc per request, or not at all "
+                   "(docs/usage.md)")
     e.set_defaults(func=_envoy_config)
     pl = sub.add_parser("plan", help="sidecar and Redis cores for a request rate, from a "
                         "bench result measured on your hardware")

@@ -24,6 +24,12 @@ H_SHADOW = "x-kt-shadow"  # shadow mode: what the decision would have been
 # Only the sidecar may set these: the printed Envoy config strips them from the client's
 # request before any filter runs (else a fail-open or an appending filter lets them through).
 UPSTREAM_HEADERS = (H_DECISION, H_TENANT, H_TIER, H_MODEL, H_PRIORITY, H_SHADOW)
+# gRPC metadata on the ext_proc stream of a body rewrite (usage comes by Envoy's access log,
+# `kt envoy-config` usage "als"): that stream must not close the reservation.
+H_EXT_PROC_ROLE = "x-kt-ext-proc"
+# Dynamic metadata namespace where Envoy's Lua filter leaves the response's usage
+# (lua/envoy_usage.lua), read back from Envoy's access log (sidecar/transports/als.py).
+USAGE_METADATA_NAMESPACE = "kt.usage"
 # Set on the response to the client (OpenAI-style).
 H_LIMIT_REQUESTS = "x-ratelimit-limit-requests"
 H_REMAINING_REQUESTS = "x-ratelimit-remaining-requests"

@@ -180,7 +180,16 @@ class EnvoyOptions:
     rls_timeout_s: float = 0.02
     with_request_body: bool = True  # the sidecar reads model / max_tokens from the body
     max_request_bytes: int = 65536
-    ext_proc: bool = True  # authz mode: body rewrite on downgrade and usage reconciliation
+    # how actual usage reaches the sidecar (authz and http-authz modes; docs/usage.md):
+    # "als": Envoy's Lua filter picks the usage out of the response and Envoy's gRPC access
+    #   log delivers it in batches on one long-lived stream; ext_proc only rewrites the body
+    #   of a downgraded request. "ext_proc": one ext_proc stream per request reads the
+    #   response as it passes (and rewrites). "none": neither (no reconciliation, no rewrite)
+    usage: Literal["als", "ext_proc", "none"] = "als"
+    # als: how long Envoy holds access-log entries before sending a batch, and how many
+    # bytes make it send at once (Envoy's defaults: 1 s, 16 KiB)
+    usage_flush_s: float = 0.1
+    usage_buffer_bytes: int = 65536
     tenant_header: str = "x-tenant-id"
     # rls mode: the rate-limit filter never sees the body, so a client that wants a
     # particular model's tier says so in this header (descriptor entry `model`, optional)
@@ -447,6 +456,71 @@ def _http_authz(o: EnvoyOptions) -> dict:
     return cfg
 
 
+USAGE_LOG_NAME = "kt_usage"
+
+
+def _als_usage_filters(o: EnvoyOptions) -> list[dict]:
+    """ext_proc for the body of a downgraded request only (a matcher skips the filter for
+    every other request: no stream, no message), then the Lua filter that leaves the
+    response's usage in dynamic metadata for the access log (lua/envoy_usage.lua)."""
+    from sidecar.backends.redis import load_script
+
+    rewrite = {
+        "@type": TYPE + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+        "grpc_service": {"envoy_grpc": {"cluster_name": "kt_sidecar"},
+                         "timeout": _seconds(o.authz_timeout_s),
+                         "initial_metadata": [{"key": contract.H_EXT_PROC_ROLE, "value": "rewrite"}]},
+        # a body that cannot be rewritten goes on as it is (the decision was made)
+        "failure_mode_allow": True,
+        "message_timeout": _seconds(o.authz_timeout_s),
+        "processing_mode": {
+            "request_header_mode": "SEND", "request_body_mode": "BUFFERED",
+            "response_header_mode": "SKIP", "response_body_mode": "NONE",
+            "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"},
+    }
+    skip_unless_downgrade = {
+        "matcher_list": {"matchers": [{
+            "predicate": {"not_matcher": {"single_predicate": {
+                "input": {"name": "decision", "typed_config": {
+                    "@type": TYPE + "envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
+                    "header_name": contract.H_DECISION}},
+                "value_match": {"exact": "downgrade"}}}},
+            "on_match": {"action": {"name": "skip", "typed_config": {
+                "@type": TYPE + "envoy.extensions.filters.common.matcher.action.v3.SkipFilter"}}},
+        }]}}
+    return [
+        {"name": "envoy.filters.http.ext_proc", "typed_config": {
+            "@type": TYPE + "envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+            "extension_config": {"name": "envoy.filters.http.ext_proc", "typed_config": rewrite},
+            "xds_matcher": skip_unless_downgrade}},
+        {"name": "envoy.filters.http.lua", "typed_config": {
+            "@type": TYPE + "envoy.extensions.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": load_script("envoy_usage.lua")}}},
+    ]
+
+
+def _usage_access_log(o: EnvoyOptions) -> dict:
+    """Envoy's gRPC access log to the sidecar: one entry per admitted request (the decision
+    header is on the request only when ext_authz admitted it), with the usage the Lua filter
+    left in dynamic metadata, the status and the response flags, in batches."""
+    return {
+        "name": "envoy.access_loggers.http_grpc",
+        "filter": {"header_filter": {"header": {"name": contract.H_DECISION,
+                                                "present_match": True}}},
+        "typed_config": {
+            "@type": TYPE + "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+            "common_config": {
+                "log_name": USAGE_LOG_NAME,
+                "grpc_service": {"envoy_grpc": {"cluster_name": "kt_sidecar"}},
+                "transport_api_version": "V3",
+                "buffer_flush_interval": _seconds(o.usage_flush_s),
+                "buffer_size_bytes": o.usage_buffer_bytes,
+            },
+            "additional_request_headers_to_log": [contract.H_TENANT],
+        },
+    }
+
+
 def _filters(o: EnvoyOptions) -> list[dict]:
     sidecar = {"envoy_grpc": {"cluster_name": "kt_sidecar"}}
     filters: list[dict] = []
@@ -469,8 +543,10 @@ def _filters(o: EnvoyOptions) -> list[dict]:
                                           "allow_partial_message": True,
                                           "pack_as_bytes": True}
         filters.append({"name": "envoy.filters.http.ext_authz", "typed_config": authz})
+    if o.mode in ("authz", "http-authz") and o.usage == "als":
+        filters += _als_usage_filters(o)
     if o.mode in ("authz", "http-authz"):
-        if o.ext_proc:
+        if o.usage == "ext_proc":
             filters.append({"name": "envoy.filters.http.ext_proc", "typed_config": {
                 "@type": TYPE + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
                 "grpc_service": dict(sidecar, timeout=_seconds(o.authz_timeout_s)),
@@ -527,6 +603,8 @@ def bootstrap(o: EnvoyOptions) -> dict:
         "route_config": {"name": "llm", "virtual_hosts": [vhost]},
         "http_filters": _filters(o),
     }
+    if o.mode in ("authz", "http-authz") and o.usage == "als":
+        hcm["access_log"] = [_usage_access_log(o)]
     # Client-sent x-kt-decision/-tier/-model... are removed before any filter: the sidecar
     # overwrites them on an answer, but a fail-open (sidecar unreachable) would pass them
     # on and let x-kt-tier pick a route, and Envoy's rate-limit filter *appends* its

@@ -53,11 +53,18 @@ class Metrics:
             "dearest listed price (never as free).", ["model"], registry=r)
         self.settlements = Counter(
             "kt_settlements", "Reservations settled with actual usage, by source (ext_proc, "
-            "report, release).", ["source"], registry=r)
+            "access_log, report, release).", ["source"], registry=r)
         self.reservations_closed = Counter(
             "kt_reservations_closed", "Reservations closed without usage, by outcome "
             "(released_upstream_error: refunded; kept_abandoned, kept_no_usage, kept_expired: "
             "the estimate stays charged).", ["outcome"], registry=r)
+        self.usage_log_entries = Counter(
+            "kt_usage_log_entries", "Entries of Envoy's usage access log handled (one per "
+            "admitted request: settled, released or kept; docs/usage.md).", registry=r)
+        self.usage_log_streams = Gauge(
+            "kt_usage_log_streams", "Envoy access-log streams open to this sidecar (one per "
+            "Envoy worker when usage comes by the access log; 0 means usage is not arriving).",
+            registry=r)
         self.late_replies = Counter(
             "kt_backend_late_replies", "Redis decisions whose reply came after the timeout "
             "(answered by the failure mode meanwhile), by what was done with the charge Redis "

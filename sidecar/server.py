@@ -27,11 +27,13 @@ from sidecar.metrics import Metrics
 from sidecar.policy import schema
 from sidecar.policy.load import CompiledPolicy, PolicyError, load_policy, parse_policy
 from sidecar.service import DecisionService
+from sidecar.transports.als import UsageLogReceiver
 from sidecar.transports.authz import authorization_handler
 from sidecar.transports.ext_proc import ExternalProcessorServicer
 from sidecar.transports.http_authz import start_http_authz
 from sidecar.transports.rls import RateLimitServicer
 from sidecar.transports.usage_api import report_json, usage_service_handler
+from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 
 log = logging.getLogger("kt.server")
@@ -151,6 +153,7 @@ class Sidecar:
         external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
             ExternalProcessorServicer(self.service), server)
         server.add_generic_rpc_handlers((usage_service_handler(self.service),))
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(UsageLogReceiver(self.service), server)
         self._health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         try:

@@ -35,7 +35,7 @@ def test_bench_smoke_runs_end_to_end():
         res.stdout[-2000:]
     # the whole path beside its references, with Valkey's commands per request measured
     assert re.search(r"The fake upstream alone: [1-9]\d* req/s", res.stdout), res.stdout[-3000:]
-    for config in ("path_upstream", "path_decision", "path_ext_proc"):
+    for config in ("path_upstream", "path_decision", "path_ext_proc", "path_als"):
         assert f"| {config} | mixed |" in res.stdout, res.stdout[-3000:]
     row = re.search(r"\| path_decision \| hot_only \|.*\| ([\d.]+) / ([\d.]+) \| ([\d.]+) \|$",
                     res.stdout, re.M)

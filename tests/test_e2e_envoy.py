@@ -8,6 +8,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import socket
 import time
 from pathlib import Path
@@ -42,11 +43,31 @@ class Stack:
     """Sidecar + Envoy + one fake upstream per tier, all on ephemeral loopback ports."""
 
     def __init__(self, dir: Path, sidecar: SidecarProcess, envoy: EnvoyProcess,
-                 upstreams: dict[str, FakeUpstream]) -> None:
+                 upstreams: dict[str, FakeUpstream], usage: str = "als") -> None:
         self.dir, self.sidecar, self.envoy, self.upstreams = dir, sidecar, envoy, upstreams
+        self.usage = usage
+
+    def settled(self) -> None:
+        """Usage by Envoy's access log arrives after the response (within its flush
+        interval): wait until every request admitted so far has been handled (settled,
+        released or kept), as a reader of the books would, before the next step. ext_proc
+        settles before the response ends, so it needs no wait."""
+        if self.usage != "als" or self.sidecar.proc is None or self.sidecar.proc.poll() is not None:
+            return
+
+        def handled() -> bool:
+            text = self.sidecar.metrics()
+            admitted = sum(float(v) for v in re.findall(
+                r'^kt_requests_total\{decision="(?:allow|downgrade|fail_open)"[^}]*\} (\S+)$',
+                text, re.M))
+            m = re.search(r"^kt_usage_log_entries_total (\S+)$", text, re.M)
+            return float(m.group(1) if m else 0) >= admitted
+
+        wait_until(handled, 10, "usage delivered by Envoy's access log")
 
     def post(self, tenant: Optional[str], body: Optional[dict] = None,
              headers: Optional[dict] = None) -> tuple[int, dict, bytes]:
+        self.settled()
         h = {"content-type": "application/json"}
         if tenant is not None:
             h["x-tenant-id"] = tenant
@@ -61,6 +82,7 @@ class Stack:
             conn.close()
 
     def spend(self) -> dict:
+        self.settled()
         conn = http.client.HTTPConnection("127.0.0.1", self.sidecar.http_port, timeout=5)
         try:
             conn.request("GET", "/v1/spend")
@@ -82,8 +104,8 @@ def chat(model: str = "gpt-4o", max_tokens: Optional[int] = 50, stream: bool = F
 @contextlib.contextmanager
 def stack(mode: str = "authz", failure_mode: str = "deny", unknown: str = "defaults",
           backend: str = "", tenant_source: str = "", add_filter: Optional[dict] = None,
-          tenant_metadata_namespace: str = "", hcm_extra: Optional[dict] = None
-          ) -> Iterator[Stack]:
+          tenant_metadata_namespace: str = "", hcm_extra: Optional[dict] = None,
+          usage: str = "als") -> Iterator[Stack]:
     with workdir() as d, FakeUpstream("default") as up_default, \
             FakeUpstream("compact") as up_compact:
         policy = d / "policy.yaml"
@@ -99,6 +121,11 @@ def stack(mode: str = "authz", failure_mode: str = "deny", unknown: str = "defau
                 sidecar_address=f"127.0.0.1:{sidecar.grpc_port}",
                 sidecar_http_address=f"127.0.0.1:{sidecar.http_authz_port}", mode=mode,
                 failure_mode=failure_mode, tenant_metadata_namespace=tenant_metadata_namespace,
+                usage=usage,  # type: ignore[arg-type]
+                # Envoy's 20 ms RLS default is a production setting, not what these tests
+                # check: on a loaded 2-core CI machine a Python answer can take longer, and the
+                # failure mode then answers 503 where the test expects the sidecar's answer
+                rls_timeout_s=1.0,
                 tiers=[TierRoute("default", "gpt-4o", up_default.address),
                        TierRoute("compact", "gpt-4o-mini", up_compact.address)])
             bootstrap = render(opts)
@@ -111,27 +138,30 @@ def stack(mode: str = "authz", failure_mode: str = "deny", unknown: str = "defau
                 bootstrap = yaml.safe_dump(doc)
             with EnvoyProcess(bootstrap, d, admin, listen) as envoy:
                 try:
-                    yield Stack(d, sidecar, envoy, {"default": up_default, "compact": up_compact})
+                    yield Stack(d, sidecar, envoy, {"default": up_default, "compact": up_compact},
+                                usage=usage if mode in ("authz", "http-authz") else "none")
                 except AssertionError as exc:  # show what Envoy and the sidecar logged
                     exc.args = (f"{exc.args[0] if exc.args else ''}"
                                 f"{log_tail(envoy.log, 20)}{log_tail(sidecar.log, 20)}",)
                     raise
 
 
-@pytest.fixture(scope="module", params=[("authz", "memory"), ("authz", "redis"),
-                                        ("http-authz", "redis")],
-                ids=["grpc-memory", "grpc-redis", "http-redis"])
+@pytest.fixture(scope="module", params=[("authz", "memory", "als"), ("authz", "redis", "als"),
+                                        ("http-authz", "redis", "als"),
+                                        ("http-authz", "redis", "ext_proc")],
+                ids=["grpc-memory", "grpc-redis", "http-redis", "http-redis-ext_proc"])
 def authz(request) -> Iterator[Stack]:
-    """The same end-to-end tests on both backends (embedded and a real Valkey) and on
-    both ext_authz transports (gRPC and the HTTP fast path): one contract."""
-    mode, backend_kind = request.param
+    """The same end-to-end tests on both backends (embedded and a real Valkey), on both
+    ext_authz transports (gRPC and the HTTP fast path) and both ways usage comes back
+    (Envoy's access log, the default; ext_proc per request): one contract."""
+    mode, backend_kind, usage = request.param
     if backend_kind == "memory":
-        with stack(mode) as s:
+        with stack(mode, usage=usage) as s:
             yield s
         return
     with workdir() as d, Valkey(d) as v:
         backend = f'backend: {{kind: redis, url: "{v.url}", timeout_ms: 200}}'
-        with stack(mode, backend=backend) as s:
+        with stack(mode, backend=backend, usage=usage) as s:
             yield s
 
 

@@ -90,8 +90,11 @@ def test_envoy_validates_every_variant_without_deprecated_fields(
     assert compact[0]["match"]["headers"] == [{"name": "x-kt-tier", "string_match": {"exact": "compact"}}]
     assert routes[-1]["route"]["cluster"] == "tier_default"
     if mode in ("authz", "http-authz"):
+        # usage by the access log (the default): ext_proc (body rewrites only) and the Lua
+        # filter that leaves the usage in dynamic metadata
         assert filters == ["envoy.filters.http.ext_authz", "envoy.filters.http.ext_proc",
-                           "envoy.filters.http.router"]
+                           "envoy.filters.http.lua", "envoy.filters.http.router"]
+        assert [log["name"] for log in hcm["access_log"]] == ["envoy.access_loggers.http_grpc"]
         authz = hcm["http_filters"][0]["typed_config"]
         assert authz["clear_route_cache"] is True
         assert authz["failure_mode_allow"] is (failure_mode == "allow")
@@ -128,8 +131,8 @@ THREE = [TierRoute("best", "gpt-4o", "127.0.0.1:9001"),
 
 
 def test_one_cluster_and_one_header_route_per_tier_and_the_catch_all_goes_to_the_first(tmp_path):
-    _envoy_accepts(tmp_path, render(EnvoyOptions(tiers=THREE, ext_proc=False)))
-    doc = _render(tiers=THREE, ext_proc=False)
+    _envoy_accepts(tmp_path, render(EnvoyOptions(tiers=THREE, usage="none")))
+    doc = _render(tiers=THREE, usage="none")
     clusters = {c["name"]: c for c in doc["static_resources"]["clusters"]}
     assert set(clusters) == {"kt_sidecar", "tier_best", "tier_mid", "tier_cheap"}
     ep = clusters["tier_cheap"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
@@ -429,3 +432,44 @@ def test_weights_split_the_traffic_between_providers():
     counts = collections.Counter(x["served_by"] for x in answers)
     # 3:1 of 200 is 150 ± 6.1 (one standard deviation): 110..190 is more than six of them
     assert 110 < counts["a"] < 190 and counts["a"] + counts["b"] == 200, counts
+
+@pytest.mark.parametrize("mode", ["authz", "http-authz"])
+@pytest.mark.parametrize("usage", ["ext_proc", "none"])
+def test_the_other_usage_modes_validate(tmp_path, capsys, mode, usage):
+    assert kt(["envoy-config", "--mode", mode, "--usage", usage]) == 0
+    text = capsys.readouterr().out
+    _envoy_accepts(tmp_path, text)
+    hcm = _hcm(yaml.safe_load(text))
+    filters = [f["name"] for f in hcm["http_filters"]]
+    assert "envoy.filters.http.lua" not in filters and "access_log" not in hcm
+    assert ("envoy.filters.http.ext_proc" in filters) is (usage == "ext_proc")
+
+
+def test_usage_by_access_log_wiring():
+    """ext_proc is skipped (no stream) unless the decision downgraded the request, and then
+    only sees the request (headers for the target model, the body to rewrite); usage goes
+    by the access log, one entry per admitted request, batched, to the sidecar."""
+    hcm = _hcm(_render(usage_flush_s=0.25, usage_buffer_bytes=32768))
+    by_name = {f["name"]: f["typed_config"] for f in hcm["http_filters"]}
+    wrapped = by_name["envoy.filters.http.ext_proc"]
+    assert wrapped["@type"].endswith("common.matching.v3.ExtensionWithMatcher")
+    [rule] = wrapped["xds_matcher"]["matcher_list"]["matchers"]
+    negated = rule["predicate"]["not_matcher"]["single_predicate"]
+    assert negated["input"]["typed_config"]["header_name"] == "x-kt-decision"
+    assert negated["value_match"] == {"exact": "downgrade"}
+    assert rule["on_match"]["action"]["typed_config"]["@type"].endswith("SkipFilter")
+    ext_proc = wrapped["extension_config"]["typed_config"]
+    mode = ext_proc["processing_mode"]
+    assert (mode["request_header_mode"], mode["request_body_mode"]) == ("SEND", "BUFFERED")
+    assert (mode["response_header_mode"], mode["response_body_mode"]) == ("SKIP", "NONE")
+    assert ext_proc["grpc_service"]["initial_metadata"] == [
+        {"key": "x-kt-ext-proc", "value": "rewrite"}]
+    assert "envoy_on_response" in by_name["envoy.filters.http.lua"]["default_source_code"][
+        "inline_string"]
+    [log] = hcm["access_log"]
+    assert log["filter"] == {"header_filter": {"header": {"name": "x-kt-decision",
+                                                          "present_match": True}}}
+    common = log["typed_config"]["common_config"]
+    assert common["grpc_service"] == {"envoy_grpc": {"cluster_name": "kt_sidecar"}}
+    assert (common["buffer_flush_interval"], common["buffer_size_bytes"]) == ("0.250s", 32768)
+    assert log["typed_config"]["additional_request_headers_to_log"] == ["x-kt-tenant"]

@@ -650,7 +650,7 @@ def test_a_check_envoy_gave_up_on_is_held_as_the_requests_reservation():
             finally:
                 v.resume()
             assert gave_up.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
-            for _ in range(100):
+            for _ in range(500):  # up to 10 s: a loaded CI machine delivers the late reply late
                 if svc.backend.late_replies:
                     break
                 time.sleep(0.02)

@@ -27,8 +27,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 
 from sidecar import contract
-from sidecar.backends.base import BackendError
-from sidecar.service import DecisionService, UsageError
+from sidecar.reconcile import close_reservation
+from sidecar.service import DecisionService
 from sidecar.usage import UsageScanner
 
 log = logging.getLogger("kt.ext_proc")
@@ -43,6 +43,13 @@ _CONTINUE = pb.CommonResponse(status=pb.CommonResponse.CONTINUE)
 def _headers(msg: pb.HttpHeaders) -> dict[str, str]:
     return {h.key.lower(): (h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value)
             for h in msg.headers.headers}
+
+
+def _role(context) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == contract.H_EXT_PROC_ROLE:
+            return value if isinstance(value, str) else value.decode("ascii", "replace")
+    return ""
 
 
 def rewrite_model(body: bytes, model: str) -> Optional[bytes]:
@@ -67,6 +74,7 @@ class _Exchange:
         self.status = 0
         self.scanner: Optional[UsageScanner] = None
         self.done = False
+        self.accounting = True
 
 
 class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
@@ -75,6 +83,9 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
 
     async def Process(self, request_iterator, context):  # noqa: N802 (gRPC method name)
         ex = _Exchange()
+        # a stream that only rewrites a body (kt envoy-config's "als" usage mode: usage comes
+        # by the access log) does no accounting: it must not close the reservation
+        ex.accounting = _role(context) != "rewrite"
         try:
             async for req in request_iterator:
                 which = req.WhichOneof("request")
@@ -92,7 +103,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                     await self._finish(ex)
                     yield pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
         finally:
-            if not ex.done and ex.request_id:
+            if not ex.done and ex.request_id and ex.accounting:
                 # Envoy closed the stream before the response ended: the client went
                 # away (or the upstream reset). The reserved estimate stays charged.
                 self.service.abandon(ex.request_id, "abandoned")
@@ -142,24 +153,10 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         if ex.done:
             return
         ex.done = True
-        if not ex.request_id:
-            return
         scanner = ex.scanner
-        usage = None
         if scanner is not None:
             scanner.finish()
-            usage = scanner.usage
-        try:
-            if usage is not None:
-                await self.service.settle_usage(
-                    ex.request_id, ex.tenant, scanner.model if scanner else None,
-                    usage.prompt_tokens, usage.completion_tokens, "ext_proc",
-                    usage.cached_tokens, usage.cache_write_tokens,
-                    scanner.format if scanner else "ext_proc")
-            elif not 200 <= ex.status < 300:
-                await self.service.release(ex.request_id, "upstream_error")
-            else:
-                self.service.abandon(ex.request_id, "no_usage")
-        except (UsageError, BackendError) as exc:
-            # the response is already on its way; never fail it for accounting
-            log.warning("usage of request %s not settled: %s", ex.request_id, exc)
+        await close_reservation(self.service, ex.request_id, ex.tenant, ex.status,
+                                scanner.usage if scanner else None,
+                                scanner.model if scanner else None, False, "ext_proc",
+                                scanner.format if scanner else "ext_proc")

@@ -1,0 +1,168 @@
+-- envoy_usage.lua: runs inside Envoy (envoy.filters.http.lua), not in Redis.
+--
+-- Picks out the parts of an OpenAI-compatible response that carry the model and the
+-- usage, as the response passes (never holding a chunk back), and leaves them in the
+-- request's dynamic metadata, namespace "kt.usage":
+--   json  {"model": ..., "usage": ...}: the top-level "model" and "usage" values of a
+--         buffered JSON reply, copied verbatim;
+--   sse   "data: ...\n\n" lines of an event stream: the first line that names a model,
+--         the first and the latest line whose "usage" is not null.
+-- Envoy's gRPC access log carries the metadata to the sidecar (sidecar/transports/als.py),
+-- which reads it with the same parser ext_proc uses (sidecar/usage.py): this script only
+-- selects bytes, it never interprets a number, so there is one implementation of what
+-- usage means.
+--
+-- Why selection is safe without a full JSON parser: inside a JSON string every quote is
+-- escaped, so the bytes "usage" (quote, usage, quote) occur only as a key or as the
+-- whole string value "usage"; a line kept by mistake is harmless (the parser decides),
+-- and the JSON body's keys are found by a scan that skips strings and nested values.
+-- Bounds: a JSON reply over MAX_JSON bytes, or an SSE line over MAX_LINE, is not kept
+-- (its reservation stands, as in ext_proc).
+
+local MAX_JSON = 4 * 1024 * 1024
+local MAX_LINE = 16 * 1024
+local NS = "kt.usage"
+
+-- index just past the JSON string that opens at i, or nil
+local function skip_string(s, i)
+  local j = i + 1
+  while true do
+    local k = string.find(s, '["\\]', j)
+    if k == nil then return nil end
+    if string.byte(s, k) == 92 then j = k + 2 else return k + 1 end
+  end
+end
+
+-- index just past the JSON value that starts at i (no leading blanks), or nil
+local function skip_value(s, i)
+  local c = string.byte(s, i)
+  if c == 34 then return skip_string(s, i) end
+  if c == 123 or c == 91 then
+    local depth, j = 0, i
+    while true do
+      local k = string.find(s, '[%[%]{}"]', j)
+      if k == nil then return nil end
+      local b = string.byte(s, k)
+      if b == 34 then
+        j = skip_string(s, k)
+        if j == nil then return nil end
+      else
+        if b == 123 or b == 91 then depth = depth + 1 else depth = depth - 1 end
+        j = k + 1
+        if depth == 0 then return j end
+      end
+    end
+  end
+  local k = string.find(s, '[,}%]%s]', i)
+  return k or (#s + 1)
+end
+
+-- the raw text of the top-level "model" and "usage" values of a JSON object
+local function top_level(s)
+  local i = string.find(s, '%S')
+  if i == nil or string.byte(s, i) ~= 123 then return nil, nil end
+  local model, usage
+  i = i + 1
+  while true do
+    i = string.find(s, '%S', i)
+    if i == nil then break end
+    local c = string.byte(s, i)
+    if c == 44 then
+      i = string.find(s, '%S', i + 1)
+      if i == nil then break end
+      c = string.byte(s, i)
+    end
+    if c ~= 34 then break end
+    local key_end = skip_string(s, i)
+    if key_end == nil then break end
+    local key = string.sub(s, i + 1, key_end - 2)
+    i = string.find(s, '%S', key_end)
+    if i == nil or string.byte(s, i) ~= 58 then break end
+    i = string.find(s, '%S', i + 1)
+    if i == nil then break end
+    local value_end = skip_value(s, i)
+    if value_end == nil then break end
+    if key == "model" then
+      model = string.sub(s, i, value_end - 1)
+    elseif key == "usage" then
+      usage = string.sub(s, i, value_end - 1)
+    end
+    i = value_end
+  end
+  return model, usage
+end
+
+local function json_reply(handle)
+  local parts, size = {}, 0
+  for chunk in handle:bodyChunks() do
+    local n = chunk:length()
+    if n > 0 and size <= MAX_JSON then
+      size = size + n
+      if size <= MAX_JSON then parts[#parts + 1] = chunk:getBytes(0, n) end
+    end
+  end
+  if size == 0 or size > MAX_JSON then return end
+  local model, usage = top_level(table.concat(parts))
+  if usage == nil then return end
+  local doc = '{"usage":' .. usage
+  if model ~= nil then doc = doc .. ',"model":' .. model end
+  handle:streamInfo():dynamicMetadata():set(NS, "json", doc .. "}")
+end
+
+local function sse_reply(handle)
+  local tail = ""
+  local model_line, first_usage, last_usage
+  local function publish()
+    local out = {}
+    if model_line ~= nil then out[#out + 1] = model_line end
+    if first_usage ~= nil and first_usage ~= model_line then out[#out + 1] = first_usage end
+    if last_usage ~= nil and last_usage ~= first_usage then out[#out + 1] = last_usage end
+    -- fetched anew each time: Envoy's wrappers do not outlive a yield (between chunks)
+    handle:streamInfo():dynamicMetadata():set(NS, "sse", table.concat(out))
+  end
+  local function line(l)
+    if string.sub(l, 1, 5) ~= "data:" or #l > MAX_LINE then return end
+    local changed = false
+    if model_line == nil and string.find(l, '"model"', 1, true) then
+      model_line = l .. "\n\n"
+      changed = true
+    end
+    if string.find(l, '"usage"', 1, true) and not string.find(l, '"usage"%s*:%s*null') then
+      last_usage = l .. "\n\n"
+      if first_usage == nil then first_usage = last_usage end
+      changed = true
+    end
+    -- published as soon as usage is seen: a stream cut after its usage chunk still settles
+    if changed and last_usage ~= nil then publish() end
+  end
+  for chunk in handle:bodyChunks() do
+    local n = chunk:length()
+    if n > 0 then
+      local data = tail .. chunk:getBytes(0, n)
+      local start = 1
+      while true do
+        local nl = string.find(data, "\n", start, true)
+        if nl == nil then break end
+        local l = string.sub(data, start, nl - 1)
+        if string.byte(l, -1) == 13 then l = string.sub(l, 1, -2) end
+        line(l)
+        start = nl + 1
+      end
+      tail = string.sub(data, start)
+      if #tail > MAX_LINE then tail = "" end
+    end
+  end
+  if #tail > 0 then
+    if string.byte(tail, -1) == 13 then tail = string.sub(tail, 1, -2) end
+    line(tail)
+  end
+end
+
+function envoy_on_response(handle)
+  local ct = handle:headers():get("content-type") or ""
+  if string.find(ct, "text/event-stream", 1, true) then
+    sse_reply(handle)
+  else
+    json_reply(handle)
+  end
+end

@@ -1,0 +1,106 @@
+"""envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs: usage by Envoy's access log.
+
+`kt envoy-config` (usage "als", the default) has Envoy's Lua filter leave the usage of each
+response in dynamic metadata (lua/envoy_usage.lua) and Envoy's gRPC access logger send one
+entry per admitted request, many per message, on one long-lived stream per Envoy worker.
+Each entry is translated here to the rule that ends its reservation (sidecar/reconcile.py):
+the usage text is read by the same parser ext_proc uses (sidecar/usage.py).
+
+Translation only: request id, tenant (the decision's own `x-kt-tenant`, which Envoy strips
+from clients at the edge), status, whether the response was cut short (response flags),
+and the usage text. Envoy sends an entry once the response is over, however it ended, so
+every admitted request gets one unless Envoy drops it (docs/usage.md: the stream down).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Optional
+
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+
+from sidecar import contract
+from sidecar.reconcile import close_reservation
+from sidecar.service import DecisionService
+from sidecar.usage import Usage, UsageScanner
+
+log = logging.getLogger("kt.als")
+# access-log messages being settled at once per stream: Envoy's next message is read
+# while earlier ones settle, so a slow backend never backs Envoy's log buffer up
+IN_FLIGHT_MAX = 32
+# response flags that mean the response did not run to its end
+_CUT_SHORT = ("local_reset", "upstream_remote_reset", "upstream_connection_termination",
+              "downstream_connection_termination", "downstream_remote_reset",
+              "stream_idle_timeout", "downstream_protocol_error", "upstream_protocol_error",
+              "upstream_max_stream_duration_reached", "duration_timeout",
+              "upstream_request_timeout")
+# how long the usage text of one entry may be (the Lua filter keeps at most three SSE
+# lines of 16 KiB, or a JSON reply's model and usage values)
+MAX_USAGE_TEXT = 64 * 1024
+
+
+def _cut_short(flags) -> bool:
+    # most entries carry no flag at all: one size check instead of eleven field reads
+    return flags.ByteSize() > 0 and any(getattr(flags, name) for name in _CUT_SHORT)
+
+
+def usage_of(entry) -> tuple[Optional[str], Optional[Usage], str]:
+    """(model, Usage or None, how it was read) from the text the Lua filter left in the
+    entry's metadata."""
+    fm = entry.common_properties.metadata.filter_metadata
+    if contract.USAGE_METADATA_NAMESPACE not in fm:
+        return None, None, ""
+    fields = fm[contract.USAGE_METADATA_NAMESPACE].fields
+    if "sse" in fields:
+        text, streamed = fields["sse"].string_value, True
+    elif "json" in fields:
+        text, streamed = fields["json"].string_value, False
+    else:
+        return None, None, ""
+    if len(text) > MAX_USAGE_TEXT:
+        return None, None, ""
+    scanner = UsageScanner(streamed=streamed)
+    scanner.feed(text.encode())
+    scanner.finish()
+    return scanner.model, scanner.usage, "access_log_sse" if streamed else "access_log_json"
+
+
+class UsageLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
+    def __init__(self, service: DecisionService) -> None:
+        self.service = service
+        self._entries = service.metrics.usage_log_entries
+        self._streams = service.metrics.usage_log_streams
+
+    async def StreamAccessLogs(self, request_iterator, context):  # noqa: N802 (gRPC name)
+        self._streams.inc()
+        in_flight: set[asyncio.Task] = set()
+        try:
+            async for msg in request_iterator:
+                if not msg.HasField("http_logs"):
+                    continue
+                entries = msg.http_logs.log_entry
+                task = asyncio.get_running_loop().create_task(self._close_all(entries))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+                if len(in_flight) >= IN_FLIGHT_MAX:
+                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+            if in_flight:
+                await asyncio.wait(in_flight)
+        finally:
+            self._streams.dec()
+        return als_pb2.StreamAccessLogsResponse()
+
+    async def _close_all(self, entries) -> None:
+        closing = []
+        for entry in entries:
+            request = entry.request
+            model, usage, settled_by = usage_of(entry)
+            closing.append(close_reservation(
+                self.service, request.request_id,
+                request.request_headers.get(contract.H_TENANT),
+                entry.response.response_code.value, usage, model,
+                _cut_short(entry.common_properties.response_flags), "access_log",
+                settled_by or "access_log"))
+        # concurrently: the backend sends what one loop tick queued in one write
+        await asyncio.gather(*closing)
+        self._entries.inc(len(closing))

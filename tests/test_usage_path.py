@@ -1,0 +1,255 @@
+"""Usage from the response, through a real Envoy: the Lua filter + access log (the default)
+and ext_proc per request must read the same usage from the same bytes, to the token, and
+close reservations by the same rules (docs/usage.md), however the reply is shaped: keys in
+any order, decoys inside strings and nested objects, SSE lines split across chunks, CRLF,
+`"usage": null` chunks, streams without usage, an upstream that resets mid-stream, 5xx."""
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import re
+import socket
+import struct
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Iterator, Optional
+
+import pytest
+
+from sidecar.envoy_config import EnvoyOptions, TierRoute, render
+from tests.support.policies import TIERS_AND_PRICING
+from tests.support.procs import EnvoyProcess, SidecarProcess, free_port, wait_until, workdir
+
+POLICY = """
+tenant: {header: x-tenant-id, unknown: defaults}
+""" + TIERS_AND_PRICING + """defaults:
+  limits: {rpm: 1000, tpm: 10000000}
+  budget: {tokens: 1000000, period: day}
+tenants:
+""" + "".join(f"  {t}: {{}}\n" for t in (
+    "json-plain", "json-order_and_blanks", "json-decoys", "sse-split", "sse-none", "sse-reset",
+    "five"))  # named: spend is recorded per named tenant (others fold into _other)
+
+
+class Reply:
+    """What the raw upstream answers: status, content type, the body in pieces (each
+    written and flushed on its own, so Envoy sees separate chunks), and whether to reset
+    the connection after the pieces instead of ending the body."""
+
+    def __init__(self, pieces: list[bytes], status: int = 200,
+                 content_type: str = "application/json", reset: bool = False) -> None:
+        self.pieces, self.status, self.content_type, self.reset = pieces, status, content_type, reset
+
+
+class RawUpstream:
+    """An upstream that answers each request with the Reply registered under its
+    `x-raw-case` header, byte for byte (chunked transfer encoding)."""
+
+    def __init__(self) -> None:
+        self.replies: dict[str, Reply] = {}
+        self._server: Optional[ThreadingHTTPServer] = None
+
+    def __enter__(self) -> "RawUpstream":
+        replies = self.replies
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):  # noqa: N802
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                reply = replies[self.headers["x-raw-case"]]
+                self.send_response(reply.status)
+                self.send_header("content-type", reply.content_type)
+                self.send_header("transfer-encoding", "chunked")
+                self.end_headers()
+                for piece in reply.pieces:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                    self.wfile.flush()
+                    time.sleep(0.02)
+                if reply.reset:  # RST: linger 0, and every reference to the socket closed
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                               struct.pack("ii", 1, 0))
+                    self.close_connection = True
+                    self.wfile.close()
+                    self.rfile.close()
+                    self.connection.close()
+                    return
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    @property
+    def address(self) -> str:
+        assert self._server is not None
+        return f"127.0.0.1:{self._server.server_address[1]}"
+
+    def __exit__(self, *exc) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+
+class Path:
+    def __init__(self, sidecar: SidecarProcess, envoy: EnvoyProcess, upstream: RawUpstream,
+                 usage: str) -> None:
+        self.sidecar, self.envoy, self.upstream, self.usage = sidecar, envoy, upstream, usage
+
+    def metric(self, name: str, **labels: str) -> float:
+        want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        pattern = rf"^{name}\{{{want}\}} (\S+)$" if labels else rf"^{name} (\S+)$"
+        m = re.search(pattern, self.sidecar.metrics(), re.M)
+        return float(m.group(1)) if m else 0.0
+
+    def settled(self) -> None:
+        if self.usage != "als":
+            return
+
+        def handled() -> bool:
+            text = self.sidecar.metrics()
+            admitted = sum(float(v) for v in re.findall(
+                r'^kt_requests_total\{decision="(?:allow|downgrade)"[^}]*\} (\S+)$', text, re.M))
+            return self.metric("kt_usage_log_entries_total") >= admitted
+
+        wait_until(handled, 10, "usage delivered by Envoy's access log")
+
+    def send(self, tenant: str, case: str, reply: Reply) -> int:
+        """One request answered by `reply`; the status the client saw (0: cut off)."""
+        self.upstream.replies[case] = reply
+        body = json.dumps({"model": "gpt-4o", "max_tokens": 500,
+                           "messages": [{"role": "user", "content": "hi"}]}).encode()
+        conn = http.client.HTTPConnection("127.0.0.1", self.envoy.listen_port, timeout=10)
+        try:
+            conn.request("POST", "/v1/chat/completions", body=body, headers={
+                "content-type": "application/json", "x-tenant-id": tenant, "x-raw-case": case})
+            resp = conn.getresponse()
+            try:
+                resp.read()
+            except (http.client.IncompleteRead, ConnectionError):
+                return 0
+            return resp.status
+        finally:
+            conn.close()
+            self.settled()
+
+    def spend(self, tenant: str) -> dict:
+        conn = http.client.HTTPConnection("127.0.0.1", self.sidecar.http_port, timeout=5)
+        try:
+            conn.request("GET", "/v1/spend")
+            return json.loads(conn.getresponse().read())["tenants"].get(tenant, {})
+        finally:
+            conn.close()
+
+
+@contextlib.contextmanager
+def usage_path(usage: str) -> Iterator[Path]:
+    with workdir() as d, RawUpstream() as up:
+        policy = d / "policy.yaml"
+        policy.write_text(POLICY)
+        with SidecarProcess(policy, d) as sidecar:
+            admin, listen = free_port(), free_port()
+            opts = EnvoyOptions(listen_port=listen, admin_port=admin, mode="authz",
+                                sidecar_address=f"127.0.0.1:{sidecar.grpc_port}",
+                                usage=usage,  # type: ignore[arg-type]
+                                tiers=[TierRoute("default", "gpt-4o", up.address),
+                                       TierRoute("compact", "gpt-4o-mini", up.address)])
+            with EnvoyProcess(render(opts), d, admin, listen) as envoy:
+                yield Path(sidecar, envoy, up, usage)
+
+
+@pytest.fixture(scope="module", params=["als", "ext_proc"])
+def path(request) -> Iterator[Path]:
+    with usage_path(request.param) as p:
+        yield p
+
+
+def sse(*docs: object, crlf: bool = False) -> bytes:
+    nl = b"\r\n" if crlf else b"\n"
+    out = b""
+    for doc in docs:
+        data = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+        out += b"data: " + data + nl + nl
+    return out
+
+
+def split(data: bytes, *at: int) -> list[bytes]:
+    cuts = [0, *at, len(data)]
+    return [data[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
+
+
+JSON_CASES = {
+    # the usual shape
+    "plain": (json.dumps({"id": "x", "model": "gpt-4o", "choices": [],
+                          "usage": {"prompt_tokens": 123, "completion_tokens": 45}}), "gpt-4o",
+              (123, 45)),
+    # usage before model, pretty-printed, the compact model named: priced as it
+    "order_and_blanks": ('{\n  "usage" : {\n    "completion_tokens" : 7,\n    "prompt_tokens" : 8\n'
+                         '  },\n  "model" : "gpt-4o-mini"\n}\n', "gpt-4o-mini", (8, 7)),
+    # decoys: "usage" inside the generated text (escaped quotes) and in a nested object;
+    # only the top-level usage counts
+    "decoys": (json.dumps({
+        "model": "gpt-4o",
+        "choices": [{"message": {"content": 'say "usage": {"prompt_tokens": 999999} {[}]\\'},
+                     "usage": {"prompt_tokens": 888888, "completion_tokens": 1}}],
+        "metadata": {"usage": {"prompt_tokens": 777777, "completion_tokens": 2}},
+        "usage": {"prompt_tokens": 31, "completion_tokens": 5,
+                  "prompt_tokens_details": {"cached_tokens": 0}}}), "gpt-4o", (31, 5)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(JSON_CASES))
+def test_json_reply_usage_is_read_to_the_token(path, case):
+    text, model, (inp, out) = JSON_CASES[case]
+    tenant = f"json-{case}"
+    body = text.encode()
+    assert path.send(tenant, tenant, Reply(split(body, len(body) // 3, len(body) // 2))) == 200
+    rec = path.spend(tenant)[model]
+    assert (rec["input_tokens"], rec["output_tokens"]) == (inp, out)
+
+
+def test_sse_usage_split_across_chunks_with_crlf_and_null_usage_chunks(path):
+    stream = sse({"model": "gpt-4o", "choices": [{"delta": {"content": "a"}}], "usage": None},
+                 {"model": "gpt-4o", "choices": [{"delta": {"content": '"usage": 5'}}],
+                  "usage": None},
+                 {"model": "gpt-4o", "choices": [], "usage": {"prompt_tokens": 61,
+                                                             "completion_tokens": 29}},
+                 b"[DONE]", crlf=True)
+    at = stream.index(b'"prompt_tokens"') + 5  # the usage line cut in two
+    reply = Reply(split(stream, 10, at), content_type="text/event-stream; charset=utf-8")
+    assert path.send("sse-split", "sse-split", reply) == 200
+    rec = path.spend("sse-split")["gpt-4o"]
+    assert (rec["input_tokens"], rec["output_tokens"]) == (61, 29)
+
+
+def test_a_stream_without_usage_keeps_its_estimate(path):
+    before = path.metric("kt_reservations_closed_total", outcome="kept_no_usage")
+    stream = sse({"model": "gpt-4o", "choices": [{"delta": {"content": "a"}}]}, b"[DONE]")
+    assert path.send("sse-none", "sse-none", Reply([stream], content_type="text/event-stream")) == 200
+    assert path.metric("kt_reservations_closed_total", outcome="kept_no_usage") == before + 1
+    assert path.spend("sse-none") == {}  # no actual usage recorded, the estimate stays charged
+
+
+def test_an_upstream_reset_mid_stream_keeps_the_estimate(path):
+    before = path.metric("kt_reservations_closed_total", outcome="kept_abandoned")
+    first = sse({"model": "gpt-4o", "choices": [{"delta": {"content": "a"}}], "usage": None})
+    assert path.send("sse-reset", "sse-reset",
+                     Reply([first], content_type="text/event-stream", reset=True)) in (0, 200)
+    wait_until(lambda: path.metric("kt_reservations_closed_total", outcome="kept_abandoned")
+               == before + 1, 10, "reservation kept as abandoned")
+    assert path.spend("sse-reset") == {}
+
+
+def test_a_5xx_without_usage_releases_the_reservation(path):
+    before = path.metric("kt_reservations_closed_total", outcome="released_upstream_error")
+    reply = Reply([b'{"error": {"message": "overloaded"}}'], status=503)
+    assert path.send("five", "five", reply) == 503
+    assert path.metric("kt_reservations_closed_total",
+                       outcome="released_upstream_error") == before + 1
