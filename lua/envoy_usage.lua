@@ -5,8 +5,8 @@
 -- request's dynamic metadata, namespace "kt.usage":
 --   json  {"model": ..., "usage": ...}: the top-level "model" and "usage" values of a
 --         buffered JSON reply, copied verbatim;
---   sse   "data: ...\n\n" lines of an event stream: the first line that names a model,
---         the first and the latest line whose "usage" is not null.
+--   sse   "data: ...\n\n" lines of an event stream: the first line that names a model
+--         and the lines whose "usage" is not null (the first and the latest, at most 8).
 -- Envoy's gRPC access log carries the metadata to the sidecar (sidecar/transports/als.py),
 -- which reads it with the same parser ext_proc uses (sidecar/usage.py): this script only
 -- selects bytes, it never interprets a number, so there is one implementation of what
@@ -21,6 +21,9 @@
 
 local MAX_JSON = 4 * 1024 * 1024
 local MAX_LINE = 16 * 1024
+-- usage lines kept per stream: OpenAI sends one, Anthropic a message_start and a few
+-- cumulative message_delta (all kept up to this many; beyond it the first and the latest)
+local MAX_USAGE_LINES = 8
 local NS = "kt.usage"
 
 -- index just past the JSON string that opens at i, or nil
@@ -111,12 +114,14 @@ end
 
 local function sse_reply(handle)
   local tail = ""
-  local model_line, first_usage, last_usage
+  local model_line
+  local usage_lines = {}  -- the first, then the latest ones (at most MAX_USAGE_LINES)
   local function publish()
     local out = {}
-    if model_line ~= nil then out[#out + 1] = model_line end
-    if first_usage ~= nil and first_usage ~= model_line then out[#out + 1] = first_usage end
-    if last_usage ~= nil and last_usage ~= first_usage then out[#out + 1] = last_usage end
+    if model_line ~= nil then out[1] = model_line end
+    for _, l in ipairs(usage_lines) do
+      if l ~= model_line then out[#out + 1] = l end
+    end
     -- fetched anew each time: Envoy's wrappers do not outlive a yield (between chunks)
     handle:streamInfo():dynamicMetadata():set(NS, "sse", table.concat(out))
   end
@@ -128,12 +133,12 @@ local function sse_reply(handle)
       changed = true
     end
     if string.find(l, '"usage"', 1, true) and not string.find(l, '"usage"%s*:%s*null') then
-      last_usage = l .. "\n\n"
-      if first_usage == nil then first_usage = last_usage end
+      if #usage_lines >= MAX_USAGE_LINES then table.remove(usage_lines, 2) end
+      usage_lines[#usage_lines + 1] = l .. "\n\n"
       changed = true
     end
     -- published as soon as usage is seen: a stream cut after its usage chunk still settles
-    if changed and last_usage ~= nil then publish() end
+    if changed and #usage_lines > 0 then publish() end
   end
   for chunk in handle:bodyChunks() do
     local n = chunk:length()

@@ -29,8 +29,8 @@ tenant: {header: x-tenant-id, unknown: defaults}
   budget: {tokens: 1000000, period: day}
 tenants:
 """ + "".join(f"  {t}: {{}}\n" for t in (
-    "json-plain", "json-order_and_blanks", "json-decoys", "sse-split", "sse-none", "sse-reset",
-    "five"))  # named: spend is recorded per named tenant (others fold into _other)
+    "json-plain", "json-order_and_blanks", "json-decoys", "json-anthropic", "json-responses",
+    "sse-split", "sse-anthropic", "sse-responses", "sse-none", "sse-reset", "five"))  # named: spend is recorded per named tenant (others fold into _other)
 
 
 class Reply:
@@ -202,6 +202,17 @@ JSON_CASES = {
         "metadata": {"usage": {"prompt_tokens": 777777, "completion_tokens": 2}},
         "usage": {"prompt_tokens": 31, "completion_tokens": 5,
                   "prompt_tokens_details": {"cached_tokens": 0}}}), "gpt-4o", (31, 5)),
+    # Anthropic messages: input_tokens is the uncached part, cache reads and writes add to it
+    "anthropic": (json.dumps({
+        "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4",
+        "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn",
+        "usage": {"input_tokens": 20, "output_tokens": 9, "cache_read_input_tokens": 300,
+                  "cache_creation_input_tokens": 50}}), "claude-sonnet-4", (370, 9)),
+    # OpenAI responses API
+    "responses": (json.dumps({"object": "response", "model": "gpt-4o", "output": [],
+                              "usage": {"input_tokens": 900, "output_tokens": 80,
+                                        "input_tokens_details": {"cached_tokens": 512}}}),
+                  "gpt-4o", (900, 80)),
 }
 
 
@@ -227,6 +238,43 @@ def test_sse_usage_split_across_chunks_with_crlf_and_null_usage_chunks(path):
     assert path.send("sse-split", "sse-split", reply) == 200
     rec = path.spend("sse-split")["gpt-4o"]
     assert (rec["input_tokens"], rec["output_tokens"]) == (61, 29)
+
+
+def events(*pairs: tuple[str, dict]) -> bytes:
+    return b"".join(f"event: {name}\ndata: {json.dumps(doc)}\n\n".encode() for name, doc in pairs)
+
+
+STREAM_CASES = {
+    # message_start carries the input, each message_delta the cumulative output; a field
+    # seen in an earlier delta and absent from the last one still counts
+    "sse-anthropic": (events(
+        ("message_start", {"type": "message_start", "message": {
+            "id": "m", "model": "claude-sonnet-4", "usage": {
+                "input_tokens": 25, "output_tokens": 1, "cache_read_input_tokens": 4000}}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                 "delta": {"type": "text_delta", "text": '"usage": 3'}}),
+        ("message_delta", {"type": "message_delta", "delta": {},
+                           "usage": {"output_tokens": 40, "cache_creation_input_tokens": 7}}),
+        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                           "usage": {"output_tokens": 97}}),
+        ("message_stop", {"type": "message_stop"})), "claude-sonnet-4", (4032, 97)),
+    "sse-responses": (events(
+        ("response.created", {"type": "response.created", "response": {
+            "model": "gpt-4o", "usage": None}}),
+        ("response.output_text.delta", {"type": "response.output_text.delta", "delta": "hi"}),
+        ("response.completed", {"type": "response.completed", "response": {
+            "model": "gpt-4o", "usage": {"input_tokens": 30, "output_tokens": 7}}})),
+        "gpt-4o", (30, 7)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STREAM_CASES))
+def test_other_stream_formats_are_read_to_the_token(path, case):
+    stream, model, (inp, out) = STREAM_CASES[case]
+    reply = Reply(split(stream, len(stream) // 2), content_type="text/event-stream")
+    assert path.send(case, case, reply) == 200
+    rec = path.spend(case)[model]
+    assert (rec["input_tokens"], rec["output_tokens"]) == (inp, out)
 
 
 def test_a_stream_without_usage_keeps_its_estimate(path):
