@@ -81,6 +81,7 @@ def test_events_in_postgres_add_up_to_the_reported_usage_and_the_budget():
                 buffered(i)
             wait_until(lambda: 'kt_ledger_sink_up{sink="postgres"} 1.0' in s.sidecar.metrics(),
                        15, "the spill replayed once PostgreSQL is back")
+            s.settled()  # the last replies' usage has come back by Envoy's access log
             s.sidecar.stop()  # SIGTERM: the ledger and the state file are flushed
             spent = json.loads((s.dir / "spend.json").read_text())["tenants"]["finops"]["spent"]
 
@@ -98,9 +99,11 @@ def test_events_in_postgres_add_up_to_the_reported_usage_and_the_budget():
                 "FROM kt_usage_daily WHERE tenant = 'finops'").fetchone()
 
     settled = [v for k, v in by.items() if k[0] == "settled"]
+    # usage comes back by Envoy's access log (kt envoy-config's default, docs/usage.md)
     assert sorted(k for k in by) == [("kept", "abandoned"), ("released", "release"),
-                                     ("settled", "ext_proc_json"), ("settled", "ext_proc_sse")]
-    assert by[("settled", "ext_proc_json")][0] == 18 and by[("settled", "ext_proc_sse")][0] == 3
+                                     ("settled", "access_log_json"), ("settled", "access_log_sse")]
+    assert by[("settled", "access_log_json")][0] == 18
+    assert by[("settled", "access_log_sse")][0] == 3
     # to the token: what the upstreams reported
     assert sum(v[1] for v in settled) == sum(u[0] for u in reported)
     assert sum(v[2] for v in settled) == sum(u[1] for u in reported)

@@ -12,7 +12,8 @@ from typing import Literal, Union
 import msgspec
 
 # How a reservation was closed (UsageEvent.outcome):
-#   settled   actual usage replaced the estimate (settled_by: ext_proc_json, ext_proc_sse, report)
+#   settled   actual usage replaced the estimate (settled_by: access_log_json, access_log_sse,
+#             ext_proc_json, ext_proc_sse, report)
 #   released  the upstream failed without usage: the estimate was refunded (settled_by: release)
 #   kept      no usage will come (client gone, 2xx without usage): the estimate stays charged
 #             (settled_by: abandoned, no_usage)
