@@ -2,6 +2,7 @@
 
   python bench/noop_authz.py grpc --ready-file F   # grpc.aio on uvloop, Check -> OK
   python bench/noop_authz.py http --ready-file F   # raw uvloop protocol, 200 to every request
+  python bench/noop_authz.py als --ready-file F    # Envoy's access-log service, reads and drops
 
 Each answers as cheaply as its transport allows and writes {"port": N} to the ready file.
 """
@@ -28,6 +29,25 @@ async def grpc_main(ready: str) -> None:
 
     server = grpc.aio.server()
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(Noop(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    _ready(ready, port)
+    await server.wait_for_termination()
+
+
+async def als_main(ready: str) -> None:
+    """Envoy's gRPC access-log service that reads every message and does nothing with it."""
+    import grpc
+    from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+
+    class Drain(als_pb2_grpc.AccessLogServiceServicer):
+        async def StreamAccessLogs(self, request_iterator, context):  # noqa: N802
+            async for _ in request_iterator:
+                pass
+            return als_pb2.StreamAccessLogsResponse()
+
+    server = grpc.aio.server()
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(Drain(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     _ready(ready, port)
@@ -69,7 +89,7 @@ def _ready(path: str, port: int) -> None:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("kind", choices=["grpc", "http"])
+    ap.add_argument("kind", choices=["grpc", "http", "als"])
     ap.add_argument("--ready-file", required=True)
     a = ap.parse_args()
-    uvloop.run(grpc_main(a.ready_file) if a.kind == "grpc" else http_main(a.ready_file))
+    uvloop.run({"grpc": grpc_main, "http": http_main, "als": als_main}[a.kind](a.ready_file))

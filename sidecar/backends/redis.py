@@ -41,6 +41,7 @@ import hiredis
 from redis.exceptions import NoScriptError, RedisError
 
 from sidecar.backends.resp import ConnectionLost, PipelinedConnection
+from sidecar.backends.settle_batch import SettleBatcher
 from sidecar.backends.tls import tls_context
 
 from sidecar import _core
@@ -152,6 +153,8 @@ class RedisBackend:
         self.batch_script = _Script("decide_batch.lua", "decide.lua", "deadline.lua",
                                     "decide_batch.lua")
         self.settle_script = _Script("settle.lua")
+        # settlements of one loop tick as one script call (single node; settle_batch.py)
+        self._settles = SettleBatcher(self)
         self.client: Any = None  # redis-py: cluster mode only (and URL parsing)
         self.conn: Optional[PipelinedConnection] = None
         # cached encodings: per tenant (its three keys), per Limits (their ARGV)
@@ -227,7 +230,7 @@ class RedisBackend:
             log.error("redis at %s not available at start: %r", self.where, exc)
 
     def _scripts(self) -> tuple[_Script, ...]:
-        return (self.decide_script, self.batch_script, self.settle_script)
+        return (self.decide_script, self.batch_script, self.settle_script, self._settles.script)
 
     async def close(self) -> None:
         if self._heartbeat is not None:
@@ -628,9 +631,12 @@ class RedisBackend:
         args = [self._now_arg(), limits.tpm, repr(limits.burst), limits.budget, limits.period,
                 delta_tokens, delta_cost, period_start_us, SETTLED_TTL_MS]
         keys = [tpm_key, budget_key, marker]
-        packed = None if self.cfg.cluster else pack(
-            "EVALSHA", self.settle_script.sha, 3, *keys, *args)
-        reply = await self._call(self.settle_script, keys, args, packed)
+        if self.cfg.cluster:
+            reply = await self._call(self.settle_script, keys, args, None)
+        else:
+            if self.conn is None:
+                raise BackendError("redis backend not started")
+            reply = await self._settles.submit(keys, args)
         if not (isinstance(reply, list) and len(reply) == 2
                 and all(isinstance(x, int) for x in reply)):
             raise self._failed(f"settle.lua: unexpected reply {str(reply)[:120]}")

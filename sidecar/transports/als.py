@@ -25,9 +25,10 @@ from sidecar.service import DecisionService
 from sidecar.usage import Usage, UsageScanner
 
 log = logging.getLogger("kt.als")
-# access-log messages being settled at once per stream: Envoy's next message is read
-# while earlier ones settle, so a slow backend never backs Envoy's log buffer up
-IN_FLIGHT_MAX = 32
+# access-log messages being settled at once per stream: the next one is read while one
+# settles (Envoy's stream never waits on a round trip), but a burst (a backlog after a
+# stall) queues here, not as thousands of settlements on the Redis link ahead of decisions
+IN_FLIGHT_MAX = 2
 # response flags that mean the response did not run to its end
 _CUT_SHORT = ("local_reset", "upstream_remote_reset", "upstream_connection_termination",
               "downstream_connection_termination", "downstream_remote_reset",

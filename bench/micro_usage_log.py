@@ -1,0 +1,178 @@
+"""The usage path's own Python, in process: access-log messages as Envoy sends them (many
+entries each, the usage the Lua filter leaves in metadata), handed to the sidecar's
+receiver after the decisions that reserved them, on uvloop. The embedded backend by
+default, or a real Valkey (`--redis`, started here): what is left is the sidecar's CPU
+per settled request (decode, parse the usage, settle, count), the part a code change can
+move; with `--redis` also Valkey's CPU and commands per settled request.
+
+  python bench/micro_usage_log.py [--entries N] [--batch B] [--runs R] [--redis] [--profile]
+
+Prints the median (min–max) of R runs in µs of CPU per settled request.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import uvloop
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from run import FULL_HOT, full_path_requests, policy, valkey_calls  # noqa: E402
+from upstream import USAGE, completion, stream  # noqa: E402
+from envoy.service.accesslog.v3 import als_pb2  # noqa: E402
+from sidecar import contract  # noqa: E402
+from sidecar.model import Request  # noqa: E402
+from sidecar.policy.load import parse_policy  # noqa: E402
+from sidecar.service import DecisionService  # noqa: E402
+from sidecar.transports.als import UsageLogReceiver  # noqa: E402
+
+
+def lua_selection(streamed: bool) -> tuple[str, str]:
+    """What lua/envoy_usage.lua leaves in metadata for the bench upstream's replies."""
+    if streamed:
+        lines = [line for line in stream("gpt-4o").split("\n") if line.startswith("data:")]
+        keep = [lines[0]] + [line for line in lines if '"usage":{' in line]
+        return "sse", "".join(line + "\n\n" for line in keep)
+    doc = json.loads(completion("gpt-4o"))
+    return "json", json.dumps({"usage": doc["usage"], "model": doc["model"]},
+                              separators=(",", ":"))
+
+
+def messages(n: int, batch: int, run: int) -> list[bytes]:
+    """n entries (tenants and streaming as the full-path bench), `batch` per message."""
+    reqs = full_path_requests()
+    out, msg = [], None
+    for i in range(n):
+        if msg is None:
+            msg = als_pb2.StreamAccessLogsMessage()
+        tenant, streamed = reqs[i % len(reqs)]
+        e = msg.http_logs.log_entry.add()
+        e.request.request_id = f"r{run}-{i}"
+        e.request.request_headers[contract.H_TENANT] = tenant
+        e.response.response_code.value = 200
+        key, text = lua_selection(streamed)
+        e.common_properties.metadata.filter_metadata[
+            contract.USAGE_METADATA_NAMESPACE].fields[key].string_value = text
+        if len(msg.http_logs.log_entry) == batch:
+            out.append(msg.SerializeToString())
+            msg = None
+    if msg is not None:
+        out.append(msg.SerializeToString())
+    return out
+
+
+async def one_run(service: DecisionService, n: int, batch: int, run: int,
+                  valkey=None) -> tuple[float, float, float]:
+    """(sidecar µs CPU, Valkey µs CPU, Valkey commands) per settled request."""
+    body = json.dumps({"model": "gpt-4o", "max_tokens": USAGE[1],
+                       "messages": [{"role": "user", "content": "x" * 760}]}).encode()
+    reqs = full_path_requests()
+    for i in range(n):  # the decisions that reserved what the log entries settle
+        tenant, _ = reqs[i % len(reqs)]
+        await service.decide(Request(headers={"x-tenant-id": tenant}, body=body,
+                                     request_id=f"r{run}-{i}"))
+    wire = messages(n, batch, run)
+    receiver = UsageLogReceiver(service)
+
+    async def incoming():
+        for data in wire:
+            yield als_pb2.StreamAccessLogsMessage.FromString(data)
+
+    settled0 = sum(s.value for s in service.metrics.settlements.collect()[0].samples
+                   if s.name.endswith("_total"))
+    if valkey is not None:
+        calls0, v0 = sum(valkey_calls(valkey.port).values()), _cpu(valkey.pid)
+    t0 = time.process_time()
+    await receiver.StreamAccessLogs(incoming(), None)
+    cpu = time.process_time() - t0
+    v_us = v_cmds = float("nan")
+    if valkey is not None:
+        v_us = 1e6 * (_cpu(valkey.pid) - v0) / n
+        v_cmds = (sum(valkey_calls(valkey.port).values()) - calls0) / n
+    settled = sum(s.value for s in service.metrics.settlements.collect()[0].samples
+                  if s.name.endswith("_total")) - settled0
+    if settled != n:
+        raise SystemExit(f"settled {settled} of {n}")
+    return 1e6 * cpu / n, v_us, v_cmds
+
+
+async def main_async(a) -> None:
+    valkey = None
+    if a.redis:
+        from sidecar.backends.redis import RedisBackend
+        from tests.support.procs import workdir
+        from tests.support.valkey import Valkey
+
+        wd = workdir("kt-micro-")
+        d = wd.__enter__()
+        valkey = Valkey(d).start()
+        pol = parse_policy(policy(valkey.url).encode(), "<bench>")
+        backend = RedisBackend(pol.backend)
+    else:
+        from sidecar.backends.memory import MemoryBackend
+
+        text = policy("redis://unused").split("backend:")[0]
+        pol = parse_policy(text.encode(), "<bench>")
+        backend = MemoryBackend()
+    await backend.start()
+    service = DecisionService(pol, backend)
+    try:
+        await one_run(service, min(a.entries, 2000), a.batch, -1)  # warm up
+        results: list[float] = []
+        valkey_us: list[float] = []
+        valkey_cmds: list[float] = []
+        prof = cProfile.Profile() if a.profile else None
+        for run in range(a.runs):
+            if prof:
+                prof.enable()
+            us, v_us, v_cmds = await one_run(service, a.entries, a.batch, run, valkey)
+            if prof:
+                prof.disable()
+            results.append(us)
+            valkey_us.append(v_us)
+            valkey_cmds.append(v_cmds)
+        print(f"{statistics.median(results):.1f} µs CPU per settled request (decision excluded"
+              f"; min {min(results):.1f}, max {max(results):.1f}; {a.runs} runs of "
+              f"{a.entries} entries, {a.batch} per message, backend {backend.name})")
+        if valkey is not None:
+            print(f"Valkey: {statistics.median(valkey_us):.1f} µs CPU and "
+                  f"{statistics.median(valkey_cmds):.2f} commands (a script's own included) "
+                  "per settled request")
+        if prof:
+            pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+    finally:
+        await backend.close()
+        if valkey is not None:
+            valkey.stop()
+
+
+def _cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--entries", type=int, default=20000)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--redis", action="store_true")
+    ap.add_argument("--profile", action="store_true")
+    a = ap.parse_args()
+    assert FULL_HOT > 0
+    uvloop.run(main_async(a))
+
+
+if __name__ == "__main__":
+    main()
