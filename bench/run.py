@@ -252,7 +252,7 @@ def full_path_tenants() -> list[str]:
                      f"budget: {{usd: {usd}, period: month, low_water: {low}}}}}")
     for i in range(FULL_HOT):
         lines.append(f"  h{i}: {{limits: {{rpm: 100000000, tpm: 100000000000}}, "
-                     "budget: {usd: 1000000000, period: month, low_water: 0.1}}")
+                     "budget: {usd: 5000000, period: month, low_water: 0.1}}")
     return lines
 
 
