@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 # Decisions take microseconds in process and ~1 ms over Redis: buckets from 50 µs to 250 ms.
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015,
@@ -124,3 +124,16 @@ def _backend_health(b):
             labels=["backend"])
         resets.add_metric([b.name], b.store_resets)
         yield resets
+    if getattr(b, "state_file", ""):
+        failures = CounterMetricFamily(
+            "kt_state_write_failures", "Failed writes of the embedded backend's state file, "
+            "by what (snapshot: spend of every tenant; journal: settlements, written before "
+            "they are acknowledged). /readyz fails until a write succeeds.", labels=["what"])
+        for what, n in b.write_failures.items():
+            failures.add_metric([what], n)
+        yield failures
+        took = GaugeMetricFamily(
+            "kt_state_snapshot_seconds", "How long the last snapshot of the state file took "
+            "(in its own thread, off the event loop).", labels=[])
+        took.add_metric([], b.snapshot_seconds)
+        yield took

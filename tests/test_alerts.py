@@ -26,7 +26,8 @@ def exported_series() -> dict[str, set[str]]:
             for suffix in ("", "_total", "_bucket", "_count", "_sum"):
                 extra = {"le"} if suffix == "_bucket" else set()
                 out[metric._name + suffix] = set(metric._labelnames) | extra
-    for backend in (MemoryBackend(), RedisBackend(schema.RedisBackend(url="redis://127.0.0.1:1/0"))):
+    for backend in (MemoryBackend(state_file="unused.json"),
+                    RedisBackend(schema.RedisBackend(url="redis://127.0.0.1:1/0"))):
         m = Metrics()
         m.watch_backend(backend)
         for family in m.registry.collect():
@@ -52,7 +53,8 @@ def test_alert_rules_reference_exported_metrics_and_labels():
     rules = {r["alert"]: r["expr"] for r in doc["groups"][0]["rules"]}
     assert check_exprs(rules) >= 7
     # the backends' own failures each have an alert
-    for name in ("kt_backend_store_resets_total", "kt_backend_connection_attempts_total"):
+    for name in ("kt_backend_store_resets_total", "kt_backend_connection_attempts_total",
+                 "kt_state_write_failures_total"):
         assert any(name in expr for expr in rules.values()), name
 
 

@@ -1,9 +1,25 @@
 """Embedded backend: state in this process, decided by the Cython core.
 
-Budget spend is written to a JSON file (write to a temp file, fsync, rename:
-atomic) every ``flush_interval_s`` and at shutdown, so a restart never hands a
-tenant its spent budget back. Rate buckets are not persisted: a restart grants
-at most one burst. A SIGKILL loses at most one interval of spend (docs/backends.md).
+Durability (docs/design.md, "Embedded backend durability"):
+
+- **Snapshot**: budget spend of every tenant, a JSON file replaced atomically (temp file,
+  fsync, rename, fsync of the directory) every ``flush_interval_s`` and at shutdown.
+  Written by a thread from a mirror of the spend that only the thread reads; the event
+  loop hands it just the tenants whose spend changed since the last snapshot, so a flush
+  costs the loop O(changed tenants), never O(all tenants), and the JSON is encoded in
+  chunks between writes (each releases the GIL) rather than in one piece.
+- **Journal**: every settlement (usage report, ext_proc usage, release) is appended, with
+  the tenant's spend after it, to an append-only journal that another thread fsyncs in
+  groups; a settlement returns (and a usage report is acknowledged) only once its record
+  is on disk. On start the journal is replayed over the snapshot, so an acknowledged
+  report is never lost and never applied twice: settled (tenant, request id) pairs are
+  remembered across a restart (the last SETTLED_IDS_MAX of them).
+
+Rate buckets are not persisted: a restart grants at most one burst. A SIGKILL loses at
+most the decisions' charges since the last snapshot (one interval); acknowledged
+settlements are never lost. A state file that cannot be read, or holds a value that is not
+a spend (negative, fractional, boolean, text, infinite, beyond 2^62), stops the sidecar
+from starting rather than silently handing every tenant its budget back.
 """
 from __future__ import annotations
 
@@ -12,24 +28,211 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections import OrderedDict
-from typing import Callable, Optional
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
+from typing import Any, Callable, Optional
+
+import msgspec
 
 from sidecar import _core
 from sidecar.backends.base import BackendError, BackendStatus, LateReply, Settlement
 
 log = logging.getLogger("kt.memory")
-STATE_VERSION = 1
-# request ids remembered for idempotent settlement; older ones fall out first
+STATE_VERSION = 2  # 1: snapshot only (still read); 2: snapshot + journal
+# (tenant, request id) pairs remembered for idempotent settlement; older ones fall out first
 SETTLED_IDS_MAX = 200_000
 # tenant states kept before a sweep drops those at rest (see _sweep); a sweep then waits
 # until the count doubles, so its cost per decision stays constant
 TENANT_STATES_SWEEP_AT = 100_000
+# a spend or period start beyond this is not one this sidecar wrote (int64 with headroom)
+MAX_STATE_VALUE = 2**62
+# journal segments: a new one every SEGMENT_RECORDS settlements (and at each start); the
+# oldest is deleted once the newer ones hold SETTLED_IDS_MAX records and a snapshot holds
+# its spend
+SEGMENT_RECORDS = 50_000
+# tenants encoded per chunk of a snapshot: each chunk holds the GIL ~1 ms at most
+SNAPSHOT_CHUNK = 4096
 
 
 def wall_clock_us() -> int:
     return time.time_ns() // 1000
+
+
+class TenantSpend(msgspec.Struct, frozen=True, gc=False):
+    """One tenant's budget in the snapshot: its period's start (µs) and spend in it."""
+
+    period_start: int
+    spent: int
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+def _valid_int(value: Any, low: int) -> bool:
+    return type(value) is int and low <= value <= MAX_STATE_VALUE
+
+
+def _refuse(where: str, what: str) -> BackendError:
+    """A state file (or journal) this sidecar will not start from, in one line."""
+    return BackendError(f"{where}: {what}; refusing to start rather than reset spend (fix "
+                        "it, or move it aside to start with zero spend)")
+
+
+def _check_spend(where: str, tenant: Any, period_start: Any, spent: Any,
+                 no_budget_ok: bool = False) -> None:
+    """Raise BackendError naming ``where``, the tenant and the field that is not a spend."""
+    if not isinstance(tenant, str) or not tenant:
+        raise _refuse(where, f"tenant name {json.dumps(tenant)[:40]} is not a non-empty string")
+    for field, value, low in (("period_start", period_start, -1 if no_budget_ok else 0),
+                              ("spent", spent, 0)):
+        if not _valid_int(value, low):
+            raise _refuse(where, f"tenant {tenant!r}: {field} must be an integer in "
+                                 f"{low}..{MAX_STATE_VALUE}, not {json.dumps(value)[:40]}")
+
+
+class _StateFiles:
+    """The snapshot and the journal on disk. Touched only from the backend's two writer
+    threads (snapshot, journal) and from ``load`` before they start."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.directory = os.path.dirname(os.path.abspath(path))
+        self.journal_prefix = os.path.basename(path) + ".journal."
+        self.mirror: dict[str, TenantSpend] = {}  # snapshot thread only
+        self.snapshot_seq = 0  # journal records the durable snapshot includes
+        # journal thread only:
+        self._segment_fd: Optional[int] = None
+        self._segments: list[list] = []  # [first seq, path, records], oldest first
+        self._broken = False  # the last append failed: the next one starts a new segment
+        # records fsynced (read by the snapshot thread before it publishes a snapshot)
+        self.durable_seq = 0
+        self._durable = threading.Condition()
+
+    # --- start ---------------------------------------------------------------
+    def check_writable(self) -> None:
+        """Raise OSError now if the state file's directory cannot take a file: better a
+        refusal to start than a sidecar that serves and persists nothing."""
+        os.makedirs(self.directory, exist_ok=True)
+        if os.path.isdir(self.path):
+            raise IsADirectoryError(f"{self.path} is a directory")
+        fd, tmp = tempfile.mkstemp(prefix=".spend-check-", dir=self.directory)
+        try:
+            os.write(fd, b"{}")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(tmp)
+
+    def segment_paths(self) -> list[tuple[int, str]]:
+        out = []
+        for name in os.listdir(self.directory):
+            if name.startswith(self.journal_prefix):
+                suffix = name[len(self.journal_prefix):]
+                if suffix.isdigit():
+                    out.append((int(suffix), os.path.join(self.directory, name)))
+        return sorted(out)
+
+    # --- snapshot (snapshot thread) --------------------------------------------
+    def write_snapshot(self, changed: dict[str, TenantSpend], removed: list[str], seq: int,
+                       written_at_us: int) -> tuple[int, float]:
+        """Apply the changes to the mirror and write all of it; (tenants, seconds)."""
+        started = time.perf_counter()
+        mirror = self.mirror
+        mirror.update(changed)
+        for tenant in removed:
+            mirror.pop(tenant, None)
+        fd, tmp = tempfile.mkstemp(prefix=".spend-", dir=self.directory)
+        try:
+            try:
+                os.write(fd, b'{"version":%d,"written_at_us":%d,"journal_seq":%d,"tenants":{'
+                         % (STATE_VERSION, written_at_us, seq))
+                items = iter(mirror.items())  # only this thread changes the mirror
+                sep = b""
+                while chunk := dict(islice(items, SNAPSHOT_CHUNK)):
+                    body = _encode(chunk)  # C, the GIL held for well under a millisecond
+                    # os.write releases the GIL: the event loop runs between chunks
+                    os.write(fd, sep + body[1:-1])
+                    sep = b","
+                os.write(fd, b"}}")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            # the journal records this snapshot includes must be durable before it replaces
+            # the last one, or a crash between the two would keep their effect but forget
+            # their ids (a retried report would then apply twice)
+            with self._durable:
+                if not self._durable.wait_for(lambda: self.durable_seq >= seq, timeout=10):
+                    raise OSError(f"the journal is not written up to record {seq}")
+            os.replace(tmp, self.path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        self._fsync_directory()
+        self.snapshot_seq = seq
+        return len(mirror), time.perf_counter() - started
+
+    def _fsync_directory(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # --- journal (journal thread) ----------------------------------------------
+    def open_journal(self, next_seq: int, segments: list[list]) -> None:
+        """After load: appends go to a new segment (an old one may end in a torn line)."""
+        self._segments = [seg for seg in segments if seg[0] != next_seq]
+        self._new_segment(next_seq)
+
+    def _new_segment(self, first_seq: int) -> None:
+        if self._segment_fd is not None:
+            os.close(self._segment_fd)
+            self._segment_fd = None
+        path = os.path.join(self.directory, f"{self.journal_prefix}{first_seq}")
+        self._segment_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._segments.append([first_seq, path, 0])
+        self._fsync_directory()
+        # the oldest segment goes once the newer ones remember SETTLED_IDS_MAX settlements
+        # and a snapshot holds its spend (its records are all below the next one's first)
+        segs = self._segments
+        while (len(segs) > 1 and segs[1][0] - 1 <= self.snapshot_seq
+               and sum(seg[2] for seg in segs[1:]) >= SETTLED_IDS_MAX):
+            try:
+                os.unlink(segs.pop(0)[1])
+            except FileNotFoundError:
+                pass
+
+    def append(self, records: list[tuple]) -> None:
+        """Write and fsync settlement records: (seq, tenant, request id, period start, spent)."""
+        if not records:
+            return
+        if self._segment_fd is None or self._broken or self._segments[-1][2] >= SEGMENT_RECORDS:
+            # after a failed write the segment may end in a torn record: start a new one,
+            # so a torn record is only ever a segment's last line
+            self._new_segment(records[0][0])
+            self._broken = False
+        assert self._segment_fd is not None
+        try:
+            os.write(self._segment_fd, b"".join(_encode(r) + b"\n" for r in records))
+            os.fsync(self._segment_fd)
+        except BaseException:
+            self._broken = True
+            raise
+        self._segments[-1][2] += len(records)
+        with self._durable:
+            self.durable_seq = records[-1][0]
+            self._durable.notify_all()
+
+    def close_journal(self) -> None:
+        if self._segment_fd is not None:
+            os.close(self._segment_fd)
+            self._segment_fd = None
 
 
 class MemoryBackend:
@@ -46,17 +249,52 @@ class MemoryBackend:
         self._limits: dict[str, _core.Limits] = {}  # the limits each state was last used with
         self.min_sweep_at = self._sweep_at = sweep_at
         self.states_dropped = 0
-        self.settled: OrderedDict[str, None] = OrderedDict()
-        self._dirty = False
+        # (tenant, request id) of settled requests -> the number of its journal record (0:
+        # none, or loaded from disk): a repeated report is a no-op
+        self.settled: OrderedDict[tuple[str, str], int] = OrderedDict()
+        # tenants whose spend changed since the last snapshot, and those dropped by a sweep
+        self._dirty: dict[str, _core.State] = {}
+        self._removed: set[str] = set()
+        self._files: Optional[_StateFiles] = None
+        self._snapshots: Optional[ThreadPoolExecutor] = None
+        self._journal: Optional[ThreadPoolExecutor] = None
+        self._snapshot_running = False
+        self._seq = 0  # journal records made (the last one's number)
+        self._durable_seq = 0  # journal records known to be on disk
+        self._snapshot_owed = False  # a snapshot failed: write one even if nothing changed
+        self._journal_pending: list[tuple] = []
+        self._journal_waiters: list[asyncio.Future] = []
+        self._commit_running = False
         self._flusher: Optional[asyncio.Task] = None
         self._last_error = ""
+        self.write_failures = {"snapshot": 0, "journal": 0}
+        self.snapshot_seconds = 0.0  # the last snapshot's duration (in its thread)
+        self.snapshot_tenants = 0
         self.decisions = 0
         self.round_trips = 0  # no backend round trips: state is local
 
     async def start(self) -> None:
-        if self.state_file:
-            self._load()
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+        if not self.state_file:
+            return
+        files = _StateFiles(self.state_file)
+        try:
+            files.check_writable()
+        except OSError as exc:
+            raise BackendError(f"state file {self.state_file}: cannot write there ({exc}); "
+                               "give --state-file / backend.state_file a writable path") from None
+        segments = self._load(files)
+        try:
+            files.open_journal(self._seq + 1, segments)
+        except OSError as exc:
+            raise BackendError(f"state file {self.state_file}: cannot open its journal "
+                               f"({exc})") from None
+        files.mirror = {t: TenantSpend(st.period_start, st.spent)
+                        for t, st in self.states.items() if st.period_start >= 0}
+        files.snapshot_seq = files.durable_seq = self._durable_seq = self._seq
+        self._files = files
+        self._snapshots = ThreadPoolExecutor(1, thread_name_prefix="kt-state-snapshot")
+        self._journal = ThreadPoolExecutor(1, thread_name_prefix="kt-state-journal")
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
 
     async def close(self) -> None:
         if self._flusher is not None:
@@ -66,7 +304,25 @@ class MemoryBackend:
             except asyncio.CancelledError:
                 pass
             self._flusher = None
-        self.flush()
+        if self._files is None:
+            return
+        while self._commit_running or self._snapshot_running:
+            await asyncio.sleep(0.005)
+        if self._journal_pending:
+            self._start_commit()
+            while self._commit_running:
+                await asyncio.sleep(0.005)
+        try:
+            await self.flush()
+        except OSError as exc:
+            log.error("state file %s: the last snapshot failed (%s): spend charged since the "
+                      "last good one is lost, settlements are in the journal", self.state_file,
+                      exc)
+        assert self._snapshots is not None and self._journal is not None
+        await asyncio.get_running_loop().run_in_executor(self._journal, self._files.close_journal)
+        self._snapshots.shutdown()
+        self._journal.shutdown()
+        self._files = None
 
     def state_for(self, tenant: str, limits: Optional[_core.Limits] = None) -> _core.State:
         st = self.states.get(tenant)
@@ -90,6 +346,9 @@ class MemoryBackend:
         for t in drop:
             del self.states[t]
             del self._limits[t]
+            self._dirty.pop(t, None)
+        if self._files is not None:
+            self._removed.update(drop)
         self.states_dropped += len(drop)
         self._sweep_at = max(self.min_sweep_at, 2 * len(self.states))
         log.info("dropped %d tenant states at rest; %d kept", len(drop), len(self.states))
@@ -103,24 +362,50 @@ class MemoryBackend:
 
     def decide_now(self, tenant: str, limits: _core.Limits, tier: int, input_tokens: int,
                    output_tokens: int, firm_tokens: int, commit_on_deny: bool) -> _core.Outcome:
-        out = _core.decide(limits, self.state_for(tenant, limits), self.clock(), tier, input_tokens,
-                           output_tokens, firm_tokens, commit_on_deny)
+        st = self.state_for(tenant, limits)
+        out = _core.decide(limits, st, self.clock(), tier, input_tokens, output_tokens,
+                           firm_tokens, commit_on_deny)
         self.decisions += 1
         if out.charged_cost:
-            self._dirty = True
+            self._dirty[tenant] = st
         return out
 
     async def settle(self, tenant: str, limits: _core.Limits, request_id: str, delta_tokens: int,
                      delta_cost: int, period_start_us: int) -> Settlement:
         st = self.state_for(tenant, limits)
-        if request_id in self.settled:
+        key = (tenant, request_id)  # per tenant: one tenant's id never settles another's
+        seen = self.settled.get(key)
+        if seen is not None:
+            if seen > self._durable_seq:
+                await self._durable()  # "already applied" is said only of what is on disk
             return Settlement(applied=False, budget_spent=st.spent)
-        self.settled[request_id] = None
+        spent = _core.settle(limits, st, self.clock(), delta_tokens, delta_cost, period_start_us)
+        if self._files is None:
+            self._remember(key, 0)
+            return Settlement(applied=True, budget_spent=spent)
+        self._dirty[tenant] = st
+        # durable before it is acknowledged: a report acknowledged and then lost with the
+        # process would be lost spend; one applied but not acknowledged is retried, and the
+        # journal's copy of its id then makes the retry a no-op
+        self._seq += 1
+        self._remember(key, self._seq)
+        self._journal_pending.append((self._seq, tenant, request_id, st.period_start, spent))
+        await self._durable()
+        return Settlement(applied=True, budget_spent=spent)
+
+    def _remember(self, key: tuple[str, str], seq: int) -> None:
+        self.settled[key] = seq
         if len(self.settled) > SETTLED_IDS_MAX:
             self.settled.popitem(last=False)
-        spent = _core.settle(limits, st, self.clock(), delta_tokens, delta_cost, period_start_us)
-        self._dirty = True
-        return Settlement(applied=True, budget_spent=spent)
+
+    async def _durable(self) -> None:
+        """Wait until every journal record made so far is on disk (raises BackendError if
+        the write fails: the records are written again with the next group)."""
+        written = asyncio.get_running_loop().create_future()
+        self._journal_waiters.append(written)
+        if not self._commit_running:
+            self._start_commit()
+        await written
 
     def share_reservation(self, tenant: str, request_id: str, record: str) -> None:
         pass  # one process: its own reservation book is the only one
@@ -133,55 +418,164 @@ class MemoryBackend:
             return BackendStatus(False, self._last_error)
         return BackendStatus(True, "embedded")
 
-    # --- persistence -------------------------------------------------------
-    def _load(self) -> None:
-        try:
-            with open(self.state_file, "rb") as f:
-                doc = json.load(f)
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as exc:
-            # Refuse to start rather than silently reset every tenant's spend.
-            raise BackendError(f"state file {self.state_file}: unreadable ({exc}); "
-                               "fix or move it aside to start with zero spend") from None
-        try:
-            if doc.get("version") != STATE_VERSION:
-                raise ValueError(f"unknown version {doc.get('version')!r}")
-            for tenant, rec in doc["tenants"].items():
-                st = self.state_for(tenant)
-                st.period_start = int(rec["period_start"])
-                st.spent = int(rec["spent"])
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise BackendError(f"state file {self.state_file}: malformed ({exc}); "
-                               "fix or move it aside to start with zero spend") from None
+    # --- the journal: group commit off the event loop ---------------------------------
+    def _start_commit(self) -> None:
+        records, waiters = self._journal_pending, self._journal_waiters
+        self._journal_pending, self._journal_waiters = [], []
+        assert self._files is not None and self._journal is not None
+        self._commit_running = True
+        job = asyncio.get_running_loop().run_in_executor(self._journal, self._files.append,
+                                                         records)
+        job.add_done_callback(lambda done: self._committed(done, records, waiters))
 
-    def flush(self) -> None:
-        if not self.state_file or not self._dirty:
+    def _committed(self, done: asyncio.Future, records: list[tuple],
+                   waiters: list[asyncio.Future]) -> None:
+        self._commit_running = False
+        exc = done.exception()
+        if exc is None:
+            if records:
+                self._durable_seq = records[-1][0]
+            if self.write_failures["journal"] and not self._snapshot_owed:
+                self._last_error = ""
+        else:
+            self._write_failed("journal", exc)
+            # written again, in order, ahead of what came meanwhile: the journal stays whole
+            self._journal_pending[:0] = records
+            asyncio.get_running_loop().call_later(1.0, self._retry_commit)
+        for w in waiters:
+            if not w.done():
+                if exc is None:
+                    w.set_result(None)
+                else:
+                    w.set_exception(BackendError(
+                        f"usage not recorded durably: cannot write the journal of "
+                        f"{self.state_file}: {exc}"))
+        if exc is None and (self._journal_pending or self._journal_waiters):
+            self._start_commit()  # what came in meanwhile: the next group
+
+    def _retry_commit(self) -> None:
+        if self._files is not None and self._journal_pending and not self._commit_running:
+            self._start_commit()
+
+    # --- the snapshot: off the event loop -----------------------------------------
+    async def flush(self) -> None:
+        """Write a snapshot now (if anything changed) and wait for it."""
+        job = self._snapshot_job()
+        if job is not None:
+            await job
+
+    def _snapshot_job(self) -> Optional[asyncio.Future]:
+        files = self._files
+        if files is None or self._snapshot_running or not (
+                self._dirty or self._removed or self._snapshot_owed):
+            return None
+        assert self._snapshots is not None
+        # O(tenants changed since the last snapshot) here; the rest is the thread's
+        changed = {t: TenantSpend(st.period_start, st.spent)
+                   for t, st in self._dirty.items() if st.period_start >= 0}
+        removed = [t for t in self._removed if t not in changed]
+        self._dirty, self._removed = {}, set()
+        self._snapshot_owed = False
+        if self._journal_pending and not self._commit_running:
+            self._start_commit()  # records the snapshot includes go to disk first
+        self._snapshot_running = True
+        job = asyncio.get_running_loop().run_in_executor(
+            self._snapshots, files.write_snapshot, changed, removed, self._seq, self.clock())
+        job.add_done_callback(self._snapshot_done)
+        return job
+
+    def _snapshot_done(self, done: asyncio.Future) -> None:
+        self._snapshot_running = False
+        exc = done.exception()
+        if exc is None:
+            self.snapshot_tenants, self.snapshot_seconds = done.result()
+            if self._last_error and not self._journal_pending:
+                log.info("state file %s written again", self.state_file)
+                self._last_error = ""
             return
-        doc = {"version": STATE_VERSION, "written_at_us": self.clock(), "tenants": {
-            t: {"period_start": st.period_start, "spent": st.spent}
-            for t, st in self.states.items() if st.period_start >= 0}}
-        self._dirty = False
-        directory = os.path.dirname(os.path.abspath(self.state_file))
-        try:
-            os.makedirs(directory, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".spend-", dir=directory)
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump(doc, f, separators=(",", ":"))
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.state_file)
-            except BaseException:
-                os.unlink(tmp)
-                raise
-            self._last_error = ""
-        except OSError as exc:
-            self._dirty = True  # try again next interval; nothing is dropped from memory
-            self._last_error = f"cannot write state file {self.state_file}: {exc}"
-            log.error(self._last_error)
+        # the changes are already in the thread's mirror: the next snapshot writes them
+        self._snapshot_owed = True
+        self._write_failed("snapshot", exc)
+
+    def _write_failed(self, what: str, exc: BaseException) -> None:
+        self.write_failures[what] += 1
+        first = not self._last_error
+        self._last_error = f"cannot write state file {self.state_file} ({what}): {exc}"
+        if first or self.write_failures[what] % 60 == 0:  # one line a minute, not a second
+            log.error("%s (%d failed %s writes so far; /readyz fails until one succeeds)",
+                      self._last_error, self.write_failures[what], what)
 
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(self.flush_interval_s)
-            self.flush()
+            self._snapshot_job()
+
+    # --- loading ---------------------------------------------------------------
+    def _load(self, files: _StateFiles) -> list[list]:
+        """The snapshot, then the journal records it does not include; the journal's
+        segments, oldest first."""
+        try:
+            with open(self.state_file, "rb") as f:
+                doc = json.load(f)
+        except FileNotFoundError:
+            doc = None
+        except (OSError, ValueError) as exc:
+            # Refuse to start rather than silently reset every tenant's spend.
+            raise _refuse(f"state file {self.state_file}", f"unreadable ({exc})") from None
+        snapshot_seq = 0
+        if doc is not None:
+            where = f"state file {self.state_file}"
+            if not isinstance(doc, dict) or doc.get("version") not in (1, 2) \
+                    or not isinstance(doc.get("tenants"), dict):
+                version = doc.get("version") if isinstance(doc, dict) else None
+                raise _refuse(where, "malformed: expected a version 1 or 2 document with a "
+                                     f"tenants object (version {json.dumps(version)[:20]})")
+            snapshot_seq = doc.get("journal_seq", 0)
+            if not _valid_int(snapshot_seq, 0):
+                raise _refuse(where, f"journal_seq must be an integer in 0..{MAX_STATE_VALUE}"
+                                     f", not {json.dumps(snapshot_seq)[:40]}")
+            for tenant, rec in doc["tenants"].items():
+                if not isinstance(rec, dict) or set(rec) != {"period_start", "spent"}:
+                    raise _refuse(where, f'tenant {tenant!r}: expected {{"period_start": ..., '
+                                         f'"spent": ...}}, not {json.dumps(rec)[:80]}')
+                _check_spend(where, tenant, rec["period_start"], rec["spent"])
+                st = self.state_for(tenant)
+                st.period_start, st.spent = rec["period_start"], rec["spent"]
+        self._seq = snapshot_seq
+        try:
+            segments = files.segment_paths()
+        except OSError as exc:
+            raise BackendError(f"state file {self.state_file}: cannot list its journal "
+                               f"({exc})") from None
+        return [[first, path, self._replay(path, snapshot_seq)] for first, path in segments]
+
+    def _replay(self, path: str, snapshot_seq: int) -> int:
+        """Apply one journal segment; the number of its records."""
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise _refuse(f"journal {path}", f"unreadable ({exc})") from None
+        lines = data.split(b"\n")
+        if lines[-1]:
+            # a record cut short by a crash or a failed write: its fsync never completed,
+            # so it was never acknowledged (a segment is never appended to after a failed
+            # write, so only a segment's last line can be one)
+            log.warning("journal %s: ignoring a partial last record (%d bytes; never "
+                        "acknowledged)", path, len(lines[-1]))
+        for n, line in enumerate(lines[:-1], 1):
+            where = f"journal {path} line {n}"
+            try:
+                rec = json.loads(line)
+                seq, tenant, request_id, period_start, spent = rec
+            except (ValueError, TypeError) as exc:
+                raise _refuse(where, f"malformed ({exc})") from None
+            if not _valid_int(seq, 1) or not isinstance(request_id, str):
+                raise _refuse(where, f"malformed record {line[:80]!r}")
+            _check_spend(where, tenant, period_start, spent, no_budget_ok=True)
+            self._remember((tenant, request_id), 0)
+            if seq > snapshot_seq and period_start >= 0:
+                st = self.state_for(tenant)
+                st.period_start, st.spent = period_start, spent
+            self._seq = max(self._seq, seq)
+        return len(lines) - 1
