@@ -78,8 +78,8 @@ def _check_config(args: argparse.Namespace) -> int:
 
 def _envoy_config(args: argparse.Namespace) -> int:
     from sidecar.address import AddressError, parse_hostport
-    from sidecar.envoy_config import (EnvoyOptions, TierRoute, Upstream, UpstreamError,
-                                      parse_upstream, render)
+    from sidecar.envoy_config import (JWT_NAMESPACE, EnvoyOptions, TierRoute, Upstream,
+                                      UpstreamError, parse_upstream, render)
     from sidecar.server import sample_policy
 
     try:
@@ -116,8 +116,20 @@ def _envoy_config(args: argparse.Namespace) -> int:
         sidecar_address=args.sidecar, sidecar_http_address=args.sidecar_http, tiers=tiers,
         mode=args.mode, usage=args.usage,
         failure_mode=args.failure_mode, tenant_header=policy.tenant_header,
-        tenant_metadata_namespace=policy.tenant_metadata[0] if policy.tenant_metadata else "")
-    sys.stdout.write(render(opts))
+        tenant_metadata_namespace=policy.tenant_metadata[0] if policy.tenant_metadata else "",
+        jwt_issuer=args.jwt_issuer or "", jwt_jwks_file=args.jwt_jwks_file or "",
+        jwt_audiences=tuple(args.jwt_audience))
+    if opts.tenant_metadata_namespace == JWT_NAMESPACE and not opts.jwt_jwks_file:
+        print("kt envoy-config: the policy takes the tenant from a JWT claim, but no jwt_authn "
+              "filter would validate one: give the issuer and its keys (--jwt-issuer, "
+              "--jwt-jwks-file)", file=sys.stderr)
+        return 2
+    try:
+        text = render(opts)
+    except ValueError as exc:  # options that cannot work together
+        print(f"kt envoy-config: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(text)
     return 0
 
 
@@ -202,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how actual usage reaches the sidecar (authz, http-authz): Envoy's Lua "
                    "filter and gRPC access log (default), ext_proc per request, or not at all "
                    "(docs/usage.md)")
+    e.add_argument("--jwt-issuer", metavar="ISS", help="validate a JWT from this issuer "
+                   "first (Envoy's jwt_authn; the policy's tenant.metadata reads its claims)")
+    e.add_argument("--jwt-jwks-file", metavar="FILE", help="the issuer's public keys (JWKS)")
+    e.add_argument("--jwt-audience", action="append", default=[], metavar="AUD",
+                   help="an accepted audience (repeatable; default: any)")
     e.set_defaults(func=_envoy_config)
     pl = sub.add_parser("plan", help="sidecar and Redis cores for a request rate, from a "
                         "bench result measured on your hardware")

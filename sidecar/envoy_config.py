@@ -199,6 +199,12 @@ class EnvoyOptions:
     estimate_header: str = "x-kt-estimated-tokens"  # policy `estimate.header`; rls hits_addend
     # namespace of dynamic metadata to send to ext_authz (policy `tenant.metadata`)
     tenant_metadata_namespace: str = ""
+    # Envoy's jwt_authn in front of the decision: the tenant then comes from a validated
+    # token's claims (policy `tenant.metadata: "envoy.filters.http.jwt_authn:jwt_payload.org"`)
+    # and a request without a valid token is refused (401) before it costs anything
+    jwt_issuer: str = ""
+    jwt_jwks_file: str = ""  # the issuer's public keys (JWKS), a file Envoy reads
+    jwt_audiences: tuple[str, ...] = ()
     upstream_timeout_s: float = 300.0  # LLM replies are slow; streams longer still
     # a provider across the internet: TCP and TLS handshake; the sidecar keeps 0.25 s
     upstream_connect_timeout_s: float = 5.0
@@ -521,9 +527,31 @@ def _usage_access_log(o: EnvoyOptions) -> dict:
     }
 
 
+JWT_NAMESPACE = "envoy.filters.http.jwt_authn"
+JWT_PAYLOAD_KEY = "jwt_payload"  # the policy reads "envoy.filters.http.jwt_authn:jwt_payload.<claim>"
+
+
+def _jwt_authn(o: EnvoyOptions) -> dict:
+    provider: dict = {
+        "issuer": o.jwt_issuer,
+        "local_jwks": {"filename": o.jwt_jwks_file},
+        "payload_in_metadata": JWT_PAYLOAD_KEY,
+        # the gateway's own token stays at the gateway: the provider gets its API key instead
+        "forward": False,
+    }
+    if o.jwt_audiences:
+        provider["audiences"] = list(o.jwt_audiences)
+    return {"name": JWT_NAMESPACE, "typed_config": {
+        "@type": TYPE + "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+        "providers": {"gateway": provider},
+        "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "gateway"}}]}}
+
+
 def _filters(o: EnvoyOptions) -> list[dict]:
     sidecar = {"envoy_grpc": {"cluster_name": "kt_sidecar"}}
     filters: list[dict] = []
+    if o.jwt_jwks_file:
+        filters.append(_jwt_authn(o))
     if o.mode == "http-authz":
         filters.append({"name": "envoy.filters.http.ext_authz", "typed_config": _http_authz(o)})
     if o.mode == "authz":
@@ -594,6 +622,13 @@ def _filters(o: EnvoyOptions) -> list[dict]:
 def bootstrap(o: EnvoyOptions) -> dict:
     if not o.tiers:
         raise ValueError("at least one tier is required")
+    if o.tenant_metadata_namespace and o.mode != "authz":
+        # the 400-on-every-request deployment: HTTP ext_authz and RLS carry no metadata
+        raise ValueError(f"the tenant comes from {o.tenant_metadata_namespace} metadata, which "
+                         f"only gRPC ext_authz (--mode authz) sends; --mode {o.mode} would "
+                         "answer every request 400 missing_tenant")
+    if bool(o.jwt_issuer) != bool(o.jwt_jwks_file):
+        raise ValueError("a JWT needs both its issuer and the JWKS file of its keys")
     vhost: dict = {"name": "llm", "domains": ["*"], "routes": _routes(o)}
     hcm: dict = {
         "@type": TYPE + "envoy.extensions.filters.network.http_connection_manager.v3."

@@ -1,37 +1,343 @@
-"""The deployment examples stay in step with the CLI and the side port."""
+"""The deployment files work as written: the Kubernetes gateway (validated offline against
+the Kubernetes schemas, its policy by `kt check-config`, its Envoy config by Envoy, and its
+two processes run here with the manifest's arguments and files), the Istio resources, and
+the operator mistakes `kt serve` answers in one line."""
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
+import re
+import shlex
 import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
+import kubernetes_validate
 import pytest
 import yaml
 
 from sidecar.cli import build_parser
-from sidecar.policy.load import parse_policy
-from tests.support.procs import workdir
+from tests.support.procs import (LOOPBACK, find_binary, free_port, log_tail, stop_process,
+                                 wait_until, workdir)
+from tests.support.upstream import FakeUpstream
 from tests.support.valkey import Valkey
 
 DEPLOY = Path(__file__).parent.parent / "docs" / "deploy"
+K8S = DEPLOY / "kubernetes"
+KUBERNETES_VERSION = "1.37.0"  # the schemas kubernetes-validate ships (strict: no unknown field)
 
 
-def test_kubernetes_example_args_probes_and_policy_are_real():
-    docs = list(yaml.safe_load_all((DEPLOY / "kubernetes.yaml").read_text()))
-    policy = docs[0]["data"]["policy.yaml"]
-    parsed = parse_policy(policy.encode(), "kubernetes.yaml ConfigMap")
-    assert parsed.tenant_metadata is not None and "acme" in parsed.tenants
-    pod = docs[1]["spec"]["template"]["spec"]
-    kt = next(c for c in pod["containers"] if c["name"] == "kt-sidecar")
+def load_docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def kustomize_configmaps() -> list[dict]:
+    """The ConfigMaps kustomization.yaml generates (`kubectl apply -k` does the same)."""
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    return [{"apiVersion": "v1", "kind": "ConfigMap",
+             "metadata": {"name": gen["name"], "namespace": kust["namespace"]},
+             "data": {Path(f).name: (K8S / f).read_text() for f in gen["files"]}}
+            for gen in kust["configMapGenerator"]]
+
+
+def strict_validate(doc: dict) -> None:
+    kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def gateway() -> dict[str, dict]:
+    return {d["kind"]: d for d in load_docs(K8S / "gateway.yaml")}
+
+
+def pod_spec() -> dict:
+    return gateway()["Deployment"]["spec"]["template"]["spec"]
+
+
+def container(name: str) -> dict:
+    spec = pod_spec()
+    return next(c for c in spec["containers"] + spec.get("initContainers", [])
+                if c["name"] == name)
+
+
+def test_every_kubernetes_document_passes_the_schemas_in_strict_mode():
+    checked = []
+    for doc in load_docs(K8S / "gateway.yaml") + kustomize_configmaps():
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # a CRD: no schema offline (structure below)
+        strict_validate(doc)
+        checked.append(doc["kind"])
+    assert sorted(checked) == ["ConfigMap", "ConfigMap", "Deployment",
+                               "HorizontalPodAutoscaler", "PodDisruptionBudget", "Service",
+                               "ServiceAccount"]
+
+
+def test_strict_validation_would_catch_a_misspelled_field():
+    # the control for the test above: the schemas really are strict
+    deployment = gateway()["Deployment"]
+    deployment["spec"]["template"]["spec"]["securityContext"]["runAsNonroot"] = True
+    with pytest.raises(kubernetes_validate.ValidationError):
+        strict_validate(deployment)
+
+
+def test_the_pod_is_non_root_read_only_and_unprivileged_with_real_probes():
+    spec = pod_spec()
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    for name in ("kt-sidecar", "envoy"):
+        c = container(name)
+        sc = c["securityContext"]
+        assert isinstance(sc["runAsUser"], int) and sc["runAsUser"] > 0
+        assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"] == {"drop": ["ALL"]}
+    kt = container("kt-sidecar")
+    assert kt["restartPolicy"] == "Always"  # a native sidecar: up before Envoy, down after
     args = build_parser().parse_args(["serve", *kt["args"]])
-    assert args.workers == 2 and args.http_authz == "127.0.0.1:8082"
-    http_port = int(args.http.rsplit(":", 1)[1])
-    assert kt["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": http_port}
-    assert kt["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": http_port}
-    assert kt["ports"][0]["containerPort"] == http_port
+    ports = {p["name"]: p["containerPort"] for p in kt["ports"]}
+    assert ports["metrics"] == int(args.http.rsplit(":", 1)[1])
+    assert args.http.startswith("0.0.0.0:") and args.grpc.startswith("127.0.0.1:")
+    assert kt["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert kt["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    # the image's numeric user (Dockerfile USER) is the one the pod asserts
+    user = re.search(r"^USER (\d+):(\d+)$", (K8S.parent.parent.parent / "Dockerfile").read_text(),
+                     re.M)
+    assert user and kt["securityContext"]["runAsUser"] == int(user.group(1))
+
+
+def test_services_monitors_budgets_and_autoscaler_point_at_the_pod():
+    g = gateway()
+    labels = g["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    named_ports = {p["name"] for c in pod_spec()["containers"] + pod_spec()["initContainers"]
+                   for p in c.get("ports", [])}
+    assert g["Service"]["spec"]["selector"].items() <= labels.items()
+    assert {p["targetPort"] for p in g["Service"]["spec"]["ports"]} <= named_ports
+    assert g["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert g["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["name"] == \
+        g["Deployment"]["metadata"]["name"]
+    metrics = [m.get("pods", {}).get("metric", {}).get("name")
+               for m in g["HorizontalPodAutoscaler"]["spec"]["metrics"]]
+    assert "kt_request_queue_depth" in metrics
+    # ServiceMonitor (structure only): selects the Service by its labels, by a port it names
+    sm = g["ServiceMonitor"]
+    assert set(sm) == {"apiVersion", "kind", "metadata", "spec"}
+    assert sm["spec"]["selector"]["matchLabels"].items() <= \
+        g["Service"]["metadata"]["labels"].items()
+    assert {e["port"] for e in sm["spec"]["endpoints"]} <= \
+        {p["name"] for p in g["Service"]["spec"]["ports"]}
+    # every mount has its volume and every volume a source the kustomization or docs create
+    volumes = {v["name"]: v for v in pod_spec()["volumes"]}
+    for c in pod_spec()["containers"] + pod_spec()["initContainers"]:
+        assert {m["name"] for m in c["volumeMounts"]} <= set(volumes)
+    generated = {cm["metadata"]["name"] for cm in kustomize_configmaps()}
+    referenced = {v["configMap"]["name"] for v in volumes.values() if "configMap" in v}
+    assert referenced - generated == {"llm-gateway-jwks"}  # made by hand (kustomization.yaml)
+
+
+def test_the_embedded_policy_passes_kt_check_config():
+    res = subprocess.run([sys.executable, "-m", "sidecar.cli", "check-config",
+                          str(K8S / "policy.yaml")], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "2 tenants, 2 tiers, backend RedisBackend" in res.stdout
+
+
+def envoy_command() -> list[str]:
+    first = (K8S / "envoy.yaml").read_text().splitlines()[0]
+    m = re.fullmatch(r"# Generated, do not edit: cd docs/deploy/kubernetes && (kt envoy-config .*)"
+                     r" > envoy.yaml", first)
+    assert m, first
+    return shlex.split(m.group(1))
+
+
+def test_the_embedded_envoy_config_is_what_kt_envoy_config_prints_and_envoy_accepts(tmp_path):
+    cmd = envoy_command()
+    res = subprocess.run([sys.executable, "-m", "sidecar.cli", *cmd[1:]], cwd=K8S,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    text = (K8S / "envoy.yaml").read_text()
+    assert text.split("\n", 1)[1] == res.stdout, "regenerate envoy.yaml with its first line"
+    # Envoy reads the files it names at start: give it the mounted ones here
+    files = mounted_files(tmp_path, api_key="sk-validate", jwks=rs256_keys()[1])
+    (tmp_path / "envoy.yaml").write_text(yaml.safe_dump(rewrite(yaml.safe_load(text), files)))
+    out = subprocess.run([find_binary("envoy"), "--mode", "validate", "-c",
+                          str(tmp_path / "envoy.yaml"), "--log-level", "warning"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "eprecated" not in out.stdout + out.stderr
+
+
+# --- the pod's two processes, run here as the manifest starts them -------------------------
+
+def mounted_files(d: Path, api_key: str, jwks: dict) -> dict[str, str]:
+    """Where each file the pod mounts lands here: the mount path, moved under `d`."""
+    files = {}
+    for volume, mount_path, name, content in [
+            ("policy", "/etc/kt", "policy.yaml", (K8S / "policy.yaml").read_text()),
+            ("envoy-config", "/etc/envoy", "envoy.yaml", (K8S / "envoy.yaml").read_text()),
+            ("provider-keys", "/var/run/secrets/llm-providers", "openai-api-key", api_key),
+            ("jwks", "/etc/gateway-jwks", "jwks.json", json.dumps(jwks))]:
+        mounts = [m for c in pod_spec()["containers"] + pod_spec()["initContainers"]
+                  for m in c["volumeMounts"] if m["name"] == volume]
+        assert mounts and all(m["mountPath"] == mount_path for m in mounts)
+        local = d / mount_path.lstrip("/") / name
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_text(content)
+        files[f"{mount_path}/{name}"] = str(local)
+    return files
+
+
+def rewrite(node: Any, strings: dict[str, str], addresses: Optional[dict] = None) -> Any:
+    """The same document with file paths and socket addresses replaced (nothing else)."""
+    if isinstance(node, dict):
+        sa = node.get("socket_address")
+        if addresses and isinstance(sa, dict):
+            key = (sa["address"], sa["port_value"])
+            if key in addresses:
+                host, port = addresses[key]
+                node = dict(node, socket_address={"address": host, "port_value": port})
+        return {k: (v if k == "socket_address" and addresses and isinstance(v, dict)
+                                 and (v.get("address"), v.get("port_value")) not in addresses
+                    else rewrite(v, strings, addresses)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [rewrite(v, strings, addresses) for v in node]
+    if isinstance(node, str):
+        return strings.get(node, node)
+    return node
+
+
+def rs256_keys() -> tuple[Any, dict]:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    nums = key.public_key().public_numbers()
+
+    def b64(n: int) -> str:
+        return base64.urlsafe_b64encode(n.to_bytes((n.bit_length() + 7) // 8, "big")) \
+            .rstrip(b"=").decode()
+    return key, {"keys": [{"kty": "RSA", "alg": "RS256", "use": "sig", "kid": "k1",
+                           "n": b64(nums.n), "e": b64(nums.e)}]}
+
+
+def rs256_token(key: Any, claims: dict) -> str:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+    signing_input = (b64(json.dumps({"alg": "RS256", "typ": "JWT", "kid": "k1"}).encode()) + "."
+                     + b64(json.dumps(claims).encode()))
+    sig = key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
+    return f"{signing_input}.{b64(sig)}"
+
+
+def test_the_gateway_pod_runs_here_as_written_and_serves_a_request():
+    import trustme
+
+    kt_args = container("kt-sidecar")["args"]
+    envoy = container("envoy")
+    issuer = envoy_command()[envoy_command().index("--jwt-issuer") + 1]
+    ca = trustme.CA()
+    key, jwks = rs256_keys()
+    with workdir() as d, Valkey(d) as valkey, FakeUpstream(
+            "openai", ssl_context=_tls_context(ca, "api.openai.com")) as provider:
+        files = mounted_files(d, api_key="sk-gateway-key", jwks=jwks)
+        (d / "ca.pem").write_bytes(ca.cert_pem.bytes())
+        # the policy as mounted, with Redis here instead of the cluster's service name
+        policy = Path(files["/etc/kt/policy.yaml"])
+        text = policy.read_text()
+        url = yaml.safe_load(text)["backend"]["url"]
+        policy.write_text(text.replace(url, valkey.url))
+        # kt-sidecar: the container's args after the image's `kt serve`, its files here and
+        # its ports any free ones (other tests share this machine)
+        ready = d / "kt-ready.json"
+        args = [files.get(a, a) for a in kt_args]
+        args = [re.sub(r"^(0\.0\.0\.0|127\.0\.0\.1):\d+$", f"{LOOPBACK}:0", a) for a in args]
+        log = d / "kt.log"
+        with open(log, "wb") as out:
+            kt = subprocess.Popen([sys.executable, "-m", "sidecar.cli", "serve", *args,
+                                   "--ready-file", str(ready)], stdout=out,
+                                  stderr=subprocess.STDOUT, cwd=d)
+        try:
+            wait_until(lambda: kt.poll() is None and ready.exists(), 60, "kt-sidecar", log)
+            ports = json.loads(ready.read_text())
+            probe = container("kt-sidecar")["readinessProbe"]["httpGet"]["path"]
+            wait_until(lambda: _get(ports["http_port"], probe)[0] == 200, 30, "readyz", log)
+            # Envoy: the container's command and args, with the mounted files here; the
+            # listener, admin and sidecar ports moved to free ones, api.openai.com resolved
+            # to this machine (its certificate, SNI and Host stay api.openai.com)
+            listen, admin = free_port(), free_port()
+            doc = yaml.safe_load(Path(files["/etc/envoy/envoy.yaml"]).read_text())
+            strings = dict(files, **{"/etc/ssl/certs/ca-certificates.crt": str(d / "ca.pem")})
+            doc = rewrite(doc, strings, {
+                ("0.0.0.0", 10000): (LOOPBACK, listen),
+                ("127.0.0.1", 9901): (LOOPBACK, admin),
+                ("127.0.0.1", 8081): (LOOPBACK, ports["grpc_port"]),
+                ("api.openai.com", 443): ("localhost", provider.port)})
+            Path(files["/etc/envoy/envoy.yaml"]).write_text(yaml.safe_dump(doc, sort_keys=False))
+            envoy_args = [files.get(a, a) for a in envoy["args"]]
+            envoy_log = d / "envoy.log"
+            with open(envoy_log, "wb") as out:
+                proxy = subprocess.Popen([find_binary(envoy["command"][0]), *envoy_args],
+                                         stdout=out, stderr=subprocess.STDOUT, cwd=d)
+            try:
+                wait_until(lambda: proxy.poll() is None and _tcp(listen), 30, "envoy", envoy_log)
+                token = rs256_token(key, {"iss": issuer, "org": "acme",
+                                          "exp": int(time.time()) + 600})
+                status, body = _chat(listen, {"authorization": f"Bearer {token}"})
+                assert status == 200, body + log_tail(envoy_log) + log_tail(log)
+                got = provider.requests[-1]["headers"]
+                assert got["authorization"] == "Bearer sk-gateway-key"  # the pod's Secret
+                assert got["host"] == "api.openai.com" and got["x-kt-tenant"] == "acme"
+                # no token, or a token of a tenant the policy does not know: refused
+                assert _chat(listen, {"x-tenant-id": "acme"})[0] == 401
+                stranger = rs256_token(key, {"iss": issuer, "org": "stranger",
+                                             "exp": int(time.time()) + 600})
+                assert _chat(listen, {"authorization": f"Bearer {stranger}"})[0] == 403
+                assert len(provider.requests) == 1
+                metrics = _get(ports["http_port"], "/metrics")[1]
+                allowed = [line for line in metrics.splitlines()
+                           if line.startswith('kt_requests_total{decision="allow"')]
+                assert allowed and float(allowed[0].rsplit(" ", 1)[1]) == 1.0, allowed
+            finally:
+                stop_process(proxy)
+        finally:
+            stop_process(kt)
+
+
+def _tls_context(ca: Any, hostname: str):
+    import ssl
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(hostname).configure_cert(ctx)
+    return ctx
+
+
+def _tcp(port: int) -> bool:
+    with socket.create_connection((LOOPBACK, port), timeout=1):
+        return True
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://{LOOPBACK}:{port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _chat(port: int, headers: dict) -> tuple[int, str]:
+    body = json.dumps({"model": "gpt-4o", "max_tokens": 20,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    req = urllib.request.Request(f"http://{LOOPBACK}:{port}/v1/chat/completions", data=body,
+                                 headers={"content-type": "application/json", **headers},
+                                 method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
 
 
 def test_istio_example_parses_and_points_at_the_grpc_port():
