@@ -473,3 +473,45 @@ def test_usage_by_access_log_wiring():
     assert common["grpc_service"] == {"envoy_grpc": {"cluster_name": "kt_sidecar"}}
     assert (common["buffer_flush_interval"], common["buffer_size_bytes"]) == ("0.250s", 32768)
     assert log["typed_config"]["additional_request_headers_to_log"] == ["x-kt-tenant"]
+
+
+JWT_POLICY = ('tenant: {metadata: "envoy.filters.http.jwt_authn:jwt_payload.org"}\n'
+              "tiers: [{name: default, model: gpt-4o}]\n")
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    # the old docs/deploy set-up: every request answered 400 missing_tenant
+    (["--mode", "http-authz", "--jwt-issuer", "i", "--jwt-jwks-file", "/k"],
+     "only gRPC ext_authz (--mode authz) sends; --mode http-authz would answer every request 400"),
+    (["--mode", "rls", "--jwt-issuer", "i", "--jwt-jwks-file", "/k"], "--mode rls would answer"),
+    ([], "no jwt_authn filter would validate one"),
+    (["--jwt-jwks-file", "/k"], "both its issuer and the JWKS file"),
+])
+def test_a_tenant_source_the_envoy_mode_cannot_carry_is_refused(tmp_path, extra, fragment):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(JWT_POLICY)
+    res = subprocess.run([sys.executable, "-m", "sidecar.cli", "envoy-config", "--config",
+                          str(policy), *extra], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and res.stdout == "" and res.stderr.count("\n") == 1
+    assert fragment in res.stderr, res.stderr
+
+
+def test_a_jwt_needs_its_issuer_and_its_keys():
+    res = subprocess.run([sys.executable, "-m", "sidecar.cli", "envoy-config", "--jwt-issuer",
+                          "i"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "both its issuer and the JWKS file" in res.stderr
+
+
+def test_the_jwt_filter_validates_before_the_decision_and_keeps_the_token(tmp_path):
+    doc = _render(jwt_issuer="https://auth.example.com/", jwt_jwks_file="/etc/jwks.json",
+                  jwt_audiences=("llm",), tenant_metadata_namespace="envoy.filters.http.jwt_authn")
+    filters = _hcm(doc)["http_filters"]
+    assert [f["name"] for f in filters][:2] == ["envoy.filters.http.jwt_authn",
+                                                "envoy.filters.http.ext_authz"]
+    jwt = filters[0]["typed_config"]
+    assert jwt["providers"]["gateway"] == {
+        "issuer": "https://auth.example.com/", "local_jwks": {"filename": "/etc/jwks.json"},
+        "payload_in_metadata": "jwt_payload", "forward": False, "audiences": ["llm"]}
+    assert jwt["rules"] == [{"match": {"prefix": "/"}, "requires": {"provider_name": "gateway"}}]
+    assert filters[1]["typed_config"]["metadata_context_namespaces"] == [
+        "envoy.filters.http.jwt_authn"]
