@@ -67,13 +67,19 @@ def container(name: str) -> dict:
 def test_every_kubernetes_document_passes_the_schemas_in_strict_mode():
     checked = []
     for doc in load_docs(K8S / "gateway.yaml") + kustomize_configmaps():
-        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
-            continue  # a CRD: no schema offline (structure below)
-        strict_validate(doc)
+        if doc["apiVersion"] == "monitoring.coreos.com/v1":
+            # the Prometheus Operator's CRD, by the model generated from its schema
+            from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor
+
+            dumped = ServiceMonitor.model_validate(doc).model_dump(
+                by_alias=True, exclude_unset=True, mode="json")
+            assert dumped == doc  # nothing the schema lacks
+        else:
+            strict_validate(doc)
         checked.append(doc["kind"])
     assert sorted(checked) == ["ConfigMap", "ConfigMap", "Deployment",
                                "HorizontalPodAutoscaler", "PodDisruptionBudget", "Service",
-                               "ServiceAccount"]
+                               "ServiceAccount", "ServiceMonitor"]
 
 
 def test_strict_validation_would_catch_a_misspelled_field():
@@ -120,9 +126,8 @@ def test_services_monitors_budgets_and_autoscaler_point_at_the_pod():
     metrics = [m.get("pods", {}).get("metric", {}).get("name")
                for m in g["HorizontalPodAutoscaler"]["spec"]["metrics"]]
     assert "kt_request_queue_depth" in metrics
-    # ServiceMonitor (structure only): selects the Service by its labels, by a port it names
+    # the ServiceMonitor selects the Service by its labels, by a port it names
     sm = g["ServiceMonitor"]
-    assert set(sm) == {"apiVersion", "kind", "metadata", "spec"}
     assert sm["spec"]["selector"]["matchLabels"].items() <= \
         g["Service"]["metadata"]["labels"].items()
     assert {e["port"] for e in sm["spec"]["endpoints"]} <= \
@@ -340,11 +345,132 @@ def _chat(port: int, headers: dict) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
-def test_istio_example_parses_and_points_at_the_grpc_port():
-    docs = list(yaml.safe_load_all((DEPLOY / "istio.yaml").read_text()))
-    provider = docs[0]["extensionProviders"][0]
-    assert provider["envoyExtAuthzGrpc"]["port"] == 8081
-    assert docs[1]["spec"]["provider"]["name"] == provider["name"]
+# --- Istio ---------------------------------------------------------------------------------
+
+ISTIO = DEPLOY / "istio"
+# Istio's own kinds, by the pydantic models of its CRDs (cloudcoil-models-istio, generated from
+# the CRD schemas): a document must come back unchanged from model and dump, so a misspelled
+# or unknown field (which the model would drop) fails, as would a wrong type
+ISTIO_MODELS = {"networking.istio.io/v1": "cloudcoil.models.istio.networking.v1",
+                "networking.istio.io/v1alpha3": "cloudcoil.models.istio.networking.v1alpha3",
+                "security.istio.io/v1": "cloudcoil.models.istio.security.v1"}
+CORE_GROUPS = ("v1", "apps/v1", "policy/v1", "autoscaling/v2")
+# the extension provider's fields in istio.mesh.v1alpha1 (MeshConfig.ExtensionProvider.
+# EnvoyExternalAuthorizationGrpcProvider), for the IstioOperator no offline schema covers
+GRPC_PROVIDER_FIELDS = {"service", "port", "timeout", "failOpen", "clearRouteCache",
+                        "statusOnError", "includeRequestBodyInCheck"}
+REQUEST_BODY_FIELDS = {"maxRequestBytes", "allowPartialMessage", "packAsBytes"}
+
+
+def istio_docs() -> list[dict]:
+    return [d for f in sorted(ISTIO.glob("*.yaml")) for d in load_docs(f)]
+
+
+def istio_model_check(doc: dict) -> None:
+    import importlib
+
+    cls = getattr(importlib.import_module(ISTIO_MODELS[doc["apiVersion"]]), doc["kind"])
+    dumped = cls.model_validate(doc).model_dump(by_alias=True, exclude_unset=True, mode="json")
+    assert dumped == doc, f"{doc['kind']} {doc['metadata']['name']}: fields the schema lacks"
+
+
+def test_every_istio_document_is_checked_by_the_schema_that_covers_it():
+    checked: dict[str, list[str]] = {"kubernetes": [], "istio": [], "structure": []}
+    for doc in istio_docs():
+        if doc["apiVersion"] in CORE_GROUPS:
+            strict_validate(doc)
+            checked["kubernetes"].append(doc["kind"])
+        elif doc["apiVersion"] in ISTIO_MODELS:
+            istio_model_check(doc)
+            checked["istio"].append(doc["kind"])
+        else:
+            checked["structure"].append(doc["kind"])
+    assert sorted(checked["kubernetes"]) == ["ConfigMap", "Deployment", "Service",
+                                             "ServiceAccount"]
+    assert sorted(checked["istio"]) == [
+        "AuthorizationPolicy", "AuthorizationPolicy", "AuthorizationPolicy", "DestinationRule",
+        "EnvoyFilter", "Gateway", "PeerAuthentication", "RequestAuthentication",
+        "ServiceEntry", "Sidecar", "VirtualService"]
+    assert checked["structure"] == ["IstioOperator"]  # see below
+
+
+def test_the_istio_model_check_would_catch_a_misspelled_field():
+    policy = next(d for d in istio_docs() if d["kind"] == "AuthorizationPolicy")
+    policy["spec"]["actoin"] = policy["spec"].pop("action")
+    with pytest.raises(AssertionError, match="fields the schema lacks"):
+        istio_model_check(policy)
+
+
+def test_the_provider_the_policy_names_is_the_service_kt_sidecar_serves():
+    docs = istio_docs()
+    operator = next(d for d in docs if d["kind"] == "IstioOperator")
+    (provider,) = operator["spec"]["meshConfig"]["extensionProviders"]
+    grpc = provider["envoyExtAuthzGrpc"]
+    assert set(grpc) <= GRPC_PROVIDER_FIELDS
+    assert set(grpc["includeRequestBodyInCheck"]) <= REQUEST_BODY_FIELDS
+    custom = [d for d in docs if d["kind"] == "AuthorizationPolicy"
+              and d["spec"].get("action") == "CUSTOM"]
+    assert [p["spec"]["provider"]["name"] for p in custom] == [provider["name"]]
+    service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"]
+                   == grpc["service"].split(".")[0])
+    assert grpc["service"] == (f"{service['metadata']['name']}."
+                               f"{service['metadata']['namespace']}.svc.cluster.local")
+    port = next(p for p in service["spec"]["ports"] if p["port"] == grpc["port"])
+    assert port.get("appProtocol") == "grpc"
+    # the app listens where the Sidecar resource delivers the port's calls
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    (kt,) = deployment["spec"]["template"]["spec"]["containers"]
+    args = build_parser().parse_args(["serve", *kt["args"]])
+    sidecar = next(d for d in docs if d["kind"] == "Sidecar")
+    ingress = {i["port"]["number"]: i["defaultEndpoint"] for i in sidecar["spec"]["ingress"]}
+    assert ingress[grpc["port"]] == args.grpc
+    policy = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["policy.yaml"]
+    assert "tenant: {header: x-tenant-id" in policy
+    jwt = next(d for d in docs if d["kind"] == "RequestAuthentication")
+    assert {"header": "x-tenant-id", "claim": "org"} in \
+        jwt["spec"]["jwtRules"][0]["outputClaimToHeaders"]
+    # the EnvoyFilter's ext_proc calls the same Service, by Istio's cluster name for it
+    envoy_filter = next(d for d in docs if d["kind"] == "EnvoyFilter")
+    ext_proc = envoy_filter["spec"]["configPatches"][1]["patch"]["value"]
+    assert ext_proc["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] == \
+        f"outbound|{grpc['port']}||{grpc['service']}"
+
+
+def test_the_istio_policy_passes_kt_check_config(tmp_path):
+    cm = next(d for d in istio_docs() if d["kind"] == "ConfigMap")
+    (tmp_path / "policy.yaml").write_text(cm["data"]["policy.yaml"])
+    res = subprocess.run([sys.executable, "-m", "sidecar.cli", "check-config",
+                          str(tmp_path / "policy.yaml")], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+
+
+def test_the_envoy_filter_patches_are_filters_envoy_accepts(tmp_path):
+    # The patch values are Envoy config, which no Istio schema checks: put them in a
+    # listener of a bootstrap (with a cluster of the name Istio gives the Service) and let
+    # Envoy validate them, in the order the patches place them
+    from sidecar.envoy_config import EnvoyOptions, TierRoute, bootstrap
+
+    envoy_filter = next(d for d in istio_docs() if d["kind"] == "EnvoyFilter")
+    strip, ext_proc = (p["patch"]["value"] for p in envoy_filter["spec"]["configPatches"])
+    doc = bootstrap(EnvoyOptions(mode="none", tiers=[TierRoute("default", "m", "127.0.0.1:1")]))
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"] = [strip, ext_proc] + hcm["http_filters"]
+    cluster = ext_proc["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"]
+    kt = json.loads(json.dumps(doc["static_resources"]["clusters"][0]))
+    kt["name"] = kt["load_assignment"]["cluster_name"] = cluster
+    doc["static_resources"]["clusters"].append(kt)
+    path = tmp_path / "envoy.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    out = subprocess.run([find_binary("envoy"), "--mode", "validate", "-c", str(path),
+                          "--log-level", "warning"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "eprecated" not in out.stdout + out.stderr
+    # the headers it strips are exactly the decision's
+    from sidecar import contract
+
+    removed = [m["remove"] for m in strip["typed_config"]["mutations"]["request_mutations"]]
+    assert removed == list(contract.UPSTREAM_HEADERS)
 
 
 # --- operator mistakes: one clear line, a non-zero exit, never a traceback ----------------
