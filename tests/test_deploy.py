@@ -534,3 +534,83 @@ def test_with_workers_a_port_in_use_is_still_one_line(tmp_path):
             http_res = kt_serve("--workers", "2", "--http", addr, policy=policy)
     one_line(grpc_res, 4, f"cannot listen on {addr} (--grpc): Address already in use")
     one_line(http_res, 4, f"cannot listen on {addr} (--http): Address already in use")
+
+
+# --- the README's deploy section, run as written -------------------------------------------
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+def readme_deploy_commands() -> list[str]:
+    text = README.read_text().split("## Deploy: a gateway in front of a real provider", 1)[1]
+    block = text.split("```sh\n", 1)[1].split("```", 1)[0]
+    commands, current = [], ""
+    for line in block.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        current += line.rstrip("\\").strip() + " "
+        if not line.endswith("\\"):
+            commands.append(current.strip())
+            current = ""
+    return commands
+
+
+def test_the_readme_deploy_section_works_as_written():
+    """The README's commands, in order, on this machine: only the ports (other tests share
+    it) and the provider's address and CA bundle differ. api.openai.com stays the name Envoy
+    asks for in TLS (SNI), checks in the certificate and sends as Host; it connects to a TLS
+    fake provider at `localhost` (a name that resolves here) whose certificate a test CA
+    signed for api.openai.com."""
+    import trustme
+
+    key_cmd, serve_cmd, config_cmd, envoy_cmd, curl_cmd = readme_deploy_commands()
+    assert serve_cmd == "kt serve &" and envoy_cmd == "envoy -c envoy.yaml &"
+    assert config_cmd.startswith("kt envoy-config ") and config_cmd.endswith("> envoy.yaml")
+    ca = trustme.CA()
+    bin_dir = str(Path(sys.executable).parent)
+    with workdir() as d, FakeUpstream("openai", ssl_context=_tls_context(
+            ca, "api.openai.com")) as provider:
+        env = dict(__import__("os").environ, PATH=f"{bin_dir}:/usr/bin:/bin",
+                   OPENAI_API_KEY="sk-readme-key", PWD=str(d))
+        subprocess.run(["bash", "-c", key_cmd], cwd=d, env=env, check=True, timeout=30)
+        assert (d / "openai.key").stat().st_mode & 0o077 == 0  # readable by its owner only
+        ready, log = d / "ready.json", d / "kt.log"
+        with open(log, "wb") as out:  # `kt serve`, on free ports
+            kt = subprocess.Popen([sys.executable, "-m", "sidecar.cli", "serve", "--grpc",
+                                   f"{LOOPBACK}:0", "--http", f"{LOOPBACK}:0", "--ready-file",
+                                   str(ready)], cwd=d, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_until(lambda: kt.poll() is None and ready.exists(), 30, "kt serve", log)
+            grpc_port = json.loads(ready.read_text())["grpc_port"]
+            res = subprocess.run(["bash", "-c", config_cmd], cwd=d, env=env,
+                                 capture_output=True, text=True, timeout=60)
+            assert res.returncode == 0, res.stderr
+            (d / "ca.pem").write_bytes(ca.cert_pem.bytes())
+            listen, admin = free_port(), free_port()
+            doc = rewrite(yaml.safe_load((d / "envoy.yaml").read_text()),
+                          {"/etc/ssl/certs/ca-certificates.crt": str(d / "ca.pem")},
+                          {("127.0.0.1", 10000): (LOOPBACK, listen),
+                           ("127.0.0.1", 9901): (LOOPBACK, admin),
+                           ("127.0.0.1", 8081): (LOOPBACK, grpc_port),
+                           ("api.openai.com", 443): ("localhost", provider.port)})
+            (d / "envoy.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+            envoy_log = d / "envoy.log"
+            with open(envoy_log, "wb") as out:
+                proxy = subprocess.Popen(["bash", "-c", f"exec {envoy_cmd.rstrip('&')}"],
+                                         cwd=d, env=env, stdout=out, stderr=subprocess.STDOUT)
+            try:
+                wait_until(lambda: proxy.poll() is None and _tcp(listen), 30, "envoy", envoy_log)
+                curl = subprocess.run(["bash", "-c", curl_cmd.replace("localhost:10000",
+                                                                      f"localhost:{listen}")],
+                                      cwd=d, env=env, capture_output=True, text=True, timeout=30)
+                assert curl.returncode == 0, curl.stderr
+                answer = json.loads(curl.stdout)
+                assert answer["served_by"] == "openai", curl.stdout + log_tail(envoy_log)
+                got = provider.requests[-1]["headers"]
+                assert got["authorization"] == "Bearer sk-readme-key"
+                assert got["host"] == "api.openai.com" and got["x-kt-tenant"] == "acme"
+                assert got["x-kt-decision"] == "allow"
+            finally:
+                stop_process(proxy)
+        finally:
+            stop_process(kt)
