@@ -158,11 +158,19 @@ class _Merged:
 
 class Supervisor:
     def __init__(self, workers: list[Worker]) -> None:
-        self.workers = workers
-        self._next = itertools.cycle(range(len(workers)))
+        self.workers = workers  # filled in as they start
+        self._turn = itertools.count()
 
     # --- the pod's one side port ----------------------------------------------
     def app(self, environ, start_response):
+        try:
+            return self._route(environ, start_response)
+        except Exception as exc:  # noqa: BLE001 - an answer, never a 500 and a traceback
+            log.error("side port: %s %s failed: %r", environ.get("REQUEST_METHOD"),
+                      environ.get("PATH_INFO"), exc)
+            return _reply(start_response, 503, "text/plain", b"not available, retry\n")
+
+    def _route(self, environ, start_response):
         path = environ.get("PATH_INFO", "")
         if path == "/healthz":
             return _reply(start_response, 200, "text/plain", b"ok\n")
@@ -228,7 +236,7 @@ class Supervisor:
         if not 0 <= length <= 65536:
             return _reply(start_response, 400, "text/plain", b"content-length 0..65536 required\n")
         body = environ["wsgi.input"].read(length)
-        w = self.workers[next(self._next)]
+        w = self.workers[next(self._turn) % len(self.workers)]
         try:
             status, answer = _request(f"http://127.0.0.1:{w.http_port}/v1/usage", body,
                                       {"content-type": "application/json"})
