@@ -469,11 +469,13 @@ def test_the_envoy_filter_patches_are_filters_envoy_accepts(tmp_path):
                           "--log-level", "warning"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "eprecated" not in out.stdout + out.stderr
-    # the headers it strips are exactly the decision's
+    # it strips the decision's headers, and the tenant header RequestAuthentication writes
     from sidecar import contract
 
     removed = [m["remove"] for m in strip["typed_config"]["mutations"]["request_mutations"]]
-    assert removed == list(contract.UPSTREAM_HEADERS)
+    tenant = next(d for d in istio_docs() if d["kind"] == "RequestAuthentication")[
+        "spec"]["jwtRules"][0]["outputClaimToHeaders"][0]["header"]
+    assert removed == [*contract.UPSTREAM_HEADERS, tenant]
 
 
 # --- operator mistakes: one clear line, a non-zero exit, never a traceback ----------------
