@@ -6,12 +6,15 @@ A policy that fails to load never replaces one that is serving (see server.py).
 """
 from __future__ import annotations
 
+import gc
 import hashlib
+import logging
 import os
+import re
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, get_args
+from typing import Any, Optional, Union, get_args, get_origin
 
 import msgspec
 import yaml
@@ -33,12 +36,25 @@ MAX_ESTIMATE_TOKENS = 1_000_000_000  # sidecar.estimate.MAX_TOKENS: a default is
 
 
 class PolicyError(ValueError):
-    """A policy file that cannot be used; the message says where and why."""
+    """A policy file that cannot be used; the message says where and why: one line per
+    error, all of them (``errors`` lists the lines)."""
+
+    def __init__(self, message: str, errors: Optional[list[str]] = None) -> None:
+        super().__init__(message)
+        self.errors = errors if errors is not None else [message]
+
+    @classmethod
+    def of(cls, source: str, problems: list["_Problem"], raw: Optional[bytes] = None) -> "PolicyError":
+        places = _locate(raw, problems) if raw is not None else [None] * len(problems)
+        lines = [f"{source}: {pr.where}: {pr.what}" + (f" (line {at[0]}, column {at[1]})" if at else "")
+                 for pr, at in zip(problems, places, strict=True)]
+        return cls("\n".join(lines), lines)
 
 
-@dataclass(frozen=True)
-class TenantRule:
-    """Everything the service needs to decide for one tenant (or the defaults)."""
+class TenantRule(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """Everything the service needs to decide for one tenant (or the defaults). gc=False:
+    a policy holds one per tenant, and untracked objects cost the cycle collector nothing
+    (100,000 tracked rules made every full collection walk them)."""
 
     name: str
     priority: str
@@ -96,23 +112,129 @@ def load_policy(path: str | Path) -> CompiledPolicy:
     return parse_policy(raw, str(path))
 
 
-def parse_policy(raw: bytes, source: str) -> CompiledPolicy:
+# --- parsing ---------------------------------------------------------------------------
+# libyaml's C parser when PyYAML was built with it (its wheels are); the pure-Python one
+# is about 3.5x slower (bench/policy_load.py, docs/policy.md)
+try:
+    _YamlLoader: type = yaml.CSafeLoader
+    YAML_LOADER = "libyaml (CSafeLoader)"
+except AttributeError:  # pragma: no cover - PyYAML built without libyaml
+    _YamlLoader = yaml.SafeLoader
+    YAML_LOADER = "pure Python (SafeLoader)"
+    logging.getLogger("kt.policy").warning(
+        "PyYAML has no libyaml here: policies load with the pure-Python parser, about 3.5x "
+        "slower (install PyYAML's wheel, or libyaml-dev before building it)")
+
+
+def _parse_document(raw: bytes, source: str) -> Any:
+    """The policy document: JSON (a YAML subset) through msgspec when the file is JSON, a
+    generated policy's natural form and ~50x faster than any YAML parser here; else YAML."""
+    if raw.lstrip()[:1] == b"{":
+        try:
+            return msgspec.json.decode(raw)
+        except msgspec.DecodeError:
+            pass  # a YAML flow mapping, not JSON: YAML reads it
     try:
-        doc = yaml.safe_load(raw)
+        return yaml.load(raw, Loader=_YamlLoader)  # noqa: S506 - a safe loader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise PolicyError(f"{source}: not valid YAML{where}: {problem}") from None
-    if not isinstance(doc, dict):
-        raise PolicyError(f"{source}: $: expected a mapping at the top level, got {type(doc).__name__}")
+
+
+def parse_policy(raw: bytes, source: str) -> CompiledPolicy:
+    """Parse, validate and compile a policy. Every error in the file is reported, each as
+    ``file: $.path: what (line L, column C)`` (the position where the YAML has one), in one
+    PolicyError whose ``errors`` lists them."""
+    # The cycle collector is paused while the document is built: a large policy is a
+    # million small objects, and each full collection would walk all of them again (100,000
+    # tenants: 21 s of CPU with it, 6.5 s without; bench/policy_load.py). It also made a
+    # reload in a thread stall the event loop, since a collection holds the GIL throughout.
+    # Nothing built here is cyclic: plain reference counting frees what is dropped.
+    collecting = gc.isenabled()
+    gc.disable()
     try:
-        policy = msgspec.convert(doc, schema.Policy, strict=True)
-    except msgspec.ValidationError as exc:
-        raise PolicyError(f"{source}: {_explain(str(exc), doc)}") from None
-    return compile_policy(policy, source, hashlib.sha256(raw).hexdigest()[:12])
+        doc = _parse_document(raw, source)
+        problems: list[_Problem] = []
+        policy = _convert(doc, problems)
+        compiled = None
+        if policy is not None:
+            compiled = _compile(policy, source, hashlib.sha256(raw).hexdigest()[:12], problems)
+        del doc, policy
+    finally:
+        if collecting:
+            gc.enable()
+    if problems or compiled is None:
+        raise PolicyError.of(source, problems, raw)
+    return compiled
 
 
+# --- errors: every one, with its place in the file ---------------------------------------
+Path_ = tuple  # ("tenants", "acme", "limits", "rpm"), ("tiers", 1, "name"); "[...]" = unknown key
+
+
+@dataclass(frozen=True)
+class _Problem:
+    path: Path_
+    what: str
+
+    @property
+    def where(self) -> str:
+        return "$" + "".join(f"[{p}]" if isinstance(p, int) else
+                             (p if p == "[...]" else f".{p}") for p in self.path)
+
+
+_SEGMENT = re.compile(r"\.([^.\[\]]+)|\[(\d+|\.\.\.)\]")
+
+
+def _path_of(text: str) -> Path_:
+    """"$.ledger.rotate_mb" / "$.tiers[1].name" (msgspec's and the checks' form) as a Path_."""
+    out: list = []
+    for m in _SEGMENT.finditer(text):
+        if m.group(1) is not None:
+            out.append(m.group(1))
+        else:
+            out.append("[...]" if m.group(2) == "..." else int(m.group(2)))
+    return tuple(out)
+
+
+def _locate(raw: bytes, problems: list[_Problem]) -> list[Optional[tuple[int, int]]]:
+    """(line, column), 1-based, of each problem's node, where the YAML has it: the deepest
+    node its path reaches (the key itself for an unknown field). Runs only for a file with
+    errors: it composes the YAML node tree, which a good file never needs."""
+    try:
+        root = yaml.compose(raw, Loader=_YamlLoader)  # noqa: S506 - a safe loader
+    except yaml.YAMLError:
+        return [None] * len(problems)
+    out: list[Optional[tuple[int, int]]] = []
+    for pr in problems:
+        node = root
+        for seg in pr.path:
+            nxt = None
+            if isinstance(node, yaml.MappingNode) and isinstance(seg, str):
+                for k, v in node.value:
+                    if isinstance(k, yaml.ScalarNode) and k.value == seg:
+                        nxt = v
+                        break
+            elif isinstance(node, yaml.SequenceNode) and isinstance(seg, int) \
+                    and 0 <= seg < len(node.value):
+                nxt = node.value[seg]
+            if nxt is None:
+                break
+            node = nxt
+        unknown = re.search(r"unknown field `([^`]+)`", pr.what)
+        if unknown and isinstance(node, yaml.MappingNode):
+            for k, _v in node.value:
+                if isinstance(k, yaml.ScalarNode) and k.value == unknown.group(1):
+                    node = k
+                    break
+        out.append((node.start_mark.line + 1, node.start_mark.column + 1) if node is not None
+                   else None)
+    return out
+
+
+# --- conversion: msgspec for the shape, every error collected ----------------------------
 # what a field of a closed set accepts, for error messages
 _ALLOWED: dict[str, tuple[str, ...]] = {
     "period": get_args(schema.Period), "priority": get_args(schema.Priority),
@@ -120,47 +242,171 @@ _ALLOWED: dict[str, tuple[str, ...]] = {
     "rate_limits": get_args(schema.FailureMode), "budgets": get_args(schema.FailureMode),
     "failure_mode": get_args(schema.FailureMode), "kind": ("memory", "redis"),
 }
-# maps whose keys are names; msgspec reports them as `[...]`
+
+
+def _validation_problem(prefix: Path_, exc: msgspec.ValidationError) -> _Problem:
+    """msgspec says "Expected `int`, got `str` - at `$.limits.rpm`" of a part converted on
+    its own; make it a problem at prefix + that path, with the accepted values of a
+    closed set."""
+    text, sep, where = str(exc).rpartition(" - at `")
+    if not sep:
+        text, where = str(exc), "$"
+    path = prefix + _path_of(where.rstrip("`"))
+    if text.startswith("Invalid enum value") or text.startswith("Invalid value"):
+        allowed = _ALLOWED.get(str(path[-1]) if path else "")
+        if allowed is not None:
+            text += f"; expected one of: {', '.join(allowed)}"
+    return _Problem(path, text)
+
+
+# top-level fields whose value is a map of names (tenants, models): converted entry by
+# entry when the whole fails, so an error names the entry and every entry is checked
 _NAMED_MAPS = {"tenants": schema.TenantPolicy, "pricing": schema.Price}
 
 
-def _explain(message: str, doc: dict) -> str:
-    """msgspec says "Expected `int`, got `str` - at `$.tenants[...].limits.rpm`";
-    make it "$.tenants.acme.limits.rpm: Expected `int`, got `str`", with the
-    accepted values of a closed set, so every error reads "file: path: what"."""
-    text, sep, where = message.rpartition(" - at `")
-    if not sep:
-        return f"$: {message}"
-    where = where.rstrip("`")
-    for field_name, struct in _NAMED_MAPS.items():
-        prefix = f"$.{field_name}[...]"
-        if where.startswith(prefix) and isinstance(doc.get(field_name), dict):
-            for key, value in doc[field_name].items():
-                try:
-                    msgspec.convert(value, struct, strict=True)
-                except msgspec.ValidationError:
-                    where = f"$.{field_name}.{key}" + where[len(prefix):]
-                    break
-    if text.startswith("Invalid enum value") or text.startswith("Invalid value"):
-        allowed = _ALLOWED.get(where.rsplit(".", 1)[-1])
-        if allowed is not None:
-            text += f"; expected one of: {', '.join(allowed)}"
-    return f"{where}: {text}"
+def _convert(doc: Any, problems: list[_Problem]) -> Optional[schema.Policy]:
+    """The decoded Policy; or, for a document with shape errors, every one of them in
+    ``problems`` and the Policy of what remains once each faulty part is left out (a named
+    entry of `tenants` or `pricing` whole, else the faulty key), so the meaning checks can
+    still run on the rest; None when even that cannot be decoded."""
+    if not isinstance(doc, dict):
+        problems.append(_Problem((), f"expected a mapping at the top level, got "
+                                     f"{type(doc).__name__}"))
+        return None
+    try:
+        return _convert_fast(doc)  # no error: the usual case
+    except msgspec.ValidationError:
+        pass
+    # the slow path, only for a file with errors: each part on its own, so all are found
+    n = len(problems)
+    drop: list[Path_] = []
+    _collect(doc, schema.Policy, (), problems, drop)
+    if len(problems) == n:  # pragma: no cover - the whole failed, so some part must
+        problems.append(_Problem((), "invalid policy"))
+    cleaned = _without(doc, drop)
+    try:
+        return msgspec.convert(cleaned, schema.Policy, strict=True)
+    except msgspec.ValidationError:
+        return None
+
+
+_TENANT_CHUNK = 2000
+_TenantMap = dict[str, schema.TenantPolicy]
+
+
+def _convert_fast(doc: dict) -> schema.Policy:
+    """msgspec.convert of the whole document, the tenants a chunk at a time: one convert
+    of 100,000 tenants holds the GIL for ~0.15 s of CPU in C, and a reload runs in a
+    thread beside the event loop; between chunks the loop gets its turn."""
+    tenants = doc.get("tenants")
+    if not isinstance(tenants, dict) or len(tenants) <= _TENANT_CHUNK:
+        return msgspec.convert(doc, schema.Policy, strict=True)
+    policy = msgspec.convert({**doc, "tenants": {}}, schema.Policy, strict=True)
+    names = list(tenants)
+    out: dict[str, schema.TenantPolicy] = {}
+    for i in range(0, len(names), _TENANT_CHUNK):
+        chunk = {k: tenants[k] for k in names[i:i + _TENANT_CHUNK]}
+        out.update(msgspec.convert(chunk, _TenantMap, strict=True))
+    return msgspec.structs.replace(policy, tenants=out)
+
+
+def _struct_of(tp: Any) -> Optional[type]:
+    """The Struct type of ``tp`` (also inside Optional[...]), else None."""
+    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+        return tp
+    args = [a for a in get_args(tp) if a is not type(None)]
+    if len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], msgspec.Struct):
+        return args[0]
+    return None
+
+
+def _collect(value: Any, tp: Any, path: Path_, problems: list[_Problem],
+             drop: list[Path_]) -> None:
+    """Every shape error of ``value`` against ``tp``, field by field and entry by entry
+    (msgspec stops at the first); each faulty part's path goes to ``drop``."""
+    struct = _struct_of(tp)
+    # a tagged struct (a backend's kind) is converted whole: its tag decides its fields
+    config: Any = struct.__struct_config__ if struct is not None else None  # type: ignore[attr-defined]
+    tagged = config is not None and config.tag is not None
+    if struct is not None and isinstance(value, dict) and not tagged:
+        fields = {f.encode_name: f for f in msgspec.structs.fields(struct)}
+        for key, sub in value.items():
+            f = fields.get(key) if isinstance(key, str) else None
+            if f is None:
+                problems.append(_Problem(path, f"Object contains unknown field `{key}`"))
+                drop.append(path + (key,))
+            else:
+                _collect(sub, f.type, path + (key,), problems, drop)
+        for f in fields.values():
+            if f.required and f.encode_name not in value:
+                problems.append(_Problem(path, f"Object missing required field `{f.encode_name}`"))
+        return
+    if (get_origin(tp) is dict and isinstance(value, dict) and len(path) == 1
+            and path[0] in _NAMED_MAPS):
+        # tenants, pricing: each entry alone, dropped whole when faulty
+        entry_type = get_args(tp)[1]
+        for name, entry in value.items():
+            if not isinstance(name, str):
+                problems.append(_Problem(path, f"names must be strings, got {name!r}"))
+                drop.append(path + (name,))
+                continue
+            n = len(problems)
+            _collect(entry, entry_type, path + (name,), problems, [])
+            if len(problems) > n:
+                drop.append(path + (name,))
+        return
+    try:
+        msgspec.convert(value, tp, strict=True)
+    except msgspec.ValidationError as exc:
+        problems.append(_validation_problem(path, exc))
+        drop.append(path)
+
+
+def _without(doc: Any, drop: list[Path_]) -> Any:
+    """A copy of ``doc`` without the parts at ``drop`` (only the dicts on the way copied)."""
+    if not drop:
+        return doc
+    out = dict(doc)
+    for path in drop:
+        node: Any = out
+        for seg in path[:-1]:
+            nxt = node.get(seg) if isinstance(node, dict) else None
+            if not isinstance(nxt, dict):
+                node = None
+                break
+            nxt = dict(nxt)
+            node[seg] = nxt
+            node = nxt
+        if isinstance(node, dict) and path:
+            node.pop(path[-1], None)
+    return out
 
 
 def compile_policy(policy: schema.Policy, source: str, digest: str = "") -> CompiledPolicy:
-    def fail(where: str, what: str) -> PolicyError:
-        return PolicyError(f"{source}: {where}: {what}")
+    """Check a decoded policy's meaning and compile it; PolicyError lists every error."""
+    problems: list[_Problem] = []
+    compiled = _compile(policy, source, digest, problems)
+    if problems or compiled is None:
+        raise PolicyError.of(source, problems)
+    return compiled
+
+
+def _compile(policy: schema.Policy, source: str, digest: str,
+             problems: list[_Problem]) -> Optional[CompiledPolicy]:
+    """The compiled policy, or None with the reasons appended to ``problems``: every check
+    runs, so one pass reports every error of the file."""
+    def fail(where: Union[str, Path_], what: str) -> None:
+        problems.append(_Problem(where if isinstance(where, tuple) else _path_of(where), what))
 
     if not policy.tiers:
-        raise fail("$.tiers", "at least one tier is required")
+        fail("$.tiers", "at least one tier is required")
     tier_by_model: dict[str, int] = {}
     names: set[str] = set()
     for i, tier in enumerate(policy.tiers):
         if not tier.name or not tier.model:
-            raise fail(f"$.tiers[{i}]", "`name` and `model` must be non-empty")
+            fail(f"$.tiers[{i}]", "`name` and `model` must be non-empty")
         if tier.name in names:
-            raise fail(f"$.tiers[{i}].name", f"duplicate tier name {tier.name!r}")
+            fail(f"$.tiers[{i}].name", f"duplicate tier name {tier.name!r}")
         names.add(tier.name)
         tier_by_model.setdefault(tier.model, i)
     for model, price in policy.pricing.items():
@@ -168,117 +414,151 @@ def compile_policy(policy: schema.Policy, source: str, digest: str = "") -> Comp
             value = getattr(price, side)
             # written so that NaN fails too: every comparison with NaN is false
             if value is not None and not (0.0 <= value <= MAX_PRICE_USD_PER_1K):
-                raise fail(f"$.pricing.{model}.{side}", f"must be a number in "
+                fail(f"$.pricing.{model}.{side}", f"must be a number in "
                            f"0..{MAX_PRICE_USD_PER_1K:g} (USD per 1K tokens), got {value}")
     est = policy.estimate
     if not (0.01 <= est.chars_per_token <= 1000.0):
-        raise fail("$.estimate.chars_per_token", f"must be a number in 0.01..1000, got "
+        fail("$.estimate.chars_per_token", f"must be a number in 0.01..1000, got "
                    f"{est.chars_per_token}")
     for name in ("default_output_tokens", "default_request_tokens"):
         if not (0 <= getattr(est, name) <= MAX_ESTIMATE_TOKENS):
-            raise fail(f"$.estimate.{name}", f"must be in 0..{MAX_ESTIMATE_TOKENS}, got "
+            fail(f"$.estimate.{name}", f"must be in 0..{MAX_ESTIMATE_TOKENS}, got "
                        f"{getattr(est, name)}")
     if not est.header:
-        raise fail("$.estimate.header", "must be a header name")
+        fail("$.estimate.header", "must be a header name")
     if not policy.tenant.header:
-        raise fail("$.tenant.header", "must be a header name")
+        fail("$.tenant.header", "must be a header name")
     tenant_metadata: Optional[tuple[str, tuple[str, ...]]] = None
     if policy.tenant.metadata is not None:
         ns, sep, path = policy.tenant.metadata.partition(":")
         if not sep or not ns or not path or "" in path.split("."):
-            raise fail("$.tenant.metadata", "expected \"namespace:path.to.field\", e.g. "
-                       "\"envoy.filters.http.jwt_authn:jwt_payload.tenant\"")
+            fail("$.tenant.metadata", "expected \"namespace:path.to.field\", e.g. "
+                 "\"envoy.filters.http.jwt_authn:jwt_payload.tenant\"")
         tenant_metadata = (ns, tuple(path.split(".")))
     backend = policy.backend
     if isinstance(backend, schema.RedisBackend) and not (0 < backend.timeout_ms <= 10_000):
-        raise fail("$.backend.timeout_ms", "must be between 1 and 10000")
+        fail("$.backend.timeout_ms", "must be between 1 and 10000")
     if isinstance(backend, schema.RedisBackend) and backend.tls is not None:
         tls = backend.tls
+        tls_ok = True
         if not backend.url.startswith("rediss://"):
-            raise fail("$.backend.tls", "TLS settings need a rediss:// url")
+            fail("$.backend.tls", "TLS settings need a rediss:// url")
+            tls_ok = False
         if (tls.cert_file is None) != (tls.key_file is None):
-            raise fail("$.backend.tls", "cert_file and key_file go together (mutual TLS)")
+            fail("$.backend.tls", "cert_file and key_file go together (mutual TLS)")
+            tls_ok = False
         for name in ("ca_file", "cert_file", "key_file"):
             path = getattr(tls, name)
             if path is not None and not os.path.isfile(path):
-                raise fail(f"$.backend.tls.{name}", f"no such file: {path}")
-        try:
-            tls_context(backend)
-        except (OSError, ssl.SSLError) as exc:
-            raise fail("$.backend.tls", f"cannot use these files: {exc}") from None
+                fail(f"$.backend.tls.{name}", f"no such file: {path}")
+                tls_ok = False
+        if tls_ok:
+            try:
+                tls_context(backend)
+            except (OSError, ssl.SSLError) as exc:
+                fail("$.backend.tls", f"cannot use these files: {exc}")
     if isinstance(backend, schema.MemoryBackend) and not (0.0 < backend.flush_interval_s <= 3600.0):
-        raise fail("$.backend.flush_interval_s", f"must be a number of seconds in (0, 3600], got "
-                   f"{backend.flush_interval_s}")
+        fail("$.backend.flush_interval_s", f"must be a number of seconds in (0, 3600], got "
+             f"{backend.flush_interval_s}")
     ledger_error = ledger_config.check(policy.ledger)
     if ledger_error is not None:
-        raise fail(*ledger_error)
+        fail(*ledger_error)
 
-    def prices_for(where: str, unit: str) -> tuple[tuple[int, int], ...]:
-        out = []
-        for tier in policy.tiers:
-            price = policy.pricing.get(tier.model)
-            if price is None:
-                if unit == "usd":
-                    # an unpriced model would be counted as free against a USD budget
-                    raise fail(where, f"USD budget, but tier {tier.name!r} uses model "
-                                      f"{tier.model!r} which has no entry in `pricing`")
-                out.append((0, 0))
-            else:
-                out.append((round(price.input * NANO_PER_USD_PER_1K),
-                            round(price.output * NANO_PER_USD_PER_1K)))
-        return tuple(out)
-
-    def build(where: str, name: str, priority: str, lim: schema.Limits,
-              budget: Optional[schema.Budget], shadow: bool) -> TenantRule:
+    # --- limits: each value checked where it is written (a tenant's own fields, the
+    # defaults' once), then compiled; identical limits share one _core.Limits
+    def limits_ok(where: Path_, lim: Optional[schema.Limits]) -> bool:
+        if lim is None:
+            return True
+        ok = True
         for key in ("rpm", "tpm"):
             value = getattr(lim, key)
             if value is not None and not (1 <= value <= _core.MAX_RATE):
-                raise fail(f"{where}.limits.{key}", f"must be in 1..{_core.MAX_RATE}, got {value} "
-                           "(omit it for no limit: 0 would read as \"nothing\")")
-        rpm = lim.rpm or 0
-        tpm = lim.tpm or 0
-        burst = lim.burst if lim.burst is not None else 1.0
-        if not (1.0 <= burst <= _core.MAX_BURST):
-            raise fail(f"{where}.limits.burst", f"must be a number in 1..{_core.MAX_BURST:g}, got {burst}")
+                fail(where + ("limits", key), f"must be in 1..{_core.MAX_RATE}, got {value} "
+                     "(omit it for no limit: 0 would read as \"nothing\")")
+                ok = False
+        # written so that NaN fails too: every comparison with NaN is false
+        if lim.burst is not None and not (1.0 <= lim.burst <= _core.MAX_BURST):
+            fail(where + ("limits", "burst"), f"must be a number in 1..{_core.MAX_BURST:g}, "
+                 f"got {lim.burst}")
+            ok = False
+        return ok
+
+    unpriced = [t for t in policy.tiers if t.model not in policy.pricing]
+
+    def budget_ok(where: Path_, budget: Optional[schema.Budget]) -> bool:
+        if budget is None:
+            return True
+        n = len(problems)
+        bwhere = where + ("budget",)
+        if (budget.tokens is None) == (budget.usd is None):
+            fail(bwhere, "set exactly one of `tokens` or `usd`")
+        if not (0.0 <= budget.low_water < 1.0):
+            fail(bwhere + ("low_water",), f"must be in [0, 1), got {budget.low_water}")
+        if budget.tokens is not None and not (0 <= budget.tokens <= _core.MAX_BUDGET):
+            fail(bwhere + ("tokens",), f"must be in 0..{_core.MAX_BUDGET}, got {budget.tokens}")
+        if budget.usd is not None:
+            if not (0.0 <= budget.usd <= MAX_BUDGET_USD):
+                fail(bwhere + ("usd",), f"must be a number in 0..{MAX_BUDGET_USD}, got "
+                     f"{budget.usd}")
+            if unpriced:
+                # an unpriced model would be counted as free against a USD budget
+                fail(bwhere, f"USD budget, but tier {unpriced[0].name!r} uses model "
+                     f"{unpriced[0].model!r} which has no entry in `pricing`")
+        return len(problems) == n
+
+    def nano(usd_per_1k: float) -> int:  # a price already found bad compiles as 0: unused
+        ok = 0.0 <= usd_per_1k <= MAX_PRICE_USD_PER_1K
+        return round(usd_per_1k * NANO_PER_USD_PER_1K) if ok else 0
+
+    nano_prices = tuple(
+        (nano(policy.pricing[t.model].input), nano(policy.pricing[t.model].output))
+        if t.model in policy.pricing else (0, 0) for t in policy.tiers)
+    token_prices = tuple((0, 0) for _ in policy.tiers) or ((0, 0),)
+    interned: dict[tuple, _core.Limits] = {}
+
+    def compiled_limits(where: Path_, lim: schema.Limits,
+                        budget: Optional[schema.Budget]) -> Optional[tuple[_core.Limits, str]]:
         unit, amount, period, low_water = "", -1, _core.P_DAY, 0.0
         if budget is not None:
-            bwhere = f"{where}.budget"
-            if (budget.tokens is None) == (budget.usd is None):
-                raise fail(bwhere, "set exactly one of `tokens` or `usd`")
-            if not (0.0 <= budget.low_water < 1.0):
-                raise fail(f"{bwhere}.low_water", f"must be in [0, 1), got {budget.low_water}")
             if budget.tokens is not None:
-                if not (0 <= budget.tokens <= _core.MAX_BUDGET):
-                    raise fail(f"{bwhere}.tokens", f"must be in 0..{_core.MAX_BUDGET}, got "
-                               f"{budget.tokens}")
                 unit, amount = "tokens", budget.tokens
             else:
                 assert budget.usd is not None
-                if not (0.0 <= budget.usd <= MAX_BUDGET_USD):
-                    raise fail(f"{bwhere}.usd", f"must be a number in 0..{MAX_BUDGET_USD}, got "
-                               f"{budget.usd}")
                 unit, amount = "usd", min(round(budget.usd * NANO_PER_USD), _core.MAX_BUDGET)
-            period = PERIODS[budget.period]
-            low_water = budget.low_water
-        prices = prices_for(f"{where}.budget", unit)
-        try:
-            limits = _core.Limits(
-                rpm=rpm, tpm=tpm, burst=burst, budget=amount, budget_in_usd=(unit == "usd"),
-                period=period, low_water=low_water, prices=prices,
-            )
-        except (ValueError, OverflowError) as exc:
-            # the core's own bounds (docs/contract.md, "Bounds")
-            raise fail(where, str(exc)) from None
-        return TenantRule(name=name, priority=priority, limits=limits, shadow=shadow,
-                          budget_unit=unit)
+            period, low_water = PERIODS[budget.period], budget.low_water
+        key = (lim.rpm or 0, lim.tpm or 0, lim.burst if lim.burst is not None else 1.0,
+               amount, unit, period, low_water)
+        limits = interned.get(key)
+        if limits is None:
+            try:
+                limits = interned[key] = _core.Limits(
+                    rpm=key[0], tpm=key[1], burst=key[2], budget=amount,
+                    budget_in_usd=(unit == "usd"), period=period, low_water=low_water,
+                    prices=nano_prices if unit == "usd" else token_prices)
+            except (ValueError, OverflowError) as exc:
+                # the core's own bounds (docs/contract.md, "Bounds"); the checks above
+                # hold the same ones, so this is a last line
+                fail(where, str(exc))
+                return None
+        return limits, unit
 
     d = policy.defaults
-    defaults = build("$.defaults", "", d.priority, d.limits, d.budget, policy.shadow_mode)
+    defaults_ok = limits_ok(("defaults",), d.limits) and budget_ok(("defaults",), d.budget)
+    defaults: Optional[TenantRule] = None
+    if defaults_ok and policy.tiers:
+        built = compiled_limits(("defaults",), d.limits, d.budget)
+        if built is not None:
+            defaults = TenantRule(name="", priority=d.priority, limits=built[0],
+                                  shadow=policy.shadow_mode, budget_unit=built[1])
     tenants: dict[str, TenantRule] = {}
     for name, t in policy.tenants.items():
-        where = f"$.tenants.{name}"
+        where: Path_ = ("tenants", name)
         if not name or len(name) > 128:
-            raise fail("$.tenants", f"tenant name {name!r} must be 1..128 characters")
+            fail(("tenants",), f"tenant name {name!r} must be 1..128 characters")
+            continue
+        own_ok = limits_ok(where, t.limits) and budget_ok(where, t.budget)
+        if not own_ok or not defaults_ok or not policy.tiers:
+            continue  # its errors (or the defaults' it inherits) are reported once
         # a tenant's limits override the defaults field by field; its budget replaces them whole
         lim = d.limits
         if t.limits is not None:
@@ -287,9 +567,15 @@ def compile_policy(policy: schema.Policy, source: str, digest: str = "") -> Comp
                 tpm=t.limits.tpm if t.limits.tpm is not None else d.limits.tpm,
                 burst=t.limits.burst if t.limits.burst is not None else d.limits.burst,
             )
-        tenants[name] = build(where, name, t.priority or d.priority, lim,
-                              t.budget if t.budget is not None else d.budget,
-                              t.shadow_mode if t.shadow_mode is not None else policy.shadow_mode)
+        built = compiled_limits(where, lim, t.budget if t.budget is not None else d.budget)
+        if built is None:
+            continue
+        tenants[name] = TenantRule(
+            name=name, priority=t.priority or d.priority, limits=built[0],
+            shadow=t.shadow_mode if t.shadow_mode is not None else policy.shadow_mode,
+            budget_unit=built[1])
+    if problems or defaults is None:
+        return None
     return CompiledPolicy(
         source=source, digest=digest, tenant_header=policy.tenant.header.lower(),
         tenant_metadata=tenant_metadata,
