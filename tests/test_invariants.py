@@ -235,3 +235,312 @@ def test_content_length_at_the_cap_is_counted_and_beyond_it_too_large():
     assert tokens("2" + "0" * 16) == _core.MAX_TOKENS + 1
     assert tokens("١٢٣") == 1  # not ASCII digits: sized from what arrived, never a crash
     assert tokens("-5") == 1 and tokens("") == 1
+
+
+# --- the invariant suite -----------------------------------------------------------------
+# A random program of decisions, settlements (above and below the estimate, repeated,
+# late: after a period boundary), refunds, clock advances and policy reloads that change
+# the limits runs on one implementation; its recorded history is then checked against
+# consequences any correct limiter must satisfy. The checks use only the history (what
+# the implementation answered) and the limits: never the reference model, which runs
+# here as a third implementation under the same checks.
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as hs  # noqa: E402
+
+from tests import reference_model as ref  # noqa: E402
+
+MINUTE_US = 60_000_000
+EPS = 1e-6
+
+
+class ModelBackend:
+    """The reference model behind the backend interface: per-tenant state, settlement
+    idempotent per request id (as both backends are)."""
+
+    name = "model"
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.states: dict[str, ref.State] = {}
+        self.settled: set[tuple[str, str]] = set()
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    @staticmethod
+    def _lim(lim: _core.Limits) -> ref.Limits:
+        return ref.Limits(rpm=lim.rpm, tpm=lim.tpm, burst=lim.burst, budget=lim.budget,
+                          budget_in_usd=lim.budget_in_usd, period=lim.period,
+                          low_water=lim.low_water, prices=list(lim.prices))
+
+    async def decide(self, tenant, lim, tier, inp, out, firm, shadow):
+        st = self.states.setdefault(tenant, ref.State())
+        now = self.clock()
+        o = ref.decide(self._lim(lim), st, now, tier, inp, out, firm, shadow)
+        start = ref.period_bounds(now, lim.period)[0] if lim.budget >= 0 else 0
+        return _core.Outcome(o.kind, o.reason, o.tier, o.retry_after_s, lim.rpm,
+                             o.remaining_requests, o.reset_requests_us, lim.tpm,
+                             o.remaining_tokens, o.reset_tokens_us, lim.budget,
+                             o.budget_remaining, o.budget_reset_us, o.charged_tokens,
+                             o.charged_cost, start)
+
+    async def settle(self, tenant, lim, request_id, d_tokens, d_cost, period_start):
+        from sidecar.backends.base import Settlement
+
+        st = self.states.setdefault(tenant, ref.State())
+        if (tenant, request_id) in self.settled:
+            return Settlement(applied=False, budget_spent=st.spent)
+        self.settled.add((tenant, request_id))
+        spent = ref.settle(self._lim(lim), st, self.clock(), d_tokens, d_cost, period_start)
+        return Settlement(applied=True, budget_spent=spent)
+
+
+IMPLEMENTATIONS = ["memory", "redis", "model"]
+
+
+def limit_variants(draw) -> list[_core.Limits]:
+    """Two to three limits one tenant moves between (policy reloads): the same budget
+    period, anything else may change."""
+    in_usd = draw(hs.booleans())
+    period = draw(hs.sampled_from([_core.P_MINUTE, _core.P_HOUR, _core.P_TOTAL]))
+    out = []
+    for _ in range(draw(hs.integers(1, 3))):
+        budget = draw(hs.sampled_from([-1, 0, 500, 3000, 20_000]))
+        prices = ((draw(hs.sampled_from([0, 3, 10])), draw(hs.sampled_from([1, 7, 20]))),
+                  (1, 2))
+        out.append(_core.Limits(
+            rpm=draw(hs.sampled_from([0, 2, 5, 30])),
+            tpm=draw(hs.sampled_from([0, 300, 1000, 6000])),
+            burst=draw(hs.sampled_from([1.0, 1.5, 3.0])),
+            budget=budget * (50 if in_usd else 1) if budget > 0 else budget,
+            budget_in_usd=in_usd, period=period,
+            low_water=draw(hs.sampled_from([0.0, 0.25, 0.5])), prices=prices))
+    return out
+
+
+OPS = hs.one_of(
+    hs.tuples(hs.just("advance"), hs.sampled_from([0, 1, 250_000, 2_000_000, 20_000_000,
+                                                   61_000_000, 3_600_000_000])),
+    hs.tuples(hs.just("decide"), hs.integers(0, 1), hs.integers(0, 400), hs.integers(0, 400),
+              hs.booleans()),
+    # settle the n-th admitted request at a multiple of its estimate (0 = a refund)
+    hs.tuples(hs.just("settle"), hs.integers(0, 30),
+              hs.sampled_from([0.0, 0.5, 1.0, 1.5, 4.0, 10.0, 40.0])),
+    hs.tuples(hs.just("repeat"), hs.integers(0, 30)),  # a report sent again
+    hs.tuples(hs.just("reload"), hs.integers(0, 2)),
+)
+
+
+@hs.composite
+def programs(draw):
+    return limit_variants(draw), draw(hs.lists(OPS, min_size=8, max_size=45))
+
+
+def run_program(backend, clock: Clock, tenant: str, variants, ops) -> list[dict]:
+    """Runs ``ops`` and returns the history: one record per event, with what the
+    implementation answered and the limits in force."""
+    history: list[dict] = []
+    admitted: list[dict] = []  # requests that may be settled
+    lim = variants[0]
+
+    async def main():
+        nonlocal lim
+        await backend.start()
+        try:
+            for op in ops:
+                if op[0] == "advance":
+                    clock.now += op[1]
+                elif op[0] == "reload":
+                    lim = variants[op[1] % len(variants)]
+                elif op[0] == "decide":
+                    _, tier, inp, out, firm = op
+                    tier = min(tier, lim.ntiers - 1)
+                    o = await backend.decide(tenant, lim, tier, inp, out,
+                                             inp + (out if firm else 0), False)
+                    rec = {"t": clock.now, "op": "decide", "lim": lim, "asked": tier, "out": o}
+                    history.append(rec)
+                    if o.admitted:
+                        admitted.append(rec)
+                        rec["id"] = f"r{len(admitted)}"
+                elif op[0] in ("settle", "repeat") and admitted:
+                    rec = admitted[op[1] % len(admitted)]
+                    o = rec["out"]
+                    if op[0] == "settle":
+                        actual = int(o.charged_tokens * op[2])
+                    elif "actual" in rec:
+                        actual = rec["actual"]
+                    else:
+                        continue
+                    rec.setdefault("actual", actual)
+                    actual = rec["actual"]  # a repeated id always carries its first report
+                    pout = rec["lim"].prices[o.tier][1]
+                    cost = actual * pout if rec["lim"].budget_in_usd else actual
+                    d_tokens, d_cost = actual - o.charged_tokens, cost - o.charged_cost
+                    s = await backend.settle(tenant, lim, rec["id"], d_tokens, d_cost,
+                                             o.period_start_us)
+                    history.append({"t": clock.now, "op": "settle", "lim": lim,
+                                    "d_tokens": d_tokens, "d_cost": d_cost,
+                                    "charge_period": o.period_start_us, "applied": s.applied,
+                                    "spent": s.budget_spent})
+        finally:
+            await backend.close()
+
+    asyncio.run(main())
+    return history
+
+
+def check_buckets(history: list[dict]) -> None:
+    """Tokens admitted plus settled over any interval <= the most the bucket can have given
+    (capacity + tpm x minutes) plus the in-flight overshoot: usage settled above its
+    estimate after the interval's last admission (docs/contract.md); requests likewise
+    against rpm (no overshoot: nothing settles requests). With the limits in force changing,
+    the largest capacity and rate of the interval bound it."""
+    n = len(history)
+    for i in range(n):
+        used_tokens = 0.0
+        used_requests = 0
+        cap_t = cap_r = rate_t = rate_r = 0.0
+        overshoot = 0.0
+        limited_t = limited_r = True
+        for j in range(i, n):
+            e = history[j]
+            lim = e["lim"]
+            limited_t &= lim.tpm > 0
+            limited_r &= lim.rpm > 0
+            cap_t, rate_t = max(cap_t, lim.tok_cap), max(rate_t, lim.tok_rate)
+            cap_r, rate_r = max(cap_r, lim.req_cap), max(rate_r, lim.req_rate)
+            if e["op"] == "decide" and e["out"].admitted:
+                used_tokens += e["out"].charged_tokens
+                used_requests += 1
+                overshoot = 0.0  # the bucket covered everything up to this admission
+            elif e["op"] == "settle" and e["applied"]:
+                used_tokens += e["d_tokens"]
+                overshoot += max(0, e["d_tokens"])
+            span = e["t"] - history[i]["t"]
+            if limited_t:
+                bound = cap_t + rate_t * span + overshoot
+                assert used_tokens <= bound * (1 + EPS) + EPS, (
+                    f"TPM: {used_tokens} tokens admitted+settled in events {i}..{j} "
+                    f"({span} us), more than capacity {cap_t} + refill {rate_t * span:.1f} + "
+                    f"in-flight overshoot {overshoot}")
+            if limited_r:
+                bound = cap_r + rate_r * span
+                assert used_requests <= bound * (1 + EPS) + EPS, (
+                    f"RPM: {used_requests} requests admitted in events {i}..{j} ({span} us), "
+                    f"more than capacity {cap_r} + refill {rate_r * span:.2f}")
+
+
+def check_budget(history: list[dict], spent_now) -> None:
+    """Spend = settled usage + open reservations of the current period, rebuilt from the
+    history alone (charges at admission, applied settlement differences: a refund never
+    reaches into a closed period, extra usage of a closed period's request lands in the
+    current one); it never goes backwards within a period except by a refund; and a
+    downgrade happens exactly when the remaining budget is below low water."""
+    expected: dict[int, int] = {}  # period start -> spend
+    last_reported: dict[int, int] = {}
+    for e in history:
+        lim = e["lim"]
+        if lim.budget < 0:
+            continue
+        start = _core.period_bounds(e["t"], lim.period)[0]
+        spent_before = expected.get(start, 0)
+        if e["op"] == "decide":
+            o = e["out"]
+            remaining = lim.budget - spent_before
+            below = remaining < lim.low_water * lim.budget
+            want_tier = e["asked"] + 1 if below and e["asked"] + 1 < lim.ntiers else e["asked"]
+            assert o.tier == want_tier, (
+                f"downgrade: tier {o.tier} for asked {e['asked']} with {remaining} of "
+                f"{lim.budget} left and low water {lim.low_water}")
+            assert o.period_start_us == start
+            if o.admitted:
+                expected[start] = spent_before + o.charged_cost
+            assert lim.budget - expected.get(start, 0) == o.budget_remaining or (
+                expected.get(start, 0) > lim.budget and o.budget_remaining == 0)
+        elif e["applied"]:
+            if e["charge_period"] == start:
+                expected[start] = max(0, spent_before + e["d_cost"])
+            elif e["d_cost"] > 0:
+                expected[start] = spent_before + e["d_cost"]
+            assert e["spent"] == expected.get(start, 0), (
+                f"spend {e['spent']} after a settlement, the history says "
+                f"{expected.get(start, 0)}")
+            if e["d_cost"] >= 0:
+                assert e["spent"] >= last_reported.get(start, 0), "spend went backwards"
+            last_reported[start] = e["spent"]
+    if history and history[-1]["lim"].budget >= 0:
+        last = history[-1]
+        start = _core.period_bounds(last["t"], last["lim"].period)[0]
+        assert spent_now() == expected.get(start, 0)
+
+
+def check_headers(history: list[dict]) -> None:
+    """Remaining values in the headers (through contract.answer) and the Outcome are never
+    above their limit and never negative."""
+    for e in history:
+        if e["op"] != "decide":
+            continue
+        o = e["out"]
+        for remaining, limit in ((o.remaining_requests, o.limit_requests),
+                                 (o.remaining_tokens, o.limit_tokens),
+                                 (o.budget_remaining, max(o.budget_limit, 0))):
+            assert 0 <= remaining <= limit, (remaining, limit, o)
+        h = headers_of(o, "usd" if e["lim"].budget_in_usd else "tokens")
+        for lim_h, rem_h in ((contract.H_LIMIT_REQUESTS, contract.H_REMAINING_REQUESTS),
+                             (contract.H_LIMIT_TOKENS, contract.H_REMAINING_TOKENS)):
+            if lim_h in h:
+                assert 0 <= int(h[rem_h]) <= int(h[lim_h]), (h, o)
+        if contract.H_BUDGET_REMAINING in h:
+            value = float(h[contract.H_BUDGET_REMAINING])
+            scale = 1e9 if e["lim"].budget_in_usd else 1
+            assert 0 <= value <= o.budget_limit / scale + 1e-9
+
+
+def current_spent(kind, backend, tenant, lim, now):
+    """The spend of the period holding ``now`` (0 when the stored one is older)."""
+    if kind in ("memory", "model"):
+        st = backend.states.get(tenant)
+        if st is None or st.period_start != _core.period_bounds(now, lim.period)[0]:
+            return 0
+        return st.spent
+    import redis as redis_client
+
+    r = redis_client.Redis.from_url(backend.cfg.url)
+    try:
+        ps, s = r.hmget(backend.keys(tenant)[2], "ps", "s")
+    finally:
+        r.close()
+    if ps is None or int(ps) != _core.period_bounds(now, lim.period)[0]:
+        return 0
+    return int(s)
+
+
+# CI time: the memory backend and the model are fast; Lua pays a Valkey round trip per event
+EXAMPLES = {"memory": 300, "model": 300, "redis": 150}
+
+
+@pytest.mark.parametrize("kind", IMPLEMENTATIONS)
+def test_invariants_hold_on_every_implementation(kind, request):
+    url = request.getfixturevalue("valkey").url if kind == "redis" else ""
+
+    @settings(max_examples=EXAMPLES[kind], deadline=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(programs())
+    def run(program):
+        variants, ops = program
+        clock = Clock()
+        backend = (ModelBackend(clock) if kind == "model"
+                   else make_backend(kind, clock, url))
+        tenant = fresh_tenant("inv")
+        history = run_program(backend, clock, tenant, variants, ops)
+        check_buckets(history)
+        check_headers(history)
+        last_lim = history[-1]["lim"] if history else variants[0]
+        check_budget(history, lambda: current_spent(kind, backend, tenant, last_lim,
+                                                    history[-1]["t"]))
+
+    run()
