@@ -213,7 +213,8 @@ cdef inline int64 _clamp_delta(int64 x):
 
 
 cdef class State:
-    """One tenant's mutable state.
+    """One tenant's mutable state. period_start -1: no budget period yet (real period
+    starts are >= 0: decide() refuses a clock before 1970).
 
     A bucket never used has level +inf: full at any capacity, because every read
     clamps a level to the capacity in force (_refill). No decision or settlement can
@@ -325,6 +326,11 @@ cpdef Outcome decide(Limits lim, State st, int64 now_us, int tier, int64 input_t
     cdef int64 charged_tokens = 0, charged_cost = 0
     if tier < 0 or tier >= lim.ntiers:
         raise ValueError("tier out of range")
+    if now_us < 0:
+        # a clock before 1970 is a caller's bug; refusing it keeps every period start >= 0,
+        # so State.period_start -1 ("none yet") and settle's period_start < 0 ("not known")
+        # can never be a real period
+        raise ValueError("now_us must be >= 0")
     if input_tokens < 0 or output_tokens < 0 or firm_tokens < 0:
         raise ValueError("token counts must be >= 0")
     # 0. a count beyond MAX_TOKENS is larger than anything counted: too large for every
@@ -467,6 +473,8 @@ cpdef int64 settle(Limits lim, State st, int64 now_us, int64 delta_tokens, int64
     Returns the budget spent after the adjustment (-1 without a budget)."""
     cdef double tok_level
     cdef int64 start = 0, end = 0
+    if now_us < 0:
+        raise ValueError("now_us must be >= 0")  # see decide()
     # deltas come from usage reports (bounded there); clamped again so no sum can wrap
     delta_tokens = _clamp_delta(delta_tokens)
     delta_cost = _clamp_delta(delta_cost)

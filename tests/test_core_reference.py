@@ -221,3 +221,16 @@ def test_budget_rolls_over_at_the_utc_month_boundary():
     out = _core.decide(lim, s, end_of_nov, 0, 0, 1, 1)
     assert out.kind == _core.DENY_BUDGET and out.retry_after_s == 1
     assert _core.decide(lim, s, end_of_nov + 1_000_000, 0, 0, 100, 100).admitted
+
+
+def test_a_clock_before_1970_is_refused_so_no_period_start_is_negative():
+    # State.period_start -1 means "no period yet" and settle's period_start < 0 means "not
+    # known": both rely on every real period start being >= 0
+    lim = _core.Limits(budget=100, period=_core.P_MINUTE)
+    import pytest
+
+    with pytest.raises(ValueError, match="now_us"):
+        _core.decide(lim, _core.State(), -1, 0, 1, 1, 2)
+    with pytest.raises(ValueError, match="now_us"):
+        _core.settle(lim, _core.State(), -60_000_001, 1, 1, -1)
+    assert _core.decide(lim, _core.State(), 0, 0, 1, 1, 2).period_start_us == 0
