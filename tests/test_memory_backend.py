@@ -220,6 +220,22 @@ def test_kt_serve_with_a_state_file_holding_infinity_exits_with_one_line(tmp_pat
     assert len(lines) == 1 and "'acme'" in lines[0] and "spent" in lines[0], res.stderr
 
 
+def test_a_snapshot_left_half_written_by_a_crash_is_removed_at_start(tmp_path):
+    state = tmp_path / "spend.json"
+    left = tmp_path / ".spend.json.tmp-abc123"
+    left.write_text('{"version":2,"tenants":{"t":')
+    other = tmp_path / ".other.json.tmp-abc123"  # another file's: not ours to remove
+    other.write_text("{")
+
+    async def start_and_stop():
+        b = MemoryBackend(state_file=str(state))
+        await b.start()
+        await b.close()
+
+    run(start_and_stop())
+    assert not left.exists() and other.exists()
+
+
 def test_a_version_1_state_file_still_loads(tmp_path):
     state = tmp_path / "spend.json"
     start = _core.period_bounds(FakeClock()(), _core.P_MONTH)[0]

@@ -795,6 +795,33 @@ def test_buckets_are_one_string_with_a_ttl_and_a_hash_of_the_old_format_still_co
     r.close()
 
 
+@pytest.mark.parametrize("url,says", [
+    ("redis://127.0.0.1:notaport/0", "not a usable URL"),
+    ("redis://127.0.0.1:99999/0", "not a usable URL"),
+    ("http://127.0.0.1:6379", "the scheme must be redis://, rediss:// or unix://"),
+    ("redis://:s3cret@/0", "needs a host"),
+    ("redis://127.0.0.1:6379/x", "the database must be a number"),
+    ("unix://", "needs the socket's path"),
+    ("unix:///tmp/r.sock?db=one", "the database must be a number"),
+])
+def test_a_malformed_redis_url_is_a_policy_error_not_a_traceback(tmp_path, url, says):
+    # kt check-config accepted these and kt serve then died with a ValueError traceback
+    from sidecar.policy.load import PolicyError
+
+    text = policy_text(url)
+    with pytest.raises(PolicyError) as info:
+        parse_policy(text.encode(), "policy.yaml")
+    assert "$.backend.url" in str(info.value) and says in str(info.value)
+    assert "s3cret" not in str(info.value)
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    res = subprocess.run([sys.executable, "-m", "sidecar.cli", "serve", "--config", str(path),
+                          "--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and says in res.stderr
+
+
 def test_unreachable_redis_at_start_is_not_a_crash_but_not_ready():
     backend = RedisBackend(schema.RedisBackend(url="redis://127.0.0.1:1/0", timeout_ms=20))
     from sidecar import _core

@@ -43,6 +43,7 @@ from redis.exceptions import NoScriptError, RedisError
 from sidecar.backends.resp import ConnectionLost, PipelinedConnection
 from sidecar.backends.settle_batch import SettleBatcher
 from sidecar.backends.tls import tls_context
+from sidecar.backends.url import check_redis_url
 
 from sidecar import _core
 from sidecar.backends.base import (BackendError, BackendStatus, BackendTimeout, LateReply,
@@ -188,6 +189,10 @@ class RedisBackend:
         if tls is not None:  # only with rediss:// (the policy checks)
             opts.update(ssl_ca_certs=tls.ca_file, ssl_certfile=tls.cert_file,
                         ssl_keyfile=tls.key_file)
+        try:
+            check_redis_url(self.cfg.url)  # the policy loader checked it; built by hand, not
+        except ValueError as exc:
+            raise BackendError(f"redis url {self.where}: {exc}") from None
         if self.cfg.cluster:
             self.client = RedisCluster.from_url(self.cfg.url, **opts)
         else:

@@ -21,6 +21,7 @@ import yaml
 
 from sidecar import _core
 from sidecar.backends.tls import tls_context
+from sidecar.backends.url import check_redis_url
 from sidecar.ledger import config as ledger_config
 from sidecar.policy import schema
 
@@ -438,6 +439,11 @@ def _compile(policy: schema.Policy, source: str, digest: str,
     backend = policy.backend
     if isinstance(backend, schema.RedisBackend) and not (0 < backend.timeout_ms <= 10_000):
         fail("$.backend.timeout_ms", "must be between 1 and 10000")
+    if isinstance(backend, schema.RedisBackend):
+        try:
+            check_redis_url(backend.url)
+        except ValueError as exc:
+            fail("$.backend.url", str(exc))
     if isinstance(backend, schema.RedisBackend) and backend.tls is not None:
         tls = backend.tls
         tls_ok = True
