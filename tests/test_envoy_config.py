@@ -38,6 +38,9 @@ def provider_files(tmp_path_factory):
     ca.cert_pem.write_to_path(str(d / "ca.pem"))
     (d / "openai.key").write_text("sk-openai-test")
     (d / "azure.key").write_text("azure-test")
+    from tests.support.jwt import rs256_keys
+
+    (d / "jwks.json").write_text(__import__("json").dumps(rs256_keys()[1]))
     return d
 
 
@@ -57,6 +60,8 @@ def upstream_shapes(d) -> dict[str, list[str]]:
             "--upstream", f"default=https://acme.openai.azure.com,weight=25,name=azure,"
                           f"key-file={d}/azure.key,key-header=api-key",
             "--upstream", "default=10.0.0.7:8000,priority=1,name=local"],
+        "jwt": ["--jwt-issuer", "https://auth.example.com/", "--jwt-jwks-file", f"{d}/jwks.json",
+                "--jwt-audience", "llm-gateway"],
     }
 
 
@@ -65,7 +70,8 @@ SHAPES = ["hostname", "tls-443", "tls-key", "tls-own-ca", "weighted-failover"]
 # every mode with both failure modes, and every upstream shape in every mode (the upstream
 # clusters do not depend on the failure mode)
 VARIANTS = ([(m, f, "ip") for m in MODES for f in ("allow", "deny")]
-            + [(m, "deny", shape) for m in MODES for shape in SHAPES])
+            + [(m, "deny", shape) for m in MODES for shape in SHAPES]
+            + [(m, "deny", "jwt") for m in MODES])
 
 
 @pytest.mark.parametrize("mode,failure_mode,shape", VARIANTS)
