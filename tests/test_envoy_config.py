@@ -48,7 +48,8 @@ def upstream_shapes(d) -> dict[str, list[str]]:
     """Every shape of --upstream the command takes, as flags."""
     return {
         "ip": ["--upstream", "default=127.0.0.1:8000", "--upstream", "compact=127.0.0.1:8001"],
-        "hostname": ["--upstream", "default=llm.internal:8000"],
+        "hostname": ["--upstream", "default=llm.internal:8000", "--sidecar", "kt-sidecar:8081",
+                     "--sidecar-http", "kt-sidecar:8082"],
         "tls-443": ["--upstream", "default=api.openai.com:443"],
         "tls-key": ["--upstream", f"default=https://api.openai.com,key-file={d}/openai.key",
                     "--upstream", f"compact=https://api.openai.com,key-file={d}/openai.key"],
@@ -521,3 +522,12 @@ def test_the_jwt_filter_validates_before_the_decision_and_keeps_the_token(tmp_pa
     assert jwt["rules"] == [{"match": {"prefix": "/"}, "requires": {"provider_name": "gateway"}}]
     assert filters[1]["typed_config"]["metadata_context_namespaces"] == [
         "envoy.filters.http.jwt_authn"]
+
+
+def test_a_sidecar_named_by_hostname_is_resolved_by_dns():
+    doc = _render(sidecar_address="kt-sidecar.llm-gateway.svc:8081")
+    sidecar = _clusters(doc)["kt_sidecar"]
+    assert sidecar["type"] == "STRICT_DNS"
+    ep = sidecar["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert ep["address"]["socket_address"] == {"address": "kt-sidecar.llm-gateway.svc",
+                                               "port_value": 8081}
