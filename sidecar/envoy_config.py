@@ -229,12 +229,14 @@ def _addr(hostport: str) -> dict:
 
 
 def _cluster(name: str, hostport: str, http2: bool, idle_timeout_s: float = 0.0) -> dict:
+    address = _addr(hostport)
     c: dict = {
         "name": name,
-        "type": "STATIC",
+        # the sidecar by name (another container, a Service): every address it resolves to
+        "type": "STATIC" if is_ip(address["socket_address"]["address"]) else "STRICT_DNS",
         "connect_timeout": "0.25s",
         "load_assignment": {"cluster_name": name, "endpoints": [
-            {"lb_endpoints": [{"endpoint": {"address": _addr(hostport)}}]}]},
+            {"lb_endpoints": [{"endpoint": {"address": address}}]}]},
     }
     if http2 or idle_timeout_s:
         opts: dict = {

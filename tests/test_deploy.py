@@ -4,7 +4,6 @@ two processes run here with the manifest's arguments and files), the Istio resou
 the operator mistakes `kt serve` answers in one line."""
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import re
@@ -25,6 +24,7 @@ import yaml
 from sidecar.cli import build_parser
 from tests.support.procs import (LOOPBACK, find_binary, free_port, log_tail, stop_process,
                                  wait_until, workdir)
+from tests.support.jwt import rs256_keys, rs256_token
 from tests.support.upstream import FakeUpstream
 from tests.support.valkey import Valkey
 
@@ -210,31 +210,6 @@ def rewrite(node: Any, strings: dict[str, str], addresses: Optional[dict] = None
     if isinstance(node, str):
         return strings.get(node, node)
     return node
-
-
-def rs256_keys() -> tuple[Any, dict]:
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    nums = key.public_key().public_numbers()
-
-    def b64(n: int) -> str:
-        return base64.urlsafe_b64encode(n.to_bytes((n.bit_length() + 7) // 8, "big")) \
-            .rstrip(b"=").decode()
-    return key, {"keys": [{"kty": "RSA", "alg": "RS256", "use": "sig", "kid": "k1",
-                           "n": b64(nums.n), "e": b64(nums.e)}]}
-
-
-def rs256_token(key: Any, claims: dict) -> str:
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import padding
-
-    def b64(data: bytes) -> str:
-        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-    signing_input = (b64(json.dumps({"alg": "RS256", "typ": "JWT", "kid": "k1"}).encode()) + "."
-                     + b64(json.dumps(claims).encode()))
-    sig = key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
-    return f"{signing_input}.{b64(sig)}"
 
 
 def test_the_gateway_pod_runs_here_as_written_and_serves_a_request():

@@ -38,6 +38,9 @@ def provider_files(tmp_path_factory):
     ca.cert_pem.write_to_path(str(d / "ca.pem"))
     (d / "openai.key").write_text("sk-openai-test")
     (d / "azure.key").write_text("azure-test")
+    from tests.support.jwt import rs256_keys
+
+    (d / "jwks.json").write_text(__import__("json").dumps(rs256_keys()[1]))
     return d
 
 
@@ -45,7 +48,8 @@ def upstream_shapes(d) -> dict[str, list[str]]:
     """Every shape of --upstream the command takes, as flags."""
     return {
         "ip": ["--upstream", "default=127.0.0.1:8000", "--upstream", "compact=127.0.0.1:8001"],
-        "hostname": ["--upstream", "default=llm.internal:8000"],
+        "hostname": ["--upstream", "default=llm.internal:8000", "--sidecar", "kt-sidecar:8081",
+                     "--sidecar-http", "kt-sidecar:8082"],
         "tls-443": ["--upstream", "default=api.openai.com:443"],
         "tls-key": ["--upstream", f"default=https://api.openai.com,key-file={d}/openai.key",
                     "--upstream", f"compact=https://api.openai.com,key-file={d}/openai.key"],
@@ -57,6 +61,8 @@ def upstream_shapes(d) -> dict[str, list[str]]:
             "--upstream", f"default=https://acme.openai.azure.com,weight=25,name=azure,"
                           f"key-file={d}/azure.key,key-header=api-key",
             "--upstream", "default=10.0.0.7:8000,priority=1,name=local"],
+        "jwt": ["--jwt-issuer", "https://auth.example.com/", "--jwt-jwks-file", f"{d}/jwks.json",
+                "--jwt-audience", "llm-gateway"],
     }
 
 
@@ -65,7 +71,8 @@ SHAPES = ["hostname", "tls-443", "tls-key", "tls-own-ca", "weighted-failover"]
 # every mode with both failure modes, and every upstream shape in every mode (the upstream
 # clusters do not depend on the failure mode)
 VARIANTS = ([(m, f, "ip") for m in MODES for f in ("allow", "deny")]
-            + [(m, "deny", shape) for m in MODES for shape in SHAPES])
+            + [(m, "deny", shape) for m in MODES for shape in SHAPES]
+            + [(m, "deny", "jwt") for m in MODES])
 
 
 @pytest.mark.parametrize("mode,failure_mode,shape", VARIANTS)
@@ -515,3 +522,12 @@ def test_the_jwt_filter_validates_before_the_decision_and_keeps_the_token(tmp_pa
     assert jwt["rules"] == [{"match": {"prefix": "/"}, "requires": {"provider_name": "gateway"}}]
     assert filters[1]["typed_config"]["metadata_context_namespaces"] == [
         "envoy.filters.http.jwt_authn"]
+
+
+def test_a_sidecar_named_by_hostname_is_resolved_by_dns():
+    doc = _render(sidecar_address="kt-sidecar.llm-gateway.svc:8081")
+    sidecar = _clusters(doc)["kt_sidecar"]
+    assert sidecar["type"] == "STRICT_DNS"
+    ep = sidecar["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert ep["address"]["socket_address"] == {"address": "kt-sidecar.llm-gateway.svc",
+                                               "port_value": 8081}
