@@ -12,14 +12,14 @@ from sidecar.policy.load import PolicyError, load_policy
 def _serve(args: argparse.Namespace) -> int:
     from sidecar.address import AddressError, parse_hostport
     from sidecar.backends.base import BackendError
-    from sidecar.server import ServerConfig, StartupError, serve
+    from sidecar.server import ExposureError, ServerConfig, StartupError, serve
 
     if args.workers < 1:
         print("kt serve: --workers must be >= 1", file=sys.stderr)
         return 2
     try:  # a typo in an address is caught before anything starts
         for flag, value in (("--grpc", args.grpc), ("--http", args.http),
-                            ("--http-authz", args.http_authz)):
+                            ("--http-authz", args.http_authz), ("--admin", args.admin)):
             if value is not None:
                 parse_hostport(value, flag, allow_zero=True)
     except AddressError as exc:
@@ -34,7 +34,7 @@ def _serve(args: argparse.Namespace) -> int:
             if not exc.explained:  # otherwise the worker printed its own one line
                 print(f"kt serve: {exc}", file=sys.stderr)
             return exc.code or 1
-        except (WorkerError, PolicyError) as exc:
+        except (WorkerError, PolicyError, ExposureError) as exc:
             print(f"kt serve: {exc}", file=sys.stderr)
             return 2
         except StartupError as exc:
@@ -42,11 +42,17 @@ def _serve(args: argparse.Namespace) -> int:
             return 4
     cfg = ServerConfig(grpc_addr=args.grpc, http_addr=args.http, policy_path=args.config,
                        state_file=args.state_file, ready_file=args.ready_file,
-                       http_authz_addr=args.http_authz, reuse_port=args.worker_of_supervisor)
+                       http_authz_addr=args.http_authz, reuse_port=args.worker_of_supervisor,
+                       admin_addr=args.admin, admin_token_file=args.admin_token_file,
+                       grpc_token_file=args.grpc_token_file, grpc_tls_cert=args.grpc_tls_cert,
+                       grpc_tls_key=args.grpc_tls_key, grpc_client_ca=args.grpc_client_ca)
     import uvloop
 
     try:
         uvloop.run(serve(cfg))
+    except ExposureError as exc:  # one line: which listener, and what it needs
+        print(f"kt serve: {exc}", file=sys.stderr)
+        return 2
     except PolicyError as exc:
         print(f"kt serve: {exc}", file=sys.stderr)
         return 2
@@ -116,6 +122,7 @@ def _envoy_config(args: argparse.Namespace) -> int:
         sidecar_address=args.sidecar, sidecar_http_address=args.sidecar_http, tiers=tiers,
         mode=args.mode, usage=args.usage,
         failure_mode=args.failure_mode, tenant_header=policy.tenant_header,
+        estimate_header=policy.estimate.header, estimate_trusted=policy.estimate.trusted,
         tenant_metadata_namespace=policy.tenant_metadata[0] if policy.tenant_metadata else "",
         jwt_issuer=args.jwt_issuer or "", jwt_jwks_file=args.jwt_jwks_file or "",
         jwt_audiences=tuple(args.jwt_audience))
@@ -138,11 +145,28 @@ def _spend(args: argparse.Namespace) -> int:
     import urllib.error
     import urllib.request
 
+    from sidecar.auth import TokenError, TokenFile
+
+    url = f"http://{args.admin}/v1/spend"
+    headers = {}
+    if args.token_file:
+        try:
+            headers["authorization"] = "Bearer " + TokenFile(args.token_file,
+                                                             "admin token").token().decode()
+        except TokenError as exc:
+            print(f"kt spend: {exc}", file=sys.stderr)
+            return 2
     try:
-        with urllib.request.urlopen(f"http://{args.http}/v1/spend", timeout=5) as r:
+        # the admin port is never behind a proxy: ignore http_proxy
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(urllib.request.Request(url, headers=headers), timeout=5) as r:
             doc = json.load(r)
+    except urllib.error.HTTPError as exc:
+        hint = " (give --token-file with the admin token)" if exc.code == 401 else ""
+        print(f"kt spend: {url}: HTTP {exc.code}{hint}", file=sys.stderr)
+        return 1
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        print(f"kt spend: cannot read http://{args.http}/v1/spend: {exc}", file=sys.stderr)
+        print(f"kt spend: cannot read {url}: {exc}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(doc, indent=2, sort_keys=True))
@@ -175,7 +199,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="policy YAML (default: the sample policy, embedded backend)")
     s.add_argument("--grpc", default="127.0.0.1:8081", help="gRPC listen HOST:PORT")
     s.add_argument("--http", default="127.0.0.1:9090", help="HTTP side port HOST:PORT "
-                   "(/metrics, /healthz, /readyz)")
+                   "(/metrics, /healthz, /readyz only: safe to expose to Prometheus and probes)")
+    s.add_argument("--admin", default="127.0.0.1:9091", metavar="HOST:PORT",
+                   help="admin port: POST /v1/usage, GET /v1/spend, each with "
+                   "`Authorization: Bearer <token>`; beyond loopback only with a token")
+    s.add_argument("--admin-token-file", metavar="FILE",
+                   help="the admin API's bearer token (else the policy's admin.token_file; "
+                   "without one the admin port serves loopback callers only)")
+    s.add_argument("--grpc-token-file", metavar="FILE",
+                   help="a token every gRPC call (and fast-path request) must carry as "
+                   "`authorization: Bearer <token>`; required to bind --grpc or --http-authz "
+                   "beyond loopback unless gRPC uses mTLS")
+    s.add_argument("--grpc-tls-cert", metavar="PEM", help="gRPC server certificate (TLS)")
+    s.add_argument("--grpc-tls-key", metavar="PEM", help="gRPC server private key (TLS)")
+    s.add_argument("--grpc-client-ca", metavar="PEM",
+                   help="CA of the client certificates gRPC requires (mTLS)")
     s.add_argument("--http-authz", metavar="HOST:PORT",
                    help="also serve Envoy's HTTP ext_authz here (the fast path)")
     s.add_argument("--workers", type=int, default=1,
@@ -233,7 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("spend", help="actual tokens and USD per tenant and model, from a "
                        "running sidecar (since its start)")
-    u.add_argument("--http", default="127.0.0.1:9090", help="the sidecar's HTTP side port")
+    u.add_argument("--admin", default="127.0.0.1:9091", metavar="HOST:PORT",
+                   help="the sidecar's admin port")
+    u.add_argument("--token-file", metavar="FILE", help="the admin token (kt serve "
+                   "--admin-token-file); not needed on loopback when none is configured")
     u.add_argument("--json", action="store_true", help="print JSON")
     u.set_defaults(func=_spend)
 

@@ -21,9 +21,12 @@ H_TIER = "x-kt-tier"
 H_MODEL = "x-kt-model"
 H_PRIORITY = "x-kt-priority"
 H_SHADOW = "x-kt-shadow"  # shadow mode: what the decision would have been
+# the reservation id the sidecar made for an admitted request: ext_proc and usage reports
+# settle by it (docs/usage.md); a client-chosen x-request-id is never the key
+H_RESERVATION = "x-kt-reservation"
 # Only the sidecar may set these: the printed Envoy config strips them from the client's
 # request before any filter runs (else a fail-open or an appending filter lets them through).
-UPSTREAM_HEADERS = (H_DECISION, H_TENANT, H_TIER, H_MODEL, H_PRIORITY, H_SHADOW)
+UPSTREAM_HEADERS = (H_DECISION, H_TENANT, H_TIER, H_MODEL, H_PRIORITY, H_SHADOW, H_RESERVATION)
 # gRPC metadata on the ext_proc stream of a body rewrite (usage comes by Envoy's access log,
 # `kt envoy-config` usage "als"): that stream must not close the reservation.
 H_EXT_PROC_ROLE = "x-kt-ext-proc"
@@ -186,6 +189,8 @@ def answer(d: Decision) -> Answer:
             up.append((H_PRIORITY, d.priority))
         if d.shadow:
             up.append((H_SHADOW, d.kind.value))
+        if d.reservation_id:
+            up.append((H_RESERVATION, d.reservation_id))
         return Answer(status=200, upstream_headers=tuple(up), response_headers=tuple(rate),
                       metadata=_metadata(d, decision))
     status, type_, code = ERRORS[d.kind]

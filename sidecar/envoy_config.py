@@ -197,6 +197,9 @@ class EnvoyOptions:
     # not x-kt-model, which is the sidecar's answer and stripped at the listener
     rls_model_header: str = "x-kt-requested-model"
     estimate_header: str = "x-kt-estimated-tokens"  # policy `estimate.header`; rls hits_addend
+    # policy `estimate.trusted`: a filter of the operator's sets the estimate header; else
+    # a client's own is removed at the edge (the sidecar ignores it too)
+    estimate_trusted: bool = False
     # namespace of dynamic metadata to send to ext_authz (policy `tenant.metadata`)
     tenant_metadata_namespace: str = ""
     # Envoy's jwt_authn in front of the decision: the tenant then comes from a validated
@@ -434,7 +437,7 @@ def _exact(*names: str) -> list[dict]:
 
 def _http_authz(o: EnvoyOptions) -> dict:
     """ext_authz over HTTP to `kt serve --http-authz`: the same contract, header by header."""
-    allowed = [o.tenant_header, "x-kt-estimated-tokens", "x-request-id", "content-type"]
+    allowed = [o.tenant_header, o.estimate_header, "x-request-id", "content-type"]
     client = [{"prefix": "x-ratelimit-"}, {"prefix": "x-kt-budget-"}]
     cfg: dict = {
         "@type": TYPE + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
@@ -443,9 +446,7 @@ def _http_authz(o: EnvoyOptions) -> dict:
             "server_uri": {"uri": f"http://{o.sidecar_http_address}",
                            "cluster": "kt_sidecar_http", "timeout": _seconds(o.authz_timeout_s)},
             "authorization_response": {
-                "allowed_upstream_headers": {"patterns": _exact(
-                    contract.H_DECISION, contract.H_TENANT, contract.H_TIER, contract.H_MODEL,
-                    contract.H_PRIORITY, contract.H_SHADOW)},
+                "allowed_upstream_headers": {"patterns": _exact(*contract.UPSTREAM_HEADERS)},
                 "allowed_client_headers": {"patterns": _exact(
                     contract.H_RETRY_AFTER, contract.H_CONTENT_TYPE) + client},
                 "allowed_client_headers_on_success": {"patterns": client},
@@ -524,7 +525,7 @@ def _usage_access_log(o: EnvoyOptions) -> dict:
                 "buffer_flush_interval": _seconds(o.usage_flush_s),
                 "buffer_size_bytes": o.usage_buffer_bytes,
             },
-            "additional_request_headers_to_log": [contract.H_TENANT],
+            "additional_request_headers_to_log": [contract.H_TENANT, contract.H_RESERVATION],
         },
     }
 
@@ -647,6 +648,11 @@ def bootstrap(o: EnvoyOptions) -> dict:
     # on and let x-kt-tier pick a route, and Envoy's rate-limit filter *appends* its
     # request_headers_to_add (seen on Envoy 1.40: "gpt-4o, gpt-4o-mini")
     mutations: list[dict] = [{"remove": h} for h in contract.UPSTREAM_HEADERS]
+    if not o.estimate_trusted:  # a client must not set its own estimate (docs/security.md)
+        mutations.append({"remove": o.estimate_header})
+    # nor its own request id: Envoy then makes one (it preserves a client's id when it
+    # deems the client internal, e.g. on loopback or RFC 1918, whatever use_remote_address says)
+    mutations.append({"remove": "x-request-id"})
     if o.mode == "rls":
         # hits_addend's %REQ()% of an absent header is no number, and then Envoy drops the
         # whole descriptor (no RLS call: unlimited). "0" means "no estimate given" to the

@@ -1,9 +1,13 @@
 """Request → Estimate: how many tokens a request will use, before it runs.
 
-Order of evidence (docs/contract.md): an explicit count (the `x-kt-estimated-tokens`
-header, or RLS `hits_addend`), then the OpenAI-style JSON body Envoy forwards
-(`with_request_body`), then the policy's default. A malformed explicit count or
-body is the caller's error (400), never a guess.
+Evidence (docs/contract.md): the OpenAI-style JSON body Envoy forwards
+(`with_request_body`: prompt size and `max_tokens`), an explicit count (the
+`x-kt-estimated-tokens` header, or RLS `hits_addend`) only when the policy says a
+trusted filter sets it (`estimate: {trusted: true}`), then the policy's default.
+Every byte of it is the client's until a filter vouches for it, so an explicit count
+never lowers the estimate below what the body shows, and no estimate is ever zero: a
+request is never free. A malformed count or body is the caller's error (400), never a
+guess.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ from sidecar.model import Estimate, Request
 from sidecar.policy.load import CompiledPolicy
 
 MAX_TOKENS = 1_000_000_000  # an estimate above this is a malformed request, not a big one
+# the least any request is estimated at: 0 would admit it against an exhausted budget
+MIN_TOKENS = 1
 
 
 class EstimateError(ValueError):
@@ -80,31 +86,49 @@ def estimate(policy: CompiledPolicy, req: Request) -> Estimate:
             raise EstimateError(f"request body: {exc}") from None
         except msgspec.DecodeError:
             raise EstimateError("request body is not valid JSON") from None
+        except RecursionError:
+            # msgspec bounds its depth by the interpreter's recursion limit and says so
+            raise EstimateError("request body is nested too deeply") from None
     model = req.model or (body.model if body is not None else None)
 
     explicit: Optional[int] = None
-    if req.tokens is not None:
-        explicit = _parse_count(req.tokens, "token count")
-    else:
-        header = req.headers.get(cfg.header)
-        if header is not None:
-            explicit = _parse_count(header.strip(), f"header {cfg.header}")
-    if explicit is not None:
-        # No split is known: count it all as output, the dearer side of every price list.
-        return Estimate(0, explicit, explicit, model, "header" if req.tokens is None else "transport")
+    if cfg.trusted:  # else the count is the client's own word: ignored
+        if req.tokens is not None:
+            explicit = _parse_count(req.tokens, "token count")
+        else:
+            header = req.headers.get(cfg.header)
+            if header is not None:
+                explicit = _parse_count(header.strip(), f"header {cfg.header}")
+        if explicit == 0:
+            explicit = None  # "no estimate" (Envoy's RLS config sends 0 for an absent header)
 
+    # what the body shows: the prompt's size and, if it names one, the output's maximum
+    input_tokens = 0
+    asked: Optional[int] = None
     if body is not None:
         prompt_bytes = len(body.messages) + len(body.prompt) + len(body.input)
         input_tokens = math.ceil(prompt_bytes / cfg.chars_per_token)
-        asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        if asked is not None:
-            out = _parse_count(asked, "max_tokens")
-            return Estimate(input_tokens, out, input_tokens + out, model, "body")
-        return Estimate(input_tokens, cfg.default_output_tokens, input_tokens, model, "body")
-
-    if req.body_truncated:
+        max_out = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if max_out is not None:
+            asked = _parse_count(max_out, "max_tokens")
+    elif req.body_truncated:
         # Envoy sent only the first part of a large body: size it from content-length.
         input_tokens = _content_length_tokens(req, cfg.chars_per_token)
-        return Estimate(input_tokens, cfg.default_output_tokens, input_tokens, model, "body")
+    shown = body is not None or req.body_truncated
 
-    return Estimate(0, cfg.default_request_tokens, 0, model, "default")
+    if asked is not None:  # all of it firm: the prompt and the most it may answer
+        out = asked
+        if explicit is not None:
+            out = max(out, explicit - input_tokens)
+        out = max(out, MIN_TOKENS - input_tokens)
+        return Estimate(input_tokens, out, input_tokens + out, model, "body")
+    if explicit is not None:
+        # a trusted count, never below the prompt the body shows; the part beyond the
+        # prompt counts as output, the dearer side of every price list
+        out = max(explicit - input_tokens, 0)
+        return Estimate(input_tokens, out, input_tokens + out, model,
+                        "header" if req.tokens is None else "transport")
+    if shown:  # the prompt is firm; the output a default, trimmed to fit a small bucket
+        return Estimate(input_tokens, max(cfg.default_output_tokens, MIN_TOKENS - input_tokens),
+                        input_tokens, model, "body")
+    return Estimate(0, max(cfg.default_request_tokens, MIN_TOKENS), 0, model, "default")

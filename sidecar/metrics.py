@@ -71,6 +71,9 @@ class Metrics:
             "applied: refunded (the sidecar refused the request: fail closed), kept (the "
             "request went on: fail open, held as its reservation; or Envoy's own failure mode "
             "decided, unknown here), refund_failed, nothing_charged.", ["action"], registry=r)
+        self.auth_failures = Counter(
+            "kt_auth_failures", "Calls refused for a missing or wrong credential, by listener "
+            "(grpc, grpc_usage, http_authz, admin).", ["listener"], registry=r)
         self.backend_ready = Gauge(
             "kt_backend_ready", "1 when the backend answers, 0 when decisions fall back to the "
             "failure mode.", ["backend"], registry=r)

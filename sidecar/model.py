@@ -75,6 +75,9 @@ class Decision(msgspec.Struct, frozen=True):
     shadow: bool = False
     downgraded: bool = False  # the request goes to a lower tier than it asked for
     budget_unit: str = ""
+    # the id the request's reservation (and its settlement) is keyed by: made by the
+    # sidecar, sent to the upstream as x-kt-reservation, never taken from the client
+    reservation_id: str = ""
 
     @property
     def admitted(self) -> bool:

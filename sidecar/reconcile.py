@@ -13,25 +13,34 @@ import logging
 from typing import Optional
 
 from sidecar.backends.base import BackendError
-from sidecar.service import DecisionService, UsageError
+from sidecar.service import DecisionService, UsageError, reservation_key
 from sidecar.usage import Usage
 
 log = logging.getLogger("kt.reconcile")
 
 
-async def close_reservation(service: DecisionService, request_id: str, tenant: Optional[str],
-                            status: int, usage: Optional[Usage], model: Optional[str],
-                            cut_short: bool, source: str, settled_by: str) -> None:
+async def close_reservation(service: DecisionService, reservation_id: str, x_request_id: str,
+                            tenant: Optional[str], status: int, usage: Optional[Usage],
+                            model: Optional[str], cut_short: bool, source: str,
+                            settled_by: str) -> None:
     """Apply the rule for one finished response; never raises (the response has gone).
+    ``reservation_id`` is the request's x-kt-reservation (the sidecar's own id), ""
+    when Envoy's failure mode let it through; ``x_request_id`` its x-request-id.
     ``source`` labels the settlement metric; ``settled_by`` tells the ledger how the usage
     was read (e.g. ``ext_proc_sse``, ``access_log_json``)."""
+    request_id = reservation_key(reservation_id, x_request_id)
     if not request_id:
         return
     try:
         if usage is not None:
+            # without a reservation id of ours, settle under a fresh id: charged in full,
+            # never taken for a repeat of another request's settlement (a client's
+            # x-request-id must not make two requests one; this path never retries)
             await service.settle_usage(request_id, tenant, model, usage.prompt_tokens,
                                        usage.completion_tokens, source, usage.cached_tokens,
-                                       usage.cache_write_tokens, settled_by)
+                                       usage.cache_write_tokens, settled_by,
+                                       settle_id=None if reservation_id
+                                       else service.new_reservation_id())
         elif status and not 200 <= status < 300:
             await service.release(request_id, "upstream_error")
         else:

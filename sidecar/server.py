@@ -1,25 +1,29 @@
-"""Wiring: policy + backend + service + transports on one gRPC port, and the HTTP
-side port (/metrics, /healthz, /readyz). No decision logic lives here."""
+"""Wiring: policy + backend + service + transports on one gRPC port, the HTTP side
+port (/metrics, /healthz, /readyz), the admin port (usage reports, spend) and who may
+use each (docs/security.md). No decision logic lives here."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Optional
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
-from socketserver import ThreadingMixIn
 
 import grpc
 from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from prometheus_client import make_wsgi_app
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from sidecar import contract
+from sidecar.auth import (TokenError, TokenFile, bearer_from_metadata, host_of,
+                          is_loopback_host)
 from sidecar.backends.base import Backend
 from sidecar.backends.memory import MemoryBackend
 from sidecar.ledger.recorder import Ledger, LedgerCollector, build_ledger
@@ -32,7 +36,9 @@ from sidecar.transports.authz import authorization_handler
 from sidecar.transports.ext_proc import ExternalProcessorServicer
 from sidecar.transports.http_authz import start_http_authz
 from sidecar.transports.rls import RateLimitServicer
-from sidecar.transports.usage_api import report_json, usage_service_handler
+from sidecar.transports.http_side import (HttpRequest, HttpResponse, LimitedHttpServer,
+                                          ServerLimits, text)
+from sidecar.transports.usage_api import REPORT_METHOD, report_json, usage_service_handler
 from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 
@@ -75,10 +81,21 @@ def sample_policy() -> CompiledPolicy:
     return parse_policy(raw, "<sample policy>")
 
 
+class ExposureError(ValueError):
+    """A listener would be reachable beyond loopback without a credential; says which."""
+
+
 @dataclass
 class ServerConfig:
     grpc_addr: str = "127.0.0.1:8081"
-    http_addr: str = "127.0.0.1:9090"
+    http_addr: str = "127.0.0.1:9090"  # /metrics, /healthz, /readyz only
+    admin_addr: str = "127.0.0.1:9091"  # POST /v1/usage, GET /v1/spend: with the admin token
+    admin_token_file: Optional[str] = None  # else the policy's admin.token_file
+    # a non-loopback --grpc (or --http-authz) needs one of these (docs/security.md)
+    grpc_token_file: Optional[str] = None
+    grpc_tls_cert: Optional[str] = None
+    grpc_tls_key: Optional[str] = None
+    grpc_client_ca: Optional[str] = None
     policy_path: Optional[str] = None  # None: the sample policy shipped in the package
     state_file: Optional[str] = None  # overrides the memory backend's state_file
     ready_file: Optional[str] = None  # JSON {"grpc_port", "http_port", ...} written once serving
@@ -87,6 +104,8 @@ class ServerConfig:
     reuse_port: bool = False
     reload_interval_s: float = 2.0
     grace_s: float = 2.0
+    # connection limits and timeouts of the --http and --admin listeners
+    side_limits: ServerLimits = ServerLimits()
 
 
 def make_backend(policy: CompiledPolicy, cfg: ServerConfig) -> Backend:
@@ -99,13 +118,83 @@ def make_backend(policy: CompiledPolicy, cfg: ServerConfig) -> Backend:
     return MemoryBackend(state_file=state_file, flush_interval_s=b.flush_interval_s)
 
 
-class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ExposureError(f"{what} {path}: {exc.strerror or exc}") from None
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format, *args):  # noqa: A002 (signature is the stdlib's)
-        pass
+class Credentials:
+    """The tokens and TLS material of one server, loaded and checked before anything
+    binds: a listener reachable beyond loopback without a credential is refused."""
+
+    def __init__(self, cfg: ServerConfig, policy: CompiledPolicy) -> None:
+        admin_file = cfg.admin_token_file or policy.admin_token_file
+        try:
+            self.admin = TokenFile(admin_file, "admin token") if admin_file else None
+            self.grpc = (TokenFile(cfg.grpc_token_file, "gRPC token")
+                         if cfg.grpc_token_file else None)
+        except TokenError as exc:
+            raise ExposureError(str(exc)) from None
+        if (cfg.grpc_tls_cert is None) != (cfg.grpc_tls_key is None):
+            raise ExposureError("--grpc-tls-cert and --grpc-tls-key go together")
+        if cfg.grpc_client_ca and cfg.grpc_tls_cert is None:
+            raise ExposureError("--grpc-client-ca needs --grpc-tls-cert and --grpc-tls-key")
+        self.grpc_tls: Optional[grpc.ServerCredentials] = None
+        self.mtls = bool(cfg.grpc_client_ca)
+        if cfg.grpc_tls_cert and cfg.grpc_tls_key:
+            self.grpc_tls = grpc.ssl_server_credentials(
+                [(_read(cfg.grpc_tls_key, "--grpc-tls-key"),
+                  _read(cfg.grpc_tls_cert, "--grpc-tls-cert"))],
+                root_certificates=(_read(cfg.grpc_client_ca, "--grpc-client-ca")
+                                   if cfg.grpc_client_ca else None),
+                require_client_auth=self.mtls)
+        # whoever reaches the gRPC port (or the fast path) can be decided and charged as
+        # any tenant and report usage, and the admin port rewrites the books: beyond
+        # loopback only with a credential
+        need = {"--grpc": "--grpc-token-file FILE or mTLS (--grpc-tls-cert, --grpc-tls-key, "
+                          "--grpc-client-ca)",
+                "--http-authz": "--grpc-token-file FILE (Envoy sends it in `authorization`)",
+                "--admin": "--admin-token-file FILE (or policy admin.token_file)"}
+        for flag, addr, ok in (("--grpc", cfg.grpc_addr, self.grpc is not None or self.mtls),
+                               ("--http-authz", cfg.http_authz_addr, self.grpc is not None),
+                               ("--admin", cfg.admin_addr, self.admin is not None)):
+            if addr and not ok and not is_loopback_host(host_of(addr)):
+                raise ExposureError(f"{flag} {addr} is reachable beyond loopback without a "
+                                    f"credential; give {need[flag]}, or bind it to 127.0.0.1 "
+                                    "(docs/security.md)")
+
+
+class _GrpcTokenCheck(grpc.aio.ServerInterceptor):
+    """Every call but health checks carries the gRPC token (`authorization: Bearer ...`,
+    which Envoy's grpc_service initial_metadata sends); a usage report may carry the admin
+    token instead. Installed only when a gRPC token is configured."""
+
+    def __init__(self, grpc_token: TokenFile, admin_token: Optional[TokenFile],
+                 metrics: Metrics) -> None:
+        self.grpc_token = grpc_token
+        self.admin_token = admin_token
+        self.refused = metrics.auth_failures.labels("grpc")
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "this sidecar needs `authorization: Bearer <token>` metadata")
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    async def intercept_service(self, continuation, details):
+        method = details.method
+        if method.startswith("/grpc.health.v1.Health/"):  # kubelet probes send no metadata
+            return await continuation(details)
+        auth = bearer_from_metadata(details.invocation_metadata)
+        if self.grpc_token.matches(auth) or (
+                method == REPORT_METHOD and self.admin_token is not None
+                and self.admin_token.matches(auth)):
+            return await continuation(details)
+        self.refused.inc()
+        return self._deny
 
 
 class Sidecar:
@@ -114,6 +203,7 @@ class Sidecar:
         self.cfg = cfg
         self.policy = policy or (load_policy(cfg.policy_path) if cfg.policy_path else sample_policy())
         self.metrics = Metrics()
+        self.credentials = Credentials(cfg, self.policy)  # before anything is bound
         self.backend = backend or make_backend(self.policy, cfg)
         # the policy's ledger: section (a change of it needs a restart, like the backend)
         self.ledger = ledger if ledger is not None else build_ledger(self.policy.ledger)
@@ -122,9 +212,14 @@ class Sidecar:
         self.metrics.registry.register(LedgerCollector(self.ledger))
         self._ledger_ticker: Optional[asyncio.Task] = None
         self.grpc_server: Optional[grpc.aio.Server] = None
-        self.http_server: Optional[WSGIServer] = None
+        self.http_server: Optional[LimitedHttpServer] = None
+        self.admin_server: Optional[LimitedHttpServer] = None
         self.grpc_port = 0
         self.http_port = 0
+        self.admin_port = 0
+        # slow, rare work (rendering /metrics, spend) off the event loop, one at a time
+        self._slow = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kt-slow")
+        self._slow_waiting = 0
         self.http_authz_port = 0
         self.http_authz_server: Optional[asyncio.AbstractServer] = None
         self._reloader: Optional[asyncio.Task] = None
@@ -147,31 +242,44 @@ class Sidecar:
 
     async def _start_listeners(self) -> None:
         # without --workers a second process on the same port is an error, not a silent share
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if self.cfg.reuse_port else 0)])
+        creds = self.credentials
+        interceptors = ([_GrpcTokenCheck(creds.grpc, creds.admin, self.metrics)]
+                        if creds.grpc is not None else [])
+        server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[("grpc.so_reuseport", 1 if self.cfg.reuse_port else 0)])
         server.add_generic_rpc_handlers((authorization_handler(self.service),))
         rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(self.service), server)
         external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
             ExternalProcessorServicer(self.service), server)
-        server.add_generic_rpc_handlers((usage_service_handler(self.service),))
+        server.add_generic_rpc_handlers((usage_service_handler(self.service, creds.admin,
+                                                               self.metrics),))
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(UsageLogReceiver(self.service), server)
         self._health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         try:
             if not self.cfg.reuse_port:  # a worker joins a port its siblings hold
                 probe_bind(self.cfg.grpc_addr)
-            self.grpc_port = server.add_insecure_port(self.cfg.grpc_addr)
+            if creds.grpc_tls is not None:
+                self.grpc_port = server.add_secure_port(self.cfg.grpc_addr, creds.grpc_tls)
+            else:
+                self.grpc_port = server.add_insecure_port(self.cfg.grpc_addr)
         except (OSError, RuntimeError) as exc:
             raise listen_error("--grpc", self.cfg.grpc_addr, exc) from None
         await server.start()
         self.grpc_server = server
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         self._loop = asyncio.get_running_loop()
-        self._start_http()
+        self.http_server = LimitedHttpServer(self._side_request, self.cfg.side_limits)
+        self.http_port = await _listen(self.http_server, "--http", self.cfg.http_addr)
+        if self.cfg.admin_addr:
+            self.admin_server = LimitedHttpServer(self._admin_request, self.cfg.side_limits)
+            self.admin_port = await _listen(self.admin_server, "--admin", self.cfg.admin_addr)
         if self.cfg.http_authz_addr:
-            host, _, port = self.cfg.http_authz_addr.rpartition(":")
+            host, port = _host_port(self.cfg.http_authz_addr)
             try:
                 self.http_authz_server, self.http_authz_port = await start_http_authz(
-                    self.service, host.strip("[]"), int(port), reuse_port=self.cfg.reuse_port)
+                    self.service, host, port, reuse_port=self.cfg.reuse_port, token=creds.grpc)
             except OSError as exc:
                 raise listen_error("--http-authz", self.cfg.http_authz_addr, exc) from None
         self.metrics.policy_info.labels(self.policy.source, self.policy.digest).set(1)
@@ -181,11 +289,14 @@ class Sidecar:
             tmp = self.cfg.ready_file + ".tmp"
             with open(tmp, "w") as f:
                 json.dump({"grpc_port": self.grpc_port, "http_port": self.http_port,
+                           "admin_port": self.admin_port,
                            "http_authz_port": self.http_authz_port}, f)
             os.replace(tmp, self.cfg.ready_file)
-        log.info("serving gRPC on %s (port %d), HTTP on port %d, policy %s (%s), backend %s",
-                 self.cfg.grpc_addr, self.grpc_port, self.http_port, self.policy.source,
-                 self.policy.digest, self.backend.name)
+        log.info("serving gRPC on %s (port %d%s), HTTP on port %d, admin on port %d (%s), "
+                 "policy %s (%s), backend %s", self.cfg.grpc_addr, self.grpc_port,
+                 ", token" if creds.grpc else ", mTLS" if creds.mtls else "", self.http_port,
+                 self.admin_port, "token" if creds.admin else "loopback callers only",
+                 self.policy.source, self.policy.digest, self.backend.name)
 
     async def stop(self) -> None:
         if self._reloader is not None:
@@ -198,9 +309,10 @@ class Sidecar:
             self.http_authz_server.close()
         if self.grpc_server is not None:
             await self.grpc_server.stop(self.cfg.grace_s)
-        if self.http_server is not None:
-            self.http_server.shutdown()
-            self.http_server.server_close()
+        for side in (self.http_server, self.admin_server):
+            if side is not None:
+                side.close()
+        self._slow.shutdown(wait=False)
         await self.backend.close()
         # after the drain: the last settlements' events are in the buffer; written (or
         # spilled) by the writer thread, off the event loop
@@ -212,59 +324,65 @@ class Sidecar:
             await asyncio.sleep(5)
             self.ledger.tick()
 
-    # --- HTTP side port ----------------------------------------------------
-    def _start_http(self) -> None:
-        host, _, port = self.cfg.http_addr.rpartition(":")
-        metrics_app = make_wsgi_app(self.metrics.registry)
-
-        def app(environ, start_response):
-            path = environ.get("PATH_INFO", "")
-            if path == "/metrics":
-                self._refresh_gauges()
-                return metrics_app(environ, start_response)
-            if path == "/v1/usage":
-                return self._usage_report(environ, start_response)
-            if path == "/v1/spend":
-                return _json(start_response, "200 OK", self.spend_summary())
-            if path == "/healthz":
-                return _text(start_response, "200 OK", "ok\n")
-            if path == "/readyz":
-                st = self.backend.status()
-                # a failing ledger sink is a detail, not unreadiness: its events spill to
-                # local disk and nothing is lost, so decisions must go on
-                ledger = self.ledger.status()[1]
-                if st.ready:
-                    return _text(start_response, "200 OK", f"ready: {st.detail}; {ledger}\n")
-                return _text(start_response, "503 Service Unavailable",
-                             f"not ready: {st.detail}; {ledger}\n")
-            return _text(start_response, "404 Not Found", "not found\n")
-
-        server = serve_wsgi("--http", self.cfg.http_addr, app)
-        self.http_server = server
-        self.http_port = server.server_address[1]
-
-    def _usage_report(self, environ, start_response):
-        if environ.get("REQUEST_METHOD") != "POST":
-            return _text(start_response, "405 Method Not Allowed", "POST a JSON usage report\n")
+    # --- HTTP side port and admin port -------------------------------------
+    async def _slowly(self, fn):
+        """Run fn in the one slow-work thread; at most a few callers wait for it."""
+        if self._slow_waiting >= 4:
+            return None
+        self._slow_waiting += 1
         try:
-            length = int(environ.get("CONTENT_LENGTH") or 0)
-        except ValueError:
-            length = -1
-        if not 0 <= length <= 65536:
-            return _text(start_response, "400 Bad Request", "content-length 0..65536 required\n")
-        body = environ["wsgi.input"].read(length)
-        # the WSGI thread hands the report to the event loop that owns the backend
-        future = asyncio.run_coroutine_threadsafe(report_json(self.service, body), self._loop)
-        try:
-            status, payload = future.result(timeout=5)
-        except Exception as exc:  # noqa: BLE001 - a report must get an answer, never a hang
-            future.cancel()
-            status, payload = 503, json.dumps({"error": {
-                "type": "service_unavailable", "code": "limiter_unavailable",
-                "message": f"usage not recorded, retry: {exc!r}"}}).encode()
-        reason = {200: "OK", 400: "Bad Request", 503: "Service Unavailable"}.get(status, "")
-        start_response(f"{status} {reason}", [("Content-Type", "application/json")])
-        return [payload]
+            return await asyncio.get_running_loop().run_in_executor(self._slow, fn)
+        finally:
+            self._slow_waiting -= 1
+
+    async def _side_request(self, req: HttpRequest) -> HttpResponse:
+        """--http: what Prometheus and probes read; nothing here changes or reveals the books."""
+        if req.method not in ("GET", "HEAD"):
+            return text(405, "GET only\n")
+        if req.path == "/metrics":
+            body = await self._slowly(self._metrics_text)
+            if body is None:
+                return text(503, "scrapes are already being rendered\n")
+            return HttpResponse(200, body, CONTENT_TYPE_LATEST)
+        if req.path == "/healthz":
+            return text(200, "ok\n")
+        if req.path == "/readyz":
+            st = self.backend.status()
+            # a failing ledger sink is a detail, not unreadiness: its events spill to
+            # local disk and nothing is lost, so decisions must go on
+            ledger = self.ledger.status()[1]
+            if st.ready:
+                return text(200, f"ready: {st.detail}; {ledger}\n")
+            return text(503, f"not ready: {st.detail}; {ledger}\n")
+        if req.path in ("/v1/usage", "/v1/spend"):
+            return text(404, ADMIN_MOVED)
+        return text(404, "not found\n")
+
+    def _metrics_text(self) -> bytes:
+        self._refresh_gauges()
+        return generate_latest(self.metrics.registry)
+
+    def _admin_allows(self, req: HttpRequest) -> bool:
+        return admin_allows(self.credentials.admin, req)
+
+    async def _admin_request(self, req: HttpRequest) -> HttpResponse:
+        """--admin: the books. Every request carries the admin token."""
+        if not self._admin_allows(req):
+            self.metrics.auth_failures.labels("admin").inc()
+            return UNAUTHORIZED
+        if req.path == "/v1/usage":
+            if req.method != "POST":
+                return text(405, "POST a JSON usage report\n")
+            status, payload = await report_json(self.service, req.body)
+            return HttpResponse(status, payload, "application/json")
+        if req.path == "/v1/spend":
+            if req.method not in ("GET", "HEAD"):
+                return text(405, "GET only\n")
+            doc = await self._slowly(self.spend_summary)
+            if doc is None:
+                return text(503, "busy, retry\n")
+            return HttpResponse(200, json.dumps(doc, sort_keys=True).encode(), "application/json")
+        return text(404, "not found\n")
 
     def spend_summary(self) -> dict:
         """Actual tokens and USD per tenant and model since start (from the metrics)."""
@@ -370,26 +488,101 @@ def spend_from_metrics(families) -> dict:
     return {"tenants": out}
 
 
-def serve_wsgi(flag: str, addr: str, app) -> WSGIServer:
-    """The side port: the standard library's threaded WSGI server, in a daemon thread."""
+ADMIN_MOVED = ("served on the admin port (--admin, default 127.0.0.1:9091), with its "
+               "bearer token\n")
+UNAUTHORIZED = HttpResponse(401, contract.error_body(
+    "This endpoint needs `Authorization: Bearer <admin token>`.", "authentication_error",
+    "unauthorized"), "application/json", [("www-authenticate", "Bearer")])
+
+
+def admin_allows(token: Optional[TokenFile], req: HttpRequest) -> bool:
+    """The admin API's one rule: the token when one is configured; else (the port is
+    bound to loopback, Credentials refuses anything else) a loopback caller."""
+    if token is not None:
+        return token.matches(req.headers.get("authorization"))
+    return is_loopback_host(req.peer)
+
+
+def _host_port(addr: str) -> tuple[str, int]:
+    """("" = every interface, which the exposure check treats as beyond loopback)."""
     host, _, port = addr.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+async def _listen(server: LimitedHttpServer, flag: str, addr: str) -> int:
     try:
-        server = make_server(host.strip("[]") or "127.0.0.1", int(port), app,
-                             server_class=_ThreadingWSGIServer, handler_class=_QuietHandler)
+        return await server.start(*_host_port(addr))
     except OSError as exc:
         raise listen_error(flag, addr, exc) from None
-    threading.Thread(target=server.serve_forever, name="kt-http", daemon=True).start()
-    return server
 
 
-def _json(start_response, status: str, doc) -> list:
-    start_response(status, [("Content-Type", "application/json")])
-    return [json.dumps(doc, sort_keys=True).encode()]
+class ThreadedHttpServer:
+    """A LimitedHttpServer for a process without an event loop of its own (the
+    `--workers` supervisor): its loop runs in a daemon thread, and a blocking WSGI app
+    answers in a small pool of threads. The same limits as the sidecar's own ports: a
+    connection is not a thread, and a slow client is closed when its time is up."""
+
+    def __init__(self, flag: str, addr: str, app, limits: ServerLimits = ServerLimits(),
+                 threads: int = 4) -> None:
+        self.app = app
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kt-http")
+        self._loop = asyncio.new_event_loop()
+        self._server = LimitedHttpServer(self._handle, limits)
+        try:
+            port = self._loop.run_until_complete(_listen(self._server, flag, addr))
+        except BaseException:
+            self._loop.close()
+            self._pool.shutdown(wait=False)
+            raise
+        self.server_address = (_host_port(addr)[0], port)
+        self._thread = threading.Thread(target=self._loop.run_forever, name="kt-http-loop",
+                                        daemon=True)
+        self._thread.start()
+
+    async def _handle(self, req: HttpRequest) -> HttpResponse:
+        return await self._loop.run_in_executor(self._pool, self._call_wsgi, req)
+
+    def _call_wsgi(self, req: HttpRequest) -> HttpResponse:
+        environ = {"REQUEST_METHOD": req.method, "PATH_INFO": req.path,
+                   "QUERY_STRING": req.query, "CONTENT_LENGTH": str(len(req.body)),
+                   "CONTENT_TYPE": req.headers.get("content-type", ""),
+                   "REMOTE_ADDR": req.peer, "wsgi.input": io.BytesIO(req.body)}
+        for k, v in req.headers.items():
+            environ["HTTP_" + k.upper().replace("-", "_")] = v
+        out: dict = {}
+
+        def start_response(status: str, headers: list) -> None:
+            out["status"], out["headers"] = status, headers
+
+        body = b"".join(self.app(environ, start_response))
+        status = int(out["status"].split(" ", 1)[0])
+        ctype = "text/plain; charset=utf-8"
+        extra = []
+        for k, v in out["headers"]:
+            if k.lower() == "content-type":
+                ctype = v
+            elif k.lower() != "content-length":
+                extra.append((k, v))
+        return HttpResponse(status, body, ctype, extra)
+
+    def shutdown(self) -> None:
+        def close() -> None:
+            self._server.close()
+            self._loop.stop()
+
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(close)
+            self._thread.join(5)
+        self._pool.shutdown(wait=False)
+
+    def server_close(self) -> None:
+        if not self._loop.is_running() and not self._loop.is_closed():
+            self._loop.close()
 
 
-def _text(start_response, status: str, text: str):
-    start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
-    return [text.encode()]
+def serve_wsgi(flag: str, addr: str, app) -> ThreadedHttpServer:
+    """A side port of the supervisor: a blocking WSGI app behind the limited server."""
+    return ThreadedHttpServer(flag, addr, app)
 
 
 async def serve(cfg: ServerConfig) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import os
 import time
 import uuid
 from collections import OrderedDict
@@ -36,6 +37,39 @@ _STRICTNESS = {"open": 0, "envoy": 1, "closed": 2}
 RESERVATION_TTL_S = 600.0
 RESERVATIONS_MAX = 100_000
 OTHER_TENANTS = "_other"  # metric label for tenants not named in the policy
+OTHER_MODELS = "_other"  # metric label for models outside the policy's tiers and pricing
+# The reservation key of a request Envoy's own failure mode let through (no answer of
+# ours reached Envoy, so no reservation id did): its x-request-id, under this prefix so it
+# can never collide with a reservation id the sidecar made.
+REQUEST_ID_KEY = "x-request-id:"
+
+
+def reservation_key(reservation_id: str, request_id: str) -> str:
+    """Where a finished request's reservation is held: under the id the sidecar made
+    (x-kt-reservation), else, when Envoy's own failure mode let the request through and
+    no answer of ours reached it, under its x-request-id (REQUEST_ID_KEY)."""
+    if reservation_id:
+        return reservation_id
+    return REQUEST_ID_KEY + request_id if request_id else ""
+
+
+class ReservationIds:
+    """Reservation ids the sidecar makes, so a client cannot pick (or replay) the id its
+    settlement is keyed by: 96 random bits each, unguessable and unique across replicas
+    sharing one Redis. Drawn from a pool of random bytes refilled every 256 ids (one
+    `os.urandom` per id would cost more than the rest of the id's handling)."""
+
+    _BATCH = 256
+
+    def __init__(self) -> None:
+        self._pool: list[str] = []
+
+    def __call__(self) -> str:
+        pool = self._pool
+        if not pool:
+            raw = os.urandom(12 * self._BATCH).hex()
+            pool.extend(raw[i:i + 24] for i in range(0, len(raw), 24))
+        return pool.pop()
 
 
 @dataclass(frozen=True)
@@ -123,6 +157,34 @@ class ReservationBook:
         return n
 
 
+class BurstLog:
+    """Logs the first of a burst of like events at once, then at most one line per
+    ``interval_s`` saying how many more came: a client sending a thousand bad requests
+    a second costs one log line a minute, not a thousand tracebacks a second."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 60.0,
+                 clock=time.monotonic) -> None:
+        self.logger = logger
+        self.interval_s = interval_s
+        self.clock = clock
+        self._last = -interval_s
+        self._suppressed = 0
+
+    def warning(self, msg: str, *args, **kwargs) -> bool:
+        """Log (True) or count (False) one event."""
+        now = self.clock()
+        if now - self._last < self.interval_s:
+            self._suppressed += 1
+            return False
+        if self._suppressed:
+            msg += " (%d more like it in the %.0f s before, not logged)"
+            args = (*args, self._suppressed, now - self._last)
+        self._last = now
+        self._suppressed = 0
+        self.logger.warning(msg, *args, **kwargs)
+        return True
+
+
 class UsageError(ValueError):
     """A usage report that cannot be applied; the message says why."""
 
@@ -165,10 +227,14 @@ class DecisionService:
         # what was spent, request by request (sidecar/ledger/); Ledger(None) records nothing
         self.ledger = ledger or Ledger(None)
         self.reservations.on_expired = self._ledger_expired
+        self.new_reservation_id = ReservationIds()
         self._children: dict = {}
         self._last_failure_log = 0.0
         self._background: set[asyncio.Task] = set()  # late refunds in flight (kept referenced)
         self._tenant_gauges: dict = {}
+        # a flood of bad input logs one line per burst, not one per request
+        self._unpriced_log = BurstLog(log)
+        self.rejected_log = BurstLog(log)
         # tenant of recently settled request ids, so a repeated report without a
         # tenant still reaches the backend's idempotency check (bounded, oldest out)
         self._settled_tenant: OrderedDict[str, str] = OrderedDict()
@@ -221,6 +287,7 @@ class DecisionService:
         try:
             est = estimate(policy, req)
         except EstimateError as exc:
+            self.rejected_log.warning("refused a malformed request of tenant %s: %s", tenant, exc)
             return Decision(Kind.BAD_REQUEST, tenant=tenant, message=f"Malformed request: {exc}.")
         asked = policy.tier_by_model.get(est.model, 0) if est.model else 0
         late = LateReply()
@@ -231,28 +298,34 @@ class DecisionService:
         except BackendError as exc:
             decision = self._failure(tenant, rule, asked, str(exc))
             if isinstance(exc, BackendTimeout):
+                key = self._late_key(decision, req)
                 late.on_outcome = functools.partial(
-                    self._late_outcome, decision.kind, tenant, rule, req.request_id)
+                    self._late_outcome, decision.kind, tenant, rule, key)
             return decision
         except asyncio.CancelledError:
             # the caller stopped waiting (Envoy's own ext_authz timeout cancels the gRPC
             # call) and Envoy's failure mode answered: if Redis applies the decision
             # anyway, it is put right as for the "envoy" failure mode
             late.on_outcome = functools.partial(
-                self._late_outcome, Kind.UNAVAILABLE, tenant, rule, req.request_id)
+                self._late_outcome, Kind.UNAVAILABLE, tenant, rule,
+                REQUEST_ID_KEY + req.request_id if req.request_id else "")
             raise
         self._observe(tenant, rule, out)
         if out.budget_limit >= 0:
             self.ledger.budget_seen(tenant, tenant if rule.name else OTHER_TENANTS,
                                     rule.budget_unit, out.budget_limit,
                                     out.budget_limit - out.budget_remaining, out.period_start_us)
-        if req.request_id and out.charged_tokens:
-            self.reservations.put(req.request_id, tenant, out.tier, policy.tiers[out.tier].model,
+        rid = ""
+        if out.charged_tokens:
+            # keyed by an id of our own, never by one the client sent: a replayed
+            # x-request-id must not merge two requests into one settlement
+            rid = self.new_reservation_id()
+            self.reservations.put(rid, tenant, out.tier, policy.tiers[out.tier].model,
                                   out.charged_tokens, out.charged_cost, out.period_start_us,
                                   time.monotonic(), est.model or policy.tiers[asked].model,
                                   _ledger_decision(CORE_KINDS[out.kind], out.tier > asked))
             if self.backend.shares_reservations:
-                self.backend.share_reservation(tenant, req.request_id, _reservation_record(
+                self.backend.share_reservation(tenant, rid, _reservation_record(
                     out.tier, policy.tiers[out.tier].model, out.charged_tokens,
                     out.charged_cost, out.period_start_us))
             if self.reservations.expired:
@@ -266,7 +339,16 @@ class DecisionService:
             log.info("shadow: tenant=%s would be %s", tenant, kind.value)
         return Decision(kind, tenant=tenant, tier=tier.name, model=tier.model,
                         priority=rule.priority, outcome=out, shadow=not admitted and rule.shadow,
-                        downgraded=out.tier > asked, budget_unit=rule.budget_unit)
+                        downgraded=out.tier > asked, budget_unit=rule.budget_unit,
+                        reservation_id=rid)
+
+    def _late_key(self, decision: Decision, req: Request) -> str:
+        """Where a timed-out decision that Redis applies after all is kept: under the
+        reservation id a fail-open answer carried to Envoy, or, when Envoy's own failure
+        mode answered (no id reached it), under the request's x-request-id."""
+        if decision.reservation_id:
+            return decision.reservation_id
+        return REQUEST_ID_KEY + req.request_id if req.request_id else ""
 
     def _failure(self, tenant: str, rule: TenantRule, asked: int, error: str) -> Decision:
         """The backend could not decide: the configured failure mode answers, never silently."""
@@ -280,8 +362,10 @@ class DecisionService:
                         "are only counted in kt_backend_errors_total): %s", mode, tenant, error)
         tier = self.policy.tiers[asked]
         if mode == "open":
+            # an id for the usage of a request that goes on: a late reply is held under it
             return Decision(Kind.FAIL_OPEN, tenant=tenant, tier=tier.name, model=tier.model,
-                            priority=rule.priority, message=error)
+                            priority=rule.priority, message=error,
+                            reservation_id=self.new_reservation_id())
         if mode == "closed":
             return Decision(Kind.FAIL_CLOSED, tenant=tenant, message=(
                 "The rate limiter is unavailable and this tenant's limits fail closed. "
@@ -371,9 +455,14 @@ class DecisionService:
                            input_tokens: int, output_tokens: int,
                            source: str = "report", cached_tokens: int = 0,
                            cache_write_tokens: int = 0,
-                           settled_by: Optional[str] = None) -> SettleResult:
-        """Replace a request's reserved estimate by its actual usage, once per request id.
+                           settled_by: Optional[str] = None,
+                           settle_id: Optional[str] = None) -> SettleResult:
+        """Replace a request's reserved estimate by its actual usage, once per (tenant, id).
 
+        ``request_id`` names the reservation (the id the sidecar made, `x-kt-reservation`);
+        ``settle_id``, when given, is the idempotency key instead (ext_proc settles a
+        request it holds no reservation id for under a fresh one: it never retries, and
+        a client's x-request-id must not make two requests one).
         ``input_tokens`` counts every input token; ``cached_tokens`` and
         ``cache_write_tokens`` of them are priced at the model's cache prices.
         ``settled_by`` names how the usage was read, for the ledger (default: ``source``).
@@ -390,6 +479,10 @@ class DecisionService:
         policy = self.policy
         res = self.reservations.pop(request_id)
         if res is not None:
+            if tenant and tenant != res.tenant:
+                # a usage report must never move a charge from one tenant to another
+                self.reservations.put(request_id, *dataclasses.astuple(res))
+                raise UsageError(f"request id {request_id!r} was reserved for another tenant")
             tenant = res.tenant
         elif not tenant:
             tenant = self._settled_tenant.get(request_id)
@@ -412,8 +505,8 @@ class DecisionService:
         delta_tokens = input_tokens + output_tokens - charged_tokens
         delta_cost = cost - charged_cost if rule.limits.budget >= 0 else 0
         try:
-            st = await self.backend.settle(tenant, rule.limits, request_id, delta_tokens,
-                                           delta_cost, period_start)
+            st = await self.backend.settle(tenant, rule.limits, settle_id or request_id,
+                                           delta_tokens, delta_cost, period_start)
         except BackendError:
             if res is not None:
                 self.reservations.put(request_id, *dataclasses.astuple(res))  # for a retry
@@ -431,16 +524,21 @@ class DecisionService:
                 self._refund_late(tenant, rule, late.charged_tokens, late.charged_cost,
                                   late.period_start_us)
         m = self.metrics
+        # labels stay bounded whatever a report or an upstream's reply names: tenants
+        # and models the policy does not name are one series each
         label = tenant if rule.name else OTHER_TENANTS
+        model_label = (model if model in policy.pricing or model in policy.tier_by_model
+                       else OTHER_MODELS)
         if st.applied:
-            m.tokens_total.labels(label, model, "input").inc(input_tokens)
-            m.tokens_total.labels(label, model, "output").inc(output_tokens)
-            m.cost_dollars.labels(label, model).inc(nano / 1e9)
+            m.tokens_total.labels(label, model_label, "input").inc(input_tokens)
+            m.tokens_total.labels(label, model_label, "output").inc(output_tokens)
+            m.cost_dollars.labels(label, model_label).inc(nano / 1e9)
             m.settlements.labels(source).inc()
             if unpriced:
-                m.unpriced_tokens.labels(model).inc(input_tokens + output_tokens)
-                log.warning("usage of unpriced model %r charged at the dearest listed price "
-                            "(tenant %s, request %s)", model, tenant, request_id)
+                m.unpriced_tokens.labels(model_label).inc(input_tokens + output_tokens)
+                self._unpriced_log.warning(
+                    "usage of unpriced model %r charged at the dearest listed price "
+                    "(tenant %s, request %s)", model[:200], tenant, request_id)
         if st.applied:
             self._ledger_settled(request_id, tenant, rule, res, model, source,
                                  settled_by or source, input_tokens, output_tokens,

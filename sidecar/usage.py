@@ -145,7 +145,7 @@ def usage_from_json(body: bytes) -> tuple[Optional[str], Optional[Usage]]:
     """(model, usage) of a buffered reply; (None, None) when it is not such a reply."""
     try:
         reply = _decode_reply(body)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return None, None
     inner = reply.message or reply.response
     model = reply.model or (inner.model if inner is not None else None)

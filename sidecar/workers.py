@@ -17,9 +17,12 @@ operator see one sidecar:
 - `/readyz` answers 200 only when every worker is running and answers its own `/readyz`
   with 200 (within a second); otherwise 503 naming the first worker that is not.
 - `/healthz` answers 200 while the supervisor runs (it restarts a worker that dies).
-- `/v1/spend` is computed from the merged metrics; `POST /v1/usage` goes to one worker
-  (round robin; with the Redis backend's `shared_reservations` any worker settles any
+- the admin port (`--admin`) is the supervisor's too, with the same token rule as a
+  single sidecar's (docs/security.md): `/v1/spend` is computed from the merged metrics;
+  `POST /v1/usage` goes to one worker's own admin port (loopback, ephemeral, same token;
+  round robin; with the Redis backend's `shared_reservations` any worker settles any
   reservation, docs/usage.md).
+Both are served with the sidecar's connection limits and timeouts (server.serve_wsgi).
 
 It also starts the workers, restarts one that dies (at most 5 times a minute, then it
 gives up and stops them all, so the pod restarts) and forwards SIGTERM / SIGINT.
@@ -45,10 +48,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from sidecar.auth import TokenFile
 from sidecar.policy import schema
 from sidecar.policy.load import load_policy
-from sidecar.server import (listen_error, probe_bind, sample_policy, serve_wsgi,
+from sidecar.server import (ADMIN_MOVED, Credentials, ServerConfig, admin_allows,
+                            listen_error, probe_bind, sample_policy, serve_wsgi,
                             spend_from_metrics)
+from sidecar.transports.http_side import HttpRequest
 
 log = logging.getLogger("kt.workers")
 MAX_RESTARTS_PER_MINUTE = 5
@@ -92,9 +98,10 @@ class Worker:
     ready_file: Path
     proc: Optional[subprocess.Popen] = None
     http_port: int = 0  # its own side port, on loopback; 0 until it serves
+    admin_port: int = 0  # its own admin port, on loopback
 
     def start(self) -> None:
-        self.http_port = 0
+        self.http_port = self.admin_port = 0
         self.ready_file.unlink(missing_ok=True)
         self.proc = subprocess.Popen(self.command)
 
@@ -104,7 +111,8 @@ class Worker:
     def poll_ready(self) -> bool:
         """Whether it serves (and then its side port is known)."""
         if not self.http_port and self.ready_file.exists():
-            self.http_port = json.loads(self.ready_file.read_text())["http_port"]
+            ready = json.loads(self.ready_file.read_text())
+            self.http_port, self.admin_port = ready["http_port"], ready.get("admin_port", 0)
         return bool(self.http_port)
 
     def get(self, path: str) -> tuple[int, bytes]:
@@ -157,8 +165,9 @@ class _Merged:
 
 
 class Supervisor:
-    def __init__(self, workers: list[Worker]) -> None:
+    def __init__(self, workers: list[Worker], admin_token: Optional[TokenFile] = None) -> None:
         self.workers = workers  # filled in as they start
+        self.admin_token = admin_token
         self._turn = itertools.count()
 
     # --- the pod's one side port ----------------------------------------------
@@ -189,6 +198,21 @@ class Supervisor:
             registry.register(_Merged(families))
             return _reply(start_response, 200, "text/plain; version=0.0.4; charset=utf-8",
                           generate_latest(registry))
+        if path in ("/v1/spend", "/v1/usage"):
+            return _reply(start_response, 404, "text/plain", ADMIN_MOVED.encode())
+        return _reply(start_response, 404, "text/plain", b"not found\n")
+
+    # --- the pod's one admin port ---------------------------------------------
+    def admin_app(self, environ, start_response):
+        req = HttpRequest(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), "",
+                          {"authorization": environ.get("HTTP_AUTHORIZATION", "")}, b"",
+                          environ.get("REMOTE_ADDR", ""))
+        if not admin_allows(self.admin_token, req):
+            return _reply(start_response, 401, "application/json",
+                          b'{"error": {"type": "authentication_error", "code": "unauthorized", '
+                          b'"message": "This endpoint needs `Authorization: Bearer <admin '
+                          b'token>`."}}')
+        path = req.path
         if path == "/v1/spend":
             try:
                 doc = spend_from_metrics(self.scrape())
@@ -237,9 +261,12 @@ class Supervisor:
             return _reply(start_response, 400, "text/plain", b"content-length 0..65536 required\n")
         body = environ["wsgi.input"].read(length)
         w = self.workers[next(self._turn) % len(self.workers)]
+        headers = {"content-type": "application/json"}
+        if environ.get("HTTP_AUTHORIZATION"):  # the worker checks the same token
+            headers["authorization"] = environ["HTTP_AUTHORIZATION"]
         try:
-            status, answer = _request(f"http://127.0.0.1:{w.http_port}/v1/usage", body,
-                                      {"content-type": "application/json"})
+            status, answer = _request(f"http://127.0.0.1:{w.admin_port}/v1/usage", body,
+                                      headers)
         except OSError:
             status, answer = 503, json.dumps({"error": {
                 "type": "service_unavailable", "code": "limiter_unavailable",
@@ -247,7 +274,8 @@ class Supervisor:
         return _reply(start_response, status, "application/json", answer)
 
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 503: "Service Unavailable"}
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+            503: "Service Unavailable"}
 
 
 def _reply(start_response, status: int, ctype: str, body: bytes) -> list[bytes]:
@@ -260,13 +288,25 @@ def supervise(args, n: int) -> int:
     if not isinstance(policy.backend, schema.RedisBackend):
         raise WorkerError("--workers > 1 needs the redis backend: with the embedded backend "
                           "each worker would keep its own limits and budgets (limit x workers)")
+    # the listeners' credentials, checked as a single sidecar checks its own (one line
+    # and exit 2 for a listener beyond loopback without one)
+    credentials = Credentials(ServerConfig(
+        grpc_addr=args.grpc, http_addr=args.http, http_authz_addr=args.http_authz,
+        admin_addr=args.admin, admin_token_file=args.admin_token_file,
+        grpc_token_file=args.grpc_token_file, grpc_tls_cert=args.grpc_tls_cert,
+        grpc_tls_key=args.grpc_tls_key, grpc_client_ca=args.grpc_client_ca), policy)
     tmp = Path(tempfile.mkdtemp(prefix="kt-workers-"))
 
     def command(i: int, grpc_addr: str, authz_addr: Optional[str]) -> list[str]:
-        # each worker's own side port is on loopback: only the supervisor reads it
+        # each worker's own side and admin ports are on loopback: only the supervisor
+        # reads them (a worker's admin port takes the same token)
         cmd = [sys.executable, "-m", "sidecar.cli", "serve", "--worker-of-supervisor",
-               "--grpc", grpc_addr, "--http", "127.0.0.1:0",
+               "--grpc", grpc_addr, "--http", "127.0.0.1:0", "--admin", "127.0.0.1:0",
                "--ready-file", str(tmp / f"worker-{i}.json"), "--log-level", args.log_level]
+        for flag in ("admin_token_file", "grpc_token_file", "grpc_tls_cert", "grpc_tls_key",
+                     "grpc_client_ca"):
+            if getattr(args, flag, None):
+                cmd += ["--" + flag.replace("_", "-"), getattr(args, flag)]
         if args.config:
             cmd += ["--config", args.config]
         if authz_addr:
@@ -287,7 +327,7 @@ def supervise(args, n: int) -> int:
 
     workers: list[Worker] = []
     stopping = False
-    http_server = None
+    http_server = admin_server = None
 
     def stop_all(*_sig) -> None:
         nonlocal stopping
@@ -300,9 +340,11 @@ def supervise(args, n: int) -> int:
     signal.signal(signal.SIGTERM, stop_all)
     signal.signal(signal.SIGINT, stop_all)
     try:
-        supervisor = Supervisor(workers)
-        # the pod's side port first: a port in use stops everything before any worker runs
+        supervisor = Supervisor(workers, credentials.admin)
+        # the pod's side and admin ports first: a port in use stops everything before any
+        # worker runs
         http_server = serve_wsgi("--http", args.http, supervisor.app)
+        admin_server = serve_wsgi("--admin", args.admin, supervisor.admin_app)
         # the workers bind the decision ports with SO_REUSEPORT, which does not refuse a
         # port another sidecar of ours holds: check they are free first
         for flag, addr in (("--grpc", args.grpc), ("--http-authz", args.http_authz)):
@@ -329,6 +371,7 @@ def supervise(args, n: int) -> int:
         http_port = http_server.server_address[1]
         if args.ready_file:
             doc = dict(first, http_port=http_port, workers=n,
+                       admin_port=admin_server.server_address[1],
                        worker_http_ports=[w.http_port for w in workers],
                        worker_pids=[w.proc.pid for w in workers if w.proc is not None])
             Path(args.ready_file + ".tmp").write_text(json.dumps(doc))
@@ -360,9 +403,10 @@ def supervise(args, n: int) -> int:
                     w.proc.wait(10)
                 except subprocess.TimeoutExpired:
                     w.proc.kill()
-        if http_server is not None:
-            http_server.shutdown()
-            http_server.server_close()
+        for side in (http_server, admin_server):
+            if side is not None:
+                side.shutdown()
+                side.server_close()
         for f in tmp.iterdir():
             f.unlink()
         tmp.rmdir()

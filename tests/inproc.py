@@ -33,12 +33,14 @@ class RunningSidecar:
 
     def __init__(self, policy_yaml: str, backend: Optional[Backend] = None,
                  clock: Optional[FakeClock] = None, state_file: str = "",
-                 policy_path: Optional[str] = None, ledger: Optional[Ledger] = None) -> None:
+                 policy_path: Optional[str] = None, ledger: Optional[Ledger] = None,
+                 config: Optional[dict] = None) -> None:
         self.clock = clock or FakeClock()
         self.policy: CompiledPolicy = parse_policy(policy_yaml.encode(), "<test policy>")
         self.backend = backend or MemoryBackend(state_file=state_file, clock=self.clock)
         cfg = ServerConfig(grpc_addr="127.0.0.1:0", http_addr="127.0.0.1:0",
-                           policy_path=policy_path, reload_interval_s=3600)
+                           admin_addr="127.0.0.1:0", policy_path=policy_path,
+                           reload_interval_s=3600, **(config or {}))
         # no ledger unless the test gives one (the default would write under the cwd)
         self.sidecar = Sidecar(cfg, policy=self.policy, backend=self.backend,
                                ledger=ledger if ledger is not None else Ledger(None))
@@ -73,3 +75,7 @@ class RunningSidecar:
     @property
     def http_base(self) -> str:
         return f"http://127.0.0.1:{self.sidecar.http_port}"
+
+    @property
+    def admin_base(self) -> str:
+        return f"http://127.0.0.1:{self.sidecar.admin_port}"

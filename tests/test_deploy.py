@@ -465,7 +465,7 @@ def occupied_port():
 
 def kt_serve(*args: str, policy: Optional[Path] = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "sidecar.cli", "serve", "--grpc", "127.0.0.1:0",
-           "--http", "127.0.0.1:0", *args]
+           "--http", "127.0.0.1:0", "--admin", "127.0.0.1:0", *args]
     if policy is not None:
         cmd += ["--config", str(policy)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60,
@@ -485,8 +485,11 @@ def test_a_port_in_use_is_named_in_one_line(flag):
     one_line(res, 4, f"cannot listen on {addr} ({flag}): Address already in use")
 
 
-def test_an_address_not_on_this_host_is_named_in_one_line():
-    res = kt_serve("--grpc", "192.0.2.1:8081")  # TEST-NET-1: never a local address
+def test_an_address_not_on_this_host_is_named_in_one_line(tmp_path):
+    token = tmp_path / "grpc.token"  # beyond loopback, a listener needs a credential
+    token.write_text("a-token-of-sixteen-or-more\n")
+    res = kt_serve("--grpc", "192.0.2.1:8081",  # TEST-NET-1: never a local address
+                   "--grpc-token-file", str(token))
     one_line(res, 4, "cannot listen on 192.0.2.1:8081 (--grpc): Cannot assign requested address")
 
 

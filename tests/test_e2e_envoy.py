@@ -35,6 +35,15 @@ tenants:
     budget: {usd: 5, period: month, low_water: 0.1}
   streamer:
     budget: {usd: 5, period: month}
+  replay-a:
+    limits: {rpm: 1000, tpm: 10000000}
+    budget: {tokens: 1000000, period: month}
+  replay-b:
+    limits: {rpm: 1000, tpm: 10000000}
+    budget: {tokens: 1000000, period: month}
+  labeler:
+    limits: {rpm: 1000, tpm: 10000000}
+%(estimate)s
 %(backend)s
 """
 
@@ -83,7 +92,8 @@ class Stack:
 
     def spend(self) -> dict:
         self.settled()
-        conn = http.client.HTTPConnection("127.0.0.1", self.sidecar.http_port, timeout=5)
+        # the admin port, loopback only (no admin token configured in these tests)
+        conn = http.client.HTTPConnection("127.0.0.1", self.sidecar.admin_port, timeout=5)
         try:
             conn.request("GET", "/v1/spend")
             return json.loads(conn.getresponse().read())["tenants"]
@@ -105,16 +115,20 @@ def chat(model: str = "gpt-4o", max_tokens: Optional[int] = 50, stream: bool = F
 def stack(mode: str = "authz", failure_mode: str = "deny", unknown: str = "defaults",
           backend: str = "", tenant_source: str = "", add_filter: Optional[dict] = None,
           tenant_metadata_namespace: str = "", hcm_extra: Optional[dict] = None,
-          usage: str = "als") -> Iterator[Stack]:
+          usage: str = "als", trusted_estimate: bool = False,
+          sidecar_args: tuple[str, ...] = (), edit_bootstrap=None) -> Iterator[Stack]:
     with workdir() as d, FakeUpstream("default") as up_default, \
             FakeUpstream("compact") as up_compact:
         policy = d / "policy.yaml"
-        text = POLICY % {"unknown": unknown, "backend": backend}
+        # trusted_estimate: a filter of the operator's sets x-kt-estimated-tokens (the
+        # policy trusts it, and the printed config lets it through)
+        text = POLICY % {"unknown": unknown, "backend": backend,
+                         "estimate": "estimate: {trusted: true}" if trusted_estimate else ""}
         if tenant_source:
             text = text.replace(f"tenant: {{header: x-tenant-id, unknown: {unknown}}}",
                                 tenant_source)
         policy.write_text(text)
-        with SidecarProcess(policy, d, ("--http-authz", "127.0.0.1:0")) as sidecar:
+        with SidecarProcess(policy, d, ("--http-authz", "127.0.0.1:0", *sidecar_args)) as sidecar:
             admin, listen = free_port(), free_port()
             opts = EnvoyOptions(
                 listen_port=listen, admin_port=admin,
@@ -126,6 +140,7 @@ def stack(mode: str = "authz", failure_mode: str = "deny", unknown: str = "defau
                 # check: on a loaded 2-core CI machine a Python answer can take longer, and the
                 # failure mode then answers 503 where the test expects the sidecar's answer
                 rls_timeout_s=1.0,
+                estimate_trusted=trusted_estimate,
                 tiers=[TierRoute("default", "gpt-4o", up_default.address),
                        TierRoute("compact", "gpt-4o-mini", up_compact.address)])
             bootstrap = render(opts)
@@ -136,6 +151,8 @@ def stack(mode: str = "authz", failure_mode: str = "deny", unknown: str = "defau
                     hcm["typed_config"]["http_filters"].insert(0, add_filter)
                 hcm["typed_config"].update(hcm_extra or {})  # connection-manager settings
                 bootstrap = yaml.safe_dump(doc)
+            if edit_bootstrap is not None:
+                bootstrap = yaml.safe_dump(edit_bootstrap(yaml.safe_load(bootstrap)))
             with EnvoyProcess(bootstrap, d, admin, listen) as envoy:
                 try:
                     yield Stack(d, sidecar, envoy, {"default": up_default, "compact": up_compact},
@@ -235,11 +252,11 @@ def test_budget_spend_equals_the_upstream_reported_usage(authz):
     assert rec["input_tokens"] == sum(u[0] for u in usages)
     assert rec["output_tokens"] == sum(u[1] for u in usages)
     assert rec["usd"] == pytest.approx(sum(i * 2.5e-6 + o * 1e-5 for i, o in usages))
-    # the budget holds the actual usage, not the estimates (2,000 max_tokens each)
-    _, headers, _ = authz.post("finops", headers={"x-kt-estimated-tokens": "0"}, body=chat(
-        max_tokens=None))
+    # the budget holds the actual usage, not the estimates (2,000 max_tokens each); the
+    # probe itself reserves exactly one output token (no prompt, max_tokens 1)
+    _, headers, _ = authz.post("finops", body={"max_tokens": 1})
     spent = sum(i * 2.5e-6 + o * 1e-5 for i, o in usages)
-    assert float(headers["x-kt-budget-remaining"]) == pytest.approx(5 - spent, abs=1e-6)
+    assert float(headers["x-kt-budget-remaining"]) == pytest.approx(5 - spent - 1e-5, abs=1e-6)
 
 
 def test_a_stream_arrives_chunk_by_chunk_and_is_settled_on_its_usage(authz):
@@ -292,8 +309,8 @@ def test_a_client_that_leaves_mid_stream_pays_its_reservation(authz):
         up.release_stream.set()
     wait_until(lambda: 'kt_reservations_closed_total{outcome="kept_abandoned"}'
                in authz.sidecar.metrics(), 10, "ext_proc stream closed as abandoned")
-    _, headers, _ = authz.post("t-gone", headers={"x-kt-estimated-tokens": "0"})
-    charged = 10000 - int(headers["x-kt-budget-remaining"])
+    _, headers, _ = authz.post("t-gone", body={"max_tokens": 1})  # reserves one token
+    charged = 10000 - int(headers["x-kt-budget-remaining"]) - 1
     # the prompt (~10 tokens) + max_tokens 700 stay charged: never refunded, never doubled
     assert 700 < charged < 760, charged
 
@@ -301,7 +318,7 @@ def test_a_client_that_leaves_mid_stream_pays_its_reservation(authz):
 def test_an_upstream_error_refunds_the_reservation(authz):
     status, _, _ = authz.post("t-5xx", headers={"x-fake-status": "503"}, body=chat(max_tokens=3000))
     assert status == 503
-    _, headers, _ = authz.post("t-5xx", headers={"x-kt-estimated-tokens": "100"})
+    _, headers, _ = authz.post("t-5xx", body={"max_tokens": 100})  # reserves exactly 100
     # tokens budget 10,000: only this request's 100 is held, the failed one was refunded
     assert headers["x-kt-budget-remaining"] == "9900"
 
@@ -335,8 +352,10 @@ def test_sidecar_stopped_envoy_failure_mode_decides(mode, failure_mode, expected
 
 @pytest.fixture(scope="module")
 def rls() -> Iterator[Stack]:
-    """One RLS-mode stack for the RLS tests (each uses its own tenants)."""
-    with stack("rls") as s:
+    """One RLS-mode stack for the RLS tests (each uses its own tenants). The estimate
+    header is the only estimate RLS has (the filter cannot read the body): here a
+    trusted filter is taken to set it."""
+    with stack("rls", trusted_estimate=True) as s:
         yield s
 
 
@@ -448,3 +467,107 @@ def test_tenant_from_a_validated_jwt_cannot_be_forged_with_a_header():
         assert json.loads(body)["received_headers"]["x-kt-tenant"] == "finops"
         status, _, _ = s.post("finops")  # a header alone, no token: Envoy's jwt_authn refuses
         assert status == 401
+
+
+# --- hostile clients (issue 12, docs/security.md), through the real Envoy ---------------
+def test_a_client_cannot_set_its_own_estimate(authz):
+    # the red team: `x-kt-estimated-tokens: 0` with max_tokens 100000 was admitted 30/30
+    status, _, body = authz.post("t-est", headers={"x-kt-estimated-tokens": "0"},
+                                 body=chat(max_tokens=200000))
+    assert status == 413, body  # the body decides: larger than the tenant's whole bucket
+    status, headers, body = authz.post("t-est", headers={"x-kt-estimated-tokens": "1"},
+                                       body=chat(max_tokens=5000))
+    assert status == 200, body
+    assert int(headers["x-ratelimit-remaining-tokens"]) <= 100000 - 5000
+    # the printed config strips the client's header: the upstream never sees it either
+    assert "x-kt-estimated-tokens" not in json.loads(body)["received_headers"]
+
+
+def test_a_replayed_request_id_cannot_merge_settlements(authz):
+    # the red team: 25 requests reusing one x-request-id (estimate 1, 10,000 tokens used
+    # each) were charged 10,024 tokens; here the same id is replayed across two tenants too
+    seen = set()
+    for tenant, n in (("replay-a", 25), ("replay-b", 5)):
+        for _ in range(n):
+            status, _, body = authz.post(tenant, body=chat(max_tokens=None), headers={
+                "x-request-id": "replayed", "x-kt-estimated-tokens": "1",
+                "x-fake-usage": "5000,5000"})
+            assert status == 200, body
+            got = json.loads(body)["received_headers"]
+            # Envoy made the request id at the edge; the sidecar made the reservation id
+            assert got["x-request-id"] != "replayed"
+            seen.add(got["x-kt-reservation"])
+    assert len(seen) == 30
+    spend = authz.spend()
+    assert spend["replay-a"]["gpt-4o"]["input_tokens"] == 25 * 5000
+    assert spend["replay-a"]["gpt-4o"]["output_tokens"] == 25 * 5000
+    assert spend["replay-b"]["gpt-4o"]["output_tokens"] == 5 * 5000
+    for tenant, n in (("replay-a", 25), ("replay-b", 5)):
+        _, headers, _ = authz.post(tenant, body={"max_tokens": 1})  # reserves one token
+        assert int(headers["x-kt-budget-remaining"]) == 1_000_000 - n * 10_000 - 1
+
+
+def test_client_chosen_models_fold_into_one_metric_series(authz):
+    # the red team: through Envoy, client-chosen models took the series from 4 to 604
+    for i in range(30):
+        status, _, body = authz.post("labeler", body=chat(model=f"client-model-{i}"))
+        assert status == 200, body
+    authz.settled()
+    metrics = authz.sidecar.metrics()
+    assert "client-model" not in metrics
+    assert 'kt_tokens_total{model="_other",tenant="labeler",type="input"} 300.0' in metrics
+
+
+@pytest.mark.parametrize("mode", ["authz", "http-authz"])
+def test_deep_json_is_refused_even_when_envoy_fails_open(mode):
+    # the red team: a 1,000-level body answered 503 / gRPC UNKNOWN and, with Envoy's
+    # failure mode allow, went upstream 101 times of 101 past an rpm of 100
+    deep = b'{"model":"gpt-4o","max_tokens":10,"messages":' + b"[" * 1000 + b"]" * 1000 + b"}"
+    with stack(mode, failure_mode="allow") as s:
+        for _ in range(8):  # the defaults' rpm is 5
+            conn = http.client.HTTPConnection("127.0.0.1", s.envoy.listen_port, timeout=10)
+            try:
+                conn.request("POST", "/v1/chat/completions", body=deep,
+                             headers={"x-tenant-id": "t-deep", "content-type": "application/json"})
+                resp = conn.getresponse()
+                assert resp.status == 400
+                assert json.loads(resp.read())["error"]["code"] == "invalid_request"
+            finally:
+                conn.close()
+        assert not [r for r in s.upstreams["default"].requests
+                    if r["headers"].get("x-tenant-id") == "t-deep"]
+        log = s.sidecar.log.read_text()
+        assert log.count("nested too deeply") == 1 and "Traceback" not in log
+
+
+def test_envoy_authenticates_to_a_sidecar_that_requires_a_token():
+    # the gRPC port beyond loopback takes a token Envoy sends as grpc_service
+    # initial_metadata (here bound to loopback all the same: tests stay on loopback)
+    token = "envoy-to-sidecar-token-0123456789"
+
+    def with_token(doc):
+        """Every gRPC service Envoy calls on the sidecar (ext_authz, ext_proc, the usage
+        access log) sends the token."""
+        if isinstance(doc, dict):
+            svc = doc.get("grpc_service")
+            if isinstance(svc, dict) and "envoy_grpc" in svc:
+                svc["initial_metadata"] = [{"key": "authorization", "value": f"Bearer {token}"}]
+            for v in doc.values():
+                with_token(v)
+        elif isinstance(doc, list):
+            for v in doc:
+                with_token(v)
+        return doc
+
+    with workdir() as d:
+        (d / "grpc.token").write_text(token + "\n")
+        args = ("--grpc-token-file", str(d / "grpc.token"))
+        with stack("authz", sidecar_args=args, edit_bootstrap=with_token) as s:
+            status, _, body = s.post("finops", headers={"x-fake-usage": "7,3"})
+            assert status == 200, body  # decided, and settled through ext_proc
+            assert s.spend()["finops"]["gpt-4o"] == {"input_tokens": 7, "output_tokens": 3,
+                                                      "usd": pytest.approx(7 * 2.5e-6 + 3e-5)}
+        with stack("authz", sidecar_args=args) as s:  # Envoy without the token: refused
+            status, _, _ = s.post("t-token")
+            assert status == 503
+            assert 'kt_auth_failures_total{listener="grpc"}' in s.sidecar.metrics()

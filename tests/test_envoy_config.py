@@ -199,7 +199,10 @@ def test_authz_filter_wiring(failure_mode):
     assert body["max_request_bytes"] == 65536 and body["allow_partial_message"] is True
     mutations = _hcm(doc)["early_header_mutation_extensions"][0]["typed_config"]["mutations"]
     assert mutations == [{"remove": h} for h in (  # and no estimate default outside RLS
-        "x-kt-decision", "x-kt-tenant", "x-kt-tier", "x-kt-model", "x-kt-priority", "x-kt-shadow")]
+        "x-kt-decision", "x-kt-tenant", "x-kt-tier", "x-kt-model", "x-kt-priority", "x-kt-shadow",
+        "x-kt-reservation",
+        # a client's own estimate and request id (docs/security.md)
+        "x-kt-estimated-tokens", "x-request-id")]
 
 
 @pytest.mark.parametrize("failure_mode", ["allow", "deny"])
@@ -479,7 +482,8 @@ def test_usage_by_access_log_wiring():
     common = log["typed_config"]["common_config"]
     assert common["grpc_service"] == {"envoy_grpc": {"cluster_name": "kt_sidecar"}}
     assert (common["buffer_flush_interval"], common["buffer_size_bytes"]) == ("0.250s", 32768)
-    assert log["typed_config"]["additional_request_headers_to_log"] == ["x-kt-tenant"]
+    assert log["typed_config"]["additional_request_headers_to_log"] == [
+        "x-kt-tenant", "x-kt-reservation"]  # the settlement key is the sidecar's own id
 
 
 JWT_POLICY = ('tenant: {metadata: "envoy.filters.http.jwt_authn:jwt_payload.org"}\n'

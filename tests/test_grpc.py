@@ -30,7 +30,8 @@ tenants:
     shadow_mode: true
   small:
     limits: {rpm: 100, tpm: 100}
-estimate: {default_output_tokens: 256, default_request_tokens: 100}
+# a trusted filter sets x-kt-estimated-tokens in these tests (docs/security.md)
+estimate: {default_output_tokens: 256, default_request_tokens: 100, trusted: true}
 """
 
 

@@ -159,6 +159,7 @@ tiers: [{name: default, model: m}]
 tenants:
   nobudget: {limits: {rpm: 10}}
   withbudget: {limits: {tpm: 1000}, budget: {tokens: 500, period: day}}
+estimate: {trusted: true}  # the count of 100 below comes from a trusted filter
 """, "<test>")
     clock = Clock()
     svc = DecisionService(policy, MemoryBackend(clock=clock))

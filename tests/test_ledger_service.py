@@ -58,25 +58,29 @@ def events_of(sc, led, directory):
 def test_each_closed_reservation_is_one_event_and_they_add_up_to_the_budget(ledgered):
     sc, led, directory = ledgered
     svc = sc.sidecar.service
-    for rid in ("a", "b", "c", "d"):
-        assert decide(sc, "acme", rid).kind is Kind.ALLOW
+    rid = {"e": "e"}  # the reservation ids the sidecar made (e: a reporter's own id)
+    for name in ("a", "b", "c", "d"):
+        d = decide(sc, "acme", name)
+        assert d.kind is Kind.ALLOW
+        rid[name] = d.reservation_id
     # a: settled from a buffered reply with cached prompt tokens
-    res = sc.run(svc.settle_usage("a", None, "gpt-4o", 1000, 50, "ext_proc", cached_tokens=800,
-                                  settled_by="ext_proc_json"))
+    res = sc.run(svc.settle_usage(rid["a"], None, "gpt-4o", 1000, 50, "ext_proc",
+                                  cached_tokens=800, settled_by="ext_proc_json"))
     assert res.applied
     # b: the upstream failed: released; c: the client went away: kept
-    sc.run(svc.release("b", "upstream_error"))
-    svc.abandon("c", "abandoned")
+    sc.run(svc.release(rid["b"], "upstream_error"))
+    svc.abandon(rid["c"], "abandoned")
     # d: never settled: expires
     svc.reservations.ttl_s = -1
     svc.reservations.expire()
     # e: a report for a request this sidecar never saw: charged in full
     sc.run(svc.settle_usage("e", "acme", "gpt-4o-mini", 300, 30, "report"))
     # a repeated report changes nothing and records nothing
-    assert not sc.run(svc.settle_usage("a", None, "gpt-4o", 1000, 50, "report")).applied
+    assert not sc.run(svc.settle_usage(rid["a"], None, "gpt-4o", 1000, 50, "report")).applied
 
     evs = [e for e in events_of(sc, led, directory) if e.__class__.__name__ == "UsageEvent"]
-    by_id = {e.request_id: e for e in evs}
+    name_of = {v: k for k, v in rid.items()}
+    by_id = {name_of[e.request_id]: e for e in evs}
     assert len(evs) == 5 and set(by_id) == {"a", "b", "c", "d", "e"}
     assert [by_id[r].outcome for r in "abcde"] == ["settled", "released", "kept", "expired",
                                                    "settled"]
@@ -99,11 +103,13 @@ def test_each_closed_reservation_is_one_event_and_they_add_up_to_the_budget(ledg
 def test_refusals_are_counted_per_minute_and_thresholds_recorded_once(ledgered):
     sc, led, directory = ledgered
     svc = sc.sidecar.service
-    kinds = [decide(sc, "acme", f"r{i}", max_tokens=10).kind for i in range(12)]
+    decisions = [decide(sc, "acme", f"r{i}", max_tokens=10) for i in range(12)]
+    kinds = [d.kind for d in decisions]
     assert kinds.count(Kind.DENY_RATE) == 4  # rpm 8
     sc.clock.advance(3600)  # refills the bucket, keeps the month
     # a big report crosses 50% then 100% of the $1 budget
-    sc.run(svc.settle_usage("r0", None, "gpt-4o", 300_000, 30_000, "report"))  # $1.05
+    sc.run(svc.settle_usage(decisions[0].reservation_id, None, "gpt-4o", 300_000, 30_000,
+                            "report"))  # $1.05
     decide(sc, "acme", "after-1", max_tokens=10)
     decide(sc, "acme", "after-2", max_tokens=10)
     led.tick(everything=True)
@@ -128,12 +134,12 @@ def test_a_usage_report_with_cache_counts_is_priced_and_checked(ledgered):
     sc, led, directory = ledgered
     from tests.support.procs import post_json
 
-    status, ack = post_json(sc.http_base + "/v1/usage", {
+    status, ack = post_json(sc.admin_base + "/v1/usage", {
         "request_id": "rep-1", "tenant": "acme", "model": "gpt-4o", "input_tokens": 1000,
         "output_tokens": 0, "cached_tokens": 1000})
     assert status == 200 and ack["cost_usd"] == pytest.approx(1000 * 1250 / 1e9)
     assert sc.backend.states["acme"].spent == 1000 * 1250
-    status, err = post_json(sc.http_base + "/v1/usage", {
+    status, err = post_json(sc.admin_base + "/v1/usage", {
         "request_id": "rep-2", "tenant": "acme", "model": "gpt-4o", "input_tokens": 10,
         "output_tokens": 0, "cached_tokens": 11})  # more cached than input: a lie
     assert status == 400 and "cached_tokens" in err["error"]["message"]

@@ -437,7 +437,7 @@ def test_acknowledged_usage_reports_are_not_applied_again_after_a_sigkill(tmp_pa
     policy.write_text(REPORTS_POLICY)
 
     def report(sc: SidecarProcess, i: int) -> dict:
-        status, ack = post_json(f"http://127.0.0.1:{sc.http_port}/v1/usage", {
+        status, ack = post_json(f"http://127.0.0.1:{sc.admin_port}/v1/usage", {
             "request_id": f"report-{i}", "tenant": "acme", "model": "gpt-4o",
             "input_tokens": 7, "output_tokens": 3})
         assert status == 200, ack

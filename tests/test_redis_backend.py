@@ -20,7 +20,7 @@ from sidecar.backends.redis import RedisBackend
 from sidecar.model import Kind, Request
 from sidecar.policy import schema
 from sidecar.policy.load import parse_policy
-from sidecar.service import DecisionService
+from sidecar.service import REQUEST_ID_KEY, DecisionService
 from tests.support.procs import SidecarProcess, post_json, workdir
 from tests.support.valkey import Valkey, ValkeyCluster, command
 
@@ -36,6 +36,7 @@ tenants:
     budget: {tokens: 100, period: minute}
   rpm-three:
     limits: {rpm: 3, tpm: 10000000}
+estimate: {trusted: true}  # a trusted filter sets x-kt-estimated-tokens in these tests
 backend: {kind: redis, url: "%(url)s", cluster: %(cluster)s, timeout_ms: %(timeout)d,
           failure_mode: %(failure_mode)s}
 """
@@ -509,7 +510,7 @@ def test_a_decision_that_reaches_redis_after_its_deadline_is_not_applied(mode, a
     assert after.kind is Kind.ALLOW  # the link survived the stall
     assert svc.backend.expired == 1 and svc.backend.late_replies == 0
     assert spent == 5 + 5  # the first and the last decision: not the one that came too late
-    assert svc.reservations.get("late-1") is None
+    assert len(svc.reservations) == 2  # the two admitted in time; none for the refused one
     exported = svc.metrics.registry.get_sample_value(
         "kt_backend_expired_decisions_total", {"backend": "redis"})
     assert exported is None or exported == 1  # (read at scrape time when watched)
@@ -553,7 +554,9 @@ def test_a_decision_whose_reply_came_after_its_timeout_is_put_right(
                 if late_count():
                     break
                 await asyncio.sleep(0.02)
-            return late, budget_spent(r, budget_key), svc.reservations.get("late-1")
+            # held under the reservation id of the fail-open answer (the sidecar's own)
+            key = late.reservation_id or REQUEST_ID_KEY + "late-1"
+            return late, budget_spent(r, budget_key), svc.reservations.get(key)
         finally:
             await svc.backend.close()
 
@@ -589,7 +592,9 @@ def test_a_late_failed_open_charge_is_refunded_when_its_usage_was_settled_in_ful
             late = await decide_with_its_reply_held(svc, Request(
                 headers={"x-tenant-id": "late", "x-kt-estimated-tokens": "5"},
                 request_id="late-2"))
-            settling = asyncio.create_task(svc.settle_usage("late-2", "late", None, 7, 0))
+            # the report names the reservation id the fail-open answer carried upstream
+            settling = asyncio.create_task(svc.settle_usage(late.reservation_id, "late", None,
+                                                            7, 0))
             for _ in range(5):  # written to the socket behind the decision
                 await asyncio.sleep(0)
             svc.backend.conn.transport.resume_reading()
@@ -609,7 +614,7 @@ def test_a_late_failed_open_charge_is_refunded_when_its_usage_was_settled_in_ful
     assert settled.applied and settled.reserved_tokens == 0  # charged 7 in full
     assert svc.backend.late_replies == 1 and late_count("refunded") == 1
     assert spent == 5 + 7  # the first request's 5, this one's actual 7: not 5 + 5 + 7
-    assert svc.reservations.get("late-2") is None
+    assert svc.reservations.get(late.reservation_id) is None
 
 
 def test_a_check_envoy_gave_up_on_is_held_as_the_requests_reservation():
@@ -654,8 +659,10 @@ def test_a_check_envoy_gave_up_on_is_held_as_the_requests_reservation():
                 if svc.backend.late_replies:
                     break
                 time.sleep(0.02)
-            reserved = svc.reservations.get("gone-1")
-            settled = sc.run(svc.settle_usage("gone-1", None, None, 7, 0))
+            # no answer of the sidecar reached Envoy, so no reservation id did: the charge
+            # is held under the request's x-request-id, where ext_proc looks for it
+            reserved = svc.reservations.get(REQUEST_ID_KEY + "gone-1")
+            settled = sc.run(svc.settle_usage(REQUEST_ID_KEY + "gone-1", None, None, 7, 0))
             r = redis.Redis.from_url(v.url)
             spent = budget_spent(r, budget_key)
             r.close()
@@ -684,15 +691,18 @@ def test_a_usage_report_to_another_replica(valkey, shared, spent_after):
                     resp = await external_auth_pb2_grpc.AuthorizationStub(ch).Check(
                         req, timeout=10)
                     assert resp.status.code == 0
+                    # the reservation id A made: the upstream receives it, and reports it
+                    return {o.header.key: o.header.value
+                            for o in resp.ok_response.headers}["x-kt-reservation"]
 
-            asyncio.run(decide_on_a())
+            rid = asyncio.run(decide_on_a())
             r = redis.Redis.from_url(valkey.url)
             key = RedisBackend(schema.RedisBackend(url=valkey.url)).keys("report")[2]
             assert budget_spent(r, key) == 2000
-            doc = {"request_id": "req-elsewhere", "tenant": "report", "model": "gpt-4o",
+            doc = {"request_id": rid, "tenant": "report", "model": "gpt-4o",
                    "input_tokens": 100, "output_tokens": 50}
             for _ in range(2):  # the second report is recognised and changes nothing
-                status, ack = post_json(f"http://127.0.0.1:{b.http_port}/v1/usage", doc)
+                status, ack = post_json(f"http://127.0.0.1:{b.admin_port}/v1/usage", doc)
                 assert status == 200, ack
                 assert budget_spent(r, key) == spent_after
             assert ack["applied"] is False

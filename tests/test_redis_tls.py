@@ -26,6 +26,7 @@ tiers: [{name: default, model: gpt-4o}]
 defaults:
   limits: {rpm: 100, tpm: 100000}
   budget: {tokens: 100000, period: day}
+estimate: {trusted: true}  # a trusted filter sets x-kt-estimated-tokens in these tests
 backend: {kind: redis, url: "rediss://127.0.0.1:%(port)d/0", timeout_ms: 500,
           failure_mode: closed%(tls)s}
 """

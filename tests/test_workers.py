@@ -64,15 +64,16 @@ def test_two_workers_are_one_sidecar_on_the_side_port():
                      if line.startswith('kt_decision_latency_seconds_count{transport="http"}')]
             assert count and float(count[0].rsplit(" ", 1)[1]) == 40
             assert get(sc.http_port, "/readyz") == (200, "ready: 2 workers\n")
-            # a usage report to the pod's side port reaches a worker, which settles it; the
-            # pod's /v1/spend counts it once, whichever worker took it
+            # a usage report to the pod's admin port reaches a worker (its own admin port),
+            # which settles it; the pod's /v1/spend counts it once, whichever worker took it
             report = json.dumps({"request_id": "r-1", "tenant": "w", "model": "gpt-4o",
                                  "input_tokens": 7, "output_tokens": 3}).encode()
-            req = urllib.request.Request(f"http://127.0.0.1:{sc.http_port}/v1/usage", data=report,
-                                         headers={"content-type": "application/json"})
+            req = urllib.request.Request(f"http://127.0.0.1:{sc.admin_port}/v1/usage",
+                                         data=report, headers={"content-type": "application/json"})
             with urllib.request.urlopen(req, timeout=5) as r:
                 assert r.status == 200
-            status, spend = get(sc.http_port, "/v1/spend")
+            assert get(sc.http_port, "/v1/spend")[0] == 404  # the side port has no books
+            status, spend = get(sc.admin_port, "/v1/spend")
             row = json.loads(spend)["tenants"]["_other"]["gpt-4o"]
             assert status == 200 and (row["input_tokens"], row["output_tokens"]) == (7, 3), spend
             # one readiness: a worker that cannot answer makes the pod not ready

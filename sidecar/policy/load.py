@@ -81,6 +81,7 @@ class CompiledPolicy:
     # (namespace, path) of the dynamic metadata naming the tenant; None: the header does
     tenant_metadata: Optional[tuple[str, tuple[str, ...]]] = None
     ledger: ledger_config.LedgerConfig = field(default_factory=ledger_config.LedgerConfig)
+    admin_token_file: Optional[str] = None  # policy admin.token_file
 
     def price_of(self, model: Optional[str]) -> Optional[tuple[int, int]]:
         """nano-USD per (input, output) token of a model; None if the model has no price."""
@@ -589,5 +590,6 @@ def _compile(policy: schema.Policy, source: str, digest: str,
         tiers=tuple(policy.tiers), tier_by_model=tier_by_model, tenants=tenants,
         defaults=defaults, estimate=est, backend=backend, pricing=dict(policy.pricing),
         ledger=policy.ledger,
+        admin_token_file=policy.admin.token_file,
     )
 

@@ -82,7 +82,11 @@ class Estimate(_Strict, frozen=True):
     # tokens assumed for a request with neither a header estimate nor a body
     default_request_tokens: int = 512
     chars_per_token: float = 4.0
+    # an explicit token count in this header (or RLS hits_addend) is read only when a
+    # filter the operator runs sets it (trusted: true); a client's own count is ignored,
+    # and `kt envoy-config` strips it at the edge (docs/security.md)
     header: str = "x-kt-estimated-tokens"
+    trusted: bool = False
 
 
 class FailureModes(_Strict, frozen=True):
@@ -119,6 +123,12 @@ class RedisBackend(_Strict, frozen=True, tag_field="kind", tag="redis"):
 Backend = Union[MemoryBackend, RedisBackend]
 
 
+class Admin(_Strict, frozen=True):
+    # the bearer token of the admin API (usage reports, spend), first line of this file;
+    # `kt serve --admin-token-file` overrides it (docs/security.md)
+    token_file: Optional[str] = None
+
+
 class Policy(_Strict, frozen=True, kw_only=True):
     tenant: TenantSource = TenantSource()
     tiers: list[Tier]
@@ -129,3 +139,4 @@ class Policy(_Strict, frozen=True, kw_only=True):
     estimate: Estimate = Estimate()
     backend: Backend = msgspec.field(default_factory=MemoryBackend)
     ledger: LedgerConfig = msgspec.field(default_factory=LedgerConfig)  # sidecar/ledger/
+    admin: Admin = Admin()

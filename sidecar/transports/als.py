@@ -6,8 +6,9 @@ entry per admitted request, many per message, on one long-lived stream per Envoy
 Each entry is translated here to the rule that ends its reservation (sidecar/reconcile.py):
 the usage text is read by the same parser ext_proc uses (sidecar/usage.py).
 
-Translation only: request id, tenant (the decision's own `x-kt-tenant`, which Envoy strips
-from clients at the edge), status, whether the response was cut short (response flags),
+Translation only: the reservation id and tenant (the decision's own `x-kt-reservation` and
+`x-kt-tenant`, logged as additional request headers; Envoy strips a client's own at the
+edge), the x-request-id when Envoy's failure mode let the request through, status, whether the response was cut short (response flags),
 and the usage text. Envoy sends an entry once the response is over, however it ended, so
 every admitted request gets one unless Envoy drops it (docs/usage.md: the stream down).
 """
@@ -96,9 +97,10 @@ class UsageLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
         for entry in entries:
             request = entry.request
             model, usage, settled_by = usage_of(entry)
+            headers = request.request_headers
             closing.append(close_reservation(
-                self.service, request.request_id,
-                request.request_headers.get(contract.H_TENANT),
+                self.service, headers.get(contract.H_RESERVATION, ""), request.request_id,
+                headers.get(contract.H_TENANT),
                 entry.response.response_code.value, usage, model,
                 _cut_short(entry.common_properties.response_flags), "access_log",
                 settled_by or "access_log"))

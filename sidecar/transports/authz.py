@@ -79,6 +79,7 @@ def _len_field(number: int, payload: bytes) -> bytes:
 # HeaderValue.key = 1, .value = 2
 _OK_FIELDS = {"headers": 2, "response_headers_to_add": 6}
 _APPEND_OVERWRITE = bytes([3 << 3 | 0]) + _varint(_OVERWRITE)
+_UNIQUE = contract.H_RESERVATION
 
 
 def _ok_header(field: str, k: str, v: str) -> bytes:
@@ -89,6 +90,8 @@ def _ok_header(field: str, k: str, v: str) -> bytes:
         header = _len_field(1, k.encode()) + _len_field(2, v.encode())
         option = _len_field(1, header) + _APPEND_OVERWRITE
         frag = _len_field(3, _len_field(_OK_FIELDS[field], option))
+        if k is _UNIQUE:  # a value seen once (the reservation id): memoizing it would
+            return frag   # only flush the fragments that repeat
         if len(_fragments) >= _FRAGMENTS_MAX:
             _fragments.clear()
         _fragments[key] = frag

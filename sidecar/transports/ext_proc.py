@@ -28,7 +28,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 
 from sidecar import contract
 from sidecar.reconcile import close_reservation
-from sidecar.service import DecisionService
+from sidecar.service import DecisionService, reservation_key
 from sidecar.usage import UsageScanner
 
 log = logging.getLogger("kt.ext_proc")
@@ -56,7 +56,7 @@ def rewrite_model(body: bytes, model: str) -> Optional[bytes]:
     """The body with its top-level `model` replaced; None if it is not a JSON object."""
     try:
         doc = msgspec.json.decode(body)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # RecursionError: nested too deeply
         return None
     if not isinstance(doc, dict) or doc.get("model") == model:
         return None
@@ -68,7 +68,8 @@ class _Exchange:
     """What one request/response pair has shown so far."""
 
     def __init__(self) -> None:
-        self.request_id = ""
+        self.reservation = ""  # x-kt-reservation: the id the sidecar made (ext_authz)
+        self.request_id = ""  # x-request-id
         self.tenant: Optional[str] = None
         self.rewrite_to: Optional[str] = None
         self.status = 0
@@ -103,15 +104,22 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                     await self._finish(ex)
                     yield pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
         finally:
-            if not ex.done and ex.request_id and ex.accounting:
+            if not ex.done and ex.accounting:
                 # Envoy closed the stream before the response ended: the client went
                 # away (or the upstream reset). The reserved estimate stays charged.
-                self.service.abandon(ex.request_id, "abandoned")
+                key = reservation_key(ex.reservation, ex.request_id)
+                if key:
+                    self.service.abandon(key, "abandoned")
 
     def _request_headers(self, ex: _Exchange, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
         h = _headers(msg)
+        # ext_authz set x-kt-reservation on an admitted request (the edge strips a
+        # client's own); without one, Envoy's failure mode let the request through
+        ex.reservation = h.get(contract.H_RESERVATION, "")
         ex.request_id = h.get("x-request-id", "")
-        ex.tenant = h.get(contract.H_TENANT) or h.get(self.service.policy.tenant_header)
+        ex.tenant = h.get(contract.H_TENANT)
+        if ex.tenant is None and self.service.policy.tenant_metadata is None:
+            ex.tenant = h.get(self.service.policy.tenant_header)
         if h.get(contract.H_DECISION) == "downgrade" and h.get(contract.H_MODEL):
             ex.rewrite_to = h[contract.H_MODEL]
         if ex.rewrite_to is None or msg.end_of_stream:
@@ -156,7 +164,8 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         scanner = ex.scanner
         if scanner is not None:
             scanner.finish()
-        await close_reservation(self.service, ex.request_id, ex.tenant, ex.status,
+        await close_reservation(self.service, ex.reservation, ex.request_id, ex.tenant,
+                                ex.status,
                                 scanner.usage if scanner else None,
                                 scanner.model if scanner else None, False, "ext_proc",
                                 scanner.format if scanner else "ext_proc")

@@ -16,6 +16,12 @@ from ext_authz, Content-Length always set for a body); parsing that subset with
 bytes.find/split is a few microseconds, fewer than per-header parser callbacks, and
 adds no dependency. Anything outside the subset gets 400 (or 413, 431) and the
 connection is closed: a malformed request never crashes or stalls the server.
+
+A connection that completes no request for IDLE_TIMEOUT_S is closed: the timer measures
+progress (a whole request parsed, or an answer written), not bytes, so a client trickling
+a byte a second cannot hold a connection open. When the listener is reachable beyond
+loopback, every request carries the shared token (`authorization: Bearer ...`, which
+Envoy's http_service `headers_to_add` sends); docs/security.md.
 """
 from __future__ import annotations
 
@@ -24,15 +30,17 @@ import logging
 from typing import Optional
 
 from sidecar import contract
+from sidecar.auth import TokenFile
 from sidecar.model import Request
-from sidecar.service import DecisionService
+from sidecar.service import BurstLog, DecisionService
 
 log = logging.getLogger("kt.http_authz")
 MAX_HEAD = 32 * 1024  # request line + headers
 MAX_BODY = 1024 * 1024
-# a connection that sends part of a request and then nothing is closed after this
+# a connection that completes no request for this long is closed (progress, not bytes)
 IDLE_TIMEOUT_S = 30.0
-_REASONS = {200: b"OK", 400: b"Bad Request", 403: b"Forbidden", 413: b"Payload Too Large",
+_REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden",
+            413: b"Payload Too Large",
             429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
             503: b"Service Unavailable"}
 
@@ -54,28 +62,45 @@ def render(ans: contract.Answer) -> bytes:
     return b"%s%scontent-length: %d\r\n\r\n%s" % (_status_line(ans.status), head, len(body), body)
 
 
-def _error(status: int, message: str) -> bytes:
-    body = contract.error_body(message, "invalid_request_error", "invalid_request")
+def _error(status: int, message: str, type_: str = "invalid_request_error",
+           code: str = "invalid_request") -> bytes:
+    body = contract.error_body(message, type_, code)
     return (_status_line(status) + b"content-type: application/json\r\nconnection: close\r\n"
             b"content-length: %d\r\n\r\n" % len(body) + body)
+
+
+class _Shared:
+    """What every connection of one listener shares: the token, counters, burst logs."""
+
+    def __init__(self, service: DecisionService, token: Optional[TokenFile]) -> None:
+        self.token = token
+        self.refused = service.metrics.auth_failures.labels("http_authz")
+        self.parse_log = BurstLog(log)
+        self.error_log = BurstLog(log)
 
 
 class AuthzProtocol(asyncio.Protocol):
     """One connection from Envoy. Requests are answered in order (pipelining-safe)."""
 
-    def __init__(self, service: DecisionService) -> None:
+    def __init__(self, service: DecisionService, shared: Optional[_Shared] = None) -> None:
         self.service = service
+        self.shared = shared or _Shared(service, None)
         self.transport: Optional[asyncio.Transport] = None
         self.buf = bytearray()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.worker: Optional[asyncio.Task] = None
         self.idle: Optional[asyncio.TimerHandle] = None
         self.closing = False
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.progress = 0.0  # loop time of the last request parsed or answered
+        self.pending = 0  # requests parsed and not yet answered
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         self.transport = transport
-        self.worker = asyncio.get_running_loop().create_task(self._answer_in_order())
-        self._arm_idle()
+        self.loop = loop = asyncio.get_running_loop()
+        self.worker = loop.create_task(self._answer_in_order())
+        self.progress = loop.time()
+        self.idle = loop.call_later(IDLE_TIMEOUT_S, self._on_idle)
 
     def connection_lost(self, exc) -> None:
         self.closing = True
@@ -84,12 +109,18 @@ class AuthzProtocol(asyncio.Protocol):
         if self.idle is not None:
             self.idle.cancel()
 
-    def _arm_idle(self) -> None:
-        if self.idle is not None:
-            self.idle.cancel()
-        self.idle = asyncio.get_running_loop().call_later(IDLE_TIMEOUT_S, self._on_idle)
-
     def _on_idle(self) -> None:
+        """One timer per connection, re-armed for what is left of the timeout (cheaper
+        than re-arming on every request): closes a connection without progress."""
+        assert self.loop is not None
+        now = self.loop.time()
+        if self.pending:  # a decision in flight is progress on its way
+            self.progress = now
+        left = self.progress + IDLE_TIMEOUT_S - now
+        if left > 0:
+            self.idle = self.loop.call_later(left, self._on_idle)
+            return
+        self.idle = None
         if self.transport is not None:
             self.transport.close()
 
@@ -97,16 +128,17 @@ class AuthzProtocol(asyncio.Protocol):
         if self.closing:
             return
         self.buf += data
-        self._arm_idle()
         while not self.closing:
             try:
                 req = self._parse_one()
             except Exception:  # noqa: BLE001 - a parse bug must answer 400, not drop the link
-                log.exception("http authz: unparseable request")
+                self.shared.parse_log.warning("http authz: unparseable request", exc_info=True)
                 self._fail(400, "malformed request")
                 return
             if req is None:
                 return
+            self.pending += 1
+            self.progress = self.loop.time()  # type: ignore[union-attr]
             self.queue.put_nowait(req)
 
     def _fail(self, status: int, message: str) -> None:
@@ -139,6 +171,14 @@ class AuthzProtocol(asyncio.Protocol):
             except UnicodeDecodeError:
                 self._fail(400, "header is not valid UTF-8")
                 return None
+        token = self.shared.token
+        if token is not None and not token.matches(headers.get("authorization")):
+            self.shared.refused.inc()
+            self.closing = True
+            self.queue.put_nowait(_error(401, "this listener needs the sidecar's token in "
+                                         "`authorization`", "authentication_error",
+                                         "unauthorized"))
+            return None
         if "transfer-encoding" in headers:
             self._fail(400, "chunked request bodies are not accepted; Envoy sends content-length")
             return None
@@ -175,18 +215,22 @@ class AuthzProtocol(asyncio.Protocol):
                 decision = await self.service.decide(item, "http")  # type: ignore[arg-type]
                 out = render(contract.answer(decision))
             except Exception:  # noqa: BLE001 - never a crash: answer, keep serving
-                log.exception("http authz: decision failed")
+                self.shared.error_log.warning("http authz: decision failed", exc_info=True)
                 out = _error(503, "internal error in the limiter")
+            self.pending -= 1
             if self.transport is None or self.transport.is_closing():
                 return
+            self.progress = self.loop.time()  # type: ignore[union-attr]
             self.transport.write(out)
 
 
 async def start_http_authz(service: DecisionService, host: str, port: int,
-                           reuse_port: bool = False) -> tuple[asyncio.AbstractServer, int]:
+                           reuse_port: bool = False, token: Optional[TokenFile] = None
+                           ) -> tuple[asyncio.AbstractServer, int]:
     """Serve the fast path; returns the server and the bound port (port 0 = ephemeral)."""
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: AuthzProtocol(service), host, port,
+    shared = _Shared(service, token)
+    server = await loop.create_server(lambda: AuthzProtocol(service, shared), host, port,
                                       reuse_port=reuse_port or None, backlog=1024)
     bound = server.sockets[0].getsockname()[1]
     return server, bound

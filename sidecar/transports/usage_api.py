@@ -1,6 +1,10 @@
 """Usage reports for gateways without ext_proc: kt.v1.Usage/Report over gRPC
-(proto/usage.proto) and `POST /v1/usage` (JSON) on the HTTP side port. Both
-translate to DecisionService.settle_usage and nothing more."""
+(proto/usage.proto) and `POST /v1/usage` (JSON) on the admin port. Both translate to
+DecisionService.settle_usage and nothing more. A report rewrites a tenant's books, so
+it is authenticated: the admin port always (sidecar/server.py); the gRPC method takes
+the admin token in `authorization` metadata, or a caller on loopback (docs/security.md).
+`request_id` is the reservation id the upstream received (`x-kt-reservation`), or any
+id of the reporter's own for a request it holds no reservation id for."""
 from __future__ import annotations
 
 from typing import Optional
@@ -9,8 +13,12 @@ import grpc
 import msgspec
 
 from sidecar._proto import usage_pb2
+from sidecar.auth import TokenFile, bearer_from_metadata, is_loopback_peer
 from sidecar.backends.base import BackendError
+from sidecar.metrics import Metrics
 from sidecar.service import DecisionService, SettleResult, UsageError
+
+REPORT_METHOD = "/kt.v1.Usage/Report"
 
 
 class UsageReportJson(msgspec.Struct, forbid_unknown_fields=True):
@@ -37,6 +45,9 @@ async def report_json(service: DecisionService, body: bytes) -> tuple[int, bytes
     """POST /v1/usage → (HTTP status, JSON body). 400 malformed, 503 backend down."""
     try:
         rep = _decode_report(body)
+    except RecursionError:
+        return 400, _encode({"error": {"type": "invalid_request_error", "code": "invalid_report",
+                                       "message": "usage report: nested too deeply"}})
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         return 400, _encode({"error": {"type": "invalid_request_error", "code": "invalid_report",
                                        "message": f"usage report: {exc}"}})
@@ -54,8 +65,18 @@ async def report_json(service: DecisionService, body: bytes) -> tuple[int, bytes
     return 200, _encode(ack_fields(res))
 
 
-def _report_handler(service: DecisionService):
+def _report_handler(service: DecisionService, admin_token: Optional[TokenFile],
+                    metrics: Metrics):
+    refused = metrics.auth_failures.labels("grpc_usage")
+
     async def report(request: usage_pb2.UsageReport, context) -> usage_pb2.UsageAck:
+        allowed = (admin_token is not None and admin_token.matches(
+            bearer_from_metadata(context.invocation_metadata()))) or is_loopback_peer(
+            context.peer())
+        if not allowed:
+            refused.inc()
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a usage report needs "
+                                "`authorization: Bearer <admin token>` metadata")
         try:
             res = await service.settle_usage(request.request_id, request.tenant or None,
                                              request.model or None, request.input_tokens,
@@ -70,11 +91,12 @@ def _report_handler(service: DecisionService):
     return report
 
 
-def usage_service_handler(service: DecisionService) -> grpc.GenericRpcHandler:
+def usage_service_handler(service: DecisionService, admin_token: Optional[TokenFile] = None,
+                          metrics: Optional[Metrics] = None) -> grpc.GenericRpcHandler:
     """kt.v1.Usage registered from the compiled messages (no generated stub module needed)."""
     return grpc.method_handlers_generic_handler("kt.v1.Usage", {
         "Report": grpc.unary_unary_rpc_method_handler(
-            _report_handler(service),
+            _report_handler(service, admin_token, metrics or service.metrics),
             request_deserializer=usage_pb2.UsageReport.FromString,
             response_serializer=usage_pb2.UsageAck.SerializeToString),
     })

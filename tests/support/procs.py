@@ -87,10 +87,11 @@ class SidecarProcess:
         self.ready = workdir / "sidecar-ready.json"
         self.args = [sys.executable, "-m", "sidecar.cli", "serve", "--config", str(policy_path),
                      "--grpc", f"{LOOPBACK}:0", "--http", f"{LOOPBACK}:0",
+                     "--admin", f"{LOOPBACK}:0",
                      "--ready-file", str(self.ready),
                      "--state-file", str(workdir / "spend.json"), *extra_args]
         self.proc: Optional[subprocess.Popen] = None
-        self.grpc_port = self.http_port = self.http_authz_port = 0
+        self.grpc_port = self.http_port = self.http_authz_port = self.admin_port = 0
 
     def start(self, timeout: float = 30.0, env: Optional[dict] = None) -> "SidecarProcess":
         if self.ready.exists():
@@ -113,6 +114,7 @@ class SidecarProcess:
         ports = json.loads(self.ready.read_text())
         self.grpc_port, self.http_port = ports["grpc_port"], ports["http_port"]
         self.http_authz_port = ports.get("http_authz_port", 0)
+        self.admin_port = ports.get("admin_port", 0)
         return self
 
     def stop(self) -> None:
@@ -191,10 +193,14 @@ def env_without_proxies() -> dict:
     return env
 
 
-def post_json(url: str, doc: dict) -> tuple[int, dict]:
-    """POST a JSON document; the status and the JSON answer, error statuses included."""
-    req = urllib.request.Request(url, data=json.dumps(doc).encode(),
-                                 headers={"content-type": "application/json"}, method="POST")
+def post_json(url: str, doc: dict, token: Optional[str] = None) -> tuple[int, dict]:
+    """POST a JSON document (with a bearer token if given); the status and the JSON
+    answer, error statuses included."""
+    headers = {"content-type": "application/json"}
+    if token is not None:
+        headers["authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=json.dumps(doc).encode(), headers=headers,
+                                 method="POST")
     try:
         with urllib.request.urlopen(req, timeout=5) as resp:
             return resp.status, json.load(resp)

@@ -60,7 +60,7 @@ class FakeUpstream:
                     headers[k] = f"{headers[k]}, {v}" if k in headers else v
                 try:
                     body = json.loads(raw) if raw else {}
-                except ValueError:
+                except (ValueError, RecursionError):  # a hostile body reaches it too
                     body = {"_unparsed": raw.decode(errors="replace")}
                 upstream.requests.append({"headers": headers, "body": body})
                 status = int(headers.get("x-fake-status", upstream.status))
