@@ -34,6 +34,8 @@ R_RPM = 1
 R_TPM = 2
 R_BUDGET = 3
 R_SIZE = 4  # a token count beyond MAX_TOKENS: larger than anything the sidecar counts
+R_PROVIDER = 5  # a provider's quota (docs/providers.md)
+cdef int _R_PROVIDER = 5
 # Budget periods
 P_MINUTE = 0
 P_HOUR = 1
@@ -244,12 +246,24 @@ cdef class Outcome:
     cdef readonly int64 charged_tokens, charged_cost
     # start of the budget period the charge went to (for settle); 0 without a budget
     cdef readonly int64 period_start_us
+    # µs until the limit that refused has room (exact; retry_after_s is it in whole seconds)
+    cdef readonly int64 wait_us
+    # decide_routed: index of the candidate provider charged (-1: none), its buckets after
+    cdef readonly int provider
+    cdef readonly int64 provider_remaining_requests, provider_remaining_tokens
+
+    def __cinit__(self, *args, **kwargs):
+        self.provider = -1
+        self.provider_remaining_requests = -1
+        self.provider_remaining_tokens = -1
 
     def __init__(self, int kind, int reason, int tier, int64 retry_after_s,
                  int64 limit_requests, int64 remaining_requests, int64 reset_requests_us,
                  int64 limit_tokens, int64 remaining_tokens, int64 reset_tokens_us,
                  int64 budget_limit, int64 budget_remaining, int64 budget_reset_us,
-                 int64 charged_tokens, int64 charged_cost, int64 period_start_us=0):
+                 int64 charged_tokens, int64 charged_cost, int64 period_start_us=0,
+                 int64 wait_us=0, int provider=-1, int64 provider_remaining_requests=-1,
+                 int64 provider_remaining_tokens=-1):
         self.kind, self.reason, self.tier = kind, reason, tier
         self.retry_after_s = retry_after_s
         self.limit_requests = limit_requests
@@ -264,6 +278,10 @@ cdef class Outcome:
         self.charged_tokens = charged_tokens
         self.charged_cost = charged_cost
         self.period_start_us = period_start_us
+        self.wait_us = wait_us
+        self.provider = provider
+        self.provider_remaining_requests = provider_remaining_requests
+        self.provider_remaining_tokens = provider_remaining_tokens
 
     @property
     def admitted(self):
@@ -441,6 +459,7 @@ cpdef Outcome decide(Limits lim, State st, int64 now_us, int tier, int64 input_t
         o.budget_reset_us = 0
     o.charged_tokens, o.charged_cost = charged_tokens, charged_cost
     o.period_start_us = start if lim.budget >= 0 else 0
+    o.wait_us = <int64>ceil(retry_us)
     return o
 
 
@@ -498,3 +517,297 @@ cpdef int64 settle(Limits lim, State st, int64 now_us, int64 delta_tokens, int64
         # spend is never lost, it lands in the period in which it became known
         st.spent = _add_spend(st.spent, delta_cost)
     return st.spent
+
+
+# --- provider quotas: docs/providers.md ------------------------------------------------
+# Priorities, lowest first (the index into a Quota's floors)
+PRIO_LOW = 0
+PRIO_NORMAL = 1
+PRIO_HIGH = 2
+
+
+cdef class Quota:
+    """One provider's quota: a request bucket and a token bucket holding ``burst`` of a
+    minute's limit (0 < burst <= 1) and refilling continuously, a count of requests per
+    UTC day (0 = no such limit), and the reservation: floors[p] is the share of each of
+    them a request of priority p must leave (0 for the highest priority it is kept for)."""
+    cdef readonly int64 rpm, tpm, rpd
+    cdef readonly double burst, req_cap, tok_cap, req_rate, tok_rate
+    cdef readonly tuple floors
+    cdef double _floor[3]
+
+    def __cinit__(self, int64 rpm=0, int64 tpm=0, int64 rpd=0, double burst=1.0,
+                  floors=(0.0, 0.0, 0.0)):
+        cdef int i
+        if rpm < 0 or tpm < 0 or rpd < 0:
+            raise ValueError("rpm, tpm and rpd must be >= 0")
+        if not (0.0 < burst <= 1.0):
+            raise ValueError("burst must be in (0, 1]")
+        self.floors = tuple(float(f) for f in floors)
+        if len(self.floors) != 3 or not all(0.0 <= f < 1.0 for f in self.floors):
+            raise ValueError("floors: three fractions in [0, 1)")
+        for i in range(3):
+            self._floor[i] = self.floors[i]
+        self.rpm, self.tpm, self.rpd, self.burst = rpm, tpm, rpd, burst
+        self.req_cap = rpm * burst
+        self.tok_cap = tpm * burst
+        self.req_rate = rpm / 60e6
+        self.tok_rate = tpm / 60e6
+
+
+cdef class QuotaState:
+    """One provider's mutable state. A bucket never used holds +inf, as a tenant's does
+    (full at any capacity: every read clamps to the capacity in force)."""
+    cdef public double req_level, tok_level
+    cdef public int64 req_last, tok_last, day_start, day_count
+
+    def __cinit__(self):
+        self.req_level = float("inf")
+        self.tok_level = float("inf")
+        self.req_last = 0
+        self.tok_last = 0
+        self.day_start = -1
+        self.day_count = 0
+
+
+cdef double _quota_wait(Quota q, QuotaState qs, int64 now, int prio, int64 tokens,
+                        double* req_level, double* tok_level, int64* day_count):
+    """µs until ``q`` has room for one request of ``tokens`` at priority ``prio`` (0: now;
+    -1: never, the request is larger than the share this priority may take). Room means:
+    after the charge each bucket holds at least floors[prio] x its capacity. Writes the
+    levels refilled to now and the day's count into the out-parameters; ``qs`` is left
+    as it is (only a charge writes it, so a refused candidate costs Redis no write)."""
+    cdef double f = q._floor[prio]
+    cdef double wait = 0.0, w, level, need
+    cdef int64 start = 0, end = 0
+    cdef bint never = False
+    if q.rpm > 0:
+        level = _refill(qs.req_level, qs.req_last, q.req_cap, q.req_rate, now)
+        req_level[0] = level
+        need = 1.0 + f * q.req_cap
+        if need > q.req_cap:
+            never = True
+        elif level < need:
+            w = (need - level) / q.req_rate
+            if w > wait:
+                wait = w
+    if q.tpm > 0:
+        level = _refill(qs.tok_level, qs.tok_last, q.tok_cap, q.tok_rate, now)
+        tok_level[0] = level
+        need = tokens + f * q.tok_cap
+        if need > q.tok_cap:
+            never = True
+        elif level < need:
+            w = (need - level) / q.tok_rate
+            if w > wait:
+                wait = w
+    if q.rpd > 0:
+        _period_bounds(now, 2, &start, &end)
+        day_count[0] = qs.day_count if qs.day_start == start else 0
+        if 1.0 > q.rpd * (1.0 - f):
+            never = True
+        elif day_count[0] + 1 > q.rpd * (1.0 - f):
+            w = <double>(end - now)
+            if w > wait:
+                wait = w
+    if never:
+        return -1.0
+    return wait
+
+
+cdef void _quota_charge(Quota q, QuotaState qs, int64 now, int64 tokens, double req_level,
+                        double tok_level, int64 day_count):
+    """Charge one request of ``tokens``, from the levels _quota_wait read at ``now``."""
+    cdef int64 start = 0, end = 0
+    if q.rpm > 0:
+        qs.req_level = req_level - 1.0
+        qs.req_last = now
+    if q.tpm > 0:
+        qs.tok_level = tok_level - tokens
+        qs.tok_last = now
+    if q.rpd > 0:
+        _period_bounds(now, 2, &start, &end)
+        qs.day_start = start
+        qs.day_count = day_count + 1
+
+
+cdef void _uncharge(Limits lim, State st, Outcome o):
+    """Give back what decide() just charged (at the same instant): the exact inverse of its
+    commit, so a decision whose provider refuses holds nothing (lua/routed.lua does the same
+    arithmetic on the stored values)."""
+    cdef double level
+    if lim.rpm > 0:
+        level = st.req_level + 1.0
+        st.req_level = lim.req_cap if level > lim.req_cap else level
+    if lim.tpm > 0:
+        level = st.tok_level + o.charged_tokens
+        st.tok_level = lim.tok_cap if level > lim.tok_cap else level
+    if lim.budget >= 0:
+        st.spent -= o.charged_cost
+
+
+def quota_wait(Quota q, QuotaState qs, int64 now_us, int priority, int64 tokens):
+    """_quota_wait for tests and the cluster protocol's reference: µs, 0 now, -1 never."""
+    cdef double r = 0.0, t = 0.0
+    cdef int64 d = 0
+    if priority < 0 or priority > 2:
+        raise ValueError("priority out of range")
+    return _quota_wait(q, qs, now_us, priority, tokens, &r, &t, &d)
+
+
+cpdef int64 quota_take(Quota q, QuotaState qs, int64 now_us, int priority, int64 tokens):
+    """Check and charge one provider alone (a cluster's first step, docs/providers.md):
+    returns 0 when charged, else the µs until it has room (-1: never)."""
+    cdef double w, r = 0.0, t = 0.0
+    cdef int64 d = 0
+    if priority < 0 or priority > 2:
+        raise ValueError("priority out of range")
+    w = _quota_wait(q, qs, now_us, priority, tokens, &r, &t, &d)
+    if w == 0.0:
+        _quota_charge(q, qs, now_us, tokens, r, t, d)
+        return 0
+    if w < 0.0:
+        return -1
+    return <int64>ceil(w)
+
+
+cpdef quota_settle(Quota q, QuotaState qs, int64 now_us, int64 delta_tokens,
+                   int64 delta_requests=0):
+    """Correct a provider's buckets: the token difference of a settlement (actual minus
+    charged; negative gives back), and requests given back by a refund (delta_requests < 0).
+    Never above capacity; the daily count is never below zero."""
+    cdef double level
+    cdef int64 start = 0, end = 0
+    if q.tpm > 0 and delta_tokens != 0:
+        level = _refill(qs.tok_level, qs.tok_last, q.tok_cap, q.tok_rate, now_us) - delta_tokens
+        qs.tok_level = q.tok_cap if level > q.tok_cap else level
+        qs.tok_last = now_us
+    if delta_requests != 0:
+        if q.rpm > 0:
+            level = _refill(qs.req_level, qs.req_last, q.req_cap, q.req_rate, now_us) - delta_requests
+            qs.req_level = q.req_cap if level > q.req_cap else level
+            qs.req_last = now_us
+        if q.rpd > 0:
+            _period_bounds(now_us, 2, &start, &end)
+            if qs.day_start == start:
+                qs.day_count += delta_requests
+                if qs.day_count < 0:
+                    qs.day_count = 0
+
+
+cpdef Outcome decide_routed(Limits lim, State st, int64 now_us, int tier, int64 input_tokens,
+                            int64 output_tokens, int64 firm_tokens, bint commit_on_deny,
+                            int priority, int spill, list candidates):
+    """One decision that charges the tenant and one provider together, or neither.
+
+    candidates: [(tier, Quota, QuotaState), ...] in routing order (the service orders the
+    providers of each tier's model). The tenant decides first (decide(): its limits, budget,
+    low-water tier t). Then the candidates of tier t, in order: the first with room for the
+    request at ``priority`` (PRIO_*) is charged with it. If none has room, and spill > 0,
+    the tenant's charge is given back and the decision is made again one tier down (priced
+    there), with that tier's candidates; at most ``spill`` tiers down. A spilled request is
+    a DOWNGRADE with reason R_PROVIDER. If no candidate has room, the tenant's charge is
+    given back and the answer is DENY_RATE, reason R_PROVIDER, with the soonest wait of a
+    candidate (TOO_LARGE if none could ever take it); its tenant fields are left out
+    (limits and remaining 0, budget limit -1): the tenant's own limits did not refuse. In shadow mode
+    (commit_on_deny) such a request goes to the first candidate of its tier all the same,
+    charged there, and the outcome says what enforcement would have answered."""
+    cdef Outcome o, d
+    cdef int t0, t, k, i, n = len(candidates)
+    cdef double w, best = -1.0, req_level = 0.0, tok_level = 0.0
+    cdef int64 day_count = 0
+    cdef int first = -1
+    cdef bint charged
+    cdef Quota q
+    cdef QuotaState qs
+    if priority < 0 or priority > 2:
+        raise ValueError("priority out of range")
+    o = decide(lim, st, now_us, tier, input_tokens, output_tokens, firm_tokens, commit_on_deny)
+    charged = o.kind <= 1 or commit_on_deny
+    if not charged:
+        return o
+    t0 = o.tier
+    for k in range(spill + 1):
+        t = t0 + k
+        if t >= lim.ntiers:
+            break
+        if k > 0:
+            _uncharge(lim, st, o)
+            charged = False
+            d = decide(lim, st, now_us, tier + k, input_tokens, output_tokens, firm_tokens,
+                       commit_on_deny)
+            if not (d.kind <= 1 or commit_on_deny):
+                break  # the lower tier does not take it either (priced above what is left)
+            o = d
+            charged = True
+            if o.tier != t:
+                break
+        for i in range(n):
+            cand = candidates[i]
+            if <int>cand[0] != t:
+                continue
+            q = <Quota>cand[1]
+            qs = <QuotaState>cand[2]
+            if first < 0:
+                first = i
+            w = _quota_wait(q, qs, now_us, priority, o.charged_tokens, &req_level, &tok_level,
+                            &day_count)
+            if w == 0.0:
+                _quota_charge(q, qs, now_us, o.charged_tokens, req_level, tok_level, day_count)
+                _provider_fields(o, q, qs, i)
+                if t > tier and o.kind == 0:
+                    o.kind = 1
+                if k > 0 and o.kind <= 1:
+                    o.reason = _R_PROVIDER
+                return o
+            if w > 0.0 and (best < 0.0 or w < best):
+                best = w
+    # no candidate had room
+    if charged:
+        _uncharge(lim, st, o)
+    if commit_on_deny and first >= 0:
+        # shadow: the request goes on all the same, to its tier's first candidate
+        o = decide(lim, st, now_us, tier, input_tokens, output_tokens, firm_tokens, True)
+        cand = candidates[first]
+        q = <Quota>cand[1]
+        qs = <QuotaState>cand[2]
+        _quota_wait(q, qs, now_us, priority, o.charged_tokens, &req_level, &tok_level,
+                    &day_count)
+        _quota_charge(q, qs, now_us, o.charged_tokens, req_level, tok_level, day_count)
+        _provider_fields(o, q, qs, first)
+        if o.kind <= 1:
+            o.kind, o.reason = (2, _R_PROVIDER) if best >= 0.0 else (4, _R_PROVIDER)
+            o.wait_us = <int64>ceil(best) if best > 0.0 else 0
+            o.retry_after_s = _seconds(best)
+        return o
+    return _provider_refusal(t0, best)
+
+
+cdef int64 _seconds(double us):
+    cdef int64 s
+    if us <= 0.0:
+        return 0
+    s = <int64>ceil(us / US)
+    return s if s >= 1 else 1
+
+
+cdef void _provider_fields(Outcome o, Quota q, QuotaState qs, int i):
+    o.provider = i
+    if q.rpm > 0:
+        o.provider_remaining_requests = <int64>floor(qs.req_level) if qs.req_level > 0 else 0
+    if q.tpm > 0:
+        o.provider_remaining_tokens = <int64>floor(qs.tok_level) if qs.tok_level > 0 else 0
+
+
+cdef Outcome _provider_refusal(int tier, double best):
+    cdef Outcome o = Outcome.__new__(Outcome)
+    o.tier = tier
+    o.reason = _R_PROVIDER
+    if best < 0.0:
+        o.kind = 4  # no candidate could ever take it
+    else:
+        o.kind = 2
+        o.wait_us = <int64>ceil(best)
+        o.retry_after_s = _seconds(best)
+    o.budget_limit = -1  # no tenant fields: the tenant's own limits did not refuse
+    return o

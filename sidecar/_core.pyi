@@ -9,6 +9,10 @@ R_RPM: int
 R_TPM: int
 R_BUDGET: int
 R_SIZE: int
+R_PROVIDER: int
+PRIO_LOW: int
+PRIO_NORMAL: int
+PRIO_HIGH: int
 P_MINUTE: int
 P_HOUR: int
 P_DAY: int
@@ -69,11 +73,17 @@ class Outcome:
     charged_tokens: int
     charged_cost: int
     period_start_us: int
+    wait_us: int
+    provider: int
+    provider_remaining_requests: int
+    provider_remaining_tokens: int
     def __init__(self, kind: int, reason: int, tier: int, retry_after_s: int,
                  limit_requests: int, remaining_requests: int, reset_requests_us: int,
                  limit_tokens: int, remaining_tokens: int, reset_tokens_us: int,
                  budget_limit: int, budget_remaining: int, budget_reset_us: int,
-                 charged_tokens: int, charged_cost: int, period_start_us: int = 0) -> None: ...
+                 charged_tokens: int, charged_cost: int, period_start_us: int = 0,
+                 wait_us: int = 0, provider: int = -1, provider_remaining_requests: int = -1,
+                 provider_remaining_tokens: int = -1) -> None: ...
     @property
     def admitted(self) -> bool: ...
 
@@ -82,3 +92,34 @@ def decide(lim: Limits, st: State, now_us: int, tier: int, input_tokens: int,
 def at_rest(lim: Limits, st: State, now_us: int) -> bool: ...
 def settle(lim: Limits, st: State, now_us: int, delta_tokens: int, delta_cost: int,
            period_start: int) -> int: ...
+
+
+class Quota:
+    rpm: int
+    tpm: int
+    rpd: int
+    burst: float
+    req_cap: float
+    tok_cap: float
+    req_rate: float
+    tok_rate: float
+    floors: tuple[float, float, float]
+    def __init__(self, rpm: int = 0, tpm: int = 0, rpd: int = 0, burst: float = 1.0,
+                 floors: object = (0.0, 0.0, 0.0)) -> None: ...
+
+class QuotaState:
+    req_level: float
+    tok_level: float
+    req_last: int
+    tok_last: int
+    day_start: int
+    day_count: int
+    def __init__(self) -> None: ...
+
+def quota_wait(q: Quota, qs: QuotaState, now_us: int, priority: int, tokens: int) -> float: ...
+def quota_take(q: Quota, qs: QuotaState, now_us: int, priority: int, tokens: int) -> int: ...
+def quota_settle(q: Quota, qs: QuotaState, now_us: int, delta_tokens: int,
+                 delta_requests: int = 0) -> None: ...
+def decide_routed(lim: Limits, st: State, now_us: int, tier: int, input_tokens: int,
+                  output_tokens: int, firm_tokens: int, commit_on_deny: bool, priority: int,
+                  spill: int, candidates: list[tuple[int, Quota, QuotaState]]) -> Outcome: ...

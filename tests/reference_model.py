@@ -21,6 +21,7 @@ US = 1_000_000
 ALLOW, DOWNGRADE, DENY_RATE, DENY_BUDGET, TOO_LARGE = 0, 1, 2, 3, 4
 # Reasons: which limit decided (R_SIZE: a count beyond MAX_TOKENS)
 R_NONE, R_RPM, R_TPM, R_BUDGET, R_SIZE = 0, 1, 2, 3, 4
+R_PROVIDER = 5
 # Periods
 P_MINUTE, P_HOUR, P_DAY, P_MONTH, P_TOTAL = 0, 1, 2, 3, 4
 NO_END = 2**62
@@ -110,6 +111,10 @@ class Outcome:
     reset_requests_us: int = 0
     reset_tokens_us: int = 0
     budget_reset_us: int = 0
+    wait_us: int = 0  # exact µs until the refusing limit has room
+    provider: int = -1  # decide_routed: the candidate charged
+    provider_remaining_requests: int = -1
+    provider_remaining_tokens: int = -1
 
 
 def remaining_shown(level: float, limit: int) -> int:
@@ -239,6 +244,7 @@ def decide(
         reset_requests_us=wait_us(lim.rpm - req_level, lim.rpm) if lim.rpm > 0 else 0,
         reset_tokens_us=wait_us(lim.tpm - tok_level, lim.tpm) if lim.tpm > 0 else 0,
         budget_reset_us=(budget_end - now if lim.budget >= 0 and budget_end != NO_END else 0),
+        wait_us=math.ceil(retry_us),
     )
 
 
@@ -266,3 +272,187 @@ def settle(lim: Limits, st: State, now: int, delta_tokens: int, delta_cost: int,
     elif delta_cost > 0:
         st.spent = add_spend(st.spent, delta_cost)
     return st.spent
+
+
+# --- provider quotas (docs/providers.md) ---------------------------------------------
+PRIO_LOW, PRIO_NORMAL, PRIO_HIGH = 0, 1, 2
+
+
+@dataclass
+class Quota:
+    rpm: int = 0  # 0 = no request limit
+    tpm: int = 0  # 0 = no token limit
+    rpd: int = 0  # requests per UTC day; 0 = none
+    burst: float = 1.0  # share of a minute's limit one burst may take, (0, 1]
+    # per priority (low, normal, high): the share of each bucket a request must leave
+    floors: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    @property
+    def req_cap(self) -> float:
+        return self.rpm * self.burst
+
+    @property
+    def tok_cap(self) -> float:
+        return self.tpm * self.burst
+
+
+@dataclass
+class QuotaState:
+    req_level: float = math.inf  # never used: full at any capacity
+    req_last: int = 0
+    tok_level: float = math.inf
+    tok_last: int = 0
+    day_start: int = -1
+    day_count: int = 0
+
+
+def quota_wait(q: Quota, qs: QuotaState, now: int, prio: int, tokens: int
+               ) -> tuple[float, float, float, int]:
+    """(µs until the quota has room for the request at this priority — 0 now, -1 never —,
+    request level, token level, day count), read at ``now``; ``qs`` is not changed.
+    Room: after the charge every bucket keeps at least floors[prio] of its capacity."""
+    f = q.floors[prio]
+    wait, never = 0.0, False
+    req_level = tok_level = 0.0
+    day_count = 0
+    if q.rpm > 0:
+        req_level = _refill(qs.req_level, qs.req_last, q.req_cap, q.rpm, now)
+        need = 1.0 + f * q.req_cap
+        if need > q.req_cap:
+            never = True
+        elif req_level < need:
+            wait = max(wait, (need - req_level) / (q.rpm / 60e6))
+    if q.tpm > 0:
+        tok_level = _refill(qs.tok_level, qs.tok_last, q.tok_cap, q.tpm, now)
+        need = tokens + f * q.tok_cap
+        if need > q.tok_cap:
+            never = True
+        elif tok_level < need:
+            wait = max(wait, (need - tok_level) / (q.tpm / 60e6))
+    if q.rpd > 0:
+        start, end = period_bounds(now, P_DAY)
+        day_count = qs.day_count if qs.day_start == start else 0
+        if 1.0 > q.rpd * (1.0 - f):
+            never = True
+        elif day_count + 1 > q.rpd * (1.0 - f):
+            wait = max(wait, float(end - now))
+    return (-1.0 if never else wait), req_level, tok_level, day_count
+
+
+def quota_charge(q: Quota, qs: QuotaState, now: int, tokens: int, req_level: float,
+                 tok_level: float, day_count: int) -> None:
+    if q.rpm > 0:
+        qs.req_level, qs.req_last = req_level - 1.0, now
+    if q.tpm > 0:
+        qs.tok_level, qs.tok_last = tok_level - tokens, now
+    if q.rpd > 0:
+        qs.day_start, qs.day_count = period_bounds(now, P_DAY)[0], day_count + 1
+
+
+def quota_take(q: Quota, qs: QuotaState, now: int, prio: int, tokens: int) -> int:
+    """One provider alone (a cluster's first step): 0 charged, else µs to wait (-1 never)."""
+    wait, r, t, d = quota_wait(q, qs, now, prio, tokens)
+    if wait == 0.0:
+        quota_charge(q, qs, now, tokens, r, t, d)
+        return 0
+    return -1 if wait < 0 else math.ceil(wait)
+
+
+def quota_settle(q: Quota, qs: QuotaState, now: int, delta_tokens: int,
+                 delta_requests: int = 0) -> None:
+    """A settlement's token difference (actual minus charged), and requests given back by a
+    refund (delta_requests < 0); never above capacity, the day's count never below 0."""
+    if q.tpm > 0 and delta_tokens != 0:
+        level = _refill(qs.tok_level, qs.tok_last, q.tok_cap, q.tpm, now) - delta_tokens
+        qs.tok_level, qs.tok_last = min(q.tok_cap, level), now
+    if delta_requests != 0:
+        if q.rpm > 0:
+            level = _refill(qs.req_level, qs.req_last, q.req_cap, q.rpm, now) - delta_requests
+            qs.req_level, qs.req_last = min(q.req_cap, level), now
+        if q.rpd > 0 and qs.day_start == period_bounds(now, P_DAY)[0]:
+            qs.day_count = max(0, qs.day_count + delta_requests)
+
+
+def _uncharge(lim: Limits, st: State, o: Outcome) -> None:
+    """The exact inverse of decide()'s commit, at the same instant."""
+    if lim.rpm > 0:
+        st.req_level = min(lim.req_cap, st.req_level + 1.0)
+    if lim.tpm > 0:
+        st.tok_level = min(lim.tok_cap, st.tok_level + o.charged_tokens)
+    if lim.budget >= 0:
+        st.spent -= o.charged_cost
+
+
+def _with_provider(o: Outcome, q: Quota, qs: QuotaState, i: int) -> Outcome:
+    o.provider = i
+    if q.rpm > 0:
+        o.provider_remaining_requests = max(0, math.floor(qs.req_level))
+    if q.tpm > 0:
+        o.provider_remaining_tokens = max(0, math.floor(qs.tok_level))
+    return o
+
+
+def _seconds(us: float) -> int:
+    return max(1, math.ceil(us / US)) if us > 0 else 0
+
+
+def decide_routed(lim: Limits, st: State, now: int, tier: int, input_tokens: int,
+                  output_tokens: int, firm_tokens: int, commit_on_deny: bool, prio: int,
+                  spill: int, candidates: list[tuple[int, Quota, QuotaState]]) -> Outcome:
+    """Tenant and one provider together, or neither (docs/providers.md, "The decision
+    order"): the tenant decides (tier t by low water); the first candidate of tier t with
+    room for this priority is charged; else, up to ``spill`` tiers down, the tenant's charge
+    is given back and the decision made again at the lower tier with its candidates; else
+    the charge is given back and the request refused by provider quota (DENY_RATE, or
+    TOO_LARGE if no candidate could ever take it), without tenant fields."""
+    o = decide(lim, st, now, tier, input_tokens, output_tokens, firm_tokens, commit_on_deny)
+    charged = o.kind in (ALLOW, DOWNGRADE) or commit_on_deny
+    if not charged:
+        return o
+    t0 = o.tier
+    best, first = -1.0, -1
+    for k in range(spill + 1):
+        t = t0 + k
+        if t >= len(lim.prices):
+            break
+        if k > 0:
+            _uncharge(lim, st, o)
+            charged = False
+            d = decide(lim, st, now, tier + k, input_tokens, output_tokens, firm_tokens,
+                       commit_on_deny)
+            if not (d.kind in (ALLOW, DOWNGRADE) or commit_on_deny):
+                break
+            o, charged = d, True
+            if o.tier != t:
+                break
+        for i, (ctier, q, qs) in enumerate(candidates):
+            if ctier != t:
+                continue
+            if first < 0:
+                first = i
+            wait, r, tl, dc = quota_wait(q, qs, now, prio, o.charged_tokens)
+            if wait == 0.0:
+                quota_charge(q, qs, now, o.charged_tokens, r, tl, dc)
+                if t > tier and o.kind == ALLOW:
+                    o.kind = DOWNGRADE
+                if k > 0 and o.kind in (ALLOW, DOWNGRADE):
+                    o.reason = R_PROVIDER
+                return _with_provider(o, q, qs, i)
+            if wait > 0 and (best < 0 or wait < best):
+                best = wait
+    if charged:
+        _uncharge(lim, st, o)
+    if commit_on_deny and first >= 0:
+        o = decide(lim, st, now, tier, input_tokens, output_tokens, firm_tokens, True)
+        _, q, qs = candidates[first]
+        _, r, tl, dc = quota_wait(q, qs, now, prio, o.charged_tokens)
+        quota_charge(q, qs, now, o.charged_tokens, r, tl, dc)
+        if o.kind in (ALLOW, DOWNGRADE):
+            o.kind, o.reason = (DENY_RATE, R_PROVIDER) if best >= 0 else (TOO_LARGE, R_PROVIDER)
+            o.wait_us = math.ceil(best) if best > 0 else 0
+            o.retry_after_s = _seconds(best)
+        return _with_provider(o, q, qs, first)
+    return Outcome(kind=DENY_RATE if best >= 0 else TOO_LARGE, reason=R_PROVIDER, tier=t0,
+                   retry_after_s=_seconds(best), remaining_requests=0, remaining_tokens=0,
+                   budget_remaining=0, charged_tokens=0, charged_cost=0,
+                   wait_us=math.ceil(best) if best > 0 else 0)

@@ -67,12 +67,15 @@ class TenantPolicy(_Strict, frozen=True):
     limits: Optional[Limits] = None
     budget: Optional[Budget] = None
     shadow_mode: Optional[bool] = None
+    # providers: when every provider of the request's tier is full, try the next tier
+    spill_to_next_tier: Optional[bool] = None
 
 
 class Defaults(_Strict, frozen=True):
     priority: Priority = "normal"
     limits: Limits = Limits()
     budget: Optional[Budget] = None
+    spill_to_next_tier: bool = True
 
 
 class Estimate(_Strict, frozen=True):
@@ -128,6 +131,40 @@ class Admin(_Strict, frozen=True):
     # `kt serve --admin-token-file` overrides it (docs/security.md)
     token_file: Optional[str] = None
 
+# --- provider quotas (docs/providers.md) -------------------------------------------
+class ProviderRateLimits(_Strict, frozen=True):
+    requests_per_minute: Optional[int] = None
+    tokens_per_minute: Optional[int] = None
+    requests_per_day: Optional[int] = None
+    # share of a minute's quota one burst may take (0 < burst <= 1): for a provider that
+    # enforces its per-minute limit over shorter intervals
+    burst: float = 1.0
+
+
+class Provider(_Strict, frozen=True):
+    id: str
+    models: list[str]
+    rate_limits: ProviderRateLimits = ProviderRateLimits()
+    # share of each bucket kept for a priority and those above it, e.g. {high: 0.2}
+    reserve: dict[str, float] = {}
+    # where it lives, for `kt envoy-config`
+    host: Optional[str] = None
+    port: Optional[int] = None
+    tls: Optional[bool] = None  # absent: TLS on port 443
+    sni: Optional[str] = None  # absent: the host
+
+
+class Routing(_Strict, frozen=True):
+    strategy: Literal["weighted", "priority"] = "priority"
+    weights: dict[str, float] = {}  # weighted: provider id -> weight > 0
+    order: list[str] = []  # priority: provider ids, first tried first
+
+
+class Queue(_Strict, frozen=True):
+    max_wait_ms: int = 2000  # kept under Envoy's ext_authz timeout (kt envoy-config)
+    max_size: int = 1000  # waiting requests per sidecar process (the guide's queue_max_size)
+    overflow: Literal["reject"] = "reject"  # the guide's queue_overflow
+
 
 class Policy(_Strict, frozen=True, kw_only=True):
     tenant: TenantSource = TenantSource()
@@ -140,3 +177,6 @@ class Policy(_Strict, frozen=True, kw_only=True):
     backend: Backend = msgspec.field(default_factory=MemoryBackend)
     ledger: LedgerConfig = msgspec.field(default_factory=LedgerConfig)  # sidecar/ledger/
     admin: Admin = Admin()
+    providers: list[Provider] = []
+    routing: dict[str, Routing] = {}  # model -> how its providers share its traffic
+    queue: Optional[Queue] = None
