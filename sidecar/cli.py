@@ -77,7 +77,9 @@ def _check_config(args: argparse.Namespace) -> int:
             print(exc, file=sys.stderr)
             ok = False
             continue
-        print(f"{path}: ok ({len(p.tenants)} tenants, {len(p.tiers)} tiers, "
+        extra = f"{len(p.providers.providers)} providers, " if p.providers else ""
+        extra += f"queue {p.queue.max_wait_ms} ms, " if p.queue else ""
+        print(f"{path}: ok ({len(p.tenants)} tenants, {len(p.tiers)} tiers, {extra}"
               f"backend {type(p.backend).__name__}, digest {p.digest})")
     return 0 if ok else 1
 

@@ -24,6 +24,8 @@ from sidecar.backends.tls import tls_context
 from sidecar.backends.url import check_redis_url
 from sidecar.ledger import config as ledger_config
 from sidecar.policy import schema
+from sidecar.policy.providers import (PRIORITY_RANK, ProviderPlan, compile_providers,
+                                      compile_queue)
 
 PERIODS = {"minute": _core.P_MINUTE, "hour": _core.P_HOUR, "day": _core.P_DAY,
            "month": _core.P_MONTH, "total": _core.P_TOTAL}
@@ -62,6 +64,8 @@ class TenantRule(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     limits: _core.Limits
     shadow: bool
     budget_unit: str  # "tokens", "usd" or "" (no budget)
+    priority_rank: int = _core.PRIO_NORMAL  # _core.PRIO_*: the reservation rule's index
+    spill_to_next_tier: bool = True  # providers: may go one tier down when its tier is full
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,9 @@ class CompiledPolicy:
     tenant_metadata: Optional[tuple[str, tuple[str, ...]]] = None
     ledger: ledger_config.LedgerConfig = field(default_factory=ledger_config.LedgerConfig)
     admin_token_file: Optional[str] = None  # policy admin.token_file
+    # docs/providers.md: None without a `providers:` section (decisions as before)
+    providers: Optional[ProviderPlan] = None
+    queue: Optional[schema.Queue] = None
 
     def price_of(self, model: Optional[str]) -> Optional[tuple[int, int]]:
         """nano-USD per (input, output) token of a model; None if the model has no price."""
@@ -243,6 +250,7 @@ _ALLOWED: dict[str, tuple[str, ...]] = {
     "unknown": ("defaults", "deny"), "missing": ("deny", "anonymous"),
     "rate_limits": get_args(schema.FailureMode), "budgets": get_args(schema.FailureMode),
     "failure_mode": get_args(schema.FailureMode), "kind": ("memory", "redis"),
+    "strategy": ("weighted", "priority"), "overflow": ("reject",),
 }
 
 
@@ -263,7 +271,7 @@ def _validation_problem(prefix: Path_, exc: msgspec.ValidationError) -> _Problem
 
 # top-level fields whose value is a map of names (tenants, models): converted entry by
 # entry when the whole fails, so an error names the entry and every entry is checked
-_NAMED_MAPS = {"tenants": schema.TenantPolicy, "pricing": schema.Price}
+_NAMED_MAPS = {"tenants": schema.TenantPolicy, "pricing": schema.Price, "routing": schema.Routing}
 
 
 def _convert(doc: Any, problems: list[_Problem]) -> Optional[schema.Policy]:
@@ -556,7 +564,9 @@ def _compile(policy: schema.Policy, source: str, digest: str,
         built = compiled_limits(("defaults",), d.limits, d.budget)
         if built is not None:
             defaults = TenantRule(name="", priority=d.priority, limits=built[0],
-                                  shadow=policy.shadow_mode, budget_unit=built[1])
+                                  shadow=policy.shadow_mode, budget_unit=built[1],
+                                  priority_rank=PRIORITY_RANK[d.priority],
+                                  spill_to_next_tier=d.spill_to_next_tier)
     tenants: dict[str, TenantRule] = {}
     for name, t in policy.tenants.items():
         where: Path_ = ("tenants", name)
@@ -580,7 +590,11 @@ def _compile(policy: schema.Policy, source: str, digest: str,
         tenants[name] = TenantRule(
             name=name, priority=t.priority or d.priority, limits=built[0],
             shadow=t.shadow_mode if t.shadow_mode is not None else policy.shadow_mode,
-            budget_unit=built[1])
+            budget_unit=built[1], priority_rank=PRIORITY_RANK[t.priority or d.priority],
+            spill_to_next_tier=(t.spill_to_next_tier if t.spill_to_next_tier is not None
+                                else d.spill_to_next_tier))
+    providers = compile_providers(policy, fail)
+    queue = compile_queue(policy.queue, fail)
     if problems or defaults is None:
         return None
     return CompiledPolicy(
@@ -589,7 +603,7 @@ def _compile(policy: schema.Policy, source: str, digest: str,
         unknown_tenant=policy.tenant.unknown, missing_tenant=policy.tenant.missing,
         tiers=tuple(policy.tiers), tier_by_model=tier_by_model, tenants=tenants,
         defaults=defaults, estimate=est, backend=backend, pricing=dict(policy.pricing),
-        ledger=policy.ledger,
+        ledger=policy.ledger, providers=providers, queue=queue,
         admin_token_file=policy.admin.token_file,
     )
 

@@ -131,6 +131,7 @@ class Admin(_Strict, frozen=True):
     # `kt serve --admin-token-file` overrides it (docs/security.md)
     token_file: Optional[str] = None
 
+
 # --- provider quotas (docs/providers.md) -------------------------------------------
 class ProviderRateLimits(_Strict, frozen=True):
     requests_per_minute: Optional[int] = None
