@@ -25,10 +25,11 @@
 -- ARGV[14]    number of tiers n; ARGV[15..14+2n] nano-USD per input, output token per tier
 -- (the request's arguments come first so the caller can keep the limits' encoding)
 --
--- Reply: 16 integers, Outcome's order: kind, reason, tier, retry_after_s,
+-- Reply: 17 integers, Outcome's order: kind, reason, tier, retry_after_s,
 -- limit_requests, remaining_requests, reset_requests_us, limit_tokens,
 -- remaining_tokens, reset_tokens_us, budget_limit, budget_remaining, budget_reset_us,
--- charged_tokens, charged_cost, period_start_us.
+-- charged_tokens, charged_cost, period_start_us, wait_us (µs until the refusing limit
+-- has room, exact: the admission queue waits by it).
 --
 -- TTLs: a bucket key expires when it would be full again (plus 1 s), written with its
 -- level in one SET (common.lua). A budget key
@@ -170,5 +171,5 @@ local function decide(KEYS, ARGV)
     ps_out = pstart
   end
   return {kind, reason, tier, retry_after_s, rpm, rem_req, reset_req, tpm, rem_tok, reset_tok,
-          budget, b_rem, b_reset, charged_tokens, charged_cost, ps_out}
+          budget, b_rem, b_reset, charged_tokens, charged_cost, ps_out, math.ceil(retry_us)}
 end

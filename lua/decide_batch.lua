@@ -5,7 +5,7 @@
 -- ARGV[1]  number of decisions n
 -- then, per decision: its argument count c, then its c arguments (decide.lua's ARGV)
 -- last     the callers' deadline (deadline.lua): past it, nothing is applied
--- Reply: n replies, each decide.lua's 16 integers, or an error reply for a decision
+-- Reply: n replies, each decide.lua's 17 integers, or an error reply for a decision
 -- that failed (a key of the wrong type, say) while the others stand
 --
 -- Why: a script call's fixed cost in Redis (lookup, set-up, reply) is several times a

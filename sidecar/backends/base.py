@@ -7,9 +7,9 @@ raises ``BackendError`` and the service applies the configured failure mode.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol
+from typing import Callable, NamedTuple, Optional, Protocol, Sequence
 
-from sidecar._core import Limits, Outcome
+from sidecar._core import Limits, Outcome, Quota
 
 
 class BackendError(Exception):
@@ -32,6 +32,15 @@ class LateReply:
 class BackendTimeout(BackendError):
     """No reply within the timeout; the decision may still be applied (its outcome then
     goes to the caller's ``LateReply``)."""
+
+
+class Candidate(NamedTuple):
+    """A provider a routed decision may charge (docs/providers.md): the tier whose model it
+    would serve, its id (its state's key) and its quota."""
+
+    tier: int
+    provider: str
+    quota: Quota
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,29 @@ class Backend(Protocol):
         period_start_us: int,
     ) -> Settlement:
         """Apply actual-minus-charged usage once per request id (idempotent)."""
+
+    async def decide_routed(
+        self,
+        tenant: str,
+        limits: Limits,
+        tier: int,
+        input_tokens: int,
+        output_tokens: int,
+        firm_tokens: int,
+        commit_on_deny: bool,
+        priority: int,
+        spill: int,
+        candidates: Sequence[Candidate],
+        late: Optional[LateReply] = None,
+    ) -> Outcome:
+        """One decision that charges the tenant and one candidate provider together, or
+        neither (_core.decide_routed); Outcome.provider indexes ``candidates``."""
+
+    async def settle_provider(self, provider: str, quota: Quota, marker: str,
+                              delta_tokens: int, delta_requests: int = 0) -> bool:
+        """Correct a provider's buckets once per ``marker`` (a request id for a settlement):
+        tokens actual minus charged, requests given back by a refund (< 0). False when the
+        marker was applied before."""
 
     def share_reservation(self, tenant: str, request_id: str, record: str) -> None:
         """Keep a reservation where every replica finds it (no-op for a one-process backend).

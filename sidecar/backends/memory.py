@@ -33,12 +33,13 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import msgspec
 
 from sidecar import _core
-from sidecar.backends.base import BackendError, BackendStatus, LateReply, Settlement
+from sidecar.backends.base import (BackendError, BackendStatus, Candidate, LateReply,
+                                   Settlement)
 
 log = logging.getLogger("kt.memory")
 STATE_VERSION = 2  # 1: snapshot only (still read); 2: snapshot + journal
@@ -270,6 +271,9 @@ class MemoryBackend:
         self._journal_pending: list[tuple] = []
         self._journal_waiters: list[asyncio.Future] = []
         self._commit_running = False
+        # provider quotas (docs/providers.md): state by provider id, settled markers
+        self.quota_states: dict[str, _core.QuotaState] = {}
+        self.provider_settled: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._flusher: Optional[asyncio.Task] = None
         self._last_error = ""
         self.write_failures = {"snapshot": 0, "journal": 0}
@@ -374,6 +378,40 @@ class MemoryBackend:
         if out.charged_cost:
             self._dirty[tenant] = st
         return out
+
+    async def decide_routed(self, tenant: str, limits: _core.Limits, tier: int,
+                            input_tokens: int, output_tokens: int, firm_tokens: int,
+                            commit_on_deny: bool, priority: int, spill: int,
+                            candidates: Sequence[Candidate],
+                            late: Optional[LateReply] = None) -> _core.Outcome:
+        st = self.state_for(tenant, limits)
+        out = _core.decide_routed(
+            limits, st, self.clock(), tier, input_tokens, output_tokens, firm_tokens,
+            commit_on_deny, priority, spill,
+            [(c.tier, c.quota, self.quota_state(c.provider)) for c in candidates])
+        self.decisions += 1
+        if out.charged_cost:
+            self._dirty[tenant] = st
+        return out
+
+    def quota_state(self, provider: str) -> _core.QuotaState:
+        """A provider's state (providers are few and named in the policy: never swept)."""
+        qs = self.quota_states.get(provider)
+        if qs is None:
+            qs = self.quota_states[provider] = _core.QuotaState()
+        return qs
+
+    async def settle_provider(self, provider: str, quota: _core.Quota, marker: str,
+                              delta_tokens: int, delta_requests: int = 0) -> bool:
+        key = (provider, marker)
+        if key in self.provider_settled:
+            return False
+        self.provider_settled[key] = None
+        if len(self.provider_settled) > SETTLED_IDS_MAX:
+            self.provider_settled.popitem(last=False)
+        _core.quota_settle(quota, self.quota_state(provider), self.clock(), delta_tokens,
+                           delta_requests)
+        return True
 
     async def settle(self, tenant: str, limits: _core.Limits, request_id: str, delta_tokens: int,
                      delta_cost: int, period_start_us: int) -> Settlement:

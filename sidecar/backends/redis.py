@@ -32,7 +32,7 @@ import time
 import uuid
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
@@ -46,8 +46,8 @@ from sidecar.backends.tls import tls_context
 from sidecar.backends.url import check_redis_url
 
 from sidecar import _core
-from sidecar.backends.base import (BackendError, BackendStatus, BackendTimeout, LateReply,
-                                   Settlement)
+from sidecar.backends.base import (BackendError, BackendStatus, BackendTimeout, Candidate,
+                                   LateReply, Settlement)
 from sidecar.policy import schema
 
 log = logging.getLogger("kt.redis")
@@ -118,20 +118,25 @@ def _mono_us() -> int:
 
 
 def _is_outcome(reply: Any) -> bool:
-    return isinstance(reply, list) and len(reply) == 16 and all(isinstance(x, int) for x in reply)
+    # decide.lua: 17 integers; routed.lua: 20 (the provider's fields after them)
+    return (isinstance(reply, list) and len(reply) in (17, 20)
+            and all(isinstance(x, int) for x in reply))
 
 
 class _Batch:
-    """Decisions sent in one script call: (tenant, encoded ARGV, ARGV count, future,
-    LateReply). ``deadline_us``: when its callers stop waiting (monotonic µs)."""
-    __slots__ = ("items", "timer", "attempt", "deadline_us")
+    """Decisions sent in one script call: (encoded KEYS, KEYS count, encoded ARGV, ARGV
+    count, future, LateReply). ``deadline_us``: when its callers stop waiting (monotonic
+    µs). ``routed``: decisions with providers (routed.lua, docs/providers.md), whose key
+    counts vary; else each has the tenant's three keys (decide.lua)."""
+    __slots__ = ("items", "timer", "attempt", "deadline_us", "routed")
 
     def __init__(self, items: list, timer: Optional[asyncio.TimerHandle],
-                 deadline_us: int = 0) -> None:
+                 deadline_us: int = 0, routed: bool = False) -> None:
         self.items = items
         self.timer = timer
         self.attempt = 1
         self.deadline_us = deadline_us
+        self.routed = routed
 
 
 class RedisBackend:
@@ -156,11 +161,27 @@ class RedisBackend:
         self.settle_script = _Script("settle.lua")
         # settlements of one loop tick as one script call (single node; settle_batch.py)
         self._settles = SettleBatcher(self)
+        # provider quotas (docs/providers.md): one node decides tenant and provider in one
+        # script; a cluster takes the provider first, then decides the tenant
+        self.routed_script = _Script("routed.lua", "provider.lua", "decide.lua", "routed.lua",
+                                     "deadline.lua", "routed_one.lua")
+        self.routed_batch_script = _Script("routed_batch.lua", "provider.lua", "decide.lua",
+                                           "routed.lua", "deadline.lua", "routed_batch.lua")
+        self.provider_take_script = _Script("provider_take.lua", "provider.lua",
+                                            "provider_take.lua")
+        self.provider_settle_script = _Script("provider_settle.lua", "provider.lua",
+                                              "provider_settle.lua")
+        self._queued_routed: list[tuple[bytes, int, bytes, int, asyncio.Future, LateReply]] = []
+        self.provider_refunds = {"ok": 0, "failed": 0}  # cluster: holds given back
+        # cluster: whether each tenant's last decision found it below its low-water mark,
+        # to guess the tier whose providers to hold first
+        self._below_low_water: dict[str, bool] = {}
+        self._candidates_packed: dict[tuple, tuple[bytes, bytes]] = {}
         self.client: Any = None  # redis-py: cluster mode only (and URL parsing)
         self.conn: Optional[PipelinedConnection] = None
         # cached encodings: per tenant (its three keys), per Limits (their ARGV)
         self._tenant_keys: dict[str, bytes] = {}
-        self._queued: list[tuple[str, bytes, int, asyncio.Future, LateReply]] = []
+        self._queued: list[tuple[bytes, int, bytes, int, asyncio.Future, LateReply]] = []
         self.late_replies = 0  # replies that came after their decision had timed out
         self._limit_args: dict[_core.Limits, tuple[bytes, int]] = {}
         self._last_error = ""
@@ -235,7 +256,9 @@ class RedisBackend:
             log.error("redis at %s not available at start: %r", self.where, exc)
 
     def _scripts(self) -> tuple[_Script, ...]:
-        return (self.decide_script, self.batch_script, self.settle_script, self._settles.script)
+        return (self.decide_script, self.batch_script, self.settle_script, self._settles.script,
+                self.routed_script, self.routed_batch_script, self.provider_take_script,
+                self.provider_settle_script)
 
     async def close(self) -> None:
         if self._heartbeat is not None:
@@ -411,8 +434,8 @@ class RedisBackend:
             limits_packed, n_limit_args = self._limits_packed(limits)
             late = late or LateReply()
             fut = self._queue_decision(
-                tenant, b"".join([_bulk(a) for a in request]) + limits_packed,
-                len(request) + n_limit_args, late)
+                self._keys_packed(tenant), 3, b"".join([_bulk(a) for a in request])
+                + limits_packed, len(request) + n_limit_args, late)
             try:
                 reply = await fut
             except asyncio.CancelledError:
@@ -435,26 +458,189 @@ class RedisBackend:
             self.late_replies += 1
             late.on_outcome(_core.Outcome(*reply))
 
+    # --- provider quotas (docs/providers.md) -------------------------------------
+    def provider_keys(self, provider: str) -> tuple[str, str, str]:
+        # "kt:prov:{id}:..." can never be a tenant's key: those start "kt:{"
+        tag = f"{self.prefix}:prov:{{{provider}}}"
+        return f"{tag}:rpm", f"{tag}:tpm", f"{tag}:rpd"
+
+    @staticmethod
+    def _quota_args_of(quota: _core.Quota) -> list:
+        return [quota.rpm, quota.tpm, quota.rpd, repr(quota.burst),
+                *(repr(f) for f in quota.floors)]
+
+    def _candidate_packed(self, c: Candidate) -> tuple[bytes, bytes]:
+        """A candidate's three keys and its 8 arguments (tier, quota), encoded once."""
+        key = (c.provider, c.tier, c.quota)
+        packed = self._candidates_packed.get(key)
+        if packed is None:
+            if len(self._candidates_packed) > 10_000:
+                self._candidates_packed.clear()
+            packed = self._candidates_packed[key] = (
+                b"".join(_bulk(k) for k in self.provider_keys(c.provider)),
+                b"".join(_bulk(a) for a in [c.tier, *self._quota_args_of(c.quota)]))
+        return packed
+
+    async def decide_routed(self, tenant: str, limits: _core.Limits, tier: int,
+                            input_tokens: int, output_tokens: int, firm_tokens: int,
+                            commit_on_deny: bool, priority: int, spill: int,
+                            candidates: Sequence[Candidate],
+                            late: Optional[LateReply] = None) -> _core.Outcome:
+        if self.cfg.cluster:
+            return await self._decide_routed_cluster(
+                tenant, limits, tier, input_tokens, output_tokens, firm_tokens, commit_on_deny,
+                priority, spill, candidates)
+        request = [self._now_arg(), tier, input_tokens, output_tokens, firm_tokens,
+                   1 if commit_on_deny else 0]
+        limits_packed, n_limit_args = self._limits_packed(limits)
+        keys = [self._keys_packed(tenant)]
+        args = [b"".join([_bulk(a) for a in request]), limits_packed,
+                _bulk(priority), _bulk(spill), _bulk(len(candidates))]
+        for c in candidates:
+            ckeys, cargs = self._candidate_packed(c)
+            keys.append(ckeys)
+            args.append(cargs)
+        late = late or LateReply()
+        fut = self._queue_decision(
+            b"".join(keys), 3 + 3 * len(candidates), b"".join(args),
+            len(request) + n_limit_args + 3 + 8 * len(candidates), late, routed=True)
+        try:
+            reply = await fut
+        except asyncio.CancelledError:
+            # as decide(): applied, but its caller is gone; the outcome goes to its LateReply
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                asyncio.get_running_loop().call_soon(self._late_after_cancel, late, fut.result())
+            raise
+        if isinstance(reply, hiredis.ReplyError):
+            raise self._failed(f"routed.lua: {reply}")
+        if not (_is_outcome(reply) and len(reply) == 20):
+            raise self._failed(f"routed.lua: unexpected reply {str(reply)[:120]}")
+        self.decisions += 1
+        return _core.Outcome(*reply)
+
+    async def _provider_take(self, c: Candidate, priority: int, tokens: int) -> list:
+        keys = list(self.provider_keys(c.provider))
+        args = [self._now_arg(), priority, tokens, *self._quota_args_of(c.quota)]
+        reply = await self._call(self.provider_take_script, keys, args, None if self.cfg.cluster
+                                 else pack("EVALSHA", self.provider_take_script.sha, 3, *keys,
+                                           *args))
+        if not (isinstance(reply, list) and len(reply) == 3
+                and all(isinstance(x, int) for x in reply)):
+            raise self._failed(f"provider_take.lua: unexpected reply {str(reply)[:120]}")
+        return reply
+
+    async def _give_back(self, c: Candidate, tokens: int) -> None:
+        """Return a provider hold whose tenant step did not stand (a fresh marker: applied
+        once). A failure leaves the hold to refill: capacity over-counted, never lost."""
+        try:
+            await self.settle_provider(c.provider, c.quota, f"refund:{uuid.uuid4().hex}",
+                                       -tokens, -1)
+            self.provider_refunds["ok"] += 1
+        except BackendError as exc:
+            self.provider_refunds["failed"] += 1
+            log.warning("could not give back a hold of provider %s (1 request, %d tokens stay "
+                        "taken until they refill): %s", c.provider, tokens, exc)
+
+    async def _decide_routed_cluster(self, tenant: str, limits: _core.Limits, tier: int,
+                                     input_tokens: int, output_tokens: int, firm_tokens: int,
+                                     commit_on_deny: bool, priority: int, spill: int,
+                                     candidates: Sequence[Candidate]) -> _core.Outcome:
+        """Redis Cluster: a tenant's keys and a provider's are in different slots, and a
+        script touches one slot. Step 1 holds provider capacity (provider_take.lua on the
+        provider's slot, candidates in order, the tier guessed from the tenant's last
+        decision); step 2 decides the tenant (decide.lua) at the held provider's tier. Only
+        a provider hold is ever given back (the tenant refused, or went to another tier
+        than guessed): a tenant's spend is refunded only if, in that last case, no provider
+        of its tier has room (docs/providers.md)."""
+        tokens = input_tokens + output_tokens
+        ntiers = limits.ntiers
+        shift = 1 if self._below_low_water.get(tenant) and tier + 1 < ntiers else 0
+        t0 = tier + shift
+
+        async def hold(tiers: range) -> tuple[int, list, int]:
+            """The first candidate of ``tiers`` that takes the request (its index and
+            provider_take.lua's reply), or -1 and the soonest wait."""
+            wait = -1
+            for t in tiers:
+                for i, c in enumerate(candidates):
+                    if c.tier != t:
+                        continue
+                    r = await self._provider_take(c, priority, tokens)
+                    if r[0] == 0:
+                        return i, r, wait
+                    if r[0] > 0 and (wait < 0 or r[0] < wait):
+                        wait = r[0]
+            return -1, [], wait
+
+        held, took, best = await hold(range(t0, min(ntiers, t0 + spill + 1)))
+        if held < 0:
+            return _refusal(t0, best)
+        c = candidates[held]
+        asked = tier + (c.tier - t0)
+        out = await self.decide(tenant, limits, asked, input_tokens, output_tokens, firm_tokens,
+                                commit_on_deny)
+        if asked + 1 < ntiers:  # low water moves a request one tier down, where there is one
+            if len(self._below_low_water) > 100_000:
+                self._below_low_water.clear()
+            self._below_low_water[tenant] = out.tier > asked
+        if not (out.admitted or commit_on_deny):
+            await self._give_back(c, tokens)
+            return out
+        if out.tier == c.tier:
+            if out.charged_tokens != tokens:  # the tenant trimmed a defaulted output size
+                await self.settle_provider(c.provider, c.quota, f"trim:{uuid.uuid4().hex}",
+                                           out.charged_tokens - tokens)
+            return _with_provider(out, held, took[1], took[2], tier, spilled=c.tier > t0)
+        # the tenant's low-water state changed since its last decision: it was charged at
+        # out.tier, whose providers serve another model
+        await self._give_back(c, tokens)
+        tokens = out.charged_tokens
+        held, took, best = await hold(range(out.tier, out.tier + 1))
+        if held >= 0:
+            return _with_provider(out, held, took[1], took[2], tier, spilled=False)
+        # the one case that refunds a tenant: its charge, made for a request no provider
+        # of its tier can take (the RPM slot is not given back: refused, never over-admitted)
+        await self.settle(tenant, limits, f"provider-refund:{uuid.uuid4().hex}",
+                          -out.charged_tokens, -out.charged_cost, out.period_start_us)
+        return _refusal(out.tier, best)
+
+    async def settle_provider(self, provider: str, quota: _core.Quota, marker: str,
+                              delta_tokens: int, delta_requests: int = 0) -> bool:
+        keys = [*self.provider_keys(provider), f"{self.prefix}:prov:{{{provider}}}:settled:{marker}"]
+        args = [self._now_arg(), delta_tokens, delta_requests, *self._quota_args_of(quota),
+                SETTLED_TTL_MS]
+        packed = None if self.cfg.cluster else pack(
+            "EVALSHA", self.provider_settle_script.sha, 4, *keys, *args)
+        reply = await self._call(self.provider_settle_script, keys, args, packed)
+        if reply not in (0, 1):
+            raise self._failed(f"provider_settle.lua: unexpected reply {str(reply)[:120]}")
+        return reply == 1
+
     # --- batching (single node) ------------------------------------------------
-    def _queue_decision(self, tenant: str, args: bytes, nargs: int,
-                        late: LateReply) -> asyncio.Future:
+    def _queue_decision(self, keys: bytes, nkeys: int, args: bytes, nargs: int,
+                        late: LateReply, routed: bool = False) -> asyncio.Future:
         if self.client is None and self.conn is None:
             raise BackendError("redis backend not started")
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._queued.append((tenant, args, nargs, fut, late))
-        if len(self._queued) == 1:
+        if not self._queued and not self._queued_routed:
             loop.call_soon(self._flush_decisions)
+        (self._queued_routed if routed else self._queued).append(
+            (keys, nkeys, args, nargs, fut, late))
         return fut
 
     def _flush_decisions(self) -> None:
-        queued, self._queued = self._queued, []
         loop = asyncio.get_running_loop()
         deadline_us = _mono_us() + int(self.timeout_s * 1e6)
-        for i in range(0, len(queued), BATCH_MAX):
-            batch = _Batch(queued[i:i + BATCH_MAX], None, deadline_us)
-            batch.timer = loop.call_later(self.timeout_s, self._batch_timed_out, batch)
-            self._send_batch(batch)
+        for routed in (False, True):
+            if routed:
+                queued, self._queued_routed = self._queued_routed, []
+            else:
+                queued, self._queued = self._queued, []
+            for i in range(0, len(queued), BATCH_MAX):
+                batch = _Batch(queued[i:i + BATCH_MAX], None, deadline_us, routed)
+                batch.timer = loop.call_later(self.timeout_s, self._batch_timed_out, batch)
+                self._send_batch(batch)
 
     def _send_batch(self, batch: _Batch) -> None:
         assert self.conn is not None
@@ -467,18 +653,23 @@ class RedisBackend:
         offset = self._clock_offset(_mono_us())
         deadline = _bulk(batch.deadline_us + offset if offset is not None else 0)
         if len(items) == 1:
-            tenant, args, nargs, _, _ = items[0]
-            packed = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n3\r\n" % (
-                7 + nargs, self.decide_script.sha.encode()) + self._keys_packed(tenant) + args \
-                + deadline
+            keys, nkeys, args, nargs, _, _ = items[0]
+            one = self.routed_script if batch.routed else self.decide_script
+            packed = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n" % (
+                4 + nkeys + nargs, one.sha.encode()) + _bulk(nkeys) + keys + args + deadline
         else:
             n = len(items)
+            per = 2 if batch.routed else 1  # counts sent before each decision's ARGV
+            many = self.routed_batch_script if batch.routed else self.batch_script
+            nkeys = sum(it[1] for it in items)
             parts = [b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n" % (
-                5 + 3 * n + n + sum(it[2] for it in items), self.batch_script.sha.encode()),
-                _bulk(3 * n)]
-            parts += [self._keys_packed(it[0]) for it in items]
+                5 + nkeys + per * n + sum(it[3] for it in items), many.sha.encode()),
+                _bulk(nkeys)]
+            parts += [it[0] for it in items]
             parts.append(_bulk(n))
-            for _, args, nargs, _, _ in items:
+            for _, nk, args, nargs, _, _ in items:
+                if batch.routed:
+                    parts.append(_bulk(nk))
                 parts.append(_bulk(nargs))
                 parts.append(args)
             parts.append(deadline)
@@ -493,7 +684,7 @@ class RedisBackend:
         except Exception as exc:  # noqa: BLE001 - the one seam: every failure is a BackendError
             self._fail_batch(batch, f"{type(exc).__name__}: {exc}")
             return
-        if any(not it[3].done() for it in batch.items):
+        if any(not it[4].done() for it in batch.items):
             self._send_batch(batch)
 
     def _batch_replied(self, batch: _Batch, fut: asyncio.Future) -> None:
@@ -516,7 +707,10 @@ class RedisBackend:
                 batch.attempt = 2
                 asyncio.get_running_loop().create_task(self._reload_then_send(batch))
                 return
-            name = self.decide_script.name if len(batch.items) == 1 else self.batch_script.name
+            if batch.routed:
+                name = "routed.lua" if len(batch.items) == 1 else "routed_batch.lua"
+            else:
+                name = "decide.lua" if len(batch.items) == 1 else "decide_batch.lua"
             self._fail_batch(batch, f"{name}: {reply}")
             return
         if batch.timer is not None:
@@ -532,15 +726,15 @@ class RedisBackend:
             return
         loop = asyncio.get_running_loop()
         for it, one in zip(items, replies, strict=True):
-            if not it[3].done():
-                it[3].set_result(one)
+            if not it[4].done():
+                it[4].set_result(one)
             else:
                 # its caller timed out and was answered by the failure mode, or was
                 # cancelled, yet Redis applied the decision: the service puts the charge
                 # right. Looked at on the next turn: a caller cancelled just now has its
                 # future cancelled at once, but sets its handler only when its task runs,
                 # which is already queued ahead of this
-                loop.call_soon(self._late_after_cancel, it[4], one)
+                loop.call_soon(self._late_after_cancel, it[5], one)
 
     async def _reload_then_send(self, batch: _Batch) -> None:
         try:
@@ -555,8 +749,8 @@ class RedisBackend:
         # its reply still comes, _batch_replied hands the outcomes to their LateReply
         message = f"no reply within {self.cfg.timeout_ms} ms"
         for it in batch.items:
-            if not it[3].done():
-                it[3].set_exception(self._failed(message, timed_out=True))
+            if not it[4].done():
+                it[4].set_exception(self._failed(message, timed_out=True))
         if self.conn is not None and self.conn.stalled(self._stall_s):
             # nothing at all has come back for a long while: drop the link (failing the
             # calls queued on it) so the backlog stays bounded and the next call reconnects
@@ -566,8 +760,8 @@ class RedisBackend:
         if batch.timer is not None:
             batch.timer.cancel()
         for it in batch.items:
-            if not it[3].done():
-                it[3].set_exception(self._failed(message))
+            if not it[4].done():
+                it[4].set_exception(self._failed(message))
 
     @staticmethod
     def _limit_args_of(limits: _core.Limits) -> list:
@@ -712,3 +906,25 @@ class RedisBackend:
     def connection_attempts(self) -> tuple[int, int]:
         """(attempts that opened a working link, attempts that failed) since start."""
         return (self.conn.opened, self.conn.failed) if self.conn is not None else (0, 0)
+
+
+def _refusal(tier: int, wait_us: int) -> _core.Outcome:
+    """Refused by provider quota (as _core.decide_routed answers it): no tenant fields."""
+    kind = _core.DENY_RATE if wait_us >= 0 else _core.TOO_LARGE
+    seconds = max(1, -(-wait_us // 1_000_000)) if wait_us > 0 else 0
+    return _core.Outcome(kind, _core.R_PROVIDER, tier, seconds, 0, 0, 0, 0, 0, 0, -1, 0, 0, 0, 0,
+                         0, max(wait_us, 0), -1, -1, -1)
+
+
+def _with_provider(o: _core.Outcome, index: int, rem_requests: int, rem_tokens: int,
+                   asked: int, spilled: bool) -> _core.Outcome:
+    kind, reason = o.kind, o.reason
+    if o.tier > asked and kind == _core.ALLOW:
+        kind = _core.DOWNGRADE
+    if spilled and kind in (_core.ALLOW, _core.DOWNGRADE):
+        reason = _core.R_PROVIDER
+    return _core.Outcome(kind, reason, o.tier, o.retry_after_s, o.limit_requests,
+                         o.remaining_requests, o.reset_requests_us, o.limit_tokens,
+                         o.remaining_tokens, o.reset_tokens_us, o.budget_limit,
+                         o.budget_remaining, o.budget_reset_us, o.charged_tokens, o.charged_cost,
+                         o.period_start_us, o.wait_us, index, rem_requests, rem_tokens)
