@@ -127,7 +127,7 @@ def _envoy_config(args: argparse.Namespace) -> int:
         estimate_header=policy.estimate.header, estimate_trusted=policy.estimate.trusted,
         tenant_metadata_namespace=policy.tenant_metadata[0] if policy.tenant_metadata else "",
         jwt_issuer=args.jwt_issuer or "", jwt_jwks_file=args.jwt_jwks_file or "",
-        jwt_audiences=tuple(args.jwt_audience))
+        jwt_audiences=tuple(args.jwt_audience), **provider_options(policy))
     if opts.tenant_metadata_namespace == JWT_NAMESPACE and not opts.jwt_jwks_file:
         print("kt envoy-config: the policy takes the tenant from a JWT claim, but no jwt_authn "
               "filter would validate one: give the issuer and its keys (--jwt-issuer, "
@@ -140,6 +140,27 @@ def _envoy_config(args: argparse.Namespace) -> int:
         return 2
     sys.stdout.write(text)
     return 0
+
+
+def provider_options(policy) -> dict:
+    """EnvoyOptions from the policy's providers and queue (docs/providers.md): one cluster
+    per provider with a host, and an ext_authz timeout above the queue's longest wait."""
+    from sidecar.envoy_config import EnvoyOptions, Upstream
+
+    out: dict = {}
+    if policy.providers is not None:
+        out["providers"] = [Upstream(host=p.host, port=p.port, tls=p.tls, name=p.id,
+                                     sni=p.sni or "")
+                            for p in policy.providers.providers if p.host]
+    if policy.queue is not None:
+        out["authz_timeout_s"] = max(EnvoyOptions.authz_timeout_s,
+                                     policy.queue.max_wait_ms / 1000 + QUEUE_TIMEOUT_MARGIN_S)
+    return out
+
+
+# Envoy's ext_authz timeout over the admission queue's longest wait: the last decision
+# after the wait, and the answer's way back
+QUEUE_TIMEOUT_MARGIN_S = 0.25
 
 
 def _spend(args: argparse.Namespace) -> int:

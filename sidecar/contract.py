@@ -24,9 +24,12 @@ H_SHADOW = "x-kt-shadow"  # shadow mode: what the decision would have been
 # the reservation id the sidecar made for an admitted request: ext_proc and usage reports
 # settle by it (docs/usage.md); a client-chosen x-request-id is never the key
 H_RESERVATION = "x-kt-reservation"
+H_PROVIDER = "x-kt-provider"  # the provider charged with the request: Envoy routes on it
+H_REASON = "x-kt-reason"  # why provider quota downgraded or refused it (client sees it too)
 # Only the sidecar may set these: the printed Envoy config strips them from the client's
 # request before any filter runs (else a fail-open or an appending filter lets them through).
-UPSTREAM_HEADERS = (H_DECISION, H_TENANT, H_TIER, H_MODEL, H_PRIORITY, H_SHADOW, H_RESERVATION)
+UPSTREAM_HEADERS = (H_DECISION, H_TENANT, H_TIER, H_MODEL, H_PRIORITY, H_SHADOW, H_RESERVATION,
+                    H_PROVIDER, H_REASON)
 # gRPC metadata on the ext_proc stream of a body rewrite (usage comes by Envoy's access log,
 # `kt envoy-config` usage "als"): that stream must not close the reservation.
 H_EXT_PROC_ROLE = "x-kt-ext-proc"
@@ -152,6 +155,8 @@ def _deny_message(d: Decision) -> str:
         return d.message
     o = d.outcome
     reason = REASONS.get(o.reason, "") if o is not None else ""
+    if reason == "provider" and o is not None:
+        return _provider_message(d, o)
     if d.kind is Kind.DENY_RATE and o is not None:
         limit = f"{o.limit_requests} requests" if reason == "requests" else f"{o.limit_tokens} tokens"
         return (f"Rate limit reached for tenant {d.tenant!r}: {limit} per minute. "
@@ -173,6 +178,16 @@ def _deny_message(d: Decision) -> str:
     return d.kind.value
 
 
+def _provider_message(d: Decision, o) -> str:
+    if d.kind is Kind.TOO_LARGE:
+        return (f"Request too large for the providers serving model {d.model!r}: its token "
+                f"estimate exceeds what any of them takes in one burst at priority "
+                f"{d.priority or 'normal'}; it can never be admitted.")
+    return (f"Provider capacity for model {d.model!r} is exhausted: every provider serving it "
+            f"is at its quota for priority {d.priority or 'normal'}. "
+            f"Try again in {o.retry_after_s}s.")
+
+
 def answer(d: Decision) -> Answer:
     if d.kind is Kind.UNAVAILABLE:
         return Answer(status=503, unavailable=True, body=d.message.encode())
@@ -191,10 +206,17 @@ def answer(d: Decision) -> Answer:
             up.append((H_SHADOW, d.kind.value))
         if d.reservation_id:
             up.append((H_RESERVATION, d.reservation_id))
+        if d.provider:
+            up.append((H_PROVIDER, d.provider))
+        if d.reason:
+            up.append((H_REASON, d.reason))
+            rate.append((H_REASON, d.reason))
         return Answer(status=200, upstream_headers=tuple(up), response_headers=tuple(rate),
                       metadata=_metadata(d, decision))
     status, type_, code = ERRORS[d.kind]
     headers = [(H_CONTENT_TYPE, "application/json")] + rate
+    if d.reason:
+        headers.append((H_REASON, d.reason))
     retry = d.outcome.retry_after_s if d.outcome is not None else 0
     if d.kind is Kind.FAIL_CLOSED:
         retry = FAIL_CLOSED_RETRY_AFTER_S
@@ -214,4 +236,8 @@ def _metadata(d: Decision, decision: str) -> dict:
         md["model"] = d.model
     if d.shadow:
         md["shadow"] = d.kind.value
+    if d.provider:
+        md["provider"] = d.provider
+    if d.reason:
+        md["reason"] = d.reason
     return md

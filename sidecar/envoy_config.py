@@ -220,6 +220,10 @@ class EnvoyOptions:
     # retries never add more than this share of the cluster's active requests (and never
     # fewer than 3 at once): a failing provider cannot double the load on the others
     retry_budget_percent: float = 20.0
+    # policy `providers:` with a host (docs/providers.md): one cluster each, `name` = the
+    # provider's id; the sidecar's x-kt-provider picks it (the tier routes stay the
+    # fallback for a decision that names none: Envoy's own failure mode let it through)
+    providers: list[Upstream] = field(default_factory=list)
     # benchmarking: answer 200 from Envoy itself instead of routing to the tiers, and read
     # the request body first (a direct response to an unread POST body closes the
     # connection, which would measure reconnects, not Envoy)
@@ -319,13 +323,19 @@ def _upstream_cluster(name: str, u: Upstream, o: EnvoyOptions) -> dict:
     return c
 
 
+def _provider_cluster(u: Upstream) -> str:
+    return f"provider_{u.name}"
+
+
 def _secret_name(cluster: str) -> str:
     return f"{cluster}_api_key"
 
 
 def _secrets(o: EnvoyOptions) -> list[dict]:
+    named = [(name, u) for tier in o.tiers for name, u in _tier_clusters(tier)]
+    named += [(_provider_cluster(u), u) for u in o.providers]
     return [{"name": _secret_name(name), "generic_secret": {"secret": {"filename": u.api_key_file}}}
-            for tier in o.tiers for name, u in _tier_clusters(tier) if u.api_key_file]
+            for name, u in named if u.api_key_file]
 
 
 def _tier_route(tier: TierRoute, timeout: str) -> dict:
@@ -401,6 +411,16 @@ def _routes(o: EnvoyOptions) -> list[dict]:
         routes.append({"match": {"prefix": "/"},
                        "direct_response": {"status": 200, "body": {"inline_string": "{}"}}})
         return routes
+    for u in o.providers:
+        route: dict = {"cluster": _provider_cluster(u), "timeout": timeout,
+                       # nothing reached the provider: safe to try once more. Never another
+                       # provider: the sidecar charged this one's quota
+                       "retry_policy": {"retry_on": "connect-failure,refused-stream",
+                                        "num_retries": 1}}
+        if not u.is_ip:
+            route["auto_host_rewrite"] = True
+        routes.append({"match": {"prefix": "/", "headers": [
+            {"name": contract.H_PROVIDER, "string_match": {"exact": u.name}}]}, "route": route})
     for tier in o.tiers[1:]:
         routes.append({
             "match": {"prefix": "/", "headers": [
@@ -448,8 +468,9 @@ def _http_authz(o: EnvoyOptions) -> dict:
             "authorization_response": {
                 "allowed_upstream_headers": {"patterns": _exact(*contract.UPSTREAM_HEADERS)},
                 "allowed_client_headers": {"patterns": _exact(
-                    contract.H_RETRY_AFTER, contract.H_CONTENT_TYPE) + client},
-                "allowed_client_headers_on_success": {"patterns": client},
+                    contract.H_RETRY_AFTER, contract.H_CONTENT_TYPE, contract.H_REASON) + client},
+                "allowed_client_headers_on_success": {
+                    "patterns": client + _exact(contract.H_REASON)},
             },
         },
         # the filter-level list (http_service.authorization_request.allowed_headers is
@@ -673,6 +694,7 @@ def bootstrap(o: EnvoyOptions) -> dict:
         clusters.append(_cluster("kt_sidecar_http", o.sidecar_http_address, http2=False,
                                  idle_timeout_s=SIDECAR_HTTP_IDLE_TIMEOUT_S * 2 / 3))
     clusters += [_upstream_cluster(name, u, o) for t in o.tiers for name, u in _tier_clusters(t)]
+    clusters += [_upstream_cluster(_provider_cluster(u), u, o) for u in o.providers]
     static: dict = {}
     secrets = _secrets(o)
     if secrets:

@@ -8,6 +8,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 # Decisions take microseconds in process and ~1 ms over Redis: buckets from 50 µs to 250 ms.
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015,
                    0.02, 0.05, 0.1, 0.25)
+# queue waits: up to queue.max_wait_ms (at most 60 s)
+QUEUE_WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
 
 class Metrics:
@@ -24,9 +26,14 @@ class Metrics:
         self.latency = Histogram(
             "kt_decision_latency_seconds", "Time to decide one request, inside the sidecar.",
             ["transport"], buckets=LATENCY_BUCKETS, registry=r)
+        # one family, two kinds of series: {tenant} and {provider} (docs/providers.md)
         self.tokens_remaining = Gauge(
             "kt_tokens_remaining", "Tokens left in the tenant's TPM bucket after its last decision "
-            "(tenants named in the policy only, to bound cardinality).", ["tenant"], registry=r)
+            "(tenants named in the policy only, to bound cardinality), or in a provider's TPM "
+            "bucket after this sidecar's last decision for it.", ["tenant"], registry=None)
+        self.provider_tokens_remaining = Gauge(
+            "kt_tokens_remaining", "", ["provider"], registry=None)
+        r.register(_OneFamily(self.tokens_remaining, self.provider_tokens_remaining))
         self.budget_remaining = Gauge(
             "kt_budget_remaining", "Budget left in the current period after the tenant's last "
             "decision, in the budget's unit (tokens or USD).", ["tenant", "unit"], registry=r)
@@ -78,9 +85,53 @@ class Metrics:
             "kt_backend_ready", "1 when the backend answers, 0 when decisions fall back to the "
             "failure mode.", ["backend"], registry=r)
 
+        # --- provider quotas and the admission queue (docs/providers.md) ---------------
+        self.provider_requests = Counter(
+            "kt_provider_requests", "Requests admitted to a provider, by decision (allow, "
+            "downgrade), and refused by provider quota (rate_limited, too_large: counted "
+            "against the first provider that refused).", ["provider", "decision"], registry=r)
+        self.provider_requests_remaining = Gauge(
+            "kt_provider_requests_remaining", "Requests left in a provider's RPM bucket after "
+            "this sidecar's last decision for it.", ["provider"], registry=r)
+        self.provider_limit = Gauge(
+            "kt_provider_limit", "A provider's configured limit (requests_per_minute, "
+            "tokens_per_minute, requests_per_day).", ["provider", "limit"], registry=r)
+        self.provider_utilisation = Gauge(
+            "kt_provider_utilisation", "Share of a provider's bucket in use after this "
+            "sidecar's last decision for it (0..1), by limit (requests, tokens).",
+            ["provider", "limit"], registry=r)
+        self.upstream_responses = Counter(
+            "kt_upstream_responses", "Upstream responses ext_proc saw, by provider and HTTP "
+            "status: a provider's own 429s show here.", ["provider", "status"], registry=r)
+        self.queue_depth = Gauge(
+            "kt_request_queue_depth", "Requests waiting in the admission queue of this sidecar "
+            "process.", registry=r)
+        self.queue_wait = Histogram(
+            "kt_queue_wait_seconds", "Time requests spent in the admission queue, by result "
+            "(admitted, rejected).", ["result"], buckets=QUEUE_WAIT_BUCKETS, registry=r)
+        self.queue_rejections = Counter(
+            "kt_queue_rejections", "Requests answered 429 by the admission queue, by reason "
+            "(full: no place; wait_too_long: the bucket has no room within max_wait_ms).",
+            ["reason"], registry=r)
+
     def watch_backend(self, backend) -> None:
         """Export the backend's own counters (round trips and decisions), read at scrape time."""
         self.registry.register(_BackendCollector(backend))
+
+
+class _OneFamily:
+    """Gauges of one name with different labels, exported as one family (a registry holds
+    one collector per name)."""
+
+    def __init__(self, *gauges: Gauge) -> None:
+        self.gauges = gauges
+
+    def collect(self):
+        families = [f for g in self.gauges for f in g.collect()]
+        first = families[0]
+        for f in families[1:]:
+            first.samples.extend(f.samples)
+        yield first
 
 
 class _BackendCollector:
@@ -98,6 +149,14 @@ class _BackendCollector:
         yield trips
         yield calls
         yield from _backend_health(b)
+        if hasattr(b, "provider_refunds"):
+            refunds = CounterMetricFamily(
+                "kt_provider_refunds", "Redis Cluster: provider holds given back because the "
+                "tenant's step refused, by result (ok, failed: the hold stays taken until it "
+                "refills).", labels=["result"])
+            for result, n in b.provider_refunds.items():
+                refunds.add_metric([result], n)
+            yield refunds
 
 
 def _backend_health(b):

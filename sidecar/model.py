@@ -56,7 +56,11 @@ CORE_KINDS = {
     _core.TOO_LARGE: Kind.TOO_LARGE,
 }
 REASONS = {_core.R_NONE: "", _core.R_RPM: "requests", _core.R_TPM: "tokens",
-           _core.R_BUDGET: "budget", _core.R_SIZE: "size"}
+           _core.R_BUDGET: "budget", _core.R_SIZE: "size", _core.R_PROVIDER: "provider"}
+# Decision.reason: every provider serving the tier was full, the request went one tier
+# down; every provider that could take the request was full, it was refused
+REASON_PROVIDER_FULL = "provider_full"
+REASON_PROVIDER_QUOTA = "provider_quota"
 
 
 class Decision(msgspec.Struct, frozen=True):
@@ -78,6 +82,8 @@ class Decision(msgspec.Struct, frozen=True):
     # the id the request's reservation (and its settlement) is keyed by: made by the
     # sidecar, sent to the upstream as x-kt-reservation, never taken from the client
     reservation_id: str = ""
+    provider: str = ""  # the provider charged with it (docs/providers.md)
+    reason: str = ""  # why a downgrade or refusal came from provider quota (REASON_*)
 
     @property
     def admitted(self) -> bool:

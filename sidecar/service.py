@@ -12,18 +12,22 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import msgspec
 
 from sidecar import _core
-from sidecar.backends.base import Backend, BackendError, BackendTimeout, LateReply
+from sidecar.backends.base import Backend, BackendError, BackendTimeout, Candidate, LateReply
 from sidecar.estimate import EstimateError, estimate
 from sidecar.ledger.recorder import Ledger
 from sidecar.metrics import Metrics
-from sidecar.model import CORE_KINDS, Decision, Kind, Request
+from sidecar.model import (CORE_KINDS, REASON_PROVIDER_FULL, REASON_PROVIDER_QUOTA, Decision,
+                           Kind, Request)
 from sidecar.policy import schema
 from sidecar.policy.load import CompiledPolicy, TenantRule
+from sidecar.policy.providers import PRIORITY_RANK
+from sidecar.providers import ProviderRouter
+from sidecar.queue import AdmissionQueue, Timer
 from sidecar.usage import ModelPrice, Usage, cost_nano, model_price
 
 log = logging.getLogger("kt.service")
@@ -85,6 +89,7 @@ class Reservation:
     created_s: float
     model_asked: str = ""  # for the ledger: what the request asked for, and the answer
     decision: str = ""
+    provider: str = ""  # the provider charged too (docs/providers.md): settled with it
 
 
 def _reservation_record(tier: int, model: str, tokens: int, cost: int, period_start: int) -> str:
@@ -127,9 +132,9 @@ class ReservationBook:
 
     def put(self, request_id: str, tenant: str, tier: int, model: str, charged_tokens: int,
             charged_cost: int, period_start_us: int, created_s: float, model_asked: str = "",
-            decision: str = "") -> None:
+            decision: str = "", provider: str = "") -> None:
         self._book[request_id] = (tenant, tier, model, charged_tokens, charged_cost,
-                                  period_start_us, created_s, model_asked, decision)
+                                  period_start_us, created_s, model_asked, decision, provider)
         self._book.move_to_end(request_id)
         self.expire()
 
@@ -219,7 +224,7 @@ def _valid_tenant(t: str) -> bool:
 
 class DecisionService:
     def __init__(self, policy: CompiledPolicy, backend: Backend, metrics: Optional[Metrics] = None,
-                 ledger: Optional[Ledger] = None):
+                 ledger: Optional[Ledger] = None, queue_timer: Optional[Timer] = None):
         self.policy = policy
         self.backend = backend
         self.metrics = metrics or Metrics()
@@ -238,14 +243,43 @@ class DecisionService:
         # tenant of recently settled request ids, so a repeated report without a
         # tenant still reaches the backend's idempotency check (bounded, oldest out)
         self._settled_tenant: OrderedDict[str, str] = OrderedDict()
+        # provider quotas and the admission queue (docs/providers.md): only with a policy
+        # that has them
+        self._router: Optional[ProviderRouter] = None
+        self.queue: Optional[AdmissionQueue] = None
+        self._queue_timer = queue_timer
+        self._providers_for(policy)
 
     def replace_policy(self, policy: CompiledPolicy) -> None:
         self.policy = policy
+        self._providers_for(policy)
+
+    def _providers_for(self, policy: CompiledPolicy) -> None:
+        self._router = ProviderRouter(policy, self.metrics) if policy.providers else None
+        if policy.queue is None:
+            self.queue = None  # requests already waiting finish their wait
+        elif self.queue is None:
+            self.queue = AdmissionQueue(policy.queue, self.metrics, self._queue_timer)
+        else:
+            self.queue.settings = policy.queue
+
+    def router(self, policy: CompiledPolicy) -> Optional[ProviderRouter]:
+        """The provider router of ``policy`` (the one a decision started with)."""
+        r = self._router
+        if r is not None and r.policy is policy:
+            return r
+        return ProviderRouter(policy, self.metrics) if policy.providers else None
 
     async def decide(self, req: Request, transport: str = "authz") -> Decision:
         started = time.perf_counter()
+        queue = self.queue
+        arrived = queue.timer.now() if queue is not None else 0.0
         decision = await self._decide(req)
-        elapsed = time.perf_counter() - started
+        elapsed = time.perf_counter() - started  # the decision alone; a wait is queue_wait
+        if queue is not None and transport != "rls" and queue.may_wait(decision):
+            # RLS never waits: Envoy's rate-limit filter gives up after 20 ms
+            decision = await queue.hold(decision, PRIORITY_RANK.get(decision.priority, 1),
+                                        functools.partial(self._decide, req), arrived)
         kind = decision.kind.value if not decision.shadow else "allow"
         # labelled children looked up once: .labels() costs microseconds per call
         children = self._children.get((kind, transport))
@@ -291,16 +325,25 @@ class DecisionService:
             return Decision(Kind.BAD_REQUEST, tenant=tenant, message=f"Malformed request: {exc}.")
         asked = policy.tier_by_model.get(est.model, 0) if est.model else 0
         late = LateReply()
+        router = self.router(policy)
+        candidates = router.candidates(asked) if router is not None else []
         try:
-            out = await self.backend.decide(tenant, rule.limits, asked, est.input_tokens,
-                                            est.output_tokens, est.firm_tokens, rule.shadow,
-                                            late)
+            if router is None:
+                out = await self.backend.decide(tenant, rule.limits, asked, est.input_tokens,
+                                                est.output_tokens, est.firm_tokens, rule.shadow,
+                                                late)
+            else:
+                out = await self.backend.decide_routed(
+                    tenant, rule.limits, asked, est.input_tokens, est.output_tokens,
+                    est.firm_tokens, rule.shadow, rule.priority_rank, router.spill(rule),
+                    candidates, late)
         except BackendError as exc:
             decision = self._failure(tenant, rule, asked, str(exc))
             if isinstance(exc, BackendTimeout):
                 key = self._late_key(decision, req)
                 late.on_outcome = functools.partial(
-                    self._late_outcome, decision.kind, tenant, rule, key)
+                    self._late_outcome, decision.kind, tenant, rule, key,
+                    candidates=candidates)
             return decision
         except asyncio.CancelledError:
             # the caller stopped waiting (Envoy's own ext_authz timeout cancels the gRPC
@@ -308,8 +351,11 @@ class DecisionService:
             # anyway, it is put right as for the "envoy" failure mode
             late.on_outcome = functools.partial(
                 self._late_outcome, Kind.UNAVAILABLE, tenant, rule,
-                REQUEST_ID_KEY + req.request_id if req.request_id else "")
+                REQUEST_ID_KEY + req.request_id if req.request_id else "",
+                candidates=candidates)
             raise
+        chosen = router.observe(out, candidates) if router is not None else None
+        provider = chosen.provider if chosen is not None else ""
         self._observe(tenant, rule, out)
         if out.budget_limit >= 0:
             self.ledger.budget_seen(tenant, tenant if rule.name else OTHER_TENANTS,
@@ -323,7 +369,8 @@ class DecisionService:
             self.reservations.put(rid, tenant, out.tier, policy.tiers[out.tier].model,
                                   out.charged_tokens, out.charged_cost, out.period_start_us,
                                   time.monotonic(), est.model or policy.tiers[asked].model,
-                                  _ledger_decision(CORE_KINDS[out.kind], out.tier > asked))
+                                  _ledger_decision(CORE_KINDS[out.kind], out.tier > asked),
+                                  provider)
             if self.backend.shares_reservations:
                 self.backend.share_reservation(tenant, rid, _reservation_record(
                     out.tier, policy.tiers[out.tier].model, out.charged_tokens,
@@ -337,10 +384,13 @@ class DecisionService:
         admitted = kind in (Kind.ALLOW, Kind.DOWNGRADE)
         if not admitted and rule.shadow:
             log.info("shadow: tenant=%s would be %s", tenant, kind.value)
+        reason = ""
+        if out.reason == _core.R_PROVIDER:
+            reason = REASON_PROVIDER_FULL if admitted else REASON_PROVIDER_QUOTA
         return Decision(kind, tenant=tenant, tier=tier.name, model=tier.model,
                         priority=rule.priority, outcome=out, shadow=not admitted and rule.shadow,
                         downgraded=out.tier > asked, budget_unit=rule.budget_unit,
-                        reservation_id=rid)
+                        reservation_id=rid, provider=provider, reason=reason)
 
     def _late_key(self, decision: Decision, req: Request) -> str:
         """Where a timed-out decision that Redis applies after all is kept: under the
@@ -362,10 +412,13 @@ class DecisionService:
                         "are only counted in kt_backend_errors_total): %s", mode, tenant, error)
         tier = self.policy.tiers[asked]
         if mode == "open":
-            # an id for the usage of a request that goes on: a late reply is held under it
+            # an id for the usage of a request that goes on: a late reply is held under it;
+            # Envoy routes on the provider: name one
+            router = self.router(self.policy)
             return Decision(Kind.FAIL_OPEN, tenant=tenant, tier=tier.name, model=tier.model,
                             priority=rule.priority, message=error,
-                            reservation_id=self.new_reservation_id())
+                            reservation_id=self.new_reservation_id(),
+                            provider=router.first(asked) if router is not None else "")
         if mode == "closed":
             return Decision(Kind.FAIL_CLOSED, tenant=tenant, message=(
                 "The rate limiter is unavailable and this tenant's limits fail closed. "
@@ -373,7 +426,7 @@ class DecisionService:
         return Decision(Kind.UNAVAILABLE, tenant=tenant, message=f"limiter backend: {error}")
 
     def _late_outcome(self, answered: Kind, tenant: str, rule: TenantRule, request_id: str,
-                      out: _core.Outcome) -> None:
+                      out: _core.Outcome, candidates: Sequence[Candidate] = ()) -> None:
         """Redis applied a decision after it timed out and the failure mode had answered.
         The charge it made is right only if the request went on: refund it when the
         sidecar itself refused the request (fail closed); keep it, as the request's
@@ -388,12 +441,16 @@ class DecisionService:
         elif answered is Kind.FAIL_CLOSED:
             self._refund_late(tenant, rule, out.charged_tokens, out.charged_cost,
                               out.period_start_us)
+            if 0 <= out.provider < len(candidates):  # and the provider's request and tokens
+                self._refund_provider(candidates[out.provider], out.charged_tokens, 1)
             return
         elif (answered in (Kind.FAIL_OPEN, Kind.UNAVAILABLE) and request_id
               and out.tier < len(self.policy.tiers)):
+            provider = candidates[out.provider].provider if 0 <= out.provider < len(
+                candidates) else ""
             self.reservations.put(request_id, tenant, out.tier, self.policy.tiers[out.tier].model,
                                   out.charged_tokens, out.charged_cost, out.period_start_us,
-                                  time.monotonic())
+                                  time.monotonic(), provider=provider)
         self.metrics.late_replies.labels(action).inc()
 
     def _refund_late(self, tenant: str, rule: TenantRule, tokens: int, cost: int,
@@ -409,6 +466,21 @@ class DecisionService:
                 self.metrics.late_replies.labels("refund_failed").inc()
                 return
             self.metrics.late_replies.labels("refunded").inc()
+
+        task = asyncio.get_running_loop().create_task(refund())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _refund_provider(self, c: Candidate, tokens: int, requests: int) -> None:
+        """Give a provider back what a decision that did not stand charged it."""
+        async def refund() -> None:
+            try:
+                await self.backend.settle_provider(c.provider, c.quota,
+                                                   f"late-refund:{uuid.uuid4().hex}",
+                                                   -tokens, -requests)
+            except BackendError as exc:
+                log.warning("could not give provider %s back a late decision's request and "
+                            "%d tokens (they refill): %s", c.provider, tokens, exc)
 
         task = asyncio.get_running_loop().create_task(refund())
         self._background.add(task)
@@ -515,6 +587,8 @@ class DecisionService:
         self._settled_tenant[request_id] = tenant
         if len(self._settled_tenant) > RESERVATIONS_MAX:
             self._settled_tenant.popitem(last=False)
+        if st.applied and res is not None and res.provider:
+            await self._settle_provider(request_id, res.provider, delta_tokens)
         if res is None and st.applied:
             # a late decision reply (fail open, or Envoy's failure mode) that came in while
             # this settled (both on one link, in order) left a reservation for a request
@@ -550,6 +624,31 @@ class DecisionService:
             reserved_tokens=charged_tokens, delta_tokens=delta_tokens, delta_cost=delta_cost,
             cost_usd=nano / 1e9, budget_spent=st.budget_spent, unpriced=unpriced,
             cached_tokens=cached_tokens, cache_write_tokens=cache_write_tokens)
+
+    def upstream_answered(self, provider: str, status: int) -> None:
+        """Count an upstream response ext_proc saw, by provider and status (a provider's own
+        429s): with providers in the policy only. Both labels are bounded: a provider id
+        the policy does not know (a header the sidecar did not set) counts as "unknown"."""
+        router = self._router
+        if router is None:
+            return
+        label = provider if router.known(provider) else ("none" if not provider else "unknown")
+        code = str(status) if 100 <= status <= 599 else "other"
+        self.metrics.upstream_responses.labels(label, code).inc()
+
+    async def _settle_provider(self, request_id: str, provider: str, delta_tokens: int) -> None:
+        """The provider's token bucket takes the same correction as the tenant's (once per
+        request id). A failure is logged, never fails the settlement: the tenant's spend is
+        right; the provider's bucket keeps the estimate until it refills."""
+        plan = self.policy.providers
+        rule = plan.by_id.get(provider) if plan is not None else None
+        if rule is None or delta_tokens == 0:
+            return  # a reload removed the provider, or nothing to correct
+        try:
+            await self.backend.settle_provider(provider, rule.quota, request_id, delta_tokens)
+        except BackendError as exc:
+            log.warning("provider %s not corrected for request %s (%+d tokens): %s", provider,
+                        request_id, delta_tokens, exc)
 
     def _price(self, model: str, usage: Usage) -> tuple[int, bool]:
         """(nano-USD, unpriced) of the usage: an unpriced model is never free (docs/usage.md)."""

@@ -172,7 +172,7 @@ def test_tenant_and_provider_are_charged_together_or_not_at_all(name, steps, prp
         spent = tenant.spent
         o = impl.routed(lim, tenant, now, tier, tokens, 0, prio, spill, cands, shadow)
         after = [snapshot(qs) for _, _, qs in cands]
-        changed = [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
+        changed = [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b]
         goes_on = admitted(o) or shadow
         if o.provider >= 0:
             assert goes_on and changed == [o.provider]

@@ -84,7 +84,7 @@ def test_decide_routed_matches_reference_model(setup, seq):
             assert getattr(got, name) == getattr(want, name), (name, got, want)
         assert (core_state.spent, core_state.req_level, core_state.tok_level) == (
             ref_state.spent, ref_state.req_level, ref_state.tok_level)
-        for (_, _, a), (_, _, b) in zip(core_cands, ref_cands):
+        for (_, _, a), (_, _, b) in zip(core_cands, ref_cands, strict=True):
             same_quota_state(a, b)
         if settle and got.provider >= 0:
             _, q, qs = core_cands[got.provider]

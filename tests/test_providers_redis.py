@@ -81,12 +81,12 @@ def run_routed(valkey, setup, seq, batched: bool = False) -> None:
         try:
             if batched:  # every decision queued in one tick: routed_batch.lua, in order
                 times, wants, calls = [], [], []
-                for gap, tier, inp, out, firm_out, prio, spill, shadow, _ in seq:
-                    clock.now += gap
+                for step in seq:
+                    clock.now += step[0]
                     times.append(clock.now)
                 tick = iter(times)
                 backend.clock_override = lambda: next(tick)
-                for (gap, tier, inp, out, firm_out, prio, spill, shadow, _), now in zip(
+                for (_gap, tier, inp, out, firm_out, prio, spill, shadow, _), now in zip(
                         seq, times, strict=True):
                     tier = min(tier, len(lim.prices) - 1)
                     firm = inp + (out if firm_out else 0)

@@ -72,6 +72,7 @@ class _Exchange:
         self.request_id = ""  # x-request-id
         self.tenant: Optional[str] = None
         self.rewrite_to: Optional[str] = None
+        self.provider = ""  # x-kt-provider the decision set (docs/providers.md)
         self.status = 0
         self.scanner: Optional[UsageScanner] = None
         self.done = False
@@ -120,6 +121,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         ex.tenant = h.get(contract.H_TENANT)
         if ex.tenant is None and self.service.policy.tenant_metadata is None:
             ex.tenant = h.get(self.service.policy.tenant_header)
+        ex.provider = h.get(contract.H_PROVIDER, "")
         if h.get(contract.H_DECISION) == "downgrade" and h.get(contract.H_MODEL):
             ex.rewrite_to = h[contract.H_MODEL]
         if ex.rewrite_to is None or msg.end_of_stream:
@@ -145,6 +147,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
             ex.status = int(h.get(":status", "0"))
         except ValueError:
             ex.status = 0
+        self.service.upstream_answered(ex.provider, ex.status)
         ex.scanner = UsageScanner(streamed="text/event-stream" in h.get("content-type", ""))
         if msg.end_of_stream:
             await self._finish(ex)
