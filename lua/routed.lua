@@ -17,6 +17,8 @@
 
 -- (common.lua, provider.lua and decide.lua are joined before this file at load)
 
+local R_PROVIDER = 5  -- Outcome reason: a provider's quota (core.pyx R_PROVIDER)
+
 local function routed(KEYS, ARGV)
   local ntiers = tonumber(ARGV[14])
   local m = 14 + 2 * ntiers
@@ -105,7 +107,7 @@ local function routed(KEYS, ARGV)
         if w == 0 then
           local left = quota_charge(c.keys, c.q, now, o[14], r)
           if t > tier and o[1] == 0 then o[1] = 1 end
-          if k > 0 and o[1] <= 1 then o[2] = 4 end
+          if k > 0 and o[1] <= 1 then o[2] = R_PROVIDER end
           return with_provider(o, i, left, c.q)
         end
         if w > 0 and (best < 0 or w < best) then best = w end
@@ -120,13 +122,13 @@ local function routed(KEYS, ARGV)
     local _, r = quota_wait(c.keys, c.q, now, prio, o[14])
     local left = quota_charge(c.keys, c.q, now, o[14], r)
     if o[1] <= 1 then
-      if best >= 0 then o[1], o[2] = 2, 4 else o[1], o[2] = 4, 4 end
+      if best >= 0 then o[1], o[2] = 2, R_PROVIDER else o[1], o[2] = 4, R_PROVIDER end
       o[17] = best > 0 and math.ceil(best) or 0
       o[4] = seconds(best)
     end
     return with_provider(o, first, left, c.q)
   end
   local kind = best >= 0 and 2 or 4
-  return {kind, 4, t0, seconds(best), 0, 0, 0, 0, 0, 0, -1, 0, 0, 0, 0, 0,
+  return {kind, R_PROVIDER, t0, seconds(best), 0, 0, 0, 0, 0, 0, -1, 0, 0, 0, 0, 0,
           best > 0 and math.ceil(best) or 0, -1, -1, -1}
 end

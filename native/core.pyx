@@ -539,8 +539,8 @@ cdef class Quota:
     def __cinit__(self, int64 rpm=0, int64 tpm=0, int64 rpd=0, double burst=1.0,
                   floors=(0.0, 0.0, 0.0)):
         cdef int i
-        if rpm < 0 or tpm < 0 or rpd < 0:
-            raise ValueError("rpm, tpm and rpd must be >= 0")
+        if not (0 <= rpm <= MAX_RATE_C and 0 <= tpm <= MAX_RATE_C and 0 <= rpd <= MAX_RATE_C):
+            raise ValueError("rpm, tpm and rpd must be in 0..MAX_RATE")
         if not (0.0 < burst <= 1.0):
             raise ValueError("burst must be in (0, 1]")
         self.floors = tuple(float(f) for f in floors)

@@ -30,8 +30,8 @@ BAD = {
     "reserve_sum.yaml": ("$.providers[0].reserve: the shares add up to 1; they must leave "
                          "something below 1 for the lowest priority"),
     "reserve_out_of_range.yaml": "$.providers[0].reserve.high: a share in [0, 1) expected, got 1.5",
-    "negative_provider_rpm.yaml": ("$.providers[0].rate_limits.requests_per_minute: must be >= 0 "
-                                   "(0 or absent = no such limit)"),
+    "negative_provider_rpm.yaml": ("$.providers[0].rate_limits.requests_per_minute: must be in "
+                                   "1..1000000000000, got -5 (omit it for no limit)"),
     "burst_too_small.yaml": ("$.providers[0].rate_limits.burst: requests_per_minute x burst = "
                              "0.5: the bucket would never hold one request"),
     "routing_without_providers.yaml": "$.routing: routing needs a `providers:` section",
