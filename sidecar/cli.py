@@ -213,6 +213,34 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _capacity_estimate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from sidecar.capacity import (CapacityError, estimate, parse_provider,
+                                  providers_from_policy)
+    from sidecar.plan import PlanError, plan
+
+    try:
+        if args.config:
+            policy = load_policy(args.config)
+            providers = providers_from_policy(policy, args.model or "", [
+                p for p in args.provider if "=" not in p]) + [
+                parse_provider(p) for p in args.provider if "=" in p]
+        else:
+            providers = [parse_provider(p) for p in args.provider]
+        est = estimate(args.requests_per_day, args.avg_input_tokens, args.avg_output_tokens,
+                       args.peak_multiplier, providers, args.model or "")
+        try:
+            cores = plan(args.results, est.peak_requests_per_second).text()
+        except PlanError as exc:
+            cores = f"no bench result to size from ({exc})"
+        print(dataclasses.replace(est, cores=cores).text())
+    except (CapacityError, PolicyError) as exc:
+        print(f"kt capacity estimate: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kt", description="kt-sidecar: rate limits and budgets "
                                 "for LLM traffic behind Envoy.")
@@ -291,6 +319,24 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a bench/run.py result (JSON); default: the reference result shipped "
                     "with the package (measured on the machine it names)")
     pl.set_defaults(func=_plan)
+
+    cap = sub.add_parser("capacity", help="capacity planning (docs/providers.md)")
+    capsub = cap.add_subparsers(dest="capacity_command", required=True)
+    ce = capsub.add_parser("estimate", help="tokens per day and per peak minute, RPM/TPM "
+                           "against each provider's limits, event storage, sidecar and Redis "
+                           "cores")
+    ce.add_argument("--requests-per-day", type=int, required=True)
+    ce.add_argument("--avg-input-tokens", type=int, required=True)
+    ce.add_argument("--avg-output-tokens", type=int, required=True)
+    ce.add_argument("--peak-multiplier", type=float, default=3.0,
+                    help="the peak minute over the average minute (default 3)")
+    ce.add_argument("--model", help="with --config: the providers serving this model")
+    ce.add_argument("--provider", action="append", default=[], metavar="ID|ID=RPM:TPM",
+                    help="a provider of --config, or one given by its limits (repeatable)")
+    ce.add_argument("--config", help="policy YAML whose providers' limits to check")
+    ce.add_argument("--results", default=None, help="a bench/run.py result for the cores "
+                    "(default: the reference result shipped with the package)")
+    ce.set_defaults(func=_capacity_estimate)
 
     u = sub.add_parser("spend", help="actual tokens and USD per tenant and model, from a "
                        "running sidecar (since its start)")

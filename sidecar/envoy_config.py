@@ -35,6 +35,7 @@ from sidecar.address import AddressError, check_host, check_port, is_ip, split_h
 from sidecar.transports.http_authz import IDLE_TIMEOUT_S as SIDECAR_HTTP_IDLE_TIMEOUT_S
 
 TYPE = "type.googleapis.com/"
+PROVIDER_HEADERS = (contract.H_PROVIDER, contract.H_REASON)
 
 
 # Debian/Ubuntu's bundle of public CAs: the envoyproxy/envoy image (Ubuntu) carries it.
@@ -668,7 +669,9 @@ def bootstrap(o: EnvoyOptions) -> dict:
     # overwrites them on an answer, but a fail-open (sidecar unreachable) would pass them
     # on and let x-kt-tier pick a route, and Envoy's rate-limit filter *appends* its
     # request_headers_to_add (seen on Envoy 1.40: "gpt-4o, gpt-4o-mini")
-    mutations: list[dict] = [{"remove": h} for h in contract.UPSTREAM_HEADERS]
+    # (x-kt-provider picks a route only where providers have one: removed there)
+    mutations: list[dict] = [{"remove": h} for h in contract.UPSTREAM_HEADERS
+                             if o.providers or h not in PROVIDER_HEADERS]
     if not o.estimate_trusted:  # a client must not set its own estimate (docs/security.md)
         mutations.append({"remove": o.estimate_header})
     # nor its own request id: Envoy then makes one (it preserves a client's id when it
