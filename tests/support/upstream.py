@@ -7,6 +7,8 @@ received and its own name (`served_by`). Test controls, as request headers:
 - `x-fake-status: 503`    answer that status with an error body and no usage;
 - `FakeUpstream(name, status=429)` answers that status to every request (a provider
   out of quota), `ssl_context=` serves HTTPS (a trustme certificate: a provider on TLS);
+- `FakeUpstream(name, quota=ProviderQuota(rpm, burst))` keeps its own request quota, as
+  real providers do, and answers 429 (with retry-after) to a request beyond it;
 - body `"stream": true`   answer SSE: a first chunk at once, the rest (with the
   usage chunk if `stream_options.include_usage`) once `release_stream` is set,
   so a test can see the first chunk arrive before the upstream finishes.
@@ -14,18 +16,53 @@ received and its own name (`served_by`). Test controls, as request headers:
 from __future__ import annotations
 
 import json
+import math
 import ssl
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
 
 
+class ProviderQuota:
+    """A provider's own request quota: a bucket of rpm x burst requests refilling at rpm per
+    minute, on this host's clock, counted when a request arrives. ``tolerance_s``: a request
+    may arrive a little earlier, relative to the others, than the sidecar decided it (the
+    network between them does not keep the spacing exactly); the provider tolerates that
+    much refill, no more (the sidecar's own quota is exact: tests/test_provider_invariants.py)."""
+
+    def __init__(self, rpm: int, burst: float = 1.0, tolerance_s: float = 0.1) -> None:
+        self.cap = rpm * burst
+        self.rate = rpm / 60.0
+        self.tolerance = tolerance_s * self.rate
+        self.level = self.cap
+        self.last = time.monotonic()
+        self.lock = threading.Lock()
+        self.admitted = 0
+        self.refused = 0
+
+    def take(self) -> float:
+        """0 when admitted, else the seconds until it would be."""
+        with self.lock:
+            now = time.monotonic()
+            self.level = min(self.cap, self.level + (now - self.last) * self.rate)
+            self.last = now
+            if self.level >= 1 - self.tolerance:
+                self.level -= 1
+                self.admitted += 1
+                return 0.0
+            self.refused += 1
+            return (1 - self.level) / self.rate
+
+
 class FakeUpstream:
     def __init__(self, name: str, status: int = 200,
-                 ssl_context: Optional[ssl.SSLContext] = None) -> None:
+                 ssl_context: Optional[ssl.SSLContext] = None,
+                 quota: Optional[ProviderQuota] = None) -> None:
         self.name = name
         self.status = status
         self.ssl_context = ssl_context
+        self.quota = quota
         self.requests: list[dict] = []  # {"headers", "body"} of every request served
         self.release_stream = threading.Event()
         self._server: Optional[ThreadingHTTPServer] = None
@@ -66,7 +103,18 @@ class FakeUpstream:
                 status = int(headers.get("x-fake-status", upstream.status))
                 usage_in, usage_out = (int(x) for x in headers.get("x-fake-usage", "10,5").split(","))
                 model = body.get("model", "unknown")
-                if status != 200:
+                wait = upstream.quota.take() if upstream.quota is not None else 0.0
+                if wait:
+                    data = json.dumps({"error": {"type": "rate_limit_exceeded", "code":
+                                                 "rate_limit_exceeded", "message":
+                                                 f"{upstream.name}: quota exceeded"}}).encode()
+                    self.send_response(429)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("retry-after", str(max(1, math.ceil(wait))))
+                    self.send_header("content-length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                elif status != 200:
                     self._send(status, {"error": {"type": "server_error", "message": "fake failure"}})
                 elif body.get("stream"):
                     self._stream(model, usage_in, usage_out,
