@@ -547,7 +547,9 @@ def _usage_access_log(o: EnvoyOptions) -> dict:
                 "buffer_flush_interval": _seconds(o.usage_flush_s),
                 "buffer_size_bytes": o.usage_buffer_bytes,
             },
-            "additional_request_headers_to_log": [contract.H_TENANT, contract.H_RESERVATION],
+            # and, with providers, which one answered (kt_upstream_responses_total)
+            "additional_request_headers_to_log": [contract.H_TENANT, contract.H_RESERVATION] + (
+                [contract.H_PROVIDER] if o.providers else []),
         },
     }
 

@@ -86,7 +86,7 @@ from sidecar.cli import provider_options  # noqa: E402
 from sidecar.envoy_config import EnvoyOptions, TierRoute, render  # noqa: E402
 from sidecar.policy.load import parse_policy  # noqa: E402
 from tests.support.procs import (EnvoyProcess, SidecarProcess, free_port,  # noqa: E402
-                                 log_tail, workdir)
+                                 log_tail, wait_until, workdir)
 from tests.support.upstream import FakeUpstream, ProviderQuota  # noqa: E402
 from tests.support.valkey import Valkey  # noqa: E402
 
@@ -100,6 +100,7 @@ tiers:
   - {name: shared, model: shared-model}
   - {name: prio, model: prio-model}
   - {name: waits, model: wait-model}
+  - {name: liar, model: liar-model}
 providers:
   - {id: east, models: [gpt-4o], rate_limits: {requests_per_minute: 6, burst: 0.5},
      host: 127.0.0.1, port: %(east)d}
@@ -113,6 +114,9 @@ providers:
      reserve: {high: 0.2}, host: 127.0.0.1, port: %(prio)d}
   - {id: waits, models: [wait-model], rate_limits: {requests_per_minute: 60, burst: 0.05},
      host: 127.0.0.1, port: %(waits)d}
+  # configured above what the provider really grants: its own 429s must show
+  - {id: liar, models: [liar-model], rate_limits: {requests_per_minute: 600},
+     host: 127.0.0.1, port: %(liar)d}
 queue: {max_wait_ms: 2500, max_size: 200}
 defaults:
   limits: {rpm: 1000}
@@ -129,13 +133,14 @@ tenants:
 """
 # the fake providers' own quotas: the same as the policy's (rpm, burst)
 QUOTAS = {"east": (6, 0.5), "west": (6, 0.5), "mini": (600, 1.0), "shared": (30, 0.2),
-          "prio": (10, 1.0), "waits": (60, 0.05)}
+          "prio": (10, 1.0), "waits": (60, 0.05), "liar": (6, 0.5)}
 
 
 class ProviderStack:
     def __init__(self, envoys: list[EnvoyProcess], providers: dict[str, FakeUpstream],
-                 elsewhere: FakeUpstream) -> None:
+                 elsewhere: FakeUpstream, sidecars: list[SidecarProcess]) -> None:
         self.envoys, self.providers, self.elsewhere = envoys, providers, elsewhere
+        self.sidecars = sidecars
         self._turn = 0
         self._lock = threading.Lock()
 
@@ -187,18 +192,19 @@ def provider_stack(sidecars: int, backend: str) -> Iterator[ProviderStack]:
         policy_path = d / "policy.yaml"
         policy_path.write_text(text)
         policy = parse_policy(text.encode(), "<e2e>")
-        envoys = []
+        envoys, procs = [], []
         for i in range(sidecars):
             sd = d / f"side-{i}"
             sd.mkdir()
             sidecar = stack.enter_context(SidecarProcess(policy_path, sd))
+            procs.append(sidecar)
             admin, listen = free_port(), free_port()
             opts = EnvoyOptions(listen_port=listen, admin_port=admin,
                                 sidecar_address=f"127.0.0.1:{sidecar.grpc_port}",
                                 tiers=[TierRoute(t.name, t.model, elsewhere.address)
                                        for t in policy.tiers], **provider_options(policy))
             envoys.append(stack.enter_context(EnvoyProcess(render(opts), sd, admin, listen)))
-        s = ProviderStack(envoys, providers, elsewhere)
+        s = ProviderStack(envoys, providers, elsewhere, procs)
         try:
             yield s
         except AssertionError as exc:
@@ -314,3 +320,23 @@ def test_the_queue_absorbs_a_short_burst_and_refuses_a_long_one_with_a_true_retr
     time.sleep(waits[-1])
     assert stack.post("burst-c", "wait-model")[0] == 200
     assert quota.refused == 0
+
+
+def test_a_providers_own_429s_show_in_the_metrics(stack):
+    """A provider configured above what it really grants refuses requests itself: Envoy's
+    access log brings the sidecar each answer, counted by provider and status."""
+    import re
+
+    got = [stack.post(f"liar-{i}", "liar-model")[0] for i in range(5)]
+    assert got == [200, 200, 200, 429, 429]  # the provider's bucket holds 3
+
+    def counted() -> int:
+        total = 0
+        for sc in stack.sidecars:
+            m = re.search(r'kt_upstream_responses_total\{provider="liar",status="429"\} (\S+)',
+                          sc.metrics())
+            total += int(float(m.group(1))) if m else 0
+        return total
+
+    wait_until(lambda: counted() == 2, 15, "the provider's 429s counted")
+    assert stack.providers["liar"].quota.refused == 2

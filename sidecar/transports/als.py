@@ -98,6 +98,9 @@ class UsageLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
             request = entry.request
             model, usage, settled_by = usage_of(entry)
             headers = request.request_headers
+            # a provider's own answers, its 429s among them (docs/providers.md)
+            self.service.upstream_answered(headers.get(contract.H_PROVIDER, ""),
+                                           entry.response.response_code.value)
             closing.append(close_reservation(
                 self.service, headers.get(contract.H_RESERVATION, ""), request.request_id,
                 headers.get(contract.H_TENANT),
