@@ -246,6 +246,8 @@ def test_content_length_at_the_cap_is_counted_and_beyond_it_too_large():
 # the implementation answered) and the limits: never the reference model, which runs
 # here as a third implementation under the same checks.
 
+import math  # noqa: E402
+
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as hs  # noqa: E402
 
@@ -545,3 +547,69 @@ def test_invariants_hold_on_every_implementation(kind, request):
                                                     history[-1]["t"]))
 
     run()
+
+
+# --- provider quotas (docs/providers.md): the same consequences on both backends ----------
+import math  # noqa: E402
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as hst  # noqa: E402
+
+from sidecar.backends.base import Candidate  # noqa: E402
+from tests.test_provider_invariants import check_capacity, history  # noqa: E402
+
+
+# the fixtures only name the backend and its URL: the same for every example
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(hst.sampled_from([3, 10, 60]), hst.sampled_from([500, 5000]),
+       hst.sampled_from([0.0, 0.2, 0.5]), history)
+def test_a_provider_never_admits_more_than_its_capacity_on_either_backend(
+        backend_kind, backend_url, rpm, tpm, high_share, steps):
+    """Through the backends' own decide_routed and settle_provider (the Cython core, and
+    lua/routed.lua + provider_settle.lua on a real Valkey): over every interval, what a
+    provider admits stays within its capacity plus its refill plus what was given back, and
+    a normal or low request never leaves a bucket below its floor."""
+    clock = Clock()
+    backend = make_backend(backend_kind, clock, backend_url)
+    quota = _core.Quota(rpm=rpm, tpm=tpm, floors=(high_share, high_share, 0.0))
+    provider = fresh_tenant("prov")
+    cands = [Candidate(0, provider, quota)]
+    lim = _core.Limits()
+
+    async def main():
+        await backend.start()
+        req_events, tok_events, open_charges = [], [], []
+        try:
+            for i, (gap, prio, tokens, action, delta) in enumerate(steps):
+                clock.now += gap
+                if action == "decide":
+                    o = await backend.decide_routed(fresh_tenant("t"), lim, 0, tokens, 0, tokens,
+                                                    False, prio, 0, cands)
+                    if o.admitted:
+                        req_events.append((clock.now, 1.0, 0.0, True))
+                        tok_events.append((clock.now, float(o.charged_tokens), 0.0, True))
+                        open_charges.append(o.charged_tokens)
+                        # never below the floor of its priority (remaining is the level
+                        # rounded down: at least the floor rounded down)
+                        floor = quota.floors[prio]
+                        assert o.provider_remaining_requests >= math.floor(floor * quota.req_cap)
+                        assert o.provider_remaining_tokens >= math.floor(floor * quota.tok_cap)
+                elif open_charges:
+                    charged = open_charges.pop(0)
+                    if action == "settle":
+                        d = max(delta, -charged)
+                        assert await backend.settle_provider(provider, quota, f"s{i}", d)
+                        tok_events.append((clock.now, max(d, 0), max(-d, 0), False))
+                    else:
+                        assert await backend.settle_provider(provider, quota, f"r{i}",
+                                                             -charged, -1)
+                        req_events.append((clock.now, 0.0, 1.0, False))
+                        tok_events.append((clock.now, 0.0, float(charged), False))
+        finally:
+            await backend.close()
+        return req_events, tok_events
+
+    req_events, tok_events = asyncio.run(main())
+    check_capacity(req_events, quota.req_cap, rpm / 60e6)
+    check_capacity(tok_events, quota.tok_cap, tpm / 60e6)

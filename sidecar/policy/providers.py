@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 from sidecar import _core
 from sidecar.policy import schema
@@ -22,7 +22,9 @@ QUEUE_MAX_SIZE = 1_000_000
 
 # records one error (field path, what was expected) and returns: every check runs, so one
 # pass reports every error of the file (sidecar/policy/load.py)
-Fail = Callable[[str, str], None]
+# (a path as "$.a.b" text, or as a tuple of its parts where a part may hold a dot: a
+# model or provider name)
+Fail = Callable[[Union[str, tuple], str], None]
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ class _Checks:
         self._fail = fail
         self.count = 0
 
-    def __call__(self, where: str, what: str) -> None:
+    def __call__(self, where: Union[str, tuple], what: str) -> None:
         self.count += 1
         self._fail(where, what)
 
@@ -191,7 +193,7 @@ def compile_providers(policy: schema.Policy, record: Fail) -> Optional[ProviderP
     known = {p.id: p for p in policy.providers}
     routes: dict[str, ModelRoute] = {}
     for model, r in policy.routing.items():
-        where = f"$.routing.{model}"
+        where: tuple = ("routing", model)
         before = fail.count
         if model not in tier_models:
             fail(where, f"no tier uses model {model!r}; expected one of: "
@@ -200,20 +202,21 @@ def compile_providers(policy: schema.Policy, record: Fail) -> Optional[ProviderP
         named = list(r.weights) if r.strategy == "weighted" else list(r.order)
         field = "weights" if r.strategy == "weighted" else "order"
         if r.strategy == "weighted" and r.order:
-            fail(f"{where}.order", "`order` goes with strategy: priority")
+            fail(where + ("order",), "`order` goes with strategy: priority")
         if r.strategy == "priority" and r.weights:
-            fail(f"{where}.weights", "`weights` go with strategy: weighted")
+            fail(where + ("weights",), "`weights` go with strategy: weighted")
         for pid in named:
+            at = where + ((field, pid) if field == "weights" else (field, named.index(pid)))
             if pid not in known:
-                fail(f"{where}.{field}.{pid}", f"no provider has the id {pid!r}")
+                fail(at, f"no provider has the id {pid!r}")
             elif model not in known[pid].models:
-                fail(f"{where}.{field}.{pid}", f"provider {pid!r} does not serve {model!r} "
+                fail(at, f"provider {pid!r} does not serve {model!r} "
                      f"(its models: {', '.join(known[pid].models)})")
         if len(set(named)) != len(named):
-            fail(f"{where}.{field}", "a provider is named twice")
+            fail(where + (field,), "a provider is named twice")
         for pid, w in r.weights.items():
             if not (math.isfinite(w) and w > 0):
-                fail(f"{where}.weights.{pid}", f"a weight > 0 expected, got {w!r}")
+                fail(where + ("weights", pid), f"a weight > 0 expected, got {w!r}")
         if fail.count != before:
             continue
         first = [policy.providers.index(known[pid]) for pid in named]
