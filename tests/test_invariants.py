@@ -246,8 +246,6 @@ def test_content_length_at_the_cap_is_counted_and_beyond_it_too_large():
 # the implementation answered) and the limits: never the reference model, which runs
 # here as a third implementation under the same checks.
 
-import math  # noqa: E402
-
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as hs  # noqa: E402
 
@@ -550,8 +548,6 @@ def test_invariants_hold_on_every_implementation(kind, request):
 
 
 # --- provider quotas (docs/providers.md): the same consequences on both backends ----------
-import math  # noqa: E402
-
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as hst  # noqa: E402
 
