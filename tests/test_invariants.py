@@ -548,7 +548,8 @@ def test_invariants_hold_on_every_implementation(kind, request):
 
 
 # --- provider quotas (docs/providers.md): the same consequences on both backends ----------
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+import math  # noqa: E402
+
 from hypothesis import strategies as hst  # noqa: E402
 
 from sidecar.backends.base import Candidate  # noqa: E402

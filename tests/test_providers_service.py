@@ -23,6 +23,7 @@ HEAD = """
 tiers:
   - {name: default, model: gpt-4o}
   - {name: compact, model: gpt-4o-mini}
+estimate: {trusted: true}   # the tests name each request's tokens in x-kt-estimated-tokens
 """
 
 
@@ -295,10 +296,11 @@ defaults: {limits: {tpm: 100000}}
 
     async def main():
         d = await svc.decide(req("t", tokens=100, rid="r1"))
-        assert d.admitted and d.provider == "p"
+        assert d.admitted and d.provider == "p" and d.reservation_id
         before = backend.quota_state("p").tok_level
-        res = await svc.settle_usage("r1", "t", "gpt-4o", 250, 50)
-        again = await svc.settle_usage("r1", "t", "gpt-4o", 250, 50)
+        # settled by the reservation id the sidecar made (x-kt-reservation)
+        res = await svc.settle_usage(d.reservation_id, "t", "gpt-4o", 250, 50)
+        again = await svc.settle_usage(d.reservation_id, "t", "gpt-4o", 250, 50)
         return before, res, again
 
     before, res, again = run(main())
