@@ -3,6 +3,7 @@ the state file of many tenants is flushed.
 
 Usage: python bench/state_flush.py [--tenants 100000] [--seconds 6] [--churn 10000]
                                    [--interval 1.0] [--json OUT]
+       python bench/state_flush.py --journal [--settlements 20000] [--batch 64]
 
 Fills an embedded backend (sidecar/backends/memory.py) with `tenants` tenants that each
 hold budget spend, started with a state file in a temporary directory (flushed every
@@ -12,6 +13,11 @@ records how late each decision was: the time from when its tick was due to when 
 decision returned. A flush that runs on the event loop shows up as late decisions; one
 that runs in a thread does not. Prints p50 / p99 / p99.9 / max lateness, the decisions
 later than 10 ms and the snapshots written meanwhile (their sizes and timestamps).
+
+--journal: what the journal costs a settlement (each is fsynced before it returns, many per
+fsync): `settlements` settlements, `batch` at a time (as the access-log receiver settles a
+message's entries together), with a state file and without one; settlements/s, the
+process's CPU per settlement, and fsyncs (groups) per settlement.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -80,12 +87,33 @@ async def run(tenants: int, seconds: float, churn: int, interval: float, state: 
             "snapshot_bytes": snapshots[-1][1] if snapshots else 0}
 
 
+async def journal(settlements: int, batch: int, state: str) -> dict:
+    start = _core.period_bounds(time.time_ns() // 1000, _core.P_MONTH)[0]
+    out = {}
+    for label, path in (("without_state_file", ""), ("with_state_file", state)):
+        backend = MemoryBackend(state_file=path, flush_interval_s=3600)
+        await backend.start()
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        for i in range(0, settlements, batch):
+            await asyncio.gather(*(backend.settle(f"tenant-{j % 1000}", LIMITS, f"r-{j}", 5, 5,
+                                                  start)
+                                   for j in range(i, min(i + batch, settlements))))
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        await backend.close()
+        out[label] = {"settlements_per_s": settlements / wall,
+                      "cpu_us_per_settlement": 1e6 * cpu / settlements}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tenants", type=int, default=100_000)
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--churn", type=int, default=10_000, help="tenants charged per second")
     ap.add_argument("--interval", type=float, default=1.0, help="flush interval (s)")
+    ap.add_argument("--journal", action="store_true", help="measure the journal instead")
+    ap.add_argument("--settlements", type=int, default=20_000)
+    ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--json")
     a = ap.parse_args()
     try:
@@ -93,6 +121,16 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
+    if a.journal:
+        with tempfile.TemporaryDirectory(prefix="kt-bench-state-") as d:
+            res = asyncio.run(journal(a.settlements, a.batch, os.path.join(d, "spend.json")))
+        for label, r in res.items():
+            print(f"journal, {a.settlements} settlements {a.batch} at a time, {label}: "
+                  f"{r['settlements_per_s']:.0f}/s, {r['cpu_us_per_settlement']:.1f} µs CPU each")
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(res, f, indent=2)
+        return
     with tempfile.TemporaryDirectory(prefix="kt-bench-state-") as d:
         res = asyncio.run(run(a.tenants, a.seconds, a.churn, a.interval,
                               os.path.join(d, "spend.json")))
