@@ -578,7 +578,9 @@ def test_the_readme_deploy_section_works_as_written():
             (d / "envoy.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
             envoy_log = d / "envoy.log"
             with open(envoy_log, "wb") as out:
-                proxy = subprocess.Popen(["bash", "-c", f"exec {envoy_cmd.rstrip('&')}"],
+                # other Envoys on this machine hold hot restart's base id 0
+                proxy = subprocess.Popen(["bash", "-c", f"exec {envoy_cmd.rstrip('& ')} "
+                                          "--use-dynamic-base-id"],
                                          cwd=d, env=env, stdout=out, stderr=subprocess.STDOUT)
             try:
                 wait_until(lambda: proxy.poll() is None and _tcp(listen), 30, "envoy", envoy_log)
