@@ -66,9 +66,12 @@ def test_the_final_stage_runs_as_a_numeric_user_with_a_health_check_and_every_po
     entrypoint, cmd = json.loads(final_ins["ENTRYPOINT"]), json.loads(final_ins["CMD"])
     assert entrypoint == ["kt", "serve"]
     args = build_parser().parse_args(["serve", *cmd])
-    ports = {int(a.rsplit(":", 1)[1]) for a in (args.grpc, args.http, args.http_authz)}
+    ports = {int(a.rsplit(":", 1)[1]) for a in (args.grpc, args.http, args.http_authz,
+                                                 args.admin)}
     assert ports <= {int(p) for p in final_ins["EXPOSE"].split()}
     assert args.http.startswith("0.0.0.0:")  # probes and scrapes come from outside the pod
+    # what writes the books or asks for decisions stays on loopback without a credential
+    assert all(a.startswith("127.0.0.1:") for a in (args.grpc, args.http_authz, args.admin))
 
 
 def context_files(root: Path) -> list[str]:

@@ -105,6 +105,7 @@ def test_the_pod_is_non_root_read_only_and_unprivileged_with_real_probes():
     ports = {p["name"]: p["containerPort"] for p in kt["ports"]}
     assert ports["metrics"] == int(args.http.rsplit(":", 1)[1])
     assert args.http.startswith("0.0.0.0:") and args.grpc.startswith("127.0.0.1:")
+    assert args.admin.startswith("127.0.0.1:")  # the books' write API: loopback, no token
     assert kt["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     assert kt["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     # the image's numeric user (Dockerfile USER) is the one the pod asserts
@@ -557,8 +558,9 @@ def test_the_readme_deploy_section_works_as_written():
         ready, log = d / "ready.json", d / "kt.log"
         with open(log, "wb") as out:  # `kt serve`, on free ports
             kt = subprocess.Popen([sys.executable, "-m", "sidecar.cli", "serve", "--grpc",
-                                   f"{LOOPBACK}:0", "--http", f"{LOOPBACK}:0", "--ready-file",
-                                   str(ready)], cwd=d, stdout=out, stderr=subprocess.STDOUT)
+                                   f"{LOOPBACK}:0", "--http", f"{LOOPBACK}:0", "--admin",
+                                   f"{LOOPBACK}:0", "--ready-file", str(ready)], cwd=d,
+                                  stdout=out, stderr=subprocess.STDOUT)
         try:
             wait_until(lambda: kt.poll() is None and ready.exists(), 30, "kt serve", log)
             grpc_port = json.loads(ready.read_text())["grpc_port"]
@@ -576,7 +578,9 @@ def test_the_readme_deploy_section_works_as_written():
             (d / "envoy.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
             envoy_log = d / "envoy.log"
             with open(envoy_log, "wb") as out:
-                proxy = subprocess.Popen(["bash", "-c", f"exec {envoy_cmd.rstrip('&')}"],
+                # other Envoys on this machine hold hot restart's base id 0
+                proxy = subprocess.Popen(["bash", "-c", f"exec {envoy_cmd.rstrip('& ')} "
+                                          "--use-dynamic-base-id"],
                                          cwd=d, env=env, stdout=out, stderr=subprocess.STDOUT)
             try:
                 wait_until(lambda: proxy.poll() is None and _tcp(listen), 30, "envoy", envoy_log)
