@@ -67,6 +67,10 @@ GAUGE_MERGE: dict[str, Callable[[Iterable[float]], float]] = {
     # same Redis state, the lowest value is the most recent (it only falls between refills)
     "kt_tokens_remaining": min,
     "kt_budget_remaining": min,
+    # providers (docs/providers.md): the same shared buckets, and one configured limit
+    "kt_provider_requests_remaining": min,
+    "kt_provider_utilisation": max,
+    "kt_provider_limit": max,
 }
 # the exit codes with which `kt serve` has already printed its own one-line reason
 _EXPLAINED = {2, 3, 4}

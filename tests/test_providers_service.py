@@ -367,3 +367,26 @@ shadow_mode: true
 
 def _unused(d: Decision) -> None:  # keep the import honest for type checkers
     assert d.kind in Kind and _core.ALLOW == 0
+
+
+def test_kt_serve_workers_merge_provider_gauges_by_meaning_not_by_sum():
+    """`kt serve --workers N` shows one pod: the queue depths add up, a provider's limit
+    and remaining capacity do not (every worker reads the same shared buckets)."""
+    from sidecar.workers import merge_metrics
+
+    def worker(depth: int, remaining: int) -> str:
+        m = Metrics()
+        m.queue_depth.set(depth)
+        m.provider_limit.labels("p", "requests_per_minute").set(600)
+        m.provider_requests_remaining.labels("p").set(remaining)
+        m.provider_tokens_remaining.labels("p").set(remaining * 100)
+        m.provider_utilisation.labels("p", "requests").set(1 - remaining / 600)
+        return generate_latest(m.registry).decode()
+
+    merged = {(s.name, tuple(sorted(s.labels.items()))): s.value
+              for fam in merge_metrics([worker(3, 500), worker(4, 450)]) for s in fam.samples}
+    assert merged[("kt_request_queue_depth", ())] == 7
+    assert merged[("kt_provider_limit", (("limit", "requests_per_minute"), ("provider", "p")))] == 600
+    assert merged[("kt_provider_requests_remaining", (("provider", "p"),))] == 450
+    assert merged[("kt_tokens_remaining", (("provider", "p"),))] == 45_000
+    assert merged[("kt_provider_utilisation", (("limit", "requests"), ("provider", "p")))] == 0.25
