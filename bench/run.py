@@ -459,6 +459,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--only", choices=["full-path"],
+                    help="one section alone, printed and not saved (for iterating on it)")
     a = ap.parse_args()
     for tool, pkg in (("wrk", "wrk"), ("h2load", "nghttp2-client")):
         if shutil.which(tool) is None:
@@ -475,6 +477,13 @@ def main() -> int:
         pol = d / "policy.yaml"
         pol.write_text(policy(valkey.url))
         sidecar = SidecarProcess(pol, d, ("--http-authz", "127.0.0.1:0")).start()
+        if a.only == "full-path":
+            try:
+                fp = full_path(d, valkey, sidecar, seconds, runs, a.connections, a.smoke)
+            finally:
+                sidecar.stop()
+            print("\n".join(full_path_markdown(fp, {})))
+            return 0
         wd2 = d / "workers2"
         wd2.mkdir()
         sidecar2 = SidecarProcess(pol, wd2, ("--http-authz", "127.0.0.1:0", "--workers", "2")).start()

@@ -112,8 +112,20 @@ local function json_reply(handle)
   handle:streamInfo():dynamicMetadata():set(NS, "json", doc .. "}")
 end
 
+-- the line of `data` that holds position `at`: start index, end index (before its
+-- newline), or nil when the line is not complete yet
+local function line_around(data, at)
+  local first = at
+  while first > 1 and string.byte(data, first - 1) ~= 10 do first = first - 1 end
+  local nl = string.find(data, "\n", at, true)
+  if nl == nil then return first, nil end
+  local last = nl - 1
+  if string.byte(data, last) == 13 then last = last - 1 end
+  return first, last
+end
+
 local function sse_reply(handle)
-  local tail = ""
+  local tail = ""  -- the unfinished last line of what came so far
   local model_line
   local usage_lines = {}  -- the first, then the latest ones (at most MAX_USAGE_LINES)
   local function publish()
@@ -125,42 +137,71 @@ local function sse_reply(handle)
     -- fetched anew each time: Envoy's wrappers do not outlive a yield (between chunks)
     handle:streamInfo():dynamicMetadata():set(NS, "sse", table.concat(out))
   end
-  local function line(l)
-    if string.sub(l, 1, 5) ~= "data:" or #l > MAX_LINE then return end
-    local changed = false
-    if model_line == nil and string.find(l, '"model"', 1, true) then
-      model_line = l .. "\n\n"
-      changed = true
+  local function keep(data, first, last)
+    local l = string.sub(data, first, last)
+    if string.sub(l, 1, 5) ~= "data:" or #l > MAX_LINE then return nil end
+    return l .. "\n\n"
+  end
+  -- Per chunk, only what can matter is looked at: a usage object ("usage" then ":" then
+  -- "{", which a null usage is not) and, until one is found, a "model" key; the lines
+  -- around them are cut out. Most chunks (text deltas) cost one scan in C.
+  local function scan(data, final)
+    local changed, from, cut = false, 1, nil
+    if model_line == nil then
+      local at = string.find(data, '"model"', 1, true)
+      if at ~= nil then
+        local first, last = line_around(data, at)
+        if last ~= nil or final then
+          model_line = keep(data, first, last or #data)
+          changed = model_line ~= nil
+        else
+          cut = first
+        end
+      end
     end
-    if string.find(l, '"usage"', 1, true) and not string.find(l, '"usage"%s*:%s*null') then
-      if #usage_lines >= MAX_USAGE_LINES then table.remove(usage_lines, 2) end
-      usage_lines[#usage_lines + 1] = l .. "\n\n"
-      changed = true
+    while true do
+      -- a plain search (memchr-fast in C), then one anchored look at what follows: a
+      -- pattern search would try every position of every chunk
+      local at = string.find(data, '"usage"', from, true)
+      if at == nil then break end
+      if string.find(data, '^%s*:%s*{', at + 7) == nil then
+        -- null (or cut by the chunk's end: the tail keeps it for the next chunk)
+        from = at + 7
+      else
+        local first, last = line_around(data, at)
+        if last == nil and not final then
+          if cut == nil or first < cut then cut = first end
+          break
+        end
+        local l = keep(data, first, last or #data)
+        if l ~= nil then
+          if #usage_lines >= MAX_USAGE_LINES then table.remove(usage_lines, 2) end
+          usage_lines[#usage_lines + 1] = l
+          changed = true
+        end
+        from = (last or #data) + 1
+      end
     end
     -- published as soon as usage is seen: a stream cut after its usage chunk still settles
     if changed and #usage_lines > 0 then publish() end
+    if final then return "" end
+    if cut ~= nil then return string.sub(data, cut) end
+    -- keep the unfinished last line: a key may straddle two chunks (one anchored match:
+    -- ".*" runs to the end and backs up to the last newline)
+    local after = string.match(data, "^.*\n()")
+    local rest = after and string.sub(data, after) or data
+    if #rest > MAX_LINE then return "" end
+    return rest
   end
   for chunk in handle:bodyChunks() do
     local n = chunk:length()
     if n > 0 then
-      local data = tail .. chunk:getBytes(0, n)
-      local start = 1
-      while true do
-        local nl = string.find(data, "\n", start, true)
-        if nl == nil then break end
-        local l = string.sub(data, start, nl - 1)
-        if string.byte(l, -1) == 13 then l = string.sub(l, 1, -2) end
-        line(l)
-        start = nl + 1
-      end
-      tail = string.sub(data, start)
-      if #tail > MAX_LINE then tail = "" end
+      local data = chunk:getBytes(0, n)
+      if #tail > 0 then data = tail .. data end
+      tail = scan(data, false)
     end
   end
-  if #tail > 0 then
-    if string.byte(tail, -1) == 13 then tail = string.sub(tail, 1, -2) end
-    line(tail)
-  end
+  if #tail > 0 then scan(tail, true) end
 end
 
 function envoy_on_response(handle)

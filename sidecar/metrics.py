@@ -178,6 +178,26 @@ def _backend_health(b):
             "mode): nothing charged.", labels=["backend"])
         expired.add_metric([b.name], b.expired)
         yield expired
+    leases = getattr(b, "leases", None)
+    if leases is not None:  # capacity leases for hot tenants (sidecar/backends/lease.py)
+        events = CounterMetricFamily(
+            "kt_leases", "Capacity leases, by event: taken, refused (the pool could not fill a "
+            "useful lease: per-request decisions), returned (what was left went back), failed "
+            "(Redis did not answer; a remainder not known returned is never sent twice).",
+            labels=["backend", "event"])
+        for event in ("taken", "refused", "returned", "failed"):
+            events.add_metric([b.name, event], leases.stats[event])
+        yield events
+        local = CounterMetricFamily(
+            "kt_lease_decisions", "Decisions made in process within a lease (no Redis round "
+            "trip); the rest of kt_backend_decisions_total went to Redis one by one.",
+            labels=["backend"])
+        local.add_metric([b.name], leases.stats["local_decisions"])
+        yield local
+        held = GaugeMetricFamily("kt_leases_held", "Leases this process holds now.",
+                                 labels=["backend"])
+        held.add_metric([b.name], len(leases.leases))
+        yield held
     if hasattr(b, "store_resets"):
         resets = CounterMetricFamily(
             "kt_backend_store_resets", "Times the shared store was found to have lost its "

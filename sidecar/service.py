@@ -234,6 +234,7 @@ class DecisionService:
         self.reservations.on_expired = self._ledger_expired
         self.new_reservation_id = ReservationIds()
         self._children: dict = {}
+        self._usage_children: dict = {}
         self._last_failure_log = 0.0
         self._background: set[asyncio.Task] = set()  # late refunds in flight (kept referenced)
         self._tenant_gauges: dict = {}
@@ -604,10 +605,21 @@ class DecisionService:
         model_label = (model if model in policy.pricing or model in policy.tier_by_model
                        else OTHER_MODELS)
         if st.applied:
-            m.tokens_total.labels(label, model_label, "input").inc(input_tokens)
-            m.tokens_total.labels(label, model_label, "output").inc(output_tokens)
-            m.cost_dollars.labels(label, model_label).inc(nano / 1e9)
-            m.settlements.labels(source).inc()
+            # labelled children looked up once per (tenant label, model label, source):
+            # .labels() costs microseconds, and usage comes back for every admitted request
+            key = (label, model_label, source)
+            children = self._usage_children.get(key)
+            if children is None:
+                if len(self._usage_children) > 100_000:
+                    self._usage_children.clear()
+                children = self._usage_children[key] = (
+                    m.tokens_total.labels(label, model_label, "input"),
+                    m.tokens_total.labels(label, model_label, "output"),
+                    m.cost_dollars.labels(label, model_label), m.settlements.labels(source))
+            children[0].inc(input_tokens)
+            children[1].inc(output_tokens)
+            children[2].inc(nano / 1e9)
+            children[3].inc()
             if unpriced:
                 m.unpriced_tokens.labels(model_label).inc(input_tokens + output_tokens)
                 self._unpriced_log.warning(

@@ -136,10 +136,11 @@ def stack(mode: str = "authz", failure_mode: str = "deny", unknown: str = "defau
                 sidecar_http_address=f"127.0.0.1:{sidecar.http_authz_port}", mode=mode,
                 failure_mode=failure_mode, tenant_metadata_namespace=tenant_metadata_namespace,
                 usage=usage,  # type: ignore[arg-type]
-                # Envoy's 20 ms RLS default is a production setting, not what these tests
-                # check: on a loaded 2-core CI machine a Python answer can take longer, and the
-                # failure mode then answers 503 where the test expects the sidecar's answer
-                rls_timeout_s=1.0,
+                # Envoy's 20 ms RLS and 200 ms ext_authz timeouts are production settings,
+                # not what these tests check: on a loaded 2-core CI machine a Python answer
+                # can take longer, and the failure mode then answers 503 where the test
+                # expects the sidecar's answer
+                rls_timeout_s=1.0, authz_timeout_s=1.0,
                 estimate_trusted=trusted_estimate,
                 tiers=[TierRoute("default", "gpt-4o", up_default.address),
                        TierRoute("compact", "gpt-4o-mini", up_compact.address)])

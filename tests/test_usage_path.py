@@ -240,7 +240,8 @@ def test_sse_usage_split_across_chunks_with_crlf_and_null_usage_chunks(path):
                                                              "completion_tokens": 29}},
                  b"[DONE]", crlf=True)
     at = stream.index(b'"prompt_tokens"') + 5  # the usage line cut in two
-    reply = Reply(split(stream, 10, at), content_type="text/event-stream; charset=utf-8")
+    key = stream.index(b'"usage": {') + 3  # and its key too, in another chunk
+    reply = Reply(split(stream, 10, key, at), content_type="text/event-stream; charset=utf-8")
     assert path.send("sse-split", "sse-split", reply) == 200
     rec = path.spend("sse-split")["gpt-4o"]
     assert (rec["input_tokens"], rec["output_tokens"]) == (61, 29)

@@ -41,6 +41,7 @@ import hiredis
 from redis.exceptions import NoScriptError, RedisError
 
 from sidecar.backends.resp import ConnectionLost, PipelinedConnection
+from sidecar.backends.lease import LeaseManager
 from sidecar.backends.settle_batch import SettleBatcher
 from sidecar.backends.tls import tls_context
 from sidecar.backends.url import check_redis_url
@@ -177,6 +178,10 @@ class RedisBackend:
         # to guess the tier whose providers to hold first
         self._below_low_water: dict[str, bool] = {}
         self._candidates_packed: dict[tuple, tuple[bytes, bytes]] = {}
+        # capacity leases for hot tenants (single node; lease.py)
+        # (not with a test clock for the scripts: the leases need the same clock, lease.py)
+        self.leases: Optional[LeaseManager] = LeaseManager(self) if (
+            cfg.leases and not cfg.cluster and clock_override is None) else None
         self.client: Any = None  # redis-py: cluster mode only (and URL parsing)
         self.conn: Optional[PipelinedConnection] = None
         # cached encodings: per tenant (its three keys), per Limits (their ARGV)
@@ -256,11 +261,14 @@ class RedisBackend:
             log.error("redis at %s not available at start: %r", self.where, exc)
 
     def _scripts(self) -> tuple[_Script, ...]:
-        return (self.decide_script, self.batch_script, self.settle_script, self._settles.script,
-                self.routed_script, self.routed_batch_script, self.provider_take_script,
-                self.provider_settle_script)
+        scripts = (self.decide_script, self.batch_script, self.settle_script,
+                   self._settles.script, self.routed_script, self.routed_batch_script,
+                   self.provider_take_script, self.provider_settle_script)
+        return scripts + (self.leases.script,) if self.leases is not None else scripts
 
     async def close(self) -> None:
+        if self.leases is not None:
+            await self.leases.close()  # what the leases hold goes back to the pool
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             try:
@@ -423,6 +431,12 @@ class RedisBackend:
     async def decide(self, tenant: str, limits: _core.Limits, tier: int, input_tokens: int,
                      output_tokens: int, firm_tokens: int, commit_on_deny: bool,
                      late: Optional[LateReply] = None) -> _core.Outcome:
+        if self.leases is not None:  # a hot tenant: within a lease, decided here (lease.py)
+            leased = await self.leases.decide(tenant, limits, tier, input_tokens, output_tokens,
+                                              firm_tokens, commit_on_deny)
+            if leased is not None:
+                self.decisions += 1
+                return leased
         request = [self._now_arg(), tier, input_tokens, output_tokens, firm_tokens,
                    1 if commit_on_deny else 0]
         if self.cfg.cluster:
@@ -839,6 +853,8 @@ class RedisBackend:
         if not (isinstance(reply, list) and len(reply) == 2
                 and all(isinstance(x, int) for x in reply)):
             raise self._failed(f"settle.lua: unexpected reply {str(reply)[:120]}")
+        if self.leases is not None:
+            self.leases.settled(tenant, reply[1])
         return Settlement(applied=reply[0] == 1, budget_spent=reply[1])
 
     # --- calls ---------------------------------------------------------------

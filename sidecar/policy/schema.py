@@ -121,6 +121,9 @@ class RedisBackend(_Strict, frozen=True, tag_field="kind", tag="redis"):
     # another replica replaces the estimate instead of adding to it (docs/usage.md);
     # one extra write per admitted request with an x-request-id
     shared_reservations: bool = False
+    # capacity leases for hot tenants: a replica decides in process within capacity it
+    # took from Redis at once (docs/redis.md, "Leases"); false: every decision per request
+    leases: bool = True
 
 
 Backend = Union[MemoryBackend, RedisBackend]

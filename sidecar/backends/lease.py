@@ -1,0 +1,383 @@
+"""Capacity leases for hot tenants: decide in process, within capacity taken from Redis.
+
+A tenant this process decides for often (``HOT_RATE`` decisions/s or more) takes a
+*lease* (lua/lease.lua): requests, tokens and budget taken out of the tenant's shared pool
+at once, atomically, exactly as if they had been charged. Decisions are then made here by
+the Cython core (``_core.decide``, the one implementation of the rules) against what the
+lease holds, with no Redis round trip, until it runs out, is idle, or is ``MAX_AGE_S`` old;
+then what is left goes back to the pool (a refund, with settle.lua's rules) in the same
+script call that takes the next lease. Settlements go on as for any decision (settle_batch,
+batched per loop tick). So:
+
+- **No over-admission.** Every request admitted here was deducted from the pool when the
+  lease was taken; the fleet never admits more than the pool allowed. A lease never takes
+  budget below the low-water mark, so a request admitted within it is one decide.lua would
+  have admitted at the tier it asked for (the local decision runs with low_water 0).
+- **Bounded under-admission.** Capacity a lease holds and does not use is unavailable to
+  the other replicas until it is returned: a lease is at most ``SHARE`` of the tenant's
+  per-minute limits (1%), returned when idle for ``IDLE_S`` or ``MAX_AGE_S`` old, so two
+  replicas hold at most 2% of a minute's capacity at any time.
+- **Exact where it matters.** A tenant whose limits cannot fill a lease of
+  ``MIN_REQUESTS`` requests within ``SHARE`` (rpm 3, or a budget near its end or near low
+  water) never leases: every decision is per request, exact, as before.
+- **Failures.** With Redis unreachable a replica goes on deciding within the leases it
+  holds, never beyond (the next lease fails, and per-request decisions fall into the
+  failure mode). A replica killed while holding a lease loses that lease: its buckets'
+  share comes back by refill, its budget share stays charged (an overcharge of at most
+  one lease, never a loss of spend).
+
+Clock: a lease is taken on Redis's clock (its reply carries Redis's time), and local
+decisions run on that clock (the budget period and the lease's end are Redis's); a lease
+ends before its budget period does. A backend whose scripts are given a test clock
+(``clock_override``) takes no leases unless a LeaseManager with that same clock is given to
+it (tests/test_leases.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from typing import TYPE_CHECKING, Callable, Optional
+
+import hiredis
+
+from sidecar import _core
+from sidecar.backends.base import BackendError
+
+if TYPE_CHECKING:
+    from sidecar.backends.redis import RedisBackend
+
+log = logging.getLogger("kt.lease")
+
+HOT_RATE = 20.0  # decisions/s of one tenant in this process before it takes leases
+LEASE_S = 1.0  # a lease covers this long of the tenant's recent traffic here
+SHARE = 0.01  # at most this share of the tenant's per-minute rpm / tpm in one lease
+MIN_REQUESTS = 8  # a lease covers at least this many requests, or there is none
+HEADROOM = 1.25  # tokens and cost leased per request: the average seen, times this
+IDLE_S = 0.5  # a lease not used for this long is returned
+MAX_AGE_S = 2.0  # a lease is returned (and a fresh one taken) at the latest this old
+SWEEP_S = 0.25  # how often idle and old leases are looked for
+RATE_WINDOW_US = 250_000  # the rate is counted over windows this long (decision clock)
+REFUSED_QUIET_US = 1_000_000  # after a refused lease, this long per request before another
+
+
+def lease_script():
+    from sidecar.backends.redis import _Script
+
+    return _Script("lease.lua")
+
+
+def pack(*args):
+    from sidecar.backends.redis import pack as redis_pack
+
+    return redis_pack(*args)
+
+
+class _Lease:
+    """What one lease holds: the core State the local decisions run on."""
+
+    __slots__ = ("limits", "local", "state", "period_start", "ends_us", "taken_us",
+                 "last_used_us", "pool_req", "pool_tok", "pool_budget", "decisions")
+
+    def __init__(self, limits: _core.Limits, reply: list, now_us: int) -> None:
+        g_req, g_tok, g_cost, pstart, pend, _server_now, req_after, tok_after, budget_after = reply
+        self.limits = limits
+        # the same limits, but no low-water downgrade: the lease holds budget above the mark
+        self.local = _core.Limits(rpm=limits.rpm, tpm=limits.tpm, burst=limits.burst,
+                                  budget=limits.budget, budget_in_usd=limits.budget_in_usd,
+                                  period=limits.period, low_water=0.0, prices=limits.prices)
+        st = _core.State()
+        if limits.rpm > 0:
+            st.req_level = float(g_req)
+        if limits.tpm > 0:
+            st.tok_level = float(g_tok)
+        if limits.budget >= 0:
+            st.spent = limits.budget - g_cost  # remaining = what the lease holds
+            st.period_start = pstart
+        self.state = st
+        self.period_start = pstart
+        self.taken_us = self.last_used_us = now_us
+        # a lease never outlives its budget period: past it, the period's spend is another
+        self.ends_us = min(now_us + int(MAX_AGE_S * 1e6), pend - 1000)
+        # what the pool had left after the lease (for the headers' remaining counts)
+        self.pool_req, self.pool_tok, self.pool_budget = req_after, tok_after, budget_after
+        self.decisions = 0
+
+    def left(self) -> tuple[int, int, int]:
+        """Requests, tokens and cost not used (to return)."""
+        st, lim = self.state, self.limits
+        req = max(0, int(math.floor(st.req_level))) if lim.rpm > 0 else 0
+        tok = max(0, int(math.floor(st.tok_level))) if lim.tpm > 0 else 0
+        cost = max(0, lim.budget - st.spent) if lim.budget >= 0 else 0
+        return req, tok, cost
+
+
+class _Seen:
+    """A tenant's recent decisions here: rate, and tokens and cost per decision."""
+
+    __slots__ = ("window_start", "count", "rate", "tokens", "cost", "renewing", "quiet_until")
+
+    def __init__(self, now: int) -> None:
+        self.window_start = now
+        self.quiet_until = 0
+        self.count = 0
+        self.rate = 0.0
+        self.tokens = 0.0
+        self.cost = 0.0
+        self.renewing: Optional[asyncio.Future] = None
+
+
+class LeaseManager:
+    def __init__(self, backend: "RedisBackend",
+                 clock: Optional[Callable[[], int]] = None) -> None:
+        """``clock`` (tests): the µs clock the backend's scripts are given (its
+        ``clock_override``), for the leases' own decisions, ends and rates."""
+        self.backend = backend
+        self.clock = clock
+        self.script = lease_script()
+        self.leases: dict[str, _Lease] = {}
+        self._seen: dict[str, _Seen] = {}
+        self._sweeper: Optional[asyncio.Task] = None
+        self._offset_us: Optional[int] = None  # Redis's clock minus this host's
+        self.stats = {"taken": 0, "refused": 0, "returned": 0, "failed": 0,
+                      "local_decisions": 0, "renewals_waited": 0}
+
+    # --- clock ---------------------------------------------------------------
+    def now_us(self) -> int:
+        """Redis's clock, as estimated from the last lease reply (the budget period and a
+        lease's end are Redis's)."""
+        if self.clock is not None:
+            return self.clock()
+        return time.time_ns() // 1000 + (self._offset_us or 0)
+
+    def _rate_now_us(self) -> int:
+        return self.clock() if self.clock is not None else time.monotonic_ns() // 1000
+
+    # --- the decision --------------------------------------------------------
+    async def decide(self, tenant: str, limits: _core.Limits, tier: int, input_tokens: int,
+                     output_tokens: int, firm_tokens: int,
+                     commit_on_deny: bool) -> Optional[_core.Outcome]:
+        """The outcome decided within a lease, or None: decide this one per request."""
+        if commit_on_deny:  # shadow mode: every decision per request
+            return None
+        now = self._rate_now_us()
+        seen = self._seen.get(tenant)
+        if seen is None:
+            if len(self._seen) > 100_000:
+                self._forget_quiet(now)
+            seen = self._seen[tenant] = _Seen(now)
+        seen.count += 1
+        if now - seen.window_start >= RATE_WINDOW_US:
+            seen.rate = seen.count * 1e6 / (now - seen.window_start)
+            seen.window_start, seen.count = now, 0
+        if now < seen.quiet_until:  # its last lease was refused: per request for a while
+            return None
+        lease = self.leases.get(tenant)
+        if lease is None and seen.rate < HOT_RATE and seen.renewing is None:
+            return None
+        if lease is not None and lease.limits is limits:
+            out = self._local(lease, tier, input_tokens, output_tokens, firm_tokens)
+            if out is not None:
+                self._observe(seen, out)
+                return out
+        if seen.renewing is not None:
+            # another decision is taking this tenant's next lease: wait for it, try it once
+            self.stats["renewals_waited"] += 1
+            try:
+                await asyncio.shield(seen.renewing)
+            except BackendError:
+                return None
+        else:
+            want = self._sizing(seen, limits, tier, input_tokens, output_tokens)
+            if want is None and lease is None:
+                seen.quiet_until = now + REFUSED_QUIET_US
+                return None
+            await self._renew(tenant, limits, seen, want)
+        lease = self.leases.get(tenant)
+        if lease is not None and lease.limits is limits:
+            out = self._local(lease, tier, input_tokens, output_tokens, firm_tokens)
+            if out is not None:
+                self._observe(seen, out)
+                return out
+        return None
+
+    def _local(self, lease: _Lease, tier: int, input_tokens: int, output_tokens: int,
+               firm_tokens: int) -> Optional[_core.Outcome]:
+        now = self.now_us()
+        if now >= lease.ends_us:
+            return None
+        st = lease.state
+        # no refill inside a lease: refill happens in the pool, for every replica
+        st.req_last = st.tok_last = now
+        out = _core.decide(lease.local, st, now, tier, input_tokens, output_tokens, firm_tokens,
+                           False)
+        if out.kind == 0 or out.kind == 4:  # admitted, or can never be admitted: final
+            lease.last_used_us = now
+            lease.decisions += 1
+            self.stats["local_decisions"] += 1
+            return self._with_pool(lease, out)
+        return None  # what is left does not cover it: a new lease, or per request
+
+    @staticmethod
+    def _with_pool(lease: _Lease, o: _core.Outcome) -> _core.Outcome:
+        """The headers' remaining counts: what the lease holds plus what the pool had left."""
+        lim = lease.limits
+
+        def clamp(v: int, limit: int) -> int:
+            return max(0, min(limit, v))
+
+        return _core.Outcome(
+            o.kind, o.reason, o.tier, o.retry_after_s,
+            o.limit_requests, clamp(o.remaining_requests + max(lease.pool_req, 0), lim.rpm),
+            o.reset_requests_us,
+            o.limit_tokens, clamp(o.remaining_tokens + max(lease.pool_tok, 0), lim.tpm),
+            o.reset_tokens_us,
+            o.budget_limit,
+            clamp(o.budget_remaining + max(lease.pool_budget, 0), lim.budget)
+            if lim.budget >= 0 else 0,
+            o.budget_reset_us, o.charged_tokens, o.charged_cost, o.period_start_us)
+
+    @staticmethod
+    def _observe(seen: _Seen, out: _core.Outcome) -> None:
+        if out.charged_tokens or out.charged_cost:
+            seen.tokens += (out.charged_tokens - seen.tokens) * 0.1
+            seen.cost += (out.charged_cost - seen.cost) * 0.1
+
+    def _sizing(self, seen: _Seen, limits: _core.Limits, tier: int, input_tokens: int,
+                output_tokens: int) -> Optional[tuple[int, int, int, int, int, int]]:
+        """(wanted requests, tokens, cost, at least requests, tokens, cost), or None when
+        this tenant's limits cannot fill a useful lease (decide per request)."""
+        tokens = input_tokens + output_tokens
+        per_tok = max(seen.tokens, float(tokens), 1.0)
+        pin, pout = limits.prices[min(tier, len(limits.prices) - 1)]
+        cost_now = input_tokens * pin + output_tokens * pout if limits.budget_in_usd else tokens
+        per_cost = max(seen.cost, float(cost_now), 1.0)
+        n = max(MIN_REQUESTS, int(max(seen.rate, HOT_RATE) * LEASE_S))
+        if limits.rpm > 0:
+            n = min(n, int(limits.rpm * SHARE))
+        if limits.tpm > 0:
+            n = min(n, int(limits.tpm * SHARE / (per_tok * HEADROOM)))
+        if n < MIN_REQUESTS:
+            return None
+        want_tok = math.ceil(n * per_tok * HEADROOM) if limits.tpm > 0 else 0
+        want_cost = math.ceil(n * per_cost * HEADROOM) if limits.budget >= 0 else 0
+        return (n if limits.rpm > 0 else 0, want_tok, want_cost,
+                MIN_REQUESTS if limits.rpm > 0 else 0,
+                math.ceil(MIN_REQUESTS * per_tok) if limits.tpm > 0 else 0,
+                math.ceil(MIN_REQUESTS * per_cost) if limits.budget >= 0 else 0)
+
+    # --- Redis ---------------------------------------------------------------
+    async def _renew(self, tenant: str, limits: _core.Limits, seen: _Seen,
+                     want: Optional[tuple]) -> None:
+        """Return the tenant's lease (what is left of it) and take a new one (if ``want``),
+        in one script call; other decisions of the tenant wait for it meanwhile."""
+        old = self.leases.pop(tenant, None)
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        seen.renewing = fut
+        try:
+            if old is not None and old.limits is not limits:
+                # the policy changed under the lease: return it under the limits it was
+                # taken with, then take the next one under the new ones
+                await self._call(tenant, old.limits, old, None)
+                old = None
+            lease = await self._call(tenant, limits, old, want) if (
+                want is not None or old is not None) else None
+        except BackendError as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved here; the waiters see it through shield()
+            return
+        finally:
+            seen.renewing = None
+        fut.set_result(None)
+        if lease is not None:
+            self.leases[tenant] = lease
+            self._start_sweeper()
+        elif want is not None:
+            seen.quiet_until = self._rate_now_us() + REFUSED_QUIET_US
+
+    async def _call(self, tenant: str, lim: _core.Limits, old: Optional[_Lease],
+                    want: Optional[tuple]) -> Optional[_Lease]:
+        """One lease.lua call under ``lim``: ``old``'s remainder back, ``want`` taken."""
+        r_req, r_tok, r_cost = old.left() if old is not None else (0, 0, 0)
+        r_start = old.period_start if old is not None and lim.budget >= 0 else -1
+        w = want if want is not None else (0, 0, 0, 0, 0, 0)
+        args = [self.backend._now_arg(), lim.rpm, lim.tpm, repr(lim.burst), lim.budget,
+                lim.period, repr(lim.low_water), r_req, r_tok, r_cost, r_start, *w]
+        keys = list(self.backend.keys(tenant))
+        packed = None if self.backend.cfg.cluster else pack(
+            "EVALSHA", self.script.sha, 3, *keys, *args)
+        sent_wall = time.time_ns() // 1000
+        try:
+            reply = await self.backend._call(self.script, keys, args, packed)
+        except BackendError:
+            self.stats["failed"] += 1
+            if old is not None:
+                # not known to have gone back, so never sent again (a second refund could
+                # over-admit): lost until the pool refills (buckets) or the period ends
+                log.warning("lease of tenant %s: its remainder could not be returned", tenant)
+            raise
+        if isinstance(reply, hiredis.ReplyError) or not (
+                isinstance(reply, list) and len(reply) == 9
+                and all(isinstance(x, int) for x in reply)):
+            self.stats["failed"] += 1
+            raise self.backend._failed(f"lease.lua: unexpected reply {str(reply)[:120]}")
+        if old is not None:
+            self.stats["returned"] += 1
+        if self.clock is None:
+            got_wall = time.time_ns() // 1000
+            self._offset_us = reply[5] - (sent_wall + got_wall) // 2
+        if want is None:
+            return None
+        if reply[0] == reply[1] == reply[2] == 0:
+            self.stats["refused"] += 1
+            return None
+        self.stats["taken"] += 1
+        return _Lease(lim, reply, self.now_us())
+
+    def settled(self, tenant: str, budget_spent: int) -> None:
+        """A settlement of the tenant's usage reached Redis: the budget it left, which the
+        lease's answers add what they hold to (the lease's own charge is part of it)."""
+        lease = self.leases.get(tenant)
+        if lease is not None and budget_spent >= 0 and lease.limits.budget >= 0:
+            lease.pool_budget = lease.limits.budget - budget_spent
+
+    # --- returning idle and old leases ----------------------------------------------
+    def _start_sweeper(self) -> None:
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
+
+    async def _sweep_loop(self) -> None:
+        while self.leases:
+            await asyncio.sleep(SWEEP_S)
+            await self.sweep()
+
+    async def sweep(self, everything: bool = False) -> None:
+        """Return the leases that are idle, old or (``everything``) all of them."""
+        now = self.now_us()
+        due = [t for t, lease in self.leases.items()
+               if everything or now >= lease.ends_us
+               or now - lease.last_used_us >= IDLE_S * 1e6]
+        for tenant in due:
+            lease = self.leases.get(tenant)
+            seen = self._seen.get(tenant)
+            if lease is None or (seen is not None and seen.renewing is not None):
+                continue
+            self.leases.pop(tenant, None)
+            try:
+                await self._call(tenant, lease.limits, lease, None)
+            except BackendError:
+                pass  # counted and logged in _call
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        try:
+            await asyncio.wait_for(self.sweep(everything=True), 1.0)
+        except (asyncio.TimeoutError, BackendError):
+            log.warning("leases not returned at shutdown: %d", len(self.leases))
+
+    def _forget_quiet(self, now: int) -> None:
+        for tenant in [t for t, s in self._seen.items()
+                       if now - s.window_start > 10 * RATE_WINDOW_US and t not in self.leases]:
+            del self._seen[tenant]

@@ -1,0 +1,264 @@
+"""Capacity leases (sidecar/backends/lease.py, lua/lease.lua) on a real Valkey, two
+sidecars' backends sharing it, time simulated (the scripts and the leases run on one test
+clock): no over-admission in any window, at least 97% of the limit admitted per minute with
+uneven demand above it, exact per-request decisions where a lease cannot be useful, a
+killed sidecar loses at most its lease, and with Redis unreachable a sidecar goes on
+within its lease and never beyond it."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from sidecar import _core
+from sidecar.backends.base import BackendError
+from sidecar.backends.lease import LeaseManager
+from sidecar.backends.redis import RedisBackend
+from sidecar.metrics import Metrics
+from sidecar.policy import schema
+from tests.support.procs import workdir
+from tests.support.valkey import Valkey
+
+
+@pytest.fixture(scope="module")
+def valkey():
+    with workdir() as d, Valkey(d) as v:
+        yield v
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = int(time.time()) * 1_000_000  # real time: TTLs must lie in the future
+
+    def __call__(self) -> int:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += int(seconds * 1_000_000)
+
+
+_seq = iter(range(10**9))
+
+
+def tenant(prefix: str) -> str:
+    return f"{prefix}-{next(_seq)}-{time.monotonic_ns()}"
+
+
+def backend(valkey: Valkey, clock: Clock, leases: bool = True,
+            timeout_ms: int = 2000) -> RedisBackend:
+    b = RedisBackend(schema.RedisBackend(url=valkey.url, timeout_ms=timeout_ms, leases=leases),
+                     clock_override=clock)
+    # the scripts run on the test clock: the leases are given the same one
+    b.leases = LeaseManager(b, clock=clock) if leases else None
+    return b
+
+
+def script_calls(b: RedisBackend) -> int:
+    return b.round_trips
+
+
+async def run(demand: list[tuple[RedisBackend, float]], name: str, lim: _core.Limits,
+              clock: Clock, seconds: float, step_s: float = 0.01) -> list[list[tuple[int, bool]]]:
+    """Each backend asks at its rate (decisions/s) for `seconds` of test time; what each
+    decision got, with its time, per backend."""
+    got: list[list[tuple[int, bool]]] = [[] for _ in demand]
+    owed = [0.0] * len(demand)
+    for _ in range(int(seconds / step_s)):
+        clock.advance(step_s)
+        for i, (b, rate) in enumerate(demand):
+            owed[i] += rate * step_s
+            while owed[i] >= 1:
+                owed[i] -= 1
+                out = await b.decide(name, lim, 0, 50, 50, 100, False)
+                got[i].append((clock.now, out.admitted))
+    return got
+
+
+def admitted_between(got, start: int, end: int) -> int:
+    return sum(1 for per in got for t, ok in per if ok and start <= t < end)
+
+
+def test_two_sidecars_uneven_demand_over_the_limit_admit_at_least_97_percent_never_more(valkey):
+    clock = Clock()
+    a, b = backend(valkey, clock), backend(valkey, clock)
+    lim = _core.Limits(rpm=3000, tpm=100_000_000)  # 50 requests/s
+    name = tenant("lease-uneven")
+
+    async def main():
+        await a.start()
+        await b.start()
+        try:
+            t0 = clock.now
+            got = await run([(a, 80.0), (b, 20.0)], name, lim, clock, 150.0)
+            return t0, got, dict(a.leases.stats), dict(b.leases.stats), a.round_trips
+        finally:
+            await a.close()
+            await b.close()
+
+    t0, got, stats_a, stats_b, trips_a = asyncio.run(main())
+    minute = 60_000_000
+    assert stats_a["taken"] > 0 and stats_a["local_decisions"] > 0  # leases were used
+    # no over-admission: over any interval, at most a full bucket plus its refill
+    for start in range(t0, t0 + 150 * 1_000_000 - minute, 5_000_000):
+        assert admitted_between(got, start, start + minute) <= lim.rpm * lim.burst + lim.rpm
+    # steady state (the first full bucket spent): every minute at least 97% of rpm. At most
+    # rpm plus what the two leases held when the minute began (drawn from the bucket before
+    # it: 1% of rpm each), which the bound over any interval above already covers
+    for start in (t0 + 60_000_000, t0 + 90_000_000):
+        n = admitted_between(got, start, start + minute)
+        assert 0.97 * lim.rpm <= n <= lim.rpm * 1.02, n
+    # each sidecar admitted within leases as well as per request
+    assert stats_b["taken"] > 0 and trips_a > 0
+
+
+def test_a_hot_tenant_within_its_limits_costs_at_most_one_script_call_per_20_decisions(valkey):
+    clock = Clock()
+    a, b = backend(valkey, clock), backend(valkey, clock)
+    lim = _core.Limits(rpm=600_000, tpm=10_000_000_000, budget=10**12, period=_core.P_MONTH,
+                       budget_in_usd=True, prices=((2500, 10000),))
+    name = tenant("lease-hot")
+
+    metrics = Metrics()
+    metrics.watch_backend(a)
+
+    async def main():
+        await a.start()
+        await b.start()
+        try:
+            got = await run([(a, 300.0), (b, 100.0)], name, lim, clock, 20.0)
+            assert metrics.registry.get_sample_value("kt_leases_held", {"backend": "redis"}) == 1
+            return got, a.round_trips + b.round_trips, dict(a.leases.stats)
+        finally:
+            await a.close()
+            await b.close()
+
+    got, trips, stats = asyncio.run(main())
+    sample = metrics.registry.get_sample_value
+    assert sample("kt_leases_total", {"backend": "redis", "event": "taken"}) == stats["taken"] > 0
+    assert sample("kt_lease_decisions_total", {"backend": "redis"}) == stats["local_decisions"]
+    assert sample("kt_leases_held", {"backend": "redis"}) == 0  # all returned at close
+    decided = sum(len(per) for per in got)
+    assert all(ok for per in got for _, ok in per)  # within the limits: everyone admitted
+    # the first quarter second is per request (the rate is not known yet); then leases
+    assert trips / decided <= 0.05, (trips, decided, stats)
+
+
+def test_a_small_limit_is_decided_per_request_exactly(valkey):
+    clock = Clock()
+    a = backend(valkey, clock)
+    lim = _core.Limits(rpm=3, tpm=100_000_000)
+    name = tenant("lease-rpm3")
+
+    async def main():
+        await a.start()
+        try:
+            got = await run([(a, 100.0)], name, lim, clock, 3.0)
+            return got, dict(a.leases.stats)
+        finally:
+            await a.close()
+
+    got, stats = asyncio.run(main())
+    assert sum(ok for _, ok in got[0]) == 3  # the bucket's 3, none refilled in 3 s (1 per 20 s)
+    assert stats["taken"] == 0 and stats["local_decisions"] == 0
+
+
+def test_a_nearly_spent_budget_is_decided_per_request_and_never_overspent(valkey):
+    clock = Clock()
+    a, b = backend(valkey, clock), backend(valkey, clock)
+    # 100 tokens per request against a budget of 20,000: 200 requests, no more
+    lim = _core.Limits(rpm=1_000_000, tpm=100_000_000, budget=20_000, period=_core.P_DAY)
+    name = tenant("lease-budget")
+
+    async def main():
+        await a.start()
+        await b.start()
+        try:
+            got = await run([(a, 60.0), (b, 40.0)], name, lim, clock, 5.0)
+            return got, dict(a.leases.stats)
+        finally:
+            await a.close()
+            await b.close()
+
+    got, stats = asyncio.run(main())
+    assert stats["taken"] > 0  # leased while far from the end
+    assert sum(ok for per in got for _, ok in per) == 200  # exactly the budget: no more, no less
+
+
+def test_a_killed_sidecar_loses_at_most_its_lease(valkey):
+    """The same traffic twice: sidecar a decides for 2 s and stops, then b alone for 30 s.
+    Once a returns its lease as it stops (graceful), once a is killed holding it: b gets
+    less in the second case by at most what a's lease held."""
+    lim = _core.Limits(rpm=6000, tpm=100_000_000)  # 100/s; a lease holds at most 60
+
+    async def scenario(killed: bool) -> tuple[int, int]:
+        clock = Clock()
+        a, b = backend(valkey, clock), backend(valkey, clock)
+        name = tenant("lease-killed")
+        await a.start()
+        await b.start()
+        try:
+            await run([(a, 100.0)], name, lim, clock, 2.0)
+            held = a.leases.leases[name].left()[0]
+            if killed:
+                a.leases.leases.clear()  # gone: its lease is never returned
+            else:
+                await a.leases.sweep(everything=True)
+            got = await run([(b, 300.0)], name, lim, clock, 30.0)
+            await b.leases.sweep(everything=True)
+            return held, sum(ok for _, ok in got[0])
+        finally:
+            await b.close()
+            await a.close()
+
+    _, graceful = asyncio.run(scenario(killed=False))
+    held, killed = asyncio.run(scenario(killed=True))
+    assert held > 0
+    assert graceful - held - 1 <= killed <= graceful, (graceful, killed, held)
+
+
+def test_with_redis_unreachable_a_sidecar_decides_within_its_lease_and_never_beyond(valkey):
+    clock = Clock()
+    a = backend(valkey, clock, timeout_ms=100)
+    lim = _core.Limits(rpm=6000, tpm=100_000_000)
+    name = tenant("lease-outage")
+
+    async def main():
+        await a.start()
+        try:
+            await run([(a, 100.0)], name, lim, clock, 2.0)
+            held = a.leases.leases[name].left()[0]
+            valkey.pause()
+            try:
+                admitted, failed = 0, 0
+                for _ in range(held + 20):
+                    clock.advance(0.001)
+                    try:
+                        out = await a.decide(name, lim, 0, 50, 50, 100, False)
+                        admitted += out.admitted
+                    except BackendError:
+                        failed += 1
+            finally:
+                valkey.resume()
+            return held, admitted, failed
+        finally:
+            await a.close()
+
+    held, admitted, failed = asyncio.run(main())
+    assert admitted == held and failed == 20
+
+
+def test_leases_off_decides_every_request_in_redis(valkey):
+    clock = Clock()
+    a = backend(valkey, clock, leases=False)
+    lim = _core.Limits(rpm=6000, tpm=100_000_000)
+
+    async def main():
+        await a.start()
+        try:
+            return await run([(a, 100.0)], tenant("lease-off"), lim, clock, 2.0)
+        finally:
+            await a.close()
+
+    got = asyncio.run(main())
+    assert len(got[0]) == 200 and a.leases is None
