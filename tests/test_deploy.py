@@ -284,6 +284,11 @@ def test_the_gateway_pod_runs_here_as_written_and_serves_a_request():
                 allowed = [line for line in metrics.splitlines()
                            if line.startswith('kt_requests_total{decision="allow"')]
                 assert allowed and float(allowed[0].rsplit(" ", 1)[1]) == 1.0, allowed
+                # the metric the HPA scales on is there, once for the pod (the workers' sum)
+                hpa = gateway()["HorizontalPodAutoscaler"]["spec"]["metrics"]
+                name = next(m["pods"]["metric"]["name"] for m in hpa if m["type"] == "Pods")
+                depth = [line for line in metrics.splitlines() if line.startswith(name + " ")]
+                assert depth == [f"{name} 0.0"], depth
             finally:
                 stop_process(proxy)
         finally:
