@@ -9,13 +9,16 @@
 -- ARGV[6..8]  delta tokens, delta cost (actual minus charged; negative = refund),
 --             period start µs of the charge (-1 = unknown: the current period)
 -- ARGV[9]  marker TTL in ms (how long a repeated report of the id is recognised)
+-- KEYS[4]  the ledger's spend hash (ledger_spend.lua)       kt:{tenant}:spend
+-- ARGV[10..16]  optional, the request's spend: model, requests, input, output, cache read,
+--          cache write tokens, nano-USD (absent: nothing recorded)
 -- Reply: {applied (1/0), budget spent after (-1 without a budget)}
 --
 -- A refund never reaches into a closed period; extra usage of a request charged in a
 -- closed period lands in the current one: spend is never lost.
 
 -- (common.lua, prepended at load, defines NO_END, US, DAY_US, clock_us, period_bounds,
--- bucket_level, bucket_store)
+-- bucket_level, bucket_store; ledger_spend.lua, prepended after it, spend_add)
 
 local now = clock_us(ARGV[1])
 local tpm, burst, budget, period = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -32,6 +35,11 @@ if not redis.call('SET', KEYS[3], '1', 'NX', 'PX', tonumber(ARGV[9])) then
   local s = -1
   if budget >= 0 then s = stored_spend(redis.call('HGET', KEYS[2], 's')) end
   return {0, s}
+end
+
+-- the ledger: the request's spend, in the same atomic step as the budget's correction
+if KEYS[4] and ARGV[10] then
+  spend_add(KEYS[4], now, ARGV[10], ARGV[11], ARGV[12], ARGV[13], ARGV[14], ARGV[15], ARGV[16])
 end
 
 if tpm > 0 and d_tokens ~= 0 then

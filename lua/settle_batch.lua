@@ -2,7 +2,7 @@
 -- exactly as settle.lua applies it: settle.lua's own text is the body of settle_one()
 -- (sidecar/backends/settle_batch.py wraps it at load), so the rule exists once.
 --
--- KEYS     3 keys per settlement, in order (settle.lua's KEYS[1..3] of each)
+-- KEYS     4 keys per settlement, in order (settle.lua's KEYS[1..4] of each)
 -- ARGV[1]  number of settlements n
 -- then, per settlement: its argument count c, then its c arguments (settle.lua's ARGV)
 -- Reply: n replies, each settle.lua's {applied, budget spent}, or an error reply for a
@@ -16,7 +16,8 @@ for i = 1, tonumber(ARGV[1]) do
   local argc = tonumber(ARGV[at])
   local args = {}
   for j = 1, argc do args[j] = ARGV[at + j] end
-  local ok, res = pcall(settle_one, {KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]}, args)
+  local ok, res = pcall(settle_one, {KEYS[4 * i - 3], KEYS[4 * i - 2], KEYS[4 * i - 1],
+                                     KEYS[4 * i]}, args)
   if ok then
     out[i] = res
   else

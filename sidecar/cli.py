@@ -166,11 +166,14 @@ QUEUE_TIMEOUT_MARGIN_S = 0.25
 def _spend(args: argparse.Namespace) -> int:
     import json
     import urllib.error
+    import urllib.parse
     import urllib.request
 
     from sidecar.auth import TokenError, TokenFile
 
-    url = f"http://{args.admin}/v1/spend"
+    query = urllib.parse.urlencode({k: v for k, v in (
+        ("since", args.since), ("until", args.until), ("period", args.period)) if v})
+    url = f"http://{args.admin}/v1/spend" + (f"?{query}" if query else "")
     headers = {}
     if args.token_file:
         try:
@@ -182,23 +185,35 @@ def _spend(args: argparse.Namespace) -> int:
     try:
         # the admin port is never behind a proxy: ignore http_proxy
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        with opener.open(urllib.request.Request(url, headers=headers), timeout=5) as r:
+        with opener.open(urllib.request.Request(url, headers=headers), timeout=15) as r:
             doc = json.load(r)
     except urllib.error.HTTPError as exc:
         hint = " (give --token-file with the admin token)" if exc.code == 401 else ""
-        print(f"kt spend: {url}: HTTP {exc.code}{hint}", file=sys.stderr)
+        try:
+            message = ": " + json.load(exc)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = ""
+        print(f"kt spend: {url}: HTTP {exc.code}{message}{hint}", file=sys.stderr)
         return 1
     except (urllib.error.URLError, OSError, ValueError) as exc:
         print(f"kt spend: cannot read {url}: {exc}", file=sys.stderr)
         return 1
-    if args.json:
+    if args.json:  # stable: tenants -> [period ->] model -> counts (docs/ledger.md)
         print(json.dumps(doc, indent=2, sort_keys=True))
         return 0
-    rows = [(t, m, v["input_tokens"], v["output_tokens"], v["usd"])
-            for t, models in sorted(doc["tenants"].items()) for m, v in sorted(models.items())]
-    print(f"{'tenant':<24} {'model':<24} {'input':>12} {'output':>12} {'usd':>14}")
-    for t, m, i, o, usd in rows:
-        print(f"{t:<24} {m:<24} {i:>12} {o:>12} {usd:>14.6f}")
+    period = doc.get("period", "total")
+    rows = []
+    for t, by in sorted(doc["tenants"].items()):
+        periods = {"": by} if period == "total" else by
+        for p, models in sorted(periods.items()):
+            for m, v in sorted(models.items()):
+                rows.append((t, p, m, v))
+    print(f"{'tenant':<24} {'period':<10} {'model':<24} {'requests':>9} {'input':>12} "
+          f"{'output':>12} {'cached':>10} {'usd':>16}")
+    for t, p, m, v in rows:
+        print(f"{t:<24} {p or 'all':<10} {m:<24} {v.get('requests', 0):>9} "
+              f"{v['input_tokens']:>12} {v['output_tokens']:>12} {v.get('cached_tokens', 0):>10} "
+              f"{v['usd']:>16.9f}")
     return 0
 
 
@@ -338,13 +353,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: the reference result shipped with the package)")
     ce.set_defaults(func=_capacity_estimate)
 
-    u = sub.add_parser("spend", help="actual tokens and USD per tenant and model, from a "
-                       "running sidecar (since its start)")
+    u = sub.add_parser("spend", help="actual tokens and USD per tenant, model and period, "
+                       "from a running sidecar (kept by the backend: every replica, every "
+                       "restart)")
     u.add_argument("--admin", default="127.0.0.1:9091", metavar="HOST:PORT",
                    help="the sidecar's admin port")
     u.add_argument("--token-file", metavar="FILE", help="the admin token (kt serve "
                    "--admin-token-file); not needed on loopback when none is configured")
     u.add_argument("--json", action="store_true", help="print JSON")
+    u.add_argument("--since", metavar="YYYY-MM-DD", help="first UTC day (default: all kept)")
+    u.add_argument("--until", metavar="YYYY-MM-DD", help="last UTC day, included")
+    u.add_argument("--period", choices=["day", "month", "total"], default=None,
+                   help="one row per tenant, model and day/month (default: total)")
     u.set_defaults(func=_spend)
 
     from sidecar.ledger.cli import register as register_events  # kt events stats|migrate

@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sidecar import contract
 from sidecar.auth import (TokenError, TokenFile, bearer_from_metadata, host_of,
                           is_loopback_host)
-from sidecar.backends.base import Backend
+from sidecar.backends.base import Backend, BackendError
 from sidecar.backends.memory import MemoryBackend
 from sidecar.ledger.recorder import Ledger, LedgerCollector, build_ledger
 from sidecar.metrics import Metrics
@@ -378,15 +378,39 @@ class Sidecar:
         if req.path == "/v1/spend":
             if req.method not in ("GET", "HEAD"):
                 return text(405, "GET only\n")
-            doc = await self._slowly(self.spend_summary)
-            if doc is None:
-                return text(503, "busy, retry\n")
-            return HttpResponse(200, json.dumps(doc, sort_keys=True).encode(), "application/json")
+            return await self._spend_report(req.query)
         return text(404, "not found\n")
 
     def spend_summary(self) -> dict:
         """Actual tokens and USD per tenant and model since start (from the metrics)."""
         return spend_from_metrics(self.metrics.registry.collect())
+
+    async def _spend_report(self, query: str) -> HttpResponse:
+        """GET /v1/spend[?since=YYYY-MM-DD&until=YYYY-MM-DD&period=day|month|total]: the
+        durable spend the backend keeps (every tenant, every replica's requests;
+        sidecar/ledger/spend.py). Summed in the slow-work thread, off the event loop."""
+        from urllib.parse import parse_qs
+
+        from sidecar.ledger.spend import parse_query, report
+
+        def error(status: int, kind: str, code: str, message: str) -> HttpResponse:
+            return HttpResponse(status, json.dumps({"error": {
+                "type": kind, "code": code, "message": message}}).encode(), "application/json")
+
+        try:
+            since, until, period = parse_query(parse_qs(query))
+        except ValueError as exc:
+            return error(400, "invalid_request_error", "invalid_query", str(exc))
+        try:
+            cells = await asyncio.wait_for(self.backend.spend_cells(), 10)
+        except (BackendError, asyncio.TimeoutError) as exc:
+            return error(503, "service_unavailable", "limiter_unavailable",
+                         f"spend not readable, retry: {exc}")
+        doc = await self._slowly(lambda: json.dumps(
+            report(cells, since, until, period, self.backend.name), sort_keys=True).encode())
+        if doc is None:
+            return text(503, "busy, retry\n")
+        return HttpResponse(200, doc, "application/json")
 
     def _refresh_gauges(self) -> None:
         self.metrics.backend_ready.labels(self.backend.name).set(

@@ -20,6 +20,7 @@ from sidecar import _core
 from sidecar.backends.base import Backend, BackendError, BackendTimeout, Candidate, LateReply
 from sidecar.estimate import EstimateError, estimate
 from sidecar.ledger.recorder import Ledger
+from sidecar.ledger.spend import SpendRecord
 from sidecar.metrics import Metrics
 from sidecar.model import (CORE_KINDS, REASON_PROVIDER_FULL, REASON_PROVIDER_QUOTA, Decision,
                            Kind, Request)
@@ -577,9 +578,13 @@ class DecisionService:
         period_start = res.period_start_us if res is not None else -1
         delta_tokens = input_tokens + output_tokens - charged_tokens
         delta_cost = cost - charged_cost if rule.limits.budget >= 0 else 0
+        # the ledger's durable spend, written by the same atomic settlement (nothing for a
+        # release: a failed request costs nothing)
+        spend = None if source == "release" else SpendRecord(
+            model, 1, input_tokens, output_tokens, cached_tokens, cache_write_tokens, nano)
         try:
             st = await self.backend.settle(tenant, rule.limits, settle_id or request_id,
-                                           delta_tokens, delta_cost, period_start)
+                                           delta_tokens, delta_cost, period_start, spend)
         except BackendError:
             if res is not None:
                 self.reservations.put(request_id, *dataclasses.astuple(res))  # for a retry
@@ -705,6 +710,8 @@ class DecisionService:
         """A reservation closed without usage: its estimate stays charged."""
         rule = self.policy.rule_for(res.tenant)
         unit = rule.budget_unit if rule is not None and rule.limits.budget >= 0 else ""
+        self._record_spend(res.tenant, SpendRecord(res.model, 1, 0, 0, 0, 0,
+                                                   res.charged_cost if unit == "usd" else 0))
         self.ledger.closed(
             request_id=request_id, tenant=res.tenant, outcome=outcome, settled_by=why,
             decided_us=self._decided_us(res), model_asked=res.model_asked,
@@ -713,6 +720,25 @@ class DecisionService:
             estimate_tokens=res.charged_tokens,
             cost_nano_usd=res.charged_cost if unit == "usd" else 0, budget_unit=unit,
             budget_charge=res.charged_cost if unit else 0)
+
+    def _record_spend(self, tenant: str, spend: SpendRecord) -> None:
+        """The durable spend of a request whose estimate stays charged (no settlement call
+        carries it): written in the background, never waited on by a decision."""
+        async def write() -> None:
+            try:
+                await self.backend.record_spend(tenant, spend)
+            except BackendError as exc:
+                log.warning("spend of a kept reservation not recorded (tenant %s, model %s, "
+                            "%d nano-USD): %s", tenant, spend.model, spend.cost_nano_usd, exc)
+
+        try:
+            task = asyncio.get_running_loop().create_task(write())
+        except RuntimeError:  # not on the event loop: never in the sidecar itself
+            log.error("spend of a kept reservation not recorded (tenant %s): called off the "
+                      "event loop", tenant)
+            return
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _ledger_expired(self, request_id: str, res: Reservation) -> None:
         self._ledger_kept(request_id, res, "expired", "expiry")

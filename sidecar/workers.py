@@ -18,7 +18,7 @@ operator see one sidecar:
   with 200 (within a second); otherwise 503 naming the first worker that is not.
 - `/healthz` answers 200 while the supervisor runs (it restarts a worker that dies).
 - the admin port (`--admin`) is the supervisor's too, with the same token rule as a
-  single sidecar's (docs/security.md): `/v1/spend` is computed from the merged metrics;
+  single sidecar's (docs/security.md): `/v1/spend` is answered by any worker (the spend lives in the shared backend);
   `POST /v1/usage` goes to one worker's own admin port (loopback, ephemeral, same token;
   round robin; with the Redis backend's `shared_reservations` any worker settles any
   reservation, docs/usage.md).
@@ -52,8 +52,7 @@ from sidecar.auth import TokenFile
 from sidecar.policy import schema
 from sidecar.policy.load import load_policy
 from sidecar.server import (ADMIN_MOVED, Credentials, ServerConfig, admin_allows,
-                            listen_error, probe_bind, sample_policy, serve_wsgi,
-                            spend_from_metrics)
+                            listen_error, probe_bind, sample_policy, serve_wsgi)
 from sidecar.transports.http_side import HttpRequest
 
 log = logging.getLogger("kt.workers")
@@ -218,15 +217,33 @@ class Supervisor:
                           b'token>`."}}')
         path = req.path
         if path == "/v1/spend":
-            try:
-                doc = spend_from_metrics(self.scrape())
-            except WorkerError as exc:
-                return _reply(start_response, 503, "text/plain", f"{exc}\n".encode())
-            return _reply(start_response, 200, "application/json",
-                          json.dumps(doc, sort_keys=True).encode())
+            # the spend lives in the backend the workers share: any worker answers for all
+            return self._forward_spend(environ, start_response)
         if path == "/v1/usage" and environ.get("REQUEST_METHOD") == "POST":
             return self._forward_usage(environ, start_response)
         return _reply(start_response, 404, "text/plain", b"not found\n")
+
+    def _forward_spend(self, environ, start_response):
+        """The spend lives in the backend the workers share: any worker's admin port answers
+        for all (the caller's token goes along; the worker checks it)."""
+        query = environ.get("QUERY_STRING", "")
+        headers = {}
+        if environ.get("HTTP_AUTHORIZATION"):
+            headers["authorization"] = environ["HTTP_AUTHORIZATION"]
+        last = ""
+        for _ in range(len(self.workers)):
+            w = self.workers[next(self._turn) % len(self.workers)]
+            if not (w.running() and w.poll_ready()):
+                continue
+            try:
+                status, body = _request(f"http://127.0.0.1:{w.admin_port}/v1/spend"
+                                        + (f"?{query}" if query else ""), None, headers)
+            except OSError as exc:
+                last = f"worker {w.index}: {exc}"
+                continue
+            return _reply(start_response, status, "application/json", body)
+        return _reply(start_response, 503, "text/plain",
+                      f"no worker answers /v1/spend {last}\n".encode())
 
     def not_ready(self) -> str:
         for w in self.workers:

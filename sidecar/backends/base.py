@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional, Protocol, Sequence
 
 from sidecar._core import Limits, Outcome, Quota
+from sidecar.ledger.spend import SpendCell, SpendRecord
 
 
 class BackendError(Exception):
@@ -91,8 +92,19 @@ class Backend(Protocol):
         delta_tokens: int,
         delta_cost: int,
         period_start_us: int,
+        spend: Optional[SpendRecord] = None,
     ) -> Settlement:
-        """Apply actual-minus-charged usage once per request id (idempotent)."""
+        """Apply actual-minus-charged usage once per request id (idempotent). ``spend``: the
+        ledger's record of the request, added to the tenant's spend per day and model in
+        the same atomic step (only when applied)."""
+
+    async def record_spend(self, tenant: str, spend: SpendRecord) -> None:
+        """Add to the tenant's spend per day and model without a settlement (a request
+        whose estimate stays charged). May raise BackendError."""
+
+    async def spend_cells(self) -> list[SpendCell]:
+        """Every tenant's spend per day and model, as every replica sees it. May raise
+        BackendError."""
 
     async def decide_routed(
         self,

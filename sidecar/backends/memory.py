@@ -40,6 +40,7 @@ import msgspec
 from sidecar import _core
 from sidecar.backends.base import (BackendError, BackendStatus, Candidate, LateReply,
                                    Settlement)
+from sidecar.ledger.spend import SpendCell, SpendRecord, day_of
 
 log = logging.getLogger("kt.memory")
 STATE_VERSION = 2  # 1: snapshot only (still read); 2: snapshot + journal
@@ -105,6 +106,7 @@ class _StateFiles:
         # temporary snapshots: named after the file, so one left by a crash is recognised
         self.temp_prefix = f".{os.path.basename(path)}.tmp-"
         self.mirror: dict[str, TenantSpend] = {}  # snapshot thread only
+        self.spend_mirror: dict[str, dict[str, list[int]]] = {}  # snapshot thread only
         self.snapshot_seq = 0  # journal records the durable snapshot includes
         # journal thread only:
         self._segment_fd: Optional[int] = None
@@ -143,11 +145,13 @@ class _StateFiles:
 
     # --- snapshot (snapshot thread) --------------------------------------------
     def write_snapshot(self, changed: dict[str, TenantSpend], removed: list[str], seq: int,
-                       written_at_us: int) -> tuple[int, float]:
+                       written_at_us: int, spend_changed: Optional[dict] = None
+                       ) -> tuple[int, float]:
         """Apply the changes to the mirror and write all of it; (tenants, seconds)."""
         started = time.perf_counter()
         mirror = self.mirror
         mirror.update(changed)
+        self.spend_mirror.update(spend_changed or {})  # the ledger's, whole tenants
         for tenant in removed:
             mirror.pop(tenant, None)
         fd, tmp = tempfile.mkstemp(prefix=self.temp_prefix, dir=self.directory)
@@ -161,6 +165,12 @@ class _StateFiles:
                     body = _encode(chunk)  # C, the GIL held for well under a millisecond
                     # os.write releases the GIL: the event loop runs between chunks
                     os.write(fd, sep + body[1:-1])
+                    sep = b","
+                # the ledger's spend per tenant: {"<day>|<model>": [six counts]}
+                os.write(fd, b'},"spend":{')
+                items, sep = iter(self.spend_mirror.items()), b""
+                while chunk := dict(islice(items, SNAPSHOT_CHUNK)):
+                    os.write(fd, sep + _encode(chunk)[1:-1])
                     sep = b","
                 os.write(fd, b"}}")
                 os.fsync(fd)
@@ -274,6 +284,11 @@ class MemoryBackend:
         # provider quotas (docs/providers.md): state by provider id, settled markers
         self.quota_states: dict[str, _core.QuotaState] = {}
         self.provider_settled: OrderedDict[tuple[str, str], None] = OrderedDict()
+        # the ledger's spend: tenant -> (UTC day, model) -> [requests, input, output, cache
+        # read, cache write, nano-USD]; in the snapshot, and each settlement's cell (its
+        # counts after) in the journal record, so spend and budget come back together
+        self.spend: dict[str, dict[tuple[int, str], list[int]]] = {}
+        self._spend_dirty: set[str] = set()
         self._flusher: Optional[asyncio.Task] = None
         self._last_error = ""
         self.write_failures = {"snapshot": 0, "journal": 0}
@@ -299,6 +314,8 @@ class MemoryBackend:
                                f"({exc})") from None
         files.mirror = {t: TenantSpend(st.period_start, st.spent)
                         for t, st in self.states.items() if st.period_start >= 0}
+        files.spend_mirror = {t: {f"{day}|{model}": list(c) for (day, model), c in cells.items()}
+                              for t, cells in self.spend.items()}
         files.snapshot_seq = files.durable_seq = self._durable_seq = self._seq
         self._files = files
         self._snapshots = ThreadPoolExecutor(1, thread_name_prefix="kt-state-snapshot")
@@ -414,7 +431,8 @@ class MemoryBackend:
         return True
 
     async def settle(self, tenant: str, limits: _core.Limits, request_id: str, delta_tokens: int,
-                     delta_cost: int, period_start_us: int) -> Settlement:
+                     delta_cost: int, period_start_us: int,
+                     spend: Optional[SpendRecord] = None) -> Settlement:
         st = self.state_for(tenant, limits)
         key = (tenant, request_id)  # per tenant: one tenant's id never settles another's
         seen = self.settled.get(key)
@@ -422,7 +440,12 @@ class MemoryBackend:
             if seen > self._durable_seq:
                 await self._durable()  # "already applied" is said only of what is on disk
             return Settlement(applied=False, budget_spent=st.spent)
-        spent = _core.settle(limits, st, self.clock(), delta_tokens, delta_cost, period_start_us)
+        now = self.clock()
+        spent = _core.settle(limits, st, now, delta_tokens, delta_cost, period_start_us)
+        cell: tuple = ()
+        if spend is not None:
+            day = day_of(now)
+            cell = (day, spend.model, *self._add_spend(tenant, day, spend))
         if self._files is None:
             self._remember(key, 0)
             return Settlement(applied=True, budget_spent=spent)
@@ -432,7 +455,8 @@ class MemoryBackend:
         # journal's copy of its id then makes the retry a no-op
         self._seq += 1
         self._remember(key, self._seq)
-        self._journal_pending.append((self._seq, tenant, request_id, st.period_start, spent))
+        self._journal_pending.append((self._seq, tenant, request_id, st.period_start, spent,
+                                      *cell))
         await self._durable()
         return Settlement(applied=True, budget_spent=spent)
 
@@ -449,6 +473,24 @@ class MemoryBackend:
         if not self._commit_running:
             self._start_commit()
         await written
+
+    # --- the ledger's spend (sidecar/ledger/spend.py) -----------------------
+    def _add_spend(self, tenant: str, day: int, spend: SpendRecord) -> list[int]:
+        """Add to the tenant's cell for the day and model; the cell's counts after."""
+        cell = self.spend.setdefault(tenant, {}).setdefault((day, spend.model), [0] * 6)
+        for k, v in enumerate(spend.counts()):
+            cell[k] += v
+        if self._files is not None:
+            self._spend_dirty.add(tenant)
+        return cell
+
+    async def record_spend(self, tenant: str, spend: SpendRecord) -> None:
+        """A kept estimate's spend: in the next snapshot (as the decision that charged it)."""
+        self._add_spend(tenant, day_of(self.clock()), spend)
+
+    async def spend_cells(self) -> list[SpendCell]:
+        return [SpendCell(t, day, model, tuple(c)) for t, cells in self.spend.items()
+                for (day, model), c in cells.items()]
 
     def share_reservation(self, tenant: str, request_id: str, record: str) -> None:
         pass  # one process: its own reservation book is the only one
@@ -510,20 +552,23 @@ class MemoryBackend:
     def _snapshot_job(self) -> Optional[asyncio.Future]:
         files = self._files
         if files is None or self._snapshot_running or not (
-                self._dirty or self._removed or self._snapshot_owed):
+                self._dirty or self._removed or self._snapshot_owed or self._spend_dirty):
             return None
         assert self._snapshots is not None
         # O(tenants changed since the last snapshot) here; the rest is the thread's
         changed = {t: TenantSpend(st.period_start, st.spent)
                    for t, st in self._dirty.items() if st.period_start >= 0}
         removed = [t for t in self._removed if t not in changed]
-        self._dirty, self._removed = {}, set()
+        spend_changed = {t: {f"{day}|{model}": list(c) for (day, model), c in
+                             self.spend.get(t, {}).items()} for t in self._spend_dirty}
+        self._dirty, self._removed, self._spend_dirty = {}, set(), set()
         self._snapshot_owed = False
         if self._journal_pending and not self._commit_running:
             self._start_commit()  # records the snapshot includes go to disk first
         self._snapshot_running = True
         job = asyncio.get_running_loop().run_in_executor(
-            self._snapshots, files.write_snapshot, changed, removed, self._seq, self.clock())
+            self._snapshots, files.write_snapshot, changed, removed, self._seq, self.clock(),
+            spend_changed)
         job.add_done_callback(self._snapshot_done)
         return job
 
@@ -584,6 +629,15 @@ class MemoryBackend:
                 _check_spend(where, tenant, rec["period_start"], rec["spent"])
                 st = self.state_for(tenant)
                 st.period_start, st.spent = rec["period_start"], rec["spent"]
+            spend = doc.get("spend", {})  # the ledger's (absent before it)
+            if not isinstance(spend, dict):
+                raise _refuse(where, "spend must be an object")
+            for tenant, cells in spend.items():
+                if not isinstance(cells, dict):
+                    raise _refuse(where, f"spend of {tenant!r} must be an object")
+                for key, counts in cells.items():
+                    self._load_cell(where, tenant, key.partition("|")[0],
+                                    key.partition("|")[2], counts)
         self._seq = snapshot_seq
         try:
             segments = files.segment_paths()
@@ -591,6 +645,19 @@ class MemoryBackend:
             raise BackendError(f"state file {self.state_file}: cannot list its journal "
                                f"({exc})") from None
         return [[first, path, self._replay(path, snapshot_seq)] for first, path in segments]
+
+    def _load_cell(self, where: str, tenant: str, day: Any, model: Any, counts: Any) -> None:
+        """One spend cell from the snapshot or the journal (its counts, absolute)."""
+        try:
+            day = int(day)
+        except (TypeError, ValueError):
+            raise _refuse(where, f"spend of {tenant!r}: day {str(day)[:20]!r} is not a "
+                                 "number") from None
+        if not isinstance(model, str) or not isinstance(counts, list) or len(counts) != 6 \
+                or not all(_valid_int(c, 0) for c in counts):
+            raise _refuse(where, f"spend of {tenant!r}: expected a model and six counts in "
+                                 f"0..{MAX_STATE_VALUE}, not {json.dumps(counts)[:80]}")
+        self.spend.setdefault(tenant, {})[(day, model)] = list(counts)
 
     def _replay(self, path: str, snapshot_seq: int) -> int:
         """Apply one journal segment; the number of its records."""
@@ -610,7 +677,8 @@ class MemoryBackend:
             where = f"journal {path} line {n}"
             try:
                 rec = json.loads(line)
-                seq, tenant, request_id, period_start, spent = rec
+                # the ledger's cell (day, model, six counts after) follows when it was recorded
+                seq, tenant, request_id, period_start, spent, *cell = rec
             except (ValueError, TypeError) as exc:
                 raise _refuse(where, f"malformed ({exc})") from None
             if not _valid_int(seq, 1) or not isinstance(request_id, str):
@@ -620,5 +688,9 @@ class MemoryBackend:
             if seq > snapshot_seq and period_start >= 0:
                 st = self.state_for(tenant)
                 st.period_start, st.spent = period_start, spent
+            if seq > snapshot_seq and cell:
+                if len(cell) != 8:
+                    raise _refuse(where, f"malformed spend in record {line[:80]!r}")
+                self._load_cell(where, tenant, cell[0], cell[1], cell[2:])
             self._seq = max(self._seq, seq)
         return len(lines) - 1

@@ -49,6 +49,7 @@ from sidecar.backends.url import check_redis_url
 from sidecar import _core
 from sidecar.backends.base import (BackendError, BackendStatus, BackendTimeout, Candidate,
                                    LateReply, Settlement)
+from sidecar.ledger.spend import SpendCell, SpendRecord, cells_from_fields
 from sidecar.policy import schema
 
 log = logging.getLogger("kt.redis")
@@ -159,7 +160,10 @@ class RedisBackend:
         self.decide_script = _Script("decide.lua", "decide.lua", "deadline.lua", "decide_one.lua")
         self.batch_script = _Script("decide_batch.lua", "decide.lua", "deadline.lua",
                                     "decide_batch.lua")
-        self.settle_script = _Script("settle.lua")
+        # the ledger's spend per tenant, day and model rides on settle (lua/ledger_spend.lua)
+        self.settle_script = _Script("settle.lua", "ledger_spend.lua", "settle.lua")
+        self.record_spend_script = _Script("record_spend.lua", "ledger_spend.lua",
+                                           "record_spend.lua")
         # settlements of one loop tick as one script call (single node; settle_batch.py)
         self._settles = SettleBatcher(self)
         # provider quotas (docs/providers.md): one node decides tenant and provider in one
@@ -263,7 +267,8 @@ class RedisBackend:
     def _scripts(self) -> tuple[_Script, ...]:
         scripts = (self.decide_script, self.batch_script, self.settle_script,
                    self._settles.script, self.routed_script, self.routed_batch_script,
-                   self.provider_take_script, self.provider_settle_script)
+                   self.provider_take_script, self.provider_settle_script,
+                   self.record_spend_script)
         return scripts + (self.leases.script,) if self.leases is not None else scripts
 
     async def close(self) -> None:
@@ -838,12 +843,17 @@ class RedisBackend:
         return reply
 
     async def settle(self, tenant: str, limits: _core.Limits, request_id: str, delta_tokens: int,
-                     delta_cost: int, period_start_us: int) -> Settlement:
+                     delta_cost: int, period_start_us: int,
+                     spend: Optional[SpendRecord] = None) -> Settlement:
         _, tpm_key, budget_key = self.keys(tenant)
         marker = f"{self.prefix}:{{{tenant}}}:settled:{request_id}"
         args = [self._now_arg(), limits.tpm, repr(limits.burst), limits.budget, limits.period,
                 delta_tokens, delta_cost, period_start_us, SETTLED_TTL_MS]
         keys = [tpm_key, budget_key, marker]
+        # the ledger's spend, in the same atomic call (settle.lua's KEYS[4], ARGV[10..16])
+        keys.append(self.spend_key(tenant))
+        if spend is not None:
+            args += [spend.model, *spend.counts()]
         if self.cfg.cluster:
             reply = await self._call(self.settle_script, keys, args, None)
         else:
@@ -856,6 +866,43 @@ class RedisBackend:
         if self.leases is not None:
             self.leases.settled(tenant, reply[1])
         return Settlement(applied=reply[0] == 1, budget_spent=reply[1])
+
+    # --- the ledger's spend (sidecar/ledger/spend.py) -------------------------
+    def spend_key(self, tenant: str) -> str:
+        return f"{self.prefix}:{{{tenant}}}:spend"
+
+    async def record_spend(self, tenant: str, spend: SpendRecord) -> None:
+        """Spend of a request that is not settled by settle.lua (its estimate stays
+        charged); may raise BackendError."""
+        keys = [self.spend_key(tenant)]
+        args = [self._now_arg(), spend.model, *spend.counts()]
+        packed = None if self.cfg.cluster else pack(
+            "EVALSHA", self.record_spend_script.sha, 1, *keys, *args)
+        await self._call(self.record_spend_script, keys, args, packed)
+
+    async def spend_cells(self) -> list[SpendCell]:
+        """Every tenant's spend cells, from whichever replica asks: SCAN + HGETALL through a
+        redis-py client of its own (an admin read, off the decision link, with a timeout
+        for a large scan rather than the decisions' milliseconds; every primary of a
+        cluster)."""
+        opts: dict[str, Any] = dict(socket_timeout=5.0, socket_connect_timeout=2.0)
+        if self.cfg.tls is not None:
+            opts.update(ssl_ca_certs=self.cfg.tls.ca_file, ssl_certfile=self.cfg.tls.cert_file,
+                        ssl_keyfile=self.cfg.tls.key_file)
+        client: Any = (RedisCluster if self.cfg.cluster else aioredis.Redis).from_url(
+            self.cfg.url, **opts)
+        match = f"{self.prefix}:{{*}}:spend"
+        cells: list[SpendCell] = []
+        try:
+            async for raw in client.scan_iter(match=match, count=1000):
+                key = raw.decode() if isinstance(raw, bytes) else raw
+                tenant = key[len(self.prefix) + 2:-len("}:spend")]
+                cells += cells_from_fields(tenant, await client.hgetall(key))
+        except (RedisError, OSError) as exc:
+            raise BackendError(f"redis {self.where}: reading spend: {exc!r}") from None
+        finally:
+            await client.aclose()
+        return cells
 
     # --- calls ---------------------------------------------------------------
     async def _call(self, script: _Script, keys: list[str], args: list[Any],

@@ -25,13 +25,14 @@ BATCH_MAX = 64
 
 
 def batch_script():
-    """lua/common.lua, then settle.lua as the body of ``settle_one(KEYS, ARGV)``, then
-    lua/settle_batch.lua (Redis scripts cannot call one another: joined at load)."""
+    """lua/common.lua and lua/ledger_spend.lua, then settle.lua as the body of
+    ``settle_one(KEYS, ARGV)``, then lua/settle_batch.lua (Redis scripts cannot call one
+    another: joined at load)."""
     from sidecar.backends.redis import _Script, load_script
 
     script = _Script("settle_batch.lua", "settle_batch.lua")
     script.source = "\n".join([
-        load_script("common.lua"),
+        load_script("common.lua"), load_script("ledger_spend.lua"),
         "local function settle_one(KEYS, ARGV)", load_script("settle.lua"), "end",
         load_script("settle_batch.lua")])
     script.sha = hashlib.sha1(script.source.encode()).hexdigest()
@@ -75,8 +76,8 @@ class SettleBatcher:
             return
         n = len(items)
         parts = [b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n" % (
-            4 + 3 * n + n + sum(len(it[1]) for it in items), self.script.sha.encode()),
-            _bulk(3 * n)]
+            4 + 4 * n + n + sum(len(it[1]) for it in items), self.script.sha.encode()),
+            _bulk(4 * n)]  # settle.lua's four keys each (the fourth: the ledger's spend)
         parts += [_bulk(k) for it in items for k in it[0]]
         parts.append(_bulk(n))
         for _, args, _ in items:

@@ -1,0 +1,134 @@
+"""Durable, fleet-wide spend: per tenant, model and UTC day, kept by the backend where
+the budget lives (Redis: the settle script's own hash, lua/ledger_spend.lua; embedded:
+the state file), and the ``/v1/spend`` / ``kt spend`` report over any period.
+
+A backend stores cells keyed (tenant, day, model) with six integer counts: requests,
+input, output, cache read and cache write tokens, and cost in nano-USD. ``report``
+sums them by period (day, month or the whole range)."""
+from __future__ import annotations
+
+import datetime
+from typing import Iterable, NamedTuple, Optional
+
+DAY_US = 86_400_000_000
+KINDS = ("n", "i", "o", "cr", "cw", "c")  # the order of SpendRecord's counts
+EPOCH_DATE = datetime.date(1970, 1, 1)
+
+
+class SpendRecord(NamedTuple):
+    """What one request adds to its tenant's spend."""
+
+    model: str
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    cached_tokens: int
+    cache_write_tokens: int
+    cost_nano_usd: int
+
+    def counts(self) -> tuple[int, int, int, int, int, int]:
+        return (self.requests, self.input_tokens, self.output_tokens, self.cached_tokens,
+                self.cache_write_tokens, self.cost_nano_usd)
+
+
+class SpendCell(NamedTuple):
+    tenant: str
+    day: int  # whole UTC days since the epoch
+    model: str
+    counts: tuple[int, ...]  # KINDS order
+
+
+def day_of(us: int) -> int:
+    return us // DAY_US
+
+
+def date_of(day: int) -> datetime.date:
+    return EPOCH_DATE + datetime.timedelta(days=day)
+
+
+def day_number(d: datetime.date) -> int:
+    return (d - EPOCH_DATE).days
+
+
+def parse_day(text: str) -> int:
+    """"2026-11-30" -> day number; ValueError with a clear message."""
+    try:
+        return day_number(datetime.date.fromisoformat(text))
+    except ValueError:
+        raise ValueError(f"expected a date YYYY-MM-DD, got {text[:40]!r}") from None
+
+
+def period_key(day: int, period: str) -> str:
+    d = date_of(day)
+    if period == "day":
+        return d.isoformat()
+    if period == "month":
+        return f"{d.year:04d}-{d.month:02d}"
+    return "total"
+
+
+def _row(counts: Iterable[int]) -> dict:
+    n, i, o, cr, cw, c = counts
+    return {"requests": n, "input_tokens": i, "output_tokens": o, "cached_tokens": cr,
+            "cache_write_tokens": cw, "cost_nano_usd": c, "usd": c / 1e9}
+
+
+def report(cells: Iterable[SpendCell], since_day: int, until_day: int, period: str,
+           source: str) -> dict:
+    """The /v1/spend document. ``until_day`` is inclusive. With period "total" the shape is
+    tenants -> model -> counts; with "day" / "month", tenants -> period -> model -> counts."""
+    acc: dict[str, dict[str, dict[str, list[int]]]] = {}
+    for cell in cells:
+        if not since_day <= cell.day <= until_day:
+            continue
+        slot = acc.setdefault(cell.tenant, {}).setdefault(period_key(cell.day, period), {})
+        cur = slot.setdefault(cell.model, [0] * 6)
+        for k, v in enumerate(cell.counts):
+            cur[k] += v
+    tenants: dict = {}
+    for tenant, periods in sorted(acc.items()):
+        if period == "total":
+            tenants[tenant] = {m: _row(c) for m, c in sorted(periods.get("total", {}).items())}
+        else:
+            tenants[tenant] = {p: {m: _row(c) for m, c in sorted(models.items())}
+                               for p, models in sorted(periods.items())}
+    return {"since": date_of(since_day).isoformat(), "until": date_of(until_day).isoformat(),
+            "period": period, "source": source, "tenants": tenants}
+
+
+LAST_DAY = 2_932_896  # 9999-12-31
+
+
+def parse_query(query: dict[str, list[str]]) -> tuple[int, int, str]:
+    """(since_day, until_day, period) from /v1/spend's query string; ValueError if bad.
+    Defaults: everything kept, one total per tenant and model."""
+    def one(name: str) -> Optional[str]:
+        values = query.get(name)
+        return values[-1] if values else None
+
+    period = one("period") or "total"
+    if period not in ("day", "month", "total"):
+        raise ValueError(f"period must be day, month or total, got {period[:20]!r}")
+    since_s, until_s = one("since"), one("until")
+    since = parse_day(since_s) if since_s else 0
+    until = parse_day(until_s) if until_s else LAST_DAY
+    if until < since:
+        raise ValueError("until is before since")
+    return since, until, period
+
+
+def cells_from_fields(tenant: str, fields: dict) -> list[SpendCell]:
+    """A Redis spend hash ("<day>|<kind>|<model>" -> count) as cells."""
+    acc: dict[tuple[int, str], list[int]] = {}
+    for raw_key, raw_value in fields.items():
+        key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
+        day_s, sep, rest = key.partition("|")
+        kind, sep2, model = rest.partition("|")
+        if not sep or not sep2 or kind not in KINDS:
+            continue
+        try:
+            day, value = int(day_s), int(raw_value)
+        except ValueError:
+            continue
+        acc.setdefault((day, model), [0] * 6)[KINDS.index(kind)] += value
+    return [SpendCell(tenant, d, m, tuple(c)) for (d, m), c in acc.items()]

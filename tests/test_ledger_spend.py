@@ -1,0 +1,175 @@
+"""Durable, fleet-wide spend (issue 15 item 1): actual tokens and cost per tenant, model
+and day, kept where the budget lives, written by the same atomic settlement that corrects
+the budget; `/v1/spend` answers any period for every tenant (no `_other`) from any
+replica, and survives a restart. Same tests on both backends."""
+from __future__ import annotations
+
+import json
+import urllib.request
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+from sidecar.backends.memory import MemoryBackend
+from sidecar.backends.redis import RedisBackend
+from sidecar.model import Kind, Request
+from sidecar.policy.load import parse_policy
+from tests.inproc import FakeClock, RunningSidecar
+from tests.support.procs import workdir
+from tests.support.valkey import Valkey
+
+POLICY = """
+tenant: {header: x-tenant-id, unknown: defaults}
+tiers:
+  - {name: default, model: gpt-4o}
+  - {name: compact, model: gpt-4o-mini}
+pricing:
+  gpt-4o: {input: 0.0025, output: 0.01, cached_input: 0.00125}
+  gpt-4o-mini: {input: 0.00015, output: 0.0006}
+defaults:
+  limits: {rpm: 10000, tpm: 100000000}
+  budget: {usd: 100, period: month}
+tenants:
+  acme:
+    limits: {rpm: 10000, tpm: 100000000}
+    budget: {usd: 100, period: month}
+%s
+"""
+DAY_S = 86400
+
+
+def decide(sc, tenant: str, request_id: str):
+    body = json.dumps({"model": "gpt-4o", "max_tokens": 500,
+                       "messages": [{"role": "user", "content": "x" * 396}]}).encode()
+    out = sc.run(sc.sidecar.service.decide(Request(headers={"x-tenant-id": tenant}, body=body,
+                                                   request_id=request_id)))
+    assert out.kind is Kind.ALLOW
+    return out
+
+
+def spend(sc, query: str = "") -> dict:
+    with urllib.request.urlopen(f"{sc.http_base}/v1/spend{query}", timeout=10) as r:
+        return json.load(r)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def two(request, tmp_path):
+    """Two sidecars on one store (redis: two replicas on one Valkey; memory: one sidecar
+    twice, restarted on its state file), sharing a fake clock."""
+    clock = FakeClock()
+    with ExitStack() as stack:
+        if request.param == "redis":
+            d = stack.enter_context(workdir())
+            v = stack.enter_context(Valkey(d))
+            text = POLICY % f'backend: {{kind: redis, url: "{v.url}", timeout_ms: 500}}'
+            pol = parse_policy(text.encode(), "<test>")
+
+            def make():
+                return RunningSidecar(text, backend=RedisBackend(pol.backend,
+                                                                 clock_override=clock),
+                                      clock=clock)
+        else:
+            text = POLICY % ""
+            state = str(tmp_path / "spend.json")
+
+            def make():
+                return RunningSidecar(text, backend=MemoryBackend(state_file=state, clock=clock),
+                                      clock=clock)
+        yield request.param, make, clock
+
+
+def test_spend_per_day_and_model_for_every_tenant_from_any_replica(two):
+    kind, make, clock = two
+    with make() as a:
+        decide(a, "acme", "r1")
+        a.run(a.sidecar.service.settle_usage("r1", None, "gpt-4o", 1000, 200, "ext_proc",
+                                             cached_tokens=600))
+        a.run(a.sidecar.service.settle_usage("rep-1", "someone-new", "gpt-4o-mini", 5000, 700,
+                                             "report"))
+        clock.advance(DAY_S)  # the next UTC day
+        decide(a, "acme", "r2")
+        a.run(_on_loop(a.sidecar.service.abandon, "r2", "abandoned"))  # the estimate stays
+        a.run(a.sidecar.service.settle_usage("r2", "acme", "gpt-4o", 10, 10, "report"))
+        spent_a = a.run(_spent(a, "acme"))
+    with make() as b:  # another replica (redis) / the same sidecar restarted (memory)
+        doc = spend(b)
+        assert b.run(_spent(b, "acme")) == spent_a
+        by_day = spend(b, "?period=day")["tenants"]["acme"]
+        month = spend(b, "?period=month&since=2026-11-01&until=2026-11-30")
+        since = spend(b, "?since=2026-11-19")
+    acme = doc["tenants"]["acme"]["gpt-4o"]
+    first = 400 * 2500 + 600 * 1250 + 200 * 10000
+    assert (acme["requests"], acme["input_tokens"], acme["output_tokens"],
+            acme["cached_tokens"]) == (3, 1010, 210, 600)
+    # the kept estimate counts as spend, and so does the usage reported for it later:
+    # two real charges, exactly what the budget holds
+    assert acme["cost_nano_usd"] == spent_a
+    assert acme["cost_nano_usd"] > first + 10 * 2500 + 10 * 10000
+    # every tenant by name, none folded into _other
+    assert doc["tenants"]["someone-new"]["gpt-4o-mini"]["cost_nano_usd"] == 5000 * 150 + 700 * 600
+    assert "_other" not in doc["tenants"]
+    # by day: the first day holds only r1's usage
+    assert sorted(by_day) == ["2026-11-18", "2026-11-19"]
+    assert by_day["2026-11-18"]["gpt-4o"]["cost_nano_usd"] == first
+    assert month["tenants"]["acme"]["2026-11"]["gpt-4o"]["cost_nano_usd"] == spent_a
+    assert since["tenants"]["acme"]["gpt-4o"]["requests"] == 2
+
+
+async def _on_loop(fn, *args):
+    """Call a plain method on the sidecar's event loop, as its transports do, and let the
+    background writes it starts finish."""
+    import asyncio
+
+    fn(*args)
+    await asyncio.sleep(0.05)
+
+
+async def _spent(sc, tenant: str) -> int:
+    """What the tenant's budget holds this period (a zero-cost decision reads it)."""
+    svc = sc.sidecar.service
+    rule = svc.policy.rule_for(tenant)
+    out = await svc.backend.decide(tenant, rule.limits, 0, 0, 0, 0, False)
+    return out.budget_limit - out.budget_remaining
+
+
+def test_a_repeated_settlement_adds_no_spend(two):
+    kind, make, clock = two
+    with make() as a:
+        decide(a, "acme", "x")
+        for _ in range(3):
+            a.run(a.sidecar.service.settle_usage("x", None, "gpt-4o", 100, 10, "report"))
+        rec = spend(a)["tenants"]["acme"]["gpt-4o"]
+        assert (rec["requests"], rec["input_tokens"]) == (1, 100)
+
+
+@pytest.mark.parametrize("query, fragment", [
+    ("?period=week", "period must be day, month or total"),
+    ("?since=2026-13-01", "expected a date YYYY-MM-DD"),
+    ("?since=2026-11-02&until=2026-11-01", "until is before since"),
+])
+def test_a_bad_spend_query_is_a_400(query, fragment):
+    with RunningSidecar(POLICY % "") as sc:
+        try:
+            urllib.request.urlopen(f"{sc.http_base}/v1/spend{query}", timeout=5)
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 400 and fragment in json.load(exc)["error"]["message"]
+        else:
+            raise AssertionError("no error")
+
+
+def test_the_state_file_keeps_spend_and_refuses_a_corrupt_one(tmp_path: Path):
+    state = tmp_path / "spend.json"
+    clock = FakeClock()
+    with RunningSidecar(POLICY % "", backend=MemoryBackend(state_file=str(state), clock=clock),
+                        clock=clock) as sc:
+        sc.run(sc.sidecar.service.settle_usage("q", "acme", "gpt-4o", 10, 1, "report"))
+    doc = json.loads(state.read_text())
+    assert list(doc["spend"]["acme"].values()) == [[1, 10, 1, 0, 0, 10 * 2500 + 1 * 10000]]
+    doc["spend"]["acme"] = {k: [1, 2] for k in doc["spend"]["acme"]}
+    state.write_text(json.dumps(doc))
+    from sidecar.backends.base import BackendError
+
+    with pytest.raises(BackendError, match="six integers"):
+        with RunningSidecar(POLICY % "", backend=MemoryBackend(state_file=str(state))):
+            pass
