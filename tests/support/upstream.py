@@ -9,6 +9,9 @@ received and its own name (`served_by`). Test controls, as request headers:
   out of quota), `ssl_context=` serves HTTPS (a trustme certificate: a provider on TLS);
 - `FakeUpstream(name, quota=ProviderQuota(rpm, burst))` keeps its own request quota, as
   real providers do, and answers 429 (with retry-after) to a request beyond it;
+- `x-fake-format: anthropic`  answer in Anthropic's messages format (JSON, or the
+  `message_start` / `message_delta` SSE events), IN split into uncached input and
+  `x-fake-cached: N` cache-read tokens (OpenAI: `prompt_tokens_details.cached_tokens`);
 - body `"stream": true`   answer SSE: a first chunk at once, the rest (with the
   usage chunk if `stream_options.include_usage`) once `release_stream` is set,
   so a test can see the first chunk arrive before the upstream finishes.
@@ -114,6 +117,10 @@ class FakeUpstream:
                     self.send_header("content-length", str(len(data)))
                     self.end_headers()
                     self.wfile.write(data)
+                elif status == 200 and headers.get("x-fake-format") == "anthropic":
+                    self._anthropic(model, usage_in, usage_out,
+                                    int(headers.get("x-fake-cached", "0")),
+                                    bool(body.get("stream")))
                 elif status != 200:
                     self._send(status, {"error": {"type": "server_error", "message": "fake failure"}})
                 elif body.get("stream"):
@@ -126,7 +133,38 @@ class FakeUpstream:
                         "choices": [{"index": 0, "finish_reason": "stop",
                                      "message": {"role": "assistant", "content": "ok"}}],
                         "usage": {"prompt_tokens": usage_in, "completion_tokens": usage_out,
-                                  "total_tokens": usage_in + usage_out}})
+                                  "total_tokens": usage_in + usage_out,
+                                  "prompt_tokens_details": {
+                                      "cached_tokens": int(headers.get("x-fake-cached", "0"))}}})
+
+            def _anthropic(self, model: str, usage_in: int, usage_out: int, cached: int,
+                           stream: bool) -> None:
+                usage = {"input_tokens": usage_in - cached, "output_tokens": usage_out,
+                         "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}
+                if not stream:
+                    self._send(200, {"id": "msg_fake", "type": "message", "role": "assistant",
+                                     "model": model, "served_by": upstream.name,
+                                     "content": [{"type": "text", "text": "ok"}],
+                                     "usage": usage})
+                    return
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.send_header("transfer-encoding", "chunked")
+                self.end_headers()
+                events = [
+                    ("message_start", {"type": "message_start", "message": {
+                        "id": "msg_fake", "model": model, "served_by": upstream.name,
+                        "usage": {**usage, "output_tokens": 1}}}),
+                    ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                             "delta": {"type": "text_delta", "text": "ok"}}),
+                    ("message_delta", {"type": "message_delta",
+                                       "delta": {"stop_reason": "end_turn"},
+                                       "usage": {"output_tokens": usage_out}}),
+                    ("message_stop", {"type": "message_stop"})]
+                for name, doc in events:
+                    self._chunk(f"event: {name}\ndata: {json.dumps(doc)}\n\n".encode())
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
 
             def _send(self, status: int, doc: dict) -> None:
                 data = json.dumps(doc).encode()
