@@ -480,6 +480,11 @@ class Sidecar:
             log.error("policy reload: the backend section changed; that needs a restart. "
                       "Still serving %s", serving.digest)
             return None
+        if new.ledger != serving.ledger:
+            self.metrics.policy_reloads.labels("error").inc()
+            log.error("policy reload: the ledger section changed; that needs a restart. "
+                      "Still serving %s", serving.digest)
+            return None
         return new
 
     def _apply_policy(self, new: CompiledPolicy) -> bool:

@@ -144,3 +144,14 @@ def test_a_usage_report_with_cache_counts_is_priced_and_checked(ledgered):
         "output_tokens": 0, "cached_tokens": 11})  # more cached than input: a lie
     assert status == 400 and "cached_tokens" in err["error"]["message"]
     assert sc.backend.states["acme"].spent == 1000 * 1250
+
+
+def test_a_changed_ledger_section_needs_a_restart(tmp_path):
+    path = tmp_path / "policy.yaml"
+    path.write_text(POLICY)
+    with RunningSidecar(POLICY, policy_path=str(path)) as sc:
+        path.write_text(POLICY + "ledger: {sink: none}\n")
+        assert sc.sidecar.reload_if_changed() is False  # refused: the writer is built at start
+        assert sc.sidecar.policy.ledger.sink == "file"
+        path.write_text(POLICY.replace("rpm: 8", "rpm: 9"))
+        assert sc.sidecar.reload_if_changed() is True
