@@ -85,6 +85,9 @@ def test_two_gateways_one_valkey_one_postgres_everything_adds_up(capsys):
             for s in (a, b):
                 wait_until(lambda s=s: 'kt_ledger_sink_up{sink="postgres"} 1.0'
                            in s.sidecar.metrics(), 15, "the ledger's sink back")
+            # a stream is settled as its last chunk passes, maybe just after the client has it
+            wait_until(lambda: a.spend()["finops"]["gpt-4o"]["requests"] == 14, 10,
+                       "the last stream settled")
             assert kt(["spend", "--http", f"127.0.0.1:{a.sidecar.http_port}", "--json"]) == 0
             spend_doc = json.loads(capsys.readouterr().out)
             a.sidecar.stop()
