@@ -170,6 +170,36 @@ def test_the_state_file_keeps_spend_and_refuses_a_corrupt_one(tmp_path: Path):
     state.write_text(json.dumps(doc))
     from sidecar.backends.base import BackendError
 
-    with pytest.raises(BackendError, match="six integers"):
+    with pytest.raises(BackendError, match="six counts"):
         with RunningSidecar(POLICY % "", backend=MemoryBackend(state_file=str(state))):
             pass
+
+
+def test_acknowledged_spend_survives_a_sigkill_of_the_embedded_sidecar(tmp_path: Path):
+    """Each acknowledged report's spend cell is in the journal record of its settlement,
+    so a SIGKILL between snapshots loses neither the budget's correction nor the spend."""
+    import signal
+
+    from tests.support.procs import SidecarProcess, post_json
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY % "backend: {kind: memory, flush_interval_s: 3600}")
+    sc = SidecarProcess(policy, tmp_path)
+    with sc:
+        sent = []
+        for i in range(20):
+            doc = {"request_id": f"k-{i}", "tenant": "acme", "model": "gpt-4o",
+                   "input_tokens": 100 + i, "output_tokens": 10, "cached_tokens": i}
+            status, ack = post_json(f"http://127.0.0.1:{sc.http_port}/v1/usage", doc)
+            assert status == 200 and ack["applied"]
+            sent.append(doc)
+        sc.proc.send_signal(signal.SIGKILL)  # no snapshot since start: only the journal
+        sc.proc.wait(10)
+        sc.start()
+        with urllib.request.urlopen(f"http://127.0.0.1:{sc.http_port}/v1/spend", timeout=10) as r:
+            rec = json.load(r)["tenants"]["acme"]["gpt-4o"]
+    assert rec["requests"] == 20
+    assert rec["input_tokens"] == sum(d["input_tokens"] for d in sent)
+    assert rec["cached_tokens"] == sum(d["cached_tokens"] for d in sent)
+    assert rec["cost_nano_usd"] == sum((d["input_tokens"] - d["cached_tokens"]) * 2500
+                                       + d["cached_tokens"] * 1250 + 10 * 10000 for d in sent)

@@ -168,9 +168,10 @@ class _StateFiles:
                     sep = b","
                 # the ledger's spend per tenant: {"<day>|<model>": [six counts]}
                 os.write(fd, b'},"spend":{')
-                items, sep = iter(self.spend_mirror.items()), b""
-                while chunk := dict(islice(items, SNAPSHOT_CHUNK)):
-                    os.write(fd, sep + _encode(chunk)[1:-1])
+                cells = iter(self.spend_mirror.items())
+                sep = b""
+                while spend_chunk := dict(islice(cells, SNAPSHOT_CHUNK)):
+                    os.write(fd, sep + _encode(spend_chunk)[1:-1])
                     sep = b","
                 os.write(fd, b"}}")
                 os.fsync(fd)
