@@ -74,7 +74,7 @@ def test_two_workers_are_one_sidecar_on_the_side_port():
                 assert r.status == 200
             assert get(sc.http_port, "/v1/spend")[0] == 404  # the side port has no books
             status, spend = get(sc.admin_port, "/v1/spend")
-            row = json.loads(spend)["tenants"]["_other"]["gpt-4o"]
+            row = json.loads(spend)["tenants"]["w"]["gpt-4o"]  # by name: the ledger's spend
             assert status == 200 and (row["input_tokens"], row["output_tokens"]) == (7, 3), spend
             # one readiness: a worker that cannot answer makes the pod not ready
             stopped = doc["worker_pids"][1]
