@@ -75,7 +75,8 @@ def test_two_gateways_one_valkey_one_postgres_everything_adds_up(capsys):
             # A comes back on its ports; Envoy A routes to it again
             args = a.sidecar.args
             for flag, port in (("--grpc", a.sidecar.grpc_port), ("--http", a.sidecar.http_port),
-                               ("--http-authz", a.sidecar.http_authz_port)):
+                               ("--http-authz", a.sidecar.http_authz_port),
+                               ("--admin", a.sidecar.admin_port)):
                 args[args.index(flag) + 1] = f"127.0.0.1:{port}"
             a.sidecar.start()
             for i in range(2):
@@ -88,7 +89,7 @@ def test_two_gateways_one_valkey_one_postgres_everything_adds_up(capsys):
             # a stream is settled as its last chunk passes, maybe just after the client has it
             wait_until(lambda: a.spend()["finops"]["gpt-4o"]["requests"] == 14, 10,
                        "the last stream settled")
-            assert kt(["spend", "--http", f"127.0.0.1:{a.sidecar.http_port}", "--json"]) == 0
+            assert kt(["spend", "--admin", f"127.0.0.1:{a.sidecar.admin_port}", "--json"]) == 0
             spend_doc = json.loads(capsys.readouterr().out)
             a.sidecar.stop()
             b.sidecar.stop()

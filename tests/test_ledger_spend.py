@@ -49,7 +49,7 @@ def decide(sc, tenant: str, request_id: str):
 
 
 def spend(sc, query: str = "") -> dict:
-    with urllib.request.urlopen(f"{sc.http_base}/v1/spend{query}", timeout=10) as r:
+    with urllib.request.urlopen(f"{sc.admin_base}/v1/spend{query}", timeout=10) as r:
         return json.load(r)
 
 
@@ -82,15 +82,15 @@ def two(request, tmp_path):
 def test_spend_per_day_and_model_for_every_tenant_from_any_replica(two):
     kind, make, clock = two
     with make() as a:
-        decide(a, "acme", "r1")
-        a.run(a.sidecar.service.settle_usage("r1", None, "gpt-4o", 1000, 200, "ext_proc",
+        r1 = decide(a, "acme", "r1").reservation_id  # the id the sidecar made
+        a.run(a.sidecar.service.settle_usage(r1, None, "gpt-4o", 1000, 200, "ext_proc",
                                              cached_tokens=600))
         a.run(a.sidecar.service.settle_usage("rep-1", "someone-new", "gpt-4o-mini", 5000, 700,
                                              "report"))
         clock.advance(DAY_S)  # the next UTC day
-        decide(a, "acme", "r2")
-        a.run(_on_loop(a.sidecar.service.abandon, "r2", "abandoned"))  # the estimate stays
-        a.run(a.sidecar.service.settle_usage("r2", "acme", "gpt-4o", 10, 10, "report"))
+        r2 = decide(a, "acme", "r2").reservation_id
+        a.run(_on_loop(a.sidecar.service.abandon, r2, "abandoned"))  # the estimate stays
+        a.run(a.sidecar.service.settle_usage(r2, "acme", "gpt-4o", 10, 10, "report"))
         spent_a = a.run(_spent(a, "acme"))
     with make() as b:  # another replica (redis) / the same sidecar restarted (memory)
         doc = spend(b)
@@ -136,9 +136,9 @@ async def _spent(sc, tenant: str) -> int:
 def test_a_repeated_settlement_adds_no_spend(two):
     kind, make, clock = two
     with make() as a:
-        decide(a, "acme", "x")
+        x = decide(a, "acme", "x").reservation_id
         for _ in range(3):
-            a.run(a.sidecar.service.settle_usage("x", None, "gpt-4o", 100, 10, "report"))
+            a.run(a.sidecar.service.settle_usage(x, None, "gpt-4o", 100, 10, "report"))
         rec = spend(a)["tenants"]["acme"]["gpt-4o"]
         assert (rec["requests"], rec["input_tokens"]) == (1, 100)
 
@@ -151,7 +151,7 @@ def test_a_repeated_settlement_adds_no_spend(two):
 def test_a_bad_spend_query_is_a_400(query, fragment):
     with RunningSidecar(POLICY % "") as sc:
         try:
-            urllib.request.urlopen(f"{sc.http_base}/v1/spend{query}", timeout=5)
+            urllib.request.urlopen(f"{sc.admin_base}/v1/spend{query}", timeout=5)
         except urllib.error.HTTPError as exc:
             assert exc.code == 400 and fragment in json.load(exc)["error"]["message"]
         else:
@@ -190,13 +190,14 @@ def test_acknowledged_spend_survives_a_sigkill_of_the_embedded_sidecar(tmp_path:
         for i in range(20):
             doc = {"request_id": f"k-{i}", "tenant": "acme", "model": "gpt-4o",
                    "input_tokens": 100 + i, "output_tokens": 10, "cached_tokens": i}
-            status, ack = post_json(f"http://127.0.0.1:{sc.http_port}/v1/usage", doc)
+            status, ack = post_json(f"http://127.0.0.1:{sc.admin_port}/v1/usage", doc)
             assert status == 200 and ack["applied"]
             sent.append(doc)
         sc.proc.send_signal(signal.SIGKILL)  # no snapshot since start: only the journal
         sc.proc.wait(10)
         sc.start()
-        with urllib.request.urlopen(f"http://127.0.0.1:{sc.http_port}/v1/spend", timeout=10) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{sc.admin_port}/v1/spend",
+                                    timeout=10) as r:
             rec = json.load(r)["tenants"]["acme"]["gpt-4o"]
     assert rec["requests"] == 20
     assert rec["input_tokens"] == sum(d["input_tokens"] for d in sent)

@@ -176,14 +176,14 @@ def test_spend_is_readable_through_the_cli(sidecar, capsys):
     assert rec == {"requests": 1, "input_tokens": 1000, "output_tokens": 100, "cached_tokens": 0,
                    "cache_write_tokens": 0, "cost_nano_usd": nano, "usd": nano / 1e9}
     # by day, for the fake clock's day; a range without it is empty
-    base = sidecar.http_base.removeprefix("http://")
-    assert kt(["spend", "--http", base, "--json", "--period", "day", "--since", "2026-11-18",
+    base = ["--admin", sidecar.admin_base.removeprefix("http://"), "--token-file", token_file]
+    assert kt(["spend", *base, "--json", "--period", "day", "--since", "2026-11-18",
                "--until", "2026-11-18"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["tenants"]["acme"]["2026-11-18"]["gpt-4o"]["cost_nano_usd"] == nano
-    assert kt(["spend", "--http", base, "--json", "--since", "2026-11-19"]) == 0
+    assert kt(["spend", *base, "--json", "--since", "2026-11-19"]) == 0
     assert json.loads(capsys.readouterr().out)["tenants"] == {}
-    assert kt(["spend", "--http", base, "--since", "yesterday"]) == 1
+    assert kt(["spend", *base, "--since", "yesterday"]) == 1
     assert "expected a date YYYY-MM-DD" in capsys.readouterr().err
 
 
