@@ -566,8 +566,9 @@ def test_envoy_authenticates_to_a_sidecar_that_requires_a_token():
         with stack("authz", sidecar_args=args, edit_bootstrap=with_token) as s:
             status, _, body = s.post("finops", headers={"x-fake-usage": "7,3"})
             assert status == 200, body  # decided, and settled through ext_proc
-            assert s.spend()["finops"]["gpt-4o"] == {"input_tokens": 7, "output_tokens": 3,
-                                                      "usd": pytest.approx(7 * 2.5e-6 + 3e-5)}
+            rec = s.spend()["finops"]["gpt-4o"]
+            assert (rec["requests"], rec["input_tokens"], rec["output_tokens"],
+                    rec["cost_nano_usd"]) == (1, 7, 3, 7 * 2500 + 3 * 10000)
         with stack("authz", sidecar_args=args) as s:  # Envoy without the token: refused
             status, _, _ = s.post("t-token")
             assert status == 503
