@@ -580,8 +580,13 @@ class DecisionService:
         delta_cost = cost - charged_cost if rule.limits.budget >= 0 else 0
         # the ledger's durable spend, written by the same atomic settlement (nothing for a
         # release: a failed request costs nothing)
+        # (keyed by the model's name when the policy knows it; any other name, which an
+        # upstream or a client may invent, under one `_other` cell per day: bounded, as the
+        # metric labels are; each event in the event log keeps the exact name)
+        spend_model = model if (model in policy.pricing or model in policy.tier_by_model) \
+            else OTHER_MODELS
         spend = None if source == "release" else SpendRecord(
-            model, 1, input_tokens, output_tokens, cached_tokens, cache_write_tokens, nano)
+            spend_model, 1, input_tokens, output_tokens, cached_tokens, cache_write_tokens, nano)
         try:
             st = await self.backend.settle(tenant, rule.limits, settle_id or request_id,
                                            delta_tokens, delta_cost, period_start, spend)
