@@ -172,6 +172,7 @@ def test_the_reloader_refuses_bad_values_survives_any_exception_and_applies_a_la
 
     import sidecar.server as server
     from sidecar.backends.memory import MemoryBackend
+    from sidecar.ledger.recorder import Ledger
     from sidecar.server import ServerConfig, Sidecar
 
     path = tmp_path / "policy.yaml"
@@ -185,8 +186,9 @@ def test_the_reloader_refuses_bad_values_survives_any_exception_and_applies_a_la
 
     async def main():
         sc = Sidecar(ServerConfig(grpc_addr="127.0.0.1:0", http_addr="127.0.0.1:0",
+                                  admin_addr="127.0.0.1:0",  # not the default 9091: may be taken
                                   policy_path=str(path), reload_interval_s=0.02, grace_s=0.1),
-                     backend=MemoryBackend())
+                     backend=MemoryBackend(), ledger=Ledger(None))
         await sc.start()
 
         def count(result: str) -> float:
