@@ -8,6 +8,7 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import re
 import socket
 import time
@@ -215,11 +216,15 @@ def test_downgrade_below_low_water_goes_to_the_compact_cluster_with_the_compact_
 
 
 def test_429_with_retry_after_once_rpm_is_spent(authz):
+    started = time.monotonic()
     for _ in range(5):
         assert authz.post("t-rpm")[0] == 200
     status, headers, body = authz.post("t-rpm")
+    elapsed = time.monotonic() - started
     assert status == 429
-    assert headers["retry-after"] == "12"  # rpm 5: one request every 12 s
+    # rpm 5: one request every 12 s, less what refilled while the five ran (on a loaded
+    # 2-core machine they can take over a second)
+    assert 12 - math.ceil(elapsed) <= int(headers["retry-after"]) <= 12
     assert headers["x-ratelimit-limit-requests"] == "5"
     assert headers["x-ratelimit-remaining-requests"] == "0"
     assert headers["x-ratelimit-limit-tokens"] == "100000"
