@@ -69,12 +69,13 @@ class ReservationIds:
     def __init__(self) -> None:
         self._pool: list[str] = []
 
-    def __call__(self) -> str:
-        pool = self._pool
-        if not pool:
+    def next(self) -> str:
+        try:
+            return self._pool.pop()
+        except IndexError:
             raw = os.urandom(12 * self._BATCH).hex()
-            pool.extend(raw[i:i + 24] for i in range(0, len(raw), 24))
-        return pool.pop()
+            self._pool.extend(raw[i:i + 24] for i in range(0, len(raw), 24))
+            return self._pool.pop()
 
 
 @dataclass(frozen=True)
@@ -233,7 +234,7 @@ class DecisionService:
         # what was spent, request by request (sidecar/ledger/); Ledger(None) records nothing
         self.ledger = ledger or Ledger(None)
         self.reservations.on_expired = self._ledger_expired
-        self.new_reservation_id = ReservationIds()
+        self.new_reservation_id = ReservationIds().next
         self._children: dict = {}
         self._usage_children: dict = {}
         self._last_failure_log = 0.0

@@ -519,3 +519,20 @@ def test_metrics_stay_bounded_whatever_models_the_reports_name():
         assert 'kt_tokens_total{model="_other",tenant="acme",type="input"} 30000.0' in text
         assert 'kt_tokens_total{model="_other",tenant="_other",type="output"} 20000.0' in text
         assert 'kt_unpriced_tokens_total{model="_other"} 100000.0' in text
+
+
+def test_the_side_servers_speak_enough_http_for_curl_and_probes():
+    with RunningSidecar(policy()) as sc:
+        with socket.create_connection(("127.0.0.1", sc.sidecar.http_port), timeout=5) as s:
+            s.sendall(b"HEAD /healthz HTTP/1.1\r\nhost: kt\r\n\r\n")
+            head = s.recv(4096)
+            assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"content-length: 3\r\n" in head
+            assert head.endswith(b"\r\n\r\n")  # no body after the head
+        body = json.dumps({"request_id": "c1", "tenant": "acme", "input_tokens": 1,
+                           "output_tokens": 1, "model": "m" * 2000}).encode()
+        with socket.create_connection(("127.0.0.1", sc.sidecar.admin_port), timeout=5) as s:
+            s.sendall(b"POST /v1/usage HTTP/1.1\r\nexpect: 100-continue\r\n"
+                      b"content-length: %d\r\n\r\n" % len(body))
+            assert s.recv(4096) == b"HTTP/1.1 100 Continue\r\n\r\n"  # curl's way, at once
+            s.sendall(body)
+            assert s.recv(4096).startswith(b"HTTP/1.1 200 OK\r\n")

@@ -72,7 +72,9 @@ def text(status: int, message: str) -> HttpResponse:
 
 def _render(resp: HttpResponse, close: bool) -> bytes:
     lines = [f"HTTP/1.1 {resp.status} {_REASONS.get(resp.status, 'Status')}",
-             f"content-type: {resp.content_type}", f"content-length: {len(resp.body)}"]
+             f"content-type: {resp.content_type}"]
+    if not any(k == "content-length" for k, _ in resp.headers):
+        lines.append(f"content-length: {len(resp.body)}")
     lines += [f"{k}: {v}" for k, v in resp.headers]
     if close:
         lines.append("connection: close")
@@ -88,6 +90,7 @@ class _Connection(asyncio.Protocol):
         self.timer: Optional[asyncio.TimerHandle] = None
         self.peer = ""
         self.counted = False
+        self.continued = False  # "100 Continue" sent for the request being read
 
     # --- lifecycle -----------------------------------------------------------
     def connection_made(self, transport) -> None:  # type: ignore[override]
@@ -182,9 +185,16 @@ class _Connection(asyncio.Protocol):
             return
         start = end + 4
         if len(self.buf) < start + length:
-            return  # the rest of the body is still to come (within the same deadline)
+            # the rest of the body is still to come (within the same deadline); curl asks
+            # first for a body over 1 KiB, and would wait a second for this
+            if headers.get("expect", "").lower() == "100-continue" and not self.continued:
+                self.continued = True
+                assert self.transport is not None
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            return
         body = bytes(self.buf[start:start + length])
         del self.buf[:start + length]
+        self.continued = False
         path, _, query = target.partition("?")
         keep_alive = headers.get("connection", "").lower() != "close" and version == "HTTP/1.1"
         req = HttpRequest(method, path, query, headers, body, self.peer)
@@ -207,6 +217,9 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
+        if req.method == "HEAD":  # the same headers, no body
+            resp = HttpResponse(resp.status, b"", resp.content_type,
+                                resp.headers + [("content-length", str(len(resp.body)))])
         transport.write(_render(resp, close=not keep_alive))
         self.busy = False
         if not keep_alive:
