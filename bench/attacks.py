@@ -25,7 +25,7 @@ What each attack prints:
              threads and RSS, decisions slower than 200 ms meanwhile (fast path probe
              every 10 ms), whether /metrics still answers.
 - trickle:   2,000 connections trickling one byte a second to the fast path: how many
-             the sidecar has not closed after its idle timeout + 10 s.
+             the sidecar has not closed after twice its idle timeout + 10 s.
 """
 from __future__ import annotations
 
@@ -437,7 +437,10 @@ def attack_trickle(t: Target, args) -> dict:
             except OSError:
                 failed += 1
         head = b"POST /v1/chat/completions HTTP/1.1\r\nx-tenant-id: trickle\r\n" + b"x" * 4000
-        deadline = time.monotonic() + idle + 10
+        # the timer closes a connection without a whole request in an interval: within
+        # two intervals of its last one (the code before the fix: never, bytes re-armed it)
+        wait = 2 * idle + 10
+        deadline = time.monotonic() + wait
         i = 0
         while time.monotonic() < deadline:
             _trickle(socks, head[i:i + 1])
@@ -447,7 +450,7 @@ def attack_trickle(t: Target, args) -> dict:
     for s in socks:
         s.close()
     return {"connections": args.trickle, "connect_failed": failed,
-            "idle_timeout_s": idle, "waited_s": round(idle + 10, 1),
+            "idle_timeout_s": idle, "waited_s": round(wait, 1),
             "still_open": still_open, "decisions_meanwhile": probe.summary(),
             "sidecar": t.proc_status()}
 

@@ -536,3 +536,24 @@ def test_the_side_servers_speak_enough_http_for_curl_and_probes():
             assert s.recv(4096) == b"HTTP/1.1 100 Continue\r\n\r\n"  # curl's way, at once
             s.sendall(body)
             assert s.recv(4096).startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+def test_metadata_context_is_read_only_where_the_policy_says():
+    # whoever reaches the gRPC port can send any metadata_context: with a header tenant it
+    # is ignored; with tenant.metadata only that one field counts, and the header never does
+    def with_metadata(tenant_header, org):
+        req = external_auth_pb2.CheckRequest()
+        req.attributes.request.http.headers["x-tenant-id"] = tenant_header
+        fm = req.attributes.metadata_context.filter_metadata
+        fm["envoy.filters.http.jwt_authn"].update({"jwt_payload": {"org": org}})
+        fm["other.namespace"].update({"tenant": "acme"})
+        return req
+
+    for text, expected in ((policy(), "from-header"),
+                           (policy().replace("tenant: {header: x-tenant-id, unknown: defaults}",
+                                             'tenant: {metadata: "envoy.filters.http.jwt_authn:'
+                                             'jwt_payload.org"}'), "from-jwt")):
+        with RunningSidecar(text) as sc, grpc.insecure_channel(sc.grpc_target) as ch:
+            resp = external_auth_pb2_grpc.AuthorizationStub(ch).Check(
+                with_metadata("from-header", "from-jwt"), timeout=5)
+            assert upstream_headers(resp)["x-kt-tenant"] == expected
