@@ -178,7 +178,9 @@ def test_the_images_build_steps_outside_docker_give_a_working_kt(tmp_path):
         ready = d / "ready.json"
         log = d / "serve.log"
         with open(log, "w") as out:
-            proc = subprocess.Popen([kt, "serve", *args, "--ready-file", str(ready)],
+            # the admin port's default (127.0.0.1:9091) is free in a container, not here
+            proc = subprocess.Popen([kt, "serve", *args, "--admin", "127.0.0.1:0",
+                                     "--ready-file", str(ready)],
                                     cwd=d, stdout=out, stderr=subprocess.STDOUT)
         try:
             wait_until(lambda: proc.poll() is None and ready.exists(), 30, "kt serve", log)

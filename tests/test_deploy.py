@@ -238,6 +238,8 @@ def test_the_gateway_pod_runs_here_as_written_and_serves_a_request():
         ready = d / "kt-ready.json"
         args = [files.get(a, a) for a in kt_args]
         args = [re.sub(r"^(0\.0\.0\.0|127\.0\.0\.1):\d+$", f"{LOOPBACK}:0", a) for a in args]
+        if "--admin" not in args:  # its default, 127.0.0.1:9091, is free in the pod, not here
+            args += ["--admin", f"{LOOPBACK}:0"]
         log = d / "kt.log"
         with open(log, "wb") as out:
             kt = subprocess.Popen([sys.executable, "-m", "sidecar.cli", "serve", *args,

@@ -169,7 +169,7 @@ def kt_serve(tmp_path, state_file: str) -> subprocess.CompletedProcess:
     """`kt serve` with the sample policy; it must exit at once (a timeout is a failure)."""
     return subprocess.run(
         [sys.executable, "-m", "sidecar.cli", "serve", "--grpc", "127.0.0.1:0",
-         "--http", "127.0.0.1:0", "--state-file", state_file],
+         "--http", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--state-file", state_file],
         capture_output=True, text=True, timeout=60, cwd=tmp_path)
 
 
