@@ -149,9 +149,11 @@ def provider_options(policy) -> dict:
 
     out: dict = {}
     if policy.providers is not None:
-        out["providers"] = [Upstream(host=p.host, port=p.port, tls=p.tls, name=p.id,
-                                     sni=p.sni or "")
-                            for p in policy.providers.providers if p.host]
+        out["providers"] = [
+            Upstream(host=p.host, port=p.port, tls=p.tls, name=p.id, sni=p.sni or "",
+                     api_key_file=p.api_key_file or "", api_key_header=p.api_key_header,
+                     **({"ca_file": p.ca_file} if p.ca_file else {}))
+            for p in policy.providers.providers if p.host]
     if policy.queue is not None:
         out["authz_timeout_s"] = max(EnvoyOptions.authz_timeout_s,
                                      policy.queue.max_wait_ms / 1000 + QUEUE_TIMEOUT_MARGIN_S)

@@ -15,6 +15,9 @@ FIXTURES = Path(__file__).parent / "fixtures" / "providers"
 
 # each bad file's one error, as kt check-config prints it (after the file name)
 BAD = {
+    'api_key_without_host.yaml':
+        "$.providers[0].host: a provider Envoy reaches (ca_file, api_key_file) needs a `host` "
+        "(line 3, column 5)",
     'bad_provider_id.yaml':
         "$.providers[0].id: 'open ai/{x}': 1..64 characters of A-Z a-z 0-9 . _ - expected (line 3, column 10)",
     'bad_strategy.yaml':

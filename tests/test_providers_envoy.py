@@ -25,7 +25,12 @@ queue: {max_wait_ms: 3000}
 
 def _config(tmp_path, capsys, mode: str) -> dict:
     policy = tmp_path / "policy.yaml"
-    policy.write_text(PROVIDERS_POLICY)
+    key = tmp_path / "openai.key"  # a mounted Secret: Envoy reads it, the policy names it
+    key.write_text("sk-test-provider-key")
+    policy.write_text(PROVIDERS_POLICY.replace(
+        "rate_limits: {requests_per_minute: 500}, reserve: {high: 0.2}}",
+        f"rate_limits: {{requests_per_minute: 500}}, reserve: {{high: 0.2}}, "
+        f"api_key_file: {key}}}"))
     assert main(["envoy-config", "--config", str(policy), "--mode", mode]) == 0
     text = capsys.readouterr().out
     out = tmp_path / f"envoy-{mode}.yaml"
@@ -48,6 +53,17 @@ def test_envoy_config_routes_on_the_decisions_provider_and_waits_for_the_queue(t
         assert openai["type"] == "LOGICAL_DNS"
         assert openai["transport_socket"]["typed_config"]["sni"] == "api.openai.com"
         assert clusters["provider_local-mini"]["type"] == "STATIC"
+        # the provider's key is injected by Envoy from its file, never printed
+        injector = openai["typed_extension_protocol_options"][
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"][0]
+        assert injector["name"] == "envoy.filters.http.credential_injector"
+        secrets = {x["name"]: x for x in doc["static_resources"]["secrets"]}
+        assert secrets["provider_openai-4o_api_key"]["generic_secret"]["secret"][
+            "filename"].endswith("openai.key")
+        assert "sk-test-provider-key" not in yaml.safe_dump(doc)
+        assert "http_filters" not in clusters["provider_azure-east"][
+            "typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3."
+                                                 "HttpProtocolOptions"]
         assert "transport_socket" not in clusters["provider_local-mini"]
         hcm = _hcm(doc)
         routes = hcm["route_config"]["virtual_hosts"][0]["routes"]

@@ -17,6 +17,7 @@ from sidecar.policy import schema
 PRIORITY_RANK = {"low": _core.PRIO_LOW, "normal": _core.PRIO_NORMAL, "high": _core.PRIO_HIGH}
 # a provider id becomes a header value, an Envoy cluster name, a Redis key and a metric label
 PROVIDER_ID = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
+HEADER_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,63}\Z")
 QUEUE_MAX_WAIT_MS = 60_000
 QUEUE_MAX_SIZE = 1_000_000
 
@@ -40,6 +41,9 @@ class ProviderRule:
     port: Optional[int] = None
     tls: bool = True
     sni: Optional[str] = None
+    ca_file: Optional[str] = None
+    api_key_file: Optional[str] = None
+    api_key_header: str = "authorization"
 
 
 @dataclass(frozen=True)
@@ -152,13 +156,20 @@ def _provider(i: int, p: schema.Provider, fail: _Checks) -> Optional[ProviderRul
     tls = p.tls if p.tls is not None else (p.port in (None, 443))
     if p.sni is not None and not tls:
         fail(f"{where}.sni", "SNI needs `tls: true`")
+    if p.ca_file is not None and not tls:
+        fail(f"{where}.ca_file", "a CA file needs `tls: true`")
+    if (p.api_key_file is not None or p.ca_file is not None) and not p.host:
+        fail(f"{where}.host", "a provider Envoy reaches (ca_file, api_key_file) needs a `host`")
+    if not HEADER_NAME.match(p.api_key_header.lower()):
+        fail(f"{where}.api_key_header", f"{p.api_key_header!r} is not a header name")
     if fail.count != before:
         return None
     return ProviderRule(
         id=p.id, index=i, models=tuple(p.models), rate_limits=rl,
         quota=_core.Quota(rpm=rpm, tpm=tpm, rpd=rpd, burst=rl.burst, floors=floors),
         host=p.host, port=p.port if p.port is not None else (443 if tls else 80),
-        tls=tls, sni=p.sni)
+        tls=tls, sni=p.sni, ca_file=p.ca_file, api_key_file=p.api_key_file,
+        api_key_header=p.api_key_header.lower())
 
 
 def compile_providers(policy: schema.Policy, record: Fail) -> Optional[ProviderPlan]:

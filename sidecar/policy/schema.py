@@ -156,6 +156,11 @@ class Provider(_Strict, frozen=True):
     port: Optional[int] = None
     tls: Optional[bool] = None  # absent: TLS on port 443
     sni: Optional[str] = None  # absent: the host
+    ca_file: Optional[str] = None  # CAs of its certificate for Envoy (absent: the system's)
+    # where Envoy reads the provider's API key (a mounted Secret): the key itself is never
+    # in the policy, nor does it pass through the sidecar
+    api_key_file: Optional[str] = None
+    api_key_header: str = "authorization"  # "Bearer <key>"; another header gets the raw key
 
 
 class Routing(_Strict, frozen=True):
