@@ -165,6 +165,8 @@ def usage_path(usage: str) -> Iterator[Path]:
             opts = EnvoyOptions(listen_port=listen, admin_port=admin, mode="authz",
                                 sidecar_address=f"127.0.0.1:{sidecar.grpc_port}",
                                 usage=usage,  # type: ignore[arg-type]
+                                # not Envoy's 200 ms: a loaded CI machine is not what is tested
+                                authz_timeout_s=1.0,
                                 tiers=[TierRoute("default", "gpt-4o", up.address),
                                        TierRoute("compact", "gpt-4o-mini", up.address)])
             with EnvoyProcess(render(opts), d, admin, listen) as envoy:

@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kt.lease")
 
-HOT_RATE = 20.0  # decisions/s of one tenant in this process before it takes leases
+HOT_RATE = 5.0  # decisions/s of one tenant in this process before it takes leases
 LEASE_S = 1.0  # a lease covers this long of the tenant's recent traffic here
 SHARE = 0.01  # at most this share of the tenant's per-minute rpm / tpm in one lease
 MIN_REQUESTS = 8  # a lease covers at least this many requests, or there is none
