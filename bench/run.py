@@ -72,7 +72,8 @@ def policy(valkey_url: str) -> str:
     for i in range(HOT_TENANTS):
         lines.append(f"  hot{i}: {{limits: {{rpm: 60, tpm: 100000}}}}")
     lines += full_path_tenants()
-    lines.append(f'backend: {{kind: redis, url: "{valkey_url}", timeout_ms: 100, '
+    # leases on: hot tenants decide in process (docs/redis.md, "Capacity leases")
+    lines.append(f'backend: {{kind: redis, url: "{valkey_url}", timeout_ms: 100, leases: true, '
                  'failure_mode: {rate_limits: open, budgets: closed}}')
     return "\n".join(lines) + "\n"
 
