@@ -87,7 +87,8 @@ def _check_config(args: argparse.Namespace) -> int:
 def _envoy_config(args: argparse.Namespace) -> int:
     from sidecar.address import AddressError, parse_hostport
     from sidecar.envoy_config import (JWT_NAMESPACE, EnvoyOptions, TierRoute, Upstream,
-                                      UpstreamError, parse_upstream, render)
+                                      UpstreamError, parse_upstream, render,
+                                      sidecar_credential_note)
     from sidecar.server import sample_policy
 
     try:
@@ -127,7 +128,10 @@ def _envoy_config(args: argparse.Namespace) -> int:
         estimate_header=policy.estimate.header, estimate_trusted=policy.estimate.trusted,
         tenant_metadata_namespace=policy.tenant_metadata[0] if policy.tenant_metadata else "",
         jwt_issuer=args.jwt_issuer or "", jwt_jwks_file=args.jwt_jwks_file or "",
-        jwt_audiences=tuple(args.jwt_audience), **provider_options(policy))
+        jwt_audiences=tuple(args.jwt_audience), sidecar_token_file=args.sidecar_token_file or "",
+        sidecar_tls_cert=args.sidecar_tls_cert or "", sidecar_tls_key=args.sidecar_tls_key or "",
+        sidecar_ca=args.sidecar_ca or "", sidecar_sni=args.sidecar_sni or "",
+        **provider_options(policy))
     if opts.tenant_metadata_namespace == JWT_NAMESPACE and not opts.jwt_jwks_file:
         print("kt envoy-config: the policy takes the tenant from a JWT claim, but no jwt_authn "
               "filter would validate one: give the issuer and its keys (--jwt-issuer, "
@@ -138,6 +142,9 @@ def _envoy_config(args: argparse.Namespace) -> int:
     except ValueError as exc:  # options that cannot work together
         print(f"kt envoy-config: {exc}", file=sys.stderr)
         return 2
+    note = sidecar_credential_note(opts)
+    if note:
+        print(f"kt envoy-config: note: {note}", file=sys.stderr)
     sys.stdout.write(text)
     return 0
 
@@ -313,6 +320,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="upstream of tiers without --upstream")
     e.add_argument("--sidecar-http", default="127.0.0.1:8082",
                    help="the sidecar's HTTP ext_authz HOST:PORT (--mode http-authz)")
+    e.add_argument("--sidecar-token-file", metavar="FILE",
+                   help="Envoy reads this token (the file of kt serve --grpc-token-file) and "
+                   "sends `authorization: Bearer <token>` on every call to the sidecar: "
+                   "ext_authz (gRPC and HTTP), RLS, ext_proc, the usage access log")
+    e.add_argument("--sidecar-tls-cert", metavar="PEM",
+                   help="Envoy's client certificate for mTLS to the sidecar's gRPC port "
+                   "(kt serve --grpc-client-ca must have signed it)")
+    e.add_argument("--sidecar-tls-key", metavar="PEM", help="its private key")
+    e.add_argument("--sidecar-ca", metavar="PEM",
+                   help="TLS to the sidecar's gRPC port: the CA that signed the sidecar's "
+                   "certificate (kt serve --grpc-tls-cert)")
+    e.add_argument("--sidecar-sni", metavar="NAME",
+                   help="the name checked in the sidecar's certificate, sent as SNI (default: "
+                   "the --sidecar host; its IP address when it is one)")
     e.add_argument("--mode", choices=["authz", "http-authz", "rls"], default="authz")
     e.add_argument("--failure-mode", choices=["allow", "deny"], default="deny",
                    help="what Envoy does when the sidecar cannot answer")

@@ -32,6 +32,7 @@ import yaml
 
 from sidecar import contract
 from sidecar.address import AddressError, check_host, check_port, is_ip, split_host_port
+from sidecar.auth import host_of, is_loopback_host
 from sidecar.transports.http_authz import IDLE_TIMEOUT_S as SIDECAR_HTTP_IDLE_TIMEOUT_S
 
 TYPE = "type.googleapis.com/"
@@ -225,6 +226,22 @@ class EnvoyOptions:
     # provider's id; the sidecar's x-kt-provider picks it (the tier routes stay the
     # fallback for a decision that names none: Envoy's own failure mode let it through)
     providers: list[Upstream] = field(default_factory=list)
+    # Envoy's credential for a sidecar that listens beyond loopback (`kt serve` refuses such
+    # a bind without one; docs/security.md). A token file: Envoy reads it at start (a
+    # mounted Secret, the same file as `kt serve --grpc-token-file`) and an upstream
+    # credential-injector filter of the sidecar's clusters sets `authorization: Bearer
+    # <token>` on every call: ext_authz (gRPC and HTTP), RLS, ext_proc, the usage access
+    # log. (grpc_service.initial_metadata would do the same for gRPC, but holds the token
+    # inline: the whole Envoy config would become a secret.)
+    sidecar_token_file: str = ""
+    # mTLS to the sidecar's gRPC port (`kt serve --grpc-tls-cert/--grpc-tls-key/
+    # --grpc-client-ca`): Envoy's client certificate and key, the CA that signed the
+    # sidecar's certificate, and the name checked in it (and sent as SNI; default: the
+    # --sidecar host when it is a name, else its IP address is checked)
+    sidecar_tls_cert: str = ""
+    sidecar_tls_key: str = ""
+    sidecar_ca: str = ""
+    sidecar_sni: str = ""
     # benchmarking: answer 200 from Envoy itself instead of routing to the tiers, and read
     # the request body first (a direct response to an unread POST body closes the
     # connection, which would measure reconnects, not Envoy)
@@ -236,26 +253,80 @@ def _addr(hostport: str) -> dict:
     return {"socket_address": {"address": host.strip("[]"), "port_value": int(port)}}
 
 
-def _cluster(name: str, hostport: str, http2: bool, idle_timeout_s: float = 0.0) -> dict:
+SIDECAR_TOKEN_SECRET = "kt_sidecar_token"
+
+
+def _sidecar_cluster(name: str, hostport: str, http2: bool, o: EnvoyOptions,
+                     idle_timeout_s: float = 0.0) -> dict:
+    """The sidecar's gRPC port (http2) or its HTTP fast path, with Envoy's credential."""
     address = _addr(hostport)
+    host = address["socket_address"]["address"]
     c: dict = {
         "name": name,
         # the sidecar by name (another container, a Service): every address it resolves to
-        "type": "STATIC" if is_ip(address["socket_address"]["address"]) else "STRICT_DNS",
+        "type": "STATIC" if is_ip(host) else "STRICT_DNS",
         "connect_timeout": "0.25s",
         "load_assignment": {"cluster_name": name, "endpoints": [
             {"lb_endpoints": [{"endpoint": {"address": address}}]}]},
     }
-    if http2 or idle_timeout_s:
-        opts: dict = {
-            "@type": TYPE + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-            "explicit_http_config": {  # gRPC needs HTTP/2 to the sidecar
-                "http2_protocol_options" if http2 else "http_protocol_options": {}}}
-        if idle_timeout_s:
-            opts["common_http_protocol_options"] = {"idle_timeout": f"{idle_timeout_s:g}s"}
-        c["typed_extension_protocol_options"] = {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": opts}
+    opts: dict = {
+        "@type": TYPE + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {  # gRPC needs HTTP/2 to the sidecar
+            "http2_protocol_options" if http2 else "http_protocol_options": {}}}
+    if idle_timeout_s:
+        opts["common_http_protocol_options"] = {"idle_timeout": f"{idle_timeout_s:g}s"}
+    if o.sidecar_token_file:
+        # every request on this cluster (a gRPC call is one) carries the token, read from
+        # its file by Envoy; `overwrite`: a client's own Authorization, which HTTP ext_authz
+        # forwards by default, never reaches the sidecar as a credential
+        opts["http_filters"] = [_credential_injector(SIDECAR_TOKEN_SECRET, "authorization",
+                                                     overwrite=True), _upstream_codec()]
+    c["typed_extension_protocol_options"] = {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": opts}
+    if http2 and o.sidecar_ca:  # kt serve's TLS is on the gRPC port only
+        name_checked = o.sidecar_sni or ("" if is_ip(host) else host)
+        san = ({"san_type": "DNS", "matcher": {"exact": name_checked}} if name_checked
+               else {"san_type": "IP_ADDRESS", "matcher": {"exact": host}})
+        common: dict = {
+            "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+            "alpn_protocols": ["h2"],  # gRPC servers expect HTTP/2 negotiated by ALPN
+            "validation_context": {"trusted_ca": {"filename": o.sidecar_ca},
+                                   "match_typed_subject_alt_names": [san]}}
+        if o.sidecar_tls_cert:
+            common["tls_certificates"] = [{
+                "certificate_chain": {"filename": o.sidecar_tls_cert},
+                "private_key": {"filename": o.sidecar_tls_key}}]
+        tls: dict = {
+            "@type": TYPE + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": common}
+        if name_checked:
+            tls["sni"] = name_checked
+        c["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": tls}
     return c
+
+
+def _upstream_codec() -> dict:
+    """The last upstream filter (a new dict each time: YAML would print a shared one as an
+    anchor and aliases)."""
+    return {"name": "envoy.filters.http.upstream_codec", "typed_config": {
+        "@type": TYPE + "envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"}}
+
+
+def _credential_injector(secret: str, header: str, overwrite: bool) -> dict:
+    """An upstream filter setting ``header`` from a generic secret (a file Envoy reads):
+    "Bearer <secret>" for authorization, the raw secret for any other header."""
+    return {"name": "envoy.filters.http.credential_injector", "typed_config": {
+        "@type": TYPE + "envoy.extensions.filters.http.credential_injector.v3."
+                        "CredentialInjector",
+        "overwrite": overwrite,
+        "credential": {"name": "envoy.http.injected_credentials.generic",
+                       "typed_config": {
+                           "@type": TYPE + "envoy.extensions.http.injected_credentials."
+                                           "generic.v3.Generic",
+                           "credential": {"name": secret},
+                           "header": header,
+                           "header_value_prefix": "Bearer " if header == "authorization"
+                           else ""}}}}
 
 
 def _tier_clusters(tier: TierRoute) -> list[tuple[str, Upstream]]:
@@ -305,20 +376,8 @@ def _upstream_cluster(name: str, u: Upstream, o: EnvoyOptions) -> dict:
         # An upstream filter of this cluster only: each provider gets its own key, read by
         # Envoy from the file at start (a Kubernetes Secret), replacing any the client sent
         opts["http_filters"] = [
-            {"name": "envoy.filters.http.credential_injector", "typed_config": {
-                "@type": TYPE + "envoy.extensions.filters.http.credential_injector.v3."
-                                "CredentialInjector",
-                "overwrite": True,
-                "credential": {"name": "envoy.http.injected_credentials.generic",
-                               "typed_config": {
-                                   "@type": TYPE + "envoy.extensions.http.injected_credentials."
-                                                   "generic.v3.Generic",
-                                   "credential": {"name": _secret_name(name)},
-                                   "header": u.api_key_header,
-                                   "header_value_prefix": "Bearer " if u.api_key_header
-                                   == "authorization" else ""}}}},
-            {"name": "envoy.filters.http.upstream_codec", "typed_config": {
-                "@type": TYPE + "envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"}}]
+            _credential_injector(_secret_name(name), u.api_key_header, overwrite=True),
+            _upstream_codec()]
     c["typed_extension_protocol_options"] = {
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": opts}
     return c
@@ -335,8 +394,12 @@ def _secret_name(cluster: str) -> str:
 def _secrets(o: EnvoyOptions) -> list[dict]:
     named = [(name, u) for tier in o.tiers for name, u in _tier_clusters(tier)]
     named += [(_provider_cluster(u), u) for u in o.providers]
-    return [{"name": _secret_name(name), "generic_secret": {"secret": {"filename": u.api_key_file}}}
-            for name, u in named if u.api_key_file]
+    out = [{"name": _secret_name(name), "generic_secret": {"secret": {"filename": u.api_key_file}}}
+           for name, u in named if u.api_key_file]
+    if o.sidecar_token_file:
+        out.append({"name": SIDECAR_TOKEN_SECRET,
+                    "generic_secret": {"secret": {"filename": o.sidecar_token_file}}})
+    return out
 
 
 def _tier_route(tier: TierRoute, timeout: str) -> dict:
@@ -691,13 +754,14 @@ def bootstrap(o: EnvoyOptions) -> dict:
             "@type": TYPE + "envoy.extensions.http.early_header_mutation.header_mutation"
                             ".v3.HeaderMutation",
             "mutations": mutations}}]
-    clusters = [_cluster("kt_sidecar", o.sidecar_address, http2=True)]
+    check_sidecar_credentials(o)
+    clusters = [_sidecar_cluster("kt_sidecar", o.sidecar_address, True, o)]
     if o.mode == "http-authz":
         # Envoy closes an idle connection to the HTTP fast path before the sidecar does
         # (Envoy's default is an hour): otherwise a request Envoy sends on a pooled
         # connection just as the sidecar closes it fails, and Envoy's failure mode answers
-        clusters.append(_cluster("kt_sidecar_http", o.sidecar_http_address, http2=False,
-                                 idle_timeout_s=SIDECAR_HTTP_IDLE_TIMEOUT_S * 2 / 3))
+        clusters.append(_sidecar_cluster("kt_sidecar_http", o.sidecar_http_address, False, o,
+                                         idle_timeout_s=SIDECAR_HTTP_IDLE_TIMEOUT_S * 2 / 3))
     clusters += [_upstream_cluster(name, u, o) for t in o.tiers for name, u in _tier_clusters(t)]
     clusters += [_upstream_cluster(_provider_cluster(u), u, o) for u in o.providers]
     static: dict = {}
@@ -722,9 +786,46 @@ def bootstrap(o: EnvoyOptions) -> dict:
     }
 
 
+def check_sidecar_credentials(o: EnvoyOptions) -> None:
+    """Refuse credential options that cannot work together (ValueError, one sentence)."""
+    if (o.sidecar_tls_cert == "") != (o.sidecar_tls_key == ""):
+        raise ValueError("--sidecar-tls-cert and --sidecar-tls-key go together")
+    if o.sidecar_tls_cert and not o.sidecar_ca:
+        raise ValueError("--sidecar-tls-cert needs --sidecar-ca, the CA that signed the "
+                         "sidecar's certificate (Envoy checks who it talks to)")
+    if o.sidecar_sni and not o.sidecar_ca:
+        raise ValueError("--sidecar-sni applies to TLS to the sidecar: give --sidecar-ca too")
+    if o.sidecar_sni:
+        check_host(o.sidecar_sni, "--sidecar-sni")
+    if (o.mode == "http-authz" and o.sidecar_ca and not o.sidecar_token_file
+            and not is_loopback_host(host_of(o.sidecar_http_address))):
+        # kt serve's fast path takes the token only (no TLS there)
+        raise ValueError(f"--mode http-authz: the fast path at {o.sidecar_http_address} "
+                         "takes the sidecar's token, not TLS: give --sidecar-token-file")
+
+
+def sidecar_credential_note(o: EnvoyOptions) -> str:
+    """A warning when Envoy would call a sidecar beyond loopback without a credential:
+    `kt serve` refuses to listen there without one, so each call would fail."""
+    if o.mode == "none" or o.sidecar_token_file or o.sidecar_ca:
+        return ""
+    remote = [a for a in ([o.sidecar_address] + (
+        [o.sidecar_http_address] if o.mode == "http-authz" else []))
+        if not is_loopback_host(host_of(a))]
+    if not remote:
+        return ""
+    return (f"the sidecar at {', '.join(remote)} is beyond loopback, where kt serve needs a "
+            "credential: give --sidecar-token-file or mTLS (--sidecar-tls-cert, "
+            "--sidecar-tls-key, --sidecar-ca) as well (docs/security.md)")
+
+
 def render(o: EnvoyOptions) -> str:
+    credential = " and ".join(c for c, on in (
+        (f"token from {o.sidecar_token_file}", o.sidecar_token_file),
+        ("mTLS" if o.sidecar_tls_cert else "TLS", o.sidecar_ca)) if on)
     head = (f"# Envoy bootstrap for kt-sidecar ({o.mode} mode), printed by `kt envoy-config`.\n"
-            f"# Sidecar at {o.sidecar_address}; tiers: "
+            f"# Sidecar at {o.sidecar_address}"
+            + (f" ({credential})" if credential else "") + "; tiers: "
             + "; ".join(f"{t.name}={t.model}@" + " ".join(u.describe() for u in t.upstreams())
                         for t in o.tiers) + "\n")
     return head + yaml.safe_dump(bootstrap(o), sort_keys=False, width=100)
