@@ -431,34 +431,97 @@ def test_the_istio_policy_passes_kt_check_config(tmp_path):
     assert res.returncode == 0, res.stderr
 
 
-def test_the_envoy_filter_patches_are_filters_envoy_accepts(tmp_path):
-    # The patch values are Envoy config, which no Istio schema checks: put them in a
-    # listener of a bootstrap (with a cluster of the name Istio gives the Service) and let
-    # Envoy validate them, in the order the patches place them
-    from sidecar.envoy_config import EnvoyOptions, TierRoute, bootstrap
+def istio_gateway_bootstrap(tiers: list, listen_port: int = 10000, admin_port: int = 9901,
+                            ext_proc: bool = True) -> tuple[dict, dict]:
+    """A bootstrap standing in for the ingress gateway's Envoy, with the EnvoyFilter's patches
+    applied as Istio applies them: the connection manager's typed_config MERGEd (a list
+    field appended to), ext_proc inserted before the router. The gateway's own connection
+    manager has no early header mutation: kt envoy-config's is removed first, so what is
+    stripped is the EnvoyFilter's doing. Returns the bootstrap and the EnvoyFilter."""
+    from sidecar.envoy_config import EnvoyOptions, bootstrap
 
     envoy_filter = next(d for d in istio_docs() if d["kind"] == "EnvoyFilter")
-    strip, ext_proc = (p["patch"]["value"] for p in envoy_filter["spec"]["configPatches"])
-    doc = bootstrap(EnvoyOptions(mode="none", tiers=[TierRoute("default", "m", "127.0.0.1:1")]))
+    merge, insert = (p["patch"] for p in envoy_filter["spec"]["configPatches"])
+    assert (merge["operation"], insert["operation"]) == ("MERGE", "INSERT_BEFORE")
+    doc = bootstrap(EnvoyOptions(mode="none", tiers=tiers, listen_port=listen_port,
+                                 admin_port=admin_port))
     hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    hcm["http_filters"] = [strip, ext_proc] + hcm["http_filters"]
-    cluster = ext_proc["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"]
-    kt = json.loads(json.dumps(doc["static_resources"]["clusters"][0]))
-    kt["name"] = kt["load_assignment"]["cluster_name"] = cluster
-    doc["static_resources"]["clusters"].append(kt)
+    del hcm["early_header_mutation_extensions"]
+    patch = dict(merge["value"]["typed_config"])
+    assert patch.pop("@type") == hcm["@type"]
+    for key, value in patch.items():
+        if isinstance(value, list):
+            hcm.setdefault(key, []).extend(value)
+        else:
+            hcm[key] = value
+    if ext_proc:
+        ext = insert["value"]
+        hcm["http_filters"] = [ext] + hcm["http_filters"]  # mode none: the router alone
+        cluster = ext["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"]
+        kt = json.loads(json.dumps(doc["static_resources"]["clusters"][0]))
+        kt["name"] = kt["load_assignment"]["cluster_name"] = cluster
+        doc["static_resources"]["clusters"].append(kt)
+    return doc, envoy_filter
+
+
+def test_the_envoy_filter_patches_are_filters_envoy_accepts(tmp_path):
+    # The patch values are Envoy config, which no Istio schema checks: put them in a
+    # bootstrap (with a cluster of the name Istio gives the Service) as the patches place
+    # them, and let Envoy validate them
+    from sidecar import contract
+    from sidecar.envoy_config import TierRoute
+    from sidecar.policy.load import load_policy
+
+    doc, envoy_filter = istio_gateway_bootstrap([TierRoute("default", "m", "127.0.0.1:1")])
     path = tmp_path / "envoy.yaml"
     path.write_text(yaml.safe_dump(doc))
     out = subprocess.run([find_binary("envoy"), "--mode", "validate", "-c", str(path),
                           "--log-level", "warning"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "eprecated" not in out.stdout + out.stderr
-    # it strips the decision's headers, and the tenant header RequestAuthentication writes
-    from sidecar import contract
-
-    removed = [m["remove"] for m in strip["typed_config"]["mutations"]["request_mutations"]]
+    # it strips what kt envoy-config strips: the decision's headers, the estimate header
+    # (the policy does not trust it), the client's request id; and the tenant header
+    # RequestAuthentication writes
+    (early,) = envoy_filter["spec"]["configPatches"][0]["patch"]["value"]["typed_config"][
+        "early_header_mutation_extensions"]
+    removed = [m["remove"] for m in early["typed_config"]["mutations"]]
+    cm = next(d for d in istio_docs() if d["kind"] == "ConfigMap")
+    (tmp_path / "policy.yaml").write_text(cm["data"]["policy.yaml"])
+    policy = load_policy(str(tmp_path / "policy.yaml"))
+    assert not policy.estimate.trusted
     tenant = next(d for d in istio_docs() if d["kind"] == "RequestAuthentication")[
         "spec"]["jwtRules"][0]["outputClaimToHeaders"][0]["header"]
-    assert removed == [*contract.UPSTREAM_HEADERS, tenant]
+    assert removed == [*contract.UPSTREAM_HEADERS, policy.estimate.header, "x-request-id",
+                       tenant]
+
+
+def test_the_envoy_filter_strips_what_a_client_must_not_set():
+    # through a real Envoy with the patches applied: a client's decision headers (one of
+    # which would pick the compact route), its estimate, its request id and its tenant do
+    # not reach the upstream; Envoy makes a request id of its own
+    from sidecar.envoy_config import TierRoute
+
+    with FakeUpstream("default") as default, FakeUpstream("compact") as compact, \
+            workdir() as d:
+        admin, listen = free_port(), free_port()
+        doc, _ = istio_gateway_bootstrap(
+            [TierRoute("default", "gpt-4o", default.address),
+             TierRoute("compact", "gpt-4o-mini", compact.address)], listen, admin,
+            ext_proc=False)  # no sidecar here: the header mutation is the subject
+        from tests.support.procs import EnvoyProcess
+
+        forged = {"x-kt-tier": "compact", "x-kt-decision": "allow", "x-kt-reservation": "r-1",
+                  "x-kt-provider": "openai", "x-kt-estimated-tokens": "0",
+                  "x-request-id": "client-chosen-id", "x-tenant-id": "someone-else"}
+        with EnvoyProcess(yaml.safe_dump(doc), d, admin, listen) as envoy:
+            req = urllib.request.Request(envoy.url(), data=b"{}", headers={
+                "content-type": "application/json", **forged})
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                reply = json.load(resp)
+        assert reply["served_by"] == "default" and not compact.requests
+        got = reply["received_headers"]
+        assert not (set(forged) - {"x-request-id"}) & set(got), got
+        assert got["x-request-id"] and got["x-request-id"] != "client-chosen-id"
 
 
 # --- operator mistakes: one clear line, a non-zero exit, never a traceback ----------------
