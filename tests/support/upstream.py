@@ -18,6 +18,7 @@ received and its own name (`served_by`). Test controls, as request headers:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import ssl
@@ -61,8 +62,9 @@ class ProviderQuota:
 class FakeUpstream:
     def __init__(self, name: str, status: int = 200,
                  ssl_context: Optional[ssl.SSLContext] = None,
-                 quota: Optional[ProviderQuota] = None) -> None:
+                 quota: Optional[ProviderQuota] = None, port: int = 0) -> None:
         self.name = name
+        self.listen_port = port  # 0: an ephemeral one
         self.status = status
         self.ssl_context = ssl_context
         self.quota = quota
@@ -197,7 +199,7 @@ class FakeUpstream:
                 self.wfile.write(b"0\r\n\r\n")
                 self.wfile.flush()
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.listen_port), Handler)
         self._server.daemon_threads = True
         if self.ssl_context is not None:
             ctx = self.ssl_context
@@ -216,3 +218,39 @@ class FakeUpstream:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`python -m tests.support.upstream NAME=PORT...`: stand-in OpenAI-compatible upstreams
+    on loopback until interrupted (the README's quick start: default=8000 compact=8001).
+    Each answers a chat completion with a usage block; streams run to their end."""
+    import signal
+    import sys
+
+    specs = argv if argv is not None else sys.argv[1:]
+    if not specs or any("=" not in s or not s.partition("=")[2].isdigit() for s in specs):
+        print("usage: python -m tests.support.upstream NAME=PORT [NAME=PORT...]",
+              file=sys.stderr)
+        return 2
+    with contextlib.ExitStack() as stack:
+        for spec in specs:
+            name, _, port = spec.partition("=")
+            try:
+                up = stack.enter_context(FakeUpstream(name, port=int(port)))
+            except OSError as exc:
+                print(f"upstream {name}: cannot listen on 127.0.0.1:{port}: {exc.strerror}",
+                      file=sys.stderr)
+                return 4
+            up.release_stream.set()  # no test holds streams back here
+            print(f"upstream {name} on {up.address}", flush=True)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
