@@ -319,10 +319,12 @@ class Sidecar:
         await asyncio.to_thread(self.ledger.close)
 
     async def _tick_ledger(self) -> None:
-        """Close each minute's refusal counts even when no refusal follows."""
+        """Close each minute's refusal counts even when no refusal follows, and reservations
+        past their age even when no decision follows."""
         while True:
             await asyncio.sleep(5)
             self.ledger.tick()
+            self.service.expire_reservations()
 
     # --- HTTP side port and admin port -------------------------------------
     async def _slowly(self, fn):

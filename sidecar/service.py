@@ -17,7 +17,8 @@ from typing import Callable, Optional, Sequence
 import msgspec
 
 from sidecar import _core
-from sidecar.backends.base import Backend, BackendError, BackendTimeout, Candidate, LateReply
+from sidecar.backends.base import (TAKEN_RESERVATION, Backend, BackendError, BackendTimeout,
+                                   Candidate, LateReply)
 from sidecar.estimate import EstimateError, estimate
 from sidecar.ledger.recorder import Ledger
 from sidecar.ledger.spend import SpendRecord
@@ -94,8 +95,17 @@ class Reservation:
     provider: str = ""  # the provider charged too (docs/providers.md): settled with it
 
 
-def _reservation_record(tier: int, model: str, tokens: int, cost: int, period_start: int) -> str:
-    """A reservation as shared through the backend (model last: it may hold any character)."""
+# a shared reservation's provider field (provider ids are [A-Za-z0-9._-], never "|")
+_PROVIDER_FIELD = "p="
+
+
+def _reservation_record(tier: int, model: str, tokens: int, cost: int, period_start: int,
+                        provider: str = "") -> str:
+    """A reservation as shared through the backend (model last: it may hold any character).
+    With providers, the provider charged too (`p=<id>` before the model): the replica that
+    settles corrects that provider's bucket and names it in the ledger."""
+    if provider:
+        return f"{tier}|{tokens}|{cost}|{period_start}|{_PROVIDER_FIELD}{provider}|{model}"
     return f"{tier}|{tokens}|{cost}|{period_start}|{model}"
 
 
@@ -104,8 +114,11 @@ def _parse_reservation(tenant: str, record: Optional[str]) -> Optional["Reservat
         return None
     try:
         tier, tokens, cost, period_start, model = record.split("|", 4)
+        provider = ""
+        if model.startswith(_PROVIDER_FIELD) and "|" in model:
+            provider, model = model[len(_PROVIDER_FIELD):].split("|", 1)
         return Reservation(tenant, int(tier), model, int(tokens), int(cost), int(period_start),
-                           time.monotonic())
+                           time.monotonic(), provider=provider)
     except ValueError:
         log.warning("ignoring a malformed shared reservation for tenant %s: %r", tenant,
                     record[:200])
@@ -377,11 +390,8 @@ class DecisionService:
             if self.backend.shares_reservations:
                 self.backend.share_reservation(tenant, rid, _reservation_record(
                     out.tier, policy.tiers[out.tier].model, out.charged_tokens,
-                    out.charged_cost, out.period_start_us))
-            if self.reservations.expired:
-                self.metrics.reservations_closed.labels("kept_expired").inc(
-                    self.reservations.expired)
-                self.reservations.expired = 0
+                    out.charged_cost, out.period_start_us, provider))
+            self._count_expired()
         tier = policy.tiers[out.tier]
         kind = CORE_KINDS[out.kind]
         admitted = kind in (Kind.ALLOW, Kind.DOWNGRADE)
@@ -394,6 +404,18 @@ class DecisionService:
                         priority=rule.priority, outcome=out, shadow=not admitted and rule.shadow,
                         downgraded=out.tier > asked, budget_unit=rule.budget_unit,
                         reservation_id=rid, provider=provider, reason=reason)
+
+    def _count_expired(self) -> None:
+        if self.reservations.expired:
+            self.metrics.reservations_closed.labels("kept_expired").inc(self.reservations.expired)
+            self.reservations.expired = 0
+
+    def expire_reservations(self) -> int:
+        """Forget reservations past their age now (a timer calls this: a decision does it
+        too, but a quiet sidecar must still close them on time)."""
+        n = self.reservations.expire()
+        self._count_expired()
+        return n
 
     def _late_key(self, decision: Decision, req: Request) -> str:
         """Where a timed-out decision that Redis applies after all is kept: under the
@@ -564,9 +586,10 @@ class DecisionService:
         if not tenant or not _valid_tenant(tenant):
             raise UsageError("unknown request id and no valid tenant given")
         if res is None and self.backend.shares_reservations:
-            # decided by another replica: its reservation, if it shared one
-            res = _parse_reservation(tenant, await self.backend.take_reservation(
-                tenant, request_id))
+            # decided by another replica: its reservation, if it shared one (and no
+            # replica took it before)
+            record = await self.backend.take_reservation(tenant, request_id)
+            res = _parse_reservation(tenant, record if record != TAKEN_RESERVATION else None)
         rule = policy.rule_for(tenant)
         if rule is None:
             raise UsageError(f"unknown tenant {tenant!r}")
@@ -701,6 +724,7 @@ class DecisionService:
             model_asked=res.model_asked if res is not None else "",
             model_served=model, tier=self.policy.tiers[res.tier].name
             if res is not None and res.tier < len(self.policy.tiers) else "",
+            provider=res.provider if res is not None else "",
             decision=res.decision if res is not None else "",
             estimate_tokens=res.charged_tokens if res is not None else 0,
             input_tokens=input_tokens, output_tokens=output_tokens, cached_tokens=cached_tokens,
@@ -722,8 +746,8 @@ class DecisionService:
             request_id=request_id, tenant=res.tenant, outcome=outcome, settled_by=why,
             decided_us=self._decided_us(res), model_asked=res.model_asked,
             model_served=res.model, tier=self.policy.tiers[res.tier].name
-            if res.tier < len(self.policy.tiers) else "", decision=res.decision,
-            estimate_tokens=res.charged_tokens,
+            if res.tier < len(self.policy.tiers) else "", provider=res.provider,
+            decision=res.decision, estimate_tokens=res.charged_tokens,
             cost_nano_usd=res.charged_cost if unit == "usd" else 0, budget_unit=unit,
             budget_charge=res.charged_cost if unit else 0)
 
@@ -747,7 +771,32 @@ class DecisionService:
         task.add_done_callback(self._background.discard)
 
     def _ledger_expired(self, request_id: str, res: Reservation) -> None:
-        self._ledger_kept(request_id, res, "expired", "expiry")
+        if not self.backend.shares_reservations:
+            self._ledger_kept(request_id, res, "expired", "expiry")
+            return
+
+        # Shared reservations: another replica may have settled this one from the shared
+        # record (an ext_authz and its usage log or ext_proc stream on different replicas
+        # is the usual case); then it wrote the event and the spend, and an expiry here
+        # would count the request twice. The record says which: taken, or still ours.
+        async def claim() -> None:
+            try:
+                record = await self.backend.take_reservation(res.tenant, request_id)
+            except BackendError as exc:
+                record = None
+                log.warning("reservation %s of tenant %s expired and the shared record could "
+                            "not be read (%s): recorded as expired here", request_id,
+                            res.tenant, exc)
+            if record != TAKEN_RESERVATION:  # ours (or gone: recorded rather than lost)
+                self._ledger_kept(request_id, res, "expired", "expiry")
+
+        try:
+            task = asyncio.get_running_loop().create_task(claim())
+        except RuntimeError:  # not on the event loop: never in the sidecar itself
+            self._ledger_kept(request_id, res, "expired", "expiry")
+            return
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def release(self, request_id: str, why: str) -> Optional[SettleResult]:
         """The upstream failed without usage: refund the whole reservation."""

@@ -13,6 +13,10 @@ from sidecar._core import Limits, Outcome, Quota
 from sidecar.ledger.spend import SpendCell, SpendRecord
 
 
+# what take_reservation leaves where a shared reservation was (never a valid record)
+TAKEN_RESERVATION = "-"
+
+
 class BackendError(Exception):
     """The backend could not decide (unreachable, timed out, malformed reply)."""
 
@@ -134,8 +138,11 @@ class Backend(Protocol):
         Fire and forget: never waits, never raises (the local book still has it)."""
 
     async def take_reservation(self, tenant: str, request_id: str) -> Optional[str]:
-        """The reservation another replica shared for this request, removed (None if none).
-        May raise BackendError."""
+        """The reservation another replica shared for this request, taken: replaced by the
+        mark TAKEN_RESERVATION until it would have expired, so the replica that decided
+        can tell "settled elsewhere" from "never settled" when its own copy expires.
+        Returns the record, TAKEN_RESERVATION when another replica took it first, or None
+        (none shared, or expired). May raise BackendError."""
 
     def status(self) -> BackendStatus:
         """Readiness, cheap and non-blocking (read by /readyz)."""

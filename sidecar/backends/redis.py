@@ -47,16 +47,18 @@ from sidecar.backends.tls import tls_context
 from sidecar.backends.url import check_redis_url
 
 from sidecar import _core
-from sidecar.backends.base import (BackendError, BackendStatus, BackendTimeout, Candidate,
-                                   LateReply, Settlement)
+from sidecar.backends.base import (TAKEN_RESERVATION, BackendError, BackendStatus,
+                                   BackendTimeout, Candidate, LateReply, Settlement)
 from sidecar.ledger.spend import SpendCell, SpendRecord, cells_from_fields
 from sidecar.policy import schema
 
 log = logging.getLogger("kt.redis")
 # how long a settled request id is remembered (a repeated report within it is a no-op)
 SETTLED_TTL_MS = 7 * 24 * 3600 * 1000
-# a shared reservation lives as long as a local one (sidecar/service.py RESERVATION_TTL_S)
-RESERVATION_TTL_MS = 600 * 1000
+# a shared reservation outlives the local one (sidecar/service.py RESERVATION_TTL_S, 600 s,
+# expired within seconds of it), so the deciding replica's expiry finds the record (never
+# settled: it records the expiry) or the mark of the replica that took it (settled there)
+RESERVATION_TTL_MS = 900 * 1000
 # how often the link is checked while connected (Redis's clock, the store marker) and a
 # reconnect tried while it is down (the backoff still applies)
 HEARTBEAT_S = 1.0
@@ -824,11 +826,13 @@ class RedisBackend:
         if not self.shares_reservations:
             return None
         key = self._reservation_key(tenant, request_id)
-        reply = await self._send_plain(pack("GETDEL", key))
+        # atomically: the record for us, the mark in its place (same expiry) for the others
+        reply = await self._send_plain(pack("SET", key, TAKEN_RESERVATION, "XX", "KEEPTTL",
+                                            "GET"))
         if reply is None:
             return None
         if not isinstance(reply, bytes):
-            raise self._failed(f"GETDEL {key}: unexpected reply {str(reply)[:120]}")
+            raise self._failed(f"SET {key} GET: unexpected reply {str(reply)[:120]}")
         return reply.decode()
 
     async def _send_plain(self, packed: bytes) -> Any:
