@@ -1,7 +1,8 @@
 """The README's 60-second quick start works as written: its commands, in order, on this
 machine (only the ports move: other tests share the machine, and the README's are fixed),
 answer the curl through Envoy with the upstream's reply and the decision's headers, and
-the metrics count the decision. (The deploy section has its own test in test_deploy.py.)"""
+the metrics count the decision. (The deploy section has its own test in test_deploy.py.)
+And the README's commands piped into `head` end without a traceback."""
 from __future__ import annotations
 
 import json
@@ -106,3 +107,14 @@ def test_the_readme_quick_start_works_as_written():
         finally:
             for p in reversed(procs):
                 stop_process(p)
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    # `kt envoy-config | head -1`, deterministically: the pipe's reader is gone before kt
+    # writes a byte
+    proc = subprocess.Popen([sys.executable, "-m", "sidecar.cli", "envoy-config"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and err == b"", err.decode()
