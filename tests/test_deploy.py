@@ -114,6 +114,32 @@ def test_the_pod_is_non_root_read_only_and_unprivileged_with_real_probes():
     assert user and kt["securityContext"]["runAsUser"] == int(user.group(1))
 
 
+def test_every_container_can_read_the_files_it_mounts():
+    # How the kubelet writes a Secret or ConfigMap volume (no cluster here to run it):
+    # files owned by root, group root, or the pod's fsGroup when it has one, with the
+    # volume's defaultMode (0644 unless given). Envoy (user 101) reads the provider keys
+    # at start; without the group, a 0440 Secret file would stop it ("cannot read")
+    spec = pod_spec()
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    fs_group = spec["securityContext"].get("fsGroup")
+    for c in spec["containers"] + spec.get("initContainers", []):
+        uid, gid = c["securityContext"]["runAsUser"], c["securityContext"]["runAsGroup"]
+        groups = {gid} | ({fs_group} if fs_group is not None else set())
+        for mount in c.get("volumeMounts", []):
+            vol = volumes[mount["name"]]
+            source = vol.get("secret") or vol.get("configMap")
+            if source is None:
+                continue  # emptyDir: writable by everyone in the pod
+            mode = source.get("defaultMode", 0o644)
+            owner_group = fs_group if fs_group is not None else 0
+            readable = (mode & 0o004) or (mode & 0o040 and owner_group in groups) or (
+                mode & 0o400 and uid == 0)
+            assert readable, f"{c['name']} (uid {uid}) cannot read {mount['mountPath']}"
+    # and the keys are not world-readable
+    keys = volumes["provider-keys"]["secret"]
+    assert keys["defaultMode"] & 0o007 == 0
+
+
 def test_services_monitors_budgets_and_autoscaler_point_at_the_pod():
     g = gateway()
     labels = g["Deployment"]["spec"]["template"]["metadata"]["labels"]
