@@ -15,6 +15,7 @@
 -- KEYS[1]  request bucket   kt:{tenant}:rpm   (decide.lua's KEYS)
 -- KEYS[2]  token bucket     kt:{tenant}:tpm
 -- KEYS[3]  budget hash      kt:{tenant}:budget
+-- KEYS[4]  this call's marker  kt:{tenant}:lease-call:<call id> (ARGV[18]: its TTL, ms)
 -- ARGV[1]  clock override in µs ("0" in production: the server's TIME)
 -- ARGV[2..7]   rpm, tpm, burst, budget (-1 = none), period (0..4), low_water
 -- ARGV[8..11]  returned: requests, tokens, cost, and the period start of the returned
@@ -22,6 +23,7 @@
 -- ARGV[12..14] wanted: requests, tokens, cost
 -- ARGV[15..17] at least: requests, tokens, cost. Below any of them (for a limit the tenant
 --              has) nothing is granted and nothing is taken: the caller decides per request
+-- ARGV[18]     how long this call's marker is kept (ms)
 -- Reply: {granted requests, granted tokens, granted cost, period start, period end,
 --         now (µs, the server's clock), request level after, token level after,
 --         budget remaining after} (levels floored; -1 for a limit the tenant does not have)
@@ -29,6 +31,18 @@
 -- The budget part keeps the tenant above its low-water mark: a lease never takes budget
 -- that a decision would have answered with a downgrade, so a request admitted within a
 -- lease is one decide.lua would have admitted at the tier it asked for.
+--
+-- A call is applied once: the same call sent again (same KEYS[4]) applies nothing and
+-- answers what the first answered. redis-py's cluster client resends a command after a
+-- connection error or a socket timeout, when the first may have been applied; a refund
+-- applied twice would over-admit (a lease taken twice would only under-admit).
+
+local done = redis.call('GET', KEYS[4])
+if done then
+  local first = {}
+  for n in string.gmatch(done, '[^,]+') do first[#first + 1] = tonumber(n) end
+  return first
+end
 
 local now = clock_us(ARGV[1])
 local rpm, tpm, burst = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -93,5 +107,9 @@ if budget >= 0 then
     end
   end
 end
-return {g_req, g_tok, g_cost, pstart, pend, now, math.floor(req_level), math.floor(tok_level),
-        remaining}
+local reply = {g_req, g_tok, g_cost, pstart, pend, now, math.floor(req_level),
+               math.floor(tok_level), remaining}
+local text = {}
+for i, v in ipairs(reply) do text[i] = string.format('%d', v) end
+redis.call('SET', KEYS[4], table.concat(text, ','), 'PX', ARGV[18])
+return reply

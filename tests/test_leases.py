@@ -3,28 +3,56 @@ sidecars' backends sharing it, time simulated (the scripts and the leases run on
 clock): no over-admission in any window, at least 97% of the limit admitted per minute with
 uneven demand above it, exact per-request decisions where a lease cannot be useful, a
 killed sidecar loses at most its lease, and with Redis unreachable a sidecar goes on
-within its lease and never beyond it."""
+within its lease and never beyond it. Every test runs on one node and on a 3-node cluster
+(one of each per module: the ``valkey`` fixture is parametrized), plus what only a cluster
+needs: a lease call applied once when resent, scripts on every primary, NOSCRIPT."""
 from __future__ import annotations
 
 import asyncio
 import time
+from typing import Union
 
 import pytest
+import redis
 
 from sidecar import _core
 from sidecar.backends.base import BackendError
 from sidecar.backends.lease import LeaseManager
-from sidecar.backends.redis import RedisBackend
+from sidecar.backends.redis import RedisBackend, pack
 from sidecar.metrics import Metrics
 from sidecar.policy import schema
 from tests.support.procs import workdir
-from tests.support.valkey import Valkey
+from tests.support.valkey import Valkey, ValkeyCluster
 
 
-@pytest.fixture(scope="module")
-def valkey():
-    with workdir() as d, Valkey(d) as v:
-        yield v
+class Store:
+    """The Valkey the backends share: one node, or a 3-node cluster (``pause()`` stalls
+    every node of it)."""
+
+    def __init__(self, server: Union[Valkey, ValkeyCluster]) -> None:
+        self.server = server
+        self.cluster = isinstance(server, ValkeyCluster)
+        self.url = server.url
+        self.nodes: list[Valkey] = server.nodes if isinstance(server, ValkeyCluster) else [server]
+
+    def pause(self) -> None:
+        for n in self.nodes:
+            n.pause()
+
+    def resume(self) -> None:
+        for n in self.nodes:
+            n.resume()
+
+
+@pytest.fixture(scope="module", params=["node", "cluster"])
+def valkey(request):
+    with workdir() as d:
+        if request.param == "cluster":
+            with ValkeyCluster(d) as c:
+                yield Store(c)
+        else:
+            with Valkey(d) as v:
+                yield Store(v)
 
 
 class Clock:
@@ -45,9 +73,10 @@ def tenant(prefix: str) -> str:
     return f"{prefix}-{next(_seq)}-{time.monotonic_ns()}"
 
 
-def backend(valkey: Valkey, clock: Clock, leases: bool = True,
+def backend(valkey: Store, clock: Clock, leases: bool = True,
             timeout_ms: int = 2000) -> RedisBackend:
-    b = RedisBackend(schema.RedisBackend(url=valkey.url, timeout_ms=timeout_ms, leases=leases),
+    b = RedisBackend(schema.RedisBackend(url=valkey.url, timeout_ms=timeout_ms, leases=leases,
+                                         cluster=valkey.cluster),
                      clock_override=clock)
     # the scripts run on the test clock: the leases are given the same one
     b.leases = LeaseManager(b, clock=clock) if leases else None
@@ -262,3 +291,76 @@ def test_leases_off_decides_every_request_in_redis(valkey):
 
     got = asyncio.run(main())
     assert len(got[0]) == 200 and a.leases is None
+
+
+def test_a_lease_call_sent_again_is_applied_once(valkey):
+    """redis-py's cluster client resends a command after a connection error or a socket
+    timeout, when the first may have been applied: the same lease.lua call (same call
+    marker) sent twice takes once and returns once, and the resend answers the first reply
+    (a remainder returned twice would over-admit)."""
+    clock = Clock()
+    a = backend(valkey, clock)
+    name = tenant("lease-resent")
+    lim = _core.Limits(rpm=6000, tpm=100_000_000)
+
+    async def call(marker: str, returned: int, wanted: int) -> list:
+        args = [clock(), lim.rpm, lim.tpm, repr(lim.burst), lim.budget, lim.period,
+                repr(lim.low_water), returned, 0, 0, -1, wanted, 0, 0, 0, 0, 0, 60_000]
+        keys = [*a.keys(name), f"{a.prefix}:{{{name}}}:lease-call:{marker}"]
+        packed = None if valkey.cluster else pack("EVALSHA", a.leases.script.sha, 4, *keys, *args)
+        return await a._call(a.leases.script, keys, args, packed)
+
+    async def main():
+        await a.start()
+        try:
+            took = await call("t1", 0, 20)
+            again = await call("t1", 0, 20)  # a resend of the take
+            gave = await call("r1", 10, 0)
+            gave_again = await call("r1", 10, 0)  # a resend of the return
+            level = await call("look", 0, 0)
+            return took, again, gave, gave_again, level
+        finally:
+            await a.close()
+
+    took, again, gave, gave_again, level = asyncio.run(main())
+    assert took[0] == 20 and took[6] == 5980
+    assert again == took  # the first reply, nothing taken again
+    assert gave[6] == 5990 and gave_again == gave
+    assert level[6] == 5990  # 6000 - 20 + 10: each call applied once
+
+
+def test_scripts_are_on_every_primary_and_loaded_again_after_a_flush(valkey):
+    clock = Clock()
+    a = backend(valkey, clock)
+    lim = _core.Limits(rpm=6000, tpm=100_000_000)
+    name = tenant("lease-noscript")
+
+    def loaded(node: Valkey) -> bool:
+        r = redis.Redis(port=node.port)
+        try:
+            return r.script_exists(a.leases.script.sha) == [True]
+        finally:
+            r.close()
+
+    async def main():
+        await a.start()
+        try:
+            on_start = [loaded(n) for n in valkey.nodes]
+            got = await run([(a, 100.0)], name, lim, clock, 1.0)
+            assert name in a.leases.leases  # the next call for it is lease.lua's
+            taken = a.leases.stats["taken"]
+            for n in valkey.nodes:  # a restart or failover loses the script cache
+                r = redis.Redis(port=n.port)
+                r.script_flush()
+                r.close()
+            flushed = [loaded(n) for n in valkey.nodes]
+            got += await run([(a, 100.0)], name, lim, clock, 2.0)
+            return on_start, flushed, got, a.leases.stats["taken"] - taken, dict(a.leases.stats)
+        finally:
+            await a.close()
+
+    on_start, flushed, got, taken_after, stats = asyncio.run(main())
+    assert on_start == [True] * len(valkey.nodes) and not any(flushed)
+    assert all(ok for per in got for _, ok in per) and sum(len(per) for per in got) == 300
+    # leases taken after the flush (NOSCRIPT, scripts loaded again, the call retried once)
+    assert taken_after > 0 and stats["local_decisions"] > 0 and stats["failed"] == 0

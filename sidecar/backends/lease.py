@@ -26,9 +26,16 @@ batched per loop tick). So:
   share comes back by refill, its budget share stays charged (an overcharge of at most
   one lease, never a loss of spend).
 
-Clock: a lease is taken on Redis's clock (its reply carries Redis's time), and local
-decisions run on that clock (the budget period and the lease's end are Redis's); a lease
-ends before its budget period does. A backend whose scripts are given a test clock
+Clock: a lease is taken on Redis's clock (its reply carries the time of the node that
+holds the tenant's keys), and its local decisions run on that clock (the budget period and
+the lease's end are that node's); a lease ends before its budget period does. Each lease
+keeps its own offset to this host's clock: the nodes of a cluster need not agree.
+
+Redis Cluster: a tenant's keys share the hash tag ``{tenant}``, so each lease.lua call runs
+on one slot, routed by redis-py like every cluster call. redis-py resends a command after a
+connection error or a socket timeout, when the first may have been applied; each call
+carries a call id (its marker key, in the tenant's slot), and lease.lua applies a call once
+and answers a resend with the first reply, so a remainder is never returned twice. A backend whose scripts are given a test clock
 (``clock_override``) takes no leases unless a LeaseManager with that same clock is given to
 it (tests/test_leases.py).
 """
@@ -37,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -60,6 +68,7 @@ MAX_AGE_S = 2.0  # a lease is returned (and a fresh one taken) at the latest thi
 SWEEP_S = 0.25  # how often idle and old leases are looked for
 RATE_WINDOW_US = 250_000  # the rate is counted over windows this long (decision clock)
 REFUSED_QUIET_US = 1_000_000  # after a refused lease, this long per request before another
+CALL_MARKER_TTL_MS = 60_000  # a lease call's marker (a resend within it is not applied again)
 
 
 def lease_script():
@@ -78,9 +87,12 @@ class _Lease:
     """What one lease holds: the core State the local decisions run on."""
 
     __slots__ = ("limits", "local", "state", "period_start", "ends_us", "taken_us",
-                 "last_used_us", "pool_req", "pool_tok", "pool_budget", "decisions")
+                 "last_used_us", "pool_req", "pool_tok", "pool_budget", "decisions",
+                 "offset_us")
 
-    def __init__(self, limits: _core.Limits, reply: list, now_us: int) -> None:
+    def __init__(self, limits: _core.Limits, reply: list, now_us: int,
+                 offset_us: int = 0) -> None:
+        """``now_us``: the node's clock now; ``offset_us``: that clock less this host's."""
         g_req, g_tok, g_cost, pstart, pend, _server_now, req_after, tok_after, budget_after = reply
         self.limits = limits
         # the same limits, but no low-water downgrade: the lease holds budget above the mark
@@ -103,6 +115,7 @@ class _Lease:
         # what the pool had left after the lease (for the headers' remaining counts)
         self.pool_req, self.pool_tok, self.pool_budget = req_after, tok_after, budget_after
         self.decisions = 0
+        self.offset_us = offset_us
 
     def left(self) -> tuple[int, int, int]:
         """Requests, tokens and cost not used (to return)."""
@@ -139,17 +152,18 @@ class LeaseManager:
         self.leases: dict[str, _Lease] = {}
         self._seen: dict[str, _Seen] = {}
         self._sweeper: Optional[asyncio.Task] = None
-        self._offset_us: Optional[int] = None  # Redis's clock minus this host's
+        self._call_prefix = os.urandom(6).hex()  # call ids: unique across replicas
+        self._calls = 0
         self.stats = {"taken": 0, "refused": 0, "returned": 0, "failed": 0,
                       "local_decisions": 0, "renewals_waited": 0}
 
     # --- clock ---------------------------------------------------------------
-    def now_us(self) -> int:
-        """Redis's clock, as estimated from the last lease reply (the budget period and a
-        lease's end are Redis's)."""
+    def now_us(self, lease: _Lease) -> int:
+        """The clock of the node that holds the lease's tenant, as estimated from the
+        lease's reply (the budget period and the lease's end are that node's)."""
         if self.clock is not None:
             return self.clock()
-        return time.time_ns() // 1000 + (self._offset_us or 0)
+        return time.time_ns() // 1000 + lease.offset_us
 
     def _rate_now_us(self) -> int:
         return self.clock() if self.clock is not None else time.monotonic_ns() // 1000
@@ -204,7 +218,7 @@ class LeaseManager:
 
     def _local(self, lease: _Lease, tier: int, input_tokens: int, output_tokens: int,
                firm_tokens: int) -> Optional[_core.Outcome]:
-        now = self.now_us()
+        now = self.now_us(lease)
         if now >= lease.ends_us:
             return None
         st = lease.state
@@ -304,9 +318,13 @@ class LeaseManager:
         w = want if want is not None else (0, 0, 0, 0, 0, 0)
         args = [self.backend._now_arg(), lim.rpm, lim.tpm, repr(lim.burst), lim.budget,
                 lim.period, repr(lim.low_water), r_req, r_tok, r_cost, r_start, *w]
-        keys = list(self.backend.keys(tenant))
+        args.append(CALL_MARKER_TTL_MS)
+        self._calls += 1
+        # the call's marker: in the tenant's slot (its hash tag), so one node runs the call
+        keys = [*self.backend.keys(tenant),
+                f"{self.backend.prefix}:{{{tenant}}}:lease-call:{self._call_prefix}.{self._calls}"]
         packed = None if self.backend.cfg.cluster else pack(
-            "EVALSHA", self.script.sha, 3, *keys, *args)
+            "EVALSHA", self.script.sha, len(keys), *keys, *args)
         sent_wall = time.time_ns() // 1000
         try:
             reply = await self.backend._call(self.script, keys, args, packed)
@@ -326,14 +344,17 @@ class LeaseManager:
             self.stats["returned"] += 1
         if self.clock is None:
             got_wall = time.time_ns() // 1000
-            self._offset_us = reply[5] - (sent_wall + got_wall) // 2
+            offset = reply[5] - (sent_wall + got_wall) // 2
+        else:
+            offset = 0
         if want is None:
             return None
         if reply[0] == reply[1] == reply[2] == 0:
             self.stats["refused"] += 1
             return None
         self.stats["taken"] += 1
-        return _Lease(lim, reply, self.now_us())
+        return _Lease(lim, reply, self.clock() if self.clock is not None
+                      else time.time_ns() // 1000 + offset, offset)
 
     def settled(self, tenant: str, budget_spent: int) -> None:
         """A settlement of the tenant's usage reached Redis: the budget it left, which the
@@ -354,10 +375,9 @@ class LeaseManager:
 
     async def sweep(self, everything: bool = False) -> None:
         """Return the leases that are idle, old or (``everything``) all of them."""
-        now = self.now_us()
         due = [t for t, lease in self.leases.items()
-               if everything or now >= lease.ends_us
-               or now - lease.last_used_us >= IDLE_S * 1e6]
+               if everything or self.now_us(lease) >= lease.ends_us
+               or self.now_us(lease) - lease.last_used_us >= IDLE_S * 1e6]
         for tenant in due:
             lease = self.leases.get(tenant)
             seen = self._seen.get(tenant)

@@ -184,10 +184,10 @@ class RedisBackend:
         # to guess the tier whose providers to hold first
         self._below_low_water: dict[str, bool] = {}
         self._candidates_packed: dict[tuple, tuple[bytes, bytes]] = {}
-        # capacity leases for hot tenants (single node; lease.py)
+        # capacity leases for hot tenants (single node or cluster; lease.py)
         # (not with a test clock for the scripts: the leases need the same clock, lease.py)
         self.leases: Optional[LeaseManager] = LeaseManager(self) if (
-            cfg.leases and not cfg.cluster and clock_override is None) else None
+            cfg.leases and clock_override is None) else None
         self.client: Any = None  # redis-py: cluster mode only (and URL parsing)
         self.conn: Optional[PipelinedConnection] = None
         # cached encodings: per tenant (its three keys), per Limits (their ARGV)
