@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from sidecar.model import Kind, Request
 from sidecar.policy import schema
 from sidecar.policy.load import parse_policy
 from sidecar.service import REQUEST_ID_KEY, DecisionService
-from tests.support.procs import SidecarProcess, post_json, workdir
+from tests.support.procs import SidecarProcess, eventually, post_json, wait_until, workdir
 from tests.support.valkey import Valkey, ValkeyCluster, command
 
 POLICY = """
@@ -473,39 +474,40 @@ def test_a_store_that_lost_its_data_is_reported_by_every_replica():
 
 
 @pytest.mark.parametrize("mode,answer", [("closed", Kind.FAIL_CLOSED), ("open", Kind.FAIL_OPEN)])
-def test_a_decision_that_reaches_redis_after_its_deadline_is_not_applied(mode, answer):
-    # the server is busy for 400 ms (as under a backlog): the decision times out after
-    # 50 ms and its caller is answered by the failure mode; when Redis gets to it, its
-    # deadline (lua/deadline.lua) has passed and it applies nothing: no charge to put right
-    with workdir() as d, Valkey(d, extra_args=("--enable-debug-command", "yes")) as v:
-        svc = service_for(v.url, mode, timeout_ms=50)
-        r = redis.Redis.from_url(v.url)
-        budget_key = svc.backend.keys("late")[2]
+def test_a_decision_that_reaches_redis_after_its_deadline_is_not_applied(valkey, mode, answer):
+    # the server is stopped (as a backlog would hold it) from before the decision is sent
+    # until after its caller was answered by the failure mode; when Redis gets to it, its
+    # deadline (lua/deadline.lua) has passed and it applies nothing: no charge to put right.
+    # Every step waits on what it needs, so a loaded machine makes it slower, never wrong:
+    # the timeout is long enough for the decisions in time to be in time on a busy machine
+    # (it was 50 ms, with a DEBUG SLEEP sent from a thread that could reach Valkey after
+    # the decision it was meant to hold up)
+    svc = service_for(valkey.url, mode, timeout_ms=1000)
+    r = redis.Redis.from_url(valkey.url)
+    budget_key = svc.backend.keys("late")[2]
 
-        async def main():
-            await svc.backend.start()
+    async def main():
+        await svc.backend.start()
+        try:
+            assert (await svc.decide(req("late"))).kind is Kind.ALLOW
+            assert budget_spent(r, budget_key) == 5
+            valkey.pause()
             try:
-                assert (await svc.decide(req("late"))).kind is Kind.ALLOW
-                assert budget_spent(r, budget_key) == 5
-                sleeper = asyncio.create_task(asyncio.to_thread(
-                    command, v.port, "DEBUG", "SLEEP", "0.4"))
-                await asyncio.sleep(0.05)
                 late = await svc.decide(Request(headers={"x-tenant-id": "late",
                                                          "x-kt-estimated-tokens": "5"},
                                                 request_id="late-1"))
-                await sleeper
-                for _ in range(100):  # the refusal comes back on the link when Redis wakes
-                    if svc.backend.expired:
-                        break
-                    await asyncio.sleep(0.02)
-                after = await svc.decide(req("late"))
-                return late, after
             finally:
-                await svc.backend.close()
+                valkey.resume()
+            # the refusal comes back on the link when Redis runs again
+            await eventually(lambda: svc.backend.expired, "Redis to refuse the late decision")
+            after = await svc.decide(req("late"))
+            return late, after
+        finally:
+            await svc.backend.close()
 
-        late, after = asyncio.run(main())
-        spent = budget_spent(r, budget_key)
-        r.close()
+    late, after = asyncio.run(main())
+    spent = budget_spent(r, budget_key)
+    r.close()
     assert late.kind is answer
     assert after.kind is Kind.ALLOW  # the link survived the stall
     assert svc.backend.expired == 1 and svc.backend.late_replies == 0
@@ -642,23 +644,34 @@ def test_a_check_envoy_gave_up_on_is_held_as_the_requests_reservation():
                     return call.result()
 
             assert check("gone-0", 5).status.code == 0
+            # the test's probe: the sidecar's handler saw its caller go (the cancellation
+            # reached it), which is what makes the late charge the request's reservation
+            cancelled = threading.Event()
+            deciding = svc.decide
+
+            async def decide_noting_cancellation(*args, **kwargs):
+                try:
+                    return await deciding(*args, **kwargs)
+                except asyncio.CancelledError:
+                    cancelled.set()
+                    raise
+
+            svc.decide = decide_noting_cancellation  # type: ignore[method-assign]
             conn = svc.backend.conn
             writes = conn.writes
             v.pause()
             try:
                 with pytest.raises(grpc.RpcError) as gave_up:
-                    check("gone-1", 1.0)
+                    check("gone-1", 2.0)
                 assert conn.writes > writes  # the decision went out to the stopped server
-                # stay stopped a while: the decision cannot complete meanwhile, and the
-                # sidecar learns that its caller is gone (the cancellation reaches it)
-                time.sleep(0.5)
+                # stay stopped until the sidecar knows its caller is gone (waited for, not
+                # slept: a loaded machine delivered it after Redis had answered, and the
+                # decision then completed as an answer nobody received)
+                assert cancelled.wait(10), "the cancellation never reached the sidecar"
             finally:
                 v.resume()
             assert gave_up.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
-            for _ in range(500):  # up to 10 s: a loaded CI machine delivers the late reply late
-                if svc.backend.late_replies:
-                    break
-                time.sleep(0.02)
+            wait_until(lambda: svc.backend.late_replies, 10, "the late reply")
             # no answer of the sidecar reached Envoy, so no reservation id did: the charge
             # is held under the request's x-request-id, where ext_proc looks for it
             reserved = svc.reservations.get(REQUEST_ID_KEY + "gone-1")
@@ -755,22 +768,30 @@ def test_a_bad_key_fails_only_its_own_decision_in_a_batch(valkey, caplog):
 
 
 def test_script_flush_is_transparent(valkey):
-    backend = RedisBackend(schema.RedisBackend(url=valkey.url, timeout_ms=500))
+    # the decision after SCRIPT FLUSH gets NOSCRIPT, reloads and is applied exactly once.
+    # Counted on a budget (nothing refills it) and a bucket slow enough that no refill
+    # shows between the two decisions however slow the machine (the reload takes round
+    # trips; with rpm 1000 a 60 ms gap refilled the request it had taken: 999 for 998)
+    backend = RedisBackend(schema.RedisBackend(url=valkey.url, timeout_ms=5000))
     from sidecar import _core
 
-    lim = _core.Limits(rpm=1000)
+    lim = _core.Limits(rpm=6, budget=1000, period=_core.P_TOTAL)
 
     async def main():
         await backend.start()
-        assert (await backend.decide("flush", lim, 0, 1, 1, 2, False)).admitted
-        r = redis.Redis.from_url(valkey.url)
-        r.script_flush()
-        r.close()
-        out = await backend.decide("flush", lim, 0, 1, 1, 2, False)
-        await backend.close()
-        return out
+        try:
+            first = await backend.decide("flush", lim, 0, 1, 1, 2, False)
+            r = redis.Redis.from_url(valkey.url)
+            r.script_flush()
+            r.close()
+            return first, await backend.decide("flush", lim, 0, 1, 1, 2, False)
+        finally:
+            await backend.close()
 
-    assert asyncio.run(main()).remaining_requests == 998
+    first, second = asyncio.run(main())
+    assert first.admitted and first.remaining_requests == 5 and first.budget_remaining == 998
+    assert second.admitted and second.remaining_requests == 4
+    assert second.budget_remaining == 996  # once: the NOSCRIPT attempt applied nothing
 
 
 def test_buckets_are_one_string_with_a_ttl_and_a_hash_of_the_old_format_still_counts(valkey):

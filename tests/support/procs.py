@@ -5,6 +5,7 @@ exception) terminates the process, then kills it if it does not exit.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -47,6 +48,16 @@ def wait_until(check, timeout: float, what: str, log: Optional[Path] = None) -> 
         time.sleep(0.05)
     tail = log_tail(log) if log else ""
     raise TimeoutError(f"{what} not ready after {timeout}s (last error: {last!r}){tail}")
+
+
+async def eventually(check, what: str, timeout: float = 10.0) -> None:
+    """On an event loop: poll ``check`` until it is true (a condition, not a sleep, so a
+    loaded machine only makes it slower); fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
 
 
 def log_tail(path: Optional[Path], lines: int = 40) -> str:
