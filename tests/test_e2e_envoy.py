@@ -23,7 +23,7 @@ from tests.support.policies import TIERS_AND_PRICING
 from tests.support.procs import (EnvoyProcess, SidecarProcess, free_port, log_tail, wait_until,
                                  workdir)
 from tests.support.upstream import FakeUpstream
-from tests.support.valkey import Valkey
+from tests.support.valkey import Valkey, ValkeyCluster
 
 POLICY = """
 tenant: {header: x-tenant-id, unknown: %(unknown)s}
@@ -167,16 +167,25 @@ def stack(mode: str = "authz", failure_mode: str = "deny", unknown: str = "defau
 
 @pytest.fixture(scope="module", params=[("authz", "memory", "als"), ("authz", "redis", "als"),
                                         ("http-authz", "redis", "als"),
-                                        ("http-authz", "redis", "ext_proc")],
-                ids=["grpc-memory", "grpc-redis", "http-redis", "http-redis-ext_proc"])
+                                        ("http-authz", "redis", "ext_proc"),
+                                        ("http-authz", "cluster", "als")],
+                ids=["grpc-memory", "grpc-redis", "http-redis", "http-redis-ext_proc",
+                     "http-cluster"])
 def authz(request) -> Iterator[Stack]:
     """The same end-to-end tests on both backends (embedded and a real Valkey), on both
     ext_authz transports (gRPC and the HTTP fast path) and both ways usage comes back
-    (Envoy's access log, the default; ext_proc per request): one contract."""
+    (Envoy's access log, the default; ext_proc per request), and on a 3-node Valkey
+    cluster (tenants' keys on different nodes): one contract."""
     mode, backend_kind, usage = request.param
     if backend_kind == "memory":
         with stack(mode, usage=usage) as s:
             yield s
+        return
+    if backend_kind == "cluster":
+        with workdir() as d, ValkeyCluster(d) as c:
+            backend = f'backend: {{kind: redis, url: "{c.url}", cluster: true, timeout_ms: 200}}'
+            with stack(mode, backend=backend, usage=usage) as s:
+                yield s
         return
     with workdir() as d, Valkey(d) as v:
         backend = f'backend: {{kind: redis, url: "{v.url}", timeout_ms: 200}}'

@@ -203,9 +203,9 @@ class RedisBackend:
         self.errors = 0
         self.expired = 0  # decisions Redis refused to apply: they came after their deadline
         # lower bound of (Redis's TIME - this host's monotonic clock) in µs, and when it
-        # was measured (monotonic µs); None until the first link's setup answered
-        self._offset_lo: Optional[int] = None
-        self._offset_at = 0
+        # was measured (monotonic µs), per node ("" on a single node, a node's name on a
+        # cluster: each primary has its own clock); absent until first read
+        self._offsets: dict[str, tuple[int, int]] = {}
         self.marker_key = f"{self.prefix}:{MARKER_KEY}"
         self._marker: Optional[bytes] = None  # the store marker as last seen
         self.store_resets = 0  # times the store was found to have lost its data
@@ -261,10 +261,14 @@ class RedisBackend:
             return
         try:
             await asyncio.wait_for(self._load_scripts(), max(self.timeout_s * 20, 1.0))
+            await self._read_node_clocks()
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             # Start anyway: decisions follow the failure mode until Redis answers.
             self._failed(f"cannot load scripts: {exc!r}")
             log.error("redis at %s not available at start: %r", self.where, exc)
+        # the nodes' clocks read again every beat (drift, new primaries after a failover)
+        self._heartbeat_due = asyncio.Event()
+        self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop())
 
     def _scripts(self) -> tuple[_Script, ...]:
         scripts = (self.decide_script, self.batch_script, self.settle_script,
@@ -318,7 +322,8 @@ class RedisBackend:
         if self._heartbeat_due is not None:
             self._heartbeat_due.set()  # check the store marker on this link now
 
-    def _observe_clock(self, reply: Any, sent_us: int, answered_us: int) -> None:
+    def _observe_clock(self, reply: Any, sent_us: int, answered_us: int,
+                       node: str = "") -> None:
         """One reading of Redis's TIME, taken between ``sent_us`` and ``answered_us`` on
         this host's monotonic clock. Keeps the best lower bound of the offset between the
         two clocks: a decision's deadline is its caller's (monotonic) deadline plus that
@@ -326,16 +331,36 @@ class RedisBackend:
         trip, ~0.1 ms on a LAN) but never applies one after its caller gave up on it."""
         redis_us = int(reply[0]) * 1_000_000 + int(reply[1])
         lo, hi = redis_us - answered_us, redis_us - sent_us
-        current = self._clock_offset(answered_us)
+        current = self._clock_offset(answered_us, node)
         # a tighter bound, or Redis's clock was set back (the old bound is then too high)
         if current is None or lo > current or hi < current:
-            self._offset_lo, self._offset_at = lo, answered_us
+            self._offsets[node] = (lo, answered_us)
 
-    def _clock_offset(self, now_us: int) -> Optional[int]:
+    def _clock_offset(self, now_us: int, node: str = "") -> Optional[int]:
         """The offset's lower bound now: the last one, less the drift it may have had since."""
-        if self._offset_lo is None:
+        known = self._offsets.get(node)
+        if known is None:
             return None
-        return self._offset_lo - int(CLOCK_DRIFT * (now_us - self._offset_at))
+        return known[0] - int(CLOCK_DRIFT * (now_us - known[1]))
+
+    async def _read_node_clocks(self) -> None:
+        """Cluster mode: read every primary's clock (its TIME), as the single node's link
+        does on set-up and heartbeat, so that decisions carry deadlines there too. A node
+        that does not answer keeps its last reading (or none: no deadline on it)."""
+        async def read(node: Any) -> None:
+            sent = _mono_us()
+            reply = await self.client.execute_command("TIME", target_nodes=node)
+            self._observe_clock(reply, sent, _mono_us(), node.name)
+
+        reads = [asyncio.ensure_future(read(n)) for n in self.client.get_primaries()]
+        if not reads:
+            return
+        done, pending = await asyncio.wait(reads, timeout=self._stall_s)
+        for fut in pending:
+            fut.cancel()
+        for fut in done:
+            if fut.exception() is not None:
+                self._failed(f"reading a node's clock: {fut.exception()!r}")
 
     async def _heartbeat_loop(self) -> None:
         # no asyncio.wait_for here: on Python < 3.12 it can swallow the cancellation that
@@ -370,6 +395,9 @@ class RedisBackend:
         return replies.result()
 
     async def _beat(self) -> None:
+        if self.cfg.cluster:
+            await self._read_node_clocks()
+            return
         conn = self.conn
         assert conn is not None
         if not conn.connected:
@@ -447,10 +475,12 @@ class RedisBackend:
         request = [self._now_arg(), tier, input_tokens, output_tokens, firm_tokens,
                    1 if commit_on_deny else 0]
         if self.cfg.cluster:
-            # redis-py routes each EVALSHA to the tenant's node (no batching across slots);
-            # no deadline (0): its clock is not read here (docs/redis.md, not covered)
-            reply = await self._call(self.decide_script, list(self.keys(tenant)),
-                                     request + self._limit_args_of(limits) + [0], None)
+            # redis-py routes each EVALSHA to the tenant's node (no batching across slots),
+            # with the deadline in that node's clock (lua/deadline.lua; 0 = not read yet)
+            keys = list(self.keys(tenant))
+            reply = await self._call(self.decide_script, keys, request
+                                     + self._limit_args_of(limits) + [self._deadline_on(keys[0])],
+                                     None)
         else:
             limits_packed, n_limit_args = self._limits_packed(limits)
             late = late or LateReply()
@@ -473,6 +503,17 @@ class RedisBackend:
             raise self._failed(f"decide.lua: unexpected reply {str(reply)[:120]}")
         self.decisions += 1
         return _core.Outcome(*reply)
+
+    def _deadline_on(self, key: str) -> int:
+        """Cluster mode: when this call's caller stops waiting, in the clock of the node
+        that holds ``key`` (0: that node's clock not read yet, no deadline)."""
+        now = _mono_us()
+        try:
+            node = self.client.get_node_from_key(key)
+        except (RedisError, IndexError):  # slots not known yet: redis-py learns them on a call
+            return 0
+        offset = self._clock_offset(now, node.name) if node is not None else None
+        return now + int(self.timeout_s * 1e6) + offset if offset is not None else 0
 
     def _late_after_cancel(self, late: LateReply, reply: Any) -> None:
         if late.on_outcome is not None and _is_outcome(reply):
