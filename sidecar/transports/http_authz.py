@@ -71,6 +71,50 @@ def _error(status: int, message: str, type_: str = "invalid_request_error",
             b"content-length: %d\r\n\r\n" % len(body) + body)
 
 
+class _Started:
+    """A decision started in ``data_received`` that had to wait (for Redis, a lease being
+    renewed, the queue): the rest of it, to be awaited by the connection's worker in order.
+    Awaiting it drives the coroutine on from the future it is waiting on, as a Task would
+    have: the worker's Task waits on that future, then resumes the coroutine; an exception
+    thrown into the worker (its cancellation when the connection is lost) is passed in."""
+
+    __slots__ = ("coro", "waiting")
+
+    def __init__(self, coro, waiting) -> None:
+        self.coro = coro
+        self.waiting = waiting
+
+    def __await__(self):
+        waiting, coro = self.waiting, self.coro
+        while True:
+            try:
+                yield waiting
+            except BaseException as exc:  # noqa: BLE001 - passed to the decision, as a Task would
+                try:
+                    waiting = coro.throw(exc)
+                except StopIteration as done:
+                    return done.value
+                continue
+            try:
+                waiting = coro.send(None)
+            except StopIteration as done:
+                return done.value
+
+    def close(self) -> None:
+        """The connection was lost before its worker took this: the decision is cancelled
+        where it waits (its handlers run, as for a cancelled worker): as Task.cancel does,
+        the future it waits on is cancelled first (the backend knows by it that a reply
+        coming later has no caller), then CancelledError is thrown in."""
+        if self.waiting is not None:
+            self.waiting.cancel()
+        try:
+            self.coro.throw(asyncio.CancelledError())
+        except BaseException:  # noqa: BLE001 - it ends either way; nothing to answer
+            pass
+        finally:
+            self.coro.close()
+
+
 class _Shared:
     """What every connection of one listener shares: the token, counters, burst logs."""
 
@@ -109,6 +153,10 @@ class AuthzProtocol(asyncio.Protocol):
         self.closing = True
         if self.worker is not None:
             self.worker.cancel()
+        while not self.queue.empty():  # decisions started and not yet taken by the worker
+            item = self.queue.get_nowait()
+            if isinstance(item, _Started):
+                item.close()
         if self.idle is not None:
             self.idle.cancel()
 
@@ -135,15 +183,42 @@ class AuthzProtocol(asyncio.Protocol):
                 return
             if req is None:
                 return
-            self.pending += 1
             self.progressed = True
-            self.queue.put_nowait(req)
+            if self.pending:  # answers go out in order: behind the ones in flight
+                self.pending += 1
+                self.queue.put_nowait(req)
+            else:
+                self._decide_now(req)
+
+    def _decide_now(self, req: Request) -> None:
+        """Nothing ahead of it on this connection: decide at once, without a trip through
+        the queue and the worker (a decision within a lease or the embedded backend never
+        waits). One that has to wait goes to the worker, which finishes it in order."""
+        coro = self.service.decide(req, "http")
+        try:
+            waiting = coro.send(None)
+        except StopIteration as done:
+            try:
+                out = render(contract.answer(done.value))
+            except Exception:  # noqa: BLE001 - never a crash: answer, keep serving
+                self.shared.error_log.warning("http authz: decision failed", exc_info=True)
+                out = _error(503, "internal error in the limiter")
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(out)
+            return
+        except Exception:  # noqa: BLE001 - never a crash: answer, keep serving
+            self.shared.error_log.warning("http authz: decision failed", exc_info=True)
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(_error(503, "internal error in the limiter"))
+            return
+        self.pending += 1
+        self.queue.put_nowait(_Started(coro, waiting))
 
     def _fail(self, status: int, message: str) -> None:
         self.closing = True
         self.queue.put_nowait(_error(status, message))
 
-    def _parse_one(self) -> Optional[object]:
+    def _parse_one(self) -> Optional[Request]:
         """A complete Request (or an error response) off the buffer, or None for more data."""
         end = self.buf.find(b"\r\n\r\n")
         if end < 0:
@@ -210,7 +285,10 @@ class AuthzProtocol(asyncio.Protocol):
                     self.transport.close()
                 return
             try:
-                decision = await self.service.decide(item, "http")  # type: ignore[arg-type]
+                if isinstance(item, _Started):
+                    decision = await item
+                else:
+                    decision = await self.service.decide(item, "http")  # type: ignore[arg-type]
                 out = render(contract.answer(decision))
             except Exception:  # noqa: BLE001 - never a crash: answer, keep serving
                 self.shared.error_log.warning("http authz: decision failed", exc_info=True)
