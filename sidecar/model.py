@@ -48,6 +48,9 @@ class Kind(str, enum.Enum):
     UNAVAILABLE = "unavailable"  # backend failed; Envoy's own failure mode decides
 
 
+# the kinds that let a request through (a set: read on every decision, a few times)
+_ADMITTED = frozenset((Kind.ALLOW, Kind.DOWNGRADE, Kind.FAIL_OPEN))
+
 CORE_KINDS = {
     _core.ALLOW: Kind.ALLOW,
     _core.DOWNGRADE: Kind.DOWNGRADE,
@@ -87,4 +90,4 @@ class Decision(msgspec.Struct, frozen=True):
 
     @property
     def admitted(self) -> bool:
-        return self.shadow or self.kind in (Kind.ALLOW, Kind.DOWNGRADE, Kind.FAIL_OPEN)
+        return self.shadow or self.kind in _ADMITTED
