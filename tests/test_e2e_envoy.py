@@ -9,7 +9,6 @@ import hashlib
 import hmac
 import json
 import math
-import re
 import socket
 import time
 from pathlib import Path
@@ -20,8 +19,8 @@ import yaml
 
 from sidecar.envoy_config import EnvoyOptions, TierRoute, render
 from tests.support.policies import TIERS_AND_PRICING
-from tests.support.procs import (EnvoyProcess, SidecarProcess, free_port, log_tail, wait_until,
-                                 workdir)
+from tests.support.procs import EnvoyProcess, SidecarProcess, free_port, log_tail, workdir
+from tests.support.streams import leave_mid_stream
 from tests.support.upstream import FakeUpstream
 from tests.support.valkey import Valkey, ValkeyCluster
 
@@ -58,22 +57,11 @@ class Stack:
         self.usage = usage
 
     def settled(self) -> None:
-        """Usage by Envoy's access log arrives after the response (within its flush
-        interval): wait until every request admitted so far has been handled (settled,
-        released or kept), as a reader of the books would, before the next step. ext_proc
-        settles before the response ends, so it needs no wait."""
+        """Wait until Envoy's access log has brought the usage of every request admitted
+        so far. ext_proc settles before the response ends, so it needs no wait."""
         if self.usage != "als" or self.sidecar.proc is None or self.sidecar.proc.poll() is not None:
             return
-
-        def handled() -> bool:
-            text = self.sidecar.metrics()
-            admitted = sum(float(v) for v in re.findall(
-                r'^kt_requests_total\{decision="(?:allow|downgrade|fail_open)"[^}]*\} (\S+)$',
-                text, re.M))
-            m = re.search(r"^kt_usage_log_entries_total (\S+)$", text, re.M)
-            return float(m.group(1) if m else 0) >= admitted
-
-        wait_until(handled, 10, "usage delivered by Envoy's access log")
+        self.sidecar.wait_usage_delivered()
 
     def post(self, tenant: Optional[str], body: Optional[dict] = None,
              headers: Optional[dict] = None) -> tuple[int, dict, bytes]:
@@ -305,27 +293,9 @@ def test_a_stream_arrives_chunk_by_chunk_and_is_settled_on_its_usage(authz):
 
 
 def test_a_client_that_leaves_mid_stream_pays_its_reservation(authz):
-    up = authz.upstreams["default"]
-    up.release_stream.clear()
-    body = json.dumps(chat(stream=True, max_tokens=700)).encode()
-    request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: llm\r\n"
-               b"x-tenant-id: t-gone\r\ncontent-type: application/json\r\n"
-               b"content-length: %d\r\n\r\n" % len(body)) + body
-    try:
-        with socket.create_connection(("127.0.0.1", authz.envoy.listen_port), timeout=10) as sock:
-            sock.sendall(request)
-            received = b""
-            while b'"first"' not in received:
-                chunk = sock.recv(65536)
-                assert chunk, received
-                received += chunk
-        # the client is gone before the usage chunk was sent; the upstream holds it back
-        # until the stream is closed as abandoned (released before Envoy saw the client
-        # go, the usage chunk could pass and settle the stream on a busy machine)
-        wait_until(lambda: 'kt_reservations_closed_total{outcome="kept_abandoned"}'
-                   in authz.sidecar.metrics(), 10, "the stream closed as abandoned")
-    finally:
-        up.release_stream.set()
+    # the client is gone before the usage chunk was sent
+    leave_mid_stream(authz.envoy.listen_port, "t-gone", chat(stream=True, max_tokens=700),
+                     authz.upstreams["default"], authz.sidecar)
     _, headers, _ = authz.post("t-gone", body={"max_tokens": 1})  # reserves one token
     charged = 10000 - int(headers["x-kt-budget-remaining"]) - 1
     # the prompt (~10 tokens) + max_tokens 700 stay charged: never refunded, never doubled

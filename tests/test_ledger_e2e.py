@@ -7,13 +7,13 @@ the token and the nano-dollar, with no event lost or counted twice."""
 from __future__ import annotations
 
 import json
-import socket
 
 import psycopg
 
 from sidecar.ledger.postgres import migrate
 from tests.support.postgres import Postgres
 from tests.support.procs import wait_until, workdir
+from tests.support.streams import leave_mid_stream
 from tests.test_e2e_envoy import chat, stack
 
 GPT4O = (2500, 10000)  # nano-USD per input / output token (tests/support/policies.py)
@@ -58,26 +58,8 @@ def test_events_in_postgres_add_up_to_the_reported_usage_and_the_budget():
                        10, "events spilled while PostgreSQL is down")
 
             # a client that leaves mid-stream: its estimate stays charged (kept)
-            up.release_stream.clear()
-            body = json.dumps(chat(stream=True, max_tokens=40)).encode()
-            request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: llm\r\n"
-                       b"x-tenant-id: finops\r\ncontent-type: application/json\r\n"
-                       b"content-length: %d\r\n\r\n" % len(body)) + body
-            try:
-                with socket.create_connection(("127.0.0.1", s.envoy.listen_port), 10) as sock:
-                    sock.sendall(request)
-                    got = b""
-                    while b'"first"' not in got:
-                        chunk = sock.recv(65536)
-                        assert chunk, got
-                        got += chunk
-                # the upstream holds the rest back until Envoy has logged the stream as cut
-                # short (its usage chunk, released before Envoy saw the client go, settled
-                # the stream instead on a busy machine)
-                wait_until(lambda: 'kt_reservations_closed_total{outcome="kept_abandoned"}'
-                           in s.sidecar.metrics(), 10, "the abandoned stream closed")
-            finally:
-                up.release_stream.set()
+            leave_mid_stream(s.envoy.listen_port, "finops", chat(stream=True, max_tokens=40),
+                             up, s.sidecar)
 
             pg.start()
             for i in range(14, 18):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
-import re
 import socket
 import struct
 import threading
@@ -110,22 +109,11 @@ class Path:
         self.sidecar, self.envoy, self.upstream, self.usage = sidecar, envoy, upstream, usage
 
     def metric(self, name: str, **labels: str) -> float:
-        want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-        pattern = rf"^{name}\{{{want}\}} (\S+)$" if labels else rf"^{name} (\S+)$"
-        m = re.search(pattern, self.sidecar.metrics(), re.M)
-        return float(m.group(1)) if m else 0.0
+        return self.sidecar.metric(name, **labels)
 
     def settled(self) -> None:
-        if self.usage != "als":
-            return
-
-        def handled() -> bool:
-            text = self.sidecar.metrics()
-            admitted = sum(float(v) for v in re.findall(
-                r'^kt_requests_total\{decision="(?:allow|downgrade)"[^}]*\} (\S+)$', text, re.M))
-            return self.metric("kt_usage_log_entries_total") >= admitted
-
-        wait_until(handled, 10, "usage delivered by Envoy's access log")
+        if self.usage == "als":
+            self.sidecar.wait_usage_delivered(("allow", "downgrade"))
 
     def send(self, tenant: str, case: str, reply: Reply) -> int:
         """One request answered by `reply`; the status the client saw (0: cut off)."""

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -58,6 +59,16 @@ async def eventually(check, what: str, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus's text format, 0 when it is absent. Labels in
+    the order the exposition writes them (prometheus-client: as the metric declares)."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = rf"^{re.escape(name)}\{{{re.escape(want)}\}} (\S+)$" if labels \
+        else rf"^{re.escape(name)} (\S+)$"
+    m = re.search(pattern, text, re.M)
+    return float(m.group(1)) if m else 0.0
 
 
 def log_tail(path: Optional[Path], lines: int = 40) -> str:
@@ -135,6 +146,25 @@ class SidecarProcess:
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://{LOOPBACK}:{self.http_port}/metrics", timeout=5) as r:
             return r.read().decode()
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample of /metrics (0 while the series does not exist yet)."""
+        return metric_value(self.metrics(), name, **labels)
+
+    def wait_usage_delivered(self, admitted_kinds: tuple[str, ...] = (
+            "allow", "downgrade", "fail_open")) -> None:
+        """Usage by Envoy's access log arrives after the response (within its flush
+        interval): wait until every request admitted so far has been handled (settled,
+        released or kept), as a reader of the books would, before the next step."""
+        kinds = "|".join(admitted_kinds)
+
+        def handled() -> bool:
+            text = self.metrics()
+            admitted = sum(float(v) for v in re.findall(
+                rf'^kt_requests_total\{{decision="(?:{kinds})"[^}}]*\}} (\S+)$', text, re.M))
+            return metric_value(text, "kt_usage_log_entries_total") >= admitted
+
+        wait_until(handled, 10, "usage delivered by Envoy's access log", self.log)
 
     def __enter__(self) -> "SidecarProcess":
         return self.start()
