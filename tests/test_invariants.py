@@ -17,31 +17,12 @@ from sidecar.model import CORE_KINDS, Decision, Kind, Request
 from sidecar.policy.load import parse_policy
 from sidecar.service import DecisionService
 from sidecar.policy import schema
-from tests.support.procs import workdir
-from tests.support.valkey import Valkey
+from tests.support.clock import ManualClock
 
 BACKENDS = ["memory", "redis"]
 
 
-@pytest.fixture(scope="module")
-def valkey():
-    with workdir() as d, Valkey(d) as v:
-        yield v
-
-
-class Clock:
-    def __init__(self) -> None:
-        # real time: the Lua scripts' PEXPIREAT must lie in the future
-        self.now = int(time.time()) * 1_000_000
-
-    def __call__(self) -> int:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += int(seconds * 1_000_000)
-
-
-def make_backend(kind: str, clock: Clock, valkey_url: str = ""):
+def make_backend(kind: str, clock: ManualClock, valkey_url: str = ""):
     if kind == "memory":
         return MemoryBackend(clock=clock)
     return RedisBackend(schema.RedisBackend(url=valkey_url, timeout_ms=2000),
@@ -71,7 +52,7 @@ def test_settlements_beyond_the_estimate_leave_the_token_bucket_in_debt(backend_
     report settles them), so a 20,000-token bucket is 10,000 tokens in debt. The third
     request must wait until the debt is repaid at 20,000/60 tokens per second; before the
     fix a level below zero read as "never used, so full" and it was admitted at once."""
-    clock = Clock()
+    clock = ManualClock()
     backend = make_backend(backend_kind, clock, backend_url)
     lim = _core.Limits(tpm=20_000)
     tenant = fresh_tenant("tpm-debt")
@@ -112,7 +93,7 @@ def test_headers_with_burst_never_show_more_remaining_than_the_limit(backend_kin
     """The issue's case: with burst 1.5 the headers said `limit-requests: 600` and
     `remaining-requests: 899`. Limit is the policy's RPM; remaining is clamped to it, and
     the burst (900 at once) stays admitted, unadvertised (docs/contract.md)."""
-    clock = Clock()
+    clock = ManualClock()
     backend = make_backend(backend_kind, clock, backend_url)
     lim = _core.Limits(rpm=600, tpm=1000, burst=1.5)
     tenant = fresh_tenant("burst")
@@ -161,7 +142,7 @@ tenants:
   withbudget: {limits: {tpm: 1000}, budget: {tokens: 500, period: day}}
 estimate: {trusted: true}  # the count of 100 below comes from a trusted filter
 """, "<test>")
-    clock = Clock()
+    clock = ManualClock()
     svc = DecisionService(policy, MemoryBackend(clock=clock))
 
     async def main():
@@ -195,7 +176,7 @@ def test_a_huge_content_length_is_too_large_and_never_wraps_the_budget(backend_k
     if backend_kind == "redis":
         text += f"backend: {{kind: redis, url: '{backend_url}', timeout_ms: 2000}}\n".encode()
     policy = parse_policy(text, "<test>")
-    clock = Clock()
+    clock = ManualClock()
     svc = DecisionService(policy, make_backend(backend_kind, clock, backend_url))
     tenant = fresh_tenant("acme")
     svc.policy.tenants[tenant] = svc.policy.tenants["acme"]
@@ -261,7 +242,7 @@ class ModelBackend:
 
     name = "model"
 
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: ManualClock) -> None:
         self.clock = clock
         self.states: dict[str, ref.State] = {}
         self.settled: set[tuple[str, str]] = set()
@@ -341,7 +322,7 @@ def programs(draw):
     return limit_variants(draw), draw(hs.lists(OPS, min_size=8, max_size=45))
 
 
-def run_program(backend, clock: Clock, tenant: str, variants, ops) -> list[dict]:
+def run_program(backend, clock: ManualClock, tenant: str, variants, ops) -> list[dict]:
     """Runs ``ops`` and returns the history: one record per event, with what the
     implementation answered and the limits in force."""
     history: list[dict] = []
@@ -533,7 +514,7 @@ def test_invariants_hold_on_every_implementation(kind, request):
     @given(programs())
     def run(program):
         variants, ops = program
-        clock = Clock()
+        clock = ManualClock()
         backend = (ModelBackend(clock) if kind == "model"
                    else make_backend(kind, clock, url))
         tenant = fresh_tenant("inv")
@@ -567,7 +548,7 @@ def test_a_provider_never_admits_more_than_its_capacity_on_either_backend(
     lua/routed.lua + provider_settle.lua on a real Valkey): over every interval, what a
     provider admits stays within its capacity plus its refill plus what was given back, and
     a normal or low request never leaves a bucket below its floor."""
-    clock = Clock()
+    clock = ManualClock()
     backend = make_backend(backend_kind, clock, backend_url)
     quota = _core.Quota(rpm=rpm, tpm=tpm, floors=(high_share, high_share, 0.0))
     provider = fresh_tenant("prov")

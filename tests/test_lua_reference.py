@@ -19,29 +19,13 @@ from sidecar import _core
 from sidecar.backends.redis import BATCH_MAX, RedisBackend
 from sidecar.policy import schema
 from tests import reference_model as ref
-from tests.support.procs import workdir
-from tests.support.valkey import Valkey
+from tests.support.clock import ManualClock
 from tests.test_core_reference import limit_sets, requests, settlements, to_core
 
 FIELDS = ("kind", "reason", "tier", "retry_after_s", "remaining_requests", "remaining_tokens",
           "budget_remaining", "charged_tokens", "charged_cost", "reset_requests_us",
           "reset_tokens_us", "budget_reset_us")
 _tenants = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def valkey():
-    with workdir() as d, Valkey(d) as v:
-        yield v
-
-
-class Clock:
-    def __init__(self) -> None:
-        # real time: the scripts' PEXPIREAT must lie in the future
-        self.now = int(time.time()) * 1_000_000
-
-    def __call__(self) -> int:
-        return self.now
 
 
 def stored_state(r: redis.Redis, backend: RedisBackend, tenant: str) -> tuple:
@@ -56,7 +40,7 @@ def stored_state(r: redis.Redis, backend: RedisBackend, tenant: str) -> tuple:
 
 
 def run_sequence(valkey, lim: ref.Limits, seq, adjustments=()) -> None:
-    clock = Clock()
+    clock = ManualClock()
     backend = RedisBackend(schema.RedisBackend(url=valkey.url, timeout_ms=2000),
                            clock_override=clock)
     tenant = f"lua-{next(_tenants)}"
@@ -188,7 +172,7 @@ def test_more_than_one_batch_in_a_tick_keeps_the_order(valkey):
 
 
 def test_keys_share_one_hash_tag_and_carry_ttls(valkey):
-    clock = Clock()
+    clock = ManualClock()
     backend = RedisBackend(schema.RedisBackend(url=valkey.url, timeout_ms=2000),
                            clock_override=clock)
     lim = _core.Limits(rpm=60, tpm=6000, budget=100_000, period=_core.P_DAY)

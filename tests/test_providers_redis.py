@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
 
 import pytest
 import redis
@@ -19,27 +18,14 @@ from sidecar.backends.base import Candidate
 from sidecar.backends.redis import RedisBackend
 from sidecar.policy import schema
 from tests import reference_model as ref
+from tests.support.clock import ManualClock
 from tests.support.procs import workdir
-from tests.support.valkey import Valkey, ValkeyCluster
+from tests.support.valkey import ValkeyCluster
 from tests.test_core_reference import to_core
 from tests.test_providers_core import (FIELDS, quotas, routed_requests, routed_setups,
                                        to_core_quota)
 
 _names = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def valkey():
-    with workdir() as d, Valkey(d) as v:
-        yield v
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = int(time.time()) * 1_000_000  # real time: TTLs must lie in the future
-
-    def __call__(self) -> int:
-        return self.now
 
 
 def stored_quota(r: redis.Redis, backend: RedisBackend, provider: str) -> tuple:
@@ -65,7 +51,7 @@ def same_stored(stored: tuple, q: ref.Quota, qs: ref.QuotaState) -> None:
 
 def run_routed(valkey, setup, seq, batched: bool = False) -> None:
     lim, cands = setup
-    clock = Clock()
+    clock = ManualClock()
     backend = RedisBackend(schema.RedisBackend(url=valkey.url, timeout_ms=2000),
                            clock_override=clock)
     tenant = f"rt-{next(_names)}"
@@ -151,7 +137,7 @@ def test_routed_batch_lua_matches_reference_model_in_queue_order(valkey, setup, 
                                     st.integers(0, 3000), st.integers(-2, 0),
                                     st.integers(-500, 500)), min_size=1, max_size=30))
 def test_provider_take_and_settle_lua_match_reference_model(valkey, q, seq):
-    clock = Clock()
+    clock = ManualClock()
     backend = RedisBackend(schema.RedisBackend(url=valkey.url, timeout_ms=2000),
                            clock_override=clock)
     pid = f"p{next(_names)}"
@@ -180,7 +166,7 @@ def test_provider_take_and_settle_lua_match_reference_model(valkey, q, seq):
 def test_a_provider_refusal_leaves_the_tenants_keys_as_they_were(valkey):
     """The tenant's charge is given back inside the same script: budget spend and buckets
     read afterwards as if the request had never been decided (beyond refill bookkeeping)."""
-    clock = Clock()
+    clock = ManualClock()
     backend = RedisBackend(schema.RedisBackend(url=valkey.url, timeout_ms=2000),
                            clock_override=clock)
     lim = _core.Limits(rpm=10, tpm=10_000, budget=5000, period=_core.P_DAY)
