@@ -18,7 +18,7 @@ import msgspec
 
 from sidecar import _core
 from sidecar.backends.base import (TAKEN_RESERVATION, Backend, BackendError, BackendTimeout,
-                                   Candidate, LateReply)
+                                   Candidate, LateReply, Settlement)
 from sidecar.estimate import EstimateError, estimate
 from sidecar.ledger.recorder import Ledger
 from sidecar.ledger.spend import SpendRecord
@@ -41,6 +41,10 @@ _STRICTNESS = {"open": 0, "envoy": 1, "closed": 2}
 # (oldest first): its estimate stays charged. A gateway without ext_proc or usage
 # reports never settles, so the book must stay small and cheap for the GC.
 RESERVATION_TTL_S = 600.0
+# a settlement that timed out is sent again (same key: applied at most once), this many
+# sends in all, after SETTLE_RETRY_S, then twice that (settle_usage)
+SETTLE_ATTEMPTS = 3
+SETTLE_RETRY_S = 0.05
 RESERVATIONS_MAX = 100_000
 OTHER_TENANTS = "_other"  # metric label for tenants not named in the policy
 OTHER_MODELS = "_other"  # metric label for models outside the policy's tiers and pricing
@@ -612,8 +616,9 @@ class DecisionService:
         spend = None if source == "release" else SpendRecord(
             spend_model, 1, input_tokens, output_tokens, cached_tokens, cache_write_tokens, nano)
         try:
-            st = await self.backend.settle(tenant, rule.limits, settle_id or request_id,
-                                           delta_tokens, delta_cost, period_start, spend)
+            st = await self._settle_once(tenant, rule.limits, settle_id or request_id,
+                                         delta_tokens, delta_cost, period_start, spend,
+                                         ours=res is not None or settle_id is not None)
         except BackendError:
             if res is not None:
                 self.reservations.put(request_id, *dataclasses.astuple(res))  # for a retry
@@ -670,6 +675,33 @@ class DecisionService:
             reserved_tokens=charged_tokens, delta_tokens=delta_tokens, delta_cost=delta_cost,
             cost_usd=nano / 1e9, budget_spent=st.budget_spent, unpriced=unpriced,
             cached_tokens=cached_tokens, cache_write_tokens=cache_write_tokens)
+
+    async def _settle_once(self, tenant: str, limits: _core.Limits, key: str, delta_tokens: int,
+                           delta_cost: int, period_start: int, spend: Optional[SpendRecord],
+                           ours: bool) -> Settlement:
+        """The backend's settlement, resent with the same key after a timeout.
+
+        A settlement whose reply comes too late has usually been applied all the same:
+        given up on, its reservation would stay and later expire as kept, counting the
+        request again in the durable spend (with its estimate's cost) and in the ledger as
+        kept instead of settled. Resent, it is applied at most once (the backend keeps
+        each key's settlement), and its reply says whether the first send was applied.
+        "Already settled" on a resend is this settlement's own first send when the key was
+        this sidecar's alone (``ours``: it held the reservation, or made the key): applied.
+        """
+        for attempt in range(SETTLE_ATTEMPTS):
+            try:
+                st = await self.backend.settle(tenant, limits, key, delta_tokens, delta_cost,
+                                               period_start, spend)
+            except BackendTimeout:
+                if attempt + 1 == SETTLE_ATTEMPTS:
+                    raise
+                await asyncio.sleep(SETTLE_RETRY_S * 2 ** attempt)
+                continue
+            if attempt and ours and not st.applied:
+                return Settlement(applied=True, budget_spent=st.budget_spent)
+            return st
+        raise AssertionError("unreachable")
 
     def upstream_answered(self, provider: str, status: int) -> None:
         """Count an upstream response ext_proc saw, by provider and status (a provider's own

@@ -682,6 +682,52 @@ def test_a_check_envoy_gave_up_on_is_held_as_the_requests_reservation():
     assert spent == 5 + 7  # gone-0's 5 and gone-1's actual 7: not 5 + 5 + 7
 
 
+def test_a_settlement_whose_reply_came_too_late_is_settled_once_and_counted_once(valkey):
+    # Redis stalls past a settlement's timeout and then applies it. Before, the sidecar gave
+    # up on it and kept the reservation, which expired later as kept: the durable spend
+    # counted the request twice (n 2 for 1) and the ledger recorded it as kept, not
+    # settled. Now the settlement is sent again with the same key (applied at most once)
+    # and the resend's "already settled" tells the sidecar its first send was applied.
+    svc = service_for(valkey.url, "open", timeout_ms=500)
+    r = redis.Redis.from_url(valkey.url)
+    budget_key, spend_key = svc.backend.keys("slow-settle")[2], svc.backend.spend_key(
+        "slow-settle")
+
+    async def main():
+        await svc.backend.start()
+        try:
+            decided = await svc.decide(req("slow-settle"))
+            errors = svc.backend.errors
+            valkey.pause()
+            try:
+                settling = asyncio.ensure_future(svc.settle_usage(
+                    decided.reservation_id, None, "gpt-4o", 100, 20, "access_log"))
+                await eventually(lambda: svc.backend.errors > errors or settling.done(),
+                                 "the first send to time out")
+            finally:
+                valkey.resume()
+            settled = await settling
+            held = svc.reservations.get(decided.reservation_id)
+            svc.reservations.ttl_s = -1  # whatever is still held expires now
+            svc.expire_reservations()
+            await asyncio.sleep(0.2)  # an expiry's spend record would be written by now
+            return settled, held
+        finally:
+            await svc.backend.close()
+
+    settled, held = asyncio.run(main())
+    spend = {k.decode().split("|", 1)[1]: int(v) for k, v in r.hgetall(spend_key).items()}
+    spent = budget_spent(r, budget_key)
+    r.close()
+    assert settled.applied and held is None
+    assert spent == 120  # the usage replaced the estimate of 5, once
+    assert spend == {"i|gpt-4o": 100, "o|gpt-4o": 20, "n|gpt-4o": 1}
+    assert svc.metrics.registry.get_sample_value(
+        "kt_settlements_total", {"source": "access_log"}) == 1
+    assert (svc.metrics.registry.get_sample_value(
+        "kt_reservations_closed_total", {"outcome": "kept_expired"}) or 0) == 0
+
+
 @pytest.mark.parametrize("shared,spent_after", [
     (True, 150),  # replica B finds A's reservation: the estimate is replaced
     (False, 2000 + 150),  # B has no reservation: it charges in full, A's estimate stays
