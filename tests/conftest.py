@@ -3,12 +3,13 @@ here only gives a module one of them."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Iterator
 
 import pytest
 from hypothesis import settings
 
-from tests.support.procs import workdir
+from tests.support.procs import log_tail, workdir
 from tests.support.valkey import Valkey
 
 # CI runs on 2 cores: bounded, deterministic-enough property runs with no per-example deadline.
@@ -23,3 +24,19 @@ def valkey() -> Iterator[Valkey]:
     tests need it empty overrides this fixture and flushes it)."""
     with workdir() as d, Valkey(d) as v:
         yield v
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test shows the last lines of the logs of the servers its fixtures started
+    (a module-scoped stack's sidecar and Envoy, say): the assertion alone rarely says why
+    a request was answered as it was, and the logs are gone with the fixture's directory."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed:
+        return
+    for name, value in getattr(item, "funcargs", {}).items():
+        for part in (value, getattr(value, "sidecar", None), getattr(value, "envoy", None)):
+            log = getattr(part, "log", None)
+            if isinstance(log, Path) and log.exists():
+                report.sections.append((f"{name}: {log.name}", log_tail(log, 30)))
