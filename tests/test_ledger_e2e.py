@@ -12,7 +12,7 @@ import psycopg
 
 from sidecar.ledger.postgres import migrate
 from tests.support.postgres import Postgres
-from tests.support.procs import wait_until, workdir
+from tests.support.procs import log_tail, wait_until, workdir
 from tests.support.streams import leave_mid_stream
 from tests.test_e2e_envoy import chat, stack
 
@@ -67,7 +67,13 @@ def test_events_in_postgres_add_up_to_the_reported_usage_and_the_budget():
             wait_until(lambda: 'kt_ledger_sink_up{sink="postgres"} 1.0' in s.sidecar.metrics(),
                        15, "the spill replayed once PostgreSQL is back")
             s.settled()  # the last replies' usage has come back by Envoy's access log
-            s.sidecar.stop()  # SIGTERM: the ledger and the state file are flushed
+            # SIGTERM: the ledger and the state file are flushed. It must exit by itself,
+            # however long a busy machine takes (the gRPC drain alone waits its 2 s grace
+            # for Envoy's access-log stream): killed after the usual 5 s, it left a state
+            # file without the last second's spend and events not yet written
+            s.sidecar.stop(grace=60)
+            assert s.sidecar.proc is not None and s.sidecar.proc.returncode == 0, \
+                log_tail(s.sidecar.log)
             spent = json.loads((s.dir / "spend.json").read_text())["tenants"]["finops"]["spent"]
 
         with psycopg.connect(pg.dsn) as conn:

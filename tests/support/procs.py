@@ -139,9 +139,10 @@ class SidecarProcess:
         self.admin_port = ports.get("admin_port", 0)
         return self
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL if it has not exited within ``grace`` seconds."""
         if self.proc is not None:
-            stop_process(self.proc)
+            stop_process(self.proc, grace)
 
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://{LOOPBACK}:{self.http_port}/metrics", timeout=5) as r:
