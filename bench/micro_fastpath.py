@@ -4,7 +4,12 @@ as behind Envoy) on uvloop, answered from the embedded backend with the bench po
 No sockets, no Envoy, no Redis: what is left is the sidecar's per-request CPU from
 parse to rendered answer, the part a code change can move.
 
-  python bench/micro_fastpath.py [--requests N] [--runs R] [--profile]
+With ``--backend redis`` the decisions go to a real Valkey (started here, on a loopback
+port) with the bench's policy, leases on, as bench/run.py's fast path runs: its tenants
+are hot, so most decisions are made within leases; the CPU counted is this process's only
+(the sidecar's part, Valkey's not).
+
+  python bench/micro_fastpath.py [--requests N] [--runs R] [--profile] [--backend redis]
 
 Prints the median (min–max) of R runs in µs of CPU per request and requests/s of CPU.
 """
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import pstats
 import statistics
@@ -28,6 +34,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from run import TENANTS, body, policy  # noqa: E402
 from sidecar.backends.memory import MemoryBackend  # noqa: E402
+from sidecar.backends.redis import RedisBackend  # noqa: E402
 from sidecar.policy.load import parse_policy  # noqa: E402
 from sidecar.service import DecisionService  # noqa: E402
 from sidecar.transports.http_authz import AuthzProtocol  # noqa: E402
@@ -89,12 +96,29 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=50_000)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--profile", action="store_true", help="cProfile one run, top functions")
+    ap.add_argument("--backend", choices=["memory", "redis"], default="memory")
     a = ap.parse_args()
-    text = policy("redis://unused")
-    pol = parse_policy(text[:text.index("backend:")].encode(), "<bench policy, embedded>")
-    service = DecisionService(pol, MemoryBackend())
-    reqs = requests(a.requests)
+    with contextlib.ExitStack() as stack:
+        return measure(a, stack)
+
+
+def measure(a: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     loop = uvloop.new_event_loop()
+    if a.backend == "redis":
+        from tests.support.procs import workdir
+        from tests.support.valkey import Valkey
+
+        valkey = stack.enter_context(Valkey(stack.enter_context(workdir())))
+        pol = parse_policy(policy(valkey.url).encode(), "<bench policy, redis>")
+        backend = RedisBackend(pol.backend)  # type: ignore[arg-type]
+        loop.run_until_complete(backend.start())
+        stack.callback(lambda: loop.run_until_complete(backend.close()))
+        service = DecisionService(pol, backend)
+    else:
+        text = policy("redis://unused")
+        pol = parse_policy(text[:text.index("backend:")].encode(), "<bench policy, embedded>")
+        service = DecisionService(pol, MemoryBackend())
+    reqs = requests(a.requests)
     loop.run_until_complete(one_run(service, reqs[:2000]))  # warm caches
     if a.profile:
         prof = cProfile.Profile()
@@ -108,7 +132,12 @@ def main() -> int:
     med = statistics.median(per_req)
     print(f"fast path in process: {med:.1f} µs CPU per request (min {min(per_req):.1f}, "
           f"max {max(per_req):.1f}; {a.runs} runs of {a.requests}) = "
-          f"{1e6 / med:,.0f} requests per CPU-second")
+          f"{1e6 / med:,.0f} requests per CPU-second; backend {a.backend}")
+    backend = service.backend
+    if isinstance(backend, RedisBackend) and backend.leases is not None:
+        stats = backend.leases.stats
+        print(f"  decisions within leases: {stats['local_decisions'] / backend.decisions:.3f}, "
+              f"round trips per decision {backend.round_trips / backend.decisions:.4f}")
     return 0
 
 
