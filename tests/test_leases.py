@@ -364,3 +364,31 @@ def test_scripts_are_on_every_primary_and_loaded_again_after_a_flush(valkey):
     assert all(ok for per in got for _, ok in per) and sum(len(per) for per in got) == 300
     # leases taken after the flush (NOSCRIPT, scripts loaded again, the call retried once)
     assert taken_after > 0 and stats["local_decisions"] > 0 and stats["failed"] == 0
+
+
+def test_a_leased_answers_remaining_counts_are_the_lease_plus_the_pool_within_the_limit():
+    """What a decision in a lease reports (LeaseManager._with_pool): what the lease holds
+    plus what the pool had left (a pool in debt adds nothing), never below 0 or above the
+    limit; a limit the tenant does not have reports 0."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from sidecar.backends.lease import _Lease
+
+    small = st.integers(-10**6, 10**6)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.sampled_from([0, 5, 3000]), st.sampled_from([0, 70, 10**6]),
+           st.sampled_from([-1, 0, 50, 10**9]), small, small, small, small, small, small)
+    def check(rpm, tpm, budget, pool_req, pool_tok, pool_budget, req, tok, left):
+        lim = _core.Limits(rpm=rpm, tpm=tpm, budget=budget)
+        lease = _Lease(lim, [0, 0, 0, 0, 10**15, 0, pool_req, pool_tok, pool_budget], 0)
+        o = _core.Outcome(0, 0, 0, 0, rpm, req, 0, tpm, tok, 0, budget, left, 0, 1, 1)
+        got = LeaseManager._with_pool(lease, o)
+        for value, held, pool, limit in ((got.remaining_requests, req, pool_req, rpm),
+                                         (got.remaining_tokens, tok, pool_tok, tpm),
+                                         (got.budget_remaining, left, pool_budget, budget)):
+            assert value == (min(limit, max(0, held + max(pool, 0))) if limit >= 0 else 0)
+        assert (got.kind, got.charged_tokens, got.limit_requests) == (0, 1, rpm)
+
+    check()
