@@ -18,6 +18,7 @@ Envoy + a do-nothing raw uvloop HTTP ext_authz handler.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -29,7 +30,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -356,8 +357,8 @@ FULL_PATH_CONFIGS: dict[str, tuple[str, str]] = {
 }
 
 
-def full_path(d: Path, valkey: Valkey, sidecar: SidecarProcess, seconds: float, runs: int,
-              connections: int, smoke: bool) -> dict:
+def full_path(d: Path, valkey: Valkey, fresh_sidecar: Callable[[], SidecarProcess],
+              seconds: float, runs: int, connections: int, smoke: bool) -> dict:
     """The whole request path side by side in one run: the upstream alone, Envoy -> upstream
     with no kt filter, the decision only, and decision + usage reconciliation."""
     from bench.upstream import bootstrap as upstream_bootstrap
@@ -387,7 +388,7 @@ def full_path(d: Path, valkey: Valkey, sidecar: SidecarProcess, seconds: float, 
             per_profile = {}
             for profile in (["mixed"] if name == "path_upstream" else ["mixed", "hot_only"]):
                 per_profile[profile] = run_full_config(
-                    sub, name, mode, usage, sidecar, valkey, upstream.proc.pid,
+                    sub, name, mode, usage, fresh_sidecar, valkey, upstream.proc.pid,
                     {"default": up_default, "compact": up_compact}, scripts[profile],
                     seconds, runs, connections)
             out["configs"][name] = per_profile
@@ -399,9 +400,23 @@ def _summary(samples: list[dict]) -> dict:
             if isinstance(samples[0][k], (int, float))}
 
 
-def run_full_config(d: Path, name: str, mode: str, usage: str, sidecar: SidecarProcess,
-                    valkey: Valkey, upstream_pid: int, upstream_ports: dict[str, int],
-                    script: Path, seconds: float, runs: int, connections: int) -> dict:
+def run_full_config(d: Path, name: str, mode: str, usage: str,
+                    fresh_sidecar: Callable[[], SidecarProcess], valkey: Valkey,
+                    upstream_pid: int, upstream_ports: dict[str, int], script: Path,
+                    seconds: float, runs: int, connections: int) -> dict:
+    # every configuration starts from the same books (no budget spent, no bucket drawn,
+    # no reservation held) on a sidecar of its own
+    sidecar = fresh_sidecar()
+    try:
+        return _run_full_config(d, name, mode, usage, sidecar, valkey, upstream_pid,
+                                upstream_ports, script, seconds, runs, connections)
+    finally:
+        sidecar.stop()
+
+
+def _run_full_config(d: Path, name: str, mode: str, usage: str, sidecar: SidecarProcess,
+                     valkey: Valkey, upstream_pid: int, upstream_ports: dict[str, int],
+                     script: Path, seconds: float, runs: int, connections: int) -> dict:
     admin, listen = free_port(), free_port()
     opts = EnvoyOptions(listen_port=listen, admin_port=admin, mode=mode,  # type: ignore[arg-type]
                         sidecar_address=f"127.0.0.1:{sidecar.grpc_port}",
@@ -413,8 +428,6 @@ def run_full_config(d: Path, name: str, mode: str, usage: str, sidecar: SidecarP
     sub = d / f"{name}-{script.stem}"
     sub.mkdir()
     uses_sidecar = mode != "none"
-    # every configuration starts from the same books: no budget spent, no bucket drawn
-    valkey_command(valkey.port, "FLUSHALL")
     samples = []
     with EnvoyProcess(render(opts), sub, admin, listen) as envoy:
         probe(envoy.url())
@@ -477,44 +490,61 @@ def main() -> int:
     with workdir("kt-bench-") as d, Valkey(d) as valkey:
         pol = d / "policy.yaml"
         pol.write_text(policy(valkey.url))
-        sidecar = SidecarProcess(pol, d, ("--http-authz", "127.0.0.1:0")).start()
+        started = itertools.count()
+
+        def fresh_sidecar(workers: int = 1) -> SidecarProcess:
+            """A sidecar started for one measurement, on a Valkey emptied for it. Every
+            measurement starts from the same books, and none pays for what an earlier one
+            left: a decision-only load gets no usage back, so its reservations pile up to
+            the book's cap (100,000), past which each decision also closes the oldest (an
+            expiry event and a spend record in Valkey). One sidecar for the whole run
+            measured the later configurations with a full book."""
+            valkey_command(valkey.port, "FLUSHALL")
+            sub = d / f"sidecar-{next(started)}"
+            sub.mkdir()
+            extra = ("--workers", str(workers)) if workers > 1 else ()
+            return SidecarProcess(pol, sub, ("--http-authz", "127.0.0.1:0", *extra)).start()
+
         if a.only == "full-path":
-            try:
-                fp = full_path(d, valkey, sidecar, seconds, runs, a.connections, a.smoke)
-            finally:
-                sidecar.stop()
+            fp = full_path(d, valkey, fresh_sidecar, seconds, runs, a.connections, a.smoke)
             print("\n".join(full_path_markdown(fp, {})))
             return 0
-        wd2 = d / "workers2"
-        wd2.mkdir()
-        sidecar2 = SidecarProcess(pol, wd2, ("--http-authz", "127.0.0.1:0", "--workers", "2")).start()
         noop_grpc, noop_grpc_port = start_noop("grpc", d)
         noop_http, noop_http_port = start_noop("http", d)
         try:
-            configs = {
-                "envoy_alone": ("none", "", ""),
-                "grpc_noop": ("authz", f"127.0.0.1:{noop_grpc_port}", ""),
-                "grpc_sidecar": ("authz", f"127.0.0.1:{sidecar.grpc_port}", ""),
-                "http_noop": ("http-authz", "", f"127.0.0.1:{noop_http_port}"),
-                "http_sidecar": ("http-authz", "", f"127.0.0.1:{sidecar.http_authz_port}"),
-                "http_sidecar_2workers": ("http-authz", "",
-                                          f"127.0.0.1:{sidecar2.http_authz_port}"),
+            # (mode, gRPC address, HTTP address, the sidecar each profile gets, or None);
+            # "sidecar": the address of that profile's own sidecar
+            configs: dict[str, tuple[str, str, str, Optional[Callable[[], SidecarProcess]]]] = {
+                "envoy_alone": ("none", "", "", None),
+                "grpc_noop": ("authz", f"127.0.0.1:{noop_grpc_port}", "", None),
+                "grpc_sidecar": ("authz", "sidecar", "", fresh_sidecar),
+                "http_noop": ("http-authz", "", f"127.0.0.1:{noop_http_port}", None),
+                "http_sidecar": ("http-authz", "", "sidecar", fresh_sidecar),
+                "http_sidecar_2workers": ("http-authz", "", "sidecar",
+                                          lambda: fresh_sidecar(workers=2)),
             }
-            for name, (mode, grpc_addr, http_addr) in configs.items():
-                which = sidecar2 if name == "http_sidecar_2workers" else sidecar
+            for name, (mode, grpc_addr, http_addr, factory) in configs.items():
                 results["configs"][name] = run_config(
-                    d, name, mode, grpc_addr, http_addr, which,
+                    d, name, mode, grpc_addr, http_addr, factory,
                     profiles if name != "http_sidecar_2workers" else ["chat_short"],
                     seconds, runs, a.connections, valkey_pid=valkey.pid)
             # latency at half of the fast path's throughput, against Envoy alone at that rate
             fast = results["configs"]["http_sidecar"]["chat_short"]["rps"]["median"]
-            results["half_load_latency"] = half_load(d, configs, fast / 2, 1.0 if a.smoke else 5.0,
-                                                     sidecar)
-            results["full_path"] = full_path(d, valkey, sidecar, seconds, runs, a.connections,
-                                             a.smoke)
+            half_sidecar = fresh_sidecar()
+            try:
+                addresses = {"grpc": f"127.0.0.1:{half_sidecar.grpc_port}",
+                             "http": f"127.0.0.1:{half_sidecar.http_authz_port}"}
+                half_configs = {
+                    name: (mode, addresses["grpc"] if g == "sidecar" else g,
+                           addresses["http"] if h == "sidecar" else h)
+                    for name, (mode, g, h, _) in configs.items()}
+                results["half_load_latency"] = half_load(
+                    d, half_configs, fast / 2, 1.0 if a.smoke else 5.0, half_sidecar)
+            finally:
+                half_sidecar.stop()
+            results["full_path"] = full_path(d, valkey, fresh_sidecar, seconds, runs,
+                                             a.connections, a.smoke)
         finally:
-            sidecar.stop()
-            sidecar2.stop()
             stop_process(noop_grpc)
             stop_process(noop_http)
     summarize(results)
@@ -535,8 +565,31 @@ def main() -> int:
 
 
 def run_config(d: Path, name: str, mode: str, grpc_addr: str, http_addr: str,
-               sidecar: SidecarProcess, profiles: list[str], seconds: float, runs: int,
-               connections: int, valkey_pid: int = 0) -> dict:
+               fresh_sidecar: Optional[Callable[[], SidecarProcess]], profiles: list[str],
+               seconds: float, runs: int, connections: int, valkey_pid: int = 0) -> dict:
+    """One configuration, profile by profile. With ``fresh_sidecar`` (the sidecar's
+    configurations) each profile is measured on a sidecar of its own, started for it, and
+    an Envoy pointed at it (grpc_addr/http_addr are then taken from that sidecar)."""
+    sub = d / name
+    sub.mkdir()
+    out: dict = {}
+    for profile in (profiles if fresh_sidecar is not None else ["chat_short"]):
+        sidecar = fresh_sidecar() if fresh_sidecar is not None else None
+        try:
+            if sidecar is not None:
+                grpc_addr = f"127.0.0.1:{sidecar.grpc_port}" if grpc_addr else ""
+                http_addr = f"127.0.0.1:{sidecar.http_authz_port}" if http_addr else ""
+            out[profile] = _run_profile(sub, profile, mode, grpc_addr, http_addr, sidecar,
+                                        seconds, runs, connections, valkey_pid)
+        finally:
+            if sidecar is not None:
+                sidecar.stop()
+    return out
+
+
+def _run_profile(sub: Path, profile: str, mode: str, grpc_addr: str, http_addr: str,
+                 sidecar: Optional[SidecarProcess], seconds: float, runs: int,
+                 connections: int, valkey_pid: int) -> dict:
     admin, listen = free_port(), free_port()
     opts = EnvoyOptions(listen_port=listen, admin_port=admin, mode=mode,  # type: ignore[arg-type]
                         sidecar_address=grpc_addr or "127.0.0.1:1",
@@ -544,36 +597,32 @@ def run_config(d: Path, name: str, mode: str, grpc_addr: str, http_addr: str,
                         tiers=[TierRoute("default", "gpt-4o", "127.0.0.1:1"),
                                TierRoute("compact", "gpt-4o-mini", "127.0.0.1:1")],
                         usage="none", direct_response=True, authz_timeout_s=1.0)
-    sub = d / name
-    sub.mkdir()
-    uses_sidecar = "_sidecar" in name
-    out: dict = {}
-    with EnvoyProcess(render(opts), sub, admin, listen) as envoy:
+    envoy_dir = sub / f"envoy-{profile}"
+    envoy_dir.mkdir()
+    script = sub / f"{profile}.lua"
+    wrk_script(profile, script)
+    samples = []
+    with EnvoyProcess(render(opts), envoy_dir, admin, listen) as envoy:
         url = envoy.url()
         probe(url)
-        for profile in (profiles if uses_sidecar else ["chat_short"]):
-            script = sub / f"{profile}.lua"
-            wrk_script(profile, script)
-            samples = []
-            for _ in range(runs):
-                m0, c0 = (scrape(sidecar), cpu_seconds(sidecar.proc.pid)) \
-                    if uses_sidecar else ({}, 0.0)
-                v0 = cpu_seconds(valkey_pid) if uses_sidecar and valkey_pid else 0.0
-                r = run_wrk(url, script, seconds, connections)
-                if uses_sidecar:
-                    m1, c1 = scrape(sidecar), cpu_seconds(sidecar.proc.pid)
-                    decided = m1["decisions"] - m0["decisions"]
-                    r["decisions_per_s"] = decided / (r["duration_us"] / 1e6)
-                    bd = m1["backend_decisions"] - m0["backend_decisions"]
-                    r["round_trips_per_decision"] = (m1["round_trips"] - m0["round_trips"]) / max(bd, 1)
-                    r["cpu_ms_per_1000_decisions"] = 1e6 * (c1 - c0) / max(decided, 1)
-                    if valkey_pid:
-                        r["valkey_cpu_ms_per_1000_decisions"] = \
-                            1e6 * (cpu_seconds(valkey_pid) - v0) / max(decided, 1)
-                samples.append(r)
-            out[profile] = {k: median_spread([s[k] for s in samples]) for k in samples[0]
-                            if isinstance(samples[0][k], (int, float))}
-    return out
+        for _ in range(runs):
+            m0, c0 = (scrape(sidecar), cpu_seconds(sidecar.proc.pid)) \
+                if sidecar is not None else ({}, 0.0)
+            v0 = cpu_seconds(valkey_pid) if sidecar is not None and valkey_pid else 0.0
+            r = run_wrk(url, script, seconds, connections)
+            if sidecar is not None:
+                m1, c1 = scrape(sidecar), cpu_seconds(sidecar.proc.pid)
+                decided = m1["decisions"] - m0["decisions"]
+                r["decisions_per_s"] = decided / (r["duration_us"] / 1e6)
+                bd = m1["backend_decisions"] - m0["backend_decisions"]
+                r["round_trips_per_decision"] = (m1["round_trips"] - m0["round_trips"]) / max(bd, 1)
+                r["cpu_ms_per_1000_decisions"] = 1e6 * (c1 - c0) / max(decided, 1)
+                if valkey_pid:
+                    r["valkey_cpu_ms_per_1000_decisions"] = \
+                        1e6 * (cpu_seconds(valkey_pid) - v0) / max(decided, 1)
+            samples.append(r)
+    return {k: median_spread([s[k] for s in samples]) for k in samples[0]
+            if isinstance(samples[0][k], (int, float))}
 
 
 def decision_latency_buckets(sidecar: SidecarProcess, transport: str) -> dict[float, float]:
