@@ -38,6 +38,7 @@ from sidecar.reconcile import close_reservation
 from sidecar.transports.als import UsageLogReceiver
 from sidecar.usage import Usage
 from tests.inproc import RunningSidecar
+from tests.support.policies import TIERS_AND_PRICING
 from tests.support.postgres import Postgres
 from tests.support.procs import (EnvoyProcess, SidecarProcess, free_port, log_tail, wait_until,
                                  workdir)
@@ -46,13 +47,7 @@ from tests.support.valkey import Valkey
 
 POLICY = """
 tenant: {header: x-tenant-id, unknown: defaults}
-tiers:
-  - {name: default, model: gpt-4o}
-  - {name: compact, model: gpt-4o-mini}
-pricing:
-  gpt-4o: {input: 0.0025, output: 0.01}
-  gpt-4o-mini: {input: 0.00015, output: 0.0006}
-providers:   # east takes the first %(east_rpm)d requests of a minute, west the rest
+""" + TIERS_AND_PRICING + """providers:   # east takes the first %(east_rpm)d requests of a minute, west the rest
   - {id: east, models: [gpt-4o], rate_limits: {requests_per_minute: %(east_rpm)d,
      tokens_per_minute: 100000}%(east_at)s}
   - {id: west, models: [gpt-4o], rate_limits: {requests_per_minute: 1000}%(west_at)s}

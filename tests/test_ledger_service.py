@@ -15,16 +15,11 @@ from sidecar.ledger.sinks import FileSink, SpillFile, event_files, read_events
 from sidecar.ledger.writer import EventLog
 from sidecar.model import Kind, Request
 from tests.inproc import RunningSidecar
+from tests.support.policies import TIERS_AND_CACHE_PRICING
 
 POLICY = """
 tenant: {header: x-tenant-id, unknown: defaults}
-tiers:
-  - {name: default, model: gpt-4o}
-  - {name: compact, model: gpt-4o-mini}
-pricing:
-  gpt-4o: {input: 0.0025, output: 0.01, cached_input: 0.00125}
-  gpt-4o-mini: {input: 0.00015, output: 0.0006}
-defaults:
+""" + TIERS_AND_CACHE_PRICING + """defaults:
   limits: {rpm: 1000, tpm: 10000000}
   budget: {tokens: 1000000, period: day}
 tenants:

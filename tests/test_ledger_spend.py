@@ -16,18 +16,13 @@ from sidecar.backends.redis import RedisBackend
 from sidecar.model import Kind, Request
 from sidecar.policy.load import parse_policy
 from tests.inproc import FakeClock, RunningSidecar
+from tests.support.policies import TIERS_AND_CACHE_PRICING
 from tests.support.procs import workdir
 from tests.support.valkey import Valkey
 
 POLICY = """
 tenant: {header: x-tenant-id, unknown: defaults}
-tiers:
-  - {name: default, model: gpt-4o}
-  - {name: compact, model: gpt-4o-mini}
-pricing:
-  gpt-4o: {input: 0.0025, output: 0.01, cached_input: 0.00125}
-  gpt-4o-mini: {input: 0.00015, output: 0.0006}
-defaults:
+""" + TIERS_AND_CACHE_PRICING + """defaults:
   limits: {rpm: 10000, tpm: 100000000}
   budget: {usd: 100, period: month}
 tenants:
