@@ -49,7 +49,7 @@ def copy_bench_reference() -> None:
     with open(src) as f:
         doc = json.load(f)
     ref = {"machine": doc.get("machine", {}), "configs": doc.get("configs", {}),
-           "source": "bench/results/latest.json"}
+           "full_path": doc.get("full_path", {}), "source": "bench/results/latest.json"}
     with open(os.path.join(HERE, "sidecar", "bench_reference.json"), "w") as f:
         json.dump(ref, f, indent=1, sort_keys=True)
 

@@ -36,6 +36,12 @@ class Plan:
     redis_cores: int
     source: str
     machine: str
+    # per request with its usage settled (the full path, usage by Envoy's access log,
+    # mixed workload), when the result measured it: what a gateway that reconciles runs
+    full_sidecar_cpu_us: Optional[float] = None
+    full_valkey_cpu_us: Optional[float] = None
+    full_sidecar_cores: int = 0
+    full_redis_cores: int = 0
 
     def text(self) -> str:
         return (
@@ -46,8 +52,15 @@ class Plan:
             "(Redis backend), or spread over gateway pods\n"
             f"  redis:   {self.valkey_cpu_us:.0f} us Valkey CPU per decision (measured) -> "
             f"{self.redis_cores} core(s); shard tenants over a cluster beyond one\n"
-            f"  from {self.source} ({self.machine}); one settle call per reconciled request "
-            "is not included")
+            + (f"  with usage reconciled (the full path: decision + settlement by Envoy's "
+               f"access log, the mixed workload): sidecar {self.full_sidecar_cpu_us:.0f} us, "
+               f"Valkey {self.full_valkey_cpu_us:.0f} us per request (measured) -> "
+               f"{self.full_sidecar_cores} sidecar core(s), {self.full_redis_cores} Redis "
+               "core(s)\n"
+               if self.full_sidecar_cpu_us is not None and self.full_valkey_cpu_us is not None
+               else "  (settling usage is not included: this result has no full-path "
+               "measurement)\n")
+            + f"  from {self.source} ({self.machine})")
 
 
 REFERENCE = "bench_reference.json"  # package data (setup.py)
@@ -88,6 +101,18 @@ def plan(results_path: Optional[str | Path], rps: float, transport: str = "http"
         raise PlanError(f"{source}: no Valkey CPU measurement (a result from an older "
                         "harness; run `python bench/run.py` again)")
     valkey_us = valkey["median"]
+    full: dict = {}
+    try:
+        als = doc["full_path"]["configs"]["path_als"]["mixed"]
+        full["full_sidecar_cpu_us"] = float(als["sidecar_cpu_ms_per_1000"]["median"])
+        full["full_valkey_cpu_us"] = float(als["valkey_cpu_ms_per_1000"]["median"])
+    except (KeyError, TypeError, ValueError):
+        full = {}  # an older result, or a smoke run: the decision alone
+    if full:
+        full["full_sidecar_cores"] = max(1, math.ceil(
+            rps * full["full_sidecar_cpu_us"] / 1e6 * headroom))
+        full["full_redis_cores"] = max(1, math.ceil(
+            rps * full["full_valkey_cpu_us"] / 1e6 * headroom))
     m = doc.get("machine", {})
     return Plan(
         rps=rps, transport=transport, profile=profile, headroom=headroom,
@@ -95,4 +120,5 @@ def plan(results_path: Optional[str | Path], rps: float, transport: str = "http"
         sidecar_cores=max(1, math.ceil(rps * sidecar_us / 1e6 * headroom)),
         redis_cores=max(1, math.ceil(rps * valkey_us / 1e6 * headroom)),
         source=source,
-        machine=f"{m.get('cpus', '?')} CPUs {m.get('cpu_model', '')}, {m.get('date', '')}".strip())
+        machine=f"{m.get('cpus', '?')} CPUs {m.get('cpu_model', '')}, {m.get('date', '')}".strip(),
+        **full)

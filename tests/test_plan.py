@@ -29,6 +29,23 @@ def test_cores_scale_with_the_measured_cpu_per_decision(tmp_path):
     assert "kt serve --workers 4" in p.text()
 
 
+def test_a_result_with_the_full_path_also_plans_for_settling_usage(tmp_path):
+    path = result(tmp_path, 80.0, 20.0)
+    doc = json.loads(path.read_text())
+    # 240 us sidecar and 60 us Valkey per request with its usage settled
+    doc["full_path"] = {"configs": {"path_als": {"mixed": {
+        "sidecar_cpu_ms_per_1000": {"median": 240.0},
+        "valkey_cpu_ms_per_1000": {"median": 60.0}}}}}
+    path.write_text(json.dumps(doc))
+    p = plan(path, 30_000, "http", "chat_short", 1.5)
+    assert (p.full_sidecar_cores, p.full_redis_cores) == (11, 3)  # ceil(10.8), ceil(2.7)
+    assert "240 us, Valkey 60 us per request" in p.text()
+    assert "11 sidecar core(s), 3 Redis core(s)" in p.text()
+    # without the full path, the plan says that settling is not in it
+    assert "settling usage is not included" in plan(
+        result(tmp_path, 80.0, 20.0), 30_000).text()
+
+
 @pytest.mark.parametrize("valkey,args,fragment", [
     (None, {}, "no Valkey CPU measurement"),
     (20.0, {"transport": "grpc"}, "no grpc_sidecar/chat_short measurement"),
