@@ -159,3 +159,38 @@ def test_a_stalled_node_fails_only_its_own_tenants_and_they_recover(cluster, mod
     # deadline in the node's clock (lua/deadline.lua): the ones answered by the failure
     # mode were not applied. Charged: the decision before the stall and the one after.
     assert spent(cluster, stalled_tenant) == 5 + 5
+
+
+def test_readiness_follows_a_stopped_node_and_its_return_without_traffic(cluster):
+    # the heartbeat reads every node's clock: a node that stops answering makes the
+    # sidecar not ready, and its return makes it ready again with no decision in between
+    # (a probe that kept the traffic away would otherwise keep it away for good)
+    policy = parse_policy(policy_text(cluster.url, cluster=True, timeout=100).encode(), "<test>")
+    assert isinstance(policy.backend, schema.RedisBackend)
+    backend = RedisBackend(policy.backend)
+
+    async def until(ready: bool, within_s: float) -> bool:
+        deadline = time.monotonic() + within_s
+        while backend.status().ready is not ready:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    async def main():
+        await backend.start()
+        try:
+            ready_at_start = backend.status().ready
+            cluster.nodes[2].pause()
+            try:
+                went_unready = await until(False, 10)
+            finally:
+                cluster.nodes[2].resume()
+            came_back = await until(True, 10)
+            return ready_at_start, went_unready, came_back, backend.decisions
+        finally:
+            await backend.close()
+
+    ready_at_start, went_unready, came_back, decisions = asyncio.run(main())
+    assert (ready_at_start, went_unready, came_back) == (True, True, True)
+    assert decisions == 0

@@ -355,12 +355,19 @@ class RedisBackend:
         reads = [asyncio.ensure_future(read(n)) for n in self.client.get_primaries()]
         if not reads:
             return
+        asked_at = time.monotonic()
         done, pending = await asyncio.wait(reads, timeout=self._stall_s)
         for fut in pending:
             fut.cancel()
-        for fut in done:
-            if fut.exception() is not None:
-                self._failed(f"reading a node's clock: {fut.exception()!r}")
+        failed = [fut.exception() for fut in done if fut.exception() is not None]
+        if pending or failed:
+            self._failed(f"reading the nodes' clocks: {len(pending)} node(s) did not answer"
+                         + (f", {failed[0]!r}" if failed else ""))
+        else:
+            # every node answered: healthy as of when they were asked (as the single node's
+            # heartbeat; without it a sidecar without traffic stayed not ready after a node
+            # came back, and a readiness probe would keep the traffic away for good)
+            self._last_ok_at = max(self._last_ok_at, asked_at)
 
     async def _heartbeat_loop(self) -> None:
         # no asyncio.wait_for here: on Python < 3.12 it can swallow the cancellation that
