@@ -194,3 +194,36 @@ def test_readiness_follows_a_stopped_node_and_its_return_without_traffic(cluster
     ready_at_start, went_unready, came_back, decisions = asyncio.run(main())
     assert (ready_at_start, went_unready, came_back) == (True, True, True)
     assert decisions == 0
+
+
+def test_a_sidecar_started_before_its_cluster_answers_becomes_ready_without_traffic(cluster):
+    for n in cluster.nodes:
+        n.pause()
+    policy = parse_policy(policy_text(cluster.url, cluster=True, timeout=100,
+                                      failure_mode="closed").encode(), "<test>")
+    assert isinstance(policy.backend, schema.RedisBackend)
+    backend = RedisBackend(policy.backend)
+    svc = DecisionService(policy, backend)
+    request = Request(headers={"x-tenant-id": "early", "x-kt-estimated-tokens": "5"})
+
+    async def main():
+        try:
+            # starts anyway (it used to end with redis-py's RedisClusterException): not
+            # ready, and a decision is answered by the failure mode, not an exception
+            await backend.start()
+            ready_at_start = backend.status().ready
+            early = await asyncio.wait_for(svc.decide(request), 10)
+        finally:
+            for n in cluster.nodes:
+                n.resume()
+        try:
+            deadline = time.monotonic() + 15
+            while not backend.status().ready and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            ready_later, decisions = backend.status().ready, backend.decisions
+            after = await svc.decide(request)
+            return ready_at_start, early.kind, ready_later, decisions, after.kind
+        finally:
+            await backend.close()
+
+    assert asyncio.run(main()) == (False, Kind.FAIL_CLOSED, True, 0, Kind.ALLOW)

@@ -38,7 +38,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 import hiredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from sidecar.backends.resp import ConnectionLost, PipelinedConnection
 from sidecar.backends.lease import LeaseManager
@@ -262,8 +262,10 @@ class RedisBackend:
         try:
             await asyncio.wait_for(self._load_scripts(), max(self.timeout_s * 20, 1.0))
             await self._read_node_clocks()
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
-            # Start anyway: decisions follow the failure mode until Redis answers.
+        except (RedisError, RedisClusterException, OSError, asyncio.TimeoutError) as exc:
+            # Start anyway: decisions follow the failure mode until Redis answers (the
+            # heartbeat learns the nodes then). redis-py's "cannot be connected" is a
+            # RedisClusterException, not a RedisError: it used to end `kt serve` here.
             self._failed(f"cannot load scripts: {exc!r}")
             log.error("redis at %s not available at start: %r", self.where, exc)
         # the nodes' clocks read again every beat (drift, new primaries after a failover)
@@ -352,6 +354,18 @@ class RedisBackend:
             reply = await self.client.execute_command("TIME", target_nodes=node)
             self._observe_clock(reply, sent, _mono_us(), node.name)
 
+        if not self.client.get_primaries():
+            # the cluster did not answer at start: learn its nodes (and load the scripts)
+            # now, so a sidecar started before its Redis becomes ready without traffic
+            setup = asyncio.ensure_future(self._load_scripts())
+            done, _ = await asyncio.wait({setup}, timeout=max(self._stall_s, 1.0))
+            if not done:
+                setup.cancel()
+                self._failed("the cluster did not answer")
+                return
+            if setup.exception() is not None:
+                self._failed(f"cannot load scripts: {setup.exception()!r}")
+                return
         reads = [asyncio.ensure_future(read(n)) for n in self.client.get_primaries()]
         if not reads:
             return
@@ -517,7 +531,7 @@ class RedisBackend:
         now = _mono_us()
         try:
             node = self.client.get_node_from_key(key)
-        except (RedisError, IndexError):  # slots not known yet: redis-py learns them on a call
+        except (RedisError, RedisClusterException, IndexError):  # slots not known yet
             return 0
         offset = self._clock_offset(now, node.name) if node is not None else None
         return now + int(self.timeout_s * 1e6) + offset if offset is not None else 0
