@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from typing import Optional
 
 from sidecar import contract
@@ -41,6 +42,12 @@ MAX_BODY = 1024 * 1024
 # a connection that completes no request in a whole interval this long is closed
 # (progress, not bytes): between one and two intervals after its last request
 IDLE_TIMEOUT_S = 30.0
+# A request with nothing ahead of it is decided inline in data_received, outside any Task
+# (_decide_now). From Python 3.12 asyncio.wait_for (the Redis backend's calls use it) and
+# asyncio.timeout refuse to run outside a Task ("Timeout should be used inside a task"):
+# the first step of such a decision would fail, and be answered 503. There every request
+# goes through the connection's worker Task, as before the inline path.
+DECIDE_INLINE = sys.version_info < (3, 12)
 _REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden",
             413: b"Payload Too Large",
             429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
@@ -184,7 +191,7 @@ class AuthzProtocol(asyncio.Protocol):
             if req is None:
                 return
             self.progressed = True
-            if self.pending:  # answers go out in order: behind the ones in flight
+            if self.pending or not DECIDE_INLINE:  # in order: behind the ones in flight
                 self.pending += 1
                 self.queue.put_nowait(req)
             else:
