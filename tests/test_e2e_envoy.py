@@ -81,13 +81,7 @@ class Stack:
 
     def spend(self) -> dict:
         self.settled()
-        # the admin port, loopback only (no admin token configured in these tests)
-        conn = http.client.HTTPConnection("127.0.0.1", self.sidecar.admin_port, timeout=5)
-        try:
-            conn.request("GET", "/v1/spend")
-            return json.loads(conn.getresponse().read())["tenants"]
-        finally:
-            conn.close()
+        return self.sidecar.spend()
 
 
 def chat(model: str = "gpt-4o", max_tokens: Optional[int] = 50, stream: bool = False) -> dict:

@@ -102,12 +102,7 @@ class Gateway:
         """The tenant's durable spend (the admin port is loopback-only here), once its
         request is settled (the access log delivers usage after the response)."""
         def read() -> dict:
-            conn = http.client.HTTPConnection("127.0.0.1", self.sidecar.admin_port, timeout=5)
-            try:
-                conn.request("GET", "/v1/spend")
-                return json.loads(conn.getresponse().read())["tenants"].get(tenant, {})
-            finally:
-                conn.close()
+            return self.sidecar.spend().get(tenant, {})
 
         wait_until(lambda: read().get("gpt-4o", {}).get("input_tokens"), 10,
                    f"the usage of {tenant}'s request settled")

@@ -135,12 +135,7 @@ class Path:
             self.settled()
 
     def spend(self, tenant: str) -> dict:
-        conn = http.client.HTTPConnection("127.0.0.1", self.sidecar.admin_port, timeout=5)
-        try:
-            conn.request("GET", "/v1/spend")
-            return json.loads(conn.getresponse().read())["tenants"].get(tenant, {})
-        finally:
-            conn.close()
+        return self.sidecar.spend().get(tenant, {})
 
 
 @contextlib.contextmanager

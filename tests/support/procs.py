@@ -152,6 +152,13 @@ class SidecarProcess:
         """One sample of /metrics (0 while the series does not exist yet)."""
         return metric_value(self.metrics(), name, **labels)
 
+    def spend(self) -> dict:
+        """The durable spend of every tenant (GET /v1/spend on the admin port, which
+        serves loopback callers without a token when none is configured, as in tests)."""
+        url = f"http://{LOOPBACK}:{self.admin_port}/v1/spend"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return json.loads(r.read())["tenants"]
+
     def wait_usage_delivered(self, admitted_kinds: tuple[str, ...] = (
             "allow", "downgrade", "fail_open")) -> None:
         """Usage by Envoy's access log arrives after the response (within its flush
