@@ -16,6 +16,7 @@ from sidecar.backends.redis import RedisBackend
 from sidecar.model import Kind, Request
 from sidecar.policy.load import parse_policy
 from tests.inproc import FakeClock, RunningSidecar
+from tests.support.clock import T0_US, utc_day, utc_month
 from tests.support.policies import TIERS_AND_CACHE_PRICING
 from tests.support.procs import workdir
 from tests.support.valkey import Valkey
@@ -91,23 +92,29 @@ def test_spend_per_day_and_model_for_every_tenant_from_any_replica(two):
         doc = spend(b)
         assert b.run(_spent(b, "acme")) == spent_a
         by_day = spend(b, "?period=day")["tenants"]["acme"]
-        month = spend(b, "?period=month&since=2026-11-01&until=2026-11-30")
-        since = spend(b, "?since=2026-11-19")
+        # the months of both days (the second may be the next month, or year)
+        month = spend(b, f"?period=month&since={utc_day(T0_US)}&until={utc_day(T0_US, 1)}")
+        since = spend(b, f"?since={utc_day(T0_US, 1)}")
     acme = doc["tenants"]["acme"]["gpt-4o"]
     first = 400 * 2500 + 600 * 1250 + 200 * 10000
     assert (acme["requests"], acme["input_tokens"], acme["output_tokens"],
             acme["cached_tokens"]) == (3, 1010, 210, 600)
     # the kept estimate counts as spend, and so does the usage reported for it later:
-    # two real charges, exactly what the budget holds
-    assert acme["cost_nano_usd"] == spent_a
+    # two real charges; the budget holds the spend of its period (the second day's
+    # month: both days' when they share a month, the second's alone when a month ends)
+    second_month = utc_month(T0_US + DAY_S * 1_000_000)
+    same_month = utc_month(T0_US) == second_month
+    assert acme["cost_nano_usd"] == (spent_a if same_month else first + spent_a)
     assert acme["cost_nano_usd"] > first + 10 * 2500 + 10 * 10000
     # every tenant by name, none folded into _other
     assert doc["tenants"]["someone-new"]["gpt-4o-mini"]["cost_nano_usd"] == 5000 * 150 + 700 * 600
     assert "_other" not in doc["tenants"]
     # by day: the first day holds only r1's usage
-    assert sorted(by_day) == ["2026-11-18", "2026-11-19"]
-    assert by_day["2026-11-18"]["gpt-4o"]["cost_nano_usd"] == first
-    assert month["tenants"]["acme"]["2026-11"]["gpt-4o"]["cost_nano_usd"] == spent_a
+    assert sorted(by_day) == [utc_day(T0_US), utc_day(T0_US, 1)]
+    assert by_day[utc_day(T0_US)]["gpt-4o"]["cost_nano_usd"] == first
+    by_month = month["tenants"]["acme"]
+    assert set(by_month) == {utc_month(T0_US), second_month}
+    assert by_month[second_month]["gpt-4o"]["cost_nano_usd"] == spent_a
     assert since["tenants"]["acme"]["gpt-4o"]["requests"] == 2
 
 
@@ -199,3 +206,4 @@ def test_acknowledged_spend_survives_a_sigkill_of_the_embedded_sidecar(tmp_path:
     assert rec["cached_tokens"] == sum(d["cached_tokens"] for d in sent)
     assert rec["cost_nano_usd"] == sum((d["input_tokens"] - d["cached_tokens"]) * 2500
                                        + d["cached_tokens"] * 1250 + 10 * 10000 for d in sent)
+

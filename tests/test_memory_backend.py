@@ -15,7 +15,7 @@ from sidecar.backends.base import BackendError
 from sidecar.backends.memory import MemoryBackend
 from sidecar.policy.load import load_policy
 from sidecar.server import ServerConfig, Sidecar
-from tests.inproc import FakeClock
+from tests.inproc import T0_US, FakeClock
 
 LIMITS = _core.Limits(budget=1000, period=_core.P_MONTH)
 
@@ -131,7 +131,8 @@ def test_hot_reload_follows_a_configmap_style_symlink_swap(tmp_path):
 
 def test_random_tenant_names_do_not_grow_memory_without_bound_and_spend_is_kept():
     # `unknown: defaults` lets a client invent tenant names: states at rest are dropped
-    clock = FakeClock()
+    # the test's ten seconds stay inside one month, whatever the suite's fixed instant
+    clock = FakeClock(T0_US - T0_US % 86_400_000_000 + 3_600_000_000)
     backend = MemoryBackend(clock=clock, sweep_at=50)
     rate_only = _core.Limits(rpm=60, tpm=6000)
     with_budget = _core.Limits(rpm=60, budget=1000, period=_core.P_MONTH)
