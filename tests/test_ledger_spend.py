@@ -207,3 +207,64 @@ def test_acknowledged_spend_survives_a_sigkill_of_the_embedded_sidecar(tmp_path:
     assert rec["cost_nano_usd"] == sum((d["input_tokens"] - d["cached_tokens"]) * 2500
                                        + d["cached_tokens"] * 1250 + 10 * 10000 for d in sent)
 
+
+NO_BUDGET_POLICY = """
+tenant: {header: x-tenant-id, unknown: defaults}
+""" + TIERS_AND_CACHE_PRICING + """defaults:
+  limits: {rpm: 10000, tpm: 100000000}
+backend: {kind: memory, flush_interval_s: 3600}
+"""
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
+def test_the_embedded_sidecar_restarts_after_settling_a_tenant_without_a_budget(tmp_path: Path,
+                                                                               stop: str):
+    """A tenant without a budget (every policy without `budget:`, as docs/providers.md's
+    example) settles with no budget spend: the journal holds its state's own spend, and the
+    next start reads it back, with the durable spend it recorded."""
+    import signal
+
+    from tests.support.procs import SidecarProcess, post_json
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(NO_BUDGET_POLICY)
+    sc = SidecarProcess(policy, tmp_path)
+    with sc:
+        doc = {"request_id": "nb-1", "tenant": "acme", "model": "gpt-4o",
+               "input_tokens": 100, "output_tokens": 10}
+        status, ack = post_json(f"http://127.0.0.1:{sc.admin_port}/v1/usage", doc)
+        assert status == 200 and ack["applied"]
+        if stop == "sigterm":
+            sc.stop(grace=30)
+        else:
+            sc.proc.send_signal(signal.SIGKILL)
+            sc.proc.wait(10)
+        sc.start()  # raises (and shows the log) when the sidecar refuses its journal
+        spent = sc.spend()["acme"]["gpt-4o"]
+        assert (spent["requests"], spent["input_tokens"], spent["cost_nano_usd"]) == \
+            (1, 100, 100 * 2500 + 10 * 10000)
+        # the settlement is remembered: the same report again adds nothing
+        status, ack = post_json(f"http://127.0.0.1:{sc.admin_port}/v1/usage", doc)
+        assert status == 200 and not ack["applied"]
+
+
+def test_a_journal_with_the_no_budget_reply_as_spend_is_read_back(tmp_path: Path):
+    """Journals written before the fix hold -1 (settle's "no budget" reply) as the spend
+    of a tenant without a budget; the sidecar that wrote them must still start."""
+    state = tmp_path / "spend.json"
+    journal = tmp_path / "spend.json.journal.1"
+    journal.write_text('[1,"acme","old-1",-1,-1]\n')
+    with RunningSidecar(POLICY % "", backend=MemoryBackend(state_file=str(state))) as sc:
+        out = sc.run(sc.sidecar.service.backend.settle(
+            "acme", sc.sidecar.service.policy.rule_for("acme").limits, "old-1", 5, 5, -1))
+        assert not out.applied  # remembered from the journal
+    # spend -1 with a budget period is still refused: that is not a spend
+    journal.write_text('[1,"acme","old-1",1795000000000000,-1]\n')
+    for leftover in tmp_path.glob("spend.json*"):
+        if leftover != journal:
+            leftover.unlink()
+    from sidecar.backends.base import BackendError
+
+    with pytest.raises(BackendError, match="spent must be an integer"):
+        with RunningSidecar(POLICY % "", backend=MemoryBackend(state_file=str(state))):
+            pass

@@ -85,11 +85,15 @@ def _refuse(where: str, what: str) -> BackendError:
 
 def _check_spend(where: str, tenant: Any, period_start: Any, spent: Any,
                  no_budget_ok: bool = False) -> None:
-    """Raise BackendError naming ``where``, the tenant and the field that is not a spend."""
+    """Raise BackendError naming ``where``, the tenant and the field that is not a spend.
+    ``no_budget_ok`` (journal records): period_start -1 is a tenant without a budget
+    period, and with it spent -1, which journals written before the state's own spend was
+    journalled hold for a tenant without a budget (settle's "no budget" reply)."""
     if not isinstance(tenant, str) or not tenant:
         raise _refuse(where, f"tenant name {json.dumps(tenant)[:40]} is not a non-empty string")
+    no_budget = no_budget_ok and period_start == -1
     for field, value, low in (("period_start", period_start, -1 if no_budget_ok else 0),
-                              ("spent", spent, 0)):
+                              ("spent", spent, -1 if no_budget else 0)):
         if not _valid_int(value, low):
             raise _refuse(where, f"tenant {tenant!r}: {field} must be an integer in "
                                  f"{low}..{MAX_STATE_VALUE}, not {json.dumps(value)[:40]}")
@@ -456,7 +460,9 @@ class MemoryBackend:
         # journal's copy of its id then makes the retry a no-op
         self._seq += 1
         self._remember(key, self._seq)
-        self._journal_pending.append((self._seq, tenant, request_id, st.period_start, spent,
+        # the state's own spend, never settle's reply: that is -1 for a tenant without a
+        # budget ("no budget"), which is not a spend and no next start would accept
+        self._journal_pending.append((self._seq, tenant, request_id, st.period_start, st.spent,
                                       *cell))
         await self._durable()
         return Settlement(applied=True, budget_spent=spent)
