@@ -115,7 +115,8 @@ def make_backend(policy: CompiledPolicy, cfg: ServerConfig) -> Backend:
 
         return RedisBackend(b)
     state_file = cfg.state_file if cfg.state_file is not None else b.state_file
-    return MemoryBackend(state_file=state_file, flush_interval_s=b.flush_interval_s)
+    return MemoryBackend(state_file=state_file, flush_interval_s=b.flush_interval_s,
+                         max_tenants=b.max_tenants)
 
 
 def _read(path: str, what: str) -> bytes:
@@ -404,7 +405,7 @@ class Sidecar:
         except ValueError as exc:
             return error(400, "invalid_request_error", "invalid_query", str(exc))
         try:
-            cells = await asyncio.wait_for(self.backend.spend_cells(), 10)
+            cells = await asyncio.wait_for(self.backend.spend_cells(since, until), 10)
         except (BackendError, asyncio.TimeoutError) as exc:
             return error(503, "service_unavailable", "limiter_unavailable",
                          f"spend not readable, retry: {exc}")

@@ -268,3 +268,60 @@ def test_a_journal_with_the_no_budget_reply_as_spend_is_read_back(tmp_path: Path
     with pytest.raises(BackendError, match="spent must be an integer"):
         with RunningSidecar(POLICY % "", backend=MemoryBackend(state_file=str(state))):
             pass
+
+
+def test_a_spend_report_over_a_range_reads_only_the_tenants_it_holds(tmp_path: Path):
+    """A client inventing tenant ids under `unknown: defaults` must not make every later
+    report read every tenant ever seen: a range is read through the day index (Redis's
+    own command counts show which hashes were read), and what it answers is the same."""
+    import redis
+
+    noon = T0_US - T0_US % (DAY_S * 1_000_000) + DAY_S * 1_000_000 // 2
+    clock = FakeClock(noon)
+    with workdir() as d, Valkey(d) as v:
+        text = POLICY % f'backend: {{kind: redis, url: "{v.url}", timeout_ms: 2000}}'
+        pol = parse_policy(text.encode(), "<test>")
+        with RunningSidecar(text, backend=RedisBackend(pol.backend, clock_override=clock),
+                            clock=clock) as sc:
+            svc = sc.sidecar.service
+            for i in range(300):  # the flood, on the first day
+                sc.run(svc.settle_usage(f"f-{i}", f"rnd-{i}", "gpt-4o", 10, 1, "report"))
+            clock.advance(DAY_S)
+            for i in range(3):  # the next day: three tenants
+                sc.run(svc.settle_usage(f"n-{i}", f"day2-{i}", "gpt-4o", 100, 10, "report"))
+            r = redis.Redis.from_url(v.url)
+            r.config_resetstat()
+            ranged = spend(sc, f"?since={utc_day(noon, 1)}")["tenants"]
+            stats = r.info("commandstats")
+            everything = spend(sc)["tenants"]
+            r.close()
+    assert sorted(ranged) == ["day2-0", "day2-1", "day2-2"]
+    assert ranged["day2-0"]["gpt-4o"]["cost_nano_usd"] == 100 * 2500 + 10 * 10000
+    # three hashes read, no scan of the 303 spend keys
+    assert stats["cmdstat_hgetall"]["calls"] == 3
+    assert "cmdstat_scan" not in stats
+    # the whole history is still every tenant, exactly
+    assert len(everything) == 303
+    assert everything["rnd-7"]["gpt-4o"]["cost_nano_usd"] == 10 * 2500 + 1 * 10000
+
+
+def test_a_range_starting_before_the_index_existed_is_read_whole(tmp_path: Path):
+    """Spend written before the day index (older versions, or the index's first day) is
+    found by a scan: a range never misses spend because its tenants were not indexed."""
+    import redis
+
+    clock = FakeClock(T0_US - T0_US % (DAY_S * 1_000_000) + DAY_S * 1_000_000 // 2)
+    with workdir() as d, Valkey(d) as v:
+        text = POLICY % f'backend: {{kind: redis, url: "{v.url}", timeout_ms: 2000}}'
+        pol = parse_policy(text.encode(), "<test>")
+        with RunningSidecar(text, backend=RedisBackend(pol.backend, clock_override=clock),
+                            clock=clock) as sc:
+            svc = sc.sidecar.service
+            sc.run(svc.settle_usage("a-1", "indexed", "gpt-4o", 10, 1, "report"))
+            r = redis.Redis.from_url(v.url)
+            # spend an older sidecar wrote today: in its hash, not in the index
+            r.delete(f"kt:spend-index:{clock() // (DAY_S * 1_000_000)}")
+            today = utc_day(clock())
+            doc = spend(sc, f"?since={today}")["tenants"]
+            r.close()
+    assert sorted(doc) == ["indexed"]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional, Protocol, Sequence
 
 from sidecar._core import Limits, Outcome, Quota
-from sidecar.ledger.spend import SpendCell, SpendRecord
+from sidecar.ledger.spend import LAST_DAY, SpendCell, SpendRecord
 
 
 # what take_reservation leaves where a shared reservation was (never a valid record)
@@ -106,9 +106,15 @@ class Backend(Protocol):
         """Add to the tenant's spend per day and model without a settlement (a request
         whose estimate stays charged). May raise BackendError."""
 
-    async def spend_cells(self) -> list[SpendCell]:
-        """Every tenant's spend per day and model, as every replica sees it. May raise
-        BackendError."""
+    def has_room_for(self, tenant: str) -> bool:
+        """Whether this backend can hold state for ``tenant`` now (the embedded backend
+        holds a bounded number of tenants in memory; Redis holds them itself)."""
+
+    async def spend_cells(self, since_day: int = 0,
+                          until_day: int = LAST_DAY) -> list[SpendCell]:
+        """Every tenant's spend per model on each UTC day of ``since_day..until_day``
+        (inclusive), as every replica sees it, at a cost that follows the tenants the
+        range holds, not every tenant ever seen. May raise BackendError."""
 
     async def decide_routed(
         self,
