@@ -23,6 +23,10 @@ class Metrics:
         self.shadow_denials = Counter(
             "kt_shadow_denials", "Requests shadow mode let through that would have been refused.",
             ["decision"], registry=r)
+        self.tenant_capacity_refusals = Counter(
+            "kt_tenant_capacity_refusals", "Requests of tenants the policy does not name refused "
+            "because the embedded backend holds backend.max_tenants tenants already (answered "
+            "403 unknown_tenant; docs/embedded.md).", registry=r)
         self.latency = Histogram(
             "kt_decision_latency_seconds", "Time to decide one request, inside the sidecar.",
             ["transport"], buckets=LATENCY_BUCKETS, registry=r)

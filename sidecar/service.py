@@ -338,6 +338,15 @@ class DecisionService:
         if rule is None:
             return Decision(Kind.UNKNOWN_TENANT, tenant=tenant,
                             message=f"Unknown tenant {tenant!r}.")
+        if not rule.name and not self.backend.has_room_for(tenant):
+            # `unknown: defaults` lets clients invent tenant names; the embedded backend
+            # holds a bounded number: past it, a new one is refused, never a new state
+            self.metrics.tenant_capacity_refusals.inc()
+            self.rejected_log.warning("refused tenant %s: the backend holds its maximum of "
+                                      "tenants", tenant)
+            return Decision(Kind.UNKNOWN_TENANT, tenant=tenant, message=(
+                "Tenant capacity reached: this gateway holds its maximum number of tenants "
+                "that its policy does not name. Try again later, or ask its operator."))
         try:
             est = estimate(policy, req)
         except EstimateError as exc:
