@@ -14,7 +14,8 @@ import pytest
 from sidecar.ledger.deadletter import decode_dead_letter
 from sidecar.ledger.events import RefusalsEvent, encode_line
 from sidecar.ledger.sinks import FileSink, SinkError, SinkRefused, SpillFile, event_files, read_events
-from sidecar.ledger.storable import TEXT_MAX, original_text, storable, storable_text
+from sidecar.ledger.storable import (TEXT_MAX, Unstorable, original_text, storable,
+                                     storable_text)
 from sidecar.ledger.writer import EventLog
 from sidecar.metrics import Metrics
 from sidecar.ledger.recorder import Ledger
@@ -29,7 +30,7 @@ def test_ordinary_values_are_stored_as_they_are():
     for s in ("", "gpt-4o", "claude-sonnet-4@2025", "é ü 模型", "x" * TEXT_MAX, "tab\there"):
         assert storable_text(s) is s
     e = usage_event(1)
-    assert storable(e) == (e, "")
+    assert storable(e) is e
 
 
 def test_every_hostile_value_becomes_storable_bounded_and_tells_itself_apart():
@@ -49,15 +50,15 @@ def test_every_hostile_value_becomes_storable_bounded_and_tells_itself_apart():
 
 def test_an_event_keeps_its_numbers_and_a_64_bit_overflow_is_named():
     e = msgspec.structs.replace(usage_event(1), model_asked="gpt-4o\x00", request_id="\udcff")
-    got, problem = storable(e)
-    assert problem == ""
+    got = storable(e)
     assert (got.model_asked, got.request_id) == ("gpt-4o\\x00", "\\udcff")
     assert got.input_tokens == e.input_tokens and got.cost_nano_usd == e.cost_nano_usd
     encode_line(got)  # now every sink's encoder takes it
     big = msgspec.structs.replace(e, cost_nano_usd=1 << 64)
-    assert storable(big)[1] == f"cost_nano_usd = {1 << 64} is outside the 64-bit integer range"
+    with pytest.raises(Unstorable, match=f"cost_nano_usd = {1 << 64} is outside the 64-bit"):
+        storable(big)
     r = RefusalsEvent(minute_us=0, tenant="t\x00", reason="rate_limited", count=1)
-    assert storable(r)[0].tenant == "t\\x00"
+    assert storable(r).tenant == "t\\x00"
 
 
 # --- a writer against sinks that refuse or hang ---------------------------------

@@ -3,8 +3,8 @@
 A stopped PostgreSQL (SIGSTOP, a frozen VM) keeps its kernel: TCP keepalives and
 data are acknowledged, so neither keepalives, ``tcp_user_timeout`` nor the server's
 ``statement_timeout`` ever end a call, and a blocking call would hold the writer for
-good. So each call runs in a thread of its own and the writer waits for it only so
-long: past the deadline the sink is told to ``interrupt()`` (the PostgreSQL sink shuts
+good. So calls run in a thread of their own (one, kept for every call) and the writer
+waits for each only so long: past the deadline the sink is told to ``interrupt()`` (the PostgreSQL sink shuts
 its socket down, which ends the blocked call at once) and the call is abandoned. Its
 batch then spills and is replayed later; a call that completes after all the same
 stored what a replay stores again, which the sinks ignore (PostgreSQL's primary key,
@@ -19,6 +19,7 @@ is still bounded by the deadline.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from typing import Callable, Optional, Sequence
@@ -33,6 +34,15 @@ class SinkTimeout(SinkError):
     """The sink did not answer within the deadline (or has not answered an earlier call)."""
 
 
+class _Call:
+    __slots__ = ("events", "done", "error")
+
+    def __init__(self, events: Sequence[Event]) -> None:
+        self.events = events
+        self.done = threading.Event()
+        self.error: Optional[BaseException] = None
+
+
 class SinkCaller:
     def __init__(self, sink: Sink, deadline_s: float = 5.0, probe_wait_s: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -40,15 +50,27 @@ class SinkCaller:
         self.deadline_s = deadline_s
         self.probe_wait_s = min(probe_wait_s, deadline_s)
         self.clock = clock
-        self.timeouts = 0  # calls abandoned at their deadline
+        self.timeouts = 0  # calls interrupted at their deadline
+        self._calls: queue.SimpleQueue[Optional[_Call]] = queue.SimpleQueue()
         self._thread: Optional[threading.Thread] = None
+        self._call: Optional[_Call] = None  # the last call, until it is known to be over
         self._started = 0.0
         self._interrupted = False
-        self._outcome: list[BaseException | None] = []
         self._hung = False  # the last call ran out its wait
 
+    def _serve(self) -> None:
+        while True:
+            call = self._calls.get()
+            if call is None:
+                return
+            try:
+                self.sink.write(call.events)
+            except BaseException as exc:  # noqa: BLE001 - handed to the writer's thread
+                call.error = exc
+            call.done.set()
+
     def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._call is not None and not self._call.done.is_set()
 
     def enforce(self) -> None:
         """Interrupt a call that has run past its deadline (called by the writer often)."""
@@ -70,33 +92,25 @@ class SinkCaller:
         if self.busy():
             raise SinkTimeout(f"the {self.sink.name} sink has not answered a call for "
                               f"{self.clock() - self._started:.1f} s")
-        if self._thread is not None and self._outcome == [None]:
+        if self._call is not None and self._call.error is None:
             self._hung = False  # the abandoned call succeeded after all: the sink answers
         limit = self.probe_wait_s if self._hung else self.deadline_s
         wait = limit if wait_s is None else min(wait_s, limit)
-        outcome: list[BaseException | None] = []
-
-        def call() -> None:
-            try:
-                self.sink.write(events)
-            except BaseException as exc:  # noqa: BLE001 - handed to the writer's thread
-                outcome.append(exc)
-            else:
-                outcome.append(None)
-
-        self._outcome = outcome
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name="kt-ledger-sink",
+                                            daemon=True)
+            self._thread.start()
+        call = self._call = _Call(events)
         self._interrupted = False
         self._started = self.clock()
-        self._thread = threading.Thread(target=call, name="kt-ledger-sink", daemon=True)
-        self._thread.start()
-        self._thread.join(wait)
-        if self._thread.is_alive():
+        self._calls.put(call)
+        if not call.done.wait(wait):
             self._hung = True
             self.enforce()
             raise SinkTimeout(f"the {self.sink.name} sink did not answer in {wait:.1f} s")
-        self._thread = None
+        self._call = None
         self._hung = False
-        exc = outcome[0]
+        exc = call.error
         if exc is None:
             return
         if isinstance(exc, SinkError):
@@ -106,11 +120,16 @@ class SinkCaller:
         raise SinkRefused(f"{self.sink.name}: {type(exc).__name__}: {exc}") from None
 
     def close(self, wait_s: float = 1.0) -> bool:
-        """Interrupt a call still running and wait a little for it; False if it is still
-        running (then the sink must not be closed under it)."""
+        """Interrupt a call still running and wait a little for it, then stop the call
+        thread; False if the call is still running (then the sink must not be closed)."""
         if self.busy():
+            assert self._call is not None
             self._started = self.clock() - self.deadline_s
             self.enforce()
-            assert self._thread is not None
-            self._thread.join(wait_s)
-        return not self.busy()
+            self._call.done.wait(wait_s)
+        if self.busy():
+            return False
+        if self._thread is not None:
+            self._calls.put(None)
+            self._thread = None
+        return True

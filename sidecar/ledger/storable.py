@@ -18,7 +18,7 @@ ordinary value and can be undone (``original_text``) for every value it escapes:
 So a stored value holds a backslash exactly when it was escaped, and two different
 originals never share a stored value (the primary key (tenant, request id, outcome)
 cannot fold two requests into one row). Integers a sink's 64-bit columns cannot hold
-make the event unstorable: it goes to the dead-letter file with that reason.
+make the event ``Unstorable``: it goes to the dead-letter file with that reason.
 """
 from __future__ import annotations
 
@@ -94,16 +94,27 @@ def _fields_of(cls: type) -> tuple[tuple[str, ...], Callable, tuple[str, ...], C
 _FIELDS = {cls: _fields_of(cls) for cls in typing.get_args(Event)}
 
 
-def storable(event: Event) -> tuple[Event, str]:
-    """The event as a sink can store it (every text value through ``storable_text``),
-    and "" or why no sink can store it (an integer outside the 64-bit range)."""
+class Unstorable(ValueError):
+    """No sink can store this event (the message says which value); ``event`` is it with
+    its text made storable, for the dead-letter file."""
+
+    def __init__(self, message: str, event: Event) -> None:
+        super().__init__(message)
+        self.event = event
+
+
+def storable(event: Event) -> Event:
+    """The event as a sink can store it: every text value through ``storable_text``
+    (the same object when none needs it: the common case costs one join and three
+    substring tests). Raises Unstorable for an integer outside the 64-bit range."""
     texts, text_values, ints, int_values = _FIELDS[type(event)]
     values = text_values(event)
-    if max(map(len, values)) > TEXT_MAX or _needs_escape("".join(values)):
+    joined = "".join(values)
+    if (len(joined) > TEXT_MAX and max(map(len, values)) > TEXT_MAX) or _needs_escape(joined):
         event = msgspec.structs.replace(event, **{
             name: storable_text(v) for name, v in zip(texts, values)})
     numbers = int_values(event)
-    if not (INT_MIN <= min(numbers) and max(numbers) <= INT_MAX):
+    if min(numbers) < INT_MIN or max(numbers) > INT_MAX:
         name, v = next((n, v) for n, v in zip(ints, numbers) if not INT_MIN <= v <= INT_MAX)
-        return event, f"{name} = {v} is outside the 64-bit integer range"
-    return event, ""
+        raise Unstorable(f"{name} = {v} is outside the 64-bit integer range", event)
+    return event

@@ -40,7 +40,7 @@ from sidecar.ledger.deadletter import DeadLetter, DeadLetterFile
 from sidecar.ledger.events import Event
 from sidecar.ledger.sinkcall import SinkCaller
 from sidecar.ledger.sinks import Sink, SinkError, SinkRefused, SpillFile
-from sidecar.ledger.storable import storable
+from sidecar.ledger.storable import Unstorable, storable
 
 log = logging.getLogger("kt.ledger")
 LOSS_UNREADY_S = 60.0  # /readyz says not ready this long after an event is lost
@@ -225,14 +225,18 @@ class EventLog:
     def _prepare(self, events: Sequence[Event]) -> tuple[list[Event], list[int]]:
         """Every value made storable; an event no sink can store is set aside. Returns the
         events to write and, for each, its place in ``events``."""
+        try:
+            return list(map(storable, events)), list(range(len(events)))
+        except Unstorable:
+            pass  # rare: the same again, one by one
         out: list[Event] = []
         places: list[int] = []
         for i, e in enumerate(events):
-            e, problem = storable(e)
-            if problem:
-                self._set_aside(e, "", "unstorable", problem)
+            try:
+                out.append(storable(e))
+            except Unstorable as exc:
+                self._set_aside(exc.event, "", "unstorable", str(exc))
             else:
-                out.append(e)
                 places.append(i)
         return out, places
 
