@@ -153,7 +153,8 @@ class _LedgerCollector:
             "written (by the sink, replays included), spilled (to the local spill file while "
             "the sink failed), replayed (from the spill), dead_lettered (refused by the sink, "
             "or unstorable: set aside with the reason in the dead-letter file), lost (buffer "
-            "full, spill or dead-letter file failing or full).", labels=["state"])
+            "full, spill or dead-letter file failing or full, a spilled line torn by a crash).",
+            labels=["state"])
         buffered = GaugeMetricFamily("kt_ledger_buffered_events",
                                      "Events in memory waiting for the writer thread.")
         up = GaugeMetricFamily("kt_ledger_sink_up", "1 while the ledger's sink takes events, "

@@ -35,7 +35,7 @@ def test_ordinary_values_are_stored_as_they_are():
 
 def test_every_hostile_value_becomes_storable_bounded_and_tells_itself_apart():
     stored = [storable_text(s) for s in HOSTILE]
-    for original, s in zip(HOSTILE, stored):
+    for original, s in zip(HOSTILE, stored, strict=True):
         assert "\x00" not in s and len(s) <= TEXT_MAX, repr(s[:40])
         s.encode("utf-8")  # valid UTF-8: no lone surrogate left
         assert "\\" in s  # an escaped value always holds a backslash; an ordinary one never

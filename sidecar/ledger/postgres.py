@@ -249,14 +249,21 @@ class PostgresSink:
         if conn is None:
             return  # still connecting: connect_timeout ends that
         try:
-            fd = conn.pgconn.socket
+            fd = os.dup(conn.pgconn.socket)
         except Exception:  # noqa: BLE001 - already closed
             return
         try:
-            with socket.socket(fileno=os.dup(fd)) as s:
-                s.shutdown(socket.SHUT_RDWR)
+            # still open after the dup: the dup is this connection's socket, not another
+            # one that took a closed descriptor's number in between
+            if not conn.closed:
+                with socket.socket(fileno=fd) as s:
+                    fd = -1
+                    s.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
     def close(self) -> None:
         if self._conn is not None:

@@ -112,9 +112,10 @@ def storable(event: Event) -> Event:
     joined = "".join(values)
     if (len(joined) > TEXT_MAX and max(map(len, values)) > TEXT_MAX) or _needs_escape(joined):
         event = msgspec.structs.replace(event, **{
-            name: storable_text(v) for name, v in zip(texts, values)})
+            name: storable_text(v) for name, v in zip(texts, values, strict=True)})
     numbers = int_values(event)
     if min(numbers) < INT_MIN or max(numbers) > INT_MAX:
-        name, v = next((n, v) for n, v in zip(ints, numbers) if not INT_MIN <= v <= INT_MAX)
+        name, v = next((n, v) for n, v in zip(ints, numbers, strict=True)
+                       if not INT_MIN <= v <= INT_MAX)
         raise Unstorable(f"{name} = {v} is outside the 64-bit integer range", event)
     return event
