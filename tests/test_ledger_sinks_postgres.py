@@ -132,6 +132,30 @@ def test_an_event_postgres_cannot_take_is_set_aside_and_the_rest_written(db, pg,
     assert (log.written, log.dead_lettered, log.spilled, log.lost) == (29, 1, 0, 0)
 
 
+def test_a_row_the_server_refuses_is_set_aside_and_the_rest_written(db, pg, tmp_path):
+    # an operator's own rule on the table: the server refuses the row (SQLSTATE 23514)
+    db.execute("ALTER TABLE kt_usage_events ADD CONSTRAINT kt_test_sane_tokens "
+               "CHECK (input_tokens < 1000000)")
+    try:
+        log = EventLog(PostgresSink(pg.dsn), SpillFile(tmp_path / "spill.jsonl"),
+                       batch_events=64, flush_interval_s=3600)
+        sent = [usage_event(i, input_tokens=5_000_000 if i in (0, 41) else 10)
+                for i in range(64)]
+        for e in sent:
+            log.emit(e)
+        log.close()
+    finally:
+        db.execute("ALTER TABLE kt_usage_events DROP CONSTRAINT kt_test_sane_tokens")
+    assert sorted(request_ids(db)) == sorted(f"req-{i}" for i in range(64) if i not in (0, 41))
+    letters = [decode_dead_letter(line)
+               for line in (tmp_path / "dead-letter.jsonl").read_bytes().splitlines()]
+    assert [d.event.request_id for d in letters] == ["req-0", "req-41"]
+    assert all("CheckViolation" in d.error and d.reason == "refused" for d in letters)
+    # the roll-up holds exactly the rows written
+    assert db.execute("SELECT sum(events) FROM kt_usage_daily").fetchone()[0] == 62
+    assert (log.written, log.dead_lettered, log.spilled, log.lost) == (62, 2, 0, 0)
+
+
 def test_a_sigstopped_postgres_is_abandoned_at_the_deadline_and_events_spill(db, pg, tmp_path):
     log = EventLog(PostgresSink(pg.dsn), SpillFile(tmp_path / "spill.jsonl"), batch_events=20,
                    flush_interval_s=0.02, retry_interval_s=0.2, sink_timeout_s=1.0)
