@@ -8,6 +8,7 @@ PostgreSQL is stopped leaves every event in the spill file or PostgreSQL."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from sidecar.cli import main as kt
 from sidecar.ledger.deadletter import decode_dead_letter
 from sidecar.ledger.postgres import PostgresSink, migrate
 from sidecar.ledger.sinks import SinkRefused, SpillFile, read_events
@@ -132,10 +134,13 @@ def test_an_event_postgres_cannot_take_is_set_aside_and_the_rest_written(db, pg,
     assert (log.written, log.dead_lettered, log.spilled, log.lost) == (29, 1, 0, 0)
 
 
-def test_a_row_the_server_refuses_is_set_aside_and_the_rest_written(db, pg, tmp_path):
+def test_a_row_the_server_refuses_is_set_aside_the_rest_written_and_loaded_later(
+        db, pg, tmp_path, capsys):
     # an operator's own rule on the table: the server refuses the row (SQLSTATE 23514)
     db.execute("ALTER TABLE kt_usage_events ADD CONSTRAINT kt_test_sane_tokens "
                "CHECK (input_tokens < 1000000)")
+    letters_file = tmp_path / "dead-letter.jsonl"
+    dead_letters = ["events", "dead-letters", "--dsn", pg.dsn, "--file", str(letters_file)]
     try:
         log = EventLog(PostgresSink(pg.dsn), SpillFile(tmp_path / "spill.jsonl"),
                        batch_events=64, flush_interval_s=3600)
@@ -144,16 +149,29 @@ def test_a_row_the_server_refuses_is_set_aside_and_the_rest_written(db, pg, tmp_
         for e in sent:
             log.emit(e)
         log.close()
+        assert sorted(request_ids(db)) == sorted(
+            f"req-{i}" for i in range(64) if i not in (0, 41))
+        letters = [decode_dead_letter(line) for line in letters_file.read_bytes().splitlines()]
+        assert [d.event.request_id for d in letters] == ["req-0", "req-41"]
+        assert all("CheckViolation" in d.error and d.reason == "refused" for d in letters)
+        # the roll-up holds exactly the rows written
+        assert db.execute("SELECT sum(events) FROM kt_usage_daily").fetchone()[0] == 62
+        assert (log.written, log.dead_lettered, log.spilled, log.lost) == (62, 2, 0, 0)
+        capsys.readouterr()
+        assert kt(dead_letters) == 0
+        assert "       2  refused: postgres refused: CheckViolation" in capsys.readouterr().out
+        # loaded before the cause is fixed: still refused, still kept
+        assert kt([*dead_letters, "--load", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out) == {"loaded": 0, "refused": 2, "not_tried": 0}
+        assert len(letters_file.read_bytes().splitlines()) == 2
     finally:
         db.execute("ALTER TABLE kt_usage_events DROP CONSTRAINT kt_test_sane_tokens")
-    assert sorted(request_ids(db)) == sorted(f"req-{i}" for i in range(64) if i not in (0, 41))
-    letters = [decode_dead_letter(line)
-               for line in (tmp_path / "dead-letter.jsonl").read_bytes().splitlines()]
-    assert [d.event.request_id for d in letters] == ["req-0", "req-41"]
-    assert all("CheckViolation" in d.error and d.reason == "refused" for d in letters)
-    # the roll-up holds exactly the rows written
-    assert db.execute("SELECT sum(events) FROM kt_usage_daily").fetchone()[0] == 62
-    assert (log.written, log.dead_lettered, log.spilled, log.lost) == (62, 2, 0, 0)
+    assert kt([*dead_letters, "--load", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"loaded": 2, "refused": 0, "not_tried": 0}
+    assert sorted(request_ids(db)) == sorted(f"req-{i}" for i in range(64))
+    assert db.execute("SELECT sum(input_tokens) FROM kt_usage_daily").fetchone()[0] == \
+        sum(e.input_tokens for e in sent)
+    assert not letters_file.exists() and not list(tmp_path.glob("dead-letter.jsonl.*"))
 
 
 def test_a_sigstopped_postgres_is_abandoned_at_the_deadline_and_events_spill(db, pg, tmp_path):
