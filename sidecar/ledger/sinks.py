@@ -268,6 +268,7 @@ class SpillFile:
             while True:
                 events: list[Event] = []
                 ends: list[int] = []  # bytes consumed once each event's line is read
+                torn: list[int] = []  # the same for each malformed line
                 consumed = 0
                 for line in f:
                     consumed += len(line)
@@ -275,7 +276,7 @@ class SpillFile:
                         events.append(decode_line(line))
                         ends.append(consumed)
                     except (msgspec.DecodeError, msgspec.ValidationError):
-                        self.malformed += 1
+                        torn.append(consumed)
                         log.error("spill file %s: skipping a malformed line at byte %d",
                                   self.path, self._offset + consumed - len(line))
                     if len(events) >= batch:
@@ -285,8 +286,11 @@ class SpillFile:
                 handled = write(events) if events else 0
                 done += handled
                 if handled < len(events):
-                    self._offset += ends[handled - 1] if handled else 0
+                    advance = ends[handled - 1] if handled else 0
+                    self.malformed += sum(1 for t in torn if t <= advance)
+                    self._offset += advance
                     return done, False
+                self.malformed += len(torn)
                 self._offset += consumed
         if not self.pending():
             self.path.unlink(missing_ok=True)

@@ -214,9 +214,11 @@ class EventLog:
                 batch = self._take()
                 if not batch:
                     break
-                batch = self._prepare(batch)[0]
-                if batch:
-                    self._write(batch, final)
+                try:
+                    self._write(self._prepare(batch)[0], final)
+                except Exception as exc:  # noqa: BLE001 - a bug must not lose events silently
+                    log.exception("ledger writer: unexpected error")
+                    self._lose(len(batch), f"unexpected error: {type(exc).__name__}: {exc}")
         finally:
             with self._idle:
                 self._busy = False
@@ -259,6 +261,8 @@ class EventLog:
             self._recovered()
 
     def _write(self, batch: list[Event], final: bool) -> None:
+        if not batch:
+            return
         # while anything waits in the spill, new events queue behind it (order is kept)
         if self.sink_ok and not self.spill.pending():
             handled = self._store(batch, final)
