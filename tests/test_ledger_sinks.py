@@ -242,3 +242,40 @@ def test_a_full_spill_loses_events_counted_and_the_ledger_says_not_ready(tmp_pat
     text = generate_latest(m.registry).decode()
     assert 'kt_ledger_events_total{state="lost"} 10.0' in text
     assert "kt_ledger_ready 0.0" in text and f"kt_ledger_spill_bytes {float(size)}" in text
+
+
+def test_readyz_fails_while_ledger_events_are_lost_and_not_while_they_spill(tmp_path):
+    import urllib.error
+    import urllib.request
+
+    from tests.inproc import RunningSidecar
+    from tests.test_ledger_service import POLICY
+
+    class Down(Picky):
+        def write(self, events):
+            raise SinkError("connection refused")
+
+    (tmp_path / "blocker").write_text("not a directory")
+    spill = SpillFile(tmp_path / "spill.jsonl")
+    log = EventLog(Down(tmp_path / "events"), spill, flush_interval_s=0.01,
+                   retry_interval_s=3600)
+    led = Ledger(log, instance="t")
+
+    def readyz() -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(sc.http_base + "/readyz", timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    with RunningSidecar(POLICY, ledger=led) as sc:
+        log.emit(usage_event(1))
+        assert log.flush() and log.spilled == 1
+        status, body = readyz()  # the sink is down, the event waits on local disk
+        assert status == 200 and "ledger picky sink failing" in body, body
+        spill.path = tmp_path / "blocker" / "spill.jsonl"  # and now the spill cannot be written
+        log.emit(usage_event(2))
+        assert log.flush() and log.lost == 1
+        status, body = readyz()
+        assert status == 503 and "1 events LOST" in body, body
+        assert sc.sidecar.metrics.registry.get_sample_value("kt_ledger_ready") == 0
