@@ -279,3 +279,38 @@ def test_readyz_fails_while_ledger_events_are_lost_and_not_while_they_spill(tmp_
         status, body = readyz()
         assert status == 503 and "1 events LOST" in body, body
         assert sc.sidecar.metrics.registry.get_sample_value("kt_ledger_ready") == 0
+
+
+def test_a_slow_sink_gets_smaller_calls_instead_of_being_cut_off_for_good(tmp_path):
+    class Slow(Picky):
+        """Takes 20 ms per event: a full batch of 100 runs past the 0.5 s deadline."""
+
+        def write(self, events):
+            self.calls += 1
+            threading.Event().wait(0.02 * len(events))
+            self.files.write(events)
+            self.sizes.append(len(events))
+
+    sink = Slow(tmp_path / "events")
+    sink.sizes = []
+    log = EventLog(sink, SpillFile(tmp_path / "spill.jsonl"), batch_events=100,
+                   flush_interval_s=0.01, retry_interval_s=0.05, sink_timeout_s=0.5)
+    log.start()
+    try:
+        for i in range(200):
+            log.emit(usage_event(i))
+
+        def all_written() -> bool:
+            log.flush(30)
+            return not log.spill.pending() and not log.buffered and not log.last_error
+
+        from tests.support.procs import wait_until
+
+        wait_until(all_written, 60, "every event written in smaller calls")
+    finally:
+        log.close()
+    assert log.caller.timeouts >= 1 and min(sink.sizes) < 25  # cut, then smaller calls
+    got = written(tmp_path / "events")
+    # calls cut at the deadline may have completed after all: each event at least once,
+    # in order of first appearance, none lost
+    assert list(dict.fromkeys(got)) == [f"req-{i}" for i in range(200)] and log.lost == 0

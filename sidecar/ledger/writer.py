@@ -38,7 +38,7 @@ from typing import Optional, Sequence
 
 from sidecar.ledger.deadletter import DeadLetter, DeadLetterFile
 from sidecar.ledger.events import Event
-from sidecar.ledger.sinkcall import SinkCaller
+from sidecar.ledger.sinkcall import SinkCaller, SinkTimeout
 from sidecar.ledger.sinks import Sink, SinkError, SinkRefused, SpillFile
 from sidecar.ledger.storable import Unstorable, storable
 
@@ -62,6 +62,9 @@ class EventLog:
             spill.path.with_name("dead-letter.jsonl"), spill.max_bytes)
         self.capacity = buffer_events
         self.batch_events = batch_events
+        # events per sink call: halved after a call runs out its deadline, doubled back
+        # after each that does not, so a slow (not hung) sink is not cut off for good
+        self.call_events = batch_events
         self.flush_interval_s = flush_interval_s
         self.retry_interval_s = retry_interval_s
         self.sink_timeout_s = sink_timeout_s
@@ -283,7 +286,9 @@ class EventLog:
         event stands alone, which is set aside. Returns how many (a prefix) were written or
         set aside: fewer than all when the sink failed part way (then it is marked failing)."""
         wait = min(self.sink_timeout_s, SHUTDOWN_WAIT_S) if final else None
-        todo = [events]  # parts still to write, the next one last
+        n = self.call_events
+        todo = [events[i:i + n] for i in range(0, len(events), n)]
+        todo.reverse()  # parts still to write, the next one last
         while todo:
             part = todo.pop()
             try:
@@ -296,8 +301,11 @@ class EventLog:
                     todo += [part[half:], part[:half]]
                 continue
             except SinkError as exc:
+                if isinstance(exc, SinkTimeout) and not final:
+                    self.call_events = max(1, min(self.call_events, len(part)) // 2)
                 self._failed(str(exc))
                 return len(events) - len(part) - sum(map(len, todo))
+            self.call_events = min(self.batch_events, self.call_events * 2)
             self.written += len(part)
             if replay:
                 self.replayed += len(part)
