@@ -26,7 +26,7 @@ from sidecar.auth import (TokenError, TokenFile, bearer_from_metadata, host_of,
                           is_loopback_host)
 from sidecar.backends.base import Backend, BackendError
 from sidecar.backends.memory import MemoryBackend
-from sidecar.ledger.recorder import Ledger, LedgerCollector, build_ledger
+from sidecar.ledger.recorder import Ledger, build_ledger
 from sidecar.metrics import Metrics
 from sidecar.policy import schema
 from sidecar.policy.load import CompiledPolicy, PolicyError, load_policy, parse_policy
@@ -210,7 +210,7 @@ class Sidecar:
         self.ledger = ledger if ledger is not None else build_ledger(self.policy.ledger)
         self.service = DecisionService(self.policy, self.backend, self.metrics, self.ledger)
         self.metrics.watch_backend(self.backend)
-        self.metrics.registry.register(LedgerCollector(self.ledger))
+        self.metrics.watch_ledger(self.ledger)
         self._ledger_ticker: Optional[asyncio.Task] = None
         self.grpc_server: Optional[grpc.aio.Server] = None
         self.http_server: Optional[LimitedHttpServer] = None
@@ -351,10 +351,10 @@ class Sidecar:
             return text(200, "ok\n")
         if req.path == "/readyz":
             st = self.backend.status()
-            # a failing ledger sink is a detail, not unreadiness: its events spill to
-            # local disk and nothing is lost, so decisions must go on
-            ledger = self.ledger.status()[1]
-            if st.ready:
+            # a failing ledger sink is a detail (its events spill to local disk, nothing
+            # is lost, decisions go on); events being lost are not (docs/ledger.md)
+            ledger_ready, ledger = self.ledger.status()
+            if st.ready and ledger_ready:
                 return text(200, f"ready: {st.detail}; {ledger}\n")
             return text(503, f"not ready: {st.detail}; {ledger}\n")
         if req.path in ("/v1/usage", "/v1/spend"):
