@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from sidecar import contract
+from sidecar import contract, stop_signals
 from sidecar.auth import (TokenError, TokenFile, bearer_from_metadata, host_of,
                           is_loopback_host)
 from sidecar.backends.base import Backend, BackendError
@@ -617,14 +618,22 @@ def serve_wsgi(flag: str, addr: str, app) -> ThreadedHttpServer:
 
 
 async def serve(cfg: ServerConfig) -> None:
-    import signal
+    """Serve until SIGTERM or SIGINT. A signal during start-up (held by `kt` until now:
+    sidecar/stop_signals.py) lets the start finish, bounded as it is, then stops what
+    started: one log line, never a traceback."""
+    stop = asyncio.Event()
+    received: list[str] = []
 
+    def request_stop(sig: signal.Signals) -> None:
+        received.append(sig.name)
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in stop_signals.STOP_SIGNALS:
+        loop.add_signal_handler(sig, request_stop, sig)
+    stop_signals.release()
     sidecar = Sidecar(cfg)
     await sidecar.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down: draining gRPC, flushing state")
+    log.info("%s: shutting down: draining gRPC, flushing state", received[0])
     await sidecar.stop()

@@ -48,6 +48,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from sidecar import stop_signals
 from sidecar.auth import TokenFile
 from sidecar.policy import schema
 from sidecar.policy.load import load_policy
@@ -81,12 +82,17 @@ class WorkerError(Exception):
 
 
 class WorkerExited(WorkerError):
-    """A worker stopped before serving; it printed its own reason when `explained`."""
+    """A worker stopped before serving; it printed its own reason when `explained`.
+    ``code`` is what `kt serve` exits with: the worker's, or 1 when a signal ended it."""
 
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
-        self.code = code
+        self.code = code if code > 0 else 1
         self.explained = code in _EXPLAINED
+
+
+class _StopRequested(Exception):
+    """SIGTERM or SIGINT reached the supervisor while the workers were starting."""
 
 
 def _port(addr: str) -> tuple[str, int]:
@@ -338,9 +344,13 @@ def supervise(args, n: int) -> int:
         deadline = time.monotonic() + 60
         while not w.poll_ready():
             assert w.proc is not None
+            if stopping:
+                raise _StopRequested
             if w.proc.poll() is not None:
-                raise WorkerExited(f"worker {w.index} exited with {w.proc.returncode} before "
-                                   "serving", w.proc.returncode)
+                code = w.proc.returncode
+                how = (f"was ended by {signal.Signals(-code).name}" if code < 0
+                       else f"exited with {code}")
+                raise WorkerExited(f"worker {w.index} {how} before serving", code)
             if time.monotonic() > deadline:
                 raise WorkerError(f"worker {w.index} not serving after 60 s")
             time.sleep(0.05)
@@ -350,9 +360,13 @@ def supervise(args, n: int) -> int:
     stopping = False
     http_server = admin_server = None
 
-    def stop_all(*_sig) -> None:
+    received: list[str] = []
+
+    def stop_all(signum: int = 0, _frame=None) -> None:
         nonlocal stopping
         stopping = True
+        if signum:
+            received.append(signal.Signals(signum).name)
         for w in workers:
             if w.running():
                 assert w.proc is not None
@@ -360,6 +374,9 @@ def supervise(args, n: int) -> int:
 
     signal.signal(signal.SIGTERM, stop_all)
     signal.signal(signal.SIGINT, stop_all)
+    # held by `kt` since its start (sidecar/stop_signals.py): one that came meanwhile is
+    # handled now, and the workers, started after this, begin with them unblocked
+    stop_signals.release()
     try:
         supervisor = Supervisor(workers, credentials.admin)
         # the pod's side and admin ports first: a port in use stops everything before any
@@ -375,6 +392,8 @@ def supervise(args, n: int) -> int:
                 except OSError as exc:
                     raise listen_error(flag, addr, exc) from None
         # worker 0 binds the decision ports (possibly ephemeral); the others join them
+        if stopping:
+            raise _StopRequested
         first_worker = Worker(0, command(0, args.grpc, args.http_authz), tmp / "worker-0.json")
         workers.append(first_worker)
         first_worker.start()
@@ -385,6 +404,8 @@ def supervise(args, n: int) -> int:
         # with the ports now fixed, so that a restarted worker (0 included) joins them
         first_worker.command = command(0, grpc_addr, authz_addr)
         for i in range(1, n):
+            if stopping:
+                raise _StopRequested
             w = Worker(i, command(i, grpc_addr, authz_addr), tmp / f"worker-{i}.json")
             workers.append(w)
             w.start()
@@ -415,6 +436,10 @@ def supervise(args, n: int) -> int:
                 assert w.proc is not None
                 log.error("worker %d exited with %s: restarting it", w.index, w.proc.returncode)
                 w.start()
+        log.info("%s: stopping the workers", received[0] if received else "stop")
+        return 0
+    except _StopRequested:
+        log.info("%s during start-up: stopping the workers", received[0])
         return 0
     finally:
         stop_all()
