@@ -314,6 +314,8 @@ class Sidecar:
             if side is not None:
                 side.close()
         self._slow.shutdown(wait=False)
+        # settlements whose reply was lost: a moment to read their outcome from the store
+        await self.service.settler.close(self.cfg.grace_s)
         await self.backend.close()
         # after the drain: the last settlements' events are in the buffer; written (or
         # spilled) by the writer thread, off the event loop

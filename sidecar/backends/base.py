@@ -102,6 +102,11 @@ class Backend(Protocol):
         ledger's record of the request, added to the tenant's spend per day and model in
         the same atomic step (only when applied)."""
 
+    async def was_settled(self, tenant: str, request_id: str) -> bool:
+        """Whether a settlement with this (tenant, id) was applied: its idempotency marker,
+        read without changing anything (a settlement whose reply was lost asks this once
+        the store answers again). May raise BackendError."""
+
     async def record_spend(self, tenant: str, spend: SpendRecord) -> None:
         """Add to the tenant's spend per day and model without a settlement (a request
         whose estimate stays charged). May raise BackendError."""

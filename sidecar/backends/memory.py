@@ -461,6 +461,9 @@ class MemoryBackend:
         await self._durable()
         return Settlement(applied=True, budget_spent=spent)
 
+    async def was_settled(self, tenant: str, request_id: str) -> bool:
+        return (tenant, request_id) in self.settled
+
     def _remember(self, key: tuple[str, str], seq: int) -> None:
         self.settled[key] = seq
         if len(self.settled) > SETTLED_IDS_MAX:

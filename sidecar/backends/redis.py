@@ -912,7 +912,7 @@ class RedisBackend:
                      delta_cost: int, period_start_us: int,
                      spend: Optional[SpendRecord] = None) -> Settlement:
         _, tpm_key, budget_key = self.keys(tenant)
-        marker = f"{self.prefix}:{{{tenant}}}:settled:{request_id}"
+        marker = self._settled_marker(tenant, request_id)
         args = [self._now_arg(), limits.tpm, repr(limits.burst), limits.budget, limits.period,
                 delta_tokens, delta_cost, period_start_us, SETTLED_TTL_MS]
         keys = [tpm_key, budget_key, marker]
@@ -932,6 +932,25 @@ class RedisBackend:
         if self.leases is not None:
             self.leases.settled(tenant, reply[1])
         return Settlement(applied=reply[0] == 1, budget_spent=reply[1])
+
+    def _settled_marker(self, tenant: str, request_id: str) -> str:
+        return f"{self.prefix}:{{{tenant}}}:settled:{request_id}"
+
+    async def was_settled(self, tenant: str, request_id: str) -> bool:
+        marker = self._settled_marker(tenant, request_id)
+        if self.cfg.cluster:
+            if self.client is None:
+                raise BackendError("redis backend not started")
+            try:  # redis-py sends it to the node owning the tenant's slot
+                n = await asyncio.wait_for(self.client.exists(marker), self.timeout_s)
+            except (RedisError, RedisClusterException, OSError, asyncio.TimeoutError) as exc:
+                raise self._failed(f"EXISTS {marker}: {exc!r}") from None
+        else:
+            if self.conn is None:
+                raise BackendError("redis backend not started")
+            # on the settlements' own link, after them: it sees what they did
+            n = await self._send_plain(pack("EXISTS", marker))
+        return n == 1
 
     # --- the ledger's spend (sidecar/ledger/spend.py) -------------------------
     def spend_key(self, tenant: str) -> str:
