@@ -47,6 +47,7 @@ def _serve(args: argparse.Namespace) -> int:
     cfg = ServerConfig(grpc_addr=args.grpc, http_addr=args.http, policy_path=args.config,
                        state_file=args.state_file, ready_file=args.ready_file,
                        http_authz_addr=args.http_authz, reuse_port=args.worker_of_supervisor,
+                       share_reservations=args.worker_of_supervisor,
                        admin_addr=args.admin, admin_token_file=args.admin_token_file,
                        grpc_token_file=args.grpc_token_file, grpc_tls_cert=args.grpc_tls_cert,
                        grpc_tls_key=args.grpc_tls_key, grpc_client_ca=args.grpc_client_ca)

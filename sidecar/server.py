@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 import grpc
+import msgspec
 from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
@@ -103,6 +104,10 @@ class ServerConfig:
     http_authz_addr: Optional[str] = None  # the fast path: Envoy's HTTP ext_authz
     # share the gRPC and HTTP-authz ports with sibling worker processes (kt serve --workers)
     reuse_port: bool = False
+    # a worker of `kt serve --workers`: reservations shared through Redis whatever the
+    # policy says, so that usage reaching a sibling (Envoy's connection moves to one when
+    # a worker dies) replaces the estimate instead of adding to it
+    share_reservations: bool = False
     reload_interval_s: float = 2.0
     grace_s: float = 2.0
     # connection limits and timeouts of the --http and --admin listeners
@@ -114,6 +119,8 @@ def make_backend(policy: CompiledPolicy, cfg: ServerConfig) -> Backend:
     if isinstance(b, schema.RedisBackend):
         from sidecar.backends.redis import RedisBackend  # only needed with a redis policy
 
+        if cfg.share_reservations and not b.shared_reservations:
+            b = msgspec.structs.replace(b, shared_reservations=True)
         return RedisBackend(b)
     state_file = cfg.state_file if cfg.state_file is not None else b.state_file
     return MemoryBackend(state_file=state_file, flush_interval_s=b.flush_interval_s)

@@ -10,10 +10,16 @@ operator see one sidecar:
 - `/metrics` is the sum of the workers' metrics, read from each worker's own side port
   (loopback, ephemeral) at scrape time: counters and histograms add up; a gauge adds up
   too (a queue depth, in-flight requests) unless `GAUGE_MERGE` says otherwise (a backend
-  that one worker finds not ready makes the pod's `kt_backend_ready` 0).
+  that one worker finds not ready makes the pod's `kt_backend_ready` 0). A worker that
+  exits leaves its counters and histograms, as last scraped, in the sum (RetiredCounts):
+  a restart never makes a pod's counter go backwards.
   prometheus-client's multiprocess mode was the alternative; it needs every gauge to
   declare its mode and cannot carry custom collectors (the backend's round-trip counters),
   so the supervisor merges the workers' own expositions instead.
+- the workers share reservations through Redis (`shared_reservations`, whatever the
+  policy says): Envoy's connection, and with it the usage of requests in flight, moves to
+  a sibling when a worker dies, and the sibling must replace their estimates, not add to
+  them.
 - `/readyz` answers 200 only when every worker is running and answers its own `/readyz`
   with 200 (within a second); otherwise 503 naming the first worker that is not.
 - `/healthz` answers 200 while the supervisor runs (it restarts a worker that dies).
@@ -37,6 +43,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -139,9 +146,40 @@ def _request(url: str, data: Optional[bytes] = None,
         return e.code, e.read()
 
 
-def merge_metrics(texts: list[str]) -> list[Metric]:
+# the families whose samples only grow: what a worker that exited had counted stays in
+# the pod's sum (RetiredCounts)
+_MONOTONIC = ("counter", "histogram", "summary")
+
+
+class RetiredCounts:
+    """The counters and histograms of workers that exited, as last scraped: added to the
+    live workers' sum, so a worker's death never makes a pod's counter go backwards (what
+    prometheus-client's multiprocess mode does for the counters of dead processes).
+    What a worker counted after the last scrape before it died is not known: a kill
+    loses at most one scrape interval of its counts, never what was already reported."""
+
+    def __init__(self) -> None:
+        self.families: dict[str, Metric] = {}
+        self.values: dict[tuple, float] = {}
+
+    def add(self, text: str) -> None:
+        for fam in text_string_to_metric_families(text):
+            if fam.type not in _MONOTONIC:
+                continue
+            if fam.name not in self.families:
+                self.families[fam.name] = Metric(fam.name, fam.documentation, fam.type,
+                                                 fam.unit)
+            for s in fam.samples:
+                if s.name.endswith("_created"):
+                    continue
+                key = (fam.name, s.name, tuple(sorted(s.labels.items())))
+                self.values[key] = self.values.get(key, 0.0) + s.value
+
+
+def merge_metrics(texts: list[str], retired: Optional[RetiredCounts] = None) -> list[Metric]:
     """The workers' expositions as one: samples with the same name and labels combined
-    (summed, or by GAUGE_MERGE), in the order the first worker lists them."""
+    (summed, or by GAUGE_MERGE), in the order the first worker lists them; plus what
+    workers that exited had counted (``retired``)."""
     families: dict[str, Metric] = {}
     values: dict[tuple, list[float]] = {}
     for text in texts:
@@ -151,6 +189,11 @@ def merge_metrics(texts: list[str]) -> list[Metric]:
             for s in fam.samples:
                 key = (fam.name, s.name, tuple(sorted(s.labels.items())))
                 values.setdefault(key, []).append(s.value)
+    if retired is not None:
+        for name, fam in retired.families.items():
+            families.setdefault(name, Metric(fam.name, fam.documentation, fam.type, fam.unit))
+        for key, value in retired.values.items():
+            values.setdefault(key, []).append(value)
     for (fam_name, sample_name, labels), vals in values.items():
         fam = families[fam_name]
         if sample_name.endswith("_created"):
@@ -178,6 +221,10 @@ class Supervisor:
         self.workers = workers  # filled in as they start
         self.admin_token = admin_token
         self._turn = itertools.count()
+        # each worker's last exposition, by its index: (its process id, the text)
+        self._last: dict[int, tuple[int, str]] = {}
+        self.retired = RetiredCounts()
+        self._scraping = threading.Lock()  # scrapes are answered by several threads
 
     # --- the pod's one side port ----------------------------------------------
     def app(self, environ, start_response):
@@ -266,18 +313,27 @@ class Supervisor:
         return ""
 
     def scrape(self) -> list[Metric]:
-        texts = []
+        texts: list[tuple[Worker, int, str]] = []
         for w in self.workers:
             if not (w.running() and w.poll_ready()):
                 raise WorkerError(f"worker {w.index} is not serving; metrics are incomplete")
+            assert w.proc is not None
+            pid = w.proc.pid
             try:
                 status, body = w.get("/metrics")
             except OSError as exc:
                 raise WorkerError(f"worker {w.index} does not answer ({exc})") from None
             if status != 200:
                 raise WorkerError(f"worker {w.index} answered {status} to /metrics")
-            texts.append(body.decode())
-        return merge_metrics(texts)
+            texts.append((w, pid, body.decode()))
+        with self._scraping:
+            for w, pid, text in texts:
+                last = self._last.get(w.index)
+                if last is not None and last[0] != pid:
+                    # a new process in this worker's place: what the old one counted stays
+                    self.retired.add(last[1])
+                self._last[w.index] = (pid, text)
+            return merge_metrics([text for _, _, text in texts], self.retired)
 
     def _forward_usage(self, environ, start_response):
         try:
@@ -315,6 +371,10 @@ def supervise(args, n: int) -> int:
     if not isinstance(policy.backend, schema.RedisBackend):
         raise WorkerError("--workers > 1 needs the redis backend: with the embedded backend "
                           "each worker would keep its own limits and budgets (limit x workers)")
+    if policy.backend.cluster:
+        log.warning("--workers with a Redis cluster: reservations are not shared in cluster "
+                    "mode, so usage of a request whose worker died reaches a sibling without "
+                    "its reservation and is charged on top of the estimate (docs/deploy.md)")
     # the listeners' credentials, checked as a single sidecar checks its own (one line
     # and exit 2 for a listener beyond loopback without one)
     credentials = Credentials(ServerConfig(
