@@ -2,20 +2,25 @@
 and look like one sidecar from outside: one /metrics, one /v1/spend, one readiness."""
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 
 import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
+from sidecar.envoy_config import EnvoyOptions, TierRoute, render
 from sidecar.workers import RetiredCounts, merge_metrics
-from tests.support.procs import SidecarProcess, wait_until, workdir
+from tests.support.procs import (EnvoyProcess, SidecarProcess, free_port, metric_value,
+                                 wait_until, workdir)
+from tests.support.upstream import FakeUpstream
 from tests.support.valkey import Valkey
 
 POLICY = """
@@ -225,3 +230,60 @@ def test_the_counts_of_a_worker_that_exited_stay_in_the_sum():
     assert merged[("kt_requests_total", ("allow",))] == 4.0
     assert merged[("kt_requests_total", ("deny",))] == 5.0
     assert merged[("kt_queue", ())] == 4.0  # a gauge of a dead worker is gone with it
+
+
+def test_requests_in_flight_when_their_worker_dies_behind_envoy_are_charged_once():
+    # the whole path: Envoy (kt envoy-config, usage by its access log) in front of two
+    # workers, streams held open by the upstream, the worker that decided them SIGKILLed,
+    # then the streams end. Before: budget = 6 estimates + 6 usages (3144 for 90 here).
+    n = 6
+    with workdir() as d, Valkey(d) as v, FakeUpstream("up") as up:
+        policy = d / "policy.yaml"
+        policy.write_text(POLICY % v.url)
+        with SidecarProcess(policy, d, ("--workers", "2")) as sc:
+            doc = json.loads(sc.ready.read_text())
+            admin, listen = free_port(), free_port()
+            opts = EnvoyOptions(listen_port=listen, admin_port=admin, mode="authz",
+                                sidecar_address=f"127.0.0.1:{sc.grpc_port}", usage="als",
+                                authz_timeout_s=2.0,  # a loaded machine is not what is tested
+                                tiers=[TierRoute("default", "gpt-4o", up.address)])
+            with EnvoyProcess(render(opts), d, admin, listen):
+                statuses: list[int] = []
+
+                def stream() -> None:
+                    conn = http.client.HTTPConnection("127.0.0.1", listen, timeout=30)
+                    try:
+                        conn.request("POST", "/v1/chat/completions", json.dumps({
+                            "model": "gpt-4o", "max_tokens": 500, "stream": True,
+                            "stream_options": {"include_usage": True},
+                            "messages": [{"role": "user", "content": "hi"}]}),
+                            {"content-type": "application/json", "x-tenant-id": "inflight"})
+                        resp = conn.getresponse()
+                        resp.read()
+                        statuses.append(resp.status)
+                    finally:
+                        conn.close()
+
+                before = [decisions(get(p, "/metrics")[1]) for p in doc["worker_http_ports"]]
+                clients = [threading.Thread(target=stream) for _ in range(n)]
+                for c in clients:
+                    c.start()
+                wait_until(lambda: len(up.requests) == n, 30, "every stream at the upstream")
+                os.kill(pid_that_decided(doc, before), signal.SIGKILL)  # one connection
+                up.release_stream.set()
+                for c in clients:
+                    c.join(30)
+                assert statuses == [200] * n
+
+                def usage_delivered() -> bool:
+                    status, text = get(sc.http_port, "/metrics")
+                    return status == 200 and metric_value(
+                        text, "kt_usage_log_entries_total") >= n
+
+                wait_until(usage_delivered, 30, "the streams' usage at the live workers")
+        r = redis.Redis.from_url(v.url)
+        try:
+            spent = int(r.hget("kt:{inflight}:budget", "s") or 0)
+        finally:
+            r.close()
+    assert spent == n * (10 + 5)  # each stream's usage, once; its estimate replaced
