@@ -619,10 +619,15 @@ class DecisionService:
             self._record_settlement, request_id, tenant, rule, res, model, source,
             settled_by or source, input_tokens, output_tokens, cached_tokens,
             cache_write_tokens, nano, cost, unpriced, delta_tokens)
+        # the key is this sidecar's alone (its reservation, an id it made: found settled
+        # after a lost reply, it was this settlement) unless a usage report named it
+        # without a reservation here: a reporter's own id, which an earlier report of the
+        # same request may have settled
+        ours = res is not None or settle_id is not None or source != "report"
         try:
             st = await self.settler.settle(
                 tenant, rule.limits, settle_id or request_id, delta_tokens, delta_cost,
-                period_start, spend, ours=res is not None or settle_id is not None,
+                period_start, spend, ours=ours,
                 on_resolved=recorded,
                 on_unknown=functools.partial(self._settlement_unknown, request_id, res))
         except BackendError:

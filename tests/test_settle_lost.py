@@ -4,6 +4,7 @@ re-opened as if it had not been applied (sidecar/settle_outcome.py, docs/usage.m
 from __future__ import annotations
 
 import asyncio
+from typing import Optional
 
 import pytest
 import redis
@@ -60,10 +61,12 @@ async def decided(svc: DecisionService) -> str:
     return d.reservation_id
 
 
-async def settle_while_stalled(svc: DecisionService, rid: str) -> BaseException:
-    """Usage of 100 + 20 tokens settled while the store is stalled: every send times out."""
+async def settle_while_stalled(svc: DecisionService, rid: str,
+                               tenant: Optional[str] = None) -> BaseException:
+    """Usage of 100 + 20 tokens settled (by Envoy's access log) while the store is
+    stalled: every send times out."""
     try:
-        await svc.settle_usage(rid, None, "gpt-4o", 100, 20, "access_log")
+        await svc.settle_usage(rid, tenant, "gpt-4o", 100, 20, "access_log")
     except BackendError as exc:
         return exc
     raise AssertionError("settled while Valkey was stopped")
@@ -189,3 +192,30 @@ def test_a_store_that_never_answers_closes_the_reservation_as_kept(valkey, monke
     rid = asyncio.run(main())
     assert sample(svc, "kt_reservations_closed_total", outcome="kept_settle_unknown") == 1
     assert svc.reservations.get(rid) is None and len(svc.settler) == 0
+
+
+def test_usage_of_a_fail_open_request_settled_during_a_stall_is_recorded(valkey):
+    # a request the failure mode let through (fail open) has a reservation id the sidecar
+    # made but no reservation; its usage, settled while Valkey is stopped and applied when
+    # it resumes, is this sidecar's own settlement: recorded (metrics, ledger), not taken
+    # for one an earlier report made
+    svc = service(valkey.url)
+    rid = svc.new_reservation_id()  # as _failure makes one for a fail-open answer
+
+    async def main():
+        await svc.backend.start()
+        try:
+            await decided(svc)  # the link is up and warm
+            valkey.pause()
+            try:
+                await settle_while_stalled(svc, rid, TENANT)
+            finally:
+                valkey.resume()
+            await eventually(lambda: len(svc.settler) == 0, "the outcome resolved", timeout=30)
+        finally:
+            await svc.backend.close()
+
+    asyncio.run(main())
+    assert sample(svc, "kt_settlements_total", source="access_log") == 1
+    assert sample(svc, "kt_settle_outcomes_total", outcome="settled_before") == 0
+    assert books(valkey.url, svc)[1] == {"i|gpt-4o": 100, "o|gpt-4o": 20, "n|gpt-4o": 1}
