@@ -143,7 +143,7 @@ def authz_reservation(port: int, tenant: str, estimate: int) -> str:
 def pid_that_decided(doc: dict, before: list[float]) -> int:
     """The worker whose kt_requests_total grew since ``before`` (per worker side port)."""
     after = [decisions(get(p, "/metrics")[1]) for p in doc["worker_http_ports"]]
-    grew = [i for i, (a, b) in enumerate(zip(after, before)) if a > b]
+    grew = [i for i, (a, b) in enumerate(zip(after, before, strict=True)) if a > b]
     assert len(grew) == 1, (before, after)
     return doc["worker_pids"][grew[0]]
 
