@@ -219,3 +219,29 @@ def test_usage_of_a_fail_open_request_settled_during_a_stall_is_recorded(valkey)
     assert sample(svc, "kt_settlements_total", source="access_log") == 1
     assert sample(svc, "kt_settle_outcomes_total", outcome="settled_before") == 0
     assert books(valkey.url, svc)[1] == {"i|gpt-4o": 100, "o|gpt-4o": 20, "n|gpt-4o": 1}
+
+
+def test_a_stop_while_the_outcome_is_unknown_closes_the_reservation_as_kept(valkey):
+    # the sidecar stops (Sidecar.stop gives the resolutions its drain grace) while Valkey
+    # is still stopped: the outcome is unknown, said once, and the reservation closed as
+    # kept, not lost without a trace
+    svc = service(valkey.url)
+
+    async def main():
+        await svc.backend.start()
+        try:
+            rid = await decided(svc)
+            valkey.pause()
+            try:
+                await settle_while_stalled(svc, rid)
+                assert len(svc.settler) == 1
+                await svc.settler.close(0.3)
+            finally:
+                valkey.resume()
+        finally:
+            await svc.backend.close()
+
+    asyncio.run(main())
+    assert len(svc.settler) == 0
+    assert sample(svc, "kt_settle_outcomes_total", outcome="unknown") == 1
+    assert sample(svc, "kt_reservations_closed_total", outcome="kept_settle_unknown") == 1
