@@ -30,8 +30,9 @@ operator see one sidecar:
   reservation, docs/usage.md).
 Both are served with the sidecar's connection limits and timeouts (server.serve_wsgi).
 
-It also starts the workers, restarts one that dies (at most 5 times a minute, then it
-gives up and stops them all, so the pod restarts) and forwards SIGTERM / SIGINT.
+It also starts the workers (each in a session of its own), restarts one that dies (at
+most 5 times a minute, then it gives up and stops them all, so the pod restarts) and stops
+them with SIGTERM when it receives SIGTERM or SIGINT.
 """
 from __future__ import annotations
 
@@ -119,7 +120,10 @@ class Worker:
     def start(self) -> None:
         self.http_port = self.admin_port = 0
         self.ready_file.unlink(missing_ok=True)
-        self.proc = subprocess.Popen(self.command)
+        # a session of its own: a terminal's Ctrl-C reaches the supervisor only, which stops
+        # the workers with SIGTERM (a SIGINT in a worker's own interpreter start, before
+        # any line of kt runs, would print Python's traceback)
+        self.proc = subprocess.Popen(self.command, start_new_session=True)
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
