@@ -579,6 +579,7 @@ class DecisionService:
                              "at most input_tokens (they are part of it)")
         policy = self.policy
         res = self.reservations.pop(request_id)
+        local = res is not None  # held here, not taken from another replica's record
         if res is not None:
             if tenant and tenant != res.tenant:
                 # a usage report must never move a charge from one tenant to another
@@ -637,6 +638,8 @@ class DecisionService:
             self.metrics.backend_errors.labels(self.backend.name).inc()
             raise
         await recorded(st)
+        if local and self.backend.shares_reservations:
+            self.backend.forget_reservation(tenant, request_id)
         return SettleResult(
             applied=st.applied, request_id=request_id, tenant=tenant, model=model,
             input_tokens=input_tokens, output_tokens=output_tokens,

@@ -2,6 +2,7 @@
 and look like one sidecar from outside: one /metrics, one /v1/spend, one readiness."""
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -17,9 +18,13 @@ import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from sidecar.envoy_config import EnvoyOptions, TierRoute, render
+from sidecar.model import Request
+from sidecar.policy.load import parse_policy
+from sidecar.server import ServerConfig, make_backend
+from sidecar.service import DecisionService
 from sidecar.workers import RetiredCounts, merge_metrics
-from tests.support.procs import (EnvoyProcess, SidecarProcess, free_port, metric_value,
-                                 wait_until, workdir)
+from tests.support.procs import (EnvoyProcess, SidecarProcess, eventually, free_port,
+                                 metric_value, wait_until, workdir)
 from tests.support.upstream import FakeUpstream
 from tests.support.valkey import Valkey
 
@@ -287,3 +292,34 @@ def test_requests_in_flight_when_their_worker_dies_behind_envoy_are_charged_once
         finally:
             r.close()
     assert spent == n * (10 + 5)  # each stream's usage, once; its estimate replaced
+
+
+def test_a_worker_shares_its_reservations_and_drops_those_it_settled_itself():
+    # a worker shares every reservation whatever the policy says (ServerConfig, as the
+    # supervisor starts it), so a sibling can settle it; one the worker settles itself is
+    # dropped at once rather than held in Redis for its 15 minutes
+    with workdir() as d, Valkey(d) as v:
+        policy = parse_policy((POLICY % v.url + "estimate: {trusted: true}\n").encode(), "<t>")
+        backend = make_backend(policy, ServerConfig(share_reservations=True))
+        svc = DecisionService(policy, backend)
+        r = redis.Redis.from_url(v.url)
+
+        async def main():
+            await backend.start()
+            try:
+                decided = await svc.decide(Request(headers={"x-tenant-id": "own",
+                                                            "x-kt-estimated-tokens": "9"}))
+                key = f"kt:{{own}}:reserved:{decided.reservation_id}"
+                await eventually(lambda: r.exists(key) == 1, "the reservation shared")
+                await svc.settle_usage(decided.reservation_id, None, "gpt-4o", 4, 3,
+                                       "access_log")
+                await eventually(lambda: r.exists(key) == 0, "the settled reservation dropped")
+            finally:
+                await backend.close()
+
+        try:
+            asyncio.run(main())
+        finally:
+            r.close()
+    assert svc.metrics.registry.get_sample_value(
+        "kt_settlements_total", {"source": "access_log"}) == 1

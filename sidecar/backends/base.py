@@ -142,6 +142,10 @@ class Backend(Protocol):
         """Keep a reservation where every replica finds it (no-op for a one-process backend).
         Fire and forget: never waits, never raises (the local book still has it)."""
 
+    def forget_reservation(self, tenant: str, request_id: str) -> None:
+        """Drop a reservation this replica shared and has settled itself (no replica needs
+        it any more). Fire and forget, as share_reservation."""
+
     async def take_reservation(self, tenant: str, request_id: str) -> Optional[str]:
         """The reservation another replica shared for this request, taken: replaced by the
         mark TAKEN_RESERVATION until it would have expired, so the replica that decided

@@ -502,6 +502,9 @@ class MemoryBackend:
     async def take_reservation(self, tenant: str, request_id: str) -> Optional[str]:
         return None
 
+    def forget_reservation(self, tenant: str, request_id: str) -> None:
+        pass
+
     def status(self) -> BackendStatus:
         if self._last_error:
             return BackendStatus(False, self._last_error)

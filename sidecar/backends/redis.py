@@ -884,6 +884,15 @@ class RedisBackend:
         self.conn.submit(pack("SET", self._reservation_key(tenant, request_id), record,
                               "PX", RESERVATION_TTL_MS)).add_done_callback(_ignore_reply)
 
+    def forget_reservation(self, tenant: str, request_id: str) -> None:
+        # settled by the replica that decided: only a sibling's take leaves a mark there,
+        # which the decider's expiry reads; without it the record would hold Redis memory
+        # for its whole 15 minutes
+        if not self.shares_reservations or self.conn is None or not self.conn.connected:
+            return
+        self.conn.submit(pack("DEL", self._reservation_key(tenant, request_id))
+                         ).add_done_callback(_ignore_reply)
+
     async def take_reservation(self, tenant: str, request_id: str) -> Optional[str]:
         if not self.shares_reservations:
             return None
