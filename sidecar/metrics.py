@@ -69,6 +69,13 @@ class Metrics:
             "kt_reservations_closed", "Reservations closed without usage, by outcome "
             "(released_upstream_error: refunded; kept_abandoned, kept_no_usage, kept_expired: "
             "the estimate stays charged).", ["outcome"], registry=r)
+        self.settle_outcomes = Counter(
+            "kt_settle_outcomes", "Settlements whose reply was lost (the store stalled, the "
+            "link dropped), by what the store said once it answered again "
+            "(sidecar/settle_outcome.py): applied (its idempotency marker was there: "
+            "recorded as settled), resent (it was not: sent again), settled_before (a key "
+            "not this sidecar's alone, found settled), unknown (no answer in 10 minutes, or "
+            "the sidecar stopped first: the estimate stays charged).", ["outcome"], registry=r)
         self.usage_log_entries = Counter(
             "kt_usage_log_entries", "Entries of Envoy's usage access log handled (one per "
             "admitted request: settled, released or kept; docs/usage.md).", registry=r)

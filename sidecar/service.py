@@ -30,6 +30,7 @@ from sidecar.policy.load import CompiledPolicy, TenantRule
 from sidecar.policy.providers import PRIORITY_RANK
 from sidecar.providers import ProviderRouter
 from sidecar.queue import AdmissionQueue, Timer
+from sidecar.settle_outcome import Settler
 from sidecar.usage import ModelPrice, Usage, cost_nano, model_price
 
 log = logging.getLogger("kt.service")
@@ -41,10 +42,6 @@ _STRICTNESS = {"open": 0, "envoy": 1, "closed": 2}
 # (oldest first): its estimate stays charged. A gateway without ext_proc or usage
 # reports never settles, so the book must stay small and cheap for the GC.
 RESERVATION_TTL_S = 600.0
-# a settlement that timed out is sent again (same key: applied at most once), this many
-# sends in all, after SETTLE_RETRY_S, then twice that (settle_usage)
-SETTLE_ATTEMPTS = 3
-SETTLE_RETRY_S = 0.05
 RESERVATIONS_MAX = 100_000
 OTHER_TENANTS = "_other"  # metric label for tenants not named in the policy
 OTHER_MODELS = "_other"  # metric label for models outside the policy's tiers and pricing
@@ -251,6 +248,9 @@ class DecisionService:
         # what was spent, request by request (sidecar/ledger/); Ledger(None) records nothing
         self.ledger = ledger or Ledger(None)
         self.reservations.on_expired = self._ledger_expired
+        # settlements, and the outcome of those whose reply was lost (settle_outcome.py)
+        self.settler = Settler(backend, lambda outcome: self.metrics.settle_outcomes.labels(
+            outcome).inc())
         self.new_reservation_id = ReservationIds().next
         self._children: dict = {}
         self._usage_children: dict = {}
@@ -588,6 +588,7 @@ class DecisionService:
                              "at most input_tokens (they are part of it)")
         policy = self.policy
         res = self.reservations.pop(request_id)
+        local = res is not None  # held here, not taken from another replica's record
         if res is not None:
             if tenant and tenant != res.tenant:
                 # a usage report must never move a charge from one tenant to another
@@ -624,15 +625,47 @@ class DecisionService:
             else OTHER_MODELS
         spend = None if source == "release" else SpendRecord(
             spend_model, 1, input_tokens, output_tokens, cached_tokens, cache_write_tokens, nano)
+        recorded = functools.partial(
+            self._record_settlement, request_id, tenant, rule, res, model, source,
+            settled_by or source, input_tokens, output_tokens, cached_tokens,
+            cache_write_tokens, nano, cost, unpriced, delta_tokens)
+        # the key is this sidecar's alone (its reservation, an id it made: found settled
+        # after a lost reply, it was this settlement) unless a usage report named it
+        # without a reservation here: a reporter's own id, which an earlier report of the
+        # same request may have settled
+        ours = res is not None or settle_id is not None or source != "report"
         try:
-            st = await self._settle_once(tenant, rule.limits, settle_id or request_id,
-                                         delta_tokens, delta_cost, period_start, spend,
-                                         ours=res is not None or settle_id is not None)
+            st = await self.settler.settle(
+                tenant, rule.limits, settle_id or request_id, delta_tokens, delta_cost,
+                period_start, spend, ours=ours,
+                on_resolved=recorded,
+                on_unknown=functools.partial(self._settlement_unknown, request_id, res))
         except BackendError:
-            if res is not None:
-                self.reservations.put(request_id, *dataclasses.astuple(res))  # for a retry
+            # not put back in the book, where it would expire as kept: the settlement may
+            # have been applied, and its outcome is read from the store
+            # (sidecar/settle_outcome.py), then recorded by _record_settlement
             self.metrics.backend_errors.labels(self.backend.name).inc()
             raise
+        await recorded(st)
+        if local and self.backend.shares_reservations:
+            self.backend.forget_reservation(tenant, request_id)
+        return SettleResult(
+            applied=st.applied, request_id=request_id, tenant=tenant, model=model,
+            input_tokens=input_tokens, output_tokens=output_tokens,
+            reserved_tokens=charged_tokens, delta_tokens=delta_tokens, delta_cost=delta_cost,
+            cost_usd=nano / 1e9, budget_spent=st.budget_spent, unpriced=unpriced,
+            cached_tokens=cached_tokens, cache_write_tokens=cache_write_tokens)
+
+    async def _record_settlement(self, request_id: str, tenant: str, rule: TenantRule,
+                                 res: Optional[Reservation], model: str, source: str,
+                                 settled_by: str, input_tokens: int, output_tokens: int,
+                                 cached_tokens: int, cache_write_tokens: int, nano: int,
+                                 cost: int, unpriced: bool, delta_tokens: int,
+                                 st: Settlement) -> None:
+        """What follows a settlement the store applied (or found settled before): the
+        provider's correction, metrics, the ledger's event. Also run later, for a
+        settlement whose reply was lost, once the store confirmed its outcome."""
+        policy = self.policy
         self._settled_tenant[request_id] = tenant
         if len(self._settled_tenant) > RESERVATIONS_MAX:
             self._settled_tenant.popitem(last=False)
@@ -675,42 +708,15 @@ class DecisionService:
                     "(tenant %s, request %s)", model[:200], tenant, request_id)
         if st.applied:
             self._ledger_settled(request_id, tenant, rule, res, model, source,
-                                 settled_by or source, input_tokens, output_tokens,
+                                 settled_by, input_tokens, output_tokens,
                                  cached_tokens, cache_write_tokens, nano, cost, unpriced,
                                  st.budget_spent)
-        return SettleResult(
-            applied=st.applied, request_id=request_id, tenant=tenant, model=model,
-            input_tokens=input_tokens, output_tokens=output_tokens,
-            reserved_tokens=charged_tokens, delta_tokens=delta_tokens, delta_cost=delta_cost,
-            cost_usd=nano / 1e9, budget_spent=st.budget_spent, unpriced=unpriced,
-            cached_tokens=cached_tokens, cache_write_tokens=cache_write_tokens)
 
-    async def _settle_once(self, tenant: str, limits: _core.Limits, key: str, delta_tokens: int,
-                           delta_cost: int, period_start: int, spend: Optional[SpendRecord],
-                           ours: bool) -> Settlement:
-        """The backend's settlement, resent with the same key after a timeout.
-
-        A settlement whose reply comes too late has usually been applied all the same:
-        given up on, its reservation would stay and later expire as kept, counting the
-        request again in the durable spend (with its estimate's cost) and in the ledger as
-        kept instead of settled. Resent, it is applied at most once (the backend keeps
-        each key's settlement), and its reply says whether the first send was applied.
-        "Already settled" on a resend is this settlement's own first send when the key was
-        this sidecar's alone (``ours``: it held the reservation, or made the key): applied.
-        """
-        for attempt in range(SETTLE_ATTEMPTS):
-            try:
-                st = await self.backend.settle(tenant, limits, key, delta_tokens, delta_cost,
-                                               period_start, spend)
-            except BackendTimeout:
-                if attempt + 1 == SETTLE_ATTEMPTS:
-                    raise
-                await asyncio.sleep(SETTLE_RETRY_S * 2 ** attempt)
-                continue
-            if attempt and ours and not st.applied:
-                return Settlement(applied=True, budget_spent=st.budget_spent)
-            return st
-        raise AssertionError("unreachable")
+    def _settlement_unknown(self, request_id: str, res: Optional[Reservation]) -> None:
+        """A settlement the store never confirmed nor denied: the estimate stays charged."""
+        if res is not None:
+            self.metrics.reservations_closed.labels("kept_settle_unknown").inc()
+            self._ledger_kept(request_id, res, "kept", "settle_unknown")
 
     def upstream_answered(self, provider: str, status: int) -> None:
         """Count an upstream response ext_proc saw, by provider and status (a provider's own

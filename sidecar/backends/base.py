@@ -102,6 +102,11 @@ class Backend(Protocol):
         ledger's record of the request, added to the tenant's spend per day and model in
         the same atomic step (only when applied)."""
 
+    async def was_settled(self, tenant: str, request_id: str) -> bool:
+        """Whether a settlement with this (tenant, id) was applied: its idempotency marker,
+        read without changing anything (a settlement whose reply was lost asks this once
+        the store answers again). May raise BackendError."""
+
     async def record_spend(self, tenant: str, spend: SpendRecord) -> None:
         """Add to the tenant's spend per day and model without a settlement (a request
         whose estimate stays charged). May raise BackendError."""
@@ -142,6 +147,10 @@ class Backend(Protocol):
     def share_reservation(self, tenant: str, request_id: str, record: str) -> None:
         """Keep a reservation where every replica finds it (no-op for a one-process backend).
         Fire and forget: never waits, never raises (the local book still has it)."""
+
+    def forget_reservation(self, tenant: str, request_id: str) -> None:
+        """Drop a reservation this replica shared and has settled itself (no replica needs
+        it any more). Fire and forget, as share_reservation."""
 
     async def take_reservation(self, tenant: str, request_id: str) -> Optional[str]:
         """The reservation another replica shared for this request, taken: replaced by the

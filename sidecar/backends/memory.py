@@ -488,6 +488,9 @@ class MemoryBackend:
         await self._durable()
         return Settlement(applied=True, budget_spent=spent)
 
+    async def was_settled(self, tenant: str, request_id: str) -> bool:
+        return (tenant, request_id) in self.settled
+
     def _remember(self, key: tuple[str, str], seq: int) -> None:
         self.settled[key] = seq
         if len(self.settled) > SETTLED_IDS_MAX:
@@ -533,6 +536,9 @@ class MemoryBackend:
 
     async def take_reservation(self, tenant: str, request_id: str) -> Optional[str]:
         return None
+
+    def forget_reservation(self, tenant: str, request_id: str) -> None:
+        pass
 
     def status(self) -> BackendStatus:
         if self._last_error:

@@ -887,6 +887,15 @@ class RedisBackend:
         self.conn.submit(pack("SET", self._reservation_key(tenant, request_id), record,
                               "PX", RESERVATION_TTL_MS)).add_done_callback(_ignore_reply)
 
+    def forget_reservation(self, tenant: str, request_id: str) -> None:
+        # settled by the replica that decided: only a sibling's take leaves a mark there,
+        # which the decider's expiry reads; without it the record would hold Redis memory
+        # for its whole 15 minutes
+        if not self.shares_reservations or self.conn is None or not self.conn.connected:
+            return
+        self.conn.submit(pack("DEL", self._reservation_key(tenant, request_id))
+                         ).add_done_callback(_ignore_reply)
+
     async def take_reservation(self, tenant: str, request_id: str) -> Optional[str]:
         if not self.shares_reservations:
             return None
@@ -915,7 +924,7 @@ class RedisBackend:
                      delta_cost: int, period_start_us: int,
                      spend: Optional[SpendRecord] = None) -> Settlement:
         _, tpm_key, budget_key = self.keys(tenant)
-        marker = f"{self.prefix}:{{{tenant}}}:settled:{request_id}"
+        marker = self._settled_marker(tenant, request_id)
         args = [self._now_arg(), limits.tpm, repr(limits.burst), limits.budget, limits.period,
                 delta_tokens, delta_cost, period_start_us, SETTLED_TTL_MS]
         keys = [tpm_key, budget_key, marker]
@@ -936,6 +945,25 @@ class RedisBackend:
         if self.leases is not None:
             self.leases.settled(tenant, reply[1])
         return Settlement(applied=reply[0] == 1, budget_spent=reply[1])
+
+    def _settled_marker(self, tenant: str, request_id: str) -> str:
+        return f"{self.prefix}:{{{tenant}}}:settled:{request_id}"
+
+    async def was_settled(self, tenant: str, request_id: str) -> bool:
+        marker = self._settled_marker(tenant, request_id)
+        if self.cfg.cluster:
+            if self.client is None:
+                raise BackendError("redis backend not started")
+            try:  # redis-py sends it to the node owning the tenant's slot
+                n = await asyncio.wait_for(self.client.exists(marker), self.timeout_s)
+            except (RedisError, RedisClusterException, OSError, asyncio.TimeoutError) as exc:
+                raise self._failed(f"EXISTS {marker}: {exc!r}") from None
+        else:
+            if self.conn is None:
+                raise BackendError("redis backend not started")
+            # on the settlements' own link, after them: it sees what they did
+            n = await self._send_plain(pack("EXISTS", marker))
+        return n == 1
 
     # --- the ledger's spend (sidecar/ledger/spend.py) -------------------------
     def spend_key(self, tenant: str) -> str:
