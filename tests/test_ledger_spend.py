@@ -344,7 +344,9 @@ def test_an_index_write_the_store_did_not_take_is_sent_again(tmp_path: Path):
             svc = sc.sidecar.service
             sc.run(svc.settle_usage("w-1", "warm", "gpt-4o", 1, 1, "report"))
             v.stop()  # the store is gone: the index write and the spend write both fail
-            with pytest.raises(Exception):
+            from sidecar.backends.base import BackendError
+
+            with pytest.raises(BackendError):
                 sc.run(svc.settle_usage("g-1", "gone-then-back", "gpt-4o", 10, 1, "report"))
             assert backend.spend_index.has_failed()
             v.start()
