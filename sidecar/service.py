@@ -16,10 +16,10 @@ from typing import Callable, Optional, Sequence
 
 import msgspec
 
-from sidecar import _core
+from sidecar import _core, bound
 from sidecar.backends.base import (TAKEN_RESERVATION, Backend, BackendError, BackendTimeout,
                                    Candidate, LateReply, Settlement)
-from sidecar.estimate import EstimateError, estimate
+from sidecar.estimate import EstimateError, LengthRequired, estimate
 from sidecar.ledger.recorder import Ledger
 from sidecar.ledger.spend import SpendRecord
 from sidecar.metrics import Metrics
@@ -97,6 +97,10 @@ class Reservation:
     model_asked: str = ""  # for the ledger: what the request asked for, and the answer
     decision: str = ""
     provider: str = ""  # the provider charged too (docs/providers.md): settled with it
+    # what it is charged at if its usage cannot be read (sidecar/bound.py); output -1:
+    # not known when it was made (a late decision reply)
+    bound_input: int = 0
+    bound_output: int = -1
 
 
 # a shared reservation's provider field (provider ids are [A-Za-z0-9._-], never "|")
@@ -151,9 +155,11 @@ class ReservationBook:
 
     def put(self, request_id: str, tenant: str, tier: int, model: str, charged_tokens: int,
             charged_cost: int, period_start_us: int, created_s: float, model_asked: str = "",
-            decision: str = "", provider: str = "") -> None:
+            decision: str = "", provider: str = "", bound_input: int = 0,
+            bound_output: int = -1) -> None:
         self._book[request_id] = (tenant, tier, model, charged_tokens, charged_cost,
-                                  period_start_us, created_s, model_asked, decision, provider)
+                                  period_start_us, created_s, model_asked, decision, provider,
+                                  bound_input, bound_output)
         self._book.move_to_end(request_id)
         self.expire()
 
@@ -340,6 +346,8 @@ class DecisionService:
                             message=f"Unknown tenant {tenant!r}.")
         try:
             est = estimate(policy, req)
+        except LengthRequired as exc:
+            return Decision(Kind.LENGTH_REQUIRED, tenant=tenant, message=f"Length required: {exc}.")
         except EstimateError as exc:
             self.rejected_log.warning("refused a malformed request of tenant %s: %s", tenant, exc)
             return Decision(Kind.BAD_REQUEST, tenant=tenant, message=f"Malformed request: {exc}.")
@@ -386,11 +394,13 @@ class DecisionService:
             # keyed by an id of our own, never by one the client sent: a replayed
             # x-request-id must not merge two requests into one settlement
             rid = self.new_reservation_id()
-            self.reservations.put(rid, tenant, out.tier, policy.tiers[out.tier].model,
+            served = policy.tiers[out.tier].model
+            self.reservations.put(rid, tenant, out.tier, served,
                                   out.charged_tokens, out.charged_cost, out.period_start_us,
                                   time.monotonic(), est.model or policy.tiers[asked].model,
                                   _ledger_decision(CORE_KINDS[out.kind], out.tier > asked),
-                                  provider)
+                                  provider, est.input_tokens,
+                                  bound.output_bound(policy, served, est))
             if self.backend.shares_reservations:
                 self.backend.share_reservation(tenant, rid, _reservation_record(
                     out.tier, policy.tiers[out.tier].model, out.charged_tokens,
@@ -410,9 +420,8 @@ class DecisionService:
                         reservation_id=rid, provider=provider, reason=reason)
 
     def _count_expired(self) -> None:
-        if self.reservations.expired:
-            self.metrics.reservations_closed.labels("kept_expired").inc(self.reservations.expired)
-            self.reservations.expired = 0
+        # each expired reservation is counted by its charge (bound.charge): bound_expiry
+        self.reservations.expired = 0
 
     def expire_reservations(self) -> int:
         """Forget reservations past their age now (a timer calls this: a decision does it
@@ -557,7 +566,9 @@ class DecisionService:
                            source: str = "report", cached_tokens: int = 0,
                            cache_write_tokens: int = 0,
                            settled_by: Optional[str] = None,
-                           settle_id: Optional[str] = None) -> SettleResult:
+                           settle_id: Optional[str] = None,
+                           reservation: Optional[Reservation] = None,
+                           outcome: str = "settled") -> SettleResult:
         """Replace a request's reserved estimate by its actual usage, once per (tenant, id).
 
         ``request_id`` names the reservation (the id the sidecar made, `x-kt-reservation`);
@@ -567,6 +578,9 @@ class DecisionService:
         ``input_tokens`` counts every input token; ``cached_tokens`` and
         ``cache_write_tokens`` of them are priced at the model's cache prices.
         ``settled_by`` names how the usage was read, for the ledger (default: ``source``).
+        ``reservation``: one already taken out of the book (a charge at the bound,
+        sidecar/bound.py), settled as it is and not put back on failure; ``outcome`` its
+        ledger outcome.
         Without a reservation (RLS, a fail-open, another replica, or a report-only
         gateway) the whole actual usage is charged in the current period."""
         if not request_id or len(request_id) > 256:
@@ -578,8 +592,10 @@ class DecisionService:
             raise UsageError("cached_tokens and cache_write_tokens must be >= 0 and together "
                              "at most input_tokens (they are part of it)")
         policy = self.policy
-        res = self.reservations.pop(request_id)
-        if res is not None:
+        res = reservation if reservation is not None else self.reservations.pop(request_id)
+        if reservation is not None:
+            tenant = reservation.tenant
+        elif res is not None:
             if tenant and tenant != res.tenant:
                 # a usage report must never move a charge from one tenant to another
                 self.reservations.put(request_id, *dataclasses.astuple(res))
@@ -620,7 +636,7 @@ class DecisionService:
                                          delta_tokens, delta_cost, period_start, spend,
                                          ours=res is not None or settle_id is not None)
         except BackendError:
-            if res is not None:
+            if res is not None and reservation is None:
                 self.reservations.put(request_id, *dataclasses.astuple(res))  # for a retry
             self.metrics.backend_errors.labels(self.backend.name).inc()
             raise
@@ -665,7 +681,8 @@ class DecisionService:
                     "usage of unpriced model %r charged at the dearest listed price "
                     "(tenant %s, request %s)", model[:200], tenant, request_id)
         if st.applied:
-            self._ledger_settled(request_id, tenant, rule, res, model, source,
+            self._ledger_settled(request_id, tenant, rule, res, model,
+                                 "released" if source == "release" else outcome,
                                  settled_by or source, input_tokens, output_tokens,
                                  cached_tokens, cache_write_tokens, nano, cost, unpriced,
                                  st.budget_spent)
@@ -744,14 +761,13 @@ class DecisionService:
         return time.time_ns() // 1000 - int((time.monotonic() - res.created_s) * 1e6)
 
     def _ledger_settled(self, request_id: str, tenant: str, rule: TenantRule,
-                        res: Optional[Reservation], model: str, source: str, settled_by: str,
+                        res: Optional[Reservation], model: str, outcome: str, settled_by: str,
                         input_tokens: int, output_tokens: int, cached_tokens: int,
                         cache_write_tokens: int, nano: int, cost: int, unpriced: bool,
                         budget_spent: int) -> None:
-        released = source == "release"
         has_budget = rule.limits.budget >= 0
         self.ledger.closed(
-            request_id=request_id, tenant=tenant, outcome="released" if released else "settled",
+            request_id=request_id, tenant=tenant, outcome=outcome,
             settled_by=settled_by, decided_us=self._decided_us(res),
             model_asked=res.model_asked if res is not None else "",
             model_served=model, tier=self.policy.tiers[res.tier].name
@@ -768,20 +784,28 @@ class DecisionService:
                                     rule.budget_unit, rule.limits.budget, budget_spent,
                                     res.period_start_us)
 
-    def _ledger_kept(self, request_id: str, res: Reservation, outcome: str, why: str) -> None:
-        """A reservation closed without usage: its estimate stays charged."""
+    def keep_estimate(self, request_id: str, res: Reservation, outcome: str, why: str) -> None:
+        """A reservation closed without usage whose charge at the bound failed: its
+        estimate stays charged, recorded with its tokens and their price (in the ledger and
+        the durable spend, whatever the budget's unit)."""
         rule = self.policy.rule_for(res.tenant)
         unit = rule.budget_unit if rule is not None and rule.limits.budget >= 0 else ""
-        self._record_spend(res.tenant, SpendRecord(res.model, 1, 0, 0, 0, 0,
-                                                   res.charged_cost if unit == "usd" else 0))
+        inp, out = bound.estimate_tokens(res)
+        nano, unpriced = self._price(res.model, Usage(inp, out))
+        self._record_spend(res.tenant, SpendRecord(res.model, 1, inp, out, 0, 0, nano))
         self.ledger.closed(
             request_id=request_id, tenant=res.tenant, outcome=outcome, settled_by=why,
             decided_us=self._decided_us(res), model_asked=res.model_asked,
             model_served=res.model, tier=self.policy.tiers[res.tier].name
             if res.tier < len(self.policy.tiers) else "", provider=res.provider,
-            decision=res.decision, estimate_tokens=res.charged_tokens,
-            cost_nano_usd=res.charged_cost if unit == "usd" else 0, budget_unit=unit,
-            budget_charge=res.charged_cost if unit else 0)
+            decision=res.decision, estimate_tokens=res.charged_tokens, input_tokens=inp,
+            output_tokens=out, cost_nano_usd=nano, budget_unit=unit,
+            budget_charge=res.charged_cost if unit else 0, unpriced=unpriced)
+
+    def track(self, task: asyncio.Task) -> None:
+        """Keep a background task referenced until it is done."""
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _record_spend(self, tenant: str, spend: SpendRecord) -> None:
         """The durable spend of a request whose estimate stays charged (no settlement call
@@ -803,8 +827,9 @@ class DecisionService:
         task.add_done_callback(self._background.discard)
 
     def _ledger_expired(self, request_id: str, res: Reservation) -> None:
+        """No usage came within the reservation's life: charged at the bound."""
         if not self.backend.shares_reservations:
-            self._ledger_kept(request_id, res, "expired", "expiry")
+            bound.charge_soon(self, request_id, res, "expired", "expiry")
             return
 
         # Shared reservations: another replica may have settled this one from the shared
@@ -819,13 +844,13 @@ class DecisionService:
                 log.warning("reservation %s of tenant %s expired and the shared record could "
                             "not be read (%s): recorded as expired here", request_id,
                             res.tenant, exc)
-            if record != TAKEN_RESERVATION:  # ours (or gone: recorded rather than lost)
-                self._ledger_kept(request_id, res, "expired", "expiry")
+            if record != TAKEN_RESERVATION:  # ours (or gone: charged rather than lost)
+                await bound.charge(self, request_id, res, "expired", "expiry")
 
         try:
             task = asyncio.get_running_loop().create_task(claim())
         except RuntimeError:  # not on the event loop: never in the sidecar itself
-            self._ledger_kept(request_id, res, "expired", "expiry")
+            self.keep_estimate(request_id, res, "expired", "expiry")
             return
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -838,9 +863,15 @@ class DecisionService:
         self.metrics.reservations_closed.labels("released_" + why).inc()
         return await self.settle_usage(request_id, res.tenant, res.model, 0, 0, "release")
 
-    def abandon(self, request_id: str, why: str) -> None:
-        """No usage will come (client gone, usage missing): the estimate stays charged."""
+    async def charge_unread(self, request_id: str, why: str) -> None:
+        """No usage will come (client gone, usage missing or unreadable): the request is
+        charged at what the provider could have billed (sidecar/bound.py)."""
         res = self.reservations.pop(request_id)
         if res is not None:
-            self.metrics.reservations_closed.labels("kept_" + why).inc()
-            self._ledger_kept(request_id, res, "kept", why)
+            await bound.charge(self, request_id, res, "kept", why)
+
+    def abandon(self, request_id: str, why: str) -> None:
+        """``charge_unread`` in the background, for a caller that cannot wait."""
+        res = self.reservations.pop(request_id)
+        if res is not None:
+            bound.charge_soon(self, request_id, res, "kept", why)

@@ -1,0 +1,182 @@
+"""A request whose usage cannot be read is charged at what the provider could have billed
+(sidecar/bound.py, docs/usage.md): input from the whole body, output the request's own
+maximum (else the served model's `max_output_tokens`) times its choices; in the budget,
+the token bucket, the ledger and the durable spend, whatever the budget's unit. In
+process, embedded backend, fake clock; tests/test_usage_path.py holds the same through a
+real Envoy."""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+
+import pytest
+
+from sidecar import bound
+from sidecar.ledger.recorder import Ledger
+from sidecar.ledger.sinks import FileSink, SpillFile, event_files, read_events
+from sidecar.ledger.writer import EventLog
+from sidecar.model import Kind, Request
+from sidecar.reconcile import close_reservation
+from tests.inproc import RunningSidecar
+
+POLICY = """
+tenant: {header: x-tenant-id, unknown: defaults}
+tiers:
+  - {name: default, model: gpt-4o}
+  - {name: compact, model: gpt-4o-mini}
+pricing:
+  gpt-4o: {input: 0.0025, output: 0.01, max_output_tokens: 4096}
+  gpt-4o-mini: {input: 0.00015, output: 0.0006}
+defaults:
+  limits: {rpm: 1000, tpm: 10000000}
+tenants:
+  usd:
+    budget: {usd: 1000, period: month}
+  tokens:
+    budget: {tokens: 100000000, period: month}
+  free: {}
+"""
+
+
+@pytest.fixture
+def charged(tmp_path):
+    events = EventLog(FileSink(tmp_path / "events", fsync=False),
+                      SpillFile(tmp_path / "spill.jsonl"), flush_interval_s=0.01)
+    led = Ledger(events, instance="test-1")
+    with RunningSidecar(POLICY, ledger=led) as sc:
+        yield sc, led, tmp_path / "events"
+
+
+def body_of(**fields) -> bytes:
+    doc = {"model": "gpt-4o", "stream": True,
+           "messages": [{"role": "user", "content": "y" * 400}]}
+    doc.update(fields)
+    return json.dumps(doc).encode()
+
+
+def decide(sc, tenant: str, body: bytes):
+    d = sc.run(sc.sidecar.service.decide(Request(headers={"x-tenant-id": tenant}, body=body)))
+    assert d.kind is Kind.ALLOW and d.reservation_id
+    return d
+
+
+def close_unread(sc, tenant: str, rid: str, cut_short: bool = False) -> None:
+    """What the access log does with a 2xx entry that carries no usage."""
+    sc.run(close_reservation(sc.sidecar.service, rid, "", tenant, 200, None, None, cut_short,
+                             "access_log", "access_log"))
+
+
+def spend(sc, tenant: str) -> tuple[int, ...]:
+    """The tenant's durable spend (requests, input, output, cached, cache writes, nano-USD)."""
+    cells = sc.run(sc.backend.spend_cells())
+    rows = [c.counts for c in cells if c.tenant == tenant]
+    return tuple(map(sum, zip(*rows))) if rows else (0,) * 6
+
+
+def closed(sc, outcome: str) -> float:
+    return sc.sidecar.service.metrics.reservations_closed.labels(outcome)._value.get()
+
+
+def usage_events(led, directory) -> list:
+    assert led.events is not None and led.events.flush()
+    return [e for e in read_events(event_files(directory))
+            if e.__class__.__name__ == "UsageEvent"]
+
+
+def test_a_stream_without_usage_nor_max_tokens_is_charged_the_models_max_output_per_choice(
+        charged):
+    sc, led, directory = charged
+    body = body_of(n=3)
+    d = decide(sc, "tokens", body)
+    inp = math.ceil(len(body) / 4)
+    before = closed(sc, "bound_no_usage")
+    close_unread(sc, "tokens", d.reservation_id)
+    # gpt-4o's max_output_tokens 4096, three choices; before: the 256-token default, once
+    assert sc.backend.states["tokens"].spent == inp + 3 * 4096
+    assert spend(sc, "tokens") == (1, inp, 3 * 4096, 0, 0, inp * 2500 + 3 * 4096 * 10_000)
+    assert closed(sc, "bound_no_usage") == before + 1
+    (ev,) = usage_events(led, directory)
+    assert (ev.outcome, ev.settled_by, ev.input_tokens, ev.output_tokens) == (
+        "kept", "no_usage", inp, 3 * 4096)
+    assert ev.budget_charge == inp + 3 * 4096 and ev.budget_unit == "tokens"
+    assert ev.cost_nano_usd == inp * 2500 + 3 * 4096 * 10_000
+
+
+def test_the_requests_own_maximum_bounds_each_choice_and_the_model_bounds_it(charged):
+    sc, _, _ = charged
+    cases = [(body_of(max_completion_tokens=700, n=2), 2 * 700),
+             (body_of(max_tokens=100, max_completion_tokens=300), 300),
+             (body_of(max_tokens=50_000), 4096)]  # beyond the model's: the model's
+    spent = 0
+    for body, out in cases:
+        d = decide(sc, "usd", body)
+        close_unread(sc, "usd", d.reservation_id, cut_short=True)  # the client left
+        spent += math.ceil(len(body) / 4) * 2500 + out * 10_000
+        assert sc.backend.states["usd"].spent == spent
+
+
+def test_a_model_without_max_output_tokens_is_bounded_by_the_default(charged):
+    sc, _, _ = charged
+    body = body_of(model="gpt-4o-mini")
+    d = decide(sc, "tokens", body)
+    close_unread(sc, "tokens", d.reservation_id)
+    assert sc.backend.states["tokens"].spent == (math.ceil(len(body) / 4)
+                                                 + bound.DEFAULT_MAX_OUTPUT_TOKENS)
+
+
+def test_a_tenant_without_budget_has_the_bound_in_its_durable_spend(charged):
+    sc, led, directory = charged
+    body = body_of(max_tokens=1000)
+    d = decide(sc, "free", body)
+    close_unread(sc, "free", d.reservation_id)
+    inp = math.ceil(len(body) / 4)
+    # before: one request, 0 tokens, $0
+    assert spend(sc, "free") == (1, inp, 1000, 0, 0, inp * 2500 + 1000 * 10_000)
+    (ev,) = usage_events(led, directory)
+    assert ev.cost_nano_usd == inp * 2500 + 1000 * 10_000 and ev.budget_charge == 0
+
+
+def test_the_token_bucket_moves_to_the_bound(charged):
+    sc, _, _ = charged
+    svc = sc.sidecar.service
+    body = body_of()  # no max_tokens: reserved with the 256-token default
+    d = decide(sc, "usd", body)
+    close_unread(sc, "usd", d.reservation_id)
+    small = body_of(max_tokens=1)
+    nxt = decide(sc, "usd", small)
+    # what the next decision sees left: the first request counts at its bound (the fake
+    # clock stands still: nothing refilled)
+    used = math.ceil(len(body) / 4) + 4096 + math.ceil(len(small) / 4) + 1
+    assert nxt.outcome.remaining_tokens == 10_000_000 - used
+    assert svc.reservations.get(d.reservation_id) is None
+
+
+def test_an_expired_reservation_is_charged_at_its_bound(charged):
+    sc, led, directory = charged
+    svc = sc.sidecar.service
+    body = body_of(n=2)
+    decide(sc, "tokens", body)
+    before = closed(sc, "bound_expiry")
+
+    async def expire_and_wait() -> None:
+        svc.reservations.ttl_s = -1
+        svc.expire_reservations()
+        while svc._background:  # the charge runs in the background
+            await asyncio.sleep(0.01)
+
+    sc.run(expire_and_wait())
+    inp = math.ceil(len(body) / 4)
+    assert sc.backend.states["tokens"].spent == inp + 2 * 4096
+    assert closed(sc, "bound_expiry") == before + 1
+    (ev,) = usage_events(led, directory)
+    assert (ev.outcome, ev.settled_by, ev.output_tokens) == ("expired", "expiry", 2 * 4096)
+
+
+def test_a_later_report_for_a_request_charged_at_its_bound_changes_nothing(charged):
+    sc, _, _ = charged
+    d = decide(sc, "tokens", body_of(max_tokens=500))
+    close_unread(sc, "tokens", d.reservation_id)
+    spent = sc.backend.states["tokens"].spent
+    res = sc.run(sc.sidecar.service.settle_usage(d.reservation_id, "tokens", "gpt-4o", 1, 1))
+    assert not res.applied and sc.backend.states["tokens"].spent == spent
