@@ -4,7 +4,9 @@ Evidence (docs/contract.md): the OpenAI-style JSON body Envoy forwards
 (`with_request_body`: prompt size and `max_tokens`), an explicit count (the
 `x-kt-estimated-tokens` header, or RLS `hits_addend`) only when the policy says a
 trusted filter sets it (`estimate: {trusted: true}`), then the policy's default.
-Every byte of it is the client's until a filter vouches for it, so an explicit count
+The body counts whole (docs/usage.md, "The estimate"): its size and its images as input,
+each choice (`n`) its `max_tokens` of output. Every byte of it is the client's until a
+filter vouches for it, so an explicit count
 never lowers the estimate below what the body shows, and no estimate is ever zero: a
 request is never free. A malformed count or body is the caller's error (400), never a
 guess.
@@ -29,19 +31,48 @@ class EstimateError(ValueError):
     """The request carries an estimate or body that cannot be read; the message says which."""
 
 
+class LengthRequired(EstimateError):
+    """A body larger than what Envoy passes on, sent without content-length: its size, and
+    whatever it says after the part Envoy passed (max_tokens, n), cannot be known (411)."""
+
+
 class _ChatBody(msgspec.Struct):
-    """The fields of an OpenAI chat/completions/embeddings body that matter here.
-    Prompt-bearing fields stay raw: their byte size is the prompt-size proxy."""
+    """The fields of an OpenAI chat/completions/responses/embeddings or Anthropic messages
+    body that say how much output may be billed. The input is the whole body's size: every
+    field a provider bills as input (messages, prompt, input, instructions, system, tools
+    and their schemas, response formats) is in it, and so are fields no list here names."""
 
     model: Optional[str] = None
     max_tokens: Optional[int] = None
     max_completion_tokens: Optional[int] = None
-    messages: msgspec.Raw = msgspec.Raw()
-    prompt: msgspec.Raw = msgspec.Raw()
-    input: msgspec.Raw = msgspec.Raw()
+    max_output_tokens: Optional[int] = None  # the Responses API
+    n: Optional[int] = None  # choices, each billed its own output
+    best_of: Optional[int] = None  # completions: generated server-side, each billed
 
 
 _decode_body = msgspec.json.Decoder(_ChatBody).decode
+# content parts a provider prices as images: OpenAI chat ("image_url"), responses
+# ("input_image"), Anthropic ("image")
+IMAGE_PART_TYPES = frozenset(("image_url", "input_image", "image"))
+
+
+def _image_parts(body: bytes) -> int:
+    """How many image parts the body holds, wherever they are nested (messages, tool
+    results, input items). Read only when the bytes could name one: "image" in clear, or a
+    JSON escape, which could spell it (a decoded "\u0069mage_url" is "image_url")."""
+    if b"image" not in body and b"\\u" not in body:
+        return 0
+    n = 0
+    stack = [msgspec.json.decode(body)]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("type") in IMAGE_PART_TYPES:
+                n += 1
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return n
 
 
 def _parse_count(value: Union[str, int], what: str) -> int:
@@ -68,10 +99,16 @@ def _content_length_tokens(req: Request, chars_per_token: float) -> int:
     cap = _core.MAX_TOKENS + 1
     size = len(req.body)
     length = req.headers.get("content-length", "").strip()
-    if length.isascii() and length.isdigit():
-        if len(length) > _LENGTH_DIGITS_MAX:
-            return cap
-        size = max(size, int(length))
+    if not (length.isascii() and length.isdigit()):
+        # sent in chunks: how much more comes after the part Envoy passed is unknown, and
+        # so is what it says (max_tokens, n): refused rather than guessed
+        raise LengthRequired(
+            f"a request body larger than the {size} bytes the gateway reads before deciding "
+            "must be sent with content-length (a body sent in chunks beyond that cannot be "
+            "counted)")
+    if len(length) > _LENGTH_DIGITS_MAX:
+        return cap
+    size = max(size, int(length))
     tokens = size / chars_per_token
     return math.ceil(tokens) if tokens < cap else cap
 
@@ -79,9 +116,11 @@ def _content_length_tokens(req: Request, chars_per_token: float) -> int:
 def estimate(policy: CompiledPolicy, req: Request) -> Estimate:
     cfg = policy.estimate
     body: Optional[_ChatBody] = None
+    images = 0
     if req.body and not req.body_truncated:
         try:
             body = _decode_body(req.body)
+            images = _image_parts(req.body)
         except msgspec.ValidationError as exc:
             raise EstimateError(f"request body: {exc}") from None
         except msgspec.DecodeError:
@@ -102,33 +141,42 @@ def estimate(policy: CompiledPolicy, req: Request) -> Estimate:
         if explicit == 0:
             explicit = None  # "no estimate" (Envoy's RLS config sends 0 for an absent header)
 
-    # what the body shows: the prompt's size and, if it names one, the output's maximum
+    # what the body shows: its whole size and images as input; if it names one, the most
+    # each choice may answer, times the choices
     input_tokens = 0
     asked: Optional[int] = None
+    choices = 1
     if body is not None:
-        prompt_bytes = len(body.messages) + len(body.prompt) + len(body.input)
-        input_tokens = math.ceil(prompt_bytes / cfg.chars_per_token)
-        max_out = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        if max_out is not None:
-            asked = _parse_count(max_out, "max_tokens")
+        input_tokens = math.ceil(len(req.body) / cfg.chars_per_token)
+        input_tokens = min(input_tokens + images * cfg.image_tokens, _core.MAX_TOKENS + 1)
+        for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+            value = getattr(body, name)
+            if value is not None:  # several named: the provider's choice is not ours to guess
+                n = _parse_count(value, name)
+                asked = n if asked is None else max(asked, n)
+        for name in ("n", "best_of"):
+            value = getattr(body, name)
+            if value is not None:
+                choices = max(choices, _parse_count(value, name))
     elif req.body_truncated:
         # Envoy sent only the first part of a large body: size it from content-length.
         input_tokens = _content_length_tokens(req, cfg.chars_per_token)
     shown = body is not None or req.body_truncated
 
     if asked is not None:  # all of it firm: the prompt and the most it may answer
-        out = asked
+        out = min(asked * choices, _core.MAX_TOKENS + 1)
         if explicit is not None:
             out = max(out, explicit - input_tokens)
         out = max(out, MIN_TOKENS - input_tokens)
-        return Estimate(input_tokens, out, input_tokens + out, model, "body")
+        return Estimate(input_tokens, out, input_tokens + out, model, "body", asked, choices)
     if explicit is not None:
         # a trusted count, never below the prompt the body shows; the part beyond the
         # prompt counts as output, the dearer side of every price list
         out = max(explicit - input_tokens, 0)
         return Estimate(input_tokens, out, input_tokens + out, model,
-                        "header" if req.tokens is None else "transport")
+                        "header" if req.tokens is None else "transport", -1, choices)
     if shown:  # the prompt is firm; the output a default, trimmed to fit a small bucket
-        return Estimate(input_tokens, max(cfg.default_output_tokens, MIN_TOKENS - input_tokens),
-                        input_tokens, model, "body")
+        out = min(cfg.default_output_tokens * choices, _core.MAX_TOKENS + 1)
+        return Estimate(input_tokens, max(out, MIN_TOKENS - input_tokens),
+                        input_tokens, model, "body", -1, choices)
     return Estimate(0, max(cfg.default_request_tokens, MIN_TOKENS), 0, model, "default")
