@@ -12,7 +12,7 @@ import pytest
 from sidecar import contract
 from sidecar.estimate import EstimateError, LengthRequired, estimate
 from sidecar.model import Kind, Request
-from sidecar.policy.load import parse_policy
+from sidecar.policy.load import PolicyError, parse_policy
 from tests.inproc import RunningSidecar
 
 POLICY = b"""
@@ -108,3 +108,14 @@ defaults: {limits: {tpm: 1000000}}
     err = json.loads(ans.body)["error"]
     assert ans.status == 411 and err["code"] == "length_required"
     assert "content-length" in err["message"]
+
+
+@pytest.mark.parametrize("fragment, error", [
+    ("pricing: {gpt-4o: {input: 0.1, output: 0.1, max_output_tokens: 0}}",
+     "$.pricing.gpt-4o.max_output_tokens: must be in 1..1000000000, got 0"),
+    ("estimate: {image_tokens: -1}", "$.estimate.image_tokens: must be in 0..1000000000, got -1"),
+])
+def test_the_bounds_settings_are_checked(fragment, error):
+    with pytest.raises(PolicyError) as exc:
+        parse_policy(f"tiers: [{{name: default, model: gpt-4o}}]\n{fragment}\n".encode(), "p.yaml")
+    assert any(error in line for line in exc.value.errors), exc.value.errors
