@@ -47,8 +47,8 @@ async def close_reservation(service: DecisionService, reservation_id: str, x_req
             await service.release(request_id, "upstream_error")
         else:
             # status 0: no response was sent at all (the client left before it began)
-            await service.charge_unread(request_id,
-                                        "abandoned" if cut_short or not status else "no_usage")
+            await service.charge_unread(
+                request_id, "abandoned" if cut_short or not status else "no_usage", tenant)
     except (UsageError, BackendError) as exc:
         # the response is already on its way; never fail it for accounting
         log.warning("usage of request %s not settled: %s", request_id, exc)

@@ -103,18 +103,25 @@ class Reservation:
     bound_output: int = -1
 
 
-# a shared reservation's provider field (provider ids are [A-Za-z0-9._-], never "|")
+# a shared reservation's provider field (provider ids are [A-Za-z0-9._-], never "|"), and
+# its bound (sidecar/bound.py: "<input>,<output>")
 _PROVIDER_FIELD = "p="
+_BOUND_FIELD = "b="
 
 
 def _reservation_record(tier: int, model: str, tokens: int, cost: int, period_start: int,
-                        provider: str = "") -> str:
+                        provider: str = "", bound_input: int = 0,
+                        bound_output: int = -1) -> str:
     """A reservation as shared through the backend (model last: it may hold any character).
-    With providers, the provider charged too (`p=<id>` before the model): the replica that
-    settles corrects that provider's bucket and names it in the ledger."""
+    Its bound (`b=<input>,<output>`), so the replica that learns its usage cannot be read
+    charges it; with providers, the provider charged too (`p=<id>` before the model): the
+    replica that settles corrects that provider's bucket and names it in the ledger."""
+    head = f"{tier}|{tokens}|{cost}|{period_start}|"
+    if bound_output >= 0:
+        head += f"{_BOUND_FIELD}{bound_input},{bound_output}|"
     if provider:
-        return f"{tier}|{tokens}|{cost}|{period_start}|{_PROVIDER_FIELD}{provider}|{model}"
-    return f"{tier}|{tokens}|{cost}|{period_start}|{model}"
+        head += f"{_PROVIDER_FIELD}{provider}|"
+    return head + model
 
 
 def _parse_reservation(tenant: str, record: Optional[str]) -> Optional["Reservation"]:
@@ -122,11 +129,17 @@ def _parse_reservation(tenant: str, record: Optional[str]) -> Optional["Reservat
         return None
     try:
         tier, tokens, cost, period_start, model = record.split("|", 4)
+        bound_input, bound_output = 0, -1
+        if model.startswith(_BOUND_FIELD) and "|" in model:
+            bounds, model = model[len(_BOUND_FIELD):].split("|", 1)
+            text_in, text_out = bounds.split(",")
+            bound_input, bound_output = int(text_in), int(text_out)
         provider = ""
         if model.startswith(_PROVIDER_FIELD) and "|" in model:
             provider, model = model[len(_PROVIDER_FIELD):].split("|", 1)
         return Reservation(tenant, int(tier), model, int(tokens), int(cost), int(period_start),
-                           time.monotonic(), provider=provider)
+                           time.monotonic(), provider=provider, bound_input=bound_input,
+                           bound_output=bound_output)
     except ValueError:
         log.warning("ignoring a malformed shared reservation for tenant %s: %r", tenant,
                     record[:200])
@@ -395,16 +408,16 @@ class DecisionService:
             # x-request-id must not merge two requests into one settlement
             rid = self.new_reservation_id()
             served = policy.tiers[out.tier].model
+            bound_output = bound.output_bound(policy, served, est)
             self.reservations.put(rid, tenant, out.tier, served,
                                   out.charged_tokens, out.charged_cost, out.period_start_us,
                                   time.monotonic(), est.model or policy.tiers[asked].model,
                                   _ledger_decision(CORE_KINDS[out.kind], out.tier > asked),
-                                  provider, est.input_tokens,
-                                  bound.output_bound(policy, served, est))
+                                  provider, est.input_tokens, bound_output)
             if self.backend.shares_reservations:
                 self.backend.share_reservation(tenant, rid, _reservation_record(
-                    out.tier, policy.tiers[out.tier].model, out.charged_tokens,
-                    out.charged_cost, out.period_start_us, provider))
+                    out.tier, served, out.charged_tokens, out.charged_cost,
+                    out.period_start_us, provider, est.input_tokens, bound_output))
             self._count_expired()
         tier = policy.tiers[out.tier]
         kind = CORE_KINDS[out.kind]
@@ -863,10 +876,23 @@ class DecisionService:
         self.metrics.reservations_closed.labels("released_" + why).inc()
         return await self.settle_usage(request_id, res.tenant, res.model, 0, 0, "release")
 
-    async def charge_unread(self, request_id: str, why: str) -> None:
+    async def charge_unread(self, request_id: str, why: str,
+                            tenant: Optional[str] = None) -> None:
         """No usage will come (client gone, usage missing or unreadable): the request is
-        charged at what the provider could have billed (sidecar/bound.py)."""
+        charged at what the provider could have billed (sidecar/bound.py). A request
+        another replica decided is charged from its shared reservation (``tenant``: the
+        decision's x-kt-tenant), which that replica then does not charge again at expiry."""
         res = self.reservations.pop(request_id)
+        if (res is None and tenant and _valid_tenant(tenant)
+                and self.backend.shares_reservations):
+            try:
+                record = await self.backend.take_reservation(tenant, request_id)
+            except BackendError as exc:
+                # the deciding replica still holds it: charged at the bound when it expires
+                log.warning("shared reservation %s of tenant %s not read (%s): left to the "
+                            "replica that decided it", request_id, tenant, exc)
+                return
+            res = _parse_reservation(tenant, record if record != TAKEN_RESERVATION else None)
         if res is not None:
             await bound.charge(self, request_id, res, "kept", why)
 

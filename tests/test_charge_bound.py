@@ -180,3 +180,94 @@ def test_a_later_report_for_a_request_charged_at_its_bound_changes_nothing(charg
     spent = sc.backend.states["tokens"].spent
     res = sc.run(sc.sidecar.service.settle_usage(d.reservation_id, "tokens", "gpt-4o", 1, 1))
     assert not res.applied and sc.backend.states["tokens"].spent == spent
+
+
+# --- on Redis: another replica, and a store that cannot take the charge -------------
+REDIS_POLICY = POLICY.rstrip() + """
+backend: {kind: redis, url: "%s", timeout_ms: 500, shared_reservations: %s}
+"""
+
+
+@pytest.fixture
+def valkey():
+    from tests.support.procs import workdir
+    from tests.support.valkey import Valkey
+
+    with workdir() as d, Valkey(d) as v:
+        yield v
+
+
+def redis_service(url: str, shared: bool = True):
+    from sidecar.backends.redis import RedisBackend
+    from sidecar.policy.load import parse_policy
+    from sidecar.service import DecisionService
+
+    policy = parse_policy((REDIS_POLICY % (url, str(shared).lower())).encode(), "<test>")
+    return DecisionService(policy, RedisBackend(policy.backend))
+
+
+def test_an_unreadable_reply_on_another_replica_is_charged_once_at_the_bound(valkey):
+    # the access-log entry reaches replica B, the decision was A's: B charges the bound
+    # from A's shared reservation, and A's expiry later finds it taken and charges nothing
+    a, b = redis_service(valkey.url), redis_service(valkey.url)
+    body = body_of(n=2)
+    inp = math.ceil(len(body) / 4)
+
+    async def main():
+        await a.backend.start()
+        await b.backend.start()
+        try:
+            d = await a.decide(Request(headers={"x-tenant-id": "tokens"}, body=body))
+            assert d.kind is Kind.ALLOW
+            await close_reservation(b, d.reservation_id, "", "tokens", 200, None, None, False,
+                                    "access_log", "access_log")
+            a.reservations.ttl_s = -1
+            a.expire_reservations()
+            a.reservations.ttl_s = 600  # the probe's own reservation stays open
+            while a._background:
+                await asyncio.sleep(0.01)
+            probe = await a.decide(Request(headers={"x-tenant-id": "tokens"},
+                                           body=b'{"max_tokens": 1}'))
+            return probe.outcome, await b.backend.spend_cells()
+        finally:
+            await a.backend.close()
+            await b.backend.close()
+
+    probe, cells = asyncio.run(main())
+    probe_tokens = math.ceil(len(b'{"max_tokens": 1}') / 4) + 1
+    assert probe.budget_limit - probe.budget_remaining == inp + 2 * 4096 + probe_tokens
+    (cell,) = [c for c in cells if c.tenant == "tokens"]
+    assert cell.counts[:3] == (1, inp, 2 * 4096)  # one request, at its bound, once
+    assert b.metrics.reservations_closed.labels("bound_no_usage")._value.get() == 1
+
+
+def test_when_the_store_cannot_take_the_bound_the_estimate_stays_recorded_with_its_tokens(
+        valkey, tmp_path):
+    events = EventLog(FileSink(tmp_path / "events", fsync=False),
+                      SpillFile(tmp_path / "spill.jsonl"), flush_interval_s=0.01)
+    svc = redis_service(valkey.url, shared=False)
+    svc.ledger = Ledger(events, instance="test-1")
+    svc.ledger.start()
+    body = body_of(max_tokens=300)
+    inp = math.ceil(len(body) / 4)
+
+    async def main():
+        await svc.backend.start()
+        try:
+            d = await svc.decide(Request(headers={"x-tenant-id": "free"}, body=body))
+            assert d.kind is Kind.ALLOW
+            valkey.stop()
+            await close_reservation(svc, d.reservation_id, "", "free", 200, None, None, False,
+                                    "access_log", "access_log")
+            while svc._background:
+                await asyncio.sleep(0.01)
+        finally:
+            await svc.backend.close()
+
+    asyncio.run(main())
+    assert svc.metrics.reservations_closed.labels("kept_no_usage")._value.get() == 1
+    (ev,) = usage_events(svc.ledger, tmp_path / "events")
+    # the estimate's tokens and price, not 0 and $0 (a tenant without a budget)
+    assert (ev.outcome, ev.input_tokens, ev.output_tokens) == ("kept", inp, 300)
+    assert ev.cost_nano_usd == inp * 2500 + 300 * 10_000 and ev.budget_charge == 0
+    svc.ledger.close()
