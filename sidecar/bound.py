@@ -42,6 +42,10 @@ log = logging.getLogger("kt.bound")
 DEFAULT_MAX_OUTPUT_TOKENS = 128_000
 # kt_settlements_total{source} of a settlement at the bound
 SOURCE = "bound"
+# the most tokens of one kind a settlement takes (sidecar/service.py, settle_usage): a
+# bound beyond it (a huge n without max_tokens, which the core's trimming admitted) is
+# charged at it rather than refused, which would leave only the estimate charged
+MAX_BOUND_TOKENS = 10**9
 
 
 def max_output_tokens(policy: "CompiledPolicy", model: str) -> int:
@@ -54,7 +58,7 @@ def output_bound(policy: "CompiledPolicy", model: str, est: Estimate) -> int:
     """The most output the provider could bill for ``est``'s request served by ``model``."""
     most = max_output_tokens(policy, model)
     per_choice = most if est.asked_output < 0 else min(est.asked_output, most)
-    return per_choice * est.choices
+    return min(per_choice * est.choices, MAX_BOUND_TOKENS)
 
 
 def tokens(policy: "CompiledPolicy", res: "Reservation") -> tuple[int, int]:
@@ -62,8 +66,8 @@ def tokens(policy: "CompiledPolicy", res: "Reservation") -> tuple[int, int]:
     A reservation made without a bound (a decision Redis applied after its timeout) is
     bounded by what it charged as input and its model's maximum output."""
     if res.bound_output >= 0:
-        return res.bound_input, res.bound_output
-    return res.charged_tokens, max_output_tokens(policy, res.model)
+        return min(res.bound_input, MAX_BOUND_TOKENS), res.bound_output
+    return min(res.charged_tokens, MAX_BOUND_TOKENS), max_output_tokens(policy, res.model)
 
 
 def estimate_tokens(res: "Reservation") -> tuple[int, int]:

@@ -56,11 +56,16 @@ _decode_body = msgspec.json.Decoder(_ChatBody).decode
 IMAGE_PART_TYPES = frozenset(("image_url", "input_image", "image"))
 
 
+# JSON escapes of the characters an image part's "type" is spelled with (a-z, "_"): a
+# decoded "\u0069mage_url" is "image_url". Text escapes (accents, CJK) are others.
+_ESCAPED_NAME_CHARS = (rb"\u005", rb"\u006", rb"\u007")
+
+
 def _image_parts(body: bytes) -> int:
     """How many image parts the body holds, wherever they are nested (messages, tool
-    results, input items). Read only when the bytes could name one: "image" in clear, or a
-    JSON escape, which could spell it (a decoded "\u0069mage_url" is "image_url")."""
-    if b"image" not in body and b"\\u" not in body:
+    results, input items). Read only when the bytes could name one: "image" in clear, or
+    an escape that could spell it."""
+    if b"image" not in body and not any(e in body for e in _ESCAPED_NAME_CHARS):
         return 0
     n = 0
     stack = [msgspec.json.decode(body)]

@@ -11,6 +11,7 @@ import json
 import math
 
 import pytest
+import redis
 
 from sidecar import bound
 from sidecar.ledger.recorder import Ledger
@@ -219,6 +220,16 @@ def test_an_unreadable_reply_on_another_replica_is_charged_once_at_the_bound(val
         try:
             d = await a.decide(Request(headers={"x-tenant-id": "tokens"}, body=body))
             assert d.kind is Kind.ALLOW
+            # A shares it without waiting; a real reply takes longer than that write
+            shared = a.backend._reservation_key("tokens", d.reservation_id)
+            r = redis.Redis.from_url(valkey.url)
+            try:
+                for _ in range(500):
+                    if r.exists(shared):
+                        break
+                    await asyncio.sleep(0.01)
+            finally:
+                r.close()
             await close_reservation(b, d.reservation_id, "", "tokens", 200, None, None, False,
                                     "access_log", "access_log")
             a.reservations.ttl_s = -1

@@ -119,3 +119,13 @@ def test_the_bounds_settings_are_checked(fragment, error):
     with pytest.raises(PolicyError) as exc:
         parse_policy(f"tiers: [{{name: default, model: gpt-4o}}]\n{fragment}\n".encode(), "p.yaml")
     assert any(error in line for line in exc.value.errors), exc.value.errors
+
+
+def test_text_escapes_do_not_make_the_body_be_read_twice_and_name_escapes_do():
+    from sidecar.estimate import _image_parts
+
+    accents = json.dumps({"messages": [{"role": "user", "content": "café 中文"}]}).encode()
+    assert b"\\u00e9" in accents and _image_parts(accents) == 0
+    escaped = (b'{"messages": [{"content": [{"type": "\\u0069mage_url", '
+               b'"\\u0069mage_url": {"url": "u"}}]}]}')
+    assert b"image" not in escaped and _image_parts(escaped) == 1
