@@ -126,6 +126,15 @@ def test_a_model_without_max_output_tokens_is_bounded_by_the_default(charged):
                                                  + bound.DEFAULT_MAX_OUTPUT_TOKENS)
 
 
+def test_a_huge_n_without_max_tokens_is_charged_the_most_a_settlement_takes(charged):
+    sc, _, _ = charged
+    body = body_of(n=1_000_000)  # its default output trimmed to fit the bucket: admitted
+    d = decide(sc, "tokens", body)
+    close_unread(sc, "tokens", d.reservation_id)
+    # 4096 x 1e6 is beyond what one settlement takes: charged that much, never the estimate
+    assert sc.backend.states["tokens"].spent == math.ceil(len(body) / 4) + bound.MAX_BOUND_TOKENS
+
+
 def test_a_tenant_without_budget_has_the_bound_in_its_durable_spend(charged):
     sc, led, directory = charged
     body = body_of(max_tokens=1000)
