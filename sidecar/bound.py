@@ -85,8 +85,9 @@ async def charge(service: "DecisionService", request_id: str, res: "Reservation"
 
     inp, out = tokens(service.policy, res)
     try:
-        await service.settle_usage(request_id, res.tenant, res.model, inp, out, SOURCE,
-                                   settled_by=why, reservation=res, outcome=outcome)
+        settled = await service.settle_usage(request_id, res.tenant, res.model, inp, out,
+                                             SOURCE, settled_by=why, reservation=res,
+                                             outcome=outcome)
     except (UsageError, BackendError) as exc:
         log.warning("request %s of tenant %s not charged at its bound (%d input, %d output "
                     "tokens): %s; its estimate stays charged", request_id, res.tenant, inp,
@@ -94,7 +95,8 @@ async def charge(service: "DecisionService", request_id: str, res: "Reservation"
         service.metrics.reservations_closed.labels("kept_" + why).inc()
         service.keep_estimate(request_id, res, outcome, why)
         return
-    service.metrics.reservations_closed.labels("bound_" + why).inc()
+    if settled.applied:  # else this id was settled before: nothing changed, nothing counted
+        service.metrics.reservations_closed.labels("bound_" + why).inc()
 
 
 def charge_soon(service: "DecisionService", request_id: str, res: "Reservation",

@@ -4,11 +4,10 @@ Evidence (docs/contract.md): the OpenAI-style JSON body Envoy forwards
 (`with_request_body`: prompt size and `max_tokens`), an explicit count (the
 `x-kt-estimated-tokens` header, or RLS `hits_addend`) only when the policy says a
 trusted filter sets it (`estimate: {trusted: true}`), then the policy's default.
-The body counts whole (docs/usage.md, "The estimate"): its size and its images as input,
-each choice (`n`) its `max_tokens` of output. Every byte of it is the client's until a
-filter vouches for it, so an explicit count
-never lowers the estimate below what the body shows, and no estimate is ever zero: a
-request is never free. A malformed count or body is the caller's error (400), never a
+The body counts whole (docs/contract.md, "Token estimate"): its size and its images as
+input, each choice (`n`) its `max_tokens` of output. Every byte of it is the client's
+until a filter vouches for it, so an explicit count never lowers the estimate below what
+the body shows, and no estimate is ever zero: a request is never free. A malformed count or body is the caller's error (400), never a
 guess.
 """
 from __future__ import annotations

@@ -72,7 +72,7 @@ def spend(sc, tenant: str) -> tuple[int, ...]:
     """The tenant's durable spend (requests, input, output, cached, cache writes, nano-USD)."""
     cells = sc.run(sc.backend.spend_cells())
     rows = [c.counts for c in cells if c.tenant == tenant]
-    return tuple(map(sum, zip(*rows))) if rows else (0,) * 6
+    return tuple(map(sum, zip(*rows, strict=True))) if rows else (0,) * 6
 
 
 def closed(sc, outcome: str) -> float:

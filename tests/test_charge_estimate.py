@@ -1,7 +1,8 @@
-"""The estimate counts everything a provider bills for (docs/usage.md, "The estimate"):
-the whole body (instructions, tools and their schemas, system prompts: every byte), each
-image part at the policy's bound, every choice's output; a body Envoy passed only in part
-and without content-length is refused with 411, never sized from its first part."""
+"""The estimate counts everything a provider bills for (docs/contract.md, "Token
+estimate"): the whole body (instructions, tools and their schemas, system prompts: every
+byte), each image part at the policy's bound, every choice's output; a body Envoy passed
+only in part and without content-length is refused with 411, never sized from its first
+part."""
 from __future__ import annotations
 
 import json

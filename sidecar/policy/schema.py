@@ -91,7 +91,7 @@ class Estimate(_Strict, frozen=True):
     chars_per_token: float = 4.0
     # input tokens counted for each image part of a request (image_url, input_image,
     # Anthropic image), on top of its bytes: a provider prices an image by its size in
-    # pixels, which a short URL does not show (docs/usage.md, "The estimate")
+    # pixels, which a short URL does not show (docs/contract.md, "Token estimate")
     image_tokens: int = 2000
     # an explicit token count in this header (or RLS hits_addend) is read only when a
     # filter the operator runs sets it (trusted: true); a client's own count is ignored,
