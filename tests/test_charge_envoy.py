@@ -4,12 +4,15 @@ to the decision is refused 411 and never reaches the upstream; streamed replies 
 usage cannot be read are charged at the bound, `n` choices included."""
 from __future__ import annotations
 
+import gzip
 import http.client
 import json
 import socket
 
+import pytest
+
 from tests.support.procs import wait_until
-from tests.test_usage_path import Reply, sse, usage_path
+from tests.test_usage_path import Reply, events, sse, usage_path
 
 
 def chunked_request(port: int, tenant: str, body: bytes, piece: int = 16384) -> tuple[int, bytes]:
@@ -72,3 +75,46 @@ def test_a_stream_of_n_choices_without_usage_is_charged_for_every_choice():
         rec = path.spend("sse-none")["gpt-4o"]
         # 8 choices of at most 300 tokens each could have been billed
         assert (rec["input_tokens"], rec["output_tokens"]) == (-(-len(body) // 4), 8 * 300)
+
+
+def post(path, tenant: str, case: str, body: bytes, headers: dict | None = None) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", path.envoy.listen_port, timeout=10)
+    try:
+        conn.request("POST", "/v1/chat/completions", body=body, headers={
+            "content-type": "application/json", "x-tenant-id": tenant, "x-raw-case": case,
+            **(headers or {})})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+        path.settled()
+
+
+def unreadable_replies() -> dict[str, Reply]:
+    usage = {"prompt_tokens": 9, "completion_tokens": 7}
+    # a compressed reply (the client asked for gzip and the upstream obliged): the usage
+    # filter sees compressed bytes
+    compressed = gzip.compress(json.dumps({"model": "gpt-4o", "usage": usage}).encode())
+    # a Responses stream whose response.completed line is over the filter's 16 KiB limit
+    long_line = events(("response.completed", {"type": "response.completed", "response": {
+        "model": "gpt-4o", "output": [{"content": "o" * 26_000}],
+        "usage": {"input_tokens": 9, "output_tokens": 7}}}))
+    return {"json-plain": Reply([compressed], headers={"content-encoding": "gzip"}),
+            "sse-responses": Reply([long_line], content_type="text/event-stream")}
+
+
+@pytest.mark.parametrize("tenant", sorted(unreadable_replies()))
+def test_a_reply_the_filter_cannot_read_is_charged_at_the_bound(tenant):
+    with usage_path("als") as path:
+        path.upstream.replies[tenant] = unreadable_replies()[tenant]
+        body = json.dumps({"model": "gpt-4o", "max_tokens": 2000,
+                           "messages": [{"role": "user", "content": "hi"}]}).encode()
+        before = path.metric("kt_reservations_closed_total", outcome="bound_no_usage")
+        assert post(path, tenant, tenant, body, {"accept-encoding": "gzip"}) == 200
+        wait_until(lambda: path.metric("kt_reservations_closed_total",
+                                       outcome="bound_no_usage") == before + 1,
+                   10, "charged at the bound")
+        rec = path.spend(tenant)["gpt-4o"]
+        # not the 9 + 7 the reply says (unread), nor nothing: what it could have billed
+        assert (rec["input_tokens"], rec["output_tokens"]) == (-(-len(body) // 4), 2000)

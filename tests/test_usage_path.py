@@ -44,8 +44,10 @@ class Reply:
     the connection after the pieces instead of ending the body."""
 
     def __init__(self, pieces: list[bytes], status: int = 200,
-                 content_type: str = "application/json", reset: bool = False) -> None:
+                 content_type: str = "application/json", reset: bool = False,
+                 headers: Optional[dict[str, str]] = None) -> None:
         self.pieces, self.status, self.content_type, self.reset = pieces, status, content_type, reset
+        self.headers = headers or {}  # more response headers (content-encoding, ...)
 
 
 class RawUpstream:
@@ -70,6 +72,8 @@ class RawUpstream:
                 reply = replies[self.headers["x-raw-case"]]
                 self.send_response(reply.status)
                 self.send_header("content-type", reply.content_type)
+                for name, value in reply.headers.items():
+                    self.send_header(name, value)
                 self.send_header("transfer-encoding", "chunked")
                 self.end_headers()
                 for piece in reply.pieces:
