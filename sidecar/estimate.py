@@ -37,9 +37,10 @@ class LengthRequired(EstimateError):
 
 class _ChatBody(msgspec.Struct):
     """The fields of an OpenAI chat/completions/responses/embeddings or Anthropic messages
-    body that say how much output may be billed. The input is the whole body's size: every
-    field a provider bills as input (messages, prompt, input, instructions, system, tools
-    and their schemas, response formats) is in it, and so are fields no list here names."""
+    body that say how much output may be billed, and where image parts may be. The input
+    is the whole body's size: every field a provider bills as input (messages, prompt,
+    input, instructions, system, tools and their schemas, response formats) is in it, and
+    so are fields no list here names."""
 
     model: Optional[str] = None
     max_tokens: Optional[int] = None
@@ -47,35 +48,71 @@ class _ChatBody(msgspec.Struct):
     max_output_tokens: Optional[int] = None  # the Responses API
     n: Optional[int] = None  # choices, each billed its own output
     best_of: Optional[int] = None  # completions: generated server-side, each billed
+    messages: msgspec.Raw = msgspec.Raw()  # chat, Anthropic: kept raw, read for images only
+    input: msgspec.Raw = msgspec.Raw()  # responses (items), embeddings (text or token ids)
+
+
+class _Part(msgspec.Struct):
+    """A message, an input item or a content part: its type, and where parts nest in it
+    (a message's or an Anthropic tool result's `content`, a Responses tool output)."""
+
+    type: Optional[str] = None
+    content: msgspec.Raw = msgspec.Raw()
+    output: msgspec.Raw = msgspec.Raw()
+
+
+class _ChatBodyParts(_ChatBody):
+    """The usual shape, read in one pass: messages a list of objects."""
+
+    messages: Optional[list[_Part]] = None  # type: ignore[assignment]
 
 
 _decode_body = msgspec.json.Decoder(_ChatBody).decode
+_decode_body_parts = msgspec.json.Decoder(_ChatBodyParts).decode
+_decode_parts = msgspec.json.Decoder(list[_Part]).decode
+_decode_items = msgspec.json.Decoder(list[msgspec.Raw]).decode
+_decode_part = msgspec.json.Decoder(_Part).decode
 # content parts a provider prices as images: OpenAI chat ("image_url"), responses
 # ("input_image"), Anthropic ("image")
 IMAGE_PART_TYPES = frozenset(("image_url", "input_image", "image"))
+# how deep parts are looked for (messages > content > a tool result's content > parts is 3)
+_PARTS_DEPTH_MAX = 6
 
 
-# JSON escapes of the characters an image part's "type" is spelled with (a-z, "_"): a
-# decoded "\u0069mage_url" is "image_url". Text escapes (accents, CJK) are others.
-_ESCAPED_NAME_CHARS = (rb"\u005", rb"\u006", rb"\u007")
+_LIST, _OBJECT = ord("["), ord("{")
 
 
-def _image_parts(body: bytes) -> int:
-    """How many image parts the body holds, wherever they are nested (messages, tool
-    results, input items). Read only when the bytes could name one: "image" in clear, or
-    an escape that could spell it."""
-    if b"image" not in body and not any(e in body for e in _ESCAPED_NAME_CHARS):
-        return 0
+def _starts(value: msgspec.Raw, byte: int) -> bool:
+    return len(value) > 0 and memoryview(value)[0] == byte
+
+
+def _image_parts(value: msgspec.Raw, depth: int = 0) -> int:
+    """How many image parts a list of messages, items or parts holds, at any depth where
+    the providers' schemas put them. Read by msgspec without materialising the text (a
+    "type" spelled with JSON escapes is decoded as the provider would read it); text and
+    token ids are skipped."""
+    if depth > _PARTS_DEPTH_MAX or not _starts(value, _LIST):
+        return 0  # absent, or a string: text
+    try:
+        parts = _decode_parts(value)  # the usual shape: a list of objects, in one pass
+    except msgspec.ValidationError:
+        parts = []
+        if b"{" in bytes(value):  # a mixed list: its objects one by one
+            for item in _decode_items(value):
+                if _starts(item, _OBJECT):
+                    try:
+                        parts.append(_decode_part(item))
+                    except msgspec.ValidationError:
+                        pass  # a "type" that is not a string: no part a provider takes
+    return _images_of(parts, depth)
+
+
+def _images_of(parts: list[_Part], depth: int) -> int:
     n = 0
-    stack = [msgspec.json.decode(body)]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            if node.get("type") in IMAGE_PART_TYPES:
-                n += 1
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
+    for part in parts:
+        if part.type in IMAGE_PART_TYPES:
+            n += 1
+        n += _image_parts(part.content, depth + 1) + _image_parts(part.output, depth + 1)
     return n
 
 
@@ -123,8 +160,13 @@ def estimate(policy: CompiledPolicy, req: Request) -> Estimate:
     images = 0
     if req.body and not req.body_truncated:
         try:
-            body = _decode_body(req.body)
-            images = _image_parts(req.body)
+            try:  # the usual shape in one pass; any other is read again, raw
+                typed = _decode_body_parts(req.body)
+                body, images = typed, _images_of(typed.messages or [], 0)
+            except msgspec.ValidationError:
+                body = _decode_body(req.body)
+                images = _image_parts(body.messages)
+            images += _image_parts(body.input)
         except msgspec.ValidationError as exc:
             raise EstimateError(f"request body: {exc}") from None
         except msgspec.DecodeError:
@@ -153,15 +195,15 @@ def estimate(policy: CompiledPolicy, req: Request) -> Estimate:
     if body is not None:
         input_tokens = math.ceil(len(req.body) / cfg.chars_per_token)
         input_tokens = min(input_tokens + images * cfg.image_tokens, _core.MAX_TOKENS + 1)
-        for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
-            value = getattr(body, name)
+        for value, name in ((body.max_tokens, "max_tokens"),
+                            (body.max_completion_tokens, "max_completion_tokens"),
+                            (body.max_output_tokens, "max_output_tokens")):
             if value is not None:  # several named: the provider's choice is not ours to guess
                 n = _parse_count(value, name)
                 asked = n if asked is None else max(asked, n)
-        for name in ("n", "best_of"):
-            value = getattr(body, name)
-            if value is not None:
-                choices = max(choices, _parse_count(value, name))
+        if body.n is not None or body.best_of is not None:
+            choices = max(_parse_count(body.n or 1, "n"), _parse_count(body.best_of or 1,
+                                                                      "best_of"), 1)
     elif req.body_truncated:
         # Envoy sent only the first part of a large body: size it from content-length.
         input_tokens = _content_length_tokens(req, cfg.chars_per_token)

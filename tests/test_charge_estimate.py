@@ -122,11 +122,20 @@ def test_the_bounds_settings_are_checked(fragment, error):
     assert any(error in line for line in exc.value.errors), exc.value.errors
 
 
-def test_text_escapes_do_not_make_the_body_be_read_twice_and_name_escapes_do():
-    from sidecar.estimate import _image_parts
-
-    accents = json.dumps({"messages": [{"role": "user", "content": "café 中文"}]}).encode()
-    assert b"\\u00e9" in accents and _image_parts(accents) == 0
-    escaped = (b'{"messages": [{"content": [{"type": "\\u0069mage_url", '
-               b'"\\u0069mage_url": {"url": "u"}}]}]}')
-    assert b"image" not in escaped and _image_parts(escaped) == 1
+def test_images_are_found_where_the_schemas_nest_them_and_nothing_else_counts():
+    url = "https://example.invalid/x.png"
+    cases = [
+        # an Anthropic tool result's content, a Responses tool output
+        ({"model": "claude", "max_tokens": 5, "messages": [{"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "t", "content": [
+                {"type": "image", "source": {"type": "url", "url": url}}]}]}]}, 1),
+        ({"model": "gpt-4o", "input": [{"type": "function_call_output", "call_id": "c",
+                                        "output": [{"type": "input_image", "image_url": url}]}]},
+         1),
+        # text that says "image", token ids, a "type" that is no string: no image
+        ({"model": "gpt-4o", "messages": [{"role": "user", "content": 'a "type": "image"'}]}, 0),
+        ({"model": "text-embedding-3-small", "input": [[1, 2, 3], [4, 5]]}, 0),
+        ({"model": "gpt-4o", "messages": [{"role": "user", "content": [{"type": 7}]}]}, 0),
+    ]
+    for doc, images in cases:
+        assert est(doc).input_tokens == body_tokens(doc) + images * 1500, doc
