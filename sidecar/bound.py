@@ -11,6 +11,8 @@ bound of the provider's bill instead (docs/usage.md, "When usage cannot be read"
 - output: the request's max_tokens / max_completion_tokens / max_output_tokens, else the
   served model's `max_output_tokens` (policy `pricing`; DEFAULT_MAX_OUTPUT_TOKENS when
   absent), never more than that maximum, times the choices (`n`, `best_of`).
+- a request without a body (a GET of a model list): no provider generates from it; its
+  bound is what its estimate charged.
 
 The reply's size as Envoy saw it is not used to lower the bound: reasoning models bill
 output tokens that never appear in the reply, so its bytes bound nothing.
@@ -54,8 +56,12 @@ def max_output_tokens(policy: "CompiledPolicy", model: str) -> int:
     return DEFAULT_MAX_OUTPUT_TOKENS if most is None else most
 
 
-def output_bound(policy: "CompiledPolicy", model: str, est: Estimate) -> int:
-    """The most output the provider could bill for ``est``'s request served by ``model``."""
+def output_bound(policy: "CompiledPolicy", model: str, est: Estimate,
+                 charged_tokens: int) -> int:
+    """The most output the provider could bill for ``est``'s request served by ``model``
+    (``charged_tokens``: what the decision charged, the bound of a request without body)."""
+    if not est.shown:
+        return max(charged_tokens - est.input_tokens, 0)
     most = max_output_tokens(policy, model)
     per_choice = most if est.asked_output < 0 else min(est.asked_output, most)
     return min(per_choice * est.choices, MAX_BOUND_TOKENS)

@@ -214,15 +214,16 @@ def estimate(policy: CompiledPolicy, req: Request) -> Estimate:
         if explicit is not None:
             out = max(out, explicit - input_tokens)
         out = max(out, MIN_TOKENS - input_tokens)
-        return Estimate(input_tokens, out, input_tokens + out, model, "body", asked, choices)
+        return Estimate(input_tokens, out, input_tokens + out, model, "body", asked, choices,
+                        True)
     if explicit is not None:
         # a trusted count, never below the prompt the body shows; the part beyond the
         # prompt counts as output, the dearer side of every price list
         out = max(explicit - input_tokens, 0)
         return Estimate(input_tokens, out, input_tokens + out, model,
-                        "header" if req.tokens is None else "transport", -1, choices)
+                        "header" if req.tokens is None else "transport", -1, choices, shown)
     if shown:  # the prompt is firm; the output a default, trimmed to fit a small bucket
         out = min(cfg.default_output_tokens * choices, _core.MAX_TOKENS + 1)
         return Estimate(input_tokens, max(out, MIN_TOKENS - input_tokens),
-                        input_tokens, model, "body", -1, choices)
+                        input_tokens, model, "body", -1, choices, True)
     return Estimate(0, max(cfg.default_request_tokens, MIN_TOKENS), 0, model, "default")

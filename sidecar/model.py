@@ -34,6 +34,7 @@ class Estimate(msgspec.Struct, frozen=True):
     # the most output tokens per choice (-1: it names none), and how many choices
     asked_output: int = -1
     choices: int = 1
+    shown: bool = False  # the request had a body (whole or in part)
 
 
 class Kind(str, enum.Enum):

@@ -408,7 +408,7 @@ class DecisionService:
             # x-request-id must not merge two requests into one settlement
             rid = self.new_reservation_id()
             served = policy.tiers[out.tier].model
-            bound_output = bound.output_bound(policy, served, est)
+            bound_output = bound.output_bound(policy, served, est, out.charged_tokens)
             self.reservations.put(rid, tenant, out.tier, served,
                                   out.charged_tokens, out.charged_cost, out.period_start_us,
                                   time.monotonic(), est.model or policy.tiers[asked].model,

@@ -291,3 +291,13 @@ def test_when_the_store_cannot_take_the_bound_the_estimate_stays_recorded_with_i
     assert (ev.outcome, ev.input_tokens, ev.output_tokens) == ("kept", inp, 300)
     assert ev.cost_nano_usd == inp * 2500 + 300 * 10_000 and ev.budget_charge == 0
     svc.ledger.close()
+
+
+def test_a_request_without_body_is_bounded_by_its_estimate(charged):
+    # a GET of the model list carries no prompt: no provider generates from it, so its
+    # reply without usage costs what its estimate charged, not a model's whole output
+    sc, _, _ = charged
+    d = sc.run(sc.sidecar.service.decide(Request(headers={"x-tenant-id": "tokens"})))
+    assert d.kind is Kind.ALLOW
+    close_unread(sc, "tokens", d.reservation_id)
+    assert sc.backend.states["tokens"].spent == d.outcome.charged_tokens == 512
