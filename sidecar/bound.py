@@ -67,13 +67,15 @@ def output_bound(policy: "CompiledPolicy", model: str, est: Estimate,
     return min(per_choice * est.choices, MAX_BOUND_TOKENS)
 
 
-def tokens(policy: "CompiledPolicy", res: "Reservation") -> tuple[int, int]:
+def tokens(res: "Reservation") -> tuple[int, int]:
     """(input, output) tokens a reservation is charged at when its usage cannot be read.
-    A reservation made without a bound (a decision Redis applied after its timeout) is
-    bounded by what it charged as input and its model's maximum output."""
+    A reservation made without a bound (a decision Redis applied after its timeout, kept
+    because the request may have gone on) stays at what it charged: whether the request
+    reached a provider at all is unknown (Envoy's failure mode may have refused it, and
+    then no usage ever comes), so its model's whole output would charge a refused request."""
     if res.bound_output >= 0:
         return min(res.bound_input, MAX_BOUND_TOKENS), res.bound_output
-    return min(res.charged_tokens, MAX_BOUND_TOKENS), max_output_tokens(policy, res.model)
+    return estimate_tokens(res)
 
 
 def estimate_tokens(res: "Reservation") -> tuple[int, int]:
@@ -89,7 +91,7 @@ async def charge(service: "DecisionService", request_id: str, res: "Reservation"
     the ledger's (``kept``, ``expired``), ``why`` its settled_by and the metric's reason."""
     from sidecar.service import UsageError
 
-    inp, out = tokens(service.policy, res)
+    inp, out = tokens(res)
     try:
         settled = await service.settle_usage(request_id, res.tenant, res.model, inp, out,
                                              SOURCE, settled_by=why, reservation=res,

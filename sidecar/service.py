@@ -384,7 +384,7 @@ class DecisionService:
                 key = self._late_key(decision, req)
                 late.on_outcome = functools.partial(
                     self._late_outcome, decision.kind, tenant, rule, key,
-                    candidates=candidates)
+                    candidates=candidates, input_tokens=est.input_tokens)
             return decision
         except asyncio.CancelledError:
             # the caller stopped waiting (Envoy's own ext_authz timeout cancels the gRPC
@@ -393,7 +393,7 @@ class DecisionService:
             late.on_outcome = functools.partial(
                 self._late_outcome, Kind.UNAVAILABLE, tenant, rule,
                 REQUEST_ID_KEY + req.request_id if req.request_id else "",
-                candidates=candidates)
+                candidates=candidates, input_tokens=est.input_tokens)
             raise
         chosen = router.observe(out, candidates) if router is not None else None
         provider = chosen.provider if chosen is not None else ""
@@ -477,7 +477,8 @@ class DecisionService:
         return Decision(Kind.UNAVAILABLE, tenant=tenant, message=f"limiter backend: {error}")
 
     def _late_outcome(self, answered: Kind, tenant: str, rule: TenantRule, request_id: str,
-                      out: _core.Outcome, candidates: Sequence[Candidate] = ()) -> None:
+                      out: _core.Outcome, candidates: Sequence[Candidate] = (),
+                      input_tokens: int = 0) -> None:
         """Redis applied a decision after it timed out and the failure mode had answered.
         The charge it made is right only if the request went on: refund it when the
         sidecar itself refused the request (fail closed); keep it, as the request's
@@ -499,9 +500,11 @@ class DecisionService:
               and out.tier < len(self.policy.tiers)):
             provider = candidates[out.provider].provider if 0 <= out.provider < len(
                 candidates) else ""
+            # no bound (bound_output -1): without usage it stays at this charge, split as
+            # the estimate was (``input_tokens``), for the ledger (sidecar/bound.py)
             self.reservations.put(request_id, tenant, out.tier, self.policy.tiers[out.tier].model,
                                   out.charged_tokens, out.charged_cost, out.period_start_us,
-                                  time.monotonic(), provider=provider)
+                                  time.monotonic(), provider=provider, bound_input=input_tokens)
         self.metrics.late_replies.labels(action).inc()
 
     def _refund_late(self, tenant: str, rule: TenantRule, tokens: int, cost: int,

@@ -301,3 +301,25 @@ def test_a_request_without_body_is_bounded_by_its_estimate(charged):
     assert d.kind is Kind.ALLOW
     close_unread(sc, "tokens", d.reservation_id)
     assert sc.backend.states["tokens"].spent == d.outcome.charged_tokens == 512
+
+
+def test_a_reservation_held_from_a_late_decision_reply_stays_at_its_charge(charged):
+    # Redis applied a decision after its timeout and Envoy's failure mode answered: the
+    # charge is held as the request's reservation (docs/redis.md), though the request may
+    # never have reached a provider; without usage it stays at what it charged
+    sc, _, _ = charged
+    svc = sc.sidecar.service
+    body = body_of(max_tokens=100)
+    d = decide(sc, "usd", body)
+    svc.reservations.pop(d.reservation_id)  # its charge is now the late reply's
+    sc.run(_on_loop(svc._late_outcome, Kind.UNAVAILABLE, "usd", svc.policy.rule_for("usd"),
+                    "x-request-id:late-1", d.outcome, input_tokens=math.ceil(len(body) / 4)))
+    sc.run(close_reservation(svc, "", "late-1", "usd", 200, None, None, False,
+                             "access_log", "access_log"))
+    assert sc.backend.states["usd"].spent == d.outcome.charged_cost
+    inp = math.ceil(len(body) / 4)
+    assert spend(sc, "usd") == (1, inp, 100, 0, 0, d.outcome.charged_cost)
+
+
+async def _on_loop(fn, *args, **kwargs):
+    fn(*args, **kwargs)
