@@ -49,6 +49,15 @@ local function clock_us(override)
   return now
 end
 
+-- A budget key lives until a day after its period ends. The TTL is set relative to the
+-- script's own `now` (PEXPIRE, not PEXPIREAT): under a clock override the period and its
+-- expiry then come from one clock, and in production (now = the server's TIME) the two
+-- are the same instant. An absolute PEXPIREAT computed from an overridden clock would be
+-- judged against the server's wall clock, and a period in the past expired at once.
+local function expire_after_period(key, pend, now)
+  redis.call('PEXPIRE', key, math.max(1, math.floor((pend + DAY_US - now) / 1000)))
+end
+
 local function floordiv(a, b) return math.floor(a / b) end
 
 -- proleptic Gregorian calendar (Howard Hinnant's algorithms), days since 1970-01-01

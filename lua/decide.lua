@@ -33,7 +33,7 @@
 --
 -- TTLs: a bucket key expires when it would be full again (plus 1 s), written with its
 -- level in one SET (common.lua). A budget key
--- gets PEXPIREAT period end + 1 day once, when a new period starts. A `total` budget
+-- gets a TTL to period end + 1 day once (common.lua), when a new period starts. A `total` budget
 -- key has no TTL: expiring it would hand the tenant its spend back.
 --
 -- Numbers are doubles (Lua 5.1); µs since the epoch (~1.8e15) and nano-USD sums stay
@@ -142,7 +142,7 @@ local function decide(KEYS, ARGV)
       if admitted then spent = add_spend(spent, cost) end
       redis.call('HSET', KEYS[3], 'ps', string.format('%d', pstart), 's', string.format('%d', spent))
       if new_period and pend ~= NO_END then
-        redis.call('PEXPIREAT', KEYS[3], math.floor((pend + DAY_US) / 1000))
+        expire_after_period(KEYS[3], pend, now)
       end
     end
     budget_remaining = budget - spent

@@ -103,7 +103,7 @@ if budget >= 0 then
   if r_cost > 0 or g_cost > 0 or new_period then
     redis.call('HSET', KEYS[3], 'ps', string.format('%d', pstart), 's', string.format('%d', spent))
     if new_period and pend ~= NO_END then
-      redis.call('PEXPIREAT', KEYS[3], math.floor((pend + DAY_US) / 1000))
+      expire_after_period(KEYS[3], pend, now)
     end
   end
 end

@@ -62,6 +62,6 @@ elseif d_cost > 0 then
 end
 redis.call('HSET', KEYS[2], 'ps', string.format('%d', pstart), 's', string.format('%d', spent))
 if new_period and pend ~= NO_END then
-  redis.call('PEXPIREAT', KEYS[2], math.floor((pend + DAY_US) / 1000))
+  expire_after_period(KEYS[2], pend, now)
 end
 return {1, spent}

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from sidecar.backends.base import BackendError
 from sidecar.model import Estimate
+from sidecar.settle_outcome import SettlementPending
 
 if TYPE_CHECKING:
     from sidecar.policy.load import CompiledPolicy
@@ -86,16 +87,23 @@ def estimate_tokens(res: "Reservation") -> tuple[int, int]:
 
 
 async def charge(service: "DecisionService", request_id: str, res: "Reservation",
-                 outcome: str, why: str) -> None:
-    """Settle ``res`` (already out of the book) at the bound; never raises. ``outcome`` is
-    the ledger's (``kept``, ``expired``), ``why`` its settled_by and the metric's reason."""
+                 outcome: str, why: str, local: bool = True) -> None:
+    """Settle ``res`` (already out of the book, or taken from another replica's shared
+    record: ``local`` False) at the bound; never raises. ``outcome`` is the ledger's
+    (``kept``, ``expired``), ``why`` its settled_by and the metric's reason."""
     from sidecar.service import UsageError
 
     inp, out = tokens(res)
     try:
         settled = await service.settle_usage(request_id, res.tenant, res.model, inp, out,
                                              SOURCE, settled_by=why, reservation=res,
-                                             outcome=outcome)
+                                             outcome=outcome, reservation_local=local)
+    except SettlementPending as exc:
+        # sent, its reply lost: the store is asked whether it was applied, and the answer
+        # recorded then (settled at the bound; kept, with the estimate, if it never comes)
+        log.warning("charge at the bound of request %s of tenant %s not confirmed yet: %s",
+                    request_id, res.tenant, exc)
+        return
     except (UsageError, BackendError) as exc:
         log.warning("request %s of tenant %s not charged at its bound (%d input, %d output "
                     "tokens): %s; its estimate stays charged", request_id, res.tenant, inp,

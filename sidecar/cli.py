@@ -1,4 +1,7 @@
-"""kt: the command line. Thin: parse arguments, call into the package."""
+"""kt: the command line. Thin: parse arguments, call into the package.
+
+Imports only the standard library at the top: until main() holds SIGINT and SIGTERM
+(sidecar/stop_signals.py), a signal would interrupt whatever is being imported."""
 from __future__ import annotations
 
 import argparse
@@ -6,12 +9,13 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from sidecar.policy.load import PolicyError, load_policy
+from sidecar import stop_signals
 
 
 def _serve(args: argparse.Namespace) -> int:
     from sidecar.address import AddressError, parse_hostport
     from sidecar.backends.base import BackendError
+    from sidecar.policy.load import PolicyError
     from sidecar.server import ExposureError, ServerConfig, StartupError, serve
 
     if args.workers < 1:
@@ -43,6 +47,7 @@ def _serve(args: argparse.Namespace) -> int:
     cfg = ServerConfig(grpc_addr=args.grpc, http_addr=args.http, policy_path=args.config,
                        state_file=args.state_file, ready_file=args.ready_file,
                        http_authz_addr=args.http_authz, reuse_port=args.worker_of_supervisor,
+                       share_reservations=args.worker_of_supervisor,
                        admin_addr=args.admin, admin_token_file=args.admin_token_file,
                        grpc_token_file=args.grpc_token_file, grpc_tls_cert=args.grpc_tls_cert,
                        grpc_tls_key=args.grpc_tls_key, grpc_client_ca=args.grpc_client_ca)
@@ -69,6 +74,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    from sidecar.policy.load import PolicyError, load_policy
+
     ok = True
     for path in args.files:
         try:
@@ -86,6 +93,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 def _envoy_config(args: argparse.Namespace) -> int:
     from sidecar.address import AddressError, parse_hostport
+    from sidecar.policy.load import PolicyError, load_policy
     from sidecar.envoy_config import (JWT_NAMESPACE, EnvoyOptions, TierRoute, Upstream,
                                       UpstreamError, parse_upstream, render,
                                       sidecar_credential_note)
@@ -243,6 +251,7 @@ def _capacity_estimate(args: argparse.Namespace) -> int:
     from sidecar.capacity import (CapacityError, estimate, parse_provider,
                                   providers_from_policy)
     from sidecar.plan import PlanError, plan
+    from sidecar.policy.load import PolicyError, load_policy
 
     try:
         if args.config:
@@ -397,13 +406,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(args, "log_level", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        code = args.func(args)
+        # `kt serve` stops cleanly on SIGINT or SIGTERM at any moment: both are held until
+        # the sidecar (or the workers' supervisor) has its own handler in place
+        with stop_signals.held():
+            args = build_parser().parse_args(argv)
+            if args.func is not _serve:
+                stop_signals.release()  # any other command: Ctrl-C interrupts it
+            logging.basicConfig(level=getattr(args, "log_level", "INFO"),
+                                format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            code = args.func(args)
         sys.stdout.flush()  # here, where a reader that left is caught, not at exit
         return code
+    except KeyboardInterrupt:  # a command other than serve, interrupted: one line
+        print("kt: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # `kt plan ... | head`: the reader left before the output ended. No traceback; the
         # rest of the output goes nowhere (Python's own advice for SIGPIPE), exit 1

@@ -23,6 +23,10 @@ class Metrics:
         self.shadow_denials = Counter(
             "kt_shadow_denials", "Requests shadow mode let through that would have been refused.",
             ["decision"], registry=r)
+        self.tenant_capacity_refusals = Counter(
+            "kt_tenant_capacity_refusals", "Requests of tenants the policy does not name refused "
+            "because the embedded backend holds backend.max_tenants tenants already (answered "
+            "403 unknown_tenant; docs/embedded.md).", registry=r)
         self.latency = Histogram(
             "kt_decision_latency_seconds", "Time to decide one request, inside the sidecar.",
             ["transport"], buckets=LATENCY_BUCKETS, registry=r)
@@ -67,6 +71,13 @@ class Metrics:
             "(released_upstream_error: refunded; bound_abandoned, bound_no_usage, bound_expiry: "
             "charged at what the provider could have billed; kept_*: that charge failed, the "
             "estimate stays charged).", ["outcome"], registry=r)
+        self.settle_outcomes = Counter(
+            "kt_settle_outcomes", "Settlements whose reply was lost (the store stalled, the "
+            "link dropped), by what the store said once it answered again "
+            "(sidecar/settle_outcome.py): applied (its idempotency marker was there: "
+            "recorded as settled), resent (it was not: sent again), settled_before (a key "
+            "not this sidecar's alone, found settled), unknown (no answer in 10 minutes, or "
+            "the sidecar stopped first: the estimate stays charged).", ["outcome"], registry=r)
         self.usage_log_entries = Counter(
             "kt_usage_log_entries", "Entries of Envoy's usage access log handled (one per "
             "admitted request: settled, released or kept; docs/usage.md).", registry=r)
@@ -120,6 +131,10 @@ class Metrics:
         """Export the backend's own counters (round trips and decisions), read at scrape time."""
         self.registry.register(_BackendCollector(backend))
 
+    def watch_ledger(self, ledger) -> None:
+        """Export the ledger's counters (sidecar/ledger/), read at scrape time."""
+        self.registry.register(_LedgerCollector(ledger))
+
 
 class _OneFamily:
     """Gauges of one name with different labels, exported as one family (a registry holds
@@ -134,6 +149,52 @@ class _OneFamily:
         for f in families[1:]:
             first.samples.extend(f.samples)
         yield first
+
+
+class _LedgerCollector:
+    """The ledger's writer and budget thresholds, read at scrape time (no work per event)."""
+
+    STATES = ("accepted", "written", "spilled", "replayed", "dead_lettered", "lost")
+
+    def __init__(self, ledger) -> None:
+        self.ledger = ledger
+
+    def collect(self):
+        ev = self.ledger.events
+        states = CounterMetricFamily(
+            "kt_ledger_events", "Ledger events by state: accepted (handed to the writer), "
+            "written (by the sink, replays included), spilled (to the local spill file while "
+            "the sink failed), replayed (from the spill), dead_lettered (refused by the sink, "
+            "or unstorable: set aside with the reason in the dead-letter file), lost (buffer "
+            "full, spill or dead-letter file failing or full, a spilled line torn by a crash).",
+            labels=["state"])
+        buffered = GaugeMetricFamily("kt_ledger_buffered_events",
+                                     "Events in memory waiting for the writer thread.")
+        up = GaugeMetricFamily("kt_ledger_sink_up", "1 while the ledger's sink takes events, "
+                               "0 while they spill.", labels=["sink"])
+        spill = GaugeMetricFamily("kt_ledger_spill_bytes", "Bytes of events waiting in the "
+                                  "spill file for the sink (bounded by ledger.spill_max_mb).")
+        timeouts = CounterMetricFamily(
+            "kt_ledger_sink_timeouts", "Sink calls abandoned at ledger.sink_timeout_s (a hung "
+            "sink); their events spilled.", labels=["sink"])
+        ready = GaugeMetricFamily(
+            "kt_ledger_ready", "0 for a minute after a ledger event was lost (the books are "
+            "not being written: /readyz fails too), else 1.")
+        if ev is not None:
+            for state in self.STATES:
+                states.add_metric([state], ev.lost_total if state == "lost"
+                                  else getattr(ev, state))
+            buffered.add_metric([], ev.buffered)
+            up.add_metric([ev.sink.name], 0 if ev.last_error else 1)
+            spill.add_metric([], ev.spill.waiting_bytes())
+            timeouts.add_metric([ev.sink.name], ev.caller.timeouts)
+        ready.add_metric([], 1 if self.ledger.status()[0] else 0)
+        crossings = CounterMetricFamily(
+            "kt_budget_thresholds_crossed", "Budget fractions reached for the first time in a "
+            "period (tenants not named in the policy as _other).", labels=["tenant", "fraction"])
+        for (label, fraction), n in sorted(self.ledger.crossings.items()):
+            crossings.add_metric([label, f"{fraction:g}"], n)
+        yield from (states, buffered, up, spill, timeouts, ready, crossings)
 
 
 class _BackendCollector:

@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,17 +17,18 @@ from pathlib import Path
 from typing import Optional
 
 import grpc
+import msgspec
 from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from sidecar import contract
+from sidecar import contract, stop_signals
 from sidecar.auth import (TokenError, TokenFile, bearer_from_metadata, host_of,
                           is_loopback_host)
 from sidecar.backends.base import Backend, BackendError
 from sidecar.backends.memory import MemoryBackend
-from sidecar.ledger.recorder import Ledger, LedgerCollector, build_ledger
+from sidecar.ledger.recorder import Ledger, build_ledger
 from sidecar.metrics import Metrics
 from sidecar.policy import schema
 from sidecar.policy.load import CompiledPolicy, PolicyError, load_policy, parse_policy
@@ -102,6 +104,10 @@ class ServerConfig:
     http_authz_addr: Optional[str] = None  # the fast path: Envoy's HTTP ext_authz
     # share the gRPC and HTTP-authz ports with sibling worker processes (kt serve --workers)
     reuse_port: bool = False
+    # a worker of `kt serve --workers`: reservations shared through Redis whatever the
+    # policy says, so that usage reaching a sibling (Envoy's connection moves to one when
+    # a worker dies) replaces the estimate instead of adding to it
+    share_reservations: bool = False
     reload_interval_s: float = 2.0
     grace_s: float = 2.0
     # connection limits and timeouts of the --http and --admin listeners
@@ -113,9 +119,12 @@ def make_backend(policy: CompiledPolicy, cfg: ServerConfig) -> Backend:
     if isinstance(b, schema.RedisBackend):
         from sidecar.backends.redis import RedisBackend  # only needed with a redis policy
 
+        if cfg.share_reservations and not b.shared_reservations:
+            b = msgspec.structs.replace(b, shared_reservations=True)
         return RedisBackend(b)
     state_file = cfg.state_file if cfg.state_file is not None else b.state_file
-    return MemoryBackend(state_file=state_file, flush_interval_s=b.flush_interval_s)
+    return MemoryBackend(state_file=state_file, flush_interval_s=b.flush_interval_s,
+                         max_tenants=b.max_tenants)
 
 
 def _read(path: str, what: str) -> bytes:
@@ -209,7 +218,7 @@ class Sidecar:
         self.ledger = ledger if ledger is not None else build_ledger(self.policy.ledger)
         self.service = DecisionService(self.policy, self.backend, self.metrics, self.ledger)
         self.metrics.watch_backend(self.backend)
-        self.metrics.registry.register(LedgerCollector(self.ledger))
+        self.metrics.watch_ledger(self.ledger)
         self._ledger_ticker: Optional[asyncio.Task] = None
         self.grpc_server: Optional[grpc.aio.Server] = None
         self.http_server: Optional[LimitedHttpServer] = None
@@ -313,6 +322,8 @@ class Sidecar:
             if side is not None:
                 side.close()
         self._slow.shutdown(wait=False)
+        # settlements whose reply was lost: a moment to read their outcome from the store
+        await self.service.settler.close(self.cfg.grace_s)
         await self.backend.close()
         # after the drain: the last settlements' events are in the buffer; written (or
         # spilled) by the writer thread, off the event loop
@@ -350,10 +361,10 @@ class Sidecar:
             return text(200, "ok\n")
         if req.path == "/readyz":
             st = self.backend.status()
-            # a failing ledger sink is a detail, not unreadiness: its events spill to
-            # local disk and nothing is lost, so decisions must go on
-            ledger = self.ledger.status()[1]
-            if st.ready:
+            # a failing ledger sink is a detail (its events spill to local disk, nothing
+            # is lost, decisions go on); events being lost are not (docs/ledger.md)
+            ledger_ready, ledger = self.ledger.status()
+            if st.ready and ledger_ready:
                 return text(200, f"ready: {st.detail}; {ledger}\n")
             return text(503, f"not ready: {st.detail}; {ledger}\n")
         if req.path in ("/v1/usage", "/v1/spend"):
@@ -404,7 +415,7 @@ class Sidecar:
         except ValueError as exc:
             return error(400, "invalid_request_error", "invalid_query", str(exc))
         try:
-            cells = await asyncio.wait_for(self.backend.spend_cells(), 10)
+            cells = await asyncio.wait_for(self.backend.spend_cells(since, until), 10)
         except (BackendError, asyncio.TimeoutError) as exc:
             return error(503, "service_unavailable", "limiter_unavailable",
                          f"spend not readable, retry: {exc}")
@@ -617,14 +628,22 @@ def serve_wsgi(flag: str, addr: str, app) -> ThreadedHttpServer:
 
 
 async def serve(cfg: ServerConfig) -> None:
-    import signal
+    """Serve until SIGTERM or SIGINT. A signal during start-up (held by `kt` until now:
+    sidecar/stop_signals.py) lets the start finish, bounded as it is, then stops what
+    started: one log line, never a traceback."""
+    stop = asyncio.Event()
+    received: list[str] = []
 
+    def request_stop(sig: signal.Signals) -> None:
+        received.append(sig.name)
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in stop_signals.STOP_SIGNALS:
+        loop.add_signal_handler(sig, request_stop, sig)
+    stop_signals.release()
     sidecar = Sidecar(cfg)
     await sidecar.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down: draining gRPC, flushing state")
+    log.info("%s: shutting down: draining gRPC, flushing state", received[0])
     await sidecar.stop()

@@ -30,6 +30,7 @@ from sidecar.policy.load import CompiledPolicy, TenantRule
 from sidecar.policy.providers import PRIORITY_RANK
 from sidecar.providers import ProviderRouter
 from sidecar.queue import AdmissionQueue, Timer
+from sidecar.settle_outcome import Settler
 from sidecar.usage import ModelPrice, Usage, cost_nano, model_price
 
 log = logging.getLogger("kt.service")
@@ -41,10 +42,6 @@ _STRICTNESS = {"open": 0, "envoy": 1, "closed": 2}
 # (oldest first): its estimate stays charged. A gateway without ext_proc or usage
 # reports never settles, so the book must stay small and cheap for the GC.
 RESERVATION_TTL_S = 600.0
-# a settlement that timed out is sent again (same key: applied at most once), this many
-# sends in all, after SETTLE_RETRY_S, then twice that (settle_usage)
-SETTLE_ATTEMPTS = 3
-SETTLE_RETRY_S = 0.05
 RESERVATIONS_MAX = 100_000
 OTHER_TENANTS = "_other"  # metric label for tenants not named in the policy
 OTHER_MODELS = "_other"  # metric label for models outside the policy's tiers and pricing
@@ -270,6 +267,9 @@ class DecisionService:
         # what was spent, request by request (sidecar/ledger/); Ledger(None) records nothing
         self.ledger = ledger or Ledger(None)
         self.reservations.on_expired = self._ledger_expired
+        # settlements, and the outcome of those whose reply was lost (settle_outcome.py)
+        self.settler = Settler(backend, lambda outcome: self.metrics.settle_outcomes.labels(
+            outcome).inc())
         self.new_reservation_id = ReservationIds().next
         self._children: dict = {}
         self._usage_children: dict = {}
@@ -357,6 +357,15 @@ class DecisionService:
         if rule is None:
             return Decision(Kind.UNKNOWN_TENANT, tenant=tenant,
                             message=f"Unknown tenant {tenant!r}.")
+        if not rule.name and not self.backend.has_room_for(tenant):
+            # `unknown: defaults` lets clients invent tenant names; the embedded backend
+            # holds a bounded number: past it, a new one is refused, never a new state
+            self.metrics.tenant_capacity_refusals.inc()
+            self.rejected_log.warning("refused tenant %s: the backend holds its maximum of "
+                                      "tenants", tenant)
+            return Decision(Kind.UNKNOWN_TENANT, tenant=tenant, message=(
+                "Tenant capacity reached: this gateway holds its maximum number of tenants "
+                "that its policy does not name. Try again later, or ask its operator."))
         try:
             est = estimate(policy, req)
         except LengthRequired as exc:
@@ -584,7 +593,8 @@ class DecisionService:
                            settled_by: Optional[str] = None,
                            settle_id: Optional[str] = None,
                            reservation: Optional[Reservation] = None,
-                           outcome: str = "settled") -> SettleResult:
+                           outcome: str = "settled",
+                           reservation_local: bool = True) -> SettleResult:
         """Replace a request's reserved estimate by its actual usage, once per (tenant, id).
 
         ``request_id`` names the reservation (the id the sidecar made, `x-kt-reservation`);
@@ -594,9 +604,9 @@ class DecisionService:
         ``input_tokens`` counts every input token; ``cached_tokens`` and
         ``cache_write_tokens`` of them are priced at the model's cache prices.
         ``settled_by`` names how the usage was read, for the ledger (default: ``source``).
-        ``reservation``: one already taken out of the book (a charge at the bound,
-        sidecar/bound.py), settled as it is and not put back on failure; ``outcome`` its
-        ledger outcome.
+        ``reservation``: one already taken out of the book or the shared record (a charge
+        at the bound, sidecar/bound.py; ``reservation_local``: from this sidecar's book),
+        settled as it is; ``outcome`` its ledger outcome.
         Without a reservation (RLS, a fail-open, another replica, or a report-only
         gateway) the whole actual usage is charged in the current period."""
         if not request_id or len(request_id) > 256:
@@ -609,6 +619,9 @@ class DecisionService:
                              "at most input_tokens (they are part of it)")
         policy = self.policy
         res = reservation if reservation is not None else self.reservations.pop(request_id)
+        # held here, not taken from another replica's record: its shared copy is dropped
+        # once settled
+        local = res is not None if reservation is None else reservation_local
         if reservation is not None:
             tenant = reservation.tenant
         elif res is not None:
@@ -647,15 +660,49 @@ class DecisionService:
             else OTHER_MODELS
         spend = None if source == "release" else SpendRecord(
             spend_model, 1, input_tokens, output_tokens, cached_tokens, cache_write_tokens, nano)
+        recorded = functools.partial(
+            self._record_settlement, request_id, tenant, rule, res, model, source,
+            "released" if source == "release" else outcome, settled_by or source,
+            input_tokens, output_tokens, cached_tokens, cache_write_tokens, nano, cost,
+            unpriced, delta_tokens)
+        # the key is this sidecar's alone (its reservation, an id it made: found settled
+        # after a lost reply, it was this settlement) unless a usage report named it
+        # without a reservation here: a reporter's own id, which an earlier report of the
+        # same request may have settled
+        ours = res is not None or settle_id is not None or source != "report"
         try:
-            st = await self._settle_once(tenant, rule.limits, settle_id or request_id,
-                                         delta_tokens, delta_cost, period_start, spend,
-                                         ours=res is not None or settle_id is not None)
+            st = await self.settler.settle(
+                tenant, rule.limits, settle_id or request_id, delta_tokens, delta_cost,
+                period_start, spend, ours=ours,
+                on_resolved=recorded,
+                on_unknown=functools.partial(self._settlement_unknown, request_id, res))
         except BackendError:
-            if res is not None and reservation is None:
-                self.reservations.put(request_id, *dataclasses.astuple(res))  # for a retry
+            # not put back in the book, where it would expire as kept: the settlement may
+            # have been applied, and its outcome is read from the store
+            # (sidecar/settle_outcome.py), then recorded by _record_settlement
             self.metrics.backend_errors.labels(self.backend.name).inc()
             raise
+        await recorded(st)
+        if local and self.backend.shares_reservations:
+            self.backend.forget_reservation(tenant, request_id)
+        return SettleResult(
+            applied=st.applied, request_id=request_id, tenant=tenant, model=model,
+            input_tokens=input_tokens, output_tokens=output_tokens,
+            reserved_tokens=charged_tokens, delta_tokens=delta_tokens, delta_cost=delta_cost,
+            cost_usd=nano / 1e9, budget_spent=st.budget_spent, unpriced=unpriced,
+            cached_tokens=cached_tokens, cache_write_tokens=cache_write_tokens)
+
+    async def _record_settlement(self, request_id: str, tenant: str, rule: TenantRule,
+                                 res: Optional[Reservation], model: str, source: str,
+                                 outcome: str, settled_by: str, input_tokens: int,
+                                 output_tokens: int, cached_tokens: int,
+                                 cache_write_tokens: int, nano: int, cost: int,
+                                 unpriced: bool, delta_tokens: int,
+                                 st: Settlement) -> None:
+        """What follows a settlement the store applied (or found settled before): the
+        provider's correction, metrics, the ledger's event. Also run later, for a
+        settlement whose reply was lost, once the store confirmed its outcome."""
+        policy = self.policy
         self._settled_tenant[request_id] = tenant
         if len(self._settled_tenant) > RESERVATIONS_MAX:
             self._settled_tenant.popitem(last=False)
@@ -697,44 +744,16 @@ class DecisionService:
                     "usage of unpriced model %r charged at the dearest listed price "
                     "(tenant %s, request %s)", model[:200], tenant, request_id)
         if st.applied:
-            self._ledger_settled(request_id, tenant, rule, res, model,
-                                 "released" if source == "release" else outcome,
-                                 settled_by or source, input_tokens, output_tokens,
+            self._ledger_settled(request_id, tenant, rule, res, model, outcome,
+                                 settled_by, input_tokens, output_tokens,
                                  cached_tokens, cache_write_tokens, nano, cost, unpriced,
                                  st.budget_spent)
-        return SettleResult(
-            applied=st.applied, request_id=request_id, tenant=tenant, model=model,
-            input_tokens=input_tokens, output_tokens=output_tokens,
-            reserved_tokens=charged_tokens, delta_tokens=delta_tokens, delta_cost=delta_cost,
-            cost_usd=nano / 1e9, budget_spent=st.budget_spent, unpriced=unpriced,
-            cached_tokens=cached_tokens, cache_write_tokens=cache_write_tokens)
 
-    async def _settle_once(self, tenant: str, limits: _core.Limits, key: str, delta_tokens: int,
-                           delta_cost: int, period_start: int, spend: Optional[SpendRecord],
-                           ours: bool) -> Settlement:
-        """The backend's settlement, resent with the same key after a timeout.
-
-        A settlement whose reply comes too late has usually been applied all the same:
-        given up on, its reservation would stay and later expire as kept, counting the
-        request again in the durable spend (with its estimate's cost) and in the ledger as
-        kept instead of settled. Resent, it is applied at most once (the backend keeps
-        each key's settlement), and its reply says whether the first send was applied.
-        "Already settled" on a resend is this settlement's own first send when the key was
-        this sidecar's alone (``ours``: it held the reservation, or made the key): applied.
-        """
-        for attempt in range(SETTLE_ATTEMPTS):
-            try:
-                st = await self.backend.settle(tenant, limits, key, delta_tokens, delta_cost,
-                                               period_start, spend)
-            except BackendTimeout:
-                if attempt + 1 == SETTLE_ATTEMPTS:
-                    raise
-                await asyncio.sleep(SETTLE_RETRY_S * 2 ** attempt)
-                continue
-            if attempt and ours and not st.applied:
-                return Settlement(applied=True, budget_spent=st.budget_spent)
-            return st
-        raise AssertionError("unreachable")
+    def _settlement_unknown(self, request_id: str, res: Optional[Reservation]) -> None:
+        """A settlement the store never confirmed nor denied: the estimate stays charged."""
+        if res is not None:
+            self.metrics.reservations_closed.labels("kept_settle_unknown").inc()
+            self.keep_estimate(request_id, res, "kept", "settle_unknown")
 
     def upstream_answered(self, provider: str, status: int) -> None:
         """Count an upstream response ext_proc saw, by provider and status (a provider's own
@@ -861,7 +880,7 @@ class DecisionService:
                             "not be read (%s): recorded as expired here", request_id,
                             res.tenant, exc)
             if record != TAKEN_RESERVATION:  # ours (or gone: charged rather than lost)
-                await bound.charge(self, request_id, res, "expired", "expiry")
+                await bound.charge(self, request_id, res, "expired", "expiry", local=False)
 
         try:
             task = asyncio.get_running_loop().create_task(claim())
@@ -896,6 +915,9 @@ class DecisionService:
                             "replica that decided it", request_id, tenant, exc)
                 return
             res = _parse_reservation(tenant, record if record != TAKEN_RESERVATION else None)
+            if res is not None:
+                await bound.charge(self, request_id, res, "kept", why, local=False)
+            return
         if res is not None:
             await bound.charge(self, request_id, res, "kept", why)
 

@@ -10,10 +10,16 @@ operator see one sidecar:
 - `/metrics` is the sum of the workers' metrics, read from each worker's own side port
   (loopback, ephemeral) at scrape time: counters and histograms add up; a gauge adds up
   too (a queue depth, in-flight requests) unless `GAUGE_MERGE` says otherwise (a backend
-  that one worker finds not ready makes the pod's `kt_backend_ready` 0).
+  that one worker finds not ready makes the pod's `kt_backend_ready` 0). A worker that
+  exits leaves its counters and histograms, as last scraped, in the sum (RetiredCounts):
+  a restart never makes a pod's counter go backwards.
   prometheus-client's multiprocess mode was the alternative; it needs every gauge to
   declare its mode and cannot carry custom collectors (the backend's round-trip counters),
   so the supervisor merges the workers' own expositions instead.
+- the workers share reservations through Redis (`shared_reservations`, whatever the
+  policy says): Envoy's connection, and with it the usage of requests in flight, moves to
+  a sibling when a worker dies, and the sibling must replace their estimates, not add to
+  them.
 - `/readyz` answers 200 only when every worker is running and answers its own `/readyz`
   with 200 (within a second); otherwise 503 naming the first worker that is not.
 - `/healthz` answers 200 while the supervisor runs (it restarts a worker that dies).
@@ -24,8 +30,9 @@ operator see one sidecar:
   reservation, docs/usage.md).
 Both are served with the sidecar's connection limits and timeouts (server.serve_wsgi).
 
-It also starts the workers, restarts one that dies (at most 5 times a minute, then it
-gives up and stops them all, so the pod restarts) and forwards SIGTERM / SIGINT.
+It also starts the workers (each in a session of its own), restarts one that dies (at
+most 5 times a minute, then it gives up and stops them all, so the pod restarts) and stops
+them with SIGTERM when it receives SIGTERM or SIGINT.
 """
 from __future__ import annotations
 
@@ -37,6 +44,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -48,6 +56,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from sidecar import stop_signals
 from sidecar.auth import TokenFile
 from sidecar.policy import schema
 from sidecar.policy.load import load_policy
@@ -81,12 +90,17 @@ class WorkerError(Exception):
 
 
 class WorkerExited(WorkerError):
-    """A worker stopped before serving; it printed its own reason when `explained`."""
+    """A worker stopped before serving; it printed its own reason when `explained`.
+    ``code`` is what `kt serve` exits with: the worker's, or 1 when a signal ended it."""
 
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
-        self.code = code
+        self.code = code if code > 0 else 1
         self.explained = code in _EXPLAINED
+
+
+class _StopRequested(Exception):
+    """SIGTERM or SIGINT reached the supervisor while the workers were starting."""
 
 
 def _port(addr: str) -> tuple[str, int]:
@@ -106,7 +120,10 @@ class Worker:
     def start(self) -> None:
         self.http_port = self.admin_port = 0
         self.ready_file.unlink(missing_ok=True)
-        self.proc = subprocess.Popen(self.command)
+        # a session of its own: a terminal's Ctrl-C reaches the supervisor only, which stops
+        # the workers with SIGTERM (a SIGINT in a worker's own interpreter start, before
+        # any line of kt runs, would print Python's traceback)
+        self.proc = subprocess.Popen(self.command, start_new_session=True)
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -133,9 +150,40 @@ def _request(url: str, data: Optional[bytes] = None,
         return e.code, e.read()
 
 
-def merge_metrics(texts: list[str]) -> list[Metric]:
+# the families whose samples only grow: what a worker that exited had counted stays in
+# the pod's sum (RetiredCounts)
+_MONOTONIC = ("counter", "histogram", "summary")
+
+
+class RetiredCounts:
+    """The counters and histograms of workers that exited, as last scraped: added to the
+    live workers' sum, so a worker's death never makes a pod's counter go backwards (what
+    prometheus-client's multiprocess mode does for the counters of dead processes).
+    What a worker counted after the last scrape before it died is not known: a kill
+    loses at most one scrape interval of its counts, never what was already reported."""
+
+    def __init__(self) -> None:
+        self.families: dict[str, Metric] = {}
+        self.values: dict[tuple, float] = {}
+
+    def add(self, text: str) -> None:
+        for fam in text_string_to_metric_families(text):
+            if fam.type not in _MONOTONIC:
+                continue
+            if fam.name not in self.families:
+                self.families[fam.name] = Metric(fam.name, fam.documentation, fam.type,
+                                                 fam.unit)
+            for s in fam.samples:
+                if s.name.endswith("_created"):
+                    continue
+                key = (fam.name, s.name, tuple(sorted(s.labels.items())))
+                self.values[key] = self.values.get(key, 0.0) + s.value
+
+
+def merge_metrics(texts: list[str], retired: Optional[RetiredCounts] = None) -> list[Metric]:
     """The workers' expositions as one: samples with the same name and labels combined
-    (summed, or by GAUGE_MERGE), in the order the first worker lists them."""
+    (summed, or by GAUGE_MERGE), in the order the first worker lists them; plus what
+    workers that exited had counted (``retired``)."""
     families: dict[str, Metric] = {}
     values: dict[tuple, list[float]] = {}
     for text in texts:
@@ -145,6 +193,11 @@ def merge_metrics(texts: list[str]) -> list[Metric]:
             for s in fam.samples:
                 key = (fam.name, s.name, tuple(sorted(s.labels.items())))
                 values.setdefault(key, []).append(s.value)
+    if retired is not None:
+        for name, fam in retired.families.items():
+            families.setdefault(name, Metric(fam.name, fam.documentation, fam.type, fam.unit))
+        for key, value in retired.values.items():
+            values.setdefault(key, []).append(value)
     for (fam_name, sample_name, labels), vals in values.items():
         fam = families[fam_name]
         if sample_name.endswith("_created"):
@@ -172,6 +225,10 @@ class Supervisor:
         self.workers = workers  # filled in as they start
         self.admin_token = admin_token
         self._turn = itertools.count()
+        # each worker's last exposition, by its index: (its process id, the text)
+        self._last: dict[int, tuple[int, str]] = {}
+        self.retired = RetiredCounts()
+        self._scraping = threading.Lock()  # scrapes are answered by several threads
 
     # --- the pod's one side port ----------------------------------------------
     def app(self, environ, start_response):
@@ -260,18 +317,27 @@ class Supervisor:
         return ""
 
     def scrape(self) -> list[Metric]:
-        texts = []
+        texts: list[tuple[Worker, int, str]] = []
         for w in self.workers:
             if not (w.running() and w.poll_ready()):
                 raise WorkerError(f"worker {w.index} is not serving; metrics are incomplete")
+            assert w.proc is not None
+            pid = w.proc.pid
             try:
                 status, body = w.get("/metrics")
             except OSError as exc:
                 raise WorkerError(f"worker {w.index} does not answer ({exc})") from None
             if status != 200:
                 raise WorkerError(f"worker {w.index} answered {status} to /metrics")
-            texts.append(body.decode())
-        return merge_metrics(texts)
+            texts.append((w, pid, body.decode()))
+        with self._scraping:
+            for w, pid, text in texts:
+                last = self._last.get(w.index)
+                if last is not None and last[0] != pid:
+                    # a new process in this worker's place: what the old one counted stays
+                    self.retired.add(last[1])
+                self._last[w.index] = (pid, text)
+            return merge_metrics([text for _, _, text in texts], self.retired)
 
     def _forward_usage(self, environ, start_response):
         try:
@@ -309,6 +375,10 @@ def supervise(args, n: int) -> int:
     if not isinstance(policy.backend, schema.RedisBackend):
         raise WorkerError("--workers > 1 needs the redis backend: with the embedded backend "
                           "each worker would keep its own limits and budgets (limit x workers)")
+    if policy.backend.cluster:
+        log.warning("--workers with a Redis cluster: reservations are not shared in cluster "
+                    "mode, so usage of a request whose worker died reaches a sibling without "
+                    "its reservation and is charged on top of the estimate (docs/deploy.md)")
     # the listeners' credentials, checked as a single sidecar checks its own (one line
     # and exit 2 for a listener beyond loopback without one)
     credentials = Credentials(ServerConfig(
@@ -338,9 +408,13 @@ def supervise(args, n: int) -> int:
         deadline = time.monotonic() + 60
         while not w.poll_ready():
             assert w.proc is not None
+            if stopping:
+                raise _StopRequested
             if w.proc.poll() is not None:
-                raise WorkerExited(f"worker {w.index} exited with {w.proc.returncode} before "
-                                   "serving", w.proc.returncode)
+                code = w.proc.returncode
+                how = (f"was ended by {signal.Signals(-code).name}" if code < 0
+                       else f"exited with {code}")
+                raise WorkerExited(f"worker {w.index} {how} before serving", code)
             if time.monotonic() > deadline:
                 raise WorkerError(f"worker {w.index} not serving after 60 s")
             time.sleep(0.05)
@@ -350,9 +424,13 @@ def supervise(args, n: int) -> int:
     stopping = False
     http_server = admin_server = None
 
-    def stop_all(*_sig) -> None:
+    received: list[str] = []
+
+    def stop_all(signum: int = 0, _frame=None) -> None:
         nonlocal stopping
         stopping = True
+        if signum:
+            received.append(signal.Signals(signum).name)
         for w in workers:
             if w.running():
                 assert w.proc is not None
@@ -360,6 +438,9 @@ def supervise(args, n: int) -> int:
 
     signal.signal(signal.SIGTERM, stop_all)
     signal.signal(signal.SIGINT, stop_all)
+    # held by `kt` since its start (sidecar/stop_signals.py): one that came meanwhile is
+    # handled now, and the workers, started after this, begin with them unblocked
+    stop_signals.release()
     try:
         supervisor = Supervisor(workers, credentials.admin)
         # the pod's side and admin ports first: a port in use stops everything before any
@@ -375,6 +456,8 @@ def supervise(args, n: int) -> int:
                 except OSError as exc:
                     raise listen_error(flag, addr, exc) from None
         # worker 0 binds the decision ports (possibly ephemeral); the others join them
+        if stopping:
+            raise _StopRequested
         first_worker = Worker(0, command(0, args.grpc, args.http_authz), tmp / "worker-0.json")
         workers.append(first_worker)
         first_worker.start()
@@ -385,6 +468,8 @@ def supervise(args, n: int) -> int:
         # with the ports now fixed, so that a restarted worker (0 included) joins them
         first_worker.command = command(0, grpc_addr, authz_addr)
         for i in range(1, n):
+            if stopping:
+                raise _StopRequested
             w = Worker(i, command(i, grpc_addr, authz_addr), tmp / f"worker-{i}.json")
             workers.append(w)
             w.start()
@@ -415,6 +500,10 @@ def supervise(args, n: int) -> int:
                 assert w.proc is not None
                 log.error("worker %d exited with %s: restarting it", w.index, w.proc.returncode)
                 w.start()
+        log.info("%s: stopping the workers", received[0] if received else "stop")
+        return 0
+    except _StopRequested:
+        log.info("%s during start-up: stopping the workers", received[0])
         return 0
     finally:
         stop_all()

@@ -13,8 +13,8 @@ from sidecar.backends.memory import MemoryBackend
 from sidecar.ledger.recorder import Ledger
 from sidecar.policy.load import CompiledPolicy, parse_policy
 from sidecar.server import ServerConfig, Sidecar
+from tests.support.clock import T0_US  # noqa: F401 - the suite's fixed instant
 
-T0_US = 1_795_000_000_000_000  # 2026-11-18, a fixed instant for tests
 
 
 class FakeClock:

@@ -263,6 +263,9 @@ def test_an_unreadable_reply_on_another_replica_is_charged_once_at_the_bound(val
 
 def test_when_the_store_cannot_take_the_bound_the_estimate_stays_recorded_with_its_tokens(
         valkey, tmp_path):
+    # Valkey gone before the charge: its outcome is read from the store once it answers
+    # (sidecar/settle_outcome.py); a stop first leaves it unknown, and the estimate stays
+    # charged, recorded with its tokens and their price (not 0 tokens, $0)
     events = EventLog(FileSink(tmp_path / "events", fsync=False),
                       SpillFile(tmp_path / "spill.jsonl"), flush_interval_s=0.01)
     svc = redis_service(valkey.url, shared=False)
@@ -279,18 +282,21 @@ def test_when_the_store_cannot_take_the_bound_the_estimate_stays_recorded_with_i
             valkey.stop()
             await close_reservation(svc, d.reservation_id, "", "free", 200, None, None, False,
                                     "access_log", "access_log")
+            await svc.settler.close(0.3)
             while svc._background:
                 await asyncio.sleep(0.01)
         finally:
             await svc.backend.close()
 
-    asyncio.run(main())
-    assert svc.metrics.reservations_closed.labels("kept_no_usage")._value.get() == 1
-    (ev,) = usage_events(svc.ledger, tmp_path / "events")
-    # the estimate's tokens and price, not 0 and $0 (a tenant without a budget)
-    assert (ev.outcome, ev.input_tokens, ev.output_tokens) == ("kept", inp, 300)
-    assert ev.cost_nano_usd == inp * 2500 + 300 * 10_000 and ev.budget_charge == 0
-    svc.ledger.close()
+    try:
+        asyncio.run(main())
+        assert svc.metrics.reservations_closed.labels("kept_settle_unknown")._value.get() == 1
+        (ev,) = usage_events(svc.ledger, tmp_path / "events")
+        assert (ev.outcome, ev.settled_by, ev.input_tokens, ev.output_tokens) == (
+            "kept", "settle_unknown", inp, 300)
+        assert ev.cost_nano_usd == inp * 2500 + 300 * 10_000 and ev.budget_charge == 0
+    finally:
+        svc.ledger.close()
 
 
 def test_a_request_without_body_is_bounded_by_its_estimate(charged):

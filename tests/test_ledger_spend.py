@@ -16,6 +16,7 @@ from sidecar.backends.redis import RedisBackend
 from sidecar.model import Kind, Request
 from sidecar.policy.load import parse_policy
 from tests.inproc import FakeClock, RunningSidecar
+from tests.support.clock import T0_US, utc_day, utc_month
 from tests.support.policies import TIERS_AND_CACHE_PRICING
 from tests.support.procs import workdir
 from tests.support.valkey import Valkey
@@ -98,21 +99,29 @@ def test_spend_per_day_and_model_for_every_tenant_from_any_replica(two):
         doc = spend(b)
         assert b.run(_spent(b, "acme")) == spent_a
         by_day = spend(b, "?period=day")["tenants"]["acme"]
-        month = spend(b, "?period=month&since=2026-11-01&until=2026-11-30")
-        since = spend(b, "?since=2026-11-19")
+        # the months of both days (the second may be the next month, or year)
+        month = spend(b, f"?period=month&since={utc_day(T0_US)}&until={utc_day(T0_US, 1)}")
+        since = spend(b, f"?since={utc_day(T0_US, 1)}")
     acme = doc["tenants"]["acme"]["gpt-4o"]
     first = 400 * 2500 + 600 * 1250 + 200 * 10000
     assert (acme["requests"], acme["input_tokens"], acme["output_tokens"],
             acme["cached_tokens"]) == (2, 1000 + BODY_INPUT, 200 + 500, 600)
-    # the bound counts as spend, exactly what the budget holds
-    assert acme["cost_nano_usd"] == spent_a == first + BODY_INPUT * 2500 + 500 * 10000
+    # the bound counts as spend; the budget holds the spend of its period (the second
+    # day's month: both days' when they share a month, the second's alone when a month
+    # ends)
+    second_month = utc_month(T0_US + DAY_S * 1_000_000)
+    same_month = utc_month(T0_US) == second_month
+    assert acme["cost_nano_usd"] == first + BODY_INPUT * 2500 + 500 * 10000
+    assert acme["cost_nano_usd"] == (spent_a if same_month else first + spent_a)
     # every tenant by name, none folded into _other
     assert doc["tenants"]["someone-new"]["gpt-4o-mini"]["cost_nano_usd"] == 5000 * 150 + 700 * 600
     assert "_other" not in doc["tenants"]
     # by day: the first day holds only r1's usage
-    assert sorted(by_day) == ["2026-11-18", "2026-11-19"]
-    assert by_day["2026-11-18"]["gpt-4o"]["cost_nano_usd"] == first
-    assert month["tenants"]["acme"]["2026-11"]["gpt-4o"]["cost_nano_usd"] == spent_a
+    assert sorted(by_day) == [utc_day(T0_US), utc_day(T0_US, 1)]
+    assert by_day[utc_day(T0_US)]["gpt-4o"]["cost_nano_usd"] == first
+    by_month = month["tenants"]["acme"]
+    assert set(by_month) == {utc_month(T0_US), second_month}
+    assert by_month[second_month]["gpt-4o"]["cost_nano_usd"] == spent_a
     assert since["tenants"]["acme"]["gpt-4o"]["requests"] == 1  # r2, charged at its bound
 
 
@@ -195,3 +204,122 @@ def test_acknowledged_spend_survives_a_sigkill_of_the_embedded_sidecar(tmp_path:
     assert rec["cached_tokens"] == sum(d["cached_tokens"] for d in sent)
     assert rec["cost_nano_usd"] == sum((d["input_tokens"] - d["cached_tokens"]) * 2500
                                        + d["cached_tokens"] * 1250 + 10 * 10000 for d in sent)
+
+
+NO_BUDGET_POLICY = """
+tenant: {header: x-tenant-id, unknown: defaults}
+""" + TIERS_AND_CACHE_PRICING + """defaults:
+  limits: {rpm: 10000, tpm: 100000000}
+backend: {kind: memory, flush_interval_s: 3600}
+"""
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
+def test_the_embedded_sidecar_restarts_after_settling_a_tenant_without_a_budget(tmp_path: Path,
+                                                                               stop: str):
+    """A tenant without a budget (every policy without `budget:`, as docs/providers.md's
+    example) settles with no budget spend: the journal holds its state's own spend, and the
+    next start reads it back, with the durable spend it recorded."""
+    import signal
+
+    from tests.support.procs import SidecarProcess, post_json
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(NO_BUDGET_POLICY)
+    sc = SidecarProcess(policy, tmp_path)
+    with sc:
+        doc = {"request_id": "nb-1", "tenant": "acme", "model": "gpt-4o",
+               "input_tokens": 100, "output_tokens": 10}
+        status, ack = post_json(f"http://127.0.0.1:{sc.admin_port}/v1/usage", doc)
+        assert status == 200 and ack["applied"]
+        if stop == "sigterm":
+            sc.stop(grace=30)
+        else:
+            sc.proc.send_signal(signal.SIGKILL)
+            sc.proc.wait(10)
+        sc.start()  # raises (and shows the log) when the sidecar refuses its journal
+        spent = sc.spend()["acme"]["gpt-4o"]
+        assert (spent["requests"], spent["input_tokens"], spent["cost_nano_usd"]) == \
+            (1, 100, 100 * 2500 + 10 * 10000)
+        # the settlement is remembered: the same report again adds nothing
+        status, ack = post_json(f"http://127.0.0.1:{sc.admin_port}/v1/usage", doc)
+        assert status == 200 and not ack["applied"]
+
+
+def test_a_journal_with_the_no_budget_reply_as_spend_is_read_back(tmp_path: Path):
+    """Journals written before the fix hold -1 (settle's "no budget" reply) as the spend
+    of a tenant without a budget; the sidecar that wrote them must still start."""
+    state = tmp_path / "spend.json"
+    journal = tmp_path / "spend.json.journal.1"
+    journal.write_text('[1,"acme","old-1",-1,-1]\n')
+    with RunningSidecar(POLICY % "", backend=MemoryBackend(state_file=str(state))) as sc:
+        out = sc.run(sc.sidecar.service.backend.settle(
+            "acme", sc.sidecar.service.policy.rule_for("acme").limits, "old-1", 5, 5, -1))
+        assert not out.applied  # remembered from the journal
+    # spend -1 with a budget period is still refused: that is not a spend
+    journal.write_text('[1,"acme","old-1",1795000000000000,-1]\n')
+    for leftover in tmp_path.glob("spend.json*"):
+        if leftover != journal:
+            leftover.unlink()
+    from sidecar.backends.base import BackendError
+
+    with pytest.raises(BackendError, match="spent must be an integer"):
+        with RunningSidecar(POLICY % "", backend=MemoryBackend(state_file=str(state))):
+            pass
+
+
+def test_a_spend_report_over_a_range_reads_only_the_tenants_it_holds(tmp_path: Path):
+    """A client inventing tenant ids under `unknown: defaults` must not make every later
+    report read every tenant ever seen: a range is read through the day index (Redis's
+    own command counts show which hashes were read), and what it answers is the same."""
+    import redis
+
+    noon = T0_US - T0_US % (DAY_S * 1_000_000) + DAY_S * 1_000_000 // 2
+    clock = FakeClock(noon)
+    with workdir() as d, Valkey(d) as v:
+        text = POLICY % f'backend: {{kind: redis, url: "{v.url}", timeout_ms: 2000}}'
+        pol = parse_policy(text.encode(), "<test>")
+        with RunningSidecar(text, backend=RedisBackend(pol.backend, clock_override=clock),
+                            clock=clock) as sc:
+            svc = sc.sidecar.service
+            for i in range(300):  # the flood, on the first day
+                sc.run(svc.settle_usage(f"f-{i}", f"rnd-{i}", "gpt-4o", 10, 1, "report"))
+            clock.advance(DAY_S)
+            for i in range(3):  # the next day: three tenants
+                sc.run(svc.settle_usage(f"n-{i}", f"day2-{i}", "gpt-4o", 100, 10, "report"))
+            r = redis.Redis.from_url(v.url)
+            r.config_resetstat()
+            ranged = spend(sc, f"?since={utc_day(noon, 1)}")["tenants"]
+            stats = r.info("commandstats")
+            everything = spend(sc)["tenants"]
+            r.close()
+    assert sorted(ranged) == ["day2-0", "day2-1", "day2-2"]
+    assert ranged["day2-0"]["gpt-4o"]["cost_nano_usd"] == 100 * 2500 + 10 * 10000
+    # three hashes read, no scan of the 303 spend keys
+    assert stats["cmdstat_hgetall"]["calls"] == 3
+    assert "cmdstat_scan" not in stats
+    # the whole history is still every tenant, exactly
+    assert len(everything) == 303
+    assert everything["rnd-7"]["gpt-4o"]["cost_nano_usd"] == 10 * 2500 + 1 * 10000
+
+
+def test_a_range_starting_before_the_index_existed_is_read_whole(tmp_path: Path):
+    """Spend written before the day index (older versions, or the index's first day) is
+    found by a scan: a range never misses spend because its tenants were not indexed."""
+    import redis
+
+    clock = FakeClock(T0_US - T0_US % (DAY_S * 1_000_000) + DAY_S * 1_000_000 // 2)
+    with workdir() as d, Valkey(d) as v:
+        text = POLICY % f'backend: {{kind: redis, url: "{v.url}", timeout_ms: 2000}}'
+        pol = parse_policy(text.encode(), "<test>")
+        with RunningSidecar(text, backend=RedisBackend(pol.backend, clock_override=clock),
+                            clock=clock) as sc:
+            svc = sc.sidecar.service
+            sc.run(svc.settle_usage("a-1", "indexed", "gpt-4o", 10, 1, "report"))
+            r = redis.Redis.from_url(v.url)
+            # spend an older sidecar wrote today: in its hash, not in the index
+            r.delete(f"kt:spend-index:{clock() // (DAY_S * 1_000_000)}")
+            today = utc_day(clock())
+            doc = spend(sc, f"?since={today}")["tenants"]
+            r.close()
+    assert sorted(doc) == ["indexed"]

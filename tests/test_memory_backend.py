@@ -15,7 +15,7 @@ from sidecar.backends.base import BackendError
 from sidecar.backends.memory import MemoryBackend
 from sidecar.policy.load import load_policy
 from sidecar.server import ServerConfig, Sidecar
-from tests.inproc import FakeClock
+from tests.inproc import T0_US, FakeClock
 
 LIMITS = _core.Limits(budget=1000, period=_core.P_MONTH)
 
@@ -131,7 +131,8 @@ def test_hot_reload_follows_a_configmap_style_symlink_swap(tmp_path):
 
 def test_random_tenant_names_do_not_grow_memory_without_bound_and_spend_is_kept():
     # `unknown: defaults` lets a client invent tenant names: states at rest are dropped
-    clock = FakeClock()
+    # the test's ten seconds stay inside one month, whatever the suite's fixed instant
+    clock = FakeClock(T0_US - T0_US % 86_400_000_000 + 3_600_000_000)
     backend = MemoryBackend(clock=clock, sweep_at=50)
     rate_only = _core.Limits(rpm=60, tpm=6000)
     with_budget = _core.Limits(rpm=60, budget=1000, period=_core.P_MONTH)
@@ -460,3 +461,50 @@ def test_acknowledged_usage_reports_are_not_applied_again_after_a_sigkill(tmp_pa
     assert fresh["applied"]
     # the 200 reports' spend survived the SIGKILL (the journal), counted once, plus the new one
     assert json.loads((tmp_path / "spend.json").read_text())["tenants"]["acme"]["spent"] == 2010
+
+
+def test_tenants_the_policy_does_not_name_are_held_up_to_a_cap(tmp_path):
+    """`unknown: defaults` lets a client invent tenant ids, and every one with spend this
+    period is a budget the embedded backend must keep: past `backend.max_tenants`, a new
+    name is refused (403, counted), while names held already and the policy's own tenants
+    go on being decided."""
+    import asyncio
+    import json
+
+    from sidecar.model import Kind, Request
+    from sidecar.policy.load import parse_policy
+    from sidecar.service import DecisionService
+
+    policy = parse_policy(b"""
+tenant: {header: x-tenant-id, unknown: defaults}
+tiers:
+  - {name: default, model: gpt-4o}
+pricing: {gpt-4o: {input: 2.5, output: 10}}
+defaults:
+  limits: {rpm: 100, tpm: 100000}
+  budget: {usd: 10, period: month}
+tenants:
+  named: {limits: {rpm: 100, tpm: 100000}}
+backend: {kind: memory, state_file: "", max_tenants: 1000}
+""", "<test>")
+    backend = MemoryBackend(clock=FakeClock(), max_tenants=policy.backend.max_tenants)
+    svc = DecisionService(policy, backend)
+    body = json.dumps({"model": "gpt-4o", "max_tokens": 5,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+    async def ask(tenant: str):
+        return await svc.decide(Request(headers={"x-tenant-id": tenant}, body=body))
+
+    async def main():
+        admitted = [await ask(f"rnd-{i}") for i in range(1000)]
+        assert all(d.kind is Kind.ALLOW for d in admitted)  # each spent budget: all kept
+        refused = await ask("rnd-new")
+        assert refused.kind is Kind.UNKNOWN_TENANT and "capacity" in refused.message
+        assert (await ask("rnd-5")).kind is Kind.ALLOW  # held already
+        assert (await ask("named")).kind is Kind.ALLOW  # the policy's own
+        assert len(backend.states) <= 1001
+
+    asyncio.run(main())
+    refusals = svc.metrics.registry.get_sample_value("kt_tenant_capacity_refusals_total")
+    assert refusals == 1.0
+

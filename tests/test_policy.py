@@ -13,6 +13,7 @@ from sidecar.server import sample_policy
 FIXTURES = Path(__file__).parent / "fixtures" / "policy"
 
 BAD = {
+    'max_tenants_too_small.yaml': '$.backend.max_tenants: must be an integer in 1000..50000000, got 10 (line 2, column 38)',
     'bad_period.yaml': "$.defaults.budget.period: Invalid enum value 'fortnight'; expected one of: minute, hour, day, month, total (line 3, column 34)",
     'bad_tenant_metadata.yaml': '$.tenant.metadata: expected "namespace:path.to.field", e.g. "envoy.filters.http.jwt_authn:jwt_payload.tenant" (line 1, column 20)',
     'bad_unknown_mode.yaml': "$.tenant.unknown: Invalid enum value 'allow'; expected one of: defaults, deny (line 1, column 40)",

@@ -17,6 +17,7 @@ from sidecar.cli import main as kt
 from sidecar.transports.ext_proc import rewrite_model
 from sidecar.usage import UsageScanner, usage_from_json
 from tests.inproc import RunningSidecar
+from tests.support.clock import T0_US, utc_day
 from tests.support.policies import TIERS_AND_PRICING
 from tests.support.procs import post_json
 
@@ -177,11 +178,12 @@ def test_spend_is_readable_through_the_cli(sidecar, capsys):
                    "cache_write_tokens": 0, "cost_nano_usd": nano, "usd": nano / 1e9}
     # by day, for the fake clock's day; a range without it is empty
     base = ["--admin", sidecar.admin_base.removeprefix("http://"), "--token-file", token_file]
-    assert kt(["spend", *base, "--json", "--period", "day", "--since", "2026-11-18",
-               "--until", "2026-11-18"]) == 0
+    day = utc_day(T0_US)
+    assert kt(["spend", *base, "--json", "--period", "day", "--since", day,
+               "--until", day]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["tenants"]["acme"]["2026-11-18"]["gpt-4o"]["cost_nano_usd"] == nano
-    assert kt(["spend", *base, "--json", "--since", "2026-11-19"]) == 0
+    assert doc["tenants"]["acme"][day]["gpt-4o"]["cost_nano_usd"] == nano
+    assert kt(["spend", *base, "--json", "--since", utc_day(T0_US, 1)]) == 0
     assert json.loads(capsys.readouterr().out)["tenants"] == {}
     assert kt(["spend", *base, "--since", "yesterday"]) == 1
     assert "expected a date YYYY-MM-DD" in capsys.readouterr().err

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional, Protocol, Sequence
 
 from sidecar._core import Limits, Outcome, Quota
-from sidecar.ledger.spend import SpendCell, SpendRecord
+from sidecar.ledger.spend import LAST_DAY, SpendCell, SpendRecord
 
 
 # what take_reservation leaves where a shared reservation was (never a valid record)
@@ -102,13 +102,24 @@ class Backend(Protocol):
         ledger's record of the request, added to the tenant's spend per day and model in
         the same atomic step (only when applied)."""
 
+    async def was_settled(self, tenant: str, request_id: str) -> bool:
+        """Whether a settlement with this (tenant, id) was applied: its idempotency marker,
+        read without changing anything (a settlement whose reply was lost asks this once
+        the store answers again). May raise BackendError."""
+
     async def record_spend(self, tenant: str, spend: SpendRecord) -> None:
         """Add to the tenant's spend per day and model without a settlement (a request
         whose estimate stays charged). May raise BackendError."""
 
-    async def spend_cells(self) -> list[SpendCell]:
-        """Every tenant's spend per day and model, as every replica sees it. May raise
-        BackendError."""
+    def has_room_for(self, tenant: str) -> bool:
+        """Whether this backend can hold state for ``tenant`` now (the embedded backend
+        holds a bounded number of tenants in memory; Redis holds them itself)."""
+
+    async def spend_cells(self, since_day: int = 0,
+                          until_day: int = LAST_DAY) -> list[SpendCell]:
+        """Every tenant's spend per model on each UTC day of ``since_day..until_day``
+        (inclusive), as every replica sees it, at a cost that follows the tenants the
+        range holds, not every tenant ever seen. May raise BackendError."""
 
     async def decide_routed(
         self,
@@ -136,6 +147,10 @@ class Backend(Protocol):
     def share_reservation(self, tenant: str, request_id: str, record: str) -> None:
         """Keep a reservation where every replica finds it (no-op for a one-process backend).
         Fire and forget: never waits, never raises (the local book still has it)."""
+
+    def forget_reservation(self, tenant: str, request_id: str) -> None:
+        """Drop a reservation this replica shared and has settled itself (no replica needs
+        it any more). Fire and forget, as share_reservation."""
 
     async def take_reservation(self, tenant: str, request_id: str) -> Optional[str]:
         """The reservation another replica shared for this request, taken: replaced by the

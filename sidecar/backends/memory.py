@@ -33,14 +33,14 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import msgspec
 
 from sidecar import _core
 from sidecar.backends.base import (BackendError, BackendStatus, Candidate, LateReply,
                                    Settlement)
-from sidecar.ledger.spend import SpendCell, SpendRecord, day_of
+from sidecar.ledger.spend import LAST_DAY, SpendCell, SpendRecord, day_of
 
 log = logging.getLogger("kt.memory")
 STATE_VERSION = 2  # 1: snapshot only (still read); 2: snapshot + journal
@@ -49,6 +49,10 @@ SETTLED_IDS_MAX = 200_000
 # tenant states kept before a sweep drops those at rest (see _sweep); a sweep then waits
 # until the count doubles, so its cost per decision stays constant
 TENANT_STATES_SWEEP_AT = 100_000
+# tenants held at once (the policy's backend.max_tenants); a sweep when full at most this
+# often: a flood of new names refused at the cap must not buy an O(tenants) sweep each
+MAX_TENANTS = 200_000
+FULL_SWEEP_INTERVAL_S = 1.0
 # a spend or period start beyond this is not one this sidecar wrote (int64 with headroom)
 MAX_STATE_VALUE = 2**62
 # journal segments: a new one every SEGMENT_RECORDS settlements (and at each start); the
@@ -85,11 +89,15 @@ def _refuse(where: str, what: str) -> BackendError:
 
 def _check_spend(where: str, tenant: Any, period_start: Any, spent: Any,
                  no_budget_ok: bool = False) -> None:
-    """Raise BackendError naming ``where``, the tenant and the field that is not a spend."""
+    """Raise BackendError naming ``where``, the tenant and the field that is not a spend.
+    ``no_budget_ok`` (journal records): period_start -1 is a tenant without a budget
+    period, and with it spent -1, which journals written before the state's own spend was
+    journalled hold for a tenant without a budget (settle's "no budget" reply)."""
     if not isinstance(tenant, str) or not tenant:
         raise _refuse(where, f"tenant name {json.dumps(tenant)[:40]} is not a non-empty string")
+    no_budget = no_budget_ok and period_start == -1
     for field, value, low in (("period_start", period_start, -1 if no_budget_ok else 0),
-                              ("spent", spent, 0)):
+                              ("spent", spent, -1 if no_budget else 0)):
         if not _valid_int(value, low):
             raise _refuse(where, f"tenant {tenant!r}: {field} must be an integer in "
                                  f"{low}..{MAX_STATE_VALUE}, not {json.dumps(value)[:40]}")
@@ -258,14 +266,17 @@ class MemoryBackend:
 
     def __init__(self, state_file: str = "", flush_interval_s: float = 1.0,
                  clock: Callable[[], int] = wall_clock_us,
-                 sweep_at: int = TENANT_STATES_SWEEP_AT) -> None:
+                 sweep_at: int = TENANT_STATES_SWEEP_AT,
+                 max_tenants: int = MAX_TENANTS) -> None:
         self.state_file = state_file
         self.flush_interval_s = flush_interval_s
         self.clock = clock
         self.states: dict[str, _core.State] = {}
         self._limits: dict[str, _core.Limits] = {}  # the limits each state was last used with
-        self.min_sweep_at = self._sweep_at = sweep_at
+        self.min_sweep_at = self._sweep_at = min(sweep_at, max_tenants)
         self.states_dropped = 0
+        self.max_tenants = max_tenants
+        self._full_sweep_at = 0.0  # when a sweep last ran because the states were full
         # (tenant, request id) of settled requests -> the number of its journal record (0:
         # none, or loaded from disk): a repeated report is a no-op
         self.settled: OrderedDict[tuple[str, str], int] = OrderedDict()
@@ -289,6 +300,8 @@ class MemoryBackend:
         # read, cache write, nano-USD]; in the snapshot, and each settlement's cell (its
         # counts after) in the journal record, so spend and budget come back together
         self.spend: dict[str, dict[tuple[int, str], list[int]]] = {}
+        # UTC day -> the tenants with spend that day: /v1/spend over a range reads those
+        self._spend_days: dict[int, set[str]] = {}
         self._spend_dirty: set[str] = set()
         self._flusher: Optional[asyncio.Task] = None
         self._last_error = ""
@@ -360,6 +373,18 @@ class MemoryBackend:
         if limits is not None:
             self._limits[tenant] = limits
         return st
+
+    def has_room_for(self, tenant: str) -> bool:
+        """Whether a decision for ``tenant`` can be held in memory: it is held already,
+        or there is room for one more (after dropping the states at rest, at most once a
+        second while full)."""
+        if tenant in self.states or len(self.states) < self.max_tenants:
+            return True
+        now = time.monotonic()
+        if now - self._full_sweep_at >= FULL_SWEEP_INTERVAL_S:
+            self._full_sweep_at = now
+            self._sweep()
+        return len(self.states) < self.max_tenants
 
     def _sweep(self) -> None:
         """Drop the states at rest (buckets full, nothing spent this period): each decides
@@ -456,10 +481,15 @@ class MemoryBackend:
         # journal's copy of its id then makes the retry a no-op
         self._seq += 1
         self._remember(key, self._seq)
-        self._journal_pending.append((self._seq, tenant, request_id, st.period_start, spent,
+        # the state's own spend, never settle's reply: that is -1 for a tenant without a
+        # budget ("no budget"), which is not a spend and no next start would accept
+        self._journal_pending.append((self._seq, tenant, request_id, st.period_start, st.spent,
                                       *cell))
         await self._durable()
         return Settlement(applied=True, budget_spent=spent)
+
+    async def was_settled(self, tenant: str, request_id: str) -> bool:
+        return (tenant, request_id) in self.settled
 
     def _remember(self, key: tuple[str, str], seq: int) -> None:
         self.settled[key] = seq
@@ -479,6 +509,7 @@ class MemoryBackend:
     def _add_spend(self, tenant: str, day: int, spend: SpendRecord) -> list[int]:
         """Add to the tenant's cell for the day and model; the cell's counts after."""
         cell = self.spend.setdefault(tenant, {}).setdefault((day, spend.model), [0] * 6)
+        self._spend_days.setdefault(day, set()).add(tenant)
         for k, v in enumerate(spend.counts()):
             cell[k] += v
         if self._files is not None:
@@ -489,15 +520,25 @@ class MemoryBackend:
         """A kept estimate's spend: in the next snapshot (as the decision that charged it)."""
         self._add_spend(tenant, day_of(self.clock()), spend)
 
-    async def spend_cells(self) -> list[SpendCell]:
-        return [SpendCell(t, day, model, tuple(c)) for t, cells in self.spend.items()
-                for (day, model), c in cells.items()]
+    async def spend_cells(self, since_day: int = 0,
+                          until_day: int = LAST_DAY) -> list[SpendCell]:
+        if since_day <= 0 and until_day >= LAST_DAY:
+            tenants: Iterable[str] = self.spend
+        else:  # the tenants of the range's days, through the day index
+            tenants = set().union(*(names for day, names in self._spend_days.items()
+                                    if since_day <= day <= until_day))
+        return [SpendCell(t, day, model, tuple(c)) for t in tenants
+                for (day, model), c in self.spend.get(t, {}).items()
+                if since_day <= day <= until_day]
 
     def share_reservation(self, tenant: str, request_id: str, record: str) -> None:
         pass  # one process: its own reservation book is the only one
 
     async def take_reservation(self, tenant: str, request_id: str) -> Optional[str]:
         return None
+
+    def forget_reservation(self, tenant: str, request_id: str) -> None:
+        pass
 
     def status(self) -> BackendStatus:
         if self._last_error:
@@ -659,6 +700,7 @@ class MemoryBackend:
             raise _refuse(where, f"spend of {tenant!r}: expected a model and six counts in "
                                  f"0..{MAX_STATE_VALUE}, not {json.dumps(counts)[:80]}")
         self.spend.setdefault(tenant, {})[(day, model)] = list(counts)
+        self._spend_days.setdefault(day, set()).add(tenant)
 
     def _replay(self, path: str, snapshot_seq: int) -> int:
         """Apply one journal segment; the number of its records."""

@@ -43,13 +43,14 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from sidecar.backends.resp import ConnectionLost, PipelinedConnection
 from sidecar.backends.lease import LeaseManager
 from sidecar.backends.settle_batch import SettleBatcher
+from sidecar.backends.spend_index import SpendIndex, read_spend_cells
 from sidecar.backends.tls import tls_context
 from sidecar.backends.url import check_redis_url
 
 from sidecar import _core
 from sidecar.backends.base import (TAKEN_RESERVATION, BackendError, BackendStatus,
                                    BackendTimeout, Candidate, LateReply, Settlement)
-from sidecar.ledger.spend import SpendCell, SpendRecord, cells_from_fields
+from sidecar.ledger.spend import LAST_DAY, SpendCell, SpendRecord, day_of
 from sidecar.policy import schema
 
 log = logging.getLogger("kt.redis")
@@ -166,6 +167,8 @@ class RedisBackend:
         self.settle_script = _Script("settle.lua", "ledger_spend.lua", "settle.lua")
         self.record_spend_script = _Script("record_spend.lua", "ledger_spend.lua",
                                            "record_spend.lua")
+        # which tenants spent on which day, for /v1/spend over a range (spend_index.py)
+        self.spend_index = SpendIndex(self.prefix)
         # settlements of one loop tick as one script call (single node; settle_batch.py)
         self._settles = SettleBatcher(self)
         # provider quotas (docs/providers.md): one node decides tenant and provider in one
@@ -884,6 +887,15 @@ class RedisBackend:
         self.conn.submit(pack("SET", self._reservation_key(tenant, request_id), record,
                               "PX", RESERVATION_TTL_MS)).add_done_callback(_ignore_reply)
 
+    def forget_reservation(self, tenant: str, request_id: str) -> None:
+        # settled by the replica that decided: only a sibling's take leaves a mark there,
+        # which the decider's expiry reads; without it the record would hold Redis memory
+        # for its whole 15 minutes
+        if not self.shares_reservations or self.conn is None or not self.conn.connected:
+            return
+        self.conn.submit(pack("DEL", self._reservation_key(tenant, request_id))
+                         ).add_done_callback(_ignore_reply)
+
     async def take_reservation(self, tenant: str, request_id: str) -> Optional[str]:
         if not self.shares_reservations:
             return None
@@ -912,7 +924,7 @@ class RedisBackend:
                      delta_cost: int, period_start_us: int,
                      spend: Optional[SpendRecord] = None) -> Settlement:
         _, tpm_key, budget_key = self.keys(tenant)
-        marker = f"{self.prefix}:{{{tenant}}}:settled:{request_id}"
+        marker = self._settled_marker(tenant, request_id)
         args = [self._now_arg(), limits.tpm, repr(limits.burst), limits.budget, limits.period,
                 delta_tokens, delta_cost, period_start_us, SETTLED_TTL_MS]
         keys = [tpm_key, budget_key, marker]
@@ -920,6 +932,7 @@ class RedisBackend:
         keys.append(self.spend_key(tenant))
         if spend is not None:
             args += [spend.model, *spend.counts()]
+            await self._index_spend(tenant)
         if self.cfg.cluster:
             reply = await self._call(self.settle_script, keys, args, None)
         else:
@@ -933,6 +946,25 @@ class RedisBackend:
             self.leases.settled(tenant, reply[1])
         return Settlement(applied=reply[0] == 1, budget_spent=reply[1])
 
+    def _settled_marker(self, tenant: str, request_id: str) -> str:
+        return f"{self.prefix}:{{{tenant}}}:settled:{request_id}"
+
+    async def was_settled(self, tenant: str, request_id: str) -> bool:
+        marker = self._settled_marker(tenant, request_id)
+        if self.cfg.cluster:
+            if self.client is None:
+                raise BackendError("redis backend not started")
+            try:  # redis-py sends it to the node owning the tenant's slot
+                n = await asyncio.wait_for(self.client.exists(marker), self.timeout_s)
+            except (RedisError, RedisClusterException, OSError, asyncio.TimeoutError) as exc:
+                raise self._failed(f"EXISTS {marker}: {exc!r}") from None
+        else:
+            if self.conn is None:
+                raise BackendError("redis backend not started")
+            # on the settlements' own link, after them: it sees what they did
+            n = await self._send_plain(pack("EXISTS", marker))
+        return n == 1
+
     # --- the ledger's spend (sidecar/ledger/spend.py) -------------------------
     def spend_key(self, tenant: str) -> str:
         return f"{self.prefix}:{{{tenant}}}:spend"
@@ -942,33 +974,64 @@ class RedisBackend:
         charged); may raise BackendError."""
         keys = [self.spend_key(tenant)]
         args = [self._now_arg(), spend.model, *spend.counts()]
+        await self._index_spend(tenant)
         packed = None if self.cfg.cluster else pack(
             "EVALSHA", self.record_spend_script.sha, 1, *keys, *args)
         await self._call(self.record_spend_script, keys, args, packed)
 
-    async def spend_cells(self) -> list[SpendCell]:
-        """Every tenant's spend cells, from whichever replica asks: SCAN + HGETALL through a
-        redis-py client of its own (an admin read, off the decision link, with a timeout
-        for a large scan rather than the decisions' milliseconds; every primary of a
-        cluster)."""
+    def has_room_for(self, tenant: str) -> bool:
+        return True  # tenants' state lives in Redis, with TTLs, not in this process
+
+    async def _index_spend(self, tenant: str) -> None:
+        """Name the tenant in the day index before its spend is written (spend_index.py):
+        once per tenant and day per process, so rarely a round trip. May raise
+        BackendError: the spend is then not written either, and a retry indexes again."""
+        now_us = self.clock_override() if self.clock_override is not None \
+            else time.time_ns() // 1000
+        days = self.spend_index.days_to_note(tenant, now_us)
+        if not days:
+            return
+        cmds = self.spend_index.commands(tenant, days)
+        try:
+            if self.cfg.cluster:
+                replies = [await asyncio.wait_for(self.client.execute_command(*c),
+                                                  self.timeout_s) for c in cmds]
+            else:
+                if self.conn is None:
+                    raise BackendError("redis backend not started")
+                replies = await asyncio.wait_for(asyncio.gather(
+                    *(self.conn.call(pack(*c)) for c in cmds)), self.timeout_s)
+        except BackendError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the one seam: every failure is a BackendError
+            raise self._failed(f"spend index: {type(exc).__name__}: {exc}") from None
+        bad = [r for r in replies if isinstance(r, (hiredis.ReplyError, Exception))]
+        if bad:
+            raise self._failed(f"spend index: {str(bad[0])[:120]}")
+        self.spend_index.noted(tenant, days)
+
+    async def spend_cells(self, since_day: int = 0,
+                          until_day: int = LAST_DAY) -> list[SpendCell]:
+        """The spend cells of days ``since_day..until_day``, from whichever replica asks:
+        through the day index where it covers the range, else by SCAN, hashes read in
+        pipelined chunks (spend_index.py), through a redis-py client of its own (an admin
+        read, off the decision link, with a timeout for a large read rather than the
+        decisions' milliseconds; every primary of a cluster)."""
         opts: dict[str, Any] = dict(socket_timeout=5.0, socket_connect_timeout=2.0)
         if self.cfg.tls is not None:
             opts.update(ssl_ca_certs=self.cfg.tls.ca_file, ssl_certfile=self.cfg.tls.cert_file,
                         ssl_keyfile=self.cfg.tls.key_file)
         client: Any = (RedisCluster if self.cfg.cluster else aioredis.Redis).from_url(
             self.cfg.url, **opts)
-        match = f"{self.prefix}:{{*}}:spend"
-        cells: list[SpendCell] = []
+        today = day_of(self.clock_override() if self.clock_override is not None
+                       else time.time_ns() // 1000)
         try:
-            async for raw in client.scan_iter(match=match, count=1000):
-                key = raw.decode() if isinstance(raw, bytes) else raw
-                tenant = key[len(self.prefix) + 2:-len("}:spend")]
-                cells += cells_from_fields(tenant, await client.hgetall(key))
-        except (RedisError, OSError) as exc:
+            return await read_spend_cells(client, self.prefix, self.spend_index, since_day,
+                                          until_day, today)
+        except (RedisError, RedisClusterException, OSError) as exc:
             raise BackendError(f"redis {self.where}: reading spend: {exc!r}") from None
         finally:
             await client.aclose()
-        return cells
 
     # --- calls ---------------------------------------------------------------
     async def _call(self, script: _Script, keys: list[str], args: list[Any],

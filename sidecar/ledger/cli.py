@@ -2,6 +2,9 @@
 
 - ``kt events stats --last 24h [--config POLICY | --dir DIR | --dsn DSN | --dsn-file F] [--json]``
 - ``kt events migrate [--config POLICY | --dsn DSN | --dsn-file F]``
+- ``kt events dead-letters [--file F] [--config POLICY | --dir DIR | --dsn DSN | --dsn-file F]
+  [--load] [--json]``: what the sink refused and why; ``--load`` writes them to the sink
+  once the cause is fixed
 
 The source is taken from the flags, else from the policy's ``ledger:`` section
 (``--config``), else the default file sink directory (kt-state/events)."""
@@ -93,6 +96,56 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dead_letter_file(args: argparse.Namespace, directory: Optional[str]) -> Path:
+    if args.file:
+        return Path(args.file)
+    if args.config:
+        from sidecar.policy.load import load_policy
+
+        led = load_policy(args.config).ledger
+        if led.dead_letter_file:
+            return Path(led.dead_letter_file)
+        return Path(led.dir) / "dead-letter.jsonl"
+    from sidecar.ledger.config import LedgerConfig
+
+    return Path(directory or LedgerConfig().dir) / "dead-letter.jsonl"
+
+
+def _dead_letters(args: argparse.Namespace) -> int:
+    from sidecar.ledger.deadletter import load, summary
+    from sidecar.policy.load import PolicyError
+
+    try:
+        directory, dsn = _source(args)
+        path = _dead_letter_file(args, directory)
+    except (ValueError, PolicyError) as exc:
+        print(f"kt events dead-letters: {exc}", file=sys.stderr)
+        return 2
+    if not path.exists():
+        print(f"kt events dead-letters: no dead letters ({path} does not exist)")
+        return 0
+    failure = ""
+    try:
+        if args.load:
+            done, failure = load(path, directory, dsn)
+        else:
+            done = summary(path)
+    except Exception as exc:  # noqa: BLE001 - psycopg's errors, OSError: one clear line
+        print(f"kt events dead-letters: {type(exc).__name__}: {str(exc).strip()}",
+              file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(done, indent=2, sort_keys=True))
+    else:
+        for key, n in sorted(done.items()):
+            print(f"{n:>8}  {key}")
+    if failure:
+        print(f"kt events dead-letters: the sink failed, the rest stays in {path}: {failure}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def register(sub) -> None:
     """Add ``kt events`` to the main parser's subcommands."""
     ev = sub.add_parser("events", help="the ledger's usage events: stats, migrate")
@@ -115,3 +168,13 @@ def register(sub) -> None:
     mg = evsub.add_parser("migrate", help="create the ledger's PostgreSQL tables (idempotent)")
     source_flags(mg, with_dir=False)
     mg.set_defaults(func=_migrate)
+
+    dl = evsub.add_parser("dead-letters", help="events the sink refused, by reason; --load "
+                          "writes them to the sink once the cause is fixed")
+    source_flags(dl, with_dir=True)
+    dl.add_argument("--file", help="the dead-letter file (default: the sink directory's "
+                    "dead-letter.jsonl)")
+    dl.add_argument("--load", action="store_true", help="write them to the sink; those it "
+                    "still refuses stay in the file")
+    dl.add_argument("--json", action="store_true", help="print JSON")
+    dl.set_defaults(func=_dead_letters)

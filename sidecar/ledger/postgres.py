@@ -6,15 +6,22 @@ so a retried or replayed batch never counts twice) and adds exactly the rows it
 inserted to the daily roll-up (a data-modifying CTE: ``RETURNING`` yields only the
 inserted rows). The roll-up is therefore never behind the events and never needs a
 refresh job; a cost dashboard reads ``kt_usage_daily`` (or ``kt_usage_daily_usd``).
+
+PostgreSQL's own refusal of a value (SQLSTATE class 22, data exception, and 23,
+integrity constraint) is a ``SinkRefused``: the writer isolates the event. Everything
+else (the server down, a missing table, a lost connection) is a ``SinkError``: the
+batch spills and is retried. ``interrupt()`` ends a call blocked on a hung server.
 """
 from __future__ import annotations
 
 import datetime
 import logging
+import os
+import socket
 from typing import Any, Optional, Sequence
 
 from sidecar.ledger.events import Event, RefusalsEvent, ThresholdEvent, UsageEvent
-from sidecar.ledger.sinks import SinkError
+from sidecar.ledger.sinks import SinkError, SinkRefused
 
 log = logging.getLogger("kt.ledger")
 SCHEMA_VERSION = 1
@@ -169,20 +176,24 @@ class PostgresSink:
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
         self._conn: Optional[Any] = None
+        self._ready = False  # the connection's stage table exists
 
     def _connection(self):
-        if self._conn is not None and not self._conn.closed:
+        if self._conn is not None and not self._conn.closed and self._ready:
             return self._conn
-        conn = connect(self.dsn, options="-c statement_timeout=30000")
+        self.close()
+        self._ready = False
+        # kept at once, so interrupt() can reach a connection whose setup hangs
+        self._conn = conn = connect(self.dsn, options="-c statement_timeout=30000")
         row = conn.execute("SELECT to_regclass('kt_usage_events') IS NOT NULL AND "
                            "to_regclass('kt_usage_daily') IS NOT NULL").fetchone()
         if not row or not row[0]:
-            conn.close()
+            self.close()
             raise SinkError("the ledger's tables are missing: run `kt events migrate`")
         conn.execute("CREATE TEMP TABLE kt_usage_stage (LIKE kt_usage_events) "
                      "ON COMMIT DELETE ROWS")
         conn.commit()
-        self._conn = conn
+        self._ready = True
         return conn
 
     def write(self, events: Sequence[Event]) -> None:
@@ -223,9 +234,36 @@ class PostgresSink:
                             "(%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
                             [(e.tenant, ts(e.period_start_us), e.fraction, e.budget, e.spent,
                               e.budget_unit, ts(e.at_us), e.instance) for e in thresholds])
+        except (psycopg.DataError, psycopg.IntegrityError) as exc:
+            # the transaction was rolled back; the connection is still good
+            raise SinkRefused(f"postgres refused: {type(exc).__name__}: "
+                              f"{str(exc).strip()[:300]}") from None
         except psycopg.Error as exc:
             self.close()
             raise SinkError(f"postgres: {type(exc).__name__}: {str(exc).strip()[:300]}") from None
+
+    def interrupt(self) -> None:
+        """Called from another thread: shut the connection's socket down, so a call waiting
+        on a hung server fails at once (psycopg then closes the connection in its thread)."""
+        conn = self._conn
+        if conn is None:
+            return  # still connecting: connect_timeout ends that
+        try:
+            fd = os.dup(conn.pgconn.socket)
+        except Exception:  # noqa: BLE001 - already closed
+            return
+        try:
+            # still open after the dup: the dup is this connection's socket, not another
+            # one that took a closed descriptor's number in between
+            if not conn.closed:
+                with socket.socket(fileno=fd) as s:
+                    fd = -1
+                    s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
     def close(self) -> None:
         if self._conn is not None:

@@ -19,9 +19,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
 from sidecar.ledger.config import LedgerConfig
+from sidecar.ledger.deadletter import DeadLetterFile
 from sidecar.ledger.events import RefusalsEvent, ThresholdEvent, UsageEvent
 from sidecar.ledger.sinks import FileSink, Sink, SpillFile
 from sidecar.ledger.writer import EventLog
@@ -181,41 +180,13 @@ def build_ledger(cfg: Optional[LedgerConfig], sink: Optional[Sink] = None) -> Le
             sink = FileSink(cfg.dir, rotate_bytes=int(cfg.rotate_mb * (1 << 20)),
                             retention_s=cfg.retention_days * 86400, fsync=cfg.fsync)
     # one spill file per process (workers share the directory, never a spill file)
-    spill = SpillFile(cfg.spill_file or str(Path(cfg.dir) / f"spill-{os.getpid()}.jsonl"))
+    limit = int(cfg.spill_max_mb * (1 << 20))
+    spill = SpillFile(cfg.spill_file or str(Path(cfg.dir) / f"spill-{os.getpid()}.jsonl"),
+                      max_bytes=limit)
+    dead = DeadLetterFile(cfg.dead_letter_file or str(Path(cfg.dir) / "dead-letter.jsonl"),
+                          max_bytes=limit)
     events = EventLog(sink, spill, buffer_events=cfg.buffer_events,
                       batch_events=cfg.batch_events, flush_interval_s=cfg.flush_interval_s,
-                      retry_interval_s=cfg.retry_interval_s)
+                      retry_interval_s=cfg.retry_interval_s, sink_timeout_s=cfg.sink_timeout_s,
+                      dead_letters=dead)
     return Ledger(events, cfg.instance or "", cfg.thresholds)
-
-
-class LedgerCollector:
-    """The ledger's counters for Prometheus, read at scrape time (no work per event)."""
-
-    def __init__(self, ledger: Ledger) -> None:
-        self.ledger = ledger
-
-    def collect(self):
-        ev = self.ledger.events
-        states = CounterMetricFamily(
-            "kt_ledger_events", "Ledger events by state: accepted (handed to the writer), "
-            "written (by the sink, replays included), spilled (to the local spill file while "
-            "the sink failed), replayed (from the spill), lost (buffer full, or sink and spill "
-            "file both failing).", labels=["state"])
-        buffered = GaugeMetricFamily("kt_ledger_buffered_events",
-                                     "Events in memory waiting for the writer thread.")
-        up = GaugeMetricFamily("kt_ledger_sink_up", "1 while the ledger's sink takes events, "
-                               "0 while they spill.", labels=["sink"])
-        if ev is not None:
-            for state in ("accepted", "written", "spilled", "replayed", "lost"):
-                states.add_metric([state], getattr(ev, state))
-            buffered.add_metric([], ev.buffered)
-            up.add_metric([ev.sink.name], 0 if ev.last_error else 1)
-        crossings = CounterMetricFamily(
-            "kt_budget_thresholds_crossed", "Budget fractions reached for the first time in a "
-            "period (tenants not named in the policy as _other).", labels=["tenant", "fraction"])
-        for (label, fraction), n in sorted(self.ledger.crossings.items()):
-            crossings.add_metric([label, f"{fraction:g}"], n)
-        yield states
-        yield buffered
-        yield up
-        yield crossings

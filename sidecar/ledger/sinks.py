@@ -5,7 +5,13 @@
   are deleted. The embedded default: nothing to run beside the sidecar.
 - ``SpillFile``: where events wait, on local disk, while the sink fails; replayed in
   order when it answers again (the PostgreSQL sink ignores what it already has, so a
-  replay after a crash never counts twice).
+  replay after a crash never counts twice). Bounded: past its limit events are lost,
+  counted.
+
+A sink tells two failures apart: ``SinkError`` (it cannot take anything now: down,
+hung, disk full; the batch spills and is retried) and ``SinkRefused`` (it refuses
+something in this batch; the writer splits the batch to find the event, which goes to
+the dead-letter file, and writes the rest).
 """
 from __future__ import annotations
 
@@ -27,11 +33,23 @@ class SinkError(Exception):
     """The sink could not take a batch; the batch is spilled, nothing is lost."""
 
 
+class SinkRefused(SinkError):
+    """The sink refuses this batch's content (a value it cannot store): trying the same
+    batch again fails again, so the writer isolates the event instead of retrying."""
+
+
+class SpillFull(OSError):
+    """A local file for events that wait (spill, dead letters) reached its size limit."""
+
+
 class Sink(Protocol):
     name: str
 
     def write(self, events: Sequence[Event]) -> None:
         """Store the batch (all of it, or raise SinkError and store none that counts twice)."""
+
+    def interrupt(self) -> None:
+        """Make a write blocked in another thread return now (it is past its deadline)."""
 
     def close(self) -> None: ...
 
@@ -60,10 +78,13 @@ class FileSink:
         return self._fd
 
     def write(self, events: Sequence[Event]) -> None:
-        data = b"".join(encode_line(e) for e in events)
+        try:
+            data = b"".join(encode_line(e) for e in events)
+        except (UnicodeError, msgspec.EncodeError, OverflowError) as exc:
+            raise SinkRefused(f"event file: an event cannot be encoded: {exc}") from None
         try:
             fd = self._open()
-            _write_all(fd, data)
+            write_all(fd, data)
             if self.fsync:
                 os.fsync(fd)
             self._size += len(data)
@@ -106,6 +127,9 @@ class FileSink:
                      self.retention_s / 86400)
         return gone
 
+    def interrupt(self) -> None:
+        """A write to a local file cannot be interrupted; its caller stops waiting."""
+
     def _close_fd(self) -> None:
         if self._fd is not None:
             try:
@@ -118,7 +142,7 @@ class FileSink:
         self._close_fd()
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         n = os.write(fd, view)
@@ -150,11 +174,15 @@ def read_events(paths: Sequence[Path], bad: Optional[list[str]] = None) -> Itera
 
 
 class SpillFile:
-    """Events the sink could not take, kept on local disk (fsync'd) until replayed."""
+    """Events the sink could not take, kept on local disk (fsync'd) until replayed, at
+    most ``max_bytes`` of them (appends past it raise SpillFull: those events are lost,
+    counted by the writer)."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, max_bytes: int = 1 << 30) -> None:
         self.path = Path(path)
+        self.max_bytes = max_bytes
         self._offset = 0  # bytes replayed so far (in this process)
+        self.malformed = 0  # torn lines skipped at replay (events lost to a crash)
         self._repair()
 
     def _repair(self) -> None:
@@ -169,18 +197,27 @@ class SpillFile:
         except OSError as exc:  # appends will fail too, and be counted as lost
             log.error("spill file %s: %s", self.path, exc)
 
-    def pending(self) -> bool:
+    def waiting_bytes(self) -> int:
+        """Bytes of events waiting for the sink."""
         try:
-            return self.path.stat().st_size > self._offset
+            return max(0, self.path.stat().st_size - self._offset)
         except OSError:  # no spill file (or none possible: then appends fail, counted)
-            return False
+            return 0
+
+    def pending(self) -> bool:
+        return self.waiting_bytes() > 0
 
     def append(self, events: Sequence[Event]) -> None:
-        """Raises OSError: then the events are lost (the caller counts them)."""
+        """Raises OSError (SpillFull past the limit): then the events are lost (the caller
+        counts them)."""
+        data = b"".join(encode_line(e) for e in events)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         try:
-            _write_all(fd, b"".join(encode_line(e) for e in events))
+            if os.fstat(fd).st_size + len(data) > self.max_bytes:
+                raise SpillFull(f"the spill file {self.path} is full "
+                                f"(limit {self.max_bytes / (1 << 20):g} MiB)")
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -209,7 +246,7 @@ class SpillFile:
                     data += b"\n"
                 fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
                 try:
-                    _write_all(fd, data)
+                    write_all(fd, data)
                     os.fsync(fd)
                 finally:
                     os.close(fd)
@@ -219,32 +256,43 @@ class SpillFile:
                 log.error("cannot adopt the spill file %s: %s", other, exc)
         return adopted
 
-    def replay(self, sink: Sink, batch: int) -> int:
-        """Write spilled events to the sink in batches; the file is removed once all are in.
-        Raises SinkError when the sink fails (what was replayed stays replayed). A torn
-        line (a crash in the middle of an append) is skipped and logged."""
+    def replay(self, write: Callable[[list[Event]], int], batch: int) -> tuple[int, bool]:
+        """Hand spilled events to ``write`` in order, ``batch`` at a time; ``write``
+        returns how many of them (a prefix) it dealt with (stored or set aside), fewer
+        than all when the sink failed part way. Returns (events dealt with, whether the
+        spill is done); the file is removed once it is. A torn line (a crash in the
+        middle of an append) is skipped, logged and counted in ``malformed``."""
         done = 0
         with open(self.path, "rb") as f:
             f.seek(self._offset)
             while True:
                 events: list[Event] = []
+                ends: list[int] = []  # bytes consumed once each event's line is read
+                torn: list[int] = []  # the same for each malformed line
                 consumed = 0
                 for line in f:
                     consumed += len(line)
                     try:
                         events.append(decode_line(line))
+                        ends.append(consumed)
                     except (msgspec.DecodeError, msgspec.ValidationError):
+                        torn.append(consumed)
                         log.error("spill file %s: skipping a malformed line at byte %d",
                                   self.path, self._offset + consumed - len(line))
                     if len(events) >= batch:
                         break
                 if not events and not consumed:
                     break
-                if events:
-                    sink.write(events)
+                handled = write(events) if events else 0
+                done += handled
+                if handled < len(events):
+                    advance = ends[handled - 1] if handled else 0
+                    self.malformed += sum(1 for t in torn if t <= advance)
+                    self._offset += advance
+                    return done, False
+                self.malformed += len(torn)
                 self._offset += consumed
-                done += len(events)
         if not self.pending():
             self.path.unlink(missing_ok=True)
             self._offset = 0
-        return done
+        return done, True

@@ -476,6 +476,9 @@ def _compile(policy: schema.Policy, source: str, digest: str,
                 tls_context(backend)
             except (OSError, ssl.SSLError) as exc:
                 fail("$.backend.tls", f"cannot use these files: {exc}")
+    if isinstance(backend, schema.MemoryBackend) and not (1_000 <= backend.max_tenants <= 50_000_000):
+        fail("$.backend.max_tenants", f"must be an integer in 1000..50000000, got "
+             f"{backend.max_tenants}")
     if isinstance(backend, schema.MemoryBackend) and not (0.0 < backend.flush_interval_s <= 3600.0):
         fail("$.backend.flush_interval_s", f"must be a number of seconds in (0, 3600], got "
              f"{backend.flush_interval_s}")

@@ -1,0 +1,35 @@
+"""The suite's time-dependent tests at the calendar's edges.
+
+Every fake clock starts at tests/support/clock.T0_US, which ``KT_TEST_T0`` moves. Here
+the tests that take a fake clock (the Lua scripts against the reference model, the
+invariants, the durable spend, the embedded backend, provider quotas) run again with it
+half a second before a month ends and at a year's first instant: a test that mixes its
+fake clock with a real one (Valkey's TIME, the wall clock), or hard-codes a date, fails
+here on any day of the year, not only on the day the calendar turns."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TIME_DEPENDENT = [
+    "tests/test_ledger_spend.py", "tests/test_usage.py", "tests/test_lua_reference.py",
+    "tests/test_memory_backend.py", "tests/test_invariants.py",
+    "tests/test_providers_redis.py", "tests/test_providers_service.py",
+]
+
+
+@pytest.mark.parametrize("t0", ["2026-11-30T23:59:59.5Z", "2027-01-01T00:00:00Z"])
+def test_time_dependent_tests_pass_at_the_calendars_edges(t0: str) -> None:
+    env = dict(os.environ, KT_TEST_T0=t0)
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+         "-k", "not embedded_sidecar_restarts", *TIME_DEPENDENT],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    tail = "\n".join(run.stdout.splitlines()[-40:])
+    assert run.returncode == 0, f"KT_TEST_T0={t0}:\n{tail}\n{run.stderr[-2000:]}"
+    assert " passed" in tail and " failed" not in tail
