@@ -323,3 +323,39 @@ def test_a_range_starting_before_the_index_existed_is_read_whole(tmp_path: Path)
             doc = spend(sc, f"?since={today}")["tenants"]
             r.close()
     assert sorted(doc) == ["indexed"]
+
+
+def test_an_index_write_the_store_did_not_take_is_sent_again(tmp_path: Path):
+    """The day index is written ahead of a spend write and never fails it; what did not
+    arrive (the store was gone) is sent again by the heartbeat once the store answers, so a
+    ranged report finds the tenant without waiting for its next spend."""
+    import asyncio
+
+    import redis
+
+    clock = FakeClock(T0_US - T0_US % (DAY_S * 1_000_000) + DAY_S * 1_000_000 // 2)
+    with workdir() as d, Valkey(d) as v:
+        text = POLICY % f'backend: {{kind: redis, url: "{v.url}", timeout_ms: 300}}'
+        pol = parse_policy(text.encode(), "<test>")
+        backend = RedisBackend(pol.backend, clock_override=clock)
+        with RunningSidecar(text, backend=backend, clock=clock) as sc:
+            svc = sc.sidecar.service
+            sc.run(svc.settle_usage("w-1", "warm", "gpt-4o", 1, 1, "report"))
+            v.stop()  # the store is gone: the index write and the spend write both fail
+            with pytest.raises(Exception):
+                sc.run(svc.settle_usage("g-1", "gone-then-back", "gpt-4o", 10, 1, "report"))
+            assert backend.spend_index.has_failed()
+            v.start()
+
+            async def indexed() -> bool:
+                for _ in range(200):
+                    if not backend.spend_index.has_failed():
+                        return True
+                    await asyncio.sleep(0.05)
+                return False
+
+            assert sc.run(indexed(), timeout=30)
+            r = redis.Redis.from_url(v.url)
+            day = clock() // (DAY_S * 1_000_000)
+            assert r.sismember(f"kt:spend-index:{day}", "gone-then-back")
+            r.close()

@@ -419,6 +419,9 @@ class RedisBackend:
         return replies.result()
 
     async def _beat(self) -> None:
+        if self.spend_index.has_failed() and (self.cfg.cluster or (
+                self.conn is not None and self.conn.connected)):
+            await self._resend_spend_index()
         if self.cfg.cluster:
             await self._read_node_clocks()
             return
@@ -983,32 +986,47 @@ class RedisBackend:
         return True  # tenants' state lives in Redis, with TTLs, not in this process
 
     async def _index_spend(self, tenant: str) -> None:
-        """Name the tenant in the day index before its spend is written (spend_index.py):
-        once per tenant and day per process, so rarely a round trip. May raise
-        BackendError: the spend is then not written either, and a retry indexes again."""
+        """Name the tenant in the day index before its spend is written (spend_index.py),
+        once per tenant and day per process. Never fails nor delays the write it precedes:
+        on a single node the commands go out ahead of it on the same link, unawaited; on a
+        cluster they are awaited first (another node may hold the index key). What does
+        not arrive is sent again by the heartbeat (``_resend_spend_index``)."""
         now_us = self.clock_override() if self.clock_override is not None \
             else time.time_ns() // 1000
         days = self.spend_index.days_to_note(tenant, now_us)
         if not days:
             return
+        self.spend_index.sending(tenant, days)
+        if self.cfg.cluster:
+            await self._send_spend_index(tenant, days)
+            return
+        conn = self.conn
+        if conn is None or not conn.connected:
+            self.spend_index.failed(tenant, days)  # the heartbeat sends it once linked
+            return
+        futures = [conn.submit(pack(*c)) for c in self.spend_index.commands(tenant, days)]
+        replies = asyncio.gather(*futures, return_exceptions=True)
+        replies.add_done_callback(
+            lambda f: self.spend_index.answered(tenant, days, f.result()))
+
+    async def _send_spend_index(self, tenant: str, days: list[int]) -> None:
         cmds = self.spend_index.commands(tenant, days)
         try:
             if self.cfg.cluster:
                 replies = [await asyncio.wait_for(self.client.execute_command(*c),
                                                   self.timeout_s) for c in cmds]
             else:
-                if self.conn is None:
-                    raise BackendError("redis backend not started")
+                assert self.conn is not None
                 replies = await asyncio.wait_for(asyncio.gather(
                     *(self.conn.call(pack(*c)) for c in cmds)), self.timeout_s)
-        except BackendError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the one seam: every failure is a BackendError
-            raise self._failed(f"spend index: {type(exc).__name__}: {exc}") from None
-        bad = [r for r in replies if isinstance(r, (hiredis.ReplyError, Exception))]
-        if bad:
-            raise self._failed(f"spend index: {str(bad[0])[:120]}")
-        self.spend_index.noted(tenant, days)
+        except Exception as exc:  # noqa: BLE001 - an index write never fails a settlement
+            replies = [exc]
+        self.spend_index.answered(tenant, days, replies)
+
+    async def _resend_spend_index(self) -> None:
+        """Heartbeat: the index writes that did not arrive, sent again."""
+        for tenant, days in self.spend_index.take_failed():
+            await self._send_spend_index(tenant, days)
 
     async def spend_cells(self, since_day: int = 0,
                           until_day: int = LAST_DAY) -> list[SpendCell]:

@@ -44,13 +44,15 @@ INDEX_DAYS_MAX = 402
 
 
 class SpendIndex:
-    """Which (tenant, day) pairs this process has put in the day index, and the commands
-    that put the others there. Pure bookkeeping: the backend sends the commands."""
+    """Which (tenant, day) pairs this process has put in the day index (or is putting:
+    sent, not yet answered), the commands that put the others there, and those whose
+    commands failed, to be sent again. Pure bookkeeping: the backend sends the commands."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.since_key = f"{prefix}:spend-index-since"
         self._noted: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._failed: dict[str, set[int]] = {}
         self._started = False
 
     def day_key(self, day: int) -> str:
@@ -78,13 +80,32 @@ class SpendIndex:
             cmds.append(("EXPIRE", self.day_key(d), INDEX_TTL_S, "NX"))
         return cmds
 
-    def noted(self, tenant: str, days: list[int]) -> None:
-        """The commands for these days were applied."""
-        self._started = True
+    def sending(self, tenant: str, days: list[int]) -> None:
+        """The commands for these days are sent: not to be sent again meanwhile."""
         for d in days:
             self._noted[(tenant, d)] = None
         while len(self._noted) > NOTED_MAX:
             self._noted.popitem(last=False)
+
+    def answered(self, tenant: str, days: list[int], replies: list) -> None:
+        """Their replies: every one a success, or the days go to the resend set."""
+        if all(not isinstance(r, Exception) for r in replies):
+            self._started = True
+        else:
+            self.failed(tenant, days)
+
+    def failed(self, tenant: str, days: list[int]) -> None:
+        if len(self._failed) < NOTED_MAX or tenant in self._failed:
+            self._failed.setdefault(tenant, set()).update(days)
+        # past the bound a day may go unindexed: a ranged report then misses its tenant
+        # until the tenant's next spend that day (a report with no range reads everything)
+
+    def has_failed(self) -> bool:
+        return bool(self._failed)
+
+    def take_failed(self) -> list[tuple[str, list[int]]]:
+        failed, self._failed = self._failed, {}
+        return [(t, sorted(days)) for t, days in failed.items()]
 
 
 async def read_spend_cells(client: Any, prefix: str, index: SpendIndex, since_day: int,
