@@ -427,7 +427,6 @@ class DecisionService:
                 self.backend.share_reservation(tenant, rid, _reservation_record(
                     out.tier, served, out.charged_tokens, out.charged_cost,
                     out.period_start_us, provider, est.input_tokens, bound_output))
-            self._count_expired()
         tier = policy.tiers[out.tier]
         kind = CORE_KINDS[out.kind]
         admitted = kind in (Kind.ALLOW, Kind.DOWNGRADE)
@@ -441,16 +440,11 @@ class DecisionService:
                         downgraded=out.tier > asked, budget_unit=rule.budget_unit,
                         reservation_id=rid, provider=provider, reason=reason)
 
-    def _count_expired(self) -> None:
-        # each expired reservation is counted by its charge (bound.charge): bound_expiry
-        self.reservations.expired = 0
-
     def expire_reservations(self) -> int:
-        """Forget reservations past their age now (a timer calls this: a decision does it
-        too, but a quiet sidecar must still close them on time)."""
-        n = self.reservations.expire()
-        self._count_expired()
-        return n
+        """Close reservations past their age now (a timer calls this: a decision does it
+        too, but a quiet sidecar must still close them on time). Each is charged at its
+        bound, and counted then (bound.charge: bound_expiry)."""
+        return self.reservations.expire()
 
     def _late_key(self, decision: Decision, req: Request) -> str:
         """Where a timed-out decision that Redis applies after all is kept: under the
@@ -820,9 +814,10 @@ class DecisionService:
                                     res.period_start_us)
 
     def keep_estimate(self, request_id: str, res: Reservation, outcome: str, why: str) -> None:
-        """A reservation closed without usage whose charge at the bound failed: its
-        estimate stays charged, recorded with its tokens and their price (in the ledger and
-        the durable spend, whatever the budget's unit)."""
+        """A reservation whose settlement never happened (its charge at the bound was
+        refused, or a lost settlement's outcome stayed unknown): its estimate stays charged,
+        recorded with its tokens and their price (in the ledger and the durable spend,
+        whatever the budget's unit)."""
         rule = self.policy.rule_for(res.tenant)
         unit = rule.budget_unit if rule is not None and rule.limits.budget >= 0 else ""
         inp, out = bound.estimate_tokens(res)
