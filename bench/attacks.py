@@ -26,6 +26,13 @@ What each attack prints:
              every 10 ms), whether /metrics still answers.
 - trickle:   2,000 connections trickling one byte a second to the fast path: how many
              the sidecar has not closed after twice its idle timeout + 10 s.
+- charge:    usage made unreadable by the client (issue 20), each row its own tenant on
+             its own policy (CHARGE_POLICY): spend (`GET /v1/spend`) against the bill (what
+             the upstream would report, priced by the policy), or the status where the
+             attack is to get admitted. Rows: a stream without include_usage nor max_tokens;
+             the same with n 8; a client leaving before the usage chunk; a Responses
+             request with 17 KB of instructions, streamed without usage; a 1 MB prompt
+             sent chunked (no content-length) to a tpm 20,000 tenant.
 """
 from __future__ import annotations
 
@@ -149,10 +156,10 @@ def budget_remaining(t: Target, tenant: str) -> int:
 
 
 @contextlib.contextmanager
-def target() -> Iterator[Target]:
+def target(policy: str = POLICY) -> Iterator[Target]:
     token = secrets.token_hex(16)
     with workdir("kt-attacks-") as d, FakeUpstream("default") as up:
-        (d / "policy.yaml").write_text(POLICY)
+        (d / "policy.yaml").write_text(policy)
         (d / "admin.token").write_text(token + "\n")
         help_text = subprocess.run([sys.executable, "-m", "sidecar.cli", "serve", "--help"],
                                    capture_output=True, text=True).stdout
@@ -455,9 +462,147 @@ def attack_trickle(t: Target, args) -> dict:
             "sidecar": t.proc_status()}
 
 
+# --- charge: usage the client makes unreadable (issue 20) ---------------------------
+def _has_bound() -> bool:
+    """Whether this version charges unreadable usage at a bound (and knows the policy's
+    max_output_tokens): the policy below must load on the code before it too."""
+    return (ROOT / "sidecar" / "bound.py").exists()
+
+
+CHARGE_PRICES = {"gpt-4o": (2500, 10_000), "gpt-4o-mini": (150, 600)}  # nano-USD per token
+CHARGE_POLICY = """
+tenant: {header: x-tenant-id, unknown: defaults}
+tiers:
+  - {name: default, model: gpt-4o}
+  - {name: compact, model: gpt-4o-mini}
+pricing:
+  gpt-4o: {input: 0.0025, output: 0.01%(max_out)s}
+  gpt-4o-mini: {input: 0.00015, output: 0.0006%(max_out)s}
+defaults:  # a USD budget: before the bound, a kept estimate was spend only with one
+  limits: {rpm: 100000, tpm: 100000000}
+  budget: {usd: 1000, period: month}
+tenants:
+  small:
+    limits: {rpm: 100000, tpm: 20000}
+backend: {kind: memory, state_file: ""}
+"""
+CHARGE_OUTPUT = 1500  # output tokens the upstream bills each choice
+
+
+def _spend_usd(t: Target, tenant: str) -> float:
+    _, _, body = request(t.books_port, "GET", "/v1/spend", headers=t.books_headers())
+    models = json.loads(body)["tenants"].get(tenant, {})
+    return sum(m.get("usd", 0.0) for m in models.values())
+
+
+def _bill_usd(inp: int, out: int) -> float:
+    p_in, p_out = CHARGE_PRICES["gpt-4o"]
+    return (inp * p_in + out * p_out) / 1e9
+
+
+def _spend_row(t: Target, tenant: str, status: int, inp: int, out: int) -> dict:
+    time.sleep(1.0)  # the access log's flush and the settlement
+    spend, bill = _spend_usd(t, tenant), _bill_usd(inp, out)
+    return {"status": status, "spend_usd": round(spend, 6), "bill_usd": round(bill, 6),
+            "spend_over_bill": round(spend / bill, 4) if bill else None}
+
+
+def _stream_body(**fields) -> dict:
+    body = {"model": "gpt-4o", "stream": True,
+            "messages": [{"role": "user", "content": "Tell me a long story. " * 20}]}
+    body.update(fields)
+    return body
+
+
+def _unread_stream(t: Target, tenant: str, body: dict, path: str, choices: int) -> dict:
+    """A streamed request whose reply carries no usage; the upstream bills the body's
+    size as input (4 bytes a token) and CHARGE_OUTPUT per choice."""
+    data = json.dumps(body).encode()
+    inp, out = -(-len(data) // 4), CHARGE_OUTPUT * choices
+    t.upstream.release_stream.set()  # the whole stream at once
+    status, _, _ = request(t.envoy.listen_port, "POST", path, data, {
+        "content-type": "application/json", "x-tenant-id": tenant,
+        "x-fake-usage": f"{inp},{out}"})
+    return _spend_row(t, tenant, status, inp, out)
+
+
+def charge_stream_without_usage(t: Target) -> dict:
+    return _unread_stream(t, "c-stream", _stream_body(), "/v1/chat/completions", 1)
+
+
+def charge_stream_n8(t: Target) -> dict:
+    return _unread_stream(t, "c-n8", _stream_body(n=8), "/v1/chat/completions", 8)
+
+
+def charge_responses_instructions(t: Target) -> dict:
+    body = {"model": "gpt-4o", "stream": True, "input": "Summarise.",
+            "instructions": "Follow these rules. " * 850}  # 17 KB
+    return _unread_stream(t, "c-instructions", body, "/v1/responses", 1)
+
+
+def charge_leave_before_usage(t: Target) -> dict:
+    """include_usage asked, but the client leaves after the first chunk: the upstream
+    finishes (and bills) the reply, whose usage chunk never reaches a reader."""
+    tenant = "c-leave"
+    data = json.dumps(_stream_body(stream_options={"include_usage": True})).encode()
+    inp = -(-len(data) // 4)
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: llm\r\nx-tenant-id: %s\r\n"
+            b"x-fake-usage: %d,%d\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n" % (tenant.encode(), inp, CHARGE_OUTPUT, len(data)))
+    t.upstream.release_stream.clear()
+    try:
+        with socket.create_connection((LOOP, t.envoy.listen_port), timeout=10) as sock:
+            sock.sendall(head + data)
+            received = b""
+            while b'"first"' not in received:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+    finally:
+        t.upstream.release_stream.set()
+    return _spend_row(t, tenant, int(received.split(b" ", 2)[1]), inp, CHARGE_OUTPUT)
+
+
+def charge_chunked_prompt(t: Target) -> dict:
+    """A 1 MB prompt with transfer-encoding: chunked, for a tpm 20,000 tenant: admitted
+    (200) means it went past its TPM; 411 is the refusal."""
+    data = json.dumps({"model": "gpt-4o", "max_tokens": 10, "messages": [
+        {"role": "user", "content": "w" * 1_000_000}]}).encode()
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: llm\r\nconnection: close\r\n"
+            b"x-tenant-id: small\r\ncontent-type: application/json\r\n"
+            b"transfer-encoding: chunked\r\n\r\n")
+    pieces = b"".join(b"%x\r\n%s\r\n" % (len(data[i:i + 16384]), data[i:i + 16384])
+                      for i in range(0, len(data), 16384))
+    with socket.create_connection((LOOP, t.envoy.listen_port), timeout=30) as sock:
+        sock.sendall(head + pieces + b"0\r\n\r\n")
+        received = sock.recv(65536)
+    return {"status": int(received.split(b" ", 2)[1]), "prompt_tokens": len(data) // 4,
+            "tenant_tpm": 20000}
+
+
+CHARGE_ROWS = {"stream_without_usage": charge_stream_without_usage,
+               "stream_n8": charge_stream_n8, "leave_before_usage": charge_leave_before_usage,
+               "responses_instructions": charge_responses_instructions,
+               "chunked_prompt": charge_chunked_prompt}
+
+
+def attack_charge(t: Target, _args) -> dict:
+    """Every row on its own sidecar and Envoy with CHARGE_POLICY (``t`` is not used)."""
+    policy = CHARGE_POLICY % {"max_out": ", max_output_tokens: 16384" if _has_bound() else ""}
+    out: dict = {}
+    for name, row in CHARGE_ROWS.items():
+        with target(policy) as ct:
+            try:
+                out[name] = row(ct)
+            except Exception as exc:  # noqa: BLE001 - report and go on to the next row
+                out[name] = {"error": repr(exc)}
+    return out
+
+
 ATTACKS = {"estimate": attack_estimate, "replay": attack_replay, "books": attack_books,
            "deep_json": attack_deep_json, "labels": attack_labels,
-           "slowloris": attack_slowloris, "trickle": attack_trickle}
+           "slowloris": attack_slowloris, "trickle": attack_trickle, "charge": attack_charge}
 
 
 def main() -> int:

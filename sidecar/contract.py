@@ -55,6 +55,7 @@ ERRORS: dict[Kind, tuple[int, str, str]] = {
     Kind.UNKNOWN_TENANT: (403, "permission_error", "unknown_tenant"),
     Kind.MISSING_TENANT: (400, "invalid_request_error", "missing_tenant"),
     Kind.BAD_REQUEST: (400, "invalid_request_error", "invalid_request"),
+    Kind.LENGTH_REQUIRED: (411, "invalid_request_error", "length_required"),
     Kind.FAIL_CLOSED: (503, "service_unavailable", "limiter_unavailable"),
 }
 # seconds a client is told to wait when the limiter itself is down (fail closed)

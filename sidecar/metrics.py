@@ -63,12 +63,14 @@ class Metrics:
             "kt_unpriced_tokens", "Tokens of models missing from `pricing`, charged at the "
             "dearest listed price (never as free).", ["model"], registry=r)
         self.settlements = Counter(
-            "kt_settlements", "Reservations settled with actual usage, by source (ext_proc, "
-            "access_log, report, release).", ["source"], registry=r)
+            "kt_settlements", "Reservations settled, by source (ext_proc, "
+            "access_log, report: actual usage; release: refunded; bound: usage unreadable, "
+            "charged at the provider's bound).", ["source"], registry=r)
         self.reservations_closed = Counter(
             "kt_reservations_closed", "Reservations closed without usage, by outcome "
-            "(released_upstream_error: refunded; kept_abandoned, kept_no_usage, kept_expired: "
-            "the estimate stays charged).", ["outcome"], registry=r)
+            "(released_upstream_error: refunded; bound_abandoned, bound_no_usage, bound_expiry: "
+            "charged at what the provider could have billed; kept_*: that charge failed, the "
+            "estimate stays charged).", ["outcome"], registry=r)
         self.settle_outcomes = Counter(
             "kt_settle_outcomes", "Settlements whose reply was lost (the store stalled, the "
             "link dropped), by what the store said once it answered again "

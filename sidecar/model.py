@@ -30,6 +30,11 @@ class Estimate(msgspec.Struct, frozen=True):
     firm_tokens: int
     model: Optional[str]
     source: str  # "header", "body", "transport" or "default"
+    # what the body asks for, for the charge when usage cannot be read (sidecar/bound.py):
+    # the most output tokens per choice (-1: it names none), and how many choices
+    asked_output: int = -1
+    choices: int = 1
+    shown: bool = False  # the request had a body (whole or in part)
 
 
 class Kind(str, enum.Enum):
@@ -43,6 +48,7 @@ class Kind(str, enum.Enum):
     UNKNOWN_TENANT = "unknown_tenant"
     MISSING_TENANT = "missing_tenant"
     BAD_REQUEST = "bad_request"
+    LENGTH_REQUIRED = "length_required"  # a chunked body beyond what Envoy passes on
     FAIL_OPEN = "fail_open"  # backend failed; configured to allow
     FAIL_CLOSED = "fail_closed"  # backend failed; configured to deny
     UNAVAILABLE = "unavailable"  # backend failed; Envoy's own failure mode decides

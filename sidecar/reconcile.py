@@ -4,8 +4,10 @@ place, whichever transport saw the response (ext_proc per request, or Envoy's ac
 - usage known (JSON body, SSE usage chunk): settle the reservation with it;
 - no usage and a non-2xx status: release (refund in full: providers do not bill failures);
 - no usage, a 2xx status, the response cut short (the client left, the upstream reset),
-  or no response at all (the client left first): the estimate stays charged ("abandoned");
-- no usage, a 2xx status that ended normally: the estimate stays charged ("no_usage").
+  or no response at all (the client left first): charged at what the provider could have
+  billed (sidecar/bound.py; "abandoned");
+- no usage, a 2xx status that ended normally (usage absent, compressed, too large to
+  read): charged at that bound too ("no_usage").
 """
 from __future__ import annotations
 
@@ -45,7 +47,8 @@ async def close_reservation(service: DecisionService, reservation_id: str, x_req
             await service.release(request_id, "upstream_error")
         else:
             # status 0: no response was sent at all (the client left before it began)
-            service.abandon(request_id, "abandoned" if cut_short or not status else "no_usage")
+            await service.charge_unread(
+                request_id, "abandoned" if cut_short or not status else "no_usage", tenant)
     except (UsageError, BackendError) as exc:
         # the response is already on its way; never fail it for accounting
         log.warning("usage of request %s not settled: %s", request_id, exc)

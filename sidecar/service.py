@@ -16,10 +16,10 @@ from typing import Callable, Optional, Sequence
 
 import msgspec
 
-from sidecar import _core
+from sidecar import _core, bound
 from sidecar.backends.base import (TAKEN_RESERVATION, Backend, BackendError, BackendTimeout,
                                    Candidate, LateReply, Settlement)
-from sidecar.estimate import EstimateError, estimate
+from sidecar.estimate import EstimateError, LengthRequired, estimate
 from sidecar.ledger.recorder import Ledger
 from sidecar.ledger.spend import SpendRecord
 from sidecar.metrics import Metrics
@@ -94,20 +94,31 @@ class Reservation:
     model_asked: str = ""  # for the ledger: what the request asked for, and the answer
     decision: str = ""
     provider: str = ""  # the provider charged too (docs/providers.md): settled with it
+    # what it is charged at if its usage cannot be read (sidecar/bound.py); output -1:
+    # not known when it was made (a late decision reply)
+    bound_input: int = 0
+    bound_output: int = -1
 
 
-# a shared reservation's provider field (provider ids are [A-Za-z0-9._-], never "|")
+# a shared reservation's provider field (provider ids are [A-Za-z0-9._-], never "|"), and
+# its bound (sidecar/bound.py: "<input>,<output>")
 _PROVIDER_FIELD = "p="
+_BOUND_FIELD = "b="
 
 
 def _reservation_record(tier: int, model: str, tokens: int, cost: int, period_start: int,
-                        provider: str = "") -> str:
+                        provider: str = "", bound_input: int = 0,
+                        bound_output: int = -1) -> str:
     """A reservation as shared through the backend (model last: it may hold any character).
-    With providers, the provider charged too (`p=<id>` before the model): the replica that
-    settles corrects that provider's bucket and names it in the ledger."""
+    Its bound (`b=<input>,<output>`), so the replica that learns its usage cannot be read
+    charges it; with providers, the provider charged too (`p=<id>` before the model): the
+    replica that settles corrects that provider's bucket and names it in the ledger."""
+    head = f"{tier}|{tokens}|{cost}|{period_start}|"
+    if bound_output >= 0:
+        head += f"{_BOUND_FIELD}{bound_input},{bound_output}|"
     if provider:
-        return f"{tier}|{tokens}|{cost}|{period_start}|{_PROVIDER_FIELD}{provider}|{model}"
-    return f"{tier}|{tokens}|{cost}|{period_start}|{model}"
+        head += f"{_PROVIDER_FIELD}{provider}|"
+    return head + model
 
 
 def _parse_reservation(tenant: str, record: Optional[str]) -> Optional["Reservation"]:
@@ -115,11 +126,17 @@ def _parse_reservation(tenant: str, record: Optional[str]) -> Optional["Reservat
         return None
     try:
         tier, tokens, cost, period_start, model = record.split("|", 4)
+        bound_input, bound_output = 0, -1
+        if model.startswith(_BOUND_FIELD) and "|" in model:
+            bounds, model = model[len(_BOUND_FIELD):].split("|", 1)
+            text_in, text_out = bounds.split(",")
+            bound_input, bound_output = int(text_in), int(text_out)
         provider = ""
         if model.startswith(_PROVIDER_FIELD) and "|" in model:
             provider, model = model[len(_PROVIDER_FIELD):].split("|", 1)
         return Reservation(tenant, int(tier), model, int(tokens), int(cost), int(period_start),
-                           time.monotonic(), provider=provider)
+                           time.monotonic(), provider=provider, bound_input=bound_input,
+                           bound_output=bound_output)
     except ValueError:
         log.warning("ignoring a malformed shared reservation for tenant %s: %r", tenant,
                     record[:200])
@@ -148,9 +165,11 @@ class ReservationBook:
 
     def put(self, request_id: str, tenant: str, tier: int, model: str, charged_tokens: int,
             charged_cost: int, period_start_us: int, created_s: float, model_asked: str = "",
-            decision: str = "", provider: str = "") -> None:
+            decision: str = "", provider: str = "", bound_input: int = 0,
+            bound_output: int = -1) -> None:
         self._book[request_id] = (tenant, tier, model, charged_tokens, charged_cost,
-                                  period_start_us, created_s, model_asked, decision, provider)
+                                  period_start_us, created_s, model_asked, decision, provider,
+                                  bound_input, bound_output)
         self._book.move_to_end(request_id)
         self.expire()
 
@@ -349,6 +368,8 @@ class DecisionService:
                 "that its policy does not name. Try again later, or ask its operator."))
         try:
             est = estimate(policy, req)
+        except LengthRequired as exc:
+            return Decision(Kind.LENGTH_REQUIRED, tenant=tenant, message=f"Length required: {exc}.")
         except EstimateError as exc:
             self.rejected_log.warning("refused a malformed request of tenant %s: %s", tenant, exc)
             return Decision(Kind.BAD_REQUEST, tenant=tenant, message=f"Malformed request: {exc}.")
@@ -372,7 +393,7 @@ class DecisionService:
                 key = self._late_key(decision, req)
                 late.on_outcome = functools.partial(
                     self._late_outcome, decision.kind, tenant, rule, key,
-                    candidates=candidates)
+                    candidates=candidates, input_tokens=est.input_tokens)
             return decision
         except asyncio.CancelledError:
             # the caller stopped waiting (Envoy's own ext_authz timeout cancels the gRPC
@@ -381,7 +402,7 @@ class DecisionService:
             late.on_outcome = functools.partial(
                 self._late_outcome, Kind.UNAVAILABLE, tenant, rule,
                 REQUEST_ID_KEY + req.request_id if req.request_id else "",
-                candidates=candidates)
+                candidates=candidates, input_tokens=est.input_tokens)
             raise
         chosen = router.observe(out, candidates) if router is not None else None
         provider = chosen.provider if chosen is not None else ""
@@ -395,16 +416,17 @@ class DecisionService:
             # keyed by an id of our own, never by one the client sent: a replayed
             # x-request-id must not merge two requests into one settlement
             rid = self.new_reservation_id()
-            self.reservations.put(rid, tenant, out.tier, policy.tiers[out.tier].model,
+            served = policy.tiers[out.tier].model
+            bound_output = bound.output_bound(policy, served, est, out.charged_tokens)
+            self.reservations.put(rid, tenant, out.tier, served,
                                   out.charged_tokens, out.charged_cost, out.period_start_us,
                                   time.monotonic(), est.model or policy.tiers[asked].model,
                                   _ledger_decision(CORE_KINDS[out.kind], out.tier > asked),
-                                  provider)
+                                  provider, est.input_tokens, bound_output)
             if self.backend.shares_reservations:
                 self.backend.share_reservation(tenant, rid, _reservation_record(
-                    out.tier, policy.tiers[out.tier].model, out.charged_tokens,
-                    out.charged_cost, out.period_start_us, provider))
-            self._count_expired()
+                    out.tier, served, out.charged_tokens, out.charged_cost,
+                    out.period_start_us, provider, est.input_tokens, bound_output))
         tier = policy.tiers[out.tier]
         kind = CORE_KINDS[out.kind]
         admitted = kind in (Kind.ALLOW, Kind.DOWNGRADE)
@@ -418,17 +440,11 @@ class DecisionService:
                         downgraded=out.tier > asked, budget_unit=rule.budget_unit,
                         reservation_id=rid, provider=provider, reason=reason)
 
-    def _count_expired(self) -> None:
-        if self.reservations.expired:
-            self.metrics.reservations_closed.labels("kept_expired").inc(self.reservations.expired)
-            self.reservations.expired = 0
-
     def expire_reservations(self) -> int:
-        """Forget reservations past their age now (a timer calls this: a decision does it
-        too, but a quiet sidecar must still close them on time)."""
-        n = self.reservations.expire()
-        self._count_expired()
-        return n
+        """Close reservations past their age now (a timer calls this: a decision does it
+        too, but a quiet sidecar must still close them on time). Each is charged at its
+        bound, and counted then (bound.charge: bound_expiry)."""
+        return self.reservations.expire()
 
     def _late_key(self, decision: Decision, req: Request) -> str:
         """Where a timed-out decision that Redis applies after all is kept: under the
@@ -464,7 +480,8 @@ class DecisionService:
         return Decision(Kind.UNAVAILABLE, tenant=tenant, message=f"limiter backend: {error}")
 
     def _late_outcome(self, answered: Kind, tenant: str, rule: TenantRule, request_id: str,
-                      out: _core.Outcome, candidates: Sequence[Candidate] = ()) -> None:
+                      out: _core.Outcome, candidates: Sequence[Candidate] = (),
+                      input_tokens: int = 0) -> None:
         """Redis applied a decision after it timed out and the failure mode had answered.
         The charge it made is right only if the request went on: refund it when the
         sidecar itself refused the request (fail closed); keep it, as the request's
@@ -486,9 +503,11 @@ class DecisionService:
               and out.tier < len(self.policy.tiers)):
             provider = candidates[out.provider].provider if 0 <= out.provider < len(
                 candidates) else ""
+            # no bound (bound_output -1): without usage it stays at this charge, split as
+            # the estimate was (``input_tokens``), for the ledger (sidecar/bound.py)
             self.reservations.put(request_id, tenant, out.tier, self.policy.tiers[out.tier].model,
                                   out.charged_tokens, out.charged_cost, out.period_start_us,
-                                  time.monotonic(), provider=provider)
+                                  time.monotonic(), provider=provider, bound_input=input_tokens)
         self.metrics.late_replies.labels(action).inc()
 
     def _refund_late(self, tenant: str, rule: TenantRule, tokens: int, cost: int,
@@ -566,7 +585,10 @@ class DecisionService:
                            source: str = "report", cached_tokens: int = 0,
                            cache_write_tokens: int = 0,
                            settled_by: Optional[str] = None,
-                           settle_id: Optional[str] = None) -> SettleResult:
+                           settle_id: Optional[str] = None,
+                           reservation: Optional[Reservation] = None,
+                           outcome: str = "settled",
+                           reservation_local: bool = True) -> SettleResult:
         """Replace a request's reserved estimate by its actual usage, once per (tenant, id).
 
         ``request_id`` names the reservation (the id the sidecar made, `x-kt-reservation`);
@@ -576,6 +598,9 @@ class DecisionService:
         ``input_tokens`` counts every input token; ``cached_tokens`` and
         ``cache_write_tokens`` of them are priced at the model's cache prices.
         ``settled_by`` names how the usage was read, for the ledger (default: ``source``).
+        ``reservation``: one already taken out of the book or the shared record (a charge
+        at the bound, sidecar/bound.py; ``reservation_local``: from this sidecar's book),
+        settled as it is; ``outcome`` its ledger outcome.
         Without a reservation (RLS, a fail-open, another replica, or a report-only
         gateway) the whole actual usage is charged in the current period."""
         if not request_id or len(request_id) > 256:
@@ -587,9 +612,13 @@ class DecisionService:
             raise UsageError("cached_tokens and cache_write_tokens must be >= 0 and together "
                              "at most input_tokens (they are part of it)")
         policy = self.policy
-        res = self.reservations.pop(request_id)
-        local = res is not None  # held here, not taken from another replica's record
-        if res is not None:
+        res = reservation if reservation is not None else self.reservations.pop(request_id)
+        # held here, not taken from another replica's record: its shared copy is dropped
+        # once settled
+        local = res is not None if reservation is None else reservation_local
+        if reservation is not None:
+            tenant = reservation.tenant
+        elif res is not None:
             if tenant and tenant != res.tenant:
                 # a usage report must never move a charge from one tenant to another
                 self.reservations.put(request_id, *dataclasses.astuple(res))
@@ -627,8 +656,9 @@ class DecisionService:
             spend_model, 1, input_tokens, output_tokens, cached_tokens, cache_write_tokens, nano)
         recorded = functools.partial(
             self._record_settlement, request_id, tenant, rule, res, model, source,
-            settled_by or source, input_tokens, output_tokens, cached_tokens,
-            cache_write_tokens, nano, cost, unpriced, delta_tokens)
+            "released" if source == "release" else outcome, settled_by or source,
+            input_tokens, output_tokens, cached_tokens, cache_write_tokens, nano, cost,
+            unpriced, delta_tokens)
         # the key is this sidecar's alone (its reservation, an id it made: found settled
         # after a lost reply, it was this settlement) unless a usage report named it
         # without a reservation here: a reporter's own id, which an earlier report of the
@@ -658,9 +688,10 @@ class DecisionService:
 
     async def _record_settlement(self, request_id: str, tenant: str, rule: TenantRule,
                                  res: Optional[Reservation], model: str, source: str,
-                                 settled_by: str, input_tokens: int, output_tokens: int,
-                                 cached_tokens: int, cache_write_tokens: int, nano: int,
-                                 cost: int, unpriced: bool, delta_tokens: int,
+                                 outcome: str, settled_by: str, input_tokens: int,
+                                 output_tokens: int, cached_tokens: int,
+                                 cache_write_tokens: int, nano: int, cost: int,
+                                 unpriced: bool, delta_tokens: int,
                                  st: Settlement) -> None:
         """What follows a settlement the store applied (or found settled before): the
         provider's correction, metrics, the ledger's event. Also run later, for a
@@ -707,7 +738,7 @@ class DecisionService:
                     "usage of unpriced model %r charged at the dearest listed price "
                     "(tenant %s, request %s)", model[:200], tenant, request_id)
         if st.applied:
-            self._ledger_settled(request_id, tenant, rule, res, model, source,
+            self._ledger_settled(request_id, tenant, rule, res, model, outcome,
                                  settled_by, input_tokens, output_tokens,
                                  cached_tokens, cache_write_tokens, nano, cost, unpriced,
                                  st.budget_spent)
@@ -716,7 +747,7 @@ class DecisionService:
         """A settlement the store never confirmed nor denied: the estimate stays charged."""
         if res is not None:
             self.metrics.reservations_closed.labels("kept_settle_unknown").inc()
-            self._ledger_kept(request_id, res, "kept", "settle_unknown")
+            self.keep_estimate(request_id, res, "kept", "settle_unknown")
 
     def upstream_answered(self, provider: str, status: int) -> None:
         """Count an upstream response ext_proc saw, by provider and status (a provider's own
@@ -759,14 +790,13 @@ class DecisionService:
         return time.time_ns() // 1000 - int((time.monotonic() - res.created_s) * 1e6)
 
     def _ledger_settled(self, request_id: str, tenant: str, rule: TenantRule,
-                        res: Optional[Reservation], model: str, source: str, settled_by: str,
+                        res: Optional[Reservation], model: str, outcome: str, settled_by: str,
                         input_tokens: int, output_tokens: int, cached_tokens: int,
                         cache_write_tokens: int, nano: int, cost: int, unpriced: bool,
                         budget_spent: int) -> None:
-        released = source == "release"
         has_budget = rule.limits.budget >= 0
         self.ledger.closed(
-            request_id=request_id, tenant=tenant, outcome="released" if released else "settled",
+            request_id=request_id, tenant=tenant, outcome=outcome,
             settled_by=settled_by, decided_us=self._decided_us(res),
             model_asked=res.model_asked if res is not None else "",
             model_served=model, tier=self.policy.tiers[res.tier].name
@@ -783,20 +813,29 @@ class DecisionService:
                                     rule.budget_unit, rule.limits.budget, budget_spent,
                                     res.period_start_us)
 
-    def _ledger_kept(self, request_id: str, res: Reservation, outcome: str, why: str) -> None:
-        """A reservation closed without usage: its estimate stays charged."""
+    def keep_estimate(self, request_id: str, res: Reservation, outcome: str, why: str) -> None:
+        """A reservation whose settlement never happened (its charge at the bound was
+        refused, or a lost settlement's outcome stayed unknown): its estimate stays charged,
+        recorded with its tokens and their price (in the ledger and the durable spend,
+        whatever the budget's unit)."""
         rule = self.policy.rule_for(res.tenant)
         unit = rule.budget_unit if rule is not None and rule.limits.budget >= 0 else ""
-        self._record_spend(res.tenant, SpendRecord(res.model, 1, 0, 0, 0, 0,
-                                                   res.charged_cost if unit == "usd" else 0))
+        inp, out = bound.estimate_tokens(res)
+        nano, unpriced = self._price(res.model, Usage(inp, out))
+        self._record_spend(res.tenant, SpendRecord(res.model, 1, inp, out, 0, 0, nano))
         self.ledger.closed(
             request_id=request_id, tenant=res.tenant, outcome=outcome, settled_by=why,
             decided_us=self._decided_us(res), model_asked=res.model_asked,
             model_served=res.model, tier=self.policy.tiers[res.tier].name
             if res.tier < len(self.policy.tiers) else "", provider=res.provider,
-            decision=res.decision, estimate_tokens=res.charged_tokens,
-            cost_nano_usd=res.charged_cost if unit == "usd" else 0, budget_unit=unit,
-            budget_charge=res.charged_cost if unit else 0)
+            decision=res.decision, estimate_tokens=res.charged_tokens, input_tokens=inp,
+            output_tokens=out, cost_nano_usd=nano, budget_unit=unit,
+            budget_charge=res.charged_cost if unit else 0, unpriced=unpriced)
+
+    def track(self, task: asyncio.Task) -> None:
+        """Keep a background task referenced until it is done."""
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _record_spend(self, tenant: str, spend: SpendRecord) -> None:
         """The durable spend of a request whose estimate stays charged (no settlement call
@@ -818,8 +857,9 @@ class DecisionService:
         task.add_done_callback(self._background.discard)
 
     def _ledger_expired(self, request_id: str, res: Reservation) -> None:
+        """No usage came within the reservation's life: charged at the bound."""
         if not self.backend.shares_reservations:
-            self._ledger_kept(request_id, res, "expired", "expiry")
+            bound.charge_soon(self, request_id, res, "expired", "expiry")
             return
 
         # Shared reservations: another replica may have settled this one from the shared
@@ -834,13 +874,13 @@ class DecisionService:
                 log.warning("reservation %s of tenant %s expired and the shared record could "
                             "not be read (%s): recorded as expired here", request_id,
                             res.tenant, exc)
-            if record != TAKEN_RESERVATION:  # ours (or gone: recorded rather than lost)
-                self._ledger_kept(request_id, res, "expired", "expiry")
+            if record != TAKEN_RESERVATION:  # ours (or gone: charged rather than lost)
+                await bound.charge(self, request_id, res, "expired", "expiry", local=False)
 
         try:
             task = asyncio.get_running_loop().create_task(claim())
         except RuntimeError:  # not on the event loop: never in the sidecar itself
-            self._ledger_kept(request_id, res, "expired", "expiry")
+            self.keep_estimate(request_id, res, "expired", "expiry")
             return
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -853,9 +893,31 @@ class DecisionService:
         self.metrics.reservations_closed.labels("released_" + why).inc()
         return await self.settle_usage(request_id, res.tenant, res.model, 0, 0, "release")
 
+    async def charge_unread(self, request_id: str, why: str,
+                            tenant: Optional[str] = None) -> None:
+        """No usage will come (client gone, usage missing or unreadable): the request is
+        charged at what the provider could have billed (sidecar/bound.py). A request
+        another replica decided is charged from its shared reservation (``tenant``: the
+        decision's x-kt-tenant), which that replica then does not charge again at expiry."""
+        res = self.reservations.pop(request_id)
+        if (res is None and tenant and _valid_tenant(tenant)
+                and self.backend.shares_reservations):
+            try:
+                record = await self.backend.take_reservation(tenant, request_id)
+            except BackendError as exc:
+                # the deciding replica still holds it: charged at the bound when it expires
+                log.warning("shared reservation %s of tenant %s not read (%s): left to the "
+                            "replica that decided it", request_id, tenant, exc)
+                return
+            res = _parse_reservation(tenant, record if record != TAKEN_RESERVATION else None)
+            if res is not None:
+                await bound.charge(self, request_id, res, "kept", why, local=False)
+            return
+        if res is not None:
+            await bound.charge(self, request_id, res, "kept", why)
+
     def abandon(self, request_id: str, why: str) -> None:
-        """No usage will come (client gone, usage missing): the estimate stays charged."""
+        """``charge_unread`` in the background, for a caller that cannot wait."""
         res = self.reservations.pop(request_id)
         if res is not None:
-            self.metrics.reservations_closed.labels("kept_" + why).inc()
-            self._ledger_kept(request_id, res, "kept", why)
+            bound.charge_soon(self, request_id, res, "kept", why)

@@ -84,6 +84,11 @@ class Stack:
         return self.sidecar.spend()
 
 
+# a probe's body and the tokens it reserves: its bytes / 4 as input, max_tokens 1
+PROBE = {"max_tokens": 1}
+PROBE_INPUT = -(-len(json.dumps(PROBE)) // 4)
+
+
 def chat(model: str = "gpt-4o", max_tokens: Optional[int] = 50, stream: bool = False) -> dict:
     body: dict = {"model": model, "messages": [{"role": "user", "content": "Say hi."}]}
     if max_tokens is not None:
@@ -250,10 +255,10 @@ def test_budget_spend_equals_the_upstream_reported_usage(authz):
     assert rec["output_tokens"] == sum(u[1] for u in usages)
     assert rec["usd"] == pytest.approx(sum(i * 2.5e-6 + o * 1e-5 for i, o in usages))
     # the budget holds the actual usage, not the estimates (2,000 max_tokens each); the
-    # probe itself reserves exactly one output token (no prompt, max_tokens 1)
-    _, headers, _ = authz.post("finops", body={"max_tokens": 1})
-    spent = sum(i * 2.5e-6 + o * 1e-5 for i, o in usages)
-    assert float(headers["x-kt-budget-remaining"]) == pytest.approx(5 - spent - 1e-5, abs=1e-6)
+    # probe itself reserves its body's few input tokens and one output token
+    _, headers, _ = authz.post("finops", body=PROBE)
+    spent = sum(i * 2.5e-6 + o * 1e-5 for i, o in usages) + PROBE_INPUT * 2.5e-6 + 1e-5
+    assert float(headers["x-kt-budget-remaining"]) == pytest.approx(5 - spent, abs=1e-6)
 
 
 def test_a_stream_arrives_chunk_by_chunk_and_is_settled_on_its_usage(authz):
@@ -290,8 +295,8 @@ def test_a_client_that_leaves_mid_stream_pays_its_reservation(authz):
     # the client is gone before the usage chunk was sent
     leave_mid_stream(authz.envoy.listen_port, "t-gone", chat(stream=True, max_tokens=700),
                      authz.upstreams["default"], authz.sidecar)
-    _, headers, _ = authz.post("t-gone", body={"max_tokens": 1})  # reserves one token
-    charged = 10000 - int(headers["x-kt-budget-remaining"]) - 1
+    _, headers, _ = authz.post("t-gone", body=PROBE)
+    charged = 10000 - int(headers["x-kt-budget-remaining"]) - PROBE_INPUT - 1
     # the prompt (~10 tokens) + max_tokens 700 stay charged: never refunded, never doubled
     assert 700 < charged < 760, charged
 
@@ -299,9 +304,9 @@ def test_a_client_that_leaves_mid_stream_pays_its_reservation(authz):
 def test_an_upstream_error_refunds_the_reservation(authz):
     status, _, _ = authz.post("t-5xx", headers={"x-fake-status": "503"}, body=chat(max_tokens=3000))
     assert status == 503
-    _, headers, _ = authz.post("t-5xx", body={"max_tokens": 100})  # reserves exactly 100
-    # tokens budget 10,000: only this request's 100 is held, the failed one was refunded
-    assert headers["x-kt-budget-remaining"] == "9900"
+    _, headers, _ = authz.post("t-5xx", body={"max_tokens": 100})  # 5 input, 100 output
+    # tokens budget 10,000: only this request's 105 is held, the failed one was refunded
+    assert headers["x-kt-budget-remaining"] == "9895"
 
 
 def test_unknown_tenant_denied_when_the_policy_says_so():
@@ -484,8 +489,8 @@ def test_a_replayed_request_id_cannot_merge_settlements(authz):
     assert spend["replay-a"]["gpt-4o"]["output_tokens"] == 25 * 5000
     assert spend["replay-b"]["gpt-4o"]["output_tokens"] == 5 * 5000
     for tenant, n in (("replay-a", 25), ("replay-b", 5)):
-        _, headers, _ = authz.post(tenant, body={"max_tokens": 1})  # reserves one token
-        assert int(headers["x-kt-budget-remaining"]) == 1_000_000 - n * 10_000 - 1
+        _, headers, _ = authz.post(tenant, body=PROBE)
+        assert int(headers["x-kt-budget-remaining"]) == 1_000_000 - n * 10_000 - PROBE_INPUT - 1
 
 
 def test_client_chosen_models_fold_into_one_metric_series(authz):

@@ -12,7 +12,7 @@ import pytest
 from sidecar import _core, contract
 from sidecar.backends.memory import MemoryBackend
 from sidecar.backends.redis import RedisBackend
-from sidecar.estimate import estimate
+from sidecar.estimate import LengthRequired, estimate
 from sidecar.model import CORE_KINDS, Decision, Kind, Request
 from sidecar.policy.load import parse_policy
 from sidecar.service import DecisionService
@@ -199,9 +199,10 @@ def test_a_huge_content_length_is_too_large_and_never_wraps_the_budget(backend_k
     answer = contract.answer(huge)
     assert answer.status == 413 and b"request_too_large" in answer.body
     assert huge.outcome.charged_cost == 0 and huge.outcome.budget_remaining == 50_000_000_000
-    # nothing was charged: the next request sees the whole $50 less its own cost
-    assert small.kind is Kind.ALLOW and small.outcome.charged_cost == 100 * 10_000
-    assert small.outcome.budget_remaining == 50_000_000_000 - 1_000_000
+    # nothing was charged: the next request sees the whole $50 less its own cost (its
+    # 38-byte body is 10 input tokens, and 100 output)
+    assert small.kind is Kind.ALLOW and small.outcome.charged_cost == 10 * 2_500 + 100 * 10_000
+    assert small.outcome.budget_remaining == 50_000_000_000 - 1_025_000
 
 
 def test_content_length_at_the_cap_is_counted_and_beyond_it_too_large():
@@ -215,8 +216,9 @@ def test_content_length_at_the_cap_is_counted_and_beyond_it_too_large():
     assert tokens(str(cap_bytes)) == _core.MAX_TOKENS
     assert tokens(str(cap_bytes + 1)) == _core.MAX_TOKENS + 1  # refused by the core (R_SIZE)
     assert tokens("2" + "0" * 16) == _core.MAX_TOKENS + 1
-    assert tokens("١٢٣") == 1  # not ASCII digits: sized from what arrived, never a crash
-    assert tokens("-5") == 1 and tokens("") == 1
+    for bad in ("١٢٣", "-5", ""):  # not ASCII digits: as good as none, never a crash
+        with pytest.raises(LengthRequired):
+            tokens(bad)
 
 
 # --- the invariant suite -----------------------------------------------------------------

@@ -57,7 +57,7 @@ def test_events_in_postgres_add_up_to_the_reported_usage_and_the_budget():
                        and 'kt_ledger_sink_up{sink="postgres"} 0.0' in s.sidecar.metrics(),
                        10, "events spilled while PostgreSQL is down")
 
-            # a client that leaves mid-stream: its estimate stays charged (kept)
+            # a client that leaves mid-stream: charged at its bound (kept, sidecar/bound.py)
             leave_mid_stream(s.envoy.listen_port, "finops", chat(stream=True, max_tokens=40),
                              up, s.sidecar)
 
@@ -105,5 +105,8 @@ def test_events_in_postgres_add_up_to_the_reported_usage_and_the_budget():
     assert sum(v[4] for v in by.values()) == spent
     # none lost, none doubled; the roll-up agrees
     assert n_events == distinct == 18 + 3 + 1 + 1
-    assert (daily[0], daily[1]) == (sum(u[0] for u in reported), sum(u[1] for u in reported))
+    kept = by[("kept", "abandoned")]
+    assert kept[2] == 40  # its output bound: the request's max_tokens
+    assert (daily[0], daily[1]) == (sum(u[0] for u in reported) + kept[1],
+                                    sum(u[1] for u in reported) + kept[2])
     assert daily[2] == spent

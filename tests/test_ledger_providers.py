@@ -122,7 +122,7 @@ def test_every_outcome_names_the_provider_and_the_roll_up_counts_by_it(tmp_path,
                                  "ext_proc", "ext_proc_json"))
         sc.run(close_reservation(svc, rid[4], "", None, 503, None, None, False, "ext_proc",
                                  "ext_proc"))
-        svc.abandon(rid[5], "abandoned")
+        sc.run(svc.charge_unread(rid[5], "abandoned"))  # charged at its bound
         assert sc.run(svc.settle_usage(rid[6], "acme", "gpt-4o", 50, 5, "report",
                                        cached_tokens=40)).applied
         svc.reservations.ttl_s = -1

@@ -5,6 +5,7 @@ pricing in the budget; refusals aggregated; thresholds once; and the sidecar's
 metrics and readiness detail."""
 from __future__ import annotations
 
+import asyncio
 import json
 import urllib.request
 
@@ -62,12 +63,20 @@ def test_each_closed_reservation_is_one_event_and_they_add_up_to_the_budget(ledg
     res = sc.run(svc.settle_usage(rid["a"], None, "gpt-4o", 1000, 50, "ext_proc",
                                   cached_tokens=800, settled_by="ext_proc_json"))
     assert res.applied
-    # b: the upstream failed: released; c: the client went away: kept
+    # b: the upstream failed: released; c: the client went away: kept, charged at its bound
+    # (max_tokens 1000: the estimate's own output)
     sc.run(svc.release(rid["b"], "upstream_error"))
-    svc.abandon(rid["c"], "abandoned")
-    # d: never settled: expires
-    svc.reservations.ttl_s = -1
-    svc.reservations.expire()
+    sc.run(svc.charge_unread(rid["c"], "abandoned"))
+
+    # d: never settled: expires, charged at its bound in the background
+    async def expire() -> None:
+        svc.reservations.ttl_s = -1
+        svc.expire_reservations()
+        svc.reservations.ttl_s = 600
+        while svc._background:
+            await asyncio.sleep(0.01)
+
+    sc.run(expire())
     # e: a report for a request this sidecar never saw: charged in full
     sc.run(svc.settle_usage("e", "acme", "gpt-4o-mini", 300, 30, "report"))
     # a repeated report changes nothing and records nothing
@@ -89,7 +98,8 @@ def test_each_closed_reservation_is_one_event_and_they_add_up_to_the_budget(ledg
     assert a.decided_us > 0 and a.settled_us >= a.decided_us and a.instance == "test-1"
     assert a.estimate_tokens > 1000
     assert by_id["b"].budget_charge == 0 and by_id["b"].input_tokens == 0
-    assert by_id["c"].budget_charge == by_id["c"].cost_nano_usd > 0  # the estimate stays
+    assert by_id["c"].budget_charge == by_id["c"].cost_nano_usd > 0  # the bound, priced
+    assert (by_id["c"].output_tokens, by_id["d"].output_tokens) == (1000, 1000)
     assert by_id["e"].decided_us == 0 and by_id["e"].cost_nano_usd == 300 * 150 + 30 * 600
     # the invariant a FinOps engineer checks: events add up to the budget, to the nano-dollar
     assert sum(e.budget_charge for e in evs) == sc.backend.states["acme"].spent

@@ -741,7 +741,7 @@ def test_a_settlement_whose_reply_came_too_late_is_settled_once_and_counted_once
     assert svc.metrics.registry.get_sample_value(
         "kt_settlements_total", {"source": "access_log"}) == 1
     assert (svc.metrics.registry.get_sample_value(
-        "kt_reservations_closed_total", {"outcome": "kept_expired"}) or 0) == 0
+        "kt_reservations_closed_total", {"outcome": "bound_expiry"}) or 0) == 0
 
 
 @pytest.mark.parametrize("shared,spent_after", [

@@ -128,7 +128,7 @@ def test_a_settlement_valkey_applied_during_a_stall_is_recorded_once(valkey):
     spent, spend = books(valkey.url, svc)
     assert spent == 120  # the usage replaced the estimate of 5, once
     assert spend == {"i|gpt-4o": 100, "o|gpt-4o": 20, "n|gpt-4o": 1}
-    assert sample(svc, "kt_reservations_closed_total", outcome="kept_expired") == 0
+    assert sample(svc, "kt_reservations_closed_total", outcome="bound_expiry") == 0
     outcomes = {o: sample(svc, "kt_settle_outcomes_total", outcome=o)
                 for o in ("applied", "resent", "unknown")}
     assert outcomes["applied"] + outcomes["resent"] == 1 and outcomes["unknown"] == 0
@@ -162,7 +162,7 @@ def test_a_settlement_the_store_lost_is_sent_again_once_it_answers(valkey):
     assert spent == 120 - ESTIMATE  # the correction, applied once to the emptied store
     assert spend == {"i|gpt-4o": 100, "o|gpt-4o": 20, "n|gpt-4o": 1}
     assert sample(svc, "kt_settlements_total", source="access_log") == 1
-    assert sample(svc, "kt_reservations_closed_total", outcome="kept_expired") == 0
+    assert sample(svc, "kt_reservations_closed_total", outcome="bound_expiry") == 0
 
 
 def test_a_store_that_never_answers_closes_the_reservation_as_kept(valkey, monkeypatch):

@@ -44,8 +44,10 @@ class Reply:
     the connection after the pieces instead of ending the body."""
 
     def __init__(self, pieces: list[bytes], status: int = 200,
-                 content_type: str = "application/json", reset: bool = False) -> None:
+                 content_type: str = "application/json", reset: bool = False,
+                 headers: Optional[dict[str, str]] = None) -> None:
         self.pieces, self.status, self.content_type, self.reset = pieces, status, content_type, reset
+        self.headers = headers or {}  # more response headers (content-encoding, ...)
 
 
 class RawUpstream:
@@ -70,6 +72,8 @@ class RawUpstream:
                 reply = replies[self.headers["x-raw-case"]]
                 self.send_response(reply.status)
                 self.send_header("content-type", reply.content_type)
+                for name, value in reply.headers.items():
+                    self.send_header(name, value)
                 self.send_header("transfer-encoding", "chunked")
                 self.end_headers()
                 for piece in reply.pieces:
@@ -269,26 +273,33 @@ def test_other_stream_formats_are_read_to_the_token(path, case):
     assert (rec["input_tokens"], rec["output_tokens"]) == (inp, out)
 
 
-def test_a_stream_without_usage_keeps_its_estimate(path):
-    before = path.metric("kt_reservations_closed_total", outcome="kept_no_usage")
+# what Path.send asks for: its body's bytes / 4 as input, max_tokens 500 as output (the
+# estimate and, with usage unreadable, the bound: sidecar/bound.py)
+SENT_INPUT = -(-len(json.dumps({"model": "gpt-4o", "max_tokens": 500, "messages": [
+    {"role": "user", "content": "hi"}]}).encode()) // 4)
+
+
+def test_a_stream_without_usage_is_charged_at_its_bound(path):
+    before = path.metric("kt_reservations_closed_total", outcome="bound_no_usage")
     stream = sse({"model": "gpt-4o", "choices": [{"delta": {"content": "a"}}]}, b"[DONE]")
     assert path.send("sse-none", "sse-none", Reply([stream], content_type="text/event-stream")) == 200
-    assert path.metric("kt_reservations_closed_total", outcome="kept_no_usage") == before + 1
-    # no actual usage recorded, the estimate stays charged (the ledger's durable spend counts
-    # the request, with no tokens: docs/ledger.md)
-    assert all(r["input_tokens"] == r["output_tokens"] == 0
-               for r in path.spend("sse-none").values())
+    assert path.metric("kt_reservations_closed_total", outcome="bound_no_usage") == before + 1
+    # no usage could be read: charged at what the provider could have billed, recorded
+    # with its tokens in the durable spend (docs/usage.md)
+    rec = path.spend("sse-none")["gpt-4o"]
+    assert (rec["input_tokens"], rec["output_tokens"]) == (SENT_INPUT, 500)
 
 
-def test_an_upstream_reset_mid_stream_keeps_the_estimate(path):
-    before = path.metric("kt_reservations_closed_total", outcome="kept_abandoned")
+def test_an_upstream_reset_mid_stream_is_charged_at_its_bound(path):
+    before = path.metric("kt_reservations_closed_total", outcome="bound_abandoned")
     first = sse({"model": "gpt-4o", "choices": [{"delta": {"content": "a"}}], "usage": None})
     assert path.send("sse-reset", "sse-reset",
                      Reply([first], content_type="text/event-stream", reset=True)) in (0, 200)
-    wait_until(lambda: path.metric("kt_reservations_closed_total", outcome="kept_abandoned")
-               == before + 1, 10, "reservation kept as abandoned")
-    assert all(r["input_tokens"] == r["output_tokens"] == 0  # no usage: none recorded
-               for r in path.spend("sse-reset").values())
+    wait_until(lambda: path.metric("kt_reservations_closed_total", outcome="bound_abandoned")
+               == before + 1, 10, "reservation charged at its bound as abandoned")
+    wait_until(lambda: path.spend("sse-reset").get("gpt-4o", {}).get("output_tokens") == 500,
+               10, "the bound in the durable spend")
+    assert path.spend("sse-reset")["gpt-4o"]["input_tokens"] == SENT_INPUT
 
 
 def test_a_5xx_without_usage_releases_the_reservation(path):

@@ -15,9 +15,11 @@ import msgspec
 #   settled   actual usage replaced the estimate (settled_by: access_log_json, access_log_sse,
 #             ext_proc_json, ext_proc_sse, report)
 #   released  the upstream failed without usage: the estimate was refunded (settled_by: release)
-#   kept      no usage will come (client gone, 2xx without usage): the estimate stays charged
+#   kept      no usage will come (client gone, 2xx without readable usage): charged at the
+#             bound of what the provider could have billed (sidecar/bound.py), or the
+#             estimate when that failed; the tokens are the ones charged
 #             (settled_by: abandoned, no_usage)
-#   expired   no usage came in time: the estimate stays charged (settled_by: expiry)
+#   expired   no usage came in time: likewise (settled_by: expiry)
 Outcome = Literal["settled", "released", "kept", "expired"]
 
 

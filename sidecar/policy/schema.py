@@ -47,6 +47,10 @@ class Price(_Strict, frozen=True):
     # absent: the input price (never cheaper than the operator said)
     cached_input: Optional[float] = None
     cache_write: Optional[float] = None
+    # the most output tokens the provider bills for one choice of this model: what a
+    # request whose usage cannot be read is charged at when it names no max_tokens
+    # (sidecar/bound.py; absent: sidecar.bound.DEFAULT_MAX_OUTPUT_TOKENS)
+    max_output_tokens: Optional[int] = None
 
 
 class Limits(_Strict, frozen=True):
@@ -85,6 +89,10 @@ class Estimate(_Strict, frozen=True):
     # tokens assumed for a request with neither a header estimate nor a body
     default_request_tokens: int = 512
     chars_per_token: float = 4.0
+    # input tokens counted for each image part of a request (image_url, input_image,
+    # Anthropic image), on top of its bytes: a provider prices an image by its size in
+    # pixels, which a short URL does not show (docs/contract.md, "Token estimate")
+    image_tokens: int = 2000
     # an explicit token count in this header (or RLS hits_addend) is read only when a
     # filter the operator runs sets it (trusted: true); a client's own count is ignored,
     # and `kt envoy-config` strips it at the edge (docs/security.md)

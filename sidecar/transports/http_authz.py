@@ -49,7 +49,7 @@ IDLE_TIMEOUT_S = 30.0
 # goes through the connection's worker Task, as before the inline path.
 DECIDE_INLINE = sys.version_info < (3, 12)
 _REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden",
-            413: b"Payload Too Large",
+            411: b"Length Required", 413: b"Payload Too Large",
             429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
             503: b"Service Unavailable"}
 

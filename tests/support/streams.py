@@ -12,12 +12,12 @@ def leave_mid_stream(listen_port: int, tenant: str, body: dict, upstream: FakeUp
                      sidecar: SidecarProcess) -> None:
     """Send a streamed request to Envoy on ``listen_port``, read until the upstream's first
     chunk, close the connection, and wait until the sidecar has closed the request's
-    reservation as abandoned (its estimate stays charged).
+    reservation as abandoned (charged at its bound, sidecar/bound.py).
 
     The upstream holds the rest of the stream, with its usage chunk, until then: released
     before Envoy saw the client go, the usage could pass and settle the stream instead
     (a busy machine did that)."""
-    abandoned_before = sidecar.metric("kt_reservations_closed_total", outcome="kept_abandoned")
+    abandoned_before = sidecar.metric("kt_reservations_closed_total", outcome="bound_abandoned")
     data = json.dumps(body).encode()
     request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: llm\r\n"
                b"x-tenant-id: %s\r\ncontent-type: application/json\r\n"
@@ -32,7 +32,7 @@ def leave_mid_stream(listen_port: int, tenant: str, body: dict, upstream: FakeUp
                 assert chunk, received
                 received += chunk
         wait_until(lambda: sidecar.metric("kt_reservations_closed_total",
-                                          outcome="kept_abandoned") > abandoned_before,
+                                          outcome="bound_abandoned") > abandoned_before,
                    10, "the stream closed as abandoned", sidecar.log)
     finally:
         upstream.release_stream.set()
