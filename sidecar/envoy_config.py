@@ -24,13 +24,14 @@ a retry budget) goes to the next priority group: Envoy's priority-group cluster 
 """
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field, replace
 from typing import Literal, NamedTuple, Sequence, Union
 
 import yaml
 
-from sidecar import contract
+from sidecar import contract, endpoints
 from sidecar.address import AddressError, check_host, check_port, is_ip, split_host_port
 from sidecar.auth import host_of, is_loopback_host
 from sidecar.transports.http_authz import IDLE_TIMEOUT_S as SIDECAR_HTTP_IDLE_TIMEOUT_S
@@ -242,6 +243,10 @@ class EnvoyOptions:
     sidecar_tls_key: str = ""
     sidecar_ca: str = ""
     sidecar_sni: str = ""
+    # endpoints passed to the provider besides the metered ones (`kt envoy-config
+    # --pass-path METHOD:/PATH`): still decided and charged by the sidecar like any request;
+    # every other method and path is answered 404 by Envoy (sidecar/endpoints.py)
+    pass_endpoints: tuple[endpoints.Endpoint, ...] = ()
     # benchmarking: answer 200 from Envoy itself instead of routing to the tiers, and read
     # the request body first (a direct response to an unread POST body closes the
     # connection, which would measure reconnects, not Envoy)
@@ -475,6 +480,7 @@ def _routes(o: EnvoyOptions) -> list[dict]:
         routes.append({"match": {"prefix": "/"},
                        "direct_response": {"status": 200, "body": {"inline_string": "{}"}}})
         return routes
+    forwarded: list[tuple[list[dict], dict]] = []  # (header matches, route action)
     for u in o.providers:
         route: dict = {"cluster": _provider_cluster(u), "timeout": timeout,
                        # nothing reached the provider: safe to try once more. Never another
@@ -483,15 +489,34 @@ def _routes(o: EnvoyOptions) -> list[dict]:
                                         "num_retries": 1}}
         if not u.is_ip:
             route["auto_host_rewrite"] = True
-        routes.append({"match": {"prefix": "/", "headers": [
-            {"name": contract.H_PROVIDER, "string_match": {"exact": u.name}}]}, "route": route})
+        forwarded.append(([{"name": contract.H_PROVIDER, "string_match": {"exact": u.name}}],
+                          route))
     for tier in o.tiers[1:]:
-        routes.append({
-            "match": {"prefix": "/", "headers": [
-                {"name": contract.H_TIER, "string_match": {"exact": tier.name}}]},
-            "route": _tier_route(tier, timeout),
-        })
-    routes.append({"match": {"prefix": "/"}, "route": _tier_route(o.tiers[0], timeout)})
+        forwarded.append(([{"name": contract.H_TIER, "string_match": {"exact": tier.name}}],
+                          _tier_route(tier, timeout)))
+    forwarded.append(([], _tier_route(o.tiers[0], timeout)))
+    routed = endpoints.routed(o.pass_endpoints)
+    for headers, action in forwarded:
+        for method, paths in endpoints.by_method(routed):
+            routes.append({
+                "match": {"safe_regex": {"regex": endpoints.path_regex(paths)},
+                          "headers": [*headers,
+                                      {"name": ":method", "string_match": {"exact": method}}]},
+                "route": copy.deepcopy(action),  # no YAML anchors: one dict per route
+                # the reply must stay readable for its usage: a client's Accept-Encoding
+                # would have the provider compress it, and the usage filter reads nothing
+                "request_headers_to_remove": ["accept-encoding"]})
+    # every other method and path: Envoy's own 404, with every filter off (no decision is
+    # asked, no credential injected, nothing reaches a provider)
+    routes.append({
+        "match": {"prefix": "/"},
+        "direct_response": {"status": 404, "body": {
+            "inline_string": endpoints.not_routed_body(routed)}},
+        "response_headers_to_add": [{"header": {"key": "content-type",
+                                                "value": "application/json"}}],
+        "typed_per_filter_config": {
+            name: {"@type": TYPE + "envoy.config.route.v3.FilterConfig", "disabled": True}
+            for name in _filter_names(o)}})
     return routes
 
 
@@ -557,8 +582,6 @@ def _als_usage_filters(o: EnvoyOptions) -> list[dict]:
     """ext_proc for the body of a downgraded request only (a matcher skips the filter for
     every other request: no stream, no message), then the Lua filter that leaves the
     response's usage in dynamic metadata for the access log (lua/envoy_usage.lua)."""
-    from sidecar.backends.redis import load_script
-
     rewrite = {
         "@type": TYPE + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
         "grpc_service": {"envoy_grpc": {"cluster_name": "kt_sidecar"},
@@ -587,10 +610,22 @@ def _als_usage_filters(o: EnvoyOptions) -> list[dict]:
             "@type": TYPE + "envoy.extensions.common.matching.v3.ExtensionWithMatcher",
             "extension_config": {"name": "envoy.filters.http.ext_proc", "typed_config": rewrite},
             "xds_matcher": skip_unless_downgrade}},
-        {"name": "envoy.filters.http.lua", "typed_config": {
-            "@type": TYPE + "envoy.extensions.filters.http.lua.v3.Lua",
-            "default_source_code": {"inline_string": load_script("envoy_usage.lua")}}},
+        _usage_lua(),
     ]
+
+
+def _usage_lua(request_only: bool = False) -> dict:
+    """Envoy's Lua filter running lua/envoy_usage.lua: on requests, a streamed chat
+    completion asks for its usage; on responses (unless ``request_only``: ext_proc reads
+    them) the usage is left in dynamic metadata."""
+    from sidecar.backends.redis import load_script
+
+    source = load_script("envoy_usage.lua")
+    if request_only:  # the Lua filter skips a direction whose function is not defined
+        source += "\nenvoy_on_response = nil\n"
+    return {"name": "envoy.filters.http.lua", "typed_config": {
+        "@type": TYPE + "envoy.extensions.filters.http.lua.v3.Lua",
+        "default_source_code": {"inline_string": source}}}
 
 
 def _usage_access_log(o: EnvoyOptions) -> dict:
@@ -637,6 +672,11 @@ def _jwt_authn(o: EnvoyOptions) -> dict:
         "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "gateway"}}]}}
 
 
+def _filter_names(o: EnvoyOptions) -> list[str]:
+    """The HTTP filters a route can turn off (all but the router)."""
+    return [f["name"] for f in _filters(o) if f["name"] != "envoy.filters.http.router"]
+
+
 def _filters(o: EnvoyOptions) -> list[dict]:
     sidecar = {"envoy_grpc": {"cluster_name": "kt_sidecar"}}
     filters: list[dict] = []
@@ -665,6 +705,7 @@ def _filters(o: EnvoyOptions) -> list[dict]:
         filters += _als_usage_filters(o)
     if o.mode in ("authz", "http-authz"):
         if o.usage == "ext_proc":
+            filters.append(_usage_lua(request_only=True))
             filters.append({"name": "envoy.filters.http.ext_proc", "typed_config": {
                 "@type": TYPE + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
                 "grpc_service": dict(sidecar, timeout=_seconds(o.authz_timeout_s)),
@@ -727,6 +768,11 @@ def bootstrap(o: EnvoyOptions) -> dict:
         "codec_type": "AUTO",
         "route_config": {"name": "llm", "virtual_hosts": [vhost]},
         "http_filters": _filters(o),
+        # A header name with an underscore (x_kt_tier) is dropped: the early mutation
+        # removes x-kt-tier, but an upstream that reads "_" as "-" (CGI, WSGI, nginx's
+        # underscores_in_headers) would take x_kt_tier for it. Counted in Envoy's
+        # http.<stat_prefix>.dropped_headers_with_underscores.
+        "common_http_protocol_options": {"headers_with_underscores_action": "DROP_HEADER"},
     }
     if o.mode in ("authz", "http-authz") and o.usage == "als":
         hcm["access_log"] = [_usage_access_log(o)]

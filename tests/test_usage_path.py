@@ -29,7 +29,8 @@ tenant: {header: x-tenant-id, unknown: defaults}
 tenants:
 """ + "".join(f"  {t}: {{}}\n" for t in (
     "json-plain", "json-order_and_blanks", "json-decoys", "json-anthropic", "json-responses",
-    "sse-split", "sse-anthropic", "sse-responses", "sse-none", "sse-reset", "five"))  # named: spend is recorded per named tenant (others fold into _other)
+    "sse-split", "sse-anthropic", "sse-responses", "sse-none", "sse-reset", "five",
+    "sse-responses-large", "sse-anthropic-large", "json-large"))  # named: spend is recorded per named tenant (others fold into _other)
 
 
 def metric_model(model: str) -> str:
@@ -258,6 +259,71 @@ STREAM_CASES = {
             "model": "gpt-4o", "usage": {"input_tokens": 30, "output_tokens": 7}}})),
         "gpt-4o", (30, 7)),
 }
+
+
+def _big_text(n: int) -> str:
+    """Generated text of about n bytes, with what a decoy would try: usage in quotes
+    (escaped in JSON), braces, backslashes, newlines."""
+    unit = 'lorem "usage": {"input_tokens": 1} \\ {[}] line\n '
+    return (unit * (n // len(unit) + 1))[:n]
+
+
+# a tool's JSON schema is echoed in the responses API's final event, before its usage: a
+# nested "usage" object there must not be taken for the response's own
+_DECOY_TOOL = {"type": "function", "name": "f", "parameters": {"type": "object", "properties": {
+    "usage": {"input_tokens": 1, "output_tokens": 1}}}}
+
+# final events far over the filter's 16 KiB line: read whatever their size
+LARGE_STREAM_CASES = {
+    "sse-responses-large": (events(
+        ("response.created", {"type": "response.created", "response": {
+            "model": "gpt-4o", "usage": None}}),
+        ("response.output_text.delta", {"type": "response.output_text.delta", "delta": "hi"}),
+        ("response.completed", {"type": "response.completed", "sequence_number": 9,
+                                "response": {
+            "id": "resp_1", "object": "response", "status": "completed", "model": "gpt-4o",
+            "output": [{"type": "message", "content": [
+                {"type": "output_text", "text": _big_text(300_000)}]}],
+            "tools": [_DECOY_TOOL],
+            "usage": {"input_tokens": 4321, "output_tokens": 65432,
+                      "input_tokens_details": {"cached_tokens": 0}},
+            "metadata": {"note": '"usage": {"input_tokens": 9}'}}})),
+        "gpt-4o", (4321, 65432)),
+    "sse-anthropic-large": (events(
+        ("message_start", {"type": "message_start", "message": {
+            "id": "m", "model": "claude-sonnet-4", "content": [],
+            "system_echo": _big_text(40_000),
+            "usage": {"input_tokens": 25, "output_tokens": 1}}}),
+        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                           "usage": {"output_tokens": 97}}),
+        ("message_stop", {"type": "message_stop"})), "claude-sonnet-4", (25, 97)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LARGE_STREAM_CASES))
+@pytest.mark.parametrize("piece", [1000, 7001, 1 << 20])
+def test_a_final_event_over_the_line_limit_is_read_to_the_token(path, case, piece):
+    stream, model, (inp, out) = LARGE_STREAM_CASES[case]
+    before = path.spend(case).get(metric_model(model), {"input_tokens": 0, "output_tokens": 0})
+    reply = Reply(split(stream, *range(piece, len(stream), piece)),
+                  content_type="text/event-stream")
+    assert path.send(case, case, reply) == 200
+    rec = path.spend(case)[metric_model(model)]
+    assert (rec["input_tokens"] - before["input_tokens"],
+            rec["output_tokens"] - before["output_tokens"]) == (inp, out)
+
+
+def test_a_json_reply_of_any_size_is_read_to_the_token(path):
+    # over the 4 MiB the filter used to buffer at most; the decoys of the stream cases too
+    body = json.dumps({"id": "x", "model": "gpt-4o", "choices": [{"message": {
+        "content": _big_text(5 * 1024 * 1024)}}], "tools": [_DECOY_TOOL],
+        "usage": {"prompt_tokens": 777, "completion_tokens": 1_500_000}}).encode()
+    if path.usage != "als":
+        pytest.skip("ext_proc buffers at most sidecar.usage.MAX_JSON_BYTES of a JSON reply")
+    assert path.send("json-large", "json-large", Reply(split(body, *range(
+        65536, len(body), 65536)))) == 200
+    rec = path.spend("json-large")["gpt-4o"]
+    assert (rec["input_tokens"], rec["output_tokens"]) == (777, 1_500_000)
 
 
 @pytest.mark.parametrize("case", sorted(STREAM_CASES))

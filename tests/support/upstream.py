@@ -12,6 +12,8 @@ received and its own name (`served_by`). Test controls, as request headers:
 - `x-fake-format: anthropic`  answer in Anthropic's messages format (JSON, or the
   `message_start` / `message_delta` SSE events), IN split into uncached input and
   `x-fake-cached: N` cache-read tokens (OpenAI: `prompt_tokens_details.cached_tokens`);
+- `Accept-Encoding: gzip` a JSON answer is gzip-compressed (as providers do);
+- GET, PUT, PATCH, DELETE (files, batches, models...): recorded and answered 200 `{}`;
 - body `"stream": true`   answer SSE: a first chunk at once, the rest (with the
   usage chunk if `stream_options.include_usage`) once `release_stream` is set,
   so a test can see the first chunk arrive before the upstream finishes.
@@ -19,6 +21,7 @@ received and its own name (`served_by`). Test controls, as request headers:
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import math
 import ssl
@@ -104,7 +107,11 @@ class FakeUpstream:
                     body = json.loads(raw) if raw else {}
                 except (ValueError, RecursionError):  # a hostile body reaches it too
                     body = {"_unparsed": raw.decode(errors="replace")}
-                upstream.requests.append({"headers": headers, "body": body})
+                upstream.requests.append({"headers": headers, "body": body,
+                                          "method": self.command, "path": self.path})
+                if self.command != "POST":
+                    self._send(200, {})
+                    return
                 status = int(headers.get("x-fake-status", upstream.status))
                 usage_in, usage_out = (int(x) for x in headers.get("x-fake-usage", "10,5").split(","))
                 model = body.get("model", "unknown")
@@ -139,6 +146,8 @@ class FakeUpstream:
                                   "prompt_tokens_details": {
                                       "cached_tokens": int(headers.get("x-fake-cached", "0"))}}})
 
+            do_GET = do_PUT = do_PATCH = do_DELETE = do_POST  # noqa: N815 (stdlib names)
+
             def _anthropic(self, model: str, usage_in: int, usage_out: int, cached: int,
                            stream: bool) -> None:
                 usage = {"input_tokens": usage_in - cached, "output_tokens": usage_out,
@@ -172,6 +181,9 @@ class FakeUpstream:
                 data = json.dumps(doc).encode()
                 self.send_response(status)
                 self.send_header("content-type", "application/json")
+                if "gzip" in (self.headers.get("accept-encoding") or ""):
+                    data = gzip.compress(data)
+                    self.send_header("content-encoding", "gzip")
                 self.send_header("content-length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
