@@ -164,7 +164,7 @@ end
 -- generated text is never a key) and counts depth (so a nested "usage" is not taken). A
 -- value ends at its parent's next "," or "}", which takes every kind of value alike.
 local function selector(wanted)
-  return {wanted = wanted, depth = 0, stack = {}, instr = false, esc = false,
+  return {wanted = wanted, depth = 0, stack = {}, instr = false, bs = 0,
           key = nil, cap = nil, found = {}}
 end
 
@@ -183,31 +183,32 @@ local function select_feed(sel, data)
   local cap_from = 1
   while i <= n do
     if sel.instr then
-      if sel.esc then
-        sel.esc = false
-        i = i + 1
+      -- the next quote ends the string unless an odd run of backslashes precedes it: one
+      -- plain search per quote, not a step per escape (generated text is full of \n)
+      local k = string.find(data, '"', i, true)
+      local j = (k or n + 1) - 1
+      while j >= i and string.byte(data, j) == 92 do j = j - 1 end
+      local run = (k or n + 1) - 1 - j
+      if j < i then run = run + sel.bs end  -- the run goes on from the previous piece
+      if k == nil then
+        if sel.key ~= nil then sel.key[#sel.key + 1] = string.sub(data, i) end
+        sel.bs = run % 2
+        break
+      end
+      sel.bs = 0
+      if run % 2 == 1 then  -- an escaped quote: still inside the string
+        if sel.key ~= nil then sel.key[#sel.key + 1] = string.sub(data, i, k) end
       else
-        local k = string.find(data, '["\\]', i)
-        if k == nil then
-          if sel.key ~= nil then sel.key[#sel.key + 1] = string.sub(data, i) end
-          break
-        end
-        if string.byte(data, k) == 92 then
-          if sel.key ~= nil then sel.key[#sel.key + 1] = string.sub(data, i, k + 1) end
-          if k == n then sel.esc = true end
-          i = k + 2
-        else
-          sel.instr = false
-          if sel.key ~= nil then
-            sel.key[#sel.key + 1] = string.sub(data, i, k - 1)
-            local key = table.concat(sel.key)
-            sel.key = nil
-            local top = sel.stack[sel.depth]
-            top.key = #key <= 64 and key or ""
-          end
-          i = k + 1
+        sel.instr = false
+        if sel.key ~= nil then
+          sel.key[#sel.key + 1] = string.sub(data, i, k - 1)
+          local key = table.concat(sel.key)
+          sel.key = nil
+          local top = sel.stack[sel.depth]
+          top.key = #key <= 64 and key or ""
         end
       end
+      i = k + 1
     else
       local k = string.find(data, '[{}%[%]",:]', i)
       if k == nil then break end
