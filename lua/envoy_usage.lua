@@ -25,12 +25,15 @@
 -- escaped, so the bytes "usage" (quote, usage, quote) occur only as a key or as the
 -- whole string value "usage"; a line kept by mistake is harmless (the parser decides),
 -- and the JSON body's keys are found by a scan that skips strings and nested values.
--- Bounds, per request: the unfinished line (MAX_LINE), the kept lines (MAX_USAGE_LINES + 1
--- of at most MAX_LINE), the selected values (MAX_VALUE each), and the chunk in hand; a
--- value over MAX_VALUE is not kept (its reservation stands, docs/usage.md).
+-- Bounds, per request: the unfinished line (MAX_LINE) and the chunk in hand, the kept lines
+-- (MAX_USAGE_LINES + 1 of at most MAX_LINE, and their copy in the metadata), the selected
+-- values (MAX_VALUE each): about 300 KiB at worst, never the reply. A value over MAX_VALUE
+-- is not kept (its reservation stands, docs/usage.md).
 
 local MAX_LINE = 16 * 1024
-local MAX_VALUE = 4 * 1024
+-- a selected value (a usage object is a few hundred bytes): seven of them and their keys
+-- keep a reduced line under MAX_LINE
+local MAX_VALUE = 2 * 1024
 -- usage lines kept per stream: OpenAI sends one, Anthropic a message_start and a few
 -- cumulative message_delta (all kept up to this many; beyond it the first and the latest)
 local MAX_USAGE_LINES = 8
