@@ -1,8 +1,8 @@
 """Which requests the gateway passes to a provider: the metered API, plus what the operator
-lists. Everything else is answered 404 by Envoy itself, before any filter runs (no decision,
-no credential injected): a gateway that injects the provider's key on every path hands
-batch jobs, file uploads and fine-tunes, which the provider bills and the sidecar never
-sees, to any client (docs/security.md).
+lists. Everything else is answered 404 by Envoy itself, on a route with every filter off (no
+decision, no credential injected): a gateway that injects the provider's key on every path
+hands batch jobs, file uploads and fine-tunes, which the provider bills and the sidecar
+never sees, to any client (docs/security.md).
 
 Pure: the endpoint list in, route matches and the refusal's body out (sidecar/envoy_config.py
 builds the routes from them).
@@ -18,9 +18,6 @@ from sidecar import contract
 class Endpoint(NamedTuple):
     method: str
     path: str  # matched exactly, without the query string
-
-    def __str__(self) -> str:
-        return f"{self.method}:{self.path}"
 
 
 # The endpoints the sidecar meters: estimated from the request body, settled from the

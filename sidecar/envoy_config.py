@@ -13,6 +13,11 @@ Two ways to call the sidecar:
   headers and dynamic metadata only, and the upstream (or a later filter) must act on
   it: use ``authz`` mode when Envoy itself must route the compact tier to its own cluster.
 
+Routes: only POST to the metered endpoints (and `pass_endpoints`) reach an upstream; every
+other method and path is Envoy's own 404 on a route with every filter off
+(sidecar/endpoints.py). Header names with underscores are dropped, and a client's
+Accept-Encoding is removed toward the provider (the usage filter reads the reply).
+
 Upstreams (the providers a tier's requests go to) are `Upstream` values: an IP address
 becomes a STATIC cluster, a hostname a LOGICAL_DNS one (one address at a time, re-resolved:
 what Envoy recommends for a large web service behind DNS, such as a provider's API); TLS

@@ -12,7 +12,7 @@ from typing import Iterator, Optional
 
 import pytest
 
-from sidecar.endpoints import Endpoint, parse_endpoint, EndpointError
+from sidecar.endpoints import Endpoint, EndpointError, parse_endpoint
 from sidecar.envoy_config import EnvoyOptions, TierRoute, Upstream, render
 from tests.support.policies import TIERS_AND_PRICING
 from tests.support.procs import EnvoyProcess, SidecarProcess, free_port, workdir
@@ -67,15 +67,18 @@ class Edge:
 
 
 @contextlib.contextmanager
-def edge(usage: str = "als", passed: tuple[Endpoint, ...] = ()) -> Iterator[Edge]:
+def edge(usage: str = "als", passed: tuple[Endpoint, ...] = (),
+         mode: str = "authz") -> Iterator[Edge]:
     with workdir() as d, FakeUpstream("default") as up, FakeUpstream("compact") as compact:
         (d / "policy.yaml").write_text(POLICY)
         (d / "provider.key").write_text(PROVIDER_KEY)
-        with SidecarProcess(d / "policy.yaml", d) as sidecar:
+        with SidecarProcess(d / "policy.yaml", d, ("--http-authz", "127.0.0.1:0")) as sidecar:
             admin, listen = free_port(), free_port()
             opts = EnvoyOptions(
-                listen_port=listen, admin_port=admin, authz_timeout_s=1.0,
+                listen_port=listen, admin_port=admin, authz_timeout_s=1.0, rls_timeout_s=1.0,
+                mode=mode,  # type: ignore[arg-type]
                 sidecar_address=f"127.0.0.1:{sidecar.grpc_port}",
+                sidecar_http_address=f"127.0.0.1:{sidecar.http_authz_port}",
                 usage=usage,  # type: ignore[arg-type]
                 **({"pass_endpoints": passed} if passed else {}),
                 tiers=[TierRoute("default", "gpt-4o", [Upstream(
@@ -127,6 +130,21 @@ def test_only_the_metered_api_reaches_the_provider(gw):
         assert got["path"] == path and got["method"] == "POST"
         assert got["headers"]["authorization"] == f"Bearer {PROVIDER_KEY}"
         assert got["headers"]["x-kt-decision"] == "allow"
+
+
+@pytest.mark.parametrize("mode", ["http-authz", "rls"])
+def test_the_other_modes_route_only_the_metered_api(mode):
+    with edge(mode=mode) as e:
+        decided = e.decisions()
+        for method, path in NOT_METERED[:6]:
+            status, _, body = e.send(method, path, chat())
+            assert status == 404 and json.loads(body)["error"]["code"] == "unknown_url"
+        assert e.reached() == [] and e.decisions() == decided
+        status, _, body = e.send("POST", "/v1/chat/completions", chat())
+        assert status == 200, body
+        assert e.decisions() == decided + 1
+        assert e.upstreams["default"].requests[-1]["headers"]["authorization"] == (
+            f"Bearer {PROVIDER_KEY}")
 
 
 def test_a_passed_endpoint_reaches_the_provider_and_is_still_decided():
@@ -214,7 +232,7 @@ def test_a_streamed_chat_asks_the_provider_for_its_usage(gw, case):
             rec["output_tokens"] - before["output_tokens"]) == (321, 654)
 
 
-def test_requests_that_need_no_usage_request_are_passed_byte_for_byte(gw):
+def test_requests_that_need_no_usage_request_are_passed_unchanged(gw):
     raw = b'{"model": "gpt-4o",  "stream": false, "messages": [{"role": "user", "content": "hi"}]}'
     for body in (raw, raw.replace(b'"stream": false', b'"stream": "true"')):
         conn = http.client.HTTPConnection("127.0.0.1", gw.envoy.listen_port, timeout=10)
@@ -238,4 +256,4 @@ def test_a_downgraded_stream_gets_the_compact_model_and_still_asks_for_usage(gw)
     got = gw.upstreams["compact"].requests[-1]["body"]
     assert got["model"] == "gpt-4o-mini"  # ext_proc's rewrite
     assert got["stream_options"] == {"include_usage": True}  # and the Lua filter's
-    assert gw.spend("low")["gpt-4o-mini"]["output_tokens"] >= 2
+    assert gw.spend("low")["gpt-4o-mini"]["output_tokens"] == 2  # its usage was read
