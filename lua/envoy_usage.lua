@@ -75,6 +75,33 @@ local function skip_value(s, i)
   return k or (#s + 1)
 end
 
+-- a key as JSON parsers read it: a client may spell "stream" as "str\u0065am", which the
+-- provider reads as "stream" (only ASCII matters for the keys compared here)
+local SIMPLE_ESCAPES = {['"'] = '"', ['\\'] = '\\', ['/'] = '/', b = '\b', f = '\f',
+                       n = '\n', r = '\r', t = '\t'}
+local function json_key(raw)
+  if string.find(raw, "\\", 1, true) == nil then return raw end
+  local out, i = {}, 1
+  while i <= #raw do
+    local k = string.find(raw, "\\", i, true)
+    if k == nil then
+      out[#out + 1] = string.sub(raw, i)
+      break
+    end
+    out[#out + 1] = string.sub(raw, i, k - 1)
+    local c = string.sub(raw, k + 1, k + 1)
+    if c == "u" then
+      local code = tonumber(string.sub(raw, k + 2, k + 5), 16)
+      out[#out + 1] = (code ~= nil and code < 128) and string.char(code) or "?"
+      i = k + 6
+    else
+      out[#out + 1] = SIMPLE_ESCAPES[c] or "?"
+      i = k + 2
+    end
+  end
+  return table.concat(out)
+end
+
 -- the members of the JSON object whose "{" is at index i, as {key, value start, value
 -- end (exclusive)}, and the index of its closing "}"; nil when the text is not such an object
 local function members(s, i)
@@ -94,7 +121,7 @@ local function members(s, i)
     if c ~= 34 then return nil end
     local key_end = skip_string(s, i)
     if key_end == nil then return nil end
-    local key = string.sub(s, i + 1, key_end - 2)
+    local key = json_key(string.sub(s, i + 1, key_end - 2))
     i = string.find(s, '%S', key_end)
     if i == nil or string.byte(s, i) ~= 58 then return nil end
     i = string.find(s, '%S', i + 1)
@@ -151,7 +178,10 @@ function envoy_on_request(handle)
   local n = body:length()
   if n == 0 then return end
   local s = body:getBytes(0, n)
-  if string.find(s, '"stream"', 1, true) == nil then return end  -- most requests: one scan
+  -- most requests: one scan (a key spelled with escapes is looked at in full)
+  if string.find(s, '"stream"', 1, true) == nil and string.find(s, "\\u", 1, true) == nil then
+    return
+  end
   local out = with_stream_usage(s)
   if out == nil then return end
   body:setBytes(out)

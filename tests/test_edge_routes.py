@@ -232,6 +232,25 @@ def test_a_streamed_chat_asks_the_provider_for_its_usage(gw, case):
             rec["output_tokens"] - before["output_tokens"]) == (321, 654)
 
 
+def test_a_stream_flag_spelled_with_escapes_still_asks_for_usage(gw):
+    # "str\u0065am" is "stream" to the provider's JSON parser
+    gw.upstreams["default"].release_stream.set()
+    before = gw.spend("streamer").get("gpt-4o", {"input_tokens": 0, "output_tokens": 0})
+    raw = (b'{"model": "gpt-4o", "max_tokens": 20, "messages": [{"role": "user", '
+           b'"content": "hi"}], "str\\u0065am": true, "stream_\\u006fptions": {}}')
+    conn = http.client.HTTPConnection("127.0.0.1", gw.envoy.listen_port, timeout=10)
+    conn.request("POST", "/v1/chat/completions", body=raw, headers={
+        "x-tenant-id": "streamer", "content-type": "application/json",
+        "x-fake-usage": "5,6"})
+    assert b"[DONE]" in conn.getresponse().read()
+    conn.close()
+    got = gw.upstreams["default"].requests[-1]["body"]
+    assert got["stream"] is True and got["stream_options"] == {"include_usage": True}
+    rec = gw.spend("streamer")["gpt-4o"]
+    assert (rec["input_tokens"] - before["input_tokens"],
+            rec["output_tokens"] - before["output_tokens"]) == (5, 6)
+
+
 def test_requests_that_need_no_usage_request_are_passed_unchanged(gw):
     raw = b'{"model": "gpt-4o",  "stream": false, "messages": [{"role": "user", "content": "hi"}]}'
     for body in (raw, raw.replace(b'"stream": false', b'"stream": "true"')):
