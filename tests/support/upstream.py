@@ -120,6 +120,7 @@ class FakeUpstream:
                 usage_in, usage_out = (int(x) for x in headers.get("x-fake-usage", "10,5").split(","))
                 model = body.get("model", "unknown")
                 wait = upstream.quota.take() if upstream.quota is not None else 0.0
+                text = _words(int(headers.get("x-fake-output-bytes", "0"))) or "ok"
                 if wait:
                     data = json.dumps({"error": {"type": "rate_limit_exceeded", "code":
                                                  "rate_limit_exceeded", "message":
@@ -130,8 +131,7 @@ class FakeUpstream:
                     self.send_header("content-length", str(len(data)))
                     self.end_headers()
                     self.wfile.write(data)
-                text = _words(int(headers.get("x-fake-output-bytes", "0"))) or "ok"
-                if status == 200 and headers.get("x-fake-format") == "responses" \
+                elif status == 200 and headers.get("x-fake-format") == "responses" \
                         and body.get("stream"):
                     self._responses(model, usage_in, usage_out, text)
                 elif status == 200 and headers.get("x-fake-format") == "anthropic":
