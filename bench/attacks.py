@@ -30,7 +30,7 @@ What each attack prints:
 - trickle:   2,000 connections trickling one byte a second to the fast path: how many
              the sidecar has not closed after twice its idle timeout + 10 s.
 
-The edge (issue 20): what a client sends past the decision, through Envoy. "bill" is what
+The edge: what a client sends past the decision, through Envoy. "bill" is what
 the upstream reported (x-fake-usage), priced by the policy; "spend" is GET /v1/spend.
 - unmetered:       POST /v1/batches, GET /v1/files, POST /v1/fine_tuning/jobs: statuses,
                    and which reached the provider carrying the operator's API key.

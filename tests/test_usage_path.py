@@ -316,7 +316,7 @@ def test_a_final_event_over_the_line_limit_is_read_to_the_token(path, case, piec
 
 
 def test_a_json_reply_of_any_size_is_read_to_the_token(path):
-    # over the 4 MiB the filter used to buffer at most; the decoys of the stream cases too
+    # over 4 MiB (a size no filter should hold), with the decoys of the stream cases
     body = json.dumps({"id": "x", "model": "gpt-4o", "choices": [{"message": {
         "content": _big_text(5 * 1024 * 1024)}}], "tools": [_DECOY_TOOL],
         "usage": {"prompt_tokens": 777, "completion_tokens": 1_500_000}}).encode()
@@ -356,10 +356,10 @@ def envoy_peak_rss_mb(envoy: EnvoyProcess) -> float:
 
 def test_the_usage_filter_never_holds_a_whole_reply(path):
     """Many large replies at once: Envoy's memory grows by what it forwards, not by a copy
-    of each reply held for its usage (the filter used to keep up to 4 MiB of each)."""
+    of each reply held for its usage."""
     if path.usage != "als":
         pytest.skip("the Lua filter reads usage with --usage als")
-    # replies the filter used to buffer whole (under its 4 MiB limit), each its own text
+    # replies under 4 MiB (what a buffering filter would hold whole), each its own text
     # (Lua interns strings: identical replies would share one copy)
     n, size = 24, int(3.9 * 1024 * 1024)
     replies = []
@@ -380,7 +380,7 @@ def test_the_usage_filter_never_holds_a_whole_reply(path):
         t.join(120)
     assert statuses == [200] * n
     grown = envoy_peak_rss_mb(path.envoy) - before
-    # holding each reply (in parts, then joined) took 154 MB more on a42155f; streaming
+    # holding each reply (in parts, then joined) takes over 150 MB more; streaming
     # takes the chunks in flight and Lua's garbage between collections (4 MB measured; on
     # a slow machine at most Envoy's flow-control buffers, 2 x 1 MiB a request, on top)
     assert grown < 72, f"Envoy's peak memory grew {grown:.0f} MB for {n} concurrent replies"
