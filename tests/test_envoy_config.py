@@ -554,3 +554,17 @@ def test_a_sidecar_named_by_hostname_is_resolved_by_dns():
     ep = sidecar["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
     assert ep["address"]["socket_address"] == {"address": "kt-sidecar.llm-gateway.svc",
                                                "port_value": 8081}
+
+
+def test_pass_path_adds_an_exact_route_and_refuses_a_bad_one(tmp_path, capsys):
+    assert kt(["envoy-config", "--pass-path", "GET:/v1/models"]) == 0
+    text = capsys.readouterr().out
+    _envoy_accepts(tmp_path, text)
+    routes = _hcm(yaml.safe_load(text))["route_config"]["virtual_hosts"][0]["routes"]
+    get = [r for r in routes if {"name": ":method", "string_match": {"exact": "GET"}}
+           in r["match"].get("headers", [])]
+    assert [r["match"]["safe_regex"]["regex"] for r in get] == ["(/v1/models)"] * 2  # 2 tiers
+    assert "GET /v1/models" in routes[-1]["direct_response"]["body"]["inline_string"]
+    assert kt(["envoy-config", "--pass-path", "GET:/v1/../files"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kt envoy-config: --pass-path 'GET:/v1/../files': ") and err.count("\n") == 1
