@@ -19,7 +19,9 @@
 -- On the request: a streamed chat completion ("stream": true) carries its usage only when
 -- it asks for it, so "stream_options": {"include_usage": true} is added to the body
 -- (after a client's own stream_options members: the last of a repeated key is the one
--- JSON parsers keep) and Content-Length fixed. Nothing else of the body changes.
+-- JSON parsers keep) and Content-Length set (a body sent chunked is whole here too).
+-- Nothing else of the body changes. This filter comes before ext_authz (why: see
+-- sidecar/envoy_config.py, _usage_lua).
 --
 -- Why selection is safe without a full JSON parser: inside a JSON string every quote is
 -- escaped, so the bytes "usage" (quote, usage, quote) occur only as a key or as the
@@ -185,9 +187,9 @@ function envoy_on_request(handle)
   local out = with_stream_usage(s)
   if out == nil then return end
   body:setBytes(out)
-  if headers:get("content-length") ~= nil then
-    headers:replace("content-length", tostring(#out))
-  end
+  -- fetched anew: Envoy's wrappers do not outlive the yield for the body. The whole body
+  -- is here, so its length is known even when the client sent it chunked
+  handle:headers():replace("content-length", tostring(#out))
 end
 
 -- A streaming selector: fed a JSON document in pieces of any size, it keeps the raw text

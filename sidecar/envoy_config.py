@@ -585,8 +585,8 @@ USAGE_LOG_NAME = "kt_usage"
 
 def _als_usage_filters(o: EnvoyOptions) -> list[dict]:
     """ext_proc for the body of a downgraded request only (a matcher skips the filter for
-    every other request: no stream, no message), then the Lua filter that leaves the
-    response's usage in dynamic metadata for the access log (lua/envoy_usage.lua)."""
+    every other request: no stream, no message). The Lua filter that leaves the response's
+    usage in dynamic metadata for the access log comes before ext_authz (_usage_lua)."""
     rewrite = {
         "@type": TYPE + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
         "grpc_service": {"envoy_grpc": {"cluster_name": "kt_sidecar"},
@@ -615,14 +615,19 @@ def _als_usage_filters(o: EnvoyOptions) -> list[dict]:
             "@type": TYPE + "envoy.extensions.common.matching.v3.ExtensionWithMatcher",
             "extension_config": {"name": "envoy.filters.http.ext_proc", "typed_config": rewrite},
             "xds_matcher": skip_unless_downgrade}},
-        _usage_lua(),
     ]
 
 
 def _usage_lua(request_only: bool = False) -> dict:
     """Envoy's Lua filter running lua/envoy_usage.lua: on requests, a streamed chat
     completion asks for its usage; on responses (unless ``request_only``: ext_proc reads
-    them) the usage is left in dynamic metadata."""
+    them) the usage is left in dynamic metadata.
+
+    It goes before ext_authz: it buffers a streamed chat request's body, and after
+    ext_authz has paused the request (its buffer full, the client's reads disabled at the
+    high watermark) a buffering filter waits for an end of body that never comes (seen on
+    Envoy 1.40 with a 2 MB chunked body: no answer until the idle timeout). First in line,
+    a body over the buffer limit is Envoy's 413 at once."""
     from sidecar.backends.redis import load_script
 
     source = load_script("envoy_usage.lua")
@@ -687,6 +692,8 @@ def _filters(o: EnvoyOptions) -> list[dict]:
     filters: list[dict] = []
     if o.jwt_jwks_file:
         filters.append(_jwt_authn(o))
+    if o.mode in ("authz", "http-authz") and o.usage != "none":
+        filters.append(_usage_lua(request_only=o.usage == "ext_proc"))
     if o.mode == "http-authz":
         filters.append({"name": "envoy.filters.http.ext_authz", "typed_config": _http_authz(o)})
     if o.mode == "authz":
@@ -710,7 +717,6 @@ def _filters(o: EnvoyOptions) -> list[dict]:
         filters += _als_usage_filters(o)
     if o.mode in ("authz", "http-authz"):
         if o.usage == "ext_proc":
-            filters.append(_usage_lua(request_only=True))
             filters.append({"name": "envoy.filters.http.ext_proc", "typed_config": {
                 "@type": TYPE + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
                 "grpc_service": dict(sidecar, timeout=_seconds(o.authz_timeout_s)),

@@ -8,6 +8,7 @@ import contextlib
 import http.client
 import json
 import re
+import socket
 from typing import Iterator, Optional
 
 import pytest
@@ -249,6 +250,47 @@ def test_a_stream_flag_spelled_with_escapes_still_asks_for_usage(gw):
     rec = gw.spend("streamer")["gpt-4o"]
     assert (rec["input_tokens"] - before["input_tokens"],
             rec["output_tokens"] - before["output_tokens"]) == (5, 6)
+
+
+def send_chunked(port: int, body: bytes, tenant: str, piece: int = 65536) -> bytes:
+    """A request whose body is sent chunked (no Content-Length); the answer's status line.
+    Envoy may answer and close before the body is all sent: that is not an error here."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: llm\r\nx-tenant-id: %s\r\n"
+                  b"content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+                  % tenant.encode())
+        try:
+            for i in range(0, len(body), piece):
+                part = body[i:i + piece]
+                s.sendall(b"%x\r\n%s\r\n" % (len(part), part))
+            s.sendall(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        got = b""
+        while b"\r\n" not in got:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+        return got.split(b"\r\n", 1)[0]
+
+
+def test_a_streamed_request_sent_chunked_is_asked_for_usage_or_refused_never_held(gw):
+    """The Lua filter buffers a streamed chat body to add include_usage: one within Envoy's
+    buffer limit (1 MiB) gets it; one beyond is Envoy's 413 at once. (Behind ext_authz's
+    pause, the same filter waited for a body end that never came: no answer at all.)"""
+    gw.upstreams["default"].release_stream.set()
+    before = len(gw.reached())
+    body = json.dumps(chat(stream=True, messages=[{"role": "user", "content": "x" * 500_000}]))
+    assert send_chunked(gw.envoy.listen_port, body.encode(), "t-edge") == b"HTTP/1.1 200 OK"
+    got = gw.upstreams["default"].requests[-1]["body"]
+    assert got["stream_options"] == {"include_usage": True}
+    assert len(got["messages"][0]["content"]) == 500_000
+    big = json.dumps(chat(stream=True, messages=[{"role": "user", "content": "x" * 2_000_000}]))
+    for _ in range(3):
+        assert send_chunked(gw.envoy.listen_port, big.encode(), "t-edge") == (
+            b"HTTP/1.1 413 Payload Too Large")
+    assert len(gw.reached()) == before + 1
 
 
 def test_requests_that_need_no_usage_request_are_passed_unchanged(gw):

@@ -107,12 +107,14 @@ def test_envoy_validates_every_variant_without_deprecated_fields(
         f for f in filters if f != "envoy.filters.http.router")
     assert hcm["common_http_protocol_options"]["headers_with_underscores_action"] == "DROP_HEADER"
     if mode in ("authz", "http-authz"):
-        # usage by the access log (the default): ext_proc (body rewrites only) and the Lua
-        # filter that leaves the usage in dynamic metadata
-        assert filters == ["envoy.filters.http.ext_authz", "envoy.filters.http.ext_proc",
-                           "envoy.filters.http.lua", "envoy.filters.http.router"]
+        # usage by the access log (the default): the Lua filter that leaves the usage in
+        # dynamic metadata (first: it buffers a streamed chat request's body, which after
+        # ext_authz's pause would wait forever for a body over the buffer limit), then
+        # ext_authz, then ext_proc (body rewrites only)
+        assert filters == ["envoy.filters.http.lua", "envoy.filters.http.ext_authz",
+                           "envoy.filters.http.ext_proc", "envoy.filters.http.router"]
         assert [log["name"] for log in hcm["access_log"]] == ["envoy.access_loggers.http_grpc"]
-        authz = hcm["http_filters"][0]["typed_config"]
+        authz = hcm["http_filters"][1]["typed_config"]
         assert authz["clear_route_cache"] is True
         assert authz["failure_mode_allow"] is (failure_mode == "allow")
         assert ("http_service" in authz) is (mode == "http-authz")
@@ -201,7 +203,8 @@ def test_authz_filter_wiring(failure_mode):
     assert doc["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 9901}
     listener = doc["static_resources"]["listeners"][0]["address"]["socket_address"]
     assert listener == {"address": "127.0.0.1", "port_value": 10000}
-    authz = _hcm(doc)["http_filters"][0]["typed_config"]
+    authz = next(f["typed_config"] for f in _hcm(doc)["http_filters"]
+                 if f["name"] == "envoy.filters.http.ext_authz")
     assert authz["transport_api_version"] == "V3" and authz["clear_route_cache"] is True
     assert authz["grpc_service"] == {"envoy_grpc": {"cluster_name": "kt_sidecar"},
                                      "timeout": "0.200s"}
@@ -536,14 +539,15 @@ def test_the_jwt_filter_validates_before_the_decision_and_keeps_the_token(tmp_pa
     doc = _render(jwt_issuer="https://auth.example.com/", jwt_jwks_file="/etc/jwks.json",
                   jwt_audiences=("llm",), tenant_metadata_namespace="envoy.filters.http.jwt_authn")
     filters = _hcm(doc)["http_filters"]
-    assert [f["name"] for f in filters][:2] == ["envoy.filters.http.jwt_authn",
+    assert [f["name"] for f in filters][:3] == ["envoy.filters.http.jwt_authn",
+                                                "envoy.filters.http.lua",
                                                 "envoy.filters.http.ext_authz"]
     jwt = filters[0]["typed_config"]
     assert jwt["providers"]["gateway"] == {
         "issuer": "https://auth.example.com/", "local_jwks": {"filename": "/etc/jwks.json"},
         "payload_in_metadata": "jwt_payload", "forward": False, "audiences": ["llm"]}
     assert jwt["rules"] == [{"match": {"prefix": "/"}, "requires": {"provider_name": "gateway"}}]
-    assert filters[1]["typed_config"]["metadata_context_namespaces"] == [
+    assert filters[2]["typed_config"]["metadata_context_namespaces"] == [
         "envoy.filters.http.jwt_authn"]
 
 
