@@ -1,7 +1,10 @@
 """The red-team attacks of issue 12, measured: run before and after a change, compare.
 
-  python bench/attacks.py [--only estimate,replay,books,deep_json,labels,slowloris,trickle]
-                          [--connections 6000] [--trickle 2000] [--reports 20000] [--json FILE]
+  python bench/attacks.py [--only estimate,replay,books,deep_json,labels,slowloris,trickle,
+                                 unmetered,underscores,gzip,stream_no_usage,responses_large,
+                                 reply_memory,stats_names]
+                          [--connections 6000] [--trickle 2000] [--reports 20000]
+                          [--replies 120] [--json FILE]
 
 Every attack runs against a real `kt serve` process (embedded backend) and, where the
 attack goes through the gateway, a real Envoy configured by `kt envoy-config`'s own
@@ -33,6 +36,20 @@ What each attack prints:
              the same with n 8; a client leaving before the usage chunk; a Responses
              request with 17 KB of instructions, streamed without usage; a 1 MB prompt
              sent chunked (no content-length) to a tpm 20,000 tenant.
+
+The edge: what a client sends past the decision, through Envoy. "bill" is what
+the upstream reported (x-fake-usage), priced by the policy; "spend" is GET /v1/spend.
+- unmetered:       POST /v1/batches, GET /v1/files, POST /v1/fine_tuning/jobs: statuses,
+                   and which reached the provider carrying the operator's API key.
+- underscores:     x_kt_tier / x_kt_priority: which header names reached the upstream.
+- gzip:            10 chat requests with Accept-Encoding: gzip: spend / bill.
+- stream_no_usage: 10 `"stream": true` chat requests without stream_options, no
+                   max_tokens: spend / bill.
+- responses_large: 5 streamed /v1/responses with 26 KB of output (the final event's line
+                   over the filter's 16 KiB): spend / bill.
+- reply_memory:    120 concurrent 3.9 MB JSON replies: Envoy's RSS idle and at its peak.
+- stats_names:     a model name with an ANSI escape and a newline, then `kt events stats`:
+                   the rows it printed, and whether raw control characters reached them.
 """
 from __future__ import annotations
 
@@ -54,7 +71,7 @@ from typing import Iterator, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sidecar.envoy_config import EnvoyOptions, TierRoute, render  # noqa: E402
+from sidecar.envoy_config import EnvoyOptions, TierRoute, Upstream, render  # noqa: E402
 from tests.support.procs import (EnvoyProcess, SidecarProcess, free_port,  # noqa: E402
                                  workdir)
 from tests.support.upstream import FakeUpstream  # noqa: E402
@@ -79,8 +96,15 @@ tenants:
     budget: {tokens: 100000000, period: month}
   deep:
     limits: {rpm: 100}
+  gzip: {limits: {rpm: 100000, tpm: 10000000}}
+  streamer: {limits: {rpm: 100000, tpm: 10000000}}
+  responses: {limits: {rpm: 100000, tpm: 10000000}}
+  bulky: {limits: {rpm: 100000, tpm: 100000000}}
 backend: {kind: memory, state_file: ""}
 """
+PROVIDER_KEY = "sk-operator-provider-key"
+# gpt-4o's price in POLICY, USD per 1K tokens
+PRICE_IN, PRICE_OUT = 0.0025, 0.01
 
 
 def chat(model: str = "gpt-4o", max_tokens: Optional[int] = 50) -> dict:
@@ -161,6 +185,7 @@ def target(policy: str = POLICY) -> Iterator[Target]:
     with workdir("kt-attacks-") as d, FakeUpstream("default") as up:
         (d / "policy.yaml").write_text(policy)
         (d / "admin.token").write_text(token + "\n")
+        (d / "provider.key").write_text(PROVIDER_KEY)
         help_text = subprocess.run([sys.executable, "-m", "sidecar.cli", "serve", "--help"],
                                    capture_output=True, text=True).stdout
         extra = ["--http-authz", f"{LOOP}:0"]
@@ -171,7 +196,8 @@ def target(policy: str = POLICY) -> Iterator[Target]:
             opts = EnvoyOptions(listen_port=listen, admin_port=admin,
                                 sidecar_address=f"{LOOP}:{sc.grpc_port}", mode="authz",
                                 failure_mode="allow",
-                                tiers=[TierRoute("default", "gpt-4o", up.address),
+                                tiers=[TierRoute("default", "gpt-4o", [Upstream(
+                                    LOOP, up.port, api_key_file=str(d / "provider.key"))]),
                                        TierRoute("compact", "gpt-4o-mini", up.address)])
             with EnvoyProcess(render(opts), d, admin, listen) as envoy:
                 yield Target(d, sc, envoy, up, token)
@@ -600,9 +626,129 @@ def attack_charge(t: Target, _args) -> dict:
     return out
 
 
+# --- the edge -----------------------------------------------------------------
+def spend_of(t: Target, tenant: str) -> tuple[float, int, int]:
+    """The tenant's durable spend: USD, input and output tokens (GET /v1/spend)."""
+    t.sidecar.wait_usage_delivered()
+    _, _, body = request(t.books_port, "GET", "/v1/spend", headers=t.books_headers())
+    models = json.loads(body)["tenants"].get(tenant, {}).values()
+    return (sum(m.get("usd", 0.0) for m in models), sum(m.get("input_tokens", 0) for m in models),
+            sum(m.get("output_tokens", 0) for m in models))
+
+
+def spend_and_bill(t: Target, tenant: str, n: int, usage: tuple[int, int]) -> dict:
+    spend, tokens_in, tokens_out = spend_of(t, tenant)
+    bill = n * (usage[0] * PRICE_IN + usage[1] * PRICE_OUT) / 1000
+    return {"requests": n, "bill_usd": round(bill, 6), "spend_usd": round(spend, 6),
+            "spend_of_bill_pct": round(100 * spend / bill, 1),
+            "tokens_billed": n * sum(usage), "tokens_read": tokens_in + tokens_out}
+
+
+def attack_unmetered(t: Target, _args) -> dict:
+    out: dict = {}
+    for method, path in (("POST", "/v1/batches"), ("GET", "/v1/files"),
+                         ("POST", "/v1/fine_tuning/jobs")):
+        before = len(t.upstream.requests)
+        status, _, _ = request(t.envoy.listen_port, method, path,
+                               json.dumps({"input_file_id": "file-1"}).encode(),
+                               {"x-tenant-id": "acme", "content-type": "application/json"})
+        reached = t.upstream.requests[before:]
+        out[f"{method} {path}"] = {
+            "status": status, "reached_provider": len(reached),
+            "with_operator_key": sum(r["headers"].get("authorization") == f"Bearer {PROVIDER_KEY}"
+                                     for r in reached)}
+    return out
+
+
+def attack_underscores(t: Target, _args) -> dict:
+    _, _, body = via_envoy(t, "acme", chat(), {"x_kt_tier": "compact", "x_kt_priority": "high"})
+    got = json.loads(body).get("received_headers", {})
+    return {"reached_upstream": sorted(k for k in got if "_" in k)}
+
+
+def attack_gzip(t: Target, _args) -> dict:
+    n, usage = 10, (1000, 5000)
+    for _ in range(n):
+        via_envoy(t, "gzip", chat(max_tokens=None), {"accept-encoding": "gzip",
+                                                     "x-fake-usage": "%d,%d" % usage})
+    return spend_and_bill(t, "gzip", n, usage)
+
+
+def attack_stream_no_usage(t: Target, _args) -> dict:
+    t.upstream.release_stream.set()
+    n, usage = 10, (1000, 5000)
+    for _ in range(n):
+        via_envoy(t, "streamer", {**chat(max_tokens=None), "stream": True},
+                  {"x-fake-usage": "%d,%d" % usage})
+    return spend_and_bill(t, "streamer", n, usage)
+
+
+def attack_responses_large(t: Target, _args) -> dict:
+    t.upstream.release_stream.set()
+    n, usage = 5, (1000, 6500)
+    for _ in range(n):
+        request(t.envoy.listen_port, "POST", "/v1/responses",
+                json.dumps({"model": "gpt-4o", "input": "Say hi.", "stream": True}).encode(),
+                {"x-tenant-id": "responses", "content-type": "application/json",
+                 "x-fake-format": "responses", "x-fake-output-bytes": "26000",
+                 "x-fake-usage": "%d,%d" % usage})
+    return spend_and_bill(t, "responses", n, usage)
+
+
+def _envoy_memory(t: Target) -> dict:
+    assert t.envoy.proc is not None
+    out = {}
+    for line in Path(f"/proc/{t.envoy.proc.pid}/status").read_text().splitlines():
+        k, _, v = line.partition(":")
+        if k in ("VmRSS", "VmHWM"):
+            out[k] = round(int(v.split()[0]) / 1024, 1)
+    return out
+
+
+def attack_reply_memory(t: Target, args) -> dict:
+    size = int(3.9 * 1024 * 1024)
+    via_envoy(t, "bulky", chat(), {"x-fake-output-bytes": str(size)})  # warm
+    idle = _envoy_memory(t)
+    statuses: list[int] = []
+
+    def one() -> None:
+        try:
+            statuses.append(via_envoy(t, "bulky", chat(), {
+                "x-fake-output-bytes": str(size), "x-fake-usage": "10,1000"})[0])
+        except (OSError, http.client.HTTPException):
+            statuses.append(0)
+
+    threads = [threading.Thread(target=one) for _ in range(args.replies)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(300)
+    return {"replies": args.replies, "reply_mb": round(size / 2**20, 1),
+            "ok": statuses.count(200), "envoy_rss_mb_idle": idle["VmRSS"],
+            "envoy_rss_mb_peak": _envoy_memory(t)["VmHWM"]}
+
+
+def attack_stats_names(t: Target, _args) -> dict:
+    forged = "gpt-4o\x1b[8m\nmallory              gpt-4o        1"
+    via_envoy(t, "acme", chat(model=forged))
+    t.sidecar.wait_usage_delivered()
+    time.sleep(1.0)  # the ledger's writer flushes every 0.2 s
+    res = subprocess.run([sys.executable, "-m", "sidecar.cli", "events", "stats", "--dir",
+                          str(t.d / "kt-state" / "events"), "--last", "1h"],
+                         capture_output=True, text=True, cwd=t.d)
+    lines = res.stdout.splitlines()
+    return {"exit": res.returncode, "rows": len(lines),
+            "forged_row": any(line.startswith("mallory") for line in lines),
+            "raw_escape": "\x1b" in res.stdout}
+
+
 ATTACKS = {"estimate": attack_estimate, "replay": attack_replay, "books": attack_books,
            "deep_json": attack_deep_json, "labels": attack_labels,
-           "slowloris": attack_slowloris, "trickle": attack_trickle, "charge": attack_charge}
+           "slowloris": attack_slowloris, "trickle": attack_trickle, "charge": attack_charge,
+           "unmetered": attack_unmetered, "underscores": attack_underscores,
+           "gzip": attack_gzip, "stream_no_usage": attack_stream_no_usage,
+           "responses_large": attack_responses_large, "reply_memory": attack_reply_memory,
+           "stats_names": attack_stats_names}
 
 
 def main() -> int:
@@ -611,6 +757,7 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=6000)
     ap.add_argument("--trickle", type=int, default=2000)
     ap.add_argument("--reports", type=int, default=20000)
+    ap.add_argument("--replies", type=int, default=120)
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],

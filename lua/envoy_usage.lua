@@ -1,30 +1,47 @@
 -- envoy_usage.lua: runs inside Envoy (envoy.filters.http.lua), not in Redis.
 --
--- Picks out the parts of an OpenAI-compatible response that carry the model and the
--- usage, as the response passes (never holding a chunk back), and leaves them in the
--- request's dynamic metadata, namespace "kt.usage":
+-- On the response: picks out the parts of an OpenAI-compatible reply that carry the model
+-- and the usage, as the reply passes (never holding a chunk back, never holding the reply),
+-- and leaves them in the request's dynamic metadata, namespace "kt.usage":
 --   json  {"model": ..., "usage": ...}: the top-level "model" and "usage" values of a
---         buffered JSON reply, copied verbatim;
+--         JSON reply of any size, copied verbatim;
 --   sse   "data: ...\n\n" lines of an event stream: the first line that names a model
 --         and the lines whose "usage" is not null (the first and the latest, at most 8).
+--         A line over MAX_LINE (an OpenAI responses "response.completed" event carries
+--         the whole output) is read by the same streaming selector as a JSON reply and
+--         kept reduced to its type, model and usage members (and those of its
+--         "response" or "message" object), verbatim.
 -- Envoy's gRPC access log carries the metadata to the sidecar (sidecar/transports/als.py),
 -- which reads it with the same parser ext_proc uses (sidecar/usage.py): this script only
 -- selects bytes, it never interprets a number, so there is one implementation of what
 -- usage means.
 --
+-- On the request: a streamed chat completion ("stream": true) carries its usage only when
+-- it asks for it, so "stream_options": {"include_usage": true} is added to the body
+-- (after a client's own stream_options members: the last of a repeated key is the one
+-- JSON parsers keep) and Content-Length set (a body sent chunked is whole here too).
+-- Nothing else of the body changes. This filter comes before ext_authz (why: see
+-- sidecar/envoy_config.py, _usage_lua).
+--
 -- Why selection is safe without a full JSON parser: inside a JSON string every quote is
 -- escaped, so the bytes "usage" (quote, usage, quote) occur only as a key or as the
 -- whole string value "usage"; a line kept by mistake is harmless (the parser decides),
 -- and the JSON body's keys are found by a scan that skips strings and nested values.
--- Bounds: a JSON reply over MAX_JSON bytes, or an SSE line over MAX_LINE, is not kept
--- (its reservation stands, as in ext_proc).
+-- Bounds, per request: the unfinished line (MAX_LINE) and the chunk in hand, the kept lines
+-- (MAX_USAGE_LINES + 1 of at most MAX_LINE, and their copy in the metadata), the selected
+-- values (MAX_VALUE each): about 300 KiB at worst, never the reply. A value over MAX_VALUE
+-- is not kept (its reservation stands, docs/usage.md).
 
-local MAX_JSON = 4 * 1024 * 1024
 local MAX_LINE = 16 * 1024
+-- a selected value (a usage object is a few hundred bytes): seven of them and their keys
+-- keep a reduced line under MAX_LINE
+local MAX_VALUE = 2 * 1024
 -- usage lines kept per stream: OpenAI sends one, Anthropic a message_start and a few
 -- cumulative message_delta (all kept up to this many; beyond it the first and the latest)
 local MAX_USAGE_LINES = 8
 local NS = "kt.usage"
+-- the endpoints whose streams carry usage only when asked for it
+local STREAM_USAGE_PATHS = {["/v1/chat/completions"] = true, ["/v1/completions"] = true}
 
 -- index just past the JSON string that opens at i, or nil
 local function skip_string(s, i)
@@ -60,56 +77,258 @@ local function skip_value(s, i)
   return k or (#s + 1)
 end
 
--- the raw text of the top-level "model" and "usage" values of a JSON object
-local function top_level(s)
-  local i = string.find(s, '%S')
-  if i == nil or string.byte(s, i) ~= 123 then return nil, nil end
-  local model, usage
+-- a key as JSON parsers read it: a client may spell "stream" as "str\u0065am", which the
+-- provider reads as "stream" (only ASCII matters for the keys compared here)
+local SIMPLE_ESCAPES = {['"'] = '"', ['\\'] = '\\', ['/'] = '/', b = '\b', f = '\f',
+                       n = '\n', r = '\r', t = '\t'}
+local function json_key(raw)
+  if string.find(raw, "\\", 1, true) == nil then return raw end
+  local out, i = {}, 1
+  while i <= #raw do
+    local k = string.find(raw, "\\", i, true)
+    if k == nil then
+      out[#out + 1] = string.sub(raw, i)
+      break
+    end
+    out[#out + 1] = string.sub(raw, i, k - 1)
+    local c = string.sub(raw, k + 1, k + 1)
+    if c == "u" then
+      local code = tonumber(string.sub(raw, k + 2, k + 5), 16)
+      out[#out + 1] = (code ~= nil and code < 128) and string.char(code) or "?"
+      i = k + 6
+    else
+      out[#out + 1] = SIMPLE_ESCAPES[c] or "?"
+      i = k + 2
+    end
+  end
+  return table.concat(out)
+end
+
+-- the members of the JSON object whose "{" is at index i, as {key, value start, value
+-- end (exclusive)}, and the index of its closing "}"; nil when the text is not such an object
+local function members(s, i)
+  local out = {}
   i = i + 1
   while true do
     i = string.find(s, '%S', i)
-    if i == nil then break end
+    if i == nil then return nil end
     local c = string.byte(s, i)
-    if c == 44 then
+    if c == 125 then return out, i end
+    if #out > 0 then
+      if c ~= 44 then return nil end
       i = string.find(s, '%S', i + 1)
-      if i == nil then break end
+      if i == nil then return nil end
       c = string.byte(s, i)
     end
-    if c ~= 34 then break end
+    if c ~= 34 then return nil end
     local key_end = skip_string(s, i)
-    if key_end == nil then break end
-    local key = string.sub(s, i + 1, key_end - 2)
+    if key_end == nil then return nil end
+    local key = json_key(string.sub(s, i + 1, key_end - 2))
     i = string.find(s, '%S', key_end)
-    if i == nil or string.byte(s, i) ~= 58 then break end
+    if i == nil or string.byte(s, i) ~= 58 then return nil end
     i = string.find(s, '%S', i + 1)
-    if i == nil then break end
+    if i == nil then return nil end
     local value_end = skip_value(s, i)
-    if value_end == nil then break end
-    if key == "model" then
-      model = string.sub(s, i, value_end - 1)
-    elseif key == "usage" then
-      usage = string.sub(s, i, value_end - 1)
-    end
+    if value_end == nil then return nil end
+    out[#out + 1] = {key, i, value_end}
     i = value_end
   end
-  return model, usage
 end
 
-local function json_reply(handle)
-  local parts, size = {}, 0
-  for chunk in handle:bodyChunks() do
-    local n = chunk:length()
-    if n > 0 and size <= MAX_JSON then
-      size = size + n
-      if size <= MAX_JSON then parts[#parts + 1] = chunk:getBytes(0, n) end
+-- the last member named `key`, and its raw value
+local function last_member(ms, key)
+  local found
+  for _, m in ipairs(ms) do
+    if m[1] == key then found = m end
+  end
+  return found
+end
+
+-- the body with stream_options.include_usage set to true, or nil when it needs no change
+-- (not a streamed request, already asked, or not a JSON object the provider would take)
+local function with_stream_usage(s)
+  local open = string.find(s, '%S')
+  if open == nil or string.byte(s, open) ~= 123 then return nil end
+  local ms, close = members(s, open)
+  if ms == nil then return nil end
+  local stream = last_member(ms, "stream")
+  if stream == nil or string.sub(s, stream[2], stream[3] - 1) ~= "true" then return nil end
+  local opts = last_member(ms, "stream_options")
+  local value = opts and string.sub(s, opts[2], opts[3] - 1)
+  if value == nil or value == "null" then
+    return string.sub(s, 1, close - 1) .. ',"stream_options":{"include_usage":true}'
+        .. string.sub(s, close)
+  end
+  if string.byte(value, 1) ~= 123 then return nil end
+  local inner, inner_close = members(s, opts[2])
+  if inner == nil then return nil end
+  local asked = last_member(inner, "include_usage")
+  if asked ~= nil and string.sub(s, asked[2], asked[3] - 1) == "true" then return nil end
+  return string.sub(s, 1, inner_close - 1) .. (#inner > 0 and "," or "")
+      .. '"include_usage":true' .. string.sub(s, inner_close)
+end
+
+function envoy_on_request(handle)
+  local headers = handle:headers()
+  if headers:get(":method") ~= "POST" then return end
+  local path = headers:get(":path") or ""
+  local q = string.find(path, "?", 1, true)
+  if q ~= nil then path = string.sub(path, 1, q - 1) end
+  if not STREAM_USAGE_PATHS[path] then return end
+  local body = handle:body()
+  if body == nil then return end
+  local n = body:length()
+  if n == 0 then return end
+  local s = body:getBytes(0, n)
+  -- most requests: one scan (a key spelled with escapes is looked at in full)
+  if string.find(s, '"stream"', 1, true) == nil and string.find(s, "\\u", 1, true) == nil then
+    return
+  end
+  local out = with_stream_usage(s)
+  if out == nil then return end
+  body:setBytes(out)
+  -- fetched anew: Envoy's wrappers do not outlive the yield for the body. The whole body
+  -- is here, so its length is known even when the client sent it chunked
+  handle:headers():replace("content-length", tostring(#out))
+end
+
+-- A streaming selector: fed a JSON document in pieces of any size, it keeps the raw text
+-- of the values at the wanted paths ("usage", "response.usage": members of the top-level
+-- object and of the objects directly under it), at most MAX_VALUE bytes each, and nothing
+-- else: the document itself is never held. The scan skips strings (so a "usage" inside
+-- generated text is never a key) and counts depth (so a nested "usage" is not taken). A
+-- value ends at its parent's next "," or "}", which takes every kind of value alike.
+local function selector(wanted)
+  return {wanted = wanted, depth = 0, stack = {}, instr = false, bs = 0,
+          key = nil, cap = nil, found = {}}
+end
+
+local function cap_add(sel, piece)
+  local cap = sel.cap
+  cap.size = cap.size + #piece
+  if cap.size > MAX_VALUE then
+    sel.cap = nil  -- too long to be usage: not kept
+  else
+    cap.parts[#cap.parts + 1] = piece
+  end
+end
+
+local function select_feed(sel, data)
+  local i, n = 1, #data
+  local cap_from = 1
+  while i <= n do
+    if sel.instr then
+      -- the next quote ends the string unless an odd run of backslashes precedes it: one
+      -- plain search per quote, not a step per escape (generated text is full of \n)
+      local k = string.find(data, '"', i, true)
+      local j = (k or n + 1) - 1
+      while j >= i and string.byte(data, j) == 92 do j = j - 1 end
+      local run = (k or n + 1) - 1 - j
+      if j < i then run = run + sel.bs end  -- the run goes on from the previous piece
+      if k == nil then
+        if sel.key ~= nil then sel.key[#sel.key + 1] = string.sub(data, i) end
+        sel.bs = run % 2
+        break
+      end
+      sel.bs = 0
+      if run % 2 == 1 then  -- an escaped quote: still inside the string
+        if sel.key ~= nil then sel.key[#sel.key + 1] = string.sub(data, i, k) end
+      else
+        sel.instr = false
+        if sel.key ~= nil then
+          sel.key[#sel.key + 1] = string.sub(data, i, k - 1)
+          local key = table.concat(sel.key)
+          sel.key = nil
+          local top = sel.stack[sel.depth]
+          top.key = #key <= 64 and key or ""
+        end
+      end
+      i = k + 1
+    else
+      local k = string.find(data, '[{}%[%]",:]', i)
+      if k == nil then break end
+      local c = string.byte(data, k)
+      local top = sel.stack[sel.depth]
+      if c == 34 then
+        sel.instr = true
+        if top ~= nil and top.obj and top.expect_key and sel.depth <= 2 then sel.key = {} end
+      elseif c == 58 then  -- ":" after a key: the value starts
+        if top ~= nil and top.obj then
+          top.expect_key = false
+          local path = top.key
+          if sel.depth == 2 then path = (sel.stack[1].key or "") .. "." .. (path or "") end
+          if sel.depth <= 2 and path ~= nil and sel.wanted[path] and sel.cap == nil then
+            sel.cap = {path = path, depth = sel.depth, parts = {}, size = 0}
+            cap_from = k + 1
+          end
+        end
+      elseif c == 44 or c == 125 or c == 93 then  -- "," "}" "]"
+        local cap = sel.cap
+        if cap ~= nil and cap.depth == sel.depth and c ~= 93 then
+          cap_add(sel, string.sub(data, cap_from, k - 1))
+          if sel.cap ~= nil then sel.found[cap.path] = table.concat(cap.parts) end
+          sel.cap = nil
+        end
+        if c == 44 then
+          if top ~= nil and top.obj then top.expect_key = true end
+        else
+          sel.stack[sel.depth] = nil
+          sel.depth = sel.depth - 1
+        end
+      else  -- "{" or "["
+        sel.depth = sel.depth + 1
+        sel.stack[sel.depth] = {obj = c == 123, expect_key = c == 123}
+      end
+      i = k + 1
     end
   end
-  if size == 0 or size > MAX_JSON then return end
-  local model, usage = top_level(table.concat(parts))
-  if usage == nil then return end
+  if sel.cap ~= nil and cap_from <= n then cap_add(sel, string.sub(data, cap_from)) end
+end
+
+local function is_object(text)
+  return text ~= nil and string.find(text, '^%s*{') ~= nil
+end
+
+local JSON_PATHS = {model = true, usage = true}
+
+local function json_reply(handle)
+  local sel = selector(JSON_PATHS)
+  for chunk in handle:bodyChunks() do
+    local n = chunk:length()
+    if n > 0 then select_feed(sel, chunk:getBytes(0, n)) end
+  end
+  local usage, model = sel.found.usage, sel.found.model
+  if not is_object(usage) then return end
   local doc = '{"usage":' .. usage
   if model ~= nil then doc = doc .. ',"model":' .. model end
   handle:streamInfo():dynamicMetadata():set(NS, "json", doc .. "}")
+end
+
+-- what an event line over MAX_LINE is reduced to: the members the usage parser reads
+-- (sidecar/usage.py: type, model, usage, and the model and usage of OpenAI responses'
+-- "response" and Anthropic's "message"), copied verbatim into a document of the same shape
+local LINE_PATHS = {type = true, model = true, usage = true,
+                    ["response.model"] = true, ["response.usage"] = true,
+                    ["message.model"] = true, ["message.usage"] = true}
+
+-- the reduced "data:" line, and whether it carries a usage object
+local function reduced_line(sel)
+  local f = sel.found
+  local out = {}
+  for _, k in ipairs({"type", "model", "usage"}) do
+    if f[k] ~= nil then out[#out + 1] = '"' .. k .. '":' .. f[k] end
+  end
+  for _, inner in ipairs({"response", "message"}) do
+    local parts = {}
+    for _, k in ipairs({"model", "usage"}) do
+      local v = f[inner .. "." .. k]
+      if v ~= nil then parts[#parts + 1] = '"' .. k .. '":' .. v end
+    end
+    if #parts > 0 then out[#out + 1] = '"' .. inner .. '":{' .. table.concat(parts, ",") .. "}" end
+  end
+  local usage = is_object(f.usage) or is_object(f["response.usage"])
+      or is_object(f["message.usage"])
+  return "data: {" .. table.concat(out, ",") .. "}\n\n", usage
 end
 
 -- the line of `data` that holds position `at`: start index, end index (before its
@@ -125,7 +344,8 @@ local function line_around(data, at)
 end
 
 local function sse_reply(handle)
-  local tail = ""  -- the unfinished last line of what came so far
+  local tail = ""  -- the unfinished last line of what came so far (at most MAX_LINE)
+  local long  -- while inside a line over MAX_LINE: its selector (false: not a data line)
   local model_line
   local usage_lines = {}  -- the first, then the latest ones (at most MAX_USAGE_LINES)
   local function publish()
@@ -137,9 +357,33 @@ local function sse_reply(handle)
     -- fetched anew each time: Envoy's wrappers do not outlive a yield (between chunks)
     handle:streamInfo():dynamicMetadata():set(NS, "sse", table.concat(out))
   end
+  local function add_usage_line(l)
+    if #usage_lines >= MAX_USAGE_LINES then table.remove(usage_lines, 2) end
+    usage_lines[#usage_lines + 1] = l
+  end
+  -- a line over MAX_LINE, read whole by a selector: kept reduced to what the parser reads
+  local function reduced(sel)
+    local l, has_usage = reduced_line(sel)
+    if has_usage then add_usage_line(l) end
+    local f = sel.found
+    if model_line == nil and (f.model or f["response.model"] or f["message.model"]) then
+      model_line = l
+    end
+    if has_usage then publish() end
+  end
+  local function start_long(first_part)
+    if string.sub(first_part, 1, 5) ~= "data:" then return false end
+    local sel = selector(LINE_PATHS)
+    select_feed(sel, string.sub(first_part, 6))
+    return sel
+  end
   local function keep(data, first, last)
     local l = string.sub(data, first, last)
-    if string.sub(l, 1, 5) ~= "data:" or #l > MAX_LINE then return nil end
+    if string.sub(l, 1, 5) ~= "data:" then return nil end
+    if #l > MAX_LINE then
+      reduced(start_long(l))
+      return nil
+    end
     return l .. "\n\n"
   end
   -- Per chunk, only what can matter is looked at: a usage object ("usage" then ":" then
@@ -175,8 +419,7 @@ local function sse_reply(handle)
         end
         local l = keep(data, first, last or #data)
         if l ~= nil then
-          if #usage_lines >= MAX_USAGE_LINES then table.remove(usage_lines, 2) end
-          usage_lines[#usage_lines + 1] = l
+          add_usage_line(l)
           changed = true
         end
         from = (last or #data) + 1
@@ -185,22 +428,44 @@ local function sse_reply(handle)
     -- published as soon as usage is seen: a stream cut after its usage chunk still settles
     if changed and #usage_lines > 0 then publish() end
     if final then return "" end
-    if cut ~= nil then return string.sub(data, cut) end
-    -- keep the unfinished last line: a key may straddle two chunks (one anchored match:
-    -- ".*" runs to the end and backs up to the last newline)
-    local after = string.match(data, "^.*\n()")
-    local rest = after and string.sub(data, after) or data
-    if #rest > MAX_LINE then return "" end
+    local rest
+    if cut ~= nil then
+      rest = string.sub(data, cut)
+    else
+      -- keep the unfinished last line: a key may straddle two chunks (one anchored match:
+      -- ".*" runs to the end and backs up to the last newline)
+      local after = string.match(data, "^.*\n()")
+      rest = after and string.sub(data, after) or data
+    end
+    if #rest > MAX_LINE then
+      -- a line this long is read on by a selector, chunk by chunk, never held
+      long = start_long(rest)
+      return ""
+    end
     return rest
   end
   for chunk in handle:bodyChunks() do
     local n = chunk:length()
     if n > 0 then
       local data = chunk:getBytes(0, n)
-      if #tail > 0 then data = tail .. data end
-      tail = scan(data, false)
+      if long ~= nil then
+        local nl = string.find(data, "\n", 1, true)
+        if long then select_feed(long, nl and string.sub(data, 1, nl - 1) or data) end
+        if nl ~= nil then
+          if long then reduced(long) end
+          long = nil
+          data = string.sub(data, nl + 1)
+        else
+          data = ""
+        end
+      end
+      if #data > 0 then
+        if #tail > 0 then data = tail .. data end
+        tail = scan(data, false)
+      end
     end
   end
+  if long then reduced(long) end
   if #tail > 0 then scan(tail, true) end
 end
 

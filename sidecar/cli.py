@@ -93,6 +93,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 def _envoy_config(args: argparse.Namespace) -> int:
     from sidecar.address import AddressError, parse_hostport
+    from sidecar.endpoints import EndpointError, parse_endpoint
     from sidecar.policy.load import PolicyError, load_policy
     from sidecar.envoy_config import (JWT_NAMESPACE, EnvoyOptions, TierRoute, Upstream,
                                       UpstreamError, parse_upstream, render,
@@ -125,7 +126,8 @@ def _envoy_config(args: argparse.Namespace) -> int:
         ahost, aport = parse_hostport(args.admin, "--admin")
         parse_hostport(args.sidecar, "--sidecar")
         parse_hostport(args.sidecar_http, "--sidecar-http")
-    except AddressError as exc:
+        passed = tuple(parse_endpoint(spec) for spec in args.pass_path)
+    except (AddressError, EndpointError) as exc:
         print(f"kt envoy-config: {exc}", file=sys.stderr)
         return 2
     opts = EnvoyOptions(
@@ -139,7 +141,7 @@ def _envoy_config(args: argparse.Namespace) -> int:
         jwt_audiences=tuple(args.jwt_audience), sidecar_token_file=args.sidecar_token_file or "",
         sidecar_tls_cert=args.sidecar_tls_cert or "", sidecar_tls_key=args.sidecar_tls_key or "",
         sidecar_ca=args.sidecar_ca or "", sidecar_sni=args.sidecar_sni or "",
-        **provider_options(policy))
+        pass_endpoints=passed, **provider_options(policy))
     if opts.tenant_metadata_namespace == JWT_NAMESPACE and not opts.jwt_jwks_file:
         print("kt envoy-config: the policy takes the tenant from a JWT claim, but no jwt_authn "
               "filter would validate one: give the issuer and its keys (--jwt-issuer, "
@@ -350,6 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how actual usage reaches the sidecar (authz, http-authz): Envoy's Lua "
                    "filter and gRPC access log (default), ext_proc per request, or not at all "
                    "(docs/usage.md)")
+    e.add_argument("--pass-path", action="append", default=[], metavar="METHOD:/PATH",
+                   help="also route this endpoint to the provider (repeatable; exact path, "
+                   "e.g. GET:/v1/models), decided and charged by the sidecar like any "
+                   "request. Only the metered API is routed otherwise (POST /v1/chat/"
+                   "completions, /v1/completions, /v1/responses, /v1/embeddings, "
+                   "/v1/messages); anything else is answered 404 by Envoy")
     e.add_argument("--jwt-issuer", metavar="ISS", help="validate a JWT from this issuer "
                    "first (Envoy's jwt_authn; the policy's tenant.metadata reads its claims)")
     e.add_argument("--jwt-jwks-file", metavar="FILE", help="the issuer's public keys (JWKS)")

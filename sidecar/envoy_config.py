@@ -13,6 +13,11 @@ Two ways to call the sidecar:
   headers and dynamic metadata only, and the upstream (or a later filter) must act on
   it: use ``authz`` mode when Envoy itself must route the compact tier to its own cluster.
 
+Routes: only POST to the metered endpoints (and `pass_endpoints`) reach an upstream; every
+other method and path is Envoy's own 404 on a route with every filter off
+(sidecar/endpoints.py). Header names with underscores are dropped, and a client's
+Accept-Encoding is removed toward the provider (the usage filter reads the reply).
+
 Upstreams (the providers a tier's requests go to) are `Upstream` values: an IP address
 becomes a STATIC cluster, a hostname a LOGICAL_DNS one (one address at a time, re-resolved:
 what Envoy recommends for a large web service behind DNS, such as a provider's API); TLS
@@ -24,13 +29,14 @@ a retry budget) goes to the next priority group: Envoy's priority-group cluster 
 """
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field, replace
 from typing import Literal, NamedTuple, Sequence, Union
 
 import yaml
 
-from sidecar import contract
+from sidecar import contract, endpoints
 from sidecar.address import AddressError, check_host, check_port, is_ip, split_host_port
 from sidecar.auth import host_of, is_loopback_host
 from sidecar.transports.http_authz import IDLE_TIMEOUT_S as SIDECAR_HTTP_IDLE_TIMEOUT_S
@@ -242,6 +248,10 @@ class EnvoyOptions:
     sidecar_tls_key: str = ""
     sidecar_ca: str = ""
     sidecar_sni: str = ""
+    # endpoints passed to the provider besides the metered ones (`kt envoy-config
+    # --pass-path METHOD:/PATH`): still decided and charged by the sidecar like any request;
+    # every other method and path is answered 404 by Envoy (sidecar/endpoints.py)
+    pass_endpoints: tuple[endpoints.Endpoint, ...] = ()
     # benchmarking: answer 200 from Envoy itself instead of routing to the tiers, and read
     # the request body first (a direct response to an unread POST body closes the
     # connection, which would measure reconnects, not Envoy)
@@ -475,6 +485,7 @@ def _routes(o: EnvoyOptions) -> list[dict]:
         routes.append({"match": {"prefix": "/"},
                        "direct_response": {"status": 200, "body": {"inline_string": "{}"}}})
         return routes
+    forwarded: list[tuple[list[dict], dict]] = []  # (header matches, route action)
     for u in o.providers:
         route: dict = {"cluster": _provider_cluster(u), "timeout": timeout,
                        # nothing reached the provider: safe to try once more. Never another
@@ -483,15 +494,34 @@ def _routes(o: EnvoyOptions) -> list[dict]:
                                         "num_retries": 1}}
         if not u.is_ip:
             route["auto_host_rewrite"] = True
-        routes.append({"match": {"prefix": "/", "headers": [
-            {"name": contract.H_PROVIDER, "string_match": {"exact": u.name}}]}, "route": route})
+        forwarded.append(([{"name": contract.H_PROVIDER, "string_match": {"exact": u.name}}],
+                          route))
     for tier in o.tiers[1:]:
-        routes.append({
-            "match": {"prefix": "/", "headers": [
-                {"name": contract.H_TIER, "string_match": {"exact": tier.name}}]},
-            "route": _tier_route(tier, timeout),
-        })
-    routes.append({"match": {"prefix": "/"}, "route": _tier_route(o.tiers[0], timeout)})
+        forwarded.append(([{"name": contract.H_TIER, "string_match": {"exact": tier.name}}],
+                          _tier_route(tier, timeout)))
+    forwarded.append(([], _tier_route(o.tiers[0], timeout)))
+    routed = endpoints.routed(o.pass_endpoints)
+    for headers, action in forwarded:
+        for method, paths in endpoints.by_method(routed):
+            routes.append({
+                "match": {"safe_regex": {"regex": endpoints.path_regex(paths)},
+                          "headers": [*headers,
+                                      {"name": ":method", "string_match": {"exact": method}}]},
+                "route": copy.deepcopy(action),  # no YAML anchors: one dict per route
+                # the reply must stay readable for its usage: a client's Accept-Encoding
+                # would have the provider compress it, and the usage filter reads nothing
+                "request_headers_to_remove": ["accept-encoding"]})
+    # every other method and path: Envoy's own 404, with every filter off (no decision is
+    # asked, no credential injected, nothing reaches a provider)
+    routes.append({
+        "match": {"prefix": "/"},
+        "direct_response": {"status": 404, "body": {
+            "inline_string": endpoints.not_routed_body(routed)}},
+        "response_headers_to_add": [{"header": {"key": "content-type",
+                                                "value": "application/json"}}],
+        "typed_per_filter_config": {
+            name: {"@type": TYPE + "envoy.config.route.v3.FilterConfig", "disabled": True}
+            for name in _filter_names(o)}})
     return routes
 
 
@@ -555,10 +585,8 @@ USAGE_LOG_NAME = "kt_usage"
 
 def _als_usage_filters(o: EnvoyOptions) -> list[dict]:
     """ext_proc for the body of a downgraded request only (a matcher skips the filter for
-    every other request: no stream, no message), then the Lua filter that leaves the
-    response's usage in dynamic metadata for the access log (lua/envoy_usage.lua)."""
-    from sidecar.backends.redis import load_script
-
+    every other request: no stream, no message). The Lua filter that leaves the response's
+    usage in dynamic metadata for the access log comes before ext_authz (_usage_lua)."""
     rewrite = {
         "@type": TYPE + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
         "grpc_service": {"envoy_grpc": {"cluster_name": "kt_sidecar"},
@@ -587,10 +615,27 @@ def _als_usage_filters(o: EnvoyOptions) -> list[dict]:
             "@type": TYPE + "envoy.extensions.common.matching.v3.ExtensionWithMatcher",
             "extension_config": {"name": "envoy.filters.http.ext_proc", "typed_config": rewrite},
             "xds_matcher": skip_unless_downgrade}},
-        {"name": "envoy.filters.http.lua", "typed_config": {
-            "@type": TYPE + "envoy.extensions.filters.http.lua.v3.Lua",
-            "default_source_code": {"inline_string": load_script("envoy_usage.lua")}}},
     ]
+
+
+def _usage_lua(request_only: bool = False) -> dict:
+    """Envoy's Lua filter running lua/envoy_usage.lua: on requests, a streamed chat
+    completion asks for its usage; on responses (unless ``request_only``: ext_proc reads
+    them) the usage is left in dynamic metadata.
+
+    It goes before ext_authz: it buffers a streamed chat request's body, and after
+    ext_authz has paused the request (its buffer full, the client's reads disabled at the
+    high watermark) a buffering filter waits for an end of body that never comes (seen on
+    Envoy 1.40 with a 2 MB chunked body: no answer until the idle timeout). First in line,
+    a body over the buffer limit is Envoy's 413 at once."""
+    from sidecar.backends.redis import load_script
+
+    source = load_script("envoy_usage.lua")
+    if request_only:  # the Lua filter skips a direction whose function is not defined
+        source += "\nenvoy_on_response = nil\n"
+    return {"name": "envoy.filters.http.lua", "typed_config": {
+        "@type": TYPE + "envoy.extensions.filters.http.lua.v3.Lua",
+        "default_source_code": {"inline_string": source}}}
 
 
 def _usage_access_log(o: EnvoyOptions) -> dict:
@@ -637,11 +682,18 @@ def _jwt_authn(o: EnvoyOptions) -> dict:
         "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "gateway"}}]}}
 
 
+def _filter_names(o: EnvoyOptions) -> list[str]:
+    """The HTTP filters a route can turn off (all but the router)."""
+    return [f["name"] for f in _filters(o) if f["name"] != "envoy.filters.http.router"]
+
+
 def _filters(o: EnvoyOptions) -> list[dict]:
     sidecar = {"envoy_grpc": {"cluster_name": "kt_sidecar"}}
     filters: list[dict] = []
     if o.jwt_jwks_file:
         filters.append(_jwt_authn(o))
+    if o.mode in ("authz", "http-authz") and o.usage != "none":
+        filters.append(_usage_lua(request_only=o.usage == "ext_proc"))
     if o.mode == "http-authz":
         filters.append({"name": "envoy.filters.http.ext_authz", "typed_config": _http_authz(o)})
     if o.mode == "authz":
@@ -727,6 +779,11 @@ def bootstrap(o: EnvoyOptions) -> dict:
         "codec_type": "AUTO",
         "route_config": {"name": "llm", "virtual_hosts": [vhost]},
         "http_filters": _filters(o),
+        # A header name with an underscore (x_kt_tier) is dropped: the early mutation
+        # removes x-kt-tier, but an upstream that reads "_" as "-" (CGI, WSGI, nginx's
+        # underscores_in_headers) would take x_kt_tier for it. Counted in Envoy's
+        # http.<stat_prefix>.dropped_headers_with_underscores.
+        "common_http_protocol_options": {"headers_with_underscores_action": "DROP_HEADER"},
     }
     if o.mode in ("authz", "http-authz") and o.usage == "als":
         hcm["access_log"] = [_usage_access_log(o)]

@@ -94,15 +94,27 @@ def test_envoy_validates_every_variant_without_deprecated_fields(
     fast_path = {"kt_sidecar_http"} if mode == "http-authz" else set()
     assert clusters == {"kt_sidecar", "tier_default", "tier_compact"} | fast_path
     compact = [r for r in routes if r.get("route", {}).get("cluster") == "tier_compact"]
-    assert compact[0]["match"]["headers"] == [{"name": "x-kt-tier", "string_match": {"exact": "compact"}}]
-    assert routes[-1]["route"]["cluster"] == "tier_default"
+    assert compact[0]["match"]["headers"] == [
+        {"name": "x-kt-tier", "string_match": {"exact": "compact"}},
+        {"name": ":method", "string_match": {"exact": "POST"}}]
+    # the metered API only, then Envoy's own 404 for everything else, every filter off
+    metered = "(/v1/chat/completions|/v1/completions|/v1/responses|/v1/embeddings|/v1/messages)"
+    assert all(r["match"]["safe_regex"]["regex"] == metered for r in routes[:-1]
+               if "route" in r)
+    assert routes[-2]["route"]["cluster"] == "tier_default"
+    assert routes[-1]["direct_response"]["status"] == 404
+    assert sorted(routes[-1]["typed_per_filter_config"]) == sorted(
+        f for f in filters if f != "envoy.filters.http.router")
+    assert hcm["common_http_protocol_options"]["headers_with_underscores_action"] == "DROP_HEADER"
     if mode in ("authz", "http-authz"):
-        # usage by the access log (the default): ext_proc (body rewrites only) and the Lua
-        # filter that leaves the usage in dynamic metadata
-        assert filters == ["envoy.filters.http.ext_authz", "envoy.filters.http.ext_proc",
-                           "envoy.filters.http.lua", "envoy.filters.http.router"]
+        # usage by the access log (the default): the Lua filter that leaves the usage in
+        # dynamic metadata (first: it buffers a streamed chat request's body, which after
+        # ext_authz's pause would wait forever for a body over the buffer limit), then
+        # ext_authz, then ext_proc (body rewrites only)
+        assert filters == ["envoy.filters.http.lua", "envoy.filters.http.ext_authz",
+                           "envoy.filters.http.ext_proc", "envoy.filters.http.router"]
         assert [log["name"] for log in hcm["access_log"]] == ["envoy.access_loggers.http_grpc"]
-        authz = hcm["http_filters"][0]["typed_config"]
+        authz = hcm["http_filters"][1]["typed_config"]
         assert authz["clear_route_cache"] is True
         assert authz["failure_mode_allow"] is (failure_mode == "allow")
         assert ("http_service" in authz) is (mode == "http-authz")
@@ -145,10 +157,12 @@ def test_one_cluster_and_one_header_route_per_tier_and_the_catch_all_goes_to_the
     ep = clusters["tier_cheap"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
     assert ep["endpoint"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 9003}
     routes = _hcm(doc)["route_config"]["virtual_hosts"][0]["routes"]
-    assert [(r["match"].get("headers"), r["route"]["cluster"]) for r in routes] == [
-        ([{"name": "x-kt-tier", "string_match": {"exact": "mid"}}], "tier_mid"),
-        ([{"name": "x-kt-tier", "string_match": {"exact": "cheap"}}], "tier_cheap"),
-        (None, "tier_best")]
+    post = {"name": ":method", "string_match": {"exact": "POST"}}
+    assert [(r["match"].get("headers"), r["route"]["cluster"]) for r in routes[:-1]] == [
+        ([{"name": "x-kt-tier", "string_match": {"exact": "mid"}}, post], "tier_mid"),
+        ([{"name": "x-kt-tier", "string_match": {"exact": "cheap"}}, post], "tier_cheap"),
+        ([post], "tier_best")]
+    assert routes[-1]["direct_response"]["status"] == 404  # everything else
 
 
 def test_the_sidecar_cluster_is_static_loopback_http2_with_a_short_connect_timeout():
@@ -189,7 +203,8 @@ def test_authz_filter_wiring(failure_mode):
     assert doc["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 9901}
     listener = doc["static_resources"]["listeners"][0]["address"]["socket_address"]
     assert listener == {"address": "127.0.0.1", "port_value": 10000}
-    authz = _hcm(doc)["http_filters"][0]["typed_config"]
+    authz = next(f["typed_config"] for f in _hcm(doc)["http_filters"]
+                 if f["name"] == "envoy.filters.http.ext_authz")
     assert authz["transport_api_version"] == "V3" and authz["clear_route_cache"] is True
     assert authz["grpc_service"] == {"envoy_grpc": {"cluster_name": "kt_sidecar"},
                                      "timeout": "0.200s"}
@@ -271,7 +286,7 @@ def test_a_provider_named_by_hostname_on_443_is_dns_and_tls_with_sni_and_name_ch
     assert v["trusted_ca"] == {"filename": "/etc/ssl/certs/ca-certificates.crt"}
     assert v["match_typed_subject_alt_names"] == [
         {"san_type": "DNS", "matcher": {"exact": "api.openai.com"}}]
-    route = _hcm(doc)["route_config"]["virtual_hosts"][0]["routes"][-1]["route"]
+    route = _hcm(doc)["route_config"]["virtual_hosts"][0]["routes"][-2]["route"]
     assert route["auto_host_rewrite"] is True and route["cluster"] == "tier_default"
 
 
@@ -300,7 +315,7 @@ def test_weighted_upstreams_with_failover_use_priority_groups_and_a_retry_budget
            parse_upstream("https://acme.openai.azure.com,weight=25,name=azure,key-header=api-key"),
            parse_upstream("10.0.0.7:8000,priority=1,name=local")]
     doc = _render(tiers=[TierRoute("default", "gpt-4o", ups)])
-    route = _hcm(doc)["route_config"]["virtual_hosts"][0]["routes"][-1]["route"]
+    route = _hcm(doc)["route_config"]["virtual_hosts"][0]["routes"][-2]["route"]
     spec = route["inline_cluster_specifier_plugin"]["extension"]["typed_config"]
     assert spec["priority_groups"] == [
         {"name": "priority_0", "clusters": [{"cluster_name": "tier_default_openai", "weight": 60},
@@ -451,8 +466,15 @@ def test_the_other_usage_modes_validate(tmp_path, capsys, mode, usage):
     _envoy_accepts(tmp_path, text)
     hcm = _hcm(yaml.safe_load(text))
     filters = [f["name"] for f in hcm["http_filters"]]
-    assert "envoy.filters.http.lua" not in filters and "access_log" not in hcm
+    assert "access_log" not in hcm
     assert ("envoy.filters.http.ext_proc" in filters) is (usage == "ext_proc")
+    # with ext_proc, the Lua filter still asks streams for their usage (requests only:
+    # ext_proc reads the responses)
+    assert ("envoy.filters.http.lua" in filters) is (usage == "ext_proc")
+    if usage == "ext_proc":
+        lua = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.lua")
+        source = lua["typed_config"]["default_source_code"]["inline_string"]
+        assert source.rstrip().endswith("envoy_on_response = nil")
 
 
 def test_usage_by_access_log_wiring():
@@ -517,14 +539,15 @@ def test_the_jwt_filter_validates_before_the_decision_and_keeps_the_token(tmp_pa
     doc = _render(jwt_issuer="https://auth.example.com/", jwt_jwks_file="/etc/jwks.json",
                   jwt_audiences=("llm",), tenant_metadata_namespace="envoy.filters.http.jwt_authn")
     filters = _hcm(doc)["http_filters"]
-    assert [f["name"] for f in filters][:2] == ["envoy.filters.http.jwt_authn",
+    assert [f["name"] for f in filters][:3] == ["envoy.filters.http.jwt_authn",
+                                                "envoy.filters.http.lua",
                                                 "envoy.filters.http.ext_authz"]
     jwt = filters[0]["typed_config"]
     assert jwt["providers"]["gateway"] == {
         "issuer": "https://auth.example.com/", "local_jwks": {"filename": "/etc/jwks.json"},
         "payload_in_metadata": "jwt_payload", "forward": False, "audiences": ["llm"]}
     assert jwt["rules"] == [{"match": {"prefix": "/"}, "requires": {"provider_name": "gateway"}}]
-    assert filters[1]["typed_config"]["metadata_context_namespaces"] == [
+    assert filters[2]["typed_config"]["metadata_context_namespaces"] == [
         "envoy.filters.http.jwt_authn"]
 
 
@@ -535,3 +558,17 @@ def test_a_sidecar_named_by_hostname_is_resolved_by_dns():
     ep = sidecar["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
     assert ep["address"]["socket_address"] == {"address": "kt-sidecar.llm-gateway.svc",
                                                "port_value": 8081}
+
+
+def test_pass_path_adds_an_exact_route_and_refuses_a_bad_one(tmp_path, capsys):
+    assert kt(["envoy-config", "--pass-path", "GET:/v1/models"]) == 0
+    text = capsys.readouterr().out
+    _envoy_accepts(tmp_path, text)
+    routes = _hcm(yaml.safe_load(text))["route_config"]["virtual_hosts"][0]["routes"]
+    get = [r for r in routes if {"name": ":method", "string_match": {"exact": "GET"}}
+           in r["match"].get("headers", [])]
+    assert [r["match"]["safe_regex"]["regex"] for r in get] == ["(/v1/models)"] * 2  # 2 tiers
+    assert "GET /v1/models" in routes[-1]["direct_response"]["body"]["inline_string"]
+    assert kt(["envoy-config", "--pass-path", "GET:/v1/../files"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kt envoy-config: --pass-path 'GET:/v1/../files': ") and err.count("\n") == 1

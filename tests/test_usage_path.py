@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import random
 import socket
 import struct
 import threading
@@ -29,7 +30,9 @@ tenant: {header: x-tenant-id, unknown: defaults}
 tenants:
 """ + "".join(f"  {t}: {{}}\n" for t in (
     "json-plain", "json-order_and_blanks", "json-decoys", "json-anthropic", "json-responses",
-    "sse-split", "sse-anthropic", "sse-responses", "sse-none", "sse-reset", "five"))  # named: spend is recorded per named tenant (others fold into _other)
+    "sse-split", "sse-anthropic", "sse-responses", "sse-none", "sse-reset", "five",
+    "sse-responses-large", "sse-anthropic-large", "json-large", "json-many",
+    "json-cuts"))  # named: spend is recorded per named tenant (others fold into _other)
 
 
 def metric_model(model: str) -> str:
@@ -262,6 +265,131 @@ STREAM_CASES = {
             "model": "gpt-4o", "usage": {"input_tokens": 30, "output_tokens": 7}}})),
         "gpt-4o", (30, 7)),
 }
+
+
+def _big_text(n: int) -> str:
+    """Generated text of about n bytes, with what a decoy would try: usage in quotes
+    (escaped in JSON), braces, backslashes, newlines."""
+    unit = 'lorem "usage": {"input_tokens": 1} \\ {[}] line\n '
+    return (unit * (n // len(unit) + 1))[:n]
+
+
+# a tool's JSON schema is echoed in the responses API's final event, before its usage: a
+# nested "usage" object there must not be taken for the response's own
+_DECOY_TOOL = {"type": "function", "name": "f", "parameters": {"type": "object", "properties": {
+    "usage": {"input_tokens": 1, "output_tokens": 1}}}}
+
+# final events far over the filter's 16 KiB line: read whatever their size
+LARGE_STREAM_CASES = {
+    "sse-responses-large": (events(
+        ("response.created", {"type": "response.created", "response": {
+            "model": "gpt-4o", "usage": None}}),
+        ("response.output_text.delta", {"type": "response.output_text.delta", "delta": "hi"}),
+        ("response.completed", {"type": "response.completed", "sequence_number": 9,
+                                "response": {
+            "id": "resp_1", "object": "response", "status": "completed", "model": "gpt-4o",
+            "output": [{"type": "message", "content": [
+                {"type": "output_text", "text": _big_text(300_000)}]}],
+            "tools": [_DECOY_TOOL],
+            "usage": {"input_tokens": 4321, "output_tokens": 65432,
+                      "input_tokens_details": {"cached_tokens": 0}},
+            "metadata": {"note": '"usage": {"input_tokens": 9}'}}})),
+        "gpt-4o", (4321, 65432)),
+    "sse-anthropic-large": (events(
+        ("message_start", {"type": "message_start", "message": {
+            "id": "m", "model": "claude-sonnet-4", "content": [],
+            "system_echo": _big_text(40_000),
+            "usage": {"input_tokens": 25, "output_tokens": 1}}}),
+        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                           "usage": {"output_tokens": 97}}),
+        ("message_stop", {"type": "message_stop"})), "claude-sonnet-4", (25, 97)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LARGE_STREAM_CASES))
+@pytest.mark.parametrize("piece", [1000, 7001, 1 << 20])
+def test_a_final_event_over_the_line_limit_is_read_to_the_token(path, case, piece):
+    stream, model, (inp, out) = LARGE_STREAM_CASES[case]
+    before = path.spend(case).get(metric_model(model), {"input_tokens": 0, "output_tokens": 0})
+    reply = Reply(split(stream, *range(piece, len(stream), piece)),
+                  content_type="text/event-stream")
+    assert path.send(case, case, reply) == 200
+    rec = path.spend(case)[metric_model(model)]
+    assert (rec["input_tokens"] - before["input_tokens"],
+            rec["output_tokens"] - before["output_tokens"]) == (inp, out)
+
+
+def test_a_json_reply_of_any_size_is_read_to_the_token(path):
+    # over 4 MiB (a size no filter should hold), with the decoys of the stream cases
+    body = json.dumps({"id": "x", "model": "gpt-4o", "choices": [{"message": {
+        "content": _big_text(5 * 1024 * 1024)}}], "tools": [_DECOY_TOOL],
+        "usage": {"prompt_tokens": 777, "completion_tokens": 1_500_000}}).encode()
+    if path.usage != "als":
+        pytest.skip("ext_proc buffers at most sidecar.usage.MAX_JSON_BYTES of a JSON reply")
+    assert path.send("json-large", "json-large", Reply(split(body, *range(
+        65536, len(body), 65536)))) == 200
+    rec = path.spend("json-large")["gpt-4o"]
+    assert (rec["input_tokens"], rec["output_tokens"]) == (777, 1_500_000)
+
+
+def test_a_json_reply_cut_anywhere_is_read_to_the_token(path):
+    """Chunk boundaries inside backslash runs, escaped quotes, keys and values: the
+    filter's selector carries its state from one chunk to the next."""
+    body = json.dumps({"model": "gpt-4o", "choices": [{"message": {
+        "content": 'a\\\\"usage": {"prompt_tokens": 9}\\\\\\'}}],
+        "x": {"usage": {"prompt_tokens": 8}}, "usage": {"prompt_tokens": 3,
+                                                        "completion_tokens": 4}}).encode()
+    start = body.index(b"content")
+    before = path.spend("json-cuts").get("gpt-4o", {"input_tokens": 0, "output_tokens": 0})
+    cuts = range(start, len(body) - 1, 3)
+    for at in cuts:
+        assert path.send("json-cuts", "json-cuts", Reply(split(body, at, at + 1))) == 200
+    rec = path.spend("json-cuts")["gpt-4o"]
+    assert (rec["input_tokens"] - before["input_tokens"],
+            rec["output_tokens"] - before["output_tokens"]) == (3 * len(cuts), 4 * len(cuts))
+
+
+def envoy_peak_rss_mb(envoy: EnvoyProcess) -> float:
+    """Envoy's peak resident memory so far (VmHWM), in MB."""
+    assert envoy.proc is not None
+    for line in open(f"/proc/{envoy.proc.pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_the_usage_filter_never_holds_a_whole_reply(path):
+    """Many large replies at once: Envoy's memory grows by what it forwards, not by a copy
+    of each reply held for its usage."""
+    if path.usage != "als":
+        pytest.skip("the Lua filter reads usage with --usage als")
+    # replies under 4 MiB (what a buffering filter would hold whole), each its own text
+    # (Lua interns strings: identical replies would share one copy)
+    n, size = 24, int(3.9 * 1024 * 1024)
+    replies = []
+    for i in range(n + 1):
+        rnd = random.Random(i)
+        text = " ".join(f"w{rnd.randrange(10**6)}" for _ in range(size // 8))[:size]
+        body = json.dumps({"id": "x", "model": "gpt-4o", "choices": [{"message": {
+            "content": text}}], "usage": {"prompt_tokens": 5, "completion_tokens": 7}}).encode()
+        replies.append(Reply(split(body, *range(65536, len(body), 65536))))
+    path.send("json-many", "json-many-warm", replies[n])  # Envoy's pools and Lua state exist
+    before = envoy_peak_rss_mb(path.envoy)
+    statuses: list[int] = []
+    threads = [threading.Thread(target=lambda i=i: statuses.append(
+        path.send("json-many", f"json-many-{i}", replies[i]))) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert statuses == [200] * n
+    grown = envoy_peak_rss_mb(path.envoy) - before
+    # holding each reply (in parts, then joined) takes over 150 MB more; streaming
+    # takes the chunks in flight and Lua's garbage between collections (4 MB measured; on
+    # a slow machine at most Envoy's flow-control buffers, 2 x 1 MiB a request, on top)
+    assert grown < 72, f"Envoy's peak memory grew {grown:.0f} MB for {n} concurrent replies"
+    rec = path.spend("json-many")["gpt-4o"]
+    assert (rec["input_tokens"], rec["output_tokens"]) == (5 * (n + 1), 7 * (n + 1))
 
 
 @pytest.mark.parametrize("case", sorted(STREAM_CASES))

@@ -23,6 +23,25 @@ def parse_window(text: str) -> int:
     return int(m.group(1)) * _UNITS[m.group(2)]
 
 
+def printable(name: str) -> str:
+    """A name from an event (a client's model, a tenant) as one safe terminal cell: control
+    and format characters (ANSI escapes, newlines that would forge rows, bidirectional
+    overrides, line separators) and the backslash are written as escapes."""
+    if name.isprintable() and "\\" not in name:  # the usual name: nothing to do
+        return name
+    out = []
+    for c in name:
+        if c == "\\":
+            out.append("\\\\")
+        elif not c.isprintable():  # Unicode's "Other" and "Separator" but the space
+            n = ord(c)
+            out.append(f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000
+                       else f"\\U{n:08x}")
+        else:
+            out.append(c)
+    return "".join(out)
+
+
 @dataclass
 class Row:
     events: int = 0
@@ -73,17 +92,18 @@ class Stats:
                f"{'released':>8} {'kept':>6} {'input':>12} {'output':>12} {'cached':>10} "
                f"{'usd':>14}"]
         for (t, m, p), r in sorted(self.usage.items()):
-            out.append(f"{t:<20} {m:<20} {p or '-':<12} {r.events:>8} {r.settled:>8} "
+            t, m, p = printable(t), printable(m), printable(p or "-")
+            out.append(f"{t:<20} {m:<20} {p:<12} {r.events:>8} {r.settled:>8} "
                        f"{r.released:>8} {r.kept:>6} {r.input_tokens:>12} {r.output_tokens:>12} "
                        f"{r.cached_tokens:>10} {r.cost_nano_usd / 1e9:>14.9f}")
         if self.refusals:
             out.append("")
             out.append(f"{'tenant':<20} {'refused because':<20} {'count':>10}")
             for (t, reason), n in sorted(self.refusals.items()):
-                out.append(f"{t:<20} {reason:<20} {n:>10}")
+                out.append(f"{printable(t):<20} {printable(reason):<20} {n:>10}")
         if self.skipped_lines:
             out.append(f"\n({len(self.skipped_lines)} unreadable lines skipped, first: "
-                       f"{self.skipped_lines[0]})")
+                       f"{printable(self.skipped_lines[0])})")
         return "\n".join(out) + "\n"
 
 

@@ -12,6 +12,11 @@ received and its own name (`served_by`). Test controls, as request headers:
 - `x-fake-format: anthropic`  answer in Anthropic's messages format (JSON, or the
   `message_start` / `message_delta` SSE events), IN split into uncached input and
   `x-fake-cached: N` cache-read tokens (OpenAI: `prompt_tokens_details.cached_tokens`);
+- `Accept-Encoding: gzip` a JSON answer is gzip-compressed (as providers do);
+- `x-fake-output-bytes: N` the answer's text is N bytes of words, different each time;
+- `x-fake-format: responses` with `"stream": true`: OpenAI responses events, the last
+  (`response.completed`) carrying the whole output and the usage;
+- GET, PUT, PATCH, DELETE (files, batches, models...): recorded and answered 200 `{}`;
 - body `"stream": true`   answer SSE: a first chunk at once, the rest (with the
   usage chunk if `stream_options.include_usage`) once `release_stream` is set,
   so a test can see the first chunk arrive before the upstream finishes.
@@ -19,8 +24,10 @@ received and its own name (`served_by`). Test controls, as request headers:
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import math
+import os
 import ssl
 import threading
 import time
@@ -104,11 +111,16 @@ class FakeUpstream:
                     body = json.loads(raw) if raw else {}
                 except (ValueError, RecursionError):  # a hostile body reaches it too
                     body = {"_unparsed": raw.decode(errors="replace")}
-                upstream.requests.append({"headers": headers, "body": body})
+                upstream.requests.append({"headers": headers, "body": body,
+                                          "method": self.command, "path": self.path})
+                if self.command != "POST":
+                    self._send(200, {})
+                    return
                 status = int(headers.get("x-fake-status", upstream.status))
                 usage_in, usage_out = (int(x) for x in headers.get("x-fake-usage", "10,5").split(","))
                 model = body.get("model", "unknown")
                 wait = upstream.quota.take() if upstream.quota is not None else 0.0
+                text = _words(int(headers.get("x-fake-output-bytes", "0"))) or "ok"
                 if wait:
                     data = json.dumps({"error": {"type": "rate_limit_exceeded", "code":
                                                  "rate_limit_exceeded", "message":
@@ -119,6 +131,9 @@ class FakeUpstream:
                     self.send_header("content-length", str(len(data)))
                     self.end_headers()
                     self.wfile.write(data)
+                elif status == 200 and headers.get("x-fake-format") == "responses" \
+                        and body.get("stream"):
+                    self._responses(model, usage_in, usage_out, text)
                 elif status == 200 and headers.get("x-fake-format") == "anthropic":
                     self._anthropic(model, usage_in, usage_out,
                                     int(headers.get("x-fake-cached", "0")),
@@ -133,11 +148,13 @@ class FakeUpstream:
                         "id": "chatcmpl-fake", "object": "chat.completion", "model": model,
                         "served_by": upstream.name, "received_headers": headers,
                         "choices": [{"index": 0, "finish_reason": "stop",
-                                     "message": {"role": "assistant", "content": "ok"}}],
+                                     "message": {"role": "assistant", "content": text}}],
                         "usage": {"prompt_tokens": usage_in, "completion_tokens": usage_out,
                                   "total_tokens": usage_in + usage_out,
                                   "prompt_tokens_details": {
                                       "cached_tokens": int(headers.get("x-fake-cached", "0"))}}})
+
+            do_GET = do_PUT = do_PATCH = do_DELETE = do_POST  # noqa: N815 (stdlib names)
 
             def _anthropic(self, model: str, usage_in: int, usage_out: int, cached: int,
                            stream: bool) -> None:
@@ -168,10 +185,34 @@ class FakeUpstream:
                 self.wfile.write(b"0\r\n\r\n")
                 self.wfile.flush()
 
+            def _responses(self, model: str, usage_in: int, usage_out: int, text: str) -> None:
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.send_header("transfer-encoding", "chunked")
+                self.end_headers()
+                events = [
+                    ("response.created", {"type": "response.created", "response": {
+                        "model": model, "status": "in_progress", "usage": None}}),
+                    ("response.output_text.delta", {"type": "response.output_text.delta",
+                                                    "delta": text}),
+                    ("response.completed", {"type": "response.completed", "response": {
+                        "model": model, "status": "completed", "output": [{
+                            "type": "message", "content": [{"type": "output_text",
+                                                            "text": text}]}],
+                        "usage": {"input_tokens": usage_in, "output_tokens": usage_out,
+                                  "input_tokens_details": {"cached_tokens": 0}}}})]
+                for name, doc in events:
+                    self._chunk(f"event: {name}\ndata: {json.dumps(doc)}\n\n".encode())
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+
             def _send(self, status: int, doc: dict) -> None:
                 data = json.dumps(doc).encode()
                 self.send_response(status)
                 self.send_header("content-type", "application/json")
+                if "gzip" in (self.headers.get("accept-encoding") or ""):
+                    data = gzip.compress(data)
+                    self.send_header("content-encoding", "gzip")
                 self.send_header("content-length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -218,6 +259,12 @@ class FakeUpstream:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+
+
+def _words(n: int) -> str:
+    """n bytes of text, different at each call (Lua interns equal strings in Envoy: equal
+    replies would hide what each one costs)."""
+    return os.urandom((n + 1) // 2).hex()[:n] if n > 0 else ""
 
 
 def main(argv: Optional[list[str]] = None) -> int:
