@@ -1,0 +1,386 @@
+"""The soak's verdict: the provider's own log, the ledger's events in PostgreSQL, `kt spend`
+and the budgets in Valkey compared per tenant, every difference given a cause, the
+admissions checked against every limit, and the processes' growth bounded.
+
+The join is by reservation id: the sidecar's answer puts it on the request
+(`x-kt-reservation`), the provider logs it, the ledger's event is keyed by it. Each
+request the provider saw is classified by what the books did with it:
+- expected: `settled` with exactly the provider's usage (a 200 delivered to its end);
+  `released` at no charge (a provider error); `kept` at the estimate (the client left
+  mid-stream, or usage could not arrive: counted by kt_reservations_closed_total);
+- explained: no event, and the sidecar that decided it was SIGKILLed while it was open
+  or its event was in the killed process's buffer (a fault of the schedule, counted);
+  no event, and the ledger counted events lost (kt_ledger_events_total{state="lost"});
+- unexplained: anything else (usage that differs from the provider's, a request charged
+  twice, an event for a request never admitted, no event and no cause).
+"""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import yaml
+
+JITTER_S = 1.0  # how much earlier, relative to the others, a request may reach the provider
+# a sidecar killed this long before (a decision's answer in flight) to this long after a
+# request reached the provider (its reply, the access log, the ledger's buffer) may lose it
+KILL_WINDOW_S = (-1.0, 30.0)
+RSS_GROWTH = (1.5, 64 << 20)  # end <= start x 1.5 + 64 MiB
+FD_GROWTH = 64  # end <= start + 64 open files
+WARM_UP_S = 10.0  # a process's "start" sample is its first this long after it appeared
+
+
+@dataclass
+class Books:
+    sent: list  # soak_load.Sent
+    served: list  # soak_upstream.Served
+    events: list[dict]
+    spend: dict
+    budgets: dict[str, int]
+    metrics: dict[str, float]
+    prices: dict[str, tuple[int, int]]
+    kills: dict[float, str]
+    faults: list[tuple]
+    procs: dict[tuple[str, int], list[tuple[float, int, int]]]
+    limits: dict[str, tuple[float, float, float]]
+    quiesced: bool
+
+
+@dataclass
+class Report:
+    markdown: str
+    ok: bool
+    failures: list[str] = field(default_factory=list)
+
+
+def limits_from_policy(text: str) -> dict[str, tuple[float, float, float]]:
+    """tenant -> (rpm, tpm, burst); "" for the defaults."""
+    doc = yaml.safe_load(text)
+    out = {}
+    d = doc["defaults"]["limits"]
+    out[""] = (d["rpm"], d["tpm"], d.get("burst", 1.0))
+    for name, t in (doc.get("tenants") or {}).items():
+        lim = t.get("limits", d)
+        out[name] = (lim["rpm"], lim["tpm"], lim.get("burst", 1.0))
+    return out
+
+
+def worst_excess(points: list[tuple[float, int]], per_minute: float, burst: float) -> float:
+    """max over intervals [t_i, t_j] of sum(amounts) - (limit x burst + limit x (T + jitter)/60):
+    > 0 means more was admitted than any token bucket with these settings allows."""
+    rate = per_minute / 60.0
+    cap = per_minute * burst + rate * JITTER_S
+    best = float("-inf")
+    running = float("-inf")  # max over i <= j of rate * t_i - S_{i-1}
+    s = 0
+    for t, amount in points:
+        running = max(running, rate * t - s)
+        s += amount
+        best = max(best, s - rate * t + running - cap)
+    return best
+
+
+def cost(prices: dict, model: str, inp: int, out: int) -> int:
+    p_in, p_out = prices.get(model, max(prices.values()))
+    return inp * p_in + out * p_out
+
+
+def classify(b: Books) -> tuple[dict, list[str]]:
+    """Per reservation: what the provider did and what the books did. Returns the counts
+    of each class and the unexplained lines."""
+    by_id: dict[str, list[dict]] = defaultdict(list)
+    for e in b.events:
+        by_id[e["request_id"]].append(e)
+    first: dict[str, Any] = {}
+    retries = 0
+    for s in sorted(b.served, key=lambda s: s.at):
+        if s.reservation in first:
+            retries += 1  # Envoy sent the same admitted request again
+            continue
+        first[s.reservation] = s
+    lost_counted = b.metrics.get('kt_ledger_events_total{state="lost"}', 0.0)
+    classes: Counter = Counter()
+    unexplained: list[str] = []
+    for rid, s in first.items():
+        evs = by_id.get(rid, [])
+        outcomes = sorted(e["outcome"] for e in evs)
+        if not rid:
+            classes["no reservation id (not decided by a sidecar)"] += 1
+            unexplained.append(f"a request reached the provider without a reservation id "
+                               f"(tenant {s.tenant!r}, decision {s.decision!r})")
+            continue
+        if len(evs) > 1:
+            classes["charged twice (" + "+".join(outcomes) + ")"] += 1
+            unexplained.append(f"{rid} ({s.tenant}) has events {outcomes}: charged twice")
+            continue
+        if not evs:
+            near_kill = any(f"sidecar {s.gateway} " in name
+                            and s.at + KILL_WINDOW_S[0] <= k <= s.at + KILL_WINDOW_S[1]
+                            for k, name in b.kills.items())
+            if near_kill:
+                classes["no event: its sidecar was SIGKILLed (reservation or event lost)"] += 1
+            elif lost_counted:
+                classes["no event: ledger counted events lost"] += 1
+            else:
+                classes["no event, no cause"] += 1
+                unexplained.append(f"{rid} ({s.tenant}, status {s.status}, "
+                                   f"{'stream' if s.stream else 'json'}) has no event")
+            continue
+        e = evs[0]
+        if s.status != 200:
+            if e["outcome"] == "released" and e["budget_charge"] == 0:
+                classes["provider error: released, no charge"] += 1
+            elif e["outcome"] in ("kept", "expired"):
+                classes[f"provider error: {e['outcome']} ({e['settled_by']})"] += 1
+            else:
+                classes[f"provider error: {e['outcome']}"] += 1
+                unexplained.append(f"{rid} ({s.tenant}): provider said {s.status}, "
+                                   f"books say {e['outcome']}")
+            continue
+        if e["outcome"] == "settled":
+            got = (e["input_tokens"], e["output_tokens"], e["cached_tokens"])
+            want = (s.input_tokens, s.output_tokens, s.cached_tokens)
+            if got == want and e["cost_nano_usd"] == cost(b.prices, e["model_served"],
+                                                          s.input_tokens, s.output_tokens):
+                classes["settled, exactly the provider's usage"
+                        + (" (client left, usage passed)" if s.leave else "")] += 1
+            else:
+                classes["settled with other usage"] += 1
+                unexplained.append(f"{rid} ({s.tenant}): settled {got}, provider {want}")
+        elif e["outcome"] in ("kept", "expired"):
+            why = "client left mid-stream" if s.leave else "usage did not arrive"
+            if e["cost_nano_usd"] <= 0 or (e["budget_unit"] and e["budget_charge"] <= 0):
+                classes[f"{e['outcome']} ({e['settled_by']}): {why}, recorded at 0"] += 1
+                unexplained.append(
+                    f"{rid} ({s.tenant}): estimate of {e['estimate_tokens']} tokens kept but "
+                    f"recorded at {e['cost_nano_usd']} nano-USD, charge {e['budget_charge']} "
+                    f"{e['budget_unit'] or '(no budget)'}; the provider billed "
+                    f"{s.input_tokens}+{s.output_tokens} tokens")
+            else:
+                classes[f"{e['outcome']} ({e['settled_by']}): {why}, estimate charged"] += 1
+        else:
+            classes[f"served 200 but {e['outcome']}"] += 1
+            unexplained.append(f"{rid} ({s.tenant}): provider served 200, books say "
+                               f"{e['outcome']}")
+    orphans = [e for rid, evs in by_id.items() if rid not in first for e in evs]
+    for e in orphans:
+        if e["outcome"] in ("kept", "expired"):
+            classes[f"event without a provider request: {e['outcome']} ({e['settled_by']})"] += 1
+        else:
+            classes[f"event without a provider request: {e['outcome']}"] += 1
+            if e["outcome"] == "settled":
+                unexplained.append(f"{e['request_id']} ({e['tenant']}): settled, never served")
+    if retries:
+        classes["provider saw an admitted request again (Envoy retry)"] += retries
+    return dict(classes), unexplained
+
+
+def open_reservations(metrics: dict[str, float]) -> float:
+    """Admitted decisions not yet closed, by the counters of every sidecar instance: each
+    admission ends as one settlement (access log, ext_proc, report, release) or one
+    reservation closed without usage (kept_*); a released one counts in both."""
+    admitted = sum(v for k, v in metrics.items() if k.startswith("kt_requests_total{")
+                   and any(f'decision="{d}"' in k for d in ("allow", "downgrade", "fail_open")))
+    settled = sum(v for k, v in metrics.items() if k.startswith("kt_settlements_total{"))
+    kept = sum(v for k, v in metrics.items() if k.startswith("kt_reservations_closed_total{")
+               and 'outcome="kept' in k)
+    return admitted - settled - kept
+
+
+def per_tenant(b: Books) -> tuple[list[list], list[str]]:
+    """Rows of the side-by-side table, and the differences no cause explains."""
+    up: dict[str, Counter] = defaultdict(Counter)
+    seen = set()
+    for s in b.served:
+        if s.reservation in seen:
+            continue
+        seen.add(s.reservation)
+        c = up[s.tenant]
+        c["arrived"] += 1
+        if s.status == 200:
+            c["ok"] += 1
+            c["in"] += s.input_tokens
+            c["out"] += s.output_tokens
+            c["cached"] += s.cached_tokens
+            c["cost"] += cost(b.prices, s.model, s.input_tokens, s.output_tokens)
+    ev: dict[str, Counter] = defaultdict(Counter)
+    for e in b.events:
+        c = ev[e["tenant"]]
+        c[e["outcome"]] += 1
+        c["charge"] += e["budget_charge"]
+        if e["outcome"] == "settled":
+            c["in"] += e["input_tokens"]
+            c["out"] += e["output_tokens"]
+            c["cached"] += e["cached_tokens"]
+        c["cost"] += e["cost_nano_usd"]
+    sp: dict[str, Counter] = defaultdict(Counter)
+    for tenant, models in (b.spend.get("tenants") or {}).items():
+        for counts in models.values():
+            sp[tenant]["requests"] += counts["requests"]
+            sp[tenant]["in"] += counts["input_tokens"]
+            sp[tenant]["out"] += counts["output_tokens"]
+            sp[tenant]["cost"] += counts["cost_nano_usd"]
+    rows, issues = [], []
+    for t in sorted(set(up) | set(ev) | set(sp)):
+        u, e, s = up[t], ev[t], sp[t]
+        budget = b.budgets.get(t)
+        closed = e["settled"] + e["kept"] + e["expired"]
+        rows.append([t, u["arrived"], u["ok"], f"{u['in']}/{u['out']}/{u['cached']}", u["cost"],
+                     e["settled"], e["released"], e["kept"] + e["expired"],
+                     f"{e['in']}/{e['out']}/{e['cached']}", e["cost"],
+                     s["requests"], f"{s['in']}/{s['out']}", s["cost"],
+                     "-" if budget is None else budget, e["charge"]])
+        if s["requests"] != closed:
+            issues.append(f"{t}: kt spend counts {s['requests']} requests, the events "
+                          f"{closed} (settled + kept + expired)")
+        if (s["in"], s["out"]) != (e["in"], e["out"]):
+            issues.append(f"{t}: kt spend tokens {s['in']}/{s['out']}, settled events "
+                          f"{e['in']}/{e['out']}")
+        if s["cost"] != e["cost"]:
+            issues.append(f"{t}: kt spend {s['cost']} nano-USD, events {e['cost']}")
+        if budget is not None and budget != e["charge"]:
+            issues.append(f"{t}: budget in Valkey {budget}, events' charges {e['charge']} "
+                          f"(difference {budget - e['charge']})")
+    return rows, issues
+
+
+def admissions(b: Books) -> tuple[list[list], list[str]]:
+    by_tenant: dict[str, list] = defaultdict(list)
+    seen = set()
+    for s in sorted(b.served, key=lambda s: s.at):
+        if s.reservation in seen:
+            continue
+        seen.add(s.reservation)
+        by_tenant[s.tenant].append(s)
+    rows, over = [], []
+    for t, reqs in sorted(by_tenant.items()):
+        rpm, tpm, burst = b.limits.get(t, b.limits[""])
+        t0 = reqs[0].at
+        r_ex = worst_excess([(s.at - t0, 1) for s in reqs], rpm, burst)
+        t_ex = worst_excess([(s.at - t0, (s.input_tokens + s.output_tokens)
+                              if s.status == 200 else 0) for s in reqs], tpm, burst)
+        per_min: Counter = Counter(int(s.at // 60) for s in reqs)
+        rows.append([t, len(reqs), rpm, burst, max(per_min.values()), f"{r_ex:+.1f}",
+                     tpm, f"{t_ex:+.0f}"])
+        if r_ex > 0:
+            over.append(f"{t}: {r_ex:.1f} requests over its RPM bucket in some interval")
+        if t_ex > 0:
+            over.append(f"{t}: {t_ex:.0f} tokens over its TPM bucket in some interval")
+    return rows, over
+
+
+def growth(b: Books) -> tuple[list[list], list[str]]:
+    """First sample after an instance's warm-up against its last; an instance that lived
+    less than two warm-ups is reported, not judged (a process just started or restarted
+    is still loading, connecting and filling its caches)."""
+    rows, bad = [], []
+    for (role, pid), samples in sorted(b.procs.items()):
+        born = samples[0][0]
+        warm = [x for x in samples if x[0] - born >= WARM_UP_S] or samples[-1:]
+        (t1, rss1, fd1), (t2, rss2, fd2) = warm[0], samples[-1]
+        judged = t2 - born >= 2 * WARM_UP_S
+        rows.append([role, pid, f"{t2 - born:.0f}", f"{rss1 / 2**20:.1f}", f"{rss2 / 2**20:.1f}",
+                     fd1, fd2, "yes" if judged else "no (short-lived)"])
+        if judged and (rss2 > rss1 * RSS_GROWTH[0] + RSS_GROWTH[1] or fd2 > fd1 + FD_GROWTH):
+            bad.append(f"{role} (pid {pid}): RSS {rss1 >> 20} -> {rss2 >> 20} MiB, "
+                       f"open files {fd1} -> {fd2}")
+    return rows, bad
+
+
+def table(head: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def report(b: Books, minutes: float, rate: float, started: float, stamp: str) -> Report:
+    failures: list[str] = []
+    def during(t: float) -> str:
+        for name, start, end, _, _ in b.faults:
+            if start - 1.0 <= t <= end + 5.0:
+                return name
+        return "-"
+    statuses = Counter((s.status, s.reason or s.error, s.gateway, during(s.at)) for s in b.sent)
+    kinds = Counter(s.kind for s in b.sent)
+    classes, unexplained = classify(b)
+    tenant_rows, tenant_issues = per_tenant(b)
+    adm_rows, over = admissions(b)
+    grow_rows, grew = growth(b)
+    failures += [f"over-admission: {x}" for x in over]
+    failures += [f"unexplained: {x}" for x in unexplained]
+    failures += [f"growth: {x}" for x in grew]
+    still_open = open_reservations(b.metrics)
+    no_event = sum(v for k, v in classes.items() if k.startswith("no event"))
+    if tenant_issues and not no_event and not still_open:
+        failures += [f"unexplained: {x} (no request without an event, no open "
+                     f"reservation)" for x in tenant_issues]
+    if still_open:
+        failures.append(f"{still_open:g} reservation(s) still open after the run (admitted - "
+                        f"settled - kept by the counters): each will expire as kept and "
+                        f"charge its estimate again if its usage was applied")
+    if not b.quiesced:
+        failures.append("the sidecars' usage log and ledger did not settle within 90 s")
+    if "error" in b.spend:
+        failures.append(f"kt spend failed: {b.spend['error']}")
+    explained_causes = {k: v for k, v in classes.items()}
+    m = b.metrics
+    counted = {k: v for k, v in sorted(m.items()) if k.startswith((
+        "kt_reservations_closed_total", "kt_settlements_total", "kt_ledger_events_total",
+        "kt_backend_late_replies_total", "kt_backend_errors_total",
+        "kt_failure_mode_decisions_total", "kt_requests_total")) and v}
+    md = [f"# Soak {stamp}", "",
+          f"`python bench/soak.py --minutes {minutes:g} --rate {rate:g}`; started "
+          f"{datetime.fromtimestamp(started, timezone.utc):%Y-%m-%d %H:%M:%S} UTC. "
+          f"Two gateways (A: gRPC ext_authz, B: HTTP fast path) on one Valkey (AOF, fsync "
+          f"always), PostgreSQL as the ledger's sink.", "",
+          f"**Verdict: {'PASS' if not failures else 'FAIL'}** "
+          f"({len(failures)} invariant failure(s))", ""]
+    if failures:
+        md += [f"- {f}" for f in failures[:60]]
+        if len(failures) > 60:
+            md.append(f"- ... and {len(failures) - 60} more")
+        md.append("")
+    md += ["## Faults", "", table(["fault", "start (s)", "took (s)", "detail", "error"], [
+        [n, f"{s - started:.1f}", f"{e - s:.1f}", d, err] for n, s, e, d, err in b.faults]), ""]
+    md += ["## Requests", "",
+           f"{len(b.sent)} sent ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))}); "
+           f"the provider saw {len(b.served)} (one per admitted request unless Envoy retried).",
+           "A status is listed with the fault it was sent during (from 1 s before the fault "
+           "to 5 s after it ended), '-' when none was.", "",
+           table(["status", "reason / client error", "gateway", "during fault", "count"],
+                 [[*k, n] for k, n in sorted(statuses.items())]), ""]
+    md += ["## Every request the provider saw, by what the books did with it", "",
+           table(["class", "requests"], sorted(explained_causes.items(),
+                                                key=lambda kv: -kv[1])), ""]
+    md += ["## The books side by side, per tenant", "",
+           "provider: requests that reached it, 200s, tokens in/out/cached and their price "
+           "(nano-USD); events (PostgreSQL): settled, released, kept+expired, settled tokens, "
+           "cost; `kt spend`: requests, tokens, cost; the budget in Valkey (its unit: "
+           "nano-USD or tokens) and the events' `budget_charge` sum.", "",
+           table(["tenant", "prov. req", "prov. 200", "prov. tokens", "prov. cost",
+                  "ev. settled", "ev. released", "ev. kept", "ev. tokens", "ev. cost",
+                  "spend req", "spend tokens", "spend cost", "budget", "Σ charge"],
+                 tenant_rows), ""]
+    if tenant_issues:
+        md += ["Differences between the aggregates (each is the sum of the per-request "
+               "classes above: a kept estimate differs from the provider's usage by design, "
+               "a lost event is missing from the events but not from spend or budget):", ""]
+        md += [f"- {x}" for x in tenant_issues] + [""]
+    md += ["## Counted causes (every sidecar instance's last /metrics, summed)", "",
+           table(["series", "value"], [[f"`{k}`", f"{v:g}"] for k, v in counted.items()]), ""]
+    md += ["## Admissions against every limit", "",
+           f"From the provider's own log (arrival times, one entry per reservation): the "
+           f"worst excess over any interval of the token bucket's bound (limit x burst + "
+           f"limit x (T + {JITTER_S:g} s)/60); <= 0 is within the limit. TPM counts the "
+           f"provider's usage, which the load keeps at or below each estimate.", "",
+           table(["tenant", "admitted", "rpm", "burst", "max in a clock minute",
+                  "RPM worst excess", "tpm", "TPM worst excess"], adm_rows), ""]
+    md += ["## Processes: RSS and open files of each instance, after its warm-up and at the end",
+           "", f"Sampled every few seconds; 'start' is the first sample {WARM_UP_S:g} s after the "
+           f"instance appeared (a restarted process is a new instance). Bound: RSS end <= start x {RSS_GROWTH[0]:g} + {RSS_GROWTH[1] >> 20} MiB, open "
+           f"files end <= start + {FD_GROWTH} (postgres: the postmaster and its backends).",
+           "", table(["process", "pid", "lived (s)", "RSS start (MiB)", "RSS end (MiB)",
+                      "fds start", "fds end", "judged"], grow_rows), ""]
+    return Report("\n".join(md) + "\n", not failures, failures)
