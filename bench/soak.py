@@ -165,16 +165,16 @@ class Observer:
                 self.scrape(gw)
             self.sample()
 
-    def totals(self) -> dict[str, float]:
-        """Every kt_* sample summed over every sidecar instance's last scrape."""
-        out: dict[str, float] = {}
+    def instances(self) -> dict[tuple[str, int], dict[str, float]]:
+        """Every kt_* sample of each sidecar instance's last scrape."""
         with self.lock:
-            texts = list(self.metrics.values())
-        for text in texts:
+            texts = dict(self.metrics)
+        out: dict[tuple[str, int], dict[str, float]] = {}
+        for key, text in texts.items():
+            series = out.setdefault(key, {})
             for m in re.finditer(r"^(kt_[a-z_]+(?:\{[^}]*\})?) (\S+)$", text, re.M):
-                if m.group(1).startswith(("kt_decision_latency", "kt_queue_wait")):
-                    continue
-                out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
+                if not m.group(1).startswith(("kt_decision_latency", "kt_queue_wait")):
+                    series[m.group(1)] = float(m.group(2))
         return out
 
 
@@ -336,19 +336,20 @@ def main(argv: list[str] | None = None) -> int:
             spend_doc = json.loads(spend.stdout) if spend.returncode == 0 else {
                 "error": spend.stderr.strip()}
             obs.stop.set()
-            metrics = obs.totals()
+            instances = obs.instances()
+            final = {(gw.name, gw.sidecar.proc.pid) for gw in (a, b) if gw.sidecar.proc}
             a.stop()
             b.stop()
             budgets = read_budgets(v.url, [t.name for t in tenants])
             events = read_events(pg.dsn)
             books = soak_books.Books(
                 sent=plan.sent, served=log.snapshot(), events=events, spend=spend_doc,
-                budgets=budgets, metrics=metrics, prices=PRICES,
+                budgets=budgets, instances=instances, final=final, prices=PRICES,
                 kills={f.started: f.name for f in faults if "SIGKILL" in f.name
                        and "sidecar" in f.name},
                 faults=[(f.name, f.started, f.ended, f.detail, f.error) for f in faults],
                 procs=obs.procs, limits=soak_books.limits_from_policy(text),
-                quiesced=quiet)
+                quiesced=quiet, started=started_at)
             report = soak_books.report(books, minutes=args.minutes, rate=args.rate,
                                        started=started_at, stamp=stamp)
             args.out.mkdir(parents=True, exist_ok=True)

@@ -39,13 +39,24 @@ class Books:
     events: list[dict]
     spend: dict
     budgets: dict[str, int]
-    metrics: dict[str, float]
+    instances: dict[tuple[str, int], dict[str, float]]  # (gateway, pid) -> last /metrics
+    final: set[tuple[str, int]]  # the sidecar instances alive at the end
     prices: dict[str, tuple[int, int]]
     kills: dict[float, str]
     faults: list[tuple]
     procs: dict[tuple[str, int], list[tuple[float, int, int]]]
     limits: dict[str, tuple[float, float, float]]
     quiesced: bool
+    started: float  # time.time() at the start of the run
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Every series summed over every sidecar instance."""
+        out: dict[str, float] = {}
+        for series in self.instances.values():
+            for k, v in series.items():
+                out[k] = out.get(k, 0.0) + v
+        return out
 
 
 @dataclass
@@ -87,9 +98,11 @@ def cost(prices: dict, model: str, inp: int, out: int) -> int:
     return inp * p_in + out * p_out
 
 
-def classify(b: Books) -> tuple[dict, list[str]]:
+def classify(b: Books) -> tuple[dict, list[str], Counter]:
     """Per reservation: what the provider did and what the books did. Returns the counts
-    of each class and the unexplained lines."""
+    of each class, the unexplained lines, and per tenant the requests with no event whose
+    loss a counted cause explains (their charge is in the budget and maybe in the spend,
+    never in the events)."""
     by_id: dict[str, list[dict]] = defaultdict(list)
     for e in b.events:
         by_id[e["request_id"]].append(e)
@@ -103,6 +116,7 @@ def classify(b: Books) -> tuple[dict, list[str]]:
     lost_counted = b.metrics.get('kt_ledger_events_total{state="lost"}', 0.0)
     classes: Counter = Counter()
     unexplained: list[str] = []
+    lost_with_cause: Counter = Counter()
     for rid, s in first.items():
         evs = by_id.get(rid, [])
         outcomes = sorted(e["outcome"] for e in evs)
@@ -121,12 +135,16 @@ def classify(b: Books) -> tuple[dict, list[str]]:
                             for k, name in b.kills.items())
             if near_kill:
                 classes["no event: its sidecar was SIGKILLed (reservation or event lost)"] += 1
+                lost_with_cause[s.tenant] += 1
             elif lost_counted:
                 classes["no event: ledger counted events lost"] += 1
+                lost_with_cause[s.tenant] += 1
             else:
                 classes["no event, no cause"] += 1
                 unexplained.append(f"{rid} ({s.tenant}, status {s.status}, "
-                                   f"{'stream' if s.stream else 'json'}) has no event")
+                                   f"{'stream' if s.stream else 'json'}, gateway {s.gateway}, "
+                                   f"at {s.at - b.started:.1f} s, during "
+                                   f"{during(b, s.at)}) has no event")
             continue
         e = evs[0]
         if s.status != 200:
@@ -174,7 +192,7 @@ def classify(b: Books) -> tuple[dict, list[str]]:
                 unexplained.append(f"{e['request_id']} ({e['tenant']}): settled, never served")
     if retries:
         classes["provider saw an admitted request again (Envoy retry)"] += retries
-    return dict(classes), unexplained
+    return dict(classes), unexplained, lost_with_cause
 
 
 def open_reservations(metrics: dict[str, float]) -> float:
@@ -189,8 +207,39 @@ def open_reservations(metrics: dict[str, float]) -> float:
     return admitted - settled - kept
 
 
-def per_tenant(b: Books) -> tuple[list[list], list[str]]:
-    """Rows of the side-by-side table, and the differences no cause explains."""
+def refused_after_charge(b: Books, tenant: str, unit: str, diff: int) -> list:
+    """The requests whose charges make up ``diff`` (budget minus the events' charges), among
+    the tenant's requests the gateway answered with an error of its own (no answer, or a
+    503 that is not the provider's): a decision the store applied whose answer was lost
+    (its sidecar killed, the store's reply cut) leaves its estimate charged and no event.
+    Returns the requests of one subset of them whose charges sum to exactly ``diff``, or []
+    when none does."""
+    cands = [s for s in b.sent if s.tenant == tenant and (s.status == 0 or (
+        s.status == 503 and s.reason != "server_error"))]
+    if diff <= 0 or not cands or len(cands) > 40:
+        return []
+
+    def charges(s) -> set[int]:
+        if unit == "tokens":
+            return {s.prompt_tokens + s.max_tokens}
+        return {s.prompt_tokens * p_in + s.max_tokens * p_out for p_in, p_out in
+                b.prices.values()}  # the asked tier, or one down
+
+    reach: dict[int, list] = {0: []}  # sum -> one subset reaching it
+    for s in cands:
+        for total, subset in list(reach.items()):
+            for c in charges(s):
+                if total + c <= diff and total + c not in reach:
+                    reach[total + c] = subset + [s]
+        if len(reach) > 500_000:
+            return []
+    return reach.get(diff, [])
+
+
+def per_tenant(b: Books, lost_with_cause: Counter) -> tuple[list[list], list[str], list[str]]:
+    """Rows of the side-by-side table, the differences a counted cause explains (the
+    tenant has requests whose event was lost with a killed sidecar or counted lost) and
+    those none does."""
     up: dict[str, Counter] = defaultdict(Counter)
     seen = set()
     for s in b.served:
@@ -222,8 +271,9 @@ def per_tenant(b: Books) -> tuple[list[list], list[str]]:
             sp[tenant]["in"] += counts["input_tokens"]
             sp[tenant]["out"] += counts["output_tokens"]
             sp[tenant]["cost"] += counts["cost_nano_usd"]
-    rows, issues = [], []
+    rows, explained, issues = [], [], []
     for t in sorted(set(up) | set(ev) | set(sp)):
+        diffs: list[str] = []
         u, e, s = up[t], ev[t], sp[t]
         budget = b.budgets.get(t)
         closed = e["settled"] + e["kept"] + e["expired"]
@@ -233,17 +283,32 @@ def per_tenant(b: Books) -> tuple[list[list], list[str]]:
                      s["requests"], f"{s['in']}/{s['out']}", s["cost"],
                      "-" if budget is None else budget, e["charge"]])
         if s["requests"] != closed:
-            issues.append(f"{t}: kt spend counts {s['requests']} requests, the events "
+            diffs.append(f"{t}: kt spend counts {s['requests']} requests, the events "
                           f"{closed} (settled + kept + expired)")
         if (s["in"], s["out"]) != (e["in"], e["out"]):
-            issues.append(f"{t}: kt spend tokens {s['in']}/{s['out']}, settled events "
+            diffs.append(f"{t}: kt spend tokens {s['in']}/{s['out']}, settled events "
                           f"{e['in']}/{e['out']}")
         if s["cost"] != e["cost"]:
-            issues.append(f"{t}: kt spend {s['cost']} nano-USD, events {e['cost']}")
-        if budget is not None and budget != e["charge"]:
-            issues.append(f"{t}: budget in Valkey {budget}, events' charges {e['charge']} "
+            diffs.append(f"{t}: kt spend {s['cost']} nano-USD, events {e['cost']}")
+        unit = next((x["budget_unit"] for x in b.events if x["tenant"] == t), "")
+        refused = refused_after_charge(b, t, unit, (budget or 0) - e["charge"])
+        if budget is not None and budget != e["charge"] and refused:
+            explained.append(
+                f"{t}: budget in Valkey {budget}, events' charges {e['charge']}: the "
+                f"difference is exactly the estimates of {len(refused)} request(s) the "
+                f"gateway refused after the store had charged them, sent during "
+                + ", ".join(sorted({during(b, r.at) for r in refused}))
+                + " (no event, no metric counts them)")
+        elif budget is not None and budget != e["charge"]:
+            diffs.append(f"{t}: budget in Valkey {budget}, events' charges {e['charge']} "
                           f"(difference {budget - e['charge']})")
-    return rows, issues
+        missing = s["requests"] - closed  # requests in the spend without an event
+        if diffs and lost_with_cause[t] and 0 <= missing <= lost_with_cause[t]:
+            explained += [f"{d}: {lost_with_cause[t]} of its requests have no event "
+                          f"(counted cause above)" for d in diffs]
+        else:
+            issues += diffs
+    return rows, explained, issues
 
 
 def admissions(b: Books) -> tuple[list[list], list[str]]:
@@ -289,6 +354,14 @@ def growth(b: Books) -> tuple[list[list], list[str]]:
     return rows, bad
 
 
+def during(b: Books, t: float) -> str:
+    """The fault a request was sent during (from 1 s before it to 5 s after it ended)."""
+    for name, start, end, _, _ in b.faults:
+        if start - 1.0 <= t <= end + 5.0:
+            return name
+    return "-"
+
+
 def table(head: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -297,29 +370,31 @@ def table(head: list[str], rows: list[list]) -> str:
 
 def report(b: Books, minutes: float, rate: float, started: float, stamp: str) -> Report:
     failures: list[str] = []
-    def during(t: float) -> str:
-        for name, start, end, _, _ in b.faults:
-            if start - 1.0 <= t <= end + 5.0:
-                return name
-        return "-"
-    statuses = Counter((s.status, s.reason or s.error, s.gateway, during(s.at)) for s in b.sent)
+    statuses = Counter((s.status, s.reason or s.error) for s in b.sent)
+    # answers neither the sidecar's decision (200, 429) nor the provider's error made
+    gateway_errors = Counter((s.status, s.reason or s.error, s.gateway, during(b, s.at))
+                             for s in b.sent if s.status not in (200, 429)
+                             and s.reason != "server_error")
     kinds = Counter(s.kind for s in b.sent)
-    classes, unexplained = classify(b)
-    tenant_rows, tenant_issues = per_tenant(b)
+    classes, unexplained, lost_with_cause = classify(b)
+    tenant_rows, tenant_explained, tenant_issues = per_tenant(b, lost_with_cause)
     adm_rows, over = admissions(b)
     grow_rows, grew = growth(b)
     failures += [f"over-admission: {x}" for x in over]
     failures += [f"unexplained: {x}" for x in unexplained]
     failures += [f"growth: {x}" for x in grew]
-    still_open = open_reservations(b.metrics)
-    no_event = sum(v for k, v in classes.items() if k.startswith("no event"))
-    if tenant_issues and not no_event and not still_open:
-        failures += [f"unexplained: {x} (no request without an event, no open "
-                     f"reservation)" for x in tenant_issues]
+    # reservations a killed instance held are lost with it (its requests above show
+    # as "no event" or as kept by another replica); a live one must have closed them all
+    open_live = {k: open_reservations(m) for k, m in b.instances.items() if k in b.final}
+    open_killed = {k: open_reservations(m) for k, m in b.instances.items()
+                   if k not in b.final}
+    still_open = sum(open_live.values())
+    failures += [f"unexplained: {x}" for x in tenant_issues]
     if still_open:
-        failures.append(f"{still_open:g} reservation(s) still open after the run (admitted - "
-                        f"settled - kept by the counters): each will expire as kept and "
-                        f"charge its estimate again if its usage was applied")
+        failures.append(f"{still_open:g} reservation(s) still open in the live sidecars after "
+                        f"the run (admitted - settled - kept by their counters): each will "
+                        f"expire as kept in 10 min, charging its estimate (again, if its "
+                        f"usage was applied)")
     if not b.quiesced:
         failures.append("the sidecars' usage log and ledger did not settle within 90 s")
     if "error" in b.spend:
@@ -347,10 +422,12 @@ def report(b: Books, minutes: float, rate: float, started: float, stamp: str) ->
     md += ["## Requests", "",
            f"{len(b.sent)} sent ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))}); "
            f"the provider saw {len(b.served)} (one per admitted request unless Envoy retried).",
-           "A status is listed with the fault it was sent during (from 1 s before the fault "
-           "to 5 s after it ended), '-' when none was.", "",
-           table(["status", "reason / client error", "gateway", "during fault", "count"],
-                 [[*k, n] for k, n in sorted(statuses.items())]), ""]
+           table(["status", "reason / client error", "count"],
+                 [[*k, n] for k, n in sorted(statuses.items())]), "",
+           "Answers that are neither a decision (200, 429) nor a provider error, with the "
+           "fault each was sent during (from 1 s before it to 5 s after it ended; '-': none):",
+           "", table(["status", "reason / client error", "gateway", "during fault", "count"],
+                     [[*k, n] for k, n in sorted(gateway_errors.items())]), ""]
     md += ["## Every request the provider saw, by what the books did with it", "",
            table(["class", "requests"], sorted(explained_causes.items(),
                                                 key=lambda kv: -kv[1])), ""]
@@ -363,13 +440,21 @@ def report(b: Books, minutes: float, rate: float, started: float, stamp: str) ->
                   "ev. settled", "ev. released", "ev. kept", "ev. tokens", "ev. cost",
                   "spend req", "spend tokens", "spend cost", "budget", "Σ charge"],
                  tenant_rows), ""]
-    if tenant_issues:
-        md += ["Differences between the aggregates (each is the sum of the per-request "
-               "classes above: a kept estimate differs from the provider's usage by design, "
-               "a lost event is missing from the events but not from spend or budget):", ""]
-        md += [f"- {x}" for x in tenant_issues] + [""]
+    if tenant_explained or tenant_issues:
+        md += ["Differences between the aggregates (a kept estimate differs from the "
+               "provider's usage by design and is not listed):", ""]
+        md += [f"- explained: {x}" for x in tenant_explained]
+        md += [f"- **unexplained**: {x}" for x in tenant_issues]
+        md.append("")
     md += ["## Counted causes (every sidecar instance's last /metrics, summed)", "",
            table(["series", "value"], [[f"`{k}`", f"{v:g}"] for k, v in counted.items()]), ""]
+    md += ["Reservations left open (admitted - settled - kept, by each instance's last "
+           "scrape; a killed instance's were lost with it, up to the decisions made after "
+           "that scrape):", "",
+           table(["sidecar", "pid", "state", "open"],
+                 [[g, p, "live at the end", f"{n:g}"] for (g, p), n in sorted(open_live.items())]
+                 + [[g, p, "SIGKILLed", f"{n:g}"] for (g, p), n in sorted(open_killed.items())]),
+           ""]
     md += ["## Admissions against every limit", "",
            f"From the provider's own log (arrival times, one entry per reservation): the "
            f"worst excess over any interval of the token bucket's bound (limit x burst + "

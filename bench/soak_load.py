@@ -28,7 +28,8 @@ class Sent:
     tenant: str
     kind: str  # json, sse, leave
     fail: bool  # the provider was asked to fail
-    estimate: int  # prompt estimate + max_tokens: what the sidecar reserves
+    prompt_tokens: int  # the sidecar's estimate of the prompt (bytes of messages / 4)
+    max_tokens: int  # the firm output estimate
     status: int = 0  # 0: no answer (connection refused, reset, timeout)
     error: str = ""
     reason: str = ""  # x-kt-reason or the error type of a refusal
@@ -82,7 +83,7 @@ def build(rng: random.Random, plan: LoadPlan, tenant: str, gateway: str) -> tupl
     head = "POST /v1/chat/completions HTTP/1.1\r\n" + "".join(
         f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
     return head.encode() + data, Sent(time.time(), gateway, tenant, kind, fail,
-                                      prompt_estimate + max_tokens)
+                                      prompt_estimate, max_tokens)
 
 
 async def one(port: int, request: bytes, sent: Sent) -> None:
@@ -108,9 +109,10 @@ async def one(port: int, request: bytes, sent: Sent) -> None:
             return  # leave: the connection closes in finally
         rest = await asyncio.wait_for(reader.read(), REQUEST_TIMEOUT_S)  # to EOF
         if sent.status >= 400 and not sent.reason:
-            try:
-                sent.reason = json.loads(rest.split(b"\r\n\r\n")[-1] or rest)["error"]["type"]
-            except (ValueError, KeyError, TypeError, IndexError):
+            try:  # the error body, whether sent with a length or chunked
+                sent.reason = json.loads(rest[rest.index(b"{"):rest.rindex(b"}") + 1]
+                                         )["error"]["type"]
+            except (ValueError, KeyError, TypeError):
                 pass
     except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
         sent.error = type(exc).__name__
