@@ -49,7 +49,7 @@ import redis  # noqa: E402
 
 from sidecar.ledger.postgres import migrate  # noqa: E402
 from tests.support.postgres import Postgres  # noqa: E402
-from tests.support.procs import wait_until, workdir  # noqa: E402
+from tests.support.procs import metric_value, workdir  # noqa: E402
 import soak_books  # noqa: E402
 import soak_load  # noqa: E402
 from soak_stack import (Gateway, durable_valkey, hang_postgres, kt, postgres_tree,  # noqa: E402
@@ -133,6 +133,8 @@ class Observer:
     pids: Callable[[], dict[str, int]]
     metrics: dict[tuple[str, int], str] = field(default_factory=dict)
     procs: dict[tuple[str, int], list[tuple[float, int, int]]] = field(default_factory=dict)
+    # (time, gateway, buffered, sink up, written, spilled) at every scrape
+    ledger: list[tuple[float, str, float, float, float, float]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     stop: threading.Event = field(default_factory=threading.Event)
 
@@ -144,8 +146,13 @@ class Observer:
             text = gw.sidecar.metrics()
         except OSError:
             return
+        ledger = (metric_value(text, "kt_ledger_buffered_events"),
+                  metric_value(text, "kt_ledger_sink_up", sink="postgres"),
+                  metric_value(text, "kt_ledger_events_total", state="written"),
+                  metric_value(text, "kt_ledger_events_total", state="spilled"))
         with self.lock:
             self.metrics[(gw.name, proc.pid)] = text
+            self.ledger.append((time.time(), gw.name, *ledger))
 
     def sample(self) -> None:
         for role, pid in self.pids().items():
@@ -178,13 +185,14 @@ class Observer:
         return out
 
 
-def schedule(minutes: float, v, pg: Postgres, a: Gateway, b: Gateway) -> list[Fault]:
+def schedule(minutes: float, v, pg: Postgres, a: Gateway, b: Gateway,
+             scrape: Callable[[Gateway], None]) -> list[Fault]:
     seconds = minutes * 60
     hang_s = min(30.0, max(5.0, seconds * 0.05))
 
-    def kill_restart(gw: Gateway, obs_scrape: Callable[[Gateway], None]) -> Callable[[], str]:
+    def kill_restart(gw: Gateway) -> Callable[[], str]:
         def run() -> str:
-            obs_scrape(gw)  # its counters, read just before it dies
+            scrape(gw)  # its counters, read just before it dies
             pid = gw.sidecar.proc.pid if gw.sidecar.proc else 0
             gw.kill_sidecar()
             time.sleep(1.0)
@@ -194,22 +202,19 @@ def schedule(minutes: float, v, pg: Postgres, a: Gateway, b: Gateway) -> list[Fa
 
     steps: list[tuple[str, Callable[[], str]]] = [
         ("valkey SIGSTOP 3 s", lambda: (stall_valkey(v, 3.0), "stopped, continued")[1]),
-        ("sidecar A SIGKILL + restart", kill_restart(a, OBSERVER_SCRAPE[0])),
+        ("sidecar A SIGKILL + restart", kill_restart(a)),
         ("postgres stopped 4 s", lambda: (restart_postgres(pg, 4.0), "stopped, started")[1]),
         ("envoy B restart", lambda: (b.restart_envoy(), "SIGTERM, started")[1]),
         (f"postgres hung {hang_s:.0f} s",
          lambda: f"{hang_postgres(pg, hang_s)} processes SIGSTOPped, continued"),
         ("valkey SIGKILL + restart (AOF)", lambda: (restart_valkey(v), "killed, started")[1]),
-        ("sidecar B SIGKILL + restart", kill_restart(b, OBSERVER_SCRAPE[0])),
+        ("sidecar B SIGKILL + restart", kill_restart(b)),
         ("envoy A restart", lambda: (a.restart_envoy(), "SIGTERM, started")[1]),
         ("postgres restart", lambda: (restart_postgres(pg, 0.0), "stopped, started")[1]),
     ]
     first, last = 0.1 * seconds, 0.8 * seconds
     gap = (last - first) / (len(steps) - 1)
     return [Fault(name, first + i * gap, fn) for i, (name, fn) in enumerate(steps)]
-
-
-OBSERVER_SCRAPE: list[Callable[[Gateway], None]] = [lambda gw: None]
 
 
 def run_faults(faults: list[Fault], t0: float, stop: threading.Event) -> None:
@@ -238,7 +243,6 @@ def quiesce(gateways: list[Gateway], obs: Observer, timeout: float = 90.0) -> bo
                 text = gw.sidecar.metrics()
             except OSError:
                 return False
-            from tests.support.procs import metric_value
             state[gw.name] = (metric_value(text, "kt_usage_log_entries_total"),
                               metric_value(text, "kt_ledger_buffered_events"),
                               metric_value(text, "kt_ledger_sink_up", sink="postgres"))
@@ -316,12 +320,11 @@ def main(argv: list[str] | None = None) -> int:
                 return out
 
             obs = Observer([a, b], pids)
-            OBSERVER_SCRAPE[0] = obs.scrape
             obs.sample()
             threading.Thread(target=obs.loop, daemon=True).start()
             plan = soak_load.LoadPlan(args.rate, tenants, {"A": a.listen_port,
                                                            "B": b.listen_port})
-            faults = schedule(args.minutes, v, pg, a, b)
+            faults = schedule(args.minutes, v, pg, a, b, obs.scrape)
             t0 = time.monotonic()
             fault_thread = threading.Thread(target=run_faults, args=(faults, t0, stop),
                                              daemon=True)
@@ -348,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                 kills={f.started: f.name for f in faults if "SIGKILL" in f.name
                        and "sidecar" in f.name},
                 faults=[(f.name, f.started, f.ended, f.detail, f.error) for f in faults],
-                procs=obs.procs, limits=soak_books.limits_from_policy(text),
+                procs=obs.procs, ledger=obs.ledger, limits=soak_books.limits_from_policy(text),
                 quiesced=quiet, started=started_at)
             report = soak_books.report(books, minutes=args.minutes, rate=args.rate,
                                        started=started_at, stamp=stamp)

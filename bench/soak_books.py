@@ -29,6 +29,8 @@ JITTER_S = 1.0  # how much earlier, relative to the others, a request may reach 
 KILL_WINDOW_S = (-1.0, 30.0)
 RSS_GROWTH = (1.5, 64 << 20)  # end <= start x 1.5 + 64 MiB
 FD_GROWTH = 64  # end <= start + 64 open files
+# decisions whose answer came after the timeout, their charge kept (Envoy decided alone)
+LATE_KEPT = 'kt_backend_late_replies_total{action="kept"}'
 WARM_UP_S = 10.0  # a process's "start" sample is its first this long after it appeared
 
 
@@ -45,6 +47,7 @@ class Books:
     kills: dict[float, str]
     faults: list[tuple]
     procs: dict[tuple[str, int], list[tuple[float, int, int]]]
+    ledger: list[tuple[float, str, float, float, float, float]]  # per scrape, soak.Observer
     limits: dict[str, tuple[float, float, float]]
     quiesced: bool
     started: float  # time.time() at the start of the run
@@ -298,7 +301,7 @@ def per_tenant(b: Books, lost_with_cause: Counter) -> tuple[list[list], list[str
                 f"difference is exactly the estimates of {len(refused)} request(s) the "
                 f"gateway refused after the store had charged them, sent during "
                 + ", ".join(sorted({during(b, r.at) for r in refused}))
-                + " (no event, no metric counts them)")
+                + f" (no event; {LATE_KEPT} = {b.metrics.get(LATE_KEPT, 0):g})")
         elif budget is not None and budget != e["charge"]:
             diffs.append(f"{t}: budget in Valkey {budget}, events' charges {e['charge']} "
                           f"(difference {budget - e['charge']})")
@@ -352,6 +355,27 @@ def growth(b: Books) -> tuple[list[list], list[str]]:
             bad.append(f"{role} (pid {pid}): RSS {rss1 >> 20} -> {rss2 >> 20} MiB, "
                        f"open files {fd1} -> {fd2}")
     return rows, bad
+
+
+def ledger_in_faults(b: Books) -> list[list]:
+    """For each PostgreSQL fault and gateway: what the sidecar's ledger metrics said from
+    the fault's start to 10 s after its end (the sink reported down? events held in memory,
+    spilled, written?) and when its buffer was empty again."""
+    rows = []
+    for name, start, end, _, _ in b.faults:
+        if "postgres" not in name:
+            continue
+        for gw in sorted({x[1] for x in b.ledger}):
+            seen = [x for x in b.ledger if x[1] == gw and start <= x[0] <= end + 10.0]
+            if not seen:
+                continue
+            after = [x for x in b.ledger if x[1] == gw and x[0] > end]
+            empty = next((x[0] for x in after if x[2] == 0), None)
+            rows.append([name, gw, f"{max(x[2] for x in seen):g}",
+                         "yes" if min(x[3] for x in seen) < 1 else "no",
+                         f"{seen[-1][5] - seen[0][5]:+g}", f"{seen[-1][4] - seen[0][4]:+g}",
+                         "never" if empty is None else f"{empty - end:.1f}"])
+    return rows
 
 
 def during(b: Books, t: float) -> str:
@@ -428,6 +452,13 @@ def report(b: Books, minutes: float, rate: float, started: float, stamp: str) ->
            "fault each was sent during (from 1 s before it to 5 s after it ended; '-': none):",
            "", table(["status", "reason / client error", "gateway", "during fault", "count"],
                      [[*k, n] for k, n in sorted(gateway_errors.items())]), ""]
+    md += ["## The ledger through PostgreSQL's faults", "",
+           "Each sidecar's ledger metrics, scraped every 2 s from the fault's start to 10 s "
+           "after its end (counter deltas can include a restart of the sidecar: then "
+           "negative).", "",
+           table(["fault", "gateway", "max buffered events", "kt_ledger_sink_up fell to 0",
+                  "spilled", "written", "buffer empty again (s after the fault)"],
+                 ledger_in_faults(b)), ""]
     md += ["## Every request the provider saw, by what the books did with it", "",
            table(["class", "requests"], sorted(explained_causes.items(),
                                                 key=lambda kv: -kv[1])), ""]
