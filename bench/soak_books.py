@@ -171,7 +171,8 @@ def classify(b: Books) -> tuple[dict, list[str], Counter]:
                 classes["settled with other usage"] += 1
                 unexplained.append(f"{rid} ({s.tenant}): settled {got}, provider {want}")
         elif e["outcome"] in ("kept", "expired"):
-            why = "client left mid-stream" if s.leave else "usage did not arrive"
+            why = "client left mid-stream" if s.leave else \
+                "usage did not arrive" if s.completed else "the reply was cut (provider side)"
             if e["cost_nano_usd"] <= 0 or (e["budget_unit"] and e["budget_charge"] <= 0):
                 classes[f"{e['outcome']} ({e['settled_by']}): {why}, recorded at 0"] += 1
                 unexplained.append(
@@ -234,7 +235,7 @@ def refused_after_charge(b: Books, tenant: str, unit: str, diff: int) -> list:
             for c in charges(s):
                 if total + c <= diff and total + c not in reach:
                     reach[total + c] = subset + [s]
-        if len(reach) > 500_000:
+        if len(reach) > 200_000:
             return []
     return reach.get(diff, [])
 

@@ -43,7 +43,6 @@ class Served:
     cached_tokens: int
     leave: bool  # the client asked to leave mid-stream
     completed: bool = False  # every byte of the reply written (for a stream: usage chunk too)
-    client_gone: bool = False  # a held stream saw its connection closed
 
 
 @dataclass
@@ -134,7 +133,7 @@ class SoakProvider:
                 self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
                 self.wfile.flush()
 
-            def _wait_client_gone(self) -> bool:
+            def _wait_client_gone(self) -> None:
                 """Block until the gateway closes this connection (the client left)."""
                 deadline = time.monotonic() + LEAVE_WAIT_S
                 sock = self.connection
@@ -143,10 +142,9 @@ class SoakProvider:
                     if ready:
                         try:
                             if not sock.recv(1024):
-                                return True
+                                return
                         except OSError:
-                            return True
-                return False
+                            return
 
             def _stream(self, rec: Served) -> None:
                 self.send_response(200)
@@ -157,7 +155,7 @@ class SoakProvider:
                                                           "delta": {"content": "first"}}]}
                 self._chunk(f"data: {json.dumps(first)}\n\n".encode())
                 if rec.leave:
-                    rec.client_gone = self._wait_client_gone()
+                    self._wait_client_gone()
                     self.close_connection = True
                 rest = {"model": rec.model, "choices": [{"index": 0,
                                                          "delta": {"content": " rest"}}]}
