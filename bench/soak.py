@@ -30,11 +30,12 @@ import argparse
 import asyncio
 import json
 import re
+import shutil
 import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -360,10 +361,16 @@ def main(argv: list[str] | None = None) -> int:
             path.write_text(report.markdown)
             print(report.markdown)
             print(f"report: {path}")
-            if args.keep:
-                import shutil
-                shutil.copytree(d, args.out / f"soak-{stamp}-work", dirs_exist_ok=True,
+            if args.keep:  # the logs, and the raw books the report was computed from
+                kept = args.out / f"soak-{stamp}-work"
+                shutil.copytree(d, kept, dirs_exist_ok=True,
                                 ignore=shutil.ignore_patterns("pg-*", "valkey-*"))
+                (kept / "books.json").write_text(json.dumps({
+                    "sent": [asdict(x) for x in books.sent],
+                    "served": [asdict(x) for x in books.served],
+                    "events": books.events, "spend": books.spend, "budgets": books.budgets,
+                    "instances": {f"{g}/{p}": m for (g, p), m in books.instances.items()},
+                    "faults": books.faults, "ledger": books.ledger}, default=str))
             return 0 if report.ok else 1
         except Exception:
             traceback.print_exc()

@@ -23,6 +23,7 @@ class TenantLoad:
 
 @dataclass
 class Sent:
+    seq: int  # its number in the run; the provider logs it (x-soak-seq)
     at: float
     gateway: str
     tenant: str
@@ -49,7 +50,8 @@ class LoadPlan:
     sent: list[Sent] = field(default_factory=list)
 
 
-def build(rng: random.Random, plan: LoadPlan, tenant: str, gateway: str) -> tuple[bytes, Sent]:
+def build(rng: random.Random, plan: LoadPlan, seq: int, tenant: str,
+          gateway: str) -> tuple[bytes, Sent]:
     """One request: its bytes and what the client expects of it."""
     prompt = "x" * rng.randrange(400, 2400)
     max_tokens = rng.randrange(50, 300)
@@ -74,7 +76,7 @@ def build(rng: random.Random, plan: LoadPlan, tenant: str, gateway: str) -> tupl
     data = json.dumps(body).encode()
     headers = [("host", "llm"), ("content-type", "application/json"),
                ("content-length", str(len(data))), ("connection", "close"),
-               ("x-tenant-id", tenant), ("x-soak-gateway", gateway),
+               ("x-tenant-id", tenant), ("x-soak-gateway", gateway), ("x-soak-seq", str(seq)),
                ("x-soak-usage", f"{inp},{out},{cached}")]
     if fail:
         headers.append(("x-soak-fail", "1"))
@@ -82,7 +84,7 @@ def build(rng: random.Random, plan: LoadPlan, tenant: str, gateway: str) -> tupl
         headers.append(("x-soak-leave", "1"))
     head = "POST /v1/chat/completions HTTP/1.1\r\n" + "".join(
         f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
-    return head.encode() + data, Sent(time.time(), gateway, tenant, kind, fail,
+    return head.encode() + data, Sent(seq, time.time(), gateway, tenant, kind, fail,
                                       prompt_estimate, max_tokens)
 
 
@@ -142,7 +144,7 @@ async def run(plan: LoadPlan, seconds: float) -> None:
         n += 1
         tenant = rng.choices(names, weights)[0]
         gw, port = gateways[n % len(gateways)]
-        request, sent = build(rng, plan, tenant, gw)
+        request, sent = build(rng, plan, n, tenant, gw)
         plan.sent.append(sent)
         if len(in_flight) >= plan.max_in_flight:
             sent.error = "skipped"

@@ -31,6 +31,7 @@ LEAVE_WAIT_S = 15.0  # how long a held stream waits for its client to go
 class Served:
     """One request as the provider saw it."""
     at: float  # arrival, time.time()
+    seq: int  # the client's number for the request (x-soak-seq), -1 when absent
     reservation: str
     tenant: str
     decision: str
@@ -95,7 +96,8 @@ class SoakProvider:
                     inp, out, cached = 10, 5, 0
                 stream = bool(body.get("stream"))
                 rec = Served(
-                    at=time.time(), reservation=h.get("x-kt-reservation", ""),
+                    at=time.time(), seq=int(h.get("x-soak-seq", "-1") or -1),
+                    reservation=h.get("x-kt-reservation", ""),
                     tenant=h.get("x-kt-tenant", ""), decision=h.get("x-kt-decision", ""),
                     model=str(body.get("model", "")), gateway=h.get("x-soak-gateway", ""),
                     stream=stream, status=503 if h.get("x-soak-fail") else 200,
