@@ -2,6 +2,9 @@
 and the budgets in Valkey compared per tenant, every difference given a cause, the
 admissions checked against every limit, and the processes' growth bounded.
 
+    python bench/soak_books.py bench/results/soak-<time>-work/books.json   # the report again
+                                                                          # (runs with --keep)
+
 The join is by reservation id: the sidecar's answer puts it on the request
 (`x-kt-reservation`), the provider logs it, the ledger's event is keyed by it. Each
 request the provider saw is classified by what the books did with it:
@@ -9,23 +12,30 @@ request the provider saw is classified by what the books did with it:
   `released` at no charge (a provider error); `kept` at the estimate (the client left
   mid-stream, or usage could not arrive: counted by kt_reservations_closed_total);
 - explained: no event, and the sidecar that decided it was SIGKILLed while it was open
-  or its event was in the killed process's buffer (a fault of the schedule, counted);
-  no event, and the ledger counted events lost (kt_ledger_events_total{state="lost"});
+  or its event was in the killed process's buffer; no event, its Envoy restarted with the
+  access-log entry (its reservation stays open, to expire as kept); no event, and the
+  ledger counted events lost (kt_ledger_events_total{state="lost"});
 - unexplained: anything else (usage that differs from the provider's, a request charged
-  twice, an event for a request never admitted, no event and no cause).
+  twice, a settled event for a request never served, a kept estimate recorded at 0, no
+  event and no cause).
+Per tenant, `kt spend` must equal the events but for the requests lost above, and what
+the budget holds beyond both must fit in the estimates of the requests that can hold one.
 """
 from __future__ import annotations
 
+import json
+import sys
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 import yaml
 
 JITTER_S = 1.0  # how much earlier, relative to the others, a request may reach the provider
-# a sidecar killed this long before (a decision's answer in flight) to this long after a
-# request reached the provider (its reply, the access log, the ledger's buffer) may lose it
+# a sidecar killed (or an Envoy restarted) this long before (a decision's answer in flight)
+# to this long after a request reached the provider (its reply, the access log, the
+# ledger's buffer) may lose its event
 KILL_WINDOW_S = (-1.0, 30.0)
 RSS_GROWTH = (1.5, 64 << 20)  # end <= start x 1.5 + 64 MiB
 FD_GROWTH = 64  # end <= start + 64 open files
@@ -44,7 +54,6 @@ class Books:
     instances: dict[tuple[str, int], dict[str, float]]  # (gateway, pid) -> last /metrics
     final: set[tuple[str, int]]  # the sidecar instances alive at the end
     prices: dict[str, tuple[int, int]]
-    kills: dict[float, str]
     faults: list[tuple]
     procs: dict[tuple[str, int], list[tuple[float, int, int]]]
     ledger: list[tuple[float, str, float, float, float, float]]  # per scrape, soak.Observer
@@ -101,6 +110,13 @@ def cost(prices: dict, model: str, inp: int, out: int) -> int:
     return inp * p_in + out * p_out
 
 
+def near(b: Books, s, fault: str) -> bool:
+    """Whether a fault whose name starts with ``fault`` began within KILL_WINDOW_S of the
+    provider receiving ``s``."""
+    return any(name.startswith(fault) and s.at + KILL_WINDOW_S[0] <= start
+               <= s.at + KILL_WINDOW_S[1] for name, start, _, _, _ in b.faults)
+
+
 def classify(b: Books) -> tuple[dict, list[str], dict[str, list], Counter]:
     """Per reservation: what the provider did and what the books did. Returns the counts
     of each class, the unexplained lines, and per tenant the requests (as the provider saw
@@ -135,13 +151,8 @@ def classify(b: Books) -> tuple[dict, list[str], dict[str, list], Counter]:
             unexplained.append(f"{rid} ({s.tenant}) has events {outcomes}: charged twice")
             continue
         if not evs:
-            near_kill = any(f"sidecar {s.gateway} " in name
-                            and s.at + KILL_WINDOW_S[0] <= k <= s.at + KILL_WINDOW_S[1]
-                            for k, name in b.kills.items())
-            near_envoy_restart = any(
-                name == f"envoy {s.gateway} restart"
-                and s.at + KILL_WINDOW_S[0] <= start <= s.at + KILL_WINDOW_S[1]
-                for name, start, _, _, _ in b.faults)
+            near_kill = near(b, s, f"sidecar {s.gateway} SIGKILL")
+            near_envoy_restart = near(b, s, f"envoy {s.gateway} restart")
             if near_kill:
                 classes["no event: its sidecar was SIGKILLed (reservation or event lost)"] += 1
                 lost_with_cause[s.tenant].append(s)
@@ -408,7 +419,7 @@ def table(head: list[str], rows: list[list]) -> str:
     return "\n".join(out)
 
 
-def report(b: Books, minutes: float, rate: float, started: float, stamp: str) -> Report:
+def report(b: Books, minutes: float, rate: float, stamp: str) -> Report:
     failures: list[str] = []
     statuses = Counter((s.status, s.reason or s.error) for s in b.sent)
     # answers neither the sidecar's decision (200, 429) nor the provider's error made
@@ -447,7 +458,7 @@ def report(b: Books, minutes: float, rate: float, started: float, stamp: str) ->
         "kt_failure_mode_decisions_total", "kt_requests_total")) and v}
     md = [f"# Soak {stamp}", "",
           f"`python bench/soak.py --minutes {minutes:g} --rate {rate:g}`; started "
-          f"{datetime.fromtimestamp(started, timezone.utc):%Y-%m-%d %H:%M:%S} UTC. "
+          f"{datetime.fromtimestamp(b.started, timezone.utc):%Y-%m-%d %H:%M:%S} UTC. "
           f"Two gateways (A: gRPC ext_authz, B: HTTP fast path) on one Valkey (AOF, fsync "
           f"always), PostgreSQL as the ledger's sink.", "",
           f"**Verdict: {'PASS' if not failures else 'FAIL'}** "
@@ -458,7 +469,7 @@ def report(b: Books, minutes: float, rate: float, started: float, stamp: str) ->
             md.append(f"- ... and {len(failures) - 60} more")
         md.append("")
     md += ["## Faults", "", table(["fault", "start (s)", "took (s)", "detail", "error"], [
-        [n, f"{s - started:.1f}", f"{e - s:.1f}", d, err] for n, s, e, d, err in b.faults]), ""]
+        [n, f"{s - b.started:.1f}", f"{e - s:.1f}", d, err] for n, s, e, d, err in b.faults]), ""]
     md += ["## Requests", "",
            f"{len(b.sent)} sent ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))}); "
            f"the provider saw {len(b.served)} (one per admitted request unless Envoy retried).",
@@ -516,3 +527,42 @@ def report(b: Books, minutes: float, rate: float, started: float, stamp: str) ->
            "", table(["process", "pid", "lived (s)", "RSS start (MiB)", "RSS end (MiB)",
                       "fds start", "fds end", "judged"], grow_rows), ""]
     return Report("\n".join(md) + "\n", not failures, failures)
+
+
+def dump(b: Books, minutes: float, rate: float, stamp: str) -> str:
+    """The raw books as JSON, for ``load`` (the report computed again, e.g. after a change
+    to this module, without running the soak again)."""
+    return json.dumps({
+        "minutes": minutes, "rate": rate, "stamp": stamp,
+        "sent": [asdict(x) for x in b.sent], "served": [asdict(x) for x in b.served],
+        "events": b.events, "spend": b.spend, "budgets": b.budgets,
+        "instances": [[g, p, m] for (g, p), m in b.instances.items()],
+        "final": sorted(b.final), "prices": b.prices, "faults": b.faults,
+        "procs": [[role, pid, samples] for (role, pid), samples in b.procs.items()],
+        "ledger": b.ledger, "limits": b.limits, "quiesced": b.quiesced,
+        "started": b.started}, default=str)
+
+
+def load(text: str) -> tuple[Books, float, float, str]:
+    from soak_load import Sent
+    from soak_upstream import Served
+
+    d = json.loads(text)
+    return Books(
+        sent=[Sent(**x) for x in d["sent"]], served=[Served(**x) for x in d["served"]],
+        events=d["events"], spend=d["spend"], budgets=d["budgets"],
+        instances={(g, p): m for g, p, m in d["instances"]},
+        final={tuple(x) for x in d["final"]},
+        prices={k: tuple(v) for k, v in d["prices"].items()},
+        faults=[tuple(x) for x in d["faults"]],
+        procs={(r, p): [tuple(x) for x in samples] for r, p, samples in d["procs"]},
+        ledger=[tuple(x) for x in d["ledger"]],
+        limits={k: tuple(v) for k, v in d["limits"].items()},
+        quiesced=d["quiesced"], started=d["started"]), d["minutes"], d["rate"], d["stamp"]
+
+
+if __name__ == "__main__":
+    books, minutes, rate, stamp = load(open(sys.argv[1]).read())
+    result = report(books, minutes, rate, stamp)
+    print(result.markdown)
+    raise SystemExit(0 if result.ok else 1)
