@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 import traceback
+import urllib.request
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -136,6 +137,7 @@ class Observer:
     procs: dict[tuple[str, int], list[tuple[float, int, int]]] = field(default_factory=dict)
     # (time, gateway, buffered, sink up, written, spilled) at every scrape
     ledger: list[tuple[float, str, float, float, float, float]] = field(default_factory=list)
+    envoy_stats: dict[tuple[str, int], dict[str, float]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     stop: threading.Event = field(default_factory=threading.Event)
 
@@ -155,6 +157,27 @@ class Observer:
             self.metrics[(gw.name, proc.pid)] = text
             self.ledger.append((time.time(), gw.name, *ledger))
 
+    def scrape_envoy(self, gw: Gateway) -> None:
+        """Envoy's own count of ext_authz calls that failed (a timeout included: the
+        sidecar may have charged a request Envoy then refused)."""
+        proc = gw.envoy.proc if gw.envoy is not None else None
+        if proc is None or proc.poll() is not None:
+            return
+        url = f"http://127.0.0.1:{gw.envoy_admin_port}/stats?filter=ext_authz"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                text = r.read().decode()
+        except OSError:
+            return
+        stats = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(": ")
+            # the listener's (http.<prefix>.ext_authz.*); the per-cluster copies repeat them
+            if name.startswith("http.") and value.strip().isdigit() and int(value) > 0:
+                stats[name.strip()] = float(value)
+        with self.lock:
+            self.envoy_stats[(gw.name, proc.pid)] = stats
+
     def sample(self) -> None:
         for role, pid in self.pids().items():
             try:
@@ -171,6 +194,7 @@ class Observer:
         while not self.stop.wait(SCRAPE_INTERVAL_S):
             for gw in self.gateways:
                 self.scrape(gw)
+                self.scrape_envoy(gw)
             self.sample()
 
     def instances(self) -> dict[tuple[str, int], dict[str, float]]:
@@ -181,19 +205,20 @@ class Observer:
         for key, text in texts.items():
             series = out.setdefault(key, {})
             for m in re.finditer(r"^(kt_[a-z_]+(?:\{[^}]*\})?) (\S+)$", text, re.M):
-                if not m.group(1).startswith(("kt_decision_latency", "kt_queue_wait")):
+                if not m.group(1).startswith(("kt_decision_latency", "kt_queue_wait")) \
+                        and "_created" not in m.group(1):
                     series[m.group(1)] = float(m.group(2))
         return out
 
 
 def schedule(minutes: float, v, pg: Postgres, a: Gateway, b: Gateway,
-             scrape: Callable[[Gateway], None]) -> list[Fault]:
+             obs: "Observer") -> list[Fault]:
     seconds = minutes * 60
     hang_s = min(30.0, max(5.0, seconds * 0.05))
 
     def kill_restart(gw: Gateway) -> Callable[[], str]:
         def run() -> str:
-            scrape(gw)  # its counters, read just before it dies
+            obs.scrape(gw)  # its counters, read just before it dies
             pid = gw.sidecar.proc.pid if gw.sidecar.proc else 0
             gw.kill_sidecar()
             time.sleep(1.0)
@@ -201,16 +226,23 @@ def schedule(minutes: float, v, pg: Postgres, a: Gateway, b: Gateway,
             return f"pid {pid} killed, back as {gw.sidecar.proc.pid}"
         return run
 
+    def restart_envoy(gw: Gateway) -> Callable[[], str]:
+        def run() -> str:
+            obs.scrape_envoy(gw)
+            gw.restart_envoy()
+            return "SIGTERM, started"
+        return run
+
     steps: list[tuple[str, Callable[[], str]]] = [
         ("valkey SIGSTOP 3 s", lambda: (stall_valkey(v, 3.0), "stopped, continued")[1]),
         ("sidecar A SIGKILL + restart", kill_restart(a)),
         ("postgres stopped 4 s", lambda: (restart_postgres(pg, 4.0), "stopped, started")[1]),
-        ("envoy B restart", lambda: (b.restart_envoy(), "SIGTERM, started")[1]),
+        ("envoy B restart", restart_envoy(b)),
         (f"postgres hung {hang_s:.0f} s",
          lambda: f"{hang_postgres(pg, hang_s)} processes SIGSTOPped, continued"),
         ("valkey SIGKILL + restart (AOF)", lambda: (restart_valkey(v), "killed, started")[1]),
         ("sidecar B SIGKILL + restart", kill_restart(b)),
-        ("envoy A restart", lambda: (a.restart_envoy(), "SIGTERM, started")[1]),
+        ("envoy A restart", restart_envoy(a)),
         ("postgres restart", lambda: (restart_postgres(pg, 0.0), "stopped, started")[1]),
     ]
     first, last = 0.1 * seconds, 0.8 * seconds
@@ -254,6 +286,7 @@ def quiesce(gateways: list[Gateway], obs: Observer, timeout: float = 90.0) -> bo
         elif time.monotonic() - stable_since >= 3.0:
             for gw in gateways:
                 obs.scrape(gw)
+                obs.scrape_envoy(gw)
             return True
         time.sleep(0.5)
     return False
@@ -325,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             threading.Thread(target=obs.loop, daemon=True).start()
             plan = soak_load.LoadPlan(args.rate, tenants, {"A": a.listen_port,
                                                            "B": b.listen_port})
-            faults = schedule(args.minutes, v, pg, a, b, obs.scrape)
+            faults = schedule(args.minutes, v, pg, a, b, obs)
             t0 = time.monotonic()
             fault_thread = threading.Thread(target=run_faults, args=(faults, t0, stop),
                                              daemon=True)
@@ -350,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                 sent=plan.sent, served=log.snapshot(), events=events, spend=spend_doc,
                 budgets=budgets, instances=instances, final=final, prices=PRICES,
                 faults=[(f.name, f.started, f.ended, f.detail, f.error) for f in faults],
-                procs=obs.procs, ledger=obs.ledger, limits=soak_books.limits_from_policy(text),
+                procs=obs.procs, ledger=obs.ledger, envoy_stats=obs.envoy_stats, limits=soak_books.limits_from_policy(text),
                 quiesced=quiet, started=started_at)
             report = soak_books.report(books, minutes=args.minutes, rate=args.rate, stamp=stamp)
             args.out.mkdir(parents=True, exist_ok=True)

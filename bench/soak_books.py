@@ -57,6 +57,7 @@ class Books:
     faults: list[tuple]
     procs: dict[tuple[str, int], list[tuple[float, int, int]]]
     ledger: list[tuple[float, str, float, float, float, float]]  # per scrape, soak.Observer
+    envoy_stats: dict[tuple[str, int], dict[str, float]]  # (gateway, pid) -> ext_authz stats
     limits: dict[str, tuple[float, float, float]]
     quiesced: bool
     started: float  # time.time() at the start of the run
@@ -440,12 +441,17 @@ def report(b: Books, minutes: float, rate: float, stamp: str) -> Report:
     open_killed = {k: open_reservations(m) for k, m in b.instances.items()
                    if k not in b.final}
     # an Envoy restart leaves open the reservations whose access-log entries it held
-    still_open = sum(max(0.0, n - open_by_envoy[g]) for (g, _), n in open_live.items())
-    if still_open:
-        failures.append(f"{still_open:g} reservation(s) still open in the live sidecars after "
-                        f"the run beyond those an Envoy restart explains (admitted - settled "
-                        f"- kept by their counters): each will expire as kept in 10 min, "
-                        f"charging its estimate (again, if its usage was applied)")
+    for (g, pid), n in sorted(open_live.items()):
+        if n - open_by_envoy[g] <= 0:
+            continue
+        envoy_errors = sum(v for (eg, _), st in b.envoy_stats.items() if eg == g
+                           for k, v in st.items() if k.endswith("ext_authz.error"))
+        failures.append(
+            f"{n - open_by_envoy[g]:g} reservation(s) still open in live sidecar {g} (pid "
+            f"{pid}) after the run beyond those an Envoy restart explains (admitted - settled "
+            f"- kept by its counters): each will expire as kept in 10 min, charging its "
+            f"estimate (again, if its usage was applied); Envoy {g} counted {envoy_errors:g} "
+            f"ext_authz call(s) that failed or timed out")
     if not b.quiesced:
         failures.append("the sidecars' usage log and ledger did not settle within 90 s")
     if "error" in b.spend:
@@ -506,6 +512,12 @@ def report(b: Books, minutes: float, rate: float, stamp: str) -> Report:
         md.append("")
     md += ["## Counted causes (every sidecar instance's last /metrics, summed)", "",
            table(["series", "value"], [[f"`{k}`", f"{v:g}"] for k, v in counted.items()]), ""]
+    envoy_rows = [[g, p, f"`{k}`", f"{v:g}"] for (g, p), st in sorted(b.envoy_stats.items())
+                  for k, v in sorted(st.items())]
+    md += ["Envoy's ext_authz counters (each Envoy instance's last scrape; `error` and "
+           "`failure_mode_allowed` are calls that did not get the sidecar's answer in time, "
+           "after which the sidecar may have charged a request Envoy refused):", "",
+           table(["gateway", "envoy pid", "stat", "value"], envoy_rows), ""]
     md += ["Reservations left open (admitted - settled - kept, by each instance's last "
            "scrape; a killed instance's were lost with it, up to the decisions made after "
            "that scrape):", "",
@@ -540,6 +552,7 @@ def dump(b: Books, minutes: float, rate: float, stamp: str) -> str:
         "final": sorted(b.final), "prices": b.prices, "faults": b.faults,
         "procs": [[role, pid, samples] for (role, pid), samples in b.procs.items()],
         "ledger": b.ledger, "limits": b.limits, "quiesced": b.quiesced,
+        "envoy_stats": [[g, p, st] for (g, p), st in b.envoy_stats.items()],
         "started": b.started}, default=str)
 
 
@@ -557,6 +570,7 @@ def load(text: str) -> tuple[Books, float, float, str]:
         faults=[tuple(x) for x in d["faults"]],
         procs={(r, p): [tuple(x) for x in samples] for r, p, samples in d["procs"]},
         ledger=[tuple(x) for x in d["ledger"]],
+        envoy_stats={(g, p): st for g, p, st in d["envoy_stats"]},
         limits={k: tuple(v) for k, v in d["limits"].items()},
         quiesced=d["quiesced"], started=d["started"]), d["minutes"], d["rate"], d["stamp"]
 
