@@ -64,14 +64,15 @@ SCRAPE_INTERVAL_S = 2.0
 
 def policy(valkey_url: str, dsn: str, rate: float, minutes: float) -> tuple[str, list]:
     """The policy and the load's tenant shares. Limits are set from the rate so every
-    tenant but `greedy` runs at half its capacity; `greedy` asks 3x its RPM and its TPM
-    is below its RPM times the average estimate (~535 tokens), so both limits refuse it; `lowwater`'s small budget
-    runs below its low-water mark part-way through (then it is served by the compact tier)."""
+    tenant but `greedy` runs at half its capacity (walk-ins share the defaults); `greedy`
+    asks 3x its RPM and its TPM is below its RPM times the average estimate (~535 tokens),
+    so both limits refuse it; `lowwater`'s small budget runs below its low-water mark
+    part-way through (then it is served by the compact tier)."""
     rpm = rate * 60
     shares = {"steady-hi": 0.28, "steady-lo": 0.2, "tokens": 0.1, "nobudget": 0.1,
               "lowwater": 0.1, "greedy": 0.15, "walkin-1": 0.035, "walkin-2": 0.035}
     lim = {t: max(10, round(rpm * s)) for t, s in shares.items()}  # requests/min asked
-    # a request's estimate is ~450 prompt + ~175 output tokens, gpt-4o: ~$0.0029 charged
+    # a request's estimate is ~360 prompt + ~175 output tokens; gpt-4o: ~$0.0027 charged
     lowwater_usd = round(lim["lowwater"] * minutes * 0.5 * 0.0029, 4)
     text = f"""
 tenant: {{header: x-tenant-id, unknown: defaults}}
