@@ -31,6 +31,7 @@ import asyncio
 import json
 import re
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -322,6 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args(argv)
     seconds = args.minutes * 60
+
+    def interrupted(signum, frame):  # Ctrl-C or a plain kill: stop every part, then exit
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, interrupted)  # also when started in the background
+    signal.signal(signal.SIGTERM, interrupted)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     log = ProviderLog()
     started_at = time.time()
