@@ -312,7 +312,7 @@ def read_events(dsn: str) -> list[dict]:
             "estimate_tokens, input_tokens, output_tokens, cached_tokens, cost_nano_usd, "
             "budget_unit, budget_charge, instance FROM kt_usage_events")
         names = [d.name for d in cur.description]
-        return [dict(zip(names, row)) for row in cur.fetchall()]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -391,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
                 sent=plan.sent, served=log.snapshot(), events=events, spend=spend_doc,
                 budgets=budgets, instances=instances, final=final, prices=PRICES,
                 faults=[(f.name, f.started, f.ended, f.detail, f.error) for f in faults],
-                procs=obs.procs, ledger=obs.ledger, envoy_stats=obs.envoy_stats, limits=soak_books.limits_from_policy(text),
+                procs=obs.procs, ledger=obs.ledger, envoy_stats=obs.envoy_stats,
+                limits=soak_books.limits_from_policy(text),
                 quiesced=quiet, started=started_at)
             report = soak_books.report(books, minutes=args.minutes, rate=args.rate, stamp=stamp)
             args.out.mkdir(parents=True, exist_ok=True)

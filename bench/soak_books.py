@@ -256,7 +256,8 @@ def charged_unrecorded(b: Books, tenant: str, lost: list) -> list:
     return out
 
 
-def per_tenant(b: Books, lost_with_cause: dict[str, list]) -> tuple[list[list], list[str], list[str]]:
+def per_tenant(b: Books, lost_with_cause: dict[str, list]
+               ) -> tuple[list[list], list[str], list[str]]:
     """Rows of the side-by-side table, the differences a counted cause explains (the
     tenant has requests whose event was lost with a killed sidecar or counted lost) and
     those none does."""
@@ -314,7 +315,8 @@ def per_tenant(b: Books, lost_with_cause: dict[str, list]) -> tuple[list[list], 
         missing = s["requests"] - closed  # requests in the spend without an event
         if diffs and lost and 0 <= missing <= len(lost):
             explained += [f"{d}: {len(lost)} of its requests have no event (their sidecar "
-                          f"or Envoy was lost with it, or the ledger counted it lost)" for d in diffs]
+                          f"or Envoy was lost with it, or the ledger counted it lost)"
+                          for d in diffs]
         else:
             issues += diffs
         if budget is None:
@@ -375,7 +377,7 @@ def growth(b: Books) -> tuple[list[list], list[str]]:
     for (role, pid), samples in sorted(b.procs.items()):
         born = samples[0][0]
         warm = [x for x in samples if x[0] - born >= WARM_UP_S] or samples[-1:]
-        (t1, rss1, fd1), (t2, rss2, fd2) = warm[0], samples[-1]
+        (_, rss1, fd1), (t2, rss2, fd2) = warm[0], samples[-1]
         judged = t2 - born >= 2 * WARM_UP_S
         rows.append([role, pid, f"{t2 - born:.0f}", f"{rss1 / 2**20:.1f}", f"{rss2 / 2**20:.1f}",
                      fd1, fd2, "yes" if judged else "no (short-lived)"])
@@ -534,7 +536,8 @@ def report(b: Books, minutes: float, rate: float, stamp: str) -> Report:
                   "RPM worst excess", "tpm", "TPM worst excess"], adm_rows), ""]
     md += ["## Processes: RSS and open files of each instance, after its warm-up and at the end",
            "", f"Sampled every few seconds; 'start' is the first sample {WARM_UP_S:g} s after the "
-           f"instance appeared (a restarted process is a new instance). Bound: RSS end <= start x {RSS_GROWTH[0]:g} + {RSS_GROWTH[1] >> 20} MiB, open "
+           f"instance appeared (a restarted process is a new instance). Bound: RSS end <= "
+           f"start x {RSS_GROWTH[0]:g} + {RSS_GROWTH[1] >> 20} MiB, open "
            f"files end <= start + {FD_GROWTH} (postgres: the postmaster and its backends).",
            "", table(["process", "pid", "lived (s)", "RSS start (MiB)", "RSS end (MiB)",
                       "fds start", "fds end", "judged"], grow_rows), ""]

@@ -16,8 +16,7 @@ from typing import Optional
 import psutil
 
 from tests.support.postgres import Postgres
-from tests.support.procs import (LOOPBACK, EnvoyProcess, SidecarProcess, free_port,
-                                 wait_until)
+from tests.support.procs import LOOPBACK, EnvoyProcess, SidecarProcess, free_port
 from tests.support.valkey import Valkey
 
 # a restart of Valkey is a SIGKILL: with every write fsynced to the AOF before it is
@@ -152,13 +151,3 @@ def restart_postgres(pg: Postgres, down_s: float) -> None:
     time.sleep(down_s)
     pg.start()
 
-
-def wait_sidecar_ready(gw: Gateway, timeout: float = 30.0) -> None:
-    import urllib.request
-
-    def ready() -> bool:
-        url = f"http://{LOOPBACK}:{gw.sidecar.http_port}/readyz"
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
-
-    wait_until(ready, timeout, f"sidecar {gw.name} ready", gw.sidecar.log)
