@@ -251,8 +251,9 @@ def charged_unrecorded(b: Books, tenant: str, lost: list) -> list:
     sidecar or the store's connection, or too late: kt_backend_late_replies_total)."""
     by_seq = {s.seq: s for s in b.sent}
     out = [by_seq[x.seq] for x in lost if x.seq in by_seq]
-    out += [s for s in b.sent if s.tenant == tenant and during(b, s.at) != "-" and (
-        s.status == 0 or (s.status == 503 and s.reason != "server_error"))]
+    out += [s for s in b.sent if s.tenant == tenant and during(b, s.at) != "-"
+            and s.error != "skipped" and (
+                s.status == 0 or (s.status == 503 and s.reason != "server_error"))]
     return out
 
 
@@ -428,7 +429,7 @@ def report(b: Books, minutes: float, rate: float, stamp: str) -> Report:
     # answers neither the sidecar's decision (200, 429) nor the provider's error made
     gateway_errors = Counter((s.status, s.reason or s.error, s.gateway, during(b, s.at))
                              for s in b.sent if s.status not in (200, 429)
-                             and s.reason != "server_error")
+                             and s.reason != "server_error" and s.error != "skipped")
     kinds = Counter(s.kind for s in b.sent)
     classes, unexplained, lost_with_cause, open_by_envoy = classify(b)
     tenant_rows, tenant_explained, tenant_issues = per_tenant(b, lost_with_cause)
