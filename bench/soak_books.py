@@ -33,10 +33,13 @@ from typing import Any
 import yaml
 
 JITTER_S = 1.0  # how much earlier, relative to the others, a request may reach the provider
-# a sidecar killed (or an Envoy restarted) this long before (a decision's answer in flight)
-# to this long after a request reached the provider (its reply, the access log, the
-# ledger's buffer) may lose its event
+# a sidecar killed this long before (a decision's answer in flight) to this long after a
+# request reached the provider (its reply, up to the held streams' 15 s, the access log,
+# the ledger's buffer) may lose its event
 KILL_WINDOW_S = (-1.0, 30.0)
+# an Envoy restarted within this of a request reaching the provider may take its
+# access-log entry with it (entries are sent within about a second of the reply's end)
+ENVOY_WINDOW_S = (-1.0, 5.0)
 RSS_GROWTH = (1.5, 64 << 20)  # end <= start x 1.5 + 64 MiB
 FD_GROWTH = 64  # end <= start + 64 open files
 # decisions whose answer came after the timeout, their charge kept (Envoy decided alone)
@@ -111,11 +114,11 @@ def cost(prices: dict, model: str, inp: int, out: int) -> int:
     return inp * p_in + out * p_out
 
 
-def near(b: Books, s, fault: str) -> bool:
-    """Whether a fault whose name starts with ``fault`` began within KILL_WINDOW_S of the
+def near(b: Books, s, fault: str, window: tuple[float, float]) -> bool:
+    """Whether a fault whose name starts with ``fault`` began within ``window`` of the
     provider receiving ``s``."""
-    return any(name.startswith(fault) and s.at + KILL_WINDOW_S[0] <= start
-               <= s.at + KILL_WINDOW_S[1] for name, start, _, _, _ in b.faults)
+    return any(name.startswith(fault) and s.at + window[0] <= start <= s.at + window[1]
+               for name, start, _, _, _ in b.faults)
 
 
 def classify(b: Books) -> tuple[dict, list[str], dict[str, list], Counter]:
@@ -152,8 +155,8 @@ def classify(b: Books) -> tuple[dict, list[str], dict[str, list], Counter]:
             unexplained.append(f"{rid} ({s.tenant}) has events {outcomes}: charged twice")
             continue
         if not evs:
-            near_kill = near(b, s, f"sidecar {s.gateway} SIGKILL")
-            near_envoy_restart = near(b, s, f"envoy {s.gateway} restart")
+            near_kill = near(b, s, f"sidecar {s.gateway} SIGKILL", KILL_WINDOW_S)
+            near_envoy_restart = near(b, s, f"envoy {s.gateway} restart", ENVOY_WINDOW_S)
             if near_kill:
                 classes["no event: its sidecar was SIGKILLed (reservation or event lost)"] += 1
                 lost_with_cause[s.tenant].append(s)
@@ -410,11 +413,11 @@ def ledger_in_faults(b: Books) -> list[list]:
 
 
 def during(b: Books, t: float) -> str:
-    """The fault a request was sent during (from 1 s before it to 5 s after it ended)."""
-    for name, start, end, _, _ in b.faults:
-        if start - 1.0 <= t <= end + 5.0:
-            return name
-    return "-"
+    """The fault a request was sent during (from 1 s before it to 5 s after it ended; of
+    two, the later)."""
+    hits = [(start, name) for name, start, end, _, _ in b.faults
+            if start - 1.0 <= t <= end + 5.0]
+    return max(hits)[1] if hits else "-"
 
 
 def table(head: list[str], rows: list[list]) -> str:
