@@ -13,8 +13,8 @@ Parts (all on ephemeral loopback ports, all stopped by pid on exit or Ctrl-C):
 - the provider (bench/soak_upstream.py): JSON and SSE with usage, cached prompt tokens,
   ~5% provider errors (503), ~5% of clients leaving a stream after its first chunk.
 Load (bench/soak_load.py): `--rate` requests/s in all, over mixed tenants (priorities
-high/normal/low, USD, token and no budgets, one tenant driven over its RPM, one whose
-small budget runs low and out, walk-in tenants on the defaults).
+high/normal/low, USD, token and no budgets, one tenant driven over its RPM and TPM, one
+whose small budget runs below its low-water mark, walk-in tenants on the defaults).
 Faults, spread over the first 80% of the run, in this order: Valkey SIGSTOP 3 s; sidecar A
 SIGKILL + restart; PostgreSQL stopped 4 s then started; Envoy B restarted; PostgreSQL
 hung (every process SIGSTOPped) then continued; Valkey SIGKILL + restart; sidecar B

@@ -458,6 +458,8 @@ def report(b: Books, minutes: float, rate: float, stamp: str) -> Report:
             f"- kept by its counters): each will expire as kept in 10 min, charging its "
             f"estimate (again, if its usage was applied); Envoy {g} counted {envoy_errors:g} "
             f"ext_authz call(s) that failed or timed out")
+    failures += [f"the fault '{name}' could not be applied: {err}"
+                 for name, _, _, _, err in b.faults if err]
     if not b.quiesced:
         failures.append("the sidecars' usage log and ledger did not settle within 90 s")
     if "error" in b.spend:
