@@ -19,7 +19,7 @@ class Metrics:
         self.requests = Counter(
             "kt_requests", "Decisions made, by decision (allow, downgrade, rate_limited, "
             "budget_exhausted, too_large, unknown_tenant, missing_tenant, bad_request, fail_open, "
-            "fail_closed, unavailable) and transport.", ["decision", "transport"], registry=r)
+            "fail_closed, unavailable, overloaded) and transport.", ["decision", "transport"], registry=r)
         self.shadow_denials = Counter(
             "kt_shadow_denials", "Requests shadow mode let through that would have been refused.",
             ["decision"], registry=r)

@@ -17,7 +17,8 @@ from typing import Callable, Optional, Sequence
 import msgspec
 
 from sidecar import _core
-from sidecar.backends.base import (TAKEN_RESERVATION, Backend, BackendError, BackendTimeout,
+from sidecar.backends.base import (TAKEN_RESERVATION, Backend, BackendError, BackendOverloaded,
+                                   BackendTimeout,
                                    Candidate, LateReply, Settlement)
 from sidecar.estimate import EstimateError, estimate
 from sidecar.ledger.recorder import Ledger
@@ -260,6 +261,7 @@ class DecisionService:
         # a flood of bad input logs one line per burst, not one per request
         self._unpriced_log = BurstLog(log)
         self.rejected_log = BurstLog(log)
+        self.overload_log = BurstLog(log)
         # tenant of recently settled request ids, so a repeated report without a
         # tenant still reaches the backend's idempotency check (bounded, oldest out)
         self._settled_tenant: OrderedDict[str, str] = OrderedDict()
@@ -358,7 +360,10 @@ class DecisionService:
                     est.firm_tokens, rule.shadow, rule.priority_rank, router.spill(rule),
                     candidates, late)
         except BackendError as exc:
-            decision = self._failure(tenant, rule, asked, str(exc))
+            if isinstance(exc, BackendOverloaded):
+                decision = self._shed(tenant, str(exc))
+            else:
+                decision = self._failure(tenant, rule, asked, str(exc))
             if isinstance(exc, BackendTimeout):
                 key = self._late_key(decision, req)
                 late.on_outcome = functools.partial(
@@ -454,6 +459,16 @@ class DecisionService:
                 "Try again shortly."))
         return Decision(Kind.UNAVAILABLE, tenant=tenant, message=f"limiter backend: {error}")
 
+    def _shed(self, tenant: str, error: str) -> Decision:
+        """The store answered, but not this decision in time: this sidecar is overloaded.
+        Refused with its own answer (503 limiter_overloaded, counted as kt_requests_total
+        {decision="overloaded"}), never by the failure mode, which would switch the limits
+        off (open) or blame the store (closed)."""
+        self.overload_log.warning("overloaded: a decision for tenant %s was not made in time "
+                                  "and is refused (503 limiter_overloaded): %s", tenant, error)
+        return Decision(Kind.OVERLOADED, tenant=tenant, message=(
+            "The rate limiter is overloaded and could not decide in time. Try again shortly."))
+
     def _late_outcome(self, answered: Kind, tenant: str, rule: TenantRule, request_id: str,
                       out: _core.Outcome, candidates: Sequence[Candidate] = ()) -> None:
         """Redis applied a decision after it timed out and the failure mode had answered.
@@ -467,7 +482,7 @@ class DecisionService:
         action = "kept"
         if not (out.charged_tokens or out.charged_cost):
             action = "nothing_charged"
-        elif answered is Kind.FAIL_CLOSED:
+        elif answered in (Kind.FAIL_CLOSED, Kind.OVERLOADED):
             self._refund_late(tenant, rule, out.charged_tokens, out.charged_cost,
                               out.period_start_us)
             if 0 <= out.provider < len(candidates):  # and the provider's request and tokens
