@@ -111,7 +111,9 @@ class Metrics:
             "(admitted, rejected).", ["result"], buckets=QUEUE_WAIT_BUCKETS, registry=r)
         self.queue_rejections = Counter(
             "kt_queue_rejections", "Requests answered 429 by the admission queue, by reason "
-            "(full: no place; wait_too_long: the bucket has no room within max_wait_ms).",
+            "(full: no place; tenant_share: the tenant holds its share of the places; "
+            "preempted: its place went to a higher priority; wait_too_long: the bucket has "
+            "no room within max_wait_ms).",
             ["reason"], registry=r)
 
     def watch_backend(self, backend) -> None:
