@@ -6,7 +6,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from sidecar.policy.load import PolicyError, load_policy
+from sidecar.policy.load import PolicyError, load_policy, policy_warnings
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -81,6 +81,8 @@ def _check_config(args: argparse.Namespace) -> int:
         extra += f"queue {p.queue.max_wait_ms} ms, " if p.queue else ""
         print(f"{path}: ok ({len(p.tenants)} tenants, {len(p.tiers)} tiers, {extra}"
               f"backend {type(p.backend).__name__}, digest {p.digest})")
+        for warning in policy_warnings(p):
+            print(f"{path}: warning: {warning}", file=sys.stderr)
     return 0 if ok else 1
 
 
@@ -164,6 +166,7 @@ def provider_options(policy) -> dict:
     if policy.queue is not None:
         out["authz_timeout_s"] = max(EnvoyOptions.authz_timeout_s,
                                      policy.queue.max_wait_ms / 1000 + QUEUE_TIMEOUT_MARGIN_S)
+        out["sidecar_queue_places"] = policy.queue.max_size
     return out
 
 

@@ -113,7 +113,7 @@ class Tls(_Strict, frozen=True):
 class RedisBackend(_Strict, frozen=True, tag_field="kind", tag="redis"):
     url: str = "redis://127.0.0.1:6379/0"
     cluster: bool = False
-    timeout_ms: int = 15
+    timeout_ms: int = 50
     failure_mode: Union[FailureMode, FailureModes] = FailureModes()
     key_prefix: str = "kt"
     tls: Optional[Tls] = None

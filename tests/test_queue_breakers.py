@@ -1,0 +1,50 @@
+"""The printed Envoy config lets a full admission queue through its circuit breaker to
+the sidecar, and `kt check-config` warns where a queue could overflow Envoy's default one."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from sidecar.cli import main
+from sidecar.envoy_config import SIDECAR_DECIDING_MAX
+from tests.test_envoy_config import envoy_validate
+
+POLICY = """
+tiers:
+  - {name: default, model: gpt-4o}
+  - {name: compact, model: gpt-4o-mini}
+%s
+"""
+
+
+def _breakers(doc: dict) -> dict:
+    return {c["name"]: c["circuit_breakers"]["thresholds"][0]
+            for c in doc["static_resources"]["clusters"] if c["name"].startswith("kt_sidecar")}
+
+
+@pytest.mark.parametrize("mode", ["authz", "http-authz"])
+def test_the_sidecars_clusters_allow_the_whole_queue_on_top_of_the_decisions(
+        tmp_path, capsys, mode):
+    policy = tmp_path / "policy.yaml"
+    for queue, places in (("queue: {max_wait_ms: 2000, max_size: 1000}", 1000), ("", 0)):
+        policy.write_text(POLICY % queue)
+        assert main(["envoy-config", "--config", str(policy), "--mode", mode]) == 0
+        text = capsys.readouterr().out
+        (tmp_path / "envoy.yaml").write_text(text)
+        envoy_validate(tmp_path / "envoy.yaml")
+        breakers = _breakers(yaml.safe_load(text))
+        assert set(breakers) == ({"kt_sidecar", "kt_sidecar_http"} if mode == "http-authz"
+                                 else {"kt_sidecar"})
+        for b in breakers.values():
+            assert b["max_requests"] == b["max_pending_requests"] == SIDECAR_DECIDING_MAX + places
+
+
+def test_check_config_warns_where_a_queue_could_overflow_envoys_breaker(tmp_path, capsys):
+    big, small = tmp_path / "big.yaml", tmp_path / "small.yaml"
+    big.write_text(POLICY % "queue: {max_wait_ms: 2000, max_size: 1000}")
+    small.write_text(POLICY % "queue: {max_wait_ms: 2000, max_size: 100}")
+    assert main(["check-config", str(big), str(small)]) == 0  # a warning is not an error
+    err = capsys.readouterr().err
+    assert f"{big}: warning: queue.max_size 1000" in err
+    assert "circuit breaker" in err and "2024" in err
+    assert str(small) not in err
