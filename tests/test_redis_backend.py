@@ -572,6 +572,37 @@ def test_a_decision_late_behind_the_sidecars_own_work_is_shed_not_failed(valkey,
         "kt_requests_total", {"decision": "overloaded", "transport": "authz"}) == 1
 
 
+def test_a_reply_that_waited_in_the_socket_while_the_loop_was_busy_is_read_not_failed(valkey):
+    # The sidecar's event loop is busy (here: one callback holding it 200 ms, as a burst
+    # being accepted would) right after a decision is written; Valkey answers at once and
+    # the reply waits in the socket. On uvloop, as `kt serve` runs, due timers run before
+    # the socket is polled: a timer per call then fired first and answered a healthy
+    # store's decision by the failure mode. The link's watch reads the socket first.
+    import uvloop
+
+    svc = service_for(valkey.url, "closed", timeout_ms=20)
+
+    async def main():
+        await svc.backend.start()
+        try:
+            assert (await warm_up(svc, req("busy"))).kind is Kind.ALLOW
+            deciding = asyncio.ensure_future(svc.decide(req("busy")))
+            await asyncio.sleep(0)  # queued; its batch is written in the next turn
+            asyncio.get_running_loop().call_soon(time.sleep, 0.2)  # right after it
+            return await deciding
+        finally:
+            await svc.backend.close()
+
+    loop = uvloop.new_event_loop()
+    try:
+        decided = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert decided.kind is Kind.ALLOW
+    assert svc.metrics.registry.get_sample_value(
+        "kt_failure_mode_decisions_total", {"mode": "closed"}) is None
+
+
 async def decide_with_its_reply_held(svc: DecisionService, request: Request):
     """Decide while this side does not read the link: Redis applies the decision at once,
     its reply waits in the socket past the timeout (as a slow network would hold it)."""

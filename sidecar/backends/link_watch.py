@@ -17,8 +17,10 @@ On a loop busy with a burst, a batch's timer fired before its reply, already in 
 socket, was read, and a healthy store's bursts were answered by the failure mode. Here
 one watch runs while replies are owed, and each verdict is taken two loop turns after its
 timer fired: the loop polls the socket in between, so a reply that has arrived is read
-(and counts as the link's sign of life) before any call is given up on. A loop that is
-late only makes the verdict later, never wrong.
+(and counts as the link's sign of life) before any call is given up on. And a verdict
+is put off while bytes wait unread in the socket: this process was descheduled or busy
+since its last poll, and the store had answered. A loop that is late only makes the
+verdict later, never wrong.
 """
 from __future__ import annotations
 
@@ -60,6 +62,8 @@ class Link(Protocol):
     @property
     def connected(self) -> bool: ...
 
+    def bytes_waiting(self) -> bool: ...
+
 
 class LinkWatch:
     def __init__(self, link: Callable[[], Optional[Link]], silence_s: float,
@@ -79,8 +83,16 @@ class LinkWatch:
 
     def owe(self, call: Owed) -> None:
         self._owed.append(call)
-        if self._timer is None and not self._judging:
-            self._timer = asyncio.get_running_loop().call_later(self.interval_s, self._tick)
+        if self._judging:
+            return
+        loop = asyncio.get_running_loop()
+        due = loop.time() + self.interval_s
+        # (a timer armed before silence_s was lowered would come too late)
+        if self._timer is not None and self._timer.when() > due:
+            self._timer.cancel()
+            self._timer = None
+        if self._timer is None:
+            self._timer = loop.call_later(self.interval_s, self._tick)
 
     def _tick(self) -> None:
         self._timer = None
@@ -92,9 +104,15 @@ class LinkWatch:
 
     def _judge(self) -> None:
         self._judging = False
-        now = time.monotonic()
         link = self._link()
         up = link is not None and link.connected
+        if up and link is not None and link.bytes_waiting():
+            # the store has answered; read that first (two turns: a poll in between)
+            self._judging = True
+            loop = asyncio.get_running_loop()
+            loop.call_soon(loop.call_soon, self._judge)
+            return
+        now = time.monotonic()
         last_read = link.last_reply_at if link is not None else 0.0
         keep: list[Owed] = []
         for call in self._owed:

@@ -42,7 +42,7 @@ tenants:
   low-a: {limits: {rpm: 60}, priority: low}
   low-b: {limits: {rpm: 60}, priority: low}
   low-c: {limits: {rpm: 60}, priority: low}
-  vip: {limits: {rpm: 6000}, priority: high}
+  vip: {limits: %(vip_limits)s, priority: high}
 queue: {%(queue)s}
 backend: %(backend)s
 """
@@ -65,6 +65,11 @@ class FloodStack:
         return sum(float(v) for v in re.findall(
             r"^kt_failure_mode_decisions_total\{[^}]*\} (\S+)$", text, re.M))
 
+    def log_warnings(self, n: int = 5) -> list[str]:
+        """The sidecar's first warnings and errors (why a failure mode answered)."""
+        lines = self.sidecar.log.read_text(errors="replace").splitlines()
+        return [line for line in lines if " WARNING " in line or " ERROR " in line][:n]
+
     def decisions(self, kind: str) -> float:
         return sum(float(v) for v in re.findall(
             rf'^kt_requests_total\{{decision="{kind}"[^}}]*\}} (\S+)$',
@@ -85,16 +90,16 @@ class FloodStack:
 
 
 @contextlib.contextmanager
-def flood_stack(backend: str, queue: str,
-                envoy_edit=None) -> Iterator[FloodStack]:
-    """``backend``: "redis" (one Valkey, default settings) or "memory"; ``queue``: the
-    policy's queue settings (inside the braces). ``envoy_edit(options)`` may change the
-    printed config's options (the bench's "before" figures without breakers)."""
+def flood_stack(backend: str, queue: str, vip_limits: str = "{rpm: 6000}",
+                redis_settings: str = "") -> Iterator[FloodStack]:
+    """``backend``: "redis" (one Valkey, default settings but ``redis_settings``, e.g.
+    "timeout_ms: 150") or "memory"; ``queue``: the policy's queue settings (inside the
+    braces); ``vip_limits``: the high-priority tenant's limits."""
     with workdir("kt-flood-") as d, FakeUpstream("default") as up, \
             (Valkey(d) if backend == "redis" else contextlib.nullcontext()) as v:
         text = FLOOD_POLICY % {
-            "queue": queue,
-            "backend": f'{{kind: redis, url: "{v.url}"}}' if v is not None
+            "queue": queue, "vip_limits": vip_limits,
+            "backend": f'{{kind: redis, url: "{v.url}", {redis_settings}}}' if v is not None
             else '{kind: memory, state_file: ""}'}
         (d / "policy.yaml").write_text(text)
         policy = load_policy(d / "policy.yaml")
@@ -107,8 +112,6 @@ def flood_stack(backend: str, queue: str,
                                 tiers=[TierRoute("default", "gpt-4o", up.address),
                                        TierRoute("compact", "gpt-4o-mini", up.address)],
                                 **provider_options(policy))
-            if envoy_edit is not None:
-                opts = envoy_edit(opts)
             with EnvoyProcess(render(opts), d, admin, listen) as envoy:
                 yield FloodStack(d, sc, envoy, opts)
 
@@ -162,11 +165,12 @@ async def _connection(port: int, tenant: str, until: float, counts: dict,
 
 
 async def flood(port: int, tenants: list[str], connections: int, seconds: float,
-                vip: str = "", vip_requests: int = 0, vip_after_s: float = 0.0
-                ) -> tuple[dict, list[int]]:
+                vip: str = "", vip_requests: int = 0, vip_after_s: float = 0.0,
+                vip_every_s: float = 0.0) -> tuple[dict, list[int]]:
     """``connections`` keep-alive connections spread over ``tenants`` for ``seconds``;
-    after ``vip_after_s``, ``vip_requests`` requests of tenant ``vip`` at once, one per
-    connection. The flood's answers by status, and the vip's statuses."""
+    after ``vip_after_s``, ``vip_requests`` requests of tenant ``vip``, each on a
+    connection of its own: at once, or one every ``vip_every_s`` whatever the answers.
+    The flood's answers by status, and the vip's statuses (in the order sent)."""
     until = time.monotonic() + seconds
     counts: dict = {}
     vip_statuses: list[int] = []
@@ -175,21 +179,29 @@ async def flood(port: int, tenants: list[str], connections: int, seconds: float,
     if vip:
         await asyncio.sleep(vip_after_s)
         vip_counts: dict = {}
-        await asyncio.gather(*(_connection(port, vip, until + 60, vip_counts, vip_statuses, 1)
-                               for _ in range(vip_requests)))
+        answers: list[list[int]] = [[] for _ in range(vip_requests)]
+        sent = []
+        for i in range(vip_requests):
+            sent.append(asyncio.ensure_future(
+                _connection(port, vip, until + 60, vip_counts, answers[i], 1)))
+            if vip_every_s:
+                await asyncio.sleep(vip_every_s)
+        await asyncio.gather(*sent)
+        vip_statuses = [a[0] if a else 0 for a in answers]  # 0: the connection failed
     await asyncio.gather(*tasks)
     return counts, vip_statuses
 
 
 def run_flood(port: int, tenants: list[str], connections: int, seconds: float,
-              vip: str = "", vip_requests: int = 0, vip_after_s: float = 0.0
-              ) -> tuple[dict, list[int]]:
+              vip: str = "", vip_requests: int = 0, vip_after_s: float = 0.0,
+              vip_every_s: float = 0.0) -> tuple[dict, list[int]]:
     """flood() in a process of its own at a lower CPU priority (nice 10): on a machine
     where the load generator shares the cores with Envoy, the sidecar and Valkey, an
     unrestrained generator starves Valkey (seen silent 16-66 ms), which is the test rig
     failing the store, not what is under test. The generator is then at most as fast as
     what it floods allows, which is all a flood needs."""
-    args = json.dumps([port, tenants, connections, seconds, vip, vip_requests, vip_after_s])
+    args = json.dumps([port, tenants, connections, seconds, vip, vip_requests, vip_after_s,
+                       vip_every_s])
     done = subprocess.run([sys.executable, "-m", "tests.support.flood", args],
                           capture_output=True, text=True, timeout=seconds + 120,
                           preexec_fn=lambda: os.nice(10))
