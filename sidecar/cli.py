@@ -155,6 +155,9 @@ def provider_options(policy) -> dict:
     """EnvoyOptions from the policy's providers and queue (docs/providers.md): one cluster
     per provider with a host, and an ext_authz timeout above the queue's longest wait."""
     from sidecar.envoy_config import EnvoyOptions, Upstream
+    # Envoy's ext_authz timeout over the admission queue's longest wait: the last decision
+    # after the wait, and the answer's way back (the queue ends its waits this much before)
+    from sidecar.queue import CALLER_MARGIN_S
 
     out: dict = {}
     if policy.providers is not None:
@@ -165,14 +168,9 @@ def provider_options(policy) -> dict:
             for p in policy.providers.providers if p.host]
     if policy.queue is not None:
         out["authz_timeout_s"] = max(EnvoyOptions.authz_timeout_s,
-                                     policy.queue.max_wait_ms / 1000 + QUEUE_TIMEOUT_MARGIN_S)
+                                     policy.queue.max_wait_ms / 1000 + CALLER_MARGIN_S)
         out["sidecar_queue_places"] = policy.queue.max_size
     return out
-
-
-# Envoy's ext_authz timeout over the admission queue's longest wait: the last decision
-# after the wait, and the answer's way back
-QUEUE_TIMEOUT_MARGIN_S = 0.25
 
 
 def _spend(args: argparse.Namespace) -> int:

@@ -18,6 +18,11 @@ most ``tenant_share`` of ``max_size`` places (at least one), and a request that 
 queue full takes the place of the lowest-priority waiter below its own priority (the
 latest parked of them), which leaves at once with the 429 of its last decision.
 
+When the caller says how long it still waits (gRPC ext_authz: Envoy's grpc-timeout), a
+wait must also end ``CALLER_MARGIN_S`` before that: a sidecar so busy that a check reached
+it late answers the truthful 429 at once, instead of leaving Envoy's own timeout to answer
+by its failure mode.
+
 The clock is injected (``Timer``): the running loop's in production, a fake in tests.
 """
 from __future__ import annotations
@@ -29,6 +34,11 @@ from typing import Awaitable, Callable, Optional, Protocol
 from sidecar.metrics import Metrics
 from sidecar.model import Decision, Kind
 from sidecar.policy import schema
+
+
+# kept of the caller's wait for the decision after the wait and the answer's way back
+# (`kt envoy-config` sets Envoy's ext_authz timeout to max_wait_ms plus this)
+CALLER_MARGIN_S = 0.25
 
 
 class Handle(Protocol):
@@ -82,11 +92,16 @@ class AdmissionQueue:
                 and d.outcome.wait_us > 0)
 
     async def hold(self, decision: Decision, priority: int,
-                   retry: Callable[[], Awaitable[Decision]], arrived: float) -> Decision:
+                   retry: Callable[[], Awaitable[Decision]], arrived: float,
+                   caller_wait_s: Optional[float] = None) -> Decision:
         """Wait for room and decide again, until admitted, refused for another reason, or
-        the wait would pass ``arrived`` + max_wait_ms. ``arrived``: self.timer's clock."""
+        the wait would pass ``arrived`` + max_wait_ms (or, when ``caller_wait_s`` says how
+        long the caller still waited at ``arrived``, CALLER_MARGIN_S before it gives up).
+        ``arrived``: self.timer's clock."""
         t = self.timer
         deadline = arrived + self.settings.max_wait_ms / 1000.0
+        if caller_wait_s is not None:
+            deadline = min(deadline, arrived + caller_wait_s - CALLER_MARGIN_S)
         assert decision.outcome is not None
         if t.now() + decision.outcome.wait_us / 1e6 > deadline:
             return self._reject(decision, "wait_too_long", None)

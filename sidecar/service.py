@@ -292,7 +292,10 @@ class DecisionService:
             return r
         return ProviderRouter(policy, self.metrics) if policy.providers else None
 
-    async def decide(self, req: Request, transport: str = "authz") -> Decision:
+    async def decide(self, req: Request, transport: str = "authz",
+                     caller_wait_s: Optional[float] = None) -> Decision:
+        """``caller_wait_s``: how long the caller still waits, when it says (the queue's
+        waits end before it)."""
         started = time.perf_counter()
         queue = self.queue
         arrived = queue.timer.now() if queue is not None else 0.0
@@ -301,7 +304,8 @@ class DecisionService:
         if queue is not None and transport != "rls" and queue.may_wait(decision):
             # RLS never waits: Envoy's rate-limit filter gives up after 20 ms
             decision = await queue.hold(decision, PRIORITY_RANK.get(decision.priority, 1),
-                                        functools.partial(self._decide, req), arrived)
+                                        functools.partial(self._decide, req), arrived,
+                                        caller_wait_s)
         kind = decision.kind.value if not decision.shadow else "allow"
         # labelled children looked up once: .labels() costs microseconds per call
         children = self._children.get((kind, transport))

@@ -96,3 +96,27 @@ def test_a_tenant_share_outside_0_1_is_a_policy_error():
             assert "$.queue.tenant_share" in str(exc)
         else:
             raise AssertionError(f"tenant_share {share} accepted")
+
+
+def test_a_wait_ends_before_the_caller_gives_up():
+    # a check that reached a busy sidecar late: Envoy waits only 0.6 s more, so a wait of
+    # about a second would end after Envoy's own timeout answered by its failure mode;
+    # the truthful 429 now instead (without the caller's wait it waits and is admitted)
+    svc, timer = service(QUEUE % {"size": 20, "share": ""})
+
+    async def main():
+        for _ in range(3):
+            assert (await svc.decide(req("other"))).admitted
+        hurried = asyncio.ensure_future(svc.decide(req("other"), "authz", caller_wait_s=0.6))
+        patient = asyncio.ensure_future(svc.decide(req("vip"), "authz", caller_wait_s=5.0))
+        await timer.advance(0)
+        refused_at_once = hurried.done()
+        await timer.advance(5.0)
+        return refused_at_once, hurried.result(), patient.result()
+
+    refused_at_once, hurried, patient = run(main())
+    assert refused_at_once and not hurried.admitted
+    ans = contract.answer(hurried)
+    assert ans.status == 429 and int(dict(ans.response_headers)["retry-after"]) >= 1
+    assert patient.admitted
+    assert _rejections(svc, "wait_too_long") == 1
