@@ -553,11 +553,11 @@ def test_a_decision_late_behind_the_sidecars_own_work_is_shed_not_failed(valkey,
             shed = await svc.decide(req("shed"))
             svc.backend.deadline_s = 5.0
             after = await svc.decide(req("shed"))
-            return shed, after
+            return shed, after, svc.backend.status()
         finally:
             await svc.backend.close()
 
-    shed, after = asyncio.run(main())
+    shed, after, status = asyncio.run(main())
     spent = budget_spent(r, budget_key)
     r.close()
     ans = contract.answer(shed)
@@ -566,6 +566,8 @@ def test_a_decision_late_behind_the_sidecars_own_work_is_shed_not_failed(valkey,
     assert ("retry-after", "1") in ans.response_headers
     assert after.kind is Kind.ALLOW
     assert spent == 5 + 5  # the shed one charged nothing
+    # readiness stays (the store answers) and says why this replica needs company
+    assert status.ready and "overloaded: 1 decision(s) shed" in status.detail
     assert svc.metrics.registry.get_sample_value(
         "kt_failure_mode_decisions_total", {"mode": mode}) is None
     assert svc.metrics.registry.get_sample_value(

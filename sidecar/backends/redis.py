@@ -70,6 +70,8 @@ HEARTBEAT_S = 1.0
 # how fast the offset between this host's monotonic clock and Redis's TIME may drift
 # (a bound, 100 ppm: NTP keeps both far closer); see RedisBackend._clock_offset
 CLOCK_DRIFT = 1e-4
+# how long /readyz mentions decisions shed as overloaded after the last one
+SHED_NOTE_S = 60.0
 # the key whose disappearance shows the store lost its data (docs/redis.md, persistence);
 # under the key prefix, outside every tenant's {hash tag}
 MARKER_KEY = "store-marker"
@@ -178,6 +180,7 @@ class RedisBackend:
         self._stall_s = max(10 * self.timeout_s, 2 * self.deadline_s, 0.5)
         self.watch = LinkWatch(lambda: self.conn, self.timeout_s, self._drop_if_hung)
         self.shed = 0  # calls given up on past their deadline while the store answered
+        self._shed_at = 0.0
         self.clock_override = clock_override
         self.prefix = cfg.key_prefix
         self.shares_reservations = cfg.shared_reservations and not cfg.cluster
@@ -863,6 +866,7 @@ class RedisBackend:
                 f"(timeout_ms {self.cfg.timeout_ms})", timed_out=True)
         else:
             self.shed += len(waiting)
+            self._shed_at = time.monotonic()
             exc = BackendOverloaded(
                 f"redis {self.where}: not decided within {self.deadline_s * 1000:.0f} ms while "
                 "the store kept answering: this sidecar is overloaded")
@@ -1062,6 +1066,12 @@ class RedisBackend:
         # a store that lost its data still decides (every replica shares the loss; failing
         # readiness would take the whole gateway down): reported, with an alert on the metric
         note = f"; {self._store_reset_note}" if self._store_reset_note else ""
+        if self._shed_at and time.monotonic() - self._shed_at < SHED_NOTE_S:
+            # still ready: the store answers, and taking this replica out would only move
+            # its load to the others; the note (and kt_requests_total{decision=
+            # "overloaded"}) says it needs more replicas
+            note += (f"; overloaded: {self.shed} decision(s) shed since start, the last "
+                     f"{time.monotonic() - self._shed_at:.0f} s ago (scale out)")
         if self._last_error_at and self._last_error_at >= self._last_ok_at:
             return BackendStatus(False, f"redis: {self._last_error}{note}")
         return BackendStatus(True, f"redis {self.where}{note}")
