@@ -39,6 +39,14 @@ def test_the_sidecars_clusters_allow_the_whole_queue_on_top_of_the_decisions(
             assert b["max_requests"] == b["max_pending_requests"] == SIDECAR_DECIDING_MAX + places
 
 
+def test_the_decision_deadline_is_under_the_printed_ext_authz_timeout():
+    from sidecar.backends.link_watch import ANSWER_MARGIN_S, CALLER_WAIT_S, deadline_s
+    from sidecar.envoy_config import EnvoyOptions
+
+    assert CALLER_WAIT_S == EnvoyOptions.authz_timeout_s
+    assert deadline_s(50) == CALLER_WAIT_S - ANSWER_MARGIN_S < EnvoyOptions.authz_timeout_s
+
+
 def test_check_config_warns_where_a_queue_could_overflow_envoys_breaker(tmp_path, capsys):
     big, small = tmp_path / "big.yaml", tmp_path / "small.yaml"
     big.write_text(POLICY % "queue: {max_wait_ms: 2000, max_size: 1000}")

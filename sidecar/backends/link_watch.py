@@ -28,8 +28,8 @@ import asyncio
 import time
 from typing import Callable, Optional, Protocol
 
-# Envoy's ext_authz timeout as `kt envoy-config` prints it (Envoy's own default too): how
-# long the caller of a decision waits
+# Envoy's ext_authz timeout as `kt envoy-config` prints it (EnvoyOptions.authz_timeout_s;
+# Envoy's own default too): how long the caller of a decision waits
 CALLER_WAIT_S = 0.2
 # kept of it for the answer's way back to Envoy and the sidecar's own turn before the call
 ANSWER_MARGIN_S = 0.05
@@ -56,8 +56,7 @@ class Owed(Protocol):
 
 
 class Link(Protocol):
-    last_reply_at: float
-    pending: object
+    last_reply_at: float  # monotonic s: the last reply read (or when one became owed)
 
     @property
     def connected(self) -> bool: ...
@@ -107,10 +106,8 @@ class LinkWatch:
         link = self._link()
         up = link is not None and link.connected
         if up and link is not None and link.bytes_waiting():
-            # the store has answered; read that first (two turns: a poll in between)
-            self._judging = True
-            loop = asyncio.get_running_loop()
-            loop.call_soon(loop.call_soon, self._judge)
+            # the store has answered: judge again once the loop has read it
+            self._timer = asyncio.get_running_loop().call_later(self.interval_s, self._tick)
             return
         now = time.monotonic()
         last_read = link.last_reply_at if link is not None else 0.0
