@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional, Protocol, Sized
 
 # Envoy's ext_authz timeout as `kt envoy-config` prints it (EnvoyOptions.authz_timeout_s;
 # Envoy's own default too): how long the caller of a decision waits
@@ -48,7 +48,9 @@ class Owed(Protocol):
     written_at: float  # monotonic s: when it was handed to the link
     deadline: float  # monotonic s: when its callers stop waiting
 
-    def answered(self) -> bool: ...
+    def answered(self) -> bool:
+        """Its reply has been read (its callers are answered on the loop's next turns, which
+        may come after a verdict: a reply in hand is never the store's silence)."""
 
     def give_up(self, store_silent: bool, silent_for: float) -> None:
         """Answer the callers now: the store did not answer (``store_silent``), or the
@@ -57,6 +59,7 @@ class Owed(Protocol):
 
 class Link(Protocol):
     last_reply_at: float  # monotonic s: the last reply read (or when one became owed)
+    pending: Sized  # replies owed by the store, not read yet
 
     @property
     def connected(self) -> bool: ...
@@ -103,21 +106,25 @@ class LinkWatch:
 
     def _judge(self) -> None:
         self._judging = False
+        # the time first, then the socket: were this process descheduled in between, the
+        # store's answer meanwhile is in the socket, and not counted as silence
+        now = time.monotonic()
         link = self._link()
         up = link is not None and link.connected
+        last_read = link.last_reply_at if link is not None else 0.0
+        # every reply owed has been read: the store is silent about nothing
+        owed_by_store = not up or (link is not None and len(link.pending) > 0)
         if up and link is not None and link.bytes_waiting():
             # the store has answered: judge again once the loop has read it
             self._timer = asyncio.get_running_loop().call_later(self.interval_s, self._tick)
             return
-        now = time.monotonic()
-        last_read = link.last_reply_at if link is not None else 0.0
         keep: list[Owed] = []
         for call in self._owed:
             if call.answered():
                 continue
             # silence counts from the later of the last reply and this call's sending
             silent_for = now - max(last_read, call.written_at) if up else now - call.written_at
-            if silent_for > self.silence_s:
+            if silent_for > self.silence_s and owed_by_store:
                 call.give_up(True, silent_for)
             elif now >= call.deadline:
                 # late: the store's fault only if it has sent nothing since this was sent

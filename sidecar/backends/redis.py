@@ -140,7 +140,7 @@ class _Batch:
     ``written_at``: when it went to the link (link_watch.Owed). ``routed``: decisions
     with providers (routed.lua, docs/providers.md), whose key counts vary; else each has
     the tenant's three keys (decide.lua)."""
-    __slots__ = ("items", "attempt", "deadline", "written_at", "routed", "backend")
+    __slots__ = ("items", "attempt", "deadline", "written_at", "routed", "backend", "reply")
 
     def __init__(self, backend: "RedisBackend", items: list, now: float,
                  routed: bool = False) -> None:
@@ -150,9 +150,11 @@ class _Batch:
         self.written_at = now
         self.deadline = now + backend.deadline_s
         self.routed = routed
+        self.reply: Optional[asyncio.Future] = None  # the link's future of its reply
 
     def answered(self) -> bool:
-        return all(it[4].done() for it in self.items)
+        return (self.reply is not None and self.reply.done()) or all(
+            it[4].done() for it in self.items)
 
     def give_up(self, store_silent: bool, silent_for: float) -> None:
         # the callers are answered now; the batch stays owed on the link and, if its reply
@@ -782,8 +784,8 @@ class RedisBackend:
                 parts.append(args)
             parts.append(deadline)
             packed = b"".join(parts)
-        self.conn.submit(packed).add_done_callback(
-            lambda fut: self._batch_replied(batch, fut))
+        batch.reply = self.conn.submit(packed)
+        batch.reply.add_done_callback(lambda fut: self._batch_replied(batch, fut))
         # after submit, which restarts the link's silence when nothing else was owed
         batch.written_at = time.monotonic()
 

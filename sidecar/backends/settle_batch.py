@@ -27,16 +27,18 @@ BATCH_MAX = 64
 
 class _Owed:
     """A batch of settlements on the link's watch (link_watch.Owed)."""
-    __slots__ = ("batcher", "items", "written_at", "deadline")
+    __slots__ = ("batcher", "items", "written_at", "deadline", "reply")
 
-    def __init__(self, batcher: "SettleBatcher", items: list, now: float) -> None:
+    def __init__(self, batcher: "SettleBatcher", items: list, now: float,
+                 reply: asyncio.Future) -> None:
         self.batcher = batcher
         self.items = items
         self.written_at = now
         self.deadline = now + batcher.backend.deadline_s
+        self.reply = reply  # the link's future of its reply
 
     def answered(self) -> bool:
-        return all(it[2].done() for it in self.items)
+        return self.reply.done() or all(it[2].done() for it in self.items)
 
     def give_up(self, store_silent: bool, silent_for: float) -> None:
         # either way a timeout: the service resends a settlement whose reply did not come
@@ -107,9 +109,9 @@ class SettleBatcher:
             parts.append(_bulk(len(args)))
             parts += [_bulk(a) for a in args]
         self.batches += 1
-        conn.submit(b"".join(parts)).add_done_callback(
-            lambda fut: self._replied(items, attempt, fut))
-        self.backend.watch.owe(_Owed(self, items, time.monotonic()))
+        reply = conn.submit(b"".join(parts))
+        reply.add_done_callback(lambda fut: self._replied(items, attempt, fut))
+        self.backend.watch.owe(_Owed(self, items, time.monotonic(), reply))
 
     async def _connect_then_send(self, items: list, attempt: int) -> None:
         assert self.backend.conn is not None
