@@ -197,7 +197,7 @@ def run_flood(port: int, tenants: list[str], connections: int, seconds: float,
               vip_every_s: float = 0.0) -> tuple[dict, list[int]]:
     """flood() in a process of its own at a lower CPU priority (nice 10): on a machine
     where the load generator shares the cores with Envoy, the sidecar and Valkey, an
-    unrestrained generator starves Valkey (seen silent 16-66 ms), which is the test rig
+    unrestrained generator starves Valkey (its slowlog: calls of 30-50 ms), which is the test rig
     failing the store, not what is under test. The generator is then at most as fast as
     what it floods allows, which is all a flood needs."""
     args = json.dumps([port, tenants, connections, seconds, vip, vip_requests, vip_after_s,
