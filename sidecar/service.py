@@ -18,8 +18,7 @@ import msgspec
 
 from sidecar import _core
 from sidecar.backends.base import (TAKEN_RESERVATION, Backend, BackendError, BackendOverloaded,
-                                   BackendTimeout,
-                                   Candidate, LateReply, Settlement)
+                                   BackendTimeout, Candidate, LateReply, Settlement)
 from sidecar.estimate import EstimateError, estimate
 from sidecar.ledger.recorder import Ledger
 from sidecar.ledger.spend import SpendRecord

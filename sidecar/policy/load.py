@@ -608,7 +608,6 @@ def _compile(policy: schema.Policy, source: str, digest: str,
     )
 
 
-
 def policy_warnings(p: CompiledPolicy) -> list[str]:
     """What `kt check-config` warns about: valid, but likely to fail under load."""
     from sidecar.envoy_config import SIDECAR_DECIDING_MAX, sidecar_max_requests
