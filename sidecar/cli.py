@@ -147,8 +147,26 @@ def _envoy_config(args: argparse.Namespace) -> int:
     note = sidecar_credential_note(opts)
     if note:
         print(f"kt envoy-config: note: {note}", file=sys.stderr)
+    for note in rls_timeout_notes(policy, opts):
+        print(f"kt envoy-config: note: {note}", file=sys.stderr)
     sys.stdout.write(text)
     return 0
+
+
+def rls_timeout_notes(policy, opts) -> list[str]:
+    """Under RLS Envoy waits ``rls_timeout_s`` (20 ms): a Redis backend whose store-silence
+    allowance is longer leaves a stalled store to Envoy's failure mode, not the policy's."""
+    from sidecar.policy import schema
+
+    backend = policy.backend
+    if opts.mode != "rls" or not isinstance(backend, schema.RedisBackend):
+        return []
+    if backend.timeout_ms < opts.rls_timeout_s * 1000:
+        return []
+    return [f"backend.timeout_ms is {backend.timeout_ms} ms, not under Envoy's RLS timeout "
+            f"({opts.rls_timeout_s * 1000:.0f} ms): a stalled Redis would be answered by "
+            "Envoy's failure mode, not the policy's; set timeout_ms to 15 for RLS "
+            "(docs/redis.md)"]
 
 
 def provider_options(policy) -> dict:

@@ -56,3 +56,14 @@ def test_check_config_warns_where_a_queue_could_overflow_envoys_breaker(tmp_path
     assert f"{big}: warning: queue.max_size 1000" in err
     assert "circuit breaker" in err and "2024" in err
     assert str(small) not in err
+
+
+def test_envoy_config_notes_a_store_silence_longer_than_the_rls_timeout(tmp_path, capsys):
+    policy = tmp_path / "policy.yaml"
+    for timeout, noted in (("", True), ("timeout_ms: 15, ", False)):
+        policy.write_text(POLICY % (
+            f'backend: {{kind: redis, {timeout}url: "redis://127.0.0.1:6379/0"}}'))
+        for mode in ("rls", "authz"):
+            assert main(["envoy-config", "--config", str(policy), "--mode", mode]) == 0
+            err = capsys.readouterr().err
+            assert ("not under Envoy's RLS timeout" in err) is (noted and mode == "rls"), err
