@@ -53,7 +53,6 @@ class FloodStack:
     workdir: Path
     sidecar: SidecarProcess
     envoy: EnvoyProcess
-    options: EnvoyOptions
 
     @property
     def port(self) -> int:
@@ -113,7 +112,7 @@ def flood_stack(backend: str, queue: str, vip_limits: str = "{rpm: 6000}",
                                        TierRoute("compact", "gpt-4o-mini", up.address)],
                                 **provider_options(policy))
             with EnvoyProcess(render(opts), d, admin, listen) as envoy:
-                yield FloodStack(d, sc, envoy, opts)
+                yield FloodStack(d, sc, envoy)
 
 
 def _request(tenant: str) -> bytes:
@@ -165,12 +164,11 @@ async def _connection(port: int, tenant: str, until: float, counts: dict,
 
 
 async def flood(port: int, tenants: list[str], connections: int, seconds: float,
-                vip: str = "", vip_requests: int = 0, vip_after_s: float = 0.0,
-                vip_every_s: float = 0.0) -> tuple[dict, list[int]]:
+                vip: str = "", vip_requests: int = 0, vip_after_s: float = 0.0
+                ) -> tuple[dict, list[int]]:
     """``connections`` keep-alive connections spread over ``tenants`` for ``seconds``;
-    after ``vip_after_s``, ``vip_requests`` requests of tenant ``vip``, each on a
-    connection of its own: at once, or one every ``vip_every_s`` whatever the answers.
-    The flood's answers by status, and the vip's statuses (in the order sent)."""
+    after ``vip_after_s``, ``vip_requests`` requests of tenant ``vip`` at once, each on a
+    connection of its own. The flood's answers by status, and the vip's statuses."""
     until = time.monotonic() + seconds
     counts: dict = {}
     vip_statuses: list[int] = []
@@ -180,28 +178,22 @@ async def flood(port: int, tenants: list[str], connections: int, seconds: float,
         await asyncio.sleep(vip_after_s)
         vip_counts: dict = {}
         answers: list[list[int]] = [[] for _ in range(vip_requests)]
-        sent = []
-        for i in range(vip_requests):
-            sent.append(asyncio.ensure_future(
-                _connection(port, vip, until + 60, vip_counts, answers[i], 1)))
-            if vip_every_s:
-                await asyncio.sleep(vip_every_s)
-        await asyncio.gather(*sent)
+        await asyncio.gather(*(_connection(port, vip, until + 60, vip_counts, a, 1)
+                               for a in answers))
         vip_statuses = [a[0] if a else 0 for a in answers]  # 0: the connection failed
     await asyncio.gather(*tasks)
     return counts, vip_statuses
 
 
 def run_flood(port: int, tenants: list[str], connections: int, seconds: float,
-              vip: str = "", vip_requests: int = 0, vip_after_s: float = 0.0,
-              vip_every_s: float = 0.0) -> tuple[dict, list[int]]:
+              vip: str = "", vip_requests: int = 0, vip_after_s: float = 0.0
+              ) -> tuple[dict, list[int]]:
     """flood() in a process of its own at a lower CPU priority (nice 10): on a machine
     where the load generator shares the cores with Envoy, the sidecar and Valkey, an
-    unrestrained generator starves Valkey (its slowlog: calls of 30-50 ms), which is the test rig
-    failing the store, not what is under test. The generator is then at most as fast as
-    what it floods allows, which is all a flood needs."""
-    args = json.dumps([port, tenants, connections, seconds, vip, vip_requests, vip_after_s,
-                       vip_every_s])
+    unrestrained generator starves Valkey (its slowlog: calls of 30-50 ms), which is the
+    test rig failing the store, not what is under test. The generator is then at most as
+    fast as what it floods allows, which is all a flood needs."""
+    args = json.dumps([port, tenants, connections, seconds, vip, vip_requests, vip_after_s])
     done = subprocess.run([sys.executable, "-m", "tests.support.flood", args],
                           capture_output=True, text=True, timeout=seconds + 120,
                           preexec_fn=lambda: os.nice(10))
