@@ -50,6 +50,20 @@ the upstream reported (x-fake-usage), priced by the policy; "spend" is GET /v1/s
 - reply_memory:    120 concurrent 3.9 MB JSON replies: Envoy's RSS idle and at its peak.
 - stats_names:     a model name with an ANSI escape and a newline, then `kt events stats`:
                    the rows it printed, and whether raw control characters reached them.
+
+The admission queue's attacks build their own stack (tests/support/flood.py: Valkey or
+the embedded backend, a queue policy, the Envoy config `kt envoy-config --config` prints):
+- queue_flood: three rpm-60 low-priority tenants on 1,100 keep-alive connections for
+             --flood-seconds (queue max_wait_ms 2000, max_size 1000), 20 high-priority
+             requests in the middle; per backend: answers by status, decisions by the
+             failure mode (fail_open: admitted unmetered), allowed, shed (overloaded),
+             Envoy's breaker overflows to the sidecar, high-priority admitted of 20.
+- queue_spam: embedded backend, queue max_size 100, max_wait_ms 12000; a high-priority
+             tenant at rpm 120 empties its bucket (120 requests at once, nothing else
+             going on), then sends 20 at once (they need waits of 0.5 s after each
+             other, 10 s for the last), alone
+             and while one low-priority tenant spams on --spam-connections: the 20's
+             admitted, and the queue's rejections by reason.
 """
 from __future__ import annotations
 
@@ -58,6 +72,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import secrets
 import socket
 import statistics
@@ -74,6 +89,7 @@ sys.path.insert(0, str(ROOT))
 from sidecar.envoy_config import EnvoyOptions, TierRoute, Upstream, render  # noqa: E402
 from tests.support.procs import (EnvoyProcess, SidecarProcess, free_port,  # noqa: E402
                                  workdir)
+from tests.support.flood import flood_stack, run_flood  # noqa: E402
 from tests.support.upstream import FakeUpstream  # noqa: E402
 
 LOOP = "127.0.0.1"
@@ -741,6 +757,50 @@ def attack_stats_names(t: Target, _args) -> dict:
             "forged_row": any(line.startswith("mallory") for line in lines),
             "raw_escape": "\x1b" in res.stdout}
 
+# --- the admission queue: stacks of their own -------------------------------------
+QUEUE = "max_wait_ms: 2000, max_size: %d"
+
+
+def attack_queue_flood(args) -> dict:
+    out: dict = {}
+    for backend in ("redis", "memory"):
+        with flood_stack(backend, QUEUE % 1000) as s:
+            counts, vip = run_flood(s.port, ["low-a", "low-b", "low-c"], args.flood_connections,
+                                    args.flood_seconds, "vip", 20, args.flood_seconds / 2)
+            out[backend] = {
+                "answers": counts, "failure_mode": s.failure_mode_decisions(),
+                "fail_open": s.decisions("fail_open"), "allowed": s.decisions("allow"),
+                "overloaded": s.decisions("overloaded"),
+                "breaker_overflows": sum(s.breaker_overflows().values()),
+                "vip_admitted_of_20": sum(x == 200 for x in vip)}
+    return out
+
+
+def _queue_rejections(s) -> dict:
+    text = s.sidecar.metrics()
+    return {m[0]: float(m[1]) for m in re.findall(
+        r'^kt_queue_rejections_total\{reason="(\w+)"\} (\S+)$', text, re.M)}
+
+
+def attack_queue_spam(args) -> dict:
+    out: dict = {}
+    for spam in (0, args.spam_connections):
+        with flood_stack("memory", "max_wait_ms: 12000, max_size: 100",
+                         vip_limits="{rpm: 120}") as s:
+            # the high-priority tenant's bucket emptied first, at once, nothing else going on
+            run_flood(s.port, [], 0, 0.0, "vip", 120)
+            # then 20 at once while the spam goes on: they need waits of 0.5 s each after
+            # the other (10 s for the last), all within max_wait_ms
+            counts, vip = run_flood(s.port, ["low-a"], spam, max(args.flood_seconds, 14.0),
+                                    "vip", 20, 1.0)
+            out["under_spam" if spam else "alone"] = {
+                "vip_admitted_of_20": sum(x == 200 for x in vip),
+                "vip_answers": vip,
+                "spam_answers": counts, "queue_rejections": _queue_rejections(s)}
+    return out
+
+
+OWN_STACK = {"queue_flood": attack_queue_flood, "queue_spam": attack_queue_spam}
 
 ATTACKS = {"estimate": attack_estimate, "replay": attack_replay, "books": attack_books,
            "deep_json": attack_deep_json, "labels": attack_labels,
@@ -753,17 +813,29 @@ ATTACKS = {"estimate": attack_estimate, "replay": attack_replay, "books": attack
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", default=",".join(ATTACKS))
+    ap.add_argument("--only", default=",".join([*ATTACKS, *OWN_STACK]))
     ap.add_argument("--connections", type=int, default=6000)
     ap.add_argument("--trickle", type=int, default=2000)
     ap.add_argument("--reports", type=int, default=20000)
     ap.add_argument("--replies", type=int, default=120)
+    ap.add_argument("--flood-connections", type=int, default=1100)
+    ap.add_argument("--flood-seconds", type=float, default=10.0)
+    ap.add_argument("--spam-connections", type=int, default=1000)
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip()
     results: dict = {"commit": commit, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     for name in args.only.split(","):
+        if name in OWN_STACK:
+            started = time.monotonic()
+            try:
+                results[name] = OWN_STACK[name](args)
+            except Exception as exc:  # noqa: BLE001 - report and go on to the next attack
+                results[name] = {"error": repr(exc)}
+            results[name]["seconds"] = round(time.monotonic() - started, 1)
+            print(f"{name}: {json.dumps(results[name])}", flush=True)
+            continue
         # a fresh sidecar and Envoy per attack: no attack measures another's leftovers
         with target() as t:
             started = time.monotonic()

@@ -157,14 +157,20 @@ def side_ports(sidecar: SidecarProcess) -> list[int]:
 
 
 def scrape(sidecar: SidecarProcess) -> dict:
-    """Counters summed over the sidecar's workers."""
-    out = {"decisions": 0.0, "round_trips": 0.0, "backend_decisions": 0.0}
+    """Counters summed over the sidecar's workers: decisions, the backend's round trips and
+    decisions, decisions answered by a failure mode (any mode) and shed (overloaded)."""
+    out = {"decisions": 0.0, "round_trips": 0.0, "backend_decisions": 0.0,
+           "failure_mode": 0.0, "overloaded": 0.0}
     for port in side_ports(sidecar):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
             text = r.read().decode()
         for line in text.splitlines():
             if line.startswith("kt_requests_total{"):
                 out["decisions"] += float(line.rsplit(" ", 1)[1])
+                if 'decision="overloaded"' in line:
+                    out["overloaded"] += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("kt_failure_mode_decisions_total{"):
+                out["failure_mode"] += float(line.rsplit(" ", 1)[1])
             elif line.startswith("kt_backend_round_trips_total{"):
                 out["round_trips"] += float(line.rsplit(" ", 1)[1])
             elif line.startswith("kt_backend_decisions_total{"):
@@ -617,6 +623,10 @@ def _run_profile(sub: Path, profile: str, mode: str, grpc_addr: str, http_addr: 
                 bd = m1["backend_decisions"] - m0["backend_decisions"]
                 r["round_trips_per_decision"] = (m1["round_trips"] - m0["round_trips"]) / max(bd, 1)
                 r["cpu_ms_per_1000_decisions"] = 1e6 * (c1 - c0) / max(decided, 1)
+                # at saturation: answers by the failure mode (the store answered all along:
+                # should be 0) and shed as overloaded, next to the throughput
+                r["failure_mode_answers"] = m1["failure_mode"] - m0["failure_mode"]
+                r["overloaded_answers"] = m1["overloaded"] - m0["overloaded"]
                 if valkey_pid:
                     r["valkey_cpu_ms_per_1000_decisions"] = \
                         1e6 * (cpu_seconds(valkey_pid) - v0) / max(decided, 1)
@@ -708,6 +718,9 @@ def summarize(res: dict) -> None:
                       "valkey_cpu_ms_per_1000_decisions"):
                 if k in m:
                     row[k] = m[k]["median"]
+            for k in ("failure_mode_answers", "overloaded_answers"):  # the worst run
+                if k in m:
+                    row[k] = m[k]["max"]
             rows.append(row)
     res["rows"] = rows
     targets = {
@@ -732,8 +745,9 @@ def summarize(res: dict) -> None:
              f"{res['conditions']['connections']} connections, Envoy --concurrency 1; load "
              "generator, Envoy, sidecar and Valkey share the cores.", "",
              "| config | profile | req/s median (min–max) | × Envoy alone | × do-nothing same transport "
-             "| p50 ms | p95 ms | p99 ms | decisions/s | round trips/decision | sidecar CPU ms/1k decisions | errors |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| p50 ms | p95 ms | p99 ms | decisions/s | round trips/decision | sidecar CPU ms/1k decisions "
+             "| failure-mode / shed answers (worst run) | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['config']} | {r['profile']} | {r['rps']:.0f} ({r['rps_min']:.0f}–{r['rps_max']:.0f}) "
@@ -741,7 +755,8 @@ def summarize(res: dict) -> None:
             f"| {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | "
             f"{r.get('decisions_per_s', float('nan')):.0f} | "
             f"{r.get('round_trips_per_decision', float('nan')):.3f} | "
-            f"{r.get('cpu_ms_per_1000_decisions', float('nan')):.1f} | {r['errors']} |")
+            f"{r.get('cpu_ms_per_1000_decisions', float('nan')):.1f} | "
+            f"{_answers(r)} | {r['errors']} |")
     fp = res.get("full_path")
     full_lines = full_path_markdown(fp, targets) if fp else []
     lines += ["", "| target | measured |", "|---|---|"]
@@ -757,6 +772,13 @@ def summarize(res: dict) -> None:
     if full_lines:
         lines += [""] + full_lines
     res["markdown"] = "\n".join(lines) + "\n"
+
+
+def _answers(row: dict) -> str:
+    """Failure-mode and shed answers of a row ("-" where no sidecar decided)."""
+    if "failure_mode_answers" not in row:
+        return "-"
+    return f"{row['failure_mode_answers']:.0f} / {row.get('overloaded_answers', 0):.0f}"
 
 
 def full_path_markdown(fp: dict, targets: dict) -> list[str]:

@@ -74,7 +74,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from sidecar.policy.load import PolicyError, load_policy
+    from sidecar.policy.load import PolicyError, load_policy, policy_warnings
 
     ok = True
     for path in args.files:
@@ -88,6 +88,8 @@ def _check_config(args: argparse.Namespace) -> int:
         extra += f"queue {p.queue.max_wait_ms} ms, " if p.queue else ""
         print(f"{path}: ok ({len(p.tenants)} tenants, {len(p.tiers)} tiers, {extra}"
               f"backend {type(p.backend).__name__}, digest {p.digest})")
+        for warning in policy_warnings(p):
+            print(f"{path}: warning: {warning}", file=sys.stderr)
     return 0 if ok else 1
 
 
@@ -155,14 +157,35 @@ def _envoy_config(args: argparse.Namespace) -> int:
     note = sidecar_credential_note(opts)
     if note:
         print(f"kt envoy-config: note: {note}", file=sys.stderr)
+    for note in rls_timeout_notes(policy, opts):
+        print(f"kt envoy-config: note: {note}", file=sys.stderr)
     sys.stdout.write(text)
     return 0
+
+
+def rls_timeout_notes(policy, opts) -> list[str]:
+    """Under RLS Envoy waits ``rls_timeout_s`` (20 ms): a Redis backend whose store-silence
+    allowance is longer leaves a stalled store to Envoy's failure mode, not the policy's."""
+    from sidecar.policy import schema
+
+    backend = policy.backend
+    if opts.mode != "rls" or not isinstance(backend, schema.RedisBackend):
+        return []
+    if backend.timeout_ms < opts.rls_timeout_s * 1000:
+        return []
+    return [f"backend.timeout_ms is {backend.timeout_ms} ms, not under Envoy's RLS timeout "
+            f"({opts.rls_timeout_s * 1000:.0f} ms): a stalled Redis would be answered by "
+            "Envoy's failure mode, not the policy's; set timeout_ms to 15 for RLS "
+            "(docs/redis.md)"]
 
 
 def provider_options(policy) -> dict:
     """EnvoyOptions from the policy's providers and queue (docs/providers.md): one cluster
     per provider with a host, and an ext_authz timeout above the queue's longest wait."""
     from sidecar.envoy_config import EnvoyOptions, Upstream
+    # Envoy's ext_authz timeout over the admission queue's longest wait: the last decision
+    # after the wait, and the answer's way back (the queue ends its waits this much before)
+    from sidecar.queue import CALLER_MARGIN_S
 
     out: dict = {}
     if policy.providers is not None:
@@ -173,13 +196,9 @@ def provider_options(policy) -> dict:
             for p in policy.providers.providers if p.host]
     if policy.queue is not None:
         out["authz_timeout_s"] = max(EnvoyOptions.authz_timeout_s,
-                                     policy.queue.max_wait_ms / 1000 + QUEUE_TIMEOUT_MARGIN_S)
+                                     policy.queue.max_wait_ms / 1000 + CALLER_MARGIN_S)
+        out["sidecar_queue_places"] = policy.queue.max_size
     return out
-
-
-# Envoy's ext_authz timeout over the admission queue's longest wait: the last decision
-# after the wait, and the answer's way back
-QUEUE_TIMEOUT_MARGIN_S = 0.25
 
 
 def _spend(args: argparse.Namespace) -> int:

@@ -57,6 +57,7 @@ ERRORS: dict[Kind, tuple[int, str, str]] = {
     Kind.BAD_REQUEST: (400, "invalid_request_error", "invalid_request"),
     Kind.LENGTH_REQUIRED: (411, "invalid_request_error", "length_required"),
     Kind.FAIL_CLOSED: (503, "service_unavailable", "limiter_unavailable"),
+    Kind.OVERLOADED: (503, "service_unavailable", "limiter_overloaded"),
 }
 # seconds a client is told to wait when the limiter itself is down (fail closed)
 FAIL_CLOSED_RETRY_AFTER_S = 1
@@ -218,9 +219,10 @@ def answer(d: Decision) -> Answer:
     if d.reason:
         headers.append((H_REASON, d.reason))
     retry = d.outcome.retry_after_s if d.outcome is not None else 0
-    if d.kind is Kind.FAIL_CLOSED:
+    if d.kind in (Kind.FAIL_CLOSED, Kind.OVERLOADED):
         retry = FAIL_CLOSED_RETRY_AFTER_S
-    if retry > 0 and d.kind in (Kind.DENY_RATE, Kind.DENY_BUDGET, Kind.FAIL_CLOSED):
+    if retry > 0 and d.kind in (Kind.DENY_RATE, Kind.DENY_BUDGET, Kind.FAIL_CLOSED,
+                                Kind.OVERLOADED):
         headers.append((H_RETRY_AFTER, str(retry)))
     return Answer(status=status, response_headers=tuple(headers),
                   body=error_body(_deny_message(d), type_, code),

@@ -252,6 +252,10 @@ class EnvoyOptions:
     # --pass-path METHOD:/PATH`): still decided and charged by the sidecar like any request;
     # every other method and path is answered 404 by Envoy (sidecar/endpoints.py)
     pass_endpoints: tuple[endpoints.Endpoint, ...] = ()
+    # places of the sidecar's admission queue (policy queue.max_size; `kt envoy-config
+    # --config` sets it): checks parked there stay in flight to the sidecar, so the circuit
+    # breaker of its clusters allows them on top of those being decided
+    sidecar_queue_places: int = 0
     # benchmarking: answer 200 from Envoy itself instead of routing to the tiers, and read
     # the request body first (a direct response to an unread POST body closes the
     # connection, which would measure reconnects, not Envoy)
@@ -264,6 +268,15 @@ def _addr(hostport: str) -> dict:
 
 
 SIDECAR_TOKEN_SECRET = "kt_sidecar_token"
+# requests in flight to the sidecar Envoy allows beside the queue's (Envoy's own default
+# for any cluster, 1,024): past them Envoy answers by its failure mode without asking
+SIDECAR_DECIDING_MAX = 1024
+
+
+def sidecar_max_requests(queue_places: int) -> int:
+    """The circuit breaker of the sidecar's clusters: the queue's places on top of the
+    checks being decided (the printed config; `kt check-config` warns against less)."""
+    return SIDECAR_DECIDING_MAX + queue_places
 
 
 def _sidecar_cluster(name: str, hostport: str, http2: bool, o: EnvoyOptions,
@@ -279,6 +292,11 @@ def _sidecar_cluster(name: str, hostport: str, http2: bool, o: EnvoyOptions,
         "load_assignment": {"cluster_name": name, "endpoints": [
             {"lb_endpoints": [{"endpoint": {"address": address}}]}]},
     }
+    # Envoy's default breaker (1,024 requests) left unset, a full admission queue made
+    # every check on top of it overflow: answered by Envoy's failure mode, never asked
+    limit = sidecar_max_requests(o.sidecar_queue_places)
+    c["circuit_breakers"] = {"thresholds": [{
+        "priority": "DEFAULT", "max_requests": limit, "max_pending_requests": limit}]}
     opts: dict = {
         "@type": TYPE + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
         "explicit_http_config": {  # gRPC needs HTTP/2 to the sidecar

@@ -19,7 +19,7 @@ class Metrics:
         self.requests = Counter(
             "kt_requests", "Decisions made, by decision (allow, downgrade, rate_limited, "
             "budget_exhausted, too_large, unknown_tenant, missing_tenant, bad_request, fail_open, "
-            "fail_closed, unavailable) and transport.", ["decision", "transport"], registry=r)
+            "fail_closed, unavailable, overloaded) and transport.", ["decision", "transport"], registry=r)
         self.shadow_denials = Counter(
             "kt_shadow_denials", "Requests shadow mode let through that would have been refused.",
             ["decision"], registry=r)
@@ -124,7 +124,9 @@ class Metrics:
             "(admitted, rejected).", ["result"], buckets=QUEUE_WAIT_BUCKETS, registry=r)
         self.queue_rejections = Counter(
             "kt_queue_rejections", "Requests answered 429 by the admission queue, by reason "
-            "(full: no place; wait_too_long: the bucket has no room within max_wait_ms).",
+            "(full: no place; tenant_share: the tenant holds its share of the places; "
+            "preempted: its place went to a higher priority; wait_too_long: the bucket has "
+            "no room within max_wait_ms).",
             ["reason"], registry=r)
 
     def watch_backend(self, backend) -> None:

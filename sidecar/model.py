@@ -52,6 +52,8 @@ class Kind(str, enum.Enum):
     FAIL_OPEN = "fail_open"  # backend failed; configured to allow
     FAIL_CLOSED = "fail_closed"  # backend failed; configured to deny
     UNAVAILABLE = "unavailable"  # backend failed; Envoy's own failure mode decides
+    # the store answered, but this sidecar could not decide in time (its own load): shed
+    OVERLOADED = "overloaded"
 
 
 # the kinds that let a request through (a set: read on every decision, a few times)

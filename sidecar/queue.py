@@ -13,6 +13,16 @@ once with the 429 (and the truthful retry-after) of the decision that refused it
 queue never holds a request whose wait cannot end in time. It holds coroutines, never
 the event loop.
 
+The queue cannot be turned against the limits or the other tenants: one tenant holds at
+most ``tenant_share`` of ``max_size`` places (at least one), and a request that finds the
+queue full takes the place of the lowest-priority waiter below its own priority (the
+latest parked of them), which leaves at once with the 429 of its last decision.
+
+When the caller says how long it still waits (gRPC ext_authz: Envoy's grpc-timeout), a
+wait must also end ``CALLER_MARGIN_S`` before that: a sidecar so busy that a check reached
+it late answers the truthful 429 at once, instead of leaving Envoy's own timeout to answer
+by its failure mode.
+
 The clock is injected (``Timer``): the running loop's in production, a fake in tests.
 """
 from __future__ import annotations
@@ -24,6 +34,11 @@ from typing import Awaitable, Callable, Optional, Protocol
 from sidecar.metrics import Metrics
 from sidecar.model import Decision, Kind
 from sidecar.policy import schema
+
+
+# kept of the caller's wait for the decision after the wait and the answer's way back
+# (`kt envoy-config` sets Envoy's ext_authz timeout to max_wait_ms plus this)
+CALLER_MARGIN_S = 0.25
 
 
 class Handle(Protocol):
@@ -53,6 +68,7 @@ class _Waiter:
     seq: int
     ready_at: float
     future: asyncio.Future = field(repr=False)
+    preempted: bool = False  # its place went to a higher priority
 
 
 class AdmissionQueue:
@@ -63,6 +79,7 @@ class AdmissionQueue:
         self.timer: Timer = timer or LoopTimer()
         self._parked: list[_Waiter] = []  # waiting for their bucket's room
         self.members = 0  # in the queue: parked, or released and deciding again
+        self._held: dict[str, int] = {}  # members per tenant
         self._seq = 0
         self._turns: dict[str, int] = {}  # admissions per tenant (fairness), while non-empty
         self._wake: Optional[Handle] = None
@@ -75,26 +92,39 @@ class AdmissionQueue:
                 and d.outcome.wait_us > 0)
 
     async def hold(self, decision: Decision, priority: int,
-                   retry: Callable[[], Awaitable[Decision]], arrived: float) -> Decision:
+                   retry: Callable[[], Awaitable[Decision]], arrived: float,
+                   caller_wait_s: Optional[float] = None) -> Decision:
         """Wait for room and decide again, until admitted, refused for another reason, or
-        the wait would pass ``arrived`` + max_wait_ms. ``arrived``: self.timer's clock."""
+        the wait would pass ``arrived`` + max_wait_ms (or, when ``caller_wait_s`` says how
+        long the caller still waited at ``arrived``, CALLER_MARGIN_S before it gives up).
+        ``arrived``: self.timer's clock."""
         t = self.timer
         deadline = arrived + self.settings.max_wait_ms / 1000.0
+        if caller_wait_s is not None:
+            deadline = min(deadline, arrived + caller_wait_s - CALLER_MARGIN_S)
         assert decision.outcome is not None
         if t.now() + decision.outcome.wait_us / 1e6 > deadline:
             return self._reject(decision, "wait_too_long", None)
-        if self.members >= self.settings.max_size:
+        tenant = decision.tenant
+        held = self._held.get(tenant, 0)
+        if held >= self.tenant_places:
+            return self._reject(decision, "tenant_share", None)
+        if self.members >= self.settings.max_size and not self._preempt(priority):
             return self._reject(decision, "full", None)
         self.members += 1
+        self._held[tenant] = held + 1
         self.metrics.queue_depth.set(self.members)
         entered = t.now()
+        preempted = False
         try:
             while True:
                 assert decision.outcome is not None
                 ready_at = t.now() + decision.outcome.wait_us / 1e6
                 if ready_at > deadline:
                     return self._reject(decision, "wait_too_long", entered)
-                await self._park(decision.tenant, priority, ready_at)
+                preempted = await self._park(tenant, priority, ready_at)
+                if preempted:
+                    return self._reject(decision, "preempted", entered)
                 decision = await retry()
                 if decision.admitted:
                     self._turns[decision.tenant] = self._turns.get(decision.tenant, 0) + 1
@@ -103,10 +133,36 @@ class AdmissionQueue:
                         "admitted" if decision.admitted else "refused").observe(t.now() - entered)
                     return decision
         finally:
-            self.members -= 1
+            if not preempted:  # a preempted waiter's place was handed over at once
+                self.members -= 1
+            left = self._held[tenant] - 1
+            if left:
+                self._held[tenant] = left
+            else:
+                del self._held[tenant]
             self.metrics.queue_depth.set(self.members)
             if not self.members:
                 self._turns.clear()
+
+    @property
+    def tenant_places(self) -> int:
+        """The most places one tenant may hold."""
+        return max(1, int(self.settings.max_size * self.settings.tenant_share))
+
+    def _preempt(self, priority: int) -> bool:
+        """Free a place for ``priority`` in a full queue: the lowest-priority parked waiter
+        below it (the latest of them) leaves with its refusal. False if there is none."""
+        lower = [w for w in self._parked if w.priority < priority and not w.future.done()]
+        if not lower:
+            return False
+        w = min(lower, key=lambda w: (w.priority, -w.seq))
+        w.preempted = True
+        self._parked.remove(w)
+        w.future.set_result(None)
+        self._schedule()
+        # its place is the caller's now (the waiter leaves on its next turn)
+        self.members -= 1
+        return True
 
     def _reject(self, decision: Decision, reason: str, entered: Optional[float]) -> Decision:
         self.metrics.queue_rejections.labels(reason).inc()
@@ -114,7 +170,8 @@ class AdmissionQueue:
             self.metrics.queue_wait.labels("rejected").observe(self.timer.now() - entered)
         return decision
 
-    async def _park(self, tenant: str, priority: int, ready_at: float) -> None:
+    async def _park(self, tenant: str, priority: int, ready_at: float) -> bool:
+        """Wait until released (False) or preempted (True)."""
         self._seq += 1
         w = _Waiter(tenant, priority, self._seq, ready_at,
                     asyncio.get_running_loop().create_future())
@@ -122,6 +179,7 @@ class AdmissionQueue:
         self._schedule()
         try:
             await w.future
+            return w.preempted
         finally:
             if not w.future.done():  # cancelled: Envoy gave up on the request
                 w.future.cancel()

@@ -17,8 +17,8 @@ from typing import Callable, Optional, Sequence
 import msgspec
 
 from sidecar import _core, bound
-from sidecar.backends.base import (TAKEN_RESERVATION, Backend, BackendError, BackendTimeout,
-                                   Candidate, LateReply, Settlement)
+from sidecar.backends.base import (TAKEN_RESERVATION, Backend, BackendError, BackendOverloaded,
+                                   BackendTimeout, Candidate, LateReply, Settlement)
 from sidecar.estimate import EstimateError, LengthRequired, estimate
 from sidecar.ledger.recorder import Ledger
 from sidecar.ledger.spend import SpendRecord
@@ -279,6 +279,7 @@ class DecisionService:
         # a flood of bad input logs one line per burst, not one per request
         self._unpriced_log = BurstLog(log)
         self.rejected_log = BurstLog(log)
+        self.overload_log = BurstLog(log)
         # tenant of recently settled request ids, so a repeated report without a
         # tenant still reaches the backend's idempotency check (bounded, oldest out)
         self._settled_tenant: OrderedDict[str, str] = OrderedDict()
@@ -309,7 +310,10 @@ class DecisionService:
             return r
         return ProviderRouter(policy, self.metrics) if policy.providers else None
 
-    async def decide(self, req: Request, transport: str = "authz") -> Decision:
+    async def decide(self, req: Request, transport: str = "authz",
+                     caller_wait_s: Optional[float] = None) -> Decision:
+        """``caller_wait_s``: how long the caller still waits, when it says (the queue's
+        waits end before it)."""
         started = time.perf_counter()
         queue = self.queue
         arrived = queue.timer.now() if queue is not None else 0.0
@@ -318,7 +322,8 @@ class DecisionService:
         if queue is not None and transport != "rls" and queue.may_wait(decision):
             # RLS never waits: Envoy's rate-limit filter gives up after 20 ms
             decision = await queue.hold(decision, PRIORITY_RANK.get(decision.priority, 1),
-                                        functools.partial(self._decide, req), arrived)
+                                        functools.partial(self._decide, req), arrived,
+                                        caller_wait_s)
         kind = decision.kind.value if not decision.shadow else "allow"
         # labelled children looked up once: .labels() costs microseconds per call
         children = self._children.get((kind, transport))
@@ -388,7 +393,10 @@ class DecisionService:
                     est.firm_tokens, rule.shadow, rule.priority_rank, router.spill(rule),
                     candidates, late)
         except BackendError as exc:
-            decision = self._failure(tenant, rule, asked, str(exc))
+            if isinstance(exc, BackendOverloaded):
+                decision = self._shed(tenant, str(exc))
+            else:
+                decision = self._failure(tenant, rule, asked, str(exc))
             if isinstance(exc, BackendTimeout):
                 key = self._late_key(decision, req)
                 late.on_outcome = functools.partial(
@@ -479,6 +487,16 @@ class DecisionService:
                 "Try again shortly."))
         return Decision(Kind.UNAVAILABLE, tenant=tenant, message=f"limiter backend: {error}")
 
+    def _shed(self, tenant: str, error: str) -> Decision:
+        """The store answered, but not this decision in time: this sidecar is overloaded.
+        Refused with its own answer (503 limiter_overloaded, counted as kt_requests_total
+        {decision="overloaded"}), never by the failure mode, which would switch the limits
+        off (open) or blame the store (closed)."""
+        self.overload_log.warning("overloaded: a decision for tenant %s was not made in time "
+                                  "and is refused (503 limiter_overloaded): %s", tenant, error)
+        return Decision(Kind.OVERLOADED, tenant=tenant, message=(
+            "The rate limiter is overloaded and could not decide in time. Try again shortly."))
+
     def _late_outcome(self, answered: Kind, tenant: str, rule: TenantRule, request_id: str,
                       out: _core.Outcome, candidates: Sequence[Candidate] = (),
                       input_tokens: int = 0) -> None:
@@ -493,7 +511,7 @@ class DecisionService:
         action = "kept"
         if not (out.charged_tokens or out.charged_cost):
             action = "nothing_charged"
-        elif answered is Kind.FAIL_CLOSED:
+        elif answered in (Kind.FAIL_CLOSED, Kind.OVERLOADED):
             self._refund_late(tenant, rule, out.charged_tokens, out.charged_cost,
                               out.period_start_us)
             if 0 <= out.provider < len(candidates):  # and the provider's request and tokens

@@ -29,6 +29,11 @@ def test_bench_smoke_runs_end_to_end():
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     for config in ("envoy_alone", "grpc_noop", "grpc_sidecar", "http_noop", "http_sidecar"):
         assert f"| {config} | chat_short |" in res.stdout
+    # failure-mode and shed answers at saturation, next to the throughput
+    assert "| failure-mode / shed answers (worst run) |" in res.stdout
+    for config in ("grpc_sidecar", "http_sidecar"):
+        assert re.search(rf"^\| {config} \| chat_short \|.* \| \d+ / \d+ \| \d+ \|$",
+                         res.stdout, re.M), res.stdout[-3000:]
     assert "Fixed rate" in res.stdout
     # the sidecar's own share of the half-load latency, from its histogram
     assert re.search(r"inside the sidecar .*http_sidecar p50 ≤ \d+, p99 ≤ \d+", res.stdout), \

@@ -16,6 +16,7 @@ import pytest
 import redis
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
+from sidecar import contract
 from sidecar.backends.base import BackendError
 from sidecar.backends.redis import RedisBackend
 from sidecar.model import Decision, Kind, Request
@@ -217,11 +218,11 @@ async def warm_up(svc: DecisionService, request: Request) -> Decision:
     mode under load)."""
     backend = svc.backend
     assert isinstance(backend, RedisBackend)
-    short, backend.timeout_s = backend.timeout_s, 5.0
+    short, backend.watch.silence_s = backend.watch.silence_s, 5.0
     try:
         return await svc.decide(request)
     finally:
-        backend.timeout_s = short
+        backend.watch.silence_s = short
 
 
 def test_killed_then_restarted_valkey_failure_mode_then_recovery():
@@ -532,6 +533,76 @@ def test_a_decision_that_reaches_redis_after_its_deadline_is_not_applied(valkey,
     exported = svc.metrics.registry.get_sample_value(
         "kt_backend_expired_decisions_total", {"backend": "redis"})
     assert exported is None or exported == 1  # (read at scrape time when watched)
+
+
+@pytest.mark.parametrize("mode", ["open", "closed"])
+def test_a_decision_late_behind_the_sidecars_own_work_is_shed_not_failed(valkey, mode):
+    # the store answers at once, but the decision reaches it after its deadline (here a
+    # deadline of 0: as if it had waited behind a burst in this sidecar): Redis applies
+    # nothing, and the answer says the sidecar is overloaded, never the failure mode,
+    # which would admit it unmetered (open) or say the store is down (closed)
+    svc = service_for(valkey.url, mode, timeout_ms=1000)
+    r = redis.Redis.from_url(valkey.url)
+    budget_key = svc.backend.keys("shed")[2]
+
+    async def main():
+        await svc.backend.start()
+        try:
+            assert (await svc.decide(req("shed"))).kind is Kind.ALLOW
+            svc.backend.deadline_s = 0.0
+            shed = await svc.decide(req("shed"))
+            svc.backend.deadline_s = 5.0
+            after = await svc.decide(req("shed"))
+            return shed, after, svc.backend.status()
+        finally:
+            await svc.backend.close()
+
+    shed, after, status = asyncio.run(main())
+    spent = budget_spent(r, budget_key)
+    r.close()
+    ans = contract.answer(shed)
+    assert shed.kind is Kind.OVERLOADED
+    assert ans.status == 503 and b"limiter_overloaded" in ans.body
+    assert ("retry-after", "1") in ans.response_headers
+    assert after.kind is Kind.ALLOW
+    assert spent == 5 + 5  # the shed one charged nothing
+    # readiness stays (the store answers) and says why this replica needs company
+    assert status.ready and "overloaded: 1 decision(s) shed" in status.detail
+    assert svc.metrics.registry.get_sample_value(
+        "kt_failure_mode_decisions_total", {"mode": mode}) is None
+    assert svc.metrics.registry.get_sample_value(
+        "kt_requests_total", {"decision": "overloaded", "transport": "authz"}) == 1
+
+
+def test_a_reply_that_waited_in_the_socket_while_the_loop_was_busy_is_read_not_failed(valkey):
+    # The sidecar's event loop is busy (here: one callback holding it 200 ms, as a burst
+    # being accepted would) right after a decision is written; Valkey answers at once and
+    # the reply waits in the socket. On uvloop, as `kt serve` runs, due timers run before
+    # the socket is polled: a timer per call then fired first and answered a healthy
+    # store's decision by the failure mode. The link's watch reads the socket first.
+    import uvloop
+
+    svc = service_for(valkey.url, "closed", timeout_ms=20)
+
+    async def main():
+        await svc.backend.start()
+        try:
+            assert (await warm_up(svc, req("busy"))).kind is Kind.ALLOW
+            deciding = asyncio.ensure_future(svc.decide(req("busy")))
+            await asyncio.sleep(0)  # queued; its batch is written in the next turn
+            asyncio.get_running_loop().call_soon(time.sleep, 0.2)  # right after it
+            return await deciding
+        finally:
+            await svc.backend.close()
+
+    loop = uvloop.new_event_loop()
+    try:
+        decided = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert decided.kind is Kind.ALLOW
+    assert svc.metrics.registry.get_sample_value(
+        "kt_failure_mode_decisions_total", {"mode": "closed"}) is None
 
 
 async def decide_with_its_reply_held(svc: DecisionService, request: Request):

@@ -39,6 +39,13 @@ class BackendTimeout(BackendError):
     goes to the caller's ``LateReply``)."""
 
 
+class BackendOverloaded(BackendTimeout):
+    """Not decided in time while the store kept answering: the work in front of the call
+    (this sidecar's own) made it late. Not an outage: the service sheds the request with
+    its own answer instead of the failure mode (the decision may still be applied, as for
+    any timeout, and is then put right through its ``LateReply``)."""
+
+
 class Candidate(NamedTuple):
     """A provider a routed decision may charge (docs/providers.md): the tier whose model it
     would serve, its id (its state's key) and its quota."""

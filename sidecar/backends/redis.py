@@ -4,8 +4,10 @@ Lua scripts in lua/ (decide.lua mirrors the Cython core; settle.lua reconciles).
 - One script call per batch of decisions: the decisions queued in one event-loop tick
   go out as one EVALSHA of decide_batch.lua (up to BATCH_MAX each; a lone decision as
   decide_one.lua) on one pipelined connection (sidecar/backends/resp.py), replies
-  matched in order; nothing opens a connection per decision. One timer per batch
-  bounds its wait (``timeout_ms``), not one per decision.
+  matched in order; nothing opens a connection per decision. No timer per batch: one
+  watch over the link (link_watch.py) gives a call up by the failure mode only when the
+  store has sent nothing for ``timeout_ms``, and sheds it (BackendOverloaded) when it
+  misses its caller's deadline on a link that keeps answering.
 - The EVALSHA commands are encoded here, with the per-tenant and per-limits parts
   encoded once and cached: redis-py's generic pack_command costs ~50 µs for a
   20-argument call. redis-py does SCRIPT LOAD and the whole cluster mode
@@ -19,9 +21,10 @@ Lua scripts in lua/ (decide.lua mirrors the Cython core; settle.lua reconciles).
 - A heartbeat every HEARTBEAT_S reads Redis's clock (for those deadlines), checks the
   store marker (a store that lost its data is reported, not silently trusted) and
   reconnects, with backoff, when the link is down.
-- Every failure (refused, reset, timeout, NOSCRIPT that will not reload, a reply
-  that is not what the script returns) is raised as BackendError within
-  ``timeout_ms``: the service then applies the configured failure mode.
+- Every failure (refused, reset, silence, NOSCRIPT that will not reload, a reply
+  that is not what the script returns) is raised as BackendError: the service then
+  applies the configured failure mode. A call late behind the sidecar's own work is
+  BackendOverloaded: the service sheds it, and says so.
 """
 from __future__ import annotations
 
@@ -42,14 +45,16 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from sidecar.backends.resp import ConnectionLost, PipelinedConnection
 from sidecar.backends.lease import LeaseManager
+from sidecar.backends.link_watch import LinkWatch, deadline_s
 from sidecar.backends.settle_batch import SettleBatcher
 from sidecar.backends.spend_index import SpendIndex, read_spend_cells
 from sidecar.backends.tls import tls_context
 from sidecar.backends.url import check_redis_url
 
 from sidecar import _core
-from sidecar.backends.base import (TAKEN_RESERVATION, BackendError, BackendStatus,
-                                   BackendTimeout, Candidate, LateReply, Settlement)
+from sidecar.backends.base import (TAKEN_RESERVATION, BackendError, BackendOverloaded,
+                                   BackendStatus, BackendTimeout, Candidate, LateReply,
+                                   Settlement)
 from sidecar.ledger.spend import LAST_DAY, SpendCell, SpendRecord, day_of
 from sidecar.policy import schema
 
@@ -66,6 +71,8 @@ HEARTBEAT_S = 1.0
 # how fast the offset between this host's monotonic clock and Redis's TIME may drift
 # (a bound, 100 ppm: NTP keeps both far closer); see RedisBackend._clock_offset
 CLOCK_DRIFT = 1e-4
+# how long /readyz mentions decisions shed as overloaded after the last one
+SHED_NOTE_S = 60.0
 # the key whose disappearance shows the store lost its data (docs/redis.md, persistence);
 # under the key prefix, outside every tenant's {hash tag}
 MARKER_KEY = "store-marker"
@@ -130,18 +137,30 @@ def _is_outcome(reply: Any) -> bool:
 
 class _Batch:
     """Decisions sent in one script call: (encoded KEYS, KEYS count, encoded ARGV, ARGV
-    count, future, LateReply). ``deadline_us``: when its callers stop waiting (monotonic
-    µs). ``routed``: decisions with providers (routed.lua, docs/providers.md), whose key
-    counts vary; else each has the tenant's three keys (decide.lua)."""
-    __slots__ = ("items", "timer", "attempt", "deadline_us", "routed")
+    count, future, LateReply). ``deadline``: when its callers stop waiting (monotonic s),
+    ``written_at``: when it went to the link (link_watch.Owed). ``routed``: decisions
+    with providers (routed.lua, docs/providers.md), whose key counts vary; else each has
+    the tenant's three keys (decide.lua)."""
+    __slots__ = ("items", "attempt", "deadline", "written_at", "routed", "backend", "reply")
 
-    def __init__(self, items: list, timer: Optional[asyncio.TimerHandle],
-                 deadline_us: int = 0, routed: bool = False) -> None:
+    def __init__(self, backend: "RedisBackend", items: list, now: float,
+                 routed: bool = False) -> None:
+        self.backend = backend
         self.items = items
-        self.timer = timer
         self.attempt = 1
-        self.deadline_us = deadline_us
+        self.written_at = now
+        self.deadline = now + backend.deadline_s
         self.routed = routed
+        self.reply: Optional[asyncio.Future] = None  # the link's future of its reply
+
+    def answered(self) -> bool:
+        return (self.reply is not None and self.reply.done()) or all(
+            it[4].done() for it in self.items)
+
+    def give_up(self, store_silent: bool, silent_for: float) -> None:
+        # the callers are answered now; the batch stays owed on the link and, if its reply
+        # still comes, _batch_replied hands the outcomes to their LateReply
+        self.backend._give_up(self.items, store_silent, silent_for)
 
 
 class RedisBackend:
@@ -152,11 +171,19 @@ class RedisBackend:
         """``clock_override`` (tests only) passes a time to the scripts instead of Redis's TIME."""
         self.cfg = cfg
         self.where = redact(cfg.url)  # for messages: never the password
+        # silence of the link (replies owed, nothing read) that shows the store is not
+        # answering: the calls owed then are answered by the failure mode
         self.timeout_s = cfg.timeout_ms / 1000.0
-        # silence (replies owed, none coming) after which the link is dropped: longer than
-        # one timeout, so a server that is only slow keeps its link and its late replies
-        # still arrive (and are put right); a dead one is dropped within half a second
-        self._stall_s = max(10 * self.timeout_s, 0.5)
+        # how long a call may wait while the store answers (its caller's wait; link_watch)
+        self.deadline_s = deadline_s(cfg.timeout_ms)
+        # silence after which the link is dropped: longer than a call's deadline, so a
+        # server that is only slow keeps its link and its late replies still arrive (and
+        # are put right), and anything it runs after the drop is past its deadline
+        # (lua/deadline.lua); a dead one is dropped within half a second
+        self._stall_s = max(10 * self.timeout_s, 2 * self.deadline_s, 0.5)
+        self.watch = LinkWatch(lambda: self.conn, self.timeout_s, self._drop_if_hung)
+        self.shed = 0  # calls given up on past their deadline while the store answered
+        self._shed_at = 0.0
         self.clock_override = clock_override
         self.prefix = cfg.key_prefix
         self.shares_reservations = cfg.shared_reservations and not cfg.cluster
@@ -292,6 +319,7 @@ class RedisBackend:
             except asyncio.CancelledError:
                 pass
             self._heartbeat = None
+        self.watch.close()
         if self.conn is not None:
             self.conn.close()
         if self.client is not None:
@@ -540,7 +568,7 @@ class RedisBackend:
         except (RedisError, RedisClusterException, IndexError):  # slots not known yet
             return 0
         offset = self._clock_offset(now, node.name) if node is not None else None
-        return now + int(self.timeout_s * 1e6) + offset if offset is not None else 0
+        return now + int(self.deadline_s * 1e6) + offset if offset is not None else 0
 
     def _late_after_cancel(self, late: LateReply, reply: Any) -> None:
         if late.on_outcome is not None and _is_outcome(reply):
@@ -719,16 +747,15 @@ class RedisBackend:
         return fut
 
     def _flush_decisions(self) -> None:
-        loop = asyncio.get_running_loop()
-        deadline_us = _mono_us() + int(self.timeout_s * 1e6)
+        now = time.monotonic()
         for routed in (False, True):
             if routed:
                 queued, self._queued_routed = self._queued_routed, []
             else:
                 queued, self._queued = self._queued, []
             for i in range(0, len(queued), BATCH_MAX):
-                batch = _Batch(queued[i:i + BATCH_MAX], None, deadline_us, routed)
-                batch.timer = loop.call_later(self.timeout_s, self._batch_timed_out, batch)
+                batch = _Batch(self, queued[i:i + BATCH_MAX], now, routed)
+                self.watch.owe(batch)
                 self._send_batch(batch)
 
     def _send_batch(self, batch: _Batch) -> None:
@@ -738,9 +765,9 @@ class RedisBackend:
             return
         items = batch.items
         # the callers' deadline in Redis's clock (lua/deadline.lua): past it, Redis applies
-        # nothing, for its callers have been answered by the failure mode
+        # nothing, for its callers have been answered
         offset = self._clock_offset(_mono_us())
-        deadline = _bulk(batch.deadline_us + offset if offset is not None else 0)
+        deadline = _bulk(int(batch.deadline * 1e6) + offset if offset is not None else 0)
         if len(items) == 1:
             keys, nkeys, args, nargs, _, _ = items[0]
             one = self.routed_script if batch.routed else self.decide_script
@@ -763,8 +790,10 @@ class RedisBackend:
                 parts.append(args)
             parts.append(deadline)
             packed = b"".join(parts)
-        self.conn.submit(packed).add_done_callback(
-            lambda fut: self._batch_replied(batch, fut))
+        batch.reply = self.conn.submit(packed)
+        batch.reply.add_done_callback(lambda fut: self._batch_replied(batch, fut))
+        # after submit, which restarts the link's silence when nothing else was owed
+        batch.written_at = time.monotonic()
 
     async def _connect_then_send(self, batch: _Batch) -> None:
         assert self.conn is not None
@@ -787,9 +816,11 @@ class RedisBackend:
         reply = fut.result()
         if isinstance(reply, hiredis.ReplyError):
             if str(reply).startswith("KTEXPIRED"):
-                # it reached Redis after its callers were answered: nothing was applied
+                # it reached Redis after its callers' deadline: nothing was applied. Redis
+                # answered it, so callers still waiting were held up by the work in front
+                # of them, not by a store that is down: shed, not the failure mode
                 self.expired += len(batch.items)
-                self._fail_batch(batch, f"no reply within {self.cfg.timeout_ms} ms ({reply})")
+                self._give_up(batch.items, False, 0.0)
                 return
             if str(reply).startswith("NOSCRIPT") and batch.attempt == 1:
                 # Redis lost its script cache (restart, failover, SCRIPT FLUSH): load, resend
@@ -802,8 +833,6 @@ class RedisBackend:
                 name = "decide.lua" if len(batch.items) == 1 else "decide_batch.lua"
             self._fail_batch(batch, f"{name}: {reply}")
             return
-        if batch.timer is not None:
-            batch.timer.cancel()
         self._last_ok_at = time.monotonic()
         items = batch.items
         if len(items) == 1:
@@ -833,21 +862,33 @@ class RedisBackend:
             return
         self._send_batch(batch)
 
-    def _batch_timed_out(self, batch: _Batch) -> None:
-        # the callers are answered now (by the failure mode); the batch stays owed and, if
-        # its reply still comes, _batch_replied hands the outcomes to their LateReply
-        message = f"no reply within {self.cfg.timeout_ms} ms"
-        for it in batch.items:
-            if not it[4].done():
-                it[4].set_exception(self._failed(message, timed_out=True))
+    def _give_up(self, items: list, store_silent: bool, silent_for: float) -> None:
+        """Answer the callers still waiting in ``items``: BackendTimeout when the store has
+        not answered (the failure mode decides), else BackendOverloaded (shed)."""
+        waiting = [it[4] for it in items if not it[4].done()]
+        if not waiting:
+            return
+        if store_silent:
+            exc: BackendError = self._failed(
+                f"no reply: nothing read from the store for {silent_for * 1000:.0f} ms "
+                f"(timeout_ms {self.cfg.timeout_ms})", timed_out=True)
+        else:
+            self.shed += len(waiting)
+            self._shed_at = time.monotonic()
+            exc = BackendOverloaded(
+                f"redis {self.where}: not decided within {self.deadline_s * 1000:.0f} ms while "
+                "the store kept answering: this sidecar is overloaded")
+        for fut in waiting:
+            fut.set_exception(exc)
+
+    def _drop_if_hung(self) -> None:
         if self.conn is not None and self.conn.stalled(self._stall_s):
             # nothing at all has come back for a long while: drop the link (failing the
             # calls queued on it) so the backlog stays bounded and the next call reconnects
-            self.conn.lose(ConnectionLost("no reply within the timeout"))
+            self.conn.lose(ConnectionLost(
+                f"nothing read from the store for {self._stall_s * 1000:.0f} ms"))
 
     def _fail_batch(self, batch: _Batch, message: str) -> None:
-        if batch.timer is not None:
-            batch.timer.cancel()
         for it in batch.items:
             if not it[4].done():
                 it[4].set_exception(self._failed(message))
@@ -916,7 +957,7 @@ class RedisBackend:
         """One plain command on the pipelined connection, bounded by the timeout."""
         assert self.conn is not None
         try:
-            reply = await asyncio.wait_for(self.conn.call(packed), self.timeout_s)
+            reply = await asyncio.wait_for(self.conn.call(packed), self.deadline_s)
         except Exception as exc:  # noqa: BLE001 - the one seam: every failure is a BackendError
             raise self._failed(f"{type(exc).__name__}: {exc}") from None
         if isinstance(reply, hiredis.ReplyError):
@@ -1057,11 +1098,11 @@ class RedisBackend:
         if self.client is None and self.conn is None:
             raise BackendError("redis backend not started")
         try:
-            reply = await asyncio.wait_for(self._send(script, keys, args, packed), self.timeout_s)
+            reply = await asyncio.wait_for(self._send(script, keys, args, packed),
+                                           self.deadline_s)
         except asyncio.TimeoutError:
-            if self.conn is not None and self.conn.stalled(self._stall_s):
-                self.conn.lose(ConnectionLost("no reply within the timeout"))
-            raise self._failed(f"no reply within {self.cfg.timeout_ms} ms") from None
+            self._drop_if_hung()
+            raise self._failed(f"no reply within {self.deadline_s * 1000:.0f} ms") from None
         except BackendError:
             raise
         except Exception as exc:  # noqa: BLE001 - the one seam: every failure is a BackendError
@@ -1108,6 +1149,12 @@ class RedisBackend:
         # a store that lost its data still decides (every replica shares the loss; failing
         # readiness would take the whole gateway down): reported, with an alert on the metric
         note = f"; {self._store_reset_note}" if self._store_reset_note else ""
+        if self._shed_at and time.monotonic() - self._shed_at < SHED_NOTE_S:
+            # still ready: the store answers, and taking this replica out would only move
+            # its load to the others; the note (and kt_requests_total{decision=
+            # "overloaded"}) says it needs more replicas
+            note += (f"; overloaded: {self.shed} decision(s) shed since start, the last "
+                     f"{time.monotonic() - self._shed_at:.0f} s ago (scale out)")
         if self._last_error_at and self._last_error_at >= self._last_ok_at:
             return BackendStatus(False, f"redis: {self._last_error}{note}")
         return BackendStatus(True, f"redis {self.where}{note}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import random
+import select
 import ssl
 import time
 from typing import Any, Callable, Optional
@@ -253,6 +254,22 @@ class PipelinedConnection:
             fut = self.pending.popleft()
             if not fut.done():
                 fut.set_exception(exc)
+
+    def bytes_waiting(self) -> bool:
+        """Bytes from the server wait in the socket, not read yet: the server answered,
+        and only this process (descheduled, or busy) has not read it. A silence measured
+        while this is true is this process's, not the server's."""
+        t = self.transport
+        if t is None or not t.is_reading():  # paused: nothing would read them
+            return False
+        sock = t.get_extra_info("socket")
+        if sock is None:
+            return False
+        try:
+            readable, _, _ = select.select([sock.fileno()], [], [], 0)
+        except (OSError, ValueError):  # closed meanwhile
+            return False
+        return bool(readable)
 
     def stalled(self, silence_s: float) -> bool:
         """Replies are owed but none came for ``silence_s``: the server (or the link) hangs.

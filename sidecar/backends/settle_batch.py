@@ -2,8 +2,9 @@
 
 Usage comes back in batches (Envoy's access log delivers many entries per message, and
 the receiver settles them together), so the Redis backend sends the settlements one tick
-queued as one EVALSHA of lua/settle_batch.lua (at most BATCH_MAX each) with one timer
-per batch, instead of a call, a reply and an ``asyncio.wait_for`` each. The batch script
+queued as one EVALSHA of lua/settle_batch.lua (at most BATCH_MAX each), owed on the
+link's watch (link_watch.py: given up on when the store falls silent or the batch misses
+its deadline), instead of a call, a reply and an ``asyncio.wait_for`` each. The batch script
 runs settle.lua's own text as a function, so the settlement rule exists once in Lua.
 Single node only (in cluster mode a batch would span slots; each settlement goes alone).
 """
@@ -22,6 +23,30 @@ if TYPE_CHECKING:
     from sidecar.backends.redis import RedisBackend
 
 BATCH_MAX = 64
+
+
+class _Owed:
+    """A batch of settlements on the link's watch (link_watch.Owed)."""
+    __slots__ = ("batcher", "items", "written_at", "deadline", "reply")
+
+    def __init__(self, batcher: "SettleBatcher", items: list, now: float,
+                 reply: asyncio.Future) -> None:
+        self.batcher = batcher
+        self.items = items
+        self.written_at = now
+        self.deadline = now + batcher.backend.deadline_s
+        self.reply = reply  # the link's future of its reply
+
+    def answered(self) -> bool:
+        return self.reply.done() or all(it[2].done() for it in self.items)
+
+    def give_up(self, store_silent: bool, silent_for: float) -> None:
+        # either way a timeout: the service resends a settlement whose reply did not come
+        # (its marker makes a second application a no-op)
+        why = (f"nothing read from the store for {silent_for * 1000:.0f} ms" if store_silent
+               else f"not settled within {self.batcher.backend.deadline_s * 1000:.0f} ms")
+        self.batcher._fail(self.items, self.batcher.backend._failed(
+            f"no reply: {why}", timed_out=True))
 
 
 def batch_script():
@@ -83,10 +108,10 @@ class SettleBatcher:
         for _, args, _ in items:
             parts.append(_bulk(len(args)))
             parts += [_bulk(a) for a in args]
-        timer = loop.call_later(self.backend.timeout_s, self._timed_out, items)
         self.batches += 1
-        conn.submit(b"".join(parts)).add_done_callback(
-            lambda fut: self._replied(items, attempt, timer, fut))
+        reply = conn.submit(b"".join(parts))
+        reply.add_done_callback(lambda fut: self._replied(items, attempt, fut))
+        self.backend.watch.owe(_Owed(self, items, time.monotonic(), reply))
 
     async def _connect_then_send(self, items: list, attempt: int) -> None:
         assert self.backend.conn is not None
@@ -97,9 +122,7 @@ class SettleBatcher:
             return
         self._send(items, attempt)
 
-    def _replied(self, items: list, attempt: int, timer: asyncio.TimerHandle,
-                 fut: asyncio.Future) -> None:
-        timer.cancel()
+    def _replied(self, items: list, attempt: int, fut: asyncio.Future) -> None:
         if fut.cancelled() or fut.exception() is not None:
             exc = fut.exception() if not fut.cancelled() else None
             self._fail(items, self.backend._failed(f"{type(exc).__name__}: {exc}"))
@@ -132,10 +155,6 @@ class SettleBatcher:
             self._fail(items, self.backend._failed(f"NOSCRIPT, and reloading failed: {exc!r}"))
             return
         self._send(items, attempt=2)
-
-    def _timed_out(self, items: list) -> None:
-        self._fail(items, self.backend._failed(
-            f"no reply within {self.backend.cfg.timeout_ms} ms", timed_out=True))
 
     @staticmethod
     def _fail(items: list, exc: BackendError) -> None:

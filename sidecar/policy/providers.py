@@ -110,6 +110,8 @@ def compile_queue(queue: Optional[schema.Queue], fail: Fail) -> Optional[schema.
              "(and under Envoy's ext_authz timeout: `kt envoy-config` sets it)")
     if not (1 <= queue.max_size <= QUEUE_MAX_SIZE):
         fail("$.queue.max_size", f"must be between 1 and {QUEUE_MAX_SIZE}")
+    if not (math.isfinite(queue.tenant_share) and 0 < queue.tenant_share <= 1):
+        fail("$.queue.tenant_share", f"a share in (0, 1] expected, got {queue.tenant_share!r}")
     return queue
 
 

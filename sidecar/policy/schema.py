@@ -124,7 +124,7 @@ class Tls(_Strict, frozen=True):
 class RedisBackend(_Strict, frozen=True, tag_field="kind", tag="redis"):
     url: str = "redis://127.0.0.1:6379/0"
     cluster: bool = False
-    timeout_ms: int = 15
+    timeout_ms: int = 50
     failure_mode: Union[FailureMode, FailureModes] = FailureModes()
     key_prefix: str = "kt"
     tls: Optional[Tls] = None
@@ -186,6 +186,9 @@ class Queue(_Strict, frozen=True):
     max_wait_ms: int = 2000  # kept under Envoy's ext_authz timeout (kt envoy-config)
     max_size: int = 1000  # waiting requests per sidecar process (the guide's queue_max_size)
     overflow: Literal["reject"] = "reject"  # the guide's queue_overflow
+    # the most of max_size one tenant may hold (at least one place): one tenant's flood
+    # cannot fill the queue for everyone
+    tenant_share: float = 0.25
 
 
 class Policy(_Strict, frozen=True, kw_only=True):

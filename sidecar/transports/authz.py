@@ -170,7 +170,8 @@ def authorization_handler(service: DecisionService) -> grpc.GenericRpcHandler:
 
     async def check(request: external_auth_pb2.CheckRequest, context) -> bytes:
         decision = await service.decide(
-            request_from_check(request, service.policy.tenant_metadata), "authz")
+            request_from_check(request, service.policy.tenant_metadata), "authz",
+            context.time_remaining())  # Envoy's grpc-timeout, less what has passed
         ans = contract.answer(decision)
         if ans.unavailable:
             # UNAVAILABLE, not UNKNOWN: Envoy treats UNKNOWN as OK, and must see a failure
