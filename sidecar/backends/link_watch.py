@@ -59,7 +59,9 @@ class Owed(Protocol):
 
 class Link(Protocol):
     last_reply_at: float  # monotonic s: the last reply read (or when one became owed)
-    pending: Sized  # replies owed by the store, not read yet
+
+    @property
+    def pending(self) -> Sized: ...  # replies owed by the store, not read yet (read only)
 
     @property
     def connected(self) -> bool: ...
