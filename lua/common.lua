@@ -140,3 +140,74 @@ local function bucket_store(key, level, cap, rate, now)
   if cap - level > 0 then ms = ms + math.ceil((cap - level) / rate / 1000) end
   redis.call('SET', key, string.format('%.17g %d', level, now), 'PX', ms)
 end
+
+-- Capacity leases (lua/lease.lua, sidecar/backends/lease.py). A tenant's open leases are
+-- one hash, <prefix>:{tenant}:leases (field: lease id, value: its record), in the
+-- tenant's slot; the other keys are named from the same tag ("<prefix>:{tenant}:"), so
+-- any script call on a tenant can find them. A record: end (µs, this node's clock), the
+-- period start of its budget charge, the limits it was taken under (rpm, tpm, burst,
+-- budget, period), what it took (requests, tokens, cost) and what its holder reported
+-- used of it so far (the same three). No TTL: the hash goes when its last lease closes.
+--
+-- A lease closes once: returned by its holder (lease.lua), or swept by the first script
+-- call on the tenant (decide, settle, lease) at or after its end, whether its holder is
+-- alive or not. Closing gives what was not used back to the pool (settle.lua's refund
+-- rules) and replaces the record by <prefix>:{tenant}:lease-closed:<id> (the record, the
+-- used amounts it closed with, and whether its cost went back), kept LEASE_CLOSED_MS: a
+-- report or return that arrives after a sweep charges only what it adds to what the sweep
+-- counted as used, and one that arrives twice adds nothing. So the pool gets back exactly
+-- what was not used, once.
+local LEASE_CLOSED_MS = 600000
+
+local function lease_record(text)
+  local r = {}
+  for n in string.gmatch(text, '[^ ]+') do r[#r + 1] = tonumber(n) end
+  return r
+end
+
+local function lease_record_text(r)
+  local t = {}
+  for i, v in ipairs(r) do t[i] = string.format('%.17g', v) end
+  return table.concat(t, ' ')
+end
+
+-- gives back to the pool (amounts > 0) or charges it (< 0) on behalf of a lease: a bucket
+-- never refills above its capacity, and cost moves only within the lease's own budget
+-- period (a closed period's spend is history). True when the cost moved.
+local function lease_adjust(tag, r, d_req, d_tok, d_cost, now)
+  local rpm, tpm, burst, budget, period, ps = r[3], r[4], r[5], r[6], r[7], r[2]
+  if rpm > 0 and d_req ~= 0 then
+    local cap, rate = rpm * burst, rpm / 60e6
+    local level = bucket_level(tag .. 'rpm', cap, rate, now) + d_req
+    if level > cap then level = cap end
+    bucket_store(tag .. 'rpm', level, cap, rate, now)
+  end
+  if tpm > 0 and d_tok ~= 0 then
+    local cap, rate = tpm * burst, tpm / 60e6
+    local level = bucket_level(tag .. 'tpm', cap, rate, now) + d_tok
+    if level > cap then level = cap end
+    bucket_store(tag .. 'tpm', level, cap, rate, now)
+  end
+  if budget < 0 or d_cost == 0 then return false end
+  local b = redis.call('HMGET', tag .. 'budget', 'ps', 's')
+  if tonumber(b[1]) ~= ps or period_bounds(now, period) ~= ps then return false end
+  redis.call('HSET', tag .. 'budget', 's', string.format('%d', add_spend(stored_spend(b[2]), -d_cost)))
+  return true
+end
+
+-- closes an open lease whose holder used (at least) u_req, u_tok, u_cost of it
+local function lease_close(tag, id, r, u_req, u_tok, u_cost, now)
+  local moved = lease_adjust(tag, r, r[8] - u_req, r[9] - u_tok, r[10] - u_cost, now)
+  r[11], r[12], r[13], r[14] = u_req, u_tok, u_cost, moved and 1 or 0
+  redis.call('HDEL', tag .. 'leases', id)
+  redis.call('SET', tag .. 'lease-closed:' .. id, lease_record_text(r), 'PX', LEASE_CLOSED_MS)
+end
+
+-- every lease of the tenant past its end closes with what its holder had reported used
+local function sweep_leases(tag, now)
+  local open = redis.call('HGETALL', tag .. 'leases')
+  for i = 1, #open, 2 do
+    local r = lease_record(open[i + 1])
+    if now >= r[1] then lease_close(tag, open[i], r, r[11], r[12], r[13], now) end
+  end
+end

@@ -45,6 +45,9 @@
 local function decide(KEYS, ARGV)
 
   local now = clock_us(ARGV[1])
+  -- leases of this tenant past their end give back what their holders did not use first
+  -- (common.lua, "Capacity leases"; the keys are named from KEYS[3]'s tag, same slot)
+  sweep_leases(string.sub(KEYS[3], 1, -7), now)
   local tier, input, output = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
   local firm, commit_on_deny = tonumber(ARGV[5]), ARGV[6] == '1'
   local rpm, tpm, burst = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])

@@ -21,6 +21,9 @@
 -- bucket_level, bucket_store; ledger_spend.lua, prepended after it, spend_add)
 
 local now = clock_us(ARGV[1])
+-- leases of this tenant past their end give back what their holders did not use first
+-- (common.lua, "Capacity leases"; the keys are named from KEYS[2]'s tag, same slot)
+sweep_leases(string.sub(KEYS[2], 1, -7), now)
 local tpm, burst, budget, period = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local d_tokens, d_cost, charge_start = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 -- clamped as the core clamps them (usage reports bound them long before)

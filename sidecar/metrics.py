@@ -247,10 +247,11 @@ def _backend_health(b):
     if leases is not None:  # capacity leases for hot tenants (sidecar/backends/lease.py)
         events = CounterMetricFamily(
             "kt_leases", "Capacity leases, by event: taken, refused (the pool could not fill a "
-            "useful lease: per-request decisions), returned (what was left went back), failed "
-            "(Redis did not answer; a remainder not known returned is never sent twice).",
+            "useful lease: per-request decisions), returned (what was left went back), "
+            "reported (what a lease used so far told to Redis), failed (Redis did not answer; "
+            "a return is sent again, and Redis closes a lease not returned after its end).",
             labels=["backend", "event"])
-        for event in ("taken", "refused", "returned", "failed"):
+        for event in ("taken", "refused", "returned", "reported", "failed"):
             events.add_metric([b.name, event], leases.stats[event])
         yield events
         local = CounterMetricFamily(

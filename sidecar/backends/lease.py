@@ -20,11 +20,21 @@ batched per loop tick). So:
 - **Exact where it matters.** A tenant whose limits cannot fill a lease of
   ``MIN_REQUESTS`` requests within ``SHARE`` (rpm 3, or a budget near its end or near low
   water) never leases: every decision is per request, exact, as before.
+- **A lease returns by itself.** Each lease is recorded in the tenant's slot (lua/lease.lua,
+  common.lua "Capacity leases") with what it took and its end on Redis's clock, GRACE_S
+  after the holder's own end. What the holder used is reported back: before any settlement
+  of the tenant goes to Redis (so a settled request's estimate is always counted), at most
+  REPORT_S after a decision in it, and when it is returned. A lease not returned by its end
+  is closed by the first script call on the tenant after it (decide, settle or lease, from
+  any replica): what was not reported used goes back to the pool, once; a return or report
+  that arrives after that charges what it adds. So a replica killed holding a lease costs
+  the others that lease's capacity until its end (about 3 s), and its budget share comes
+  back; what it admitted in its last REPORT_S and never settled (requests in flight at the
+  kill, whose usage died with it) goes back too: a one-time over-admission of at most that.
 - **Failures.** With Redis unreachable a replica goes on deciding within the leases it
   holds, never beyond (the next lease fails, and per-request decisions fall into the
-  failure mode). A replica killed while holding a lease loses that lease: its buckets'
-  share comes back by refill, its budget share stays charged (an overcharge of at most
-  one lease, never a loss of spend).
+  failure mode). A return that fails is sent again (a return applies once) for
+  RETURN_RETRY_S; after that Redis closes the lease with what was last reported used.
 
 Clock: a lease is taken on Redis's clock (its reply carries the time of the node that
 holds the tenant's keys), and its local decisions run on that clock (the budget period and
@@ -69,6 +79,15 @@ SWEEP_S = 0.25  # how often idle and old leases are looked for
 RATE_WINDOW_US = 250_000  # the rate is counted over windows this long (decision clock)
 REFUSED_QUIET_US = 1_000_000  # after a refused lease, this long per request before another
 CALL_MARKER_TTL_MS = 60_000  # a lease call's marker (a resend within it is not applied again)
+# Redis may close a lease (giving back what its holder did not report used) this long after
+# the holder stops deciding in it: the holder's return, sent by its sweeper within SWEEP_S
+# of its end, normally arrives first; a late one is reconciled by lease.lua either way
+GRACE_S = 1.0
+# what a lease has used is reported to Redis at most this long after a decision in it (and
+# before any settlement of its tenant): what Redis would count as unused if this process
+# died holding it (lua/lease.lua)
+REPORT_S = 0.05
+RETURN_RETRY_S = 60.0  # a return that failed is sent again (each sweep) for this long
 
 
 def lease_script():
@@ -83,18 +102,29 @@ def pack(*args):
     return redis_pack(*args)
 
 
+def _retrieved(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()  # a failed report is counted in stats["failed"]; the next one covers it
+
+
 class _Lease:
     """What one lease holds: the core State the local decisions run on."""
 
-    __slots__ = ("limits", "local", "state", "period_start", "ends_us", "taken_us",
+    __slots__ = ("id", "limits", "local", "state", "period_start", "ends_us", "taken_us",
                  "last_used_us", "pool_req", "pool_tok", "pool_budget", "decisions",
-                 "offset_us")
+                 "offset_us", "granted", "reported", "reporting", "report_due")
 
     def __init__(self, limits: _core.Limits, reply: list, now_us: int,
-                 offset_us: int = 0) -> None:
-        """``now_us``: the node's clock now; ``offset_us``: that clock less this host's."""
+                 offset_us: int = 0, lease_id: str = "") -> None:
+        """``now_us``: the node's clock now; ``offset_us``: that clock less this host's;
+        ``lease_id``: its record in Redis (lua/lease.lua)."""
         g_req, g_tok, g_cost, pstart, pend, _server_now, req_after, tok_after, budget_after = reply
+        self.id = lease_id
         self.limits = limits
+        self.granted = (g_req, g_tok, g_cost)
+        self.reported = (0, 0, 0)  # what Redis was last told this lease has used
+        self.reporting: Optional[asyncio.Future] = None  # a report in flight
+        self.report_due: Optional[asyncio.TimerHandle] = None  # the next report
         # the same limits, but no low-water downgrade: the lease holds budget above the mark
         self.local = _core.Limits(rpm=limits.rpm, tpm=limits.tpm, burst=limits.burst,
                                   budget=limits.budget, budget_in_usd=limits.budget_in_usd,
@@ -125,6 +155,12 @@ class _Lease:
         cost = max(0, lim.budget - st.spent) if lim.budget >= 0 else 0
         return req, tok, cost
 
+    def used(self) -> tuple[int, int, int]:
+        """Requests, tokens and cost used so far (what was taken less what is left)."""
+        left = self.left()
+        return (self.granted[0] - left[0], self.granted[1] - left[1],
+                self.granted[2] - left[2])
+
 
 class _Seen:
     """A tenant's recent decisions here: rate, and tokens and cost per decision."""
@@ -154,7 +190,10 @@ class LeaseManager:
         self._sweeper: Optional[asyncio.Task] = None
         self._call_prefix = os.urandom(6).hex()  # call ids: unique across replicas
         self._calls = 0
-        self.stats = {"taken": 0, "refused": 0, "returned": 0, "failed": 0,
+        # leases whose return failed (it may or may not have been applied): sent again, as
+        # a return applies once (lease id, its tenant, the lease, when it first failed)
+        self._unreturned: dict[str, tuple[str, _Lease, float]] = {}
+        self.stats = {"taken": 0, "refused": 0, "returned": 0, "reported": 0, "failed": 0,
                       "local_decisions": 0, "renewals_waited": 0}
 
     # --- clock ---------------------------------------------------------------
@@ -191,7 +230,7 @@ class LeaseManager:
         if lease is None and seen.rate < HOT_RATE and seen.renewing is None:
             return None
         if lease is not None and lease.limits is limits:
-            out = self._local(lease, tier, input_tokens, output_tokens, firm_tokens)
+            out = self._local(tenant, lease, tier, input_tokens, output_tokens, firm_tokens)
             if out is not None:
                 self._observe(seen, out)
                 return out
@@ -210,13 +249,13 @@ class LeaseManager:
             await self._renew(tenant, limits, seen, want)
         lease = self.leases.get(tenant)
         if lease is not None and lease.limits is limits:
-            out = self._local(lease, tier, input_tokens, output_tokens, firm_tokens)
+            out = self._local(tenant, lease, tier, input_tokens, output_tokens, firm_tokens)
             if out is not None:
                 self._observe(seen, out)
                 return out
         return None
 
-    def _local(self, lease: _Lease, tier: int, input_tokens: int, output_tokens: int,
+    def _local(self, tenant: str, lease: _Lease, tier: int, input_tokens: int, output_tokens: int,
                firm_tokens: int) -> Optional[_core.Outcome]:
         now = self.now_us(lease)
         if now >= lease.ends_us:
@@ -230,6 +269,9 @@ class LeaseManager:
             lease.last_used_us = now
             lease.decisions += 1
             self.stats["local_decisions"] += 1
+            if out.kind == 0 and lease.report_due is None:
+                lease.report_due = asyncio.get_running_loop().call_later(
+                    REPORT_S, self._report_soon, tenant, lease)
             return self._with_pool(lease, out)
         return None  # what is left does not cover it: a new lease, or per request
 
@@ -287,17 +329,21 @@ class LeaseManager:
         """Return the tenant's lease (what is left of it) and take a new one (if ``want``),
         in one script call; other decisions of the tenant wait for it meanwhile."""
         old = self.leases.pop(tenant, None)
+        if old is not None and old.report_due is not None:
+            old.report_due.cancel()  # the return carries what it used
+            old.report_due = None
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         seen.renewing = fut
         try:
-            if old is not None and old.limits is not limits:
-                # the policy changed under the lease: return it under the limits it was
-                # taken with, then take the next one under the new ones
-                await self._call(tenant, old.limits, old, None)
-                old = None
-            lease = await self._call(tenant, limits, old, want) if (
+            # the returned lease goes back under the limits recorded with it (lease.lua),
+            # so a policy changed under it needs no call of its own
+            lease = await self._call(tenant, limits, old, True, want) if (
                 want is not None or old is not None) else None
         except BackendError as exc:
+            if old is not None:
+                # not known to have gone back: returned again later (a return applies once)
+                self._unreturned[old.id] = (tenant, old, time.monotonic())
+                self._start_sweeper()
             fut.set_exception(exc)
             fut.exception()  # retrieved here; the waiters see it through shield()
             return
@@ -310,19 +356,22 @@ class LeaseManager:
         elif want is not None:
             seen.quiet_until = self._rate_now_us() + REFUSED_QUIET_US
 
-    async def _call(self, tenant: str, lim: _core.Limits, old: Optional[_Lease],
+    async def _call(self, tenant: str, lim: _core.Limits, held: Optional[_Lease], close: bool,
                     want: Optional[tuple]) -> Optional[_Lease]:
-        """One lease.lua call under ``lim``: ``old``'s remainder back, ``want`` taken."""
-        r_req, r_tok, r_cost = old.left() if old is not None else (0, 0, 0)
-        r_start = old.period_start if old is not None and lim.budget >= 0 else -1
+        """One lease.lua call: what ``held`` used so far reported (and, if ``close``, the
+        rest of it returned), then ``want`` taken under ``lim``."""
+        used = held.used() if held is not None else (0, 0, 0)
         w = want if want is not None else (0, 0, 0, 0, 0, 0)
-        args = [self.backend._now_arg(), lim.rpm, lim.tpm, repr(lim.burst), lim.budget,
-                lim.period, repr(lim.low_water), r_req, r_tok, r_cost, r_start, *w]
-        args.append(CALL_MARKER_TTL_MS)
         self._calls += 1
-        # the call's marker: in the tenant's slot (its hash tag), so one node runs the call
-        keys = [*self.backend.keys(tenant),
-                f"{self.backend.prefix}:{{{tenant}}}:lease-call:{self._call_prefix}.{self._calls}"]
+        call_id = f"{self._call_prefix}.{self._calls}"  # also the new lease's id
+        args = [self.backend._now_arg(), lim.rpm, lim.tpm, repr(lim.burst), lim.budget,
+                lim.period, repr(lim.low_water), held.id if held is not None else "", *used,
+                1 if close else 0, *w, call_id, int((MAX_AGE_S + GRACE_S) * 1e6),
+                CALL_MARKER_TTL_MS]
+        # the call's marker and the lease records: in the tenant's slot (its hash tag), so
+        # one node runs the call
+        tag = f"{self.backend.prefix}:{{{tenant}}}"
+        keys = [*self.backend.keys(tenant), f"{tag}:lease-call:{call_id}", f"{tag}:leases"]
         packed = None if self.backend.cfg.cluster else pack(
             "EVALSHA", self.script.sha, len(keys), *keys, *args)
         sent_wall = time.time_ns() // 1000
@@ -330,18 +379,18 @@ class LeaseManager:
             reply = await self.backend._call(self.script, keys, args, packed)
         except BackendError:
             self.stats["failed"] += 1
-            if old is not None:
-                # not known to have gone back, so never sent again (a second refund could
-                # over-admit): lost until the pool refills (buckets) or the period ends
-                log.warning("lease of tenant %s: its remainder could not be returned", tenant)
+            if held is not None and close:
+                log.warning("lease of tenant %s: its remainder could not be returned yet",
+                            tenant)
             raise
         if isinstance(reply, hiredis.ReplyError) or not (
                 isinstance(reply, list) and len(reply) == 9
                 and all(isinstance(x, int) for x in reply)):
             self.stats["failed"] += 1
             raise self.backend._failed(f"lease.lua: unexpected reply {str(reply)[:120]}")
-        if old is not None:
-            self.stats["returned"] += 1
+        if held is not None:
+            held.reported = used
+            self.stats["returned" if close else "reported"] += 1
         if self.clock is None:
             got_wall = time.time_ns() // 1000
             offset = reply[5] - (sent_wall + got_wall) // 2
@@ -354,7 +403,45 @@ class LeaseManager:
             return None
         self.stats["taken"] += 1
         return _Lease(lim, reply, self.clock() if self.clock is not None
-                      else time.time_ns() // 1000 + offset, offset)
+                      else time.time_ns() // 1000 + offset, offset, call_id)
+
+    async def report(self, tenant: str) -> None:
+        """Tell Redis what the tenant's lease here has used, before a settlement of the
+        tenant goes there. A lease whose holder dies is closed by Redis after its end with
+        what was last reported counted as used: a request admitted in it whose settlement
+        Redis has applied (its actual cost less its estimate) must have its estimate counted
+        too, or the budget would miss that estimate. Best effort: a report that fails is
+        counted, and the next one (or the return) carries everything."""
+        seen = self._seen.get(tenant)
+        if seen is not None and seen.renewing is not None:
+            try:  # a return in flight carries everything used so far
+                await asyncio.shield(seen.renewing)
+            except BackendError:
+                pass
+        lease = self.leases.get(tenant)
+        if lease is None:
+            return
+        need = lease.used()
+        for _ in range(2):  # one report in flight may have been sent before ``need``
+            if all(r >= n for r, n in zip(lease.reported, need, strict=True)):
+                return
+            if lease.reporting is None:
+                lease.reporting = asyncio.ensure_future(self._report(tenant, lease))
+            try:
+                await asyncio.shield(lease.reporting)
+            except BackendError:
+                return
+
+    def _report_soon(self, tenant: str, lease: _Lease) -> None:
+        lease.report_due = None
+        if self.leases.get(tenant) is lease:  # a lease returned carried its use already
+            asyncio.ensure_future(self.report(tenant)).add_done_callback(_retrieved)
+
+    async def _report(self, tenant: str, lease: _Lease) -> None:
+        try:
+            await self._call(tenant, lease.limits, lease, False, None)
+        finally:
+            lease.reporting = None
 
     def settled(self, tenant: str, budget_spent: int) -> None:
         """A settlement of the tenant's usage reached Redis: the budget it left, which the
@@ -369,25 +456,33 @@ class LeaseManager:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
 
     async def _sweep_loop(self) -> None:
-        while self.leases:
+        while self.leases or self._unreturned:
             await asyncio.sleep(SWEEP_S)
             await self.sweep()
 
     async def sweep(self, everything: bool = False) -> None:
-        """Return the leases that are idle, old or (``everything``) all of them."""
+        """Return the leases that are idle, old or (``everything``) all of them, and those
+        whose return failed."""
         due = [t for t, lease in self.leases.items()
                if everything or self.now_us(lease) >= lease.ends_us
                or self.now_us(lease) - lease.last_used_us >= IDLE_S * 1e6]
         for tenant in due:
-            lease = self.leases.get(tenant)
             seen = self._seen.get(tenant)
-            if lease is None or (seen is not None and seen.renewing is not None):
+            if seen is None:
+                seen = self._seen[tenant] = _Seen(self._rate_now_us())
+            if tenant in self.leases and seen.renewing is None:
+                await self._renew(tenant, self.leases[tenant].limits, seen, None)
+        for lease_id, (tenant, lease, failed_at) in list(self._unreturned.items()):
+            if time.monotonic() - failed_at > RETURN_RETRY_S:
+                del self._unreturned[lease_id]
+                log.warning("lease of tenant %s: not returned within %d s; Redis closes it with "
+                            "what was last reported used", tenant, RETURN_RETRY_S)
                 continue
-            self.leases.pop(tenant, None)
             try:
-                await self._call(tenant, lease.limits, lease, None)
+                await self._call(tenant, lease.limits, lease, True, None)
             except BackendError:
-                pass  # counted and logged in _call
+                continue
+            self._unreturned.pop(lease_id, None)
 
     async def close(self) -> None:
         if self._sweeper is not None:
@@ -395,7 +490,11 @@ class LeaseManager:
         try:
             await asyncio.wait_for(self.sweep(everything=True), 1.0)
         except (asyncio.TimeoutError, BackendError):
-            log.warning("leases not returned at shutdown: %d", len(self.leases))
+            pass
+        if self.leases or self._unreturned:
+            log.warning("leases not returned at shutdown: %d (Redis closes them after their "
+                        "end with what was last reported used)",
+                        len(self.leases) + len(self._unreturned))
 
     def _forget_quiet(self, now: int) -> None:
         for tenant in [t for t, s in self._seen.items()

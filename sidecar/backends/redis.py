@@ -967,6 +967,8 @@ class RedisBackend:
     async def settle(self, tenant: str, limits: _core.Limits, request_id: str, delta_tokens: int,
                      delta_cost: int, period_start_us: int,
                      spend: Optional[SpendRecord] = None) -> Settlement:
+        if self.leases is not None:  # Redis knows what the tenant's lease used first (lease.py)
+            await self.leases.report(tenant)
         _, tpm_key, budget_key = self.keys(tenant)
         marker = self._settled_marker(tenant, request_id)
         args = [self._now_arg(), limits.tpm, repr(limits.burst), limits.budget, limits.period,
