@@ -56,7 +56,7 @@ import logging
 import math
 import os
 import time
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import hiredis
 
@@ -87,13 +87,15 @@ GRACE_S = 1.0
 # before any settlement of its tenant): what Redis would count as unused if this process
 # died holding it (lua/lease.lua)
 REPORT_S = 0.05
-RETURN_RETRY_S = 60.0  # a return that failed is sent again (each sweep) for this long
+RETURN_RETRY_S = 60.0
+ENDED_SWEEP_S = 1.0  # how often this process closes leases whose holders are gone
+ENDED_BATCH = 100  # leases closed per round at most  # a return that failed is sent again (each sweep) for this long
 
 
-def lease_script():
+def lease_scripts():
     from sidecar.backends.redis import _Script
 
-    return _Script("lease.lua")
+    return _Script("lease.lua"), _Script("lease_sweep.lua")
 
 
 def pack(*args):
@@ -184,7 +186,13 @@ class LeaseManager:
         ``clock_override``), for the leases' own decisions, ends and rates."""
         self.backend = backend
         self.clock = clock
-        self.script = lease_script()
+        self.script, self.sweep_script = lease_scripts()
+        self.scripts = (self.script, self.sweep_script)
+        # "<tenant> <lease id>" by end (µs, Redis's clock): leases not known returned, so any
+        # replica can close one whose holder died (lua/lease_sweep.lua). One key, not in a
+        # tenant's slot: a hint written after the lease, not part of its atomic record
+        self.index_key = f"{backend.prefix}:lease-ends"
+        self._ended_sweeper: Optional[asyncio.Task] = None
         self.leases: dict[str, _Lease] = {}
         self._seen: dict[str, _Seen] = {}
         self._sweeper: Optional[asyncio.Task] = None
@@ -214,6 +222,8 @@ class LeaseManager:
         """The outcome decided within a lease, or None: decide this one per request."""
         if commit_on_deny:  # shadow mode: every decision per request
             return None
+        if self._ended_sweeper is None:
+            self._ended_sweeper = asyncio.get_running_loop().create_task(self._ended_loop())
         now = self._rate_now_us()
         seen = self._seen.get(tenant)
         if seen is None:
@@ -391,6 +401,8 @@ class LeaseManager:
         if held is not None:
             held.reported = used
             self.stats["returned" if close else "reported"] += 1
+            if close:
+                self._later("ZREM", self.index_key, f"{tenant} {held.id}")
         if self.clock is None:
             got_wall = time.time_ns() // 1000
             offset = reply[5] - (sent_wall + got_wall) // 2
@@ -402,6 +414,8 @@ class LeaseManager:
             self.stats["refused"] += 1
             return None
         self.stats["taken"] += 1
+        self._later("ZADD", self.index_key, reply[5] + int((MAX_AGE_S + GRACE_S) * 1e6),
+                    f"{tenant} {call_id}")
         return _Lease(lim, reply, self.clock() if self.clock is not None
                       else time.time_ns() // 1000 + offset, offset, call_id)
 
@@ -484,7 +498,54 @@ class LeaseManager:
                 continue
             self._unreturned.pop(lease_id, None)
 
+    # --- leases whose holder is gone -------------------------------------------
+    async def _plain(self, *command: Any) -> Any:
+        """One plain command (not a script), bounded by the backend's timeout."""
+        if not self.backend.cfg.cluster:
+            return await self.backend._send_plain(pack(*command))
+        try:
+            return await asyncio.wait_for(self.backend.client.execute_command(*command),
+                                          self.backend.timeout_s)
+        except Exception as exc:  # noqa: BLE001 - the one seam: every failure is a BackendError
+            raise self.backend._failed(f"{command[0]}: {type(exc).__name__}: {exc}") from None
+
+    def _later(self, *command: Any) -> None:
+        """The lease index kept in the background: a lost write only delays a close (the
+        lease's record is the truth, and any call on its tenant closes it)."""
+        if self.backend.client is None and self.backend.conn is None:
+            return
+        asyncio.ensure_future(self._plain(*command)).add_done_callback(_retrieved)
+
+    async def _ended_loop(self) -> None:
+        while True:
+            await asyncio.sleep(ENDED_SWEEP_S)
+            try:
+                await self.close_ended()
+            except BackendError:
+                pass  # counted by the backend; the next round tries again
+
+    async def close_ended(self) -> int:
+        """Close the leases the index says have ended (what their holders did not report
+        used goes back); the number closed."""
+        now = self.clock() if self.clock is not None else time.time_ns() // 1000
+        ended = await self._plain("ZRANGEBYSCORE", self.index_key, "-inf", now,
+                                  "LIMIT", 0, ENDED_BATCH)
+        closed = 0
+        for raw in ended or ():
+            member = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+            tenant, _, lease_id = member.rpartition(" ")
+            keys = [f"{self.backend.prefix}:{{{tenant}}}:leases"]
+            args = [self.backend._now_arg(), lease_id]
+            packed = None if self.backend.cfg.cluster else pack(
+                "EVALSHA", self.sweep_script.sha, 1, *keys, *args)
+            if await self.backend._call(self.sweep_script, keys, args, packed) == 1:
+                await self._plain("ZREM", self.index_key, raw)
+                closed += 1
+        return closed
+
     async def close(self) -> None:
+        if self._ended_sweeper is not None:
+            self._ended_sweeper.cancel()
         if self._sweeper is not None:
             self._sweeper.cancel()
         try:

@@ -307,7 +307,7 @@ class RedisBackend:
                    self._settles.script, self.routed_script, self.routed_batch_script,
                    self.provider_take_script, self.provider_settle_script,
                    self.record_spend_script)
-        return scripts + (self.leases.script,) if self.leases is not None else scripts
+        return scripts + self.leases.scripts if self.leases is not None else scripts
 
     async def close(self) -> None:
         if self.leases is not None:
