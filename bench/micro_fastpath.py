@@ -9,7 +9,8 @@ port) with the bench's policy, leases on, as bench/run.py's fast path runs: its 
 are hot, so most decisions are made within leases; the CPU counted is this process's only
 (the sidecar's part, Valkey's not).
 
-  python bench/micro_fastpath.py [--requests N] [--runs R] [--profile] [--backend redis]
+  python bench/micro_fastpath.py [--requests N] [--runs R] [--profile] [--backend redis
+                                 [--no-leases]]
 
 Prints the median (min–max) of R runs in µs of CPU per request and requests/s of CPU.
 """
@@ -97,6 +98,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--profile", action="store_true", help="cProfile one run, top functions")
     ap.add_argument("--backend", choices=["memory", "redis"], default="memory")
+    ap.add_argument("--no-leases", action="store_true",
+                    help="--backend redis: every decision in Redis (backend.leases: false)")
     a = ap.parse_args()
     with contextlib.ExitStack() as stack:
         return measure(a, stack)
@@ -109,7 +112,10 @@ def measure(a: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         from tests.support.valkey import Valkey
 
         valkey = stack.enter_context(Valkey(stack.enter_context(workdir())))
-        pol = parse_policy(policy(valkey.url).encode(), "<bench policy, redis>")
+        text = policy(valkey.url)
+        if a.no_leases:
+            text = text.replace("leases: true", "leases: false")
+        pol = parse_policy(text.encode(), "<bench policy, redis>")
         backend = RedisBackend(pol.backend)  # type: ignore[arg-type]
         loop.run_until_complete(backend.start())
         stack.callback(lambda: loop.run_until_complete(backend.close()))

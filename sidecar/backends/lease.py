@@ -86,7 +86,7 @@ GRACE_S = 1.0
 # what a lease has used is reported to Redis at most this long after a decision in it (and
 # before any settlement of its tenant): what Redis would count as unused if this process
 # died holding it (lua/lease.lua)
-REPORT_S = 0.05
+REPORT_S = 0.25
 RETURN_RETRY_S = 60.0
 ENDED_SWEEP_S = 1.0  # how often this process closes leases whose holders are gone
 ENDED_BATCH = 100  # leases closed per round at most  # a return that failed is sent again (each sweep) for this long

@@ -133,10 +133,8 @@ class RedisBackend(_Strict, frozen=True, tag_field="kind", tag="redis"):
     # one extra write per admitted request with an x-request-id
     shared_reservations: bool = False
     # capacity leases for hot tenants: a replica decides in process within capacity it
-    # took from Redis at once (docs/redis.md, "Capacity leases"). Off by default: a replica
-    # killed while holding one leaves its unused budget share charged (budgets then exceed
-    # the ledger's events by at most that lease)
-    leases: bool = False
+    # took from Redis at once (docs/redis.md, "Capacity leases"; when to turn them off)
+    leases: bool = True
 
 
 Backend = Union[MemoryBackend, RedisBackend]
