@@ -541,3 +541,55 @@ def test_a_return_racing_the_sweep_gives_back_once(valkey, order, monkeypatch):
     if swept is not None:  # the sweep gave back what a had not reported used
         assert swept == charged - unreported
     assert after == charged
+
+
+def test_a_lease_call_cancelled_with_its_decision_leaves_no_one_waiting(valkey):
+    """A decision renewing a tenant's lease is cancelled (its client went) while the lease
+    call is in flight; another decision of the tenant was waiting for that call. The
+    waiter is answered (here by the failure mode: Redis is stalled), never left waiting,
+    and the lease that call was returning is returned again once Redis answers."""
+    clock = Clock()
+    a = backend(valkey, clock, timeout_ms=200)
+    lim = _core.Limits(rpm=6000, tpm=100_000_000)
+    name = tenant("lease-cancelled")
+
+    async def main():
+        await a.start()
+        try:
+            await run([(a, 100.0)], name, lim, clock, 1.0)
+            lease = a.leases.leases[name]
+            clock.now = lease.ends_us  # the lease is over: the next decision renews it
+            valkey.pause()
+            try:
+                renewing = asyncio.ensure_future(a.decide(name, lim, 0, 50, 50, 100, False))
+                await eventually(lambda: a.leases._seen[name].renewing is not None)
+                waiting = asyncio.ensure_future(a.decide(name, lim, 0, 50, 50, 100, False))
+                await asyncio.sleep(0.05)  # the waiter is waiting for the renewal
+                renewing.cancel()
+                done, _ = await asyncio.wait([waiting], timeout=30)
+                answered = waiting in done
+                if not answered:
+                    waiting.cancel()
+            finally:
+                valkey.resume()
+            unreturned = lease.id in a.leases._unreturned
+            await a.leases.sweep()
+            return answered, unreturned, lease.id in a.leases._unreturned, lease.id
+        finally:
+            await a.close()
+
+    answered, unreturned, still, lease_id = asyncio.run(main())
+    assert answered  # before: it waited for ever on the cancelled call
+    assert unreturned and not still
+    r = store(valkey)
+    try:
+        assert not r.hexists(f"kt:{{{name}}}:leases", lease_id)  # returned, closed
+    finally:
+        r.close()
+
+
+async def eventually(cond, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met"
+        await asyncio.sleep(0.005)

@@ -87,9 +87,9 @@ GRACE_S = 1.0
 # before any settlement of its tenant): what Redis would count as unused if this process
 # died holding it (lua/lease.lua)
 REPORT_S = 0.25
-RETURN_RETRY_S = 60.0
+RETURN_RETRY_S = 60.0  # a return that failed is sent again (each sweep) for this long
 ENDED_SWEEP_S = 1.0  # how often this process closes leases whose holders are gone
-ENDED_BATCH = 100  # leases closed per round at most  # a return that failed is sent again (each sweep) for this long
+ENDED_BATCH = 100  # leases closed per round at most
 
 
 def lease_scripts():
@@ -349,14 +349,18 @@ class LeaseManager:
             # so a policy changed under it needs no call of its own
             lease = await self._call(tenant, limits, old, True, want) if (
                 want is not None or old is not None) else None
-        except BackendError as exc:
+        except BaseException as exc:  # a BackendError, or the deciding task cancelled
             if old is not None:
                 # not known to have gone back: returned again later (a return applies once)
                 self._unreturned[old.id] = (tenant, old, time.monotonic())
                 self._start_sweeper()
-            fut.set_exception(exc)
+            # the waiters (other decisions, settlements' reports) must not wait forever
+            fut.set_exception(exc if isinstance(exc, BackendError)
+                              else BackendError("lease call not finished"))
             fut.exception()  # retrieved here; the waiters see it through shield()
-            return
+            if isinstance(exc, BackendError):
+                return
+            raise
         finally:
             seen.renewing = None
         fut.set_result(None)
