@@ -2,8 +2,9 @@
 sidecars' backends sharing it, time simulated (the scripts and the leases run on one test
 clock): no over-admission in any window, at least 97% of the limit admitted per minute with
 uneven demand above it, exact per-request decisions where a lease cannot be useful, a
-killed sidecar loses at most its lease, and with Redis unreachable a sidecar goes on
-within its lease and never beyond it. Every test runs on one node and on a 3-node cluster
+killed or abandoned sidecar's lease back after its end with the budget exact to the
+nano-dollar (a return racing that close gives back once), and with Redis unreachable a
+sidecar goes on within its lease and never beyond it. Every test runs on one node and on a 3-node cluster
 (one of each per module: the ``valkey`` fixture is parametrized), plus what only a cluster
 needs: a lease call applied once when resent, scripts on every primary, NOSCRIPT."""
 from __future__ import annotations
