@@ -594,3 +594,80 @@ async def eventually(cond, timeout_s: float = 10.0) -> None:
     while not cond():
         assert time.monotonic() < deadline, "condition not met"
         await asyncio.sleep(0.005)
+
+
+# a sidecar's backend in a process of its own: decides for a hot tenant (about 100/s),
+# settles each request it admits, and once it has decided 30 times in a lease prints the
+# settled cost and what its lease still holds, then waits to be killed
+HOLDER = r"""
+import asyncio, sys
+from sidecar import _core
+from sidecar.backends.redis import RedisBackend
+from sidecar.policy import schema
+
+url, cluster, name = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
+lim = _core.Limits(rpm=600_000, tpm=10_000_000_000, budget=10**12, period=_core.P_MONTH,
+                   budget_in_usd=True, prices=((2500, 10000),))
+
+async def main():
+    b = RedisBackend(schema.RedisBackend(url=url, timeout_ms=2000, cluster=cluster,
+                                         leases=True))
+    await b.start()
+    settled = n = 0
+    while name not in b.leases.leases or b.leases.leases[name].decisions < 30:
+        out = await b.decide(name, lim, 0, 50, 50, 100, False)
+        if out.admitted:
+            cost = 50 * 2500 + (n % 40) * 10000
+            await b.settle(name, lim, f"r{n}", 50 + n % 40 - out.charged_tokens,
+                           cost - out.charged_cost, out.period_start_us)
+            settled, n = settled + cost, n + 1
+        await asyncio.sleep(0.01)
+    print(settled, b.leases.leases[name].left()[2], flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+def test_a_sigkilled_sidecars_lease_comes_back_and_the_budget_is_exact(valkey):
+    """A real process holding a lease of a hot tenant, every request it admitted settled,
+    is SIGKILLed. Right after, the budget still holds its lease; within a few seconds
+    (the lease's end, then a live sidecar's round over ended leases, no request of that
+    tenant needed) the budget holds exactly the settled cost, to the nano-dollar."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    name = tenant("lease-sigkill")
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, valkey.url,
+                             "1" if valkey.cluster else "0", name],
+                            stdout=subprocess.PIPE, env=dict(os.environ))
+    try:
+        line = proc.stdout.readline().split()  # blocks until the holder is ready
+        assert len(line) == 2, "the holder process ended before holding a lease"
+        settled, held = int(line[0]), int(line[1])
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    live = RedisBackend(schema.RedisBackend(url=valkey.url, timeout_ms=2000,
+                                            cluster=valkey.cluster, leases=True))
+    killed_at = budget_spent(valkey, live, name)
+
+    async def main():
+        await live.start()
+        try:
+            deadline = time.monotonic() + 60
+            while budget_spent(valkey, live, name) != settled and time.monotonic() < deadline:
+                await live.leases.close_ended()
+                await asyncio.sleep(0.2)
+            return budget_spent(valkey, live, name)
+        finally:
+            await live.close()
+
+    after = asyncio.run(main())
+    assert held > 0 and killed_at == settled + held
+    assert after == settled
