@@ -45,10 +45,11 @@
 -- already closed (swept after its end, or returned) charges what it adds to the used
 -- amounts it closed with, so whatever the order of a return and a sweep the pool ends with
 -- exactly what the holder used.
--- A call is applied once: the same call sent again (same KEYS[4]) applies nothing and
--- answers what the first answered. redis-py's cluster client resends a command after a
--- connection error or a socket timeout, when the first may have been applied; a lease
--- taken twice would only under-admit, but it would hold capacity until its end.
+-- A call that takes a lease is applied once: the same call sent again (same KEYS[4])
+-- applies nothing and answers what the first answered. redis-py's cluster client resends
+-- a command after a connection error or a socket timeout, when the first may have been
+-- applied; a lease taken twice would hold capacity no one uses until its end. A report or
+-- a return that takes nothing keeps no marker: applied twice, it adds nothing (above).
 
 local done = redis.call('GET', KEYS[4])
 if done then
@@ -159,5 +160,7 @@ local reply = {g_req, g_tok, g_cost, pstart, pend, now, math.floor(req_level),
                math.floor(tok_level), remaining}
 local text = {}
 for i, v in ipairs(reply) do text[i] = string.format('%d', v) end
-redis.call('SET', KEYS[4], table.concat(text, ','), 'PX', ARGV[21])
+if w_req > 0 or w_tok > 0 or w_cost > 0 then
+  redis.call('SET', KEYS[4], table.concat(text, ','), 'PX', ARGV[21])
+end
 return reply

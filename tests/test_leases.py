@@ -87,9 +87,6 @@ def backend(valkey: Store, clock: Clock, leases: bool = True,
 
 def abandon(b: RedisBackend) -> None:
     """b's process is gone: the leases it holds are never returned nor reported again."""
-    for lease in b.leases.leases.values():
-        if lease.report_due is not None:
-            lease.report_due.cancel()
     b.leases.leases.clear()
 
 

@@ -114,7 +114,7 @@ class _Lease:
 
     __slots__ = ("id", "limits", "local", "state", "period_start", "ends_us", "taken_us",
                  "last_used_us", "pool_req", "pool_tok", "pool_budget", "decisions",
-                 "offset_us", "granted", "reported", "reporting", "report_due")
+                 "offset_us", "granted", "reported", "reporting")
 
     def __init__(self, limits: _core.Limits, reply: list, now_us: int,
                  offset_us: int = 0, lease_id: str = "") -> None:
@@ -126,7 +126,6 @@ class _Lease:
         self.granted = (g_req, g_tok, g_cost)
         self.reported = (0, 0, 0)  # what Redis was last told this lease has used
         self.reporting: Optional[asyncio.Future] = None  # a report in flight
-        self.report_due: Optional[asyncio.TimerHandle] = None  # the next report
         # the same limits, but no low-water downgrade: the lease holds budget above the mark
         self.local = _core.Limits(rpm=limits.rpm, tpm=limits.tpm, burst=limits.burst,
                                   budget=limits.budget, budget_in_usd=limits.budget_in_usd,
@@ -156,6 +155,11 @@ class _Lease:
         tok = max(0, int(math.floor(st.tok_level))) if lim.tpm > 0 else 0
         cost = max(0, lim.budget - st.spent) if lim.budget >= 0 else 0
         return req, tok, cost
+
+    def mark_reported(self, used: tuple[int, int, int]) -> None:
+        """Redis was told ``used`` (reports may complete out of order: totals only grow)."""
+        r = self.reported
+        self.reported = (max(r[0], used[0]), max(r[1], used[1]), max(r[2], used[2]))
 
     def used(self) -> tuple[int, int, int]:
         """Requests, tokens and cost used so far (what was taken less what is left)."""
@@ -193,6 +197,7 @@ class LeaseManager:
         # tenant's slot: a hint written after the lease, not part of its atomic record
         self.index_key = f"{backend.prefix}:lease-ends"
         self._ended_sweeper: Optional[asyncio.Task] = None
+        self._report_due: Optional[asyncio.TimerHandle] = None  # the next round of reports
         self.leases: dict[str, _Lease] = {}
         self._seen: dict[str, _Seen] = {}
         self._sweeper: Optional[asyncio.Task] = None
@@ -279,9 +284,9 @@ class LeaseManager:
             lease.last_used_us = now
             lease.decisions += 1
             self.stats["local_decisions"] += 1
-            if out.kind == 0 and lease.report_due is None:
-                lease.report_due = asyncio.get_running_loop().call_later(
-                    REPORT_S, self._report_soon, tenant, lease)
+            if out.kind == 0 and self._report_due is None:
+                self._report_due = asyncio.get_running_loop().call_later(
+                    REPORT_S, self._report_used)
             return self._with_pool(lease, out)
         return None  # what is left does not cover it: a new lease, or per request
 
@@ -339,9 +344,6 @@ class LeaseManager:
         """Return the tenant's lease (what is left of it) and take a new one (if ``want``),
         in one script call; other decisions of the tenant wait for it meanwhile."""
         old = self.leases.pop(tenant, None)
-        if old is not None and old.report_due is not None:
-            old.report_due.cancel()  # the return carries what it used
-            old.report_due = None
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         seen.renewing = fut
         try:
@@ -375,19 +377,7 @@ class LeaseManager:
         """One lease.lua call: what ``held`` used so far reported (and, if ``close``, the
         rest of it returned), then ``want`` taken under ``lim``."""
         used = held.used() if held is not None else (0, 0, 0)
-        w = want if want is not None else (0, 0, 0, 0, 0, 0)
-        self._calls += 1
-        call_id = f"{self._call_prefix}.{self._calls}"  # also the new lease's id
-        args = [self.backend._now_arg(), lim.rpm, lim.tpm, repr(lim.burst), lim.budget,
-                lim.period, repr(lim.low_water), held.id if held is not None else "", *used,
-                1 if close else 0, *w, call_id, int((MAX_AGE_S + GRACE_S) * 1e6),
-                CALL_MARKER_TTL_MS]
-        # the call's marker and the lease records: in the tenant's slot (its hash tag), so
-        # one node runs the call
-        tag = f"{self.backend.prefix}:{{{tenant}}}"
-        keys = [*self.backend.keys(tenant), f"{tag}:lease-call:{call_id}", f"{tag}:leases"]
-        packed = None if self.backend.cfg.cluster else pack(
-            "EVALSHA", self.script.sha, len(keys), *keys, *args)
+        call_id, keys, args, packed = self._request(tenant, lim, held, used, close, want)
         sent_wall = time.time_ns() // 1000
         try:
             reply = await self.backend._call(self.script, keys, args, packed)
@@ -403,7 +393,7 @@ class LeaseManager:
             self.stats["failed"] += 1
             raise self.backend._failed(f"lease.lua: unexpected reply {str(reply)[:120]}")
         if held is not None:
-            held.reported = used
+            held.mark_reported(used)
             self.stats["returned" if close else "reported"] += 1
             if close:
                 self._later("ZREM", self.index_key, f"{tenant} {held.id}")
@@ -422,6 +412,26 @@ class LeaseManager:
                     f"{tenant} {call_id}")
         return _Lease(lim, reply, self.clock() if self.clock is not None
                       else time.time_ns() // 1000 + offset, offset, call_id)
+
+    def _request(self, tenant: str, lim: _core.Limits, held: Optional[_Lease],
+                 used: tuple[int, int, int], close: bool,
+                 want: Optional[tuple]) -> tuple[str, list[str], list[Any], Optional[bytes]]:
+        """A lease.lua call's id (the new lease's id too), KEYS, ARGV, and its encoding on
+        one node."""
+        w = want if want is not None else (0, 0, 0, 0, 0, 0)
+        self._calls += 1
+        call_id = f"{self._call_prefix}.{self._calls}"
+        args = [self.backend._now_arg(), lim.rpm, lim.tpm, repr(lim.burst), lim.budget,
+                lim.period, repr(lim.low_water), held.id if held is not None else "", *used,
+                1 if close else 0, *w, call_id, int((MAX_AGE_S + GRACE_S) * 1e6),
+                CALL_MARKER_TTL_MS]
+        # the call's marker and the lease records: in the tenant's slot (its hash tag), so
+        # one node runs the call
+        tag = f"{self.backend.prefix}:{{{tenant}}}"
+        keys = [*self.backend.keys(tenant), f"{tag}:lease-call:{call_id}", f"{tag}:leases"]
+        packed = None if self.backend.cfg.cluster else pack(
+            "EVALSHA", self.script.sha, len(keys), *keys, *args)
+        return call_id, keys, args, packed
 
     async def report(self, tenant: str) -> None:
         """Tell Redis what the tenant's lease here has used, before a settlement of the
@@ -447,13 +457,17 @@ class LeaseManager:
                 lease.reporting = asyncio.ensure_future(self._report(tenant, lease))
             try:
                 await asyncio.shield(lease.reporting)
-            except BackendError:
+            except Exception:  # noqa: BLE001 - counted where it failed; the next one covers it
                 return
 
-    def _report_soon(self, tenant: str, lease: _Lease) -> None:
-        lease.report_due = None
-        if self.leases.get(tenant) is lease:  # a lease returned carried its use already
-            asyncio.ensure_future(self.report(tenant)).add_done_callback(_retrieved)
+    def _report_used(self) -> None:
+        """Every REPORT_S while leases are used: what each used since its last report, all
+        sent in the same loop tick (one node: one write on the pipelined link)."""
+        self._report_due = None
+        for tenant, lease in self.leases.items():
+            if lease.reporting is None and lease.used() != lease.reported:
+                lease.reporting = asyncio.ensure_future(self._report(tenant, lease))
+                lease.reporting.add_done_callback(_retrieved)
 
     async def _report(self, tenant: str, lease: _Lease) -> None:
         try:
@@ -548,6 +562,8 @@ class LeaseManager:
         return closed
 
     async def close(self) -> None:
+        if self._report_due is not None:
+            self._report_due.cancel()
         if self._ended_sweeper is not None:
             self._ended_sweeper.cancel()
         if self._sweeper is not None:
