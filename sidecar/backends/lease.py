@@ -106,7 +106,7 @@ def pack(*args):
 
 def _retrieved(task: asyncio.Future) -> None:
     if not task.cancelled():
-        task.exception()  # a failed report is counted in stats["failed"]; the next one covers it
+        task.exception()  # a failure is counted where it happened; the next call covers it
 
 
 class _Lease:
@@ -455,6 +455,7 @@ class LeaseManager:
                 return
             if lease.reporting is None:
                 lease.reporting = asyncio.ensure_future(self._report(tenant, lease))
+                lease.reporting.add_done_callback(_retrieved)
             try:
                 await asyncio.shield(lease.reporting)
             except Exception:  # noqa: BLE001 - counted where it failed; the next one covers it
