@@ -668,3 +668,47 @@ def test_a_sigkilled_sidecars_lease_comes_back_and_the_budget_is_exact(valkey):
     after = asyncio.run(main())
     assert held > 0 and killed_at == settled + held
     assert after == settled
+
+
+def test_the_holder_stops_deciding_in_a_lease_before_redis_may_close_it(valkey):
+    """No over-admission at a lease's end: Redis's end for a lease (when any call may close
+    it) is GRACE_S after the holder's own end, both on the clock of the node that holds the
+    tenant. At the holder's end, another sidecar's decision leaves the lease open, and the
+    holder decides no more in it; at Redis's end the lease closes."""
+    clock = Clock()
+    a, b = backend(valkey, clock), backend(valkey, clock)
+    lim = _core.Limits(**PRICED)
+    name = tenant("lease-margin")
+
+    def record(lease_id: str):
+        r = store(valkey)
+        try:
+            raw = r.hget(f"kt:{{{name}}}:leases", lease_id)
+            return None if raw is None else [float(x) for x in raw.split()]
+        finally:
+            r.close()
+
+    async def main():
+        await a.start()
+        await b.start()
+        try:
+            await hot(a, name, lim, clock, [])
+            lease = a.leases.leases[name]
+            redis_end = int(record(lease.id)[0])
+            a.leases._sweeper.cancel()  # a keeps the lease past its end (a stalled holder)
+            clock.now = lease.ends_us
+            await b.decide(name, lim, 0, 50, 50, 100, False)  # per request (b is cold)
+            open_at_holder_end = record(lease.id) is not None
+            local = a.leases._local(name, lease, 0, 50, 50, 100)
+            clock.now = redis_end
+            await b.decide(name, lim, 0, 50, 50, 100, False)
+            open_at_redis_end = record(lease.id) is not None
+            return lease.ends_us, redis_end, open_at_holder_end, local, open_at_redis_end
+        finally:
+            await a.close()
+            await b.close()
+
+    holder_end, redis_end, open_at_holder_end, local, open_at_redis_end = asyncio.run(main())
+    assert redis_end - holder_end >= lease_mod.GRACE_S * 1_000_000
+    assert open_at_holder_end and local is None
+    assert not open_at_redis_end
