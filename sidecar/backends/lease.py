@@ -112,7 +112,7 @@ def _retrieved(task: asyncio.Future) -> None:
 class _Lease:
     """What one lease holds: the core State the local decisions run on."""
 
-    __slots__ = ("id", "limits", "local", "state", "period_start", "ends_us", "taken_us",
+    __slots__ = ("id", "limits", "local", "state", "ends_us", "taken_us",
                  "last_used_us", "pool_req", "pool_tok", "pool_budget", "decisions",
                  "offset_us", "granted", "reported", "reporting")
 
@@ -139,7 +139,6 @@ class _Lease:
             st.spent = limits.budget - g_cost  # remaining = what the lease holds
             st.period_start = pstart
         self.state = st
-        self.period_start = pstart
         self.taken_us = self.last_used_us = now_us
         # a lease never outlives its budget period: past it, the period's spend is another
         self.ends_us = min(now_us + int(MAX_AGE_S * 1e6), pend - 1000)
