@@ -4,9 +4,10 @@ clock): no over-admission in any window, at least 97% of the limit admitted per 
 uneven demand above it, exact per-request decisions where a lease cannot be useful, a
 killed or abandoned sidecar's lease back after its end with the budget exact to the
 nano-dollar (a return racing that close gives back once), and with Redis unreachable a
-sidecar goes on within its lease and never beyond it. Every test runs on one node and on a 3-node cluster
-(one of each per module: the ``valkey`` fixture is parametrized), plus what only a cluster
-needs: a lease call applied once when resent, scripts on every primary, NOSCRIPT."""
+sidecar goes on within its lease and never beyond it. Every test runs on one node and on a
+3-node cluster (one of each per module: the ``valkey`` fixture is parametrized), plus what
+only a cluster needs: a lease call applied once when resent, scripts on every primary,
+NOSCRIPT."""
 from __future__ import annotations
 
 import asyncio
@@ -86,8 +87,11 @@ def backend(valkey: Store, clock: Clock, leases: bool = True,
 
 
 def abandon(b: RedisBackend) -> None:
-    """b's process is gone: the leases it holds are never returned nor reported again."""
+    """b's process is gone: the leases it holds are never returned nor reported again, and
+    it closes no one's ended leases."""
     b.leases.leases.clear()
+    if b.leases._ended_sweeper is not None:
+        b.leases._ended_sweeper.cancel()
 
 
 def store(valkey: Store):
