@@ -716,3 +716,32 @@ def test_the_holder_stops_deciding_in_a_lease_before_redis_may_close_it(valkey):
     assert redis_end - holder_end >= lease_mod.GRACE_S * 1_000_000
     assert open_at_holder_end and local is None
     assert not open_at_redis_end
+
+
+def test_what_a_lease_used_is_reported_within_report_s_without_settlements(valkey):
+    """Requests admitted in a lease and never settled (in flight when their sidecar dies):
+    within REPORT_S of their decision Redis is told, so when the abandoned lease is closed
+    their estimates stay charged and only what was never used goes back."""
+    clock = Clock()
+    a, b = backend(valkey, clock), backend(valkey, clock)
+    lim = _core.Limits(**PRICED)
+    name = tenant("lease-reported")
+
+    async def main():
+        await a.start()
+        await b.start()
+        try:
+            admitted: list = []
+            await hot(a, name, lim, clock, admitted)
+            lease = a.leases.leases[name]
+            await eventually(lambda: lease.reported == lease.used())  # no settlement asked
+            abandon(a)
+            clock.advance(lease_mod.MAX_AGE_S + lease_mod.GRACE_S)
+            assert await b.leases.close_ended() >= 1
+            return sum(o.charged_cost for o in admitted), budget_spent(valkey, b, name)
+        finally:
+            await a.close()
+            await b.close()
+
+    charged, after = asyncio.run(main())
+    assert after == charged
