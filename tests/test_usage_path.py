@@ -319,13 +319,13 @@ def test_a_final_event_over_the_line_limit_is_read_to_the_token(path, case, piec
             rec["output_tokens"] - before["output_tokens"]) == (inp, out)
 
 
+# ext_proc buffers at most sidecar.usage.MAX_JSON_BYTES of a JSON reply: the access log only
+@pytest.mark.parametrize("path", ["als"], indirect=True)
 def test_a_json_reply_of_any_size_is_read_to_the_token(path):
     # over 4 MiB (a size no filter should hold), with the decoys of the stream cases
     body = json.dumps({"id": "x", "model": "gpt-4o", "choices": [{"message": {
         "content": _big_text(5 * 1024 * 1024)}}], "tools": [_DECOY_TOOL],
         "usage": {"prompt_tokens": 777, "completion_tokens": 1_500_000}}).encode()
-    if path.usage != "als":
-        pytest.skip("ext_proc buffers at most sidecar.usage.MAX_JSON_BYTES of a JSON reply")
     assert path.send("json-large", "json-large", Reply(split(body, *range(
         65536, len(body), 65536)))) == 200
     rec = path.spend("json-large")["gpt-4o"]
@@ -358,11 +358,10 @@ def envoy_peak_rss_mb(envoy: EnvoyProcess) -> float:
     raise AssertionError("no VmHWM")
 
 
+@pytest.mark.parametrize("path", ["als"], indirect=True)  # the Lua filter: --usage als
 def test_the_usage_filter_never_holds_a_whole_reply(path):
     """Many large replies at once: Envoy's memory grows by what it forwards, not by a copy
     of each reply held for its usage."""
-    if path.usage != "als":
-        pytest.skip("the Lua filter reads usage with --usage als")
     # replies under 4 MiB (what a buffering filter would hold whole), each its own text
     # (Lua interns strings: identical replies would share one copy)
     n, size = 24, int(3.9 * 1024 * 1024)
