@@ -12,7 +12,8 @@
 -- KEYS[4]  the ledger's spend hash (ledger_spend.lua)       kt:{tenant}:spend
 -- ARGV[10..16]  optional, the request's spend: model, requests, input, output, cache read,
 --          cache write tokens, nano-USD (absent: nothing recorded)
--- Reply: {applied (1/0), budget spent after (-1 without a budget)}
+-- Reply: {applied (1/0), budget spent after (-1 without a budget), now (µs, the clock
+-- that dated the spend: the ledger's event carries it, so both books agree on the day)}
 --
 -- A refund never reaches into a closed period; extra usage of a request charged in a
 -- closed period lands in the current one: spend is never lost.
@@ -37,7 +38,7 @@ d_tokens, d_cost = clamp_delta(d_tokens), clamp_delta(d_cost)
 if not redis.call('SET', KEYS[3], '1', 'NX', 'PX', tonumber(ARGV[9])) then
   local s = -1
   if budget >= 0 then s = stored_spend(redis.call('HGET', KEYS[2], 's')) end
-  return {0, s}
+  return {0, s, now}
 end
 
 -- the ledger: the request's spend, in the same atomic step as the budget's correction
@@ -52,7 +53,7 @@ if tpm > 0 and d_tokens ~= 0 then
   bucket_store(KEYS[1], level, cap, rate, now)
 end
 
-if budget < 0 then return {1, -1} end
+if budget < 0 then return {1, -1, now} end
 local pstart, pend = period_bounds(now, period)
 local b = redis.call('HMGET', KEYS[2], 'ps', 's')
 local spent = 0
@@ -67,4 +68,4 @@ redis.call('HSET', KEYS[2], 'ps', string.format('%d', pstart), 's', string.forma
 if new_period and pend ~= NO_END then
   expire_after_period(KEYS[2], pend, now)
 end
-return {1, spent}
+return {1, spent, now}

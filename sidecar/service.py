@@ -759,7 +759,7 @@ class DecisionService:
             self._ledger_settled(request_id, tenant, rule, res, model, outcome,
                                  settled_by, input_tokens, output_tokens,
                                  cached_tokens, cache_write_tokens, nano, cost, unpriced,
-                                 st.budget_spent)
+                                 st.budget_spent, st.at_us)
 
     def _settlement_unknown(self, request_id: str, res: Optional[Reservation]) -> None:
         """A settlement the store never confirmed nor denied: the estimate stays charged."""
@@ -802,20 +802,27 @@ class DecisionService:
 
     # --- the ledger: one event per reservation closed (sidecar/ledger/) ------
     @staticmethod
-    def _decided_us(res: Optional[Reservation]) -> int:
+    def _decided_us(res: Optional[Reservation], settled_us: int = 0) -> int:
+        """When the reservation was made, on the clock of ``settled_us`` (the backend's,
+        when known; else this host's wall clock): the event's two instants on one clock."""
         if res is None:
             return 0
-        return time.time_ns() // 1000 - int((time.monotonic() - res.created_s) * 1e6)
+        now = settled_us or time.time_ns() // 1000
+        return now - int((time.monotonic() - res.created_s) * 1e6)
 
     def _ledger_settled(self, request_id: str, tenant: str, rule: TenantRule,
                         res: Optional[Reservation], model: str, outcome: str, settled_by: str,
                         input_tokens: int, output_tokens: int, cached_tokens: int,
                         cache_write_tokens: int, nano: int, cost: int, unpriced: bool,
-                        budget_spent: int) -> None:
+                        budget_spent: int, settled_us: int = 0) -> None:
+        """``settled_us``: the backend's clock when it applied the settlement (0: not
+        known), which dated the durable spend: the event takes it, so the PostgreSQL
+        roll-up and `kt spend` put the request on the same UTC day."""
         has_budget = rule.limits.budget >= 0
         self.ledger.closed(
             request_id=request_id, tenant=tenant, outcome=outcome,
-            settled_by=settled_by, decided_us=self._decided_us(res),
+            settled_by=settled_by, decided_us=self._decided_us(res, settled_us),
+            settled_us=settled_us,
             model_asked=res.model_asked if res is not None else "",
             model_served=model, tier=self.policy.tiers[res.tier].name
             if res is not None and res.tier < len(self.policy.tiers) else "",

@@ -361,3 +361,36 @@ def test_an_index_write_the_store_did_not_take_is_sent_again(tmp_path: Path):
             day = clock() // (DAY_S * 1_000_000)
             assert r.sismember(f"kt:spend-index:{day}", "gone-then-back")
             r.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_a_settlements_event_falls_on_the_day_its_spend_does(tmp_path: Path, kind: str):
+    """The durable spend is dated by the backend's clock (Redis's TIME, in the call that
+    charges the budget); the ledger's event takes the same instant, so the PostgreSQL
+    roll-up (by the event's day) and `kt spend` agree at midnight and at a month's end.
+    Here the backend's clock is 0.2 s before a month ends, far from this host's."""
+    from tests.test_ledger_providers import file_ledger, usage_events
+
+    month_end = T0_US - T0_US % (DAY_S * 1_000_000)
+    while utc_month(month_end) == utc_month(T0_US):
+        month_end += DAY_S * 1_000_000
+    clock = FakeClock(month_end - 200_000)
+    directory = tmp_path / "events"
+    led = file_ledger(directory)
+    with ExitStack() as stack:
+        if kind == "redis":
+            d = stack.enter_context(workdir())
+            v = stack.enter_context(Valkey(d))
+            text = POLICY % f'backend: {{kind: redis, url: "{v.url}", timeout_ms: 2000}}'
+            backend = RedisBackend(parse_policy(text.encode(), "<t>").backend,
+                                   clock_override=clock)
+        else:
+            text, backend = POLICY % "", MemoryBackend(clock=clock)
+        with RunningSidecar(text, backend=backend, clock=clock, ledger=led) as sc:
+            rid = decide(sc, "acme", "m-1").reservation_id
+            sc.run(sc.sidecar.service.settle_usage(rid, None, "gpt-4o", 100, 10, "report"))
+            by_day = spend(sc, "?period=day")["tenants"]["acme"]
+    [event] = [e for e in usage_events(led, directory) if e.request_id == rid]
+    assert sorted(by_day) == [utc_day(clock())]
+    assert utc_day(event.settled_us) == utc_day(clock())
+    assert event.decided_us <= event.settled_us

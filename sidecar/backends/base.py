@@ -63,10 +63,13 @@ class BackendStatus:
 
 @dataclass(frozen=True)
 class Settlement:
-    """What a reconciliation did: ``applied`` is False when the request id was seen before."""
+    """What a reconciliation did: ``applied`` is False when the request id was seen before.
+    ``at_us``: the backend's clock when it was applied (the instant that dated the durable
+    spend; 0 when not known), so the ledger's event falls on the same day and month."""
 
     applied: bool
     budget_spent: int
+    at_us: int = 0
 
 
 class Backend(Protocol):

@@ -474,7 +474,7 @@ class MemoryBackend:
             cell = (day, spend.model, *self._add_spend(tenant, day, spend))
         if self._files is None:
             self._remember(key, 0)
-            return Settlement(applied=True, budget_spent=spent)
+            return Settlement(applied=True, budget_spent=spent, at_us=now)
         self._dirty[tenant] = st
         # durable before it is acknowledged: a report acknowledged and then lost with the
         # process would be lost spend; one applied but not acknowledged is retried, and the
@@ -486,7 +486,7 @@ class MemoryBackend:
         self._journal_pending.append((self._seq, tenant, request_id, st.period_start, st.spent,
                                       *cell))
         await self._durable()
-        return Settlement(applied=True, budget_spent=spent)
+        return Settlement(applied=True, budget_spent=spent, at_us=now)
 
     async def was_settled(self, tenant: str, request_id: str) -> bool:
         return (tenant, request_id) in self.settled

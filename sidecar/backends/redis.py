@@ -985,12 +985,12 @@ class RedisBackend:
             if self.conn is None:
                 raise BackendError("redis backend not started")
             reply = await self._settles.submit(keys, args)
-        if not (isinstance(reply, list) and len(reply) == 2
+        if not (isinstance(reply, list) and len(reply) == 3
                 and all(isinstance(x, int) for x in reply)):
             raise self._failed(f"settle.lua: unexpected reply {str(reply)[:120]}")
         if self.leases is not None:
             self.leases.settled(tenant, reply[1])
-        return Settlement(applied=reply[0] == 1, budget_spent=reply[1])
+        return Settlement(applied=reply[0] == 1, budget_spent=reply[1], at_us=reply[2])
 
     def _settled_marker(self, tenant: str, request_id: str) -> str:
         return f"{self.prefix}:{{{tenant}}}:settled:{request_id}"

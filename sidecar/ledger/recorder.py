@@ -64,12 +64,15 @@ class Ledger:
                tier: str = "", provider: str = "", decision: str = "", estimate_tokens: int = 0,
                input_tokens: int = 0, output_tokens: int = 0, cached_tokens: int = 0,
                cache_write_tokens: int = 0, cost_nano_usd: int = 0, budget_unit: str = "",
-               budget_charge: int = 0, unpriced: bool = False) -> None:
+               budget_charge: int = 0, unpriced: bool = False, settled_us: int = 0) -> None:
+        """``settled_us``: when the backend applied it, on the clock that dated the
+        durable spend (0: this recorder's clock, now)."""
         if self.events is None:
             return
         self.events.emit(UsageEvent(
             request_id=request_id, tenant=tenant, outcome=outcome,  # type: ignore[arg-type]
-            settled_by=settled_by, decided_us=decided_us, settled_us=self.clock_us(),
+            settled_by=settled_by, decided_us=decided_us,
+            settled_us=settled_us or self.clock_us(),
             model_asked=model_asked, model_served=model_served, tier=tier, provider=provider,
             decision=decision, estimate_tokens=estimate_tokens, input_tokens=input_tokens,
             output_tokens=output_tokens, cached_tokens=cached_tokens,
