@@ -198,6 +198,8 @@ PROBES: dict[str, dict] = {
     # an Anthropic stream left after message_start, whose usage says 1 output token
     "anthropic_leave_after_start": {"x-fake-format": "anthropic", "x-fake-delay-ms": "500"},
     "anthropic_full_stream": {"x-fake-format": "anthropic"},
+    # a non-streamed request the client leaves before the provider's answer begins
+    "leave_before_headers": {"x-fake-delay-ms": "600"},
     "baseline": {},
 }
 # probes whose client leaves once the reply holds these bytes
@@ -223,6 +225,12 @@ def run(names: list[str], upstream_timeout_s: float) -> dict:
                     statuses = []
                     for _ in range(3):
                         headers = {"x-tenant-id": tenant, **PROBES[name]}
+                        if name == "leave_before_headers":
+                            try:
+                                statuses.append(post(envoy.listen_port, headers, timeout=0.2)[0])
+                            except OSError:
+                                statuses.append(0)
+                            continue
                         if name in LEAVING:
                             statuses.append(leave_after(envoy.listen_port, headers,
                                                         LEAVING[name]))
