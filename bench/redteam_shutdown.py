@@ -1,8 +1,9 @@
-"""Red-team probe: `kt serve` (embedded backend) stopped while streams it admitted are
+"""Red-team probe: `kt serve` (embedded backend, or one Valkey) stopped while streams it admitted are
 still running, then started again on the same state file and ports.
 
   PYTHONPATH=. python bench/redteam_shutdown.py [--signal TERM|KILL] [--streams 4] [--wait 2.5]
                                         [--max-tokens 4000]
+                                        [--backend memory|redis]
 
 A real Envoy from `kt envoy-config`'s renderer, the fake upstream (tests/support/upstream.py)
 holding each stream after its first chunk. The streams are admitted, the sidecar is
@@ -14,6 +15,7 @@ and its durable spend (GET /v1/spend), in nano-USD.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import signal
@@ -29,6 +31,7 @@ from sidecar.envoy_config import EnvoyOptions, TierRoute, render  # noqa: E402
 from tests.support.procs import (EnvoyProcess, SidecarProcess, free_port,  # noqa: E402
                                  wait_until, workdir)
 from tests.support.upstream import FakeUpstream  # noqa: E402
+from tests.support.valkey import Valkey  # noqa: E402
 
 LOOP = "127.0.0.1"
 POLICY = """
@@ -70,9 +73,11 @@ def budget_used(port: int) -> int:
 
 
 def run(sig: signal.Signals, streams: int, wait_before_signal: float,
-        max_tokens: int) -> dict:
-    with workdir("kt-redteam-stop-") as d, FakeUpstream("llm") as up:
-        (d / "policy.yaml").write_text(POLICY)
+        max_tokens: int, backend: str) -> dict:
+    with workdir("kt-redteam-stop-") as d, FakeUpstream("llm") as up, \
+            (Valkey(d) if backend == "redis" else contextlib.nullcontext()) as v:
+        (d / "policy.yaml").write_text(POLICY + (
+            f'backend: {{kind: redis, url: "{v.url}"}}\n' if v is not None else ""))
         sc = SidecarProcess(d / "policy.yaml", d)
         grpc, http_, admin_port = free_port(), free_port(), free_port()
         sc.args[sc.args.index("--grpc") + 1] = f"{LOOP}:{grpc}"
@@ -114,7 +119,7 @@ def run(sig: signal.Signals, streams: int, wait_before_signal: float,
                 spend = sum(m.get("cost_nano_usd", 0)
                             for m in tenants.get("streamer", {}).values())
                 bill = streams * (USAGE[0] * 2500 + USAGE[1] * 10_000)
-                return {"signal": sig.name, "exit_code": exit_code,
+                return {"signal": sig.name, "backend": backend, "exit_code": exit_code,
                         "statuses": [r[0] for r in results],
                         "bill_nano": bill, "budget_used_while_open_nano": used_admitted,
                         "budget_used_after_restart_nano": used_after,
@@ -130,10 +135,11 @@ def main() -> int:
     ap.add_argument("--streams", type=int, default=4)
     ap.add_argument("--wait", type=float, default=2.5,
                     help="seconds between the admissions and the signal")
+    ap.add_argument("--backend", default="memory", choices=["memory", "redis"])
     ap.add_argument("--max-tokens", type=int, default=4000, help="0: none in the body")
     args = ap.parse_args()
     print(json.dumps(run(getattr(signal, "SIG" + args.signal), args.streams, args.wait,
-                         args.max_tokens), indent=1))
+                         args.max_tokens, args.backend), indent=1))
     return 0
 
 
