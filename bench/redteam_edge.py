@@ -72,6 +72,9 @@ class BillingUpstream:
                 if self.headers.get("x-fake-format") == "anthropic":
                     self._anthropic_stream(inp, out)
                     return
+                if self.headers.get("x-fake-format") == "responses":
+                    self._responses_stream(inp, out)
+                    return
                 time.sleep(int(self.headers.get("x-fake-delay-ms", "0")) / 1000)
                 with up.lock:  # generated: billed, whoever is still listening
                     up.billed.append((inp, out))
@@ -123,6 +126,35 @@ class BillingUpstream:
                 except OSError:
                     pass
 
+            def _responses_stream(self, inp: int, out: int) -> None:
+                """response.created (usage null), the rest after x-fake-delay-ms: the
+                input billed is x-fake-usage's, e.g. a previous_response_id's context."""
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.send_header("transfer-encoding", "chunked")
+                self.end_headers()
+
+                def event(name: str, doc: dict) -> None:
+                    data = f"event: {name}\ndata: {json.dumps(doc)}\n\n".encode()
+                    self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                    self.wfile.flush()
+                try:
+                    event("response.created", {"type": "response.created", "response": {
+                        "model": "gpt-4o", "status": "in_progress", "usage": None}})
+                except OSError:
+                    return
+                time.sleep(int(self.headers.get("x-fake-delay-ms", "0")) / 1000)
+                with up.lock:
+                    up.billed.append((inp, out))
+                try:
+                    event("response.completed", {"type": "response.completed", "response": {
+                        "model": "gpt-4o", "status": "completed", "usage": {
+                            "input_tokens": inp, "output_tokens": out}}})
+                    self.wfile.write(b"0\r\n\r\n")
+                    self.wfile.flush()
+                except OSError:
+                    pass
+
         self.server = ThreadingHTTPServer((LOOP, 0), Handler)
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -153,10 +185,12 @@ def post(port: int, headers: dict, body: Optional[dict] = None, timeout: float =
         conn.close()
 
 
-def leave_after(port: int, headers: dict, marker: bytes, path: str = "/v1/messages") -> int:
+def leave_after(port: int, headers: dict, marker: bytes, path: str = "/v1/messages",
+                doc: Optional[dict] = None) -> int:
     """Send a streamed request, read until ``marker`` arrives, then leave: the status."""
-    body = json.dumps({"model": "gpt-4o", "max_tokens": 4000, "stream": True, "messages": [
-        {"role": "user", "content": "Write a long essay."}]}).encode()
+    body = json.dumps(doc or {"model": "gpt-4o", "max_tokens": 4000, "stream": True,
+                              "messages": [{"role": "user",
+                                            "content": "Write a long essay."}]}).encode()
     head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     req = (f"POST {path} HTTP/1.1\r\nhost: llm\r\ncontent-type: application/json\r\n"
            f"{head}content-length: {len(body)}\r\n\r\n").encode() + body
@@ -198,12 +232,17 @@ PROBES: dict[str, dict] = {
     # an Anthropic stream left after message_start, whose usage says 1 output token
     "anthropic_leave_after_start": {"x-fake-format": "anthropic", "x-fake-delay-ms": "500"},
     "anthropic_full_stream": {"x-fake-format": "anthropic"},
+    # a Responses stream continuing a stored conversation (the provider bills its 50,000
+    # tokens of context as input), left after response.created
+    "responses_previous_id_leave": {"x-fake-format": "responses", "x-fake-delay-ms": "500",
+                                    "x-fake-usage": "50000,200"},
     # a non-streamed request the client leaves before the provider's answer begins
     "leave_before_headers": {"x-fake-delay-ms": "600"},
     "baseline": {},
 }
 # probes whose client leaves once the reply holds these bytes
 LEAVING = {"anthropic_leave_after_start": b"message_start",
+           "responses_previous_id_leave": b"response.created",
            "anthropic_full_stream": b"0\r\n\r\n"}
 
 
@@ -232,8 +271,14 @@ def run(names: list[str], upstream_timeout_s: float) -> dict:
                                 statuses.append(0)
                             continue
                         if name in LEAVING:
+                            doc, path = None, "/v1/messages"
+                            if name == "responses_previous_id_leave":
+                                path, doc = "/v1/responses", {
+                                    "model": "gpt-4o", "stream": True, "input": "Go on.",
+                                    "previous_response_id": "resp_stored_50k_tokens",
+                                    "max_output_tokens": 200}
                             statuses.append(leave_after(envoy.listen_port, headers,
-                                                        LEAVING[name]))
+                                                        LEAVING[name], path, doc))
                             continue
                         status, _ = post(envoy.listen_port, headers)
                         statuses.append(status)
