@@ -1,6 +1,6 @@
 """Red-team probes of the edge: what a client can make Envoy do with the provider's bill.
 
-  PYTHONPATH=. python bench/redteam_edge.py [--only NAME,...]
+  PYTHONPATH=. python bench/redteam_edge.py [--only NAME,...] [--upstream-timeout 300]
 
 A real `kt serve` (embedded backend) and a real Envoy from `kt envoy-config`'s renderer
 (default options: authz mode, usage by the access log, failure mode deny), in front of a
@@ -8,7 +8,18 @@ billing upstream: a fake LLM that bills every request it finishes generating (th
 in its `x-fake-usage`), after `x-fake-delay-ms`, whether or not anyone still reads the
 answer (a non-streamed completion runs to its end at the provider). Each probe prints
 the client's statuses, how many requests the upstream billed, the bill priced by the
-policy, and the tenant's spend from GET /v1/spend.
+policy, and the tenant's spend from GET /v1/spend (3 requests per probe, each its own
+tenant). The probes (PROBES):
+- rq_timeout_header*, retry_on_200, per_try_timeout_retries: forged x-envoy-* timeouts and
+  retry policies (with no, an internal and an external X-Forwarded-For);
+- rq_timeout_header with --upstream-timeout 0.3: a reply slower than Envoy's route timeout;
+- anthropic_leave_after_start / anthropic_full_stream: an Anthropic stream the client
+  leaves after message_start (whose usage says 1 output token) / reads to its end;
+- responses_previous_id_leave: a Responses stream continuing a stored conversation
+  (previous_response_id; the provider bills its context as input), left after
+  response.created;
+- leave_before_headers: a non-streamed request left before the answer begins;
+- baseline: an ordinary request.
 """
 from __future__ import annotations
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import sys
 import time
@@ -86,7 +85,7 @@ ledger: {{sink: postgres, dsn: '{pg.dsn}', flush_interval_s: 0.05, retry_interva
             opts = EnvoyOptions(listen_port=listen, admin_port=admin,
                                 sidecar_address=f"{LOOP}:{sc.grpc_port}",
                                 tiers=[TierRoute("default", "gpt-4o", up.address)])
-            with EnvoyProcess(render(opts), d, admin, listen) as envoy:
+            with EnvoyProcess(render(opts), d, admin, listen):
                 ok, statuses = 0, {}
 
                 def send(model: str) -> None:
@@ -99,7 +98,7 @@ ledger: {{sink: postgres, dsn: '{pg.dsn}', flush_interval_s: 0.05, retry_interva
                     ok += status == 200
                     statuses[model[:12]] = status
 
-                for i in range(10):
+                for _ in range(10):
                     send("gpt-4o")
                 for m in HOSTILE:
                     send(m)
@@ -109,7 +108,7 @@ ledger: {{sink: postgres, dsn: '{pg.dsn}', flush_interval_s: 0.05, retry_interva
                 for pid in stopped:
                     os.kill(pid, signal.SIGSTOP)
                 try:
-                    for i in range(20):
+                    for _ in range(20):
                         send("gpt-4o")
                     time.sleep(args.hang)
                     during = readyz(sc)

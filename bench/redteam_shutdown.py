@@ -89,7 +89,7 @@ def run(sig: signal.Signals, streams: int, wait_before_signal: float,
             opts = EnvoyOptions(listen_port=listen, admin_port=eadmin,
                                 sidecar_address=f"{LOOP}:{grpc}",
                                 tiers=[TierRoute("default", "gpt-4o", up.address)])
-            with EnvoyProcess(render(opts), d, eadmin, listen) as envoy:
+            with EnvoyProcess(render(opts), d, eadmin, listen):
                 up.release_stream.clear()
                 body = {"model": "gpt-4o", "stream": True,
                         "messages": [{"role": "user", "content": "A long story."}]}

@@ -14,6 +14,7 @@ xfail turns into an XPASS failure and the marker must be removed.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import time
 from typing import Iterator
@@ -60,8 +61,6 @@ def gateway(upstream_address: str, upstream_timeout_s: float = 300.0,
 
 
 def post(envoy: EnvoyProcess, tenant: str, headers: dict) -> int:
-    import http.client
-
     conn = http.client.HTTPConnection("127.0.0.1", envoy.listen_port, timeout=30)
     try:
         conn.request("POST", "/v1/chat/completions", json.dumps(BODY).encode(),
