@@ -62,7 +62,6 @@ class BillingUpstream:
 
     def __init__(self) -> None:
         self.billed: list[tuple[int, int]] = []
-        self.received = 0
         self.lock = threading.Lock()
 
     def __enter__(self) -> "BillingUpstream":
@@ -76,8 +75,6 @@ class BillingUpstream:
 
             def do_POST(self):  # noqa: N802
                 raw = self.rfile.read(int(self.headers.get("content-length") or 0))
-                with up.lock:
-                    up.received += 1
                 inp, out = (int(x) for x in self.headers.get(
                     "x-fake-usage", "%d,%d" % USAGE).split(","))
                 if self.headers.get("x-fake-format") == "anthropic":
