@@ -116,6 +116,8 @@ class FakeUpstream:
                 if self.command != "POST":
                     self._send(200, {})
                     return
+                # a provider slow to answer (its headers come after this many ms)
+                time.sleep(int(headers.get("x-fake-delay-ms", "0")) / 1000)
                 status = int(headers.get("x-fake-status", upstream.status))
                 usage_in, usage_out = (int(x) for x in headers.get("x-fake-usage", "10,5").split(","))
                 model = body.get("model", "unknown")
