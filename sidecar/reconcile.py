@@ -2,7 +2,10 @@
 place, whichever transport saw the response (ext_proc per request, or Envoy's access log).
 
 - usage known (JSON body, SSE usage chunk): settle the reservation with it;
-- no usage and a non-2xx status: release (refund in full: providers do not bill failures);
+- no usage and a non-2xx status of the provider's: release (refund in full: providers do
+  not bill failures); a non-2xx status Envoy answered itself while the provider was still
+  working (its route timeout's 504) is not the provider's failure: it is
+  charged as a response cut short;
 - no usage, a 2xx status, the response cut short (the client left, the upstream reset),
   or no response at all (the client left first): charged at what the provider could have
   billed (sidecar/bound.py; "abandoned");
@@ -24,12 +27,13 @@ log = logging.getLogger("kt.reconcile")
 async def close_reservation(service: DecisionService, reservation_id: str, x_request_id: str,
                             tenant: Optional[str], status: int, usage: Optional[Usage],
                             model: Optional[str], cut_short: bool, source: str,
-                            settled_by: str) -> None:
+                            settled_by: str, provider_failed: bool = True) -> None:
     """Apply the rule for one finished response; never raises (the response has gone).
     ``reservation_id`` is the request's x-kt-reservation (the sidecar's own id), ""
     when Envoy's failure mode let it through; ``x_request_id`` its x-request-id.
     ``source`` labels the settlement metric; ``settled_by`` tells the ledger how the usage
-    was read (e.g. ``ext_proc_sse``, ``access_log_json``)."""
+    was read (e.g. ``ext_proc_sse``, ``access_log_json``). ``provider_failed``: False when
+    a non-2xx status is Envoy's own answer while the provider was still working."""
     request_id = reservation_key(reservation_id, x_request_id)
     if not request_id:
         return
@@ -43,7 +47,7 @@ async def close_reservation(service: DecisionService, reservation_id: str, x_req
                                        usage.cache_write_tokens, settled_by,
                                        settle_id=None if reservation_id
                                        else service.new_reservation_id())
-        elif status and not 200 <= status < 300:
+        elif status and not 200 <= status < 300 and provider_failed:
             await service.release(request_id, "upstream_error")
         else:
             # status 0: no response was sent at all (the client left before it began)

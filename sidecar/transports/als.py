@@ -41,9 +41,21 @@ _CUT_SHORT = ("local_reset", "upstream_remote_reset", "upstream_connection_termi
 MAX_USAGE_TEXT = 64 * 1024
 
 
+# response flags of an answer Envoy made itself, on its own timeouts, while the provider
+# was still working: the status (504, 408) is Envoy's, not a failure of the provider's,
+# which goes on generating and billing (a client that left has status 0: already "cut
+# short"; a provider's own error with the client gone after it stays the provider's)
+_ENVOYS_OWN_ANSWER = ("upstream_request_timeout", "upstream_max_stream_duration_reached",
+                      "duration_timeout", "stream_idle_timeout")
+
+
 def _cut_short(flags) -> bool:
     # most entries carry no flag at all: one size check instead of eleven field reads
     return flags.ByteSize() > 0 and any(getattr(flags, name) for name in _CUT_SHORT)
+
+
+def _envoys_own_answer(flags) -> bool:
+    return flags.ByteSize() > 0 and any(getattr(flags, name) for name in _ENVOYS_OWN_ANSWER)
 
 
 def usage_of(entry) -> tuple[Optional[str], Optional[Usage], str]:
@@ -101,12 +113,13 @@ class UsageLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
             # a provider's own answers, its 429s among them (docs/providers.md)
             self.service.upstream_answered(headers.get(contract.H_PROVIDER, ""),
                                            entry.response.response_code.value)
+            flags = entry.common_properties.response_flags
             closing.append(close_reservation(
                 self.service, headers.get(contract.H_RESERVATION, ""), request.request_id,
                 headers.get(contract.H_TENANT),
                 entry.response.response_code.value, usage, model,
-                _cut_short(entry.common_properties.response_flags), "access_log",
-                settled_by or "access_log"))
+                _cut_short(flags), "access_log", settled_by or "access_log",
+                provider_failed=not _envoys_own_answer(flags)))
         # concurrently: the backend sends what one loop tick queued in one write
         await asyncio.gather(*closing)
         self._entries.inc(len(closing))
