@@ -164,6 +164,7 @@ class UsageScanner:
         self._buf = bytearray()
         # Anthropic's stream: what message_start said, overlaid by each message_delta
         self._anthropic: Optional[dict] = None
+        self._anthropic_final = False  # a message_delta's usage came (the final counts)
 
     @property
     def format(self) -> str:
@@ -215,6 +216,8 @@ class UsageScanner:
                 self.usage = usage
 
     def _anthropic_event(self, reply: _Reply) -> None:
+        if reply.type == "message_delta" and reply.usage is not None:
+            self._anthropic_final = True
         if reply.type == "message_start" and reply.message is not None:
             if reply.message.model and self.model is None:
                 self.model = reply.message.model
@@ -240,6 +243,11 @@ class UsageScanner:
         if self.streamed:
             if self._buf:
                 self._line(bytes(self._buf).rstrip(b"\r"))
+            if self._anthropic is not None and not self._anthropic_final:
+                # message_start's usage is the input and 1 output token, not the bill: a
+                # stream cut before its message_delta (the client left, the provider
+                # reset) has no usage to settle with, and is charged at its bound
+                self.usage = None
         else:
             self.model, self.usage = usage_from_json(bytes(self._buf))
         self._buf.clear()
