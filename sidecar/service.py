@@ -378,6 +378,15 @@ class DecisionService:
         except EstimateError as exc:
             self.rejected_log.warning("refused a malformed request of tenant %s: %s", tenant, exc)
             return Decision(Kind.BAD_REQUEST, tenant=tenant, message=f"Malformed request: {exc}.")
+        if (est.model and policy.unpriced_models == "refuse" and policy.pricing
+                and est.model not in policy.pricing and est.model not in policy.tier_by_model):
+            # the provider would serve and bill it at its own price, which the policy does
+            # not know: the dearest listed price can be a small part of it
+            self.rejected_log.warning("refused tenant %s's request for unpriced model %r",
+                                      tenant, est.model[:100])
+            return Decision(Kind.BAD_REQUEST, tenant=tenant, message=(
+                f"Model {est.model[:100]!r} is not served by this gateway: its policy has no "
+                "price for it."))
         asked = policy.tier_by_model.get(est.model, 0) if est.model else 0
         late = LateReply()
         router = self.router(policy)

@@ -493,15 +493,18 @@ def test_a_replayed_request_id_cannot_merge_settlements(authz):
         assert int(headers["x-kt-budget-remaining"]) == 1_000_000 - n * 10_000 - PROBE_INPUT - 1
 
 
-def test_client_chosen_models_fold_into_one_metric_series(authz):
-    # the red team: through Envoy, client-chosen models took the series from 4 to 604
+def test_client_chosen_models_are_refused_and_grow_no_metric_series(authz):
+    # the red team: through Envoy, client-chosen models took the series from 4 to 604;
+    # and a model the policy does not price was billed by the provider at its own price
+    # (o1-pro on the gpt-4o tier: charged 1.7% of the bill at the dearest listed price).
+    # A policy that prices models refuses the others (unpriced_models: refuse, the default)
+    before = len(authz.upstreams["default"].requests)
     for i in range(30):
         status, _, body = authz.post("labeler", body=chat(model=f"client-model-{i}"))
-        assert status == 200, body
-    authz.settled()
-    metrics = authz.sidecar.metrics()
-    assert "client-model" not in metrics
-    assert 'kt_tokens_total{model="_other",tenant="labeler",type="input"} 300.0' in metrics
+        assert status == 400, body
+        assert b"no price for it" in body
+    assert len(authz.upstreams["default"].requests) == before  # none reached a provider
+    assert "client-model" not in authz.sidecar.metrics()
 
 
 @pytest.mark.parametrize("mode", ["authz", "http-authz"])

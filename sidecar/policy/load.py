@@ -89,6 +89,7 @@ class CompiledPolicy:
     # docs/providers.md: None without a `providers:` section (decisions as before)
     providers: Optional[ProviderPlan] = None
     queue: Optional[schema.Queue] = None
+    unpriced_models: str = "refuse"  # schema.Policy.unpriced_models
 
     def price_of(self, model: Optional[str]) -> Optional[tuple[int, int]]:
         """nano-USD per (input, output) token of a model; None if the model has no price."""
@@ -610,6 +611,7 @@ def _compile(policy: schema.Policy, source: str, digest: str,
         unknown_tenant=policy.tenant.unknown, missing_tenant=policy.tenant.missing,
         tiers=tuple(policy.tiers), tier_by_model=tier_by_model, tenants=tenants,
         defaults=defaults, estimate=est, backend=backend, pricing=dict(policy.pricing),
+        unpriced_models=policy.unpriced_models,
         ledger=policy.ledger, providers=providers, queue=queue,
         admin_token_file=policy.admin.token_file,
     )

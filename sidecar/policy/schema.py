@@ -193,6 +193,10 @@ class Policy(_Strict, frozen=True, kw_only=True):
     tenant: TenantSource = TenantSource()
     tiers: list[Tier]
     pricing: dict[str, Price] = {}
+    # a request naming a model neither priced nor a tier's, when the policy prices models:
+    # "refuse" (400: the provider would bill it at a price the gateway does not know) or
+    # "dearest" (let through, charged at the dearest listed price; docs/usage.md)
+    unpriced_models: Literal["refuse", "dearest"] = "refuse"
     defaults: Defaults = Defaults()
     tenants: dict[str, TenantPolicy] = {}
     shadow_mode: bool = False
