@@ -51,7 +51,7 @@ SETTLED_IDS_MAX = 200_000
 TENANT_STATES_SWEEP_AT = 100_000
 # tenants held at once (the policy's backend.max_tenants); a sweep when full at most this
 # often: a flood of new names refused at the cap must not buy an O(tenants) sweep each
-MAX_TENANTS = 200_000
+MAX_TENANTS = 100_000
 FULL_SWEEP_INTERVAL_S = 1.0
 # a spend or period start beyond this is not one this sidecar wrote (int64 with headroom)
 MAX_STATE_VALUE = 2**62

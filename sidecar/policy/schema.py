@@ -109,9 +109,9 @@ class MemoryBackend(_Strict, frozen=True, tag_field="kind", tag="memory"):
     # where budget spend is persisted (atomic rename); "" disables persistence
     state_file: str = "kt-state/spend.json"
     flush_interval_s: float = 1.0
-    # tenants held in memory at once (about 1 KB each); past it a tenant the policy does
+    # tenants held in memory at once (1-3 KB each); past it a tenant the policy does
     # not name, and that is not already held, is refused (docs/embedded.md)
-    max_tenants: int = 200_000
+    max_tenants: int = 100_000
 
 
 class Tls(_Strict, frozen=True):
