@@ -284,7 +284,9 @@ def per_tenant(b: Books, lost_with_cause: dict[str, list]
         c = ev[e["tenant"]]
         c[e["outcome"]] += 1
         c["charge"] += e["budget_charge"]
-        if e["outcome"] == "settled":
+        # a kept or expired event carries the tokens it was charged (the bound, or the
+        # estimate kept), as the durable spend does
+        if e["outcome"] in ("settled", "kept", "expired"):
             c["in"] += e["input_tokens"]
             c["out"] += e["output_tokens"]
             c["cached"] += e["cached_tokens"]
@@ -311,7 +313,7 @@ def per_tenant(b: Books, lost_with_cause: dict[str, list]
             diffs.append(f"{t}: kt spend counts {s['requests']} requests, the events "
                          f"{closed} (settled + kept + expired)")
         if (s["in"], s["out"]) != (e["in"], e["out"]):
-            diffs.append(f"{t}: kt spend tokens {s['in']}/{s['out']}, settled events "
+            diffs.append(f"{t}: kt spend tokens {s['in']}/{s['out']}, events "
                          f"{e['in']}/{e['out']}")
         if s["cost"] != e["cost"]:
             diffs.append(f"{t}: kt spend {s['cost']} nano-USD, events {e['cost']}")
@@ -441,6 +443,7 @@ def report(b: Books, minutes: float, rate: float, stamp: str) -> Report:
     failures += [f"over-admission: {x}" for x in over]
     failures += [f"unexplained: {x}" for x in unexplained]
     failures += [f"growth: {x}" for x in grew]
+    failures += [f"books: {x}" for x in tenant_issues]
     # reservations a killed instance held are lost with it (its requests above show
     # as "no event" or as kept by another replica); a live one must have closed them all
     open_live = {k: open_reservations(m) for k, m in b.instances.items() if k in b.final}
