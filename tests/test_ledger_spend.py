@@ -4,10 +4,12 @@ the budget; `/v1/spend` answers any period for every tenant (no `_other`) from a
 replica, and survives a restart. Same tests on both backends."""
 from __future__ import annotations
 
+import contextlib
 import json
 import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -268,6 +270,18 @@ def test_a_journal_with_the_no_budget_reply_as_spend_is_read_back(tmp_path: Path
             pass
 
 
+@contextlib.contextmanager
+def sidecar_on_valkey(clock: FakeClock, timeout_ms: int = 2000) -> Iterator[tuple]:
+    """One in-process sidecar on a Valkey of its own, its scripts on ``clock``:
+    (sidecar, its RedisBackend, the Valkey)."""
+    with workdir() as d, Valkey(d) as v:
+        text = POLICY % f'backend: {{kind: redis, url: "{v.url}", timeout_ms: {timeout_ms}}}'
+        backend = RedisBackend(parse_policy(text.encode(), "<test>").backend,
+                               clock_override=clock)
+        with RunningSidecar(text, backend=backend, clock=clock) as sc:
+            yield sc, backend, v
+
+
 def test_a_spend_report_over_a_range_reads_only_the_tenants_it_holds(tmp_path: Path):
     """A client inventing tenant ids under `unknown: defaults` must not make every later
     report read every tenant ever seen: a range is read through the day index (Redis's
@@ -276,23 +290,19 @@ def test_a_spend_report_over_a_range_reads_only_the_tenants_it_holds(tmp_path: P
 
     noon = T0_US - T0_US % (DAY_S * 1_000_000) + DAY_S * 1_000_000 // 2
     clock = FakeClock(noon)
-    with workdir() as d, Valkey(d) as v:
-        text = POLICY % f'backend: {{kind: redis, url: "{v.url}", timeout_ms: 2000}}'
-        pol = parse_policy(text.encode(), "<test>")
-        with RunningSidecar(text, backend=RedisBackend(pol.backend, clock_override=clock),
-                            clock=clock) as sc:
-            svc = sc.sidecar.service
-            for i in range(300):  # the flood, on the first day
-                sc.run(svc.settle_usage(f"f-{i}", f"rnd-{i}", "gpt-4o", 10, 1, "report"))
-            clock.advance(DAY_S)
-            for i in range(3):  # the next day: three tenants
-                sc.run(svc.settle_usage(f"n-{i}", f"day2-{i}", "gpt-4o", 100, 10, "report"))
-            r = redis.Redis.from_url(v.url)
-            r.config_resetstat()
-            ranged = spend(sc, f"?since={utc_day(noon, 1)}")["tenants"]
-            stats = r.info("commandstats")
-            everything = spend(sc)["tenants"]
-            r.close()
+    with sidecar_on_valkey(clock) as (sc, _, v):
+        svc = sc.sidecar.service
+        for i in range(300):  # the flood, on the first day
+            sc.run(svc.settle_usage(f"f-{i}", f"rnd-{i}", "gpt-4o", 10, 1, "report"))
+        clock.advance(DAY_S)
+        for i in range(3):  # the next day: three tenants
+            sc.run(svc.settle_usage(f"n-{i}", f"day2-{i}", "gpt-4o", 100, 10, "report"))
+        r = redis.Redis.from_url(v.url)
+        r.config_resetstat()
+        ranged = spend(sc, f"?since={utc_day(noon, 1)}")["tenants"]
+        stats = r.info("commandstats")
+        everything = spend(sc)["tenants"]
+        r.close()
     assert sorted(ranged) == ["day2-0", "day2-1", "day2-2"]
     assert ranged["day2-0"]["gpt-4o"]["cost_nano_usd"] == 100 * 2500 + 10 * 10000
     # three hashes read, no scan of the 303 spend keys
@@ -309,19 +319,15 @@ def test_a_range_starting_before_the_index_existed_is_read_whole(tmp_path: Path)
     import redis
 
     clock = FakeClock(T0_US - T0_US % (DAY_S * 1_000_000) + DAY_S * 1_000_000 // 2)
-    with workdir() as d, Valkey(d) as v:
-        text = POLICY % f'backend: {{kind: redis, url: "{v.url}", timeout_ms: 2000}}'
-        pol = parse_policy(text.encode(), "<test>")
-        with RunningSidecar(text, backend=RedisBackend(pol.backend, clock_override=clock),
-                            clock=clock) as sc:
-            svc = sc.sidecar.service
-            sc.run(svc.settle_usage("a-1", "indexed", "gpt-4o", 10, 1, "report"))
-            r = redis.Redis.from_url(v.url)
-            # spend an older sidecar wrote today: in its hash, not in the index
-            r.delete(f"kt:spend-index:{clock() // (DAY_S * 1_000_000)}")
-            today = utc_day(clock())
-            doc = spend(sc, f"?since={today}")["tenants"]
-            r.close()
+    with sidecar_on_valkey(clock) as (sc, _, v):
+        svc = sc.sidecar.service
+        sc.run(svc.settle_usage("a-1", "indexed", "gpt-4o", 10, 1, "report"))
+        r = redis.Redis.from_url(v.url)
+        # spend an older sidecar wrote today: in its hash, not in the index
+        r.delete(f"kt:spend-index:{clock() // (DAY_S * 1_000_000)}")
+        today = utc_day(clock())
+        doc = spend(sc, f"?since={today}")["tenants"]
+        r.close()
     assert sorted(doc) == ["indexed"]
 
 
@@ -334,33 +340,29 @@ def test_an_index_write_the_store_did_not_take_is_sent_again(tmp_path: Path):
     import redis
 
     clock = FakeClock(T0_US - T0_US % (DAY_S * 1_000_000) + DAY_S * 1_000_000 // 2)
-    with workdir() as d, Valkey(d) as v:
-        text = POLICY % f'backend: {{kind: redis, url: "{v.url}", timeout_ms: 300}}'
-        pol = parse_policy(text.encode(), "<test>")
-        backend = RedisBackend(pol.backend, clock_override=clock)
-        with RunningSidecar(text, backend=backend, clock=clock) as sc:
-            svc = sc.sidecar.service
-            sc.run(svc.settle_usage("w-1", "warm", "gpt-4o", 1, 1, "report"))
-            v.stop()  # the store is gone: the index write and the spend write both fail
-            from sidecar.backends.base import BackendError
+    with sidecar_on_valkey(clock, timeout_ms=300) as (sc, backend, v):
+        svc = sc.sidecar.service
+        sc.run(svc.settle_usage("w-1", "warm", "gpt-4o", 1, 1, "report"))
+        v.stop()  # the store is gone: the index write and the spend write both fail
+        from sidecar.backends.base import BackendError
 
-            with pytest.raises(BackendError):
-                sc.run(svc.settle_usage("g-1", "gone-then-back", "gpt-4o", 10, 1, "report"))
-            assert backend.spend_index.has_failed()
-            v.start()
+        with pytest.raises(BackendError):
+            sc.run(svc.settle_usage("g-1", "gone-then-back", "gpt-4o", 10, 1, "report"))
+        assert backend.spend_index.has_failed()
+        v.start()
 
-            async def indexed() -> bool:
-                for _ in range(200):
-                    if not backend.spend_index.has_failed():
-                        return True
-                    await asyncio.sleep(0.05)
-                return False
+        async def indexed() -> bool:
+            for _ in range(200):
+                if not backend.spend_index.has_failed():
+                    return True
+                await asyncio.sleep(0.05)
+            return False
 
-            assert sc.run(indexed(), timeout=30)
-            r = redis.Redis.from_url(v.url)
-            day = clock() // (DAY_S * 1_000_000)
-            assert r.sismember(f"kt:spend-index:{day}", "gone-then-back")
-            r.close()
+        assert sc.run(indexed(), timeout=30)
+        r = redis.Redis.from_url(v.url)
+        day = clock() // (DAY_S * 1_000_000)
+        assert r.sismember(f"kt:spend-index:{day}", "gone-then-back")
+        r.close()
 
 
 @pytest.mark.parametrize("kind", ["memory", "redis"])
