@@ -13,8 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 TIME_DEPENDENT = [
     "tests/test_ledger_spend.py", "tests/test_usage.py", "tests/test_lua_reference.py",
@@ -23,13 +21,24 @@ TIME_DEPENDENT = [
 ]
 
 
-@pytest.mark.parametrize("t0", ["2026-11-30T23:59:59.5Z", "2027-01-01T00:00:00Z"])
-def test_time_dependent_tests_pass_at_the_calendars_edges(t0: str) -> None:
-    env = dict(os.environ, KT_TEST_T0=t0)
-    run = subprocess.run(
+EDGES = ["2026-11-30T23:59:59.5Z", "2027-01-01T00:00:00Z"]
+
+
+def test_time_dependent_tests_pass_at_the_calendars_edges() -> None:
+    # both edges at once, each in its own process (two cores: the suite itself is serial)
+    runs = {t0: subprocess.Popen(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
          "-k", "not embedded_sidecar_restarts", *TIME_DEPENDENT],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    tail = "\n".join(run.stdout.splitlines()[-40:])
-    assert run.returncode == 0, f"KT_TEST_T0={t0}:\n{tail}\n{run.stderr[-2000:]}"
-    assert " passed" in tail and " failed" not in tail
+        cwd=ROOT, env=dict(os.environ, KT_TEST_T0=t0), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for t0 in EDGES}
+    try:
+        for t0, run in runs.items():
+            out, err = run.communicate(timeout=900)
+            tail = "\n".join(out.splitlines()[-40:])
+            assert run.returncode == 0, f"KT_TEST_T0={t0}:\n{tail}\n{err[-2000:]}"
+            assert " passed" in tail and " failed" not in tail
+    finally:
+        for run in runs.values():
+            if run.poll() is None:
+                run.kill()
+                run.wait()
