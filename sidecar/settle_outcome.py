@@ -19,6 +19,7 @@ RESOLVE_GIVE_UP_S leaves the outcome unknown: then the estimate stays charged (k
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Awaitable, Callable, Optional
@@ -99,7 +100,7 @@ class Settler:
                 error = exc
                 break
             if attempt and ours and not st.applied:
-                return Settlement(applied=True, budget_spent=st.budget_spent)
+                return dataclasses.replace(st, applied=True)  # its first send's, found
             return st
         self._resolve_later(tenant, key, ours, send, on_resolved, on_unknown)
         raise SettlementPending(f"settlement of {key!r} not confirmed ({error}); its outcome "
@@ -159,7 +160,7 @@ class Settler:
             except BackendError:
                 continue
             if not st.applied and ours:  # the lost send landed just before
-                return "applied", Settlement(applied=True, budget_spent=st.budget_spent)
+                return "applied", dataclasses.replace(st, applied=True)
             return ("resent" if st.applied else "settled_before"), st
         return None
 
