@@ -1028,15 +1028,19 @@ class RedisBackend:
     def has_room_for(self, tenant: str) -> bool:
         return True  # tenants' state lives in Redis, with TTLs, not in this process
 
+    def _wall_us(self) -> int:
+        """This host's wall clock in µs (the scripts' clock override under a test): the
+        day of a spend write as this host sees it (spend_index.py)."""
+        return self.clock_override() if self.clock_override is not None \
+            else time.time_ns() // 1000
+
     async def _index_spend(self, tenant: str) -> None:
         """Name the tenant in the day index before its spend is written (spend_index.py),
         once per tenant and day per process. Never fails nor delays the write it precedes:
         on a single node the commands go out ahead of it on the same link, unawaited; on a
         cluster they are awaited first (another node may hold the index key). What does
         not arrive is sent again by the heartbeat (``_resend_spend_index``)."""
-        now_us = self.clock_override() if self.clock_override is not None \
-            else time.time_ns() // 1000
-        days = self.spend_index.days_to_note(tenant, now_us)
+        days = self.spend_index.days_to_note(tenant, self._wall_us())
         if not days:
             return
         self.spend_index.sending(tenant, days)
@@ -1084,8 +1088,7 @@ class RedisBackend:
                         ssl_keyfile=self.cfg.tls.key_file)
         client: Any = (RedisCluster if self.cfg.cluster else aioredis.Redis).from_url(
             self.cfg.url, **opts)
-        today = day_of(self.clock_override() if self.clock_override is not None
-                       else time.time_ns() // 1000)
+        today = day_of(self._wall_us())
         try:
             return await read_spend_cells(client, self.prefix, self.spend_index, since_day,
                                           until_day, today)
