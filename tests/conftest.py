@@ -9,6 +9,7 @@ from typing import Iterator
 import pytest
 from hypothesis import settings
 
+from tests.support.postgres import Postgres
 from tests.support.procs import log_tail, workdir
 from tests.support.valkey import Valkey
 
@@ -16,6 +17,29 @@ from tests.support.valkey import Valkey
 settings.register_profile("ci", max_examples=150, deadline=None, derandomize=True)
 settings.register_profile("dev", max_examples=200, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[Postgres]:
+    """One real PostgreSQL for the module's tests, with the ledger's schema."""
+    from sidecar.ledger.postgres import migrate
+
+    with workdir("kt-pg-") as d, Postgres(d) as server:
+        migrate(server.dsn)
+        yield server
+
+
+@pytest.fixture
+def db(pg: Postgres) -> Iterator:
+    """A connection to ``pg`` with the ledger's tables emptied."""
+    import psycopg
+
+    conn = psycopg.connect(pg.dsn, autocommit=True)
+    conn.execute("TRUNCATE kt_usage_events, kt_usage_daily, kt_refusals, kt_budget_thresholds")
+    try:
+        yield conn
+    finally:
+        conn.close()
 
 
 @pytest.fixture(scope="module")

@@ -16,28 +16,11 @@ from sidecar.ledger.postgres import PostgresSink, migrate, us_of
 from sidecar.ledger.sinks import FileSink, SinkError, SpillFile
 from sidecar.ledger.stats import from_directory, from_postgres
 from sidecar.ledger.writer import EventLog
-from tests.support.postgres import Postgres
-from tests.support.procs import workdir
 from tests.test_ledger import usage_event
 
 DAY_US = 86_400_000_000
 
 
-@pytest.fixture(scope="module")
-def pg():
-    with workdir("kt-pg-") as d, Postgres(d) as server:
-        migrate(server.dsn)
-        yield server
-
-
-@pytest.fixture
-def db(pg):
-    conn = psycopg.connect(pg.dsn, autocommit=True)
-    conn.execute("TRUNCATE kt_usage_events, kt_usage_daily, kt_refusals, kt_budget_thresholds")
-    try:
-        yield conn
-    finally:
-        conn.close()
 
 
 def totals(conn) -> tuple:

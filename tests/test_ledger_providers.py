@@ -27,7 +27,7 @@ from sidecar.backends.redis import RedisBackend
 from sidecar.cli import main as kt
 from sidecar.envoy_config import EnvoyOptions, TierRoute, Upstream, render
 from sidecar.ledger.events import UsageEvent
-from sidecar.ledger.postgres import PostgresSink, migrate
+from sidecar.ledger.postgres import PostgresSink
 from sidecar.ledger.recorder import Ledger
 from sidecar.ledger.sinks import FileSink, SpillFile, event_files, read_events
 from sidecar.ledger.stats import from_directory, from_postgres
@@ -39,7 +39,6 @@ from sidecar.transports.als import UsageLogReceiver
 from sidecar.usage import Usage
 from tests.inproc import FakeClock, RunningSidecar
 from tests.support.policies import TIERS_AND_PRICING
-from tests.support.postgres import Postgres
 from tests.support.procs import (EnvoyProcess, SidecarProcess, free_port, log_tail, wait_until,
                                  workdir)
 from tests.support.upstream import FakeUpstream
@@ -95,12 +94,6 @@ def access_log_entry(rid: str, tenant: str, provider: str, status: int, usage_js
             contract.USAGE_METADATA_NAMESPACE].fields["json"].string_value = usage_json
     return entry
 
-
-@pytest.fixture(scope="module")
-def pg():
-    with workdir("kt-pg-") as d, Postgres(d) as server:
-        migrate(server.dsn)
-        yield server
 
 
 def test_every_outcome_names_the_provider_and_the_roll_up_counts_by_it(tmp_path, pg, capsys):

@@ -13,36 +13,20 @@ import os
 import signal
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from sidecar.cli import main as kt
 from sidecar.ledger.deadletter import decode_dead_letter
-from sidecar.ledger.postgres import PostgresSink, migrate
+from sidecar.ledger.postgres import PostgresSink
 from sidecar.ledger.sinks import SinkRefused, SpillFile, read_events
 from sidecar.ledger.storable import original_text
 from sidecar.ledger.writer import EventLog
 from tests.support.policies import TIERS_AND_PRICING
 from tests.support.postgres import Postgres
-from tests.support.procs import SidecarProcess, log_tail, post_json, wait_until, workdir
+from tests.support.procs import SidecarProcess, log_tail, post_json, wait_until
 from tests.test_ledger import usage_event
 
 
-@pytest.fixture(scope="module")
-def pg():
-    with workdir("kt-pg-sinks-") as d, Postgres(d) as server:
-        migrate(server.dsn)
-        yield server
-
-
-@pytest.fixture
-def db(pg):
-    conn = psycopg.connect(pg.dsn, autocommit=True)
-    conn.execute("TRUNCATE kt_usage_events, kt_usage_daily, kt_refusals, kt_budget_thresholds")
-    try:
-        yield conn
-    finally:
-        conn.close()
 
 
 def server_pids(pg: Postgres) -> list[int]:
