@@ -37,7 +37,7 @@ from run import TENANTS, body, policy  # noqa: E402
 from sidecar.backends.memory import MemoryBackend  # noqa: E402
 from sidecar.backends.redis import RedisBackend  # noqa: E402
 from sidecar.policy.load import parse_policy  # noqa: E402
-from sidecar.service import DecisionService  # noqa: E402
+from sidecar.flows import Flows  # noqa: E402
 from sidecar.transports.http_authz import AuthzProtocol  # noqa: E402
 
 CONNECTIONS = 32
@@ -70,7 +70,7 @@ def requests(n: int) -> list[bytes]:
     return out
 
 
-async def one_run(service: DecisionService, reqs: list[bytes]) -> float:
+async def one_run(service: Flows, reqs: list[bytes]) -> float:
     protos, transports = [], []
     for _ in range(CONNECTIONS):
         p, t = AuthzProtocol(service), _Transport()
@@ -119,11 +119,11 @@ def measure(a: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         backend = RedisBackend(pol.backend)  # type: ignore[arg-type]
         loop.run_until_complete(backend.start())
         stack.callback(lambda: loop.run_until_complete(backend.close()))
-        service = DecisionService(pol, backend)
+        service = Flows(pol, backend)
     else:
         text = policy("redis://unused")
         pol = parse_policy(text[:text.index("backend:")].encode(), "<bench policy, embedded>")
-        service = DecisionService(pol, MemoryBackend())
+        service = Flows(pol, MemoryBackend())
     reqs = requests(a.requests)
     loop.run_until_complete(one_run(service, reqs[:2000]))  # warm caches
     if a.profile:

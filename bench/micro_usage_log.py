@@ -33,7 +33,7 @@ from envoy.service.accesslog.v3 import als_pb2  # noqa: E402
 from sidecar import contract  # noqa: E402
 from sidecar.model import Request  # noqa: E402
 from sidecar.policy.load import parse_policy  # noqa: E402
-from sidecar.service import DecisionService  # noqa: E402
+from sidecar.flows import Flows  # noqa: E402
 from sidecar.transports.als import UsageLogReceiver  # noqa: E402
 
 
@@ -71,7 +71,7 @@ def messages(n: int, batch: int, run: int) -> list[bytes]:
     return out
 
 
-async def one_run(service: DecisionService, n: int, batch: int, run: int,
+async def one_run(service: Flows, n: int, batch: int, run: int,
                   valkey=None) -> tuple[float, float, float]:
     """(sidecar µs CPU, Valkey µs CPU, Valkey commands) per settled request."""
     body = json.dumps({"model": "gpt-4o", "max_tokens": USAGE[1],
@@ -79,7 +79,7 @@ async def one_run(service: DecisionService, n: int, batch: int, run: int,
     reqs = full_path_requests()
     for i in range(n):  # the decisions that reserved what the log entries settle
         tenant, _ = reqs[i % len(reqs)]
-        await service.decide(Request(headers={"x-tenant-id": tenant}, body=body,
+        await service.decider.decide(Request(headers={"x-tenant-id": tenant}, body=body,
                                      request_id=f"r{run}-{i}"))
     wire = messages(n, batch, run)
     receiver = UsageLogReceiver(service)
@@ -125,7 +125,7 @@ async def main_async(a) -> None:
         pol = parse_policy(text.encode(), "<bench>")
         backend = MemoryBackend()
     await backend.start()
-    service = DecisionService(pol, backend)
+    service = Flows(pol, backend)
     try:
         await one_run(service, min(a.entries, 2000), a.batch, -1)  # warm up
         results: list[float] = []

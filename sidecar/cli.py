@@ -16,7 +16,10 @@ def _serve(args: argparse.Namespace) -> int:
     from sidecar.address import AddressError, parse_hostport
     from sidecar.backends.base import BackendError
     from sidecar.policy.load import PolicyError
-    from sidecar.server import ExposureError, ServerConfig, StartupError, serve
+    from sidecar.credentials import ExposureError
+    from sidecar.listen import StartupError
+    from sidecar.server import serve
+    from sidecar.server_config import ServerConfig
 
     if args.workers < 1:
         print("kt serve: --workers must be >= 1", file=sys.stderr)
@@ -100,7 +103,7 @@ def _envoy_config(args: argparse.Namespace) -> int:
     from sidecar.envoy_config import (JWT_NAMESPACE, EnvoyOptions, TierRoute, Upstream,
                                       UpstreamError, parse_upstream, render,
                                       sidecar_credential_note)
-    from sidecar.server import sample_policy
+    from sidecar.server_config import sample_policy
 
     try:
         policy = load_policy(args.config) if args.config else sample_policy()
@@ -185,7 +188,7 @@ def provider_options(policy) -> dict:
     from sidecar.envoy_config import EnvoyOptions, Upstream
     # Envoy's ext_authz timeout over the admission queue's longest wait: the last decision
     # after the wait, and the answer's way back (the queue ends its waits this much before)
-    from sidecar.queue import CALLER_MARGIN_S
+    from sidecar.decision.queue import CALLER_MARGIN_S
 
     out: dict = {}
     if policy.providers is not None:

@@ -74,7 +74,7 @@ class Metrics:
         self.settle_outcomes = Counter(
             "kt_settle_outcomes", "Settlements whose reply was lost (the store stalled, the "
             "link dropped), by what the store said once it answered again "
-            "(sidecar/settle_outcome.py): applied (its idempotency marker was there: "
+            "(sidecar/settlement/resend.py): applied (its idempotency marker was there: "
             "recorded as settled), resent (it was not: sent again), settled_before (a key "
             "not this sidecar's alone, found settled), unknown (no answer in 10 minutes, or "
             "the sidecar stopped first: the estimate stays charged).", ["outcome"], registry=r)

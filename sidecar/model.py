@@ -9,6 +9,19 @@ import msgspec
 from sidecar import _core
 
 
+MAX_TENANT_LEN = 128
+# metric labels (and spend cells) of tenants the policy does not name, and of models
+# outside its tiers and pricing: one series each, whatever a client invents
+OTHER_TENANTS = "_other"
+OTHER_MODELS = "_other"
+
+
+def valid_tenant(t: str) -> bool:
+    """A tenant name the sidecar keeps state under: 1..MAX_TENANT_LEN printable
+    characters without braces (braces are Redis hash tags)."""
+    return 0 < len(t) <= MAX_TENANT_LEN and t.isprintable() and not any(c in t for c in "{}")
+
+
 class Request(msgspec.Struct, frozen=True):
     """What a transport extracted from Envoy's call; nothing protocol-specific."""
 
@@ -30,7 +43,7 @@ class Estimate(msgspec.Struct, frozen=True):
     firm_tokens: int
     model: Optional[str]
     source: str  # "header", "body", "transport" or "default"
-    # what the body asks for, for the charge when usage cannot be read (sidecar/bound.py):
+    # what the body asks for, for the charge when usage cannot be read (sidecar/settlement/bound.py):
     # the most output tokens per choice (-1: it names none), and how many choices
     asked_output: int = -1
     choices: int = 1

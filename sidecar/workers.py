@@ -28,7 +28,8 @@ operator see one sidecar:
   `POST /v1/usage` goes to one worker's own admin port (loopback, ephemeral, same token;
   round robin; with the Redis backend's `shared_reservations` any worker settles any
   reservation, docs/usage.md).
-Both are served with the sidecar's connection limits and timeouts (server.serve_wsgi).
+Both are served with the sidecar's connection limits and timeouts, on the sidecar's own
+routes (http_routes.py: ThreadedHttpServer, side_route, admin_route).
 
 It also starts the workers (each in a session of its own), restarts one that dies (at
 most 5 times a minute, then it gives up and stops them all, so the pod restarts) and stops
@@ -52,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -60,9 +61,12 @@ from sidecar import stop_signals
 from sidecar.auth import TokenFile
 from sidecar.policy import schema
 from sidecar.policy.load import load_policy
-from sidecar.server import (ADMIN_MOVED, Credentials, ServerConfig, admin_allows,
-                            listen_error, probe_bind, sample_policy, serve_wsgi)
-from sidecar.transports.http_side import HttpRequest
+from sidecar import http_routes
+from sidecar.credentials import Credentials
+from sidecar.http_routes import ThreadedHttpServer
+from sidecar.listen import listen_error, probe_bind
+from sidecar.server_config import ServerConfig, sample_policy
+from sidecar.transports.http_side import HttpRequest, HttpResponse, text
 
 log = logging.getLogger("kt.workers")
 MAX_RESTARTS_PER_MINUTE = 5
@@ -186,8 +190,8 @@ def merge_metrics(texts: list[str], retired: Optional[RetiredCounts] = None) -> 
     workers that exited had counted (``retired``)."""
     families: dict[str, Metric] = {}
     values: dict[tuple, list[float]] = {}
-    for text in texts:
-        for fam in text_string_to_metric_families(text):
+    for exposition in texts:
+        for fam in text_string_to_metric_families(exposition):
             if fam.name not in families:
                 families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
             for s in fam.samples:
@@ -231,62 +235,47 @@ class Supervisor:
         self._scraping = threading.Lock()  # scrapes are answered by several threads
 
     # --- the pod's one side port ----------------------------------------------
-    def app(self, environ, start_response):
+    def side(self, req: HttpRequest) -> HttpResponse:
         try:
-            return self._route(environ, start_response)
+            return self._side(req)
         except Exception as exc:  # noqa: BLE001 - an answer, never a 500 and a traceback
-            log.error("side port: %s %s failed: %r", environ.get("REQUEST_METHOD"),
-                      environ.get("PATH_INFO"), exc)
-            return _reply(start_response, 503, "text/plain", b"not available, retry\n")
+            log.error("side port: %s %s failed: %r", req.method, req.path, exc)
+            return text(503, "not available, retry\n")
 
-    def _route(self, environ, start_response):
-        path = environ.get("PATH_INFO", "")
-        if path == "/healthz":
-            return _reply(start_response, 200, "text/plain", b"ok\n")
-        if path == "/readyz":
+    def _side(self, req: HttpRequest) -> HttpResponse:
+        endpoint = http_routes.side_route(req)
+        if not isinstance(endpoint, str):
+            return endpoint
+        if endpoint == http_routes.READY:
             problem = self.not_ready()
             if problem:
-                return _reply(start_response, 503, "text/plain", f"not ready: {problem}\n".encode())
-            return _reply(start_response, 200, "text/plain",
-                          f"ready: {len(self.workers)} workers\n".encode())
-        if path == "/metrics":
-            try:
-                families = self.scrape()
-            except WorkerError as exc:  # a partial sum would look like a drop in counters
-                return _reply(start_response, 503, "text/plain", f"{exc}\n".encode())
-            registry = CollectorRegistry()
-            registry.register(_Merged(families))
-            return _reply(start_response, 200, "text/plain; version=0.0.4; charset=utf-8",
-                          generate_latest(registry))
-        if path in ("/v1/spend", "/v1/usage"):
-            return _reply(start_response, 404, "text/plain", ADMIN_MOVED.encode())
-        return _reply(start_response, 404, "text/plain", b"not found\n")
+                return text(503, f"not ready: {problem}\n")
+            return text(200, f"ready: {len(self.workers)} workers\n")
+        try:
+            families = self.scrape()
+        except WorkerError as exc:  # a partial sum would look like a drop in counters
+            return text(503, f"{exc}\n")
+        registry = CollectorRegistry()
+        registry.register(_Merged(families))
+        return HttpResponse(200, generate_latest(registry), CONTENT_TYPE_LATEST)
 
     # --- the pod's one admin port ---------------------------------------------
-    def admin_app(self, environ, start_response):
-        req = HttpRequest(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), "",
-                          {"authorization": environ.get("HTTP_AUTHORIZATION", "")}, b"",
-                          environ.get("REMOTE_ADDR", ""))
-        if not admin_allows(self.admin_token, req):
-            return _reply(start_response, 401, "application/json",
-                          b'{"error": {"type": "authentication_error", "code": "unauthorized", '
-                          b'"message": "This endpoint needs `Authorization: Bearer <admin '
-                          b'token>`."}}')
-        path = req.path
-        if path == "/v1/spend":
+    def admin(self, req: HttpRequest) -> HttpResponse:
+        endpoint = http_routes.admin_route(req, self.admin_token)
+        if not isinstance(endpoint, str):
+            return endpoint
+        if endpoint == http_routes.SPEND:
             # the spend lives in the backend the workers share: any worker answers for all
-            return self._forward_spend(environ, start_response)
-        if path == "/v1/usage" and environ.get("REQUEST_METHOD") == "POST":
-            return self._forward_usage(environ, start_response)
-        return _reply(start_response, 404, "text/plain", b"not found\n")
+            return self._forward_spend(req)
+        return self._forward_usage(req)
 
-    def _forward_spend(self, environ, start_response):
+    def _forward_spend(self, req: HttpRequest) -> HttpResponse:
         """The spend lives in the backend the workers share: any worker's admin port answers
         for all (the caller's token goes along; the worker checks it)."""
-        query = environ.get("QUERY_STRING", "")
+        query = req.query
         headers = {}
-        if environ.get("HTTP_AUTHORIZATION"):
-            headers["authorization"] = environ["HTTP_AUTHORIZATION"]
+        if req.headers.get("authorization"):
+            headers["authorization"] = req.headers["authorization"]
         last = ""
         for _ in range(len(self.workers)):
             w = self.workers[next(self._turn) % len(self.workers)]
@@ -298,9 +287,8 @@ class Supervisor:
             except OSError as exc:
                 last = f"worker {w.index}: {exc}"
                 continue
-            return _reply(start_response, status, "application/json", body)
-        return _reply(start_response, 503, "text/plain",
-                      f"no worker answers /v1/spend {last}\n".encode())
+            return HttpResponse(status, body, "application/json")
+        return text(503, f"no worker answers /v1/spend {last}\n")
 
     def not_ready(self) -> str:
         for w in self.workers:
@@ -339,35 +327,21 @@ class Supervisor:
                 self._last[w.index] = (pid, text)
             return merge_metrics([text for _, _, text in texts], self.retired)
 
-    def _forward_usage(self, environ, start_response):
-        try:
-            length = int(environ.get("CONTENT_LENGTH") or 0)
-        except ValueError:
-            length = -1
-        if not 0 <= length <= 65536:
-            return _reply(start_response, 400, "text/plain", b"content-length 0..65536 required\n")
-        body = environ["wsgi.input"].read(length)
+    def _forward_usage(self, req: HttpRequest) -> HttpResponse:
+        if len(req.body) > 65536:
+            return text(400, "content-length 0..65536 required\n")
         w = self.workers[next(self._turn) % len(self.workers)]
         headers = {"content-type": "application/json"}
-        if environ.get("HTTP_AUTHORIZATION"):  # the worker checks the same token
-            headers["authorization"] = environ["HTTP_AUTHORIZATION"]
+        if req.headers.get("authorization"):  # the worker checks the same token
+            headers["authorization"] = req.headers["authorization"]
         try:
-            status, answer = _request(f"http://127.0.0.1:{w.admin_port}/v1/usage", body,
+            status, answer = _request(f"http://127.0.0.1:{w.admin_port}/v1/usage", req.body,
                                       headers)
         except OSError:
             status, answer = 503, json.dumps({"error": {
                 "type": "service_unavailable", "code": "limiter_unavailable",
                 "message": "usage not recorded, retry: no worker answered"}}).encode()
-        return _reply(start_response, status, "application/json", answer)
-
-
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
-            503: "Service Unavailable"}
-
-
-def _reply(start_response, status: int, ctype: str, body: bytes) -> list[bytes]:
-    start_response(f"{status} {_REASONS.get(status, 'Status')}", [("Content-Type", ctype)])
-    return [body]
+        return HttpResponse(status, answer, "application/json")
 
 
 def supervise(args, n: int) -> int:
@@ -445,8 +419,8 @@ def supervise(args, n: int) -> int:
         supervisor = Supervisor(workers, credentials.admin)
         # the pod's side and admin ports first: a port in use stops everything before any
         # worker runs
-        http_server = serve_wsgi("--http", args.http, supervisor.app)
-        admin_server = serve_wsgi("--admin", args.admin, supervisor.admin_app)
+        http_server = ThreadedHttpServer("--http", args.http, supervisor.side)
+        admin_server = ThreadedHttpServer("--admin", args.admin, supervisor.admin)
         # the workers bind the decision ports with SO_REUSEPORT, which does not refuse a
         # port another sidecar of ours holds: check they are free first
         for flag, addr in (("--grpc", args.grpc), ("--http-authz", args.http_authz)):

@@ -1,5 +1,5 @@
 """A request whose usage cannot be read is charged at what the provider could have billed
-(sidecar/bound.py, docs/usage.md): input from the whole body, output the request's own
+(sidecar/settlement/bound.py, docs/usage.md): input from the whole body, output the request's own
 maximum (else the served model's `max_output_tokens`) times its choices; in the budget,
 the token bucket, the ledger and the durable spend, whatever the budget's unit. In
 process, embedded backend, fake clock; tests/test_usage_path.py holds the same through a
@@ -13,12 +13,12 @@ import math
 import pytest
 import redis
 
-from sidecar import bound
+from sidecar.settlement import bound
 from sidecar.ledger.recorder import Ledger
 from sidecar.ledger.sinks import FileSink, SpillFile, event_files, read_events
 from sidecar.ledger.writer import EventLog
 from sidecar.model import Kind, Request
-from sidecar.reconcile import close_reservation
+from sidecar.settlement.reconcile import close_reservation
 from tests.inproc import RunningSidecar
 
 POLICY = """
@@ -57,14 +57,14 @@ def body_of(**fields) -> bytes:
 
 
 def decide(sc, tenant: str, body: bytes):
-    d = sc.run(sc.sidecar.service.decide(Request(headers={"x-tenant-id": tenant}, body=body)))
+    d = sc.run(sc.sidecar.service.decider.decide(Request(headers={"x-tenant-id": tenant}, body=body)))
     assert d.kind is Kind.ALLOW and d.reservation_id
     return d
 
 
 def close_unread(sc, tenant: str, rid: str, cut_short: bool = False) -> None:
     """What the access log does with a 2xx entry that carries no usage."""
-    sc.run(close_reservation(sc.sidecar.service, rid, "", tenant, 200, None, None, cut_short,
+    sc.run(close_reservation(sc.sidecar.service.settlement, rid, "", tenant, 200, None, None, cut_short,
                              "access_log", "access_log"))
 
 
@@ -171,8 +171,8 @@ def test_an_expired_reservation_is_charged_at_its_bound(charged):
 
     async def expire_and_wait() -> None:
         svc.reservations.ttl_s = -1
-        svc.expire_reservations()
-        while svc._background:  # the charge runs in the background
+        svc.reservations.expire()
+        while svc.settlement._background:  # the charge runs in the background
             await asyncio.sleep(0.01)
 
     sc.run(expire_and_wait())
@@ -188,7 +188,7 @@ def test_a_later_report_for_a_request_charged_at_its_bound_changes_nothing(charg
     d = decide(sc, "tokens", body_of(max_tokens=500))
     close_unread(sc, "tokens", d.reservation_id)
     spent = sc.backend.states["tokens"].spent
-    res = sc.run(sc.sidecar.service.settle_usage(d.reservation_id, "tokens", "gpt-4o", 1, 1))
+    res = sc.run(sc.sidecar.service.settlement.settle_usage(d.reservation_id, "tokens", "gpt-4o", 1, 1))
     assert not res.applied and sc.backend.states["tokens"].spent == spent
 
 
@@ -207,13 +207,13 @@ def valkey():
         yield v
 
 
-def redis_service(url: str, shared: bool = True):
+def redis_service(url: str, shared: bool = True, ledger=None):
     from sidecar.backends.redis import RedisBackend
     from sidecar.policy.load import parse_policy
-    from sidecar.service import DecisionService
+    from sidecar.flows import Flows
 
     policy = parse_policy((REDIS_POLICY % (url, str(shared).lower())).encode(), "<test>")
-    return DecisionService(policy, RedisBackend(policy.backend))
+    return Flows(policy, RedisBackend(policy.backend), ledger=ledger)
 
 
 def test_an_unreadable_reply_on_another_replica_is_charged_once_at_the_bound(valkey):
@@ -227,7 +227,7 @@ def test_an_unreadable_reply_on_another_replica_is_charged_once_at_the_bound(val
         await a.backend.start()
         await b.backend.start()
         try:
-            d = await a.decide(Request(headers={"x-tenant-id": "tokens"}, body=body))
+            d = await a.decider.decide(Request(headers={"x-tenant-id": "tokens"}, body=body))
             assert d.kind is Kind.ALLOW
             # A shares it without waiting; a real reply takes longer than that write
             shared = a.backend._reservation_key("tokens", d.reservation_id)
@@ -239,14 +239,14 @@ def test_an_unreadable_reply_on_another_replica_is_charged_once_at_the_bound(val
                     await asyncio.sleep(0.01)
             finally:
                 r.close()
-            await close_reservation(b, d.reservation_id, "", "tokens", 200, None, None, False,
+            await close_reservation(b.settlement, d.reservation_id, "", "tokens", 200, None, None, False,
                                     "access_log", "access_log")
             a.reservations.ttl_s = -1
-            a.expire_reservations()
+            a.reservations.expire()
             a.reservations.ttl_s = 600  # the probe's own reservation stays open
-            while a._background:
+            while a.settlement._background:
                 await asyncio.sleep(0.01)
-            probe = await a.decide(Request(headers={"x-tenant-id": "tokens"},
+            probe = await a.decider.decide(Request(headers={"x-tenant-id": "tokens"},
                                            body=b'{"max_tokens": 1}'))
             return probe.outcome, await b.backend.spend_cells()
         finally:
@@ -264,12 +264,11 @@ def test_an_unreadable_reply_on_another_replica_is_charged_once_at_the_bound(val
 def test_when_the_store_cannot_take_the_bound_the_estimate_stays_recorded_with_its_tokens(
         valkey, tmp_path):
     # Valkey gone before the charge: its outcome is read from the store once it answers
-    # (sidecar/settle_outcome.py); a stop first leaves it unknown, and the estimate stays
+    # (sidecar/settlement/resend.py); a stop first leaves it unknown, and the estimate stays
     # charged, recorded with its tokens and their price (not 0 tokens, $0)
     events = EventLog(FileSink(tmp_path / "events", fsync=False),
                       SpillFile(tmp_path / "spill.jsonl"), flush_interval_s=0.01)
-    svc = redis_service(valkey.url, shared=False)
-    svc.ledger = Ledger(events, instance="test-1")
+    svc = redis_service(valkey.url, shared=False, ledger=Ledger(events, instance="test-1"))
     svc.ledger.start()
     body = body_of(max_tokens=300)
     inp = math.ceil(len(body) / 4)
@@ -277,13 +276,13 @@ def test_when_the_store_cannot_take_the_bound_the_estimate_stays_recorded_with_i
     async def main():
         await svc.backend.start()
         try:
-            d = await svc.decide(Request(headers={"x-tenant-id": "free"}, body=body))
+            d = await svc.decider.decide(Request(headers={"x-tenant-id": "free"}, body=body))
             assert d.kind is Kind.ALLOW
             valkey.stop()
-            await close_reservation(svc, d.reservation_id, "", "free", 200, None, None, False,
+            await close_reservation(svc.settlement, d.reservation_id, "", "free", 200, None, None, False,
                                     "access_log", "access_log")
-            await svc.settler.close(0.3)
-            while svc._background:
+            await svc.settlement.settler.close(0.3)
+            while svc.settlement._background:
                 await asyncio.sleep(0.01)
         finally:
             await svc.backend.close()
@@ -303,7 +302,7 @@ def test_a_request_without_body_is_bounded_by_its_estimate(charged):
     # a GET of the model list carries no prompt: no provider generates from it, so its
     # reply without usage costs what its estimate charged, not a model's whole output
     sc, _, _ = charged
-    d = sc.run(sc.sidecar.service.decide(Request(headers={"x-tenant-id": "tokens"})))
+    d = sc.run(sc.sidecar.service.decider.decide(Request(headers={"x-tenant-id": "tokens"})))
     assert d.kind is Kind.ALLOW
     close_unread(sc, "tokens", d.reservation_id)
     assert sc.backend.states["tokens"].spent == d.outcome.charged_tokens == 512
@@ -318,9 +317,9 @@ def test_a_reservation_held_from_a_late_decision_reply_stays_at_its_charge(charg
     body = body_of(max_tokens=100)
     d = decide(sc, "usd", body)
     svc.reservations.pop(d.reservation_id)  # its charge is now the late reply's
-    sc.run(_on_loop(svc._late_outcome, Kind.UNAVAILABLE, "usd", svc.policy.rule_for("usd"),
+    sc.run(_on_loop(svc.decider._late_outcome, Kind.UNAVAILABLE, "usd", svc.policy.rule_for("usd"),
                     "x-request-id:late-1", d.outcome, input_tokens=math.ceil(len(body) / 4)))
-    sc.run(close_reservation(svc, "", "late-1", "usd", 200, None, None, False,
+    sc.run(close_reservation(svc.settlement, "", "late-1", "usd", 200, None, None, False,
                              "access_log", "access_log"))
     assert sc.backend.states["usd"].spent == d.outcome.charged_cost
     inp = math.ceil(len(body) / 4)

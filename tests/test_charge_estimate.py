@@ -11,7 +11,7 @@ import math
 import pytest
 
 from sidecar import contract
-from sidecar.estimate import EstimateError, LengthRequired, estimate
+from sidecar.decision.estimate import EstimateError, LengthRequired, estimate
 from sidecar.model import Kind, Request
 from sidecar.policy.load import PolicyError, parse_policy
 from tests.inproc import RunningSidecar
@@ -101,7 +101,7 @@ tiers: [{name: default, model: gpt-4o}]
 defaults: {limits: {tpm: 1000000}}
 """
     with RunningSidecar(policy) as sc:
-        d = sc.run(sc.sidecar.service.decide(Request(
+        d = sc.run(sc.sidecar.service.decider.decide(Request(
             headers={"x-tenant-id": "acme"}, body=b'{"model": "gpt-4o", "messages": "' + b"x" * 1000,
             body_truncated=True)))
     assert d.kind is Kind.LENGTH_REQUIRED and not d.admitted

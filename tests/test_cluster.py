@@ -17,7 +17,7 @@ from sidecar.backends.redis import RedisBackend
 from sidecar.model import Kind, Request
 from sidecar.policy import schema
 from sidecar.policy.load import parse_policy
-from sidecar.service import DecisionService
+from sidecar.flows import Flows
 from tests.support.procs import post_json, workdir
 from tests.support.valkey import ValkeyCluster
 from tests.test_redis_backend import (clear_of_a_period_boundary, hammer, policy_text,
@@ -122,7 +122,7 @@ def test_a_stalled_node_fails_only_its_own_tenants_and_they_recover(cluster, mod
     policy = parse_policy(policy_text(cluster.url, cluster=True, timeout=100,
                                       failure_mode=mode).encode(), "<test>")
     assert isinstance(policy.backend, schema.RedisBackend)
-    svc = DecisionService(policy, RedisBackend(policy.backend))
+    svc = Flows(policy, RedisBackend(policy.backend))
 
     def req(tenant: str) -> Request:
         return Request(headers={"x-tenant-id": tenant, "x-kt-estimated-tokens": "5"})
@@ -130,20 +130,20 @@ def test_a_stalled_node_fails_only_its_own_tenants_and_they_recover(cluster, mod
     async def main():
         await svc.backend.start()
         try:
-            assert (await svc.decide(req(stalled_tenant))).kind is Kind.ALLOW
+            assert (await svc.decider.decide(req(stalled_tenant))).kind is Kind.ALLOW
             cluster.nodes[1].pause()
             try:
                 # answered by the failure mode after the 100 ms timeout: a wait for the
                 # node (resumed only after this) would fail here instead of hanging
                 stalled = await asyncio.wait_for(asyncio.gather(
-                    *(svc.decide(req(stalled_tenant)) for _ in range(10))), 10)
-                healthy = await asyncio.gather(*(svc.decide(req(other_tenant))
+                    *(svc.decider.decide(req(stalled_tenant)) for _ in range(10))), 10)
+                healthy = await asyncio.gather(*(svc.decider.decide(req(other_tenant))
                                                  for _ in range(10)))
             finally:
                 cluster.nodes[1].resume()
             deadline = time.monotonic() + 10
             while True:  # back to decisions once the node answers again
-                after = await svc.decide(req(stalled_tenant))
+                after = await svc.decider.decide(req(stalled_tenant))
                 if after.kind is Kind.ALLOW or time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.1)
@@ -203,7 +203,7 @@ def test_a_sidecar_started_before_its_cluster_answers_becomes_ready_without_traf
                                       failure_mode="closed").encode(), "<test>")
     assert isinstance(policy.backend, schema.RedisBackend)
     backend = RedisBackend(policy.backend)
-    svc = DecisionService(policy, backend)
+    svc = Flows(policy, backend)
     request = Request(headers={"x-tenant-id": "early", "x-kt-estimated-tokens": "5"})
 
     async def main():
@@ -212,7 +212,7 @@ def test_a_sidecar_started_before_its_cluster_answers_becomes_ready_without_traf
             # ready, and a decision is answered by the failure mode, not an exception
             await backend.start()
             ready_at_start = backend.status().ready
-            early = await asyncio.wait_for(svc.decide(request), 10)
+            early = await asyncio.wait_for(svc.decider.decide(request), 10)
         finally:
             for n in cluster.nodes:
                 n.resume()
@@ -221,7 +221,7 @@ def test_a_sidecar_started_before_its_cluster_answers_becomes_ready_without_traf
             while not backend.status().ready and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             ready_later, decisions = backend.status().ready, backend.decisions
-            after = await svc.decide(request)
+            after = await svc.decider.decide(request)
             return ready_at_start, early.kind, ready_later, decisions, after.kind
         finally:
             await backend.close()

@@ -28,7 +28,7 @@ estimate: {trusted: true}  # a trusted filter sets x-kt-estimated-tokens in thes
 @pytest.fixture
 def sidecar():
     with RunningSidecar(POLICY) as sc:
-        server, port = sc.run(start_http_authz(sc.sidecar.service, "127.0.0.1", 0))
+        server, port = sc.run(start_http_authz(sc.sidecar.service.decider, "127.0.0.1", 0))
         sc.http_authz_port = port
         yield sc
         server.close()

@@ -14,7 +14,7 @@ import pytest
 
 from sidecar.backends.redis import RedisBackend
 from sidecar.policy.load import parse_policy
-from sidecar.service import REQUEST_ID_KEY
+from sidecar.settlement.book import REQUEST_ID_KEY
 from sidecar.transports import http_authz
 from sidecar.transports.http_authz import AuthzProtocol, start_http_authz
 from tests.inproc import RunningSidecar
@@ -80,7 +80,7 @@ def sidecar(valkey, request, monkeypatch):
     text = POLICY % valkey.url
     backend = RedisBackend(parse_policy(text.encode(), "<test>").backend)
     with RunningSidecar(text, backend=backend) as sc:
-        server, port = sc.run(start_http_authz(sc.sidecar.service, "127.0.0.1", 0))
+        server, port = sc.run(start_http_authz(sc.sidecar.service.decider, "127.0.0.1", 0))
         sc.http_authz_port = port
         yield sc
         server.close()
@@ -142,7 +142,7 @@ def test_a_connection_lost_before_its_worker_took_the_decision_still_cancels_it(
     before = svc.backend.late_replies
 
     async def arrive_and_go() -> list[bytes]:
-        proto, transport = AuthzProtocol(svc), _Collect()
+        proto, transport = AuthzProtocol(svc.decider), _Collect()
         proto.connection_made(transport)  # type: ignore[arg-type]
         proto.data_received(request("gone", "gone-queued"))
         assert proto.pending == 1  # waiting for Redis

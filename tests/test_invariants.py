@@ -12,10 +12,10 @@ import pytest
 from sidecar import _core, contract
 from sidecar.backends.memory import MemoryBackend
 from sidecar.backends.redis import RedisBackend
-from sidecar.estimate import LengthRequired, estimate
+from sidecar.decision.estimate import LengthRequired, estimate
 from sidecar.model import CORE_KINDS, Decision, Kind, Request
 from sidecar.policy.load import parse_policy
-from sidecar.service import DecisionService
+from sidecar.flows import Flows
 from sidecar.policy import schema
 from tests.support.clock import ManualClock
 
@@ -143,11 +143,11 @@ tenants:
 estimate: {trusted: true}  # the count of 100 below comes from a trusted filter
 """, "<test>")
     clock = ManualClock()
-    svc = DecisionService(policy, MemoryBackend(clock=clock))
+    svc = Flows(policy, MemoryBackend(clock=clock))
 
     async def main():
         for tenant in ("nobudget", "withbudget"):
-            d = await svc.decide(Request(headers={"x-tenant-id": tenant}, tokens=100))
+            d = await svc.decider.decide(Request(headers={"x-tenant-id": tenant}, tokens=100))
             assert d.kind is Kind.ALLOW
 
     asyncio.run(main())
@@ -177,18 +177,18 @@ def test_a_huge_content_length_is_too_large_and_never_wraps_the_budget(backend_k
         text += f"backend: {{kind: redis, url: '{backend_url}', timeout_ms: 2000}}\n".encode()
     policy = parse_policy(text, "<test>")
     clock = ManualClock()
-    svc = DecisionService(policy, make_backend(backend_kind, clock, backend_url))
+    svc = Flows(policy, make_backend(backend_kind, clock, backend_url))
     tenant = fresh_tenant("acme")
     svc.policy.tenants[tenant] = svc.policy.tenants["acme"]
 
     async def main():
         await svc.backend.start()
         try:
-            huge = await svc.decide(Request(headers={"x-tenant-id": tenant,
+            huge = await svc.decider.decide(Request(headers={"x-tenant-id": tenant,
                                                      "content-length": length},
                                             body=b'{"model": "gpt-4o", "messages": [{"con',
                                             body_truncated=True))
-            small = await svc.decide(Request(headers={"x-tenant-id": tenant},
+            small = await svc.decider.decide(Request(headers={"x-tenant-id": tenant},
                                              body=b'{"model": "gpt-4o", "max_tokens": 100}'))
             return huge, small
         finally:

@@ -17,7 +17,7 @@ from sidecar.ledger.sinks import CURRENT, FileSink, SinkError, SpillFile, event_
 from sidecar.ledger.stats import from_directory, parse_window
 from sidecar.ledger.writer import EventLog
 from sidecar.policy.load import PolicyError, parse_policy
-from sidecar.usage import ModelPrice, Usage, UsageScanner, cost_nano, model_price, usage_from_json
+from sidecar.settlement.usage import ModelPrice, Usage, UsageScanner, cost_nano, model_price, usage_from_json
 
 
 # --- usage formats ------------------------------------------------------------

@@ -57,7 +57,7 @@ def test_events_in_postgres_add_up_to_the_reported_usage_and_the_budget():
                        and 'kt_ledger_sink_up{sink="postgres"} 0.0' in s.sidecar.metrics(),
                        10, "events spilled while PostgreSQL is down")
 
-            # a client that leaves mid-stream: charged at its bound (kept, sidecar/bound.py)
+            # a client that leaves mid-stream: charged at its bound (kept, sidecar/settlement/bound.py)
             leave_mid_stream(s.envoy.listen_port, "finops", chat(stream=True, max_tokens=40),
                              up, s.sidecar)
 

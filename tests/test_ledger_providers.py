@@ -34,9 +34,9 @@ from sidecar.ledger.stats import from_directory, from_postgres
 from sidecar.ledger.writer import EventLog
 from sidecar.model import Kind, Request
 from sidecar.policy import schema
-from sidecar.reconcile import close_reservation
+from sidecar.settlement.reconcile import close_reservation
 from sidecar.transports.als import UsageLogReceiver
-from sidecar.usage import Usage
+from sidecar.settlement.usage import Usage
 from tests.inproc import FakeClock, RunningSidecar
 from tests.support.policies import TIERS_AND_PRICING
 from tests.support.procs import (EnvoyProcess, SidecarProcess, free_port, log_tail, wait_until,
@@ -77,7 +77,7 @@ def usage_events(led: Ledger, directory: Path) -> list[UsageEvent]:
 def decide(sc: RunningSidecar, tenant: str, max_tokens: int = 100):
     body = json.dumps({"model": "gpt-4o", "max_tokens": max_tokens,
                        "messages": [{"role": "user", "content": "hello"}]}).encode()
-    d = sc.run(sc.sidecar.service.decide(Request(headers={"x-tenant-id": tenant}, body=body)))
+    d = sc.run(sc.sidecar.service.decider.decide(Request(headers={"x-tenant-id": tenant}, body=body)))
     assert d.kind is Kind.ALLOW and d.reservation_id, d
     return d
 
@@ -109,16 +109,16 @@ def test_every_outcome_names_the_provider_and_the_roll_up_counts_by_it(tmp_path,
         # a usage report; the access log (a JSON reply's usage); ext_proc; a failed upstream
         # (released); a client gone (kept); never settled (expired); a report with cache
         # tokens for the spilled-over provider
-        assert sc.run(svc.settle_usage(rid[0], "acme", "gpt-4o", 30, 20, "report")).applied
-        sc.run(UsageLogReceiver(svc)._close_all([access_log_entry(
+        assert sc.run(svc.settlement.settle_usage(rid[0], "acme", "gpt-4o", 30, 20, "report")).applied
+        sc.run(UsageLogReceiver(svc.settlement)._close_all([access_log_entry(
             rid[1], "acme", "east", 200,
             '{"model":"gpt-4o","usage":{"prompt_tokens":7,"completion_tokens":3}}')]))
-        sc.run(close_reservation(svc, rid[2], "", None, 200, Usage(11, 4), "gpt-4o", False,
+        sc.run(close_reservation(svc.settlement, rid[2], "", None, 200, Usage(11, 4), "gpt-4o", False,
                                  "ext_proc", "ext_proc_json"))
-        sc.run(close_reservation(svc, rid[4], "", None, 503, None, None, False, "ext_proc",
+        sc.run(close_reservation(svc.settlement, rid[4], "", None, 503, None, None, False, "ext_proc",
                                  "ext_proc"))
-        sc.run(svc.charge_unread(rid[5], "abandoned"))  # charged at its bound
-        assert sc.run(svc.settle_usage(rid[6], "acme", "gpt-4o", 50, 5, "report",
+        sc.run(svc.settlement.charge_unread(rid[5], "abandoned"))  # charged at its bound
+        assert sc.run(svc.settlement.settle_usage(rid[6], "acme", "gpt-4o", 50, 5, "report",
                                        cached_tokens=40)).applied
         svc.reservations.ttl_s = -1
         assert sc.run(_expire(svc)) == 1  # rid[3]
@@ -157,9 +157,9 @@ def test_every_outcome_names_the_provider_and_the_roll_up_counts_by_it(tmp_path,
 
 
 async def _expire(svc) -> int:
-    n = svc.expire_reservations()
-    while svc._background:  # claims of shared records (Redis), kept spend being written
-        await asyncio.wait(list(svc._background))
+    n = svc.reservations.expire()
+    while svc.settlement._background:  # claims of shared records (Redis), kept spend being written
+        await asyncio.wait(list(svc.settlement._background))
         await asyncio.sleep(0)  # their done callbacks
     return n
 
@@ -193,7 +193,7 @@ def test_a_report_to_another_replica_names_and_corrects_the_provider(tmp_path):
             before = east_tokens()
             assert before < 60_000
             # the report reaches B, which takes A's shared reservation
-            res = b.run(b.sidecar.service.settle_usage(
+            res = b.run(b.sidecar.service.settlement.settle_usage(
                 settled_elsewhere.reservation_id, "acme", "gpt-4o", 10, 5, "report"))
             assert res.applied and res.reserved_tokens > 50_000
             # B gave east back what the estimate held beyond the usage (the bucket refills

@@ -43,7 +43,7 @@ def decide(sc, tenant: str, request_id: str, model: str = "gpt-4o", max_tokens: 
     body = json.dumps({"model": model, "max_tokens": max_tokens,
                        "messages": [{"role": "user", "content": "x" * 396}]}).encode()
     req = Request(headers={"x-tenant-id": tenant}, body=body, request_id=request_id)
-    return sc.run(sc.sidecar.service.decide(req))
+    return sc.run(sc.sidecar.service.decider.decide(req))
 
 
 def events_of(sc, led, directory):
@@ -60,27 +60,27 @@ def test_each_closed_reservation_is_one_event_and_they_add_up_to_the_budget(ledg
         assert d.kind is Kind.ALLOW
         rid[name] = d.reservation_id
     # a: settled from a buffered reply with cached prompt tokens
-    res = sc.run(svc.settle_usage(rid["a"], None, "gpt-4o", 1000, 50, "ext_proc",
+    res = sc.run(svc.settlement.settle_usage(rid["a"], None, "gpt-4o", 1000, 50, "ext_proc",
                                   cached_tokens=800, settled_by="ext_proc_json"))
     assert res.applied
     # b: the upstream failed: released; c: the client went away: kept, charged at its bound
     # (max_tokens 1000: the estimate's own output)
-    sc.run(svc.release(rid["b"], "upstream_error"))
-    sc.run(svc.charge_unread(rid["c"], "abandoned"))
+    sc.run(svc.settlement.release(rid["b"], "upstream_error"))
+    sc.run(svc.settlement.charge_unread(rid["c"], "abandoned"))
 
     # d: never settled: expires, charged at its bound in the background
     async def expire() -> None:
         svc.reservations.ttl_s = -1
-        svc.expire_reservations()
+        svc.reservations.expire()
         svc.reservations.ttl_s = 600
-        while svc._background:
+        while svc.settlement._background:
             await asyncio.sleep(0.01)
 
     sc.run(expire())
     # e: a report for a request this sidecar never saw: charged in full
-    sc.run(svc.settle_usage("e", "acme", "gpt-4o-mini", 300, 30, "report"))
+    sc.run(svc.settlement.settle_usage("e", "acme", "gpt-4o-mini", 300, 30, "report"))
     # a repeated report changes nothing and records nothing
-    assert not sc.run(svc.settle_usage(rid["a"], None, "gpt-4o", 1000, 50, "report")).applied
+    assert not sc.run(svc.settlement.settle_usage(rid["a"], None, "gpt-4o", 1000, 50, "report")).applied
 
     evs = [e for e in events_of(sc, led, directory) if e.__class__.__name__ == "UsageEvent"]
     name_of = {v: k for k, v in rid.items()}
@@ -113,7 +113,7 @@ def test_refusals_are_counted_per_minute_and_thresholds_recorded_once(ledgered):
     assert kinds.count(Kind.DENY_RATE) == 4  # rpm 8
     sc.clock.advance(3600)  # refills the bucket, keeps the month
     # a big report crosses 50% then 100% of the $1 budget
-    sc.run(svc.settle_usage(decisions[0].reservation_id, None, "gpt-4o", 300_000, 30_000,
+    sc.run(svc.settlement.settle_usage(decisions[0].reservation_id, None, "gpt-4o", 300_000, 30_000,
                             "report"))  # $1.05
     decide(sc, "acme", "after-1", max_tokens=10)
     decide(sc, "acme", "after-2", max_tokens=10)

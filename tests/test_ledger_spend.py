@@ -44,7 +44,7 @@ BODY_INPUT = -(-len(BODY) // 4)  # its input tokens: the body's bytes / 4
 
 def decide(sc, tenant: str, request_id: str):
     body = BODY
-    out = sc.run(sc.sidecar.service.decide(Request(headers={"x-tenant-id": tenant}, body=body,
+    out = sc.run(sc.sidecar.service.decider.decide(Request(headers={"x-tenant-id": tenant}, body=body,
                                                    request_id=request_id)))
     assert out.kind is Kind.ALLOW
     return out
@@ -85,16 +85,16 @@ def test_spend_per_day_and_model_for_every_tenant_from_any_replica(two):
     kind, make, clock = two
     with make() as a:
         r1 = decide(a, "acme", "r1").reservation_id  # the id the sidecar made
-        a.run(a.sidecar.service.settle_usage(r1, None, "gpt-4o", 1000, 200, "ext_proc",
+        a.run(a.sidecar.service.settlement.settle_usage(r1, None, "gpt-4o", 1000, 200, "ext_proc",
                                              cached_tokens=600))
-        a.run(a.sidecar.service.settle_usage("rep-1", "someone-new", "gpt-4o-mini", 5000, 700,
+        a.run(a.sidecar.service.settlement.settle_usage("rep-1", "someone-new", "gpt-4o-mini", 5000, 700,
                                              "report"))
         clock.advance(DAY_S)  # the next UTC day
         r2 = decide(a, "acme", "r2").reservation_id
         # the client left: charged at its bound (its input, max_tokens 500); a report
         # arriving after it changes nothing (the bound was settled under its id, once)
-        a.run(a.sidecar.service.charge_unread(r2, "abandoned"))
-        assert not a.run(a.sidecar.service.settle_usage(r2, "acme", "gpt-4o", 10, 10,
+        a.run(a.sidecar.service.settlement.charge_unread(r2, "abandoned"))
+        assert not a.run(a.sidecar.service.settlement.settle_usage(r2, "acme", "gpt-4o", 10, 10,
                                                         "report")).applied
         spent_a = a.run(_spent(a, "acme"))
     with make() as b:  # another replica (redis) / the same sidecar restarted (memory)
@@ -140,7 +140,7 @@ def test_a_repeated_settlement_adds_no_spend(two):
     with make() as a:
         x = decide(a, "acme", "x").reservation_id
         for _ in range(3):
-            a.run(a.sidecar.service.settle_usage(x, None, "gpt-4o", 100, 10, "report"))
+            a.run(a.sidecar.service.settlement.settle_usage(x, None, "gpt-4o", 100, 10, "report"))
         rec = spend(a)["tenants"]["acme"]["gpt-4o"]
         assert (rec["requests"], rec["input_tokens"]) == (1, 100)
 
@@ -165,7 +165,7 @@ def test_the_state_file_keeps_spend_and_refuses_a_corrupt_one(tmp_path: Path):
     clock = FakeClock()
     with RunningSidecar(POLICY % "", backend=MemoryBackend(state_file=str(state), clock=clock),
                         clock=clock) as sc:
-        sc.run(sc.sidecar.service.settle_usage("q", "acme", "gpt-4o", 10, 1, "report"))
+        sc.run(sc.sidecar.service.settlement.settle_usage("q", "acme", "gpt-4o", 10, 1, "report"))
     doc = json.loads(state.read_text())
     assert list(doc["spend"]["acme"].values()) == [[1, 10, 1, 0, 0, 10 * 2500 + 1 * 10000]]
     doc["spend"]["acme"] = {k: [1, 2] for k in doc["spend"]["acme"]}
@@ -293,10 +293,10 @@ def test_a_spend_report_over_a_range_reads_only_the_tenants_it_holds(tmp_path: P
     with sidecar_on_valkey(clock) as (sc, _, v):
         svc = sc.sidecar.service
         for i in range(300):  # the flood, on the first day
-            sc.run(svc.settle_usage(f"f-{i}", f"rnd-{i}", "gpt-4o", 10, 1, "report"))
+            sc.run(svc.settlement.settle_usage(f"f-{i}", f"rnd-{i}", "gpt-4o", 10, 1, "report"))
         clock.advance(DAY_S)
         for i in range(3):  # the next day: three tenants
-            sc.run(svc.settle_usage(f"n-{i}", f"day2-{i}", "gpt-4o", 100, 10, "report"))
+            sc.run(svc.settlement.settle_usage(f"n-{i}", f"day2-{i}", "gpt-4o", 100, 10, "report"))
         r = redis.Redis.from_url(v.url)
         r.config_resetstat()
         ranged = spend(sc, f"?since={utc_day(noon, 1)}")["tenants"]
@@ -321,7 +321,7 @@ def test_a_range_starting_before_the_index_existed_is_read_whole(tmp_path: Path)
     clock = FakeClock(T0_US - T0_US % (DAY_S * 1_000_000) + DAY_S * 1_000_000 // 2)
     with sidecar_on_valkey(clock) as (sc, _, v):
         svc = sc.sidecar.service
-        sc.run(svc.settle_usage("a-1", "indexed", "gpt-4o", 10, 1, "report"))
+        sc.run(svc.settlement.settle_usage("a-1", "indexed", "gpt-4o", 10, 1, "report"))
         r = redis.Redis.from_url(v.url)
         # spend an older sidecar wrote today: in its hash, not in the index
         r.delete(f"kt:spend-index:{clock() // (DAY_S * 1_000_000)}")
@@ -342,12 +342,12 @@ def test_an_index_write_the_store_did_not_take_is_sent_again(tmp_path: Path):
     clock = FakeClock(T0_US - T0_US % (DAY_S * 1_000_000) + DAY_S * 1_000_000 // 2)
     with sidecar_on_valkey(clock, timeout_ms=300) as (sc, backend, v):
         svc = sc.sidecar.service
-        sc.run(svc.settle_usage("w-1", "warm", "gpt-4o", 1, 1, "report"))
+        sc.run(svc.settlement.settle_usage("w-1", "warm", "gpt-4o", 1, 1, "report"))
         v.stop()  # the store is gone: the index write and the spend write both fail
         from sidecar.backends.base import BackendError
 
         with pytest.raises(BackendError):
-            sc.run(svc.settle_usage("g-1", "gone-then-back", "gpt-4o", 10, 1, "report"))
+            sc.run(svc.settlement.settle_usage("g-1", "gone-then-back", "gpt-4o", 10, 1, "report"))
         assert backend.spend_index.has_failed()
         v.start()
 
@@ -390,7 +390,7 @@ def test_a_settlements_event_falls_on_the_day_its_spend_does(tmp_path: Path, kin
             text, backend = POLICY % "", MemoryBackend(clock=clock)
         with RunningSidecar(text, backend=backend, clock=clock, ledger=led) as sc:
             rid = decide(sc, "acme", "m-1").reservation_id
-            sc.run(sc.sidecar.service.settle_usage(rid, None, "gpt-4o", 100, 10, "report"))
+            sc.run(sc.sidecar.service.settlement.settle_usage(rid, None, "gpt-4o", 100, 10, "report"))
             by_day = spend(sc, "?period=day")["tenants"]["acme"]
     [event] = [e for e in usage_events(led, directory) if e.request_id == rid]
     assert sorted(by_day) == [utc_day(clock())]

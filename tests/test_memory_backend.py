@@ -473,7 +473,7 @@ def test_tenants_the_policy_does_not_name_are_held_up_to_a_cap(tmp_path):
 
     from sidecar.model import Kind, Request
     from sidecar.policy.load import parse_policy
-    from sidecar.service import DecisionService
+    from sidecar.flows import Flows
 
     policy = parse_policy(b"""
 tenant: {header: x-tenant-id, unknown: defaults}
@@ -488,12 +488,12 @@ tenants:
 backend: {kind: memory, state_file: "", max_tenants: 1000}
 """, "<test>")
     backend = MemoryBackend(clock=FakeClock(), max_tenants=policy.backend.max_tenants)
-    svc = DecisionService(policy, backend)
+    svc = Flows(policy, backend)
     body = json.dumps({"model": "gpt-4o", "max_tokens": 5,
                        "messages": [{"role": "user", "content": "hi"}]}).encode()
 
     async def ask(tenant: str):
-        return await svc.decide(Request(headers={"x-tenant-id": tenant}, body=body))
+        return await svc.decider.decide(Request(headers={"x-tenant-id": tenant}, body=body))
 
     async def main():
         admitted = [await ask(f"rnd-{i}") for i in range(1000)]

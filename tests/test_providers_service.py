@@ -16,7 +16,7 @@ from sidecar.backends.memory import MemoryBackend
 from sidecar.metrics import Metrics
 from sidecar.model import Decision, Kind, Request
 from sidecar.policy.load import parse_policy
-from sidecar.service import DecisionService
+from sidecar.flows import Flows
 from tests.inproc import FakeClock
 
 HEAD = """
@@ -68,11 +68,11 @@ async def settle_loop() -> None:
         await asyncio.sleep(0)
 
 
-def service(policy_yaml: str):
+def service(policy_yaml: str, backend=None):
     clock = FakeClock()
     timer = FakeTimer(clock)
     policy = parse_policy(policy_yaml.encode(), "<test>")
-    svc = DecisionService(policy, MemoryBackend(clock=clock), Metrics(), queue_timer=timer)
+    svc = Flows(policy, backend or MemoryBackend(clock=clock), Metrics(), queue_timer=timer)
     return svc, timer
 
 
@@ -98,7 +98,7 @@ tenants:
 """)
 
     async def main():
-        return [await svc.decide(req("t")) for _ in range(6)], await svc.decide(req("strict"))
+        return [await svc.decider.decide(req("t")) for _ in range(6)], await svc.decider.decide(req("strict"))
 
     got, strict = run(main())
     assert [d.provider for d in got] == ["east", "east", "west", "west", "mini", "mini"]
@@ -132,7 +132,7 @@ routing:
 """)
 
     async def main():
-        return [(await svc.decide(req(f"t{i}"))).provider for i in range(20)]
+        return [(await svc.decider.decide(req(f"t{i}"))).provider for i in range(20)]
 
     firsts = run(main())
     assert firsts.count("a") == 14 and firsts.count("b") == 6
@@ -151,8 +151,8 @@ tenants:
 """)
 
     async def main():
-        low = [await svc.decide(req("batch")) for _ in range(12)]
-        high = [await svc.decide(req("vip")) for _ in range(3)]
+        low = [await svc.decider.decide(req("batch")) for _ in range(12)]
+        high = [await svc.decider.decide(req("vip")) for _ in range(3)]
         return low, high
 
     low, high = run(main())
@@ -180,14 +180,14 @@ def test_the_queue_absorbs_a_short_burst_and_refuses_a_long_one_truthfully():
     svc, timer = service(QUEUED % {"size": 100, "wait": 2000})  # 3 at once, then one a second
 
     async def main():
-        burst = [asyncio.ensure_future(svc.decide(req("a"))) for _ in range(5)]
+        burst = [asyncio.ensure_future(svc.decider.decide(req("a"))) for _ in range(5)]
         await timer.advance(0)
-        assert sum(f.done() for f in burst) == 3 and svc.queue.members == 2
+        assert sum(f.done() for f in burst) == 3 and svc.decider.queue.members == 2
         await timer.advance(2.0)
         short = [f.result() for f in burst]
         # a longer burst: 3 fit, 2 wait up to 2 s, the rest cannot get room in time
         await timer.advance(10.0)  # the bucket is full again
-        long = [asyncio.ensure_future(svc.decide(req("b"))) for _ in range(8)]
+        long = [asyncio.ensure_future(svc.decider.decide(req("b"))) for _ in range(8)]
         await timer.advance(3.0)
         return short, [f.result() for f in long]
 
@@ -212,18 +212,18 @@ def test_the_queue_releases_high_first_and_round_robin_between_tenants():
     order: list[str] = []
 
     async def decide(tenant: str, n: int):
-        d = await svc.decide(req(tenant))
+        d = await svc.decider.decide(req(tenant))
         if d.admitted:
             order.append(f"{tenant}{n}")
         return d
 
     async def main():
         for _ in range(3):  # the bucket is empty
-            assert (await svc.decide(req("vip"))).admitted
+            assert (await svc.decider.decide(req("vip"))).admitted
         tasks = [asyncio.ensure_future(decide(t, n)) for t, n in
                  (("a", 1), ("a", 2), ("a", 3), ("b", 1), ("vip", 1))]
         await timer.advance(0)
-        assert svc.queue.members == 5
+        assert svc.decider.queue.members == 5
         await timer.advance(5.0)
         return [await t for t in tasks]
 
@@ -239,10 +239,10 @@ def test_a_full_queue_refuses_at_once_with_the_decisions_retry_after():
 
     async def main():
         for _ in range(3):
-            assert (await svc.decide(req("a"))).admitted
-        first = asyncio.ensure_future(svc.decide(req("a")))
+            assert (await svc.decider.decide(req("a"))).admitted
+        first = asyncio.ensure_future(svc.decider.decide(req("a")))
         await timer.advance(0)
-        second = await svc.decide(req("b"))
+        second = await svc.decider.decide(req("b"))
         await timer.advance(1.0)
         return await first, second
 
@@ -259,11 +259,11 @@ def test_rls_never_waits():
 
     async def main():
         for _ in range(3):
-            await svc.decide(req("a"), "rls")
-        return await svc.decide(req("a"), "rls")
+            await svc.decider.decide(req("a"), "rls")
+        return await svc.decider.decide(req("a"), "rls")
 
     d = run(main())
-    assert d.kind is Kind.DENY_RATE and svc.queue.members == 0
+    assert d.kind is Kind.DENY_RATE and svc.decider.queue.members == 0
 
 
 def test_a_tenant_rate_limit_waits_in_the_queue_too():
@@ -274,8 +274,8 @@ defaults: {limits: {rpm: 60}}
 
     async def main():
         for _ in range(60):
-            assert (await svc.decide(req("t"))).admitted
-        later = asyncio.ensure_future(svc.decide(req("t")))
+            assert (await svc.decider.decide(req("t"))).admitted
+        later = asyncio.ensure_future(svc.decider.decide(req("t")))
         await timer.advance(0.5)
         assert not later.done()
         await timer.advance(0.6)
@@ -295,12 +295,12 @@ defaults: {limits: {tpm: 100000}}
     assert isinstance(backend, MemoryBackend)
 
     async def main():
-        d = await svc.decide(req("t", tokens=100, rid="r1"))
+        d = await svc.decider.decide(req("t", tokens=100, rid="r1"))
         assert d.admitted and d.provider == "p" and d.reservation_id
         before = backend.quota_state("p").tok_level
         # settled by the reservation id the sidecar made (x-kt-reservation)
-        res = await svc.settle_usage(d.reservation_id, "t", "gpt-4o", 250, 50)
-        again = await svc.settle_usage(d.reservation_id, "t", "gpt-4o", 250, 50)
+        res = await svc.settlement.settle_usage(d.reservation_id, "t", "gpt-4o", 250, 50)
+        again = await svc.settlement.settle_usage(d.reservation_id, "t", "gpt-4o", 250, 50)
         return before, res, again
 
     before, res, again = run(main())
@@ -318,10 +318,10 @@ def test_upstream_answers_are_counted_by_provider_and_status_with_bounded_labels
 providers:
   - {id: p, models: [gpt-4o, gpt-4o-mini]}
 """)
-    svc.upstream_answered("p", 429)
-    svc.upstream_answered("p", 200)
-    svc.upstream_answered("forged-by-a-client", 429)
-    svc.upstream_answered("p", 99999)
+    svc.settlement.upstream_answered("p", 429)
+    svc.settlement.upstream_answered("p", 200)
+    svc.settlement.upstream_answered("forged-by-a-client", 429)
+    svc.settlement.upstream_answered("p", 99999)
     text = generate_latest(svc.metrics.registry).decode()
     assert 'kt_upstream_responses_total{provider="p",status="429"} 1.0' in text
     assert 'kt_upstream_responses_total{provider="unknown",status="429"} 1.0' in text
@@ -331,19 +331,19 @@ providers:
 def test_fail_open_names_a_provider_so_envoy_can_route():
     from sidecar.backends.base import BackendError
 
+    class Down(MemoryBackend):
+        failure_mode = "open"  # as the policy's redis backend below says
+
+        async def decide_routed(self, *a, **kw):
+            raise BackendError("down")
+
     svc, _ = service(HEAD + """
 providers:
   - {id: p, models: [gpt-4o]}
   - {id: m, models: [gpt-4o-mini]}
 backend: {kind: redis, failure_mode: open}
-""")
-
-    class Down(MemoryBackend):
-        async def decide_routed(self, *a, **kw):
-            raise BackendError("down")
-
-    svc.backend = Down()
-    d = run(svc.decide(req("t", model="gpt-4o-mini")))
+""", Down())
+    d = run(svc.decider.decide(req("t", model="gpt-4o-mini")))
     assert d.kind is Kind.FAIL_OPEN and d.provider == "m"
     assert dict(contract.answer(d).upstream_headers)["x-kt-provider"] == "m"
 
@@ -357,7 +357,7 @@ shadow_mode: true
 """)
 
     async def main():
-        return [await svc.decide(req("t")) for _ in range(2)]
+        return [await svc.decider.decide(req("t")) for _ in range(2)]
 
     first, second = run(main())
     assert first.admitted and not first.shadow

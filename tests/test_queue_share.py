@@ -36,13 +36,13 @@ def test_one_tenant_cannot_fill_the_queue_for_everyone():
 
     async def main():
         for _ in range(3):  # the provider's bucket is empty
-            assert (await svc.decide(req("spam"))).admitted
-        spam = [asyncio.ensure_future(svc.decide(req("spam"))) for _ in range(40)]
+            assert (await svc.decider.decide(req("spam"))).admitted
+        spam = [asyncio.ensure_future(svc.decider.decide(req("spam"))) for _ in range(40)]
         await timer.advance(0)
         refused_at_once = sum(f.done() for f in spam)
-        others = [asyncio.ensure_future(svc.decide(req(t))) for t in ("other", "vip", "vip")]
+        others = [asyncio.ensure_future(svc.decider.decide(req(t))) for t in ("other", "vip", "vip")]
         await timer.advance(0)
-        members = svc.queue.members
+        members = svc.decider.queue.members
         await timer.advance(20.0)
         return refused_at_once, members, [f.result() for f in others], [f.result() for f in spam]
 
@@ -61,16 +61,16 @@ def test_a_higher_priority_takes_the_place_of_a_lower_one_in_a_full_queue():
 
     async def main():
         for _ in range(3):
-            assert (await svc.decide(req("spam"))).admitted
-        spam = [asyncio.ensure_future(svc.decide(req("spam"))) for _ in range(4)]
+            assert (await svc.decider.decide(req("spam"))).admitted
+        spam = [asyncio.ensure_future(svc.decider.decide(req("spam"))) for _ in range(4)]
         await timer.advance(0)
-        assert svc.queue.members == 4 and not any(f.done() for f in spam)
-        vip = [asyncio.ensure_future(svc.decide(req("vip"))) for _ in range(2)]
+        assert svc.decider.queue.members == 4 and not any(f.done() for f in spam)
+        vip = [asyncio.ensure_future(svc.decider.decide(req("vip"))) for _ in range(2)]
         await timer.advance(0)
         preempted_now = [f.done() for f in spam]
-        members = svc.queue.members
+        members = svc.decider.queue.members
         # another low-priority request finds the queue full and nobody below it
-        late_low = await svc.decide(req("other"))
+        late_low = await svc.decider.decide(req("other"))
         await timer.advance(20.0)
         return preempted_now, members, late_low, [f.result() for f in vip], [
             f.result() for f in spam]
@@ -84,7 +84,7 @@ def test_a_higher_priority_takes_the_place_of_a_lower_one_in_a_full_queue():
         ans = contract.answer(d)
         assert ans.status == 429 and int(dict(ans.response_headers)["retry-after"]) >= 1
     assert _rejections(svc, "preempted") == 2 and _rejections(svc, "full") == 1
-    assert svc.queue.members == 0 and not svc.queue._held
+    assert svc.decider.queue.members == 0 and not svc.decider.queue._held
 
 
 def test_a_tenant_share_outside_0_1_is_a_policy_error():
@@ -106,9 +106,9 @@ def test_a_wait_ends_before_the_caller_gives_up():
 
     async def main():
         for _ in range(3):
-            assert (await svc.decide(req("other"))).admitted
-        hurried = asyncio.ensure_future(svc.decide(req("other"), "authz", caller_wait_s=0.6))
-        patient = asyncio.ensure_future(svc.decide(req("vip"), "authz", caller_wait_s=5.0))
+            assert (await svc.decider.decide(req("other"))).admitted
+        hurried = asyncio.ensure_future(svc.decider.decide(req("other"), "authz", caller_wait_s=0.6))
+        patient = asyncio.ensure_future(svc.decider.decide(req("vip"), "authz", caller_wait_s=5.0))
         await timer.advance(0)
         refused_at_once = hurried.done()
         await timer.advance(5.0)

@@ -22,7 +22,8 @@ from sidecar.backends.redis import RedisBackend
 from sidecar.model import Decision, Kind, Request
 from sidecar.policy import schema
 from sidecar.policy.load import parse_policy
-from sidecar.service import REQUEST_ID_KEY, DecisionService
+from sidecar.flows import Flows
+from sidecar.settlement.book import REQUEST_ID_KEY
 from tests.support.procs import SidecarProcess, eventually, post_json, wait_until, workdir
 from tests.support.valkey import Valkey, ValkeyCluster, command
 
@@ -201,18 +202,18 @@ def test_sidecars_with_clocks_minutes_apart_agree(valkey):
 
 
 # --- faults, in process: the service's failure modes over a real backend ------
-def service_for(url: str, failure_mode: str, timeout_ms: int = 50) -> DecisionService:
+def service_for(url: str, failure_mode: str, timeout_ms: int = 50) -> Flows:
     policy = parse_policy(policy_text(url, timeout=timeout_ms, failure_mode=failure_mode).encode(),
                           "<test>")
     assert isinstance(policy.backend, schema.RedisBackend)
-    return DecisionService(policy, RedisBackend(policy.backend))
+    return Flows(policy, RedisBackend(policy.backend))
 
 
 def req(tenant: str = "fault") -> Request:
     return Request(headers={"x-tenant-id": tenant, "x-kt-estimated-tokens": "5"})
 
 
-async def warm_up(svc: DecisionService, request: Request) -> Decision:
+async def warm_up(svc: Flows, request: Request) -> Decision:
     """A test's first decision, before what it checks: decided with a timeout a busy
     machine meets (a 20-50 ms timeout, meant for what follows, answered it by the failure
     mode under load)."""
@@ -220,7 +221,7 @@ async def warm_up(svc: DecisionService, request: Request) -> Decision:
     assert isinstance(backend, RedisBackend)
     short, backend.watch.silence_s = backend.watch.silence_s, 5.0
     try:
-        return await svc.decide(request)
+        return await svc.decider.decide(request)
     finally:
         backend.watch.silence_s = short
 
@@ -236,13 +237,13 @@ def test_killed_then_restarted_valkey_failure_mode_then_recovery():
                 assert (await warm_up(svc, req())).kind is Kind.ALLOW
                 v.kill()
                 t0 = time.monotonic()
-                down = await svc.decide(req())
+                down = await svc.decider.decide(req())
                 gap_latency = time.monotonic() - t0
                 assert down.kind is Kind.FAIL_CLOSED
                 assert not svc.backend.status().ready
                 v.start()  # same port, empty: its script cache is gone too
                 t1 = time.monotonic()
-                while (await svc.decide(req())).kind is not Kind.ALLOW:
+                while (await svc.decider.decide(req())).kind is not Kind.ALLOW:
                     assert time.monotonic() - t1 < 5, "no recovery"
                     await asyncio.sleep(0.01)
                 recovered = time.monotonic() - t1
@@ -272,7 +273,7 @@ def test_stalled_valkey_answers_by_failure_mode_within_the_timeout(mode, kind):
             v.pause()
             try:
                 t0 = time.monotonic()
-                results = await asyncio.gather(*(svc.decide(req()) for _ in range(20)))
+                results = await asyncio.gather(*(svc.decider.decide(req()) for _ in range(20)))
                 took = time.monotonic() - t0
             finally:
                 v.resume()
@@ -309,7 +310,7 @@ def test_after_a_restart_the_first_decisions_are_decided_not_failed(spread_over_
                     async def one(i: int):
                         for _ in range(i * spread_over_ticks):
                             await asyncio.sleep(0)
-                        return (await svc.decide(Request(
+                        return (await svc.decider.decide(Request(
                             headers={"x-tenant-id": "rpm-three", "x-kt-estimated-tokens": "5"},
                             request_id=f"after-restart-{i}"))).kind
 
@@ -344,13 +345,13 @@ def test_requests_refused_during_a_stall_are_never_charged_when_it_ends():
                 try:
                     ends = time.monotonic() + 2.5
                     while time.monotonic() < ends:
-                        answered += await asyncio.gather(*(svc.decide(req("stalled"))
+                        answered += await asyncio.gather(*(svc.decider.decide(req("stalled"))
                                                            for _ in range(4)))
                         await asyncio.sleep(0.01)
                 finally:
                     v.resume()
                 recovering = time.monotonic()
-                while (await svc.decide(req("after-the-stall"))).kind is not Kind.ALLOW:
+                while (await svc.decider.decide(req("after-the-stall"))).kind is not Kind.ALLOW:
                     assert time.monotonic() - recovering < 10, "no recovery"
                     await asyncio.sleep(0.02)
                 return answered
@@ -387,7 +388,7 @@ def test_a_wrong_password_costs_a_few_connections_not_one_per_decision():
                 kinds, slowest = [], 0.0
                 for _ in range(100):
                     t0 = time.monotonic()
-                    kinds += [d.kind for d in await asyncio.gather(*(svc.decide(req("pw"))
+                    kinds += [d.kind for d in await asyncio.gather(*(svc.decider.decide(req("pw"))
                                                                      for _ in range(6)))]
                     slowest = max(slowest, time.monotonic() - t0)
                     await asyncio.sleep(0.005)
@@ -416,7 +417,7 @@ def test_a_refused_port_is_retried_with_backoff_and_answered_at_once():
         try:
             kinds = []
             for _ in range(100):
-                kinds += [d.kind for d in await asyncio.gather(*(svc.decide(req("refused"))
+                kinds += [d.kind for d in await asyncio.gather(*(svc.decider.decide(req("refused"))
                                                                  for _ in range(6)))]
                 await asyncio.sleep(0.005)
             return kinds
@@ -506,18 +507,18 @@ def test_a_decision_that_reaches_redis_after_its_deadline_is_not_applied(valkey,
     async def main():
         await svc.backend.start()
         try:
-            assert (await svc.decide(req("late"))).kind is Kind.ALLOW
+            assert (await svc.decider.decide(req("late"))).kind is Kind.ALLOW
             assert budget_spent(r, budget_key) == 5
             valkey.pause()
             try:
-                late = await svc.decide(Request(headers={"x-tenant-id": "late",
+                late = await svc.decider.decide(Request(headers={"x-tenant-id": "late",
                                                          "x-kt-estimated-tokens": "5"},
                                                 request_id="late-1"))
             finally:
                 valkey.resume()
             # the refusal comes back on the link when Redis runs again
             await eventually(lambda: svc.backend.expired, "Redis to refuse the late decision")
-            after = await svc.decide(req("late"))
+            after = await svc.decider.decide(req("late"))
             return late, after
         finally:
             await svc.backend.close()
@@ -548,11 +549,11 @@ def test_a_decision_late_behind_the_sidecars_own_work_is_shed_not_failed(valkey,
     async def main():
         await svc.backend.start()
         try:
-            assert (await svc.decide(req("shed"))).kind is Kind.ALLOW
+            assert (await svc.decider.decide(req("shed"))).kind is Kind.ALLOW
             svc.backend.deadline_s = 0.0
-            shed = await svc.decide(req("shed"))
+            shed = await svc.decider.decide(req("shed"))
             svc.backend.deadline_s = 5.0
-            after = await svc.decide(req("shed"))
+            after = await svc.decider.decide(req("shed"))
             return shed, after, svc.backend.status()
         finally:
             await svc.backend.close()
@@ -588,7 +589,7 @@ def test_a_reply_that_waited_in_the_socket_while_the_loop_was_busy_is_read_not_f
         await svc.backend.start()
         try:
             assert (await warm_up(svc, req("busy"))).kind is Kind.ALLOW
-            deciding = asyncio.ensure_future(svc.decide(req("busy")))
+            deciding = asyncio.ensure_future(svc.decider.decide(req("busy")))
             await asyncio.sleep(0)  # queued; its batch is written in the next turn
             asyncio.get_running_loop().call_soon(time.sleep, 0.2)  # right after it
             return await deciding
@@ -605,12 +606,12 @@ def test_a_reply_that_waited_in_the_socket_while_the_loop_was_busy_is_read_not_f
         "kt_failure_mode_decisions_total", {"mode": "closed"}) is None
 
 
-async def decide_with_its_reply_held(svc: DecisionService, request: Request):
+async def decide_with_its_reply_held(svc: Flows, request: Request):
     """Decide while this side does not read the link: Redis applies the decision at once,
     its reply waits in the socket past the timeout (as a slow network would hold it)."""
     conn = svc.backend.conn
     assert conn is not None and conn.transport is not None
-    deciding = asyncio.ensure_future(svc.decide(request))
+    deciding = asyncio.ensure_future(svc.decider.decide(request))
     await asyncio.sleep(0)  # the decision is queued; its batch is written in the next tick
     asyncio.get_running_loop().call_soon(conn.transport.pause_reading)  # right after it
     return await deciding
@@ -636,7 +637,7 @@ def test_a_decision_whose_reply_came_after_its_timeout_is_put_right(
     async def main():
         await svc.backend.start()
         try:
-            assert (await svc.decide(req("late"))).kind is Kind.ALLOW
+            assert (await svc.decider.decide(req("late"))).kind is Kind.ALLOW
             late = await decide_with_its_reply_held(svc, Request(
                 headers={"x-tenant-id": "late", "x-kt-estimated-tokens": "5"},
                 request_id="late-1"))
@@ -677,12 +678,12 @@ def test_a_late_failed_open_charge_is_refunded_when_its_usage_was_settled_in_ful
     async def main():
         await svc.backend.start()
         try:
-            assert (await svc.decide(req("late"))).kind is Kind.ALLOW
+            assert (await svc.decider.decide(req("late"))).kind is Kind.ALLOW
             late = await decide_with_its_reply_held(svc, Request(
                 headers={"x-tenant-id": "late", "x-kt-estimated-tokens": "5"},
                 request_id="late-2"))
             # the report names the reservation id the fail-open answer carried upstream
-            settling = asyncio.create_task(svc.settle_usage(late.reservation_id, "late", None,
+            settling = asyncio.create_task(svc.settlement.settle_usage(late.reservation_id, "late", None,
                                                             7, 0))
             for _ in range(5):  # written to the socket behind the decision
                 await asyncio.sleep(0)
@@ -731,7 +732,7 @@ def test_a_check_envoy_gave_up_on_is_held_as_the_requests_reservation():
             # the test's probe: the sidecar's handler saw its caller go (the cancellation
             # reached it), which is what makes the late charge the request's reservation
             cancelled = threading.Event()
-            deciding = svc.decide
+            deciding = svc.decider.decide
 
             async def decide_noting_cancellation(*args, **kwargs):
                 try:
@@ -740,7 +741,7 @@ def test_a_check_envoy_gave_up_on_is_held_as_the_requests_reservation():
                     cancelled.set()
                     raise
 
-            svc.decide = decide_noting_cancellation  # type: ignore[method-assign]
+            svc.decider.decide = decide_noting_cancellation  # type: ignore[method-assign]
             conn = svc.backend.conn
             writes = conn.writes
             v.pause()
@@ -759,7 +760,7 @@ def test_a_check_envoy_gave_up_on_is_held_as_the_requests_reservation():
             # no answer of the sidecar reached Envoy, so no reservation id did: the charge
             # is held under the request's x-request-id, where ext_proc looks for it
             reserved = svc.reservations.get(REQUEST_ID_KEY + "gone-1")
-            settled = sc.run(svc.settle_usage(REQUEST_ID_KEY + "gone-1", None, None, 7, 0))
+            settled = sc.run(svc.settlement.settle_usage(REQUEST_ID_KEY + "gone-1", None, None, 7, 0))
             r = redis.Redis.from_url(v.url)
             spent = budget_spent(r, budget_key)
             r.close()
@@ -783,11 +784,11 @@ def test_a_settlement_whose_reply_came_too_late_is_settled_once_and_counted_once
     async def main():
         await svc.backend.start()
         try:
-            decided = await svc.decide(req("slow-settle"))
+            decided = await svc.decider.decide(req("slow-settle"))
             errors = svc.backend.errors
             valkey.pause()
             try:
-                settling = asyncio.ensure_future(svc.settle_usage(
+                settling = asyncio.ensure_future(svc.settlement.settle_usage(
                     decided.reservation_id, None, "gpt-4o", 100, 20, "access_log"))
                 await eventually(lambda: svc.backend.errors > errors or settling.done(),
                                  "the first send to time out")
@@ -796,7 +797,7 @@ def test_a_settlement_whose_reply_came_too_late_is_settled_once_and_counted_once
             settled = await settling
             held = svc.reservations.get(decided.reservation_id)
             svc.reservations.ttl_s = -1  # whatever is still held expires now
-            svc.expire_reservations()
+            svc.reservations.expire()
             await asyncio.sleep(0.2)  # an expiry's spend record would be written by now
             return settled, held
         finally:
@@ -858,11 +859,11 @@ def test_a_usage_report_to_another_replica(valkey, shared, spent_after):
 def test_per_class_failure_mode_is_the_strictest_the_tenant_has(valkey):
     svc = service_for("redis://127.0.0.1:1/0", "{rate_limits: open, budgets: closed}")
     rules = svc.policy
-    assert svc.failure_mode_for(rules.defaults) == "closed"  # rpm + budget
+    assert svc.decider.failure_mode_for(rules.defaults) == "closed"  # rpm + budget
     only_rates = parse_policy(policy_text(valkey.url).replace(
         "budget: {tokens: 100000000, period: day}", "").encode(), "<t>")
-    svc2 = DecisionService(only_rates, RedisBackend(only_rates.backend))
-    assert svc2.failure_mode_for(only_rates.defaults) == "open"
+    svc2 = Flows(only_rates, RedisBackend(only_rates.backend))
+    assert svc2.decider.failure_mode_for(only_rates.defaults) == "open"
 
 
 def test_a_bad_key_fails_only_its_own_decision_in_a_batch(valkey, caplog):
@@ -881,7 +882,7 @@ def test_a_bad_key_fails_only_its_own_decision_in_a_batch(valkey, caplog):
         await svc.backend.start()
         try:
             trips = svc.backend.round_trips
-            out = await asyncio.gather(*(svc.decide(req(t)) for t in tenants))
+            out = await asyncio.gather(*(svc.decider.decide(req(t)) for t in tenants))
             return out, svc.backend.round_trips - trips
         finally:
             await svc.backend.close()

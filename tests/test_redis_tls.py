@@ -15,7 +15,7 @@ from sidecar.backends.redis import RedisBackend
 from sidecar.model import Kind, Request
 from sidecar.policy import schema
 from sidecar.policy.load import parse_policy
-from sidecar.service import DecisionService
+from sidecar.flows import Flows
 from tests.support.procs import workdir
 from tests.support.tls_proxy import TlsProxy
 from tests.support.valkey import Valkey
@@ -57,12 +57,12 @@ def server_context(ca, server, require_client_cert: bool) -> ssl.SSLContext:
 def decide_twice(port: int, tls: str) -> tuple[list[Kind], str, bool]:
     policy = parse_policy((POLICY % {"port": port, "tls": tls}).encode(), "<tls test>")
     assert isinstance(policy.backend, schema.RedisBackend)
-    svc = DecisionService(policy, RedisBackend(policy.backend))
+    svc = Flows(policy, RedisBackend(policy.backend))
 
     async def main():
         await svc.backend.start()
         try:
-            kinds = [(await svc.decide(Request(headers={
+            kinds = [(await svc.decider.decide(Request(headers={
                 "x-tenant-id": "tls", "x-kt-estimated-tokens": "7"}))).kind for _ in range(2)]
             status = svc.backend.status()
             return kinds, status.detail, status.ready

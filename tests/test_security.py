@@ -367,7 +367,7 @@ def test_the_fast_path_needs_the_token_when_one_is_configured(tokens):
     from sidecar.transports.http_authz import start_http_authz
 
     with RunningSidecar(policy(), config=tokens) as sc:
-        server, port = sc.run(start_http_authz(sc.sidecar.service, "127.0.0.1", 0,
+        server, port = sc.run(start_http_authz(sc.sidecar.service.decider, "127.0.0.1", 0,
                                                token=sc.sidecar.credentials.grpc))
         try:
             head = b"POST / HTTP/1.1\r\nx-tenant-id: acme\r\ncontent-length: 0\r\n"
@@ -444,7 +444,7 @@ def test_the_fast_path_closes_connections_that_trickle_but_never_finish(monkeypa
 
     monkeypatch.setattr(http_authz, "IDLE_TIMEOUT_S", 0.5)
     with RunningSidecar(policy()) as sc:
-        server, port = sc.run(start_http_authz(sc.sidecar.service, "127.0.0.1", 0))
+        server, port = sc.run(start_http_authz(sc.sidecar.service.decider, "127.0.0.1", 0))
         try:
             trickling = [socket.create_connection(("127.0.0.1", port), timeout=5)
                          for _ in range(50)]
@@ -474,11 +474,11 @@ def test_deep_json_is_a_400_on_every_path_and_one_log_line(caplog):
     # with Envoy failing open the request went upstream past an exhausted rpm
     from sidecar.transports.http_authz import start_http_authz
     from sidecar.transports.ext_proc import rewrite_model
-    from sidecar.usage import usage_from_json
+    from sidecar.settlement.usage import usage_from_json
 
     caplog.set_level(logging.WARNING)
     with RunningSidecar(policy()) as sc:
-        server, port = sc.run(start_http_authz(sc.sidecar.service, "127.0.0.1", 0))
+        server, port = sc.run(start_http_authz(sc.sidecar.service.decider, "127.0.0.1", 0))
         try:
             for _ in range(50):
                 resp = check(sc, "deep", body=DEEP)
@@ -506,8 +506,8 @@ def test_metrics_stay_bounded_whatever_models_the_reports_name():
 
         async def reports(start, n):
             for i in range(start, start + n):
-                await svc.settle_usage(f"r{i}", "acme", f"model-{i}", 3, 2)
-                await svc.settle_usage(f"u{i}", f"unnamed-{i}", f"model-{i}", 3, 2)
+                await svc.settlement.settle_usage(f"r{i}", "acme", f"model-{i}", 3, 2)
+                await svc.settlement.settle_usage(f"u{i}", f"unnamed-{i}", f"model-{i}", 3, 2)
 
         sc.run(reports(0, 100))
         first = get(sc.http_base + "/metrics")[1]

@@ -1,6 +1,6 @@
 """A settlement whose reply was lost (a real Valkey stalled with SIGSTOP past every resend)
 is resolved by asking the store for its idempotency marker once it answers again: never
-re-opened as if it had not been applied (sidecar/settle_outcome.py, docs/usage.md)."""
+re-opened as if it had not been applied (sidecar/settlement/resend.py, docs/usage.md)."""
 from __future__ import annotations
 
 import asyncio
@@ -14,7 +14,7 @@ from sidecar.backends.redis import RedisBackend
 from sidecar.model import Kind, Request
 from sidecar.policy import schema
 from sidecar.policy.load import parse_policy
-from sidecar.service import DecisionService
+from sidecar.flows import Flows
 from tests.support.procs import eventually, workdir
 from tests.support.valkey import Valkey
 
@@ -36,24 +36,24 @@ def valkey():
         yield v
 
 
-def service(url: str) -> DecisionService:
+def service(url: str) -> Flows:
     policy = parse_policy((POLICY % url).encode(), "<test>")
     assert isinstance(policy.backend, schema.RedisBackend)
-    return DecisionService(policy, RedisBackend(policy.backend))
+    return Flows(policy, RedisBackend(policy.backend))
 
 
-def sample(svc: DecisionService, name: str, **labels: str) -> float:
+def sample(svc: Flows, name: str, **labels: str) -> float:
     return svc.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
-async def decided(svc: DecisionService) -> str:
+async def decided(svc: Flows) -> str:
     """One admitted request's reservation id (decided with a timeout a busy machine
     meets; the settlement that follows has the policy's 50 ms)."""
     backend = svc.backend
     assert isinstance(backend, RedisBackend)
     short, backend.timeout_s = backend.timeout_s, 5.0
     try:
-        d = await svc.decide(Request(headers={"x-tenant-id": TENANT,
+        d = await svc.decider.decide(Request(headers={"x-tenant-id": TENANT,
                                               "x-kt-estimated-tokens": str(ESTIMATE)}))
     finally:
         backend.timeout_s = short
@@ -61,18 +61,18 @@ async def decided(svc: DecisionService) -> str:
     return d.reservation_id
 
 
-async def settle_while_stalled(svc: DecisionService, rid: str,
+async def settle_while_stalled(svc: Flows, rid: str,
                                tenant: Optional[str] = None) -> BaseException:
     """Usage of 100 + 20 tokens settled (by Envoy's access log) while the store is
     stalled: every send times out."""
     try:
-        await svc.settle_usage(rid, tenant, "gpt-4o", 100, 20, "access_log")
+        await svc.settlement.settle_usage(rid, tenant, "gpt-4o", 100, 20, "access_log")
     except BackendError as exc:
         return exc
     raise AssertionError("settled while Valkey was stopped")
 
 
-def books(url: str, svc: DecisionService) -> tuple[int, dict]:
+def books(url: str, svc: Flows) -> tuple[int, dict]:
     """(budget spent, durable spend cells) of the tenant, read from Valkey."""
     _, _, budget_key = svc.backend.keys(TENANT)
     r = redis.Redis.from_url(url)
@@ -85,12 +85,12 @@ def books(url: str, svc: DecisionService) -> tuple[int, dict]:
     return spent, spend
 
 
-async def expire_everything(svc: DecisionService) -> None:
+async def expire_everything(svc: Flows) -> None:
     """Whatever the book still holds expires now (as ten minutes later), and its spend
     record is written."""
     svc.reservations.ttl_s = -1
-    svc.expire_reservations()
-    while svc._background:
+    svc.reservations.expire()
+    while svc.settlement._background:
         await asyncio.sleep(0.02)
 
 
@@ -110,13 +110,13 @@ def test_a_settlement_valkey_applied_during_a_stall_is_recorded_once(valkey):
                 error = await settle_while_stalled(svc, rid)
                 # a repeat of the same usage meanwhile is not a second charge
                 with pytest.raises(BackendError):
-                    await svc.settle_usage(rid, TENANT, "gpt-4o", 100, 20, "report")
+                    await svc.settlement.settle_usage(rid, TENANT, "gpt-4o", 100, 20, "report")
             finally:
                 valkey.resume()
             await eventually(lambda: sample(svc, "kt_settlements_total",
                                             source="access_log") == 1,
                              "the lost settlement confirmed from its marker", timeout=30)
-            again = await svc.settle_usage(rid, TENANT, "gpt-4o", 100, 20, "report")
+            again = await svc.settlement.settle_usage(rid, TENANT, "gpt-4o", 100, 20, "report")
             await expire_everything(svc)
             return error, again
         finally:
@@ -170,7 +170,7 @@ def test_a_store_that_never_answers_closes_the_reservation_as_kept(valkey, monke
     # is unknown, counted and logged, and the reservation is closed as kept (its estimate
     # stays charged, as for any reservation whose usage never came), neither re-opened
     # nor left pending
-    monkeypatch.setattr("sidecar.settle_outcome.RESOLVE_GIVE_UP_S", 0.5)
+    monkeypatch.setattr("sidecar.settlement.resend.RESOLVE_GIVE_UP_S", 0.5)
     svc = service(valkey.url)
 
     async def main():
@@ -191,7 +191,7 @@ def test_a_store_that_never_answers_closes_the_reservation_as_kept(valkey, monke
 
     rid = asyncio.run(main())
     assert sample(svc, "kt_reservations_closed_total", outcome="kept_settle_unknown") == 1
-    assert svc.reservations.get(rid) is None and len(svc.settler) == 0
+    assert svc.reservations.get(rid) is None and len(svc.settlement.settler) == 0
 
 
 def test_usage_of_a_fail_open_request_settled_during_a_stall_is_recorded(valkey):
@@ -200,7 +200,7 @@ def test_usage_of_a_fail_open_request_settled_during_a_stall_is_recorded(valkey)
     # it resumes, is this sidecar's own settlement: recorded (metrics, ledger), not taken
     # for one an earlier report made
     svc = service(valkey.url)
-    rid = svc.new_reservation_id()  # as _failure makes one for a fail-open answer
+    rid = svc.settlement.new_reservation_id()  # as _failure makes one for a fail-open answer
 
     async def main():
         await svc.backend.start()
@@ -211,7 +211,7 @@ def test_usage_of_a_fail_open_request_settled_during_a_stall_is_recorded(valkey)
                 await settle_while_stalled(svc, rid, TENANT)
             finally:
                 valkey.resume()
-            await eventually(lambda: len(svc.settler) == 0, "the outcome resolved", timeout=30)
+            await eventually(lambda: len(svc.settlement.settler) == 0, "the outcome resolved", timeout=30)
         finally:
             await svc.backend.close()
 
@@ -234,14 +234,14 @@ def test_a_stop_while_the_outcome_is_unknown_closes_the_reservation_as_kept(valk
             valkey.pause()
             try:
                 await settle_while_stalled(svc, rid)
-                assert len(svc.settler) == 1
-                await svc.settler.close(0.3)
+                assert len(svc.settlement.settler) == 1
+                await svc.settlement.settler.close(0.3)
             finally:
                 valkey.resume()
         finally:
             await svc.backend.close()
 
     asyncio.run(main())
-    assert len(svc.settler) == 0
+    assert len(svc.settlement.settler) == 0
     assert sample(svc, "kt_settle_outcomes_total", outcome="unknown") == 1
     assert sample(svc, "kt_reservations_closed_total", outcome="kept_settle_unknown") == 1

@@ -12,7 +12,7 @@ import pytest
 from sidecar.backends.memory import MemoryBackend
 from sidecar.model import Kind, Request
 from sidecar.policy.load import parse_policy
-from sidecar.service import DecisionService
+from sidecar.flows import Flows
 
 PRICED = """
 tenant: {header: x-tenant-id, unknown: defaults}
@@ -31,10 +31,10 @@ defaults: {limits: {rpm: 100, tpm: 100000}, budget: {tokens: 1000000, period: da
 
 
 def decide(policy_text: str, model: str):
-    svc = DecisionService(parse_policy(policy_text.encode(), "<test>"), MemoryBackend())
+    svc = Flows(parse_policy(policy_text.encode(), "<test>"), MemoryBackend())
     body = json.dumps({"model": model, "max_tokens": 5,
                        "messages": [{"role": "user", "content": "hi"}]}).encode()
-    return asyncio.run(svc.decide(Request(headers={"x-tenant-id": "t"}, body=body)))
+    return asyncio.run(svc.decider.decide(Request(headers={"x-tenant-id": "t"}, body=body)))
 
 
 @pytest.mark.parametrize("policy, model, kind", [

@@ -15,7 +15,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from sidecar._proto import usage_pb2
 from sidecar.cli import main as kt
 from sidecar.transports.ext_proc import rewrite_model
-from sidecar.usage import UsageScanner, usage_from_json
+from sidecar.settlement.usage import UsageScanner, usage_from_json
 from tests.inproc import RunningSidecar
 from tests.support.clock import T0_US, utc_day
 from tests.support.policies import TIERS_AND_PRICING
@@ -252,7 +252,7 @@ def test_ext_proc_refunds_an_upstream_error_and_keeps_an_abandoned_stream(sideca
 
 
 def test_the_reservation_book_is_bounded_in_size_and_age():
-    from sidecar.service import ReservationBook
+    from sidecar.settlement.book import ReservationBook
 
     now = [1000.0]
     book = ReservationBook(ttl_s=60, max_entries=3, clock=lambda: now[0])

@@ -319,7 +319,7 @@ def test_a_final_event_over_the_line_limit_is_read_to_the_token(path, case, piec
             rec["output_tokens"] - before["output_tokens"]) == (inp, out)
 
 
-# ext_proc buffers at most sidecar.usage.MAX_JSON_BYTES of a JSON reply: the access log only
+# ext_proc buffers at most sidecar.settlement.usage.MAX_JSON_BYTES of a JSON reply: the access log only
 @pytest.mark.parametrize("path", ["als"], indirect=True)
 def test_a_json_reply_of_any_size_is_read_to_the_token(path):
     # over 4 MiB (a size no filter should hold), with the decoys of the stream cases
@@ -401,7 +401,7 @@ def test_other_stream_formats_are_read_to_the_token(path, case):
 
 
 # what Path.send asks for: its body's bytes / 4 as input, max_tokens 500 as output (the
-# estimate and, with usage unreadable, the bound: sidecar/bound.py)
+# estimate and, with usage unreadable, the bound: sidecar/settlement/bound.py)
 SENT_INPUT = -(-len(json.dumps({"model": "gpt-4o", "max_tokens": 500, "messages": [
     {"role": "user", "content": "hi"}]}).encode()) // 4)
 

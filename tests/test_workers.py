@@ -21,7 +21,7 @@ from sidecar.envoy_config import EnvoyOptions, TierRoute, render
 from sidecar.model import Request
 from sidecar.policy.load import parse_policy
 from sidecar.server import ServerConfig, make_backend
-from sidecar.service import DecisionService
+from sidecar.flows import Flows
 from sidecar.workers import RetiredCounts, merge_metrics
 from tests.support.procs import (EnvoyProcess, SidecarProcess, eventually, free_port,
                                  metric_value, wait_until, workdir)
@@ -301,17 +301,17 @@ def test_a_worker_shares_its_reservations_and_drops_those_it_settled_itself():
     with workdir() as d, Valkey(d) as v:
         policy = parse_policy((POLICY % v.url + "estimate: {trusted: true}\n").encode(), "<t>")
         backend = make_backend(policy, ServerConfig(share_reservations=True))
-        svc = DecisionService(policy, backend)
+        svc = Flows(policy, backend)
         r = redis.Redis.from_url(v.url)
 
         async def main():
             await backend.start()
             try:
-                decided = await svc.decide(Request(headers={"x-tenant-id": "own",
+                decided = await svc.decider.decide(Request(headers={"x-tenant-id": "own",
                                                             "x-kt-estimated-tokens": "9"}))
                 key = f"kt:{{own}}:reserved:{decided.reservation_id}"
                 await eventually(lambda: r.exists(key) == 1, "the reservation shared")
-                await svc.settle_usage(decided.reservation_id, None, "gpt-4o", 4, 3,
+                await svc.settlement.settle_usage(decided.reservation_id, None, "gpt-4o", 4, 3,
                                        "access_log")
                 await eventually(lambda: r.exists(key) == 0, "the settled reservation dropped")
             finally:

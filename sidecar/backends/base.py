@@ -7,10 +7,11 @@ raises ``BackendError`` and the service applies the configured failure mode.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional, Protocol, Sequence
+from typing import Callable, NamedTuple, Optional, Protocol, Sequence, Union
 
 from sidecar._core import Limits, Outcome, Quota
 from sidecar.ledger.spend import LAST_DAY, SpendCell, SpendRecord
+from sidecar.policy.schema import FailureMode, FailureModes
 
 
 # what take_reservation leaves where a shared reservation was (never a valid record)
@@ -75,6 +76,10 @@ class Settlement:
 class Backend(Protocol):
     name: str
     shares_reservations: bool  # reservations visible to every replica (share/take below)
+    # what answers when this backend cannot decide (the decision flow's failure modes):
+    # "open", "envoy", "closed", or one per class of limit; a backend without an outage
+    # to be open about (the embedded one) says "closed"
+    failure_mode: Union[FailureMode, FailureModes]
 
     async def start(self) -> None:
         """Connect / load state. May raise BackendError."""

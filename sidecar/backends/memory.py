@@ -263,6 +263,7 @@ class _StateFiles:
 class MemoryBackend:
     name = "memory"
     shares_reservations = False  # one process: its reservation book is the only one
+    failure_mode = "closed"  # no outage to be open about
 
     def __init__(self, state_file: str = "", flush_interval_s: float = 1.0,
                  clock: Callable[[], int] = wall_clock_us,

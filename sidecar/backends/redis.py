@@ -187,6 +187,7 @@ class RedisBackend:
         self.clock_override = clock_override
         self.prefix = cfg.key_prefix
         self.shares_reservations = cfg.shared_reservations and not cfg.cluster
+        self.failure_mode = cfg.failure_mode
         self.decide_script = _Script("decide.lua", "decide.lua", "deadline.lua", "decide_one.lua")
         self.batch_script = _Script("decide_batch.lua", "decide.lua", "deadline.lua",
                                     "decide_batch.lua")

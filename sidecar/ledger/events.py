@@ -16,7 +16,7 @@ import msgspec
 #             ext_proc_json, ext_proc_sse, report)
 #   released  the upstream failed without usage: the estimate was refunded (settled_by: release)
 #   kept      no usage will come (client gone, 2xx without readable usage): charged at the
-#             bound of what the provider could have billed (sidecar/bound.py), or the
+#             bound of what the provider could have billed (sidecar/settlement/bound.py), or the
 #             estimate when that failed; the tokens are the ones charged
 #             (settled_by: abandoned, no_usage)
 #   expired   no usage came in time: likewise (settled_by: expiry)

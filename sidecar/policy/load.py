@@ -35,7 +35,7 @@ NANO_PER_USD = 1_000_000_000
 # bounds of the core (docs/contract.md, "Bounds") in the policy's units
 MAX_PRICE_USD_PER_1K = _core.MAX_PRICE / NANO_PER_USD_PER_1K  # 100 USD per 1K tokens
 MAX_BUDGET_USD = _core.MAX_BUDGET // NANO_PER_USD  # 9,007,199 USD
-MAX_ESTIMATE_TOKENS = 1_000_000_000  # sidecar.estimate.MAX_TOKENS: a default is an estimate
+MAX_ESTIMATE_TOKENS = 1_000_000_000  # sidecar.decision.estimate.MAX_TOKENS: a default is an estimate
 
 
 class PolicyError(ValueError):

@@ -43,13 +43,13 @@ class Tier(_Strict, frozen=True):
 class Price(_Strict, frozen=True):
     input: float  # USD per 1K tokens
     output: float
-    # prompt tokens read from / written to the provider's prompt cache (sidecar/usage.py);
+    # prompt tokens read from / written to the provider's prompt cache (sidecar/settlement/usage.py);
     # absent: the input price (never cheaper than the operator said)
     cached_input: Optional[float] = None
     cache_write: Optional[float] = None
     # the most output tokens the provider bills for one choice of this model: what a
     # request whose usage cannot be read is charged at when it names no max_tokens
-    # (sidecar/bound.py; absent: sidecar.bound.DEFAULT_MAX_OUTPUT_TOKENS)
+    # (sidecar/settlement/bound.py; absent: sidecar.settlement.bound.DEFAULT_MAX_OUTPUT_TOKENS)
     max_output_tokens: Optional[int] = None
 
 

@@ -3,8 +3,8 @@
 `kt envoy-config` (usage "als", the default) has Envoy's Lua filter leave the usage of each
 response in dynamic metadata (lua/envoy_usage.lua) and Envoy's gRPC access logger send one
 entry per admitted request, many per message, on one long-lived stream per Envoy worker.
-Each entry is translated here to the rule that ends its reservation (sidecar/reconcile.py):
-the usage text is read by the same parser ext_proc uses (sidecar/usage.py).
+Each entry is translated here to the rule that ends its reservation (sidecar/settlement/reconcile.py):
+the usage text is read by the same parser ext_proc uses (sidecar/settlement/usage.py).
 
 Translation only: the reservation id and tenant (the decision's own `x-kt-reservation` and
 `x-kt-tenant`, logged as additional request headers; Envoy strips a client's own at the
@@ -21,9 +21,9 @@ from typing import Optional
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from sidecar import contract
-from sidecar.reconcile import close_reservation
-from sidecar.service import DecisionService
-from sidecar.usage import Usage, UsageScanner
+from sidecar.settlement.reconcile import close_reservation
+from sidecar.settlement.service import SettlementService
+from sidecar.settlement.usage import Usage, UsageScanner
 
 log = logging.getLogger("kt.als")
 # access-log messages being settled at once per stream: the next one is read while one
@@ -80,7 +80,7 @@ def usage_of(entry) -> tuple[Optional[str], Optional[Usage], str]:
 
 
 class UsageLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
-    def __init__(self, service: DecisionService) -> None:
+    def __init__(self, service: SettlementService) -> None:
         self.service = service
         self._entries = service.metrics.usage_log_entries
         self._streams = service.metrics.usage_log_streams

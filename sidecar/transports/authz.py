@@ -21,7 +21,7 @@ from google.rpc import code_pb2, status_pb2
 
 from sidecar import contract
 from sidecar.model import Request
-from sidecar.service import DecisionService
+from sidecar.decision.service import Decider
 
 METADATA_NAMESPACE = "kt"  # dynamic metadata: filter_metadata["envoy.filters.http.ext_authz"]["kt"]
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -165,7 +165,7 @@ def check_response(ans: contract.Answer) -> external_auth_pb2.CheckResponse:
         dynamic_metadata=metadata_struct(ans.metadata))
 
 
-def authorization_handler(service: DecisionService) -> grpc.GenericRpcHandler:
+def authorization_handler(service: Decider) -> grpc.GenericRpcHandler:
     """envoy.service.auth.v3.Authorization with Check answering pre-serialized bytes."""
 
     async def check(request: external_auth_pb2.CheckRequest, context) -> bytes:

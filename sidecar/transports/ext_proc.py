@@ -27,9 +27,10 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 
 from sidecar import contract
-from sidecar.reconcile import close_reservation
-from sidecar.service import DecisionService, reservation_key
-from sidecar.usage import UsageScanner
+from sidecar.settlement.reconcile import close_reservation
+from sidecar.settlement.book import reservation_key
+from sidecar.settlement.service import SettlementService
+from sidecar.settlement.usage import UsageScanner
 
 log = logging.getLogger("kt.ext_proc")
 _PM = processing_mode_pb2.ProcessingMode
@@ -80,7 +81,7 @@ class _Exchange:
 
 
 class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
-    def __init__(self, service: DecisionService) -> None:
+    def __init__(self, service: SettlementService) -> None:
         self.service = service
 
     async def Process(self, request_iterator, context):  # noqa: N802 (gRPC method name)

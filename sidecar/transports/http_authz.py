@@ -34,7 +34,8 @@ from typing import Optional
 from sidecar import contract
 from sidecar.auth import TokenFile
 from sidecar.model import Request
-from sidecar.service import BurstLog, DecisionService
+from sidecar.burstlog import BurstLog
+from sidecar.decision.service import Decider
 
 log = logging.getLogger("kt.http_authz")
 MAX_HEAD = 32 * 1024  # request line + headers
@@ -125,7 +126,7 @@ class _Started:
 class _Shared:
     """What every connection of one listener shares: the token, counters, burst logs."""
 
-    def __init__(self, service: DecisionService, token: Optional[TokenFile]) -> None:
+    def __init__(self, service: Decider, token: Optional[TokenFile]) -> None:
         self.token = token
         self.refused = service.metrics.auth_failures.labels("http_authz")
         self.parse_log = BurstLog(log)
@@ -135,7 +136,7 @@ class _Shared:
 class AuthzProtocol(asyncio.Protocol):
     """One connection from Envoy. Requests are answered in order (pipelining-safe)."""
 
-    def __init__(self, service: DecisionService, shared: Optional[_Shared] = None) -> None:
+    def __init__(self, service: Decider, shared: Optional[_Shared] = None) -> None:
         self.service = service
         self.shared = shared or _Shared(service, None)
         self.transport: Optional[asyncio.Transport] = None
@@ -307,7 +308,7 @@ class AuthzProtocol(asyncio.Protocol):
             self.transport.write(out)
 
 
-async def start_http_authz(service: DecisionService, host: str, port: int,
+async def start_http_authz(service: Decider, host: str, port: int,
                            reuse_port: bool = False, token: Optional[TokenFile] = None
                            ) -> tuple[asyncio.AbstractServer, int]:
     """Serve the fast path; returns the server and the bound port (port 0 = ephemeral)."""

@@ -16,7 +16,7 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
 from sidecar import contract
 from sidecar.model import Request
-from sidecar.service import DecisionService
+from sidecar.decision.service import Decider
 from sidecar.transports.authz import header_options, metadata_struct
 
 TENANT_KEY = "tenant"
@@ -57,7 +57,7 @@ def rls_response(ans: contract.Answer, n_descriptors: int) -> rls_pb2.RateLimitR
 
 
 class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
-    def __init__(self, service: DecisionService) -> None:
+    def __init__(self, service: Decider) -> None:
         self.service = service
 
     async def ShouldRateLimit(self, request, context):  # noqa: N802 (gRPC method name)

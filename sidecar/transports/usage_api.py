@@ -1,6 +1,6 @@
 """Usage reports for gateways without ext_proc: kt.v1.Usage/Report over gRPC
 (proto/usage.proto) and `POST /v1/usage` (JSON) on the admin port. Both translate to
-DecisionService.settle_usage and nothing more. A report rewrites a tenant's books, so
+SettlementService.settle_usage and nothing more. A report rewrites a tenant's books, so
 it is authenticated: the admin port always (sidecar/server.py); the gRPC method takes
 the admin token in `authorization` metadata, or a caller on loopback (docs/security.md).
 `request_id` is the reservation id the upstream received (`x-kt-reservation`), or any
@@ -16,7 +16,8 @@ from sidecar._proto import usage_pb2
 from sidecar.auth import TokenFile, bearer_from_metadata, is_loopback_peer
 from sidecar.backends.base import BackendError
 from sidecar.metrics import Metrics
-from sidecar.service import DecisionService, SettleResult, UsageError
+from sidecar.settlement.service import SettlementService, SettleResult
+from sidecar.settlement.usage import UsageError
 
 REPORT_METHOD = "/kt.v1.Usage/Report"
 
@@ -41,7 +42,7 @@ def ack_fields(r: SettleResult) -> dict:
             "cost_usd": r.cost_usd, "unpriced": r.unpriced}
 
 
-async def report_json(service: DecisionService, body: bytes) -> tuple[int, bytes]:
+async def report_json(service: SettlementService, body: bytes) -> tuple[int, bytes]:
     """POST /v1/usage → (HTTP status, JSON body). 400 malformed, 503 backend down."""
     try:
         rep = _decode_report(body)
@@ -65,7 +66,7 @@ async def report_json(service: DecisionService, body: bytes) -> tuple[int, bytes
     return 200, _encode(ack_fields(res))
 
 
-def _report_handler(service: DecisionService, admin_token: Optional[TokenFile],
+def _report_handler(service: SettlementService, admin_token: Optional[TokenFile],
                     metrics: Metrics):
     refused = metrics.auth_failures.labels("grpc_usage")
 
@@ -91,7 +92,7 @@ def _report_handler(service: DecisionService, admin_token: Optional[TokenFile],
     return report
 
 
-def usage_service_handler(service: DecisionService, admin_token: Optional[TokenFile] = None,
+def usage_service_handler(service: SettlementService, admin_token: Optional[TokenFile] = None,
                           metrics: Optional[Metrics] = None) -> grpc.GenericRpcHandler:
     """kt.v1.Usage registered from the compiled messages (no generated stub module needed)."""
     return grpc.method_handlers_generic_handler("kt.v1.Usage", {

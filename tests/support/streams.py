@@ -12,7 +12,7 @@ def leave_mid_stream(listen_port: int, tenant: str, body: dict, upstream: FakeUp
                      sidecar: SidecarProcess) -> None:
     """Send a streamed request to Envoy on ``listen_port``, read until the upstream's first
     chunk, close the connection, and wait until the sidecar has closed the request's
-    reservation as abandoned (charged at its bound, sidecar/bound.py).
+    reservation as abandoned (charged at its bound, sidecar/settlement/bound.py).
 
     The upstream holds the rest of the stream, with its usage chunk, until then: released
     before Envoy saw the client go, the usage could pass and settle the stream instead

@@ -8,7 +8,7 @@ place, whichever transport saw the response (ext_proc per request, or Envoy's ac
   charged as a response cut short;
 - no usage, a 2xx status, the response cut short (the client left, the upstream reset),
   or no response at all (the client left first): charged at what the provider could have
-  billed (sidecar/bound.py; "abandoned");
+  billed (sidecar/settlement/bound.py; "abandoned");
 - no usage, a 2xx status that ended normally (usage absent, compressed, too large to
   read): charged at that bound too ("no_usage").
 """
@@ -18,13 +18,14 @@ import logging
 from typing import Optional
 
 from sidecar.backends.base import BackendError
-from sidecar.service import DecisionService, UsageError, reservation_key
-from sidecar.usage import Usage
+from sidecar.settlement.book import reservation_key
+from sidecar.settlement.service import SettlementService
+from sidecar.settlement.usage import Usage, UsageError
 
 log = logging.getLogger("kt.reconcile")
 
 
-async def close_reservation(service: DecisionService, reservation_id: str, x_request_id: str,
+async def close_reservation(service: SettlementService, reservation_id: str, x_request_id: str,
                             tenant: Optional[str], status: int, usage: Optional[Usage],
                             model: Optional[str], cut_short: bool, source: str,
                             settled_by: str, provider_failed: bool = True) -> None:

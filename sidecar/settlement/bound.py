@@ -17,25 +17,45 @@ bound of the provider's bill instead (docs/usage.md, "When usage cannot be read"
 The reply's size as Envoy saw it is not used to lower the bound: reasoning models bill
 output tokens that never appear in the reply, so its bytes bound nothing.
 
-The settlement is the ordinary one (sidecar/service.py, settle_usage): idempotent per
-reservation id, it moves the budget, the tenant's token bucket and the provider's bucket
-from the estimate to the bound, and records the tokens and their price in the ledger and
-the durable spend, whatever the budget's unit. When the backend cannot take it, the
+The settlement is the ordinary one (sidecar/settlement/service.py, settle_usage):
+idempotent per reservation id, it moves the budget, the tenant's token bucket and the
+provider's bucket from the estimate to the bound, and records the tokens and their price
+in the ledger and the durable spend, whatever the budget's unit. When the backend cannot take it, the
 estimate stays charged and is recorded as such, with its tokens and price.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional, Protocol
 
 from sidecar.backends.base import BackendError
+from sidecar.metrics import Metrics
 from sidecar.model import Estimate
-from sidecar.settle_outcome import SettlementPending
+from sidecar.settlement.book import Reservation
+from sidecar.settlement.resend import SettlementPending
+from sidecar.settlement.usage import UsageError
 
 if TYPE_CHECKING:
     from sidecar.policy.load import CompiledPolicy
-    from sidecar.service import DecisionService, Reservation
+
+
+class Settles(Protocol):
+    """What a charge at the bound needs of the settlement service."""
+
+    metrics: Metrics
+
+    async def settle_usage(self, request_id: str, tenant: Optional[str],
+                           model: Optional[str], input_tokens: int, output_tokens: int,
+                           source: str = ..., *, settled_by: Optional[str] = ...,
+                           reservation: Optional[Reservation] = ..., outcome: str = ...,
+                           reservation_local: bool = ...): ...
+
+    def keep_estimate(self, request_id: str, res: Reservation, outcome: str,
+                      why: str) -> None: ...
+
+    def track(self, task: asyncio.Task) -> None: ...
+
 
 log = logging.getLogger("kt.bound")
 
@@ -45,9 +65,8 @@ log = logging.getLogger("kt.bound")
 DEFAULT_MAX_OUTPUT_TOKENS = 128_000
 # kt_settlements_total{source} of a settlement at the bound
 SOURCE = "bound"
-# the most tokens of one kind a settlement takes (sidecar/service.py, settle_usage): a
-# bound beyond it (a huge n without max_tokens, which the core's trimming admitted) is
-# charged at it rather than refused, which would leave only the estimate charged
+# the most tokens of one kind a settlement takes (settle_usage): a bound beyond it (a
+# huge n without max_tokens, which the core's trimming admitted) is charged at it rather than refused, which would leave only the estimate charged
 MAX_BOUND_TOKENS = 10**9
 
 
@@ -68,7 +87,7 @@ def output_bound(policy: "CompiledPolicy", model: str, est: Estimate,
     return min(per_choice * est.choices, MAX_BOUND_TOKENS)
 
 
-def tokens(res: "Reservation") -> tuple[int, int]:
+def tokens(res: Reservation) -> tuple[int, int]:
     """(input, output) tokens a reservation is charged at when its usage cannot be read.
     A reservation made without a bound (a decision Redis applied after its timeout, kept
     because the request may have gone on) stays at what it charged: whether the request
@@ -79,20 +98,18 @@ def tokens(res: "Reservation") -> tuple[int, int]:
     return estimate_tokens(res)
 
 
-def estimate_tokens(res: "Reservation") -> tuple[int, int]:
+def estimate_tokens(res: Reservation) -> tuple[int, int]:
     """(input, output) of the estimate a reservation charged: its input is the request's
     estimated input (the core trims only the output to fit a bucket)."""
     inp = min(res.bound_input, res.charged_tokens)
     return inp, res.charged_tokens - inp
 
 
-async def charge(service: "DecisionService", request_id: str, res: "Reservation",
+async def charge(service: Settles, request_id: str, res: Reservation,
                  outcome: str, why: str, local: bool = True) -> None:
     """Settle ``res`` (already out of the book, or taken from another replica's shared
     record: ``local`` False) at the bound; never raises. ``outcome`` is the ledger's
     (``kept``, ``expired``), ``why`` its settled_by and the metric's reason."""
-    from sidecar.service import UsageError
-
     inp, out = tokens(res)
     try:
         settled = await service.settle_usage(request_id, res.tenant, res.model, inp, out,
@@ -115,7 +132,7 @@ async def charge(service: "DecisionService", request_id: str, res: "Reservation"
         service.metrics.reservations_closed.labels("bound_" + why).inc()
 
 
-def charge_soon(service: "DecisionService", request_id: str, res: "Reservation",
+def charge_soon(service: Settles, request_id: str, res: Reservation,
                 outcome: str, why: str) -> None:
     """``charge`` in the background, for callers that cannot wait (the reservation book's
     expiry, ext_proc's stream end); kept referenced until done."""

@@ -34,6 +34,10 @@ MAX_USAGE_TOKENS = 1_000_000_000
 NANO_PER_USD_PER_1K = 1_000_000
 
 
+class UsageError(ValueError):
+    """A usage report that cannot be applied; the message says why."""
+
+
 class Usage(msgspec.Struct, frozen=True):
     """Normalised usage of one request (see the module docstring)."""
 

@@ -1,0 +1,38 @@
+"""The two flows over one reservation book: the decider (request → decision, which
+reserves) and the settlement service (finished response → settled charge and ledger
+event, which closes the reservation). The server builds one of these and hands the
+decider to the deciding transports and the settlement service to the usage transports."""
+from __future__ import annotations
+
+from typing import Optional
+
+from sidecar.backends.base import Backend
+from sidecar.decision.queue import Timer
+from sidecar.decision.service import Decider
+from sidecar.ledger.recorder import Ledger
+from sidecar.metrics import Metrics
+from sidecar.policy.load import CompiledPolicy
+from sidecar.settlement.book import ReservationBook
+from sidecar.settlement.service import SettlementService
+
+
+class Flows:
+    def __init__(self, policy: CompiledPolicy, backend: Backend, metrics: Optional[Metrics] = None,
+                 ledger: Optional[Ledger] = None, queue_timer: Optional[Timer] = None) -> None:
+        self.backend = backend
+        self.metrics = metrics or Metrics()
+        self.ledger = ledger or Ledger(None)
+        self.reservations = ReservationBook()
+        self.settlement = SettlementService(policy, backend, self.reservations, self.metrics,
+                                            self.ledger)
+        self.decider = Decider(policy, backend, self.reservations, self.settlement.late,
+                               self.metrics, self.ledger, queue_timer)
+
+    @property
+    def policy(self) -> CompiledPolicy:
+        return self.decider.policy
+
+    def replace_policy(self, policy: CompiledPolicy) -> None:
+        """A reloaded policy, for both flows at once (on the event loop: no await between)."""
+        self.decider.replace_policy(policy)
+        self.settlement.replace_policy(policy)

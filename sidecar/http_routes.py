@@ -1,0 +1,130 @@
+"""The routes of the side port (--http: /metrics, /healthz, /readyz) and the admin port
+(--admin: POST /v1/usage, GET /v1/spend), shared by a sidecar and the `--workers`
+supervisor, which answer the endpoints each in its own way (a sidecar from its own
+registry and backend; the supervisor from its workers). Also the supervisor's listener:
+the same limited HTTP server on a loop of its own, answering in a small thread pool."""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Awaitable, Callable, Optional, Union
+from urllib.parse import parse_qs
+
+from sidecar import contract
+from sidecar.auth import TokenFile
+from sidecar.backends.base import Backend, BackendError
+from sidecar.credentials import admin_allows
+from sidecar.ledger.spend import parse_query, report
+from sidecar.listen import host_port, listen
+from sidecar.transports.http_side import (HttpRequest, HttpResponse, LimitedHttpServer,
+                                          ServerLimits, text)
+
+ADMIN_MOVED = ("served on the admin port (--admin, default 127.0.0.1:9091), with its "
+               "bearer token\n")
+UNAUTHORIZED = HttpResponse(401, contract.error_body(
+    "This endpoint needs `Authorization: Bearer <admin token>`.", "authentication_error",
+    "unauthorized"), "application/json", [("www-authenticate", "Bearer")])
+METRICS, READY = "/metrics", "/readyz"
+USAGE, SPEND = "/v1/usage", "/v1/spend"
+
+
+def side_route(req: HttpRequest) -> Union[HttpResponse, str]:
+    """--http: the answer, or the endpoint (METRICS, READY) the caller answers. Nothing
+    here changes or reveals the books."""
+    if req.method not in ("GET", "HEAD"):
+        return text(405, "GET only\n")
+    if req.path in (METRICS, READY):
+        return req.path
+    if req.path == "/healthz":
+        return text(200, "ok\n")
+    if req.path in (USAGE, SPEND):
+        return text(404, ADMIN_MOVED)
+    return text(404, "not found\n")
+
+
+def admin_route(req: HttpRequest, token: Optional[TokenFile],
+                refused: Callable[[], None] = lambda: None) -> Union[HttpResponse, str]:
+    """--admin: the books. The answer, or the endpoint (USAGE, SPEND) the caller answers;
+    every request carries the admin token (``refused``: told of one that does not)."""
+    if not admin_allows(token, req):
+        refused()
+        return UNAUTHORIZED
+    if req.path == USAGE:
+        if req.method != "POST":
+            return text(405, "POST a JSON usage report\n")
+        return req.path
+    if req.path == SPEND:
+        if req.method not in ("GET", "HEAD"):
+            return text(405, "GET only\n")
+        return req.path
+    return text(404, "not found\n")
+
+
+def json_error(status: int, kind: str, code: str, message: str) -> HttpResponse:
+    return HttpResponse(status, json.dumps({"error": {
+        "type": kind, "code": code, "message": message}}).encode(), "application/json")
+
+
+async def spend_report(backend: Backend, query: str,
+                       slowly: Callable[[Callable[[], bytes]], Awaitable[Optional[bytes]]]
+                       ) -> HttpResponse:
+    """GET /v1/spend[?since=YYYY-MM-DD&until=YYYY-MM-DD&period=day|month|total]: the
+    durable spend the backend keeps (every tenant, every replica's requests;
+    sidecar/ledger/spend.py). Summed by ``slowly`` (off the event loop)."""
+    try:
+        since, until, period = parse_query(parse_qs(query))
+    except ValueError as exc:
+        return json_error(400, "invalid_request_error", "invalid_query", str(exc))
+    try:
+        cells = await asyncio.wait_for(backend.spend_cells(since, until), 10)
+    except (BackendError, asyncio.TimeoutError) as exc:
+        return json_error(503, "service_unavailable", "limiter_unavailable",
+                          f"spend not readable, retry: {exc}")
+    doc = await slowly(lambda: json.dumps(
+        report(cells, since, until, period, backend.name), sort_keys=True).encode())
+    if doc is None:
+        return text(503, "busy, retry\n")
+    return HttpResponse(200, doc, "application/json")
+
+
+class ThreadedHttpServer:
+    """A LimitedHttpServer for a process without an event loop of its own (the
+    `--workers` supervisor): its loop runs in a daemon thread, and a blocking handler
+    answers in a small pool of threads. The same limits as the sidecar's own ports: a
+    connection is not a thread, and a slow client is closed when its time is up."""
+
+    def __init__(self, flag: str, addr: str, handler: Callable[[HttpRequest], HttpResponse],
+                 limits: ServerLimits = ServerLimits(), threads: int = 4) -> None:
+        self.handler = handler
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kt-http")
+        self._loop = asyncio.new_event_loop()
+        self._server = LimitedHttpServer(self._handle, limits)
+        try:
+            port = self._loop.run_until_complete(listen(self._server, flag, addr))
+        except BaseException:
+            self._loop.close()
+            self._pool.shutdown(wait=False)
+            raise
+        self.server_address = (host_port(addr)[0], port)
+        self._thread = threading.Thread(target=self._loop.run_forever, name="kt-http-loop",
+                                        daemon=True)
+        self._thread.start()
+
+    async def _handle(self, req: HttpRequest) -> HttpResponse:
+        return await self._loop.run_in_executor(self._pool, self.handler, req)
+
+    def shutdown(self) -> None:
+        def close() -> None:
+            self._server.close()
+            self._loop.stop()
+
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(close)
+            self._thread.join(5)
+        self._pool.shutdown(wait=False)
+
+    def server_close(self) -> None:
+        if not self._loop.is_running() and not self._loop.is_closed():
+            self._loop.close()
