@@ -1,7 +1,8 @@
 """Build steps beyond the pure-Python package:
 - the Cython decision core: native/core.pyx -> sidecar._core;
 - this project's own gRPC API: proto/*.proto -> sidecar/_proto/*_pb2.py (grpcio-tools);
-- the Lua scripts: lua/*.lua copied into sidecar/lua/ so an installed sidecar carries them;
+- the Lua scripts: lua/*.lua (run by Redis) copied into sidecar/lua/ and envoy/*.lua (run
+  by Envoy's Lua filter) into sidecar/envoy/, so an installed sidecar carries them;
 - the reference bench result: the measurements of bench/results/latest.json that `kt plan`
   reads (sidecar/bench_reference.json), so `kt plan` works outside a clone.
 Generated files are not committed (.gitignore); every build makes them anew from
@@ -32,12 +33,13 @@ def compile_protos() -> None:
 
 
 def copy_lua() -> None:
-    src = os.path.join(HERE, "lua")
-    dst = os.path.join(HERE, "sidecar", "lua")
-    os.makedirs(dst, exist_ok=True)
-    for name in os.listdir(src) if os.path.isdir(src) else []:
-        if name.endswith(".lua"):
-            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    for folder in ("lua", "envoy"):
+        src = os.path.join(HERE, folder)
+        dst = os.path.join(HERE, "sidecar", folder)
+        os.makedirs(dst, exist_ok=True)
+        for name in os.listdir(src) if os.path.isdir(src) else []:
+            if name.endswith(".lua"):
+                shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
 
 
 def copy_bench_reference() -> None:

@@ -38,7 +38,7 @@ from sidecar.transports.als import UsageLogReceiver  # noqa: E402
 
 
 def lua_selection(streamed: bool) -> tuple[str, str]:
-    """What lua/envoy_usage.lua leaves in metadata for the bench upstream's replies."""
+    """What envoy/usage.lua leaves in metadata for the bench upstream's replies."""
     if streamed:
         lines = [line for line in stream("gpt-4o").split("\n") if line.startswith("data:")]
         keep = [lines[0]] + [line for line in lines if '"usage":{' in line]

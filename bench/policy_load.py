@@ -105,7 +105,8 @@ def child_reload(path: str, tenants: int) -> dict:
     import asyncio
 
     from sidecar.model import Request
-    from sidecar.server import ServerConfig, Sidecar
+    from sidecar.server import Sidecar
+    from sidecar.server_config import ServerConfig
 
     Path(path).write_text(policy_text(10))  # a small policy to start from
 

@@ -6,7 +6,7 @@ streamed), `--concurrency 1`. Envoy's CPU per request (`/proc`), requests/s with
 
 Candidates, measured alternately in the same run:
 - none:        Envoy -> upstream (the reference)
-- lua:         + lua/envoy_usage.lua (what `kt envoy-config --usage als` runs)
+- lua:         + envoy/usage.lua (what `kt envoy-config --usage als` runs)
 - native:      + Envoy's json_to_metadata (response rules, one per usage field) and
                sse_to_metadata (work-in-progress API in Envoy 1.40)
 - lua_als:     + lua + the gRPC access log to a do-nothing receiver (bench/noop_authz.py als)
@@ -28,13 +28,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from run import cpu_seconds, probe, run_wrk, start_noop, wrk_script_full  # noqa: E402
 from upstream import bootstrap as upstream_bootstrap  # noqa: E402
-from sidecar.backends.redis import load_script  # noqa: E402
+from sidecar.envoy_config import usage_filter_source  # noqa: E402
 from sidecar.envoy_config import TYPE, EnvoyOptions, TierRoute, render  # noqa: E402
 from tests.support.procs import EnvoyProcess, free_port, stop_process, workdir  # noqa: E402
 
 LUA = {"name": "envoy.filters.http.lua", "typed_config": {
     "@type": TYPE + "envoy.extensions.filters.http.lua.v3.Lua",
-    "default_source_code": {"inline_string": load_script("envoy_usage.lua")}}}
+    "default_source_code": {"inline_string": usage_filter_source()}}}
 USAGE_FIELDS = (["usage", "prompt_tokens"], ["usage", "completion_tokens"],
                 ["usage", "prompt_tokens_details", "cached_tokens"], ["usage", "input_tokens"],
                 ["usage", "output_tokens"], ["usage", "cache_read_input_tokens"],

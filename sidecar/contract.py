@@ -33,7 +33,7 @@ UPSTREAM_HEADERS = (H_DECISION, H_TENANT, H_TIER, H_MODEL, H_PRIORITY, H_SHADOW,
 # `kt envoy-config` usage "als"): that stream must not close the reservation.
 H_EXT_PROC_ROLE = "x-kt-ext-proc"
 # Dynamic metadata namespace where Envoy's Lua filter leaves the response's usage
-# (lua/envoy_usage.lua), read back from Envoy's access log (sidecar/transports/als.py).
+# (envoy/usage.lua), read back from Envoy's access log (sidecar/transports/als.py).
 USAGE_METADATA_NAMESPACE = "kt.usage"
 # Set on the response to the client (OpenAI-style).
 H_LIMIT_REQUESTS = "x-ratelimit-limit-requests"

@@ -32,6 +32,8 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
 from typing import Literal, NamedTuple, Sequence, Union
 
 import yaml
@@ -636,8 +638,17 @@ def _als_usage_filters(o: EnvoyOptions) -> list[dict]:
     ]
 
 
+def usage_filter_source() -> str:
+    """envoy/usage.lua from the source tree when running from a checkout, else the copy
+    packaged in sidecar/envoy/ (setup.py)."""
+    repo = Path(__file__).resolve().parents[1] / "envoy" / "usage.lua"
+    if repo.is_file():
+        return repo.read_text()
+    return resources.files("sidecar").joinpath("envoy", "usage.lua").read_text()
+
+
 def _usage_lua(request_only: bool = False) -> dict:
-    """Envoy's Lua filter running lua/envoy_usage.lua: on requests, a streamed chat
+    """Envoy's Lua filter running envoy/usage.lua: on requests, a streamed chat
     completion asks for its usage; on responses (unless ``request_only``: ext_proc reads
     them) the usage is left in dynamic metadata.
 
@@ -646,9 +657,7 @@ def _usage_lua(request_only: bool = False) -> dict:
     high watermark) a buffering filter waits for an end of body that never comes (seen on
     Envoy 1.40 with a 2 MB chunked body: no answer until the idle timeout). First in line,
     a body over the buffer limit is Envoy's 413 at once."""
-    from sidecar.backends.redis import load_script
-
-    source = load_script("envoy_usage.lua")
+    source = usage_filter_source()
     if request_only:  # the Lua filter skips a direction whose function is not defined
         source += "\nenvoy_on_response = nil\n"
     return {"name": "envoy.filters.http.lua", "typed_config": {

@@ -12,7 +12,8 @@ from sidecar.backends.base import Backend
 from sidecar.backends.memory import MemoryBackend
 from sidecar.ledger.recorder import Ledger
 from sidecar.policy.load import CompiledPolicy, parse_policy
-from sidecar.server import ServerConfig, Sidecar
+from sidecar.server import Sidecar
+from sidecar.server_config import ServerConfig
 from tests.support.clock import T0_US  # noqa: F401 - the suite's fixed instant
 
 

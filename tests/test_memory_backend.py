@@ -14,7 +14,8 @@ from sidecar import _core
 from sidecar.backends.base import BackendError
 from sidecar.backends.memory import MemoryBackend
 from sidecar.policy.load import load_policy
-from sidecar.server import ServerConfig, Sidecar
+from sidecar.server import Sidecar
+from sidecar.server_config import ServerConfig
 from tests.inproc import T0_US, FakeClock
 
 LIMITS = _core.Limits(budget=1000, period=_core.P_MONTH)

@@ -8,7 +8,7 @@ import pytest
 from sidecar import _core
 from sidecar.cli import main
 from sidecar.policy.load import PolicyError, load_policy
-from sidecar.server import sample_policy
+from sidecar.server_config import sample_policy
 
 FIXTURES = Path(__file__).parent / "fixtures" / "policy"
 
@@ -174,7 +174,8 @@ def test_the_reloader_refuses_bad_values_survives_any_exception_and_applies_a_la
     import sidecar.server as server
     from sidecar.backends.memory import MemoryBackend
     from sidecar.ledger.recorder import Ledger
-    from sidecar.server import ServerConfig, Sidecar
+    from sidecar.server import Sidecar
+    from sidecar.server_config import ServerConfig
 
     path = tmp_path / "policy.yaml"
     path.write_text(RELOAD_GOOD)

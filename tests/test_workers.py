@@ -20,7 +20,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from sidecar.envoy_config import EnvoyOptions, TierRoute, render
 from sidecar.model import Request
 from sidecar.policy.load import parse_policy
-from sidecar.server import ServerConfig, make_backend
+from sidecar.server import make_backend
+from sidecar.server_config import ServerConfig
 from sidecar.flows import Flows
 from sidecar.workers import RetiredCounts, merge_metrics
 from tests.support.procs import (EnvoyProcess, SidecarProcess, eventually, free_port,

@@ -48,8 +48,8 @@ from sidecar.backends.lease import LeaseManager
 from sidecar.backends.link_watch import LinkWatch, deadline_s
 from sidecar.backends.settle_batch import SettleBatcher
 from sidecar.backends.spend_index import SpendIndex, read_spend_cells
-from sidecar.backends.tls import tls_context
-from sidecar.backends.url import check_redis_url
+from sidecar.policy.tls import tls_context
+from sidecar.policy.url import check_redis_url
 
 from sidecar import _core
 from sidecar.backends.base import (TAKEN_RESERVATION, BackendError, BackendOverloaded,

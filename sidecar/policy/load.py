@@ -20,10 +20,10 @@ import msgspec
 import yaml
 
 from sidecar import _core
-from sidecar.backends.tls import tls_context
-from sidecar.backends.url import check_redis_url
-from sidecar.ledger import config as ledger_config
+from sidecar.policy import ledger as ledger_config
 from sidecar.policy import schema
+from sidecar.policy.tls import tls_context
+from sidecar.policy.url import check_redis_url
 from sidecar.policy.providers import (PRIORITY_RANK, ProviderPlan, compile_providers,
                                       compile_queue)
 
@@ -391,15 +391,6 @@ def _without(doc: Any, drop: list[Path_]) -> Any:
         if isinstance(node, dict) and path:
             node.pop(path[-1], None)
     return out
-
-
-def compile_policy(policy: schema.Policy, source: str, digest: str = "") -> CompiledPolicy:
-    """Check a decoded policy's meaning and compile it; PolicyError lists every error."""
-    problems: list[_Problem] = []
-    compiled = _compile(policy, source, digest, problems)
-    if problems or compiled is None:
-        raise PolicyError.of(source, problems)
-    return compiled
 
 
 def _compile(policy: schema.Policy, source: str, digest: str,

@@ -1,7 +1,7 @@
 """envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs: usage by Envoy's access log.
 
 `kt envoy-config` (usage "als", the default) has Envoy's Lua filter leave the usage of each
-response in dynamic metadata (lua/envoy_usage.lua) and Envoy's gRPC access logger send one
+response in dynamic metadata (envoy/usage.lua) and Envoy's gRPC access logger send one
 entry per admitted request, many per message, on one long-lived stream per Envoy worker.
 Each entry is translated here to the rule that ends its reservation (sidecar/settlement/reconcile.py):
 the usage text is read by the same parser ext_proc uses (sidecar/settlement/usage.py).

@@ -1,4 +1,4 @@
--- envoy_usage.lua: runs inside Envoy (envoy.filters.http.lua), not in Redis.
+-- envoy/usage.lua: runs inside Envoy (envoy.filters.http.lua), not in Redis.
 --
 -- On the response: picks out the parts of an OpenAI-compatible reply that carry the model
 -- and the usage, as the reply passes (never holding a chunk back, never holding the reply),
