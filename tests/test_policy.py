@@ -171,7 +171,7 @@ def test_the_reloader_refuses_bad_values_survives_any_exception_and_applies_a_la
     import asyncio
     import os
 
-    import sidecar.server as server
+    import sidecar.reload as reload
     from sidecar.backends.memory import MemoryBackend
     from sidecar.ledger.recorder import Ledger
     from sidecar.server import Sidecar
@@ -211,11 +211,11 @@ def test_the_reloader_refuses_bad_values_survives_any_exception_and_applies_a_la
 
             def broken(_path):
                 raise RuntimeError("a bug in the loader")
-            monkeypatch.setattr(server, "load_policy", broken)
+            monkeypatch.setattr(reload, "load_policy", broken)
             write(RELOAD_GOOD.replace("{rpm: 5}", "{rpm: 6}"))
             await until(lambda: count("error") == 2)
             monkeypatch.undo()
-            assert not sc._reloader.done()  # the loop lives on
+            assert not sc._reload_task.done()  # the loop lives on
             write(RELOAD_GOOD.replace("{rpm: 5}", "{rpm: 7}"))
             await until(lambda: count("ok") == 1)
             assert sc.service.policy.defaults.limits.rpm == 7
