@@ -77,7 +77,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from sidecar.policy.load import PolicyError, load_policy, policy_warnings
+    from sidecar.envoy_config import policy_warnings
+    from sidecar.policy.load import PolicyError, load_policy
 
     ok = True
     for path in args.files:

@@ -41,6 +41,7 @@ import yaml
 from sidecar import contract, endpoints
 from sidecar.address import AddressError, check_host, check_port, is_ip, split_host_port
 from sidecar.auth import host_of, is_loopback_host
+from sidecar.policy.load import CompiledPolicy
 from sidecar.transports.http_authz import IDLE_TIMEOUT_S as SIDECAR_HTTP_IDLE_TIMEOUT_S
 
 TYPE = "type.googleapis.com/"
@@ -279,6 +280,23 @@ def sidecar_max_requests(queue_places: int) -> int:
     """The circuit breaker of the sidecar's clusters: the queue's places on top of the
     checks being decided (the printed config; `kt check-config` warns against less)."""
     return SIDECAR_DECIDING_MAX + queue_places
+
+
+def policy_warnings(p: CompiledPolicy) -> list[str]:
+    """What `kt check-config` warns about: valid, but likely to fail under load."""
+    out: list[str] = []
+    q = p.queue
+    if q is not None and q.max_size > SIDECAR_DECIDING_MAX // 2:
+        out.append(
+            f"queue.max_size {q.max_size}: up to {q.max_size} checks wait in each sidecar "
+            "process (each `kt serve` worker has its own queue), on top of those being "
+            f"decided. Envoy's default circuit breaker ({SIDECAR_DECIDING_MAX} requests in "
+            "flight to a cluster) would overflow, and Envoy's failure mode would answer the "
+            "checks past it without asking the sidecar: use the config of `kt envoy-config "
+            f"--config` with this policy (its sidecar clusters allow "
+            f"{sidecar_max_requests(q.max_size)}), and with W workers behind one Envoy raise "
+            f"their max_requests to W x {q.max_size} + {SIDECAR_DECIDING_MAX}")
+    return out
 
 
 def _sidecar_cluster(name: str, hostport: str, http2: bool, o: EnvoyOptions,

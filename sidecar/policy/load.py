@@ -606,22 +606,3 @@ def _compile(policy: schema.Policy, source: str, digest: str,
         ledger=policy.ledger, providers=providers, queue=queue,
         admin_token_file=policy.admin.token_file,
     )
-
-
-def policy_warnings(p: CompiledPolicy) -> list[str]:
-    """What `kt check-config` warns about: valid, but likely to fail under load."""
-    from sidecar.envoy_config import SIDECAR_DECIDING_MAX, sidecar_max_requests
-
-    out: list[str] = []
-    q = p.queue
-    if q is not None and q.max_size > SIDECAR_DECIDING_MAX // 2:
-        out.append(
-            f"queue.max_size {q.max_size}: up to {q.max_size} checks wait in each sidecar "
-            "process (each `kt serve` worker has its own queue), on top of those being "
-            f"decided. Envoy's default circuit breaker ({SIDECAR_DECIDING_MAX} requests in "
-            "flight to a cluster) would overflow, and Envoy's failure mode would answer the "
-            "checks past it without asking the sidecar: use the config of `kt envoy-config "
-            f"--config` with this policy (its sidecar clusters allow "
-            f"{sidecar_max_requests(q.max_size)}), and with W workers behind one Envoy raise "
-            f"their max_requests to W x {q.max_size} + {SIDECAR_DECIDING_MAX}")
-    return out
