@@ -41,6 +41,14 @@ class Metrics:
         self.budget_remaining = Gauge(
             "kt_budget_remaining", "Budget left in the current period after the tenant's last "
             "decision, in the budget's unit (tokens or USD).", ["tenant", "unit"], registry=r)
+        self.budget_limit = Gauge(
+            "kt_budget_limit", "The tenant's budget for one period, in the budget's unit "
+            "(tokens or USD), as of its last decision.", ["tenant", "unit"], registry=r)
+        self.budget_period_end = Gauge(
+            "kt_budget_period_end_timestamp_seconds", "When the tenant's current budget period "
+            "ends (Unix time; no series for a `total` budget): with kt_budget_remaining and the "
+            "spend rate, the burn-rate alerts project whether the budget lasts the period.",
+            ["tenant"], registry=r)
         self.backend_errors = Counter(
             "kt_backend_errors", "Decisions the backend could not make (then the failure mode "
             "applies).", ["backend"], registry=r)

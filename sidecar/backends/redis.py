@@ -61,7 +61,7 @@ from sidecar.policy import schema
 log = logging.getLogger("kt.redis")
 # how long a settled request id is remembered (a repeated report within it is a no-op)
 SETTLED_TTL_MS = 7 * 24 * 3600 * 1000
-# a shared reservation outlives the local one (sidecar/service.py RESERVATION_TTL_S, 600 s,
+# a shared reservation outlives the local one (sidecar/settlement/book.py RESERVATION_TTL_S, 600 s,
 # expired within seconds of it), so the deciding replica's expiry finds the record (never
 # settled: it records the expiry) or the mark of the replica that took it (settled there)
 RESERVATION_TTL_MS = 900 * 1000

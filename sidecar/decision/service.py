@@ -254,7 +254,7 @@ class Decider:
             return
         gauges = self._tenant_gauges.get(tenant)
         if gauges is None:
-            gauges = self._tenant_gauges[tenant] = [None, None]
+            gauges = self._tenant_gauges[tenant] = [None, None, None, None]
         # a series exists only for a limit the tenant has: a tenant without a budget must
         # not export kt_budget_remaining 0, which any low-budget alert would fire on
         if out.limit_tokens > 0:
@@ -264,5 +264,13 @@ class Decider:
         if out.budget_limit >= 0:
             if gauges[1] is None:
                 gauges[1] = self.metrics.budget_remaining.labels(tenant, rule.budget_unit)
-            value = out.budget_remaining / 1e9 if rule.budget_unit == "usd" else out.budget_remaining
-            gauges[1].set(value)
+                gauges[2] = self.metrics.budget_limit.labels(tenant, rule.budget_unit)
+            scale = 1e9 if rule.budget_unit == "usd" else 1
+            gauges[1].set(out.budget_remaining / scale)
+            gauges[2].set(out.budget_limit / scale)
+            # the period's end as a Unix time (whole seconds: it moves only when a period
+            # starts); a `total` budget has no end and no series
+            if out.budget_reset_us > 0:
+                if gauges[3] is None:
+                    gauges[3] = self.metrics.budget_period_end.labels(tenant)
+                gauges[3].set(round(time.time() + out.budget_reset_us / 1e6))
