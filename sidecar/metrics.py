@@ -136,6 +136,20 @@ class Metrics:
             "preempted: its place went to a higher priority; wait_too_long: the bucket has "
             "no room within max_wait_ms).",
             ["reason"], registry=r)
+        # Counters whose label values are a fixed set start at 0, so a scrape shows them
+        # before the first event and an alert's increase() sees that first event (a
+        # series born at 1 reads as no increase) — Prometheus's "avoid missing metrics".
+        for mode in ("open", "closed", "envoy"):
+            self.failure_mode.labels(mode)
+        for result in ("ok", "error"):
+            self.policy_reloads.labels(result)
+        for action in ("refunded", "kept", "refund_failed", "nothing_charged"):
+            self.late_replies.labels(action)
+        for outcome in ("applied", "resent", "settled_before", "unknown"):
+            self.settle_outcomes.labels(outcome)
+        for outcome in ("released_upstream_error", "bound_abandoned", "bound_no_usage",
+                        "bound_expiry"):
+            self.reservations_closed.labels(outcome)
 
     def watch_backend(self, backend) -> None:
         """Export the backend's own counters (round trips and decisions), read at scrape time."""
