@@ -62,7 +62,8 @@ class Metrics:
             "kt_policy_info", "The policy being served (value 1).", ["source", "digest"], registry=r)
         self.tokens_total = Counter(
             "kt_tokens", "Actual tokens used, from responses and usage reports, by tenant "
-            "(named tenants; others as _other), model and type (input, output).",
+            "(named tenants; others as _other), model and type (input, output; cached_input: "
+            "the part of input the provider read from its prompt cache, already in input).",
             ["tenant", "model", "type"], registry=r)
         self.cost_dollars = Counter(
             "kt_cost_dollars", "Actual cost in USD priced with the policy's pricing, by tenant "
@@ -154,6 +155,7 @@ class Metrics:
     def watch_backend(self, backend) -> None:
         """Export the backend's own counters (round trips and decisions), read at scrape time."""
         self.registry.register(_BackendCollector(backend))
+        self.backend_errors.labels(backend.name)  # at 0 from the start (see __init__)
 
     def watch_ledger(self, ledger) -> None:
         """Export the ledger's counters (sidecar/ledger/), read at scrape time."""
