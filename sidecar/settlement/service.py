@@ -213,14 +213,14 @@ class SettlementService:
                 self.late.refund(tenant, rule.limits, late.charged_tokens, late.charged_cost,
                                  late.period_start_us)
         self._count_usage(request_id, tenant, rule, model, source, input_tokens,
-                          output_tokens, nano, unpriced)
+                          output_tokens, cached_tokens, nano, unpriced)
         events.settled(self.ledger, self.policy, request_id, tenant, rule, res, model,
                        outcome, settled_by, input_tokens, output_tokens, cached_tokens,
                        cache_write_tokens, nano, cost, unpriced, st.budget_spent, st.at_us)
 
     def _count_usage(self, request_id: str, tenant: str, rule: TenantRule, model: str,
-                     source: str, input_tokens: int, output_tokens: int, nano: int,
-                     unpriced: bool) -> None:
+                     source: str, input_tokens: int, output_tokens: int,
+                     cached_tokens: int, nano: int, unpriced: bool) -> None:
         policy = self.policy
         m = self.metrics
         # labels stay bounded whatever a report or an upstream's reply names: tenants
@@ -238,11 +238,14 @@ class SettlementService:
             children = self._usage_children[key] = (
                 m.tokens_total.labels(label, model_label, "input"),
                 m.tokens_total.labels(label, model_label, "output"),
-                m.cost_dollars.labels(label, model_label), m.settlements.labels(source))
+                m.cost_dollars.labels(label, model_label), m.settlements.labels(source),
+                m.tokens_total.labels(label, model_label, "cached_input"))
         children[0].inc(input_tokens)
         children[1].inc(output_tokens)
         children[2].inc(nano / 1e9)
         children[3].inc()
+        if cached_tokens:
+            children[4].inc(cached_tokens)
         if unpriced:
             m.unpriced_tokens.labels(model_label).inc(input_tokens + output_tokens)
             self._unpriced_log.warning(
