@@ -2,7 +2,7 @@
 
 Python answers SIGINT by raising KeyboardInterrupt wherever the main thread happens to
 be (an import, gRPC's start, a half-bound port) and SIGTERM by dying at once, so a signal
-in the first moments of `kt serve` used to print a traceback, or end a `--workers` child
+in the first moments of `kt serve` would print a traceback, or end a `--workers` child
 by the signal and its supervisor with it. Instead `kt` blocks both from its first line;
 whoever can stop cleanly (the sidecar's event loop, the workers' supervisor) installs its
 handler and then releases them: a signal that came meanwhile is delivered at that moment,

@@ -86,7 +86,7 @@ class CompiledPolicy:
     tenant_metadata: Optional[tuple[str, tuple[str, ...]]] = None
     ledger: ledger_config.LedgerConfig = field(default_factory=ledger_config.LedgerConfig)
     admin_token_file: Optional[str] = None  # policy admin.token_file
-    # docs/providers.md: None without a `providers:` section (decisions as before)
+    # docs/providers.md: None without a `providers:` section (no provider quotas)
     providers: Optional[ProviderPlan] = None
     queue: Optional[schema.Queue] = None
     unpriced_models: str = "refuse"  # schema.Policy.unpriced_models

@@ -5,8 +5,8 @@ idempotency marker (`<prefix>:{tenant}:settled:<key>`), and a key already marked
 nothing. When a settlement's reply does not come (the store stalled, the link dropped),
 the same settlement is sent again a few times. When none of those is answered either,
 the store may still have applied it: a stalled Valkey runs what is in its socket when it
-resumes. Taken for "not settled", its reservation went back in the book and expired ten
-minutes later as kept, so the request was counted twice in the durable spend.
+resumes. Taken for "not settled", its reservation would go back in the book and expire
+ten minutes later as kept: the request counted twice in the durable spend.
 
 Instead the outcome is resolved in the background: once the store answers again, a plain
 EXISTS on the marker says whether the settlement was applied (then it is recorded as

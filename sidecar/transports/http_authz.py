@@ -47,7 +47,7 @@ IDLE_TIMEOUT_S = 30.0
 # (_decide_now). From Python 3.12 asyncio.wait_for (the Redis backend's calls use it) and
 # asyncio.timeout refuse to run outside a Task ("Timeout should be used inside a task"):
 # the first step of such a decision would fail, and be answered 503. There every request
-# goes through the connection's worker Task, as before the inline path.
+# goes through the connection's worker Task.
 DECIDE_INLINE = sys.version_info < (3, 12)
 _REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden",
             411: b"Length Required", 413: b"Payload Too Large",
