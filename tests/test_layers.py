@@ -62,8 +62,8 @@ def test_lower_layers_import_nothing_above_them():
 
 def test_no_import_circle_between_modules():
     graph = _imports()
-    # the Redis backend's own circle (redis.py, lease.py, settle_batch.py) is split apart
-    # on its own (issue 23, item 2): until then, edges inside sidecar.backends are not read
+    # the Redis backend's own circle (redis.py, lease.py, settle_batch.py) is taken apart
+    # by the backend's own split: until it lands, edges inside sidecar.backends are not read
     graph = {m: {d for d in deps if not (_under(m, "sidecar.backends")
                                          and _under(d, "sidecar.backends"))}
              for m, deps in graph.items()}
