@@ -17,7 +17,7 @@ bound of the provider's bill instead (docs/usage.md, "When usage cannot be read"
 The reply's size as Envoy saw it is not used to lower the bound: reasoning models bill
 output tokens that never appear in the reply, so its bytes bound nothing.
 
-The settlement is the ordinary one (sidecar/settlement/service.py, settle_usage):
+The settlement is the ordinary one (sidecar/settlement/service.py, charge_at_bound):
 idempotent per reservation id, it moves the budget, the tenant's token bucket and the
 provider's bucket from the estimate to the bound, and records the tokens and their price
 in the ledger and the durable spend, whatever the budget's unit. When the backend cannot take it, the
@@ -25,39 +25,9 @@ estimate stays charged and is recorded as such, with its tokens and price.
 """
 from __future__ import annotations
 
-import asyncio
-import logging
-from typing import TYPE_CHECKING, Optional, Protocol
-
-from sidecar.backends.base import BackendError
-from sidecar.metrics import Metrics
 from sidecar.model import Estimate
+from sidecar.policy.load import CompiledPolicy
 from sidecar.settlement.book import Reservation
-from sidecar.settlement.resend import SettlementPending
-from sidecar.settlement.usage import UsageError
-
-if TYPE_CHECKING:
-    from sidecar.policy.load import CompiledPolicy
-
-
-class Settles(Protocol):
-    """What a charge at the bound needs of the settlement service."""
-
-    metrics: Metrics
-
-    async def settle_usage(self, request_id: str, tenant: Optional[str],
-                           model: Optional[str], input_tokens: int, output_tokens: int,
-                           source: str = ..., *, settled_by: Optional[str] = ...,
-                           reservation: Optional[Reservation] = ..., outcome: str = ...,
-                           reservation_local: bool = ...): ...
-
-    def keep_estimate(self, request_id: str, res: Reservation, outcome: str,
-                      why: str) -> None: ...
-
-    def track(self, task: asyncio.Task) -> None: ...
-
-
-log = logging.getLogger("kt.bound")
 
 # Output tokens one choice may bill when neither the request nor the policy says: the
 # largest output current models allow (OpenAI's gpt-5 and o-series, Anthropic's with
@@ -66,17 +36,18 @@ DEFAULT_MAX_OUTPUT_TOKENS = 128_000
 # kt_settlements_total{source} of a settlement at the bound
 SOURCE = "bound"
 # the most tokens of one kind a settlement takes (settle_usage): a bound beyond it (a
-# huge n without max_tokens, which the core's trimming admitted) is charged at it rather than refused, which would leave only the estimate charged
+# huge n without max_tokens, which the core's trimming admitted) is charged at it rather
+# than refused, which would leave only the estimate charged
 MAX_BOUND_TOKENS = 10**9
 
 
-def max_output_tokens(policy: "CompiledPolicy", model: str) -> int:
+def max_output_tokens(policy: CompiledPolicy, model: str) -> int:
     price = policy.pricing.get(model)
     most = price.max_output_tokens if price is not None else None
     return DEFAULT_MAX_OUTPUT_TOKENS if most is None else most
 
 
-def output_bound(policy: "CompiledPolicy", model: str, est: Estimate,
+def output_bound(policy: CompiledPolicy, model: str, est: Estimate,
                  charged_tokens: int) -> int:
     """The most output the provider could bill for ``est``'s request served by ``model``
     (``charged_tokens``: what the decision charged, the bound of a request without body)."""
@@ -103,45 +74,3 @@ def estimate_tokens(res: Reservation) -> tuple[int, int]:
     estimated input (the core trims only the output to fit a bucket)."""
     inp = min(res.bound_input, res.charged_tokens)
     return inp, res.charged_tokens - inp
-
-
-async def charge(service: Settles, request_id: str, res: Reservation,
-                 outcome: str, why: str, local: bool = True) -> None:
-    """Settle ``res`` (already out of the book, or taken from another replica's shared
-    record: ``local`` False) at the bound; never raises. ``outcome`` is the ledger's
-    (``kept``, ``expired``), ``why`` its settled_by and the metric's reason."""
-    inp, out = tokens(res)
-    try:
-        settled = await service.settle_usage(request_id, res.tenant, res.model, inp, out,
-                                             SOURCE, settled_by=why, reservation=res,
-                                             outcome=outcome, reservation_local=local)
-    except SettlementPending as exc:
-        # sent, its reply lost: the store is asked whether it was applied, and the answer
-        # recorded then (settled at the bound; kept, with the estimate, if it never comes)
-        log.warning("charge at the bound of request %s of tenant %s not confirmed yet: %s",
-                    request_id, res.tenant, exc)
-        return
-    except (UsageError, BackendError) as exc:
-        log.warning("request %s of tenant %s not charged at its bound (%d input, %d output "
-                    "tokens): %s; its estimate stays charged", request_id, res.tenant, inp,
-                    out, exc)
-        service.metrics.reservations_closed.labels("kept_" + why).inc()
-        service.keep_estimate(request_id, res, outcome, why)
-        return
-    if settled.applied:  # else this id was settled before: nothing changed, nothing counted
-        service.metrics.reservations_closed.labels("bound_" + why).inc()
-
-
-def charge_soon(service: Settles, request_id: str, res: Reservation,
-                outcome: str, why: str) -> None:
-    """``charge`` in the background, for callers that cannot wait (the reservation book's
-    expiry, ext_proc's stream end); kept referenced until done."""
-    try:
-        task = asyncio.get_running_loop().create_task(
-            charge(service, request_id, res, outcome, why))
-    except RuntimeError:  # not on the event loop: never in the sidecar itself
-        log.error("request %s of tenant %s not charged at its bound: called off the event "
-                  "loop; its estimate stays charged", request_id, res.tenant)
-        service.keep_estimate(request_id, res, outcome, why)
-        return
-    service.track(task)

@@ -27,7 +27,7 @@ from sidecar.settlement.book import (RESERVATIONS_MAX, Reservation, ReservationB
                                      ReservationIds, parse_reservation)
 from sidecar.settlement.late import LateRefunds
 from sidecar.settlement.pricing import price
-from sidecar.settlement.resend import Settler
+from sidecar.settlement.resend import SettlementPending, Settler
 from sidecar.settlement.usage import Usage, UsageError
 
 log = logging.getLogger("kt.service")
@@ -315,7 +315,7 @@ class SettlementService:
     def _expired(self, request_id: str, res: Reservation) -> None:
         """No usage came within the reservation's life: charged at the bound."""
         if not self.backend.shares_reservations:
-            bound.charge_soon(self, request_id, res, "expired", "expiry")
+            self._charge_at_bound_soon(request_id, res, "expired", "expiry")
             return
 
         # Shared reservations: another replica may have settled this one from the shared
@@ -331,7 +331,7 @@ class SettlementService:
                             "not be read (%s): recorded as expired here", request_id,
                             res.tenant, exc)
             if record != TAKEN_RESERVATION:  # ours (or gone: charged rather than lost)
-                await bound.charge(self, request_id, res, "expired", "expiry", local=False)
+                await self._charge_at_bound(request_id, res, "expired", "expiry", local=False)
 
         try:
             task = asyncio.get_running_loop().create_task(claim())
@@ -366,13 +366,55 @@ class SettlementService:
                 return
             res = parse_reservation(tenant, record if record != TAKEN_RESERVATION else None)
             if res is not None:
-                await bound.charge(self, request_id, res, "kept", why, local=False)
+                await self._charge_at_bound(request_id, res, "kept", why, local=False)
             return
         if res is not None:
-            await bound.charge(self, request_id, res, "kept", why)
+            await self._charge_at_bound(request_id, res, "kept", why)
 
     def abandon(self, request_id: str, why: str) -> None:
         """``charge_unread`` in the background, for a caller that cannot wait."""
         res = self.reservations.pop(request_id)
         if res is not None:
-            bound.charge_soon(self, request_id, res, "kept", why)
+            self._charge_at_bound_soon(request_id, res, "kept", why)
+
+    # --- a reservation no usage comes for: charged at its bound (bound.py) ----
+    async def _charge_at_bound(self, request_id: str, res: Reservation, outcome: str,
+                               why: str, local: bool = True) -> None:
+        """Settle ``res`` (already out of the book, or taken from another replica's shared
+        record: ``local`` False) at the bound; never raises. ``outcome`` is the ledger's
+        (``kept``, ``expired``), ``why`` its settled_by and the metric's reason."""
+        inp, out = bound.tokens(res)
+        try:
+            settled = await self.settle_usage(request_id, res.tenant, res.model, inp, out,
+                                              bound.SOURCE, settled_by=why, reservation=res,
+                                              outcome=outcome, reservation_local=local)
+        except SettlementPending as exc:
+            # sent, its reply lost: the store is asked whether it was applied, and the
+            # answer recorded then (settled at the bound; kept, with the estimate, if it
+            # never comes)
+            log.warning("charge at the bound of request %s of tenant %s not confirmed yet: "
+                        "%s", request_id, res.tenant, exc)
+            return
+        except (UsageError, BackendError) as exc:
+            log.warning("request %s of tenant %s not charged at its bound (%d input, %d "
+                        "output tokens): %s; its estimate stays charged", request_id,
+                        res.tenant, inp, out, exc)
+            self.metrics.reservations_closed.labels("kept_" + why).inc()
+            self.keep_estimate(request_id, res, outcome, why)
+            return
+        if settled.applied:  # else settled before: nothing changed, nothing counted
+            self.metrics.reservations_closed.labels("bound_" + why).inc()
+
+    def _charge_at_bound_soon(self, request_id: str, res: Reservation, outcome: str,
+                              why: str) -> None:
+        """``_charge_at_bound`` in the background, for callers that cannot wait (the
+        reservation book's expiry, ext_proc's stream end); kept referenced until done."""
+        try:
+            task = asyncio.get_running_loop().create_task(
+                self._charge_at_bound(request_id, res, outcome, why))
+        except RuntimeError:  # not on the event loop: never in the sidecar itself
+            log.error("request %s of tenant %s not charged at its bound: called off the "
+                      "event loop; its estimate stays charged", request_id, res.tenant)
+            self.keep_estimate(request_id, res, outcome, why)
+            return
+        self.track(task)
