@@ -73,7 +73,7 @@ def requests(n: int) -> list[bytes]:
 async def one_run(service: Flows, reqs: list[bytes]) -> float:
     protos, transports = [], []
     for _ in range(CONNECTIONS):
-        p, t = AuthzProtocol(service), _Transport()
+        p, t = AuthzProtocol(service.decider), _Transport()
         p.connection_made(t)  # type: ignore[arg-type]
         protos.append(p)
         transports.append(t)

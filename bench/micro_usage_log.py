@@ -82,7 +82,7 @@ async def one_run(service: Flows, n: int, batch: int, run: int,
         await service.decider.decide(Request(headers={"x-tenant-id": tenant}, body=body,
                                      request_id=f"r{run}-{i}"))
     wire = messages(n, batch, run)
-    receiver = UsageLogReceiver(service)
+    receiver = UsageLogReceiver(service.settlement)
 
     async def incoming():
         for data in wire:

@@ -76,10 +76,12 @@ class Settlement:
 class Backend(Protocol):
     name: str
     shares_reservations: bool  # reservations visible to every replica (share/take below)
-    # what answers when this backend cannot decide (the decision flow's failure modes):
-    # "open", "envoy", "closed", or one per class of limit; a backend without an outage
-    # to be open about (the embedded one) says "closed"
-    failure_mode: Union[FailureMode, FailureModes]
+
+    @property
+    def failure_mode(self) -> Union[FailureMode, FailureModes]:
+        """What answers when this backend cannot decide (the decision flow's failure
+        modes): "open", "envoy", "closed", or one per class of limit. A backend without an
+        outage to be open about (the embedded one) says "closed"."""
 
     async def start(self) -> None:
         """Connect / load state. May raise BackendError."""

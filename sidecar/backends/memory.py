@@ -41,6 +41,7 @@ from sidecar import _core
 from sidecar.backends.base import (BackendError, BackendStatus, Candidate, LateReply,
                                    Settlement)
 from sidecar.ledger.spend import LAST_DAY, SpendCell, SpendRecord, day_of
+from sidecar.policy.schema import FailureMode
 
 log = logging.getLogger("kt.memory")
 STATE_VERSION = 2  # 1: snapshot only (still read); 2: snapshot + journal
@@ -263,7 +264,7 @@ class _StateFiles:
 class MemoryBackend:
     name = "memory"
     shares_reservations = False  # one process: its reservation book is the only one
-    failure_mode = "closed"  # no outage to be open about
+    failure_mode: FailureMode = "closed"  # no outage to be open about
 
     def __init__(self, state_file: str = "", flush_interval_s: float = 1.0,
                  clock: Callable[[], int] = wall_clock_us,
