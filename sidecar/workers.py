@@ -9,7 +9,7 @@ The supervisor serves the side port (`--http`) itself, so Prometheus, the kubele
 operator see one sidecar:
 - `/metrics` is the sum of the workers' metrics, read from each worker's own side port
   (loopback, ephemeral) at scrape time: counters and histograms add up; a gauge adds up
-  too (a queue depth, in-flight requests) unless `GAUGE_MERGE` says otherwise (a backend
+  too (a queue depth, in-flight requests) unless `GAUGE_MERGE` (worker_metrics.py) says otherwise (a backend
   that one worker finds not ready makes the pod's `kt_backend_ready` 0). A worker that
   exits leaves its counters and histograms, as last scraped, in the sum (RetiredCounts):
   a restart never makes a pod's counter go backwards.
@@ -51,11 +51,10 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Optional
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
-from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar import stop_signals
 from sidecar.auth import TokenFile
@@ -67,23 +66,11 @@ from sidecar.http_routes import ThreadedHttpServer
 from sidecar.listen import listen_error, probe_bind
 from sidecar.server_config import ServerConfig, sample_policy
 from sidecar.transports.http_side import HttpRequest, HttpResponse, text
+from sidecar.worker_metrics import Merged, RetiredCounts, merge_metrics
 
 log = logging.getLogger("kt.workers")
 MAX_RESTARTS_PER_MINUTE = 5
 WORKER_TIMEOUT_S = 1.0  # a worker that cannot answer a probe or a scrape in this is not ready
-# gauges whose pod-wide value is not the sum of the workers' values
-GAUGE_MERGE: dict[str, Callable[[Iterable[float]], float]] = {
-    "kt_backend_ready": min,  # ready only if every worker reaches the backend
-    "kt_policy_info": max,  # 1 per policy served
-    # the remaining tokens or budget after the latest decision: every worker reads the
-    # same Redis state, the lowest value is the most recent (it only falls between refills)
-    "kt_tokens_remaining": min,
-    "kt_budget_remaining": min,
-    # providers (docs/providers.md): the same shared buckets, and one configured limit
-    "kt_provider_requests_remaining": min,
-    "kt_provider_utilisation": max,
-    "kt_provider_limit": max,
-}
 # the exit codes with which `kt serve` has already printed its own one-line reason
 _EXPLAINED = {2, 3, 4}
 _LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a proxy
@@ -154,76 +141,6 @@ def _request(url: str, data: Optional[bytes] = None,
         return e.code, e.read()
 
 
-# the families whose samples only grow: what a worker that exited had counted stays in
-# the pod's sum (RetiredCounts)
-_MONOTONIC = ("counter", "histogram", "summary")
-
-
-class RetiredCounts:
-    """The counters and histograms of workers that exited, as last scraped: added to the
-    live workers' sum, so a worker's death never makes a pod's counter go backwards (what
-    prometheus-client's multiprocess mode does for the counters of dead processes).
-    What a worker counted after the last scrape before it died is not known: a kill
-    loses at most one scrape interval of its counts, never what was already reported."""
-
-    def __init__(self) -> None:
-        self.families: dict[str, Metric] = {}
-        self.values: dict[tuple, float] = {}
-
-    def add(self, text: str) -> None:
-        for fam in text_string_to_metric_families(text):
-            if fam.type not in _MONOTONIC:
-                continue
-            if fam.name not in self.families:
-                self.families[fam.name] = Metric(fam.name, fam.documentation, fam.type,
-                                                 fam.unit)
-            for s in fam.samples:
-                if s.name.endswith("_created"):
-                    continue
-                key = (fam.name, s.name, tuple(sorted(s.labels.items())))
-                self.values[key] = self.values.get(key, 0.0) + s.value
-
-
-def merge_metrics(texts: list[str], retired: Optional[RetiredCounts] = None) -> list[Metric]:
-    """The workers' expositions as one: samples with the same name and labels combined
-    (summed, or by GAUGE_MERGE), in the order the first worker lists them; plus what
-    workers that exited had counted (``retired``)."""
-    families: dict[str, Metric] = {}
-    values: dict[tuple, list[float]] = {}
-    for exposition in texts:
-        for fam in text_string_to_metric_families(exposition):
-            if fam.name not in families:
-                families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
-            for s in fam.samples:
-                key = (fam.name, s.name, tuple(sorted(s.labels.items())))
-                values.setdefault(key, []).append(s.value)
-    if retired is not None:
-        for name, fam in retired.families.items():
-            families.setdefault(name, Metric(fam.name, fam.documentation, fam.type, fam.unit))
-        for key, value in retired.values.items():
-            values.setdefault(key, []).append(value)
-    for (fam_name, sample_name, labels), vals in values.items():
-        fam = families[fam_name]
-        if sample_name.endswith("_created"):
-            value = min(vals)  # the earliest start, not a sum of timestamps
-        elif fam.type == "gauge" and fam_name in GAUGE_MERGE:
-            value = GAUGE_MERGE[fam_name](vals)
-        else:
-            value = sum(vals)
-        fam.add_sample(sample_name, dict(labels), value)
-    return list(families.values())
-
-
-class _Merged:
-    """A collector that yields the merged families of one scrape."""
-
-    def __init__(self, families: list[Metric]) -> None:
-        self.families = families
-
-    def collect(self):
-        return iter(self.families)
-
-
 class Supervisor:
     def __init__(self, workers: list[Worker], admin_token: Optional[TokenFile] = None) -> None:
         self.workers = workers  # filled in as they start
@@ -256,7 +173,7 @@ class Supervisor:
         except WorkerError as exc:  # a partial sum would look like a drop in counters
             return text(503, f"{exc}\n")
         registry = CollectorRegistry()
-        registry.register(_Merged(families))
+        registry.register(Merged(families))
         return HttpResponse(200, generate_latest(registry), CONTENT_TYPE_LATEST)
 
     # --- the pod's one admin port ---------------------------------------------

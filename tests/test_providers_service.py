@@ -372,7 +372,7 @@ def _unused(d: Decision) -> None:  # keep the import honest for type checkers
 def test_kt_serve_workers_merge_provider_gauges_by_meaning_not_by_sum():
     """`kt serve --workers N` shows one pod: the queue depths add up, a provider's limit
     and remaining capacity do not (every worker reads the same shared buckets)."""
-    from sidecar.workers import merge_metrics
+    from sidecar.worker_metrics import merge_metrics
 
     def worker(depth: int, remaining: int) -> str:
         m = Metrics()

@@ -23,7 +23,7 @@ from sidecar.policy.load import parse_policy
 from sidecar.server import make_backend
 from sidecar.server_config import ServerConfig
 from sidecar.flows import Flows
-from sidecar.workers import RetiredCounts, merge_metrics
+from sidecar.worker_metrics import RetiredCounts, merge_metrics
 from tests.support.procs import (EnvoyProcess, SidecarProcess, eventually, free_port,
                                  metric_value, wait_until, workdir)
 from tests.support.upstream import FakeUpstream
