@@ -173,6 +173,10 @@ class ReservationBook:
         self._book.move_to_end(request_id)
         self.expire()
 
+    def open_ids(self) -> list[str]:
+        """The ids of the reservations open now, oldest first."""
+        return list(self._book)
+
     def pop(self, request_id: str) -> Optional[Reservation]:
         t = self._book.pop(request_id, None)
         return Reservation(*t) if t is not None else None
