@@ -425,10 +425,16 @@ class Sidecar:
             return error(503, "service_unavailable", "limiter_unavailable",
                          f"spend not readable, retry: {exc}")
         doc = await self._slowly(lambda: json.dumps(
-            report(cells, since, until, period, self.backend.name), sort_keys=True).encode())
+            report(cells, since, until, period, self.backend.name, self._budget_unit),
+            sort_keys=True).encode())
         if doc is None:
             return text(503, "busy, retry\n")
         return HttpResponse(200, doc, "application/json")
+
+    def _budget_unit(self, tenant: str) -> str:
+        """The unit of ``tenant``'s budget under the policy in force ("" without one)."""
+        rule = self.policy.rule_for(tenant)
+        return rule.budget_unit if rule is not None and rule.limits.budget >= 0 else ""
 
     def _refresh_gauges(self) -> None:
         self.metrics.backend_ready.labels(self.backend.name).set(
