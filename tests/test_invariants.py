@@ -12,6 +12,7 @@ import pytest
 from sidecar import _core, contract
 from sidecar.backends.memory import MemoryBackend
 from sidecar.backends.redis import RedisBackend
+from sidecar.ledger.spend import SpendRecord
 from sidecar.estimate import LengthRequired, estimate
 from sidecar.model import CORE_KINDS, Decision, Kind, Request
 from sidecar.policy.load import parse_policy
@@ -272,7 +273,8 @@ class ModelBackend:
                              o.budget_remaining, o.budget_reset_us, o.charged_tokens,
                              o.charged_cost, start)
 
-    async def settle(self, tenant, lim, request_id, d_tokens, d_cost, period_start):
+    async def settle(self, tenant, lim, request_id, d_tokens, d_cost, period_start,
+                     spend=None):
         from sidecar.backends.base import Settlement
 
         st = self.states.setdefault(tenant, ref.State())
@@ -364,12 +366,14 @@ def run_program(backend, clock: ManualClock, tenant: str, variants, ops) -> list
                     pout = rec["lim"].prices[o.tier][1]
                     cost = actual * pout if rec["lim"].budget_in_usd else actual
                     d_tokens, d_cost = actual - o.charged_tokens, cost - o.charged_cost
+                    # the usage, as the service records it (all output tokens here)
+                    spend = SpendRecord("m", 1, 0, actual, 0, 0, actual * pout)
                     s = await backend.settle(tenant, lim, rec["id"], d_tokens, d_cost,
-                                             o.period_start_us)
+                                             o.period_start_us, spend)
                     history.append({"t": clock.now, "op": "settle", "lim": lim,
                                     "d_tokens": d_tokens, "d_cost": d_cost,
                                     "charge_period": o.period_start_us, "applied": s.applied,
-                                    "spent": s.budget_spent})
+                                    "spent": s.budget_spent, "cost": cost})
         finally:
             await backend.close()
 
@@ -462,6 +466,37 @@ def check_budget(history: list[dict], spent_now) -> None:
         assert spent_now() == expected.get(start, 0)
 
 
+def check_held(history: list[dict], held_now: dict[int, int]) -> None:
+    """The held part of the durable spend (docs/ledger.md, "Held") is, per budget period,
+    exactly what admitted requests were charged and their settlements have not replaced:
+    held when charged under a budget, released (the usage's cost less the correction) by
+    an applied settlement under one. With the settled cells, what every budget holds."""
+    expected: dict[int, int] = {}
+    for e in history:
+        if e["lim"].budget < 0:
+            continue
+        if e["op"] == "decide" and e["out"].admitted and e["out"].charged_cost:
+            ps = e["out"].period_start_us
+            expected[ps] = expected.get(ps, 0) + e["out"].charged_cost
+        elif e["op"] == "settle" and e["applied"] and e["charge_period"] >= 0:
+            ps = e["charge_period"]
+            expected[ps] = expected.get(ps, 0) - (e["cost"] - e["d_cost"])
+    assert {ps: v for ps, v in expected.items() if v} == held_now
+
+
+def held_now(kind, backend, tenant) -> dict[int, int]:
+    if kind == "memory":
+        return dict(backend.held.get(tenant, {}))
+    import redis as redis_client
+
+    r = redis_client.Redis.from_url(backend.cfg.url)
+    try:
+        fields = r.hgetall(backend.spend_key(tenant))
+    finally:
+        r.close()
+    return {int(k[2:]): int(v) for k, v in fields.items() if k.startswith(b"h|")}
+
+
 def check_headers(history: list[dict]) -> None:
     """Remaining values in the headers (through contract.answer) and the Outcome are never
     above their limit and never negative."""
@@ -526,6 +561,8 @@ def test_invariants_hold_on_every_implementation(kind, request):
         last_lim = history[-1]["lim"] if history else variants[0]
         check_budget(history, lambda: current_spent(kind, backend, tenant, last_lim,
                                                     history[-1]["t"]))
+        if kind != "model":  # the held part is the backends' bookkeeping, beside the rules
+            check_held(history, held_now(kind, backend, tenant))
 
     run()
 
