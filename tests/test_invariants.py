@@ -630,3 +630,45 @@ def test_a_provider_never_admits_more_than_its_capacity_on_either_backend(
     req_events, tok_events = asyncio.run(main())
     check_capacity(req_events, quota.req_cap, rpm / 60e6)
     check_capacity(tok_events, quota.tok_cap, tpm / 60e6)
+
+
+# --- the held part across a day and a budget period (docs/ledger.md, "Held") ---------------
+@pytest.mark.parametrize("period", [_core.P_TOTAL, _core.P_DAY])
+def test_an_estimate_held_on_one_day_and_settled_on_the_next(backend_kind, backend_url, period):
+    """A request decided a second before UTC midnight and settled two seconds later. Its
+    estimate is held under the budget period it was charged to and leaves it at the
+    settlement (no residue on either day); its usage is settled spend of the new day. A
+    `total` budget then holds exactly settled + held; a daily one starts the new day with
+    only the usage beyond the estimate (the closed day keeps the estimate: a refund never
+    reaches a closed period), the held part of neither day keeping anything."""
+    from tests.support.clock import T0_US
+
+    day_us = 86_400_000_000
+    clock = ManualClock((T0_US // day_us + 1) * day_us - 1_000_000)
+    backend = make_backend(backend_kind, clock, backend_url)
+    lim = _core.Limits(tpm=10**9, budget=10**12, budget_in_usd=True, period=period,
+                       prices=((2500, 10000),))
+    tenant = fresh_tenant("held-midnight")
+    actual = 100 * 2500 + 80 * 10000
+
+    async def main():
+        await backend.start()
+        try:
+            out = await backend.decide(tenant, lim, 0, 100, 50, 150, False)
+            held_before = held_now(backend_kind, backend, tenant)
+            clock.advance(2)
+            s = await backend.settle(tenant, lim, "r1", 30, actual - out.charged_cost,
+                                     out.period_start_us,
+                                     SpendRecord("gpt-4o", 1, 100, 80, 0, 0, actual))
+            cells = await backend.spend_cells()
+            return out, held_before, s, cells
+        finally:
+            await backend.close()
+
+    out, held_before, s, cells = asyncio.run(main())
+    assert out.admitted and held_before == {out.period_start_us: 100 * 2500 + 50 * 10000}
+    assert s.applied and held_now(backend_kind, backend, tenant) == {}
+    mine = [c for c in cells if c.tenant == tenant]
+    assert [(c.day, c.counts[5]) for c in mine] == [(clock.now // day_us, actual)]
+    spent = current_spent(backend_kind, backend, tenant, lim, clock.now)
+    assert spent == (actual if period == _core.P_TOTAL else actual - out.charged_cost)
