@@ -68,11 +68,12 @@ def json_error(status: int, kind: str, code: str, message: str) -> HttpResponse:
 
 
 async def spend_report(backend: Backend, query: str,
-                       slowly: Callable[[Callable[[], bytes]], Awaitable[Optional[bytes]]]
-                       ) -> HttpResponse:
+                       slowly: Callable[[Callable[[], bytes]], Awaitable[Optional[bytes]]],
+                       budget_unit: Callable[[str], str]) -> HttpResponse:
     """GET /v1/spend[?since=YYYY-MM-DD&until=YYYY-MM-DD&period=day|month|total]: the
     durable spend the backend keeps (every tenant, every replica's requests;
-    sidecar/ledger/spend.py). Summed by ``slowly`` (off the event loop)."""
+    sidecar/ledger/spend.py). Summed by ``slowly`` (off the event loop); ``budget_unit``:
+    a tenant's budget unit under the policy in force ("" without a budget)."""
     try:
         since, until, period = parse_query(parse_qs(query))
     except ValueError as exc:
@@ -83,7 +84,8 @@ async def spend_report(backend: Backend, query: str,
         return json_error(503, "service_unavailable", "limiter_unavailable",
                           f"spend not readable, retry: {exc}")
     doc = await slowly(lambda: json.dumps(
-        report(cells, since, until, period, backend.name), sort_keys=True).encode())
+        report(cells, since, until, period, backend.name, budget_unit),
+        sort_keys=True).encode())
     if doc is None:
         return text(503, "busy, retry\n")
     return HttpResponse(200, doc, "application/json")

@@ -32,6 +32,7 @@ from sidecar.metrics import Metrics
 from sidecar.policy import schema
 from sidecar.policy.load import CompiledPolicy, load_policy
 from sidecar.reload import PolicyReloader
+from sidecar.settlement.open_reservations import keep_open_reservations
 from sidecar.server_config import ServerConfig, sample_policy
 from sidecar.transports.als import UsageLogReceiver
 from sidecar.transports.authz import authorization_handler
@@ -173,6 +174,10 @@ class Sidecar:
             if side is not None:
                 side.close()
         self._slow.shutdown(wait=False)
+        # after the drain: the reservations still open are recorded as kept at their
+        # estimate, idempotent against a later report of the same request
+        # (sidecar/settlement/open_reservations.py)
+        await keep_open_reservations(self.service.settlement, self.cfg.grace_s)
         # settlements whose reply was lost: a moment to read their outcome from the store
         await self.service.settlement.settler.close(self.cfg.grace_s)
         await self.backend.close()
@@ -231,7 +236,13 @@ class Sidecar:
         if endpoint == http_routes.USAGE:
             status, payload = await report_json(self.service.settlement, req.body)
             return HttpResponse(status, payload, "application/json")
-        return await http_routes.spend_report(self.backend, req.query, self._slowly)
+        return await http_routes.spend_report(self.backend, req.query, self._slowly,
+                                              self._budget_unit)
+
+    def _budget_unit(self, tenant: str) -> str:
+        """The unit of ``tenant``'s budget under the policy in force ("" without one)."""
+        rule = self.policy.rule_for(tenant)
+        return rule.budget_unit if rule is not None and rule.limits.budget >= 0 else ""
 
     # --- policy hot reload (reload.py) ---------------------------------------
     def reload_if_changed(self) -> bool:

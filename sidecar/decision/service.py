@@ -28,7 +28,7 @@ from sidecar.policy.load import CompiledPolicy, TenantRule
 from sidecar.policy.providers import PRIORITY_RANK
 from sidecar.settlement.book import (REQUEST_ID_KEY, ReservationBook, ReservationIds,
                                      reservation_record)
-from sidecar.settlement.bound import output_bound
+from sidecar.settlement.bound import output_bound, stored_input_bound
 from sidecar.settlement.late import LateRefunds
 
 log = logging.getLogger("kt.service")
@@ -188,15 +188,16 @@ class Decider:
             rid = self.new_reservation_id()
             served = policy.tiers[out.tier].model
             bound_output = output_bound(policy, served, est, out.charged_tokens)
+            stored = stored_input_bound(policy, served, est)
             self.reservations.put(rid, tenant, out.tier, served,
                                   out.charged_tokens, out.charged_cost, out.period_start_us,
                                   time.monotonic(), est.model or policy.tiers[asked].model,
                                   _ledger_decision(CORE_KINDS[out.kind], out.tier > asked),
-                                  provider, est.input_tokens, bound_output)
+                                  provider, est.input_tokens, bound_output, stored)
             if self.backend.shares_reservations:
                 self.backend.share_reservation(tenant, rid, reservation_record(
                     out.tier, served, out.charged_tokens, out.charged_cost,
-                    out.period_start_us, provider, est.input_tokens, bound_output))
+                    out.period_start_us, provider, est.input_tokens, bound_output, stored))
         tier = policy.tiers[out.tier]
         kind = CORE_KINDS[out.kind]
         admitted = kind in (Kind.ALLOW, Kind.DOWNGRADE)

@@ -72,6 +72,9 @@ class Reservation:
     # output -1: not known when it was made (a late decision reply)
     bound_input: int = 0
     bound_output: int = -1
+    # the input a stored conversation may add (a Responses previous_response_id): the
+    # bound's input is the larger of this and bound_input (sidecar/settlement/bound.py)
+    stored_input: int = 0
 
 
 # a shared reservation's provider field (provider ids are [A-Za-z0-9._-], never "|"), and
@@ -82,14 +85,15 @@ _BOUND_FIELD = "b="
 
 def reservation_record(tier: int, model: str, tokens: int, cost: int, period_start: int,
                        provider: str = "", bound_input: int = 0,
-                       bound_output: int = -1) -> str:
+                       bound_output: int = -1, stored_input: int = 0) -> str:
     """A reservation as shared through the backend (model last: it may hold any character).
     Its bound (`b=<input>,<output>`), so the replica that learns its usage cannot be read
     charges it; with providers, the provider charged too (`p=<id>` before the model): the
     replica that settles corrects that provider's bucket and names it in the ledger."""
     head = f"{tier}|{tokens}|{cost}|{period_start}|"
     if bound_output >= 0:
-        head += f"{_BOUND_FIELD}{bound_input},{bound_output}|"
+        head += f"{_BOUND_FIELD}{bound_input},{bound_output}" + (
+            f",{stored_input}|" if stored_input else "|")
     if provider:
         head += f"{_PROVIDER_FIELD}{provider}|"
     return head + model
@@ -101,17 +105,18 @@ def parse_reservation(tenant: str, record: Optional[str]) -> Optional[Reservatio
         return None
     try:
         tier, tokens, cost, period_start, model = record.split("|", 4)
-        bound_input, bound_output = 0, -1
+        bound_input, bound_output, stored_input = 0, -1, 0
         if model.startswith(_BOUND_FIELD) and "|" in model:
             bounds, model = model[len(_BOUND_FIELD):].split("|", 1)
-            text_in, text_out = bounds.split(",")
+            text_in, text_out, *stored = bounds.split(",", 2)
             bound_input, bound_output = int(text_in), int(text_out)
+            stored_input = int(stored[0]) if stored else 0
         provider = ""
         if model.startswith(_PROVIDER_FIELD) and "|" in model:
             provider, model = model[len(_PROVIDER_FIELD):].split("|", 1)
         return Reservation(tenant, int(tier), model, int(tokens), int(cost), int(period_start),
                            time.monotonic(), provider=provider, bound_input=bound_input,
-                           bound_output=bound_output)
+                           bound_output=bound_output, stored_input=stored_input)
     except ValueError:
         log.warning("ignoring a malformed shared reservation for tenant %s: %r", tenant,
                     record[:200])
@@ -141,12 +146,16 @@ class ReservationBook:
     def put(self, request_id: str, tenant: str, tier: int, model: str, charged_tokens: int,
             charged_cost: int, period_start_us: int, created_s: float, model_asked: str = "",
             decision: str = "", provider: str = "", bound_input: int = 0,
-            bound_output: int = -1) -> None:
+            bound_output: int = -1, stored_input: int = 0) -> None:
         self._book[request_id] = (tenant, tier, model, charged_tokens, charged_cost,
                                   period_start_us, created_s, model_asked, decision, provider,
-                                  bound_input, bound_output)
+                                  bound_input, bound_output, stored_input)
         self._book.move_to_end(request_id)
         self.expire()
+
+    def open_ids(self) -> list[str]:
+        """The ids of the reservations open now, oldest first."""
+        return list(self._book)
 
     def pop(self, request_id: str) -> Optional[Reservation]:
         t = self._book.pop(request_id, None)

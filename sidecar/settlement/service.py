@@ -288,18 +288,23 @@ class SettlementService:
         refused, or a lost settlement's outcome stayed unknown): its estimate stays charged,
         recorded with its tokens and their price (in the ledger and the durable spend,
         whatever the budget's unit)."""
+        rule = self.policy.rule_for(res.tenant)
+        unit = rule.budget_unit if rule is not None and rule.limits.budget >= 0 else ""
         inp, out = bound.estimate_tokens(res)
         nano, unpriced = price(self.policy, res.model, Usage(inp, out))
-        self._record_spend(res.tenant, SpendRecord(res.model, 1, inp, out, 0, 0, nano))
+        self._record_spend(res.tenant, SpendRecord(res.model, 1, inp, out, 0, 0, nano),
+                           res.period_start_us, res.charged_cost if unit else 0)
         events.kept(self.ledger, self.policy, request_id, res, outcome, why, inp, out, nano,
                     unpriced)
 
-    def _record_spend(self, tenant: str, spend: SpendRecord) -> None:
+    def _record_spend(self, tenant: str, spend: SpendRecord, period_start_us: int = -1,
+                      held: int = 0) -> None:
         """The durable spend of a request whose estimate stays charged (no settlement call
-        carries it): written in the background, never waited on by a decision."""
+        carries it; its charge ``held`` leaves the held part): written in the background,
+        never waited on by a decision."""
         async def write() -> None:
             try:
-                await self.backend.record_spend(tenant, spend)
+                await self.backend.record_spend(tenant, spend, period_start_us, held)
             except BackendError as exc:
                 log.warning("spend of a kept reservation not recorded (tenant %s, model %s, "
                             "%d nano-USD): %s", tenant, spend.model, spend.cost_nano_usd, exc)
@@ -349,11 +354,13 @@ class SettlementService:
         return await self.settle_usage(request_id, res.tenant, res.model, 0, 0, "release")
 
     async def charge_unread(self, request_id: str, why: str,
-                            tenant: Optional[str] = None) -> None:
+                            tenant: Optional[str] = None,
+                            body_seen: Optional[str] = None) -> None:
         """No usage will come (client gone, usage missing or unreadable): the request is
         charged at what the provider could have billed (bound.py). A request another
         replica decided is charged from its shared reservation (``tenant``: the decision's
-        x-kt-tenant), which that replica then does not charge again at expiry."""
+        x-kt-tenant), which that replica then does not charge again at expiry.
+        ``body_seen``: the usage filter's view of the whole body (bound.with_body_seen)."""
         res = self.reservations.pop(request_id)
         if (res is None and tenant and valid_tenant(tenant)
                 and self.backend.shares_reservations):
@@ -366,15 +373,18 @@ class SettlementService:
                 return
             res = parse_reservation(tenant, record if record != TAKEN_RESERVATION else None)
             if res is not None:
+                res = bound.with_body_seen(self.policy, res, body_seen)
                 await self._charge_at_bound(request_id, res, "kept", why, local=False)
             return
         if res is not None:
+            res = bound.with_body_seen(self.policy, res, body_seen)
             await self._charge_at_bound(request_id, res, "kept", why)
 
-    def abandon(self, request_id: str, why: str) -> None:
+    def abandon(self, request_id: str, why: str, body_seen: Optional[str] = None) -> None:
         """``charge_unread`` in the background, for a caller that cannot wait."""
         res = self.reservations.pop(request_id)
         if res is not None:
+            res = bound.with_body_seen(self.policy, res, body_seen)
             self._charge_at_bound_soon(request_id, res, "kept", why)
 
     # --- a reservation no usage comes for: charged at its bound (bound.py) ----
