@@ -749,6 +749,10 @@ def _filters(o: EnvoyOptions) -> list[dict]:
                     "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"},
                 # a request that needs no body rewrite tells Envoy to skip its body
                 "allow_mode_override": True,
+                # what the usage filter read in the whole request body (n, max_tokens...;
+                # lua/envoy_usage.lua), for the bound of a reply whose usage is unreadable
+                "metadata_options": {"forwarding_namespaces": {
+                    "untyped": [contract.USAGE_METADATA_NAMESPACE]}},
             }})
     if o.mode == "rls":
         filters.append({"name": "envoy.filters.http.ratelimit", "typed_config": {

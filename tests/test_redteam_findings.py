@@ -101,12 +101,7 @@ def test_a_stream_cut_after_a_partial_usage_is_charged_at_its_bound(usage):
         assert spend(sidecar, "anthropic-cut")["output_tokens"] == MAX_TOKENS
 
 
-@pytest.mark.parametrize("usage", [
-    "als",
-    pytest.param("ext_proc", marks=pytest.mark.xfail(
-        strict=True, reason="red team: by ext_proc, Envoy's 504 on its route timeout still "
-        "releases the reservation while the provider bills the reply")),
-])
+@pytest.mark.parametrize("usage", ["als", "ext_proc"])
 def test_a_reply_slower_than_the_route_timeout_is_charged_at_its_bound(usage):
     with FakeUpstream("slow") as up, gateway(up.address, upstream_timeout_s=0.5,
                                              usage=usage) as (sidecar, envoy):

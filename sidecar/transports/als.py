@@ -20,7 +20,7 @@ from typing import Optional
 
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-from sidecar import contract
+from sidecar import bound, contract
 from sidecar.reconcile import close_reservation
 from sidecar.service import DecisionService
 from sidecar.usage import Usage, UsageScanner
@@ -56,6 +56,15 @@ def _cut_short(flags) -> bool:
 
 def _envoys_own_answer(flags) -> bool:
     return flags.ByteSize() > 0 and any(getattr(flags, name) for name in _ENVOYS_OWN_ANSWER)
+
+
+def body_seen_of(entry) -> Optional[str]:
+    """What the usage filter read in the whole request body (sidecar/bound.py), or None."""
+    fm = entry.common_properties.metadata.filter_metadata
+    if contract.USAGE_METADATA_NAMESPACE not in fm:
+        return None
+    field = fm[contract.USAGE_METADATA_NAMESPACE].fields.get(bound.BODY_METADATA_KEY)
+    return field.string_value if field is not None else None
 
 
 def usage_of(entry) -> tuple[Optional[str], Optional[Usage], str]:
@@ -119,7 +128,8 @@ class UsageLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
                 headers.get(contract.H_TENANT),
                 entry.response.response_code.value, usage, model,
                 _cut_short(flags), "access_log", settled_by or "access_log",
-                provider_failed=not _envoys_own_answer(flags)))
+                provider_failed=not _envoys_own_answer(flags),
+                body_seen=body_seen_of(entry)))
         # concurrently: the backend sends what one loop tick queued in one write
         await asyncio.gather(*closing)
         self._entries.inc(len(closing))
