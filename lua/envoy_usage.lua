@@ -22,6 +22,15 @@
 -- JSON parsers keep) and Content-Length set (a body sent chunked is whole here too).
 -- Nothing else of the body changes. This filter comes before ext_authz (why: see
 -- sidecar/envoy_config.py, _usage_lua).
+-- The decision reads only the first DECIDED_BYTES of a body (ext_authz's max_request_bytes),
+-- so of a larger body this filter reads what the bound of a reply whose usage cannot be
+-- read needs (sidecar/bound.py): the top-level n, best_of, max_tokens,
+-- max_completion_tokens, max_output_tokens, previous_response_id and conversation, each the
+-- last of a repeated key (what JSON parsers keep) with its key unescaped as a provider
+-- reads it, and leaves them verbatim in the metadata ("request": a JSON object; a value
+-- over MAX_VALUE as "?", which the sidecar counts at its most). A streamed chat body is
+-- buffered for the rewrite anyway; any other is read chunk by chunk as it passes (never
+-- held, never delayed), by the same streaming selector as a reply.
 --
 -- Why selection is safe without a full JSON parser: inside a JSON string every quote is
 -- escaped, so the bytes "usage" (quote, usage, quote) occur only as a key or as the
@@ -40,6 +49,14 @@ local MAX_VALUE = 2 * 1024
 -- cumulative message_delta (all kept up to this many; beyond it the first and the latest)
 local MAX_USAGE_LINES = 8
 local NS = "kt.usage"
+-- the part of a body the decision reads whole (kt envoy-config sets ext_authz's
+-- max_request_bytes here): a body over it is read here for the bound
+local DECIDED_BYTES = 65536
+-- the top-level request fields the bound reads (sidecar/bound.py, _BodySeen), in order
+local REQUEST_KEYS = {"n", "best_of", "max_tokens", "max_completion_tokens",
+                      "max_output_tokens", "previous_response_id", "conversation"}
+local REQUEST_PATHS = {}
+for _, k in ipairs(REQUEST_KEYS) do REQUEST_PATHS[k] = true end
 -- the endpoints whose streams carry usage only when asked for it
 local STREAM_USAGE_PATHS = {["/v1/chat/completions"] = true, ["/v1/completions"] = true}
 
@@ -168,46 +185,26 @@ local function with_stream_usage(s)
       .. '"include_usage":true' .. string.sub(s, inner_close)
 end
 
-function envoy_on_request(handle)
-  local headers = handle:headers()
-  if headers:get(":method") ~= "POST" then return end
-  local path = headers:get(":path") or ""
-  local q = string.find(path, "?", 1, true)
-  if q ~= nil then path = string.sub(path, 1, q - 1) end
-  if not STREAM_USAGE_PATHS[path] then return end
-  local body = handle:body()
-  if body == nil then return end
-  local n = body:length()
-  if n == 0 then return end
-  local s = body:getBytes(0, n)
-  -- most requests: one scan (a key spelled with escapes is looked at in full)
-  if string.find(s, '"stream"', 1, true) == nil and string.find(s, "\\u", 1, true) == nil then
-    return
-  end
-  local out = with_stream_usage(s)
-  if out == nil then return end
-  body:setBytes(out)
-  -- fetched anew: Envoy's wrappers do not outlive the yield for the body. The whole body
-  -- is here, so its length is known even when the client sent it chunked
-  handle:headers():replace("content-length", tostring(#out))
-end
-
 -- A streaming selector: fed a JSON document in pieces of any size, it keeps the raw text
 -- of the values at the wanted paths ("usage", "response.usage": members of the top-level
 -- object and of the objects directly under it), at most MAX_VALUE bytes each, and nothing
 -- else: the document itself is never held. The scan skips strings (so a "usage" inside
 -- generated text is never a key) and counts depth (so a nested "usage" is not taken). A
 -- value ends at its parent's next "," or "}", which takes every kind of value alike.
-local function selector(wanted)
+-- `last` (a request body): a repeated key's last value counts (its earlier one is dropped
+-- when it starts), blanks are not kept, and a value over MAX_VALUE is named in `over`.
+local function selector(wanted, last)
   return {wanted = wanted, depth = 0, stack = {}, instr = false, bs = 0,
-          key = nil, cap = nil, found = {}}
+          key = nil, cap = nil, found = {}, last = last, over = {}}
 end
 
 local function cap_add(sel, piece)
   local cap = sel.cap
+  if sel.last then piece = (string.gsub(piece, "%s+", "")) end
   cap.size = cap.size + #piece
   if cap.size > MAX_VALUE then
     sel.cap = nil  -- too long to be usage: not kept
+    if sel.last then sel.over[cap.path] = true end
   else
     cap.parts[#cap.parts + 1] = piece
   end
@@ -237,7 +234,7 @@ local function select_feed(sel, data)
         sel.instr = false
         if sel.key ~= nil then
           sel.key[#sel.key + 1] = string.sub(data, i, k - 1)
-          local key = table.concat(sel.key)
+          local key = json_key(table.concat(sel.key))
           sel.key = nil
           local top = sel.stack[sel.depth]
           top.key = #key <= 64 and key or ""
@@ -260,6 +257,10 @@ local function select_feed(sel, data)
           if sel.depth <= 2 and path ~= nil and sel.wanted[path] and sel.cap == nil then
             sel.cap = {path = path, depth = sel.depth, parts = {}, size = 0}
             cap_from = k + 1
+            if sel.last then
+              sel.found[path] = nil
+              sel.over[path] = nil
+            end
           end
         end
       elseif c == 44 or c == 125 or c == 93 then  -- "," "}" "]"
@@ -287,6 +288,64 @@ end
 
 local function is_object(text)
   return text ~= nil and string.find(text, '^%s*{') ~= nil
+end
+
+-- what the bound reads of a whole body, left in the metadata (sidecar/bound.py)
+local function report_body(handle, sel)
+  local out = {}
+  for _, k in ipairs(REQUEST_KEYS) do
+    local v = sel.found[k]
+    if sel.over[k] then v = '"?"' end
+    if v ~= nil and v ~= "" then out[#out + 1] = '"' .. k .. '":' .. v end
+  end
+  handle:streamInfo():dynamicMetadata():set(NS, "request", "{" .. table.concat(out, ",") .. "}")
+end
+
+-- a body the decision does not read whole, not buffered here: read as it passes
+local function read_large_body(handle, headers)
+  local length = tonumber(headers:get("content-length") or "")
+  if length ~= nil and length <= DECIDED_BYTES then return end
+  local sel, size = selector(REQUEST_PATHS, true), 0
+  for chunk in handle:bodyChunks() do
+    local n = chunk:length()
+    if n > 0 then
+      size = size + n
+      select_feed(sel, chunk:getBytes(0, n))
+    end
+  end
+  if size > DECIDED_BYTES then report_body(handle, sel) end
+end
+
+function envoy_on_request(handle)
+  local headers = handle:headers()
+  if headers:get(":method") ~= "POST" then return end
+  local path = headers:get(":path") or ""
+  local q = string.find(path, "?", 1, true)
+  if q ~= nil then path = string.sub(path, 1, q - 1) end
+  if not STREAM_USAGE_PATHS[path] then
+    read_large_body(handle, headers)
+    return
+  end
+  local body = handle:body()
+  if body == nil then return end
+  local n = body:length()
+  if n == 0 then return end
+  local s = body:getBytes(0, n)
+  if n > DECIDED_BYTES then
+    local sel = selector(REQUEST_PATHS, true)
+    select_feed(sel, s)
+    report_body(handle, sel)
+  end
+  -- most requests: one scan (a key spelled with escapes is looked at in full)
+  if string.find(s, '"stream"', 1, true) == nil and string.find(s, "\\u", 1, true) == nil then
+    return
+  end
+  local out = with_stream_usage(s)
+  if out == nil then return end
+  body:setBytes(out)
+  -- fetched anew: Envoy's wrappers do not outlive the yield for the body. The whole body
+  -- is here, so its length is known even when the client sent it chunked
+  handle:headers():replace("content-length", tostring(#out))
 end
 
 local JSON_PATHS = {model = true, usage = true}

@@ -636,7 +636,7 @@ def _als_usage_filters(o: EnvoyOptions) -> list[dict]:
     ]
 
 
-def _usage_lua(request_only: bool = False) -> dict:
+def _usage_lua(request_only: bool = False, decided_bytes: int = 65536) -> dict:
     """Envoy's Lua filter running lua/envoy_usage.lua: on requests, a streamed chat
     completion asks for its usage; on responses (unless ``request_only``: ext_proc reads
     them) the usage is left in dynamic metadata.
@@ -649,6 +649,11 @@ def _usage_lua(request_only: bool = False) -> dict:
     from sidecar.backends.redis import load_script
 
     source = load_script("envoy_usage.lua")
+    # a body larger than what the decision reads whole is read by the filter for the bound
+    # (n, max_tokens... beyond the first part: sidecar/bound.py, with_body_seen)
+    line = "local DECIDED_BYTES = 65536\n"
+    assert line in source, "lua/envoy_usage.lua: DECIDED_BYTES not found"
+    source = source.replace(line, f"local DECIDED_BYTES = {decided_bytes}\n", 1)
     if request_only:  # the Lua filter skips a direction whose function is not defined
         source += "\nenvoy_on_response = nil\n"
     return {"name": "envoy.filters.http.lua", "typed_config": {
@@ -711,7 +716,11 @@ def _filters(o: EnvoyOptions) -> list[dict]:
     if o.jwt_jwks_file:
         filters.append(_jwt_authn(o))
     if o.mode in ("authz", "http-authz") and o.usage != "none":
-        filters.append(_usage_lua(request_only=o.usage == "ext_proc"))
+        # the decision reads a body whole up to ext_authz's max_request_bytes (nothing of it
+        # in http-authz mode without with_request_body): the filter reads larger ones
+        filters.append(_usage_lua(request_only=o.usage == "ext_proc",
+                                  decided_bytes=o.max_request_bytes if o.with_request_body
+                                  else 0))
     if o.mode == "http-authz":
         filters.append({"name": "envoy.filters.http.ext_authz", "typed_config": _http_authz(o)})
     if o.mode == "authz":

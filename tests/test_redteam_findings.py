@@ -37,7 +37,7 @@ tenant: {header: x-tenant-id, unknown: defaults}
 tiers:
   - {name: default, model: gpt-4o}
 pricing:
-  gpt-4o: {input: 0.0025, output: 0.01, max_output_tokens: 16384}
+  gpt-4o: {input: 0.0025, output: 0.01, max_output_tokens: 16384, max_input_tokens: 128000}
 defaults:
   limits: {rpm: 1000, tpm: 10000000}
   budget: {tokens: 10000000, period: day}
@@ -115,30 +115,70 @@ def test_a_reply_slower_than_the_route_timeout_is_charged_at_its_bound(usage):
                    15, "the request charged at its bound in the durable spend")
 
 
-@pytest.mark.xfail(strict=True, reason="red team: n in a body over 64 KiB is not seen; the "
-                   "bound of a stream left before its usage counts one choice")
-def test_n_in_a_large_body_counts_in_the_bound_of_a_stream_left_early():
-    choices, output = 8, 3000  # the provider bills 24,000 output tokens; one choice's
-    # bound is the model's max_output_tokens, 16,384
-    body = json.dumps({"n": choices, "model": "gpt-4o", "stream": True, "messages": [
-        {"role": "user", "content": "Tell me a long story. " * 3300}]}).encode()  # ~72 KB
-    assert len(body) > 65536
-    with FakeUpstream("llm") as up, gateway(up.address) as (sidecar, envoy):
-        up.release_stream.clear()
-        head = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: llm\r\nx-tenant-id: big-n\r\n"
-                b"x-fake-usage: %d,%d\r\ncontent-type: application/json\r\n"
-                b"content-length: %d\r\n\r\n" % (len(body) // 4, choices * output, len(body)))
-        try:
-            with socket.create_connection(("127.0.0.1", envoy.listen_port), timeout=30) as sock:
-                sock.sendall(head + body)
-                received = b""
-                while b'"first"' not in received:  # the first chunk: then the client leaves
-                    chunk = sock.recv(65536)
-                    assert chunk, received
-                    received += chunk
-        finally:
-            up.release_stream.set()  # the provider finishes (and bills) every choice
-        assert received.startswith(b"HTTP/1.1 200")
-        wait_until(lambda: spend(sidecar, "big-n").get("output_tokens") is not None, 15,
-                   "the request in the durable spend")
-        assert spend(sidecar, "big-n")["output_tokens"] >= choices * output
+PROMPT = "Tell me a long story. " * 3300  # ~72 KB: over the 64 KiB the decision reads
+CHOICES, OUTPUT = 8, 3000  # the provider bills 24,000 output tokens; one choice's bound is
+MOST = 16384  # the model's max_output_tokens
+CONTEXT = 128000  # and its max_input_tokens
+
+
+def _chat(tail: str, head: str = "") -> bytes:
+    """A streamed chat body of PROMPT with ``head`` and ``tail`` members (raw JSON text:
+    a key twice, a key spelled with escapes)."""
+    body = json.dumps({"model": "gpt-4o", "stream": True,
+                       "messages": [{"role": "user", "content": PROMPT}]})
+    return ("{" + head + body[1:-1] + tail + "}").encode()
+
+
+# tenant: (path, body, usage the provider bills, the bound: (input or None, output))
+LARGE_BODIES = {
+    # a truncated body is not parsed at all: n is unseen wherever it is written
+    "n-first": ("/v1/chat/completions", _chat("", '"n": 8, '), (0, CHOICES * OUTPUT),
+                (None, CHOICES * MOST)),
+    # written twice, the provider takes the last
+    "n-twice": ("/v1/chat/completions", _chat(', "n": 8', '"n": 1, '), (0, CHOICES * OUTPUT),
+                (None, CHOICES * MOST)),
+    "n-escaped": ("/v1/chat/completions", _chat(', "\\u006e": 8'), (0, CHOICES * OUTPUT),
+                  (None, CHOICES * MOST)),
+    # a max_tokens the decision did not see bounds each choice as for a small body
+    "max-last": ("/v1/chat/completions", _chat(', "max_tokens": 3000, "n": 8'),
+                 (0, CHOICES * OUTPUT), (None, CHOICES * OUTPUT)),
+    # the Responses API (read as it passes, not buffered): the stored conversation is
+    # billed as input: its bound is the model's context window
+    "stored": ("/v1/responses", json.dumps({
+        "model": "gpt-4o", "stream": True, "input": PROMPT, "max_output_tokens": 2000,
+        "previous_response_id": "resp_1"}).encode(), (100000, 1500), (CONTEXT, 2000)),
+}
+
+
+@pytest.mark.parametrize("usage", ["als", "ext_proc"])
+def test_a_large_body_counts_whole_in_the_bound_of_a_stream_left_early(usage):
+    """n, max_tokens and previous_response_id beyond the part of a body the decision reads
+    reach the bound of a stream the client leaves before its usage (the usage filter reads
+    the whole body; sidecar/bound.py)."""
+    with FakeUpstream("llm") as up, gateway(up.address, usage=usage) as (sidecar, envoy):
+        for tenant, (path, body, (inp, out), (bound_in, bound_out)) in LARGE_BODIES.items():
+            assert len(body) > 65536
+            up.release_stream.clear()
+            head = (b"POST %s HTTP/1.1\r\nhost: llm\r\nx-tenant-id: %s\r\n"
+                    b"x-fake-usage: %d,%d\r\nx-fake-format: responses\r\nx-fake-hold: 1\r\n"
+                    b"content-type: application/json\r\ncontent-length: %d\r\n\r\n"
+                    % (path.encode(), tenant.encode(), inp or len(body) // 4, out, len(body)))
+            try:
+                with socket.create_connection(("127.0.0.1", envoy.listen_port),
+                                              timeout=30) as sock:
+                    sock.sendall(head + body)
+                    received = b""
+                    # the first chunk or event: then the client leaves
+                    while b'"first"' not in received and b"response.created" not in received:
+                        chunk = sock.recv(65536)
+                        assert chunk, received
+                        received += chunk
+            finally:
+                up.release_stream.set()  # the provider finishes (and bills) every choice
+            assert received.startswith(b"HTTP/1.1 200"), received[:200]
+            wait_until(lambda: spend(sidecar, tenant).get("output_tokens") is not None, 15,
+                       f"request of {tenant} in the durable spend")
+            rec = spend(sidecar, tenant)
+            assert rec["output_tokens"] == bound_out >= out, tenant
+            if bound_in is not None:
+                assert rec["input_tokens"] == bound_in >= inp, tenant
