@@ -139,6 +139,9 @@ LARGE_BODIES = {
                 (None, CHOICES * MOST)),
     "n-escaped": ("/v1/chat/completions", _chat(', "\\u006e": 8'), (0, CHOICES * OUTPUT),
                   (None, CHOICES * MOST)),
+    # blanks around a value are JSON's: never too long to be read
+    "n-padded": ("/v1/chat/completions", _chat(', "n":' + " " * 4000 + "8"),
+                 (0, CHOICES * OUTPUT), (None, CHOICES * MOST)),
     # a max_tokens the decision did not see bounds each choice as for a small body
     "max-last": ("/v1/chat/completions", _chat(', "max_tokens": 3000, "n": 8'),
                  (0, CHOICES * OUTPUT), (None, CHOICES * OUTPUT)),
