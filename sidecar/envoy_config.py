@@ -42,6 +42,9 @@ from sidecar.auth import host_of, is_loopback_host
 from sidecar.transports.http_authz import IDLE_TIMEOUT_S as SIDECAR_HTTP_IDLE_TIMEOUT_S
 
 TYPE = "type.googleapis.com/"
+# headers some web frameworks read as the request's method (Rails, Express's
+# method-override, Google's APIs, ASP.NET): removed at the edge (docs/security.md)
+METHOD_OVERRIDE_HEADERS = ("x-http-method-override", "x-http-method", "x-method-override")
 PROVIDER_HEADERS = (contract.H_PROVIDER, contract.H_REASON)
 
 
@@ -830,6 +833,9 @@ def bootstrap(o: EnvoyOptions) -> dict:
     # nor its own request id: Envoy then makes one (it preserves a client's id when it
     # deems the client internal, e.g. on loopback or RFC 1918, whatever use_remote_address says)
     mutations.append({"remove": "x-request-id"})
+    # nor make the provider take a metered POST for another method: the gateway routes and
+    # decides by the method Envoy sees (frameworks behind some APIs honour these headers)
+    mutations += [{"remove": h} for h in METHOD_OVERRIDE_HEADERS]
     if o.mode == "rls":
         # hits_addend's %REQ()% of an absent header is no number, and then Envoy drops the
         # whole descriptor (no RLS call: unlimited). "0" means "no estimate given" to the

@@ -216,8 +216,9 @@ def test_authz_filter_wiring(failure_mode):
     assert mutations == [{"remove": h} for h in (  # and no estimate default outside RLS
         "x-kt-decision", "x-kt-tenant", "x-kt-tier", "x-kt-model", "x-kt-priority", "x-kt-shadow",
         "x-kt-reservation",
-        # a client's own estimate and request id (docs/security.md)
-        "x-kt-estimated-tokens", "x-request-id")]
+        # a client's own estimate and request id (docs/security.md), and its method overrides
+        "x-kt-estimated-tokens", "x-request-id", "x-http-method-override", "x-http-method",
+        "x-method-override")]
 
 
 @pytest.mark.parametrize("failure_mode", ["allow", "deny"])
