@@ -2,8 +2,8 @@
 states what a correct gateway must charge and FAILED on the code it was found on. Those not
 fixed yet are marked xfail(strict=True), with what they wait for, so the suite stays green
 until the fix; then the xfail turns into an XPASS failure and the marker must be removed.
-Fixed: the partial usage (both paths), Envoy's own 504 (by the access log). Waiting: Envoy's
-own 504 by ext_proc, `n` beyond the part of a body Envoy passes to the decision.
+All fixed: the partial usage (both paths), Envoy's own 504 (both paths), the fields of a
+body beyond the part Envoy passes to the decision (both paths).
 
 - A stream cut short after a *partial* usage (Anthropic's message_start carries the input
   and 1 output token; the real output comes in message_delta) is settled at that partial
@@ -12,10 +12,13 @@ own 504 by ext_proc, `n` beyond the part of a body Envoy passes to the decision.
   default usage path); ext_proc charges the bound.
 - A body larger than the part Envoy passes to the decision (64 KiB) is not parsed, so its
   `n` is never seen (wherever it is written) and a stream left before its usage chunk is
-  charged at one choice's bound while the provider bills every choice.
+  charged at one choice's bound while the provider bills every choice; so are its
+  `max_tokens` and a Responses `previous_response_id` (the stored conversation billed as
+  input). The usage filter now reports them from the whole body.
 - A reply slower than Envoy's route timeout is answered 504 by Envoy itself and its
   reservation released in full (a provider's failure), though the provider got the
-  request and goes on generating and billing it.
+  request and goes on generating and billing it (by ext_proc too: told from a provider's
+  own 504 by the header Envoy's router sets on upstream answers).
 """
 from __future__ import annotations
 

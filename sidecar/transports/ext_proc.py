@@ -11,9 +11,12 @@ body STREAMED, `allow_mode_override: true`.
 - Response: pass every chunk on at once (never hold a stream back) while
   reading usage from the JSON body or the SSE usage chunk; at the end, settle
   the reservation with the actual usage (service.settle_usage).
-- Rules without usage (docs/usage.md): a non-2xx reply without usage releases
-  the reservation; a 2xx reply without usage, or a stream the client abandons,
-  keeps the reserved estimate charged.
+- Rules without usage (sidecar/reconcile.py, docs/usage.md): a non-2xx reply of the
+  provider's without usage releases the reservation; Envoy's own 504 on its route
+  timeout (no x-envoy-upstream-service-time, which the router sets on every upstream
+  answer), a 2xx reply without usage, or a stream the client abandons is charged at
+  the bound (sidecar/bound.py), with the usage filter's view of a body larger than the
+  decision read (its dynamic metadata, forwarded: kt envoy-config's metadata_options).
 """
 from __future__ import annotations
 
@@ -129,7 +132,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         finally:
             if not ex.done and ex.accounting:
                 # Envoy closed the stream before the response ended: the client went
-                # away (or the upstream reset). The reserved estimate stays charged.
+                # away (or the upstream reset): charged at the bound
                 key = reservation_key(ex.reservation, ex.request_id)
                 if key:
                     self.service.abandon(key, "abandoned", ex.body_seen)
