@@ -38,7 +38,10 @@
 -- and the JSON body's keys are found by a scan that skips strings and nested values.
 -- Bounds, per request: the unfinished line (MAX_LINE) and the chunk in hand, the kept lines
 -- (MAX_USAGE_LINES + 1 of at most MAX_LINE, and their copy in the metadata), the selected
--- values (MAX_VALUE each): about 300 KiB at worst, never the reply. A value over MAX_VALUE
+-- values (MAX_VALUE each), a key being read (MAX_KEY): about 300 KiB at worst, never the
+-- reply. Of a request: a streamed chat body, which Envoy buffers for the rewrite anyway
+-- (within its buffer limit), and of any other only the chunk in hand and the seven
+-- selected values. A value over MAX_VALUE
 -- is not kept (its reservation stands, docs/usage.md).
 
 local MAX_LINE = 16 * 1024
@@ -210,6 +213,16 @@ local function cap_add(sel, piece)
   end
 end
 
+-- a key's text so far: no key read is longer than MAX_KEY (a longer one is named ""),
+-- so a client's megabyte key is never held; room for every wanted key spelled wholly
+-- with \uXXXX escapes ("max_completion_tokens": 21 x 6 bytes)
+local MAX_KEY = 160
+
+local function key_add(sel, piece)
+  sel.key_size = sel.key_size + #piece
+  if sel.key_size <= MAX_KEY then sel.key[#sel.key + 1] = piece end
+end
+
 local function select_feed(sel, data)
   local i, n = 1, #data
   local cap_from = 1
@@ -223,21 +236,21 @@ local function select_feed(sel, data)
       local run = (k or n + 1) - 1 - j
       if j < i then run = run + sel.bs end  -- the run goes on from the previous piece
       if k == nil then
-        if sel.key ~= nil then sel.key[#sel.key + 1] = string.sub(data, i) end
+        if sel.key ~= nil then key_add(sel, string.sub(data, i)) end
         sel.bs = run % 2
         break
       end
       sel.bs = 0
       if run % 2 == 1 then  -- an escaped quote: still inside the string
-        if sel.key ~= nil then sel.key[#sel.key + 1] = string.sub(data, i, k) end
+        if sel.key ~= nil then key_add(sel, string.sub(data, i, k)) end
       else
         sel.instr = false
         if sel.key ~= nil then
-          sel.key[#sel.key + 1] = string.sub(data, i, k - 1)
-          local key = json_key(table.concat(sel.key))
+          key_add(sel, string.sub(data, i, k - 1))
+          local key = sel.key_size <= MAX_KEY and json_key(table.concat(sel.key)) or ""
           sel.key = nil
           local top = sel.stack[sel.depth]
-          top.key = #key <= 64 and key or ""
+          top.key = #key <= MAX_KEY and key or ""
         end
       end
       i = k + 1
@@ -248,7 +261,9 @@ local function select_feed(sel, data)
       local top = sel.stack[sel.depth]
       if c == 34 then
         sel.instr = true
-        if top ~= nil and top.obj and top.expect_key and sel.depth <= 2 then sel.key = {} end
+        if top ~= nil and top.obj and top.expect_key and sel.depth <= 2 then
+          sel.key, sel.key_size = {}, 0
+        end
       elseif c == 58 then  -- ":" after a key: the value starts
         if top ~= nil and top.obj then
           top.expect_key = false

@@ -145,6 +145,14 @@ LARGE_BODIES = {
     # blanks around a value are JSON's: never too long to be read
     "n-padded": ("/v1/chat/completions", _chat(', "n":' + " " * 4000 + "8"),
                  (0, CHOICES * OUTPUT), (None, CHOICES * MOST)),
+    # every key spelled with escapes, a key of 300 KB (never held) before them
+    "escaped": ("/v1/responses", (json.dumps({"model": "gpt-4o", "stream": True,
+                                              "input": PROMPT, "x" * 300_000: 1})[:-1]
+                                  + ', "' + "".join(f"\\u{ord(c):04x}" for c in
+                                                    "previous_response_id")
+                                  + '": "resp_1", "'
+                                  + "".join(f"\\u{ord(c):04x}" for c in "max_output_tokens")
+                                  + '": 2000}').encode(), (100000, 1500), (CONTEXT, 2000)),
     # a max_tokens the decision did not see bounds each choice as for a small body
     "max-last": ("/v1/chat/completions", _chat(', "max_tokens": 3000, "n": 8'),
                  (0, CHOICES * OUTPUT), (None, CHOICES * OUTPUT)),
