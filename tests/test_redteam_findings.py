@@ -190,7 +190,7 @@ def test_a_large_body_counts_whole_in_the_bound_of_a_stream_left_early(usage):
             finally:
                 up.release_stream.set()  # the provider finishes (and bills) every choice
             assert received.startswith(b"HTTP/1.1 200"), received[:200]
-            wait_until(lambda: spend(sidecar, tenant).get("output_tokens") is not None, 15,
+            wait_until(lambda t=tenant: spend(sidecar, t).get("output_tokens") is not None, 15,
                        f"request of {tenant} in the durable spend")
             rec = spend(sidecar, tenant)
             assert rec["output_tokens"] == bound_out >= out, tenant

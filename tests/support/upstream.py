@@ -184,10 +184,8 @@ class FakeUpstream:
                                        "delta": {"stop_reason": "end_turn"},
                                        "usage": {"output_tokens": usage_out}}),
                     ("message_stop", {"type": "message_stop"})]
-                for i, (name, doc) in enumerate(events):
+                for name, doc in events:
                     self._chunk(f"event: {name}\ndata: {json.dumps(doc)}\n\n".encode())
-                    if i == 0 and hold:
-                        upstream.release_stream.wait(10)
                 self.wfile.write(b"0\r\n\r\n")
                 self.wfile.flush()
 
