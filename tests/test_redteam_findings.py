@@ -196,3 +196,15 @@ def test_a_large_body_counts_whole_in_the_bound_of_a_stream_left_early(usage):
             assert rec["output_tokens"] == bound_out >= out, tenant
             if bound_in is not None:
                 assert rec["input_tokens"] == bound_in >= inp, tenant
+        # a client that leaves before any reply (the provider still answering in 1 s)
+        body = _chat(', "n": 8')
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: llm\r\nx-tenant-id: gone\r\n"
+                b"x-fake-delay-ms: 1000\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\n\r\n" % len(body))
+        with socket.create_connection(("127.0.0.1", envoy.listen_port), timeout=30) as sock:
+            sock.sendall(head + body)
+            wait_until(lambda: len(up.requests) == len(LARGE_BODIES) + 1, 10,
+                       "the request at the provider")
+        wait_until(lambda: spend(sidecar, "gone").get("output_tokens") is not None, 15,
+                   "request of gone in the durable spend")
+        assert spend(sidecar, "gone")["output_tokens"] == CHOICES * MOST

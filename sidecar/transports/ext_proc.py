@@ -115,6 +115,10 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
             async for req in request_iterator:
                 which = req.WhichOneof("request")
                 if which == "request_headers":
+                    # a streamed chat body was read whole by the usage filter before
+                    # its headers went on: its report comes with them (a client that
+                    # leaves before any reply is bounded by it too)
+                    _read_metadata(ex, req)
                     yield self._request_headers(ex, req.request_headers)
                 elif which == "request_body":
                     yield self._request_body(ex, req.request_body)
