@@ -306,11 +306,15 @@ local function is_object(text)
 end
 
 -- what the bound reads of a whole body, left in the metadata (sidecar/bound.py)
+-- (a stored conversation's id only as present: true; null is the API's "none")
+local PRESENCE_KEYS = {previous_response_id = true, conversation = true}
+
 local function report_body(handle, sel)
   local out = {}
   for _, k in ipairs(REQUEST_KEYS) do
     local v = sel.found[k]
     if sel.over[k] then v = '"?"' end
+    if v ~= nil and PRESENCE_KEYS[k] then v = v ~= "null" and "true" or nil end
     if v ~= nil and v ~= "" then out[#out + 1] = '"' .. k .. '":' .. v end
   end
   handle:streamInfo():dynamicMetadata():set(NS, "request", "{" .. table.concat(out, ",") .. "}")

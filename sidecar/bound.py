@@ -26,7 +26,7 @@ replace the decision's view of the output and add to its input (``with_body_seen
 field written twice counts as the last one (what JSON parsers, and so providers, keep);
 a value the filter could not read (over its size limit, not a number) counts at its
 most: a max-output field as absent (the model's maximum), a count of choices as
-MAX_BOUND_TOKENS of output.
+MAX_BOUND_TOKENS of output; so does every field of a report that cannot be read.
 
 The reply's size as Envoy saw it is not used to lower the bound: reasoning models bill
 output tokens that never appear in the reply, so its bytes bound nothing.
@@ -156,18 +156,27 @@ def _count(raw: msgspec.Raw) -> Optional[int]:
         if not math.isfinite(value):
             return _UNREAD
         value = math.ceil(value)
-    return min(max(value, 0), MAX_BOUND_TOKENS)
+    if value < 0:  # refused by a provider, as by the decision: no count we can use
+        return _UNREAD
+    return min(value, MAX_BOUND_TOKENS)
+
+
+# a report that cannot be read: every field at its most (a valid JSON body never makes one;
+# a body the provider's parser took and ours did not, NaN say, must not leave one choice)
+_UNREAD_BODY = BodySeen(-1, MAX_BOUND_TOKENS, True)
 
 
 def body_seen(text: Optional[str]) -> Optional[BodySeen]:
     """The usage filter's report, or None when it made none (a body the decision saw
-    whole) or it cannot be read (then the decision's view stands)."""
-    if not text or len(text) > BODY_SEEN_MAX:
+    whole); one that cannot be read counts every field at its most."""
+    if text is None:
         return None
+    if len(text) > BODY_SEEN_MAX:
+        return _UNREAD_BODY
     try:
         seen = _decode_seen(text.encode())
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
-        return None
+        return _UNREAD_BODY
     asked, unread = -1, False
     for raw in (seen.max_tokens, seen.max_completion_tokens, seen.max_output_tokens):
         n = _count(raw)
@@ -183,7 +192,8 @@ def body_seen(text: Optional[str]) -> Optional[BodySeen]:
             choices = MAX_BOUND_TOKENS  # unreadable: at its most
         elif n is not None:
             choices = max(choices, n)
-    stored = any(len(raw) > 0 and bytes(raw).strip() != b"null"
+    # the filter reports these two as true (present, not null)
+    stored = any(len(raw) > 0 and bytes(raw).strip() not in (b"null", b"false")
                  for raw in (seen.previous_response_id, seen.conversation))
     return BodySeen(asked, choices, stored)
 
