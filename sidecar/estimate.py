@@ -5,7 +5,10 @@ Evidence (docs/contract.md): the OpenAI-style JSON body Envoy forwards
 `x-kt-estimated-tokens` header, or RLS `hits_addend`) only when the policy says a
 trusted filter sets it (`estimate: {trusted: true}`), then the policy's default.
 The body counts whole (docs/contract.md, "Token estimate"): its size and its images as
-input, each choice (`n`) its `max_tokens` of output. Every byte of it is the client's
+input, each choice (`n`) its `max_tokens` of output. A stored conversation the provider
+adds as input (a Responses `previous_response_id` or `conversation`) is not estimated (a
+context window per turn would refuse every conversation against a small TPM): it is
+flagged for the bound of a reply whose usage cannot be read (sidecar/bound.py). Every byte of it is the client's
 until a filter vouches for it, so an explicit count never lowers the estimate below what
 the body shows, and no estimate is ever zero: a request is never free. A malformed count or body is the caller's error (400), never a
 guess.

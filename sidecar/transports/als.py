@@ -9,7 +9,9 @@ the usage text is read by the same parser ext_proc uses (sidecar/usage.py).
 Translation only: the reservation id and tenant (the decision's own `x-kt-reservation` and
 `x-kt-tenant`, logged as additional request headers; Envoy strips a client's own at the
 edge), the x-request-id when Envoy's failure mode let the request through, status, whether the response was cut short (response flags),
-and the usage text. Envoy sends an entry once the response is over, however it ended, so
+and the usage text, and what the Lua filter read in a request body larger than the
+decision saw (`kt.usage` / `request`: n, max_tokens..., for the bound; sidecar/bound.py).
+Envoy sends an entry once the response is over, however it ended, so
 every admitted request gets one unless Envoy drops it (docs/usage.md: the stream down).
 """
 from __future__ import annotations
