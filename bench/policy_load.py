@@ -125,7 +125,7 @@ def child_reload(path: str, tenants: int) -> dict:
                 last = time.perf_counter()
                 end = last + seconds
                 while True:
-                    await sc.service.decide(req)
+                    await sc.service.decider.decide(req)
                     await asyncio.sleep(0)  # let the loop's other work run, as a server's would
                     now = time.perf_counter()
                     worst = max(worst, now - last)
