@@ -15,9 +15,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TIME_DEPENDENT = [
-    "tests/test_ledger_spend.py", "tests/test_usage.py", "tests/test_lua_reference.py",
-    "tests/test_memory_backend.py", "tests/test_invariants.py",
-    "tests/test_providers_redis.py", "tests/test_providers_service.py",
+    "tests/ledger/test_ledger_spend.py", "tests/settlement/test_usage.py", "tests/core/test_lua_reference.py",
+    "tests/backends/test_memory_backend.py", "tests/core/test_invariants.py",
+    "tests/core/test_providers_redis.py", "tests/decision/test_providers_service.py",
 ]
 
 
