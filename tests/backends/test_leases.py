@@ -24,6 +24,7 @@ from sidecar.backends.lease import LeaseManager
 from sidecar.backends.redis import RedisBackend, pack
 from sidecar.metrics import Metrics
 from sidecar.policy import schema
+from tests.support.clock import ManualClock
 from tests.support.procs import workdir
 from tests.support.valkey import Valkey, ValkeyCluster
 
@@ -58,15 +59,10 @@ def valkey(request):
                 yield Store(v)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = int(time.time()) * 1_000_000  # real time: TTLs must lie in the future
-
-    def __call__(self) -> int:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += int(seconds * 1_000_000)
+def wall_clock() -> ManualClock:
+    """The scripts' and the leases' clock, from the wall clock's second: the keys' TTLs
+    (Valkey's own clock) must lie in the future."""
+    return ManualClock(int(time.time()) * 1_000_000)
 
 
 _seq = iter(range(10**9))
@@ -76,7 +72,7 @@ def tenant(prefix: str) -> str:
     return f"{prefix}-{next(_seq)}-{time.monotonic_ns()}"
 
 
-def backend(valkey: Store, clock: Clock, leases: bool = True,
+def backend(valkey: Store, clock: ManualClock, leases: bool = True,
             timeout_ms: int = 2000) -> RedisBackend:
     b = RedisBackend(schema.RedisBackend(url=valkey.url, timeout_ms=timeout_ms, leases=leases,
                                          cluster=valkey.cluster),
@@ -112,7 +108,7 @@ def script_calls(b: RedisBackend) -> int:
 
 
 async def run(demand: list[tuple[RedisBackend, float]], name: str, lim: _core.Limits,
-              clock: Clock, seconds: float, step_s: float = 0.01) -> list[list[tuple[int, bool]]]:
+              clock: ManualClock, seconds: float, step_s: float = 0.01) -> list[list[tuple[int, bool]]]:
     """Each backend asks at its rate (decisions/s) for `seconds` of test time; what each
     decision got, with its time, per backend."""
     got: list[list[tuple[int, bool]]] = [[] for _ in demand]
@@ -133,7 +129,7 @@ def admitted_between(got, start: int, end: int) -> int:
 
 
 def test_two_sidecars_uneven_demand_over_the_limit_admit_at_least_97_percent_never_more(valkey):
-    clock = Clock()
+    clock = wall_clock()
     a, b = backend(valkey, clock), backend(valkey, clock)
     lim = _core.Limits(rpm=3000, tpm=100_000_000)  # 50 requests/s
     name = tenant("lease-uneven")
@@ -166,7 +162,7 @@ def test_two_sidecars_uneven_demand_over_the_limit_admit_at_least_97_percent_nev
 
 
 def test_a_hot_tenant_within_its_limits_costs_at_most_one_script_call_per_20_decisions(valkey):
-    clock = Clock()
+    clock = wall_clock()
     a, b = backend(valkey, clock), backend(valkey, clock)
     lim = _core.Limits(rpm=600_000, tpm=10_000_000_000, budget=10**12, period=_core.P_MONTH,
                        budget_in_usd=True, prices=((2500, 10000),))
@@ -198,7 +194,7 @@ def test_a_hot_tenant_within_its_limits_costs_at_most_one_script_call_per_20_dec
 
 
 def test_a_small_limit_is_decided_per_request_exactly(valkey):
-    clock = Clock()
+    clock = wall_clock()
     a = backend(valkey, clock)
     lim = _core.Limits(rpm=3, tpm=100_000_000)
     name = tenant("lease-rpm3")
@@ -217,7 +213,7 @@ def test_a_small_limit_is_decided_per_request_exactly(valkey):
 
 
 def test_a_nearly_spent_budget_is_decided_per_request_and_never_overspent(valkey):
-    clock = Clock()
+    clock = wall_clock()
     a, b = backend(valkey, clock), backend(valkey, clock)
     # 100 tokens per request against a budget of 20,000: 200 requests, no more
     lim = _core.Limits(rpm=1_000_000, tpm=100_000_000, budget=20_000, period=_core.P_DAY)
@@ -248,7 +244,7 @@ def test_a_killed_sidecars_lease_comes_back_after_its_end(valkey):
     lim = _core.Limits(rpm=6000, tpm=100_000_000)  # 100/s; a lease holds at most 60
 
     async def scenario(killed: bool) -> tuple[int, int, int]:
-        clock = Clock()
+        clock = wall_clock()
         a, b = backend(valkey, clock), backend(valkey, clock)
         name = tenant("lease-killed")
         await a.start()
@@ -277,7 +273,7 @@ def test_a_killed_sidecars_lease_comes_back_after_its_end(valkey):
 
 
 def test_with_redis_unreachable_a_sidecar_decides_within_its_lease_and_never_beyond(valkey):
-    clock = Clock()
+    clock = wall_clock()
     a = backend(valkey, clock, timeout_ms=100)
     lim = _core.Limits(rpm=6000, tpm=100_000_000)
     name = tenant("lease-outage")
@@ -308,7 +304,7 @@ def test_with_redis_unreachable_a_sidecar_decides_within_its_lease_and_never_bey
 
 
 def test_leases_off_decides_every_request_in_redis(valkey):
-    clock = Clock()
+    clock = wall_clock()
     a = backend(valkey, clock, leases=False)
     lim = _core.Limits(rpm=6000, tpm=100_000_000)
 
@@ -328,7 +324,7 @@ def test_a_lease_call_sent_again_is_applied_once(valkey):
     timeout, when the first may have been applied: the same lease.lua call (same call
     marker) sent twice takes once and returns once, and the resend answers the first reply
     (a remainder returned twice would over-admit)."""
-    clock = Clock()
+    clock = wall_clock()
     a = backend(valkey, clock)
     name = tenant("lease-resent")
     lim = _core.Limits(rpm=6000, tpm=100_000_000)
@@ -362,7 +358,7 @@ def test_a_lease_call_sent_again_is_applied_once(valkey):
 
 
 def test_scripts_are_on_every_primary_and_loaded_again_after_a_flush(valkey):
-    clock = Clock()
+    clock = wall_clock()
     a = backend(valkey, clock)
     lim = _core.Limits(rpm=6000, tpm=100_000_000)
     name = tenant("lease-noscript")
@@ -430,7 +426,7 @@ PRICED = dict(rpm=600_000, tpm=10_000_000_000, budget=10**12, period=_core.P_MON
               budget_in_usd=True, prices=((2500, 10000),))
 
 
-async def hot(b: RedisBackend, name: str, lim: _core.Limits, clock: Clock,
+async def hot(b: RedisBackend, name: str, lim: _core.Limits, clock: ManualClock,
               admitted: list) -> None:
     """Decisions for `name` at 200/s of test time until b holds a lease of it, then 30
     more (decided in it); each admitted outcome appended to `admitted`."""
@@ -456,7 +452,7 @@ def test_an_abandoned_sidecars_unused_lease_comes_back_and_the_budget_is_exact(v
     the tenant from any sidecar (a decision, a settlement), or without one any sidecar's
     round over the ended leases, gives back what a did not use: the budget then holds
     exactly the settled cost of every request, to the nano-dollar."""
-    clock = Clock()
+    clock = wall_clock()
     a, b = backend(valkey, clock), backend(valkey, clock)
     lim = _core.Limits(**PRICED)
     name = tenant("lease-abandoned")
@@ -507,7 +503,7 @@ def test_a_return_racing_the_sweep_gives_back_once(valkey, order, monkeypatch):
     in either order, or a's return is sent twice, the budget ends with exactly the
     estimates of the requests admitted: what a did not use came back once."""
     monkeypatch.setattr(lease_mod, "REPORT_S", 3600.0)  # no report before the return
-    clock = Clock()
+    clock = wall_clock()
     a, b = backend(valkey, clock), backend(valkey, clock)
     lim = _core.Limits(**PRICED)
     name = tenant("lease-race")
@@ -550,7 +546,7 @@ def test_a_lease_call_cancelled_with_its_decision_leaves_no_one_waiting(valkey):
     call is in flight; another decision of the tenant was waiting for that call. The
     waiter is answered (here by the failure mode: Redis is stalled), never left waiting,
     and the lease that call was returning is returned again once Redis answers."""
-    clock = Clock()
+    clock = wall_clock()
     a = backend(valkey, clock, timeout_ms=200)
     lim = _core.Limits(rpm=6000, tpm=100_000_000)
     name = tenant("lease-cancelled")
@@ -679,7 +675,7 @@ def test_the_holder_stops_deciding_in_a_lease_before_redis_may_close_it(valkey):
     it) is GRACE_S after the holder's own end, both on the clock of the node that holds the
     tenant. At the holder's end, another sidecar's decision leaves the lease open, and the
     holder decides no more in it; at Redis's end the lease closes."""
-    clock = Clock()
+    clock = wall_clock()
     a, b = backend(valkey, clock), backend(valkey, clock)
     lim = _core.Limits(**PRICED)
     name = tenant("lease-margin")
@@ -722,7 +718,7 @@ def test_what_a_lease_used_is_reported_within_report_s_without_settlements(valke
     """Requests admitted in a lease and never settled (in flight when their sidecar dies):
     within REPORT_S of their decision Redis is told, so when the abandoned lease is closed
     their estimates stay charged and only what was never used goes back."""
-    clock = Clock()
+    clock = wall_clock()
     a, b = backend(valkey, clock), backend(valkey, clock)
     lim = _core.Limits(**PRICED)
     name = tenant("lease-reported")

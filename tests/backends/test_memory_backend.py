@@ -15,7 +15,7 @@ from sidecar.backends.base import BackendError
 from sidecar.backends.memory import MemoryBackend
 from sidecar.policy.load import load_policy
 from sidecar.server import ServerConfig, Sidecar
-from tests.support.inproc import T0_US, FakeClock
+from tests.support.clock import T0_US, ManualClock
 
 LIMITS = _core.Limits(budget=1000, period=_core.P_MONTH)
 
@@ -26,7 +26,7 @@ def run(coro):
 
 def test_spend_survives_a_restart(tmp_path):
     state = str(tmp_path / "spend.json")
-    clock = FakeClock()
+    clock = ManualClock()
 
     async def first_life():
         b = MemoryBackend(state_file=state, clock=clock)
@@ -52,7 +52,7 @@ def test_spend_is_flushed_on_the_interval_without_shutdown(tmp_path):
     state = str(tmp_path / "spend.json")
 
     async def main():
-        b = MemoryBackend(state_file=state, flush_interval_s=0.05, clock=FakeClock())
+        b = MemoryBackend(state_file=state, flush_interval_s=0.05, clock=ManualClock())
         await b.start()
         await b.decide("t", LIMITS, 0, 0, 250, 250, False)
         for _ in range(100):  # poll with a deadline, never a fixed sleep
@@ -78,9 +78,9 @@ def test_a_corrupt_state_file_refuses_to_start_rather_than_reset_spend(tmp_path,
 
 def test_settle_is_idempotent_per_request_id():
     async def main():
-        b = MemoryBackend(clock=FakeClock())
+        b = MemoryBackend(clock=ManualClock())
         out = await b.decide("t", LIMITS, 0, 0, 100, 100, False)
-        start = _core.period_bounds(FakeClock()(), _core.P_MONTH)[0]
+        start = _core.period_bounds(ManualClock()(), _core.P_MONTH)[0]
         s1 = await b.settle("t", LIMITS, "req-1", 50, 50, start)
         s2 = await b.settle("t", LIMITS, "req-1", 50, 50, start)
         return out, s1, s2
@@ -132,7 +132,7 @@ def test_hot_reload_follows_a_configmap_style_symlink_swap(tmp_path):
 def test_random_tenant_names_do_not_grow_memory_without_bound_and_spend_is_kept():
     # `unknown: defaults` lets a client invent tenant names: states at rest are dropped
     # the test's ten seconds stay inside one month, whatever the suite's fixed instant
-    clock = FakeClock(T0_US - T0_US % 86_400_000_000 + 3_600_000_000)
+    clock = ManualClock(T0_US - T0_US % 86_400_000_000 + 3_600_000_000)
     backend = MemoryBackend(clock=clock, sweep_at=50)
     rate_only = _core.Limits(rpm=60, tpm=6000)
     with_budget = _core.Limits(rpm=60, budget=1000, period=_core.P_MONTH)
@@ -239,12 +239,12 @@ def test_a_snapshot_left_half_written_by_a_crash_is_removed_at_start(tmp_path):
 
 def test_a_version_1_state_file_still_loads(tmp_path):
     state = tmp_path / "spend.json"
-    start = _core.period_bounds(FakeClock()(), _core.P_MONTH)[0]
+    start = _core.period_bounds(ManualClock()(), _core.P_MONTH)[0]
     state.write_text(json.dumps({"version": 1, "written_at_us": 1, "tenants": {
         "t": {"period_start": start, "spent": 900}}}))
 
     async def main():
-        b = MemoryBackend(state_file=str(state), clock=FakeClock())
+        b = MemoryBackend(state_file=str(state), clock=ManualClock())
         await b.start()
         try:
             return [await b.decide("t", LIMITS, 0, 0, 60, 60, False) for _ in range(2)]
@@ -266,7 +266,7 @@ def test_a_state_file_that_becomes_unwritable_fails_readiness_and_is_counted(tmp
     metrics = Metrics()
 
     async def main():
-        b = MemoryBackend(state_file=str(state), flush_interval_s=0.02, clock=FakeClock())
+        b = MemoryBackend(state_file=str(state), flush_interval_s=0.02, clock=ManualClock())
         metrics.watch_backend(b)
         await b.start()
         try:
@@ -306,7 +306,7 @@ def test_a_usage_report_the_journal_cannot_hold_is_refused_not_acknowledged(tmp_
     segment = tmp_path / "spend.json.journal.1"
 
     async def main():
-        b = MemoryBackend(state_file=str(state), clock=FakeClock())
+        b = MemoryBackend(state_file=str(state), clock=ManualClock())
         await b.start()
         try:
             segment.unlink()
@@ -328,8 +328,8 @@ def test_settlement_is_idempotent_per_tenant_and_request_id():
     # issue 12: idempotency was global, so another tenant's request id (or one of one's
     # own requests reusing it) made a settlement a no-op: keyed by (tenant, id) now
     async def main():
-        b = MemoryBackend(clock=FakeClock())
-        start = _core.period_bounds(FakeClock()(), _core.P_MONTH)[0]
+        b = MemoryBackend(clock=ManualClock())
+        start = _core.period_bounds(ManualClock()(), _core.P_MONTH)[0]
         first = await b.settle("a", LIMITS, "same-id", 50, 50, start)
         other = await b.settle("b", LIMITS, "same-id", 70, 70, start)
         again = await b.settle("a", LIMITS, "same-id", 50, 50, start)
@@ -344,10 +344,10 @@ def test_settlement_is_idempotent_per_tenant_and_request_id():
 def test_settled_ids_and_spend_survive_a_restart_without_a_snapshot(tmp_path):
     # the journal alone (no snapshot since) brings back both the spend and the ids
     state = tmp_path / "spend.json"
-    start = _core.period_bounds(FakeClock()(), _core.P_MONTH)[0]
+    start = _core.period_bounds(ManualClock()(), _core.P_MONTH)[0]
 
     async def first_life():
-        b = MemoryBackend(state_file=str(state), flush_interval_s=3600, clock=FakeClock())
+        b = MemoryBackend(state_file=str(state), flush_interval_s=3600, clock=ManualClock())
         await b.start()
         for i in range(20):
             assert (await b.settle("t", LIMITS, f"r-{i}", 10, 10, start)).applied
@@ -355,7 +355,7 @@ def test_settled_ids_and_spend_survive_a_restart_without_a_snapshot(tmp_path):
         b._flusher.cancel()
 
     async def second_life():
-        b = MemoryBackend(state_file=str(state), clock=FakeClock())
+        b = MemoryBackend(state_file=str(state), clock=ManualClock())
         await b.start()
         try:
             again = [await b.settle("t", LIMITS, f"r-{i}", 10, 10, start) for i in range(20)]
@@ -377,7 +377,7 @@ def test_a_torn_last_journal_record_is_ignored_but_a_bad_one_inside_is_refused(t
     segment.write_bytes(b'[1,"t","r-1",0,10]\n[2,"t","r-2",0,2')  # a crash mid-write
 
     async def load():
-        b = MemoryBackend(state_file=str(state), clock=FakeClock())
+        b = MemoryBackend(state_file=str(state), clock=ManualClock())
         await b.start()
         await b.close()
         return b
@@ -395,7 +395,7 @@ def test_a_snapshot_does_not_stop_decisions(tmp_path):
     state = tmp_path / "spend.json"
 
     async def main():
-        b = MemoryBackend(state_file=str(state), flush_interval_s=3600, clock=FakeClock())
+        b = MemoryBackend(state_file=str(state), flush_interval_s=3600, clock=ManualClock())
         await b.start()
         try:
             for i in range(100_000):
@@ -487,7 +487,7 @@ tenants:
   named: {limits: {rpm: 100, tpm: 100000}}
 backend: {kind: memory, state_file: "", max_tenants: 1000}
 """, "<test>")
-    backend = MemoryBackend(clock=FakeClock(), max_tenants=policy.backend.max_tenants)
+    backend = MemoryBackend(clock=ManualClock(), max_tenants=policy.backend.max_tenants)
     svc = DecisionService(policy, backend)
     body = json.dumps({"model": "gpt-4o", "max_tokens": 5,
                        "messages": [{"role": "user", "content": "hi"}]}).encode()

@@ -17,7 +17,7 @@ from sidecar.metrics import Metrics
 from sidecar.model import Decision, Kind, Request
 from sidecar.policy.load import parse_policy
 from sidecar.service import DecisionService
-from tests.support.inproc import FakeClock
+from tests.support.clock import ManualClock
 
 HEAD = """
 tiers:
@@ -31,12 +31,12 @@ class FakeTimer:
     """The queue's clock and timers on the backend's fake clock: advance() moves both and
     fires the timers due, letting the released requests decide again in between."""
 
-    def __init__(self, clock: FakeClock) -> None:
+    def __init__(self, clock: ManualClock) -> None:
         self.clock = clock
         self.timers: list[list] = []  # [when, callback, cancelled]
 
     def now(self) -> float:
-        return self.clock.now_us / 1e6
+        return self.clock.now / 1e6
 
     def call_at(self, when: float, callback: Callable[[], None]):
         entry = [when, callback, False]
@@ -48,7 +48,7 @@ class FakeTimer:
         return Handle()
 
     async def advance(self, seconds: float) -> None:
-        end = self.clock.now_us + round(seconds * 1e6)
+        end = self.clock.now + round(seconds * 1e6)
         while True:
             await settle_loop()
             live = [t for t in self.timers if not t[2]]
@@ -56,10 +56,10 @@ class FakeTimer:
             if not due:
                 break
             first = min(due, key=lambda t: t[0])
-            self.clock.now_us = max(self.clock.now_us, round(first[0] * 1e6))
+            self.clock.now = max(self.clock.now, round(first[0] * 1e6))
             first[2] = True
             first[1]()
-        self.clock.now_us = end
+        self.clock.now = end
         await settle_loop()
 
 
@@ -69,7 +69,7 @@ async def settle_loop() -> None:
 
 
 def service(policy_yaml: str):
-    clock = FakeClock()
+    clock = ManualClock()
     timer = FakeTimer(clock)
     policy = parse_policy(policy_yaml.encode(), "<test>")
     svc = DecisionService(policy, MemoryBackend(clock=clock), Metrics(), queue_timer=timer)

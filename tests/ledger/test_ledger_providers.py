@@ -37,7 +37,8 @@ from sidecar.policy import schema
 from sidecar.reconcile import close_reservation
 from sidecar.transports.als import UsageLogReceiver
 from sidecar.usage import Usage
-from tests.support.inproc import FakeClock, RunningSidecar
+from tests.support.clock import ManualClock
+from tests.support.inproc import RunningSidecar
 from tests.support.policies import TIERS_AND_PRICING
 from tests.support.procs import (EnvoyProcess, SidecarProcess, free_port, log_tail, wait_until,
                                  workdir)
@@ -101,7 +102,7 @@ def test_every_outcome_names_the_provider_and_the_roll_up_counts_by_it(tmp_path,
     led = file_ledger(directory)
     # the backend's clock dates the events (the instant that dated the spend): here the
     # wall clock's, since `kt events stats --last 1h` reads back from now
-    with RunningSidecar(policy(), ledger=led, clock=FakeClock(time.time_ns() // 1000)) as sc:
+    with RunningSidecar(policy(), ledger=led, clock=ManualClock(time.time_ns() // 1000)) as sc:
         svc = sc.sidecar.service
         decisions = [decide(sc, "acme") for _ in range(7)]
         assert [d.provider for d in decisions] == ["east"] * 4 + ["west"] * 3

@@ -17,8 +17,8 @@ from sidecar.backends.memory import MemoryBackend
 from sidecar.backends.redis import RedisBackend
 from sidecar.model import Kind, Request
 from sidecar.policy.load import parse_policy
-from tests.support.inproc import FakeClock, RunningSidecar
-from tests.support.clock import T0_US, utc_day, utc_month
+from tests.support.clock import T0_US, ManualClock, utc_day, utc_month
+from tests.support.inproc import RunningSidecar
 from tests.support.policies import TIERS_AND_CACHE_PRICING
 from tests.support.procs import workdir
 from tests.support.valkey import Valkey
@@ -59,7 +59,7 @@ def spend(sc, query: str = "") -> dict:
 def two(request, tmp_path):
     """Two sidecars on one store (redis: two replicas on one Valkey; memory: one sidecar
     twice, restarted on its state file), sharing a fake clock."""
-    clock = FakeClock()
+    clock = ManualClock()
     with ExitStack() as stack:
         if request.param == "redis":
             d = stack.enter_context(workdir())
@@ -162,7 +162,7 @@ def test_a_bad_spend_query_is_a_400(query, fragment):
 
 def test_the_state_file_keeps_spend_and_refuses_a_corrupt_one(tmp_path: Path):
     state = tmp_path / "spend.json"
-    clock = FakeClock()
+    clock = ManualClock()
     with RunningSidecar(POLICY % "", backend=MemoryBackend(state_file=str(state), clock=clock),
                         clock=clock) as sc:
         sc.run(sc.sidecar.service.settle_usage("q", "acme", "gpt-4o", 10, 1, "report"))
@@ -271,7 +271,7 @@ def test_a_journal_with_the_no_budget_reply_as_spend_is_read_back(tmp_path: Path
 
 
 @contextlib.contextmanager
-def sidecar_on_valkey(clock: FakeClock, timeout_ms: int = 2000) -> Iterator[tuple]:
+def sidecar_on_valkey(clock: ManualClock, timeout_ms: int = 2000) -> Iterator[tuple]:
     """One in-process sidecar on a Valkey of its own, its scripts on ``clock``:
     (sidecar, its RedisBackend, the Valkey)."""
     with workdir() as d, Valkey(d) as v:
@@ -289,7 +289,7 @@ def test_a_spend_report_over_a_range_reads_only_the_tenants_it_holds(tmp_path: P
     import redis
 
     noon = T0_US - T0_US % (DAY_S * 1_000_000) + DAY_S * 1_000_000 // 2
-    clock = FakeClock(noon)
+    clock = ManualClock(noon)
     with sidecar_on_valkey(clock) as (sc, _, v):
         svc = sc.sidecar.service
         for i in range(300):  # the flood, on the first day
@@ -318,7 +318,7 @@ def test_a_range_starting_before_the_index_existed_is_read_whole(tmp_path: Path)
     found by a scan: a range never misses spend because its tenants were not indexed."""
     import redis
 
-    clock = FakeClock(T0_US - T0_US % (DAY_S * 1_000_000) + DAY_S * 1_000_000 // 2)
+    clock = ManualClock(T0_US - T0_US % (DAY_S * 1_000_000) + DAY_S * 1_000_000 // 2)
     with sidecar_on_valkey(clock) as (sc, _, v):
         svc = sc.sidecar.service
         sc.run(svc.settle_usage("a-1", "indexed", "gpt-4o", 10, 1, "report"))
@@ -339,7 +339,7 @@ def test_an_index_write_the_store_did_not_take_is_sent_again(tmp_path: Path):
 
     import redis
 
-    clock = FakeClock(T0_US - T0_US % (DAY_S * 1_000_000) + DAY_S * 1_000_000 // 2)
+    clock = ManualClock(T0_US - T0_US % (DAY_S * 1_000_000) + DAY_S * 1_000_000 // 2)
     with sidecar_on_valkey(clock, timeout_ms=300) as (sc, backend, v):
         svc = sc.sidecar.service
         sc.run(svc.settle_usage("w-1", "warm", "gpt-4o", 1, 1, "report"))
@@ -376,7 +376,7 @@ def test_a_settlements_event_falls_on_the_day_its_spend_does(tmp_path: Path, kin
     month_end = T0_US - T0_US % (DAY_S * 1_000_000)
     while utc_month(month_end) == utc_month(T0_US):
         month_end += DAY_S * 1_000_000
-    clock = FakeClock(month_end - 200_000)
+    clock = ManualClock(month_end - 200_000)
     directory = tmp_path / "events"
     led = file_ledger(directory)
     with ExitStack() as stack:

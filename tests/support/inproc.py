@@ -13,29 +13,17 @@ from sidecar.backends.memory import MemoryBackend
 from sidecar.ledger.recorder import Ledger
 from sidecar.policy.load import CompiledPolicy, parse_policy
 from sidecar.server import ServerConfig, Sidecar
-from tests.support.clock import T0_US  # noqa: F401 - the suite's fixed instant
-
-
-
-class FakeClock:
-    def __init__(self, now_us: int = T0_US) -> None:
-        self.now_us = now_us
-
-    def __call__(self) -> int:
-        return self.now_us
-
-    def advance(self, seconds: float) -> None:
-        self.now_us += int(seconds * 1_000_000)
+from tests.support.clock import ManualClock
 
 
 class RunningSidecar:
     """Start with ``with RunningSidecar(policy_yaml) as sc:``; always stopped on exit."""
 
     def __init__(self, policy_yaml: str, backend: Optional[Backend] = None,
-                 clock: Optional[FakeClock] = None, state_file: str = "",
+                 clock: Optional[ManualClock] = None, state_file: str = "",
                  policy_path: Optional[str] = None, ledger: Optional[Ledger] = None,
                  config: Optional[dict] = None) -> None:
-        self.clock = clock or FakeClock()
+        self.clock = clock or ManualClock()
         self.policy: CompiledPolicy = parse_policy(policy_yaml.encode(), "<test policy>")
         self.backend = backend or MemoryBackend(state_file=state_file, clock=self.clock)
         cfg = ServerConfig(grpc_addr="127.0.0.1:0", http_addr="127.0.0.1:0",
