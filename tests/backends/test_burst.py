@@ -19,6 +19,8 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from tests.support.procs import SidecarProcess, workdir
 from tests.support.valkey import Valkey
 
+pytestmark = pytest.mark.valkey
+
 POLICY = """
 tiers:
   - {name: default, model: gpt-4o}

@@ -36,22 +36,6 @@ def tenant_on(node: int, prefix: str) -> str:
     return next(t for t in (f"{prefix}-{i}" for i in range(1000)) if node_of(t) == node)
 
 
-@pytest.fixture(scope="module")
-def shared_cluster():
-    with workdir() as d, ValkeyCluster(d) as c:
-        yield c
-
-
-@pytest.fixture
-def cluster(shared_cluster):
-    """The module's cluster, every node emptied: each test starts from no state."""
-    for n in shared_cluster.nodes:
-        r = redis.Redis(port=n.port)
-        r.flushall()
-        r.close()
-    return shared_cluster
-
-
 def spent(c: ValkeyCluster, tenant: str) -> int:
     r = redis.Redis(port=c.nodes[node_of(tenant)].port)
     try:
@@ -60,11 +44,11 @@ def spent(c: ValkeyCluster, tenant: str) -> int:
         r.close()
 
 
-def test_two_sidecars_admit_exactly_the_limit_and_charge_exactly_the_admitted(cluster):
+def test_two_sidecars_admit_exactly_the_limit_and_charge_exactly_the_admitted(empty_cluster):
     # the same count as on one node (test_redis_backend), for a tenant on each node
     tenants = [tenant_on(i, "exact") for i in range(3)]
     with workdir() as d:
-        procs = start_sidecars(d, policy_text(cluster.url, cluster=True), 2)
+        procs = start_sidecars(d, policy_text(empty_cluster.url, cluster=True), 2)
         try:
             clear_of_a_period_boundary(86400)  # the default budget is per day
 
@@ -82,13 +66,13 @@ def test_two_sidecars_admit_exactly_the_limit_and_charge_exactly_the_admitted(cl
         admitted = [est for ok, est in res if ok]
         # rpm 100, burst 1: 100 in the bucket, refilling 100/60 per second while we run
         assert 100 <= len(admitted) <= 100 + int(elapsed * 100 / 60) + 1, (tenant, len(admitted))
-        assert spent(cluster, tenant) == sum(admitted)  # to the token, on the tenant's node
+        assert spent(empty_cluster, tenant) == sum(admitted)  # to the token, on the tenant's node
 
 
-def test_a_usage_report_is_applied_once(cluster):
+def test_a_usage_report_is_applied_once(empty_cluster):
     tenant = tenant_on(2, "report")
     with workdir() as d:
-        (a,) = start_sidecars(d, policy_text(cluster.url, cluster=True), 1)
+        (a,) = start_sidecars(d, policy_text(empty_cluster.url, cluster=True), 1)
         try:
             async def decide():
                 async with grpc.aio.insecure_channel(f"127.0.0.1:{a.grpc_port}") as ch:
@@ -102,7 +86,7 @@ def test_a_usage_report_is_applied_once(cluster):
                             for o in resp.ok_response.headers}["x-kt-reservation"]
 
             rid = asyncio.run(decide())
-            assert spent(cluster, tenant) == 2000
+            assert spent(empty_cluster, tenant) == 2000
             doc = {"request_id": rid, "tenant": tenant, "model": "gpt-4o",
                    "input_tokens": 100, "output_tokens": 50}
             acks = []
@@ -110,16 +94,16 @@ def test_a_usage_report_is_applied_once(cluster):
                 status, ack = post_json(f"http://127.0.0.1:{a.admin_port}/v1/usage", doc)
                 assert status == 200, ack
                 acks.append(ack["applied"])
-                assert spent(cluster, tenant) == 150  # the estimate replaced, once
+                assert spent(empty_cluster, tenant) == 150  # the estimate replaced, once
             assert acks == [True, False, False]
         finally:
             a.stop()
 
 
 @pytest.mark.parametrize("mode,kind", [("open", Kind.FAIL_OPEN), ("closed", Kind.FAIL_CLOSED)])
-def test_a_stalled_node_fails_only_its_own_tenants_and_they_recover(cluster, mode, kind):
+def test_a_stalled_node_fails_only_its_own_tenants_and_they_recover(empty_cluster, mode, kind):
     stalled_tenant, other_tenant = tenant_on(1, "stalled"), tenant_on(0, "healthy")
-    policy = parse_policy(policy_text(cluster.url, cluster=True, timeout=100,
+    policy = parse_policy(policy_text(empty_cluster.url, cluster=True, timeout=100,
                                       failure_mode=mode).encode(), "<test>")
     assert isinstance(policy.backend, schema.RedisBackend)
     svc = DecisionService(policy, RedisBackend(policy.backend))
@@ -131,7 +115,7 @@ def test_a_stalled_node_fails_only_its_own_tenants_and_they_recover(cluster, mod
         await svc.backend.start()
         try:
             assert (await svc.decide(req(stalled_tenant))).kind is Kind.ALLOW
-            cluster.nodes[1].pause()
+            empty_cluster.nodes[1].pause()
             try:
                 # answered by the failure mode after the 100 ms timeout: a wait for the
                 # node (resumed only after this) would fail here instead of hanging
@@ -140,7 +124,7 @@ def test_a_stalled_node_fails_only_its_own_tenants_and_they_recover(cluster, mod
                 healthy = await asyncio.gather(*(svc.decide(req(other_tenant))
                                                  for _ in range(10)))
             finally:
-                cluster.nodes[1].resume()
+                empty_cluster.nodes[1].resume()
             deadline = time.monotonic() + 10
             while True:  # back to decisions once the node answers again
                 after = await svc.decide(req(stalled_tenant))
@@ -158,14 +142,14 @@ def test_a_stalled_node_fails_only_its_own_tenants_and_they_recover(cluster, mod
     # the node ran what was queued on it when it resumed, but each decision carried its
     # deadline in the node's clock (lua/deadline.lua): the ones answered by the failure
     # mode were not applied. Charged: the decision before the stall and the one after.
-    assert spent(cluster, stalled_tenant) == 5 + 5
+    assert spent(empty_cluster, stalled_tenant) == 5 + 5
 
 
-def test_readiness_follows_a_stopped_node_and_its_return_without_traffic(cluster):
+def test_readiness_follows_a_stopped_node_and_its_return_without_traffic(empty_cluster):
     # the heartbeat reads every node's clock: a node that stops answering makes the
     # sidecar not ready, and its return makes it ready again with no decision in between
     # (a probe that kept the traffic away would otherwise keep it away for good)
-    policy = parse_policy(policy_text(cluster.url, cluster=True, timeout=100).encode(), "<test>")
+    policy = parse_policy(policy_text(empty_cluster.url, cluster=True, timeout=100).encode(), "<test>")
     assert isinstance(policy.backend, schema.RedisBackend)
     backend = RedisBackend(policy.backend)
 
@@ -181,11 +165,11 @@ def test_readiness_follows_a_stopped_node_and_its_return_without_traffic(cluster
         await backend.start()
         try:
             ready_at_start = backend.status().ready
-            cluster.nodes[2].pause()
+            empty_cluster.nodes[2].pause()
             try:
                 went_unready = await until(False, 10)
             finally:
-                cluster.nodes[2].resume()
+                empty_cluster.nodes[2].resume()
             came_back = await until(True, 10)
             return ready_at_start, went_unready, came_back, backend.decisions
         finally:
@@ -196,10 +180,10 @@ def test_readiness_follows_a_stopped_node_and_its_return_without_traffic(cluster
     assert decisions == 0
 
 
-def test_a_sidecar_started_before_its_cluster_answers_becomes_ready_without_traffic(cluster):
-    for n in cluster.nodes:
+def test_a_sidecar_started_before_its_cluster_answers_becomes_ready_without_traffic(empty_cluster):
+    for n in empty_cluster.nodes:
         n.pause()
-    policy = parse_policy(policy_text(cluster.url, cluster=True, timeout=100,
+    policy = parse_policy(policy_text(empty_cluster.url, cluster=True, timeout=100,
                                       failure_mode="closed").encode(), "<test>")
     assert isinstance(policy.backend, schema.RedisBackend)
     backend = RedisBackend(policy.backend)
@@ -214,7 +198,7 @@ def test_a_sidecar_started_before_its_cluster_answers_becomes_ready_without_traf
             ready_at_start = backend.status().ready
             early = await asyncio.wait_for(svc.decide(request), 10)
         finally:
-            for n in cluster.nodes:
+            for n in empty_cluster.nodes:
                 n.resume()
         try:
             deadline = time.monotonic() + 15

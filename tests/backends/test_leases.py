@@ -5,14 +5,13 @@ uneven demand above it, exact per-request decisions where a lease cannot be usef
 killed or abandoned sidecar's lease back after its end with the budget exact to the
 nano-dollar (a return racing that close gives back once), and with Redis unreachable a
 sidecar goes on within its lease and never beyond it. Every test runs on one node and on a
-3-node cluster (one of each per module: the ``valkey`` fixture is parametrized), plus what
+3-node cluster (one of each per module: the ``store`` fixture is parametrized), plus what
 only a cluster needs: a lease call applied once when resent, scripts on every primary,
 NOSCRIPT."""
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Union
 
 import pytest
 import redis
@@ -25,38 +24,7 @@ from sidecar.backends.redis import RedisBackend, pack
 from sidecar.metrics import Metrics
 from sidecar.policy import schema
 from tests.support.clock import ManualClock
-from tests.support.procs import workdir
-from tests.support.valkey import Valkey, ValkeyCluster
-
-
-class Store:
-    """The Valkey the backends share: one node, or a 3-node cluster (``pause()`` stalls
-    every node of it)."""
-
-    def __init__(self, server: Union[Valkey, ValkeyCluster]) -> None:
-        self.server = server
-        self.cluster = isinstance(server, ValkeyCluster)
-        self.url = server.url
-        self.nodes: list[Valkey] = server.nodes if isinstance(server, ValkeyCluster) else [server]
-
-    def pause(self) -> None:
-        for n in self.nodes:
-            n.pause()
-
-    def resume(self) -> None:
-        for n in self.nodes:
-            n.resume()
-
-
-@pytest.fixture(scope="module", params=["node", "cluster"])
-def valkey(request):
-    with workdir() as d:
-        if request.param == "cluster":
-            with ValkeyCluster(d) as c:
-                yield Store(c)
-        else:
-            with Valkey(d) as v:
-                yield Store(v)
+from tests.support.valkey import Store, Valkey
 
 
 def wall_clock() -> ManualClock:
@@ -72,10 +40,10 @@ def tenant(prefix: str) -> str:
     return f"{prefix}-{next(_seq)}-{time.monotonic_ns()}"
 
 
-def backend(valkey: Store, clock: ManualClock, leases: bool = True,
+def backend(store: Store, clock: ManualClock, leases: bool = True,
             timeout_ms: int = 2000) -> RedisBackend:
-    b = RedisBackend(schema.RedisBackend(url=valkey.url, timeout_ms=timeout_ms, leases=leases,
-                                         cluster=valkey.cluster),
+    b = RedisBackend(schema.RedisBackend(url=store.url, timeout_ms=timeout_ms, leases=leases,
+                                         cluster=store.cluster),
                      clock_override=clock)
     # the scripts run on the test clock: the leases are given the same one
     b.leases = LeaseManager(b, clock=clock) if leases else None
@@ -90,13 +58,13 @@ def abandon(b: RedisBackend) -> None:
         b.leases._ended_sweeper.cancel()
 
 
-def store(valkey: Store):
-    return (redis.RedisCluster.from_url(valkey.url) if valkey.cluster
-            else redis.Redis.from_url(valkey.url))
+def redis_client(store: Store):
+    return (redis.RedisCluster.from_url(store.url) if store.cluster
+            else redis.Redis.from_url(store.url))
 
 
-def budget_spent(valkey: Store, b: RedisBackend, name: str) -> int:
-    r = store(valkey)
+def budget_spent(store: Store, b: RedisBackend, name: str) -> int:
+    r = redis_client(store)
     try:
         return int(r.hget(b.keys(name)[2], "s"))
     finally:
@@ -128,9 +96,9 @@ def admitted_between(got, start: int, end: int) -> int:
     return sum(1 for per in got for t, ok in per if ok and start <= t < end)
 
 
-def test_two_sidecars_uneven_demand_over_the_limit_admit_at_least_97_percent_never_more(valkey):
+def test_two_sidecars_uneven_demand_over_the_limit_admit_at_least_97_percent_never_more(store):
     clock = wall_clock()
-    a, b = backend(valkey, clock), backend(valkey, clock)
+    a, b = backend(store, clock), backend(store, clock)
     lim = _core.Limits(rpm=3000, tpm=100_000_000)  # 50 requests/s
     name = tenant("lease-uneven")
 
@@ -161,9 +129,9 @@ def test_two_sidecars_uneven_demand_over_the_limit_admit_at_least_97_percent_nev
     assert stats_b["taken"] > 0 and trips_a > 0
 
 
-def test_a_hot_tenant_within_its_limits_costs_at_most_one_script_call_per_20_decisions(valkey):
+def test_a_hot_tenant_within_its_limits_costs_at_most_one_script_call_per_20_decisions(store):
     clock = wall_clock()
-    a, b = backend(valkey, clock), backend(valkey, clock)
+    a, b = backend(store, clock), backend(store, clock)
     lim = _core.Limits(rpm=600_000, tpm=10_000_000_000, budget=10**12, period=_core.P_MONTH,
                        budget_in_usd=True, prices=((2500, 10000),))
     name = tenant("lease-hot")
@@ -193,9 +161,9 @@ def test_a_hot_tenant_within_its_limits_costs_at_most_one_script_call_per_20_dec
     assert trips / decided <= 0.05, (trips, decided, stats)
 
 
-def test_a_small_limit_is_decided_per_request_exactly(valkey):
+def test_a_small_limit_is_decided_per_request_exactly(store):
     clock = wall_clock()
-    a = backend(valkey, clock)
+    a = backend(store, clock)
     lim = _core.Limits(rpm=3, tpm=100_000_000)
     name = tenant("lease-rpm3")
 
@@ -212,9 +180,9 @@ def test_a_small_limit_is_decided_per_request_exactly(valkey):
     assert stats["taken"] == 0 and stats["local_decisions"] == 0
 
 
-def test_a_nearly_spent_budget_is_decided_per_request_and_never_overspent(valkey):
+def test_a_nearly_spent_budget_is_decided_per_request_and_never_overspent(store):
     clock = wall_clock()
-    a, b = backend(valkey, clock), backend(valkey, clock)
+    a, b = backend(store, clock), backend(store, clock)
     # 100 tokens per request against a budget of 20,000: 200 requests, no more
     lim = _core.Limits(rpm=1_000_000, tpm=100_000_000, budget=20_000, period=_core.P_DAY)
     name = tenant("lease-budget")
@@ -234,7 +202,7 @@ def test_a_nearly_spent_budget_is_decided_per_request_and_never_overspent(valkey
     assert sum(ok for per in got for _, ok in per) == 200  # exactly the budget: no more, no less
 
 
-def test_a_killed_sidecars_lease_comes_back_after_its_end(valkey):
+def test_a_killed_sidecars_lease_comes_back_after_its_end(store):
     """The same traffic twice: sidecar a decides for 2 s and stops, then b alone for 30 s.
     Once a returns its lease as it stops (graceful), once a is killed holding it (after its
     last report): Redis gives what a had not used back after the lease's end, so b gets as
@@ -245,7 +213,7 @@ def test_a_killed_sidecars_lease_comes_back_after_its_end(valkey):
 
     async def scenario(killed: bool) -> tuple[int, int, int]:
         clock = wall_clock()
-        a, b = backend(valkey, clock), backend(valkey, clock)
+        a, b = backend(store, clock), backend(store, clock)
         name = tenant("lease-killed")
         await a.start()
         await b.start()
@@ -272,9 +240,9 @@ def test_a_killed_sidecars_lease_comes_back_after_its_end(valkey):
     assert killed_a + killed <= lim.rpm * lim.burst + 32 * 100
 
 
-def test_with_redis_unreachable_a_sidecar_decides_within_its_lease_and_never_beyond(valkey):
+def test_with_redis_unreachable_a_sidecar_decides_within_its_lease_and_never_beyond(store):
     clock = wall_clock()
-    a = backend(valkey, clock, timeout_ms=100)
+    a = backend(store, clock, timeout_ms=100)
     lim = _core.Limits(rpm=6000, tpm=100_000_000)
     name = tenant("lease-outage")
 
@@ -283,7 +251,7 @@ def test_with_redis_unreachable_a_sidecar_decides_within_its_lease_and_never_bey
         try:
             await run([(a, 100.0)], name, lim, clock, 2.0)
             held = a.leases.leases[name].left()[0]
-            valkey.pause()
+            store.pause()
             try:
                 admitted, failed = 0, 0
                 for _ in range(held + 20):
@@ -294,7 +262,7 @@ def test_with_redis_unreachable_a_sidecar_decides_within_its_lease_and_never_bey
                     except BackendError:
                         failed += 1
             finally:
-                valkey.resume()
+                store.resume()
             return held, admitted, failed
         finally:
             await a.close()
@@ -303,9 +271,9 @@ def test_with_redis_unreachable_a_sidecar_decides_within_its_lease_and_never_bey
     assert admitted == held and failed == 20
 
 
-def test_leases_off_decides_every_request_in_redis(valkey):
+def test_leases_off_decides_every_request_in_redis(store):
     clock = wall_clock()
-    a = backend(valkey, clock, leases=False)
+    a = backend(store, clock, leases=False)
     lim = _core.Limits(rpm=6000, tpm=100_000_000)
 
     async def main():
@@ -319,13 +287,13 @@ def test_leases_off_decides_every_request_in_redis(valkey):
     assert len(got[0]) == 200 and a.leases is None
 
 
-def test_a_lease_call_sent_again_is_applied_once(valkey):
+def test_a_lease_call_sent_again_is_applied_once(store):
     """redis-py's cluster client resends a command after a connection error or a socket
     timeout, when the first may have been applied: the same lease.lua call (same call
     marker) sent twice takes once and returns once, and the resend answers the first reply
     (a remainder returned twice would over-admit)."""
     clock = wall_clock()
-    a = backend(valkey, clock)
+    a = backend(store, clock)
     name = tenant("lease-resent")
     lim = _core.Limits(rpm=6000, tpm=100_000_000)
 
@@ -335,7 +303,7 @@ def test_a_lease_call_sent_again_is_applied_once(valkey):
                 3_000_000, 60_000]
         keys = [*a.keys(name), f"{a.prefix}:{{{name}}}:lease-call:{marker}",
                 f"{a.prefix}:{{{name}}}:leases"]
-        packed = None if valkey.cluster else pack("EVALSHA", a.leases.script.sha, 5, *keys, *args)
+        packed = None if store.cluster else pack("EVALSHA", a.leases.script.sha, 5, *keys, *args)
         return await a._call(a.leases.script, keys, args, packed)
 
     async def main():
@@ -357,9 +325,9 @@ def test_a_lease_call_sent_again_is_applied_once(valkey):
     assert level[6] == 5990  # 6000 - 20 + 10: each call applied once
 
 
-def test_scripts_are_on_every_primary_and_loaded_again_after_a_flush(valkey):
+def test_scripts_are_on_every_primary_and_loaded_again_after_a_flush(store):
     clock = wall_clock()
-    a = backend(valkey, clock)
+    a = backend(store, clock)
     lim = _core.Limits(rpm=6000, tpm=100_000_000)
     name = tenant("lease-noscript")
 
@@ -373,22 +341,22 @@ def test_scripts_are_on_every_primary_and_loaded_again_after_a_flush(valkey):
     async def main():
         await a.start()
         try:
-            on_start = [loaded(n) for n in valkey.nodes]
+            on_start = [loaded(n) for n in store.nodes]
             got = await run([(a, 100.0)], name, lim, clock, 1.0)
             assert name in a.leases.leases  # the next call for it is lease.lua's
             taken = a.leases.stats["taken"]
-            for n in valkey.nodes:  # a restart or failover loses the script cache
+            for n in store.nodes:  # a restart or failover loses the script cache
                 r = redis.Redis(port=n.port)
                 r.script_flush()
                 r.close()
-            flushed = [loaded(n) for n in valkey.nodes]
+            flushed = [loaded(n) for n in store.nodes]
             got += await run([(a, 100.0)], name, lim, clock, 2.0)
             return on_start, flushed, got, a.leases.stats["taken"] - taken, dict(a.leases.stats)
         finally:
             await a.close()
 
     on_start, flushed, got, taken_after, stats = asyncio.run(main())
-    assert on_start == [True] * len(valkey.nodes) and not any(flushed)
+    assert on_start == [True] * len(store.nodes) and not any(flushed)
     assert all(ok for per in got for _, ok in per) and sum(len(per) for per in got) == 300
     # leases taken after the flush (NOSCRIPT, scripts loaded again, the call retried once)
     assert taken_after > 0 and stats["local_decisions"] > 0 and stats["failed"] == 0
@@ -444,7 +412,7 @@ async def hot(b: RedisBackend, name: str, lim: _core.Limits, clock: ManualClock,
 
 
 @pytest.mark.parametrize("next_call", ["decide", "settle", "sweep"])
-def test_an_abandoned_sidecars_unused_lease_comes_back_and_the_budget_is_exact(valkey,
+def test_an_abandoned_sidecars_unused_lease_comes_back_and_the_budget_is_exact(store,
                                                                               next_call):
     """Sidecar a decides for a hot tenant, in leases, and settles every request it admitted
     (actual usage below the estimate); then it is gone without returning its lease (a
@@ -453,7 +421,7 @@ def test_an_abandoned_sidecars_unused_lease_comes_back_and_the_budget_is_exact(v
     round over the ended leases, gives back what a did not use: the budget then holds
     exactly the settled cost of every request, to the nano-dollar."""
     clock = wall_clock()
-    a, b = backend(valkey, clock), backend(valkey, clock)
+    a, b = backend(store, clock), backend(store, clock)
     lim = _core.Limits(**PRICED)
     name = tenant("lease-abandoned")
 
@@ -473,7 +441,7 @@ def test_an_abandoned_sidecars_unused_lease_comes_back_and_the_budget_is_exact(v
             lease = a.leases.leases[name]
             held_cost = lease.left()[2]
             abandon(a)
-            before = budget_spent(valkey, a, name)
+            before = budget_spent(store, a, name)
             before_period = admitted[-1].period_start_us
             clock.advance(lease_mod.MAX_AGE_S + lease_mod.GRACE_S)
             if next_call == "decide":  # per request: b is cold
@@ -484,7 +452,7 @@ def test_an_abandoned_sidecars_unused_lease_comes_back_and_the_budget_is_exact(v
             else:
                 late = 0
                 assert await b.leases.close_ended() >= 1
-            return actual, held_cost, before, late, budget_spent(valkey, b, name), len(admitted)
+            return actual, held_cost, before, late, budget_spent(store, b, name), len(admitted)
         finally:
             await a.close()
             await b.close()
@@ -496,7 +464,7 @@ def test_an_abandoned_sidecars_unused_lease_comes_back_and_the_budget_is_exact(v
 
 
 @pytest.mark.parametrize("order", ["sweep-first", "together"])
-def test_a_return_racing_the_sweep_gives_back_once(valkey, order, monkeypatch):
+def test_a_return_racing_the_sweep_gives_back_once(store, order, monkeypatch):
     """Sidecar a holds a lease and used part of it without reporting it yet; its return
     arrives as the lease's end passes. Whether b's call sweeps it first (counting only what
     a had reported) and a's late return then charges the rest, or the two arrive together
@@ -504,7 +472,7 @@ def test_a_return_racing_the_sweep_gives_back_once(valkey, order, monkeypatch):
     estimates of the requests admitted: what a did not use came back once."""
     monkeypatch.setattr(lease_mod, "REPORT_S", 3600.0)  # no report before the return
     clock = wall_clock()
-    a, b = backend(valkey, clock), backend(valkey, clock)
+    a, b = backend(store, clock), backend(store, clock)
     lim = _core.Limits(**PRICED)
     name = tenant("lease-race")
 
@@ -521,14 +489,14 @@ def test_a_return_racing_the_sweep_gives_back_once(valkey, order, monkeypatch):
             swept = None
             if order == "sweep-first":
                 admitted.append(await b.decide(name, lim, 0, 50, 50, 100, False))
-                swept = budget_spent(valkey, b, name)
+                swept = budget_spent(store, b, name)
                 await a.leases._call(name, lim, lease, True, None)
             else:
                 got = await asyncio.gather(b.decide(name, lim, 0, 50, 50, 100, False),
                                            a.leases._call(name, lim, lease, True, None))
                 admitted.append(got[0])
             await a.leases._call(name, lim, lease, True, None)  # the return sent again
-            return admitted, unreported, swept, budget_spent(valkey, b, name)
+            return admitted, unreported, swept, budget_spent(store, b, name)
         finally:
             await a.close()
             await b.close()
@@ -541,13 +509,13 @@ def test_a_return_racing_the_sweep_gives_back_once(valkey, order, monkeypatch):
     assert after == charged
 
 
-def test_a_lease_call_cancelled_with_its_decision_leaves_no_one_waiting(valkey):
+def test_a_lease_call_cancelled_with_its_decision_leaves_no_one_waiting(store):
     """A decision renewing a tenant's lease is cancelled (its client went) while the lease
     call is in flight; another decision of the tenant was waiting for that call. The
     waiter is answered (here by the failure mode: Redis is stalled), never left waiting,
     and the lease that call was returning is returned again once Redis answers."""
     clock = wall_clock()
-    a = backend(valkey, clock, timeout_ms=200)
+    a = backend(store, clock, timeout_ms=200)
     lim = _core.Limits(rpm=6000, tpm=100_000_000)
     name = tenant("lease-cancelled")
 
@@ -557,7 +525,7 @@ def test_a_lease_call_cancelled_with_its_decision_leaves_no_one_waiting(valkey):
             await run([(a, 100.0)], name, lim, clock, 1.0)
             lease = a.leases.leases[name]
             clock.now = lease.ends_us  # the lease is over: the next decision renews it
-            valkey.pause()
+            store.pause()
             try:
                 renewing = asyncio.ensure_future(a.decide(name, lim, 0, 50, 50, 100, False))
                 await eventually(lambda: a.leases._seen[name].renewing is not None)
@@ -569,7 +537,7 @@ def test_a_lease_call_cancelled_with_its_decision_leaves_no_one_waiting(valkey):
                 if not answered:
                     waiting.cancel()
             finally:
-                valkey.resume()
+                store.resume()
             unreturned = lease.id in a.leases._unreturned
             await a.leases.sweep()
             return answered, unreturned, lease.id in a.leases._unreturned, lease.id
@@ -579,7 +547,7 @@ def test_a_lease_call_cancelled_with_its_decision_leaves_no_one_waiting(valkey):
     answered, unreturned, still, lease_id = asyncio.run(main())
     assert answered  # before: it waited for ever on the cancelled call
     assert unreturned and not still
-    r = store(valkey)
+    r = redis_client(store)
     try:
         assert not r.hexists(f"kt:{{{name}}}:leases", lease_id)  # returned, closed
     finally:
@@ -626,7 +594,7 @@ asyncio.run(main())
 """
 
 
-def test_a_sigkilled_sidecars_lease_comes_back_and_the_budget_is_exact(valkey):
+def test_a_sigkilled_sidecars_lease_comes_back_and_the_budget_is_exact(store):
     """A real process holding a lease of a hot tenant, every request it admitted settled,
     is SIGKILLed. Right after, the budget still holds its lease; within a few seconds
     (the lease's end, then a live sidecar's round over ended leases, no request of that
@@ -637,8 +605,8 @@ def test_a_sigkilled_sidecars_lease_comes_back_and_the_budget_is_exact(valkey):
     import sys
 
     name = tenant("lease-sigkill")
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, valkey.url,
-                             "1" if valkey.cluster else "0", name],
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, store.url,
+                             "1" if store.cluster else "0", name],
                             stdout=subprocess.PIPE, env=dict(os.environ))
     try:
         line = proc.stdout.readline().split()  # blocks until the holder is ready
@@ -650,18 +618,18 @@ def test_a_sigkilled_sidecars_lease_comes_back_and_the_budget_is_exact(valkey):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-    live = RedisBackend(schema.RedisBackend(url=valkey.url, timeout_ms=2000,
-                                            cluster=valkey.cluster, leases=True))
-    killed_at = budget_spent(valkey, live, name)
+    live = RedisBackend(schema.RedisBackend(url=store.url, timeout_ms=2000,
+                                            cluster=store.cluster, leases=True))
+    killed_at = budget_spent(store, live, name)
 
     async def main():
         await live.start()
         try:
             deadline = time.monotonic() + 60
-            while budget_spent(valkey, live, name) != settled and time.monotonic() < deadline:
+            while budget_spent(store, live, name) != settled and time.monotonic() < deadline:
                 await live.leases.close_ended()
                 await asyncio.sleep(0.2)
-            return budget_spent(valkey, live, name)
+            return budget_spent(store, live, name)
         finally:
             await live.close()
 
@@ -670,18 +638,18 @@ def test_a_sigkilled_sidecars_lease_comes_back_and_the_budget_is_exact(valkey):
     assert after == settled
 
 
-def test_the_holder_stops_deciding_in_a_lease_before_redis_may_close_it(valkey):
+def test_the_holder_stops_deciding_in_a_lease_before_redis_may_close_it(store):
     """No over-admission at a lease's end: Redis's end for a lease (when any call may close
     it) is GRACE_S after the holder's own end, both on the clock of the node that holds the
     tenant. At the holder's end, another sidecar's decision leaves the lease open, and the
     holder decides no more in it; at Redis's end the lease closes."""
     clock = wall_clock()
-    a, b = backend(valkey, clock), backend(valkey, clock)
+    a, b = backend(store, clock), backend(store, clock)
     lim = _core.Limits(**PRICED)
     name = tenant("lease-margin")
 
     def record(lease_id: str):
-        r = store(valkey)
+        r = redis_client(store)
         try:
             raw = r.hget(f"kt:{{{name}}}:leases", lease_id)
             return None if raw is None else [float(x) for x in raw.split()]
@@ -714,12 +682,12 @@ def test_the_holder_stops_deciding_in_a_lease_before_redis_may_close_it(valkey):
     assert not open_at_redis_end
 
 
-def test_what_a_lease_used_is_reported_within_report_s_without_settlements(valkey):
+def test_what_a_lease_used_is_reported_within_report_s_without_settlements(store):
     """Requests admitted in a lease and never settled (in flight when their sidecar dies):
     within REPORT_S of their decision Redis is told, so when the abandoned lease is closed
     their estimates stay charged and only what was never used goes back."""
     clock = wall_clock()
-    a, b = backend(valkey, clock), backend(valkey, clock)
+    a, b = backend(store, clock), backend(store, clock)
     lim = _core.Limits(**PRICED)
     name = tenant("lease-reported")
 
@@ -734,7 +702,7 @@ def test_what_a_lease_used_is_reported_within_report_s_without_settlements(valke
             abandon(a)
             clock.advance(lease_mod.MAX_AGE_S + lease_mod.GRACE_S)
             assert await b.leases.close_ended() >= 1
-            return sum(o.charged_cost for o in admitted), budget_spent(valkey, b, name)
+            return sum(o.charged_cost for o in admitted), budget_spent(store, b, name)
         finally:
             await a.close()
             await b.close()

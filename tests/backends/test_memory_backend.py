@@ -174,6 +174,7 @@ def kt_serve(tmp_path, state_file: str) -> subprocess.CompletedProcess:
         capture_output=True, text=True, timeout=60, cwd=tmp_path)
 
 
+@pytest.mark.subprocess
 def test_kt_serve_with_an_unwritable_state_file_exits_with_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
     res = kt_serve(tmp_path, str(tmp_path / "file" / "spend.json"))
@@ -210,6 +211,7 @@ def test_a_state_file_value_that_is_not_a_spend_names_file_tenant_and_field(
     assert state.read_text() == before  # untouched
 
 
+@pytest.mark.subprocess
 def test_kt_serve_with_a_state_file_holding_infinity_exits_with_one_line(tmp_path):
     # Infinity or 1e30 used to exit with a traceback (int(inf): OverflowError)
     state = tmp_path / "spend.json"
@@ -428,6 +430,7 @@ backend: {kind: memory}
 """
 
 
+@pytest.mark.subprocess
 def test_acknowledged_usage_reports_are_not_applied_again_after_a_sigkill(tmp_path):
     # issue 11: after a SIGKILL of the embedded sidecar, 200 of 200 acknowledged usage
     # reports were applied again (the settled ids lived only in memory). A report is

@@ -101,24 +101,9 @@ def budget_spent(r, key: str) -> int:
     return int(r.hget(key, "s") or 0)
 
 
-@pytest.fixture(scope="module")
-def shared_valkey():
-    with workdir() as d, Valkey(d) as v:
-        yield v
-
-
-@pytest.fixture
-def valkey(shared_valkey):
-    """The module's Valkey, emptied: each test starts from no state."""
-    r = redis.Redis.from_url(shared_valkey.url)
-    r.flushall()
-    r.close()
-    return shared_valkey
-
-
-def test_two_sidecars_admit_exactly_the_limit_and_charge_exactly_the_admitted(valkey):
+def test_two_sidecars_admit_exactly_the_limit_and_charge_exactly_the_admitted(empty_valkey):
     with workdir() as d:
-        procs = start_sidecars(d, policy_text(valkey.url), 2)
+        procs = start_sidecars(d, policy_text(empty_valkey.url), 2)
         try:
             clear_of_a_period_boundary(86400)  # the default budget is per day
             started = time.monotonic()
@@ -130,7 +115,7 @@ def test_two_sidecars_admit_exactly_the_limit_and_charge_exactly_the_admitted(va
     admitted = [est for ok, est in results if ok]
     # rpm 100, burst 1: the bucket holds 100 and refills 100/60 per second while we run
     assert 100 <= len(admitted) <= 100 + int(elapsed * 100 / 60) + 1, (len(admitted), elapsed)
-    r = redis.Redis.from_url(valkey.url)
+    r = redis.Redis.from_url(empty_valkey.url)
     assert budget_spent(r, "kt:{exact-rpm}:budget") == sum(admitted)  # to the token
 
 
@@ -148,10 +133,11 @@ def run_exact_budget(url: str, cluster: bool) -> None:
     assert sum(ok for ok, _ in results) == 100
 
 
-def test_two_sidecars_exact_on_a_budget(valkey):
-    run_exact_budget(valkey.url, cluster=False)
+def test_two_sidecars_exact_on_a_budget(empty_valkey):
+    run_exact_budget(empty_valkey.url, cluster=False)
 
 
+@pytest.mark.cluster
 def test_two_sidecars_exact_on_a_three_node_cluster():
     with workdir() as d, ValkeyCluster(d) as c:
         run_exact_budget(c.url, cluster=True)
@@ -174,7 +160,7 @@ _t.time_ns = lambda: _real_ns() + _offset * 1_000_000_000
 """
 
 
-def test_sidecars_with_clocks_minutes_apart_agree(valkey):
+def test_sidecars_with_clocks_minutes_apart_agree(empty_valkey):
     # one sidecar's clock 10 minutes ahead, the other's 10 minutes behind; a per-minute
     # budget would split into two windows (200 admitted) if either used its own clock
     with workdir() as d:
@@ -190,7 +176,7 @@ def test_sidecars_with_clocks_minutes_apart_agree(valkey):
             seen = subprocess.run([sys.executable, "-c", "import time; print(time.time())"],
                                   env=env, capture_output=True, text=True, check=True).stdout
             assert abs(float(seen) - time.time() - offset) < 30
-        procs = start_sidecars(d, policy_text(valkey.url), 2, envs)
+        procs = start_sidecars(d, policy_text(empty_valkey.url), 2, envs)
         try:
             clear_of_a_period_boundary(60)  # Valkey's clock: the real one
             results = asyncio.run(hammer([p.grpc_port for p in procs], "hundred-tokens", 300))
@@ -225,6 +211,7 @@ async def warm_up(svc: DecisionService, request: Request) -> Decision:
         backend.watch.silence_s = short
 
 
+@pytest.mark.valkey
 def test_killed_then_restarted_valkey_failure_mode_then_recovery():
     with workdir() as d:
         v = Valkey(d).start()
@@ -260,6 +247,7 @@ def test_killed_then_restarted_valkey_failure_mode_then_recovery():
     assert m.get_sample_value("kt_backend_errors_total", {"backend": "redis"}) >= 1
 
 
+@pytest.mark.valkey
 @pytest.mark.parametrize("mode,kind", [("open", Kind.FAIL_OPEN), ("closed", Kind.FAIL_CLOSED),
                                        ("envoy", Kind.UNAVAILABLE)])
 def test_stalled_valkey_answers_by_failure_mode_within_the_timeout(mode, kind):
@@ -284,6 +272,7 @@ def test_stalled_valkey_answers_by_failure_mode_within_the_timeout(mode, kind):
     assert took < 1.0  # 20 concurrent decisions, bounded by the 30 ms timeout, not stalled
 
 
+@pytest.mark.valkey
 @pytest.mark.parametrize("spread_over_ticks", [0, 1, 3])
 def test_after_a_restart_the_first_decisions_are_decided_not_failed(spread_over_ticks):
     # issue 11: one second after Valkey came back (empty, its scripts gone), five
@@ -323,6 +312,7 @@ def test_after_a_restart_the_first_decisions_are_decided_not_failed(spread_over_
     assert sorted(k.value for k in kinds) == ["allow"] * 3 + ["rate_limited"] * 2, kinds
 
 
+@pytest.mark.valkey
 def test_requests_refused_during_a_stall_are_never_charged_when_it_ends():
     # issue 11: Valkey stopped (SIGSTOP) for 2.5 s under a steady stream of decisions for
     # a fail-closed tenant. Every one is answered by the failure mode (503), and none may
@@ -371,6 +361,7 @@ def _connections_received(r: redis.Redis) -> int:
     return int(r.info("stats")["total_connections_received"])
 
 
+@pytest.mark.valkey
 def test_a_wrong_password_costs_a_few_connections_not_one_per_decision():
     # issue 12: with a wrong password, 600 decisions opened 516 connections. Attempts now
     # back off (exponentially, with jitter, capped), are counted, and the decisions in
@@ -431,6 +422,7 @@ def test_a_refused_port_is_retried_with_backoff_and_answered_at_once():
     assert not status.ready and "cannot connect to 127.0.0.1:1" in status.detail
 
 
+@pytest.mark.valkey
 def test_a_store_that_lost_its_data_is_reported_by_every_replica():
     # issue 11: after a restart without persistence (or a FLUSHALL) every budget starts
     # again from zero, silently. The store marker (written once, no TTL) shows it: gone
@@ -491,7 +483,7 @@ def test_a_store_that_lost_its_data_is_reported_by_every_replica():
 
 
 @pytest.mark.parametrize("mode,answer", [("closed", Kind.FAIL_CLOSED), ("open", Kind.FAIL_OPEN)])
-def test_a_decision_that_reaches_redis_after_its_deadline_is_not_applied(valkey, mode, answer):
+def test_a_decision_that_reaches_redis_after_its_deadline_is_not_applied(empty_valkey, mode, answer):
     # the server is stopped (as a backlog would hold it) from before the decision is sent
     # until after its caller was answered by the failure mode; when Redis gets to it, its
     # deadline (lua/deadline.lua) has passed and it applies nothing: no charge to put right.
@@ -499,8 +491,8 @@ def test_a_decision_that_reaches_redis_after_its_deadline_is_not_applied(valkey,
     # the timeout is long enough for the decisions in time to be in time on a busy machine
     # (it was 50 ms, with a DEBUG SLEEP sent from a thread that could reach Valkey after
     # the decision it was meant to hold up)
-    svc = service_for(valkey.url, mode, timeout_ms=1000)
-    r = redis.Redis.from_url(valkey.url)
+    svc = service_for(empty_valkey.url, mode, timeout_ms=1000)
+    r = redis.Redis.from_url(empty_valkey.url)
     budget_key = svc.backend.keys("late")[2]
 
     async def main():
@@ -508,13 +500,13 @@ def test_a_decision_that_reaches_redis_after_its_deadline_is_not_applied(valkey,
         try:
             assert (await svc.decide(req("late"))).kind is Kind.ALLOW
             assert budget_spent(r, budget_key) == 5
-            valkey.pause()
+            empty_valkey.pause()
             try:
                 late = await svc.decide(Request(headers={"x-tenant-id": "late",
                                                          "x-kt-estimated-tokens": "5"},
                                                 request_id="late-1"))
             finally:
-                valkey.resume()
+                empty_valkey.resume()
             # the refusal comes back on the link when Redis runs again
             await eventually(lambda: svc.backend.expired, "Redis to refuse the late decision")
             after = await svc.decide(req("late"))
@@ -536,13 +528,13 @@ def test_a_decision_that_reaches_redis_after_its_deadline_is_not_applied(valkey,
 
 
 @pytest.mark.parametrize("mode", ["open", "closed"])
-def test_a_decision_late_behind_the_sidecars_own_work_is_shed_not_failed(valkey, mode):
+def test_a_decision_late_behind_the_sidecars_own_work_is_shed_not_failed(empty_valkey, mode):
     # the store answers at once, but the decision reaches it after its deadline (here a
     # deadline of 0: as if it had waited behind a burst in this sidecar): Redis applies
     # nothing, and the answer says the sidecar is overloaded, never the failure mode,
     # which would admit it unmetered (open) or say the store is down (closed)
-    svc = service_for(valkey.url, mode, timeout_ms=1000)
-    r = redis.Redis.from_url(valkey.url)
+    svc = service_for(empty_valkey.url, mode, timeout_ms=1000)
+    r = redis.Redis.from_url(empty_valkey.url)
     budget_key = svc.backend.keys("shed")[2]
 
     async def main():
@@ -574,7 +566,7 @@ def test_a_decision_late_behind_the_sidecars_own_work_is_shed_not_failed(valkey,
         "kt_requests_total", {"decision": "overloaded", "transport": "authz"}) == 1
 
 
-def test_a_reply_that_waited_in_the_socket_while_the_loop_was_busy_is_read_not_failed(valkey):
+def test_a_reply_that_waited_in_the_socket_while_the_loop_was_busy_is_read_not_failed(empty_valkey):
     # The sidecar's event loop is busy (here: one callback holding it 200 ms, as a burst
     # being accepted would) right after a decision is written; Valkey answers at once and
     # the reply waits in the socket. On uvloop, as `kt serve` runs, due timers run before
@@ -582,7 +574,7 @@ def test_a_reply_that_waited_in_the_socket_while_the_loop_was_busy_is_read_not_f
     # store's decision by the failure mode. The link's watch reads the socket first.
     import uvloop
 
-    svc = service_for(valkey.url, "closed", timeout_ms=20)
+    svc = service_for(empty_valkey.url, "closed", timeout_ms=20)
 
     async def main():
         await svc.backend.start()
@@ -621,12 +613,12 @@ async def decide_with_its_reply_held(svc: DecisionService, request: Request):
     ("open", Kind.FAIL_OPEN, "kept", 10),  # the request went on: charged, held as reserved
 ])
 def test_a_decision_whose_reply_came_after_its_timeout_is_put_right(
-        valkey, mode, answer, action, spent_after):
+        empty_valkey, mode, answer, action, spent_after):
     # the held reply times out whatever the timeout; 500 ms keeps the decisions meant to
     # be in time in time (and Redis applying the held one before its deadline) when the
     # machine is busy, as 50 ms did not
-    svc = service_for(valkey.url, mode, timeout_ms=500)
-    r = redis.Redis.from_url(valkey.url)
+    svc = service_for(empty_valkey.url, mode, timeout_ms=500)
+    r = redis.Redis.from_url(empty_valkey.url)
     budget_key = svc.backend.keys("late")[2]
 
     def late_count() -> float:
@@ -660,14 +652,14 @@ def test_a_decision_whose_reply_came_after_its_timeout_is_put_right(
         assert reserved is None
 
 
-def test_a_late_failed_open_charge_is_refunded_when_its_usage_was_settled_in_full(valkey):
+def test_a_late_failed_open_charge_is_refunded_when_its_usage_was_settled_in_full(empty_valkey):
     # fail open: the request went on with no reservation, and its usage report came in
     # while the decision's reply was still on its way. Both go down the one link in order,
     # so the decision's late reply lands just before the settlement charges the actual
     # usage in full: the late charge must be refunded, or the request pays its estimate
     # and its usage.
-    svc = service_for(valkey.url, "open", timeout_ms=500)  # as above
-    r = redis.Redis.from_url(valkey.url)
+    svc = service_for(empty_valkey.url, "open", timeout_ms=500)  # as above
+    r = redis.Redis.from_url(empty_valkey.url)
     budget_key = svc.backend.keys("late")[2]
 
     def late_count(action: str) -> float:
@@ -703,6 +695,7 @@ def test_a_late_failed_open_charge_is_refunded_when_its_usage_was_settled_in_ful
     assert svc.reservations.get(late.reservation_id) is None
 
 
+@pytest.mark.valkey
 def test_a_check_envoy_gave_up_on_is_held_as_the_requests_reservation():
     # Envoy's ext_authz timeout cancels the gRPC call (here: the client's deadline) while
     # Redis is stalled, and Envoy's failure mode answers. Redis then applies the decision:
@@ -769,14 +762,14 @@ def test_a_check_envoy_gave_up_on_is_held_as_the_requests_reservation():
     assert spent == 5 + 7  # gone-0's 5 and gone-1's actual 7: not 5 + 5 + 7
 
 
-def test_a_settlement_whose_reply_came_too_late_is_settled_once_and_counted_once(valkey):
+def test_a_settlement_whose_reply_came_too_late_is_settled_once_and_counted_once(empty_valkey):
     # Redis stalls past a settlement's timeout and then applies it. Before, the sidecar gave
     # up on it and kept the reservation, which expired later as kept: the durable spend
     # counted the request twice (n 2 for 1) and the ledger recorded it as kept, not
     # settled. Now the settlement is sent again with the same key (applied at most once)
     # and the resend's "already settled" tells the sidecar its first send was applied.
-    svc = service_for(valkey.url, "open", timeout_ms=500)
-    r = redis.Redis.from_url(valkey.url)
+    svc = service_for(empty_valkey.url, "open", timeout_ms=500)
+    r = redis.Redis.from_url(empty_valkey.url)
     budget_key, spend_key = svc.backend.keys("slow-settle")[2], svc.backend.spend_key(
         "slow-settle")
 
@@ -785,14 +778,14 @@ def test_a_settlement_whose_reply_came_too_late_is_settled_once_and_counted_once
         try:
             decided = await svc.decide(req("slow-settle"))
             errors = svc.backend.errors
-            valkey.pause()
+            empty_valkey.pause()
             try:
                 settling = asyncio.ensure_future(svc.settle_usage(
                     decided.reservation_id, None, "gpt-4o", 100, 20, "access_log"))
                 await eventually(lambda: svc.backend.errors > errors or settling.done(),
                                  "the first send to time out")
             finally:
-                valkey.resume()
+                empty_valkey.resume()
             settled = await settling
             held = svc.reservations.get(decided.reservation_id)
             svc.reservations.ttl_s = -1  # whatever is still held expires now
@@ -819,8 +812,8 @@ def test_a_settlement_whose_reply_came_too_late_is_settled_once_and_counted_once
     (True, 150),  # replica B finds A's reservation: the estimate is replaced
     (False, 2000 + 150),  # B has no reservation: it charges in full, A's estimate stays
 ])
-def test_a_usage_report_to_another_replica(valkey, shared, spent_after):
-    text = policy_text(valkey.url).replace(
+def test_a_usage_report_to_another_replica(empty_valkey, shared, spent_after):
+    text = policy_text(empty_valkey.url).replace(
         "failure_mode:", f"shared_reservations: {str(shared).lower()}, failure_mode:")
     with workdir() as d:
         a, b = start_sidecars(d, text, 2)
@@ -839,8 +832,8 @@ def test_a_usage_report_to_another_replica(valkey, shared, spent_after):
                             for o in resp.ok_response.headers}["x-kt-reservation"]
 
             rid = asyncio.run(decide_on_a())
-            r = redis.Redis.from_url(valkey.url)
-            key = RedisBackend(schema.RedisBackend(url=valkey.url)).keys("report")[2]
+            r = redis.Redis.from_url(empty_valkey.url)
+            key = RedisBackend(schema.RedisBackend(url=empty_valkey.url)).keys("report")[2]
             assert budget_spent(r, key) == 2000
             doc = {"request_id": rid, "tenant": "report", "model": "gpt-4o",
                    "input_tokens": 100, "output_tokens": 50}
@@ -855,24 +848,24 @@ def test_a_usage_report_to_another_replica(valkey, shared, spent_after):
             b.stop()
 
 
-def test_per_class_failure_mode_is_the_strictest_the_tenant_has(valkey):
+def test_per_class_failure_mode_is_the_strictest_the_tenant_has(empty_valkey):
     svc = service_for("redis://127.0.0.1:1/0", "{rate_limits: open, budgets: closed}")
     rules = svc.policy
     assert svc.failure_mode_for(rules.defaults) == "closed"  # rpm + budget
-    only_rates = parse_policy(policy_text(valkey.url).replace(
+    only_rates = parse_policy(policy_text(empty_valkey.url).replace(
         "budget: {tokens: 100000000, period: day}", "").encode(), "<t>")
     svc2 = DecisionService(only_rates, RedisBackend(only_rates.backend))
     assert svc2.failure_mode_for(only_rates.defaults) == "open"
 
 
-def test_a_bad_key_fails_only_its_own_decision_in_a_batch(valkey, caplog):
+def test_a_bad_key_fails_only_its_own_decision_in_a_batch(empty_valkey, caplog):
     # one tenant's budget key overwritten with the wrong type (an operator's mistake): its
     # decision fails (budgets: closed, so it is denied and charged nothing) while the
     # decisions batched before and after it are decided and charged normally. Before,
     # the whole script failed after charging the decisions ahead of it: tenants answered
     # by the failure mode and billed anyway.
-    svc = service_for(valkey.url, "{rate_limits: open, budgets: closed}", timeout_ms=2000)
-    r = redis.Redis.from_url(valkey.url)
+    svc = service_for(empty_valkey.url, "{rate_limits: open, budgets: closed}", timeout_ms=2000)
+    r = redis.Redis.from_url(empty_valkey.url)
     bad_key = svc.backend.keys("batch-bad")[2]
     r.set(bad_key, "not a hash")
     tenants = ["batch-before", "batch-bad", "batch-after"]
@@ -897,12 +890,12 @@ def test_a_bad_key_fails_only_its_own_decision_in_a_batch(valkey, caplog):
     r.close()
 
 
-def test_script_flush_is_transparent(valkey):
+def test_script_flush_is_transparent(empty_valkey):
     # the decision after SCRIPT FLUSH gets NOSCRIPT, reloads and is applied exactly once.
     # Counted on a budget (nothing refills it) and a bucket slow enough that no refill
     # shows between the two decisions however slow the machine (the reload takes round
     # trips; with rpm 1000 a 60 ms gap refilled the request it had taken: 999 for 998)
-    backend = RedisBackend(schema.RedisBackend(url=valkey.url, timeout_ms=5000))
+    backend = RedisBackend(schema.RedisBackend(url=empty_valkey.url, timeout_ms=5000))
     from sidecar import _core
 
     lim = _core.Limits(rpm=6, budget=1000, period=_core.P_TOTAL)
@@ -911,7 +904,7 @@ def test_script_flush_is_transparent(valkey):
         await backend.start()
         try:
             first = await backend.decide("flush", lim, 0, 1, 1, 2, False)
-            r = redis.Redis.from_url(valkey.url)
+            r = redis.Redis.from_url(empty_valkey.url)
             r.script_flush()
             r.close()
             return first, await backend.decide("flush", lim, 0, 1, 1, 2, False)
@@ -924,16 +917,16 @@ def test_script_flush_is_transparent(valkey):
     assert second.budget_remaining == 996  # once: the NOSCRIPT attempt applied nothing
 
 
-def test_buckets_are_one_string_with_a_ttl_and_a_hash_of_the_old_format_still_counts(valkey):
+def test_buckets_are_one_string_with_a_ttl_and_a_hash_of_the_old_format_still_counts(empty_valkey):
     # a bucket is "<level> <last µs>" with its TTL in one SET (lua/common.lua); a bucket
     # left as a hash {l, t} by the earlier format keeps its level (a tenant in debt at the
     # upgrade stays in debt) and is replaced by the string form on its next write; a hash
     # without those fields reads as full, as an expired bucket would
     from sidecar import _core
 
-    backend = RedisBackend(schema.RedisBackend(url=valkey.url, timeout_ms=500))
+    backend = RedisBackend(schema.RedisBackend(url=empty_valkey.url, timeout_ms=500))
     rpm_key, tpm_key, _ = backend.keys("format")
-    r = redis.Redis.from_url(valkey.url)
+    r = redis.Redis.from_url(empty_valkey.url)
     r.hset(rpm_key, mapping={"l": "10", "t": str(time.time_ns() // 1000)})
     r.hset(tpm_key, mapping={"x": "1"})
     lim = _core.Limits(rpm=60, tpm=6000)
@@ -956,6 +949,7 @@ def test_buckets_are_one_string_with_a_ttl_and_a_hash_of_the_old_format_still_co
     r.close()
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("url,says", [
     ("redis://127.0.0.1:notaport/0", "not a usable URL"),
     ("redis://127.0.0.1:99999/0", "not a usable URL"),
@@ -997,8 +991,8 @@ def test_unreachable_redis_at_start_is_not_a_crash_but_not_ready():
     asyncio.run(main())
 
 
-def test_one_round_trip_carries_many_decisions(valkey):
-    backend = RedisBackend(schema.RedisBackend(url=valkey.url, timeout_ms=1000))
+def test_one_round_trip_carries_many_decisions(empty_valkey):
+    backend = RedisBackend(schema.RedisBackend(url=empty_valkey.url, timeout_ms=1000))
     from sidecar import _core
 
     lim = _core.Limits(rpm=100000)
@@ -1014,7 +1008,7 @@ def test_one_round_trip_carries_many_decisions(valkey):
     assert backend.round_trips < 20  # coalesced: not one round trip per decision
 
 
-def test_decisions_racing_the_first_connection_each_get_their_own_reply(valkey):
+def test_decisions_racing_the_first_connection_each_get_their_own_reply(empty_valkey):
     # Decisions arriving over many event-loop ticks while the hot-path connection is still
     # opening: each batch that found it closed waits for a connect, and one resuming after
     # the link came up must use it, not open a second link (replies on the first link would
@@ -1024,7 +1018,7 @@ def test_decisions_racing_the_first_connection_each_get_their_own_reply(valkey):
     from sidecar import _core
 
     async def main() -> list:
-        backend = RedisBackend(schema.RedisBackend(url=valkey.url, timeout_ms=2000))
+        backend = RedisBackend(schema.RedisBackend(url=empty_valkey.url, timeout_ms=2000))
         await backend.start()
 
         async def one(i: int):
@@ -1050,6 +1044,7 @@ if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
 
 
+@pytest.mark.valkey
 def test_password_db_and_unix_socket_urls_work_and_the_password_never_shows():
     from sidecar import _core
 

@@ -20,6 +20,8 @@ from tests.support.procs import workdir
 from tests.support.tls_proxy import TlsProxy
 from tests.support.valkey import Valkey
 
+pytestmark = pytest.mark.valkey
+
 POLICY = """
 tenant: {header: x-tenant-id, unknown: defaults}
 tiers: [{name: default, model: gpt-4o}]

@@ -15,12 +15,6 @@ from tests.support.procs import workdir
 from tests.support.valkey import Valkey
 
 
-@pytest.fixture(scope="module")
-def valkey():
-    with workdir() as d, Valkey(d) as v:
-        yield v
-
-
 def echoes(conn: PipelinedConnection, tag: str, n: int) -> list[asyncio.Future]:
     return [conn.submit(pack("ECHO", f"{tag}-{i}")) for i in range(n)]
 
@@ -108,6 +102,7 @@ def test_setup_commands_run_before_any_call_written_behind_them(valkey):
     asyncio.run(main())
 
 
+@pytest.mark.valkey
 def test_a_server_that_accepts_but_does_not_answer_gets_no_call_and_a_backoff():
     # a stopped server's kernel still completes the TCP handshake: the link must not count
     # as connected (nor carry calls) until the setup is answered, and a failed attempt
@@ -143,6 +138,7 @@ def test_backoff_doubles_with_jitter_up_to_its_cap():
     assert backoff_delay(10**6, lambda: 1.0) == BACKOFF_CAP_S  # no overflow
 
 
+@pytest.mark.valkey
 def test_a_caller_cancelled_while_connecting_does_not_fail_the_others():
     # the first caller's request is given up on (its task cancelled) while the link's
     # setup (SELECT) is still unanswered; the callers waiting on the same connect must

@@ -12,7 +12,6 @@ import redis
 from sidecar.backends.base import BackendError
 from sidecar.backends.redis import RedisBackend
 from sidecar.policy.load import parse_policy
-from tests.support.procs import workdir
 from tests.support.valkey import Valkey
 
 POLICY = """
@@ -26,10 +25,9 @@ backend: {kind: redis, url: "%s", timeout_ms: 2000}
 
 
 @pytest.fixture
-def backend():
-    with workdir() as d, Valkey(d) as v:
-        pol = parse_policy((POLICY % v.url).encode(), "<test>")
-        yield RedisBackend(pol.backend), pol, v
+def backend(own_valkey: Valkey):
+    pol = parse_policy((POLICY % own_valkey.url).encode(), "<test>")
+    return RedisBackend(pol.backend), pol, own_valkey
 
 
 def spent(v: Valkey, backend: RedisBackend, tenant: str) -> int:

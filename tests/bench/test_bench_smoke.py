@@ -19,6 +19,8 @@ bench_run = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_run)
 
 
+@pytest.mark.envoy
+@pytest.mark.valkey
 def test_bench_smoke_runs_end_to_end():
     missing = [t for t in ("wrk", "h2load") if shutil.which(t) is None]
     if missing:
@@ -58,6 +60,7 @@ def test_bucket_quantile_reads_the_decisions_between_two_scrapes():
     assert math.isnan(bench_run.bucket_quantile(after, after, 0.99))  # nothing decided
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("script,args,expect", [
     ("micro_fastpath.py", ["--requests", "600", "--runs", "1"], "µs CPU per request"),
     ("micro_core.py", ["--n", "20000", "--runs", "1"], "M decisions/s"),

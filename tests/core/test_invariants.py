@@ -19,7 +19,9 @@ from sidecar.service import DecisionService
 from sidecar.policy import schema
 from tests.support.clock import ManualClock
 
-BACKENDS = ["memory", "redis"]
+# the Lua scripts run on the module's Valkey (conftest's ``valkey``, asked for by name)
+REDIS = pytest.param("redis", marks=pytest.mark.valkey)
+BACKENDS = ["memory", REDIS]
 
 
 def make_backend(kind: str, clock: ManualClock, valkey_url: str = ""):
@@ -283,7 +285,7 @@ class ModelBackend:
         return Settlement(applied=True, budget_spent=spent)
 
 
-IMPLEMENTATIONS = ["memory", "redis", "model"]
+IMPLEMENTATIONS = ["memory", REDIS, "model"]
 
 
 def limit_variants(draw) -> list[_core.Limits]:

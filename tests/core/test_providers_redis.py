@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 
-import pytest
 import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -19,8 +18,6 @@ from sidecar.backends.redis import RedisBackend
 from sidecar.policy import schema
 from tests.core import reference_model as ref
 from tests.support.clock import ManualClock
-from tests.support.procs import workdir
-from tests.support.valkey import ValkeyCluster
 from tests.core.test_core_reference import to_core
 from tests.core.test_providers_core import (FIELDS, quotas, routed_requests, routed_setups,
                                        to_core_quota)
@@ -196,20 +193,14 @@ def test_a_provider_refusal_leaves_the_tenants_keys_as_they_were(valkey):
 
 
 # --- Redis Cluster: the two-step decision -------------------------------------------------
-@pytest.fixture(scope="module")
-def cluster():
-    with workdir() as d, ValkeyCluster(d) as c:
-        yield c
-
-
 def _slot(key: str) -> int:
     from redis.crc import key_slot
 
     return key_slot(key.encode())
 
 
-def test_cluster_two_steps_never_over_admit_and_give_back_what_the_tenant_refused(cluster):
-    backend = RedisBackend(schema.RedisBackend(url=cluster.url, cluster=True, timeout_ms=2000))
+def test_cluster_two_steps_never_over_admit_and_give_back_what_the_tenant_refused(valkey_cluster):
+    backend = RedisBackend(schema.RedisBackend(url=valkey_cluster.url, cluster=True, timeout_ms=2000))
     q = _core.Quota(rpm=20, floors=(0.25, 0.25, 0.0))  # reserve {high: 0.25}: 5 kept
     prov = Candidate(0, f"cl{next(_names)}", q)
     tenants = [f"ct-{next(_names)}" for _ in range(3)]
@@ -246,10 +237,10 @@ def test_cluster_two_steps_never_over_admit_and_give_back_what_the_tenant_refuse
     assert all(o.provider == 0 for o in high if o.admitted)
 
 
-def test_cluster_tier_guess_corrected_when_the_tenant_crosses_low_water(cluster):
+def test_cluster_tier_guess_corrected_when_the_tenant_crosses_low_water(valkey_cluster):
     """The tenant is below its low-water mark on its first decision: the hold on the
     default tier's provider is given back and the compact tier's provider charged."""
-    backend = RedisBackend(schema.RedisBackend(url=cluster.url, cluster=True, timeout_ms=2000))
+    backend = RedisBackend(schema.RedisBackend(url=valkey_cluster.url, cluster=True, timeout_ms=2000))
     lim = _core.Limits(budget=100, period=_core.P_DAY, low_water=0.5, prices=((0, 0), (0, 0)))
     big, mini = Candidate(0, f"cb{next(_names)}", _core.Quota(rpm=50)), Candidate(
         1, f"cm{next(_names)}", _core.Quota(rpm=50))

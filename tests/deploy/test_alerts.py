@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 
+import pytest
 import yaml
 
 from sidecar.backends.memory import MemoryBackend
@@ -69,6 +70,7 @@ def test_dashboard_references_exported_metrics():
     assert check_exprs(exprs) >= 10
 
 
+@pytest.mark.subprocess
 def test_promtool_accepts_the_rules():
     promtool = shutil.which("promtool")
     if promtool is None:
@@ -79,6 +81,7 @@ def test_promtool_accepts_the_rules():
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+@pytest.mark.subprocess
 def test_promtool_rule_unit_tests_pass():
     """docs/prometheus/alerts_test.yaml: the provider alerts (HighQueueDepth,
     ProviderRateLimited, TokenBudgetExhausted) fire on the series that should fire them, and

@@ -16,6 +16,8 @@ import urllib.request
 import venv
 from pathlib import Path
 
+import pytest
+
 from sidecar.cli import build_parser
 from tests.support.procs import find_binary, wait_until, workdir
 from tests.support.paths import ROOT
@@ -51,6 +53,7 @@ def stages(text: str) -> list[list[tuple[str, str]]]:
     return result
 
 
+@pytest.mark.subprocess
 def test_hadolint_finds_nothing():
     res = subprocess.run([find_binary("hadolint"), "--failure-threshold", "info", str(DOCKERFILE)],
                          capture_output=True, text=True, timeout=60)
@@ -125,6 +128,7 @@ def _env(stage: list[tuple[str, str]]) -> dict[str, str]:
     return env
 
 
+@pytest.mark.subprocess
 def test_the_images_build_steps_outside_docker_give_a_working_kt(tmp_path):
     build, final = stages(DOCKERFILE.read_text())
     build_steps, install_steps = _pip_steps(build), _pip_steps(final)

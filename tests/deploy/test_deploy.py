@@ -169,6 +169,7 @@ def test_services_monitors_budgets_and_autoscaler_point_at_the_pod():
     assert referenced - generated == {"llm-gateway-jwks"}  # made by hand (kustomization.yaml)
 
 
+@pytest.mark.subprocess
 def test_the_embedded_policy_passes_kt_check_config():
     res = subprocess.run([sys.executable, "-m", "sidecar.cli", "check-config",
                           str(K8S / "policy.yaml")], capture_output=True, text=True, timeout=60)
@@ -184,6 +185,7 @@ def envoy_command() -> list[str]:
     return shlex.split(m.group(1))
 
 
+@pytest.mark.envoy
 def test_the_embedded_envoy_config_is_what_kt_envoy_config_prints_and_envoy_accepts(tmp_path):
     cmd = envoy_command()
     res = subprocess.run([sys.executable, "-m", "sidecar.cli", *cmd[1:]], cwd=K8S,
@@ -240,6 +242,8 @@ def rewrite(node: Any, strings: dict[str, str], addresses: Optional[dict] = None
     return node
 
 
+@pytest.mark.envoy
+@pytest.mark.valkey
 def test_the_gateway_pod_runs_here_as_written_and_serves_a_request():
     import trustme
 
@@ -449,6 +453,7 @@ def test_the_provider_the_policy_names_is_the_service_kt_sidecar_serves():
         f"outbound|{grpc['port']}||{grpc['service']}"
 
 
+@pytest.mark.subprocess
 def test_the_istio_policy_passes_kt_check_config(tmp_path):
     cm = next(d for d in istio_docs() if d["kind"] == "ConfigMap")
     (tmp_path / "policy.yaml").write_text(cm["data"]["policy.yaml"])
@@ -491,6 +496,7 @@ def istio_gateway_bootstrap(tiers: list, listen_port: int = 10000, admin_port: i
     return doc, envoy_filter
 
 
+@pytest.mark.envoy
 def test_the_envoy_filter_patches_are_filters_envoy_accepts(tmp_path):
     # The patch values are Envoy config, which no Istio schema checks: put them in a
     # bootstrap (with a cluster of the name Istio gives the Service) as the patches place
@@ -522,6 +528,7 @@ def test_the_envoy_filter_patches_are_filters_envoy_accepts(tmp_path):
                        tenant]
 
 
+@pytest.mark.envoy
 def test_the_envoy_filter_strips_what_a_client_must_not_set():
     # through a real Envoy with the patches applied: a client's decision headers (one of
     # which would pick the compact route), its estimate, its request id and its tenant do
@@ -576,6 +583,7 @@ def one_line(res: subprocess.CompletedProcess, code: int, expected: str) -> None
     assert res.stderr == f"kt serve: {expected}\n"
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("flag", ["--grpc", "--http", "--http-authz"])
 def test_a_port_in_use_is_named_in_one_line(flag):
     with occupied_port() as addr:
@@ -583,6 +591,7 @@ def test_a_port_in_use_is_named_in_one_line(flag):
     one_line(res, 4, f"cannot listen on {addr} ({flag}): Address already in use")
 
 
+@pytest.mark.subprocess
 def test_an_address_not_on_this_host_is_named_in_one_line(tmp_path):
     token = tmp_path / "grpc.token"  # beyond loopback, a listener needs a credential
     token.write_text("a-token-of-sixteen-or-more\n")
@@ -591,6 +600,7 @@ def test_an_address_not_on_this_host_is_named_in_one_line(tmp_path):
     one_line(res, 4, "cannot listen on 192.0.2.1:8081 (--grpc): Cannot assign requested address")
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("flag,value,expected", [
     ("--grpc", "127.0.0.1:notaport", "--grpc '127.0.0.1:notaport': the port must be a number "
                                       "from 0 to 65535"),
@@ -602,6 +612,7 @@ def test_a_malformed_address_is_named_in_one_line(flag, value, expected):
     one_line(kt_serve(flag, value), 2, expected)
 
 
+@pytest.mark.valkey
 def test_with_workers_a_port_in_use_is_still_one_line(tmp_path):
     with workdir() as d, Valkey(d) as v:
         policy = d / "policy.yaml"
@@ -633,6 +644,7 @@ def readme_deploy_commands() -> list[str]:
     return commands
 
 
+@pytest.mark.envoy
 def test_the_readme_deploy_section_works_as_written():
     """The README's commands, in order, on this machine: only the ports (other tests share
     it) and the provider's address and CA bundle differ. api.openai.com stays the name Envoy

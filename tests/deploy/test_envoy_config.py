@@ -75,6 +75,7 @@ VARIANTS = ([(m, f, "ip") for m in MODES for f in ("allow", "deny")]
             + [(m, "deny", "jwt") for m in MODES])
 
 
+@pytest.mark.envoy
 @pytest.mark.parametrize("mode,failure_mode,shape", VARIANTS)
 def test_envoy_validates_every_variant_without_deprecated_fields(
         tmp_path, capsys, provider_files, mode, failure_mode, shape):
@@ -149,6 +150,7 @@ THREE = [TierRoute("best", "gpt-4o", "127.0.0.1:9001"),
          TierRoute("cheap", "gpt-3.5", "127.0.0.1:9003")]
 
 
+@pytest.mark.envoy
 def test_one_cluster_and_one_header_route_per_tier_and_the_catch_all_goes_to_the_first(tmp_path):
     _envoy_accepts(tmp_path, render(EnvoyOptions(tiers=THREE, usage="none")))
     doc = _render(tiers=THREE, usage="none")
@@ -251,6 +253,7 @@ def test_rls_filter_wiring(failure_mode):
                                    "append_action": "ADD_IF_ABSENT"}}
 
 
+@pytest.mark.envoy
 def test_header_names_are_options(tmp_path):
     opts = dict(mode="rls", tenant_header="x-org", rls_model_header="x-model",
                 estimate_header="x-tokens")
@@ -332,6 +335,7 @@ def test_weighted_upstreams_with_failover_use_priority_groups_and_a_retry_budget
         assert budget["budget_percent"]["value"] == 20.0
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("spec,fragment", [
     ("default", "expected TIER=HOST:PORT"),
     ("default=", "expected TIER=HOST:PORT"),
@@ -354,6 +358,7 @@ def test_a_malformed_upstream_is_one_line_and_exit_2(spec, fragment):
     assert res.stderr.startswith("kt envoy-config: --upstream") and fragment in res.stderr
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("flag,value,fragment", [
     ("--sidecar", "127.0.0.1:notaport", "--sidecar '127.0.0.1:notaport': the port must be"),
     ("--sidecar", "127.0.0.1", "--sidecar '127.0.0.1': expected HOST:PORT"),
@@ -414,6 +419,7 @@ def _through_envoy(d, tiers, n: int, headers: dict | None = None) -> list[dict]:
     return out
 
 
+@pytest.mark.envoy
 def test_envoy_reaches_a_tls_provider_by_hostname_with_its_key_from_a_file(tls_ca):
     with workdir() as d, FakeUpstream("provider", ssl_context=_server_ctx(tls_ca)) as up:
         tls_ca.cert_pem.write_to_path(str(d / "ca.pem"))
@@ -427,6 +433,7 @@ def test_envoy_reaches_a_tls_provider_by_hostname_with_its_key_from_a_file(tls_c
     assert got["host"] == f"localhost:{up.port}"
 
 
+@pytest.mark.envoy
 def test_envoy_refuses_a_provider_whose_certificate_names_another_host(tls_ca):
     # SNI and the certificate check are real: a certificate for another name is refused
     with workdir() as d, FakeUpstream("impostor", ssl_context=_server_ctx(tls_ca, "other.example")) as up:
@@ -437,6 +444,7 @@ def test_envoy_refuses_a_provider_whose_certificate_names_another_host(tls_ca):
     assert err.value.code == 503 and up.requests == []
 
 
+@pytest.mark.envoy
 def test_a_provider_answering_429_fails_over_to_the_next_priority(tls_ca):
     with workdir() as d, FakeUpstream("full", status=429, ssl_context=_server_ctx(tls_ca)) as full, \
             FakeUpstream("spare", ssl_context=_server_ctx(tls_ca)) as spare:
@@ -449,6 +457,7 @@ def test_a_provider_answering_429_fails_over_to_the_next_priority(tls_ca):
     assert len(full.requests) == 10  # each tried first, then retried on the spare
 
 
+@pytest.mark.envoy
 def test_weights_split_the_traffic_between_providers():
     with workdir() as d, FakeUpstream("a") as a, FakeUpstream("b") as b:
         ups = [parse_upstream(f"127.0.0.1:{a.port},name=a,weight=3"),
@@ -458,6 +467,7 @@ def test_weights_split_the_traffic_between_providers():
     # 3:1 of 200 is 150 ± 6.1 (one standard deviation): 110..190 is more than six of them
     assert 110 < counts["a"] < 190 and counts["a"] + counts["b"] == 200, counts
 
+@pytest.mark.envoy
 @pytest.mark.parametrize("mode", ["authz", "http-authz"])
 @pytest.mark.parametrize("usage", ["ext_proc", "none"])
 def test_the_other_usage_modes_validate(tmp_path, capsys, mode, usage):
@@ -512,6 +522,7 @@ JWT_POLICY = ('tenant: {metadata: "envoy.filters.http.jwt_authn:jwt_payload.org"
               "tiers: [{name: default, model: gpt-4o}]\n")
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("extra,fragment", [
     # the old docs/deploy set-up: every request answered 400 missing_tenant
     (["--mode", "http-authz", "--jwt-issuer", "i", "--jwt-jwks-file", "/k"],
@@ -529,6 +540,7 @@ def test_a_tenant_source_the_envoy_mode_cannot_carry_is_refused(tmp_path, extra,
     assert fragment in res.stderr, res.stderr
 
 
+@pytest.mark.subprocess
 def test_a_jwt_needs_its_issuer_and_its_keys():
     res = subprocess.run([sys.executable, "-m", "sidecar.cli", "envoy-config", "--jwt-issuer",
                           "i"], capture_output=True, text=True, timeout=60)
@@ -560,6 +572,7 @@ def test_a_sidecar_named_by_hostname_is_resolved_by_dns():
                                                "port_value": 8081}
 
 
+@pytest.mark.envoy
 def test_pass_path_adds_an_exact_route_and_refuses_a_bad_one(tmp_path, capsys):
     assert kt(["envoy-config", "--pass-path", "GET:/v1/models"]) == 0
     text = capsys.readouterr().out

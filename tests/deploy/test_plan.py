@@ -63,6 +63,7 @@ def test_the_committed_bench_result_plans(capsys):
     assert "us CPU per decision (measured)" in out and "core(s)" in out
 
 
+@pytest.mark.subprocess
 def test_kt_plan_works_outside_the_repository(tmp_path):
     # before: "bench/results/latest.json: not a readable bench result" anywhere but the root
     import subprocess

@@ -22,6 +22,7 @@ def _breakers(doc: dict) -> dict:
             for c in doc["static_resources"]["clusters"] if c["name"].startswith("kt_sidecar")}
 
 
+@pytest.mark.envoy
 @pytest.mark.parametrize("mode", ["authz", "http-authz"])
 def test_the_sidecars_clusters_allow_the_whole_queue_on_top_of_the_decisions(
         tmp_path, capsys, mode):

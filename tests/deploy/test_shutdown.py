@@ -53,6 +53,7 @@ def _assert_clean(res: subprocess.CompletedProcess, what: str) -> None:
     assert res.returncode == 0, f"{what}: exit {res.returncode}\n{res.stderr}"
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_at_any_moment_of_start_up_stops_cleanly(sig):
     with workdir() as d:
@@ -66,6 +67,7 @@ def test_a_signal_at_any_moment_of_start_up_stops_cleanly(sig):
             assert res.stderr.count(f"{sig.name}: shutting down") == 1, res.stderr
 
 
+@pytest.mark.valkey
 def test_ctrl_c_and_sigterm_at_any_moment_of_start_up_with_workers():
     with workdir() as d, Valkey(d) as v:
         policy = d / "policy.yaml"

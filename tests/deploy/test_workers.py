@@ -14,6 +14,7 @@ import threading
 import urllib.error
 import urllib.request
 
+import pytest
 import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
@@ -57,6 +58,7 @@ def decisions(text: str) -> float:
                if line.startswith("kt_requests_total{"))
 
 
+@pytest.mark.valkey
 def test_two_workers_are_one_sidecar_on_the_side_port():
     with workdir() as d, Valkey(d) as v:
         policy = d / "policy.yaml"
@@ -101,6 +103,7 @@ def test_two_workers_are_one_sidecar_on_the_side_port():
             wait_until(lambda: get(sc.http_port, "/readyz")[0] == 200, 10, "ready again")
 
 
+@pytest.mark.valkey
 def test_a_worker_that_dies_is_restarted_and_readiness_follows():
     with workdir() as d, Valkey(d) as v:
         policy = d / "policy.yaml"
@@ -124,6 +127,7 @@ def test_gauges_merge_by_meaning_counters_by_sum():
     assert merged[("kt_queue", ())] == 7.0  # an unlisted gauge (a queue depth) adds up
 
 
+@pytest.mark.subprocess
 def test_workers_refuse_the_embedded_backend():
     with workdir() as d:
         policy = d / "policy.yaml"
@@ -153,6 +157,7 @@ def pid_that_decided(doc: dict, before: list[float]) -> int:
     return doc["worker_pids"][grew[0]]
 
 
+@pytest.mark.valkey
 def test_usage_of_a_request_whose_worker_died_is_charged_once():
     # Envoy sends a request's decision and, after the response, its usage over one
     # connection, to one worker. When that worker dies, the connection and the usage of the
@@ -186,6 +191,7 @@ def test_usage_of_a_request_whose_worker_died_is_charged_once():
     assert spent == 150  # the usage replaced the estimate; before: 2000 + 150
 
 
+@pytest.mark.valkey
 def test_counters_never_go_backwards_when_a_worker_dies():
     # the pod's /metrics sums the workers' own counters: a worker killed and restarted
     # starts again from zero, and the sum fell (issue: kt_requests_total 824 -> 668). What
@@ -237,6 +243,8 @@ def test_the_counts_of_a_worker_that_exited_stay_in_the_sum():
     assert merged[("kt_queue", ())] == 4.0  # a gauge of a dead worker is gone with it
 
 
+@pytest.mark.envoy
+@pytest.mark.valkey
 def test_requests_in_flight_when_their_worker_dies_behind_envoy_are_charged_once():
     # the whole path: Envoy (kt envoy-config, usage by its access log) in front of two
     # workers, streams held open by the upstream, the worker that decided them SIGKILLed,
@@ -294,6 +302,7 @@ def test_requests_in_flight_when_their_worker_dies_behind_envoy_are_charged_once
     assert spent == n * (10 + 5)  # each stream's usage, once; its estimate replaced
 
 
+@pytest.mark.valkey
 def test_a_worker_shares_its_reservations_and_drops_those_it_settled_itself():
     # a worker shares every reservation whatever the policy says (ServerConfig, as the
     # supervisor starts it), so a sibling can settle it; one the worker settles itself is

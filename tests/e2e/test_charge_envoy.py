@@ -14,6 +14,8 @@ import pytest
 from tests.support.procs import wait_until
 from tests.e2e.test_usage_path import Reply, events, sse, usage_path
 
+pytestmark = pytest.mark.envoy
+
 
 def chunked_request(port: int, tenant: str, body: bytes, piece: int = 16384) -> tuple[int, bytes]:
     """POST ``body`` with transfer-encoding: chunked (no content-length); (status, body)."""

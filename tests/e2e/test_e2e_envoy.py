@@ -24,6 +24,8 @@ from tests.support.streams import leave_mid_stream
 from tests.support.upstream import FakeUpstream
 from tests.support.valkey import Valkey, ValkeyCluster
 
+pytestmark = pytest.mark.envoy
+
 POLICY = """
 tenant: {header: x-tenant-id, unknown: %(unknown)s}
 """ + TIERS_AND_PRICING + """defaults:
@@ -152,12 +154,13 @@ def stack(mode: str = "authz", failure_mode: str = "deny", unknown: str = "defau
                     raise
 
 
-@pytest.fixture(scope="module", params=[("authz", "memory", "als"), ("authz", "redis", "als"),
-                                        ("http-authz", "redis", "als"),
-                                        ("http-authz", "redis", "ext_proc"),
-                                        ("http-authz", "cluster", "als")],
-                ids=["grpc-memory", "grpc-redis", "http-redis", "http-redis-ext_proc",
-                     "http-cluster"])
+@pytest.fixture(scope="module", params=[
+    ("authz", "memory", "als"),
+    pytest.param(("authz", "redis", "als"), marks=pytest.mark.valkey),
+    pytest.param(("http-authz", "redis", "als"), marks=pytest.mark.valkey),
+    pytest.param(("http-authz", "redis", "ext_proc"), marks=pytest.mark.valkey),
+    pytest.param(("http-authz", "cluster", "als"), marks=pytest.mark.cluster),
+], ids=["grpc-memory", "grpc-redis", "http-redis", "http-redis-ext_proc", "http-cluster"])
 def authz(request) -> Iterator[Stack]:
     """The same end-to-end tests on both backends (embedded and a real Valkey), on both
     ext_authz transports (gRPC and the HTTP fast path) and both ways usage comes back

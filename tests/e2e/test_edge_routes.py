@@ -19,6 +19,8 @@ from tests.support.policies import TIERS_AND_PRICING
 from tests.support.procs import EnvoyProcess, SidecarProcess, free_port, workdir
 from tests.support.upstream import FakeUpstream
 
+pytestmark = pytest.mark.envoy
+
 POLICY = """
 tenant: {header: x-tenant-id, unknown: defaults}
 """ + TIERS_AND_PRICING + """defaults:

@@ -106,6 +106,8 @@ from tests.support.procs import (EnvoyProcess, SidecarProcess, free_port,  # noq
 from tests.support.upstream import FakeUpstream, ProviderQuota  # noqa: E402
 from tests.support.valkey import Valkey  # noqa: E402
 
+pytestmark = pytest.mark.envoy
+
 # Each scenario has its own model (a tier) and providers, so one stack serves them all.
 # Every fake provider keeps the quota the policy gives it, and answers 429 beyond it.
 E2E_POLICY = """
@@ -230,7 +232,8 @@ def provider_stack(sidecars: int, backend: str) -> Iterator[ProviderStack]:
             raise
 
 
-@pytest.fixture(scope="module", params=["one-sidecar-memory", "two-sidecars-one-valkey"])
+@pytest.fixture(scope="module", params=["one-sidecar-memory",
+                pytest.param("two-sidecars-one-valkey", marks=pytest.mark.valkey)])
 def stack(request) -> Iterator[ProviderStack]:
     if request.param == "one-sidecar-memory":
         with provider_stack(1, "") as s:

@@ -12,10 +12,12 @@ import pytest
 
 from tests.support.flood import flood_stack, run_flood
 
+pytestmark = pytest.mark.envoy
+
 LOW = ["low-a", "low-b", "low-c"]
 
 
-@pytest.mark.parametrize("backend", ["redis", "memory"])
+@pytest.mark.parametrize("backend", [pytest.param("redis", marks=pytest.mark.valkey), "memory"])
 def test_a_queue_flood_admits_nothing_by_the_failure_mode_and_keeps_high_priority(backend):
     # The flood saturates this machine's 2 cores (generator, Envoy, sidecar and Valkey
     # share them, with other work): Valkey's own slowlog showed single script calls of

@@ -32,6 +32,8 @@ from tests.support.procs import EnvoyProcess, SidecarProcess, free_port, wait_un
 from tests.support.upstream import FakeUpstream
 from tests.e2e.test_usage_path import Reply, RawUpstream, events
 
+pytestmark = pytest.mark.envoy
+
 POLICY = """
 tenant: {header: x-tenant-id, unknown: defaults}
 tiers:

@@ -25,6 +25,8 @@ from tests.support.procs import (EnvoyProcess, SidecarProcess, free_port, log_ta
 from tests.support.upstream import FakeUpstream
 from tests.deploy.test_envoy_config import envoy_validate
 
+pytestmark = pytest.mark.envoy
+
 POLICY = """
 tenant: {header: x-tenant-id, unknown: defaults}
 """ + TIERS_AND_PRICING + """defaults:

@@ -22,6 +22,8 @@ from sidecar.envoy_config import EnvoyOptions, TierRoute, render
 from tests.support.policies import TIERS_AND_PRICING
 from tests.support.procs import EnvoyProcess, SidecarProcess, free_port, wait_until, workdir
 
+pytestmark = pytest.mark.envoy
+
 POLICY = """
 tenant: {header: x-tenant-id, unknown: defaults}
 """ + TIERS_AND_PRICING + """defaults:

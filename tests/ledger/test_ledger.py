@@ -399,6 +399,7 @@ def test_events_stats_from_files(tmp_path, capsys):
 
 
 
+@pytest.mark.subprocess
 def test_the_spill_of_a_process_that_is_gone_is_adopted_and_replayed(tmp_path):
     import subprocess
     import sys

@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 
 import psycopg
+import pytest
 
 from sidecar.ledger.postgres import migrate
 from tests.support.postgres import Postgres
 from tests.support.procs import log_tail, wait_until, workdir
 from tests.support.streams import leave_mid_stream
 from tests.e2e.test_e2e_envoy import chat, stack
+
+pytestmark = [pytest.mark.envoy, pytest.mark.postgres]
 
 GPT4O = (2500, 10000)  # nano-USD per input / output token (tests/support/policies.py)
 

@@ -12,6 +12,7 @@ import signal
 import time
 
 import psycopg
+import pytest
 
 from sidecar.cli import main as kt
 from sidecar.ledger.postgres import migrate
@@ -19,6 +20,8 @@ from tests.support.postgres import Postgres
 from tests.support.procs import wait_until, workdir
 from tests.support.valkey import Valkey, command
 from tests.e2e.test_e2e_envoy import chat, stack
+
+pytestmark = [pytest.mark.envoy, pytest.mark.postgres, pytest.mark.valkey]
 
 PRICE = {"gpt-4o": (2500, 10000), "gpt-4o-mini": (150, 600)}  # nano-USD per token
 

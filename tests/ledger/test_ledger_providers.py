@@ -172,6 +172,7 @@ def _spend_requests(sc: RunningSidecar, tenant: str) -> int:
         return json.load(r)["tenants"][tenant]["gpt-4o"]["requests"]
 
 
+@pytest.mark.valkey
 def test_a_report_to_another_replica_names_and_corrects_the_provider(tmp_path):
     with workdir() as d, Valkey(d) as v:
         text = policy(backend=f'backend: {{kind: redis, url: "{v.url}", timeout_ms: 2000, '
@@ -243,6 +244,7 @@ def gateway(usage: str) -> Iterator[tuple]:
                     raise
 
 
+@pytest.mark.envoy
 @pytest.mark.parametrize("usage", ["als", "ext_proc"])
 def test_through_envoy_each_event_names_the_provider_that_served_it(usage):
     with gateway(usage) as (d, envoy, providers):

@@ -158,6 +158,7 @@ def test_a_row_the_server_refuses_is_set_aside_the_rest_written_and_loaded_later
     assert not letters_file.exists() and not list(tmp_path.glob("dead-letter.jsonl.*"))
 
 
+@pytest.mark.postgres
 def test_a_sigstopped_postgres_is_abandoned_at_the_deadline_and_events_spill(db, pg, tmp_path):
     log = EventLog(PostgresSink(pg.dsn), SpillFile(tmp_path / "spill.jsonl"), batch_events=20,
                    flush_interval_s=0.02, retry_interval_s=0.2, sink_timeout_s=1.0)
@@ -201,6 +202,7 @@ ledger: {sink: postgres, dsn: '%s', dir: '%s', flush_interval_s: 0.05, retry_int
 """
 
 
+@pytest.mark.postgres
 def test_sigterm_while_postgres_hangs_leaves_every_event_spilled_or_stored(pg, db, tmp_path):
     events_dir = tmp_path / "events"
     policy = tmp_path / "policy.yaml"

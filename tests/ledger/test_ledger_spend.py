@@ -55,7 +55,7 @@ def spend(sc, query: str = "") -> dict:
         return json.load(r)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.valkey)])
 def two(request, tmp_path):
     """Two sidecars on one store (redis: two replicas on one Valkey; memory: one sidecar
     twice, restarted on its state file), sharing a fake clock."""
@@ -177,6 +177,7 @@ def test_the_state_file_keeps_spend_and_refuses_a_corrupt_one(tmp_path: Path):
             pass
 
 
+@pytest.mark.subprocess
 def test_acknowledged_spend_survives_a_sigkill_of_the_embedded_sidecar(tmp_path: Path):
     """Each acknowledged report's spend cell is in the journal record of its settlement,
     so a SIGKILL between snapshots loses neither the budget's correction nor the spend."""
@@ -216,6 +217,7 @@ backend: {kind: memory, flush_interval_s: 3600}
 """
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
 def test_the_embedded_sidecar_restarts_after_settling_a_tenant_without_a_budget(tmp_path: Path,
                                                                                stop: str):
@@ -282,6 +284,7 @@ def sidecar_on_valkey(clock: ManualClock, timeout_ms: int = 2000) -> Iterator[tu
             yield sc, backend, v
 
 
+@pytest.mark.valkey
 def test_a_spend_report_over_a_range_reads_only_the_tenants_it_holds(tmp_path: Path):
     """A client inventing tenant ids under `unknown: defaults` must not make every later
     report read every tenant ever seen: a range is read through the day index (Redis's
@@ -313,6 +316,7 @@ def test_a_spend_report_over_a_range_reads_only_the_tenants_it_holds(tmp_path: P
     assert everything["rnd-7"]["gpt-4o"]["cost_nano_usd"] == 10 * 2500 + 1 * 10000
 
 
+@pytest.mark.valkey
 def test_a_range_starting_before_the_index_existed_is_read_whole(tmp_path: Path):
     """Spend written before the day index (older versions, or the index's first day) is
     found by a scan: a range never misses spend because its tenants were not indexed."""
@@ -331,6 +335,7 @@ def test_a_range_starting_before_the_index_existed_is_read_whole(tmp_path: Path)
     assert sorted(doc) == ["indexed"]
 
 
+@pytest.mark.valkey
 def test_an_index_write_the_store_did_not_take_is_sent_again(tmp_path: Path):
     """The day index is written ahead of a spend write and never fails it; what did not
     arrive (the store was gone) is sent again by the heartbeat once the store answers, so a
@@ -365,7 +370,7 @@ def test_an_index_write_the_store_did_not_take_is_sent_again(tmp_path: Path):
         r.close()
 
 
-@pytest.mark.parametrize("kind", ["memory", "redis"])
+@pytest.mark.parametrize("kind", ["memory", pytest.param("redis", marks=pytest.mark.valkey)])
 def test_a_settlements_event_falls_on_the_day_its_spend_does(tmp_path: Path, kind: str):
     """The durable spend is dated by the backend's clock (Redis's TIME, in the call that
     charges the budget); the ledger's event takes the same instant, so the PostgreSQL

@@ -198,15 +198,6 @@ backend: {kind: redis, url: "%s", timeout_ms: 500, shared_reservations: %s}
 """
 
 
-@pytest.fixture
-def valkey():
-    from tests.support.procs import workdir
-    from tests.support.valkey import Valkey
-
-    with workdir() as d, Valkey(d) as v:
-        yield v
-
-
 def redis_service(url: str, shared: bool = True):
     from sidecar.backends.redis import RedisBackend
     from sidecar.policy.load import parse_policy

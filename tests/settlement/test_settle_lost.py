@@ -15,8 +15,7 @@ from sidecar.model import Kind, Request
 from sidecar.policy import schema
 from sidecar.policy.load import parse_policy
 from sidecar.service import DecisionService
-from tests.support.procs import eventually, workdir
-from tests.support.valkey import Valkey
+from tests.support.procs import eventually
 
 POLICY = """
 tiers: [{name: default, model: gpt-4o}]
@@ -28,12 +27,6 @@ backend: {kind: redis, url: "%s", timeout_ms: 50, failure_mode: closed}
 """
 TENANT = "stalled"
 ESTIMATE = 5
-
-
-@pytest.fixture
-def valkey():
-    with workdir() as d, Valkey(d) as v:
-        yield v
 
 
 def service(url: str) -> DecisionService:
@@ -94,25 +87,25 @@ async def expire_everything(svc: DecisionService) -> None:
         await asyncio.sleep(0.02)
 
 
-def test_a_settlement_valkey_applied_during_a_stall_is_recorded_once(valkey):
+def test_a_settlement_valkey_applied_during_a_stall_is_recorded_once(own_valkey):
     # Valkey stopped for longer than every resend: the settlements wait in its socket and
     # are applied when it resumes. Before, each was logged "not settled", its reservation
     # put back in the book and expired later as kept: the request counted twice in the
     # durable spend (n 2 for 1, the estimate's tokens on top) and never as settled.
-    svc = service(valkey.url)
+    svc = service(own_valkey.url)
 
     async def main():
         await svc.backend.start()
         try:
             rid = await decided(svc)
-            valkey.pause()
+            own_valkey.pause()
             try:
                 error = await settle_while_stalled(svc, rid)
                 # a repeat of the same usage meanwhile is not a second charge
                 with pytest.raises(BackendError):
                     await svc.settle_usage(rid, TENANT, "gpt-4o", 100, 20, "report")
             finally:
-                valkey.resume()
+                own_valkey.resume()
             await eventually(lambda: sample(svc, "kt_settlements_total",
                                             source="access_log") == 1,
                              "the lost settlement confirmed from its marker", timeout=30)
@@ -125,7 +118,7 @@ def test_a_settlement_valkey_applied_during_a_stall_is_recorded_once(valkey):
     error, again = asyncio.run(main())
     assert "being read from the store" in str(error)
     assert not again.applied  # settled once; the repeat is recognised
-    spent, spend = books(valkey.url, svc)
+    spent, spend = books(own_valkey.url, svc)
     assert spent == 120  # the usage replaced the estimate of 5, once
     assert spend == {"i|gpt-4o": 100, "o|gpt-4o": 20, "n|gpt-4o": 1}
     assert sample(svc, "kt_reservations_closed_total", outcome="bound_expiry") == 0
@@ -134,22 +127,22 @@ def test_a_settlement_valkey_applied_during_a_stall_is_recorded_once(valkey):
     assert outcomes["applied"] + outcomes["resent"] == 1 and outcomes["unknown"] == 0
 
 
-def test_a_settlement_the_store_lost_is_sent_again_once_it_answers(valkey):
+def test_a_settlement_the_store_lost_is_sent_again_once_it_answers(own_valkey):
     # Valkey stopped, then killed and started again (its data gone with it): the
     # settlements in its socket were never applied. The marker is absent: the same
     # settlement is sent again, and counted once.
-    svc = service(valkey.url)
+    svc = service(own_valkey.url)
 
     async def main():
         await svc.backend.start()
         try:
             rid = await decided(svc)
-            valkey.pause()
+            own_valkey.pause()
             try:
                 await settle_while_stalled(svc, rid)
             finally:
-                valkey.kill()
-            valkey.start()
+                own_valkey.kill()
+            own_valkey.start()
             await eventually(lambda: sample(svc, "kt_settle_outcomes_total",
                                             outcome="resent") == 1,
                              "the lost settlement sent again", timeout=30)
@@ -158,33 +151,33 @@ def test_a_settlement_the_store_lost_is_sent_again_once_it_answers(valkey):
             await svc.backend.close()
 
     asyncio.run(main())
-    spent, spend = books(valkey.url, svc)
+    spent, spend = books(own_valkey.url, svc)
     assert spent == 120 - ESTIMATE  # the correction, applied once to the emptied store
     assert spend == {"i|gpt-4o": 100, "o|gpt-4o": 20, "n|gpt-4o": 1}
     assert sample(svc, "kt_settlements_total", source="access_log") == 1
     assert sample(svc, "kt_reservations_closed_total", outcome="bound_expiry") == 0
 
 
-def test_a_store_that_never_answers_closes_the_reservation_as_kept(valkey, monkeypatch):
+def test_a_store_that_never_answers_closes_the_reservation_as_kept(own_valkey, monkeypatch):
     # no answer within the resolution's patience (10 minutes; shortened here): the outcome
     # is unknown, counted and logged, and the reservation is closed as kept (its estimate
     # stays charged, as for any reservation whose usage never came), neither re-opened
     # nor left pending
     monkeypatch.setattr("sidecar.settle_outcome.RESOLVE_GIVE_UP_S", 0.5)
-    svc = service(valkey.url)
+    svc = service(own_valkey.url)
 
     async def main():
         await svc.backend.start()
         try:
             rid = await decided(svc)
-            valkey.pause()
+            own_valkey.pause()
             try:
                 await settle_while_stalled(svc, rid)
                 await eventually(lambda: sample(svc, "kt_settle_outcomes_total",
                                                 outcome="unknown") == 1,
                                  "the resolution to give up", timeout=30)
             finally:
-                valkey.resume()
+                own_valkey.resume()
             return rid
         finally:
             await svc.backend.close()
@@ -194,23 +187,23 @@ def test_a_store_that_never_answers_closes_the_reservation_as_kept(valkey, monke
     assert svc.reservations.get(rid) is None and len(svc.settler) == 0
 
 
-def test_usage_of_a_fail_open_request_settled_during_a_stall_is_recorded(valkey):
+def test_usage_of_a_fail_open_request_settled_during_a_stall_is_recorded(own_valkey):
     # a request the failure mode let through (fail open) has a reservation id the sidecar
     # made but no reservation; its usage, settled while Valkey is stopped and applied when
     # it resumes, is this sidecar's own settlement: recorded (metrics, ledger), not taken
     # for one an earlier report made
-    svc = service(valkey.url)
+    svc = service(own_valkey.url)
     rid = svc.new_reservation_id()  # as _failure makes one for a fail-open answer
 
     async def main():
         await svc.backend.start()
         try:
             await decided(svc)  # the link is up and warm
-            valkey.pause()
+            own_valkey.pause()
             try:
                 await settle_while_stalled(svc, rid, TENANT)
             finally:
-                valkey.resume()
+                own_valkey.resume()
             await eventually(lambda: len(svc.settler) == 0, "the outcome resolved", timeout=30)
         finally:
             await svc.backend.close()
@@ -218,26 +211,26 @@ def test_usage_of_a_fail_open_request_settled_during_a_stall_is_recorded(valkey)
     asyncio.run(main())
     assert sample(svc, "kt_settlements_total", source="access_log") == 1
     assert sample(svc, "kt_settle_outcomes_total", outcome="settled_before") == 0
-    assert books(valkey.url, svc)[1] == {"i|gpt-4o": 100, "o|gpt-4o": 20, "n|gpt-4o": 1}
+    assert books(own_valkey.url, svc)[1] == {"i|gpt-4o": 100, "o|gpt-4o": 20, "n|gpt-4o": 1}
 
 
-def test_a_stop_while_the_outcome_is_unknown_closes_the_reservation_as_kept(valkey):
+def test_a_stop_while_the_outcome_is_unknown_closes_the_reservation_as_kept(own_valkey):
     # the sidecar stops (Sidecar.stop gives the resolutions its drain grace) while Valkey
     # is still stopped: the outcome is unknown, said once, and the reservation closed as
     # kept, not lost without a trace
-    svc = service(valkey.url)
+    svc = service(own_valkey.url)
 
     async def main():
         await svc.backend.start()
         try:
             rid = await decided(svc)
-            valkey.pause()
+            own_valkey.pause()
             try:
                 await settle_while_stalled(svc, rid)
                 assert len(svc.settler) == 1
                 await svc.settler.close(0.3)
             finally:
-                valkey.resume()
+                own_valkey.resume()
         finally:
             await svc.backend.close()
 

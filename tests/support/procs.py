@@ -22,6 +22,8 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator, Optional
 
+from tests.support.servers import starting
+
 LOOPBACK = "127.0.0.1"
 
 
@@ -91,6 +93,8 @@ def stop_process(proc: subprocess.Popen, grace: float = 5.0) -> None:
 
 def find_binary(name: str) -> str:
     """A console script installed next to this Python (the venv), else on PATH."""
+    if name == "envoy":
+        starting("envoy")
     here = Path(sys.executable).parent / name
     if here.exists():
         return str(here)

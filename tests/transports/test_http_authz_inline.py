@@ -18,8 +18,7 @@ from sidecar.service import REQUEST_ID_KEY
 from sidecar.transports import http_authz
 from sidecar.transports.http_authz import AuthzProtocol, start_http_authz
 from tests.support.inproc import RunningSidecar
-from tests.support.procs import workdir
-from tests.support.valkey import Valkey, command
+from tests.support.valkey import command
 
 POLICY = """
 tenant: {header: x-tenant-id, unknown: deny}
@@ -64,12 +63,6 @@ def statuses(port: int, raw: bytes, expect: int) -> list[int]:
                 out.append(int(head.split(b" ", 2)[1]))
                 buf = rest[length:]
     return out
-
-
-@pytest.fixture(scope="module")
-def valkey():
-    with workdir() as d, Valkey(d) as v:
-        yield v
 
 
 @pytest.fixture(params=[True, False], ids=["inline", "worker-only"])

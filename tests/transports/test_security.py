@@ -341,6 +341,7 @@ def test_mtls_admits_only_clients_with_a_certificate_of_its_ca(tmp_path):
             check(sc, "acme")  # plaintext
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("flag", ["--grpc", "--admin", "--http-authz"])
 def test_kt_serve_refuses_an_unauthenticated_listener_beyond_loopback(flag, tmp_path):
     cmd = [sys.executable, "-m", "sidecar.cli", "serve", "--grpc", "127.0.0.1:0",
