@@ -13,19 +13,8 @@ import yaml
 from sidecar.cli import main as kt
 from sidecar.envoy_config import (EnvoyOptions, TierRoute, Upstream, UpstreamError,
                                   parse_upstream, render)
-from tests.support.procs import EnvoyProcess, find_binary, free_port, workdir
+from tests.support.procs import EnvoyProcess, envoy_validate, find_binary, free_port, workdir
 from tests.support.upstream import FakeUpstream
-
-
-def envoy_validate(path) -> str:
-    """`envoy --mode validate`; fails the test on a rejected config, returns the log, in
-    which Envoy names every deprecated field it was given."""
-    res = subprocess.run([find_binary("envoy"), "--mode", "validate", "-c", str(path),
-                          "--log-level", "warning"], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stdout + res.stderr
-    out = res.stdout + res.stderr
-    assert "eprecated" not in out, out
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import yaml
 
 from sidecar.cli import main
 from sidecar.envoy_config import SIDECAR_DECIDING_MAX
-from tests.deploy.test_envoy_config import envoy_validate
+from tests.support.procs import envoy_validate
 
 POLICY = """
 tiers:

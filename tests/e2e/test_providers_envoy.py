@@ -7,7 +7,7 @@ import yaml
 
 from sidecar import contract
 from sidecar.cli import main
-from tests.deploy.test_envoy_config import envoy_validate
+from tests.support.procs import envoy_validate
 
 PROVIDERS_POLICY = """
 tiers:

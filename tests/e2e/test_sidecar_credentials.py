@@ -23,7 +23,7 @@ from tests.support.policies import TIERS_AND_PRICING
 from tests.support.procs import (EnvoyProcess, SidecarProcess, free_port, log_tail, wait_until,
                                  workdir)
 from tests.support.upstream import FakeUpstream
-from tests.deploy.test_envoy_config import envoy_validate
+from tests.support.procs import envoy_validate
 
 pytestmark = pytest.mark.envoy
 

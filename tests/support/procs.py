@@ -104,6 +104,17 @@ def find_binary(name: str) -> str:
     return found
 
 
+def envoy_validate(path) -> str:
+    """`envoy --mode validate`; fails the test on a rejected config, returns the log, in
+    which Envoy names every deprecated field it was given."""
+    res = subprocess.run([find_binary("envoy"), "--mode", "validate", "-c", str(path),
+                          "--log-level", "warning"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout + res.stderr
+    assert "eprecated" not in out, out
+    return out
+
+
 class SidecarProcess:
     """`kt serve` as a subprocess, on ephemeral ports reported through --ready-file."""
 
