@@ -40,7 +40,7 @@ def _source(args: argparse.Namespace) -> tuple[Optional[str], Optional[str]]:
                 dsn = Path(led.dsn_file).read_text().strip()
             return None, dsn
         return led.dir, None
-    from sidecar.policy.ledger import LedgerConfig
+    from sidecar.ledger.config import LedgerConfig
 
     return LedgerConfig().dir, None
 
@@ -106,7 +106,7 @@ def _dead_letter_file(args: argparse.Namespace, directory: Optional[str]) -> Pat
         if led.dead_letter_file:
             return Path(led.dead_letter_file)
         return Path(led.dir) / "dead-letter.jsonl"
-    from sidecar.policy.ledger import LedgerConfig
+    from sidecar.ledger.config import LedgerConfig
 
     return Path(directory or LedgerConfig().dir) / "dead-letter.jsonl"
 

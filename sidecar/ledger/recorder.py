@@ -19,7 +19,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from sidecar.policy.ledger import LedgerConfig
+from sidecar.ledger.config import LedgerConfig
 from sidecar.ledger.deadletter import DeadLetterFile
 from sidecar.ledger.events import RefusalsEvent, ThresholdEvent, UsageEvent
 from sidecar.ledger.sinks import FileSink, Sink, SpillFile

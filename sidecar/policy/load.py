@@ -20,7 +20,7 @@ import msgspec
 import yaml
 
 from sidecar import _core
-from sidecar.policy import ledger as ledger_config
+from sidecar.ledger import config as ledger_config
 from sidecar.policy import schema
 from sidecar.policy.tls import tls_context
 from sidecar.policy.url import check_redis_url

@@ -10,7 +10,7 @@ from typing import Literal, Optional, Union
 
 import msgspec
 
-from sidecar.policy.ledger import LedgerConfig
+from sidecar.ledger.config import LedgerConfig
 
 Period = Literal["minute", "hour", "day", "month", "total"]
 Priority = Literal["low", "normal", "high"]
