@@ -157,6 +157,6 @@ def test_a_changed_ledger_section_needs_a_restart(tmp_path):
     with RunningSidecar(POLICY, policy_path=str(path)) as sc:
         path.write_text(POLICY + "ledger: {sink: none}\n")
         assert sc.sidecar.reload_if_changed() is False  # refused: the writer is built at start
-        assert sc.sidecar.ledger.config.sink == "file"
+        assert sc.sidecar.policy.ledger.sink == "file"
         path.write_text(POLICY.replace("rpm: 8", "rpm: 9"))
         assert sc.sidecar.reload_if_changed() is True
