@@ -38,8 +38,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import msgspec
 
 from sidecar import _core
-from sidecar.backends.base import (BackendError, BackendStatus, Candidate, LateReply,
-                                   Settlement)
+from sidecar.backends.base import (BackendError, BackendStats, BackendStatus, Candidate,
+                                   LateReply, Settlement, StateFileStats)
 from sidecar.ledger.spend import LAST_DAY, SpendCell, SpendRecord, day_of
 
 log = logging.getLogger("kt.memory")
@@ -544,6 +544,12 @@ class MemoryBackend:
         if self._last_error:
             return BackendStatus(False, self._last_error)
         return BackendStatus(True, "embedded")
+
+    def stats(self) -> BackendStats:
+        return BackendStats(round_trips=self.round_trips, decisions=self.decisions,
+                            state_file=StateFileStats(dict(self.write_failures),
+                                                      self.snapshot_seconds)
+                            if self.state_file else None)
 
     # --- the journal: group commit off the event loop ---------------------------------
     def _start_commit(self) -> None:
