@@ -128,6 +128,10 @@ class RedisBackend:
         return self.link.round_trips
 
     @property
+    def connection_attempts(self) -> tuple[int, int]:
+        return self.link.connection_attempts
+
+    @property
     def errors(self) -> int:
         return self.link.errors
 
