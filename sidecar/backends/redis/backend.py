@@ -119,9 +119,17 @@ class RedisBackend:
     def timeout_s(self) -> float:
         return self.link.timeout_s
 
+    @timeout_s.setter
+    def timeout_s(self, value: float) -> None:  # tests: a store given more time
+        self.link.timeout_s = value
+
     @property
     def deadline_s(self) -> float:
         return self.link.deadline_s
+
+    @deadline_s.setter
+    def deadline_s(self, value: float) -> None:  # tests: calls given less time
+        self.link.deadline_s = value
 
     @property
     def round_trips(self) -> int:
