@@ -51,7 +51,7 @@ class BatchItem:
     late: Optional[LateReply] = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # compared (and hashed) by identity
 class Lane:
     """One kind of call and how a batch of it is framed (lua/batch.lua).
 
