@@ -6,7 +6,7 @@ at once, atomically, exactly as if they had been charged. Decisions are then mad
 the Cython core (``_core.decide``, the one implementation of the rules) against what the
 lease holds, with no Redis round trip, until it runs out, is idle, or is ``MAX_AGE_S`` old;
 then what is left goes back to the pool (a refund, with settle.lua's rules) in the same
-script call that takes the next lease. Settlements go on as for any decision (settle_batch,
+script call that takes the next lease. Settlements go on as for any decision (batcher.py,
 batched per loop tick). So:
 
 - **No over-admission.** Every request admitted here was deducted from the pool when the
