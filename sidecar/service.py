@@ -593,7 +593,7 @@ class DecisionService:
             return
         gauges = self._tenant_gauges.get(tenant)
         if gauges is None:
-            gauges = self._tenant_gauges[tenant] = [None, None]
+            gauges = self._tenant_gauges[tenant] = [None, None, None, None]
         # a series exists only for a limit the tenant has: a tenant without a budget must
         # not export kt_budget_remaining 0, which any low-budget alert would fire on
         if out.limit_tokens > 0:
@@ -603,8 +603,16 @@ class DecisionService:
         if out.budget_limit >= 0:
             if gauges[1] is None:
                 gauges[1] = self.metrics.budget_remaining.labels(tenant, rule.budget_unit)
-            value = out.budget_remaining / 1e9 if rule.budget_unit == "usd" else out.budget_remaining
-            gauges[1].set(value)
+                gauges[2] = self.metrics.budget_limit.labels(tenant, rule.budget_unit)
+            scale = 1e9 if rule.budget_unit == "usd" else 1
+            gauges[1].set(out.budget_remaining / scale)
+            gauges[2].set(out.budget_limit / scale)
+            # the period's end as a Unix time (whole seconds: it moves only when a period
+            # starts); a `total` budget has no end and no series
+            if out.budget_reset_us > 0:
+                if gauges[3] is None:
+                    gauges[3] = self.metrics.budget_period_end.labels(tenant)
+                gauges[3].set(round(time.time() + out.budget_reset_us / 1e6))
 
     # --- usage: reconcile reservations with what the model really used -------
     async def settle_usage(self, request_id: str, tenant: Optional[str], model: Optional[str],
@@ -754,11 +762,14 @@ class DecisionService:
                 children = self._usage_children[key] = (
                     m.tokens_total.labels(label, model_label, "input"),
                     m.tokens_total.labels(label, model_label, "output"),
-                    m.cost_dollars.labels(label, model_label), m.settlements.labels(source))
+                    m.cost_dollars.labels(label, model_label), m.settlements.labels(source),
+                    m.tokens_total.labels(label, model_label, "cached_input"))
             children[0].inc(input_tokens)
             children[1].inc(output_tokens)
             children[2].inc(nano / 1e9)
             children[3].inc()
+            if cached_tokens:
+                children[4].inc(cached_tokens)
             if unpriced:
                 m.unpriced_tokens.labels(model_label).inc(input_tokens + output_tokens)
                 self._unpriced_log.warning(

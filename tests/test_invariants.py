@@ -155,6 +155,18 @@ estimate: {trusted: true}  # the count of 100 below comes from a trusted filter
                for s in m.samples if m.name in ("kt_budget_remaining", "kt_tokens_remaining")]
     assert ("kt_budget_remaining", {"tenant": "withbudget", "unit": "tokens"}, 400.0) in samples
     assert not [s for s in samples if s[1]["tenant"] == "nobudget"]
+    # the burn-rate alert's inputs (docs/prometheus/alerts.yaml, BudgetBurnRateHigh): the
+    # period's budget and its end, as a Unix time, only for a tenant with a budget
+    ends = {}
+    for m in svc.metrics.registry.collect():
+        for s in m.samples:
+            if m.name in ("kt_budget_limit", "kt_budget_period_end_timestamp_seconds"):
+                assert s.labels["tenant"] == "withbudget", s
+                ends[m.name] = s.value
+    assert ends["kt_budget_limit"] == 500.0
+    day_end_us = (clock.now // 86_400_000_000 + 1) * 86_400_000_000
+    expected = time.time() + (day_end_us - clock.now) / 1e6  # the day's end, on the wall clock
+    assert abs(ends["kt_budget_period_end_timestamp_seconds"] - expected) < 5
 
 
 USD_POLICY = b"""
