@@ -87,7 +87,7 @@ class RedisLink:
         self.clocks = ClockOffsets()
         self.marker = StoreMarker(marker_key, self.where)
         self._on_beat = on_beat
-        self.client: Any = None  # redis-py: cluster mode only (and URL parsing)
+        self._client: Any = None  # redis-py: cluster mode only
         self.conn: Optional[PipelinedConnection] = None
         self.errors = 0
         self._last_error = ""
@@ -110,7 +110,7 @@ class RedisLink:
         except ValueError as exc:
             raise BackendError(f"redis url {self.where}: {exc}") from None
         if self.cluster:
-            self.client = RedisCluster.from_url(self.cfg.url, **opts)
+            self._client = RedisCluster.from_url(self.cfg.url, **opts)
             try:
                 await asyncio.wait_for(self.load_scripts(), max(self.timeout_s * 20, 1.0))
                 await self._read_node_clocks()
@@ -163,16 +163,16 @@ class RedisLink:
         self.watch.close()
         if self.conn is not None:
             self.conn.close()
-        if self.client is not None:
+        if self._client is not None:
             try:
-                await self.client.aclose()
+                await self._client.aclose()
             except (RedisError, OSError):
                 pass
-            self.client = None
+            self._client = None
 
     @property
     def started(self) -> bool:
-        return self.client is not None or self.conn is not None
+        return self._client is not None or self.conn is not None
 
     @property
     def connected(self) -> bool:
@@ -191,7 +191,7 @@ class RedisLink:
     async def load_scripts(self) -> None:
         if self.cluster:
             for script in self.scripts:
-                await self.client.script_load(script.source)  # sent to every primary
+                await self._client.script_load(script.source)  # sent to every primary
             return
         assert self.conn is not None
         replies = await asyncio.gather(*(self.conn.call(pack("SCRIPT", "LOAD", s.source))
@@ -220,10 +220,10 @@ class RedisLink:
         that does not answer keeps its last reading (or none: no deadline on it)."""
         async def read(node: Any) -> None:
             sent = mono_us()
-            reply = await self.client.execute_command("TIME", target_nodes=node)
+            reply = await self._client.execute_command("TIME", target_nodes=node)
             self.clocks.observe(reply, sent, mono_us(), node.name)
 
-        if not self.client.get_primaries():
+        if not self._client.get_primaries():
             # the cluster did not answer at start: learn its nodes (and load the scripts)
             # now, so a sidecar started before its Redis becomes ready without traffic
             setup = asyncio.ensure_future(self.load_scripts())
@@ -235,7 +235,7 @@ class RedisLink:
             if setup.exception() is not None:
                 self.failed(f"cannot load scripts: {setup.exception()!r}")
                 return
-        reads = [asyncio.ensure_future(read(n)) for n in self.client.get_primaries()]
+        reads = [asyncio.ensure_future(read(n)) for n in self._client.get_primaries()]
         if not reads:
             return
         asked_at = time.monotonic()
@@ -324,7 +324,7 @@ class RedisLink:
         """Cluster mode: when a call sent now stops being waited for, in the clock of the
         node that holds ``key`` (0: that node's clock not read yet, no deadline)."""
         try:
-            node = self.client.get_node_from_key(key)
+            node = self._client.get_node_from_key(key)
         except (RedisError, RedisClusterException, IndexError):  # slots not known yet
             return 0
         if node is None:
@@ -356,7 +356,7 @@ class RedisLink:
                 # redis-py routes EVALSHA to the node owning the tenant's slot
                 self._cluster_round_trips += 1
                 try:
-                    return await self.client.evalsha(script.sha, len(keys), *keys, *args)
+                    return await self._client.evalsha(script.sha, len(keys), *keys, *args)
                 except NoScriptError:
                     if attempt == 2:
                         raise
@@ -379,7 +379,7 @@ class RedisLink:
             raise BackendError("redis backend not started")
         if self.cluster:
             try:
-                return await asyncio.wait_for(self.client.execute_command(*command),
+                return await asyncio.wait_for(self._client.execute_command(*command),
                                               self.timeout_s)
             except Exception as exc:  # noqa: BLE001 - the one seam
                 raise self.failed(f"{command[0]}: {type(exc).__name__}: {exc}") from None
@@ -397,7 +397,7 @@ class RedisLink:
         together); their replies. Raises what failed, without counting it against the
         link's health (for writes that must never fail the call they go with)."""
         if self.cluster:
-            return [await asyncio.wait_for(self.client.execute_command(*c), self.timeout_s)
+            return [await asyncio.wait_for(self._client.execute_command(*c), self.timeout_s)
                     for c in commands]
         assert self.conn is not None
         return await asyncio.wait_for(asyncio.gather(
