@@ -16,7 +16,6 @@ module):
 """
 from sidecar.backends.redis.backend import RedisBackend
 from sidecar.backends.redis.batcher import BATCH_MAX
-from sidecar.backends.redis.link import redact
 from sidecar.backends.redis.scripts import Script, load_script, pack
 
-__all__ = ["BATCH_MAX", "RedisBackend", "Script", "load_script", "pack", "redact"]
+__all__ = ["BATCH_MAX", "RedisBackend", "Script", "load_script", "pack"]
