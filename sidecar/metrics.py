@@ -278,8 +278,10 @@ def _backend_health(name: str, st: BackendStats):
             "reported (what a lease used so far told to Redis), failed (Redis did not answer; "
             "a return is sent again, and Redis closes a lease not returned after its end).",
             labels=["backend", "event"])
-        for event in ("taken", "refused", "returned", "reported", "failed"):
-            events.add_metric([name, event], getattr(leases, event))
+        for event, n in (("taken", leases.taken), ("refused", leases.refused),
+                         ("returned", leases.returned), ("reported", leases.reported),
+                         ("failed", leases.failed)):
+            events.add_metric([name, event], n)
         yield events
         local = CounterMetricFamily(
             "kt_lease_decisions", "Decisions made in process within a lease (no Redis round "
