@@ -15,10 +15,11 @@ heartbeat, the store marker, and the one seam where every failure becomes a Back
   the store has sent nothing for ``timeout_ms``; a link silent for longer than a call's
   deadline is dropped.
 
-Public interface (what the backend, the batcher and the leases use): ``call`` (a script),
-``plain`` (a command), ``send_unawaited``, ``submit`` (an encoded command on the pipelined
-link, for the batcher), ``connect``/``connected``, ``deadline_on``/``clocks``, ``failed``
-and ``answered`` (health), ``watch``.
+Public interface (what the backend, the batcher, the leases and the spend index use):
+``call`` (a script), ``plain`` and ``commands`` (plain commands), ``send_unawaited``,
+``submit``/``submit_all`` (encoded commands on the pipelined link, for the batcher),
+``load_scripts``, ``connect``/``connected``, ``deadline_on``/``clocks``, ``failed``,
+``answered`` and ``status`` (health), ``watch``, ``marker``.
 """
 from __future__ import annotations
 
