@@ -173,6 +173,10 @@ class ReservationBook:
         self._book.move_to_end(request_id)
         self.expire()
 
+    def open_ids(self) -> list[str]:
+        """The ids of the reservations open now, oldest first."""
+        return list(self._book)
+
     def pop(self, request_id: str) -> Optional[Reservation]:
         t = self._book.pop(request_id, None)
         return Reservation(*t) if t is not None else None
@@ -867,7 +871,8 @@ class DecisionService:
         unit = rule.budget_unit if rule is not None and rule.limits.budget >= 0 else ""
         inp, out = bound.estimate_tokens(res)
         nano, unpriced = self._price(res.model, Usage(inp, out))
-        self._record_spend(res.tenant, SpendRecord(res.model, 1, inp, out, 0, 0, nano))
+        self._record_spend(res.tenant, SpendRecord(res.model, 1, inp, out, 0, 0, nano),
+                           res.period_start_us, res.charged_cost if unit else 0)
         self.ledger.closed(
             request_id=request_id, tenant=res.tenant, outcome=outcome, settled_by=why,
             decided_us=self._decided_us(res), model_asked=res.model_asked,
@@ -882,12 +887,14 @@ class DecisionService:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _record_spend(self, tenant: str, spend: SpendRecord) -> None:
+    def _record_spend(self, tenant: str, spend: SpendRecord, period_start_us: int = -1,
+                      held: int = 0) -> None:
         """The durable spend of a request whose estimate stays charged (no settlement call
-        carries it): written in the background, never waited on by a decision."""
+        carries it; its charge ``held`` leaves the held part): written in the background,
+        never waited on by a decision."""
         async def write() -> None:
             try:
-                await self.backend.record_spend(tenant, spend)
+                await self.backend.record_spend(tenant, spend, period_start_us, held)
             except BackendError as exc:
                 log.warning("spend of a kept reservation not recorded (tenant %s, model %s, "
                             "%d nano-USD): %s", tenant, spend.model, spend.cost_nano_usd, exc)

@@ -337,7 +337,8 @@ class RedisBackend:
         keys = [tpm_key, budget_key, self.keyspace.settled(tenant, request_id),
                 self.keyspace.spend(tenant)]
         if spend is not None:
-            args += [spend.model, *spend.counts()]
+            # and the budget's unit: what the usage cost it (the estimate leaves "held")
+            args += [spend.model, *spend.counts(), 1 if limits.budget_in_usd else 0]
             await self.spend.note(tenant)
         if self.cfg.cluster:
             reply = await self.link.call(self.scripts.settle, keys, args)
@@ -363,11 +364,12 @@ class RedisBackend:
     def spend_key(self, tenant: str) -> str:
         return self.keyspace.spend(tenant)
 
-    async def record_spend(self, tenant: str, spend: SpendRecord) -> None:
+    async def record_spend(self, tenant: str, spend: SpendRecord, period_start_us: int = -1,
+                           held: int = 0) -> None:
         """Spend of a request that is not settled by settle.lua (its estimate stays
-        charged); may raise BackendError."""
+        charged, no longer held); may raise BackendError."""
         keys = [self.keyspace.spend(tenant)]
-        args = [self._now_arg(), spend.model, *spend.counts()]
+        args = [self._now_arg(), spend.model, *spend.counts(), period_start_us, held]
         await self.spend.note(tenant)
         await self.link.call(self.scripts.record_spend, keys, args)
 
