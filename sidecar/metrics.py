@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from dataclasses import dataclass
+from typing import Mapping, Optional
 
-from sidecar.backends.base import BackendStats
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 # Decisions take microseconds in process and ~1 ms over Redis: buckets from 50 µs to 250 ms.
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015,
@@ -223,6 +224,46 @@ class _LedgerCollector:
         for (label, fraction), n in sorted(self.ledger.crossings.items()):
             crossings.add_metric([label, f"{fraction:g}"], n)
         yield from (states, buffered, up, spill, timeouts, ready, crossings)
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseStats:
+    """Capacity leases (sidecar/backends/redis/lease.py): leases by event since start, the
+    decisions made within them, and those held now."""
+
+    taken: int
+    refused: int
+    returned: int
+    reported: int
+    failed: int
+    local_decisions: int
+    held: int
+
+
+@dataclass(frozen=True, slots=True)
+class StateFileStats:
+    """The embedded backend's state file: failed writes by what (snapshot, journal), and
+    how long the last snapshot took."""
+
+    write_failures: Mapping[str, int]
+    snapshot_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class BackendStats:
+    """What a backend counts, read at scrape time (``Backend.stats()``, backends/base.py):
+    declared here, where it is read. A field left None is something this backend does not
+    keep: its metric family is not exported."""
+
+    round_trips: int = 0  # one pipeline (one write) = one round trip
+    decisions: int = 0
+    connection_attempts: Optional[tuple[int, int]] = None  # (opened, failed)
+    expired_decisions: Optional[int] = None  # refused by the store past their deadline
+    store_resets: Optional[int] = None  # times the shared store lost its data
+    leases: Optional[LeaseStats] = None
+    provider_refunds: Optional[Mapping[str, int]] = None  # by result: ok, failed
+    state_file: Optional[StateFileStats] = None
+
 
 
 class _BackendCollector:

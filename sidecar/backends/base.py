@@ -7,10 +7,11 @@ raises ``BackendError`` and the service applies the configured failure mode.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, NamedTuple, Optional, Protocol, Sequence
+from typing import Callable, NamedTuple, Optional, Protocol, Sequence
 
 from sidecar._core import Limits, Outcome, Quota
 from sidecar.ledger.spend import LAST_DAY, SpendCell, SpendRecord
+from sidecar.metrics import BackendStats
 
 
 # what take_reservation leaves where a shared reservation was (never a valid record)
@@ -70,44 +71,6 @@ class Settlement:
     applied: bool
     budget_spent: int
     at_us: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class LeaseStats:
-    """Capacity leases (sidecar/backends/redis/lease.py): leases by event since start, the
-    decisions made within them, and those held now."""
-
-    taken: int
-    refused: int
-    returned: int
-    reported: int
-    failed: int
-    local_decisions: int
-    held: int
-
-
-@dataclass(frozen=True, slots=True)
-class StateFileStats:
-    """The embedded backend's state file: failed writes by what (snapshot, journal), and
-    how long the last snapshot took."""
-
-    write_failures: Mapping[str, int]
-    snapshot_seconds: float
-
-
-@dataclass(frozen=True, slots=True)
-class BackendStats:
-    """What a backend counts, read at scrape time (sidecar/metrics.py). A field left None
-    is something this backend does not keep: its metric family is not exported."""
-
-    round_trips: int = 0  # one pipeline (one write) = one round trip
-    decisions: int = 0
-    connection_attempts: Optional[tuple[int, int]] = None  # (opened, failed)
-    expired_decisions: Optional[int] = None  # refused by the store past their deadline
-    store_resets: Optional[int] = None  # times the shared store lost its data
-    leases: Optional[LeaseStats] = None
-    provider_refunds: Optional[Mapping[str, int]] = None  # by result: ok, failed
-    state_file: Optional[StateFileStats] = None
 
 
 class Backend(Protocol):

@@ -38,10 +38,11 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import msgspec
 
 from sidecar import _core
-from sidecar.backends.base import (BackendError, BackendStats, BackendStatus, Candidate,
-                                   LateReply, Settlement, StateFileStats)
+from sidecar.backends.base import (BackendError, BackendStatus, Candidate, LateReply,
+                                   Settlement)
 from sidecar.ledger.spend import (HELD_FIELD, LAST_DAY, SpendCell, SpendRecord, day_of,
                                   held_cell)
+from sidecar.metrics import BackendStats, StateFileStats
 
 log = logging.getLogger("kt.memory")
 STATE_VERSION = 2  # 1: snapshot only (still read); 2: snapshot + journal

@@ -25,8 +25,8 @@ from typing import Any, Callable, Optional, Sequence
 import hiredis
 
 from sidecar import _core
-from sidecar.backends.base import (TAKEN_RESERVATION, BackendStats,
-                                   BackendStatus, Candidate, LateReply, LeaseStats, Settlement)
+from sidecar.backends.base import (TAKEN_RESERVATION, BackendStatus, Candidate, LateReply,
+                                   Settlement)
 from sidecar.backends.redis.batcher import Lane, TickBatcher
 from sidecar.backends.redis.cluster import ClusterRouting
 from sidecar.backends.redis.keys import Keys
@@ -35,6 +35,7 @@ from sidecar.backends.redis.link import RedisLink
 from sidecar.backends.redis.scripts import Scripts, bulk, limit_args, quota_args
 from sidecar.backends.redis.spend import SpendDays
 from sidecar.ledger.spend import LAST_DAY, SpendCell, SpendRecord
+from sidecar.metrics import BackendStats, LeaseStats
 from sidecar.policy import schema
 
 # how long a settled request id is remembered (a repeated report within it is a no-op)
