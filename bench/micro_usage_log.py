@@ -60,6 +60,16 @@ def messages(n: int, batch: int, run: int) -> list[bytes]:
         e.request.request_id = f"r{run}-{i}"
         e.request.request_headers[contract.H_TENANT] = tenant
         e.response.response_code.value = 200
+        # what Envoy's access log carries besides (the upstream SLIs read it): the route's
+        # name, the routed model, body sizes and the upstream timings
+        e.request.request_headers[contract.H_MODEL] = "gpt-4o"
+        e.request.request_body_bytes = 900
+        e.response.response_body_bytes = 2400 if streamed else 600
+        cp = e.common_properties
+        cp.route_name = "POST /v1/chat/completions"
+        cp.time_to_first_upstream_tx_byte.FromMilliseconds(2)
+        cp.time_to_first_upstream_rx_byte.FromMilliseconds(350)
+        cp.time_to_last_upstream_rx_byte.FromMilliseconds(2900 if streamed else 1500)
         key, text = lua_selection(streamed)
         e.common_properties.metadata.filter_metadata[
             contract.USAGE_METADATA_NAMESPACE].fields[key].string_value = text
