@@ -526,10 +526,11 @@ def _routes(o: EnvoyOptions) -> list[dict]:
                 # event's `endpoint`, sidecar/upstream_sli.py), never the client's path
                 "name": endpoints.route_name(e),
                 # exact, the query string removed
+                # no YAML anchors: one dict per route
                 "match": {"path": e.path,
-                          "headers": [*headers,
+                          "headers": [*copy.deepcopy(headers),
                                       {"name": ":method", "string_match": {"exact": e.method}}]},
-                "route": copy.deepcopy(action),  # no YAML anchors: one dict per route
+                "route": copy.deepcopy(action),
                 # the reply must stay readable for its usage: a client's Accept-Encoding
                 # would have the provider compress it, and the usage filter reads nothing
                 "request_headers_to_remove": ["accept-encoding"]})
