@@ -6,8 +6,12 @@ per settled request (decode, parse the usage, settle, count), the part a code ch
 move; with `--redis` also Valkey's CPU and commands per settled request.
 
   python bench/micro_usage_log.py [--entries N] [--batch B] [--runs R] [--redis] [--profile]
+                                  [--slis-ab]
 
-Prints the median (min–max) of R runs in µs of CPU per settled request.
+Prints the median (min–max) of R runs in µs of CPU per settled request. `--slis-ab`: each
+run twice, with the upstream SLIs (sidecar/upstream_sli.py: read the timings, observe the
+histograms, carry them to the event) and without (the access-log receiver's call to them
+replaced by one returning nothing), alternated in the same process, and both medians.
 """
 from __future__ import annotations
 
@@ -48,8 +52,9 @@ def lua_selection(streamed: bool) -> tuple[str, str]:
                               separators=(",", ":"))
 
 
-def messages(n: int, batch: int, run: int) -> list[bytes]:
-    """n entries (tenants and streaming as the full-path bench), `batch` per message."""
+def messages(n: int, batch: int, run: int, reservations: list[str]) -> list[bytes]:
+    """n entries (tenants and streaming as the full-path bench), `batch` per message, each
+    naming the reservation its decision made (x-kt-reservation, as Envoy logs it)."""
     reqs = full_path_requests()
     out, msg = [], None
     for i in range(n):
@@ -59,6 +64,7 @@ def messages(n: int, batch: int, run: int) -> list[bytes]:
         e = msg.http_logs.log_entry.add()
         e.request.request_id = f"r{run}-{i}"
         e.request.request_headers[contract.H_TENANT] = tenant
+        e.request.request_headers[contract.H_RESERVATION] = reservations[i]
         e.response.response_code.value = 200
         # what Envoy's access log carries besides (the upstream SLIs read it): the route's
         # name, the routed model, body sizes and the upstream timings
@@ -87,11 +93,13 @@ async def one_run(service: DecisionService, n: int, batch: int, run: int,
     body = json.dumps({"model": "gpt-4o", "max_tokens": USAGE[1],
                        "messages": [{"role": "user", "content": "x" * 760}]}).encode()
     reqs = full_path_requests()
+    reservations = []
     for i in range(n):  # the decisions that reserved what the log entries settle
         tenant, _ = reqs[i % len(reqs)]
-        await service.decide(Request(headers={"x-tenant-id": tenant}, body=body,
-                                     request_id=f"r{run}-{i}"))
-    wire = messages(n, batch, run)
+        d = await service.decide(Request(headers={"x-tenant-id": tenant}, body=body,
+                                         request_id=f"r{run}-{i}"))
+        reservations.append(d.reservation_id)
+    wire = messages(n, batch, run, reservations)
     receiver = UsageLogReceiver(service)
 
     async def incoming():
@@ -142,6 +150,9 @@ async def main_async(a) -> None:
         valkey_us: list[float] = []
         valkey_cmds: list[float] = []
         prof = cProfile.Profile() if a.profile else None
+        if a.slis_ab:
+            await slis_ab(service, a, valkey)
+            return
         for run in range(a.runs):
             if prof:
                 prof.enable()
@@ -166,6 +177,26 @@ async def main_async(a) -> None:
             valkey.stop()
 
 
+async def slis_ab(service: DecisionService, a, valkey) -> None:
+    import sidecar.transports.als as als
+
+    with_slis = als.from_access_log
+    results: dict[bool, list[float]] = {True: [], False: []}
+    for run in range(a.runs):
+        for on in ((True, False) if run % 2 == 0 else (False, True)):
+            als.from_access_log = with_slis if on else (lambda *args: None)
+            try:
+                us, _, _ = await one_run(service, a.entries, a.batch, 2 * run + on, valkey)
+            finally:
+                als.from_access_log = with_slis
+            results[on].append(us)
+    on, off = statistics.median(results[True]), statistics.median(results[False])
+    print(f"with SLIs {on:.1f} µs, without {off:.1f} µs CPU per settled request: "
+          f"{on - off:+.1f} µs ({100 * (on - off) / off:+.1f}%) (medians of {a.runs} runs "
+          f"each, alternated; with {sorted(round(x, 1) for x in results[True])}, without "
+          f"{sorted(round(x, 1) for x in results[False])})")
+
+
 def _cpu(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -179,6 +210,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--redis", action="store_true")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--slis-ab", action="store_true")
     a = ap.parse_args()
     assert FULL_HOT > 0
     uvloop.run(main_async(a))

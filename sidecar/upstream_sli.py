@@ -180,7 +180,8 @@ def from_access_log(slis: UpstreamSLIs, policy, entry, provider: str,
     tx = duration_us(cp.time_to_first_upstream_tx_byte)
     first = duration_us(cp.time_to_first_upstream_rx_byte)
     last = duration_us(cp.time_to_last_upstream_rx_byte)
-    up = Upstream(status, last - tx if last > tx > 0 else 0, first - tx if first > tx > 0 else 0,
+    up = Upstream(status if 100 <= status <= 599 else 0,
+                  last - tx if last > tx > 0 else 0, first - tx if first > tx > 0 else 0,
                   cp.route_name[:256])
     if 200 <= status < 300:
         slis.observe(slis.labels(policy, provider, model, routed_model), up.upstream_us,

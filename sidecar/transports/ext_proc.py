@@ -199,7 +199,8 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         """The SLIs as this stream saw them (docs/usage.md: what ext_proc measures)."""
         end = time.monotonic_ns()
         sent, first = ex.sent_ns, ex.first_ns
-        up = Upstream(ex.status, (end - sent) // 1000 if sent and first else 0,
+        up = Upstream(ex.status if 100 <= ex.status <= 599 else 0,
+                      (end - sent) // 1000 if sent and first else 0,
                       (first - sent) // 1000 if sent and first else 0, ex.endpoint)
         if 200 <= ex.status < 300:
             usage = scanner.usage if scanner is not None else None
