@@ -154,7 +154,7 @@ class UpstreamSLIs:
                 if not any(counts):
                     continue  # e.g. no stream yet: no tokens-per-second series
                 total, buckets = 0, []
-                for bound, n in zip(bounds, counts):
+                for bound, n in zip(bounds, counts[:-1], strict=True):
                     total += n
                     buckets.append((floatToGoString(bound), total))
                 buckets.append(("+Inf", total + counts[-1]))
