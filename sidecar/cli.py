@@ -122,6 +122,7 @@ def _envoy_config(args: argparse.Namespace) -> int:
         default = parse_upstream(args.default_upstream, "--default-upstream")
         tiers = [TierRoute(t.name, t.model, upstreams.get(t.name, [default]))
                  for t in policy.tiers]
+
         for t in tiers:
             t.upstreams()  # names clash?
         lhost, lport = parse_hostport(args.listen, "--listen")
@@ -159,6 +160,10 @@ def _envoy_config(args: argparse.Namespace) -> int:
         print(f"kt envoy-config: note: {note}", file=sys.stderr)
     for note in rls_timeout_notes(policy, opts):
         print(f"kt envoy-config: note: {note}", file=sys.stderr)
+    defaulted = [t for t in tier_names if t not in upstreams]
+    if defaulted:  # said, not silent: a production config must not send them there
+        print(f"kt envoy-config: note: tier(s) {', '.join(defaulted)} have no --upstream: "
+              f"routed to --default-upstream {args.default_upstream}", file=sys.stderr)
     sys.stdout.write(text)
     return 0
 
@@ -201,7 +206,12 @@ def provider_options(policy) -> dict:
     return out
 
 
+ADMIN_PORT_HINT = ("give --admin the address of `kt serve --admin` (default 127.0.0.1:9091; "
+                   "`kt serve --ready-file` writes the admin_port it bound)")
+
+
 def _spend(args: argparse.Namespace) -> int:
+    import http.client
     import json
     import urllib.error
     import urllib.parse
@@ -226,15 +236,25 @@ def _spend(args: argparse.Namespace) -> int:
         with opener.open(urllib.request.Request(url, headers=headers), timeout=15) as r:
             doc = json.load(r)
     except urllib.error.HTTPError as exc:
-        hint = " (give --token-file with the admin token)" if exc.code == 401 else ""
+        hint = {401: " (give --token-file with the admin token)",
+                404: f" ({args.admin} is not the sidecar's admin port: the HTTP side port "
+                     f"answers /metrics only; {ADMIN_PORT_HINT})"}.get(exc.code, "")
         try:
             message = ": " + json.load(exc)["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = ""
         print(f"kt spend: {url}: HTTP {exc.code}{message}{hint}", file=sys.stderr)
         return 1
+    except (http.client.HTTPException, ConnectionResetError) as exc:
+        # an answer that is not HTTP/1.1: the gRPC port (HTTP/2) or another service
+        print(f"kt spend: {args.admin} did not answer as the admin port does ({exc!r}): "
+              f"the gRPC port? {ADMIN_PORT_HINT}", file=sys.stderr)
+        return 1
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        print(f"kt spend: cannot read {url}: {exc}", file=sys.stderr)
+        refused = isinstance(getattr(exc, "reason", exc), ConnectionRefusedError)
+        hint = f" (nothing listens there: is kt serve running? {ADMIN_PORT_HINT})" \
+            if refused else ""
+        print(f"kt spend: cannot read {url}: {exc}{hint}", file=sys.stderr)
         return 1
     if args.json:  # stable: tenants -> [period ->] model -> counts (docs/ledger.md)
         print(json.dumps(doc, indent=2, sort_keys=True))
@@ -295,9 +315,19 @@ def _capacity_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kt-sidecar")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kt", description="kt-sidecar: rate limits and budgets "
                                 "for LLM traffic behind Envoy.")
+    p.add_argument("--version", action="version", version=f"kt-sidecar {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the sidecar (gRPC ext_authz + RLS, HTTP side port)")
@@ -347,7 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
                    ",name=ID ,sni=NAME ,ca=FILE ,key-file=FILE (the provider's API key, "
                    "injected by Envoy) ,key-header=HEADER (default authorization: Bearer)")
     e.add_argument("--default-upstream", default="127.0.0.1:8000", metavar="UPSTREAM",
-                   help="upstream of tiers without --upstream")
+                   help="upstream of every tier without --upstream (default 127.0.0.1:8000: "
+                   "the quick start's stand-in upstream; the printed config names each "
+                   "tier's upstream)")
     e.add_argument("--sidecar-http", default="127.0.0.1:8082",
                    help="the sidecar's HTTP ext_authz HOST:PORT (--mode http-authz)")
     e.add_argument("--sidecar-token-file", metavar="FILE",

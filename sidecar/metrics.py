@@ -64,7 +64,8 @@ class Metrics:
             "kt_policy_info", "The policy being served (value 1).", ["source", "digest"], registry=r)
         self.tokens_total = Counter(
             "kt_tokens", "Actual tokens used, from responses and usage reports, by tenant "
-            "(named tenants; others as _other), model and type (input, output).",
+            "(named tenants; others as _other), model and type (input, output; cached_input: "
+            "the part of input the provider read from its prompt cache, already in input).",
             ["tenant", "model", "type"], registry=r)
         self.cost_dollars = Counter(
             "kt_cost_dollars", "Actual cost in USD priced with the policy's pricing, by tenant "
@@ -141,10 +142,25 @@ class Metrics:
             "preempted: its place went to a higher priority; wait_too_long: the bucket has "
             "no room within max_wait_ms).",
             ["reason"], registry=r)
+        # Counters whose label values are a fixed set start at 0, so a scrape shows them
+        # before the first event and an alert's increase() sees that first event (a
+        # series born at 1 reads as no increase) — Prometheus's "avoid missing metrics".
+        for mode in ("open", "closed", "envoy"):
+            self.failure_mode.labels(mode)
+        for result in ("ok", "error"):
+            self.policy_reloads.labels(result)
+        for action in ("refunded", "kept", "refund_failed", "nothing_charged"):
+            self.late_replies.labels(action)
+        for outcome in ("applied", "resent", "settled_before", "unknown"):
+            self.settle_outcomes.labels(outcome)
+        for outcome in ("released_upstream_error", "bound_abandoned", "bound_no_usage",
+                        "bound_expiry"):
+            self.reservations_closed.labels(outcome)
 
     def watch_backend(self, backend) -> None:
         """Export the backend's own counters (round trips and decisions), read at scrape time."""
         self.registry.register(_BackendCollector(backend))
+        self.backend_errors.labels(backend.name)  # at 0 from the start (see __init__)
 
     def watch_ledger(self, ledger) -> None:
         """Export the ledger's counters (sidecar/ledger/), read at scrape time."""

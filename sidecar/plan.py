@@ -36,8 +36,11 @@ class Plan:
     redis_cores: int
     source: str
     machine: str
-    # per request with its usage settled (the full path, usage by Envoy's access log,
+    # per request with its usage settled: this transport's decision plus what settling
+    # costs (the full-path run's access-log path minus its decision-only path, same run,
     # mixed workload), when the result measured it: what a gateway that reconciles runs
+    settle_sidecar_cpu_us: Optional[float] = None
+    settle_valkey_cpu_us: Optional[float] = None
     full_sidecar_cpu_us: Optional[float] = None
     full_valkey_cpu_us: Optional[float] = None
     full_sidecar_cores: int = 0
@@ -52,9 +55,11 @@ class Plan:
             "(Redis backend), or spread over gateway pods\n"
             f"  redis:   {self.valkey_cpu_us:.0f} us Valkey CPU per decision (measured) -> "
             f"{self.redis_cores} core(s); shard tenants over a cluster beyond one\n"
-            + (f"  with usage reconciled (the full path: decision + settlement by Envoy's "
-               f"access log, the mixed workload): sidecar {self.full_sidecar_cpu_us:.0f} us, "
-               f"Valkey {self.full_valkey_cpu_us:.0f} us per request (measured) -> "
+            + (f"  with usage reconciled by Envoy's access log: + {self.settle_sidecar_cpu_us:.0f} "
+               f"us sidecar and + {self.settle_valkey_cpu_us:.0f} us Valkey CPU to settle each "
+               f"request (measured: the full path minus its decision alone) = sidecar "
+               f"{self.full_sidecar_cpu_us:.0f} us, Valkey {self.full_valkey_cpu_us:.0f} us per "
+               f"request -> "
                f"{self.full_sidecar_cores} sidecar core(s), {self.full_redis_cores} Redis "
                "core(s)\n"
                if self.full_sidecar_cpu_us is not None and self.full_valkey_cpu_us is not None
@@ -103,9 +108,17 @@ def plan(results_path: Optional[str | Path], rps: float, transport: str = "http"
     valkey_us = valkey["median"]
     full: dict = {}
     try:
-        als = doc["full_path"]["configs"]["path_als"]["mixed"]
-        full["full_sidecar_cpu_us"] = float(als["sidecar_cpu_ms_per_1000"]["median"])
-        full["full_valkey_cpu_us"] = float(als["valkey_cpu_ms_per_1000"]["median"])
+        # settling alone: the same run's full path with usage by the access log minus
+        # the same path deciding only; added to this transport's own decision, so a plan
+        # for gRPC does not borrow the HTTP fast path's cheaper decision
+        paths = doc["full_path"]["configs"]
+        als, decision = paths["path_als"]["mixed"], paths["path_decision"]["mixed"]
+        for kind in ("sidecar", "valkey"):
+            key = f"{kind}_cpu_ms_per_1000"
+            settle = max(0.0, float(als[key]["median"]) - float(decision[key]["median"]))
+            full[f"settle_{kind}_cpu_us"] = settle
+        full["full_sidecar_cpu_us"] = sidecar_us + full["settle_sidecar_cpu_us"]
+        full["full_valkey_cpu_us"] = valkey_us + full["settle_valkey_cpu_us"]
     except (KeyError, TypeError, ValueError):
         full = {}  # an older result, or a smoke run: the decision alone
     if full:

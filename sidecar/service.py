@@ -762,11 +762,14 @@ class DecisionService:
                 children = self._usage_children[key] = (
                     m.tokens_total.labels(label, model_label, "input"),
                     m.tokens_total.labels(label, model_label, "output"),
-                    m.cost_dollars.labels(label, model_label), m.settlements.labels(source))
+                    m.cost_dollars.labels(label, model_label), m.settlements.labels(source),
+                    m.tokens_total.labels(label, model_label, "cached_input"))
             children[0].inc(input_tokens)
             children[1].inc(output_tokens)
             children[2].inc(nano / 1e9)
             children[3].inc()
+            if cached_tokens:
+                children[4].inc(cached_tokens)
             if unpriced:
                 m.unpriced_tokens.labels(model_label).inc(input_tokens + output_tokens)
                 self._unpriced_log.warning(

@@ -32,15 +32,26 @@ def test_cores_scale_with_the_measured_cpu_per_decision(tmp_path):
 def test_a_result_with_the_full_path_also_plans_for_settling_usage(tmp_path):
     path = result(tmp_path, 80.0, 20.0)
     doc = json.loads(path.read_text())
-    # 240 us sidecar and 60 us Valkey per request with its usage settled
-    doc["full_path"] = {"configs": {"path_als": {"mixed": {
-        "sidecar_cpu_ms_per_1000": {"median": 240.0},
-        "valkey_cpu_ms_per_1000": {"median": 60.0}}}}}
+    # the full-path run: 240 us sidecar and 60 us Valkey per request with its usage
+    # settled, 80 and 10 deciding only: settling costs 160 and 50
+    doc["full_path"] = {"configs": {
+        "path_als": {"mixed": {"sidecar_cpu_ms_per_1000": {"median": 240.0},
+                               "valkey_cpu_ms_per_1000": {"median": 60.0}}},
+        "path_decision": {"mixed": {"sidecar_cpu_ms_per_1000": {"median": 80.0},
+                                    "valkey_cpu_ms_per_1000": {"median": 10.0}}}}}
+    # gRPC decides dearer than the HTTP fast path (300 us): its full path is dearer too
+    doc["configs"]["grpc_sidecar"] = {"chat_short": {
+        "cpu_ms_per_1000_decisions": {"median": 300.0},
+        "valkey_cpu_ms_per_1000_decisions": {"median": 20.0}}}
     path.write_text(json.dumps(doc))
     p = plan(path, 30_000, "http", "chat_short", 1.5)
-    assert (p.full_sidecar_cores, p.full_redis_cores) == (11, 3)  # ceil(10.8), ceil(2.7)
-    assert "240 us, Valkey 60 us per request" in p.text()
-    assert "11 sidecar core(s), 3 Redis core(s)" in p.text()
+    assert (p.full_sidecar_cores, p.full_redis_cores) == (11, 4)  # ceil(10.8), ceil(3.15)
+    assert "+ 160 us sidecar and + 50 us Valkey CPU to settle" in p.text()
+    assert "sidecar 240 us, Valkey 70 us per request" in p.text()
+    assert "11 sidecar core(s), 4 Redis core(s)" in p.text()
+    g = plan(path, 30_000, "grpc", "chat_short", 1.5)
+    assert g.full_sidecar_cpu_us == 460 and g.full_sidecar_cores >= g.sidecar_cores
+    assert (g.sidecar_cores, g.full_sidecar_cores) == (14, 21)  # ceil(13.5), ceil(20.7)
     # without the full path, the plan says that settling is not in it
     assert "settling usage is not included" in plan(
         result(tmp_path, 80.0, 20.0), 30_000).text()

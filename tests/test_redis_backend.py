@@ -569,7 +569,7 @@ def test_a_decision_late_behind_the_sidecars_own_work_is_shed_not_failed(valkey,
     # readiness stays (the store answers) and says why this replica needs company
     assert status.ready and "overloaded: 1 decision(s) shed" in status.detail
     assert svc.metrics.registry.get_sample_value(
-        "kt_failure_mode_decisions_total", {"mode": mode}) is None
+        "kt_failure_mode_decisions_total", {"mode": mode}) == 0  # exported at 0, never moved
     assert svc.metrics.registry.get_sample_value(
         "kt_requests_total", {"decision": "overloaded", "transport": "authz"}) == 1
 
@@ -602,7 +602,7 @@ def test_a_reply_that_waited_in_the_socket_while_the_loop_was_busy_is_read_not_f
         loop.close()
     assert decided.kind is Kind.ALLOW
     assert svc.metrics.registry.get_sample_value(
-        "kt_failure_mode_decisions_total", {"mode": "closed"}) is None
+        "kt_failure_mode_decisions_total", {"mode": "closed"}) == 0
 
 
 async def decide_with_its_reply_held(svc: DecisionService, request: Request):

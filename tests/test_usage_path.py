@@ -67,6 +67,9 @@ class RawUpstream:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # headers and body go out in separate writes: with Nagle on, a kept-alive
+            # connection waits ~40 ms for the peer's delayed ACK before the body
+            disable_nagle_algorithm = True
 
             def log_message(self, *args):
                 pass
