@@ -525,8 +525,7 @@ def _routes(o: EnvoyOptions) -> list[dict]:
                 # the endpoint's name: the access log and ext_proc report it (the usage
                 # event's `endpoint`, sidecar/upstream_sli.py), never the client's path
                 "name": endpoints.route_name(e),
-                # exact, the query string removed
-                # no YAML anchors: one dict per route
+                # exact, the query string removed; no YAML anchors: one dict per route
                 "match": {"path": e.path,
                           "headers": [*copy.deepcopy(headers),
                                       {"name": ":method", "string_match": {"exact": e.method}}]},

@@ -41,7 +41,7 @@ async def close_reservation(service: DecisionService, reservation_id: str, x_req
     request_id = reservation_key(reservation_id, x_request_id)
     if not request_id:
         return
-    token = current.set(upstream) if upstream is not None else None
+    token = current.set((request_id, upstream)) if upstream is not None else None
     try:
         if usage is not None:
             # without a reservation id of ours, settle under a fresh id: charged in full,

@@ -19,8 +19,9 @@ Two outputs, both per request:
   kt_upstream_responses_total);
 - the usage event's status, upstream_us, ttft_us, endpoint: the ``Upstream`` of the
   request rides in a context variable set by sidecar/reconcile.py around the closing of
-  its reservation, which the ledger's recorder reads (the closing task and the tasks it
-  starts, such as a lost settlement's resolution, see it; an expiry does not).
+  its reservation, with the reservation's key; the ledger's recorder reads it for an
+  event of that key only (the closing task and the tasks it starts, such as a lost
+  settlement's resolution, see it; an expiry does not).
 
 The histograms are plain lists of counts filled without a lock (the sidecar's event loop
 is their only writer) and exported at scrape time: an observation costs a bisect and two
@@ -83,8 +84,10 @@ class Upstream(msgspec.Struct, frozen=True):
 
 
 NOT_KNOWN = Upstream(0, 0, 0, "")
-# the Upstream of the request whose reservation the current task closes
-current: contextvars.ContextVar[Optional[Upstream]] = contextvars.ContextVar(
+# (reservation key, Upstream) of the request whose reservation the current task closes:
+# the recorder applies it to that request's events only (a task the closing starts, or an
+# expiry it triggers, may record another request's event)
+current: contextvars.ContextVar[Optional[tuple[str, Upstream]]] = contextvars.ContextVar(
     "kt_upstream", default=None)
 
 

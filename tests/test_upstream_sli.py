@@ -6,9 +6,10 @@ from __future__ import annotations
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from sidecar.ledger.recorder import Ledger
 from sidecar.metrics import Metrics
 from sidecar.policy.load import parse_policy
-from sidecar.upstream_sli import OTHER
+from sidecar.upstream_sli import OTHER, Upstream, current
 
 POLICY = parse_policy(b"""
 tenant: {header: x-tenant-id, unknown: defaults}
@@ -76,3 +77,25 @@ def test_labels_are_the_policys_names_only():
         m.upstream_slis.observe(m.upstream_slis.labels(POLICY, f"p{i}", f"m{i}", f"r{i}"),
                                 1, 1, 1, 1, 1, 1)
     assert {dict(k[1]).get("model") for k in samples(m)} == {OTHER}
+
+
+def test_the_event_takes_the_answer_of_its_own_request_only():
+    """The answer rides in a context variable beside the reservation's key: an event the
+    closing records for another request (an expiry it triggers) does not take it."""
+    emitted = []
+
+    class Events:
+        def emit(self, event) -> None:
+            emitted.append(event)
+
+    ledger = Ledger(Events(), instance="t")  # type: ignore[arg-type]
+    up = Upstream(200, 1_500_000, 400_000, "POST /v1/chat/completions")
+    token = current.set(("res-1", up))
+    try:
+        ledger.closed(request_id="res-1", tenant="a", outcome="settled", settled_by="x")
+        ledger.closed(request_id="res-2", tenant="a", outcome="expired", settled_by="expiry")
+    finally:
+        current.reset(token)
+    ledger.closed(request_id="res-1", tenant="a", outcome="kept", settled_by="expiry")
+    assert [(e.status, e.upstream_us, e.ttft_us, e.endpoint) for e in emitted] == [
+        (200, 1_500_000, 400_000, "POST /v1/chat/completions"), (0, 0, 0, ""), (0, 0, 0, "")]

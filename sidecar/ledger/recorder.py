@@ -72,8 +72,9 @@ class Ledger:
         timings, endpoint) comes from sidecar/upstream_sli.py's context variable."""
         if self.events is None:
             return
-        # the provider's answer, when a transport closed the reservation
-        up = current_upstream.get() or NOT_KNOWN
+        # the provider's answer, when a transport is closing this request's reservation
+        closing = current_upstream.get()
+        up = closing[1] if closing is not None and closing[0] == request_id else NOT_KNOWN
         self.events.emit(UsageEvent(
             request_id=request_id, tenant=tenant, outcome=outcome,  # type: ignore[arg-type]
             settled_by=settled_by, decided_us=decided_us,
