@@ -9,7 +9,12 @@ renderer; the fake upstream, which bills the body's size as input and --output t
 choice, and holds the stream after its first chunk). The decision sees a truncated body
 sized from content-length: no `n`, no `max_tokens`, so the bound for unreadable usage is
 one choice of the model's max_output_tokens. Printed: spend (GET /v1/spend) against the bill,
-for the same request with `n` first in the body (seen) and last (hidden).
+for the same request with `n` first in the body and last.
+
+Measured (--n 64 --output 1500, bill $1.0054 each): on 9441c9d 20.8% of the bill for both
+(bench/results/redteam-hidden-n-9441c9d-before.json, run from an export of that commit);
+after the usage filter's whole-body report, 1047% for both: 64 choices of the bound
+(bench/results/redteam-hidden-n-after.json).
 """
 from __future__ import annotations
 

@@ -10,7 +10,8 @@ holding each stream after its first chunk. The streams are admitted, the sidecar
 signalled, the streams are released and end (their access-log entries find no sidecar),
 the sidecar is started again. Printed: the upstream's bill (its x-fake-usage, priced),
 the tenant's budget used (x-kt-budget-remaining of a probe the upstream fails, refunded)
-and its durable spend (GET /v1/spend), in nano-USD.
+and its durable spend (GET /v1/spend: settled, and held for requests never settled), in
+nano-USD.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,15 +117,21 @@ def run(sig: signal.Signals, streams: int, wait_before_signal: float,
                 time.sleep(1.0)
                 used_after = budget_used(listen)
                 time.sleep(0.5)
-                tenants = sc.spend()
+                with urllib.request.urlopen(
+                        f"http://{LOOP}:{admin_port}/v1/spend", timeout=10) as r:
+                    doc = json.load(r)
+                tenants = doc["tenants"]
                 spend = sum(m.get("cost_nano_usd", 0)
                             for m in tenants.get("streamer", {}).values())
+                held = doc.get("held", {}).get("streamer", {}).get("amount", 0)
                 bill = streams * (USAGE[0] * 2500 + USAGE[1] * 10_000)
                 return {"signal": sig.name, "backend": backend, "exit_code": exit_code,
                         "statuses": [r[0] for r in results],
                         "bill_nano": bill, "budget_used_while_open_nano": used_admitted,
                         "budget_used_after_restart_nano": used_after,
                         "spend_after_restart_nano": spend,
+                        "held_after_restart_nano": held,
+                        "budget_minus_settled_minus_held_nano": used_after - spend - held,
                         "spend_records": tenants}
         finally:
             sc.stop()

@@ -331,14 +331,21 @@ def per_tenant(b: Books, lost_with_cause: dict[str, list]
         unit = next((x["budget_unit"] for x in b.events if x["tenant"] == t), "")
         lost_amount = s["cost"] - e["cost"] if unit == "usd" else \
             (s["in"] + s["out"]) - (e["in"] + e["out"])
-        residual = budget - e["charge"] - lost_amount
+        # what `kt spend` shows held for requests never settled (docs/ledger.md, "Held"):
+        # estimates charged whose usage never came (lost with a killed sidecar, say)
+        held = ((b.spend.get("held") or {}).get(t) or {}).get("amount", 0)
+        residual = budget - e["charge"] - lost_amount - held
         if residual == 0:
+            if held:
+                explained.append(f"{t}: budget in Valkey {budget} = events' charges "
+                                 f"{e['charge']} + lost events' spend {lost_amount} + held "
+                                 f"{held} (estimates never settled, shown by kt spend)")
             continue
         cands = charged_unrecorded(b, t, lost)
         bound = sum(max_charge(b, c, unit) for c in cands)
         line = (f"{t}: budget in Valkey {budget}, events' charges {e['charge']}, lost "
-                f"events' spend {lost_amount}: {residual} {unit or 'units'} charged and "
-                f"recorded nowhere")
+                f"events' spend {lost_amount}, held {held}: {residual} {unit or 'units'} "
+                f"charged and recorded nowhere")
         if 0 < residual <= bound:
             explained.append(
                 f"{line}, within the estimates of {len(cands)} request(s) lost with a killed "

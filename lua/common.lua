@@ -141,6 +141,29 @@ local function bucket_store(key, level, cap, rate, now)
   redis.call('SET', key, string.format('%.17g %d', level, now), 'PX', ms)
 end
 
+-- The held part of the durable spend (issue 22; docs/ledger.md, "Held"): what a tenant's
+-- budget holds for requests not settled yet and for capacity leased and not returned, per
+-- budget period, in the budget's unit. One field of the tenant's spend hash
+-- (<prefix>:{tenant}:spend, ledger_spend.lua), "h|<period start µs>", moved by every
+-- script that moves the budget on their account, in the same atomic call: a decision's
+-- charge adds (decide.lua), its refund (routed.lua), a lease taken or given back
+-- (lease.lua, lease_adjust below) and a settlement (settle.lua: the estimate leaves,
+-- the usage goes to the settled cells) move it back. So at any instant the budget of a
+-- period holds exactly the settled spend charged in it plus this. A field back at zero
+-- is deleted (a minute budget must not leave a field a minute).
+local HELD_TTL_MS = 400 * 86400 * 1000  -- ledger_spend.lua's: the hash outlives its holds
+
+local function held_add(tag, ps, amount)
+  if amount == 0 then return end
+  local key, field = tag .. 'spend', 'h|' .. string.format('%d', ps)
+  local v = redis.call('HINCRBY', key, field, string.format('%d', amount))
+  if v == 0 then
+    redis.call('HDEL', key, field)
+  elseif v == amount then  -- a new field: the hash lives at least as long as a spend write
+    redis.call('PEXPIRE', key, HELD_TTL_MS)
+  end
+end
+
 -- Capacity leases (lua/lease.lua, sidecar/backends/lease.py). A tenant's open leases are
 -- one hash, <prefix>:{tenant}:leases (field: lease id, value: its record), in the
 -- tenant's slot; the other keys are named from the same tag ("<prefix>:{tenant}:"), so
@@ -192,6 +215,7 @@ local function lease_adjust(tag, r, d_req, d_tok, d_cost, now)
   local b = redis.call('HMGET', tag .. 'budget', 'ps', 's')
   if tonumber(b[1]) ~= ps or period_bounds(now, period) ~= ps then return false end
   redis.call('HSET', tag .. 'budget', 's', string.format('%d', add_spend(stored_spend(b[2]), -d_cost)))
+  held_add(tag, ps, -d_cost)
   return true
 end
 

@@ -148,6 +148,8 @@ local function decide(KEYS, ARGV)
         expire_after_period(KEYS[3], pend, now)
       end
     end
+    -- the charge is held in the durable spend until its settlement (common.lua, held_add)
+    if admitted then held_add(string.sub(KEYS[3], 1, -7), pstart, cost) end
     budget_remaining = budget - spent
   end
 

@@ -22,6 +22,15 @@
 -- JSON parsers keep) and Content-Length set (a body sent chunked is whole here too).
 -- Nothing else of the body changes. This filter comes before ext_authz (why: see
 -- sidecar/envoy_config.py, _usage_lua).
+-- The decision reads only the first DECIDED_BYTES of a body (ext_authz's max_request_bytes),
+-- so of a larger body this filter reads what the bound of a reply whose usage cannot be
+-- read needs (sidecar/bound.py): the top-level n, best_of, max_tokens,
+-- max_completion_tokens, max_output_tokens, previous_response_id and conversation, each the
+-- last of a repeated key (what JSON parsers keep) with its key unescaped as a provider
+-- reads it, and leaves them verbatim in the metadata ("request": a JSON object; a value
+-- over MAX_VALUE as "?", which the sidecar counts at its most). A streamed chat body is
+-- buffered for the rewrite anyway; any other is read chunk by chunk as it passes (never
+-- held, never delayed), by the same streaming selector as a reply.
 --
 -- Why selection is safe without a full JSON parser: inside a JSON string every quote is
 -- escaped, so the bytes "usage" (quote, usage, quote) occur only as a key or as the
@@ -29,7 +38,10 @@
 -- and the JSON body's keys are found by a scan that skips strings and nested values.
 -- Bounds, per request: the unfinished line (MAX_LINE) and the chunk in hand, the kept lines
 -- (MAX_USAGE_LINES + 1 of at most MAX_LINE, and their copy in the metadata), the selected
--- values (MAX_VALUE each): about 300 KiB at worst, never the reply. A value over MAX_VALUE
+-- values (MAX_VALUE each), a key being read (MAX_KEY): about 300 KiB at worst, never the
+-- reply. Of a request: a streamed chat body, which Envoy buffers for the rewrite anyway
+-- (within its buffer limit), and of any other only the chunk in hand and the seven
+-- selected values. A value over MAX_VALUE
 -- is not kept (its reservation stands, docs/usage.md).
 
 local MAX_LINE = 16 * 1024
@@ -40,6 +52,14 @@ local MAX_VALUE = 2 * 1024
 -- cumulative message_delta (all kept up to this many; beyond it the first and the latest)
 local MAX_USAGE_LINES = 8
 local NS = "kt.usage"
+-- the part of a body the decision reads whole (kt envoy-config sets ext_authz's
+-- max_request_bytes here): a body over it is read here for the bound
+local DECIDED_BYTES = 65536
+-- the top-level request fields the bound reads (sidecar/bound.py, _BodySeen), in order
+local REQUEST_KEYS = {"n", "best_of", "max_tokens", "max_completion_tokens",
+                      "max_output_tokens", "previous_response_id", "conversation"}
+local REQUEST_PATHS = {}
+for _, k in ipairs(REQUEST_KEYS) do REQUEST_PATHS[k] = true end
 -- the endpoints whose streams carry usage only when asked for it
 local STREAM_USAGE_PATHS = {["/v1/chat/completions"] = true, ["/v1/completions"] = true}
 
@@ -168,49 +188,39 @@ local function with_stream_usage(s)
       .. '"include_usage":true' .. string.sub(s, inner_close)
 end
 
-function envoy_on_request(handle)
-  local headers = handle:headers()
-  if headers:get(":method") ~= "POST" then return end
-  local path = headers:get(":path") or ""
-  local q = string.find(path, "?", 1, true)
-  if q ~= nil then path = string.sub(path, 1, q - 1) end
-  if not STREAM_USAGE_PATHS[path] then return end
-  local body = handle:body()
-  if body == nil then return end
-  local n = body:length()
-  if n == 0 then return end
-  local s = body:getBytes(0, n)
-  -- most requests: one scan (a key spelled with escapes is looked at in full)
-  if string.find(s, '"stream"', 1, true) == nil and string.find(s, "\\u", 1, true) == nil then
-    return
-  end
-  local out = with_stream_usage(s)
-  if out == nil then return end
-  body:setBytes(out)
-  -- fetched anew: Envoy's wrappers do not outlive the yield for the body. The whole body
-  -- is here, so its length is known even when the client sent it chunked
-  handle:headers():replace("content-length", tostring(#out))
-end
-
 -- A streaming selector: fed a JSON document in pieces of any size, it keeps the raw text
 -- of the values at the wanted paths ("usage", "response.usage": members of the top-level
 -- object and of the objects directly under it), at most MAX_VALUE bytes each, and nothing
 -- else: the document itself is never held. The scan skips strings (so a "usage" inside
 -- generated text is never a key) and counts depth (so a nested "usage" is not taken). A
 -- value ends at its parent's next "," or "}", which takes every kind of value alike.
-local function selector(wanted)
+-- `last` (a request body): a repeated key's last value counts (its earlier one is dropped
+-- when it starts), blanks are not kept, and a value over MAX_VALUE is named in `over`.
+local function selector(wanted, last)
   return {wanted = wanted, depth = 0, stack = {}, instr = false, bs = 0,
-          key = nil, cap = nil, found = {}}
+          key = nil, cap = nil, found = {}, last = last, over = {}}
 end
 
 local function cap_add(sel, piece)
   local cap = sel.cap
+  if sel.last then piece = (string.gsub(piece, "%s+", "")) end
   cap.size = cap.size + #piece
   if cap.size > MAX_VALUE then
     sel.cap = nil  -- too long to be usage: not kept
+    if sel.last then sel.over[cap.path] = true end
   else
     cap.parts[#cap.parts + 1] = piece
   end
+end
+
+-- a key's text so far: no key read is longer than MAX_KEY (a longer one is named ""),
+-- so a client's megabyte key is never held; room for every wanted key spelled wholly
+-- with \uXXXX escapes ("max_completion_tokens": 21 x 6 bytes)
+local MAX_KEY = 160
+
+local function key_add(sel, piece)
+  sel.key_size = sel.key_size + #piece
+  if sel.key_size <= MAX_KEY then sel.key[#sel.key + 1] = piece end
 end
 
 local function select_feed(sel, data)
@@ -226,21 +236,21 @@ local function select_feed(sel, data)
       local run = (k or n + 1) - 1 - j
       if j < i then run = run + sel.bs end  -- the run goes on from the previous piece
       if k == nil then
-        if sel.key ~= nil then sel.key[#sel.key + 1] = string.sub(data, i) end
+        if sel.key ~= nil then key_add(sel, string.sub(data, i)) end
         sel.bs = run % 2
         break
       end
       sel.bs = 0
       if run % 2 == 1 then  -- an escaped quote: still inside the string
-        if sel.key ~= nil then sel.key[#sel.key + 1] = string.sub(data, i, k) end
+        if sel.key ~= nil then key_add(sel, string.sub(data, i, k)) end
       else
         sel.instr = false
         if sel.key ~= nil then
-          sel.key[#sel.key + 1] = string.sub(data, i, k - 1)
-          local key = table.concat(sel.key)
+          key_add(sel, string.sub(data, i, k - 1))
+          local key = sel.key_size <= MAX_KEY and json_key(table.concat(sel.key)) or ""
           sel.key = nil
           local top = sel.stack[sel.depth]
-          top.key = #key <= 64 and key or ""
+          top.key = #key <= MAX_KEY and key or ""
         end
       end
       i = k + 1
@@ -251,7 +261,9 @@ local function select_feed(sel, data)
       local top = sel.stack[sel.depth]
       if c == 34 then
         sel.instr = true
-        if top ~= nil and top.obj and top.expect_key and sel.depth <= 2 then sel.key = {} end
+        if top ~= nil and top.obj and top.expect_key and sel.depth <= 2 then
+          sel.key, sel.key_size = {}, 0
+        end
       elseif c == 58 then  -- ":" after a key: the value starts
         if top ~= nil and top.obj then
           top.expect_key = false
@@ -260,6 +272,10 @@ local function select_feed(sel, data)
           if sel.depth <= 2 and path ~= nil and sel.wanted[path] and sel.cap == nil then
             sel.cap = {path = path, depth = sel.depth, parts = {}, size = 0}
             cap_from = k + 1
+            if sel.last then
+              sel.found[path] = nil
+              sel.over[path] = nil
+            end
           end
         end
       elseif c == 44 or c == 125 or c == 93 then  -- "," "}" "]"
@@ -287,6 +303,71 @@ end
 
 local function is_object(text)
   return text ~= nil and string.find(text, '^%s*{') ~= nil
+end
+
+-- what the bound reads of a whole body, left in the metadata (sidecar/bound.py)
+-- (a stored conversation's id only as present: true; null is the API's "none")
+local PRESENCE_KEYS = {previous_response_id = true, conversation = true}
+
+local function report_body(handle, sel)
+  local out = {}
+  for _, k in ipairs(REQUEST_KEYS) do
+    local v = sel.found[k]
+    if sel.over[k] then v = '"?"' end
+    if v ~= nil and PRESENCE_KEYS[k] then v = v ~= "null" and "true" or nil end
+    if v ~= nil and v ~= "" then out[#out + 1] = '"' .. k .. '":' .. v end
+  end
+  handle:streamInfo():dynamicMetadata():set(NS, "request", "{" .. table.concat(out, ",") .. "}")
+end
+
+-- a body the decision does not read whole, not buffered here: read as it passes
+local function read_large_body(handle, headers)
+  local length = tonumber(headers:get("content-length") or "")
+  if length ~= nil and length <= DECIDED_BYTES then return end
+  local sel, size = selector(REQUEST_PATHS, true), 0
+  for chunk in handle:bodyChunks() do
+    local n = chunk:length()
+    if n > 0 then
+      size = size + n
+      select_feed(sel, chunk:getBytes(0, n))
+    end
+  end
+  if size > DECIDED_BYTES then report_body(handle, sel) end
+end
+
+function envoy_on_request(handle)
+  local headers = handle:headers()
+  if headers:get(":method") ~= "POST" then return end
+  local path = headers:get(":path") or ""
+  local q = string.find(path, "?", 1, true)
+  if q ~= nil then path = string.sub(path, 1, q - 1) end
+  if not STREAM_USAGE_PATHS[path] then
+    read_large_body(handle, headers)
+    return
+  end
+  local body = handle:body()
+  if body == nil then return end
+  local n = body:length()
+  if n == 0 then return end
+  local s = body:getBytes(0, n)
+  local out
+  -- most requests: one scan (a key spelled with escapes is looked at in full)
+  if string.find(s, '"stream"', 1, true) ~= nil or string.find(s, "\\u", 1, true) ~= nil then
+    out = with_stream_usage(s)
+  end
+  -- what the decision gets is the body as rewritten: one the rewrite takes over
+  -- DECIDED_BYTES may reach it in part (Envoy 1.40 passes it whole, as it comes in one
+  -- piece; reported anyway: both views of a whole body agree)
+  if (out ~= nil and #out or n) > DECIDED_BYTES then
+    local sel = selector(REQUEST_PATHS, true)
+    select_feed(sel, s)
+    report_body(handle, sel)
+  end
+  if out == nil then return end
+  body:setBytes(out)
+  -- fetched anew: Envoy's wrappers do not outlive the yield for the body. The whole body
+  -- is here, so its length is known even when the client sent it chunked
+  handle:headers():replace("content-length", tostring(#out))
 end
 
 local JSON_PATHS = {model = true, usage = true}

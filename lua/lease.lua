@@ -150,6 +150,8 @@ if budget >= 0 then
       expire_after_period(KEYS[3], pend, now)
     end
   end
+  -- held in the durable spend until used and settled, or given back (common.lua)
+  held_add(tag, pstart, g_cost)
 end
 if g_req > 0 or g_tok > 0 or g_cost > 0 then
   redis.call('HSET', KEYS[5], ARGV[19], lease_record_text({

@@ -60,6 +60,7 @@ local function routed(KEYS, ARGV)
     if budget >= 0 and o[15] ~= 0 then
       local s = tonumber(redis.call('HGET', KEYS[3], 's')) or 0
       redis.call('HSET', KEYS[3], 's', string.format('%d', s - o[15]))
+      held_add(string.sub(KEYS[3], 1, -7), o[16], -o[15])
     end
   end
   local function with_provider(o, i, left, q)

@@ -12,6 +12,8 @@
 -- KEYS[4]  the ledger's spend hash (ledger_spend.lua)       kt:{tenant}:spend
 -- ARGV[10..16]  optional, the request's spend: model, requests, input, output, cache read,
 --          cache write tokens, nano-USD (absent: nothing recorded)
+-- ARGV[17] with them: 1 when the budget is in nano-USD, 0 in tokens (what the usage cost
+--          the budget: its nano-USD, or its input + output tokens)
 -- Reply: {applied (1/0), budget spent after (-1 without a budget), now (µs, the clock
 -- that dated the spend: the ledger's event carries it, so both books agree on the day)}
 --
@@ -44,6 +46,21 @@ end
 -- the ledger: the request's spend, in the same atomic step as the budget's correction
 if KEYS[4] and ARGV[10] then
   spend_add(KEYS[4], now, ARGV[10], ARGV[11], ARGV[12], ARGV[13], ARGV[14], ARGV[15], ARGV[16])
+end
+-- what the decision charged (the usage's cost to the budget less this correction) is no
+-- longer held (common.lua, held_add): held in the period it was charged to
+if KEYS[4] and budget >= 0 and charge_start >= 0 then
+  local actual = 0
+  if ARGV[10] then
+    if ARGV[17] == '1' then
+      actual = tonumber(ARGV[16])
+    elseif ARGV[17] == '0' then
+      actual = tonumber(ARGV[12]) + tonumber(ARGV[13])
+    else
+      actual = nil  -- a caller that does not say the unit: nothing to release by
+    end
+  end
+  if actual ~= nil then held_add(string.sub(KEYS[4], 1, -6), charge_start, d_cost - actual) end
 end
 
 if tpm > 0 and d_tokens ~= 0 then

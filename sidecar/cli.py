@@ -272,6 +272,15 @@ def _spend(args: argparse.Namespace) -> int:
         print(f"{t:<24} {p or 'all':<10} {m:<24} {v.get('requests', 0):>9} "
               f"{v['input_tokens']:>12} {v['output_tokens']:>12} {v.get('cached_tokens', 0):>10} "
               f"{v['usd']:>16.9f}")
+    held = doc.get("held") or {}
+    if held:
+        # what each budget holds now for requests not settled yet and leased capacity:
+        # settled (above) + held = what the budget holds (docs/ledger.md, "Held")
+        print("\nheld for open requests (now, whatever the range):")
+        print(f"{'tenant':<24} {'unit':<8} {'amount':>20} {'usd':>16}")
+        for t, h in sorted(held.items()):
+            usd = f"{h['usd']:>16.9f}" if "usd" in h else f"{'':>16}"
+            print(f"{t:<24} {h.get('unit') or '-':<8} {h['amount']:>20} {usd}")
     return 0
 
 

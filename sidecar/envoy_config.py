@@ -42,6 +42,9 @@ from sidecar.auth import host_of, is_loopback_host
 from sidecar.transports.http_authz import IDLE_TIMEOUT_S as SIDECAR_HTTP_IDLE_TIMEOUT_S
 
 TYPE = "type.googleapis.com/"
+# headers some web frameworks read as the request's method (Rails, Express's
+# method-override, Google's APIs, ASP.NET): removed at the edge (docs/security.md)
+METHOD_OVERRIDE_HEADERS = ("x-http-method-override", "x-http-method", "x-method-override")
 PROVIDER_HEADERS = (contract.H_PROVIDER, contract.H_REASON)
 
 
@@ -640,7 +643,7 @@ def _als_usage_filters(o: EnvoyOptions) -> list[dict]:
     ]
 
 
-def _usage_lua(request_only: bool = False) -> dict:
+def _usage_lua(request_only: bool = False, decided_bytes: int = 65536) -> dict:
     """Envoy's Lua filter running lua/envoy_usage.lua: on requests, a streamed chat
     completion asks for its usage; on responses (unless ``request_only``: ext_proc reads
     them) the usage is left in dynamic metadata.
@@ -653,6 +656,11 @@ def _usage_lua(request_only: bool = False) -> dict:
     from sidecar.backends.redis import load_script
 
     source = load_script("envoy_usage.lua")
+    # a body larger than what the decision reads whole is read by the filter for the bound
+    # (n, max_tokens... beyond the first part: sidecar/bound.py, with_body_seen)
+    line = "local DECIDED_BYTES = 65536\n"
+    assert line in source, "lua/envoy_usage.lua: DECIDED_BYTES not found"
+    source = source.replace(line, f"local DECIDED_BYTES = {decided_bytes}\n", 1)
     if request_only:  # the Lua filter skips a direction whose function is not defined
         source += "\nenvoy_on_response = nil\n"
     return {"name": "envoy.filters.http.lua", "typed_config": {
@@ -720,7 +728,11 @@ def _filters(o: EnvoyOptions) -> list[dict]:
     if o.jwt_jwks_file:
         filters.append(_jwt_authn(o))
     if o.mode in ("authz", "http-authz") and o.usage != "none":
-        filters.append(_usage_lua(request_only=o.usage == "ext_proc"))
+        # the decision reads a body whole up to ext_authz's max_request_bytes (nothing of it
+        # in http-authz mode without with_request_body): the filter reads larger ones
+        filters.append(_usage_lua(request_only=o.usage == "ext_proc",
+                                  decided_bytes=o.max_request_bytes if o.with_request_body
+                                  else 0))
     if o.mode == "http-authz":
         filters.append({"name": "envoy.filters.http.ext_authz", "typed_config": _http_authz(o)})
     if o.mode == "authz":
@@ -758,6 +770,10 @@ def _filters(o: EnvoyOptions) -> list[dict]:
                     "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"},
                 # a request that needs no body rewrite tells Envoy to skip its body
                 "allow_mode_override": True,
+                # what the usage filter read in the whole request body (n, max_tokens...;
+                # lua/envoy_usage.lua), for the bound of a reply whose usage is unreadable
+                "metadata_options": {"forwarding_namespaces": {
+                    "untyped": [contract.USAGE_METADATA_NAMESPACE]}},
                 # the route's name: the usage event's endpoint (sidecar/upstream_sli.py)
                 "request_attributes": ["xds.route_name"],
             }})
@@ -828,6 +844,9 @@ def bootstrap(o: EnvoyOptions) -> dict:
     # nor its own request id: Envoy then makes one (it preserves a client's id when it
     # deems the client internal, e.g. on loopback or RFC 1918, whatever use_remote_address says)
     mutations.append({"remove": "x-request-id"})
+    # nor make the provider take a metered POST for another method: the gateway routes and
+    # decides by the method Envoy sees (frameworks behind some APIs honour these headers)
+    mutations += [{"remove": h} for h in METHOD_OVERRIDE_HEADERS]
     if o.mode == "rls":
         # hits_addend's %REQ()% of an absent header is no number, and then Envoy drops the
         # whole descriptor (no RLS call: unlimited). "0" means "no estimate given" to the

@@ -5,7 +5,10 @@ Evidence (docs/contract.md): the OpenAI-style JSON body Envoy forwards
 `x-kt-estimated-tokens` header, or RLS `hits_addend`) only when the policy says a
 trusted filter sets it (`estimate: {trusted: true}`), then the policy's default.
 The body counts whole (docs/contract.md, "Token estimate"): its size and its images as
-input, each choice (`n`) its `max_tokens` of output. Every byte of it is the client's
+input, each choice (`n`) its `max_tokens` of output. A stored conversation the provider
+adds as input (a Responses `previous_response_id` or `conversation`) is not estimated (a
+context window per turn would refuse every conversation against a small TPM): it is
+flagged for the bound of a reply whose usage cannot be read (sidecar/bound.py). Every byte of it is the client's
 until a filter vouches for it, so an explicit count never lowers the estimate below what
 the body shows, and no estimate is ever zero: a request is never free. A malformed count or body is the caller's error (400), never a
 guess.
@@ -50,6 +53,9 @@ class _ChatBody(msgspec.Struct):
     best_of: Optional[int] = None  # completions: generated server-side, each billed
     messages: msgspec.Raw = msgspec.Raw()  # chat, Anthropic: kept raw, read for images only
     input: msgspec.Raw = msgspec.Raw()  # responses (items), embeddings (text or token ids)
+    # the Responses API: the provider adds a stored conversation to the input it bills
+    previous_response_id: msgspec.Raw = msgspec.Raw()
+    conversation: msgspec.Raw = msgspec.Raw()
 
 
 class _Part(msgspec.Struct):
@@ -114,6 +120,11 @@ def _images_of(parts: list[_Part], depth: int) -> int:
             n += 1
         n += _image_parts(part.content, depth + 1) + _image_parts(part.output, depth + 1)
     return n
+
+
+def _named(value: msgspec.Raw) -> bool:
+    """A field present with a value other than null."""
+    return len(value) > 0 and bytes(value).strip() != b"null"
 
 
 def _parse_count(value: Union[str, int], what: str) -> int:
@@ -208,6 +219,10 @@ def estimate(policy: CompiledPolicy, req: Request) -> Estimate:
         # Envoy sent only the first part of a large body: size it from content-length.
         input_tokens = _content_length_tokens(req, cfg.chars_per_token)
     shown = body is not None or req.body_truncated
+    # input the provider adds from what it stored (not null: the Responses API's own
+    # "absent"); a truncated body's are read by the usage filter (sidecar/bound.py)
+    stored = body is not None and (_named(body.previous_response_id)
+                                   or _named(body.conversation))
 
     if asked is not None:  # all of it firm: the prompt and the most it may answer
         out = min(asked * choices, _core.MAX_TOKENS + 1)
@@ -215,15 +230,16 @@ def estimate(policy: CompiledPolicy, req: Request) -> Estimate:
             out = max(out, explicit - input_tokens)
         out = max(out, MIN_TOKENS - input_tokens)
         return Estimate(input_tokens, out, input_tokens + out, model, "body", asked, choices,
-                        True)
+                        True, stored)
     if explicit is not None:
         # a trusted count, never below the prompt the body shows; the part beyond the
         # prompt counts as output, the dearer side of every price list
         out = max(explicit - input_tokens, 0)
         return Estimate(input_tokens, out, input_tokens + out, model,
-                        "header" if req.tokens is None else "transport", -1, choices, shown)
+                        "header" if req.tokens is None else "transport", -1, choices, shown,
+                        stored)
     if shown:  # the prompt is firm; the output a default, trimmed to fit a small bucket
         out = min(cfg.default_output_tokens * choices, _core.MAX_TOKENS + 1)
         return Estimate(input_tokens, max(out, MIN_TOKENS - input_tokens),
-                        input_tokens, model, "body", -1, choices, True)
+                        input_tokens, model, "body", -1, choices, True, stored)
     return Estimate(0, max(cfg.default_request_tokens, MIN_TOKENS), 0, model, "default")

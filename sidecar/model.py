@@ -35,6 +35,9 @@ class Estimate(msgspec.Struct, frozen=True):
     asked_output: int = -1
     choices: int = 1
     shown: bool = False  # the request had a body (whole or in part)
+    # the provider adds stored input to the body's (a Responses previous_response_id or
+    # conversation): its input bound is the model's context window (sidecar/bound.py)
+    stored_input: bool = False
 
 
 class Kind(str, enum.Enum):

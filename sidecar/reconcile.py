@@ -4,13 +4,17 @@ place, whichever transport saw the response (ext_proc per request, or Envoy's ac
 - usage known (JSON body, SSE usage chunk): settle the reservation with it;
 - no usage and a non-2xx status of the provider's: release (refund in full: providers do
   not bill failures); a non-2xx status Envoy answered itself while the provider was still
-  working (its route timeout's 504) is not the provider's failure: it is
+  working (its route timeout's 504: by the access log its response flags, by ext_proc a
+  504 without the header Envoy's router sets on an upstream's answers) is not the
+  provider's failure: it is
   charged as a response cut short;
 - no usage, a 2xx status, the response cut short (the client left, the upstream reset),
   or no response at all (the client left first): charged at what the provider could have
   billed (sidecar/bound.py; "abandoned");
 - no usage, a 2xx status that ended normally (usage absent, compressed, too large to
   read): charged at that bound too ("no_usage").
+The bound takes what Envoy's usage filter read in the whole request body, when the
+decision saw only its first part (``body_seen``; sidecar/bound.py, with_body_seen).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ async def close_reservation(service: DecisionService, reservation_id: str, x_req
                             tenant: Optional[str], status: int, usage: Optional[Usage],
                             model: Optional[str], cut_short: bool, source: str,
                             settled_by: str, provider_failed: bool = True,
+                            body_seen: Optional[str] = None,
                             upstream: Optional[Upstream] = None) -> None:
     """Apply the rule for one finished response; never raises (the response has gone).
     ``reservation_id`` is the request's x-kt-reservation (the sidecar's own id), ""
@@ -36,6 +41,7 @@ async def close_reservation(service: DecisionService, reservation_id: str, x_req
     ``source`` labels the settlement metric; ``settled_by`` tells the ledger how the usage
     was read (e.g. ``ext_proc_sse``, ``access_log_json``). ``provider_failed``: False when
     a non-2xx status is Envoy's own answer while the provider was still working.
+    ``body_seen``: the usage filter's report of the whole request body, or None.
     ``upstream``: the provider's answer (status, timings, endpoint) for the ledger's event,
     seen by the recorder through sidecar/upstream_sli.py's context variable."""
     request_id = reservation_key(reservation_id, x_request_id)
@@ -57,7 +63,8 @@ async def close_reservation(service: DecisionService, reservation_id: str, x_req
         else:
             # status 0: no response was sent at all (the client left before it began)
             await service.charge_unread(
-                request_id, "abandoned" if cut_short or not status else "no_usage", tenant)
+                request_id, "abandoned" if cut_short or not status else "no_usage", tenant,
+                body_seen)
     except (UsageError, BackendError) as exc:
         # the response is already on its way; never fail it for accounting
         log.warning("usage of request %s not settled: %s", request_id, exc)

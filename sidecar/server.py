@@ -30,6 +30,7 @@ from sidecar.backends.base import Backend, BackendError
 from sidecar.backends.memory import MemoryBackend
 from sidecar.ledger.recorder import Ledger, build_ledger
 from sidecar.metrics import Metrics
+from sidecar.open_reservations import keep_open_reservations
 from sidecar.policy import schema
 from sidecar.policy.load import CompiledPolicy, PolicyError, load_policy, parse_policy
 from sidecar.service import DecisionService
@@ -322,6 +323,10 @@ class Sidecar:
             if side is not None:
                 side.close()
         self._slow.shutdown(wait=False)
+        # after the drain: the reservations still open are recorded as kept at their
+        # estimate, idempotent against a later report of the same request
+        # (sidecar/open_reservations.py)
+        await keep_open_reservations(self.service, self.cfg.grace_s)
         # settlements whose reply was lost: a moment to read their outcome from the store
         await self.service.settler.close(self.cfg.grace_s)
         await self.backend.close()
@@ -420,10 +425,16 @@ class Sidecar:
             return error(503, "service_unavailable", "limiter_unavailable",
                          f"spend not readable, retry: {exc}")
         doc = await self._slowly(lambda: json.dumps(
-            report(cells, since, until, period, self.backend.name), sort_keys=True).encode())
+            report(cells, since, until, period, self.backend.name, self._budget_unit),
+            sort_keys=True).encode())
         if doc is None:
             return text(503, "busy, retry\n")
         return HttpResponse(200, doc, "application/json")
+
+    def _budget_unit(self, tenant: str) -> str:
+        """The unit of ``tenant``'s budget under the policy in force ("" without one)."""
+        rule = self.policy.rule_for(tenant)
+        return rule.budget_unit if rule is not None and rule.limits.budget >= 0 else ""
 
     def _refresh_gauges(self) -> None:
         self.metrics.backend_ready.labels(self.backend.name).set(

@@ -98,6 +98,9 @@ class Reservation:
     # not known when it was made (a late decision reply)
     bound_input: int = 0
     bound_output: int = -1
+    # the input a stored conversation may add (a Responses previous_response_id): the
+    # bound's input is the larger of this and bound_input (sidecar/bound.py)
+    stored_input: int = 0
 
 
 # a shared reservation's provider field (provider ids are [A-Za-z0-9._-], never "|"), and
@@ -108,14 +111,15 @@ _BOUND_FIELD = "b="
 
 def _reservation_record(tier: int, model: str, tokens: int, cost: int, period_start: int,
                         provider: str = "", bound_input: int = 0,
-                        bound_output: int = -1) -> str:
+                        bound_output: int = -1, stored_input: int = 0) -> str:
     """A reservation as shared through the backend (model last: it may hold any character).
     Its bound (`b=<input>,<output>`), so the replica that learns its usage cannot be read
     charges it; with providers, the provider charged too (`p=<id>` before the model): the
     replica that settles corrects that provider's bucket and names it in the ledger."""
     head = f"{tier}|{tokens}|{cost}|{period_start}|"
     if bound_output >= 0:
-        head += f"{_BOUND_FIELD}{bound_input},{bound_output}|"
+        head += f"{_BOUND_FIELD}{bound_input},{bound_output}" + (
+            f",{stored_input}|" if stored_input else "|")
     if provider:
         head += f"{_PROVIDER_FIELD}{provider}|"
     return head + model
@@ -126,17 +130,18 @@ def _parse_reservation(tenant: str, record: Optional[str]) -> Optional["Reservat
         return None
     try:
         tier, tokens, cost, period_start, model = record.split("|", 4)
-        bound_input, bound_output = 0, -1
+        bound_input, bound_output, stored_input = 0, -1, 0
         if model.startswith(_BOUND_FIELD) and "|" in model:
             bounds, model = model[len(_BOUND_FIELD):].split("|", 1)
-            text_in, text_out = bounds.split(",")
+            text_in, text_out, *stored = bounds.split(",", 2)
             bound_input, bound_output = int(text_in), int(text_out)
+            stored_input = int(stored[0]) if stored else 0
         provider = ""
         if model.startswith(_PROVIDER_FIELD) and "|" in model:
             provider, model = model[len(_PROVIDER_FIELD):].split("|", 1)
         return Reservation(tenant, int(tier), model, int(tokens), int(cost), int(period_start),
                            time.monotonic(), provider=provider, bound_input=bound_input,
-                           bound_output=bound_output)
+                           bound_output=bound_output, stored_input=stored_input)
     except ValueError:
         log.warning("ignoring a malformed shared reservation for tenant %s: %r", tenant,
                     record[:200])
@@ -166,12 +171,16 @@ class ReservationBook:
     def put(self, request_id: str, tenant: str, tier: int, model: str, charged_tokens: int,
             charged_cost: int, period_start_us: int, created_s: float, model_asked: str = "",
             decision: str = "", provider: str = "", bound_input: int = 0,
-            bound_output: int = -1) -> None:
+            bound_output: int = -1, stored_input: int = 0) -> None:
         self._book[request_id] = (tenant, tier, model, charged_tokens, charged_cost,
                                   period_start_us, created_s, model_asked, decision, provider,
-                                  bound_input, bound_output)
+                                  bound_input, bound_output, stored_input)
         self._book.move_to_end(request_id)
         self.expire()
+
+    def open_ids(self) -> list[str]:
+        """The ids of the reservations open now, oldest first."""
+        return list(self._book)
 
     def pop(self, request_id: str) -> Optional[Reservation]:
         t = self._book.pop(request_id, None)
@@ -435,15 +444,16 @@ class DecisionService:
             rid = self.new_reservation_id()
             served = policy.tiers[out.tier].model
             bound_output = bound.output_bound(policy, served, est, out.charged_tokens)
+            stored = bound.stored_input_bound(policy, served, est)
             self.reservations.put(rid, tenant, out.tier, served,
                                   out.charged_tokens, out.charged_cost, out.period_start_us,
                                   time.monotonic(), est.model or policy.tiers[asked].model,
                                   _ledger_decision(CORE_KINDS[out.kind], out.tier > asked),
-                                  provider, est.input_tokens, bound_output)
+                                  provider, est.input_tokens, bound_output, stored)
             if self.backend.shares_reservations:
                 self.backend.share_reservation(tenant, rid, _reservation_record(
                     out.tier, served, out.charged_tokens, out.charged_cost,
-                    out.period_start_us, provider, est.input_tokens, bound_output))
+                    out.period_start_us, provider, est.input_tokens, bound_output, stored))
         tier = policy.tiers[out.tier]
         kind = CORE_KINDS[out.kind]
         admitted = kind in (Kind.ALLOW, Kind.DOWNGRADE)
@@ -867,7 +877,8 @@ class DecisionService:
         unit = rule.budget_unit if rule is not None and rule.limits.budget >= 0 else ""
         inp, out = bound.estimate_tokens(res)
         nano, unpriced = self._price(res.model, Usage(inp, out))
-        self._record_spend(res.tenant, SpendRecord(res.model, 1, inp, out, 0, 0, nano))
+        self._record_spend(res.tenant, SpendRecord(res.model, 1, inp, out, 0, 0, nano),
+                           res.period_start_us, res.charged_cost if unit else 0)
         self.ledger.closed(
             request_id=request_id, tenant=res.tenant, outcome=outcome, settled_by=why,
             decided_us=self._decided_us(res), model_asked=res.model_asked,
@@ -882,12 +893,14 @@ class DecisionService:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _record_spend(self, tenant: str, spend: SpendRecord) -> None:
+    def _record_spend(self, tenant: str, spend: SpendRecord, period_start_us: int = -1,
+                      held: int = 0) -> None:
         """The durable spend of a request whose estimate stays charged (no settlement call
-        carries it): written in the background, never waited on by a decision."""
+        carries it; its charge ``held`` leaves the held part): written in the background,
+        never waited on by a decision."""
         async def write() -> None:
             try:
-                await self.backend.record_spend(tenant, spend)
+                await self.backend.record_spend(tenant, spend, period_start_us, held)
             except BackendError as exc:
                 log.warning("spend of a kept reservation not recorded (tenant %s, model %s, "
                             "%d nano-USD): %s", tenant, spend.model, spend.cost_nano_usd, exc)
@@ -939,11 +952,13 @@ class DecisionService:
         return await self.settle_usage(request_id, res.tenant, res.model, 0, 0, "release")
 
     async def charge_unread(self, request_id: str, why: str,
-                            tenant: Optional[str] = None) -> None:
+                            tenant: Optional[str] = None,
+                            body_seen: Optional[str] = None) -> None:
         """No usage will come (client gone, usage missing or unreadable): the request is
         charged at what the provider could have billed (sidecar/bound.py). A request
         another replica decided is charged from its shared reservation (``tenant``: the
-        decision's x-kt-tenant), which that replica then does not charge again at expiry."""
+        decision's x-kt-tenant), which that replica then does not charge again at expiry.
+        ``body_seen``: the usage filter's view of the whole body (bound.with_body_seen)."""
         res = self.reservations.pop(request_id)
         if (res is None and tenant and _valid_tenant(tenant)
                 and self.backend.shares_reservations):
@@ -956,13 +971,16 @@ class DecisionService:
                 return
             res = _parse_reservation(tenant, record if record != TAKEN_RESERVATION else None)
             if res is not None:
+                res = bound.with_body_seen(self.policy, res, body_seen)
                 await bound.charge(self, request_id, res, "kept", why, local=False)
             return
         if res is not None:
+            res = bound.with_body_seen(self.policy, res, body_seen)
             await bound.charge(self, request_id, res, "kept", why)
 
-    def abandon(self, request_id: str, why: str) -> None:
+    def abandon(self, request_id: str, why: str, body_seen: Optional[str] = None) -> None:
         """``charge_unread`` in the background, for a caller that cannot wait."""
         res = self.reservations.pop(request_id)
         if res is not None:
+            res = bound.with_body_seen(self.policy, res, body_seen)
             bound.charge_soon(self, request_id, res, "kept", why)

@@ -15,6 +15,7 @@ import redis
 
 from sidecar import bound
 from sidecar.ledger.recorder import Ledger
+from sidecar.ledger.spend import HELD_DAY
 from sidecar.ledger.sinks import FileSink, SpillFile, event_files, read_events
 from sidecar.ledger.writer import EventLog
 from sidecar.model import Kind, Request
@@ -27,7 +28,7 @@ tiers:
   - {name: default, model: gpt-4o}
   - {name: compact, model: gpt-4o-mini}
 pricing:
-  gpt-4o: {input: 0.0025, output: 0.01, max_output_tokens: 4096}
+  gpt-4o: {input: 0.0025, output: 0.01, max_output_tokens: 4096, max_input_tokens: 100000}
   gpt-4o-mini: {input: 0.00015, output: 0.0006}
 defaults:
   limits: {rpm: 1000, tpm: 10000000}
@@ -62,16 +63,18 @@ def decide(sc, tenant: str, body: bytes):
     return d
 
 
-def close_unread(sc, tenant: str, rid: str, cut_short: bool = False) -> None:
-    """What the access log does with a 2xx entry that carries no usage."""
+def close_unread(sc, tenant: str, rid: str, cut_short: bool = False,
+                 body_seen=None) -> None:
+    """What the access log does with a 2xx entry that carries no usage (``body_seen``: what
+    the usage filter read in a body larger than the decision reads)."""
     sc.run(close_reservation(sc.sidecar.service, rid, "", tenant, 200, None, None, cut_short,
-                             "access_log", "access_log"))
+                             "access_log", "access_log", body_seen=body_seen))
 
 
 def spend(sc, tenant: str) -> tuple[int, ...]:
     """The tenant's durable spend (requests, input, output, cached, cache writes, nano-USD)."""
     cells = sc.run(sc.backend.spend_cells())
-    rows = [c.counts for c in cells if c.tenant == tenant]
+    rows = [c.counts for c in cells if c.tenant == tenant and c.day != HELD_DAY]
     return tuple(map(sum, zip(*rows, strict=True))) if rows else (0,) * 6
 
 
@@ -256,7 +259,7 @@ def test_an_unreadable_reply_on_another_replica_is_charged_once_at_the_bound(val
     probe, cells = asyncio.run(main())
     probe_tokens = math.ceil(len(b'{"max_tokens": 1}') / 4) + 1
     assert probe.budget_limit - probe.budget_remaining == inp + 2 * 4096 + probe_tokens
-    (cell,) = [c for c in cells if c.tenant == "tokens"]
+    (cell,) = [c for c in cells if c.tenant == "tokens" and c.day != HELD_DAY]
     assert cell.counts[:3] == (1, inp, 2 * 4096)  # one request, at its bound, once
     assert b.metrics.reservations_closed.labels("bound_no_usage")._value.get() == 1
 
@@ -329,3 +332,64 @@ def test_a_reservation_held_from_a_late_decision_reply_stays_at_its_charge(charg
 
 async def _on_loop(fn, *args, **kwargs):
     fn(*args, **kwargs)
+
+
+def test_a_stored_conversation_is_bounded_by_the_models_context_window(charged):
+    """A Responses request with previous_response_id (or a conversation) is billed the
+    stored conversation as input, which its body does not show: its input bound is the
+    served model's max_input_tokens (else the default), never less than the body's."""
+    sc, _, _ = charged
+    cases = [(body_of(previous_response_id="resp_1", max_output_tokens=100), 100_000),
+             (body_of(conversation={"id": "conv_1"}, max_output_tokens=100), 100_000),
+             (body_of(model="gpt-4o-mini", previous_response_id="resp_1",
+                      max_output_tokens=100), bound.DEFAULT_MAX_INPUT_TOKENS),
+             # null is the API's own "none": the body's input
+             (body_of(previous_response_id=None, max_output_tokens=100), None)]
+    spent = 0
+    for body, inp in cases:
+        d = decide(sc, "tokens", body)
+        # the estimate (what admission charged) is the body's: a context window would
+        # refuse every turn of a conversation against a small TPM
+        assert d.outcome.charged_tokens == math.ceil(len(body) / 4) + 100
+        close_unread(sc, "tokens", d.reservation_id, cut_short=True)
+        spent += (inp or math.ceil(len(body) / 4)) + 100
+        assert sc.backend.states["tokens"].spent == spent
+
+
+def test_the_usage_filters_view_of_a_large_body_bounds_it(charged):
+    """The decision saw only the first part of a large body (truncated: no n, no
+    max_tokens); the usage filter's report of the whole body sets the bound: its choices
+    and maximum, a stored conversation; a value it could not read at its most."""
+    sc, _, _ = charged
+    part = b'{"model": "gpt-4o", "stream": true, "messages": [{"role": "user", "content": "'
+    length = str(len(part) * 1000)
+    inp = math.ceil(int(length) / 4)
+    cases = [(None, inp, 4096),  # no report: one choice of the model's most
+             ('{"n":8}', inp, 8 * 4096),
+             ('{"n":8,"max_tokens":300}', inp, 8 * 300),
+             ('{"n":"8","max_tokens":299.5}', inp, 8 * 300),  # as a lax parser reads them
+             ('{"max_tokens":300,"max_completion_tokens":"?"}', inp, 4096),
+             ('{"previous_response_id":true,"max_output_tokens":10}', 100_000, 10),
+             ('{"n":-1,"max_tokens":-5}', inp, bound.MAX_BOUND_TOKENS),
+             # a report that cannot be read (a body with NaN, which some parsers take)
+             ('{"n":NaN}', 100_000, bound.MAX_BOUND_TOKENS),
+             ('{"n":"?"}', inp, bound.MAX_BOUND_TOKENS)]
+    for i, (report, bound_in, bound_out) in enumerate(cases):
+        tenant = f"large-{i}"  # its own bucket: a billion tokens empties one
+        d = sc.run(sc.sidecar.service.decide(Request(
+            headers={"x-tenant-id": tenant, "content-length": length}, body=part,
+            body_truncated=True)))
+        assert d.kind is Kind.ALLOW
+        close_unread(sc, tenant, d.reservation_id, cut_short=True, body_seen=report)
+        assert spend(sc, tenant)[1:3] == (bound_in, bound_out), report
+
+
+def test_a_shared_reservation_keeps_its_stored_input_bound():
+    from sidecar.service import _parse_reservation, _reservation_record
+    for stored in (0, 128000):
+        record = _reservation_record(1, "gpt-4o", 900, 5, 7, "p1", 400, 500, stored)
+        res = _parse_reservation("t", record)
+        assert res is not None
+        assert (res.model, res.provider, res.bound_input, res.bound_output,
+                res.stored_input) == ("gpt-4o", "p1", 400, 500, stored)
+        assert bound.tokens(res) == (max(400, stored), 500)

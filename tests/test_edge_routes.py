@@ -189,6 +189,17 @@ def test_header_names_with_underscores_are_dropped_at_the_edge(gw):
     assert got["x-kt-tenant"] == "t-edge"
 
 
+def test_method_override_headers_never_reach_the_provider(gw):
+    # the gateway routes and decides by the method Envoy sees: a POST the provider took
+    # for a DELETE or GET (frameworks that honour these headers) would pass the 404 route
+    status, _, body = gw.send("POST", "/v1/chat/completions?x=1", chat(), headers={
+        "x-http-method-override": "DELETE", "x-http-method": "GET",
+        "x-method-override": "PUT"})
+    assert status == 200, body
+    got = json.loads(body)["received_headers"]
+    assert not {"x-http-method-override", "x-http-method", "x-method-override"} & set(got), got
+
+
 # --- usage stays readable ---------------------------------------------------------------
 def test_a_client_asking_for_a_compressed_reply_still_pays_its_usage(gw):
     before = gw.spend("gzip").get("gpt-4o", {"input_tokens": 0, "output_tokens": 0})

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from sidecar.cli import main as kt
-from sidecar.envoy_config import (EnvoyOptions, TierRoute, Upstream, UpstreamError,
+from sidecar.envoy_config import (EnvoyOptions, TierRoute, Upstream, UpstreamError, bootstrap,
                                   parse_upstream, render)
 from tests.support.procs import EnvoyProcess, find_binary, free_port, workdir
 from tests.support.upstream import FakeUpstream
@@ -222,8 +222,9 @@ def test_authz_filter_wiring(failure_mode):
     assert mutations == [{"remove": h} for h in (  # and no estimate default outside RLS
         "x-kt-decision", "x-kt-tenant", "x-kt-tier", "x-kt-model", "x-kt-priority", "x-kt-shadow",
         "x-kt-reservation",
-        # a client's own estimate and request id (docs/security.md)
-        "x-kt-estimated-tokens", "x-request-id")]
+        # a client's own estimate and request id (docs/security.md), and its method overrides
+        "x-kt-estimated-tokens", "x-request-id", "x-http-method-override", "x-http-method",
+        "x-method-override")]
 
 
 @pytest.mark.parametrize("failure_mode", ["allow", "deny"])
@@ -481,6 +482,21 @@ def test_the_other_usage_modes_validate(tmp_path, capsys, mode, usage):
         lua = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.lua")
         source = lua["typed_config"]["default_source_code"]["inline_string"]
         assert source.rstrip().endswith("envoy_on_response = nil")
+        # what the filter reads of a large body reaches ext_proc (docs/usage.md)
+        ext_proc = next(f for f in hcm["http_filters"]
+                        if f["name"] == "envoy.filters.http.ext_proc")["typed_config"]
+        assert ext_proc["metadata_options"] == {
+            "forwarding_namespaces": {"untyped": ["kt.usage"]}}
+
+
+@pytest.mark.parametrize("with_body, decided", [(True, 65536), (False, 0)])
+def test_the_usage_filter_reads_what_the_decision_does_not(with_body, decided):
+    # a body over the part ext_authz passes to the decision is read by the filter for the
+    # bound (sidecar/bound.py); without a body to the decision, every body is
+    doc = bootstrap(EnvoyOptions(with_request_body=with_body))
+    lua = next(f for f in _hcm(doc)["http_filters"] if f["name"] == "envoy.filters.http.lua")
+    source = lua["typed_config"]["default_source_code"]["inline_string"]
+    assert f"\nlocal DECIDED_BYTES = {decided}\n" in source
 
 
 def test_usage_by_access_log_wiring():

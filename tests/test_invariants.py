@@ -12,6 +12,7 @@ import pytest
 from sidecar import _core, contract
 from sidecar.backends.memory import MemoryBackend
 from sidecar.backends.redis import RedisBackend
+from sidecar.ledger.spend import SpendRecord
 from sidecar.estimate import LengthRequired, estimate
 from sidecar.model import CORE_KINDS, Decision, Kind, Request
 from sidecar.policy.load import parse_policy
@@ -284,7 +285,8 @@ class ModelBackend:
                              o.budget_remaining, o.budget_reset_us, o.charged_tokens,
                              o.charged_cost, start)
 
-    async def settle(self, tenant, lim, request_id, d_tokens, d_cost, period_start):
+    async def settle(self, tenant, lim, request_id, d_tokens, d_cost, period_start,
+                     spend=None):
         from sidecar.backends.base import Settlement
 
         st = self.states.setdefault(tenant, ref.State())
@@ -376,12 +378,14 @@ def run_program(backend, clock: ManualClock, tenant: str, variants, ops) -> list
                     pout = rec["lim"].prices[o.tier][1]
                     cost = actual * pout if rec["lim"].budget_in_usd else actual
                     d_tokens, d_cost = actual - o.charged_tokens, cost - o.charged_cost
+                    # the usage, as the service records it (all output tokens here)
+                    spend = SpendRecord("m", 1, 0, actual, 0, 0, actual * pout)
                     s = await backend.settle(tenant, lim, rec["id"], d_tokens, d_cost,
-                                             o.period_start_us)
+                                             o.period_start_us, spend)
                     history.append({"t": clock.now, "op": "settle", "lim": lim,
                                     "d_tokens": d_tokens, "d_cost": d_cost,
                                     "charge_period": o.period_start_us, "applied": s.applied,
-                                    "spent": s.budget_spent})
+                                    "spent": s.budget_spent, "cost": cost})
         finally:
             await backend.close()
 
@@ -474,6 +478,37 @@ def check_budget(history: list[dict], spent_now) -> None:
         assert spent_now() == expected.get(start, 0)
 
 
+def check_held(history: list[dict], held_now: dict[int, int]) -> None:
+    """The held part of the durable spend (docs/ledger.md, "Held") is, per budget period,
+    exactly what admitted requests were charged and their settlements have not replaced:
+    held when charged under a budget, released (the usage's cost less the correction) by
+    an applied settlement under one. With the settled cells, what every budget holds."""
+    expected: dict[int, int] = {}
+    for e in history:
+        if e["lim"].budget < 0:
+            continue
+        if e["op"] == "decide" and e["out"].admitted and e["out"].charged_cost:
+            ps = e["out"].period_start_us
+            expected[ps] = expected.get(ps, 0) + e["out"].charged_cost
+        elif e["op"] == "settle" and e["applied"] and e["charge_period"] >= 0:
+            ps = e["charge_period"]
+            expected[ps] = expected.get(ps, 0) - (e["cost"] - e["d_cost"])
+    assert {ps: v for ps, v in expected.items() if v} == held_now
+
+
+def held_now(kind, backend, tenant) -> dict[int, int]:
+    if kind == "memory":
+        return dict(backend.held.get(tenant, {}))
+    import redis as redis_client
+
+    r = redis_client.Redis.from_url(backend.cfg.url)
+    try:
+        fields = r.hgetall(backend.spend_key(tenant))
+    finally:
+        r.close()
+    return {int(k[2:]): int(v) for k, v in fields.items() if k.startswith(b"h|")}
+
+
 def check_headers(history: list[dict]) -> None:
     """Remaining values in the headers (through contract.answer) and the Outcome are never
     above their limit and never negative."""
@@ -538,6 +573,8 @@ def test_invariants_hold_on_every_implementation(kind, request):
         last_lim = history[-1]["lim"] if history else variants[0]
         check_budget(history, lambda: current_spent(kind, backend, tenant, last_lim,
                                                     history[-1]["t"]))
+        if kind != "model":  # the held part is the backends' bookkeeping, beside the rules
+            check_held(history, held_now(kind, backend, tenant))
 
     run()
 
@@ -605,3 +642,45 @@ def test_a_provider_never_admits_more_than_its_capacity_on_either_backend(
     req_events, tok_events = asyncio.run(main())
     check_capacity(req_events, quota.req_cap, rpm / 60e6)
     check_capacity(tok_events, quota.tok_cap, tpm / 60e6)
+
+
+# --- the held part across a day and a budget period (docs/ledger.md, "Held") ---------------
+@pytest.mark.parametrize("period", [_core.P_TOTAL, _core.P_DAY])
+def test_an_estimate_held_on_one_day_and_settled_on_the_next(backend_kind, backend_url, period):
+    """A request decided a second before UTC midnight and settled two seconds later. Its
+    estimate is held under the budget period it was charged to and leaves it at the
+    settlement (no residue on either day); its usage is settled spend of the new day. A
+    `total` budget then holds exactly settled + held; a daily one starts the new day with
+    only the usage beyond the estimate (the closed day keeps the estimate: a refund never
+    reaches a closed period), the held part of neither day keeping anything."""
+    from tests.support.clock import T0_US
+
+    day_us = 86_400_000_000
+    clock = ManualClock((T0_US // day_us + 1) * day_us - 1_000_000)
+    backend = make_backend(backend_kind, clock, backend_url)
+    lim = _core.Limits(tpm=10**9, budget=10**12, budget_in_usd=True, period=period,
+                       prices=((2500, 10000),))
+    tenant = fresh_tenant("held-midnight")
+    actual = 100 * 2500 + 80 * 10000
+
+    async def main():
+        await backend.start()
+        try:
+            out = await backend.decide(tenant, lim, 0, 100, 50, 150, False)
+            held_before = held_now(backend_kind, backend, tenant)
+            clock.advance(2)
+            s = await backend.settle(tenant, lim, "r1", 30, actual - out.charged_cost,
+                                     out.period_start_us,
+                                     SpendRecord("gpt-4o", 1, 100, 80, 0, 0, actual))
+            cells = await backend.spend_cells()
+            return out, held_before, s, cells
+        finally:
+            await backend.close()
+
+    out, held_before, s, cells = asyncio.run(main())
+    assert out.admitted and held_before == {out.period_start_us: 100 * 2500 + 50 * 10000}
+    assert s.applied and held_now(backend_kind, backend, tenant) == {}
+    mine = [c for c in cells if c.tenant == tenant]
+    assert [(c.day, c.counts[5]) for c in mine] == [(clock.now // day_us, actual)]
+    spent = current_spent(backend_kind, backend, tenant, lim, clock.now)
+    assert spent == (actual if period == _core.P_TOTAL else actual - out.charged_cost)

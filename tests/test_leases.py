@@ -107,6 +107,19 @@ def budget_spent(valkey: Store, b: RedisBackend, name: str) -> int:
         r.close()
 
 
+def spend_books(valkey: Store, b: RedisBackend, name: str) -> tuple[int, int]:
+    """(settled nano-USD, held) of the tenant's durable spend (docs/ledger.md, "Held")."""
+    from sidecar.ledger.spend import HELD_DAY, cells_from_fields
+
+    r = store(valkey)
+    try:
+        cells = cells_from_fields(name, r.hgetall(b.spend_key(name)))
+    finally:
+        r.close()
+    return (sum(c.counts[5] for c in cells if c.day != HELD_DAY),
+            sum(c.counts[0] for c in cells if c.day == HELD_DAY))
+
+
 def script_calls(b: RedisBackend) -> int:
     return b.round_trips
 
@@ -604,6 +617,7 @@ HOLDER = r"""
 import asyncio, sys
 from sidecar import _core
 from sidecar.backends.redis import RedisBackend
+from sidecar.ledger.spend import SpendRecord
 from sidecar.policy import schema
 
 url, cluster, name = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
@@ -620,7 +634,8 @@ async def main():
         if out.admitted:
             cost = 50 * 2500 + (n % 40) * 10000
             await b.settle(name, lim, f"r{n}", 50 + n % 40 - out.charged_tokens,
-                           cost - out.charged_cost, out.period_start_us)
+                           cost - out.charged_cost, out.period_start_us,
+                           SpendRecord("gpt-4o", 1, 50, n % 40, 0, 0, cost))
             settled, n = settled + cost, n + 1
         await asyncio.sleep(0.01)
     print(settled, b.leases.leases[name].left()[2], flush=True)
@@ -657,6 +672,8 @@ def test_a_sigkilled_sidecars_lease_comes_back_and_the_budget_is_exact(valkey):
     live = RedisBackend(schema.RedisBackend(url=valkey.url, timeout_ms=2000,
                                             cluster=valkey.cluster, leases=True))
     killed_at = budget_spent(valkey, live, name)
+    # the durable spend: every settled request, and the lease's unused part held
+    books_at_kill = spend_books(valkey, live, name)
 
     async def main():
         await live.start()
@@ -672,6 +689,8 @@ def test_a_sigkilled_sidecars_lease_comes_back_and_the_budget_is_exact(valkey):
     after = asyncio.run(main())
     assert held > 0 and killed_at == settled + held
     assert after == settled
+    assert books_at_kill == (settled, held)
+    assert spend_books(valkey, live, name) == (settled, 0)  # the lease's part came back
 
 
 def test_the_holder_stops_deciding_in_a_lease_before_redis_may_close_it(valkey):

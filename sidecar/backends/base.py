@@ -117,9 +117,12 @@ class Backend(Protocol):
         read without changing anything (a settlement whose reply was lost asks this once
         the store answers again). May raise BackendError."""
 
-    async def record_spend(self, tenant: str, spend: SpendRecord) -> None:
+    async def record_spend(self, tenant: str, spend: SpendRecord, period_start_us: int = -1,
+                           held: int = 0) -> None:
         """Add to the tenant's spend per day and model without a settlement (a request
-        whose estimate stays charged). May raise BackendError."""
+        whose estimate stays charged): ``held``, what its decision charged the budget
+        period starting ``period_start_us``, is no longer held (docs/ledger.md, "Held").
+        May raise BackendError."""
 
     def has_room_for(self, tenant: str) -> bool:
         """Whether this backend can hold state for ``tenant`` now (the embedded backend
@@ -129,7 +132,9 @@ class Backend(Protocol):
                           until_day: int = LAST_DAY) -> list[SpendCell]:
         """Every tenant's spend per model on each UTC day of ``since_day..until_day``
         (inclusive), as every replica sees it, at a cost that follows the tenants the
-        range holds, not every tenant ever seen. May raise BackendError."""
+        range holds, not every tenant ever seen; and, whatever the range, what every
+        tenant's budget holds for requests not settled yet (HELD cells,
+        sidecar/ledger/spend.py). May raise BackendError."""
 
     async def decide_routed(
         self,

@@ -40,7 +40,8 @@ import msgspec
 from sidecar import _core
 from sidecar.backends.base import (BackendError, BackendStatus, Candidate, LateReply,
                                    Settlement)
-from sidecar.ledger.spend import LAST_DAY, SpendCell, SpendRecord, day_of
+from sidecar.ledger.spend import (HELD_FIELD, LAST_DAY, SpendCell, SpendRecord, day_of,
+                                  held_cell)
 
 log = logging.getLogger("kt.memory")
 STATE_VERSION = 2  # 1: snapshot only (still read); 2: snapshot + journal
@@ -303,6 +304,12 @@ class MemoryBackend:
         # UTC day -> the tenants with spend that day: /v1/spend over a range reads those
         self._spend_days: dict[int, set[str]] = {}
         self._spend_dirty: set[str] = set()
+        # what each budget holds for requests not settled yet (docs/ledger.md, "Held"):
+        # tenant -> budget period start (µs) -> amount in the budget's unit. Moved as the
+        # budget is (a decision's charge adds, its settlement takes the estimate out), in
+        # the snapshot with the spend (as the decisions that charge it) and, after a
+        # settlement, its value in the settlement's journal record
+        self.held: dict[str, dict[int, int]] = {}
         self._flusher: Optional[asyncio.Task] = None
         self._last_error = ""
         self.write_failures = {"snapshot": 0, "journal": 0}
@@ -328,8 +335,7 @@ class MemoryBackend:
                                f"({exc})") from None
         files.mirror = {t: TenantSpend(st.period_start, st.spent)
                         for t, st in self.states.items() if st.period_start >= 0}
-        files.spend_mirror = {t: {f"{day}|{model}": list(c) for (day, model), c in cells.items()}
-                              for t, cells in self.spend.items()}
+        files.spend_mirror = {t: self._spend_entries(t) for t in {*self.spend, *self.held}}
         files.snapshot_seq = files.durable_seq = self._durable_seq = self._seq
         self._files = files
         self._snapshots = ThreadPoolExecutor(1, thread_name_prefix="kt-state-snapshot")
@@ -420,6 +426,8 @@ class MemoryBackend:
         self.decisions += 1
         if out.charged_cost:
             self._dirty[tenant] = st
+            if limits.budget >= 0:
+                self._hold(tenant, out.period_start_us, out.charged_cost)
         return out
 
     async def decide_routed(self, tenant: str, limits: _core.Limits, tier: int,
@@ -435,6 +443,8 @@ class MemoryBackend:
         self.decisions += 1
         if out.charged_cost:
             self._dirty[tenant] = st
+            if limits.budget >= 0:
+                self._hold(tenant, out.period_start_us, out.charged_cost)
         return out
 
     def quota_state(self, provider: str) -> _core.QuotaState:
@@ -472,6 +482,16 @@ class MemoryBackend:
         if spend is not None:
             day = day_of(now)
             cell = (day, spend.model, *self._add_spend(tenant, day, spend))
+        # what the decision charged (the usage's cost to the budget less this correction)
+        # is no longer held: as lua/settle.lua
+        held: tuple = ()
+        if limits.budget >= 0 and period_start_us >= 0:
+            actual = 0 if spend is None else (
+                spend.cost_nano_usd if limits.budget_in_usd
+                else spend.input_tokens + spend.output_tokens)
+            if actual != delta_cost:
+                held = ({"h": [period_start_us,
+                               self._hold(tenant, period_start_us, delta_cost - actual)]},)
         if self._files is None:
             self._remember(key, 0)
             return Settlement(applied=True, budget_spent=spent, at_us=now)
@@ -484,7 +504,7 @@ class MemoryBackend:
         # the state's own spend, never settle's reply: that is -1 for a tenant without a
         # budget ("no budget"), which is not a spend and no next start would accept
         self._journal_pending.append((self._seq, tenant, request_id, st.period_start, st.spent,
-                                      *cell))
+                                      *cell, *held))
         await self._durable()
         return Settlement(applied=True, budget_spent=spent, at_us=now)
 
@@ -516,9 +536,34 @@ class MemoryBackend:
             self._spend_dirty.add(tenant)
         return cell
 
-    async def record_spend(self, tenant: str, spend: SpendRecord) -> None:
-        """A kept estimate's spend: in the next snapshot (as the decision that charged it)."""
+    def _hold(self, tenant: str, period_start: int, amount: int) -> int:
+        """Add ``amount`` to what ``tenant``'s budget period holds; the amount after."""
+        by = self.held.setdefault(tenant, {})
+        after = by.get(period_start, 0) + amount
+        if after:
+            by[period_start] = after
+        else:
+            by.pop(period_start, None)
+            if not by:
+                del self.held[tenant]
+        if self._files is not None:
+            self._spend_dirty.add(tenant)
+        return after
+
+    def _spend_entries(self, tenant: str) -> dict[str, list[int]]:
+        """A tenant's spend as the snapshot holds it: "<day>|<model>": six counts, and
+        "h|<period start>": [held]."""
+        out = {f"{day}|{model}": list(c) for (day, model), c in self.spend.get(tenant, {}).items()}
+        out.update({f"{HELD_FIELD}|{ps}": [a] for ps, a in self.held.get(tenant, {}).items()})
+        return out
+
+    async def record_spend(self, tenant: str, spend: SpendRecord, period_start_us: int = -1,
+                           held: int = 0) -> None:
+        """A kept estimate's spend: in the next snapshot (as the decision that charged it),
+        its charge no longer held."""
         self._add_spend(tenant, day_of(self.clock()), spend)
+        if held and period_start_us >= 0:
+            self._hold(tenant, period_start_us, -held)
 
     async def spend_cells(self, since_day: int = 0,
                           until_day: int = LAST_DAY) -> list[SpendCell]:
@@ -529,7 +574,8 @@ class MemoryBackend:
                                     if since_day <= day <= until_day))
         return [SpendCell(t, day, model, tuple(c)) for t in tenants
                 for (day, model), c in self.spend.get(t, {}).items()
-                if since_day <= day <= until_day]
+                if since_day <= day <= until_day] + [
+            held_cell(t, ps, a) for t, by in self.held.items() for ps, a in by.items()]
 
     def share_reservation(self, tenant: str, request_id: str, record: str) -> None:
         pass  # one process: its own reservation book is the only one
@@ -601,8 +647,7 @@ class MemoryBackend:
         changed = {t: TenantSpend(st.period_start, st.spent)
                    for t, st in self._dirty.items() if st.period_start >= 0}
         removed = [t for t in self._removed if t not in changed]
-        spend_changed = {t: {f"{day}|{model}": list(c) for (day, model), c in
-                             self.spend.get(t, {}).items()} for t in self._spend_dirty}
+        spend_changed = {t: self._spend_entries(t) for t in self._spend_dirty}
         self._dirty, self._removed, self._spend_dirty = {}, set(), set()
         self._snapshot_owed = False
         if self._journal_pending and not self._commit_running:
@@ -678,8 +723,11 @@ class MemoryBackend:
                 if not isinstance(cells, dict):
                     raise _refuse(where, f"spend of {tenant!r} must be an object")
                 for key, counts in cells.items():
-                    self._load_cell(where, tenant, key.partition("|")[0],
-                                    key.partition("|")[2], counts)
+                    day, _, model = key.partition("|")
+                    if day == HELD_FIELD:
+                        self._load_held(where, tenant, model, counts)
+                    else:
+                        self._load_cell(where, tenant, day, model, counts)
         self._seq = snapshot_seq
         try:
             segments = files.segment_paths()
@@ -701,6 +749,25 @@ class MemoryBackend:
                                  f"0..{MAX_STATE_VALUE}, not {json.dumps(counts)[:80]}")
         self.spend.setdefault(tenant, {})[(day, model)] = list(counts)
         self._spend_days.setdefault(day, set()).add(tenant)
+
+    def _load_held(self, where: str, tenant: str, period_start: Any, counts: Any) -> None:
+        """What a budget period holds, from the snapshot or the journal (absolute)."""
+        try:
+            ps = int(period_start)
+        except (TypeError, ValueError):
+            raise _refuse(where, f"held of {tenant!r}: period start {str(period_start)[:20]!r} "
+                                 "is not a number") from None
+        if not (isinstance(counts, list) and len(counts) == 1 and type(counts[0]) is int
+                and abs(counts[0]) <= MAX_STATE_VALUE):
+            raise _refuse(where, f"held of {tenant!r}: expected [an integer], not "
+                                 f"{json.dumps(counts)[:80]}")
+        by = self.held.setdefault(tenant, {})
+        if counts[0]:
+            by[ps] = counts[0]
+        else:
+            by.pop(ps, None)
+        if not by:
+            del self.held[tenant]
 
     def _replay(self, path: str, snapshot_seq: int) -> int:
         """Apply one journal segment; the number of its records."""
@@ -731,6 +798,12 @@ class MemoryBackend:
             if seq > snapshot_seq and period_start >= 0:
                 st = self.state_for(tenant)
                 st.period_start, st.spent = period_start, spent
+            held = cell.pop() if cell and isinstance(cell[-1], dict) else None
+            if seq > snapshot_seq and held is not None:
+                h = held.get("h")
+                if not (isinstance(h, list) and len(h) == 2):
+                    raise _refuse(where, f"malformed held in record {line[:80]!r}")
+                self._load_held(where, tenant, h[0], h[1:])
             if seq > snapshot_seq and cell:
                 if len(cell) != 8:
                     raise _refuse(where, f"malformed spend in record {line[:80]!r}")

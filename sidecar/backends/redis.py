@@ -977,7 +977,8 @@ class RedisBackend:
         # the ledger's spend, in the same atomic call (settle.lua's KEYS[4], ARGV[10..16])
         keys.append(self.spend_key(tenant))
         if spend is not None:
-            args += [spend.model, *spend.counts()]
+            # and the budget's unit: what the usage cost it (the estimate leaves "held")
+            args += [spend.model, *spend.counts(), 1 if limits.budget_in_usd else 0]
             await self._index_spend(tenant)
         if self.cfg.cluster:
             reply = await self._call(self.settle_script, keys, args, None)
@@ -1015,11 +1016,12 @@ class RedisBackend:
     def spend_key(self, tenant: str) -> str:
         return f"{self.prefix}:{{{tenant}}}:spend"
 
-    async def record_spend(self, tenant: str, spend: SpendRecord) -> None:
+    async def record_spend(self, tenant: str, spend: SpendRecord, period_start_us: int = -1,
+                           held: int = 0) -> None:
         """Spend of a request that is not settled by settle.lua (its estimate stays
-        charged); may raise BackendError."""
+        charged, no longer held); may raise BackendError."""
         keys = [self.spend_key(tenant)]
-        args = [self._now_arg(), spend.model, *spend.counts()]
+        args = [self._now_arg(), spend.model, *spend.counts(), period_start_us, held]
         await self._index_spend(tenant)
         packed = None if self.cfg.cluster else pack(
             "EVALSHA", self.record_spend_script.sha, 1, *keys, *args)

@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
-from sidecar.ledger.spend import DAY_US, SpendCell, cells_from_fields, day_of
+from sidecar.ledger.spend import DAY_US, SpendCell, cells_from_fields, day_of, in_range
 
 # a tenant's days around midnight: both are noted (clock skew between host and Redis)
 MIDNIGHT_MARGIN_US = 300 * 1_000_000
@@ -138,7 +138,7 @@ async def read_spend_cells(client: Any, prefix: str, index: SpendIndex, since_da
         for key, fields in zip(chunk, await pipe.execute(), strict=True):
             tenant = key[len(prefix) + 2:-len("}:spend")]
             cells += [c for c in cells_from_fields(tenant, fields)
-                      if since_day <= c.day <= until_day]
+                      if in_range(c, since_day, until_day)]
     return cells
 
 

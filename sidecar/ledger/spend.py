@@ -8,7 +8,7 @@ sums them by period (day, month or the whole range)."""
 from __future__ import annotations
 
 import datetime
-from typing import Iterable, NamedTuple, Optional
+from typing import Callable, Iterable, NamedTuple, Optional
 
 DAY_US = 86_400_000_000
 KINDS = ("n", "i", "o", "cr", "cw", "c")  # the order of SpendRecord's counts
@@ -33,9 +33,26 @@ class SpendRecord(NamedTuple):
 
 class SpendCell(NamedTuple):
     tenant: str
-    day: int  # whole UTC days since the epoch
+    day: int  # whole UTC days since the epoch (HELD_DAY: a held cell)
     model: str
     counts: tuple[int, ...]  # KINDS order
+
+
+# A held cell (docs/ledger.md, "Held"): what a tenant's budget holds for requests not
+# settled yet and capacity leased and not returned, charged to the budget period starting
+# at ``int(model)`` µs, in the budget's unit: counts == (amount,). A balance now, not
+# spend of a day: every report shows it whatever its range.
+HELD_DAY = -1
+HELD_FIELD = "h"  # Redis: spend hash field "h|<period start µs>" (lua/common.lua held_add)
+
+
+def held_cell(tenant: str, period_start_us: int, amount: int) -> SpendCell:
+    return SpendCell(tenant, HELD_DAY, str(period_start_us), (amount,))
+
+
+def in_range(cell: SpendCell, since_day: int, until_day: int) -> bool:
+    """Whether a report over ``since_day..until_day`` counts ``cell`` (held: always)."""
+    return cell.day == HELD_DAY or since_day <= cell.day <= until_day
 
 
 def day_of(us: int) -> int:
@@ -73,12 +90,27 @@ def _row(counts: Iterable[int]) -> dict:
             "cache_write_tokens": cw, "cost_nano_usd": c, "usd": c / 1e9}
 
 
+def _iso_us(us: int) -> str:
+    return (datetime.datetime(1970, 1, 1) + datetime.timedelta(microseconds=us)).isoformat(
+        timespec="seconds") + "Z"
+
+
 def report(cells: Iterable[SpendCell], since_day: int, until_day: int, period: str,
-           source: str) -> dict:
+           source: str, budget_unit: Optional[Callable[[str], str]] = None) -> dict:
     """The /v1/spend document. ``until_day`` is inclusive. With period "total" the shape is
-    tenants -> model -> counts; with "day" / "month", tenants -> period -> model -> counts."""
+    tenants -> model -> counts; with "day" / "month", tenants -> period -> model -> counts.
+    Beside it, ``held``: tenant -> {amount, unit, periods: {budget period start (UTC ISO):
+    amount}}, what each budget holds now for requests not settled yet and leased capacity
+    (in the unit ``budget_unit(tenant)`` names, "usd" = nano-USD); settled + held = what
+    the budget holds."""
     acc: dict[str, dict[str, dict[str, list[int]]]] = {}
+    held: dict[str, dict[int, int]] = {}
     for cell in cells:
+        if cell.day == HELD_DAY:
+            if cell.counts[0]:
+                by = held.setdefault(cell.tenant, {})
+                by[int(cell.model)] = by.get(int(cell.model), 0) + cell.counts[0]
+            continue
         if not since_day <= cell.day <= until_day:
             continue
         slot = acc.setdefault(cell.tenant, {}).setdefault(period_key(cell.day, period), {})
@@ -92,8 +124,17 @@ def report(cells: Iterable[SpendCell], since_day: int, until_day: int, period: s
         else:
             tenants[tenant] = {p: {m: _row(c) for m, c in sorted(models.items())}
                                for p, models in sorted(periods.items())}
+    held_doc = {}
+    for tenant, by in sorted(held.items()):
+        unit = budget_unit(tenant) if budget_unit is not None else ""
+        amount = sum(by.values())
+        row: dict = {"amount": amount, "unit": unit,
+                     "periods": {_iso_us(ps): a for ps, a in sorted(by.items())}}
+        if unit == "usd":
+            row["usd"] = amount / 1e9
+        held_doc[tenant] = row
     return {"since": date_of(since_day).isoformat(), "until": date_of(until_day).isoformat(),
-            "period": period, "source": source, "tenants": tenants}
+            "period": period, "source": source, "tenants": tenants, "held": held_doc}
 
 
 LAST_DAY = 2_932_896  # 9999-12-31
@@ -118,11 +159,19 @@ def parse_query(query: dict[str, list[str]]) -> tuple[int, int, str]:
 
 
 def cells_from_fields(tenant: str, fields: dict) -> list[SpendCell]:
-    """A Redis spend hash ("<day>|<kind>|<model>" -> count) as cells."""
+    """A Redis spend hash ("<day>|<kind>|<model>" -> count, "h|<period start>" -> held)
+    as cells."""
     acc: dict[tuple[int, str], list[int]] = {}
+    held: list[SpendCell] = []
     for raw_key, raw_value in fields.items():
         key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
         day_s, sep, rest = key.partition("|")
+        if day_s == HELD_FIELD:
+            try:
+                held.append(held_cell(tenant, int(rest), int(raw_value)))
+            except ValueError:
+                pass
+            continue
         kind, sep2, model = rest.partition("|")
         if not sep or not sep2 or kind not in KINDS:
             continue
@@ -131,4 +180,4 @@ def cells_from_fields(tenant: str, fields: dict) -> list[SpendCell]:
         except ValueError:
             continue
         acc.setdefault((day, model), [0] * 6)[KINDS.index(kind)] += value
-    return [SpendCell(tenant, d, m, tuple(c)) for (d, m), c in acc.items()]
+    return [SpendCell(tenant, d, m, tuple(c)) for (d, m), c in acc.items()] + held

@@ -427,10 +427,11 @@ def _compile(policy: schema.Policy, source: str, digest: str,
             if value is not None and not (0.0 <= value <= MAX_PRICE_USD_PER_1K):
                 fail(f"$.pricing.{model}.{side}", f"must be a number in "
                            f"0..{MAX_PRICE_USD_PER_1K:g} (USD per 1K tokens), got {value}")
-        most = price.max_output_tokens
-        if most is not None and not (1 <= most <= MAX_ESTIMATE_TOKENS):
-            fail(f"$.pricing.{model}.max_output_tokens", f"must be in 1..{MAX_ESTIMATE_TOKENS}, "
-                 f"got {most}")
+        for side in ("max_output_tokens", "max_input_tokens"):
+            most = getattr(price, side)
+            if most is not None and not (1 <= most <= MAX_ESTIMATE_TOKENS):
+                fail(f"$.pricing.{model}.{side}", f"must be in 1..{MAX_ESTIMATE_TOKENS}, "
+                     f"got {most}")
     est = policy.estimate
     if not (0.01 <= est.chars_per_token <= 1000.0):
         fail("$.estimate.chars_per_token", f"must be a number in 0.01..1000, got "

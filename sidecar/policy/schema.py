@@ -51,6 +51,11 @@ class Price(_Strict, frozen=True):
     # request whose usage cannot be read is charged at when it names no max_tokens
     # (sidecar/bound.py; absent: sidecar.bound.DEFAULT_MAX_OUTPUT_TOKENS)
     max_output_tokens: Optional[int] = None
+    # the most input tokens the provider bills for one request of this model (its context
+    # window): the input a request whose usage cannot be read is charged at when the
+    # provider adds stored input to its body (a Responses `previous_response_id` or
+    # `conversation`; sidecar/bound.py; absent: sidecar.bound.DEFAULT_MAX_INPUT_TOKENS)
+    max_input_tokens: Optional[int] = None
 
 
 class Limits(_Strict, frozen=True):

@@ -9,7 +9,9 @@ the usage text is read by the same parser ext_proc uses (sidecar/usage.py).
 Translation only: the reservation id and tenant (the decision's own `x-kt-reservation` and
 `x-kt-tenant`, logged as additional request headers; Envoy strips a client's own at the
 edge), the x-request-id when Envoy's failure mode let the request through, status, whether the response was cut short (response flags),
-and the usage text. Envoy sends an entry once the response is over, however it ended, so
+and the usage text, and what the Lua filter read in a request body larger than the
+decision saw (`kt.usage` / `request`: n, max_tokens..., for the bound; sidecar/bound.py).
+Envoy sends an entry once the response is over, however it ended, so
 every admitted request gets one unless Envoy drops it (docs/usage.md: the stream down).
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Optional
 
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-from sidecar import contract
+from sidecar import bound, contract
 from sidecar.reconcile import close_reservation
 from sidecar.service import DecisionService
 from sidecar.upstream_sli import from_access_log
@@ -57,6 +59,15 @@ def _cut_short(flags) -> bool:
 
 def _envoys_own_answer(flags) -> bool:
     return flags.ByteSize() > 0 and any(getattr(flags, name) for name in _ENVOYS_OWN_ANSWER)
+
+
+def body_seen_of(entry) -> Optional[str]:
+    """What the usage filter read in the whole request body (sidecar/bound.py), or None."""
+    fm = entry.common_properties.metadata.filter_metadata
+    if contract.USAGE_METADATA_NAMESPACE not in fm:
+        return None
+    field = fm[contract.USAGE_METADATA_NAMESPACE].fields.get(bound.BODY_METADATA_KEY)
+    return field.string_value if field is not None else None
 
 
 def usage_of(entry) -> tuple[Optional[str], Optional[Usage], str]:
@@ -127,7 +138,8 @@ class UsageLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
                 service, headers.get(contract.H_RESERVATION, ""), request.request_id,
                 headers.get(contract.H_TENANT), status, usage, model,
                 _cut_short(flags), "access_log", settled_by or "access_log",
-                provider_failed=not _envoys_own_answer(flags), upstream=upstream))
+                provider_failed=not _envoys_own_answer(flags),
+                body_seen=body_seen_of(entry), upstream=upstream))
         # concurrently: the backend sends what one loop tick queued in one write
         await asyncio.gather(*closing)
         self._entries.inc(len(closing))

@@ -11,9 +11,12 @@ body STREAMED, `allow_mode_override: true`.
 - Response: pass every chunk on at once (never hold a stream back) while
   reading usage from the JSON body or the SSE usage chunk; at the end, settle
   the reservation with the actual usage (service.settle_usage).
-- Rules without usage (docs/usage.md): a non-2xx reply without usage releases
-  the reservation; a 2xx reply without usage, or a stream the client abandons,
-  keeps the reserved estimate charged.
+- Rules without usage (sidecar/reconcile.py, docs/usage.md): a non-2xx reply of the
+  provider's without usage releases the reservation; Envoy's own 504 on its route
+  timeout (no x-envoy-upstream-service-time, which the router sets on every upstream
+  answer), a 2xx reply without usage, or a stream the client abandons is charged at
+  the bound (sidecar/bound.py), with the usage filter's view of a body larger than the
+  decision read (its dynamic metadata, forwarded: kt envoy-config's metadata_options).
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 
-from sidecar import contract
+from sidecar import bound, contract
 from sidecar.reconcile import close_reservation
 from sidecar.service import DecisionService, reservation_key
 from sidecar.upstream_sli import Upstream
@@ -40,6 +43,9 @@ _SKIP_REQUEST_BODY = _PM(request_header_mode=_PM.SEND, response_header_mode=_PM.
                          request_body_mode=_PM.NONE, response_body_mode=_PM.STREAMED,
                          request_trailer_mode=_PM.SKIP, response_trailer_mode=_PM.SKIP)
 _CONTINUE = pb.CommonResponse(status=pb.CommonResponse.CONTINUE)
+# Envoy's router sets it on every response that came from an upstream, never on an answer
+# of its own (sidecar/envoy_config.py leaves Envoy's headers on: no suppress_envoy_headers)
+_UPSTREAM_TIME = "x-envoy-upstream-service-time"
 
 
 def _headers(msg: pb.HttpHeaders) -> dict[str, str]:
@@ -87,6 +93,23 @@ class _Exchange:
         self.routed_model: Optional[str] = None  # x-kt-model
         self.request_bytes = 0
         self.response_bytes = 0
+        # False when the response is Envoy's own answer while the provider was still
+        # working (its route timeout's 504)
+        self.provider_answered = True
+        # what the usage filter read in the whole request body (lua/envoy_usage.lua):
+        # forwarded dynamic metadata, for the bound of a reply whose usage is unreadable
+        self.body_seen: Optional[str] = None
+
+
+def _read_metadata(ex: _Exchange, req: pb.ProcessingRequest) -> None:
+    """The usage filter's view of the whole request body (dynamic metadata Envoy forwards
+    beside each response message: kt envoy-config's metadata_options)."""
+    if req.HasField("metadata_context"):
+        fm = req.metadata_context.filter_metadata
+        if contract.USAGE_METADATA_NAMESPACE in fm:
+            field = fm[contract.USAGE_METADATA_NAMESPACE].fields.get(bound.BODY_METADATA_KEY)
+            if field is not None:
+                ex.body_seen = field.string_value
 
 
 class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
@@ -102,13 +125,19 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
             async for req in request_iterator:
                 which = req.WhichOneof("request")
                 if which == "request_headers":
+                    # a streamed chat body was read whole by the usage filter before
+                    # its headers went on: its report comes with them (a client that
+                    # leaves before any reply is bounded by it too)
+                    _read_metadata(ex, req)
                     ex.endpoint = _route_name(req)
                     yield self._request_headers(ex, req.request_headers)
                 elif which == "request_body":
                     yield self._request_body(ex, req.request_body)
                 elif which == "response_headers":
+                    _read_metadata(ex, req)
                     yield await self._response_headers(ex, req.response_headers)
                 elif which == "response_body":
+                    _read_metadata(ex, req)
                     yield await self._response_body(ex, req.response_body)
                 elif which == "request_trailers":
                     yield pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
@@ -118,10 +147,10 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         finally:
             if not ex.done and ex.accounting:
                 # Envoy closed the stream before the response ended: the client went
-                # away (or the upstream reset). The reserved estimate stays charged.
+                # away (or the upstream reset): charged at the bound
                 key = reservation_key(ex.reservation, ex.request_id)
                 if key:
-                    self.service.abandon(key, "abandoned")
+                    self.service.abandon(key, "abandoned", ex.body_seen)
 
     def _request_headers(self, ex: _Exchange, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
         h = _headers(msg)
@@ -168,6 +197,10 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         except ValueError:
             ex.status = 0
         self.service.upstream_answered(ex.provider, ex.status)
+        # a 504 Envoy answered itself: its route timeout, the provider still generating
+        # and billing (ext_proc's response attributes, which would name it, are empty on
+        # Envoy 1.40). Its other answers (503: no connection) never reached a provider
+        ex.provider_answered = not (ex.status == 504 and _UPSTREAM_TIME not in h)
         ex.scanner = UsageScanner(streamed="text/event-stream" in h.get("content-type", ""))
         if msg.end_of_stream:
             await self._finish(ex)
@@ -193,6 +226,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                                 scanner.usage if scanner else None,
                                 scanner.model if scanner else None, False, "ext_proc",
                                 scanner.format if scanner else "ext_proc",
+                                provider_failed=ex.provider_answered, body_seen=ex.body_seen,
                                 upstream=self._upstream(ex, scanner))
 
     def _upstream(self, ex: _Exchange, scanner: Optional[UsageScanner]) -> Upstream:

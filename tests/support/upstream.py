@@ -15,7 +15,8 @@ received and its own name (`served_by`). Test controls, as request headers:
 - `Accept-Encoding: gzip` a JSON answer is gzip-compressed (as providers do);
 - `x-fake-output-bytes: N` the answer's text is N bytes of words, different each time;
 - `x-fake-format: responses` with `"stream": true`: OpenAI responses events, the last
-  (`response.completed`) carrying the whole output and the usage;
+  (`response.completed`) carrying the whole output and the usage (with `x-fake-hold`,
+  the events after the first once `release_stream` is set);
 - GET, PUT, PATCH, DELETE (files, batches, models...): recorded and answered 200 `{}`;
 - body `"stream": true`   answer SSE: a first chunk at once, the rest (with the
   usage chunk if `stream_options.include_usage`) once `release_stream` is set,
@@ -138,7 +139,8 @@ class FakeUpstream:
                     self.wfile.write(data)
                 elif status == 200 and headers.get("x-fake-format") == "responses" \
                         and body.get("stream"):
-                    self._responses(model, usage_in, usage_out, text)
+                    self._responses(model, usage_in, usage_out, text,
+                                    hold="x-fake-hold" in headers)
                 elif status == 200 and headers.get("x-fake-format") == "anthropic":
                     self._anthropic(model, usage_in, usage_out,
                                     int(headers.get("x-fake-cached", "0")),
@@ -190,7 +192,8 @@ class FakeUpstream:
                 self.wfile.write(b"0\r\n\r\n")
                 self.wfile.flush()
 
-            def _responses(self, model: str, usage_in: int, usage_out: int, text: str) -> None:
+            def _responses(self, model: str, usage_in: int, usage_out: int, text: str,
+                           hold: bool = False) -> None:
                 self.send_response(200)
                 self.send_header("content-type", "text/event-stream")
                 self.send_header("transfer-encoding", "chunked")
@@ -206,8 +209,10 @@ class FakeUpstream:
                                                             "text": text}]}],
                         "usage": {"input_tokens": usage_in, "output_tokens": usage_out,
                                   "input_tokens_details": {"cached_tokens": 0}}}})]
-                for name, doc in events:
+                for i, (name, doc) in enumerate(events):
                     self._chunk(f"event: {name}\ndata: {json.dumps(doc)}\n\n".encode())
+                    if i == 0 and hold:
+                        upstream.release_stream.wait(10)
                 self.wfile.write(b"0\r\n\r\n")
                 self.wfile.flush()
 

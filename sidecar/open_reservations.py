@@ -1,0 +1,80 @@
+"""A clean stop records the reservations still open: their estimate stays charged, and
+the books say so (issue 22, item 3).
+
+After the drain (gRPC stopped, no usage arrives any more) the requests this sidecar
+admitted and has not settled are still charged to their budget at their estimate: their
+usage may never reach a sidecar (the access-log entries of streams still running go to a
+sidecar that is gone), or reach another replica, or this one after its restart. Each is
+settled *at its estimate* through the ordinary settlement (settle.lua, or the embedded
+backend's journal): the budget does not move (actual = estimate), the durable spend gets
+its tokens and their price, the ledger a ``kept`` event with ``settled_by: shutdown``
+(metric ``kt_reservations_closed_total{outcome="kept_shutdown"}``), and the store's
+idempotency marker for the request is set in the same atomic step. So a usage report that
+arrives later for the same request, at another replica or at this one restarted, finds it
+settled and charges nothing more: the request is charged once, at its estimate.
+
+Bounded: at most ``timeout_s`` (the drain's grace) for all of them; settlements still
+unanswered then are left as they are (their estimate stays charged; counted and logged).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from sidecar import bound
+from sidecar.backends.base import BackendError
+from sidecar.settle_outcome import SettlementPending
+
+if TYPE_CHECKING:
+    from sidecar.service import DecisionService, Reservation
+
+log = logging.getLogger("kt.shutdown")
+
+WHY = "shutdown"  # the ledger's settled_by, and the metric's reason (kept_shutdown)
+
+
+async def _keep(service: "DecisionService", request_id: str, res: "Reservation") -> bool:
+    """Settle one open reservation at its estimate; True when the store applied it."""
+    from sidecar.service import UsageError
+
+    inp, out = bound.estimate_tokens(res)
+    try:
+        settled = await service.settle_usage(request_id, res.tenant, res.model, inp, out,
+                                             WHY, settled_by=WHY, reservation=res,
+                                             outcome="kept")
+    except SettlementPending:
+        return False  # resolved by the settler in the time it is given (server.stop)
+    except (UsageError, BackendError) as exc:
+        log.warning("open reservation %s of tenant %s not recorded at shutdown: %s; its "
+                    "estimate stays charged", request_id, res.tenant, exc)
+        return False
+    if settled.applied:
+        service.metrics.reservations_closed.labels("kept_" + WHY).inc()
+    return settled.applied
+
+
+async def keep_open_reservations(service: "DecisionService", timeout_s: float) -> int:
+    """Record every reservation still in ``service``'s book as kept at its estimate (see
+    the module's text); the number recorded."""
+    book = service.reservations
+    taken = []
+    for request_id in book.open_ids():
+        res = book.pop(request_id)
+        if res is not None:
+            taken.append((request_id, res))
+    if not taken:
+        return 0
+    # all at once: the Redis backend sends those of one loop tick as one script call
+    tasks = [asyncio.ensure_future(_keep(service, rid, res)) for rid, res in taken]
+    done, late = await asyncio.wait(tasks, timeout=max(timeout_s, 0.1))
+    for task in late:
+        task.cancel()
+    await asyncio.gather(*late, return_exceptions=True)
+    kept = sum(1 for t in done if not t.cancelled() and t.exception() is None and t.result())
+    if kept < len(taken):
+        log.warning("shutdown: %d of %d open reservations recorded as kept; the others' "
+                    "estimates stay charged without a record", kept, len(taken))
+    else:
+        log.info("shutdown: %d open reservations recorded as kept at their estimate", kept)
+    return kept
