@@ -23,8 +23,8 @@ from sidecar.ledger.sinks import SpillFile  # noqa: E402
 from sidecar.ledger.writer import EventLog  # noqa: E402
 from tests.support.postgres import Postgres  # noqa: E402
 from tests.support.procs import workdir  # noqa: E402
-from tests.test_ledger import usage_event  # noqa: E402
-from tests.test_ledger_sinks_postgres import frozen  # noqa: E402
+from tests.ledger.test_ledger import usage_event  # noqa: E402
+from tests.ledger.test_ledger_sinks_postgres import frozen  # noqa: E402
 
 
 def main() -> None:

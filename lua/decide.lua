@@ -1,6 +1,6 @@
 -- decide.lua: one decision, atomically, on one tenant's shared state.
--- Mirrors decide() in native/core.pyx rule for rule; tests/test_lua_reference.py
--- holds both to tests/reference_model.py.
+-- Mirrors decide() in native/core.pyx rule for rule; tests/core/test_lua_reference.py
+-- holds both to tests/core/reference_model.py.
 --
 -- This file defines decide(KEYS, ARGV); an entry file appended at load calls it:
 -- decide_one.lua (one decision: the script's own KEYS and ARGV) or decide_batch.lua

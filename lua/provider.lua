@@ -2,8 +2,8 @@
 -- provider_take.lua and provider_settle.lua. Not a script of its own:
 -- sidecar/backends/redis.py joins common.lua, this file and an entry file at load. Mirrors
 -- Quota / _quota_wait / _quota_charge / quota_settle in native/core.pyx rule for rule,
--- with the same arithmetic in the same order (tests/test_providers_redis.py holds both
--- to tests/reference_model.py).
+-- with the same arithmetic in the same order (tests/core/test_providers_redis.py holds both
+-- to tests/core/reference_model.py).
 --
 -- A quota is 7 arguments: rpm, tpm, rpd (0 = no such limit), burst (0 < burst <= 1),
 -- and the floors of priorities low, normal, high (the share of each bucket a request of

@@ -2,7 +2,7 @@
 """kt-sidecar decision core: token buckets, budget periods, low-water tier choice.
 
 The only in-process implementation of these rules. ``lua/decide.lua`` mirrors
-it for the Redis backend; ``tests/reference_model.py`` is the specification
+it for the Redis backend; ``tests/core/reference_model.py`` is the specification
 both are tested against. Pure computation: the clock comes in as ``now_us``
 (integer microseconds since the Unix epoch, UTC), nothing here does I/O.
 
@@ -466,7 +466,7 @@ cpdef Outcome decide(Limits lim, State st, int64 now_us, int tier, int64 input_t
 cpdef bint at_rest(Limits lim, State st, int64 now_us):
     """True when ``st`` is, under ``lim`` at now_us, what a fresh State() is: both buckets
     full again and nothing spent in the current budget period. From then on it decides
-    and settles exactly as a fresh State() would (tests/test_core_reference.py holds that),
+    and settles exactly as a fresh State() would (tests/core/test_core_reference.py holds that),
     so the embedded backend may drop it to bound its memory."""
     cdef int64 start = 0, end = 0
     if lim.rpm > 0 and _refill(st.req_level, st.req_last, lim.req_cap, lim.req_rate,

@@ -1,5 +1,5 @@
 """A clean stop records the reservations still open: their estimate stays charged, and
-the books say so (issue 22, item 3).
+the books say so.
 
 After the drain (gRPC stopped, no usage arrives any more) the requests this sidecar
 admitted and has not settled are still charged to their budget at their estimate: their

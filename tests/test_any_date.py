@@ -13,17 +13,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 TIME_DEPENDENT = [
-    "tests/test_ledger_spend.py", "tests/test_usage.py", "tests/test_lua_reference.py",
-    "tests/test_memory_backend.py", "tests/test_invariants.py",
-    "tests/test_providers_redis.py", "tests/test_providers_service.py",
+    "tests/ledger/test_ledger_spend.py", "tests/settlement/test_usage.py", "tests/core/test_lua_reference.py",
+    "tests/backends/test_memory_backend.py", "tests/core/test_invariants.py",
+    "tests/core/test_providers_redis.py", "tests/decision/test_providers_service.py",
 ]
 
 
 EDGES = ["2026-11-30T23:59:59.5Z", "2027-01-01T00:00:00Z"]
 
 
+@pytest.mark.valkey
+@pytest.mark.cluster
 def test_time_dependent_tests_pass_at_the_calendars_edges() -> None:
     # both edges at once, each in its own process (two cores: the suite itself is serial)
     runs = {t0: subprocess.Popen(

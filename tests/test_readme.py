@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.support.procs import free_port, log_tail, stop_process, wait_until, workdir
 
 ROOT = Path(__file__).parent.parent
@@ -32,6 +34,7 @@ def quick_start_commands() -> list[str]:
     return commands
 
 
+@pytest.mark.envoy
 def test_the_readme_quick_start_works_as_written():
     pip, upstreams, serve, config, envoy, curl, metrics = quick_start_commands()
     # the commands as the README gives them, each run below with only its ports moved
@@ -109,6 +112,7 @@ def test_the_readme_quick_start_works_as_written():
                 stop_process(p)
 
 
+@pytest.mark.subprocess
 def test_a_reader_that_leaves_early_gets_no_traceback():
     # `kt envoy-config | head -1`, deterministically: the pipe's reader is gone before kt
     # writes a byte

@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.subprocess  # mypy and ruff run as processes
+
 ROOT = Path(__file__).parent.parent
 
 

@@ -47,7 +47,7 @@ connection error or a socket timeout, when the first may have been applied; each
 carries a call id (its marker key, in the tenant's slot), and lease.lua applies a call once
 and answers a resend with the first reply, so a remainder is never returned twice. A backend whose scripts are given a test clock
 (``clock_override``) takes no leases unless a LeaseManager with that same clock is given to
-it (tests/test_leases.py).
+it (tests/backends/test_leases.py).
 """
 from __future__ import annotations
 

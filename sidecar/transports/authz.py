@@ -6,7 +6,7 @@ of a message field and append repeated fields, so the concatenation is exactly
 the message with all fields set. A header fragment is encoded here (three
 length-delimited fields and a varint: ~0.5 µs, against ~2-3 µs to build and
 serialize a message object per header, x 10 headers per answer);
-tests/test_authz_wire.py holds it equal to the protobuf library's own encoding.
+tests/transports/test_authz_wire.py holds it equal to the protobuf library's own encoding.
 Low-cardinality fragments (status, metadata) are serialized by the library once
 and memoized. Denials are rarer and use plain message objects.
 """

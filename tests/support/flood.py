@@ -1,4 +1,4 @@
-"""A flood of the admission queue through a real Envoy, for tests/test_queue_flood.py and
+"""A flood of the admission queue through a real Envoy, for tests/e2e/test_queue_flood.py and
 bench/attacks.py (queue_flood, queue_spam).
 
 The stack is what an operator deploys: `kt serve` (embedded backend or one Valkey), the

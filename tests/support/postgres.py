@@ -17,6 +17,7 @@ from typing import Optional
 
 from tests.support.procs import (LOOPBACK, ProcessExited, free_port, stop_process,
                                  wait_until)
+from tests.support.servers import starting
 
 PG_USER = "embedded_postgres"
 
@@ -80,6 +81,7 @@ class Postgres:
                        check=True, capture_output=True, timeout=60, **self._kw())
 
     def start(self) -> "Postgres":
+        starting("postgres")
         if not (self.data / "PG_VERSION").exists():
             self._initdb()
         log = open(self.log, "ab")

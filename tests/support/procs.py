@@ -22,6 +22,8 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator, Optional
 
+from tests.support.servers import starting
+
 LOOPBACK = "127.0.0.1"
 
 
@@ -91,6 +93,8 @@ def stop_process(proc: subprocess.Popen, grace: float = 5.0) -> None:
 
 def find_binary(name: str) -> str:
     """A console script installed next to this Python (the venv), else on PATH."""
+    if name == "envoy":
+        starting("envoy")
     here = Path(sys.executable).parent / name
     if here.exists():
         return str(here)
@@ -98,6 +102,17 @@ def find_binary(name: str) -> str:
     if found is None:
         raise FileNotFoundError(f"{name} not found next to {sys.executable} nor on PATH")
     return found
+
+
+def envoy_validate(path) -> str:
+    """`envoy --mode validate`; fails the test on a rejected config, returns the log, in
+    which Envoy names every deprecated field it was given."""
+    res = subprocess.run([find_binary("envoy"), "--mode", "validate", "-c", str(path),
+                          "--log-level", "warning"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout + res.stderr
+    assert "eprecated" not in out, out
+    return out
 
 
 class SidecarProcess:

@@ -41,7 +41,7 @@ class ProviderQuota:
     minute, on this host's clock, counted when a request arrives. ``tolerance_s``: a request
     may arrive a little earlier, relative to the others, than the sidecar decided it (the
     network between them does not keep the spacing exactly); the provider tolerates that
-    much refill, no more (the sidecar's own quota is exact: tests/test_provider_invariants.py)."""
+    much refill, no more (the sidecar's own quota is exact: tests/core/test_provider_invariants.py)."""
 
     def __init__(self, rpm: int, burst: float = 1.0, tolerance_s: float = 0.1) -> None:
         self.cap = rpm * burst

@@ -8,10 +8,11 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from tests.support.procs import (LOOPBACK, ProcessExited, free_port, stop_process,
                                  wait_until)
+from tests.support.servers import starting
 
 
 def valkey_binary() -> str:
@@ -65,6 +66,7 @@ class Valkey:
         return self.proc.pid
 
     def start(self) -> "Valkey":
+        starting("cluster" if self.cluster else "valkey")
         args = [valkey_binary(), "--port", str(self.port), "--bind", LOOPBACK,
                 "--save", "", "--appendonly", "no", "--dir", str(self.dir),
                 "--logfile", str(self.log), "--protected-mode", "no"]
@@ -151,3 +153,22 @@ class ValkeyCluster:
     def __exit__(self, *exc) -> None:
         for n in self.nodes:
             n.stop()
+
+
+class Store:
+    """The Valkey a test's backends share, one node or a 3-node cluster, seen alike:
+    ``url``, ``cluster``, ``nodes``; ``pause()`` stalls every node of it."""
+
+    def __init__(self, server: Union[Valkey, ValkeyCluster]) -> None:
+        self.server = server
+        self.cluster = isinstance(server, ValkeyCluster)
+        self.url = server.url
+        self.nodes: list[Valkey] = server.nodes if isinstance(server, ValkeyCluster) else [server]
+
+    def pause(self) -> None:
+        for n in self.nodes:
+            n.pause()
+
+    def resume(self) -> None:
+        for n in self.nodes:
+            n.resume()
