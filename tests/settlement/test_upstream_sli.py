@@ -1,6 +1,6 @@
 """The upstream SLIs' histograms as Prometheus reads them (cumulative buckets, +Inf equal to
 the count, sums in seconds and bytes), and their labels bounded to the policy's names
-whatever the reply or a header says. Through a real Envoy: tests/test_usage_path.py."""
+whatever the reply or a header says. Through a real Envoy: tests/e2e/test_usage_path.py."""
 from __future__ import annotations
 
 from prometheus_client import generate_latest
