@@ -161,9 +161,9 @@ def _envoy_config(args: argparse.Namespace) -> int:
     for note in rls_timeout_notes(policy, opts):
         print(f"kt envoy-config: note: {note}", file=sys.stderr)
     defaulted = [t for t in tier_names if t not in upstreams]
-    if defaulted:  # said, not silent: a production config must not send them there
-        print(f"kt envoy-config: note: tier(s) {', '.join(defaulted)} have no --upstream: "
-              f"routed to --default-upstream {args.default_upstream}", file=sys.stderr)
+    if defaulted:  # said in the config, not silent: production must not send them there
+        text = (f"# Tier(s) {', '.join(defaulted)}: no --upstream given, routed to "
+                f"--default-upstream {args.default_upstream}\n") + text
     sys.stdout.write(text)
     return 0
 

@@ -8,6 +8,8 @@ from typing import Mapping, Optional
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from sidecar.upstream_sli import UpstreamSLIs
+
 # Decisions take microseconds in process and ~1 ms over Redis: buckets from 50 µs to 250 ms.
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015,
                    0.02, 0.05, 0.1, 0.25)
@@ -128,6 +130,9 @@ class Metrics:
         self.upstream_responses = Counter(
             "kt_upstream_responses", "Upstream responses ext_proc saw, by provider and HTTP "
             "status: a provider's own 429s show here.", ["provider", "status"], registry=r)
+        # latency, time to first byte, tokens per second, sizes (sidecar/upstream_sli.py)
+        self.upstream_slis = UpstreamSLIs()
+        r.register(self.upstream_slis)
         self.queue_depth = Gauge(
             "kt_request_queue_depth", "Requests waiting in the admission queue of this sidecar "
             "process.", registry=r)

@@ -42,7 +42,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     # values and rules every layer above shares: the answer's contract, the request's model,
     # metrics, credentials, usage formats and prices, addresses
     ("values", ["sidecar.contract", "sidecar.model", "sidecar.endpoints", "sidecar.metrics",
-                "sidecar.auth", "sidecar.usage", "sidecar.address", "sidecar.stop_signals"]),
+                "sidecar.auth", "sidecar.usage", "sidecar.address", "sidecar.stop_signals",
+                "sidecar.upstream_sli"]),
     # generated or compiled: the decision core (native/core.pyx) and our protobufs
     ("core", ["sidecar._core", "sidecar._proto"]),
 ]
