@@ -2,10 +2,10 @@
 (so tests can run several servers in one process)."""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from sidecar.upstream_sli import UpstreamSLIs
