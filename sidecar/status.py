@@ -38,7 +38,8 @@ class RecentCount:
 
     def total(self) -> int:
         now = int(self.clock())
-        return sum(c for s, c in zip(self._second, self._count) if now - s < self.window)
+        return sum(c for s, c in zip(self._second, self._count, strict=True)
+                   if now - s < self.window)
 
 
 def _samples(registry, name: str) -> Iterable[tuple[dict, float]]:

@@ -25,14 +25,14 @@ PACKAGE = ROOT / "sidecar"
 LAYERS: list[tuple[str, list[str]]] = [
     # the commands and the wiring: parse arguments and files, build the parts, start them
     ("entry", ["sidecar.cli", "sidecar.server", "sidecar.workers", "sidecar.ledger.cli",
-               "sidecar.envoy_config", "sidecar.capacity", "sidecar.plan"]),
+               "sidecar.envoy_config", "sidecar.capacity", "sidecar.plan", "sidecar.status"]),
     # Envoy's protocols in, the flows' answers out
     ("transports", ["sidecar.transports"]),
     # request -> decision, finished response -> settled charge and ledger event
     ("flows", ["sidecar.decision", "sidecar.settlement", "sidecar.service",
                "sidecar.reconcile", "sidecar.settle_outcome", "sidecar.bound",
                "sidecar.estimate", "sidecar.providers", "sidecar.queue",
-               "sidecar.open_reservations"]),
+               "sidecar.open_reservations", "sidecar.anomaly"]),
     # where the state lives: embedded (Cython core) or Redis (Lua scripts)
     ("backends", ["sidecar.backends"]),
     # the policy file: schema, meaning checks, compiled limits
