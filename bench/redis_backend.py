@@ -24,7 +24,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sidecar import _core  # noqa: E402
-from sidecar.backends.redis import RedisBackend, _Script  # noqa: E402
+from sidecar.backends.redis import RedisBackend, Script, pack  # noqa: E402
 from sidecar.policy import schema  # noqa: E402
 from tests.support.procs import workdir  # noqa: E402
 from tests.support.valkey import Valkey  # noqa: E402
@@ -43,22 +43,16 @@ async def drive(backend: RedisBackend, seconds: float, concurrency: int, tenants
                 noop: bool) -> int:
     done = 0
     deadline = time.monotonic() + seconds
-    script = _Script("decide.lua", "decide.lua", "decide_one.lua")
-    if noop:
-        script.source = "return 1"
-        import hashlib
-        script.sha = hashlib.sha1(script.source.encode()).hexdigest()
-    from sidecar.backends.redis import pack
+    script = Script("noop", source="return 1")
     if noop:  # loaded on the hot-path link itself (redis-py is not used on a single node)
         await backend.conn.call(pack("SCRIPT", "LOAD", script.source))
-    noop_packed = pack("EVALSHA", script.sha, 1, "k")
 
     async def worker(w: int) -> None:
         nonlocal done
         i = w
         while time.monotonic() < deadline:
             if noop:
-                await backend._call(script, ["k"], [], noop_packed)
+                await backend.link.call(script, ["k"], [])
             else:
                 await backend.decide(f"t{i % tenants}", LIMITS, 0, 200, 150, 350, False)
             done += 1

@@ -1,5 +1,5 @@
 -- common.lua: the calendar and the bucket storage shared by decide.lua and settle.lua.
--- Not a script of its own: sidecar/backends/redis.py prepends it to each script before
+-- Not a script of its own: sidecar/backends/redis/scripts.py prepends it to each script before
 -- SCRIPT LOAD, so the UTC period rules and the bucket refill exist once in Lua (and once
 -- in native/core.pyx).
 
@@ -164,7 +164,7 @@ local function held_add(tag, ps, amount)
   end
 end
 
--- Capacity leases (lua/lease.lua, sidecar/backends/lease.py). A tenant's open leases are
+-- Capacity leases (lua/lease.lua, sidecar/backends/redis/lease.py). A tenant's open leases are
 -- one hash, <prefix>:{tenant}:leases (field: lease id, value: its record), in the
 -- tenant's slot; the other keys are named from the same tag ("<prefix>:{tenant}:"), so
 -- any script call on a tenant can find them. A record: end (µs, this node's clock), the

@@ -1,5 +1,5 @@
 -- deadline.lua: a decision is applied only while its caller still waits for it.
--- Not a script of its own: sidecar/backends/redis.py joins it (after common.lua and
+-- Not a script of its own: sidecar/backends/redis/scripts.py joins it (after common.lua and
 -- decide.lua) into decide_one.lua and decide_batch.lua, whose last ARGV is the deadline.
 --
 -- The sidecar stops waiting for a decision at its deadline (what Envoy's ext_authz waits,

@@ -5,7 +5,7 @@
 -- A lease is capacity taken out of the shared pool at once, exactly as if that many
 -- requests, tokens and budget had been charged: the request bucket and the token bucket
 -- go down by it, the budget's spend goes up by it. The sidecar then decides locally, with
--- the Cython core, within what it holds (sidecar/backends/lease.py), so the fleet never
+-- the Cython core, within what it holds (sidecar/backends/redis/lease.py), so the fleet never
 -- admits more than the pool allowed. Each lease is recorded in the tenant's slot with its
 -- end on this node's clock (common.lua, "Capacity leases"): what its holder does not
 -- return by then is given back by the first script call on the tenant after it (decide,

@@ -1,6 +1,6 @@
 -- lease_sweep.lua: closes one tenant's leases past their end (common.lua, "Capacity
 -- leases"), without a decision. Every sidecar runs it now and then for the leases the
--- index <prefix>:lease-ends says have ended (sidecar/backends/lease.py), so a lease whose
+-- index <prefix>:lease-ends says have ended (sidecar/backends/redis/lease.py), so a lease whose
 -- holder died comes back even when no request of its tenant follows.
 --
 -- KEYS[1]  the tenant's open leases   kt:{tenant}:leases

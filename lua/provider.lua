@@ -1,6 +1,6 @@
 -- provider.lua: a provider's quota (docs/providers.md), shared by routed.lua,
 -- provider_take.lua and provider_settle.lua. Not a script of its own:
--- sidecar/backends/redis.py joins common.lua, this file and an entry file at load. Mirrors
+-- sidecar/backends/redis/scripts.py joins common.lua, this file and an entry file at load. Mirrors
 -- Quota / _quota_wait / _quota_charge / quota_settle in native/core.pyx rule for rule,
 -- with the same arithmetic in the same order (tests/core/test_providers_redis.py holds both
 -- to tests/core/reference_model.py).

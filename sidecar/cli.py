@@ -165,9 +165,9 @@ def _envoy_config(args: argparse.Namespace) -> int:
     for note in rls_timeout_notes(policy, opts):
         print(f"kt envoy-config: note: {note}", file=sys.stderr)
     defaulted = [t for t in tier_names if t not in upstreams]
-    if defaulted:  # said, not silent: a production config must not send them there
-        print(f"kt envoy-config: note: tier(s) {', '.join(defaulted)} have no --upstream: "
-              f"routed to --default-upstream {args.default_upstream}", file=sys.stderr)
+    if defaulted:  # said in the config, not silent: production must not send them there
+        text = (f"# Tier(s) {', '.join(defaulted)}: no --upstream given, routed to "
+                f"--default-upstream {args.default_upstream}\n") + text
     sys.stdout.write(text)
     return 0
 
@@ -214,31 +214,34 @@ ADMIN_PORT_HINT = ("give --admin the address of `kt serve --admin` (default 127.
                    "`kt serve --ready-file` writes the admin_port it bound)")
 
 
-def _spend(args: argparse.Namespace) -> int:
+class _AdminFailed(Exception):
+    """An admin-port call failed; the message is printed, the value is the exit code."""
+
+
+def _admin_get(args: argparse.Namespace, command: str, path: str, query: str = "") -> dict:
+    """GET a JSON document from the admin port (--admin, --token-file), or raise
+    _AdminFailed after printing one line that says what went wrong and what to do."""
     import http.client
     import json
     import urllib.error
-    import urllib.parse
     import urllib.request
 
     from sidecar.auth import TokenError, TokenFile
 
-    query = urllib.parse.urlencode({k: v for k, v in (
-        ("since", args.since), ("until", args.until), ("period", args.period)) if v})
-    url = f"http://{args.admin}/v1/spend" + (f"?{query}" if query else "")
+    url = f"http://{args.admin}{path}" + (f"?{query}" if query else "")
     headers = {}
     if args.token_file:
         try:
             headers["authorization"] = "Bearer " + TokenFile(args.token_file,
                                                              "admin token").token().decode()
         except TokenError as exc:
-            print(f"kt spend: {exc}", file=sys.stderr)
-            return 2
+            print(f"kt {command}: {exc}", file=sys.stderr)
+            raise _AdminFailed(2) from None
     try:
         # the admin port is never behind a proxy: ignore http_proxy
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         with opener.open(urllib.request.Request(url, headers=headers), timeout=15) as r:
-            doc = json.load(r)
+            return json.load(r)
     except urllib.error.HTTPError as exc:
         hint = {401: " (give --token-file with the admin token)",
                 404: f" ({args.admin} is not the sidecar's admin port: the HTTP side port "
@@ -247,19 +250,43 @@ def _spend(args: argparse.Namespace) -> int:
             message = ": " + json.load(exc)["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = ""
-        print(f"kt spend: {url}: HTTP {exc.code}{message}{hint}", file=sys.stderr)
-        return 1
+        print(f"kt {command}: {url}: HTTP {exc.code}{message}{hint}", file=sys.stderr)
     except (http.client.HTTPException, ConnectionResetError) as exc:
         # an answer that is not HTTP/1.1: the gRPC port (HTTP/2) or another service
-        print(f"kt spend: {args.admin} did not answer as the admin port does ({exc!r}): "
+        print(f"kt {command}: {args.admin} did not answer as the admin port does ({exc!r}): "
               f"the gRPC port? {ADMIN_PORT_HINT}", file=sys.stderr)
-        return 1
     except (urllib.error.URLError, OSError, ValueError) as exc:
         refused = isinstance(getattr(exc, "reason", exc), ConnectionRefusedError)
         hint = f" (nothing listens there: is kt serve running? {ADMIN_PORT_HINT})" \
             if refused else ""
-        print(f"kt spend: cannot read {url}: {exc}{hint}", file=sys.stderr)
-        return 1
+        print(f"kt {command}: cannot read {url}: {exc}{hint}", file=sys.stderr)
+    raise _AdminFailed(1)
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from sidecar.status import render
+
+    try:
+        doc = _admin_get(args, "status", "/v1/status")
+    except _AdminFailed as failed:
+        return failed.args[0]
+    sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n" if args.json
+                     else render(doc))
+    return 0 if doc.get("ready") else 3
+
+
+def _spend(args: argparse.Namespace) -> int:
+    import json
+    import urllib.parse
+
+    query = urllib.parse.urlencode({k: v for k, v in (
+        ("since", args.since), ("until", args.until), ("period", args.period)) if v})
+    try:
+        doc = _admin_get(args, "spend", "/v1/spend", query)
+    except _AdminFailed as failed:
+        return failed.args[0]
     if args.json:  # stable: tenants -> [period ->] model -> counts (docs/ledger.md)
         print(json.dumps(doc, indent=2, sort_keys=True))
         return 0
@@ -470,6 +497,17 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--period", choices=["day", "month", "total"], default=None,
                    help="one row per tenant, model and day/month (default: total)")
     u.set_defaults(func=_spend)
+
+    st = sub.add_parser("status", help="one screen from a running sidecar's admin port: "
+                        "readiness, policy, provider quota in use, queue, failure-mode "
+                        "decisions in the last minute, top tenants by spend today "
+                        "(exit 3 when not ready)")
+    st.add_argument("--admin", default="127.0.0.1:9091", metavar="HOST:PORT",
+                    help="the sidecar's admin port")
+    st.add_argument("--token-file", metavar="FILE", help="the admin token (kt serve "
+                    "--admin-token-file); not needed on loopback when none is configured")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    st.set_defaults(func=_status)
 
     from sidecar.ledger.cli import register as register_events  # kt events stats|migrate
 

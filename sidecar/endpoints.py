@@ -62,18 +62,10 @@ def routed(passed: Sequence[Endpoint] = ()) -> list[Endpoint]:
     return out
 
 
-def by_method(endpoints: Sequence[Endpoint]) -> list[tuple[str, list[str]]]:
-    """(method, its paths) in first-seen order: one route match per method."""
-    groups: dict[str, list[str]] = {}
-    for e in endpoints:
-        groups.setdefault(e.method, []).append(e.path)
-    return list(groups.items())
-
-
-def path_regex(paths: Sequence[str]) -> str:
-    """An RE2 regex matching exactly these paths (Envoy matches it against the whole path,
-    query string removed)."""
-    return "(" + "|".join(re.escape(p) for p in paths) + ")"
+def route_name(e: Endpoint) -> str:
+    """The name of the endpoint's routes ("POST /v1/chat/completions"): what the access log
+    and ext_proc report as the request's endpoint."""
+    return f"{e.method} {e.path}"
 
 
 def not_routed_body(endpoints: Sequence[Endpoint]) -> str:

@@ -543,12 +543,16 @@ def _routes(o: EnvoyOptions) -> list[dict]:
     forwarded.append(([], _tier_route(o.tiers[0], timeout)))
     routed = endpoints.routed(o.pass_endpoints)
     for headers, action in forwarded:
-        for method, paths in endpoints.by_method(routed):
+        for e in routed:
             routes.append({
-                "match": {"safe_regex": {"regex": endpoints.path_regex(paths)},
-                          "headers": [*headers,
-                                      {"name": ":method", "string_match": {"exact": method}}]},
-                "route": copy.deepcopy(action),  # no YAML anchors: one dict per route
+                # the endpoint's name: the access log and ext_proc report it (the usage
+                # event's `endpoint`, sidecar/upstream_sli.py), never the client's path
+                "name": endpoints.route_name(e),
+                # exact, the query string removed; no YAML anchors: one dict per route
+                "match": {"path": e.path,
+                          "headers": [*copy.deepcopy(headers),
+                                      {"name": ":method", "string_match": {"exact": e.method}}]},
+                "route": copy.deepcopy(action),
                 # the reply must stay readable for its usage: a client's Accept-Encoding
                 # would have the provider compress it, and the usage filter reads nothing
                 "request_headers_to_remove": ["accept-encoding"]})
@@ -694,7 +698,9 @@ def _usage_lua(request_only: bool = False, decided_bytes: int = 65536) -> dict:
 def _usage_access_log(o: EnvoyOptions) -> dict:
     """Envoy's gRPC access log to the sidecar: one entry per admitted request (the decision
     header is on the request only when ext_authz admitted it), with the usage the Lua filter
-    left in dynamic metadata, the status and the response flags, in batches."""
+    left in dynamic metadata, the status and the response flags, in batches. Envoy's
+    logger always sends the route's name, body sizes and upstream timings (the SLIs,
+    sidecar/upstream_sli.py): nothing to ask for."""
     return {
         "name": "envoy.access_loggers.http_grpc",
         "filter": {"header_filter": {"header": {"name": contract.H_DECISION,
@@ -708,8 +714,11 @@ def _usage_access_log(o: EnvoyOptions) -> dict:
                 "buffer_flush_interval": _seconds(o.usage_flush_s),
                 "buffer_size_bytes": o.usage_buffer_bytes,
             },
-            # and, with providers, which one answered (kt_upstream_responses_total)
-            "additional_request_headers_to_log": [contract.H_TENANT, contract.H_RESERVATION] + (
+            # the model the decision routed to (the SLIs' model label of a reply without
+            # usage, sidecar/upstream_sli.py) and, with providers, which one answered
+            # (kt_upstream_responses_total, the SLIs' provider label)
+            "additional_request_headers_to_log": [
+                contract.H_TENANT, contract.H_RESERVATION, contract.H_MODEL] + (
                 [contract.H_PROVIDER] if o.providers else []),
         },
     }
@@ -792,6 +801,8 @@ def _filters(o: EnvoyOptions) -> list[dict]:
                 # envoy/usage.lua), for the bound of a reply whose usage is unreadable
                 "metadata_options": {"forwarding_namespaces": {
                     "untyped": [contract.USAGE_METADATA_NAMESPACE]}},
+                # the route's name: the usage event's endpoint (sidecar/upstream_sli.py)
+                "request_attributes": ["xds.route_name"],
             }})
     if o.mode == "rls":
         filters.append({"name": "envoy.filters.http.ratelimit", "typed_config": {

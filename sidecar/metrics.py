@@ -2,8 +2,13 @@
 (so tests can run several servers in one process)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from sidecar.upstream_sli import UpstreamSLIs
 
 # Decisions take microseconds in process and ~1 ms over Redis: buckets from 50 µs to 250 ms.
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015,
@@ -125,6 +130,9 @@ class Metrics:
         self.upstream_responses = Counter(
             "kt_upstream_responses", "Upstream responses ext_proc saw, by provider and HTTP "
             "status: a provider's own 429s show here.", ["provider", "status"], registry=r)
+        # latency, time to first byte, tokens per second, sizes (sidecar/upstream_sli.py)
+        self.upstream_slis = UpstreamSLIs()
+        r.register(self.upstream_slis)
         self.queue_depth = Gauge(
             "kt_request_queue_depth", "Requests waiting in the admission queue of this sidecar "
             "process.", registry=r)
@@ -223,89 +231,132 @@ class _LedgerCollector:
         yield from (states, buffered, up, spill, timeouts, ready, crossings)
 
 
+@dataclass(frozen=True, slots=True)
+class LeaseStats:
+    """Capacity leases (sidecar/backends/redis/lease.py): leases by event since start, the
+    decisions made within them, and those held now."""
+
+    taken: int
+    refused: int
+    returned: int
+    reported: int
+    failed: int
+    local_decisions: int
+    held: int
+
+
+@dataclass(frozen=True, slots=True)
+class StateFileStats:
+    """The embedded backend's state file: failed writes by what (snapshot, journal), and
+    how long the last snapshot took."""
+
+    write_failures: Mapping[str, int]
+    snapshot_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class BackendStats:
+    """What a backend counts, read at scrape time (``Backend.stats()``, backends/base.py):
+    declared here, where it is read. A field left None is something this backend does not
+    keep: its metric family is not exported."""
+
+    round_trips: int = 0  # one pipeline (one write) = one round trip
+    decisions: int = 0
+    connection_attempts: Optional[tuple[int, int]] = None  # (opened, failed)
+    expired_decisions: Optional[int] = None  # refused by the store past their deadline
+    store_resets: Optional[int] = None  # times the shared store lost its data
+    leases: Optional[LeaseStats] = None
+    provider_refunds: Optional[Mapping[str, int]] = None  # by result: ok, failed
+    state_file: Optional[StateFileStats] = None
+
+
+
 class _BackendCollector:
     def __init__(self, backend) -> None:
         self.backend = backend
 
     def collect(self):
         b = self.backend
+        st = b.stats()
         trips = CounterMetricFamily("kt_backend_round_trips", "Round trips to the backend "
                                     "(one pipeline = one round trip).", labels=["backend"])
-        trips.add_metric([b.name], getattr(b, "round_trips", 0))
+        trips.add_metric([b.name], st.round_trips)
         calls = CounterMetricFamily("kt_backend_decisions", "Decisions the backend made.",
                                     labels=["backend"])
-        calls.add_metric([b.name], getattr(b, "decisions", 0))
+        calls.add_metric([b.name], st.decisions)
         yield trips
         yield calls
-        yield from _backend_health(b)
-        if hasattr(b, "provider_refunds"):
+        yield from _backend_health(b.name, st)
+        if st.provider_refunds is not None:
             refunds = CounterMetricFamily(
                 "kt_provider_refunds", "Redis Cluster: provider holds given back because the "
                 "tenant's step refused, by result (ok, failed: the hold stays taken until it "
                 "refills).", labels=["result"])
-            for result, n in b.provider_refunds.items():
+            for result, n in st.provider_refunds.items():
                 refunds.add_metric([result], n)
             yield refunds
 
 
-def _backend_health(b):
-    """The backends' own failure counters (sidecar/backends/*), read at scrape time; each
-    family only for a backend that keeps it."""
-    if hasattr(b, "connection_attempts"):
-        opened, failed = b.connection_attempts
+def _backend_health(name: str, st: BackendStats):
+    """The backends' own failure counters (BackendStats), read at scrape time; each family
+    only for a backend that keeps it."""
+    if st.connection_attempts is not None:
+        opened, failed = st.connection_attempts
         attempts = CounterMetricFamily(
             "kt_backend_connection_attempts", "Connections to the backend attempted, by result "
             "(opened, failed); failed attempts back off exponentially with jitter, capped.",
             labels=["backend", "result"])
-        attempts.add_metric([b.name, "opened"], opened)
-        attempts.add_metric([b.name, "failed"], failed)
+        attempts.add_metric([name, "opened"], opened)
+        attempts.add_metric([name, "failed"], failed)
         yield attempts
-    if hasattr(b, "expired"):
+    if st.expired_decisions is not None:
         expired = CounterMetricFamily(
             "kt_backend_expired_decisions", "Decisions Redis refused to apply because they "
             "reached it after their deadline (their callers had been answered by the failure "
             "mode): nothing charged.", labels=["backend"])
-        expired.add_metric([b.name], b.expired)
+        expired.add_metric([name], st.expired_decisions)
         yield expired
-    leases = getattr(b, "leases", None)
-    if leases is not None:  # capacity leases for hot tenants (sidecar/backends/lease.py)
+    leases = st.leases
+    if leases is not None:  # capacity leases for hot tenants (sidecar/backends/redis/lease.py)
         events = CounterMetricFamily(
             "kt_leases", "Capacity leases, by event: taken, refused (the pool could not fill a "
             "useful lease: per-request decisions), returned (what was left went back), "
             "reported (what a lease used so far told to Redis), failed (Redis did not answer; "
             "a return is sent again, and Redis closes a lease not returned after its end).",
             labels=["backend", "event"])
-        for event in ("taken", "refused", "returned", "reported", "failed"):
-            events.add_metric([b.name, event], leases.stats[event])
+        for event, n in (("taken", leases.taken), ("refused", leases.refused),
+                         ("returned", leases.returned), ("reported", leases.reported),
+                         ("failed", leases.failed)):
+            events.add_metric([name, event], n)
         yield events
         local = CounterMetricFamily(
             "kt_lease_decisions", "Decisions made in process within a lease (no Redis round "
             "trip); the rest of kt_backend_decisions_total went to Redis one by one.",
             labels=["backend"])
-        local.add_metric([b.name], leases.stats["local_decisions"])
+        local.add_metric([name], leases.local_decisions)
         yield local
         held = GaugeMetricFamily("kt_leases_held", "Leases this process holds now.",
                                  labels=["backend"])
-        held.add_metric([b.name], len(leases.leases))
+        held.add_metric([name], leases.held)
         yield held
-    if hasattr(b, "store_resets"):
+    if st.store_resets is not None:
         resets = CounterMetricFamily(
             "kt_backend_store_resets", "Times the shared store was found to have lost its "
             "data (its marker key gone or replaced: a restart without persistence, FLUSHALL, "
             "failover to an empty replica): budgets and buckets restarted from zero.",
             labels=["backend"])
-        resets.add_metric([b.name], b.store_resets)
+        resets.add_metric([name], st.store_resets)
         yield resets
-    if getattr(b, "state_file", ""):
+    if st.state_file is not None:
         failures = CounterMetricFamily(
             "kt_state_write_failures", "Failed writes of the embedded backend's state file, "
             "by what (snapshot: spend of every tenant; journal: settlements, written before "
             "they are acknowledged). /readyz fails until a write succeeds.", labels=["what"])
-        for what, n in b.write_failures.items():
+        for what, n in st.state_file.write_failures.items():
             failures.add_metric([what], n)
         yield failures
         took = GaugeMetricFamily(
             "kt_state_snapshot_seconds", "How long the last snapshot of the state file took "
             "(in its own thread, off the event loop).", labels=[])
-        took.add_metric([], b.snapshot_seconds)
+        took.add_metric([], st.state_file.snapshot_seconds)
         yield took

@@ -11,6 +11,7 @@ from typing import Callable, NamedTuple, Optional, Protocol, Sequence, Union
 
 from sidecar._core import Limits, Outcome, Quota
 from sidecar.ledger.spend import LAST_DAY, SpendCell, SpendRecord
+from sidecar.metrics import BackendStats
 from sidecar.policy.schema import FailureMode, FailureModes
 
 
@@ -183,3 +184,6 @@ class Backend(Protocol):
 
     def status(self) -> BackendStatus:
         """Readiness, cheap and non-blocking (read by /readyz)."""
+
+    def stats(self) -> BackendStats:
+        """The backend's own counters, cheap and non-blocking (read by /metrics)."""

@@ -42,6 +42,7 @@ from sidecar.backends.base import (BackendError, BackendStatus, Candidate, LateR
                                    Settlement)
 from sidecar.ledger.spend import (HELD_FIELD, LAST_DAY, SpendCell, SpendRecord, day_of,
                                   held_cell)
+from sidecar.metrics import BackendStats, StateFileStats
 from sidecar.policy.schema import FailureMode
 
 log = logging.getLogger("kt.memory")
@@ -592,6 +593,12 @@ class MemoryBackend:
         if self._last_error:
             return BackendStatus(False, self._last_error)
         return BackendStatus(True, "embedded")
+
+    def stats(self) -> BackendStats:
+        return BackendStats(round_trips=self.round_trips, decisions=self.decisions,
+                            state_file=StateFileStats(dict(self.write_failures),
+                                                      self.snapshot_seconds)
+                            if self.state_file else None)
 
     # --- the journal: group commit off the event loop ---------------------------------
     def _start_commit(self) -> None:

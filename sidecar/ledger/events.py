@@ -46,6 +46,12 @@ class UsageEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", ta
     budget_charge: int = 0  # what this request finally cost the budget, in its unit
     unpriced: bool = False  # the model had no price: charged at the dearest listed one
     instance: str = ""
+    # the provider's answer, when the access log or ext_proc closed the reservation
+    # (sidecar/upstream_sli.py); 0 / "": not known (an expiry, a usage report, no reply)
+    status: int = 0  # HTTP status of the reply (100..599)
+    upstream_us: int = 0  # first byte sent to the provider -> last byte of its reply
+    ttft_us: int = 0  # first byte sent -> first byte of the reply (time to first token)
+    endpoint: str = ""  # the route's name ("POST /v1/chat/completions"), never the raw path
 
     @property
     def key(self) -> tuple[str, str, str]:

@@ -24,7 +24,7 @@ from sidecar.ledger.events import Event, RefusalsEvent, ThresholdEvent, UsageEve
 from sidecar.ledger.sinks import SinkError, SinkRefused
 
 log = logging.getLogger("kt.ledger")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 
 SCHEMA = """
@@ -103,11 +103,27 @@ CREATE TABLE IF NOT EXISTS kt_budget_thresholds (
 );
 """
 
+# Each version's changes to a database of the version before, applied in order by
+# `migrate` (idempotent: a migration interrupted half-way is run again whole). Columns are
+# added without a default, so PostgreSQL only changes the catalog (no table rewrite) and
+# the rows already there keep everything they hold; the new columns are NULL for them.
+MIGRATIONS = {
+    # the provider's answer (sidecar/upstream_sli.py); NULL: not known (a row written
+    # before, an expiry, a usage report, no reply)
+    2: """
+ALTER TABLE kt_usage_events
+    ADD COLUMN IF NOT EXISTS status      integer,           -- HTTP status of the reply
+    ADD COLUMN IF NOT EXISTS upstream_ms double precision,  -- request sent -> reply's last byte
+    ADD COLUMN IF NOT EXISTS ttft_ms     double precision,  -- request sent -> reply's first byte
+    ADD COLUMN IF NOT EXISTS endpoint    text;              -- the route's name: POST /v1/...
+""",
+}
+
 USAGE_COLUMNS = ("tenant", "request_id", "outcome", "settled_by", "decided_at", "settled_at",
                  "model_asked", "model_served", "tier", "provider", "decision",
                  "estimate_tokens", "input_tokens", "output_tokens", "cached_tokens",
                  "cache_write_tokens", "cost_nano_usd", "budget_unit", "budget_charge",
-                 "unpriced", "instance")
+                 "unpriced", "instance", "status", "upstream_ms", "ttft_ms", "endpoint")
 _SUMS = ("input_tokens", "output_tokens", "cached_tokens", "cache_write_tokens",
          "cost_nano_usd", "budget_charge")
 
@@ -160,13 +176,18 @@ def migrate(dsn: str) -> int:
     """Create (or bring up to date) the ledger's tables; idempotent. Returns the version."""
     with connect(dsn) as conn:
         conn.execute("SELECT pg_advisory_xact_lock(7302453)")  # two migrations at once: one waits
-        conn.execute(SCHEMA)
-        row = conn.execute("SELECT max(version) FROM kt_ledger_schema").fetchone()
-        if row is None or row[0] is None:
-            conn.execute("INSERT INTO kt_ledger_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
-        elif row[0] > SCHEMA_VERSION:
-            raise RuntimeError(f"the database holds ledger schema version {row[0]}, newer "
+        conn.execute(SCHEMA)  # version 1's tables, where missing
+        # None: a new database (version 1's tables just made)
+        held = conn.execute("SELECT max(version) FROM kt_ledger_schema").fetchone()[0]
+        if held is not None and held > SCHEMA_VERSION:
+            raise RuntimeError(f"the database holds ledger schema version {held}, newer "
                                f"than this sidecar's {SCHEMA_VERSION}")
+        for version in range((held or 1) + 1, SCHEMA_VERSION + 1):
+            conn.execute(MIGRATIONS[version])
+            log.info("ledger schema migrated to version %d", version)
+        if held != SCHEMA_VERSION:
+            conn.execute("DELETE FROM kt_ledger_schema")
+            conn.execute("INSERT INTO kt_ledger_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
     return SCHEMA_VERSION
 
 
@@ -190,6 +211,14 @@ class PostgresSink:
         if not row or not row[0]:
             self.close()
             raise SinkError("the ledger's tables are missing: run `kt events migrate`")
+        # an older schema lacks columns this sidecar writes (a sidecar of the version
+        # before writes to a newer schema: its columns are all still there)
+        version = conn.execute("SELECT max(version) FROM kt_ledger_schema").fetchone()[0] \
+            if conn.execute("SELECT to_regclass('kt_ledger_schema')").fetchone()[0] else None
+        if version is None or version < SCHEMA_VERSION:
+            self.close()
+            raise SinkError(f"the ledger's tables are at schema version {version or 1}, this "
+                            f"sidecar writes version {SCHEMA_VERSION}: run `kt events migrate`")
         conn.execute("CREATE TEMP TABLE kt_usage_stage (LIKE kt_usage_events) "
                      "ON COMMIT DELETE ROWS")
         conn.commit()
@@ -217,7 +246,10 @@ class PostgresSink:
                                     e.provider, e.decision, e.estimate_tokens, e.input_tokens,
                                     e.output_tokens, e.cached_tokens, e.cache_write_tokens,
                                     e.cost_nano_usd, e.budget_unit, e.budget_charge,
-                                    e.unpriced, e.instance))
+                                    e.unpriced, e.instance, e.status or None,
+                                    e.upstream_us / 1000 if e.upstream_us else None,
+                                    e.ttft_us / 1000 if e.ttft_us else None,
+                                    e.endpoint or None))
                         cur.execute(_INSERT_AND_ROLL_UP)
                 if refusals:
                     with conn.cursor() as cur:

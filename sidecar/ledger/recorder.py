@@ -24,6 +24,8 @@ from sidecar.ledger.deadletter import DeadLetterFile
 from sidecar.ledger.events import RefusalsEvent, ThresholdEvent, UsageEvent
 from sidecar.ledger.sinks import FileSink, Sink, SpillFile
 from sidecar.ledger.writer import EventLog
+from sidecar.upstream_sli import NOT_KNOWN
+from sidecar.upstream_sli import current as current_upstream
 
 log = logging.getLogger("kt.ledger")
 MINUTE_US = 60_000_000
@@ -66,9 +68,13 @@ class Ledger:
                cache_write_tokens: int = 0, cost_nano_usd: int = 0, budget_unit: str = "",
                budget_charge: int = 0, unpriced: bool = False, settled_us: int = 0) -> None:
         """``settled_us``: when the backend applied it, on the clock that dated the
-        durable spend (0: this recorder's clock, now)."""
+        durable spend (0: this recorder's clock, now). The provider's answer (status,
+        timings, endpoint) comes from sidecar/upstream_sli.py's context variable."""
         if self.events is None:
             return
+        # the provider's answer, when a transport is closing this request's reservation
+        closing = current_upstream.get()
+        up = closing[1] if closing is not None and closing[0] == request_id else NOT_KNOWN
         self.events.emit(UsageEvent(
             request_id=request_id, tenant=tenant, outcome=outcome,  # type: ignore[arg-type]
             settled_by=settled_by, decided_us=decided_us,
@@ -78,7 +84,8 @@ class Ledger:
             output_tokens=output_tokens, cached_tokens=cached_tokens,
             cache_write_tokens=cache_write_tokens, cost_nano_usd=cost_nano_usd,
             budget_unit=budget_unit, budget_charge=budget_charge, unpriced=unpriced,
-            instance=self.instance))
+            instance=self.instance, status=up.status, upstream_us=up.upstream_us,
+            ttft_us=up.ttft_us, endpoint=up.endpoint))
 
     # --- refusals -----------------------------------------------------------
     def refused(self, tenant: str, reason: str, now_us: Optional[int] = None) -> None:

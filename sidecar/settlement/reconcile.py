@@ -25,6 +25,7 @@ from sidecar.backends.base import BackendError
 from sidecar.settlement.book import reservation_key
 from sidecar.settlement.service import SettlementService
 from sidecar.settlement.usage import Usage, UsageError
+from sidecar.upstream_sli import Upstream, current
 
 log = logging.getLogger("kt.reconcile")
 
@@ -33,17 +34,21 @@ async def close_reservation(service: SettlementService, reservation_id: str, x_r
                             tenant: Optional[str], status: int, usage: Optional[Usage],
                             model: Optional[str], cut_short: bool, source: str,
                             settled_by: str, provider_failed: bool = True,
-                            body_seen: Optional[str] = None) -> None:
+                            body_seen: Optional[str] = None,
+                            upstream: Optional[Upstream] = None) -> None:
     """Apply the rule for one finished response; never raises (the response has gone).
     ``reservation_id`` is the request's x-kt-reservation (the sidecar's own id), ""
     when Envoy's failure mode let it through; ``x_request_id`` its x-request-id.
     ``source`` labels the settlement metric; ``settled_by`` tells the ledger how the usage
     was read (e.g. ``ext_proc_sse``, ``access_log_json``). ``provider_failed``: False when
     a non-2xx status is Envoy's own answer while the provider was still working.
-    ``body_seen``: the usage filter's report of the whole request body, or None."""
+    ``body_seen``: the usage filter's report of the whole request body, or None.
+    ``upstream``: the provider's answer (status, timings, endpoint) for the ledger's event,
+    seen by the recorder through sidecar/upstream_sli.py's context variable."""
     request_id = reservation_key(reservation_id, x_request_id)
     if not request_id:
         return
+    token = current.set((request_id, upstream)) if upstream is not None else None
     try:
         if usage is not None:
             # without a reservation id of ours, settle under a fresh id: charged in full,
@@ -64,3 +69,6 @@ async def close_reservation(service: SettlementService, reservation_id: str, x_r
     except (UsageError, BackendError) as exc:
         # the response is already on its way; never fail it for accounting
         log.warning("usage of request %s not settled: %s", request_id, exc)
+    finally:
+        if token is not None:
+            current.reset(token)

@@ -27,6 +27,7 @@ from sidecar.settlement import bound
 from sidecar.settlement.reconcile import close_reservation
 from sidecar.settlement.service import SettlementService
 from sidecar.settlement.usage import Usage, UsageScanner
+from sidecar.upstream_sli import from_access_log
 
 log = logging.getLogger("kt.als")
 # access-log messages being settled at once per stream: the next one is read while one
@@ -118,21 +119,28 @@ class UsageLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
 
     async def _close_all(self, entries) -> None:
         closing = []
+        service = self.service
+        slis, policy = service.metrics.upstream_slis, service.policy
         for entry in entries:
             request = entry.request
             model, usage, settled_by = usage_of(entry)
             headers = request.request_headers
+            status = entry.response.response_code.value
+            provider = headers.get(contract.H_PROVIDER, "")
             # a provider's own answers, its 429s among them (docs/providers.md)
-            self.service.upstream_answered(headers.get(contract.H_PROVIDER, ""),
-                                           entry.response.response_code.value)
+            service.upstream_answered(provider, status)
+            # its latency, time to first byte, sizes (sidecar/upstream_sli.py)
+            upstream = from_access_log(
+                slis, policy, entry, provider, headers.get(contract.H_MODEL), status, model,
+                usage.completion_tokens if usage is not None else 0,
+                settled_by == "access_log_sse")
             flags = entry.common_properties.response_flags
             closing.append(close_reservation(
-                self.service, headers.get(contract.H_RESERVATION, ""), request.request_id,
-                headers.get(contract.H_TENANT),
-                entry.response.response_code.value, usage, model,
+                service, headers.get(contract.H_RESERVATION, ""), request.request_id,
+                headers.get(contract.H_TENANT), status, usage, model,
                 _cut_short(flags), "access_log", settled_by or "access_log",
                 provider_failed=not _envoys_own_answer(flags),
-                body_seen=body_seen_of(entry)))
+                body_seen=body_seen_of(entry), upstream=upstream))
         # concurrently: the backend sends what one loop tick queued in one write
         await asyncio.gather(*closing)
         self._entries.inc(len(closing))

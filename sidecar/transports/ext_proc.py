@@ -21,6 +21,7 @@ body STREAMED, `allow_mode_override: true`.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Optional
 
 import msgspec
@@ -35,6 +36,7 @@ from sidecar.settlement.book import reservation_key
 from sidecar.settlement.reconcile import close_reservation
 from sidecar.settlement.service import SettlementService
 from sidecar.settlement.usage import UsageScanner
+from sidecar.upstream_sli import Upstream
 
 log = logging.getLogger("kt.ext_proc")
 _PM = processing_mode_pb2.ProcessingMode
@@ -85,6 +87,14 @@ class _Exchange:
         self.scanner: Optional[UsageScanner] = None
         self.done = False
         self.accounting = True
+        # the SLIs measured here (sidecar/upstream_sli.py): monotonic ns when the request
+        # went on (its last message answered), when the response's headers came
+        self.sent_ns = 0
+        self.first_ns = 0
+        self.endpoint = ""  # the route's name (xds.route_name)
+        self.routed_model: Optional[str] = None  # x-kt-model
+        self.request_bytes = 0
+        self.response_bytes = 0
         # False when the response is Envoy's own answer while the provider was still
         # working (its route timeout's 504)
         self.provider_answered = True
@@ -121,6 +131,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                     # its headers went on: its report comes with them (a client that
                     # leaves before any reply is bounded by it too)
                     _read_metadata(ex, req)
+                    ex.endpoint = _route_name(req)
                     yield self._request_headers(ex, req.request_headers)
                 elif which == "request_body":
                     yield self._request_body(ex, req.request_body)
@@ -155,6 +166,12 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         ex.provider = h.get(contract.H_PROVIDER, "")
         if h.get(contract.H_DECISION) == "downgrade" and h.get(contract.H_MODEL):
             ex.rewrite_to = h[contract.H_MODEL]
+        ex.routed_model = h.get(contract.H_MODEL)
+        try:
+            ex.request_bytes = max(0, int(h.get("content-length", "0")))
+        except ValueError:
+            ex.request_bytes = 0
+        ex.sent_ns = time.monotonic_ns()
         if ex.rewrite_to is None or msg.end_of_stream:
             return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=_CONTINUE),
                                          mode_override=_SKIP_REQUEST_BODY)
@@ -162,6 +179,8 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
 
     def _request_body(self, ex: _Exchange, msg: pb.HttpBody) -> pb.ProcessingResponse:
         new = rewrite_model(msg.body, ex.rewrite_to) if ex.rewrite_to else None
+        ex.request_bytes = len(msg.body) if new is None else len(new)
+        ex.sent_ns = time.monotonic_ns()  # the buffered body goes on once answered
         if new is None:
             return pb.ProcessingResponse(request_body=pb.BodyResponse(response=_CONTINUE))
         common = pb.CommonResponse(
@@ -173,6 +192,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
 
     async def _response_headers(self, ex: _Exchange, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
+        ex.first_ns = time.monotonic_ns()
         h = _headers(msg)
         try:
             ex.status = int(h.get(":status", "0"))
@@ -191,6 +211,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
     async def _response_body(self, ex: _Exchange, msg: pb.HttpBody) -> pb.ProcessingResponse:
         if ex.scanner is not None:
             ex.scanner.feed(msg.body)
+        ex.response_bytes += len(msg.body)
         if msg.end_of_stream:
             await self._finish(ex)
         return pb.ProcessingResponse(response_body=pb.BodyResponse(response=_CONTINUE))
@@ -207,4 +228,33 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                                 scanner.usage if scanner else None,
                                 scanner.model if scanner else None, False, "ext_proc",
                                 scanner.format if scanner else "ext_proc",
-                                provider_failed=ex.provider_answered, body_seen=ex.body_seen)
+                                provider_failed=ex.provider_answered, body_seen=ex.body_seen,
+                                upstream=self._upstream(ex, scanner))
+
+    def _upstream(self, ex: _Exchange, scanner: Optional[UsageScanner]) -> Upstream:
+        """The SLIs as this stream saw them (docs/usage.md: what ext_proc measures)."""
+        end = time.monotonic_ns()
+        sent, first = ex.sent_ns, ex.first_ns
+        up = Upstream(ex.status if 100 <= ex.status <= 599 else 0,
+                      (end - sent) // 1000 if sent and first else 0,
+                      (first - sent) // 1000 if sent and first else 0, ex.endpoint)
+        if 200 <= ex.status < 300:
+            usage = scanner.usage if scanner is not None else None
+            streamed = scanner is not None and scanner.streamed
+            slis = self.service.metrics.upstream_slis
+            slis.observe(slis.labels(self.service.policy, ex.provider,
+                                     scanner.model if scanner else None, ex.routed_model),
+                         up.upstream_us, up.ttft_us, (end - first) // 1000 if streamed else 0,
+                         usage.completion_tokens if usage is not None and streamed else 0,
+                         ex.request_bytes, ex.response_bytes)
+        return up
+
+
+def _route_name(req: pb.ProcessingRequest) -> str:
+    """The route's name Envoy sends as the attribute xds.route_name (kt envoy-config asks
+    for it: request_attributes), "" without it."""
+    attrs = req.attributes.get("envoy.filters.http.ext_proc")
+    if attrs is None:
+        return ""
+    value = attrs.fields.get("xds.route_name")
+    return value.string_value[:256] if value is not None else ""

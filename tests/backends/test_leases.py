@@ -18,9 +18,9 @@ import redis
 
 from sidecar import _core
 from sidecar.backends.base import BackendError
-from sidecar.backends import lease as lease_mod
-from sidecar.backends.lease import LeaseManager
-from sidecar.backends.redis import RedisBackend, pack
+from sidecar.backends.redis import lease as lease_mod
+from sidecar.backends.redis.lease import LeaseManager
+from sidecar.backends.redis import RedisBackend
 from sidecar.metrics import Metrics
 from sidecar.policy import schema
 from tests.support.clock import ManualClock
@@ -46,7 +46,7 @@ def backend(store: Store, clock: ManualClock, leases: bool = True,
                                          cluster=store.cluster),
                      clock_override=clock)
     # the scripts run on the test clock: the leases are given the same one
-    b.leases = LeaseManager(b, clock=clock) if leases else None
+    b.leases = LeaseManager(b.link, b.keyspace, b.scripts, clock=clock) if leases else None
     return b
 
 
@@ -316,8 +316,7 @@ def test_a_lease_call_sent_again_is_applied_once(store):
                 3_000_000, 60_000]
         keys = [*a.keys(name), f"{a.prefix}:{{{name}}}:lease-call:{marker}",
                 f"{a.prefix}:{{{name}}}:leases"]
-        packed = None if store.cluster else pack("EVALSHA", a.leases.script.sha, 5, *keys, *args)
-        return await a._call(a.leases.script, keys, args, packed)
+        return await a.link.call(a.leases.script, keys, args)
 
     async def main():
         await a.start()
@@ -382,7 +381,7 @@ def test_a_leased_answers_remaining_counts_are_the_lease_plus_the_pool_within_th
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from sidecar.backends.lease import _Lease
+    from sidecar.backends.redis.lease import _Lease
 
     small = st.integers(-10**6, 10**6)
 

@@ -452,9 +452,9 @@ def test_a_store_that_lost_its_data_is_reported_by_every_replica():
             await b.start()
             try:
                 assert (await a.decide("forgets", lim, 0, 5, 0, 5, False)).admitted
-                await wait_for(lambda: a._marker is not None and b._marker is not None,
+                await wait_for(lambda: a.link.marker.seen is not None and b.link.marker.seen is not None,
                                "both to see the marker")
-                assert a._marker == b._marker
+                assert a.link.marker.seen == b.link.marker.seen
                 # a dropped link to a store that kept its data is no reset (the heartbeat
                 # reconnects: the next link reads the same marker)
                 assert command(v.port, "CLIENT", "KILL", "TYPE", "normal").startswith(b":")
@@ -467,7 +467,7 @@ def test_a_store_that_lost_its_data_is_reported_by_every_replica():
                 await wait_for(lambda: a.store_resets == 1 and b.store_resets == 1,
                                "both to report the FLUSHALL")
                 assert a.status().ready and "lost its data" in a.status().detail
-                assert a._marker == b._marker  # one new marker for both
+                assert a.link.marker.seen == b.link.marker.seen  # one new marker for both
                 v.kill()
                 v.start()  # no persistence: empty again
                 await wait_for(lambda: a.store_resets == 2 and b.store_resets == 2,

@@ -50,7 +50,7 @@ def test_concurrent_settlements_go_as_one_call_and_each_applies_once(backend):
                 for i, t in enumerate(["a"] * 30 + ["b"] * 20)))
             again = await asyncio.gather(*(  # repeated ids: no-ops, in the same kind of batch
                 b.settle("a", limits, f"id-{i}", 1000, 1000, -1) for i in range(5)))
-            return first, again, b._settles.batches
+            return first, again, b.settlements.batches
         finally:
             await b.close()
 

@@ -148,7 +148,7 @@ def test_provider_take_and_settle_lua_match_reference_model(valkey, q, seq):
             for i, (gap, prio, tokens, refund, delta) in enumerate(seq):
                 clock.now += gap
                 want = ref.quota_take(q, qs, clock.now, prio, tokens)
-                got = await backend._provider_take(c, prio, tokens)
+                got = await backend.routing.provider_take(c, prio, tokens)
                 assert got[0] == want
                 ref.quota_settle(q, qs, clock.now, delta, refund)
                 assert await backend.settle_provider(pid, c.quota, f"s{i}", delta, refund)
@@ -251,7 +251,7 @@ def test_cluster_tier_guess_corrected_when_the_tenant_crosses_low_water(valkey_c
         try:
             a = await backend.decide_routed(tenant, lim, 0, 30, 30, 60, False, 1, 0, [big, mini])
             # fresh backend state: no guess yet, so the default tier's provider is held first
-            backend._below_low_water.clear()
+            backend.routing.below_low_water.clear()
             b = await backend.decide_routed(tenant, lim, 0, 5, 5, 10, False, 1, 0, [big, mini])
             c = await backend.decide_routed(tenant, lim, 0, 5, 5, 10, False, 1, 0, [big, mini])
             return a, b, c

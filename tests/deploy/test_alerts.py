@@ -41,8 +41,11 @@ def exported_series() -> dict[str, set[str]]:
             # crossed yet, no writer without a ledger sink)
             declared = set(getattr(family, "_labelnames", ()))
             names = [family.name + "_total"] if family.type == "counter" else [family.name]
+            if family.type == "histogram":  # scrape-time histograms (kt_upstream_*)
+                names = [family.name + s for s in ("_bucket", "_count", "_sum")]
             for name in names:
-                out.setdefault(name, set()).update(declared)
+                out.setdefault(name, set()).update(
+                    declared | ({"le"} if name.endswith("_bucket") else set()))
             for sample in family.samples:
                 out.setdefault(sample.name, set()).update(sample.labels)
     return out

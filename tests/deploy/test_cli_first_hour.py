@@ -44,14 +44,14 @@ def test_kt_spend_names_the_admin_port_when_given_another(sidecar, capsys):
     assert "nothing listens there" in capsys.readouterr().err
 
 
-def test_envoy_config_says_which_tiers_go_to_the_default_upstream(capsys, tmp_path):
+def test_the_printed_config_says_which_tiers_go_to_the_default_upstream(capsys, tmp_path):
     policy = tmp_path / "p.yaml"
     policy.write_text("tiers: [{name: default, model: gpt-4o}, {name: compact, model: m}]\n")
     assert kt(["envoy-config", "--config", str(policy),
                "--upstream", "default=127.0.0.1:7000"]) == 0
-    err = capsys.readouterr().err
-    assert "tier(s) compact have no --upstream: routed to --default-upstream " \
-           "127.0.0.1:8000" in err, err
+    out = capsys.readouterr().out
+    assert out.startswith("# Tier(s) compact: no --upstream given, routed to "
+                          "--default-upstream 127.0.0.1:8000\n"), out[:200]
     assert kt(["envoy-config", "--config", str(policy), "--upstream", "default=127.0.0.1:7000",
                "--upstream", "compact=127.0.0.1:7001"]) == 0
-    assert "default-upstream" not in capsys.readouterr().err
+    assert "default-upstream" not in capsys.readouterr().out

@@ -23,7 +23,6 @@ import json
 import re
 import shutil
 import subprocess
-import time
 import urllib.parse
 import urllib.request
 
@@ -184,7 +183,7 @@ def live():
         settled = sidecar.metric("kt_usage_log_entries_total")
         wait_until(lambda: query(prom, f"min_over_time(kt_usage_log_entries_total[2s]) >= "
                                        f"{settled}") and query(
-            prom, f"count_over_time(kt_usage_log_entries_total[1m]) >= 3"),
+            prom, "count_over_time(kt_usage_log_entries_total[1m]) >= 3"),
             30, "prometheus to scrape the traffic", d / "prometheus.log")
         try:
             yield prom, seen

@@ -88,9 +88,13 @@ def test_envoy_validates_every_variant_without_deprecated_fields(
         {"name": "x-kt-tier", "string_match": {"exact": "compact"}},
         {"name": ":method", "string_match": {"exact": "POST"}}]
     # the metered API only, then Envoy's own 404 for everything else, every filter off
-    metered = "(/v1/chat/completions|/v1/completions|/v1/responses|/v1/embeddings|/v1/messages)"
-    assert all(r["match"]["safe_regex"]["regex"] == metered for r in routes[:-1]
-               if "route" in r)
+    # one route per endpoint, matched exactly and named after it (the usage event's
+    # endpoint, sidecar/upstream_sli.py)
+    metered = ["/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings",
+               "/v1/messages"]
+    forwarded = [r for r in routes[:-1] if "route" in r]
+    assert [r["match"]["path"] for r in forwarded] == metered * 2  # 2 tiers
+    assert [r["name"] for r in forwarded] == [f"POST {p}" for p in metered] * 2
     assert routes[-2]["route"]["cluster"] == "tier_default"
     assert routes[-1]["direct_response"]["status"] == 404
     assert sorted(routes[-1]["typed_per_filter_config"]) == sorted(
@@ -149,10 +153,12 @@ def test_one_cluster_and_one_header_route_per_tier_and_the_catch_all_goes_to_the
     assert ep["endpoint"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 9003}
     routes = _hcm(doc)["route_config"]["virtual_hosts"][0]["routes"]
     post = {"name": ":method", "string_match": {"exact": "POST"}}
-    assert [(r["match"].get("headers"), r["route"]["cluster"]) for r in routes[:-1]] == [
+    # one route per metered endpoint (5) and tier
+    assert [(r["match"].get("headers"), r["route"]["cluster"]) for r in routes[:-1:5]] == [
         ([{"name": "x-kt-tier", "string_match": {"exact": "mid"}}, post], "tier_mid"),
         ([{"name": "x-kt-tier", "string_match": {"exact": "cheap"}}, post], "tier_cheap"),
         ([post], "tier_best")]
+    assert len(routes) == 3 * 5 + 1
     assert routes[-1]["direct_response"]["status"] == 404  # everything else
 
 
@@ -520,7 +526,8 @@ def test_usage_by_access_log_wiring():
     assert common["grpc_service"] == {"envoy_grpc": {"cluster_name": "kt_sidecar"}}
     assert (common["buffer_flush_interval"], common["buffer_size_bytes"]) == ("0.250s", 32768)
     assert log["typed_config"]["additional_request_headers_to_log"] == [
-        "x-kt-tenant", "x-kt-reservation"]  # the settlement key is the sidecar's own id
+        # the settlement key is the sidecar's own id; the routed model labels the SLIs
+        "x-kt-tenant", "x-kt-reservation", "x-kt-model"]
 
 
 JWT_POLICY = ('tenant: {metadata: "envoy.filters.http.jwt_authn:jwt_payload.org"}\n'
@@ -585,7 +592,8 @@ def test_pass_path_adds_an_exact_route_and_refuses_a_bad_one(tmp_path, capsys):
     routes = _hcm(yaml.safe_load(text))["route_config"]["virtual_hosts"][0]["routes"]
     get = [r for r in routes if {"name": ":method", "string_match": {"exact": "GET"}}
            in r["match"].get("headers", [])]
-    assert [r["match"]["safe_regex"]["regex"] for r in get] == ["(/v1/models)"] * 2  # 2 tiers
+    assert [(r["name"], r["match"]["path"]) for r in get] == [
+        ("GET /v1/models", "/v1/models")] * 2  # 2 tiers
     assert "GET /v1/models" in routes[-1]["direct_response"]["body"]["inline_string"]
     assert kt(["envoy-config", "--pass-path", "GET:/v1/../files"]) == 2
     err = capsys.readouterr().err

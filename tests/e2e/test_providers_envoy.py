@@ -356,3 +356,9 @@ def test_a_providers_own_429s_show_in_the_metrics(stack):
 
     wait_until(lambda: counted() == 2, 15, "the provider's 429s counted")
     assert stack.providers["liar"].quota.refused == 2
+    # its answered requests' latency, under the provider's and the model's names (its
+    # errors are not latency: counted above, by status)
+    for family in ("kt_upstream_latency_seconds_count", "kt_upstream_ttft_seconds_count",
+                   "kt_upstream_response_bytes_count"):
+        assert sum(sc.metric(family, model="liar-model", provider="liar")
+                   for sc in stack.sidecars) == 3, family

@@ -20,7 +20,8 @@ import pytest
 
 from sidecar.envoy_config import EnvoyOptions, TierRoute, render
 from tests.support.policies import TIERS_AND_PRICING
-from tests.support.procs import EnvoyProcess, SidecarProcess, free_port, wait_until, workdir
+from tests.support.procs import (EnvoyProcess, SidecarProcess, free_port, metric_value,
+                                 wait_until, workdir)
 
 pytestmark = pytest.mark.envoy
 
@@ -34,7 +35,7 @@ tenants:
     "json-plain", "json-order_and_blanks", "json-decoys", "json-anthropic", "json-responses",
     "sse-split", "sse-anthropic", "sse-responses", "sse-none", "sse-reset", "five",
     "sse-responses-large", "sse-anthropic-large", "json-large", "json-many",
-    "json-cuts"))  # named: spend is recorded per named tenant (others fold into _other)
+    "json-cuts", "sli-json", "sli-sse"))  # named: spend is recorded per named tenant (others fold into _other)
 
 
 def metric_model(model: str) -> str:
@@ -444,3 +445,58 @@ def test_a_5xx_without_usage_releases_the_reservation(path, status):
     assert path.send(f"five{status}", f"five{status}", reply) == status
     assert path.metric("kt_reservations_closed_total",
                        outcome="released_upstream_error") == before + 1
+
+
+def test_upstream_slis_per_provider_and_model_and_in_each_event(path):
+    """The provider's answer, as the access log's timings (or ext_proc's stream) tell it:
+    the histograms per provider and model (none configured here: "none"; a model the
+    reply names outside the policy takes the model the decision routed to, never a label
+    of its own), and the usage event's status, upstream latency, time to first byte and
+    endpoint (the route's name, not the client's path with its query string)."""
+    labels = {"model": "gpt-4o", "provider": "none"}  # as the exposition orders them
+    before = path.sidecar.metrics()
+    text = json.dumps({"model": "my-finetune-7", "choices": [],
+                       "usage": {"prompt_tokens": 12, "completion_tokens": 34}}).encode()
+    stream = sse(*({"model": "gpt-4o", "choices": [{"delta": {"content": "x" * 50}}]}
+                   for _ in range(4)),
+                 {"model": "gpt-4o", "choices": [], "usage": {"prompt_tokens": 5,
+                                                              "completion_tokens": 40}},
+                 b"[DONE]")
+    pieces = split(stream, *range(100, len(stream), 100))  # 20 ms apart (RawUpstream)
+    assert path.send("sli-json", "sli-json", Reply(split(text, 20))) == 200
+    assert path.send("sli-sse", "sli-sse", Reply(pieces, content_type="text/event-stream")) \
+        == 200
+    after = path.sidecar.metrics()
+
+    def delta(name: str) -> float:
+        return metric_value(after, name, **labels) - metric_value(before, name, **labels)
+
+    for family in ("latency_seconds", "ttft_seconds", "request_bytes", "response_bytes"):
+        assert delta(f"kt_upstream_{family}_count") == 2, family
+    assert delta("kt_upstream_output_tokens_per_second_count") == 1  # the stream only
+    assert 0 < delta("kt_upstream_ttft_seconds_sum") < delta("kt_upstream_latency_seconds_sum")
+    # the stream's generation took at least the upstream's pauses between its pieces
+    assert delta("kt_upstream_output_tokens_per_second_sum") <= 40 / (0.02 * (len(pieces) - 1))
+    assert delta("kt_upstream_response_bytes_sum") == len(text) + len(stream)
+    request = len(json.dumps({"model": "gpt-4o", "max_tokens": 500,
+                              "messages": [{"role": "user", "content": "hi"}]}))
+    assert delta("kt_upstream_request_bytes_sum") == 2 * request
+    assert "my-finetune-7" not in after  # no label from a value the upstream chose
+
+    def events() -> dict:
+        out = {}
+        for f in (path.sidecar.workdir / "kt-state" / "events").glob("*.jsonl"):
+            for line in f.read_text().splitlines():
+                ev = json.loads(line)
+                if ev.get("tenant", "").startswith("sli-"):
+                    out[ev["tenant"]] = ev
+        return out
+
+    wait_until(lambda: len(events()) == 2, 10, "both events written")
+    got = events()
+    for tenant in ("sli-json", "sli-sse"):
+        ev = got[tenant]
+        assert (ev["status"], ev["endpoint"]) == (200, "POST /v1/chat/completions"), ev
+        assert 0 < ev["ttft_us"] <= ev["upstream_us"], ev
+    sse_ev = got["sli-sse"]
+    assert sse_ev["upstream_us"] - sse_ev["ttft_us"] >= 20_000 * (len(pieces) - 1), sse_ev

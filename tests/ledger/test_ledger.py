@@ -8,6 +8,7 @@ import os
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from sidecar.cli import main as kt
@@ -155,6 +156,28 @@ def test_an_event_is_one_json_line_and_reads_back_equal():
         assert line.endswith(b"\n") and line.count(b"\n") == 1
         assert decode_line(line) == ev
     assert json.loads(encode_line(usage_event(1)))["type"] == "usage"
+
+
+def test_the_upstream_fields_read_from_new_lines_and_default_on_old_ones():
+    """Schema growth both ways: a line written before the upstream fields existed reads
+    with them not known, and a reader that does not know them skips them."""
+    t = 1_800_000_000_000_000
+    new = usage_event(1, t_us=t, status=429, upstream_us=812_000, ttft_us=90_000,
+                      endpoint="POST /v1/messages")
+    doc = json.loads(encode_line(new))
+    assert (doc["status"], doc["upstream_us"], doc["ttft_us"], doc["endpoint"]) == (
+        429, 812_000, 90_000, "POST /v1/messages")
+    old = {k: v for k, v in doc.items() if k not in ("status", "upstream_us", "ttft_us",
+                                                     "endpoint")}
+    back = decode_line(json.dumps(old).encode())
+    assert (back.status, back.upstream_us, back.ttft_us, back.endpoint) == (0, 0, 0, "")
+    assert back == usage_event(1, t_us=t) and decode_line(encode_line(new)) == new
+
+    class OldUsageEvent(msgspec.Struct, tag_field="type", tag="usage"):  # an older reader
+        request_id: str
+        tenant: str
+
+    assert msgspec.json.decode(encode_line(new), type=OldUsageEvent).request_id == "req-1"
 
 
 # --- the file sink ------------------------------------------------------------------

@@ -91,6 +91,11 @@ def test_events_in_postgres_add_up_to_the_reported_usage_and_the_budget():
             daily = conn.execute(
                 "SELECT sum(input_tokens), sum(output_tokens), sum(budget_charge) "
                 "FROM kt_usage_daily WHERE tenant = 'finops'").fetchone()
+            # the provider's answer in each row (sidecar/upstream_sli.py)
+            slis = conn.execute(
+                "SELECT outcome, status, endpoint, count(*), "
+                "bool_and(0 < ttft_ms AND ttft_ms <= upstream_ms) "
+                "FROM kt_usage_events WHERE tenant = 'finops' GROUP BY 1, 2, 3").fetchall()
 
     settled = [v for k, v in by.items() if k[0] == "settled"]
     # usage comes back by Envoy's access log (kt envoy-config's default, docs/usage.md)
@@ -113,3 +118,7 @@ def test_events_in_postgres_add_up_to_the_reported_usage_and_the_budget():
     assert (daily[0], daily[1]) == (sum(u[0] for u in reported) + kept[1],
                                     sum(u[1] for u in reported) + kept[2])
     assert daily[2] == spent
+    chat_endpoint = "POST /v1/chat/completions"  # the route's name
+    assert {r[:4]: r[4] for r in slis if r[0] != "kept"} == {
+        ("settled", 200, chat_endpoint, 21): True, ("released", 503, chat_endpoint, 1): True}
+    assert [r[2] for r in slis if r[0] == "kept"] == [chat_endpoint]  # the client left

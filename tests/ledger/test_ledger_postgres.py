@@ -12,7 +12,7 @@ import pytest
 
 from sidecar.cli import main as kt
 from sidecar.ledger.events import RefusalsEvent, ThresholdEvent
-from sidecar.ledger.postgres import PostgresSink, migrate, us_of
+from sidecar.ledger.postgres import SCHEMA, USAGE_COLUMNS, PostgresSink, migrate, us_of
 from sidecar.ledger.sinks import FileSink, SinkError, SpillFile
 from sidecar.ledger.stats import from_directory, from_postgres
 from sidecar.ledger.writer import EventLog
@@ -36,9 +36,9 @@ def daily_totals(conn) -> tuple:
 
 
 def test_migrate_is_idempotent_and_the_cli_says_so(pg, capsys):
-    assert migrate(pg.dsn) == 1
+    assert migrate(pg.dsn) == 2
     assert kt(["events", "migrate", "--dsn", pg.dsn]) == 0
-    assert "version 1" in capsys.readouterr().out
+    assert "version 2" in capsys.readouterr().out
     with psycopg.connect(pg.dsn) as c:
         assert c.execute("SELECT count(*) FROM kt_ledger_schema").fetchone()[0] == 1
     assert kt(["events", "migrate", "--dsn", "postgresql://postgres@127.0.0.1:1/x"]) == 1
@@ -164,3 +164,82 @@ def test_events_stats_agree_between_postgres_and_files(db, pg, tmp_path, capsys)
     doc = json.loads(capsys.readouterr().out)
     assert sum(r["cost_nano_usd"] for r in doc["usage"]) == sum(e.cost_nano_usd for e in evs[:60])
     assert doc["refusals"] == [{"tenant": "beta", "reason": "budget_exhausted", "count": 9}]
+
+
+V1_COLUMNS = USAGE_COLUMNS[:21]  # what a sidecar of schema version 1 writes
+
+
+def test_migration_to_v2_keeps_the_rows_of_v1_and_a_v1_sidecar_can_still_write(pg):
+    """A database of the previous schema (version 1: no upstream SLI columns) holding rows:
+    `kt events migrate` adds the columns (NULL for the rows already there, every other
+    value kept), the roll-up is untouched, a sink of this version refuses to write before
+    the migration and writes the SLIs after it, and a sidecar still on version 1 (its
+    COPY names version 1's columns) goes on writing during a rolling upgrade."""
+    with psycopg.connect(pg.dsn, autocommit=True) as c:
+        c.execute("CREATE DATABASE v1_ledger")
+    dsn = pg.dsn.rsplit("/", 1)[0] + "/v1_ledger"
+    old = [usage_event(i, t_us=1_800_000_000_000_000 + i) for i in range(3)]
+    try:
+        with psycopg.connect(dsn) as c:
+            c.execute(SCHEMA)  # version 1's tables, exactly as a version 1 migrate left them
+            c.execute("INSERT INTO kt_ledger_schema VALUES (1)")
+            assert "status" not in _columns(c)
+            with c.cursor() as cur:
+                with cur.copy(f"COPY kt_usage_events ({', '.join(V1_COLUMNS)}) FROM STDIN"
+                              ) as copy:
+                    for e in old:
+                        copy.write_row(_v1_row(e))
+            c.execute("INSERT INTO kt_usage_daily VALUES ('2027-01-15', 'acme', 'gpt-4o', '', "
+                      "'usd', 3, 3, 0, 0, 33, 15, 0, 0, 1000, 1000)")
+            before = c.execute("SELECT * FROM kt_usage_events ORDER BY request_id").fetchall()
+        sink = PostgresSink(dsn)
+        with pytest.raises(SinkError, match="schema version 1.*kt events migrate"):
+            sink.write([usage_event(9)])
+        assert migrate(dsn) == 2 and migrate(dsn) == 2  # idempotent
+        with psycopg.connect(dsn) as c:
+            assert c.execute("SELECT array_agg(version) FROM kt_ledger_schema"
+                             ).fetchone()[0] == [2]
+            assert {"status", "upstream_ms", "ttft_ms", "endpoint"} <= _columns(c)
+            after = c.execute(f"SELECT {', '.join(V1_COLUMNS)}, status, upstream_ms, ttft_ms, "
+                              "endpoint FROM kt_usage_events ORDER BY request_id").fetchall()
+            assert [r[:21] for r in after] == before  # every row, every value kept
+            assert {r[21:] for r in after} == {(None, None, None, None)}  # not known
+            assert c.execute("SELECT events, cost_nano_usd FROM kt_usage_daily").fetchall() == [
+                (3, 1000)]
+        new = usage_event(10, status=200, upstream_us=1_234_567, ttft_us=345_678,
+                          endpoint="POST /v1/chat/completions")
+        sink.write([new, usage_event(11)])
+        sink.close()
+        with psycopg.connect(dsn) as c:
+            rows = dict((r[0], r[1:]) for r in c.execute(
+                "SELECT request_id, status, upstream_ms, ttft_ms, endpoint "
+                "FROM kt_usage_events WHERE request_id IN ('req-10', 'req-11')"))
+            assert rows == {"req-10": (200, 1234.567, 345.678, "POST /v1/chat/completions"),
+                            "req-11": (None, None, None, None)}
+            # a sidecar of version 1 during the upgrade: its stage, its COPY, its insert
+            c.execute("CREATE TEMP TABLE kt_usage_stage (LIKE kt_usage_events)")
+            with c.cursor() as cur:
+                with cur.copy(f"COPY kt_usage_stage ({', '.join(V1_COLUMNS)}) FROM STDIN"
+                              ) as copy:
+                    copy.write_row(_v1_row(usage_event(12)))
+            c.execute(f"INSERT INTO kt_usage_events ({', '.join(V1_COLUMNS)}) "
+                      f"SELECT {', '.join(V1_COLUMNS)} FROM kt_usage_stage")
+            assert c.execute("SELECT count(*) FROM kt_usage_events").fetchone()[0] == 6
+    finally:
+        with psycopg.connect(pg.dsn, autocommit=True) as c:
+            c.execute("DROP DATABASE v1_ledger")
+
+
+def _columns(conn) -> set[str]:
+    return {r[0] for r in conn.execute(
+        "SELECT column_name FROM information_schema.columns "
+        "WHERE table_name = 'kt_usage_events'")}
+
+
+def _v1_row(e) -> tuple:
+    from sidecar.ledger.postgres import ts
+
+    return (e.tenant, e.request_id, e.outcome, e.settled_by, ts(e.decided_us), ts(e.settled_us),
+            e.model_asked, e.model_served, e.tier, e.provider, e.decision, e.estimate_tokens,
+            e.input_tokens, e.output_tokens, e.cached_tokens, e.cache_write_tokens,
+            e.cost_nano_usd, e.budget_unit, e.budget_charge, e.unpriced, e.instance)

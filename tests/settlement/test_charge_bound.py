@@ -224,7 +224,7 @@ def test_an_unreadable_reply_on_another_replica_is_charged_once_at_the_bound(val
             d = await a.decider.decide(Request(headers={"x-tenant-id": "tokens"}, body=body))
             assert d.kind is Kind.ALLOW
             # A shares it without waiting; a real reply takes longer than that write
-            shared = a.backend._reservation_key("tokens", d.reservation_id)
+            shared = a.backend.keyspace.reservation("tokens", d.reservation_id)
             r = redis.Redis.from_url(valkey.url)
             try:
                 for _ in range(500):

@@ -6,7 +6,7 @@ at once, atomically, exactly as if they had been charged. Decisions are then mad
 the Cython core (``_core.decide``, the one implementation of the rules) against what the
 lease holds, with no Redis round trip, until it runs out, is idle, or is ``MAX_AGE_S`` old;
 then what is left goes back to the pool (a refund, with settle.lua's rules) in the same
-script call that takes the next lease. Settlements go on as for any decision (settle_batch,
+script call that takes the next lease. Settlements go on as for any decision (batcher.py,
 batched per loop tick). So:
 
 - **No over-admission.** Every request admitted here was deducted from the pool when the
@@ -56,15 +56,15 @@ import logging
 import math
 import os
 import time
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 import hiredis
 
 from sidecar import _core
 from sidecar.backends.base import BackendError
-
-if TYPE_CHECKING:
-    from sidecar.backends.redis import RedisBackend
+from sidecar.backends.redis.keys import Keys
+from sidecar.backends.redis.link import RedisLink
+from sidecar.backends.redis.scripts import Scripts
 
 log = logging.getLogger("kt.lease")
 
@@ -90,18 +90,6 @@ REPORT_S = 0.25
 RETURN_RETRY_S = 60.0  # a return that failed is sent again (each sweep) for this long
 ENDED_SWEEP_S = 1.0  # how often this process closes leases whose holders are gone
 ENDED_BATCH = 100  # leases closed per round at most
-
-
-def lease_scripts():
-    from sidecar.backends.redis import _Script
-
-    return _Script("lease.lua"), _Script("lease_sweep.lua")
-
-
-def pack(*args):
-    from sidecar.backends.redis import pack as redis_pack
-
-    return redis_pack(*args)
 
 
 def _retrieved(task: asyncio.Future) -> None:
@@ -183,18 +171,18 @@ class _Seen:
 
 
 class LeaseManager:
-    def __init__(self, backend: "RedisBackend",
+    def __init__(self, link: RedisLink, keys: Keys, scripts: Scripts,
                  clock: Optional[Callable[[], int]] = None) -> None:
         """``clock`` (tests): the µs clock the backend's scripts are given (its
         ``clock_override``), for the leases' own decisions, ends and rates."""
-        self.backend = backend
+        self.link = link
+        self.keys = keys
         self.clock = clock
-        self.script, self.sweep_script = lease_scripts()
-        self.scripts = (self.script, self.sweep_script)
+        self.script, self.sweep_script = scripts.lease, scripts.lease_sweep
         # "<tenant> <lease id>" by end (µs, Redis's clock): leases not known returned, so any
         # replica can close one whose holder died (lua/lease_sweep.lua). One key, not in a
         # tenant's slot: a hint written after the lease, not part of its atomic record
-        self.index_key = f"{backend.prefix}:lease-ends"
+        self.index_key = keys.lease_ends
         self._ended_sweeper: Optional[asyncio.Task] = None
         self._report_due: Optional[asyncio.TimerHandle] = None  # the next round of reports
         self.leases: dict[str, _Lease] = {}
@@ -215,6 +203,10 @@ class LeaseManager:
         if self.clock is not None:
             return self.clock()
         return time.time_ns() // 1000 + lease.offset_us
+
+    def _now_arg(self) -> int:
+        """The scripts' clock argument: 0 (Redis's TIME) or the test's clock."""
+        return self.clock() if self.clock is not None else 0
 
     def _rate_now_us(self) -> int:
         return self.clock() if self.clock is not None else time.monotonic_ns() // 1000
@@ -376,10 +368,10 @@ class LeaseManager:
         """One lease.lua call: what ``held`` used so far reported (and, if ``close``, the
         rest of it returned), then ``want`` taken under ``lim``."""
         used = held.used() if held is not None else (0, 0, 0)
-        call_id, keys, args, packed = self._request(tenant, lim, held, used, close, want)
+        call_id, keys, args = self._request(tenant, lim, held, used, close, want)
         sent_wall = time.time_ns() // 1000
         try:
-            reply = await self.backend._call(self.script, keys, args, packed)
+            reply = await self.link.call(self.script, keys, args)
         except BackendError:
             self.stats["failed"] += 1
             if held is not None and close:
@@ -390,7 +382,7 @@ class LeaseManager:
                 isinstance(reply, list) and len(reply) == 9
                 and all(isinstance(x, int) for x in reply)):
             self.stats["failed"] += 1
-            raise self.backend._failed(f"lease.lua: unexpected reply {str(reply)[:120]}")
+            raise self.link.failed(f"lease.lua: unexpected reply {str(reply)[:120]}")
         if held is not None:
             held.mark_reported(used)
             self.stats["returned" if close else "reported"] += 1
@@ -414,23 +406,20 @@ class LeaseManager:
 
     def _request(self, tenant: str, lim: _core.Limits, held: Optional[_Lease],
                  used: tuple[int, int, int], close: bool,
-                 want: Optional[tuple]) -> tuple[str, list[str], list[Any], Optional[bytes]]:
-        """A lease.lua call's id (the new lease's id too), KEYS, ARGV, and its encoding on
-        one node."""
+                 want: Optional[tuple]) -> tuple[str, list[str], list[Any]]:
+        """A lease.lua call's id (the new lease's id too), KEYS and ARGV."""
         w = want if want is not None else (0, 0, 0, 0, 0, 0)
         self._calls += 1
         call_id = f"{self._call_prefix}.{self._calls}"
-        args = [self.backend._now_arg(), lim.rpm, lim.tpm, repr(lim.burst), lim.budget,
+        args = [self._now_arg(), lim.rpm, lim.tpm, repr(lim.burst), lim.budget,
                 lim.period, repr(lim.low_water), held.id if held is not None else "", *used,
                 1 if close else 0, *w, call_id, int((MAX_AGE_S + GRACE_S) * 1e6),
                 CALL_MARKER_TTL_MS]
         # the call's marker and the lease records: in the tenant's slot (its hash tag), so
         # one node runs the call
-        tag = f"{self.backend.prefix}:{{{tenant}}}"
-        keys = [*self.backend.keys(tenant), f"{tag}:lease-call:{call_id}", f"{tag}:leases"]
-        packed = None if self.backend.cfg.cluster else pack(
-            "EVALSHA", self.script.sha, len(keys), *keys, *args)
-        return call_id, keys, args, packed
+        keys = [*self.keys.tenant(tenant), self.keys.lease_call(tenant, call_id),
+                self.keys.leases(tenant)]
+        return call_id, keys, args
 
     async def report(self, tenant: str) -> None:
         """Tell Redis what the tenant's lease here has used, before a settlement of the
@@ -517,22 +506,12 @@ class LeaseManager:
             self._unreturned.pop(lease_id, None)
 
     # --- leases whose holder is gone -------------------------------------------
-    async def _plain(self, *command: Any) -> Any:
-        """One plain command (not a script), bounded by the backend's timeout."""
-        if not self.backend.cfg.cluster:
-            return await self.backend._send_plain(pack(*command))
-        try:
-            return await asyncio.wait_for(self.backend.client.execute_command(*command),
-                                          self.backend.timeout_s)
-        except Exception as exc:  # noqa: BLE001 - the one seam: every failure is a BackendError
-            raise self.backend._failed(f"{command[0]}: {type(exc).__name__}: {exc}") from None
-
     def _later(self, *command: Any) -> None:
         """The lease index kept in the background: a lost write only delays a close (the
         lease's record is the truth, and any call on its tenant closes it)."""
-        if self.backend.client is None and self.backend.conn is None:
+        if not self.link.started:
             return
-        asyncio.ensure_future(self._plain(*command)).add_done_callback(_retrieved)
+        asyncio.ensure_future(self.link.plain(*command)).add_done_callback(_retrieved)
 
     async def _ended_loop(self) -> None:
         while True:
@@ -546,18 +525,16 @@ class LeaseManager:
         """Close the leases the index says have ended (what their holders did not report
         used goes back); the number closed."""
         now = self.clock() if self.clock is not None else time.time_ns() // 1000
-        ended = await self._plain("ZRANGEBYSCORE", self.index_key, "-inf", now,
+        ended = await self.link.plain("ZRANGEBYSCORE", self.index_key, "-inf", now,
                                   "LIMIT", 0, ENDED_BATCH)
         closed = 0
         for raw in ended or ():
             member = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
             tenant, _, lease_id = member.rpartition(" ")
-            keys = [f"{self.backend.prefix}:{{{tenant}}}:leases"]
-            args = [self.backend._now_arg(), lease_id]
-            packed = None if self.backend.cfg.cluster else pack(
-                "EVALSHA", self.sweep_script.sha, 1, *keys, *args)
-            if await self.backend._call(self.sweep_script, keys, args, packed) == 1:
-                await self._plain("ZREM", self.index_key, raw)
+            keys = [self.keys.leases(tenant)]
+            args = [self._now_arg(), lease_id]
+            if await self.link.call(self.sweep_script, keys, args) == 1:
+                await self.link.plain("ZREM", self.index_key, raw)
                 closed += 1
         return closed
 

@@ -1,0 +1,113 @@
+"""`kt status`: one screen of what a sidecar is doing, served by the admin port
+(`GET /v1/status`) and rendered for a terminal by the CLI.
+
+The document is built from what the sidecar already keeps: the backend's and the
+ledger's readiness, the policy being served, its own metrics registry (provider quota in
+use, queue depth, each named tenant's budget as of its last decision) and the backend's
+durable spend for today (the same cells as `/v1/spend`, so every replica's requests).
+Failure-mode decisions are counted over the last minute by ``RecentCount``, which the
+decision service feeds; nothing here runs per request."""
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable, Optional
+
+from sidecar.ledger.spend import KINDS, SpendCell, date_of
+
+TOP_TENANTS = 10
+_COST = KINDS.index("c")
+_REQUESTS = KINDS.index("n")
+
+
+class RecentCount:
+    """Events over the last ``window_s`` seconds, in one-second slots: an add is two list
+    writes, whatever the rate (an outage sends every decision through it)."""
+
+    def __init__(self, window_s: int = 60, clock: Callable[[], float] = time.monotonic) -> None:
+        self.window = window_s
+        self.clock = clock
+        self._second = [-1] * window_s
+        self._count = [0] * window_s
+
+    def add(self, n: int = 1) -> None:
+        now = int(self.clock())
+        slot = now % self.window
+        if self._second[slot] != now:
+            self._second[slot], self._count[slot] = now, 0
+        self._count[slot] += n
+
+    def total(self) -> int:
+        now = int(self.clock())
+        return sum(c for s, c in zip(self._second, self._count, strict=True)
+                   if now - s < self.window)
+
+
+def _samples(registry, name: str) -> Iterable[tuple[dict, float]]:
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.name == name:
+                yield sample.labels, sample.value
+
+
+def document(*, ready: bool, detail: str, ledger: str, backend: str, policy_source: str,
+             policy_digest: str, registry, today: int, cells: Optional[list[SpendCell]],
+             failure_mode_last_minute: int, spend_error: str = "") -> dict:
+    """The status as JSON-ready data (docs/ledger.md, "kt status")."""
+    providers: dict[str, dict[str, float]] = {}
+    for labels, value in _samples(registry, "kt_provider_utilisation"):
+        providers.setdefault(labels["provider"], {})[labels["limit"]] = round(value, 4)
+    queue = sum(v for _, v in _samples(registry, "kt_request_queue_depth"))
+    budgets: dict[str, dict] = {}
+    for labels, value in _samples(registry, "kt_budget_remaining"):
+        budgets.setdefault(labels["tenant"], {"unit": labels["unit"]})["remaining"] = value
+    for labels, value in _samples(registry, "kt_budget_limit"):
+        budgets.setdefault(labels["tenant"], {"unit": labels["unit"]})["limit"] = value
+    spend: dict[str, list[int]] = {}
+    for cell in cells or ():
+        if cell.day == today:
+            t = spend.setdefault(cell.tenant, [0, 0])
+            t[0] += cell.counts[_COST]
+            t[1] += cell.counts[_REQUESTS]
+    top = sorted(spend.items(), key=lambda kv: (-kv[1][0], kv[0]))[:TOP_TENANTS]
+    return {
+        "ready": ready, "detail": detail, "ledger": ledger, "backend": backend,
+        "policy": {"source": policy_source, "digest": policy_digest},
+        "providers": {p: providers[p] for p in sorted(providers)},
+        "queue_depth": int(queue),
+        "failure_mode_decisions_last_minute": failure_mode_last_minute,
+        "day": date_of(today).isoformat(),
+        "top_tenants_today": [
+            {"tenant": t, "usd": cost / 1e9, "requests": n, "budget": budgets.get(t)}
+            for t, (cost, n) in top],
+        **({"spend_error": spend_error} if spend_error else {}),
+    }
+
+
+def render(doc: dict) -> str:
+    """The document for a terminal (80 columns)."""
+    lines = [f"{'READY' if doc['ready'] else 'NOT READY'}  backend {doc['backend']}: "
+             f"{doc['detail']}",
+             f"ledger: {doc['ledger']}",
+             f"policy: {doc['policy']['source']} ({doc['policy']['digest']})",
+             f"failure-mode decisions, last minute: {doc['failure_mode_decisions_last_minute']}"
+             f"    queue depth: {doc['queue_depth']}"]
+    if doc["providers"]:
+        lines.append("provider quota in use:")
+        for p, limits in doc["providers"].items():
+            used = "  ".join(f"{k} {v:.0%}" for k, v in sorted(limits.items()))
+            lines.append(f"  {p:<24} {used}")
+    lines.append(f"top tenants by spend on {doc['day']} (UTC):")
+    if doc.get("spend_error"):
+        lines.append(f"  spend not readable: {doc['spend_error']}")
+    elif not doc["top_tenants_today"]:
+        lines.append("  none yet")
+    for t in doc["top_tenants_today"]:
+        b = t["budget"]
+        left = ""
+        if b and "remaining" in b:
+            unit = "$" if b["unit"] == "usd" else ""
+            of = f" of {unit}{b['limit']:,.2f}" if "limit" in b else ""
+            left = f"  budget left {unit}{b['remaining']:,.2f}{of}" + (
+                " tokens" if b["unit"] == "tokens" else "")
+        lines.append(f"  {t['tenant'][:32]:<32} ${t['usd']:>12,.4f}  {t['requests']:>8} req{left}")
+    return "\n".join(lines) + "\n"
