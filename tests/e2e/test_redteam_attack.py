@@ -15,6 +15,10 @@ today are xfail(strict=True) with the finding, so the suite stays green until th
   its compressed length and the usage filter reads compressed bytes, so its n, max-output
   fields and previous_response_id are unseen again and its input is counted at its
   compressed size.
+- A JSON body in UTF-16 (which Python providers' json.loads detects and reads, e.g. vLLM
+  behind FastAPI) over 64 KiB: the decision does not parse it (truncated), the usage
+  filter finds neither "stream" (no include_usage added: no usage in the reply) nor n, so
+  even a client that reads the whole stream is charged one choice's bound.
 """
 from __future__ import annotations
 
@@ -107,3 +111,28 @@ def test_a_compressed_request_body_is_refused_or_counted_whole():
         rec = spend(sidecar, "gz")
         # the provider bills 8 choices and the decompressed prompt (~40,000 tokens)
         assert rec["output_tokens"] >= 8 * MOST and rec["input_tokens"] >= 40_000, rec
+
+
+@pytest.mark.xfail(strict=True, reason="red team: a UTF-16 JSON body (RFC 8259 says UTF-8, "
+                   "Python providers' json.loads takes UTF-16/32) over 64 KiB: the usage "
+                   "filter neither asks for the stream's usage nor reads its n")
+def test_a_utf16_body_is_refused_or_counted_whole():
+    """A streamed chat body in UTF-16 (a FastAPI/Starlette provider such as vLLM reads it:
+    request.json() is json.loads of the bytes, which detects UTF-16), n = 8, over the part
+    the decision reads: read to its end by the client. The provider bills 8 choices."""
+    doc = {"model": "gpt-4o", "stream": True, "n": 8,
+           "messages": [{"role": "user", "content": "Tell me a long story. " * 1600}]}
+    body = json.dumps(doc).encode("utf-16-le")
+    assert len(body) > 65536 and json.loads(body)["n"] == 8
+    with FakeUpstream("llm") as up, gateway(up.address) as (sidecar, envoy):
+        up.release_stream.set()
+        reply = _send(envoy.listen_port, "/v1/chat/completions", "utf16", body,
+                      b"x-fake-usage: 9000,24000\r\n")
+        if not reply.startswith(b"HTTP/1.1 200"):
+            assert not up.requests, "refused, yet forwarded"
+            return
+        assert up.requests[0]["body"]["n"] == 8  # the provider reads it
+        wait_until(lambda: spend(sidecar, "utf16").get("output_tokens") is not None, 15,
+                   "the request in the durable spend")
+        # its usage (24,000 output tokens), or the bound of 8 choices
+        assert spend(sidecar, "utf16")["output_tokens"] >= 24000, spend(sidecar, "utf16")
