@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import sys
 import threading
@@ -33,6 +34,11 @@ def rss_kb(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise KeyError(field)
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def send(port: int, tenant: str, body: bytes) -> bytes:
@@ -60,13 +66,16 @@ def main() -> int:
     args = ap.parse_args()
     size = int(args.mb * 1024 * 1024)
     plain = json.dumps({"model": "gpt-4o", "input": "x" * size}).encode()
-    brackets = b'{"model": "gpt-4o", "input": ' + b"[" * size + b"]" * 0 + b"}"
+    brackets = b'{"model": "gpt-4o", "input": ' + b"[" * size + b"}"
+    # structure without depth: a string, an object, a comma every few bytes
+    flat = b'{"model": "gpt-4o", "input": [' + b'"",{},' * (size // 6) + b'""]}'
     out = {}
     with FakeUpstream("llm") as up, gateway(up.address) as (_sidecar, envoy):
         pid = envoy.proc.pid
         out["start_kb"] = rss_kb(pid, "VmHWM")
-        for name, body in (("plain", plain), ("brackets", brackets)):
+        for name, body in (("plain", plain), ("flat", flat), ("brackets", brackets)):
             before = rss_kb(pid, "VmHWM")
+            cpu0 = cpu_s(pid)
             threads = [threading.Thread(target=lambda i=i: out.setdefault(
                 f"{name}_status_{i}", send(envoy.listen_port, f"t{i}", body)[:12].decode()))
                 for i in range(args.concurrent)]
@@ -75,7 +84,7 @@ def main() -> int:
             for t in threads:
                 t.join()
             after = rss_kb(pid, "VmHWM")
-            out[name] = {"bytes_sent": len(body) * args.concurrent, "peak_rss_kb_before": before,
+            out[name] = {"envoy_cpu_s": round(cpu_s(pid) - cpu0, 2),"bytes_sent": len(body) * args.concurrent, "peak_rss_kb_before": before,
                          "peak_rss_kb_after": after,
                          "growth_per_byte_sent": round((after - before) * 1024
                                                        / (len(body) * args.concurrent), 1)}
