@@ -76,7 +76,7 @@ def main() -> int:
         for name, body in (("plain", plain), ("flat", flat), ("brackets", brackets)):
             before = rss_kb(pid, "VmHWM")
             cpu0 = cpu_s(pid)
-            threads = [threading.Thread(target=lambda i=i: out.setdefault(
+            threads = [threading.Thread(target=lambda i=i, name=name, body=body: out.setdefault(
                 f"{name}_status_{i}", send(envoy.listen_port, f"t{i}", body)[:12].decode()))
                 for i in range(args.concurrent)]
             for t in threads:

@@ -7,9 +7,11 @@ today are xfail(strict=True) with the finding, so the suite stays green until th
 - The usage filter's request selector (lua/envoy_usage.lua, select_feed) keeps one Lua
   table per open "[" or "{" of a body over the part the decision reads, with no depth
   limit: ~145 bytes of Envoy memory per byte sent (bench/redteam_filter_memory.py: 2 MB
-  of brackets, +290 MB; 2 x 6 MB at once, +1.5 GB). The body is admitted (a body over
-  64 KiB is sized from content-length, never parsed), so any tenant can take the memory
-  of the Envoy every tenant goes through.
+  of brackets, +290 MB; 2 x 6 MB at once, +1.5 GB; 4 MB of flat structure, 0.48 s of the
+  worker's CPU). The body is admitted (a body over 64 KiB is sized from content-length,
+  never parsed), so any tenant (any made-up tenant under `unknown: defaults`) can take the
+  memory of the Envoy every tenant goes through. A streamed chat body is bounded by
+  Envoy's buffer (1 MiB: 413); /v1/responses, /v1/embeddings and /v1/messages are not.
 - A request body with Content-Encoding (gzip; the OpenAI and Anthropic APIs take
   compressed request bodies) is forwarded as is: over 64 KiB the decision sizes it from
   its compressed length and the usage filter reads compressed bytes, so its n, max-output
