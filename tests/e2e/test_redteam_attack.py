@@ -1,8 +1,9 @@
 """Red-team findings on this session's work (held spend, the usage filter's whole-body
 report, upstream SLIs), through a real Envoy from `kt envoy-config`'s renderer, `kt serve`
 and the fake upstream. Each test states what a correct gateway must do; those that fail
-today are xfail(strict=True) with the finding, so the suite stays green until the fix
-(then the XPASS fails and the marker goes).
+were xfail(strict=True) with the finding until their fix: the selector keeps no frame per
+level below the two it reads; a compressed or UTF-16/32 body is refused by the decision
+(400, before the provider).
 
 - The usage filter's request selector (lua/envoy_usage.lua, select_feed) keeps one Lua
   table per open "[" or "{" of a body over the part the decision reads, with no depth
@@ -63,9 +64,6 @@ def _send(port: int, path: str, tenant: str, body: bytes, extra: bytes = b"") ->
             got += chunk
 
 
-@pytest.mark.xfail(strict=True, reason="red team: the usage filter's request selector keeps "
-                   "a Lua table per open bracket, no depth limit (~145 bytes of Envoy memory "
-                   "per byte of body)")
 def test_a_body_of_brackets_does_not_take_envoys_memory():
     """The filter's documented bound is ~300 KiB per request whatever the body; 1 MiB of
     "[" must not grow Envoy by more than a tenth of a plain body's allowance (32 MB)."""
@@ -82,9 +80,6 @@ def test_a_body_of_brackets_does_not_take_envoys_memory():
         assert grown_mb < 32, (grown_mb, reply[:40])
 
 
-@pytest.mark.xfail(strict=True, reason="red team: a request body with Content-Encoding is "
-                   "forwarded unread: its n / max-output / previous_response_id unseen by "
-                   "the decision and the usage filter, its input counted compressed")
 def test_a_compressed_request_body_is_refused_or_counted_whole():
     """A gzip body the provider decompresses (n = 8, a client gone before the reply) must
     either be refused before the provider or be charged at the bound of what it says."""
@@ -115,9 +110,6 @@ def test_a_compressed_request_body_is_refused_or_counted_whole():
         assert rec["output_tokens"] >= 8 * MOST and rec["input_tokens"] >= 40_000, rec
 
 
-@pytest.mark.xfail(strict=True, reason="red team: a UTF-16 JSON body (RFC 8259 says UTF-8, "
-                   "Python providers' json.loads takes UTF-16/32) over 64 KiB: the usage "
-                   "filter neither asks for the stream's usage nor reads its n")
 def test_a_utf16_body_is_refused_or_counted_whole():
     """A streamed chat body in UTF-16 (a FastAPI/Starlette provider such as vLLM reads it:
     request.json() is json.loads of the bytes, which detects UTF-16), n = 8, over the part
