@@ -288,12 +288,16 @@ local function select_feed(sel, data)
         if c == 44 then
           if top ~= nil and top.obj then top.expect_key = true end
         else
-          sel.stack[sel.depth] = nil
+          if sel.depth <= 2 then sel.stack[sel.depth] = nil end
           sel.depth = sel.depth - 1
         end
       else  -- "{" or "["
         sel.depth = sel.depth + 1
-        sel.stack[sel.depth] = {obj = c == 123, expect_key = c == 123}
+        -- only the two levels a wanted path can be in get a frame: deeper nesting is a
+        -- count, so a body of a million "[" costs no memory (no table per level)
+        if sel.depth <= 2 then
+          sel.stack[sel.depth] = {obj = c == 123, expect_key = c == 123}
+        end
       end
       i = k + 1
     end

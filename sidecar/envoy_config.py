@@ -596,7 +596,9 @@ def _exact(*names: str) -> list[dict]:
 
 def _http_authz(o: EnvoyOptions) -> dict:
     """ext_authz over HTTP to `kt serve --http-authz`: the same contract, header by header."""
-    allowed = [o.tenant_header, o.estimate_header, "x-request-id", "content-type"]
+    # content-encoding: a compressed body is refused by the decision (sidecar/estimate.py)
+    allowed = [o.tenant_header, o.estimate_header, "x-request-id", "content-type",
+               "content-encoding"]
     client = [{"prefix": "x-ratelimit-"}, {"prefix": "x-kt-budget-"}]
     cfg: dict = {
         "@type": TYPE + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",

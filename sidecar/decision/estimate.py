@@ -165,8 +165,27 @@ def _content_length_tokens(req: Request, chars_per_token: float) -> int:
     return math.ceil(tokens) if tokens < cap else cap
 
 
+def _readable_body(req: Request) -> None:
+    """Refuse a body the gateway cannot count as the provider will read it. A compressed
+    body (the provider decompresses it) would be sized by its compressed bytes and its n,
+    max-output fields and stored conversation unseen by the decision and Envoy's usage
+    filter; a UTF-16 or UTF-32 body (Python providers' json.loads reads those too) hides
+    the same fields and "stream" from both. JSON between systems is UTF-8 (RFC 8259): its
+    first four bytes never hold a NUL, and a UTF-16/32 one's always do (or a BOM)."""
+    encoding = req.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise EstimateError(
+            f"request bodies must be sent uncompressed, not with content-encoding "
+            f"{encoding[:40]!r}: the gateway counts what the provider bills from the body")
+    head = req.body[:4]
+    if b"\x00" in head or head.startswith((b"\xfe\xff", b"\xff\xfe")):
+        raise EstimateError("the request body must be JSON in UTF-8 (RFC 8259), not UTF-16 "
+                            "or UTF-32")
+
+
 def estimate(policy: CompiledPolicy, req: Request) -> Estimate:
     cfg = policy.estimate
+    _readable_body(req)
     body: Optional[_ChatBody] = None
     images = 0
     if req.body and not req.body_truncated:

@@ -139,3 +139,22 @@ def test_images_are_found_where_the_schemas_nest_them_and_nothing_else_counts():
     ]
     for doc, images in cases:
         assert est(doc).input_tokens == body_tokens(doc) + images * 1500, doc
+
+
+@pytest.mark.parametrize("headers,body,fragment", [
+    ({"content-encoding": "gzip"}, b"\x1f\x8b\x08\x00", "sent uncompressed"),
+    ({"content-encoding": " BR "}, b"{}", "sent uncompressed"),
+    ({}, json.dumps({"model": "gpt-4o", "n": 8}).encode("utf-16-le"), "UTF-8"),
+    ({}, json.dumps({"model": "gpt-4o"}).encode("utf-16"), "UTF-8"),  # with its BOM
+    ({}, json.dumps({"model": "gpt-4o"}).encode("utf-32-be"), "UTF-8"),
+])
+def test_a_body_the_gateway_cannot_read_as_the_provider_will_is_refused(headers, body, fragment):
+    """A compressed or UTF-16/32 body hides its n, max-output fields and "stream" from the
+    decision and Envoy's usage filter while the provider reads them: refused, 400."""
+    with pytest.raises(EstimateError, match=fragment):
+        estimate(parse_policy(POLICY, "<test>"), Request(headers=headers, body=body,
+                                                         body_truncated=True))
+    # identity and plain UTF-8 JSON are what every client sends
+    e = estimate(parse_policy(POLICY, "<test>"), Request(
+        headers={"content-encoding": "identity"}, body=b'{"model": "gpt-4o"}'))
+    assert e.input_tokens > 0
