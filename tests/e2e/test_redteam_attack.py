@@ -5,7 +5,7 @@ were xfail(strict=True) with the finding until their fix: the selector keeps no 
 level below the two it reads; a compressed or UTF-16/32 body is refused by the decision
 (400, before the provider).
 
-- The usage filter's request selector (lua/envoy_usage.lua, select_feed) keeps one Lua
+- The usage filter's request selector (envoy/usage.lua, select_feed) keeps one Lua
   table per open "[" or "{" of a body over the part the decision reads, with no depth
   limit: ~145 bytes of Envoy memory per byte sent (bench/redteam_filter_memory.py: 2 MB
   of brackets, +290 MB; 2 x 6 MB at once, +1.5 GB; 4 MB of flat structure, 0.48 s of the

@@ -6,7 +6,7 @@ docs/ledger.md "A clean stop"). The estimate is the client's to make small: a ch
 without max_tokens is estimated at its input and the policy's default 256 output tokens,
 while the provider bills what it generated (up to the model's max_output_tokens, times n).
 Everywhere else a reservation closed without readable usage is charged at the bound of
-the provider's bill (sidecar/bound.py); here the client pays its own estimate, and the
+the provider's bill (sidecar/settlement/bound.py); here the client pays its own estimate, and the
 books say "settled" for what was never measured. A tenant that keeps long generations
 open (or just any tenant during a deploy) is billed 256 tokens for each.
 
