@@ -1,5 +1,5 @@
 """The routes of the side port (--http: /metrics, /healthz, /readyz) and the admin port
-(--admin: POST /v1/usage, GET /v1/spend), shared by a sidecar and the `--workers`
+(--admin: POST /v1/usage, GET /v1/spend, GET /v1/status), shared by a sidecar and the `--workers`
 supervisor, which answer the endpoints each in its own way (a sidecar from its own
 registry and backend; the supervisor from its workers). Also the supervisor's listener:
 the same limited HTTP server on a loop of its own, answering in a small thread pool."""
@@ -12,11 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Awaitable, Callable, Optional, Union
 from urllib.parse import parse_qs
 
-from sidecar import contract
+from sidecar import contract, status
 from sidecar.auth import TokenFile
 from sidecar.backends.base import Backend, BackendError
 from sidecar.credentials import admin_allows
-from sidecar.ledger.spend import parse_query, report
+from sidecar.ledger.spend import day_of, parse_query, report
 from sidecar.listen import host_port, listen
 from sidecar.transports.http_side import (HttpRequest, HttpResponse, LimitedHttpServer,
                                           ServerLimits, text)
@@ -27,7 +27,7 @@ UNAUTHORIZED = HttpResponse(401, contract.error_body(
     "This endpoint needs `Authorization: Bearer <admin token>`.", "authentication_error",
     "unauthorized"), "application/json", [("www-authenticate", "Bearer")])
 METRICS, READY = "/metrics", "/readyz"
-USAGE, SPEND = "/v1/usage", "/v1/spend"
+USAGE, SPEND, STATUS = "/v1/usage", "/v1/spend", "/v1/status"
 
 
 def side_route(req: HttpRequest) -> Union[HttpResponse, str]:
@@ -39,7 +39,7 @@ def side_route(req: HttpRequest) -> Union[HttpResponse, str]:
         return req.path
     if req.path == "/healthz":
         return text(200, "ok\n")
-    if req.path in (USAGE, SPEND):
+    if req.path in (USAGE, SPEND, STATUS):
         return text(404, ADMIN_MOVED)
     return text(404, "not found\n")
 
@@ -55,7 +55,7 @@ def admin_route(req: HttpRequest, token: Optional[TokenFile],
         if req.method != "POST":
             return text(405, "POST a JSON usage report\n")
         return req.path
-    if req.path == SPEND:
+    if req.path in (SPEND, STATUS):
         if req.method not in ("GET", "HEAD"):
             return text(405, "GET only\n")
         return req.path
@@ -86,6 +86,31 @@ async def spend_report(backend: Backend, query: str,
     doc = await slowly(lambda: json.dumps(
         report(cells, since, until, period, backend.name, budget_unit),
         sort_keys=True).encode())
+    if doc is None:
+        return text(503, "busy, retry\n")
+    return HttpResponse(200, doc, "application/json")
+
+
+async def status_report(backend: Backend, ledger_status: Callable[[], tuple[bool, str]],
+                        policy_source: str, policy_digest: str, metrics,
+                        slowly: Callable[[Callable[[], bytes]], Awaitable[Optional[bytes]]],
+                        now_us: Callable[[], int]) -> HttpResponse:
+    """GET /v1/status: `kt status`'s document (sidecar/status.py). Today's spend from the
+    backend (a store that does not answer is said in the document, which is still served:
+    status is what an operator reads during an outage)."""
+    st = backend.status()
+    ledger_ready, ledger = ledger_status()
+    today = day_of(now_us())
+    cells, spend_error = None, ""
+    try:
+        cells = await asyncio.wait_for(backend.spend_cells(today, today), 5)
+    except (BackendError, asyncio.TimeoutError) as exc:
+        spend_error = str(exc) or type(exc).__name__
+    doc = await slowly(lambda: json.dumps(status.document(
+        ready=st.ready and ledger_ready, detail=st.detail, ledger=ledger, backend=backend.name,
+        policy_source=policy_source, policy_digest=policy_digest, registry=metrics.registry,
+        today=today, cells=cells, spend_error=spend_error,
+        failure_mode_last_minute=metrics.failure_mode_recent.total()), sort_keys=True).encode())
     if doc is None:
         return text(503, "busy, retry\n")
     return HttpResponse(200, doc, "application/json")

@@ -2,8 +2,9 @@
 (so tests can run several servers in one process)."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -15,6 +16,29 @@ LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
                    0.02, 0.05, 0.1, 0.25)
 # queue waits: up to queue.max_wait_ms (at most 60 s)
 QUEUE_WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+
+
+class RecentCount:
+    """Events over the last ``window_s`` seconds, in one-second slots: an add is two list
+    writes, whatever the rate (an outage sends every decision through it)."""
+
+    def __init__(self, window_s: int = 60, clock: Callable[[], float] = time.monotonic) -> None:
+        self.window = window_s
+        self.clock = clock
+        self._second = [-1] * window_s
+        self._count = [0] * window_s
+
+    def add(self, n: int = 1) -> None:
+        now = int(self.clock())
+        slot = now % self.window
+        if self._second[slot] != now:
+            self._second[slot], self._count[slot] = now, 0
+        self._count[slot] += n
+
+    def total(self) -> int:
+        now = int(self.clock())
+        return sum(c for s, c in zip(self._second, self._count, strict=True)
+                   if now - s < self.window)
 
 
 class Metrics:
@@ -145,6 +169,9 @@ class Metrics:
             "preempted: its place went to a higher priority; wait_too_long: the bucket has "
             "no room within max_wait_ms).",
             ["reason"], registry=r)
+        # failure-mode decisions over the last minute, for `kt status` (not exported: the
+        # counter above is; a rate is Prometheus's to compute)
+        self.failure_mode_recent = RecentCount(60)
         # Counters whose label values are a fixed set start at 0, so a scrape shows them
         # before the first event and an alert's increase() sees that first event (a
         # series born at 1 reads as no increase) — Prometheus's "avoid missing metrics".

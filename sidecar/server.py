@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
@@ -236,6 +237,10 @@ class Sidecar:
         if endpoint == http_routes.USAGE:
             status, payload = await report_json(self.service.settlement, req.body)
             return HttpResponse(status, payload, "application/json")
+        if endpoint == http_routes.STATUS:
+            return await http_routes.status_report(
+                self.backend, self.ledger.status, self.policy.source, self.policy.digest,
+                self.metrics, self._slowly, lambda: time.time_ns() // 1000)
         return await http_routes.spend_report(self.backend, req.query, self._slowly,
                                               self._budget_unit)
 

@@ -5,41 +5,17 @@ The document is built from what the sidecar already keeps: the backend's and the
 ledger's readiness, the policy being served, its own metrics registry (provider quota in
 use, queue depth, each named tenant's budget as of its last decision) and the backend's
 durable spend for today (the same cells as `/v1/spend`, so every replica's requests).
-Failure-mode decisions are counted over the last minute by ``RecentCount``, which the
-decision service feeds; nothing here runs per request."""
+Failure-mode decisions are counted over the last minute by ``metrics.RecentCount``, which
+the decision's failure answers feed; nothing here runs per request."""
 from __future__ import annotations
 
-import time
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 from sidecar.ledger.spend import KINDS, SpendCell, date_of
 
 TOP_TENANTS = 10
 _COST = KINDS.index("c")
 _REQUESTS = KINDS.index("n")
-
-
-class RecentCount:
-    """Events over the last ``window_s`` seconds, in one-second slots: an add is two list
-    writes, whatever the rate (an outage sends every decision through it)."""
-
-    def __init__(self, window_s: int = 60, clock: Callable[[], float] = time.monotonic) -> None:
-        self.window = window_s
-        self.clock = clock
-        self._second = [-1] * window_s
-        self._count = [0] * window_s
-
-    def add(self, n: int = 1) -> None:
-        now = int(self.clock())
-        slot = now % self.window
-        if self._second[slot] != now:
-            self._second[slot], self._count[slot] = now, 0
-        self._count[slot] += n
-
-    def total(self) -> int:
-        now = int(self.clock())
-        return sum(c for s, c in zip(self._second, self._count, strict=True)
-                   if now - s < self.window)
 
 
 def _samples(registry, name: str) -> Iterable[tuple[dict, float]]:

@@ -181,12 +181,13 @@ class Supervisor:
         endpoint = http_routes.admin_route(req, self.admin_token)
         if not isinstance(endpoint, str):
             return endpoint
-        if endpoint == http_routes.SPEND:
+        if endpoint in (http_routes.SPEND, http_routes.STATUS):
             # the spend lives in the backend the workers share: any worker answers for all
-            return self._forward_spend(req)
+            # (status: that worker's queue and failure-mode count, the fleet's spend)
+            return self._forward_spend(req, endpoint)
         return self._forward_usage(req)
 
-    def _forward_spend(self, req: HttpRequest) -> HttpResponse:
+    def _forward_spend(self, req: HttpRequest, path: str = http_routes.SPEND) -> HttpResponse:
         """The spend lives in the backend the workers share: any worker's admin port answers
         for all (the caller's token goes along; the worker checks it)."""
         query = req.query
@@ -199,13 +200,13 @@ class Supervisor:
             if not (w.running() and w.poll_ready()):
                 continue
             try:
-                status, body = _request(f"http://127.0.0.1:{w.admin_port}/v1/spend"
+                status, body = _request(f"http://127.0.0.1:{w.admin_port}{path}"
                                         + (f"?{query}" if query else ""), None, headers)
             except OSError as exc:
                 last = f"worker {w.index}: {exc}"
                 continue
             return HttpResponse(status, body, "application/json")
-        return text(503, f"no worker answers /v1/spend {last}\n")
+        return text(503, f"no worker answers {path} {last}\n")
 
     def not_ready(self) -> str:
         for w in self.workers:

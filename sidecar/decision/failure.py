@@ -52,6 +52,7 @@ class FailureAnswers:
         self.metrics.backend_errors.labels(self.backend.name).inc()
         mode = mode_for(self.backend, rule)
         self.metrics.failure_mode.labels(mode).inc()
+        self.metrics.failure_mode_recent.add()
         now = time.monotonic()
         if now - self._last_failure_log >= 1.0:  # an outage must not flood the log
             self._last_failure_log = now

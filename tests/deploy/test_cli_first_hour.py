@@ -23,7 +23,9 @@ def test_kt_version(capsys):
 def sidecar():
     with workdir() as d:
         policy = d / "policy.yaml"
-        policy.write_text("tiers: [{name: default, model: gpt-4o}]\n")
+        policy.write_text("tiers: [{name: default, model: gpt-4o}]\n"
+                          "pricing: {gpt-4o: {input: 0.0025, output: 0.01}}\n"
+                          "tenants: {acme: {budget: {usd: 50, period: month}}}\n")
         with SidecarProcess(policy, d) as s:
             yield s
 
@@ -55,3 +57,30 @@ def test_the_printed_config_says_which_tiers_go_to_the_default_upstream(capsys, 
     assert kt(["envoy-config", "--config", str(policy), "--upstream", "default=127.0.0.1:7000",
                "--upstream", "compact=127.0.0.1:7001"]) == 0
     assert "default-upstream" not in capsys.readouterr().out
+
+
+def test_kt_status_shows_readiness_policy_and_todays_top_spender(sidecar, capsys):
+    import json
+
+    from tests.support.procs import post_json
+
+    admin = f"127.0.0.1:{sidecar.admin_port}"
+    status, ack = post_json(f"http://{admin}/v1/usage", {
+        "request_id": "r-status-1", "tenant": "acme", "model": "gpt-4o",
+        "input_tokens": 1000, "output_tokens": 100})
+    assert status == 200 and ack["applied"], ack
+    assert kt(["status", "--admin", admin, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ready"] is True and doc["backend"] == "memory"
+    assert len(doc["policy"]["digest"]) >= 8
+    assert doc["failure_mode_decisions_last_minute"] == 0 and doc["queue_depth"] == 0
+    top = doc["top_tenants_today"][0]
+    # 1,000 input at $0.0025/1K and 100 output at $0.01/1K
+    assert top["tenant"] == "acme" and top["requests"] == 1
+    assert abs(top["usd"] - 0.0035) < 1e-12, top
+    assert kt(["status", "--admin", admin]) == 0
+    screen = capsys.readouterr().out
+    assert screen.startswith("READY") and "acme" in screen and "$      0.0035" in screen
+    # the side port is not the admin port: said, as for kt spend
+    assert kt(["status", "--admin", f"127.0.0.1:{sidecar.http_port}"]) == 1
+    assert "is not the sidecar's admin port" in capsys.readouterr().err

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from sidecar.ledger.spend import SpendCell
-from sidecar.metrics import Metrics
-from sidecar.status import RecentCount, document, render
+from sidecar.metrics import Metrics, RecentCount
+from sidecar.status import document, render
 
 
 class Clock:
