@@ -184,7 +184,7 @@ class Metrics:
         for outcome in ("applied", "resent", "settled_before", "unknown"):
             self.settle_outcomes.labels(outcome)
         for outcome in ("released_upstream_error", "bound_abandoned", "bound_no_usage",
-                        "bound_expiry"):
+                        "bound_expiry", "bound_shutdown"):
             self.reservations_closed.labels(outcome)
 
     def watch_backend(self, backend) -> None:

@@ -1,17 +1,22 @@
-"""A clean stop records the reservations still open: their estimate stays charged, and
-the books say so.
+"""A clean stop records the reservations still open, charged at their bound, and the
+books say so.
 
 After the drain (gRPC stopped, no usage arrives any more) the requests this sidecar
-admitted and has not settled are still charged to their budget at their estimate: their
-usage may never reach a sidecar (the access-log entries of streams still running go to a
-sidecar that is gone), or reach another replica, or this one after its restart. Each is
-settled *at its estimate* through the ordinary settlement (settle.lua, or the embedded
-backend's journal): the budget does not move (actual = estimate), the durable spend gets
-its tokens and their price, the ledger a ``kept`` event with ``settled_by: shutdown``
-(metric ``kt_reservations_closed_total{outcome="kept_shutdown"}``), and the store's
-idempotency marker for the request is set in the same atomic step. So a usage report that
-arrives later for the same request, at another replica or at this one restarted, finds it
-settled and charges nothing more: the request is charged once, at its estimate.
+admitted and has not settled are still charged to their budget at their estimate, which
+the client chose (a body without max_tokens is estimated at the policy's default output).
+Their usage may never reach a sidecar (the access-log entries of streams still running go
+to a sidecar that is gone), or reach another replica, or this one after its restart. As
+for any request whose usage cannot be read, each is charged at its bound, what the
+provider could bill it (bound.py), through the ordinary settlement (settle.lua, or the
+embedded backend's journal): the budget moves from the estimate to the bound, the durable
+spend gets its tokens and their price, the ledger a ``kept`` event with ``settled_by:
+shutdown`` (metric ``kt_reservations_closed_total{outcome="bound_shutdown"}``), and the
+store's idempotency marker for the request is set in the same atomic step. So a usage
+report that arrives later for the same request, at another replica or at this one
+restarted, finds it settled and charges nothing more: charged once, at its bound. A
+client cannot keep a stream open across a deploy to pay only its own estimate; an honest
+stream longer than the drain's grace pays its bound too (set the grace above the longest
+streams: docs/deploy.md, "Stopping").
 
 Bounded: at most ``timeout_s`` (the drain's grace) for all of them; settlements still
 unanswered then are left as they are (their estimate stays charged; counted and logged).
@@ -30,15 +35,15 @@ from sidecar.settlement.usage import UsageError
 
 log = logging.getLogger("kt.shutdown")
 
-WHY = "shutdown"  # the ledger's settled_by, and the metric's reason (kept_shutdown)
+WHY = "shutdown"  # the ledger's settled_by, and the metric's reason (bound_shutdown)
 
 
 async def _keep(service: SettlementService, request_id: str, res: Reservation) -> bool:
-    """Settle one open reservation at its estimate; True when the store applied it."""
-    inp, out = bound.estimate_tokens(res)
+    """Settle one open reservation at its bound; True when the store applied it."""
+    inp, out = bound.tokens(res)
     try:
         settled = await service.settle_usage(request_id, res.tenant, res.model, inp, out,
-                                             WHY, settled_by=WHY, reservation=res,
+                                             bound.SOURCE, settled_by=WHY, reservation=res,
                                              outcome="kept")
     except SettlementPending:
         return False  # resolved by the settler in the time it is given (server.stop)
@@ -47,12 +52,12 @@ async def _keep(service: SettlementService, request_id: str, res: Reservation) -
                     "estimate stays charged", request_id, res.tenant, exc)
         return False
     if settled.applied:
-        service.metrics.reservations_closed.labels("kept_" + WHY).inc()
+        service.metrics.reservations_closed.labels("bound_" + WHY).inc()
     return settled.applied
 
 
 async def keep_open_reservations(service: SettlementService, timeout_s: float) -> int:
-    """Record every reservation still in ``service``'s book as kept at its estimate (see
+    """Record every reservation still in ``service``'s book as kept at its bound (see
     the module's text); the number recorded."""
     book = service.reservations
     taken = []
@@ -73,5 +78,5 @@ async def keep_open_reservations(service: SettlementService, timeout_s: float) -
         log.warning("shutdown: %d of %d open reservations recorded as kept; the others' "
                     "estimates stay charged without a record", kept, len(taken))
     else:
-        log.info("shutdown: %d open reservations recorded as kept at their estimate", kept)
+        log.info("shutdown: %d open reservations recorded as kept at their bound", kept)
     return kept

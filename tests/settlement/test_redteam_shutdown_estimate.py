@@ -1,14 +1,9 @@
-"""Red team: a clean stop (every rolling deploy, every scale-down) settles each open
-reservation at its *estimate* and sets the request's idempotency marker, so the real
-usage that arrives after the restart (a stream that ended after the stop, its access-log
-entry at the restarted sidecar or a sibling) charges nothing (sidecar/open_reservations.py;
-docs/ledger.md "A clean stop"). The estimate is the client's to make small: a chat body
-without max_tokens is estimated at its input and the policy's default 256 output tokens,
-while the provider bills what it generated (up to the model's max_output_tokens, times n).
-Everywhere else a reservation closed without readable usage is charged at the bound of
-the provider's bill (sidecar/settlement/bound.py); here the client pays its own estimate, and the
-books say "settled" for what was never measured. A tenant that keeps long generations
-open (or just any tenant during a deploy) is billed 256 tokens for each.
+"""Red team: a clean stop (every rolling deploy, every scale-down) settled each open
+reservation at its *estimate* and set the request's idempotency marker, so the real usage
+arriving after the restart charged nothing and the client paid its own estimate (a chat
+body without max_tokens: its input and the policy's default 256 output tokens). Fixed:
+the stop charges each at its bound, what the provider could bill, as every reservation
+closed without readable usage is (sidecar/settlement/open_reservations.py, bound.py).
 
 In process (the embedded backend on a state file, two sidecars one after the other), so
 it costs well under a second."""
@@ -62,14 +57,11 @@ def _output_tokens(sc: RunningSidecar) -> int:
     return sum(m["output_tokens"] for m in doc["tenants"].get("acme", {}).values())
 
 
-@pytest.mark.xfail(strict=True, reason="red team: a clean stop settles an open reservation "
-                   "at its client-made estimate (256 output tokens) and its real usage, "
-                   "arriving after the restart, is refused as a repeat")
 def test_a_stream_open_at_a_clean_stop_is_not_charged_at_its_estimate(tmp_path):
     state = str(tmp_path / "state.json")
     with RunningSidecar(POLICY, state_file=state) as sc:
         rid = _check(sc)
-    # the stop (RunningSidecar's exit: Sidecar.stop) kept it at its estimate
+    # the stop (RunningSidecar's exit: Sidecar.stop) kept it at its bound
     with RunningSidecar(POLICY, state_file=state) as sc:
         # today 256 here: the policy's default output, what the client chose to show
         status, ack = post_json(sc.admin_base + "/v1/usage", {
