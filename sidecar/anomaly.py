@@ -22,6 +22,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from sidecar.policy import schema
+
 
 @dataclass(frozen=True)
 class AnomalySettings:
@@ -131,3 +133,22 @@ class TokenRateWatch:
         """(short rate, baseline) in tokens per minute, for status and tests."""
         t = self._tenants.get(tenant)
         return None if t is None else self._corrected(t)
+
+
+def settings_of(policy: schema.Anomaly) -> AnomalySettings:
+    return AnomalySettings(factor=policy.factor,
+                           min_tokens_per_minute=policy.min_tokens_per_minute,
+                           baseline_minutes=policy.baseline_minutes,
+                           warmup_minutes=policy.warmup_minutes)
+
+
+def watch_for(policy: schema.Anomaly,
+              current: Optional[TokenRateWatch] = None) -> Optional[TokenRateWatch]:
+    """The watch a policy asks for: None when turned off; ``current`` kept (with what it
+    learned) when its settings did not change."""
+    if not policy.enabled:
+        return None
+    settings = settings_of(policy)
+    if current is not None and current.settings == settings:
+        return current
+    return TokenRateWatch(settings)

@@ -11,7 +11,7 @@ import math
 import msgspec
 
 from sidecar import _core
-from sidecar.model import REASONS, Decision, Kind
+from sidecar.model import REASON_TOKEN_RATE, REASONS, Decision, Kind
 
 # Set on the upstream request (the LLM provider / gateway sees them; Envoy routes on x-kt-tier).
 H_DECISION = "x-kt-decision"
@@ -61,6 +61,8 @@ ERRORS: dict[Kind, tuple[int, str, str]] = {
 }
 # seconds a client is told to wait when the limiter itself is down (fail closed)
 FAIL_CLOSED_RETRY_AFTER_S = 1
+# a tenant refused for a token-rate anomaly: judged again once a minute (sidecar/anomaly.py)
+ANOMALY_RETRY_AFTER_S = 60
 
 
 class Answer(msgspec.Struct, frozen=True):
@@ -219,6 +221,8 @@ def answer(d: Decision) -> Answer:
     if d.reason:
         headers.append((H_REASON, d.reason))
     retry = d.outcome.retry_after_s if d.outcome is not None else 0
+    if d.reason == REASON_TOKEN_RATE:
+        retry = ANOMALY_RETRY_AFTER_S
     if d.kind in (Kind.FAIL_CLOSED, Kind.OVERLOADED):
         retry = FAIL_CLOSED_RETRY_AFTER_S
     if retry > 0 and d.kind in (Kind.DENY_RATE, Kind.DENY_BUDGET, Kind.FAIL_CLOSED,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from sidecar import anomaly
 from sidecar.backends.base import Backend
 from sidecar.decision.queue import Timer
 from sidecar.decision.service import Decider
@@ -27,6 +28,8 @@ class Flows:
                                             self.ledger)
         self.decider = Decider(policy, backend, self.reservations, self.settlement.late,
                                self.metrics, self.ledger, queue_timer)
+        # one token-rate watch: the settlement feeds it, the decision reads its flags
+        self._set_anomalies(anomaly.watch_for(policy.anomaly))
 
     @property
     def policy(self) -> CompiledPolicy:
@@ -36,3 +39,7 @@ class Flows:
         """A reloaded policy, for both flows at once (on the event loop: no await between)."""
         self.decider.replace_policy(policy)
         self.settlement.replace_policy(policy)
+        self._set_anomalies(anomaly.watch_for(policy.anomaly, self.decider.anomalies))
+
+    def _set_anomalies(self, watch: Optional[anomaly.TokenRateWatch]) -> None:
+        self.decider.anomalies = self.settlement.anomalies = watch

@@ -132,6 +132,13 @@ class Metrics:
         self.auth_failures = Counter(
             "kt_auth_failures", "Calls refused for a missing or wrong credential, by listener "
             "(grpc, grpc_usage, http_authz, admin).", ["listener"], registry=r)
+        self.token_rate_anomalies = Counter(
+            "kt_token_rate_anomalies", "Tenants flagged for settling tokens at many times "
+            "their own usual rate (policy `anomaly:`, sidecar/anomaly.py), counted when a flag "
+            "starts (tenants not named in the policy as _other).", ["tenant"], registry=r)
+        self.token_rate_refusals = Counter(
+            "kt_token_rate_refusals", "Requests of flagged tenants refused or downgraded by "
+            "the policy's `anomaly.action`, by action.", ["action"], registry=r)
         self.backend_ready = Gauge(
             "kt_backend_ready", "1 when the backend answers, 0 when decisions fall back to the "
             "failure mode.", ["backend"], registry=r)

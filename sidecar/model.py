@@ -88,6 +88,7 @@ REASONS = {_core.R_NONE: "", _core.R_RPM: "requests", _core.R_TPM: "tokens",
 # down; every provider that could take the request was full, it was refused
 REASON_PROVIDER_FULL = "provider_full"
 REASON_PROVIDER_QUOTA = "provider_quota"
+REASON_TOKEN_RATE = "token_rate_anomaly"  # the tenant's token rate is far above its usual
 
 
 class Decision(msgspec.Struct, frozen=True):

@@ -13,6 +13,7 @@ import time
 from typing import Optional, Sequence
 
 from sidecar import _core
+from sidecar.anomaly import TokenRateWatch
 from sidecar.backends.base import (Backend, BackendError, BackendOverloaded, BackendTimeout,
                                    Candidate, LateReply)
 from sidecar.burstlog import BurstLog
@@ -23,7 +24,7 @@ from sidecar.decision.routing import ProviderRouter
 from sidecar.ledger.recorder import Ledger
 from sidecar.metrics import Metrics
 from sidecar.model import (CORE_KINDS, OTHER_TENANTS, REASON_PROVIDER_FULL,
-                           REASON_PROVIDER_QUOTA, Decision, Kind, Request)
+                           REASON_PROVIDER_QUOTA, REASON_TOKEN_RATE, Decision, Kind, Request)
 from sidecar.policy.load import CompiledPolicy, TenantRule
 from sidecar.policy.providers import PRIORITY_RANK
 from sidecar.settlement.book import (REQUEST_ID_KEY, ReservationBook, ReservationIds,
@@ -64,6 +65,7 @@ class Decider:
         self.queue: Optional[AdmissionQueue] = None
         self._queue_timer = queue_timer
         self._providers_for(policy)
+        self.anomalies: Optional[TokenRateWatch] = None  # Flows sets the shared one
 
     def replace_policy(self, policy: CompiledPolicy) -> None:
         self.policy = policy
@@ -140,7 +142,18 @@ class Decider:
             return Decision(Kind.BAD_REQUEST, tenant=tenant, message=(
                 f"Model {est.model[:100]!r} is not served by this gateway: its policy has no "
                 "price for it."))
-        asked = policy.tier_by_model.get(est.model, 0) if est.model else 0
+        asked = wanted = policy.tier_by_model.get(est.model, 0) if est.model else 0
+        if self.anomalies is not None and policy.anomaly.action != "flag" \
+                and not rule.shadow and self.anomalies.flagged(tenant):
+            action = policy.anomaly.action
+            if action == "refuse" or asked + 1 >= len(policy.tiers):
+                self.metrics.token_rate_refusals.labels("refuse").inc()
+                return Decision(Kind.DENY_RATE, tenant=tenant, reason=REASON_TOKEN_RATE,
+                                message=(f"Tenant {tenant!r} is using tokens at many times its "
+                                         "usual rate; its requests are refused for now. Try "
+                                         "again in 60s."))
+            self.metrics.token_rate_refusals.labels("downgrade").inc()
+            asked += 1  # a cheaper tier; the answer says downgraded (from `wanted`)
         late = LateReply()
         router = self.router(policy)
         candidates = router.candidates(asked) if router is not None else []
@@ -192,7 +205,7 @@ class Decider:
             self.reservations.put(rid, tenant, out.tier, served,
                                   out.charged_tokens, out.charged_cost, out.period_start_us,
                                   time.monotonic(), est.model or policy.tiers[asked].model,
-                                  _ledger_decision(CORE_KINDS[out.kind], out.tier > asked),
+                                  _ledger_decision(CORE_KINDS[out.kind], out.tier > wanted),
                                   provider, est.input_tokens, bound_output, stored)
             if self.backend.shares_reservations:
                 self.backend.share_reservation(tenant, rid, reservation_record(
@@ -208,7 +221,7 @@ class Decider:
             reason = REASON_PROVIDER_FULL if admitted else REASON_PROVIDER_QUOTA
         return Decision(kind, tenant=tenant, tier=tier.name, model=tier.model,
                         priority=rule.priority, outcome=out, shadow=not admitted and rule.shadow,
-                        downgraded=out.tier > asked, budget_unit=rule.budget_unit,
+                        downgraded=out.tier > wanted, budget_unit=rule.budget_unit,
                         reservation_id=rid, provider=provider, reason=reason)
 
     def _late_key(self, decision: Decision, req: Request) -> str:

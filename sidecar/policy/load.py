@@ -90,6 +90,7 @@ class CompiledPolicy:
     providers: Optional[ProviderPlan] = None
     queue: Optional[schema.Queue] = None
     unpriced_models: str = "refuse"  # schema.Policy.unpriced_models
+    anomaly: schema.Anomaly = schema.Anomaly()
 
     def price_of(self, model: Optional[str]) -> Optional[tuple[int, int]]:
         """nano-USD per (input, output) token of a model; None if the model has no price."""
@@ -595,6 +596,11 @@ def _compile(policy: schema.Policy, source: str, digest: str,
                                 else d.spill_to_next_tier))
     providers = compile_providers(policy, fail)
     queue = compile_queue(policy.queue, fail)
+    a = policy.anomaly
+    if not (2 <= a.factor <= 1e6) or not (0 <= a.min_tokens_per_minute <= 1e12):
+        fail("$.anomaly", "factor must be in 2..1000000 and min_tokens_per_minute >= 0")
+    if not (1 <= a.baseline_minutes <= 525_600) or not (0 <= a.warmup_minutes <= 525_600):
+        fail("$.anomaly", "baseline_minutes must be in 1..525600, warmup_minutes in 0..525600")
     if problems or defaults is None:
         return None
     return CompiledPolicy(
@@ -603,7 +609,7 @@ def _compile(policy: schema.Policy, source: str, digest: str,
         unknown_tenant=policy.tenant.unknown, missing_tenant=policy.tenant.missing,
         tiers=tuple(policy.tiers), tier_by_model=tier_by_model, tenants=tenants,
         defaults=defaults, estimate=est, backend=backend, pricing=dict(policy.pricing),
-        unpriced_models=policy.unpriced_models,
+        unpriced_models=policy.unpriced_models, anomaly=policy.anomaly,
         ledger=policy.ledger, providers=providers, queue=queue,
         admin_token_file=policy.admin.token_file,
     )

@@ -194,6 +194,18 @@ class Queue(_Strict, frozen=True):
     tenant_share: float = 0.25
 
 
+class Anomaly(_Strict, frozen=True):
+    """Token-rate anomalies (sidecar/anomaly.py, docs/policy.md): a tenant whose settled
+    tokens per minute reach ``factor`` times its own usual rate (and at least
+    ``min_tokens_per_minute``) is flagged; ``action`` says what its requests get meanwhile."""
+    enabled: bool = True
+    factor: float = 20.0
+    min_tokens_per_minute: float = 10_000.0
+    baseline_minutes: float = 1440.0
+    warmup_minutes: int = 60
+    action: Literal["flag", "refuse", "downgrade"] = "flag"
+
+
 class Policy(_Strict, frozen=True, kw_only=True):
     tenant: TenantSource = TenantSource()
     tiers: list[Tier]
@@ -212,3 +224,4 @@ class Policy(_Strict, frozen=True, kw_only=True):
     providers: list[Provider] = []
     routing: dict[str, Routing] = {}  # model -> how its providers share its traffic
     queue: Optional[Queue] = None
+    anomaly: Anomaly = Anomaly()

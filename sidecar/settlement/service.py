@@ -15,6 +15,7 @@ from typing import Optional
 
 import msgspec
 
+from sidecar.anomaly import TokenRateWatch
 from sidecar.backends.base import TAKEN_RESERVATION, Backend, BackendError, Settlement
 from sidecar.burstlog import BurstLog
 from sidecar.ledger.recorder import Ledger
@@ -55,6 +56,7 @@ class SettlementService:
                  metrics: Optional[Metrics] = None, ledger: Optional[Ledger] = None) -> None:
         self.policy = policy
         self.backend = backend
+        self.anomalies: Optional[TokenRateWatch] = None  # Flows sets the shared one
         self.metrics = metrics or Metrics()
         self.reservations = book
         # what was spent, request by request (sidecar/ledger/); Ledger(None) records nothing
@@ -214,6 +216,16 @@ class SettlementService:
                                  late.period_start_us)
         self._count_usage(request_id, tenant, rule, model, source, input_tokens,
                           output_tokens, cached_tokens, nano, unpriced)
+        if self.anomalies is not None and input_tokens + output_tokens:
+            flagged = self.anomalies.observe(tenant, input_tokens + output_tokens)
+            if flagged is not None:
+                self.metrics.token_rate_anomalies.labels(
+                    tenant if rule.name else OTHER_TENANTS).inc()
+                log.warning("token-rate anomaly: tenant %s settles %.0f tokens a minute, "
+                            "%.0fx its usual %.0f (policy anomaly.action: %s)", tenant[:128],
+                            flagged.tokens_per_minute, flagged.tokens_per_minute /
+                            max(flagged.baseline_per_minute, 1.0),
+                            flagged.baseline_per_minute, self.policy.anomaly.action)
         events.settled(self.ledger, self.policy, request_id, tenant, rule, res, model,
                        outcome, settled_by, input_tokens, output_tokens, cached_tokens,
                        cache_write_tokens, nano, cost, unpriced, st.budget_spent, st.at_us)

@@ -1,8 +1,20 @@
 """Token-rate anomalies: a tenant far above its own usual rate is flagged within minutes,
-a steady heavy tenant never is, and the flag clears when the spike ends."""
+a steady heavy tenant never is, and the flag clears when the spike ends; the settlement
+feeds the watch and the decision acts on the policy's `anomaly.action`."""
 from __future__ import annotations
 
+import asyncio
+import json
+
+import pytest
+
+from sidecar import contract
 from sidecar.anomaly import AnomalySettings, TokenRateWatch
+from sidecar.backends.memory import MemoryBackend
+from sidecar.flows import Flows
+from sidecar.model import Kind, Request
+from sidecar.policy.load import PolicyError, parse_policy
+from tests.support.clock import ManualClock
 
 
 class Clock:
@@ -63,3 +75,55 @@ def test_an_idle_week_costs_nothing_and_tenants_are_bounded():
     for t in ("b", "c", "d"):
         watch.observe(t, 1)
     assert watch.rates("a") is None and watch.rates("d") is not None  # oldest dropped
+
+
+# --- wired: the settlement feeds the watch, the decision acts on its flag ------------
+
+WIRED = """
+tenant: {header: x-tenant-id, unknown: defaults}
+tiers: [{name: default, model: gpt-4o}, {name: compact, model: gpt-4o-mini}]
+tenants: {acme: {limits: {rpm: 1000}}}
+anomaly: {action: %s, warmup_minutes: 10, min_tokens_per_minute: 1000}
+"""
+
+
+def test_a_flagged_tenant_is_downgraded_then_refused_as_the_policy_says():
+    flows = Flows(parse_policy((WIRED % "downgrade").encode(), "<test>"),
+                  MemoryBackend(clock=ManualClock()))
+    clock = Clock()
+    flows.settlement.anomalies.clock = clock
+    body = json.dumps({"model": "gpt-4o", "max_tokens": 5,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+    async def main():
+        for n in range(15):  # a quarter of an hour at its usual 100 tokens a minute
+            await flows.settlement.settle_usage(f"r{n}", "acme", "gpt-4o", 80, 20, "report")
+            clock.now += 60
+        first = await flows.decider.decide(Request(headers={"x-tenant-id": "acme"}, body=body))
+        await flows.settlement.settle_usage("spike", "acme", "gpt-4o", 4000, 1000, "report")
+        second = await flows.decider.decide(Request(headers={"x-tenant-id": "acme"}, body=body))
+        flows.replace_policy(parse_policy((WIRED % "refuse").encode(), "<test>"))
+        third = await flows.decider.decide(Request(headers={"x-tenant-id": "acme"}, body=body))
+        return first, second, third
+
+    first, second, third = asyncio.run(main())
+    assert first.kind is Kind.ALLOW and not first.downgraded
+    assert second.kind is Kind.DOWNGRADE or second.downgraded, second
+    assert second.model == "gpt-4o-mini"
+    # the reload kept what the watch learned (the same settings): still flagged, refused
+    assert third.kind is Kind.DENY_RATE and third.reason == "token_rate_anomaly"
+    ans = contract.answer(third)
+    assert ans.status == 429 and ("retry-after", "60") in ans.response_headers
+    reg = flows.metrics.registry
+    assert reg.get_sample_value("kt_token_rate_anomalies_total", {"tenant": "acme"}) == 1
+    assert reg.get_sample_value("kt_token_rate_refusals_total", {"action": "downgrade"}) == 1
+    assert reg.get_sample_value("kt_token_rate_refusals_total", {"action": "refuse"}) == 1
+
+
+def test_the_anomaly_settings_are_checked_and_can_be_turned_off():
+    with pytest.raises(PolicyError, match="factor"):
+        parse_policy((WIRED % "flag").replace("warmup_minutes: 10", "factor: 1").encode(),
+                     "<test>")
+    off = parse_policy((WIRED % "flag").replace("action: flag", "enabled: false").encode(),
+                       "<test>")
+    assert Flows(off, MemoryBackend()).decider.anomalies is None
