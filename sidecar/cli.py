@@ -355,6 +355,15 @@ def _capacity_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_client_args(p: argparse.ArgumentParser) -> None:
+    """The flags of a command that reads a running sidecar's admin port."""
+    p.add_argument("--admin", default="127.0.0.1:9091", metavar="HOST:PORT",
+                   help="the sidecar's admin port")
+    p.add_argument("--token-file", metavar="FILE", help="the admin token (kt serve "
+                   "--admin-token-file); not needed on loopback when none is configured")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -487,11 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("spend", help="actual tokens and USD per tenant, model and period, "
                        "from a running sidecar (kept by the backend: every replica, every "
                        "restart)")
-    u.add_argument("--admin", default="127.0.0.1:9091", metavar="HOST:PORT",
-                   help="the sidecar's admin port")
-    u.add_argument("--token-file", metavar="FILE", help="the admin token (kt serve "
-                   "--admin-token-file); not needed on loopback when none is configured")
-    u.add_argument("--json", action="store_true", help="print JSON")
+    _admin_client_args(u)
     u.add_argument("--since", metavar="YYYY-MM-DD", help="first UTC day (default: all kept)")
     u.add_argument("--until", metavar="YYYY-MM-DD", help="last UTC day, included")
     u.add_argument("--period", choices=["day", "month", "total"], default=None,
@@ -502,11 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "readiness, policy, provider quota in use, queue, failure-mode "
                         "decisions in the last minute, top tenants by spend today "
                         "(exit 3 when not ready)")
-    st.add_argument("--admin", default="127.0.0.1:9091", metavar="HOST:PORT",
-                    help="the sidecar's admin port")
-    st.add_argument("--token-file", metavar="FILE", help="the admin token (kt serve "
-                    "--admin-token-file); not needed on loopback when none is configured")
-    st.add_argument("--json", action="store_true", help="print JSON")
+    _admin_client_args(st)
     st.set_defaults(func=_status)
 
     from sidecar.ledger.cli import register as register_events  # kt events stats|migrate
