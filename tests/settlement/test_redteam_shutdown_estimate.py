@@ -13,7 +13,6 @@ import json
 import urllib.request
 
 import grpc
-import pytest
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from tests.support.inproc import RunningSidecar
