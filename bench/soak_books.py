@@ -207,7 +207,7 @@ def classify(b: Books) -> tuple[dict, list[str], dict[str, list], Counter]:
                     f"{e['budget_unit'] or '(no budget)'}; the provider billed "
                     f"{s.input_tokens}+{s.output_tokens} tokens")
             else:
-                classes[f"{e['outcome']} ({e['settled_by']}): {why}, estimate charged"] += 1
+                classes[f"{e['outcome']} ({e['settled_by']}): {why}, charged at its bound (or its estimate)"] += 1
         else:
             classes[f"served 200 but {e['outcome']}"] += 1
             unexplained.append(f"{rid} ({s.tenant}): provider served 200, books say "
