@@ -9,7 +9,7 @@ Failure-mode decisions are counted over the last minute by ``metrics.RecentCount
 the decision's failure answers feed; nothing here runs per request."""
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Optional
 
 from sidecar.ledger.spend import KINDS, SpendCell, date_of
 
@@ -18,25 +18,34 @@ _COST = KINDS.index("c")
 _REQUESTS = KINDS.index("n")
 
 
-def _samples(registry, name: str) -> Iterable[tuple[dict, float]]:
+_READ = ("kt_provider_utilisation", "kt_request_queue_depth", "kt_budget_remaining",
+         "kt_budget_limit")
+
+
+def _samples(registry) -> dict[str, list[tuple[dict, float]]]:
+    """The samples of the few series the status reads, from one pass over the registry
+    (a collect renders every collector, the backend's and the SLIs' included)."""
+    out: dict[str, list[tuple[dict, float]]] = {name: [] for name in _READ}
     for family in registry.collect():
         for sample in family.samples:
-            if sample.name == name:
-                yield sample.labels, sample.value
+            if sample.name in out:
+                out[sample.name].append((sample.labels, sample.value))
+    return out
 
 
 def document(*, ready: bool, detail: str, ledger: str, backend: str, policy_source: str,
              policy_digest: str, registry, today: int, cells: Optional[list[SpendCell]],
              failure_mode_last_minute: int, spend_error: str = "") -> dict:
     """The status as JSON-ready data (docs/ledger.md, "kt status")."""
+    samples = _samples(registry)
     providers: dict[str, dict[str, float]] = {}
-    for labels, value in _samples(registry, "kt_provider_utilisation"):
+    for labels, value in samples["kt_provider_utilisation"]:
         providers.setdefault(labels["provider"], {})[labels["limit"]] = round(value, 4)
-    queue = sum(v for _, v in _samples(registry, "kt_request_queue_depth"))
+    queue = sum(v for _, v in samples["kt_request_queue_depth"])
     budgets: dict[str, dict] = {}
-    for labels, value in _samples(registry, "kt_budget_remaining"):
+    for labels, value in samples["kt_budget_remaining"]:
         budgets.setdefault(labels["tenant"], {"unit": labels["unit"]})["remaining"] = value
-    for labels, value in _samples(registry, "kt_budget_limit"):
+    for labels, value in samples["kt_budget_limit"]:
         budgets.setdefault(labels["tenant"], {"unit": labels["unit"]})["limit"] = value
     spend: dict[str, list[int]] = {}
     for cell in cells or ():

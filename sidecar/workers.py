@@ -184,12 +184,13 @@ class Supervisor:
         if endpoint in (http_routes.SPEND, http_routes.STATUS):
             # the spend lives in the backend the workers share: any worker answers for all
             # (status: that worker's queue and failure-mode count, the fleet's spend)
-            return self._forward_spend(req, endpoint)
+            return self._forward_to_a_worker(req, endpoint)
         return self._forward_usage(req)
 
-    def _forward_spend(self, req: HttpRequest, path: str = http_routes.SPEND) -> HttpResponse:
-        """The spend lives in the backend the workers share: any worker's admin port answers
-        for all (the caller's token goes along; the worker checks it)."""
+    def _forward_to_a_worker(self, req: HttpRequest, path: str) -> HttpResponse:
+        """GET ``path`` (spend, status) from one running worker's admin port: the spend lives
+        in the backend the workers share, so any worker answers for all (the caller's token
+        goes along; the worker checks it)."""
         query = req.query
         headers = {}
         if req.headers.get("authorization"):

@@ -27,7 +27,6 @@ import asyncio
 import logging
 
 from sidecar.backends.base import BackendError
-from sidecar.settlement import bound
 from sidecar.settlement.book import Reservation
 from sidecar.settlement.resend import SettlementPending
 from sidecar.settlement.service import SettlementService
@@ -39,21 +38,17 @@ WHY = "shutdown"  # the ledger's settled_by, and the metric's reason (bound_shut
 
 
 async def _keep(service: SettlementService, request_id: str, res: Reservation) -> bool:
-    """Settle one open reservation at its bound; True when the store applied it."""
-    inp, out = bound.tokens(res)
+    """Settle one open reservation at its bound; True when the store applied it. Unlike
+    the service's own fallback, a charge the store refused is not recorded as kept in the
+    background (the process is stopping): its estimate stays held, as the store says."""
     try:
-        settled = await service.settle_usage(request_id, res.tenant, res.model, inp, out,
-                                             bound.SOURCE, settled_by=WHY, reservation=res,
-                                             outcome="kept")
+        return await service.settle_at_bound(request_id, res, "kept", WHY)
     except SettlementPending:
         return False  # resolved by the settler in the time it is given (server.stop)
     except (UsageError, BackendError) as exc:
         log.warning("open reservation %s of tenant %s not recorded at shutdown: %s; its "
                     "estimate stays charged", request_id, res.tenant, exc)
         return False
-    if settled.applied:
-        service.metrics.reservations_closed.labels("bound_" + WHY).inc()
-    return settled.applied
 
 
 async def keep_open_reservations(service: SettlementService, timeout_s: float) -> int:

@@ -400,16 +400,26 @@ class SettlementService:
             self._charge_at_bound_soon(request_id, res, "kept", why)
 
     # --- a reservation no usage comes for: charged at its bound (bound.py) ----
+    async def settle_at_bound(self, request_id: str, res: Reservation, outcome: str,
+                              why: str, local: bool = True) -> bool:
+        """Settle ``res`` (already out of the book, or taken from another replica's shared
+        record: ``local`` False) at the bound, counted as ``bound_<why>`` when the store
+        applied it (the answer). ``outcome`` is the ledger's (``kept``, ``expired``), ``why``
+        its settled_by. Raises as settle_usage does: each caller has its own fallback."""
+        inp, out = bound.tokens(res)
+        settled = await self.settle_usage(request_id, res.tenant, res.model, inp, out,
+                                          bound.SOURCE, settled_by=why, reservation=res,
+                                          outcome=outcome, reservation_local=local)
+        if settled.applied:  # else settled before: nothing changed, nothing counted
+            self.metrics.reservations_closed.labels("bound_" + why).inc()
+        return settled.applied
+
     async def _charge_at_bound(self, request_id: str, res: Reservation, outcome: str,
                                why: str, local: bool = True) -> None:
-        """Settle ``res`` (already out of the book, or taken from another replica's shared
-        record: ``local`` False) at the bound; never raises. ``outcome`` is the ledger's
-        (``kept``, ``expired``), ``why`` its settled_by and the metric's reason."""
-        inp, out = bound.tokens(res)
+        """``settle_at_bound``, never raising: a charge the store refused keeps the
+        estimate, recorded (keep_estimate)."""
         try:
-            settled = await self.settle_usage(request_id, res.tenant, res.model, inp, out,
-                                              bound.SOURCE, settled_by=why, reservation=res,
-                                              outcome=outcome, reservation_local=local)
+            await self.settle_at_bound(request_id, res, outcome, why, local)
         except SettlementPending as exc:
             # sent, its reply lost: the store is asked whether it was applied, and the
             # answer recorded then (settled at the bound; kept, with the estimate, if it
@@ -418,14 +428,12 @@ class SettlementService:
                         "%s", request_id, res.tenant, exc)
             return
         except (UsageError, BackendError) as exc:
+            inp, out = bound.tokens(res)
             log.warning("request %s of tenant %s not charged at its bound (%d input, %d "
                         "output tokens): %s; its estimate stays charged", request_id,
                         res.tenant, inp, out, exc)
             self.metrics.reservations_closed.labels("kept_" + why).inc()
             self.keep_estimate(request_id, res, outcome, why)
-            return
-        if settled.applied:  # else settled before: nothing changed, nothing counted
-            self.metrics.reservations_closed.labels("bound_" + why).inc()
 
     def _charge_at_bound_soon(self, request_id: str, res: Reservation, outcome: str,
                               why: str) -> None:
