@@ -272,9 +272,16 @@ def _status(args: argparse.Namespace) -> int:
         doc = _admin_get(args, "status", "/v1/status")
     except _AdminFailed as failed:
         return failed.args[0]
-    sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n" if args.json
-                     else render(doc))
-    return 0 if doc.get("ready") else 3
+    try:
+        text = json.dumps(doc, indent=2, sort_keys=True) + "\n" if args.json else render(doc)
+        ready = bool(doc.get("ready"))
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        # not the document a sidecar's admin port serves: one line, not a traceback
+        print(f"kt status: {args.admin} answered something that is not a status document "
+              f"({type(exc).__name__}: {str(exc)[:80]})", file=sys.stderr)
+        return 1
+    sys.stdout.write(text)
+    return 0 if ready else 3
 
 
 def _spend(args: argparse.Namespace) -> int:

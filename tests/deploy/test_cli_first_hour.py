@@ -84,3 +84,34 @@ def test_kt_status_shows_readiness_policy_and_todays_top_spender(sidecar, capsys
     # the side port is not the admin port: said, as for kt spend
     assert kt(["status", "--admin", f"127.0.0.1:{sidecar.http_port}"]) == 1
     assert "is not the sidecar's admin port" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("answer", [b"[]", b'{"ready": true}', b'"text"',
+                                    b'{"ready": true, "top_tenants_today": [null]}'])
+def test_kt_status_says_so_in_one_line_when_the_answer_is_not_a_status(answer, capsys):
+    """A port that answers JSON but not a status document (another service, a hostile
+    peer): one line naming it, exit 1, never a traceback."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (stdlib name)
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert kt(["status", "--admin", f"127.0.0.1:{server.server_address[1]}"]) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+    err = capsys.readouterr().err
+    assert "is not a status document" in err and err.count("\n") == 1, err
