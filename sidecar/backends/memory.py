@@ -26,29 +26,23 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import tempfile
-import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from itertools import islice
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-import msgspec
 
 from sidecar import _core
 from sidecar.backends.base import (BackendError, BackendStatus, Candidate, LateReply,
                                    Settlement)
+from sidecar.backends.state_files import (MAX_STATE_VALUE, SETTLED_IDS_MAX, TenantSpend,
+                                          StateFiles, check_spend, refuse, valid_int)
 from sidecar.ledger.spend import (HELD_FIELD, LAST_DAY, SpendCell, SpendRecord, day_of,
                                   held_cell)
 from sidecar.metrics import BackendStats, StateFileStats
 from sidecar.policy.schema import FailureMode
 
 log = logging.getLogger("kt.memory")
-STATE_VERSION = 2  # 1: snapshot only (still read); 2: snapshot + journal
-# (tenant, request id) pairs remembered for idempotent settlement; older ones fall out first
-SETTLED_IDS_MAX = 200_000
 # tenant states kept before a sweep drops those at rest (see _sweep); a sweep then waits
 # until the count doubles, so its cost per decision stays constant
 TENANT_STATES_SWEEP_AT = 100_000
@@ -56,211 +50,10 @@ TENANT_STATES_SWEEP_AT = 100_000
 # often: a flood of new names refused at the cap must not buy an O(tenants) sweep each
 MAX_TENANTS = 100_000
 FULL_SWEEP_INTERVAL_S = 1.0
-# a spend or period start beyond this is not one this sidecar wrote (int64 with headroom)
-MAX_STATE_VALUE = 2**62
-# journal segments: a new one every SEGMENT_RECORDS settlements (and at each start); the
-# oldest is deleted once the newer ones hold SETTLED_IDS_MAX records and a snapshot holds
-# its spend
-SEGMENT_RECORDS = 50_000
-# tenants encoded per chunk of a snapshot: each chunk holds the GIL ~0.1 ms
-SNAPSHOT_CHUNK = 1024
 
 
 def wall_clock_us() -> int:
     return time.time_ns() // 1000
-
-
-class TenantSpend(msgspec.Struct, frozen=True, gc=False):
-    """One tenant's budget in the snapshot: its period's start (µs) and spend in it."""
-
-    period_start: int
-    spent: int
-
-
-_encode = msgspec.json.Encoder().encode
-
-
-def _valid_int(value: Any, low: int) -> bool:
-    return type(value) is int and low <= value <= MAX_STATE_VALUE
-
-
-def _refuse(where: str, what: str) -> BackendError:
-    """A state file (or journal) this sidecar will not start from, in one line."""
-    return BackendError(f"{where}: {what}; refusing to start rather than reset spend (fix "
-                        "it, or move it aside to start with zero spend)")
-
-
-def _check_spend(where: str, tenant: Any, period_start: Any, spent: Any,
-                 no_budget_ok: bool = False) -> None:
-    """Raise BackendError naming ``where``, the tenant and the field that is not a spend.
-    ``no_budget_ok`` (journal records): period_start -1 is a tenant without a budget
-    period, and with it spent -1, which journals written before the state's own spend was
-    journalled hold for a tenant without a budget (settle's "no budget" reply)."""
-    if not isinstance(tenant, str) or not tenant:
-        raise _refuse(where, f"tenant name {json.dumps(tenant)[:40]} is not a non-empty string")
-    no_budget = no_budget_ok and period_start == -1
-    for field, value, low in (("period_start", period_start, -1 if no_budget_ok else 0),
-                              ("spent", spent, -1 if no_budget else 0)):
-        if not _valid_int(value, low):
-            raise _refuse(where, f"tenant {tenant!r}: {field} must be an integer in "
-                                 f"{low}..{MAX_STATE_VALUE}, not {json.dumps(value)[:40]}")
-
-
-class _StateFiles:
-    """The snapshot and the journal on disk. Touched only from the backend's two writer
-    threads (snapshot, journal) and from ``load`` before they start."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.directory = os.path.dirname(os.path.abspath(path))
-        self.journal_prefix = os.path.basename(path) + ".journal."
-        # temporary snapshots: named after the file, so one left by a crash is recognised
-        self.temp_prefix = f".{os.path.basename(path)}.tmp-"
-        self.mirror: dict[str, TenantSpend] = {}  # snapshot thread only
-        self.spend_mirror: dict[str, dict[str, list[int]]] = {}  # snapshot thread only
-        self.snapshot_seq = 0  # journal records the durable snapshot includes
-        # journal thread only:
-        self._segment_fd: Optional[int] = None
-        self._segments: list[list] = []  # [first seq, path, records], oldest first
-        self._broken = False  # the last append failed: the next one starts a new segment
-        # records fsynced (read by the snapshot thread before it publishes a snapshot)
-        self.durable_seq = 0
-        self._durable = threading.Condition()
-
-    # --- start ---------------------------------------------------------------
-    def check_writable(self) -> None:
-        """Raise OSError now if the state file's directory cannot take a file: better a
-        refusal to start than a sidecar that serves and persists nothing."""
-        os.makedirs(self.directory, exist_ok=True)
-        if os.path.isdir(self.path):
-            raise IsADirectoryError(f"{self.path} is a directory")
-        for name in os.listdir(self.directory):  # a snapshot a crash left half-written
-            if name.startswith(self.temp_prefix):
-                os.unlink(os.path.join(self.directory, name))
-        fd, tmp = tempfile.mkstemp(prefix=self.temp_prefix, dir=self.directory)
-        try:
-            os.write(fd, b"{}")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            os.unlink(tmp)
-
-    def segment_paths(self) -> list[tuple[int, str]]:
-        out = []
-        for name in os.listdir(self.directory):
-            if name.startswith(self.journal_prefix):
-                suffix = name[len(self.journal_prefix):]
-                if suffix.isdigit():
-                    out.append((int(suffix), os.path.join(self.directory, name)))
-        return sorted(out)
-
-    # --- snapshot (snapshot thread) --------------------------------------------
-    def write_snapshot(self, changed: dict[str, TenantSpend], removed: list[str], seq: int,
-                       written_at_us: int, spend_changed: Optional[dict] = None
-                       ) -> tuple[int, float]:
-        """Apply the changes to the mirror and write all of it; (tenants, seconds)."""
-        started = time.perf_counter()
-        mirror = self.mirror
-        mirror.update(changed)
-        self.spend_mirror.update(spend_changed or {})  # the ledger's, whole tenants
-        for tenant in removed:
-            mirror.pop(tenant, None)
-        fd, tmp = tempfile.mkstemp(prefix=self.temp_prefix, dir=self.directory)
-        try:
-            try:
-                os.write(fd, b'{"version":%d,"written_at_us":%d,"journal_seq":%d,"tenants":{'
-                         % (STATE_VERSION, written_at_us, seq))
-                items = iter(mirror.items())  # only this thread changes the mirror
-                sep = b""
-                while chunk := dict(islice(items, SNAPSHOT_CHUNK)):
-                    body = _encode(chunk)  # C, the GIL held for well under a millisecond
-                    # os.write releases the GIL: the event loop runs between chunks
-                    os.write(fd, sep + body[1:-1])
-                    sep = b","
-                # the ledger's spend per tenant: {"<day>|<model>": [six counts]}
-                os.write(fd, b'},"spend":{')
-                cells = iter(self.spend_mirror.items())
-                sep = b""
-                while spend_chunk := dict(islice(cells, SNAPSHOT_CHUNK)):
-                    os.write(fd, sep + _encode(spend_chunk)[1:-1])
-                    sep = b","
-                os.write(fd, b"}}")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            # the journal records this snapshot includes must be durable before it replaces
-            # the last one, or a crash between the two would keep their effect but forget
-            # their ids (a retried report would then apply twice)
-            with self._durable:
-                if not self._durable.wait_for(lambda: self.durable_seq >= seq, timeout=10):
-                    raise OSError(f"the journal is not written up to record {seq}")
-            os.replace(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        self._fsync_directory()
-        self.snapshot_seq = seq
-        return len(mirror), time.perf_counter() - started
-
-    def _fsync_directory(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    # --- journal (journal thread) ----------------------------------------------
-    def open_journal(self, next_seq: int, segments: list[list]) -> None:
-        """After load: appends go to a new segment (an old one may end in a torn line)."""
-        self._segments = [seg for seg in segments if seg[0] != next_seq]
-        self._new_segment(next_seq)
-
-    def _new_segment(self, first_seq: int) -> None:
-        if self._segment_fd is not None:
-            os.close(self._segment_fd)
-            self._segment_fd = None
-        path = os.path.join(self.directory, f"{self.journal_prefix}{first_seq}")
-        self._segment_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        self._segments.append([first_seq, path, 0])
-        self._fsync_directory()
-        # the oldest segment goes once the newer ones remember SETTLED_IDS_MAX settlements
-        # and a snapshot holds its spend (its records are all below the next one's first)
-        segs = self._segments
-        while (len(segs) > 1 and segs[1][0] - 1 <= self.snapshot_seq
-               and sum(seg[2] for seg in segs[1:]) >= SETTLED_IDS_MAX):
-            try:
-                os.unlink(segs.pop(0)[1])
-            except FileNotFoundError:
-                pass
-
-    def append(self, records: list[tuple]) -> None:
-        """Write and fsync settlement records: (seq, tenant, request id, period start, spent)."""
-        if not records:
-            return
-        if self._segment_fd is None or self._broken or self._segments[-1][2] >= SEGMENT_RECORDS:
-            # after a failed write the segment may end in a torn record: start a new one,
-            # so a torn record is only ever a segment's last line
-            self._new_segment(records[0][0])
-            self._broken = False
-        assert self._segment_fd is not None
-        try:
-            os.write(self._segment_fd, b"".join(_encode(r) + b"\n" for r in records))
-            os.fsync(self._segment_fd)
-        except BaseException:
-            self._broken = True
-            raise
-        self._segments[-1][2] += len(records)
-        with self._durable:
-            self.durable_seq = records[-1][0]
-            self._durable.notify_all()
-
-    def close_journal(self) -> None:
-        if self._segment_fd is not None:
-            os.close(self._segment_fd)
-            self._segment_fd = None
 
 
 class MemoryBackend:
@@ -287,7 +80,7 @@ class MemoryBackend:
         # tenants whose spend changed since the last snapshot, and those dropped by a sweep
         self._dirty: dict[str, _core.State] = {}
         self._removed: set[str] = set()
-        self._files: Optional[_StateFiles] = None
+        self._files: Optional[StateFiles] = None
         self._snapshots: Optional[ThreadPoolExecutor] = None
         self._journal: Optional[ThreadPoolExecutor] = None
         self._snapshot_running = False
@@ -324,7 +117,7 @@ class MemoryBackend:
     async def start(self) -> None:
         if not self.state_file:
             return
-        files = _StateFiles(self.state_file)
+        files = StateFiles(self.state_file)
         try:
             files.check_writable()
         except OSError as exc:
@@ -695,7 +488,7 @@ class MemoryBackend:
             self._snapshot_job()
 
     # --- loading ---------------------------------------------------------------
-    def _load(self, files: _StateFiles) -> list[list]:
+    def _load(self, files: StateFiles) -> list[list]:
         """The snapshot, then the journal records it does not include; the journal's
         segments, oldest first."""
         try:
@@ -705,32 +498,32 @@ class MemoryBackend:
             doc = None
         except (OSError, ValueError) as exc:
             # Refuse to start rather than silently reset every tenant's spend.
-            raise _refuse(f"state file {self.state_file}", f"unreadable ({exc})") from None
+            raise refuse(f"state file {self.state_file}", f"unreadable ({exc})") from None
         snapshot_seq = 0
         if doc is not None:
             where = f"state file {self.state_file}"
             if not isinstance(doc, dict) or doc.get("version") not in (1, 2) \
                     or not isinstance(doc.get("tenants"), dict):
                 version = doc.get("version") if isinstance(doc, dict) else None
-                raise _refuse(where, "malformed: expected a version 1 or 2 document with a "
+                raise refuse(where, "malformed: expected a version 1 or 2 document with a "
                                      f"tenants object (version {json.dumps(version)[:20]})")
             snapshot_seq = doc.get("journal_seq", 0)
-            if not _valid_int(snapshot_seq, 0):
-                raise _refuse(where, f"journal_seq must be an integer in 0..{MAX_STATE_VALUE}"
+            if not valid_int(snapshot_seq, 0):
+                raise refuse(where, f"journal_seq must be an integer in 0..{MAX_STATE_VALUE}"
                                      f", not {json.dumps(snapshot_seq)[:40]}")
             for tenant, rec in doc["tenants"].items():
                 if not isinstance(rec, dict) or set(rec) != {"period_start", "spent"}:
-                    raise _refuse(where, f'tenant {tenant!r}: expected {{"period_start": ..., '
+                    raise refuse(where, f'tenant {tenant!r}: expected {{"period_start": ..., '
                                          f'"spent": ...}}, not {json.dumps(rec)[:80]}')
-                _check_spend(where, tenant, rec["period_start"], rec["spent"])
+                check_spend(where, tenant, rec["period_start"], rec["spent"])
                 st = self.state_for(tenant)
                 st.period_start, st.spent = rec["period_start"], rec["spent"]
             spend = doc.get("spend", {})  # the ledger's (absent before it)
             if not isinstance(spend, dict):
-                raise _refuse(where, "spend must be an object")
+                raise refuse(where, "spend must be an object")
             for tenant, cells in spend.items():
                 if not isinstance(cells, dict):
-                    raise _refuse(where, f"spend of {tenant!r} must be an object")
+                    raise refuse(where, f"spend of {tenant!r} must be an object")
                 for key, counts in cells.items():
                     day, _, model = key.partition("|")
                     if day == HELD_FIELD:
@@ -750,11 +543,11 @@ class MemoryBackend:
         try:
             day = int(day)
         except (TypeError, ValueError):
-            raise _refuse(where, f"spend of {tenant!r}: day {str(day)[:20]!r} is not a "
+            raise refuse(where, f"spend of {tenant!r}: day {str(day)[:20]!r} is not a "
                                  "number") from None
         if not isinstance(model, str) or not isinstance(counts, list) or len(counts) != 6 \
-                or not all(_valid_int(c, 0) for c in counts):
-            raise _refuse(where, f"spend of {tenant!r}: expected a model and six counts in "
+                or not all(valid_int(c, 0) for c in counts):
+            raise refuse(where, f"spend of {tenant!r}: expected a model and six counts in "
                                  f"0..{MAX_STATE_VALUE}, not {json.dumps(counts)[:80]}")
         self.spend.setdefault(tenant, {})[(day, model)] = list(counts)
         self._spend_days.setdefault(day, set()).add(tenant)
@@ -764,11 +557,11 @@ class MemoryBackend:
         try:
             ps = int(period_start)
         except (TypeError, ValueError):
-            raise _refuse(where, f"held of {tenant!r}: period start {str(period_start)[:20]!r} "
+            raise refuse(where, f"held of {tenant!r}: period start {str(period_start)[:20]!r} "
                                  "is not a number") from None
         if not (isinstance(counts, list) and len(counts) == 1 and type(counts[0]) is int
                 and abs(counts[0]) <= MAX_STATE_VALUE):
-            raise _refuse(where, f"held of {tenant!r}: expected [an integer], not "
+            raise refuse(where, f"held of {tenant!r}: expected [an integer], not "
                                  f"{json.dumps(counts)[:80]}")
         by = self.held.setdefault(tenant, {})
         if counts[0]:
@@ -784,7 +577,7 @@ class MemoryBackend:
             with open(path, "rb") as f:
                 data = f.read()
         except OSError as exc:
-            raise _refuse(f"journal {path}", f"unreadable ({exc})") from None
+            raise refuse(f"journal {path}", f"unreadable ({exc})") from None
         lines = data.split(b"\n")
         if lines[-1]:
             # a record cut short by a crash or a failed write: its fsync never completed,
@@ -799,10 +592,10 @@ class MemoryBackend:
                 # the ledger's cell (day, model, six counts after) follows when it was recorded
                 seq, tenant, request_id, period_start, spent, *cell = rec
             except (ValueError, TypeError) as exc:
-                raise _refuse(where, f"malformed ({exc})") from None
-            if not _valid_int(seq, 1) or not isinstance(request_id, str):
-                raise _refuse(where, f"malformed record {line[:80]!r}")
-            _check_spend(where, tenant, period_start, spent, no_budget_ok=True)
+                raise refuse(where, f"malformed ({exc})") from None
+            if not valid_int(seq, 1) or not isinstance(request_id, str):
+                raise refuse(where, f"malformed record {line[:80]!r}")
+            check_spend(where, tenant, period_start, spent, no_budget_ok=True)
             self._remember((tenant, request_id), 0)
             if seq > snapshot_seq and period_start >= 0:
                 st = self.state_for(tenant)
@@ -811,11 +604,11 @@ class MemoryBackend:
             if seq > snapshot_seq and held is not None:
                 h = held.get("h")
                 if not (isinstance(h, list) and len(h) == 2):
-                    raise _refuse(where, f"malformed held in record {line[:80]!r}")
+                    raise refuse(where, f"malformed held in record {line[:80]!r}")
                 self._load_held(where, tenant, h[0], h[1:])
             if seq > snapshot_seq and cell:
                 if len(cell) != 8:
-                    raise _refuse(where, f"malformed spend in record {line[:80]!r}")
+                    raise refuse(where, f"malformed spend in record {line[:80]!r}")
                 self._load_cell(where, tenant, cell[0], cell[1], cell[2:])
             self._seq = max(self._seq, seq)
         return len(lines) - 1
