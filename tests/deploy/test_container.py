@@ -98,11 +98,23 @@ def context_files(root: Path) -> list[str]:
                 out = not neg
         return out
 
+    readmits = [rule[1:].rstrip("/").split("/") for rule in rules if rule.startswith("!")]
+
+    def could_readmit_under(rel: str) -> bool:
+        """A `!` rule could let back in something under this excluded directory."""
+        parts = rel.split("/")
+        return any(r[0].startswith("**") or (len(r) > len(parts) - 1 and all(
+            fnmatch.fnmatch(p, q) for p, q in zip(parts, r))) for r in readmits)
+
+    # walked as Docker walks the context: an excluded directory no `!` rule reaches into is
+    # not entered (.venv and .git alone are tens of thousands of files)
     files = []
-    for path in root.rglob("*"):
-        rel = path.relative_to(root).as_posix()
-        if path.is_file() and not excluded(rel):
-            files.append(rel)
+    for dirpath, dirnames, filenames in os.walk(root):
+        base = Path(dirpath).relative_to(root).as_posix()
+        prefix = "" if base == "." else base + "/"
+        dirnames[:] = [d for d in dirnames
+                       if not excluded(prefix + d) or could_readmit_under(prefix + d)]
+        files += [prefix + f for f in filenames if not excluded(prefix + f)]
     return sorted(files)
 
 
