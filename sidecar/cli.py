@@ -143,6 +143,8 @@ def _envoy_config(args: argparse.Namespace) -> int:
         mode=args.mode, usage=args.usage,
         failure_mode=args.failure_mode, tenant_header=policy.tenant_header,
         estimate_header=policy.estimate.header, estimate_trusted=policy.estimate.trusted,
+        attribution_headers=(policy.attribution.user_header, policy.attribution.tags_header),
+        attribution_trusted=policy.attribution.trusted,
         tenant_metadata_namespace=policy.tenant_metadata[0] if policy.tenant_metadata else "",
         jwt_issuer=args.jwt_issuer or "", jwt_jwks_file=args.jwt_jwks_file or "",
         jwt_audiences=tuple(args.jwt_audience), sidecar_token_file=args.sidecar_token_file or "",
