@@ -70,12 +70,12 @@ def json_error(status: int, kind: str, code: str, message: str) -> HttpResponse:
 async def spend_report(backend: Backend, query: str,
                        slowly: Callable[[Callable[[], bytes]], Awaitable[Optional[bytes]]],
                        budget_unit: Callable[[str], str]) -> HttpResponse:
-    """GET /v1/spend[?since=YYYY-MM-DD&until=YYYY-MM-DD&period=day|month|total]: the
+    """GET /v1/spend[?since=YYYY-MM-DD&until=YYYY-MM-DD&period=day|month|total&by=KEY]: the
     durable spend the backend keeps (every tenant, every replica's requests;
     sidecar/ledger/spend.py). Summed by ``slowly`` (off the event loop); ``budget_unit``:
     a tenant's budget unit under the policy in force ("" without a budget)."""
     try:
-        since, until, period = parse_query(parse_qs(query))
+        since, until, period, by = parse_query(parse_qs(query))
     except ValueError as exc:
         return json_error(400, "invalid_request_error", "invalid_query", str(exc))
     try:
@@ -84,7 +84,7 @@ async def spend_report(backend: Backend, query: str,
         return json_error(503, "service_unavailable", "limiter_unavailable",
                           f"spend not readable, retry: {exc}")
     doc = await slowly(lambda: json.dumps(
-        report(cells, since, until, period, backend.name, budget_unit),
+        report(cells, since, until, period, backend.name, budget_unit, by),
         sort_keys=True).encode())
     if doc is None:
         return text(503, "busy, retry\n")
