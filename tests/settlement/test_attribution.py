@@ -5,6 +5,7 @@ spend so that `/v1/spend?by=user|tag|tenant|model` answers; the spend per user i
 per tenant and day (an `_other` cell, counted)."""
 from __future__ import annotations
 
+import asyncio
 import json
 import urllib.error
 import urllib.request
@@ -13,9 +14,11 @@ import pytest
 
 from sidecar import attribution
 from sidecar.attribution import Attribution, AttributionConfig, SpendCap
+from sidecar.ledger.events import UsageEvent
 from sidecar.ledger.recorder import Ledger
 from sidecar.ledger.sinks import FileSink, SpillFile, event_files, read_events
 from sidecar.ledger.spend import SpendCell, report
+from sidecar.ledger.storable import original_text, storable
 from sidecar.ledger.writer import EventLog
 from sidecar.model import Kind, Request
 from sidecar.policy.load import PolicyError, parse_policy
@@ -201,8 +204,6 @@ def test_every_outcome_carries_the_attribution_into_its_event_and_the_spend(ledg
 
 async def _drain(sc) -> None:
     """Wait for the background spend writes (a kept estimate's, the attribution cells)."""
-    import asyncio
-
     background = sc.sidecar.service.settlement._background
     while background:
         await asyncio.gather(*list(background), return_exceptions=True)
@@ -230,3 +231,16 @@ def test_a_bad_group_key_is_a_400():
         assert err.value.code == 400
         assert "by must be one of model, tag, tenant, user" in json.load(err.value)["error"][
             "message"]
+
+
+def test_a_hostile_tag_in_a_replayed_event_is_made_storable():
+    """Values are bounded where they enter, but a spill file replayed is text read back:
+    a tag holding NUL is escaped like any text value, never a batch PostgreSQL refuses."""
+    ev = UsageEvent(request_id="r", tenant="acme", outcome="settled", settled_by="report",
+                    settled_us=1, user="alice", tags=("ok", "bad\x00tag", "y" * 600))
+    stored = storable(ev)
+    assert stored.tags[0] == "ok" and "\x00" not in stored.tags[1]
+    assert original_text(stored.tags[1]) == "bad\x00tag" and len(stored.tags[2]) <= 512
+    assert storable(UsageEvent(request_id="r", tenant="acme", outcome="settled",
+                               settled_by="report", settled_us=1, tags=("a", "b"))).tags \
+        == ("a", "b")
