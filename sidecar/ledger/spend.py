@@ -145,8 +145,8 @@ def report(cells: Iterable[SpendCell], since_day: int, until_day: int, period: s
     for cell in cells:
         if cell.day == HELD_DAY:
             if cell.counts[0]:
-                by = held.setdefault(cell.tenant, {})
-                by[int(cell.model)] = by.get(int(cell.model), 0) + cell.counts[0]
+                holds = held.setdefault(cell.tenant, {})
+                holds[int(cell.model)] = holds.get(int(cell.model), 0) + cell.counts[0]
             continue
         if not since_day <= cell.day <= until_day:
             continue
@@ -172,15 +172,15 @@ def report(cells: Iterable[SpendCell], since_day: int, until_day: int, period: s
             tenants[tenant] = {p: {m: _row(c) for m, c in sorted(models.items())}
                                for p, models in sorted(periods.items())}
     held_doc = {}
-    for tenant, by in sorted(held.items()):
+    for tenant, holds in sorted(held.items()):
         unit = budget_unit(tenant) if budget_unit is not None else ""
-        amount = sum(by.values())
+        amount = sum(holds.values())
         row: dict = {"amount": amount, "unit": unit,
-                     "periods": {_iso_us(ps): a for ps, a in sorted(by.items())}}
+                     "periods": {_iso_us(ps): a for ps, a in sorted(holds.items())}}
         if unit == "usd":
             row["usd"] = amount / 1e9
         held_doc[tenant] = row
-    doc = {"since": date_of(since_day).isoformat(), "until": date_of(until_day).isoformat(),
+    doc: dict = {"since": date_of(since_day).isoformat(), "until": date_of(until_day).isoformat(),
            "period": period, "source": source, "held": held_doc}
     if group_of is None:
         doc["tenants"] = tenants

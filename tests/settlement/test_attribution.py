@@ -17,7 +17,7 @@ from sidecar.attribution import Attribution, AttributionConfig, SpendCap
 from sidecar.ledger.events import UsageEvent
 from sidecar.ledger.recorder import Ledger
 from sidecar.ledger.sinks import FileSink, SpillFile, event_files, read_events
-from sidecar.ledger.spend import SpendCell, report
+from sidecar.ledger.spend import SpendCell, held_cell, report
 from sidecar.ledger.storable import original_text, storable
 from sidecar.ledger.writer import EventLog
 from sidecar.model import Kind, Request
@@ -115,11 +115,13 @@ def test_grouping_by_each_key_counts_each_request_once():
         SpendCell("beta", day + 1, attribution.spend_model("user", "alice"), (1, 10, 1, 0, 0, 300)),
         SpendCell("acme", day, attribution.spend_model("user", "_other"), (1, 30, 3, 0, 0, 50)),
         SpendCell("acme", day, attribution.spend_model("tag", "batch"), (3, 150, 15, 0, 0, 2100)),
+        held_cell("acme", 1_700_000_000_000_000, 400),  # what the budget holds: shown beside
     ]
 
     def groups(by, period="total"):
         doc = report(cells, 0, 10**6, period, "memory", by=by)
         assert "tenants" not in doc and doc["by"] == by
+        assert doc["held"]["acme"]["amount"] == 400
         return {g: (v["requests"], v["cost_nano_usd"]) if period == "total" else
                 {p: c["cost_nano_usd"] for p, c in v.items()} for g, v in doc["groups"].items()}
 
