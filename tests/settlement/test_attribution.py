@@ -14,6 +14,7 @@ import pytest
 
 from sidecar import attribution
 from sidecar.attribution import Attribution, AttributionConfig, SpendCap
+from sidecar.backends.redis import RedisBackend
 from sidecar.ledger.events import UsageEvent
 from sidecar.ledger.recorder import Ledger
 from sidecar.ledger.sinks import FileSink, SpillFile, event_files, read_events
@@ -246,3 +247,24 @@ def test_a_hostile_tag_in_a_replayed_event_is_made_storable():
     assert storable(UsageEvent(request_id="r", tenant="acme", outcome="settled",
                                settled_by="report", settled_us=1, tags=("a", "b"))).tags \
         == ("a", "b")
+
+
+def test_spend_by_user_and_tag_on_redis_from_another_replica(empty_valkey):
+    """On Redis the cells live in the tenant's spend hash, written by one replica and read
+    by another; a shared reservation carries the attribution to the replica that settles."""
+    text = POLICY % (TRUSTED + f'\nbackend: {{kind: redis, url: "{empty_valkey.url}", '
+                              'timeout_ms: 500, shared_reservations: true}')
+    pol = parse_policy(text.encode(), "<t>")
+    with RunningSidecar(text, backend=RedisBackend(pol.backend)) as a, \
+            RunningSidecar(text, backend=RedisBackend(pol.backend)) as b:
+        rid = decide(a, {"x-kt-end-user": "alice", "x-kt-tags": "batch"})
+        # its usage reaches the other replica: the shared record names alice
+        assert b.run(b.sidecar.service.settlement.settle_usage(
+            rid, "acme", "gpt-4o", 100, 10, "report")).applied
+        b.run(_drain(b))
+        by_user = spend(a, "?by=user")["groups"]
+        by_tag = spend(a, "?by=tag&period=day")["groups"]
+        plain = spend(a, "")["tenants"]
+    assert list(by_user) == ["alice"] and by_user["alice"]["input_tokens"] == 100
+    assert [list(v.values())[0]["requests"] for v in by_tag.values()] == [1]
+    assert list(plain["acme"]) == ["gpt-4o"]  # no attribution cell among the models
