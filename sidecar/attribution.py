@@ -12,7 +12,7 @@ tenant and day by ``SpendCap`` with an ``_other`` bucket."""
 from __future__ import annotations
 
 import re
-from typing import Callable, Mapping, NamedTuple
+from typing import Callable, Iterable, Mapping, NamedTuple
 
 import msgspec
 
@@ -76,6 +76,18 @@ def read(headers: Mapping[str, str], cfg: AttributionConfig,
     if not cfg.trusted:
         return NONE
     user = headers.get(cfg.user_header, "")
+    text = headers.get(cfg.tags_header, "")
+    if not user and not text:
+        return NONE
+    if len(text) > TAGS_HEADER_MAX_LEN:
+        dropped("tags", "too_long")
+        text = ""
+    return bounded(user, text.split(",") if text else (), dropped)
+
+
+def bounded(user: str, tags: Iterable[str], dropped: Dropped = _ignore) -> Attribution:
+    """The values that pass their bounds (the others told to ``dropped``): a header's,
+    or a usage report's (`POST /v1/usage` "user" and "tags")."""
     if user:
         if len(user) > USER_MAX_LEN:
             dropped("user", "too_long")
@@ -83,26 +95,20 @@ def read(headers: Mapping[str, str], cfg: AttributionConfig,
         elif not valid_user(user):
             dropped("user", "charset")
             user = ""
-    text = headers.get(cfg.tags_header, "")
-    if not text:
-        return Attribution(user) if user else NONE
-    if len(text) > TAGS_HEADER_MAX_LEN:
-        dropped("tags", "too_long")
-        return Attribution(user) if user else NONE
-    tags: list[str] = []
-    for raw in text.split(","):
+    kept: list[str] = []
+    for raw in tags:
         tag = raw.strip()
-        if not tag or tag in tags:
+        if not tag or tag in kept:
             continue
         if len(tag) > TAG_MAX_LEN:
             dropped("tags", "too_long")
         elif _TAG.fullmatch(tag) is None:
             dropped("tags", "charset")
-        elif len(tags) >= TAGS_MAX:
+        elif len(kept) >= TAGS_MAX:
             dropped("tags", "too_many")
         else:
-            tags.append(tag)
-    return Attribution(user, tuple(tags))
+            kept.append(tag)
+    return Attribution(user, tuple(kept)) if user or kept else NONE
 
 
 def joined(tags: tuple[str, ...]) -> str:

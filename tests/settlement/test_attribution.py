@@ -26,6 +26,7 @@ from sidecar.policy.load import PolicyError, parse_policy
 from sidecar.settlement.book import parse_reservation, reservation_record
 from tests.support.inproc import RunningSidecar
 from tests.support.policies import TIERS_AND_CACHE_PRICING
+from tests.support.procs import post_json
 
 POLICY = """
 tenant: {header: x-tenant-id, unknown: defaults}
@@ -268,3 +269,27 @@ def test_spend_by_user_and_tag_on_redis_from_another_replica(empty_valkey):
     assert list(by_user) == ["alice"] and by_user["alice"]["input_tokens"] == 100
     assert [list(v.values())[0]["requests"] for v in by_tag.values()] == [1]
     assert list(plain["acme"]) == ["gpt-4o"]  # no attribution cell among the models
+
+
+def test_a_usage_report_may_name_the_user_and_tags_bounded_like_a_header():
+    """`POST /v1/usage` (the admin token's holder) attributes usage no reservation did;
+    a value past its bounds is dropped and counted, the report still settles."""
+    with RunningSidecar(POLICY % "") as sc:
+        status, ack = post_json(f"{sc.admin_base}/v1/usage", {
+            "request_id": "rep-1", "tenant": "acme", "model": "gpt-4o", "input_tokens": 30,
+            "output_tokens": 3, "user": "dave", "tags": ["nightly", "no spaces please"]})
+        assert status == 200 and ack["applied"]
+        status, ack = post_json(f"{sc.admin_base}/v1/usage", {
+            "request_id": "rep-2", "tenant": "acme", "model": "gpt-4o", "input_tokens": 1,
+            "output_tokens": 1, "user": "x" * 500})
+        assert status == 200 and ack["applied"]
+        status, _ = post_json(f"{sc.admin_base}/v1/usage", {
+            "request_id": "rep-3", "tenant": "acme", "input_tokens": 1, "output_tokens": 1,
+            "tags": "not-a-list"})
+        assert status == 400
+        sc.run(_drain(sc))
+        assert spend(sc, "?by=user")["groups"]["dave"]["input_tokens"] == 30
+        assert list(spend(sc, "?by=tag")["groups"]) == ["nightly"]
+        metrics = sc.sidecar.service.metrics.attribution_dropped
+        assert metrics.labels("tags", "charset")._value.get() == 1
+        assert metrics.labels("user", "too_long")._value.get() == 1
