@@ -12,7 +12,7 @@ tenant and day by ``SpendCap`` with an ``_other`` bucket."""
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable, Mapping, NamedTuple
+from typing import Callable, Iterable, Mapping
 
 import msgspec
 
@@ -26,6 +26,10 @@ TAGS_HEADER_MAX_LEN = TAGS_MAX * (TAG_MAX_LEN + 2)
 _USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,%d}" % (USER_MAX_LEN - 1))
 _TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:=/-]{0,%d}" % (TAG_MAX_LEN - 1))
 OTHER = "_other"
+# a tags header as a well-behaved filter writes it (at most TAGS_MAX valid tags, commas
+# and nothing else): read with one match instead of one per tag (the decision's path)
+_TAGS_PLAIN = re.compile(r"{tag}(?:,{tag}){{0,{more}}}".format(
+    tag=_TAG.pattern, more=TAGS_MAX - 1))
 
 # the durable spend of a user or tag is a cell of its tenant's spend whose "model" is
 # "~user|<id>" or "~tag|<tag>": a policy's model cannot start with "~" (policy/load.py)
@@ -51,7 +55,10 @@ class AttributionConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True,
     trusted: bool = False
 
 
-class Attribution(NamedTuple):
+class Attribution(msgspec.Struct, frozen=True, gc=False):
+    """Whom below its tenant a request is for (a Struct: a NamedTuple's construction cost
+    four times as much, on the decision's path)."""
+
     user: str = ""
     tags: tuple[str, ...] = ()
 
@@ -79,6 +86,9 @@ def read(headers: Mapping[str, str], cfg: AttributionConfig,
     text = headers.get(cfg.tags_header, "")
     if not user and not text:
         return NONE
+    if text and (not user or _USER.fullmatch(user)) and _TAGS_PLAIN.fullmatch(text):
+        tags = text.split(",")
+        return Attribution(user, tuple(dict.fromkeys(tags)) if len(tags) > 1 else (text,))
     if len(text) > TAGS_HEADER_MAX_LEN:
         dropped("tags", "too_long")
         text = ""

@@ -47,6 +47,13 @@ def test_values_are_read_only_from_a_trusted_filter_and_bounded():
         == attribution.NONE and not dropped
     assert attribution.read(headers, TRUSTS) == Attribution(
         "alice@example.com", ("batch", "team:search"))  # trimmed, each tag once
+    # the well-formed header's one-match path says the same
+    assert attribution.read({"x-kt-end-user": "a.b", "x-kt-tags": "x,y=1,x"}, TRUSTS) \
+        == Attribution("a.b", ("x", "y=1"))
+    assert attribution.read({"x-kt-end-user": "bad user", "x-kt-tags": "x"}, TRUSTS) \
+        == Attribution("", ("x",))
+    nine = ",".join(f"t{i}" for i in range(9))
+    assert attribution.read({"x-kt-tags": nine}, TRUSTS).tags == tuple(nine.split(",")[:8])
     for user, why in (("u" * 129, "too_long"), ("bob smith", "charset"), ("_other", "charset"),
                       ("~user|x", "charset"), ("a\x00b", "charset"), ("é", "charset")):
         dropped.clear()
