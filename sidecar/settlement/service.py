@@ -316,8 +316,8 @@ class SettlementService:
         inp, out = bound.estimate_tokens(res)
         nano, unpriced = price(self.policy, res.model, Usage(inp, out))
         spend = SpendRecord(res.model, 1, inp, out, 0, 0, nano)
-        self._record_spend(res.tenant, spend, res.period_start_us,
-                           res.charged_cost if unit else 0)
+        self._record_spend(res.tenant, spend, period_start_us=res.period_start_us,
+                           held=res.charged_cost if unit else 0)
         att = _attribution_of(res)
         events.kept(self.ledger, self.policy, request_id, res, outcome, why, inp, out, nano,
                     unpriced, att)
@@ -333,24 +333,27 @@ class SettlementService:
             return
         day = day_of(at_us or time.time_ns() // 1000)
         named = [("user", att.user)] if att.user else []
+        cells = []
         for dimension, value in [*named, *(("tag", t) for t in att.tags)]:
             kept_as = self.attribution_cap.admit(tenant, day, dimension, value)
             if kept_as == attribution.OTHER:
                 self.metrics.attribution_spend_other.labels(dimension).inc()
-            self._record_spend(tenant, spend._replace(
-                model=attribution.spend_model(dimension, kept_as)), what="attributed")
+            cells.append(spend._replace(model=attribution.spend_model(dimension, kept_as)))
+        # one background task for all of them: a task per cell cost more than the writes
+        self._record_spend(tenant, *cells, what="attributed")
 
-    def _record_spend(self, tenant: str, spend: SpendRecord, period_start_us: int = -1,
+    def _record_spend(self, tenant: str, *spends: SpendRecord, period_start_us: int = -1,
                       held: int = 0, what: str = "of a kept reservation") -> None:
         """The durable spend of a request whose estimate stays charged (no settlement call
-        carries it; its charge ``held`` leaves the held part): written in the background,
-        never waited on by a decision."""
+        carries it; its charge ``held`` leaves the held part), or of its attribution's
+        cells: written in the background, in order, never waited on by a decision."""
         async def write() -> None:
-            try:
-                await self.backend.record_spend(tenant, spend, period_start_us, held)
-            except BackendError as exc:
-                log.warning("spend %s not recorded (tenant %s, model %s, %d nano-USD): %s",
-                            what, tenant, spend.model, spend.cost_nano_usd, exc)
+            for spend in spends:
+                try:
+                    await self.backend.record_spend(tenant, spend, period_start_us, held)
+                except BackendError as exc:
+                    log.warning("spend %s not recorded (tenant %s, model %s, %d nano-USD): "
+                                "%s", what, tenant, spend.model, spend.cost_nano_usd, exc)
 
         try:
             task = asyncio.get_running_loop().create_task(write())
