@@ -27,6 +27,7 @@ from sidecar.metrics import Metrics
 from sidecar.model import OTHER_MODELS, OTHER_TENANTS, valid_tenant
 from sidecar.policy.load import CompiledPolicy, TenantRule
 from sidecar.settlement import bound, events
+from sidecar.settlement.attributed import AttributedSpend
 from sidecar.settlement.book import (RESERVATIONS_MAX, Reservation, ReservationBook,
                                      ReservationIds, parse_reservation)
 from sidecar.settlement.late import LateRefunds
@@ -77,8 +78,8 @@ class SettlementService:
         # tenant of recently settled request ids, so a repeated report without a
         # tenant still reaches the backend's idempotency check (bounded, oldest out)
         self._settled_tenant: OrderedDict[str, str] = OrderedDict()
-        # users and tags whose spend this process writes, bounded per tenant and day
-        self.attribution_cap = attribution.SpendCap()
+        # the spend of users and tags, summed and written once a second (attributed.py)
+        self.attributed = AttributedSpend(backend, self.metrics, self.track)
 
     def replace_policy(self, policy: CompiledPolicy) -> None:
         self.policy = policy
@@ -239,7 +240,7 @@ class SettlementService:
                        outcome, settled_by, input_tokens, output_tokens, cached_tokens,
                        cache_write_tokens, nano, cost, unpriced, st.budget_spent, st.at_us,
                        att)
-        self._attribute_spend(tenant, att, spend, st.at_us)
+        self.attributed.add(tenant, att, spend, day_of(st.at_us or time.time_ns() // 1000))
 
     def _count_usage(self, request_id: str, tenant: str, rule: TenantRule, model: str,
                      source: str, input_tokens: int, output_tokens: int,
@@ -316,50 +317,30 @@ class SettlementService:
         inp, out = bound.estimate_tokens(res)
         nano, unpriced = price(self.policy, res.model, Usage(inp, out))
         spend = SpendRecord(res.model, 1, inp, out, 0, 0, nano)
-        self._record_spend(res.tenant, spend, period_start_us=res.period_start_us,
-                           held=res.charged_cost if unit else 0)
+        self._record_spend(res.tenant, spend, res.period_start_us,
+                           res.charged_cost if unit else 0)
         att = _attribution_of(res)
         events.kept(self.ledger, self.policy, request_id, res, outcome, why, inp, out, nano,
                     unpriced, att)
-        self._attribute_spend(res.tenant, att, spend)
+        self.attributed.add(res.tenant, att, spend, day_of(time.time_ns() // 1000))
 
-    def _attribute_spend(self, tenant: str, att: Attribution, spend: Optional[SpendRecord],
-                         at_us: int = 0) -> None:
-        """The request's spend again under its user and each of its tags (cells of the
-        tenant's durable spend, sidecar/attribution.py), in the background like a kept
-        estimate's: `kt spend --by user|tag` reads them. A store error loses them (logged;
-        the budget and the model's spend are already right, the events keep every value)."""
-        if spend is None or not (att.user or att.tags):
-            return
-        day = day_of(at_us or time.time_ns() // 1000)
-        named = [("user", att.user)] if att.user else []
-        cells = []
-        for dimension, value in [*named, *(("tag", t) for t in att.tags)]:
-            kept_as = self.attribution_cap.admit(tenant, day, dimension, value)
-            if kept_as == attribution.OTHER:
-                self.metrics.attribution_spend_other.labels(dimension).inc()
-            cells.append(spend._replace(model=attribution.spend_model(dimension, kept_as)))
-        # one background task for all of them: a task per cell cost more than the writes
-        self._record_spend(tenant, *cells, what="attributed")
-
-    def _record_spend(self, tenant: str, *spends: SpendRecord, period_start_us: int = -1,
-                      held: int = 0, what: str = "of a kept reservation") -> None:
+    def _record_spend(self, tenant: str, spend: SpendRecord, period_start_us: int = -1,
+                      held: int = 0) -> None:
         """The durable spend of a request whose estimate stays charged (no settlement call
-        carries it; its charge ``held`` leaves the held part), or of its attribution's
-        cells: written in the background, in order, never waited on by a decision."""
+        carries it; its charge ``held`` leaves the held part): written in the background,
+        never waited on by a decision."""
         async def write() -> None:
-            for spend in spends:
-                try:
-                    await self.backend.record_spend(tenant, spend, period_start_us, held)
-                except BackendError as exc:
-                    log.warning("spend %s not recorded (tenant %s, model %s, %d nano-USD): "
-                                "%s", what, tenant, spend.model, spend.cost_nano_usd, exc)
+            try:
+                await self.backend.record_spend(tenant, spend, period_start_us, held)
+            except BackendError as exc:
+                log.warning("spend of a kept reservation not recorded (tenant %s, model %s, "
+                            "%d nano-USD): %s", tenant, spend.model, spend.cost_nano_usd, exc)
 
         try:
             task = asyncio.get_running_loop().create_task(write())
         except RuntimeError:  # not on the event loop: never in the sidecar itself
-            log.error("spend %s not recorded (tenant %s): called off the event loop", what,
-                      tenant)
+            log.error("spend of a kept reservation not recorded (tenant %s): called off the "
+                      "event loop", tenant)
             return
         self.track(task)
 

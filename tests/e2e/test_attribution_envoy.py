@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import urllib.request
 
 import pytest
 import yaml
@@ -96,6 +97,11 @@ def test_a_clients_attribution_is_stripped_and_a_trusted_filters_reaches_the_boo
 
                 wait_until(lambda: len(usage_events()) == 2, 10, "both usage events",
                            sidecar.log)
+                # the spend of users and tags is written once a second
+                # (sidecar/settlement/attributed.py)
+                admin = f"http://127.0.0.1:{sidecar.admin_port}/v1/spend?by=user"
+                wait_until(lambda: json.load(urllib.request.urlopen(admin, timeout=5))["groups"],
+                           10, "the spend by user", sidecar.log)
                 assert kt(["spend", "--admin", f"127.0.0.1:{sidecar.admin_port}",
                            "--by", "user", "--json"]) == 0
                 by_user = json.loads(capsys.readouterr().out)["groups"]

@@ -14,6 +14,7 @@ import pytest
 
 from sidecar import attribution
 from sidecar.attribution import Attribution, AttributionConfig, SpendCap
+from sidecar.backends.memory import MemoryBackend
 from sidecar.backends.redis import RedisBackend
 from sidecar.ledger.events import UsageEvent
 from sidecar.ledger.recorder import Ledger
@@ -214,7 +215,9 @@ def test_every_outcome_carries_the_attribution_into_its_event_and_the_spend(ledg
 
 
 async def _drain(sc) -> None:
-    """Wait for the background spend writes (a kept estimate's, the attribution cells)."""
+    """Write the attribution cells summed so far and wait for the background spend
+    writes (a kept estimate's)."""
+    await sc.sidecar.service.settlement.attributed.flush()
     background = sc.sidecar.service.settlement._background
     while background:
         await asyncio.gather(*list(background), return_exceptions=True)
@@ -223,7 +226,7 @@ async def _drain(sc) -> None:
 def test_a_flood_of_user_ids_is_capped_and_counted(ledgered):
     sc, _, _ = ledgered
     svc = sc.sidecar.service.settlement
-    svc.attribution_cap = SpendCap(per_tenant_day=5)
+    svc.attributed.cap = SpendCap(per_tenant_day=5)
     for i in range(40):
         sc.run(svc.settle_usage(f"f-{i}", "acme", "gpt-4o", 10, 1, "report",
                                 att=Attribution(f"user-{i}")))
@@ -300,3 +303,32 @@ def test_a_usage_report_may_name_the_user_and_tags_bounded_like_a_header():
         metrics = sc.sidecar.service.metrics.attribution_dropped
         assert metrics.labels("tags", "charset")._value.get() == 1
         assert metrics.labels("user", "too_long")._value.get() == 1
+
+
+def test_the_cells_are_summed_written_at_once_and_a_clean_stop_writes_the_last(tmp_path):
+    """Fifty settlements of one user are one write of one cell per user and tag (a store
+    call per request and value would outnumber the settlements); a clean stop writes the
+    cells still summed, and the embedded backend's state file keeps them."""
+    from sidecar.backends.memory import MemoryBackend
+
+    state = str(tmp_path / "spend.json")
+    with RunningSidecar(POLICY % TRUSTED, backend=MemoryBackend(state_file=state)) as sc:
+        svc = sc.sidecar.service.settlement
+        writes: list[str] = []
+        record = svc.backend.record_spend
+
+        async def counted(tenant, spend, *args):
+            writes.append(spend.model)
+            await record(tenant, spend, *args)
+
+        svc.backend.record_spend = counted  # type: ignore[method-assign]
+        svc.attributed.interval_s = 3600  # only the stop writes them
+        for i in range(50):
+            sc.run(svc.settle_usage(f"s-{i}", "acme", "gpt-4o", 10, 1, "report",
+                                    att=Attribution("erin", ("nightly",))))
+        assert writes == []
+    assert sorted(writes) == ["~tag|nightly", "~user|erin"]
+    with RunningSidecar(POLICY % TRUSTED, backend=MemoryBackend(state_file=state)) as sc:
+        by_user = spend(sc, "?by=user")["groups"]
+    assert by_user == {"erin": by_user["erin"]} and by_user["erin"]["requests"] == 50
+    assert by_user["erin"]["input_tokens"] == 500
