@@ -41,7 +41,7 @@ DIMENSIONS = ("user", "tag")
 # costs at most this many cells per tenant and day and replica
 SPEND_VALUES_PER_TENANT_DAY = 10_000
 # names remembered at once over every tenant (today's and yesterday's): past it every new
-# name is spent under OTHER too, so the memory stays bounded (~100 bytes a name)
+# name is spent under OTHER too, so the memory stays bounded (~120 bytes a name)
 SPEND_NAMES_MAX = 200_000
 
 class AttributionConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True,
