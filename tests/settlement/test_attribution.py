@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from sidecar import attribution
+from sidecar import attribution, status
 from sidecar.attribution import Attribution, AttributionConfig, SpendCap
 from sidecar.backends.memory import MemoryBackend
 from sidecar.backends.redis import RedisBackend
@@ -22,6 +22,7 @@ from sidecar.ledger.sinks import FileSink, SpillFile, event_files, read_events
 from sidecar.ledger.spend import SpendCell, held_cell, report
 from sidecar.ledger.storable import original_text, storable
 from sidecar.ledger.writer import EventLog
+from sidecar.metrics import Metrics
 from sidecar.model import Kind, Request
 from sidecar.policy.load import PolicyError, parse_policy
 from sidecar.settlement.book import parse_reservation, reservation_record
@@ -309,8 +310,6 @@ def test_the_cells_are_summed_written_at_once_and_a_clean_stop_writes_the_last(t
     """Fifty settlements of one user are one write of one cell per user and tag (a store
     call per request and value would outnumber the settlements); a clean stop writes the
     cells still summed, and the embedded backend's state file keeps them."""
-    from sidecar.backends.memory import MemoryBackend
-
     state = str(tmp_path / "spend.json")
     with RunningSidecar(POLICY % TRUSTED, backend=MemoryBackend(state_file=state)) as sc:
         svc = sc.sidecar.service.settlement
@@ -332,3 +331,17 @@ def test_the_cells_are_summed_written_at_once_and_a_clean_stop_writes_the_last(t
         by_user = spend(sc, "?by=user")["groups"]
     assert by_user == {"erin": by_user["erin"]} and by_user["erin"]["requests"] == 50
     assert by_user["erin"]["input_tokens"] == 500
+
+
+def test_kt_status_counts_a_tenants_spend_once():
+    day = 20_000
+    cells = [SpendCell("acme", day, "gpt-4o", (2, 100, 10, 0, 0, 2000)),
+             SpendCell("acme", day, attribution.spend_model("user", "alice"), (2, 100, 10, 0, 0,
+                                                                              2000)),
+             SpendCell("acme", day, attribution.spend_model("tag", "batch"), (2, 100, 10, 0, 0,
+                                                                             2000))]
+    doc = status.document(ready=True, detail="", ledger="", backend="memory", policy_source="",
+                          policy_digest="", registry=Metrics().registry, today=day,
+                          cells=cells, failure_mode_last_minute=0)
+    assert [(t["tenant"], t["requests"], t["usd"]) for t in doc["top_tenants_today"]] == [
+        ("acme", 2, 2000 / 1e9)]
