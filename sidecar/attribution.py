@@ -34,7 +34,6 @@ _TAGS_PLAIN = re.compile(r"{tag}(?:,{tag}){{0,{more}}}".format(
 # the durable spend of a user or tag is a cell of its tenant's spend whose "model" is
 # "~user|<id>" or "~tag|<tag>": a policy's model cannot start with "~" (policy/load.py)
 SPEND_PREFIX = "~"
-DIMENSIONS = ("user", "tag")
 
 # what the spend of one tenant and UTC day may name, per dimension, in this process;
 # past it a new id or tag is spent under OTHER (counted): a flood of invented user ids
@@ -43,6 +42,7 @@ SPEND_VALUES_PER_TENANT_DAY = 10_000
 # names remembered at once over every tenant (today's and yesterday's): past it every new
 # name is spent under OTHER too, so the memory stays bounded (~120 bytes a name)
 SPEND_NAMES_MAX = 200_000
+
 
 class AttributionConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True,
                         kw_only=True):

@@ -51,10 +51,10 @@ class AttributedSpend:
             kept_as = self.cap.admit(tenant, day, dimension, value)
             if kept_as == attribution.OTHER:
                 self.metrics.attribution_spend_other.labels(dimension).inc()
-            cell = self._pending.get((tenant, attribution.spend_model(dimension, kept_as)))
+            key = (tenant, attribution.spend_model(dimension, kept_as))
+            cell = self._pending.get(key)
             if cell is None:
-                self._pending[(tenant, attribution.spend_model(dimension, kept_as))] = list(
-                    counts)
+                self._pending[key] = list(counts)
             else:
                 for k, v in enumerate(counts):
                     cell[k] += v
