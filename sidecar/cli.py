@@ -292,7 +292,7 @@ def _spend(args: argparse.Namespace) -> int:
 
     query = urllib.parse.urlencode({k: v for k, v in (
         ("since", args.since), ("until", args.until), ("period", args.period),
-        ("by", args.by)) if v})
+        ("by", args.by), ("tenant", args.tenant)) if v})
     try:
         doc = _admin_get(args, "spend", "/v1/spend", query)
     except _AdminFailed as failed:
@@ -525,6 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--by", metavar="KEY", default=None,
                    help="one row per tenant, model, user or tag (end users and tags: "
                         "docs/budgets.md, Attribution) instead of per tenant and model")
+    u.add_argument("--tenant", default=None, help="that tenant's spend only (e.g. with "
+                   "--by user: its own end users)")
     u.set_defaults(func=_spend)
 
     st = sub.add_parser("status", help="one screen from a running sidecar's admin port: "

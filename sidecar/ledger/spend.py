@@ -127,8 +127,8 @@ def _iso_us(us: int) -> str:
 def report(cells: Iterable[SpendCell], since_day: int, until_day: int, period: str,
            source: str, budget_unit: Optional[Callable[[str], str]] = None,
            by: Optional[str] = None,
-           group_keys: Mapping[str, Callable[[SpendCell], Optional[str]]] = GROUP_KEYS
-           ) -> dict:
+           group_keys: Mapping[str, Callable[[SpendCell], Optional[str]]] = GROUP_KEYS,
+           tenant: Optional[str] = None) -> dict:
     """The /v1/spend document. ``until_day`` is inclusive. With period "total" the shape is
     tenants -> model -> counts; with "day" / "month", tenants -> period -> model -> counts.
     Beside it, ``held``: tenant -> {amount, unit, periods: {budget period start (UTC ISO):
@@ -137,12 +137,15 @@ def report(cells: Iterable[SpendCell], since_day: int, until_day: int, period: s
     the budget holds.
     ``by`` (a key of ``group_keys``): instead of ``tenants``, ``"by": by`` and
     ``groups``: group -> counts (period "total") or group -> period -> counts; users and
-    tags past a tenant's daily cap are one group, ``_other``."""
+    tags past a tenant's daily cap are one group, ``_other``. ``tenant``: that tenant's
+    cells only (and its held amount), e.g. its own users."""
     group_of = group_keys[by] if by is not None else None
     groups: dict[str, dict[str, list[int]]] = {}
     acc: dict[str, dict[str, dict[str, list[int]]]] = {}
     held: dict[str, dict[int, int]] = {}
     for cell in cells:
+        if tenant is not None and cell.tenant != tenant:
+            continue
         if cell.day == HELD_DAY:
             if cell.counts[0]:
                 holds = held.setdefault(cell.tenant, {})
@@ -165,23 +168,25 @@ def report(cells: Iterable[SpendCell], since_day: int, until_day: int, period: s
         for k, v in enumerate(cell.counts):
             cur[k] += v
     tenants: dict = {}
-    for tenant, periods in sorted(acc.items()):
+    for name, periods in sorted(acc.items()):
         if period == "total":
-            tenants[tenant] = {m: _row(c) for m, c in sorted(periods.get("total", {}).items())}
+            tenants[name] = {m: _row(c) for m, c in sorted(periods.get("total", {}).items())}
         else:
-            tenants[tenant] = {p: {m: _row(c) for m, c in sorted(models.items())}
-                               for p, models in sorted(periods.items())}
+            tenants[name] = {p: {m: _row(c) for m, c in sorted(models.items())}
+                             for p, models in sorted(periods.items())}
     held_doc = {}
-    for tenant, holds in sorted(held.items()):
-        unit = budget_unit(tenant) if budget_unit is not None else ""
+    for name, holds in sorted(held.items()):
+        unit = budget_unit(name) if budget_unit is not None else ""
         amount = sum(holds.values())
         row: dict = {"amount": amount, "unit": unit,
                      "periods": {_iso_us(ps): a for ps, a in sorted(holds.items())}}
         if unit == "usd":
             row["usd"] = amount / 1e9
-        held_doc[tenant] = row
+        held_doc[name] = row
     doc: dict = {"since": date_of(since_day).isoformat(), "until": date_of(until_day).isoformat(),
            "period": period, "source": source, "held": held_doc}
+    if tenant is not None:
+        doc["tenant"] = tenant
     if group_of is None:
         doc["tenants"] = tenants
         return doc
@@ -196,10 +201,18 @@ def report(cells: Iterable[SpendCell], since_day: int, until_day: int, period: s
 LAST_DAY = 2_932_896  # 9999-12-31
 
 
+class SpendQuery(NamedTuple):
+    since_day: int
+    until_day: int  # included
+    period: str  # day, month, total
+    by: Optional[str] = None  # a group key; None: per tenant and model
+    tenant: Optional[str] = None  # one tenant's cells only (its users, its tags...)
+
+
 def parse_query(query: dict[str, list[str]],
-                group_keys: Iterable[str] = GROUP_KEYS) -> tuple[int, int, str, Optional[str]]:
-    """(since_day, until_day, period, by) from /v1/spend's query string; ValueError if
-    bad. Defaults: everything kept, one total per tenant and model (by None)."""
+                group_keys: Iterable[str] = GROUP_KEYS) -> SpendQuery:
+    """/v1/spend's query string; ValueError if bad. Defaults: everything kept, one total
+    per tenant and model, every tenant."""
     def one(name: str) -> Optional[str]:
         values = query.get(name)
         return values[-1] if values else None
@@ -216,7 +229,7 @@ def parse_query(query: dict[str, list[str]],
     keys = sorted(group_keys)
     if by is not None and by not in keys:
         raise ValueError(f"by must be one of {', '.join(keys)}, got {by[:20]!r}")
-    return since, until, period, by
+    return SpendQuery(since, until, period, by, one("tenant") or None)
 
 
 def cells_from_fields(tenant: str, fields: dict) -> list[SpendCell]:

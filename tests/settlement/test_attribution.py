@@ -140,6 +140,10 @@ def test_grouping_by_each_key_counts_each_request_once():
     assert groups("model") == {"gpt-4o": (3, 2300), "gpt-4o-mini": (1, 100)}
     assert groups("user") == {"alice": (3, 2350), "_other": (1, 50)}
     assert groups("tag") == {"batch": (3, 2100)}
+    # one tenant's own: its users only, its held amount only
+    beta = report(cells, 0, 10**6, "total", "memory", by="user", tenant="beta")
+    assert {u: v["requests"] for u, v in beta["groups"].items()} == {"alice": 1}
+    assert beta["held"] == {} and beta["tenant"] == "beta"
     assert groups("user", "day") == {"alice": {"2024-10-04": 2050, "2024-10-05": 300},
                                      "_other": {"2024-10-04": 50}}
     # the usual report (and anything that sums a tenant's spend) never counts them twice
@@ -210,6 +214,8 @@ def test_every_outcome_carries_the_attribution_into_its_event_and_the_spend(ledg
     assert by_tenant["acme"]["cost_nano_usd"] == sum(
         e.cost_nano_usd for e in events.values() if e.outcome != "released")
     assert spend(sc, "")["tenants"]["acme"]["gpt-4o"]["requests"] == 4
+    assert spend(sc, "?by=user&tenant=acme")["groups"].keys() == by_user.keys()
+    assert spend(sc, "?by=user&tenant=someone-else")["groups"] == {}
     # no metric has a user or a tag in it
     exposition = urllib.request.urlopen(f"{sc.http_base}/metrics", timeout=5).read().decode()
     assert "alice" not in exposition and "batch" not in exposition
