@@ -143,6 +143,8 @@ def _envoy_config(args: argparse.Namespace) -> int:
         mode=args.mode, usage=args.usage,
         failure_mode=args.failure_mode, tenant_header=policy.tenant_header,
         estimate_header=policy.estimate.header, estimate_trusted=policy.estimate.trusted,
+        attribution_headers=(policy.attribution.user_header, policy.attribution.tags_header),
+        attribution_trusted=policy.attribution.trusted,
         tenant_metadata_namespace=policy.tenant_metadata[0] if policy.tenant_metadata else "",
         jwt_issuer=args.jwt_issuer or "", jwt_jwks_file=args.jwt_jwks_file or "",
         jwt_audiences=tuple(args.jwt_audience), sidecar_token_file=args.sidecar_token_file or "",
@@ -289,7 +291,8 @@ def _spend(args: argparse.Namespace) -> int:
     import urllib.parse
 
     query = urllib.parse.urlencode({k: v for k, v in (
-        ("since", args.since), ("until", args.until), ("period", args.period)) if v})
+        ("since", args.since), ("until", args.until), ("period", args.period),
+        ("by", args.by), ("tenant", args.tenant)) if v})
     try:
         doc = _admin_get(args, "spend", "/v1/spend", query)
     except _AdminFailed as failed:
@@ -298,6 +301,15 @@ def _spend(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2, sort_keys=True))
         return 0
     period = doc.get("period", "total")
+    if args.by:  # one row per group (and period): the groups' own names, bounded by the sidecar
+        print(f"{args.by:<32} {'period':<10} {'requests':>9} {'input':>12} {'output':>12} "
+              f"{'cached':>10} {'usd':>16}")
+        for g, by in sorted(doc["groups"].items()):
+            for p, v in sorted(({"": by} if period == "total" else by).items()):
+                print(f"{g:<32} {p or 'all':<10} {v.get('requests', 0):>9} "
+                      f"{v['input_tokens']:>12} {v['output_tokens']:>12} "
+                      f"{v.get('cached_tokens', 0):>10} {v['usd']:>16.9f}")
+        return 0
     rows = []
     for t, by in sorted(doc["tenants"].items()):
         periods = {"": by} if period == "total" else by
@@ -508,6 +520,13 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--until", metavar="YYYY-MM-DD", help="last UTC day, included")
     u.add_argument("--period", choices=["day", "month", "total"], default=None,
                    help="one row per tenant, model and day/month (default: total)")
+    # the sidecar checks the key (/v1/spend?by=, sidecar/ledger/spend.py GROUP_KEYS): a
+    # key it gains needs no change here
+    u.add_argument("--by", metavar="KEY", default=None,
+                   help="one row per tenant, model, user or tag (end users and tags: "
+                        "docs/budgets.md, Attribution) instead of per tenant and model")
+    u.add_argument("--tenant", default=None, help="that tenant's spend only (e.g. with "
+                   "--by user: its own end users)")
     u.set_defaults(func=_spend)
 
     st = sub.add_parser("status", help="one screen from a running sidecar's admin port: "

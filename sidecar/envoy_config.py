@@ -214,6 +214,11 @@ class EnvoyOptions:
     # policy `estimate.trusted`: a filter of the operator's sets the estimate header; else
     # a client's own is removed at the edge (the sidecar ignores it too)
     estimate_trusted: bool = False
+    # policy `attribution`: the end-user and tags headers (sidecar/attribution.py), under
+    # the estimate's trust model: a client's own are removed at the edge unless a filter of
+    # the operator's sets them (`trusted`); then the decision and the access log read them
+    attribution_headers: tuple[str, ...] = ("x-kt-end-user", "x-kt-tags")
+    attribution_trusted: bool = False
     # namespace of dynamic metadata to send to ext_authz (policy `tenant.metadata`)
     tenant_metadata_namespace: str = ""
     # Envoy's jwt_authn in front of the decision: the tenant then comes from a validated
@@ -598,7 +603,7 @@ def _http_authz(o: EnvoyOptions) -> dict:
     """ext_authz over HTTP to `kt serve --http-authz`: the same contract, header by header."""
     # content-encoding: a compressed body is refused by the decision (sidecar/estimate.py)
     allowed = [o.tenant_header, o.estimate_header, "x-request-id", "content-type",
-               "content-encoding"]
+               "content-encoding", *_trusted_attribution(o)]
     client = [{"prefix": "x-ratelimit-"}, {"prefix": "x-kt-budget-"}]
     cfg: dict = {
         "@type": TYPE + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
@@ -697,6 +702,11 @@ def _usage_lua(request_only: bool = False, decided_bytes: int = 65536) -> dict:
         "default_source_code": {"inline_string": source}}}
 
 
+def _trusted_attribution(o: EnvoyOptions) -> list[str]:
+    """The attribution headers the sidecar reads: none unless a trusted filter sets them."""
+    return list(o.attribution_headers) if o.attribution_trusted else []
+
+
 def _usage_access_log(o: EnvoyOptions) -> dict:
     """Envoy's gRPC access log to the sidecar: one entry per admitted request (the decision
     header is on the request only when ext_authz admitted it), with the usage the Lua filter
@@ -719,9 +729,11 @@ def _usage_access_log(o: EnvoyOptions) -> dict:
             # the model the decision routed to (the SLIs' model label of a reply without
             # usage, sidecar/upstream_sli.py) and, with providers, which one answered
             # (kt_upstream_responses_total, the SLIs' provider label)
+            # and whom below the tenant the request is for, when a trusted filter says so
+            # (usage settled without a reservation: sidecar/attribution.py)
             "additional_request_headers_to_log": [
                 contract.H_TENANT, contract.H_RESERVATION, contract.H_MODEL] + (
-                [contract.H_PROVIDER] if o.providers else []),
+                [contract.H_PROVIDER] if o.providers else []) + _trusted_attribution(o),
         },
     }
 
@@ -870,6 +882,8 @@ def bootstrap(o: EnvoyOptions) -> dict:
                              if o.providers or h not in PROVIDER_HEADERS]
     if not o.estimate_trusted:  # a client must not set its own estimate (docs/security.md)
         mutations.append({"remove": o.estimate_header})
+    if not o.attribution_trusted:  # nor name the end user or tags its spend goes to
+        mutations += [{"remove": h} for h in o.attribution_headers]
     # nor its own request id: Envoy then makes one (it preserves a client's id when it
     # deems the client internal, e.g. on loopback or RFC 1918, whatever use_remote_address says)
     mutations.append({"remove": "x-request-id"})

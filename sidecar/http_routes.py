@@ -70,21 +70,22 @@ def json_error(status: int, kind: str, code: str, message: str) -> HttpResponse:
 async def spend_report(backend: Backend, query: str,
                        slowly: Callable[[Callable[[], bytes]], Awaitable[Optional[bytes]]],
                        budget_unit: Callable[[str], str]) -> HttpResponse:
-    """GET /v1/spend[?since=YYYY-MM-DD&until=YYYY-MM-DD&period=day|month|total]: the
-    durable spend the backend keeps (every tenant, every replica's requests;
-    sidecar/ledger/spend.py). Summed by ``slowly`` (off the event loop); ``budget_unit``:
+    """GET /v1/spend[?since=YYYY-MM-DD&until=YYYY-MM-DD&period=day|month|total&by=KEY
+    &tenant=NAME]: the durable spend the backend keeps (every tenant, every replica's
+    requests; sidecar/ledger/spend.py). Summed by ``slowly`` (off the event loop); ``budget_unit``:
     a tenant's budget unit under the policy in force ("" without a budget)."""
     try:
-        since, until, period = parse_query(parse_qs(query))
+        q = parse_query(parse_qs(query))
     except ValueError as exc:
         return json_error(400, "invalid_request_error", "invalid_query", str(exc))
     try:
-        cells = await asyncio.wait_for(backend.spend_cells(since, until), 10)
+        cells = await asyncio.wait_for(backend.spend_cells(q.since_day, q.until_day), 10)
     except (BackendError, asyncio.TimeoutError) as exc:
         return json_error(503, "service_unavailable", "limiter_unavailable",
                           f"spend not readable, retry: {exc}")
     doc = await slowly(lambda: json.dumps(
-        report(cells, since, until, period, backend.name, budget_unit),
+        report(cells, q.since_day, q.until_day, q.period, backend.name, budget_unit, q.by,
+               tenant=q.tenant),
         sort_keys=True).encode())
     if doc is None:
         return text(503, "busy, retry\n")

@@ -139,6 +139,15 @@ class Metrics:
         self.token_rate_refusals = Counter(
             "kt_token_rate_refusals", "Requests of flagged tenants refused or downgraded by "
             "the policy's `anomaly.action`, by action.", ["action"], registry=r)
+        # attribution (sidecar/attribution.py): bounded labels only, never a user or a tag
+        self.attribution_dropped = Counter(
+            "kt_attribution_dropped", "End-user ids and tags refused where they enter (too "
+            "long, a character outside their set, tags past the count), by field and why: the "
+            "request goes on without them.", ["field", "why"], registry=r)
+        self.attribution_spend_other = Counter(
+            "kt_attribution_spend_other", "Users and tags whose spend went to the `_other` "
+            "cell: their tenant's day already named the most this sidecar keeps, by dimension.",
+            ["dimension"], registry=r)
         self.backend_ready = Gauge(
             "kt_backend_ready", "1 when the backend answers, 0 when decisions fall back to the "
             "failure mode.", ["backend"], registry=r)

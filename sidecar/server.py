@@ -181,6 +181,8 @@ class Sidecar:
         await keep_open_reservations(self.service.settlement, self.cfg.grace_s)
         # settlements whose reply was lost: a moment to read their outcome from the store
         await self.service.settlement.settler.close(self.cfg.grace_s)
+        # the last second's spend of users and tags (sidecar/settlement/attributed.py)
+        await self.service.settlement.attributed.flush()
         await self.backend.close()
         # after the drain: the last settlements' events are in the buffer; written (or
         # spilled) by the writer thread, off the event loop

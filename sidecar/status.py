@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from sidecar.ledger.spend import KINDS, SpendCell, date_of
+from sidecar.ledger.spend import KINDS, SpendCell, attributed, date_of
 
 TOP_TENANTS = 10
 _COST = KINDS.index("c")
@@ -49,7 +49,7 @@ def document(*, ready: bool, detail: str, ledger: str, backend: str, policy_sour
         budgets.setdefault(labels["tenant"], {"unit": labels["unit"]})["limit"] = value
     spend: dict[str, list[int]] = {}
     for cell in cells or ():
-        if cell.day == today:
+        if cell.day == today and not attributed(cell):  # a user's: the request again
             t = spend.setdefault(cell.tenant, [0, 0])
             t[0] += cell.counts[_COST]
             t[1] += cell.counts[_REQUESTS]

@@ -43,7 +43,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     # metrics, credentials, usage formats and prices, addresses
     ("values", ["sidecar.contract", "sidecar.model", "sidecar.endpoints", "sidecar.metrics",
                 "sidecar.auth", "sidecar.address", "sidecar.stop_signals", "sidecar.burstlog",
-                "sidecar.upstream_sli"]),
+                "sidecar.upstream_sli", "sidecar.attribution"]),
     # generated or compiled: the decision core (native/core.pyx) and our protobufs
     ("core", ["sidecar._core", "sidecar._proto"]),
 ]

@@ -12,7 +12,7 @@ import logging
 import time
 from typing import Optional, Sequence
 
-from sidecar import _core
+from sidecar import _core, attribution
 from sidecar.anomaly import TokenRateWatch
 from sidecar.backends.base import (Backend, BackendError, BackendOverloaded, BackendTimeout,
                                    Candidate, LateReply)
@@ -202,15 +202,19 @@ class Decider:
             served = policy.tiers[out.tier].model
             bound_output = output_bound(policy, served, est, out.charged_tokens)
             stored = stored_input_bound(policy, served, est)
+            # whom below the tenant the request is for (a trusted filter's headers only)
+            att = attribution.read(req.headers, policy.attribution, self._attribution_dropped)
             self.reservations.put(rid, tenant, out.tier, served,
                                   out.charged_tokens, out.charged_cost, out.period_start_us,
                                   time.monotonic(), est.model or policy.tiers[asked].model,
                                   _ledger_decision(CORE_KINDS[out.kind], out.tier > wanted),
-                                  provider, est.input_tokens, bound_output, stored)
+                                  provider, est.input_tokens, bound_output, stored,
+                                  att.user, attribution.joined(att.tags))
             if self.backend.shares_reservations:
                 self.backend.share_reservation(tenant, rid, reservation_record(
                     out.tier, served, out.charged_tokens, out.charged_cost,
-                    out.period_start_us, provider, est.input_tokens, bound_output, stored))
+                    out.period_start_us, provider, est.input_tokens, bound_output, stored,
+                    att.user, attribution.joined(att.tags)))
         tier = policy.tiers[out.tier]
         kind = CORE_KINDS[out.kind]
         admitted = kind in (Kind.ALLOW, Kind.DOWNGRADE)
@@ -223,6 +227,9 @@ class Decider:
                         priority=rule.priority, outcome=out, shadow=not admitted and rule.shadow,
                         downgraded=out.tier > wanted, budget_unit=rule.budget_unit,
                         reservation_id=rid, provider=provider, reason=reason)
+
+    def _attribution_dropped(self, field: str, why: str) -> None:
+        self.metrics.attribution_dropped.labels(field, why).inc()
 
     def _late_key(self, decision: Decision, req: Request) -> str:
         """Where a timed-out decision that Redis applies after all is kept: under the

@@ -52,6 +52,10 @@ class UsageEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", ta
     upstream_us: int = 0  # first byte sent to the provider -> last byte of its reply
     ttft_us: int = 0  # first byte sent -> first byte of the reply (time to first token)
     endpoint: str = ""  # the route's name ("POST /v1/chat/completions"), never the raw path
+    # attribution below the tenant (sidecar/attribution.py): the end user's id and the
+    # request's tags, when a trusted filter set them ("" / []: none)
+    user: str = ""
+    tags: tuple[str, ...] = ()
 
     @property
     def key(self) -> tuple[str, str, str]:

@@ -24,7 +24,7 @@ from sidecar.ledger.events import Event, RefusalsEvent, ThresholdEvent, UsageEve
 from sidecar.ledger.sinks import SinkError, SinkRefused
 
 log = logging.getLogger("kt.ledger")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 
 SCHEMA = """
@@ -117,13 +117,22 @@ ALTER TABLE kt_usage_events
     ADD COLUMN IF NOT EXISTS ttft_ms     double precision,  -- request sent -> reply's first byte
     ADD COLUMN IF NOT EXISTS endpoint    text;              -- the route's name: POST /v1/...
 """,
+    # attribution below the tenant (sidecar/attribution.py); NULL: none (a row written
+    # before, a request no trusted filter attributed). No index: building one would lock
+    # the table's writes for as long as it takes; docs/ledger.md has the CONCURRENTLY one
+    3: """
+ALTER TABLE kt_usage_events
+    ADD COLUMN IF NOT EXISTS end_user text,     -- the end user's id
+    ADD COLUMN IF NOT EXISTS tags     text[];   -- the request's tags
+""",
 }
 
 USAGE_COLUMNS = ("tenant", "request_id", "outcome", "settled_by", "decided_at", "settled_at",
                  "model_asked", "model_served", "tier", "provider", "decision",
                  "estimate_tokens", "input_tokens", "output_tokens", "cached_tokens",
                  "cache_write_tokens", "cost_nano_usd", "budget_unit", "budget_charge",
-                 "unpriced", "instance", "status", "upstream_ms", "ttft_ms", "endpoint")
+                 "unpriced", "instance", "status", "upstream_ms", "ttft_ms", "endpoint",
+                 "end_user", "tags")
 _SUMS = ("input_tokens", "output_tokens", "cached_tokens", "cache_write_tokens",
          "cost_nano_usd", "budget_charge")
 
@@ -249,7 +258,8 @@ class PostgresSink:
                                     e.unpriced, e.instance, e.status or None,
                                     e.upstream_us / 1000 if e.upstream_us else None,
                                     e.ttft_us / 1000 if e.ttft_us else None,
-                                    e.endpoint or None))
+                                    e.endpoint or None, e.user or None,
+                                    list(e.tags) if e.tags else None))
                         cur.execute(_INSERT_AND_ROLL_UP)
                 if refusals:
                     with conn.cursor() as cur:

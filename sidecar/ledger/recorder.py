@@ -66,7 +66,8 @@ class Ledger:
                tier: str = "", provider: str = "", decision: str = "", estimate_tokens: int = 0,
                input_tokens: int = 0, output_tokens: int = 0, cached_tokens: int = 0,
                cache_write_tokens: int = 0, cost_nano_usd: int = 0, budget_unit: str = "",
-               budget_charge: int = 0, unpriced: bool = False, settled_us: int = 0) -> None:
+               budget_charge: int = 0, unpriced: bool = False, settled_us: int = 0,
+               user: str = "", tags: tuple[str, ...] = ()) -> None:
         """``settled_us``: when the backend applied it, on the clock that dated the
         durable spend (0: this recorder's clock, now). The provider's answer (status,
         timings, endpoint) comes from sidecar/upstream_sli.py's context variable."""
@@ -85,7 +86,7 @@ class Ledger:
             cache_write_tokens=cache_write_tokens, cost_nano_usd=cost_nano_usd,
             budget_unit=budget_unit, budget_charge=budget_charge, unpriced=unpriced,
             instance=self.instance, status=up.status, upstream_us=up.upstream_us,
-            ttft_us=up.ttft_us, endpoint=up.endpoint))
+            ttft_us=up.ttft_us, endpoint=up.endpoint, user=user, tags=tags))
 
     # --- refusals -----------------------------------------------------------
     def refused(self, tenant: str, reason: str, now_us: Optional[int] = None) -> None:

@@ -4,11 +4,16 @@ the state file), and the ``/v1/spend`` / ``kt spend`` report over any period.
 
 A backend stores cells keyed (tenant, day, model) with six integer counts: requests,
 input, output, cache read and cache write tokens, and cost in nano-USD. ``report``
-sums them by period (day, month or the whole range)."""
+sums them by period (day, month or the whole range), per tenant and model, or by one
+of ``GROUP_KEYS`` (tenant, model, user, tag). A user's or a tag's spend is a cell of its
+own whose "model" names it (sidecar/attribution.py): the same request counted again,
+so only ``by=user|tag`` reads those cells, and every other sum leaves them out."""
 from __future__ import annotations
 
 import datetime
-from typing import Callable, Iterable, NamedTuple, Optional
+from typing import Callable, Iterable, Mapping, NamedTuple, Optional
+
+from sidecar.attribution import of_spend_model
 
 DAY_US = 86_400_000_000
 KINDS = ("n", "i", "o", "cr", "cw", "c")  # the order of SpendRecord's counts
@@ -48,6 +53,30 @@ HELD_FIELD = "h"  # Redis: spend hash field "h|<period start µs>" (lua/common.l
 
 def held_cell(tenant: str, period_start_us: int, amount: int) -> SpendCell:
     return SpendCell(tenant, HELD_DAY, str(period_start_us), (amount,))
+
+
+def attributed(cell: SpendCell) -> bool:
+    """A user's or a tag's cell (the request's spend again, under its attribution)."""
+    return of_spend_model(cell.model)[0] != ""
+
+
+def _attribution_key(dimension: str) -> Callable[[SpendCell], Optional[str]]:
+    def key(cell: SpendCell) -> Optional[str]:
+        named, value = of_spend_model(cell.model)
+        return value if named == dimension else None
+    return key
+
+
+# `/v1/spend?by=KEY`, `kt spend --by KEY`: the group a cell's spend counts under (None:
+# not counted by that key). One line per key: the hierarchy's team will be one more,
+# a tenant's parent under the policy in force (a key that needs the policy is given
+# to ``report`` by its caller, beside these).
+GROUP_KEYS: dict[str, Callable[[SpendCell], Optional[str]]] = {
+    "tenant": lambda cell: None if attributed(cell) else cell.tenant,
+    "model": lambda cell: None if attributed(cell) else cell.model,
+    "user": _attribution_key("user"),
+    "tag": _attribution_key("tag"),
+}
 
 
 def in_range(cell: SpendCell, since_day: int, until_day: int) -> bool:
@@ -96,53 +125,94 @@ def _iso_us(us: int) -> str:
 
 
 def report(cells: Iterable[SpendCell], since_day: int, until_day: int, period: str,
-           source: str, budget_unit: Optional[Callable[[str], str]] = None) -> dict:
+           source: str, budget_unit: Optional[Callable[[str], str]] = None,
+           by: Optional[str] = None,
+           group_keys: Mapping[str, Callable[[SpendCell], Optional[str]]] = GROUP_KEYS,
+           tenant: Optional[str] = None) -> dict:
     """The /v1/spend document. ``until_day`` is inclusive. With period "total" the shape is
     tenants -> model -> counts; with "day" / "month", tenants -> period -> model -> counts.
     Beside it, ``held``: tenant -> {amount, unit, periods: {budget period start (UTC ISO):
     amount}}, what each budget holds now for requests not settled yet and leased capacity
     (in the unit ``budget_unit(tenant)`` names, "usd" = nano-USD); settled + held = what
-    the budget holds."""
+    the budget holds.
+    ``by`` (a key of ``group_keys``): instead of ``tenants``, ``"by": by`` and
+    ``groups``: group -> counts (period "total") or group -> period -> counts; users and
+    tags past a tenant's daily cap are one group, ``_other``. ``tenant``: that tenant's
+    cells only (and its held amount), e.g. its own users."""
+    group_of = group_keys[by] if by is not None else None
+    groups: dict[str, dict[str, list[int]]] = {}
     acc: dict[str, dict[str, dict[str, list[int]]]] = {}
     held: dict[str, dict[int, int]] = {}
     for cell in cells:
+        if tenant is not None and cell.tenant != tenant:
+            continue
         if cell.day == HELD_DAY:
             if cell.counts[0]:
-                by = held.setdefault(cell.tenant, {})
-                by[int(cell.model)] = by.get(int(cell.model), 0) + cell.counts[0]
+                holds = held.setdefault(cell.tenant, {})
+                holds[int(cell.model)] = holds.get(int(cell.model), 0) + cell.counts[0]
             continue
         if not since_day <= cell.day <= until_day:
+            continue
+        if group_of is not None:
+            group = group_of(cell)
+            if group is not None:
+                into = groups.setdefault(group, {}).setdefault(period_key(cell.day, period),
+                                                                [0] * 6)
+                for k, v in enumerate(cell.counts):
+                    into[k] += v
+            continue
+        if attributed(cell):
             continue
         slot = acc.setdefault(cell.tenant, {}).setdefault(period_key(cell.day, period), {})
         cur = slot.setdefault(cell.model, [0] * 6)
         for k, v in enumerate(cell.counts):
             cur[k] += v
     tenants: dict = {}
-    for tenant, periods in sorted(acc.items()):
+    for name, periods in sorted(acc.items()):
         if period == "total":
-            tenants[tenant] = {m: _row(c) for m, c in sorted(periods.get("total", {}).items())}
+            tenants[name] = {m: _row(c) for m, c in sorted(periods.get("total", {}).items())}
         else:
-            tenants[tenant] = {p: {m: _row(c) for m, c in sorted(models.items())}
-                               for p, models in sorted(periods.items())}
+            tenants[name] = {p: {m: _row(c) for m, c in sorted(models.items())}
+                             for p, models in sorted(periods.items())}
     held_doc = {}
-    for tenant, by in sorted(held.items()):
-        unit = budget_unit(tenant) if budget_unit is not None else ""
-        amount = sum(by.values())
+    for name, holds in sorted(held.items()):
+        unit = budget_unit(name) if budget_unit is not None else ""
+        amount = sum(holds.values())
         row: dict = {"amount": amount, "unit": unit,
-                     "periods": {_iso_us(ps): a for ps, a in sorted(by.items())}}
+                     "periods": {_iso_us(ps): a for ps, a in sorted(holds.items())}}
         if unit == "usd":
             row["usd"] = amount / 1e9
-        held_doc[tenant] = row
-    return {"since": date_of(since_day).isoformat(), "until": date_of(until_day).isoformat(),
-            "period": period, "source": source, "tenants": tenants, "held": held_doc}
+        held_doc[name] = row
+    doc: dict = {"since": date_of(since_day).isoformat(), "until": date_of(until_day).isoformat(),
+           "period": period, "source": source, "held": held_doc}
+    if tenant is not None:
+        doc["tenant"] = tenant
+    if group_of is None:
+        doc["tenants"] = tenants
+        return doc
+    doc["by"] = by
+    doc["groups"] = {
+        g: (_row(periods["total"]) if period == "total"
+            else {p: _row(c) for p, c in sorted(periods.items())})
+        for g, periods in sorted(groups.items())}
+    return doc
 
 
 LAST_DAY = 2_932_896  # 9999-12-31
 
 
-def parse_query(query: dict[str, list[str]]) -> tuple[int, int, str]:
-    """(since_day, until_day, period) from /v1/spend's query string; ValueError if bad.
-    Defaults: everything kept, one total per tenant and model."""
+class SpendQuery(NamedTuple):
+    since_day: int
+    until_day: int  # included
+    period: str  # day, month, total
+    by: Optional[str] = None  # a group key; None: per tenant and model
+    tenant: Optional[str] = None  # one tenant's cells only (its users, its tags...)
+
+
+def parse_query(query: dict[str, list[str]],
+                group_keys: Iterable[str] = GROUP_KEYS) -> SpendQuery:
+    """/v1/spend's query string; ValueError if bad. Defaults: everything kept, one total
+    per tenant and model, every tenant."""
     def one(name: str) -> Optional[str]:
         values = query.get(name)
         return values[-1] if values else None
@@ -155,7 +225,11 @@ def parse_query(query: dict[str, list[str]]) -> tuple[int, int, str]:
     until = parse_day(until_s) if until_s else LAST_DAY
     if until < since:
         raise ValueError("until is before since")
-    return since, until, period
+    by = one("by")
+    keys = sorted(group_keys)
+    if by is not None and by not in keys:
+        raise ValueError(f"by must be one of {', '.join(keys)}, got {by[:20]!r}")
+    return SpendQuery(since, until, period, by, one("tenant") or None)
 
 
 def cells_from_fields(tenant: str, fields: dict) -> list[SpendCell]:

@@ -113,6 +113,9 @@ def storable(event: Event) -> Event:
     if (len(joined) > TEXT_MAX and max(map(len, values)) > TEXT_MAX) or _needs_escape(joined):
         event = msgspec.structs.replace(event, **{
             name: storable_text(v) for name, v in zip(texts, values, strict=True)})
+    tags = getattr(event, "tags", ())  # a usage event's list of text (sidecar/attribution.py)
+    if tags and any(len(t) > TEXT_MAX or _needs_escape(t) for t in tags):
+        event = msgspec.structs.replace(event, tags=tuple(map(storable_text, tags)))
     numbers = int_values(event)
     if min(numbers) < INT_MIN or max(numbers) > INT_MAX:
         name, v = next((n, v) for n, v in zip(ints, numbers, strict=True)

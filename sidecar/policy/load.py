@@ -20,6 +20,7 @@ import msgspec
 import yaml
 
 from sidecar import _core
+from sidecar import attribution as attribution_
 from sidecar.ledger import config as ledger_config
 from sidecar.policy import schema
 from sidecar.policy.tls import tls_context
@@ -35,6 +36,8 @@ NANO_PER_USD = 1_000_000_000
 # bounds of the core (docs/contract.md, "Bounds") in the policy's units
 MAX_PRICE_USD_PER_1K = _core.MAX_PRICE / NANO_PER_USD_PER_1K  # 100 USD per 1K tokens
 MAX_BUDGET_USD = _core.MAX_BUDGET // NANO_PER_USD  # 9,007,199 USD
+# a header name as Envoy's config and the decision's lower-cased header map hold it
+_HEADER_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,127}")
 MAX_ESTIMATE_TOKENS = 1_000_000_000  # sidecar.decision.estimate.MAX_TOKENS: a default is an estimate
 
 
@@ -91,6 +94,7 @@ class CompiledPolicy:
     queue: Optional[schema.Queue] = None
     unpriced_models: str = "refuse"  # schema.Policy.unpriced_models
     anomaly: schema.Anomaly = schema.Anomaly()
+    attribution: attribution_.AttributionConfig = attribution_.AttributionConfig()
 
     def price_of(self, model: Optional[str]) -> Optional[tuple[int, int]]:
         """nano-USD per (input, output) token of a model; None if the model has no price."""
@@ -436,6 +440,17 @@ def _compile(policy: schema.Policy, source: str, digest: str,
         fail("$.estimate.header", "must be a header name")
     if not policy.tenant.header:
         fail("$.tenant.header", "must be a header name")
+    att = policy.attribution
+    for name in ("user_header", "tags_header"):
+        if not _HEADER_NAME.fullmatch(getattr(att, name)):
+            fail(f"$.attribution.{name}", "must be a lower-case header name")
+    if att.user_header == att.tags_header:
+        fail("$.attribution.tags_header", "must differ from user_header")
+    for model in [*policy.pricing, *(t.model for t in policy.tiers)]:
+        if model.startswith(attribution_.SPEND_PREFIX):
+            # the durable spend keeps users' and tags' cells beside the models' under it
+            fail("$.pricing" if model in policy.pricing else "$.tiers",
+                 f"a model name may not start with {attribution_.SPEND_PREFIX!r}: {model!r}")
     tenant_metadata: Optional[tuple[str, tuple[str, ...]]] = None
     if policy.tenant.metadata is not None:
         ns, sep, path = policy.tenant.metadata.partition(":")
@@ -611,5 +626,5 @@ def _compile(policy: schema.Policy, source: str, digest: str,
         defaults=defaults, estimate=est, backend=backend, pricing=dict(policy.pricing),
         unpriced_models=policy.unpriced_models, anomaly=policy.anomaly,
         ledger=policy.ledger, providers=providers, queue=queue,
-        admin_token_file=policy.admin.token_file,
+        admin_token_file=policy.admin.token_file, attribution=policy.attribution,
     )

@@ -10,6 +10,7 @@ from typing import Literal, Optional, Union
 
 import msgspec
 
+from sidecar.attribution import AttributionConfig
 from sidecar.ledger.config import LedgerConfig
 
 Period = Literal["minute", "hour", "day", "month", "total"]
@@ -225,3 +226,6 @@ class Policy(_Strict, frozen=True, kw_only=True):
     routing: dict[str, Routing] = {}  # model -> how its providers share its traffic
     queue: Optional[Queue] = None
     anomaly: Anomaly = Anomaly()
+    # the end user and tags a request is attributed to, below its tenant (docs/budgets.md,
+    # "Attribution"); the schema is sidecar/attribution.py's own
+    attribution: AttributionConfig = AttributionConfig()

@@ -75,17 +75,25 @@ class Reservation:
     # the input a stored conversation may add (a Responses previous_response_id): the
     # bound's input is the larger of this and bound_input (sidecar/settlement/bound.py)
     stored_input: int = 0
+    # attribution below the tenant (sidecar/attribution.py): the end user, and the tags
+    # joined by commas (atomic values keep the book's tuples untracked by the GC)
+    user: str = ""
+    tags: str = ""
 
 
 # a shared reservation's provider field (provider ids are [A-Za-z0-9._-], never "|"), and
 # its bound (sidecar/settlement/bound.py: "<input>,<output>")
 _PROVIDER_FIELD = "p="
 _BOUND_FIELD = "b="
+# its attribution: "a=<user>;<tags>" (sidecar/attribution.py's character sets hold neither
+# ";" nor "|")
+_ATTRIBUTION_FIELD = "a="
 
 
 def reservation_record(tier: int, model: str, tokens: int, cost: int, period_start: int,
                        provider: str = "", bound_input: int = 0,
-                       bound_output: int = -1, stored_input: int = 0) -> str:
+                       bound_output: int = -1, stored_input: int = 0, user: str = "",
+                       tags: str = "") -> str:
     """A reservation as shared through the backend (model last: it may hold any character).
     Its bound (`b=<input>,<output>`), so the replica that learns its usage cannot be read
     charges it; with providers, the provider charged too (`p=<id>` before the model): the
@@ -96,6 +104,8 @@ def reservation_record(tier: int, model: str, tokens: int, cost: int, period_sta
             f",{stored_input}|" if stored_input else "|")
     if provider:
         head += f"{_PROVIDER_FIELD}{provider}|"
+    if user or tags:
+        head += f"{_ATTRIBUTION_FIELD}{user};{tags}|"
     return head + model
 
 
@@ -114,9 +124,14 @@ def parse_reservation(tenant: str, record: Optional[str]) -> Optional[Reservatio
         provider = ""
         if model.startswith(_PROVIDER_FIELD) and "|" in model:
             provider, model = model[len(_PROVIDER_FIELD):].split("|", 1)
+        user = tags = ""
+        if model.startswith(_ATTRIBUTION_FIELD) and "|" in model:
+            att, model = model[len(_ATTRIBUTION_FIELD):].split("|", 1)
+            user, _, tags = att.partition(";")
         return Reservation(tenant, int(tier), model, int(tokens), int(cost), int(period_start),
                            time.monotonic(), provider=provider, bound_input=bound_input,
-                           bound_output=bound_output, stored_input=stored_input)
+                           bound_output=bound_output, stored_input=stored_input, user=user,
+                           tags=tags)
     except ValueError:
         log.warning("ignoring a malformed shared reservation for tenant %s: %r", tenant,
                     record[:200])
@@ -146,10 +161,11 @@ class ReservationBook:
     def put(self, request_id: str, tenant: str, tier: int, model: str, charged_tokens: int,
             charged_cost: int, period_start_us: int, created_s: float, model_asked: str = "",
             decision: str = "", provider: str = "", bound_input: int = 0,
-            bound_output: int = -1, stored_input: int = 0) -> None:
+            bound_output: int = -1, stored_input: int = 0, user: str = "",
+            tags: str = "") -> None:
         self._book[request_id] = (tenant, tier, model, charged_tokens, charged_cost,
                                   period_start_us, created_s, model_asked, decision, provider,
-                                  bound_input, bound_output, stored_input)
+                                  bound_input, bound_output, stored_input, user, tags)
         self._book.move_to_end(request_id)
         self.expire()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Optional
 
+from sidecar.attribution import Attribution
 from sidecar.ledger.recorder import Ledger
 from sidecar.model import OTHER_TENANTS
 from sidecar.policy.load import CompiledPolicy, TenantRule
@@ -30,10 +31,11 @@ def settled(ledger: Ledger, policy: CompiledPolicy, request_id: str, tenant: str
             rule: TenantRule, res: Optional[Reservation], model: str, outcome: str,
             settled_by: str, input_tokens: int, output_tokens: int, cached_tokens: int,
             cache_write_tokens: int, nano: int, cost: int, unpriced: bool,
-            budget_spent: int, settled_us: int = 0) -> None:
+            budget_spent: int, settled_us: int = 0,
+            att: Attribution = Attribution()) -> None:
     """``settled_us``: the backend's clock when it applied the settlement (0: not known),
     which dated the durable spend: the event takes it, so the PostgreSQL roll-up and
-    `kt spend` put the request on the same UTC day."""
+    `kt spend` put the request on the same UTC day. ``att``: whom below the tenant."""
     has_budget = rule.limits.budget >= 0
     ledger.closed(
         request_id=request_id, tenant=tenant, outcome=outcome,
@@ -47,7 +49,8 @@ def settled(ledger: Ledger, policy: CompiledPolicy, request_id: str, tenant: str
         input_tokens=input_tokens, output_tokens=output_tokens, cached_tokens=cached_tokens,
         cache_write_tokens=cache_write_tokens, cost_nano_usd=nano,
         budget_unit=rule.budget_unit if has_budget else "",
-        budget_charge=cost if has_budget else 0, unpriced=unpriced)
+        budget_charge=cost if has_budget else 0, unpriced=unpriced, user=att.user,
+        tags=att.tags)
     if has_budget and budget_spent >= 0 and res is not None:
         ledger.budget_seen(tenant, tenant if rule.name else OTHER_TENANTS,
                            rule.budget_unit, rule.limits.budget, budget_spent,
@@ -56,7 +59,7 @@ def settled(ledger: Ledger, policy: CompiledPolicy, request_id: str, tenant: str
 
 def kept(ledger: Ledger, policy: CompiledPolicy, request_id: str, res: Reservation,
          outcome: str, why: str, input_tokens: int, output_tokens: int, nano: int,
-         unpriced: bool) -> None:
+         unpriced: bool, att: Attribution = Attribution()) -> None:
     """A reservation whose estimate stays charged: recorded with its tokens and price."""
     rule = policy.rule_for(res.tenant)
     unit = rule.budget_unit if rule is not None and rule.limits.budget >= 0 else ""
@@ -66,4 +69,5 @@ def kept(ledger: Ledger, policy: CompiledPolicy, request_id: str, res: Reservati
         model_served=res.model, tier=_tier_name(policy, res), provider=res.provider,
         decision=res.decision, estimate_tokens=res.charged_tokens, input_tokens=input_tokens,
         output_tokens=output_tokens, cost_nano_usd=nano, budget_unit=unit,
-        budget_charge=res.charged_cost if unit else 0, unpriced=unpriced)
+        budget_charge=res.charged_cost if unit else 0, unpriced=unpriced, user=att.user,
+        tags=att.tags)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
+from sidecar import attribution
+from sidecar.attribution import Attribution
 from sidecar.backends.base import BackendError
 from sidecar.settlement.book import reservation_key
 from sidecar.settlement.service import SettlementService
@@ -35,7 +37,8 @@ async def close_reservation(service: SettlementService, reservation_id: str, x_r
                             model: Optional[str], cut_short: bool, source: str,
                             settled_by: str, provider_failed: bool = True,
                             body_seen: Optional[str] = None,
-                            upstream: Optional[Upstream] = None) -> None:
+                            upstream: Optional[Upstream] = None,
+                            att: Attribution = attribution.NONE) -> None:
     """Apply the rule for one finished response; never raises (the response has gone).
     ``reservation_id`` is the request's x-kt-reservation (the sidecar's own id), ""
     when Envoy's failure mode let it through; ``x_request_id`` its x-request-id.
@@ -44,7 +47,9 @@ async def close_reservation(service: SettlementService, reservation_id: str, x_r
     a non-2xx status is Envoy's own answer while the provider was still working.
     ``body_seen``: the usage filter's report of the whole request body, or None.
     ``upstream``: the provider's answer (status, timings, endpoint) for the ledger's event,
-    seen by the recorder through sidecar/upstream_sli.py's context variable."""
+    seen by the recorder through sidecar/upstream_sli.py's context variable.
+    ``att``: the request's attribution as the access log carried it (used when no
+    reservation holds the decision's own)."""
     request_id = reservation_key(reservation_id, x_request_id)
     if not request_id:
         return
@@ -58,7 +63,7 @@ async def close_reservation(service: SettlementService, reservation_id: str, x_r
                                        usage.completion_tokens, source, usage.cached_tokens,
                                        usage.cache_write_tokens, settled_by,
                                        settle_id=None if reservation_id
-                                       else service.new_reservation_id())
+                                       else service.new_reservation_id(), att=att)
         elif status and not 200 <= status < 300 and provider_failed:
             await service.release(request_id, "upstream_error")
         else:

@@ -10,20 +10,24 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import time
 from collections import OrderedDict
 from typing import Optional
 
 import msgspec
 
+from sidecar import attribution
 from sidecar.anomaly import TokenRateWatch
+from sidecar.attribution import Attribution
 from sidecar.backends.base import TAKEN_RESERVATION, Backend, BackendError, Settlement
 from sidecar.burstlog import BurstLog
 from sidecar.ledger.recorder import Ledger
-from sidecar.ledger.spend import SpendRecord
+from sidecar.ledger.spend import SpendRecord, day_of
 from sidecar.metrics import Metrics
 from sidecar.model import OTHER_MODELS, OTHER_TENANTS, valid_tenant
 from sidecar.policy.load import CompiledPolicy, TenantRule
 from sidecar.settlement import bound, events
+from sidecar.settlement.attributed import AttributedSpend
 from sidecar.settlement.book import (RESERVATIONS_MAX, Reservation, ReservationBook,
                                      ReservationIds, parse_reservation)
 from sidecar.settlement.late import LateRefunds
@@ -74,6 +78,8 @@ class SettlementService:
         # tenant of recently settled request ids, so a repeated report without a
         # tenant still reaches the backend's idempotency check (bounded, oldest out)
         self._settled_tenant: OrderedDict[str, str] = OrderedDict()
+        # the spend of users and tags, summed and written once a second (attributed.py)
+        self.attributed = AttributedSpend(backend, self.metrics, self.track)
 
     def replace_policy(self, policy: CompiledPolicy) -> None:
         self.policy = policy
@@ -91,7 +97,8 @@ class SettlementService:
                            settle_id: Optional[str] = None,
                            reservation: Optional[Reservation] = None,
                            outcome: str = "settled",
-                           reservation_local: bool = True) -> SettleResult:
+                           reservation_local: bool = True,
+                           att: Attribution = attribution.NONE) -> SettleResult:
         """Replace a request's reserved estimate by its actual usage, once per (tenant, id).
 
         ``request_id`` names the reservation (the id the sidecar made, `x-kt-reservation`);
@@ -103,7 +110,9 @@ class SettlementService:
         ``settled_by`` names how the usage was read, for the ledger (default: ``source``).
         ``reservation``: one already taken out of the book or the shared record (a charge
         at the bound, bound.py; ``reservation_local``: from this sidecar's book),
-        settled as it is; ``outcome`` its ledger outcome.
+        settled as it is; ``outcome`` its ledger outcome. ``att``: the request's
+        attribution as the access log carried it, for usage without a reservation (the
+        reservation's own, made by the decision, comes first).
         Without a reservation (RLS, a fail-open, another replica, or a report-only
         gateway) the whole actual usage is charged in the current period."""
         if not request_id or len(request_id) > 256:
@@ -161,7 +170,7 @@ class SettlementService:
             self._record_settlement, request_id, tenant, rule, res, model, source,
             "released" if source == "release" else outcome, settled_by or source,
             input_tokens, output_tokens, cached_tokens, cache_write_tokens, nano, cost,
-            unpriced, delta_tokens)
+            unpriced, delta_tokens, spend, _attribution_of(res, att))
         # the key is this sidecar's alone (its reservation, an id it made: found settled
         # after a lost reply, it was this settlement) unless a usage report named it
         # without a reservation here: a reporter's own id, which an earlier report of the
@@ -195,6 +204,7 @@ class SettlementService:
                                  output_tokens: int, cached_tokens: int,
                                  cache_write_tokens: int, nano: int, cost: int,
                                  unpriced: bool, delta_tokens: int,
+                                 spend: Optional[SpendRecord], att: Attribution,
                                  st: Settlement) -> None:
         """What follows a settlement the store applied (or found settled before): the
         provider's correction, metrics, the ledger's event. Also run later, for a
@@ -228,7 +238,9 @@ class SettlementService:
                             flagged.baseline_per_minute, self.policy.anomaly.action)
         events.settled(self.ledger, self.policy, request_id, tenant, rule, res, model,
                        outcome, settled_by, input_tokens, output_tokens, cached_tokens,
-                       cache_write_tokens, nano, cost, unpriced, st.budget_spent, st.at_us)
+                       cache_write_tokens, nano, cost, unpriced, st.budget_spent, st.at_us,
+                       att)
+        self.attributed.add(tenant, att, spend, day_of(st.at_us or time.time_ns() // 1000))
 
     def _count_usage(self, request_id: str, tenant: str, rule: TenantRule, model: str,
                      source: str, input_tokens: int, output_tokens: int,
@@ -304,10 +316,13 @@ class SettlementService:
         unit = rule.budget_unit if rule is not None and rule.limits.budget >= 0 else ""
         inp, out = bound.estimate_tokens(res)
         nano, unpriced = price(self.policy, res.model, Usage(inp, out))
-        self._record_spend(res.tenant, SpendRecord(res.model, 1, inp, out, 0, 0, nano),
-                           res.period_start_us, res.charged_cost if unit else 0)
+        spend = SpendRecord(res.model, 1, inp, out, 0, 0, nano)
+        self._record_spend(res.tenant, spend, res.period_start_us,
+                           res.charged_cost if unit else 0)
+        att = _attribution_of(res)
         events.kept(self.ledger, self.policy, request_id, res, outcome, why, inp, out, nano,
-                    unpriced)
+                    unpriced, att)
+        self.attributed.add(res.tenant, att, spend, day_of(time.time_ns() // 1000))
 
     def _record_spend(self, tenant: str, spend: SpendRecord, period_start_us: int = -1,
                       held: int = 0) -> None:
@@ -448,3 +463,12 @@ class SettlementService:
             self.keep_estimate(request_id, res, outcome, why)
             return
         self.track(task)
+
+
+def _attribution_of(res: Optional[Reservation],
+                    carried: Attribution = attribution.NONE) -> Attribution:
+    """The decision's attribution, kept in its reservation; else what the access log
+    carried (usage without a reservation: RLS, Envoy's own failure mode)."""
+    if res is not None and (res.user or res.tags):
+        return Attribution(res.user, attribution.split(res.tags))
+    return carried

@@ -22,7 +22,7 @@ from typing import Optional
 
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-from sidecar import contract
+from sidecar import attribution, contract
 from sidecar.settlement import bound
 from sidecar.settlement.reconcile import close_reservation
 from sidecar.settlement.service import SettlementService
@@ -140,7 +140,10 @@ class UsageLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
                 headers.get(contract.H_TENANT), status, usage, model,
                 _cut_short(flags), "access_log", settled_by or "access_log",
                 provider_failed=not _envoys_own_answer(flags),
-                body_seen=body_seen_of(entry), upstream=upstream))
+                body_seen=body_seen_of(entry), upstream=upstream,
+                # logged only as the edge left them (stripped unless a trusted filter's);
+                # bad values were counted by the decision already
+                att=attribution.read(headers, policy.attribution)))
         # concurrently: the backend sends what one loop tick queued in one write
         await asyncio.gather(*closing)
         self._entries.inc(len(closing))

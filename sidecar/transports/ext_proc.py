@@ -30,7 +30,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 
-from sidecar import contract
+from sidecar import attribution, contract
 from sidecar.settlement import bound
 from sidecar.settlement.book import reservation_key
 from sidecar.settlement.reconcile import close_reservation
@@ -83,6 +83,8 @@ class _Exchange:
         self.tenant: Optional[str] = None
         self.rewrite_to: Optional[str] = None
         self.provider = ""  # x-kt-provider the decision set (docs/providers.md)
+        # the end user and tags a trusted filter set (usage without a reservation)
+        self.attribution = attribution.NONE
         self.status = 0
         self.scanner: Optional[UsageScanner] = None
         self.done = False
@@ -164,6 +166,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         if ex.tenant is None and self.service.policy.tenant_metadata is None:
             ex.tenant = h.get(self.service.policy.tenant_header)
         ex.provider = h.get(contract.H_PROVIDER, "")
+        ex.attribution = attribution.read(h, self.service.policy.attribution)
         if h.get(contract.H_DECISION) == "downgrade" and h.get(contract.H_MODEL):
             ex.rewrite_to = h[contract.H_MODEL]
         ex.routed_model = h.get(contract.H_MODEL)
@@ -229,7 +232,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                                 scanner.model if scanner else None, False, "ext_proc",
                                 scanner.format if scanner else "ext_proc",
                                 provider_failed=ex.provider_answered, body_seen=ex.body_seen,
-                                upstream=self._upstream(ex, scanner))
+                                upstream=self._upstream(ex, scanner), att=ex.attribution)
 
     def _upstream(self, ex: _Exchange, scanner: Optional[UsageScanner]) -> Upstream:
         """The SLIs as this stream saw them (docs/usage.md: what ext_proc measures)."""

@@ -12,6 +12,7 @@ from typing import Optional
 import grpc
 import msgspec
 
+from sidecar import attribution
 from sidecar._proto import usage_pb2
 from sidecar.auth import TokenFile, bearer_from_metadata, is_loopback_peer
 from sidecar.backends.base import BackendError
@@ -30,6 +31,11 @@ class UsageReportJson(msgspec.Struct, forbid_unknown_fields=True):
     model: Optional[str] = None
     cached_tokens: int = 0  # of input_tokens: read from the provider's prompt cache
     cache_write_tokens: int = 0  # of input_tokens: written to it
+    # attribution below the tenant (docs/budgets.md): the reporter holds the admin token,
+    # so its word stands for a request no reservation attributed; each value bounded
+    # (one that fails is dropped and counted, as a header's)
+    user: str = ""
+    tags: list[str] = []
 
 
 _decode_report = msgspec.json.Decoder(UsageReportJson).decode
@@ -52,10 +58,15 @@ async def report_json(service: SettlementService, body: bytes) -> tuple[int, byt
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         return 400, _encode({"error": {"type": "invalid_request_error", "code": "invalid_report",
                                        "message": f"usage report: {exc}"}})
+    att = attribution.NONE
+    if rep.user or rep.tags:
+        dropped = service.metrics.attribution_dropped
+        att = attribution.bounded(rep.user, rep.tags,
+                                  lambda field, why: dropped.labels(field, why).inc())
     try:
         res = await service.settle_usage(rep.request_id, rep.tenant, rep.model,
                                          rep.input_tokens, rep.output_tokens, "report",
-                                         rep.cached_tokens, rep.cache_write_tokens)
+                                         rep.cached_tokens, rep.cache_write_tokens, att=att)
     except UsageError as exc:
         return 400, _encode({"error": {"type": "invalid_request_error", "code": "invalid_report",
                                        "message": f"usage report: {exc}"}})

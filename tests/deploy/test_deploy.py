@@ -512,8 +512,8 @@ def test_the_envoy_filter_patches_are_filters_envoy_accepts(tmp_path):
                           "--log-level", "warning"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "eprecated" not in out.stdout + out.stderr
-    # it strips what kt envoy-config strips: the decision's headers, the estimate header
-    # (the policy does not trust it), the client's request id; and the tenant header
+    # it strips what kt envoy-config strips: the decision's headers, the estimate, end-user
+    # and tags headers (the policy does not trust them), the client's request id; and the tenant header
     # RequestAuthentication writes
     (early,) = envoy_filter["spec"]["configPatches"][0]["patch"]["value"]["typed_config"][
         "early_header_mutation_extensions"]
@@ -524,8 +524,10 @@ def test_the_envoy_filter_patches_are_filters_envoy_accepts(tmp_path):
     assert not policy.estimate.trusted
     tenant = next(d for d in istio_docs() if d["kind"] == "RequestAuthentication")[
         "spec"]["jwtRules"][0]["outputClaimToHeaders"][0]["header"]
-    assert removed == [*contract.UPSTREAM_HEADERS, policy.estimate.header, "x-request-id",
-                       tenant]
+    assert not policy.attribution.trusted  # nor its end user and tags
+    assert removed == [*contract.UPSTREAM_HEADERS, policy.estimate.header,
+                       policy.attribution.user_header, policy.attribution.tags_header,
+                       "x-request-id", tenant]
 
 
 @pytest.mark.envoy

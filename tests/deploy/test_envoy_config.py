@@ -213,9 +213,36 @@ def test_authz_filter_wiring(failure_mode):
     assert mutations == [{"remove": h} for h in (  # and no estimate default outside RLS
         "x-kt-decision", "x-kt-tenant", "x-kt-tier", "x-kt-model", "x-kt-priority", "x-kt-shadow",
         "x-kt-reservation",
-        # a client's own estimate and request id (docs/security.md), and its method overrides
-        "x-kt-estimated-tokens", "x-request-id", "x-http-method-override", "x-http-method",
-        "x-method-override")]
+        # a client's own estimate, end user and tags (docs/budgets.md, "Attribution"),
+        # request id (docs/security.md), and its method overrides
+        "x-kt-estimated-tokens", "x-kt-end-user", "x-kt-tags", "x-request-id",
+        "x-http-method-override", "x-http-method", "x-method-override")]
+
+
+@pytest.mark.parametrize("mode", ["authz", "http-authz"])
+def test_attribution_headers_are_stripped_unless_a_trusted_filter_sets_them(mode):
+    """The estimate's trust model: a client's own end-user and tags headers are removed
+    before any filter; with `attribution.trusted` they are kept, sent to the decision
+    (HTTP ext_authz lists them) and logged for the settlement."""
+    def wiring(**opts):
+        hcm = _hcm(_render(mode=mode, **opts))
+        removed = {m.get("remove") for m in
+                   hcm["early_header_mutation_extensions"][0]["typed_config"]["mutations"]}
+        logged = hcm["access_log"][0]["typed_config"]["additional_request_headers_to_log"]
+        authz = hcm["http_filters"][[f["name"] for f in hcm["http_filters"]].index(
+            "envoy.filters.http.ext_authz")]["typed_config"]
+        sent = [p["exact"] for p in authz.get("allowed_headers", {}).get("patterns", [])]
+        return removed, logged, sent
+
+    removed, logged, sent = wiring()
+    assert {"x-kt-end-user", "x-kt-tags"} <= removed
+    assert not {"x-kt-end-user", "x-kt-tags"} & {*logged, *sent}
+    names = ("x-team-user", "x-team-tags")
+    removed, logged, sent = wiring(attribution_headers=names, attribution_trusted=True)
+    assert not set(names) & removed and {"x-kt-end-user", "x-kt-tags"}.isdisjoint(removed)
+    assert set(names) <= set(logged)
+    if mode == "http-authz":  # gRPC ext_authz sends every header
+        assert set(names) <= set(sent)
 
 
 @pytest.mark.parametrize("failure_mode", ["allow", "deny"])

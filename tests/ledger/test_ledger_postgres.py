@@ -12,7 +12,8 @@ import pytest
 
 from sidecar.cli import main as kt
 from sidecar.ledger.events import RefusalsEvent, ThresholdEvent
-from sidecar.ledger.postgres import SCHEMA, USAGE_COLUMNS, PostgresSink, migrate, us_of
+from sidecar.ledger.postgres import (MIGRATIONS, SCHEMA, USAGE_COLUMNS, PostgresSink, migrate,
+                                     us_of)
 from sidecar.ledger.sinks import FileSink, SinkError, SpillFile
 from sidecar.ledger.stats import from_directory, from_postgres
 from sidecar.ledger.writer import EventLog
@@ -36,9 +37,9 @@ def daily_totals(conn) -> tuple:
 
 
 def test_migrate_is_idempotent_and_the_cli_says_so(pg, capsys):
-    assert migrate(pg.dsn) == 2
+    assert migrate(pg.dsn) == 3
     assert kt(["events", "migrate", "--dsn", pg.dsn]) == 0
-    assert "version 2" in capsys.readouterr().out
+    assert "version 3" in capsys.readouterr().out
     with psycopg.connect(pg.dsn) as c:
         assert c.execute("SELECT count(*) FROM kt_ledger_schema").fetchone()[0] == 1
     assert kt(["events", "migrate", "--dsn", "postgresql://postgres@127.0.0.1:1/x"]) == 1
@@ -195,10 +196,10 @@ def test_migration_to_v2_keeps_the_rows_of_v1_and_a_v1_sidecar_can_still_write(p
         sink = PostgresSink(dsn)
         with pytest.raises(SinkError, match="schema version 1.*kt events migrate"):
             sink.write([usage_event(9)])
-        assert migrate(dsn) == 2 and migrate(dsn) == 2  # idempotent
+        assert migrate(dsn) == 3 and migrate(dsn) == 3  # idempotent (to today's version)
         with psycopg.connect(dsn) as c:
             assert c.execute("SELECT array_agg(version) FROM kt_ledger_schema"
-                             ).fetchone()[0] == [2]
+                             ).fetchone()[0] == [3]
             assert {"status", "upstream_ms", "ttft_ms", "endpoint"} <= _columns(c)
             after = c.execute(f"SELECT {', '.join(V1_COLUMNS)}, status, upstream_ms, ttft_ms, "
                               "endpoint FROM kt_usage_events ORDER BY request_id").fetchall()
@@ -243,3 +244,68 @@ def _v1_row(e) -> tuple:
             e.model_asked, e.model_served, e.tier, e.provider, e.decision, e.estimate_tokens,
             e.input_tokens, e.output_tokens, e.cached_tokens, e.cache_write_tokens,
             e.cost_nano_usd, e.budget_unit, e.budget_charge, e.unpriced, e.instance)
+
+
+V2_COLUMNS = USAGE_COLUMNS[:25]  # what a sidecar of schema version 2 writes
+
+
+def test_migration_to_v3_keeps_the_rows_of_v2_and_stores_the_attribution(pg):
+    """A database of schema version 2 holding rows: `kt events migrate` adds `end_user`
+    and `tags` (NULL for the rows already there, every other value kept, the roll-up
+    untouched); a sink of this version refuses to write before it and stores each event's
+    user and tags after it; a sidecar still on version 2 goes on writing meanwhile."""
+    with psycopg.connect(pg.dsn, autocommit=True) as c:
+        c.execute("CREATE DATABASE v2_ledger")
+    dsn = pg.dsn.rsplit("/", 1)[0] + "/v2_ledger"
+    old = [usage_event(i, t_us=1_800_000_000_000_000 + i, status=200, endpoint="POST /x")
+           for i in range(3)]
+    try:
+        with psycopg.connect(dsn) as c:
+            c.execute(SCHEMA)  # version 2's tables, as a version 2 migrate left them
+            c.execute(MIGRATIONS[2])
+            c.execute("INSERT INTO kt_ledger_schema VALUES (2)")
+            assert "end_user" not in _columns(c)
+            with c.cursor() as cur:
+                with cur.copy(f"COPY kt_usage_events ({', '.join(V2_COLUMNS)}) FROM STDIN"
+                              ) as copy:
+                    for e in old:
+                        copy.write_row(_v1_row(e) + (200, None, None, "POST /x"))
+            c.execute("INSERT INTO kt_usage_daily VALUES ('2027-01-15', 'acme', 'gpt-4o', '', "
+                      "'usd', 3, 3, 0, 0, 33, 15, 0, 0, 1000, 1000)")
+            before = c.execute("SELECT * FROM kt_usage_events ORDER BY request_id").fetchall()
+        sink = PostgresSink(dsn)
+        with pytest.raises(SinkError, match="schema version 2.*kt events migrate"):
+            sink.write([usage_event(9)])
+        assert migrate(dsn) == 3 and migrate(dsn) == 3
+        with psycopg.connect(dsn) as c:
+            after = c.execute(f"SELECT {', '.join(V2_COLUMNS)}, end_user, tags "
+                              "FROM kt_usage_events ORDER BY request_id").fetchall()
+            assert [r[:25] for r in after] == before  # every row, every value kept
+            assert {r[25:] for r in after} == {(None, None)}
+            assert c.execute("SELECT events, cost_nano_usd FROM kt_usage_daily").fetchall() == [
+                (3, 1000)]
+        sink.write([usage_event(10, user="alice@example.com", tags=("batch", "team:search")),
+                    usage_event(11)])
+        sink.close()
+        with psycopg.connect(dsn) as c:
+            rows = dict((r[0], r[1:]) for r in c.execute(
+                "SELECT request_id, end_user, tags FROM kt_usage_events "
+                "WHERE request_id IN ('req-10', 'req-11')"))
+            assert rows == {"req-10": ("alice@example.com", ["batch", "team:search"]),
+                            "req-11": (None, None)}
+            # what a FinOps query groups by (docs/ledger.md)
+            assert c.execute("SELECT tag, count(*) FROM kt_usage_events, unnest(tags) AS tag "
+                             "GROUP BY tag ORDER BY tag").fetchall() == [
+                ("batch", 1), ("team:search", 1)]
+            # a sidecar of version 2 during the upgrade: its stage, its COPY, its insert
+            c.execute("CREATE TEMP TABLE kt_usage_stage (LIKE kt_usage_events)")
+            with c.cursor() as cur:
+                with cur.copy(f"COPY kt_usage_stage ({', '.join(V2_COLUMNS)}) FROM STDIN"
+                              ) as copy:
+                    copy.write_row(_v1_row(usage_event(12)) + (None, None, None, None))
+            c.execute(f"INSERT INTO kt_usage_events ({', '.join(V2_COLUMNS)}) "
+                      f"SELECT {', '.join(V2_COLUMNS)} FROM kt_usage_stage")
+            assert c.execute("SELECT count(*) FROM kt_usage_events").fetchone()[0] == 6
+    finally:
+        with psycopg.connect(pg.dsn, autocommit=True) as c:
+            c.execute("DROP DATABASE v2_ledger")
