@@ -12,7 +12,8 @@ import pytest
 
 from sidecar.cli import main as kt
 from sidecar.ledger.events import RefusalsEvent, ThresholdEvent
-from sidecar.ledger.postgres import SCHEMA, USAGE_COLUMNS, PostgresSink, migrate, us_of
+from sidecar.ledger.postgres import (SCHEMA, SCHEMA_VERSION, USAGE_COLUMNS, PostgresSink, migrate,
+                                     us_of)
 from sidecar.ledger.sinks import FileSink, SinkError, SpillFile
 from sidecar.ledger.stats import from_directory, from_postgres
 from sidecar.ledger.writer import EventLog
@@ -36,9 +37,9 @@ def daily_totals(conn) -> tuple:
 
 
 def test_migrate_is_idempotent_and_the_cli_says_so(pg, capsys):
-    assert migrate(pg.dsn) == 2
+    assert migrate(pg.dsn) == SCHEMA_VERSION == 3
     assert kt(["events", "migrate", "--dsn", pg.dsn]) == 0
-    assert "version 2" in capsys.readouterr().out
+    assert "version 3" in capsys.readouterr().out
     with psycopg.connect(pg.dsn) as c:
         assert c.execute("SELECT count(*) FROM kt_ledger_schema").fetchone()[0] == 1
     assert kt(["events", "migrate", "--dsn", "postgresql://postgres@127.0.0.1:1/x"]) == 1
