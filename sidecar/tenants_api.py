@@ -102,7 +102,7 @@ class TenantsApi:
         except UnicodeDecodeError:
             return _error(400, "invalid_name", "the holder's name is not UTF-8")
         if route is None:
-            return _error(404, "not_found", f"no such route: {req.path[:200]}")
+            return _error(404, "no_such_route", f"no such route: {req.path[:200]}")
         name, action = route
         if not name and not action:
             if req.method not in ("GET", "HEAD"):
