@@ -5,6 +5,7 @@ freeze refuses a holder on every deciding transport; hostile input changes nothi
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from openapi_spec_validator import validate
 
-from sidecar import http_routes
+from sidecar import cli, http_routes
 from sidecar.backends.redis import RedisBackend
 from sidecar.ledger.events import AdminEvent
 from sidecar.ledger.recorder import Ledger
@@ -333,3 +334,58 @@ def test_a_change_on_one_sidecar_is_honoured_by_another_within_a_second(valkey, 
     # a restart of the fleet keeps it: it is in Valkey
     with one() as c:
         assert check(c, "acme").denied_response.status.code == 403
+
+
+# --- kt tenants ---------------------------------------------------------------------------
+def kt(sc: RunningSidecar, setup: Path, *argv: str, token: bool = True) -> int:
+    extra = ["--admin", f"127.0.0.1:{sc.sidecar.admin_port}"]
+    if token:
+        extra += ["--token-file", str(setup / "admin")]
+    return cli.main(["tenants", argv[0], *extra, *argv[1:]])
+
+
+def test_kt_tenants_sets_reads_freezes_and_deletes_with_one_line_errors(setup, capsys,
+                                                                          monkeypatch):
+    (setup / "block.yaml").write_text("limits: {rpm: 2, tpm: 5000}\nbudget: {usd: 3, period: day}\n")
+    with running(setup) as sc:
+        assert kt(sc, setup, "set", "team-search", str(setup / "block.yaml")) == 0
+        assert "team-search: set (overlay version 1)" in capsys.readouterr().out
+        monkeypatch.setattr("sys.stdin", io.StringIO('{"limits": {"rpm": 9}}'))
+        assert kt(sc, setup, "set", "team-support") == 0  # the block from stdin, as JSON
+        assert sc.sidecar.policy.tenants["team-support"].limits.rpm == 9
+        capsys.readouterr()
+        assert kt(sc, setup, "get", "team-search", "--json") == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["source"] == "overlay" and doc["policy"]["budget"]["usd"] == 3
+        assert kt(sc, setup, "get", "team-search") == 0
+        out = capsys.readouterr().out
+        assert "rpm 2, tpm 5000" in out and "left     3 of 3 usd" in out
+        assert kt(sc, setup, "list", "--all") == 0
+        out = capsys.readouterr().out
+        assert [line.split()[0] for line in out.splitlines()[1:]] == [
+            "acme", "team-search", "team-support"]
+        assert kt(sc, setup, "freeze", "acme", "--reason", "audit") == 0
+        assert "acme: frozen" in capsys.readouterr().out
+        assert kt(sc, setup, "get", "acme") == 0
+        assert "FROZEN   by admin-token: audit" in capsys.readouterr().out
+        assert kt(sc, setup, "unfreeze", "acme") == 0
+        assert kt(sc, setup, "delete", "team-support") == 0
+        assert "team-support" not in sc.sidecar.policy.tenants
+        capsys.readouterr()
+
+        # errors: one line each, the 400's reasons shown, nothing changed
+        (setup / "bad.yaml").write_text("limits: {rpm: 0}\n")
+        assert kt(sc, setup, "set", "x", str(setup / "bad.yaml")) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "HTTP 400" in err and "$.limits.rpm: must be in" in err
+        (setup / "list.yaml").write_text("- 1\n")
+        assert kt(sc, setup, "set", "x", str(setup / "list.yaml")) == 2
+        assert "expected a mapping" in capsys.readouterr().err
+        assert kt(sc, setup, "freeze", "acme", token=False) == 1
+        err = capsys.readouterr().err
+        assert "HTTP 401" in err and "--token-file" in err and err.count("\n") == 1
+        assert cli.main(["tenants", "list", "--admin", f"127.0.0.1:{sc.sidecar.http_port}"]) == 1
+        err = capsys.readouterr().err
+        assert "HTTP 404" in err and "not the sidecar's admin port" in err
+        assert "x" not in sc.sidecar.policy.tenants
+        assert "acme" not in sc.sidecar.policy.frozen
