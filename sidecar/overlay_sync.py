@@ -20,6 +20,7 @@ from typing import Callable, Optional
 from sidecar.backends.base import BackendError
 from sidecar.backends.overlay_store import Fields, OverlayStore
 from sidecar.burstlog import BurstLog
+from sidecar.metrics import Metrics
 from sidecar.policy import overlay as ov
 from sidecar.policy.load import CompiledPolicy, PolicyError, read_policy_file
 
@@ -31,13 +32,15 @@ POLL_S = 0.25
 class OverlayKeeper:
     def __init__(self, store: OverlayStore, source: str, raw: Optional[bytes],
                  serving: Callable[[], CompiledPolicy],
-                 apply: Callable[[CompiledPolicy], None], poll_s: float = POLL_S) -> None:
+                 apply: Callable[[CompiledPolicy], None], metrics: Metrics,
+                 poll_s: float = POLL_S) -> None:
         self.store = store
         self.source = source  # the policy file's name, as errors say it
         self.raw = raw  # None: this server was handed a compiled policy, no file to layer
         self.serving = serving  # the policy being served
         self.apply = apply  # swaps a policy in: plain assignments, on the event loop
         self.poll_s = poll_s
+        self.metrics = metrics
         self.overlay = ov.Overlay()
         self.served_version = 0  # the overlay version of the policy being served
         self._loaded: Optional[tuple[CompiledPolicy, bytes, int]] = None
@@ -52,6 +55,7 @@ class OverlayKeeper:
         serving the file alone would hand holders the limits an operator took away."""
         self.overlay = await self.store.load()
         self.served_version = self.overlay.version
+        self.metrics.overlay_version.set(self.overlay.version)
         if self.overlay.empty():
             return None
         return await asyncio.to_thread(self.compile, self.overlay)
@@ -72,6 +76,7 @@ class OverlayKeeper:
             except asyncio.CancelledError:
                 raise
             except (BackendError, PolicyError) as exc:
+                self.metrics.overlay_applied.labels("error").inc()
                 self.poll_errors.warning("overlay %s: not applied, still serving overlay "
                                          "version %d: %s", self.store.where,
                                          self.served_version, exc)
@@ -108,6 +113,8 @@ class OverlayKeeper:
     def _serve(self, policy: CompiledPolicy, version: int) -> None:
         self.apply(policy)
         self.served_version = version
+        self.metrics.overlay_applied.labels("ok").inc()
+        self.metrics.overlay_version.set(version)
         log.info("policy with overlay version %d: %s (%d tenants)", version, policy.digest,
                  len(policy.tenants))
 

@@ -107,7 +107,8 @@ class Sidecar:
         self.http_authz_server: Optional[asyncio.AbstractServer] = None
         self.overlay = OverlayKeeper(
             overlay_store_for(self.backend, cfg, self.policy),
-            cfg.policy_path or SAMPLE_SOURCE, raw, lambda: self.policy, self._apply_policy)
+            cfg.policy_path or SAMPLE_SOURCE, raw, lambda: self.policy, self._apply_policy,
+            self.metrics)
         # the clock the backend decides by (its budget periods): the embedded one's own,
         # else the wall clock (Redis decides by its TIME, which it keeps close to)
         clock = (self.backend.clock if isinstance(self.backend, MemoryBackend)
@@ -303,6 +304,8 @@ class Sidecar:
         return self._reloader.reload_if_changed() if self._reloader is not None else False
 
     def _apply_policy(self, new: CompiledPolicy) -> None:
+        self.metrics.policy_info.clear()
+        self.metrics.policy_info.labels(new.source, new.digest).set(1)
         self.policy = new
         self.service.replace_policy(new)
         self.overlay.served(new)
