@@ -24,7 +24,7 @@ from sidecar.ledger.recorder import Ledger
 from sidecar.ledger.sinks import FileSink, SpillFile, event_files, read_events
 from sidecar.ledger.writer import EventLog
 from sidecar.policy import overlay as ov
-from sidecar.policy.load import parse_policy
+from sidecar.policy.load import PolicyError, parse_policy
 from tests.support.inproc import RunningSidecar
 from tests.support.policies import TIERS_AND_PRICING
 
@@ -235,10 +235,23 @@ def test_the_overlay_survives_a_restart_and_a_reload_of_the_file(setup):
         assert sc.sidecar.policy.tenants["initech"].limits.rpm == 7
         assert sc.sidecar.policy.tenants["team-search"].limits.rpm == 1
         assert "globex" in sc.sidecar.policy.frozen
-        # a file the overlay does not compile over is refused as a bad file is
-        (setup / "policy.yaml").write_text(POLICY.replace("pricing:", "pricing_:"))
+        # a file the overlay does not compile over is refused as a bad file is: the USD
+        # budget of the overlay's holder, and the file no longer prices the tiers' models
+        assert call(sc, "PUT", "/v1/tenants/team-search", {"budget": {"usd": 5}})[0] == 200
+        unpriced = """
+tenant: {header: x-tenant-id, unknown: defaults}
+tiers: [{name: default, model: gpt-4o}]
+defaults:
+  limits: {rpm: 1000, tpm: 10000000}
+"""
+        parse_policy(unpriced.encode(), "<the file alone is good>")
+        (setup / "policy.yaml").write_text(unpriced)
         assert not sc.sidecar.reload_if_changed()
         assert sc.sidecar.policy.tenants["initech"].limits.rpm == 7
+    # ... and at start it stops the sidecar: the file alone would undo an operator's change
+    with pytest.raises(PolicyError, match=r"team-search.*budget.*pricing"):
+        with running(setup):
+            pass
 
 
 def test_the_list_is_paged_by_name_and_bounded(setup):
