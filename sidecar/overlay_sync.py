@@ -91,6 +91,12 @@ class OverlayKeeper:
         async with self.lock:
             return await self.refresh_locked()
 
+    async def sync_locked(self) -> None:
+        """Under ``lock``: serve the store's overlay if another sidecar changed it since
+        the last poll (a change then starts from what the store holds)."""
+        if await self.store.version() != self.overlay.version:
+            await self.refresh_locked()
+
     async def refresh_locked(self) -> bool:
         overlay = await self.store.load()
         if overlay.version == self.served_version:

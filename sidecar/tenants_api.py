@@ -240,6 +240,15 @@ class TenantsApi:
         return _json(200, {"name": name, "action": action, "overlay_version": version,
                            "policy_digest": self.policy().digest})
 
+    async def _current(self) -> ov.Overlay:
+        """The overlay a change starts from (under the keeper's lock): the store's, when
+        another sidecar changed it since this one last polled."""
+        try:
+            await self.keeper.sync_locked()
+        except (BackendError, PolicyError):
+            pass  # the change itself says whether the store takes it
+        return self.keeper.overlay
+
     def _writable(self) -> Optional[HttpResponse]:
         if self.keeper.raw is None:
             return _error(409, "no_policy_file", "this sidecar serves a policy it was handed, "
@@ -255,13 +264,13 @@ class TenantsApi:
                           f"{ov.MAX_BLOCK_BYTES} bytes")
         try:
             block = msgspec.json.decode(body)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             return _error(400, "invalid_body", f"the body is not JSON: {exc}")
         if not isinstance(block, dict):
             return _error(400, "invalid_body", "the body must be a JSON object: the holder's "
                           "block, in the format of a `tenants:` entry of the policy file")
         async with self.keeper.lock:
-            current = self.keeper.overlay
+            current = await self._current()
             if name not in current.holders and len(current.holders) >= ov.MAX_HOLDERS:
                 return _error(409, "overlay_full", f"the overlay holds {ov.MAX_HOLDERS} "
                               "holders; move some into the policy file")
@@ -280,7 +289,7 @@ class TenantsApi:
             return _error(400, "invalid_query", "scope is `overlay` (drop only the overlay "
                           "entry, the file's entry serves again) or absent")
         async with self.keeper.lock:
-            current = self.keeper.overlay
+            current = await self._current()
             holders = dict(current.holders)
             if scope == "overlay":
                 if holders.pop(name, None) is None:
@@ -301,7 +310,7 @@ class TenantsApi:
         if freeze and body.strip():
             try:
                 doc = msgspec.json.decode(body)
-            except msgspec.DecodeError as exc:
+            except (msgspec.DecodeError, RecursionError) as exc:
                 return _error(400, "invalid_body", f"the body is not JSON: {exc}")
             if not isinstance(doc, dict) or set(doc) - {"reason"} or not isinstance(
                     doc.get("reason", ""), str) or len(doc.get("reason", "")) > MAX_REASON:
@@ -309,7 +318,7 @@ class TenantsApi:
                               f"of at most {MAX_REASON} characters}}")
             reason = doc.get("reason", "")
         async with self.keeper.lock:
-            current = self.keeper.overlay
+            current = await self._current()
             frozen = dict(current.frozen)
             if freeze == (name in frozen):
                 return _json(200, {"name": name, "action": "freeze" if freeze else "unfreeze",
