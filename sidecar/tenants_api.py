@@ -185,6 +185,10 @@ class TenantsApi:
         out: dict[str, Any] = {"at_us": now, "period_start_us": start,
                                "period_end_us": end if end != _core.NO_END_US else None}
         try:
+            out["live"] = await asyncio.wait_for(self.live(name, lim, now), 5)
+        except (BackendError, asyncio.TimeoutError) as exc:
+            out["live"] = {"error": f"state not readable: {exc or type(exc).__name__}"}
+        try:
             cells = await asyncio.wait_for(
                 self.backend.spend_cells(day_of(start) if start > 0 else 0, day_of(now)), 5)
         except (BackendError, asyncio.TimeoutError) as exc:
@@ -216,6 +220,31 @@ class TenantsApi:
                              "held": held / scale,
                              "remaining": max(0, lim.budget - settled - held) / scale}
         return out
+
+    async def live(self, name: str, lim: _core.Limits, now: int) -> Optional[dict[str, Any]]:
+        """The buckets' levels and the budget's spend as they stand now: the backend's
+        stored state brought to ``now`` by the decision core itself (a decision of no tokens
+        on a copy: refill, period roll-over), so the rule exists once. None: the backend
+        cannot read a holder's state alone."""
+        st = await self.backend.read_state(name)
+        if st is None:
+            return None
+        out = _core.decide(lim, st, now, 0, 0, 0, 0, False)  # on the copy: nothing changes
+        live: dict[str, Any] = {"next_request": "allow" if out.kind <= 1 else "refused"}
+        if lim.rpm > 0:  # the probe took one request from the copy when it admitted it
+            level = st.req_level + (1.0 if out.kind <= 1 else 0.0)
+            live["requests"] = {"per_minute": lim.rpm, "capacity": lim.req_cap,
+                                "level": round(level, 3)}
+        if lim.tpm > 0:
+            live["tokens"] = {"per_minute": lim.tpm, "capacity": lim.tok_cap,
+                              "level": round(st.tok_level, 3), "full_in_us": out.reset_tokens_us}
+        if lim.budget >= 0:
+            scale = 1e9 if lim.budget_in_usd else 1
+            live["budget"] = {"unit": "usd" if lim.budget_in_usd else "tokens",
+                              "limit": lim.budget / scale, "spent": st.spent / scale,
+                              "remaining": max(0, lim.budget - st.spent) / scale,
+                              "resets_in_us": out.budget_reset_us or None}
+        return live
 
     # --- changing ----------------------------------------------------------------------
     async def _change(self, name: str, action: str, who: str, fields: Fields,

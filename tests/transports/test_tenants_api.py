@@ -279,6 +279,16 @@ def test_get_reports_the_budget_left_from_the_backend(setup):
         # the admitted request's estimate is held until it settles
         assert budget["held"] > 0 and budget["remaining"] == pytest.approx(10 - budget["held"])
         assert call(sc, "GET", "/v1/tenants/nobody")[1]["source"] == "defaults"
+        # the buckets as they stand: one request and its estimate taken, nothing refilled
+        # on the manual clock; the budget's spend as the core holds it
+        live = got["counters"]["live"]
+        assert live["requests"] == {"per_minute": 500, "capacity": 500.0, "level": 499.0}
+        assert live["tokens"]["level"] < live["tokens"]["capacity"] == 10_000_000
+        assert live["budget"]["spent"] == pytest.approx(budget["held"])
+        sc.clock.advance(60)  # a minute later both buckets are full again
+        live = call(sc, "GET", "/v1/tenants/acme")[1]["counters"]["live"]
+        assert live["requests"]["level"] == 500.0 and live["tokens"]["full_in_us"] == 0
+        assert live["tokens"]["level"] == 10_000_000
 
 
 # --- the OpenAPI document ------------------------------------------------------------
@@ -348,6 +358,10 @@ def test_a_change_on_one_sidecar_is_honoured_by_another_within_a_second(valkey, 
             time.sleep(0.02)
         assert served.limits.rpm == 3
         assert call(b, "GET", "/v1/tenants/team-search")[1]["source"] == "overlay"
+        # live counters read from Valkey's keys: acme's one admitted request is in them
+        live = call(a, "GET", "/v1/tenants/acme")[1]["counters"]["live"]
+        assert live["budget"]["spent"] > 0 and live["budget"]["unit"] == "usd"
+        assert live["requests"]["capacity"] == 500.0 and live["requests"]["level"] <= 500.0
     # a restart of the fleet keeps it: it is in Valkey
     with one() as c:
         assert check(c, "acme").denied_response.status.code == 403
