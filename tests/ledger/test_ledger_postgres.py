@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from sidecar.cli import main as kt
-from sidecar.ledger.events import RefusalsEvent, ThresholdEvent
+from sidecar.ledger.events import AdminEvent, RefusalsEvent, ThresholdEvent
 from sidecar.ledger.postgres import (SCHEMA, SCHEMA_VERSION, USAGE_COLUMNS, PostgresSink, migrate,
                                      us_of)
 from sidecar.ledger.sinks import FileSink, SinkError, SpillFile
@@ -196,10 +196,11 @@ def test_migration_to_v2_keeps_the_rows_of_v1_and_a_v1_sidecar_can_still_write(p
         sink = PostgresSink(dsn)
         with pytest.raises(SinkError, match="schema version 1.*kt events migrate"):
             sink.write([usage_event(9)])
-        assert migrate(dsn) == 2 and migrate(dsn) == 2  # idempotent
+        # up to this version (2: the SLI columns; 3: the management API's audit table)
+        assert migrate(dsn) == SCHEMA_VERSION and migrate(dsn) == SCHEMA_VERSION  # idempotent
         with psycopg.connect(dsn) as c:
             assert c.execute("SELECT array_agg(version) FROM kt_ledger_schema"
-                             ).fetchone()[0] == [2]
+                             ).fetchone()[0] == [SCHEMA_VERSION]
             assert {"status", "upstream_ms", "ttft_ms", "endpoint"} <= _columns(c)
             after = c.execute(f"SELECT {', '.join(V1_COLUMNS)}, status, upstream_ms, ttft_ms, "
                               "endpoint FROM kt_usage_events ORDER BY request_id").fetchall()
@@ -209,8 +210,16 @@ def test_migration_to_v2_keeps_the_rows_of_v1_and_a_v1_sidecar_can_still_write(p
                 (3, 1000)]
         new = usage_event(10, status=200, upstream_us=1_234_567, ttft_us=345_678,
                           endpoint="POST /v1/chat/completions")
-        sink.write([new, usage_event(11)])
+        audit = AdminEvent(at_us=1_800_000_000_000_000, who="admin-token", action="freeze",
+                           holder="acme", before="", after='{"reason":"unpaid"}', version=4,
+                           instance="i-1")
+        sink.write([new, usage_event(11), audit])
+        sink.write([audit])  # a retried batch: stored once
         sink.close()
+        with psycopg.connect(dsn) as c:
+            assert c.execute("SELECT who, action, holder, before, after, version, instance "
+                             "FROM kt_admin_audit").fetchall() == [
+                ("admin-token", "freeze", "acme", "", '{"reason":"unpaid"}', 4, "i-1")]
         with psycopg.connect(dsn) as c:
             rows = dict((r[0], r[1:]) for r in c.execute(
                 "SELECT request_id, status, upstream_ms, ttft_ms, endpoint "
