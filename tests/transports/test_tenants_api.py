@@ -18,6 +18,7 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from openapi_spec_validator import validate
 
 from sidecar import cli, http_routes
+from sidecar.backends.base import BackendError
 from sidecar.backends.redis import RedisBackend
 from sidecar.ledger.events import AdminEvent
 from sidecar.ledger.recorder import Ledger
@@ -254,6 +255,11 @@ defaults:
         assert sc.sidecar.policy.tenants["initech"].limits.rpm == 7
     # ... and at start it stops the sidecar: the file alone would undo an operator's change
     with pytest.raises(PolicyError, match=r"team-search.*budget.*pricing"):
+        with running(setup):
+            pass
+    # an overlay file that is not one stops it too, naming the file
+    (setup / "state" / "spend.overlay.json").write_text('{"version": "two"}')
+    with pytest.raises(BackendError, match=r"spend\.overlay\.json: not an overlay"):
         with running(setup):
             pass
 
