@@ -260,7 +260,10 @@ class TenantsApi:
         try:
             version, before = await keeper.commit(fields, overlay, policy)
         except (BackendError, PolicyError) as exc:
-            return _error(503, "store_unavailable", f"not changed: {exc}")
+            # a change the store did not confirm may still have been applied (a reply lost
+            # after the write): GET says, and the poll serves it if it was
+            return _error(503, "store_unavailable", f"the overlay store did not confirm the "
+                          f"change (read the holder back before retrying): {exc}")
         for key, old in before.items():
             new = fields[key]
             self.ledger.admin_change(who=who, action=action, holder=name,

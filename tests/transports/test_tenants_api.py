@@ -426,3 +426,30 @@ def test_kt_tenants_sets_reads_freezes_and_deletes_with_one_line_errors(setup, c
         assert "HTTP 404" in err and "not the sidecar's admin port" in err
         assert "x" not in sc.sidecar.policy.tenants
         assert "acme" not in sc.sidecar.policy.frozen
+
+
+def test_the_redis_overlay_store_is_one_key_and_changes_atomically_on_a_cluster(valkey_cluster):
+    """On a 3-node cluster (the store is one hash: one slot): a change writes its fields and
+    the version at once and answers the values before; a reader sees the whole overlay."""
+    import asyncio
+
+    from sidecar.backends.overlay_store import RedisOverlayStore
+    from sidecar.policy import schema
+
+    async def main() -> None:
+        store = RedisOverlayStore(schema.RedisBackend(url=valkey_cluster.url, cluster=True,
+                                                      key_prefix="kt-overlay-test"))
+        try:
+            entry = ov.encode_entry(ov.Entry(block={"limits": {"rpm": 4}}, by="admin-token"))
+            mark = ov.encode_frozen(ov.Frozen(reason="x"))
+            assert await store.change({"h:a": entry, "f:b": mark}) == (
+                1, {"h:a": None, "f:b": None})
+            assert await store.version() == 1
+            assert await store.change({"f:b": None}) == (2, {"f:b": mark})
+            got = await store.load()
+            assert got.version == 2 and not got.frozen
+            assert got.holders["a"].block == {"limits": {"rpm": 4}}
+        finally:
+            await store.close()
+
+    asyncio.run(main())
