@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import json
+import logging
 import time
 from typing import Any, Callable, Optional
 from urllib.parse import parse_qs, unquote
@@ -36,6 +37,8 @@ from sidecar.overlay_sync import OverlayKeeper
 from sidecar.policy import overlay as ov
 from sidecar.policy.load import PERIODS, CompiledPolicy, PolicyError, TenantRule
 from sidecar.transports.http_side import HttpRequest, HttpResponse
+
+log = logging.getLogger("kt.admin")
 
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
@@ -266,6 +269,7 @@ class TenantsApi:
             # after the write): GET says, and the poll serves it if it was
             return _error(503, "store_unavailable", f"the overlay store did not confirm the "
                           f"change (read the holder back before retrying): {exc}")
+        log.info("management API: %s %s %r (overlay version %d)", who, action, name, version)
         for key, old in before.items():
             new = fields[key]
             self.ledger.admin_change(who=who, action=action, holder=name,
