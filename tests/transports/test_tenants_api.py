@@ -453,3 +453,14 @@ def test_the_redis_overlay_store_is_one_key_and_changes_atomically_on_a_cluster(
             await store.close()
 
     asyncio.run(main())
+
+
+def test_a_freeze_holds_in_shadow_mode_and_is_counted_as_a_refusal(setup):
+    (setup / "policy.yaml").write_text(POLICY + "shadow_mode: true\n")
+    with running(setup) as sc:
+        assert check(sc, "acme").status.code == 0
+        assert call(sc, "POST", "/v1/tenants/acme/freeze")[0] == 200
+        denied = check(sc, "acme")
+        assert denied.denied_response.status.code == 403  # an operator's act: not shadowed
+        assert sc.sidecar.metrics.registry.get_sample_value(
+            "kt_requests_total", {"decision": "frozen", "transport": "authz"}) == 1
