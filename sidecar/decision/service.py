@@ -128,8 +128,8 @@ class Decider:
         tenant, rule = resolved
         if policy.frozen and tenant in policy.frozen:
             return Decision(Kind.FROZEN, tenant=tenant, reason=REASON_FROZEN, message=(
-                f"Tenant {tenant!r} is frozen by its operator: its requests are refused "
-                "until it is unfrozen."))
+                f"Tenant {tenant!r} (or a holder above it) is frozen by its operator: its "
+                "requests are refused until it is unfrozen."))
         try:
             est = estimate(policy, req)
         except LengthRequired as exc:

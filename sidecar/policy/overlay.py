@@ -114,12 +114,51 @@ def layer_of(overlay: Overlay) -> Optional[Layer]:
     return apply, overlay.digest()
 
 
+MAX_DEPTH = 64  # parent links followed from one holder (a policy's trees are far shallower)
+
+
+def frozen_with_descendants(tenants: Any, frozen: frozenset[str]) -> frozenset[str]:
+    """The frozen holders and every holder below one of them: a `tenants:` entry names its
+    parent in `parent:` (issue 24's hierarchy), so freezing a team refuses its keys too.
+    ``tenants`` is the layered document's map; an entry without a parent adds nothing."""
+    if not frozen or not isinstance(tenants, dict):
+        return frozen
+    parents = {name: entry["parent"] for name, entry in tenants.items()
+               if isinstance(entry, dict) and isinstance(entry.get("parent"), str)}
+    if not parents:
+        return frozen
+    out = set(frozen)
+    for name in parents:
+        node: Optional[str] = name
+        for _ in range(MAX_DEPTH):
+            node = parents.get(node) if node is not None else None
+            if node is None:
+                break
+            if node in frozen:
+                out.add(name)
+                break
+    return frozenset(out)
+
+
 def compile_layered(raw: bytes, source: str, overlay: Overlay) -> CompiledPolicy:
     """The policy file's bytes with the overlay over them, through the one path every
-    policy takes; raises PolicyError (the layered document's errors)."""
-    policy = parse_policy(raw, source, layer_of(overlay))
+    policy takes; raises PolicyError (the layered document's errors). The frozen set holds
+    every holder below a frozen one."""
+    layer = layer_of(overlay)
+    seen: dict[str, Any] = {}
+    if layer is not None and overlay.frozen:
+        apply, digest = layer
+
+        def apply_and_see(doc: dict) -> dict:
+            out = apply(doc)
+            seen["tenants"] = out.get("tenants")
+            return out
+
+        layer = (apply_and_see, digest)
+    policy = parse_policy(raw, source, layer)
     if overlay.frozen:
-        policy = replace(policy, frozen=frozenset(overlay.frozen))
+        policy = replace(policy, frozen=frozen_with_descendants(
+            seen.get("tenants"), frozenset(overlay.frozen)))
     return policy
 
 

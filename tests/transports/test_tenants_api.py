@@ -464,3 +464,16 @@ def test_a_freeze_holds_in_shadow_mode_and_is_counted_as_a_refusal(setup):
         assert denied.denied_response.status.code == 403  # an operator's act: not shadowed
         assert sc.sidecar.metrics.registry.get_sample_value(
             "kt_requests_total", {"decision": "frozen", "transport": "authz"}) == 1
+
+
+def test_freezing_a_holder_freezes_every_holder_below_it():
+    """With holders that name their parent (issue 24's hierarchy): a frozen team's keys
+    are frozen with it, whatever the depth; a cycle ends the walk."""
+    tenants = {"org": {}, "team-a": {"parent": "org"}, "team-b": {"parent": "org"},
+               "key-1": {"parent": "team-a"}, "key-2": {"parent": "team-b"},
+               "loner": {}, "x": {"parent": "y"}, "y": {"parent": "x"}}
+    assert ov.frozen_with_descendants(tenants, frozenset({"team-a"})) == {"team-a", "key-1"}
+    assert ov.frozen_with_descendants(tenants, frozenset({"org"})) == {
+        "org", "team-a", "team-b", "key-1", "key-2"}
+    assert ov.frozen_with_descendants(tenants, frozenset({"loner"})) == {"loner"}
+    assert ov.frozen_with_descendants(tenants, frozenset({"z"})) == {"z"}
