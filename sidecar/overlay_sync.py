@@ -52,8 +52,20 @@ class OverlayKeeper:
     async def start(self) -> Optional[CompiledPolicy]:
         """Read the store; the layered policy to serve, or None when the overlay is empty.
         A stored overlay that does not compile over the file stops the start (PolicyError):
-        serving the file alone would hand holders the limits an operator took away."""
-        self.overlay = await self.store.load()
+        serving the file alone would hand holders the limits an operator took away. A store
+        that does not answer stops it only where the store is a file; Redis down at start:
+        the file alone serves (decisions follow the backend's failure modes meanwhile) and
+        the poll serves the overlay as soon as Redis answers."""
+        try:
+            self.overlay = await self.store.load()
+        except BackendError as exc:
+            if self.store.required_at_start:
+                raise
+            self.metrics.overlay_applied.labels("error").inc()
+            log.error("overlay %s not readable at start, serving the policy file alone until "
+                      "it is: %s", self.store.where, exc)
+            self.served_version = -1  # the poll reads the store whole once it answers
+            return None
         self.served_version = self.overlay.version
         self.metrics.overlay_version.set(self.overlay.version)
         if self.overlay.empty():

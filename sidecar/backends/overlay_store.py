@@ -38,6 +38,10 @@ Fields = dict[str, Optional[bytes]]  # "h:<name>" / "f:<name>" -> JSON, or None:
 
 class OverlayStore(Protocol):
     where: str  # for messages: the file, or the Redis key
+    # a start that cannot read it fails (a file beside the state file, as the state file);
+    # else the sidecar starts on the policy file alone and serves the overlay once read
+    # (Redis: the backend itself starts when Redis is down, on its failure modes)
+    required_at_start: bool
 
     async def load(self) -> ov.Overlay:
         """The whole overlay as stored now."""
@@ -75,6 +79,7 @@ class FileOverlayStore:
     def __init__(self, path: str) -> None:
         self.path = path  # "": in memory only
         self.where = path or "memory (no state file)"
+        self.required_at_start = True
         self._version = 0
         self._fields: dict[str, bytes] = {}
         self._loaded = False
@@ -180,6 +185,7 @@ class RedisOverlayStore:
         self.cfg = cfg
         self.key = f"{cfg.key_prefix}:admin-overlay"
         self.where = f"redis key {self.key}"
+        self.required_at_start = False
         self.timeout_s = timeout_s
         opts: dict = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         if cfg.tls is not None:

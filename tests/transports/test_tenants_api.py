@@ -477,3 +477,25 @@ def test_freezing_a_holder_freezes_every_holder_below_it():
         "org", "team-a", "team-b", "key-1", "key-2"}
     assert ov.frozen_with_descendants(tenants, frozenset({"loner"})) == {"loner"}
     assert ov.frozen_with_descendants(tenants, frozenset({"z"})) == {"z"}
+
+
+def test_a_sidecar_whose_valkey_is_down_starts_on_its_file_and_refuses_changes(setup):
+    """Redis down at start: the backend starts on its failure modes, and so does the
+    overlay (the file alone until Valkey answers); a change is a 503 that says so."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    policy = POLICY + f"backend: {{kind: redis, url: 'redis://127.0.0.1:{port}/0'}}\n"
+    (setup / "policy.yaml").write_text(policy)
+    compiled = parse_policy(policy.encode(), "<test>")
+    with RunningSidecar(policy, backend=RedisBackend(compiled.backend),
+                        policy_path=str(setup / "policy.yaml"),
+                        config={"admin_token_file": str(setup / "admin")}) as sc:
+        assert sc.sidecar.policy.tenants["acme"].limits.rpm == 500
+        status, body = call(sc, "PUT", "/v1/tenants/acme", {"limits": {"rpm": 1}})
+        assert status == 503 and body["error"]["code"] == "store_unavailable"
+        assert sc.sidecar.policy.tenants["acme"].limits.rpm == 500
+        assert sc.sidecar.metrics.registry.get_sample_value(
+            "kt_overlay_changes_total", {"result": "error"}) >= 1
