@@ -212,67 +212,22 @@ def provider_options(policy) -> dict:
     return out
 
 
-ADMIN_PORT_HINT = ("give --admin the address of `kt serve --admin` (default 127.0.0.1:9091; "
-                   "`kt serve --ready-file` writes the admin_port it bound)")
-
-
-class _AdminFailed(Exception):
-    """An admin-port call failed; the message is printed, the value is the exit code."""
-
-
 def _admin_get(args: argparse.Namespace, command: str, path: str, query: str = "") -> dict:
-    """GET a JSON document from the admin port (--admin, --token-file), or raise
-    _AdminFailed after printing one line that says what went wrong and what to do."""
-    import http.client
-    import json
-    import urllib.error
-    import urllib.request
+    """GET a JSON document from the admin port (sidecar/admin_client.py: one line on failure)."""
+    from sidecar.admin_client import admin_call
 
-    from sidecar.auth import TokenError, TokenFile
-
-    url = f"http://{args.admin}{path}" + (f"?{query}" if query else "")
-    headers = {}
-    if args.token_file:
-        try:
-            headers["authorization"] = "Bearer " + TokenFile(args.token_file,
-                                                             "admin token").token().decode()
-        except TokenError as exc:
-            print(f"kt {command}: {exc}", file=sys.stderr)
-            raise _AdminFailed(2) from None
-    try:
-        # the admin port is never behind a proxy: ignore http_proxy
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        with opener.open(urllib.request.Request(url, headers=headers), timeout=15) as r:
-            return json.load(r)
-    except urllib.error.HTTPError as exc:
-        hint = {401: " (give --token-file with the admin token)",
-                404: f" ({args.admin} is not the sidecar's admin port: the HTTP side port "
-                     f"answers /metrics only; {ADMIN_PORT_HINT})"}.get(exc.code, "")
-        try:
-            message = ": " + json.load(exc)["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = ""
-        print(f"kt {command}: {url}: HTTP {exc.code}{message}{hint}", file=sys.stderr)
-    except (http.client.HTTPException, ConnectionResetError) as exc:
-        # an answer that is not HTTP/1.1: the gRPC port (HTTP/2) or another service
-        print(f"kt {command}: {args.admin} did not answer as the admin port does ({exc!r}): "
-              f"the gRPC port? {ADMIN_PORT_HINT}", file=sys.stderr)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        refused = isinstance(getattr(exc, "reason", exc), ConnectionRefusedError)
-        hint = f" (nothing listens there: is kt serve running? {ADMIN_PORT_HINT})" \
-            if refused else ""
-        print(f"kt {command}: cannot read {url}: {exc}{hint}", file=sys.stderr)
-    raise _AdminFailed(1)
+    return admin_call(args, command, path, query)
 
 
 def _status(args: argparse.Namespace) -> int:
     import json
 
+    from sidecar.admin_client import AdminFailed
     from sidecar.status import render
 
     try:
         doc = _admin_get(args, "status", "/v1/status")
-    except _AdminFailed as failed:
+    except AdminFailed as failed:
         return failed.args[0]
     try:
         text = json.dumps(doc, indent=2, sort_keys=True) + "\n" if args.json else render(doc)
@@ -290,12 +245,14 @@ def _spend(args: argparse.Namespace) -> int:
     import json
     import urllib.parse
 
+    from sidecar.admin_client import AdminFailed
+
     query = urllib.parse.urlencode({k: v for k, v in (
         ("since", args.since), ("until", args.until), ("period", args.period),
         ("by", args.by), ("tenant", args.tenant)) if v})
     try:
         doc = _admin_get(args, "spend", "/v1/spend", query)
-    except _AdminFailed as failed:
+    except AdminFailed as failed:
         return failed.args[0]
     if args.json:  # stable: tenants -> [period ->] model -> counts (docs/ledger.md)
         print(json.dumps(doc, indent=2, sort_keys=True))
@@ -375,12 +332,9 @@ def _capacity_estimate(args: argparse.Namespace) -> int:
 
 
 def _admin_client_args(p: argparse.ArgumentParser) -> None:
-    """The flags of a command that reads a running sidecar's admin port."""
-    p.add_argument("--admin", default="127.0.0.1:9091", metavar="HOST:PORT",
-                   help="the sidecar's admin port")
-    p.add_argument("--token-file", metavar="FILE", help="the admin token (kt serve "
-                   "--admin-token-file); not needed on loopback when none is configured")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    from sidecar.admin_client import client_args
+
+    client_args(p)
 
 
 def _version() -> str:
@@ -537,7 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(func=_status)
 
     from sidecar.ledger.cli import register as register_events  # kt events stats|migrate
+    from sidecar.tenants_cli import register as register_tenants  # kt tenants ...
 
+    register_tenants(sub)
     register_events(sub)
     return p
 

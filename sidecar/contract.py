@@ -58,6 +58,8 @@ ERRORS: dict[Kind, tuple[int, str, str]] = {
     Kind.LENGTH_REQUIRED: (411, "invalid_request_error", "length_required"),
     Kind.FAIL_CLOSED: (503, "service_unavailable", "limiter_unavailable"),
     Kind.OVERLOADED: (503, "service_unavailable", "limiter_overloaded"),
+    # frozen by an operator (docs/budgets.md, "Management API"): waiting does not help
+    Kind.FROZEN: (403, "permission_error", "tenant_frozen"),
 }
 # seconds a client is told to wait when the limiter itself is down (fail closed)
 FAIL_CLOSED_RETRY_AFTER_S = 1

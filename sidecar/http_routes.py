@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from importlib import resources
 from concurrent.futures import ThreadPoolExecutor
 from typing import Awaitable, Callable, Optional, Union
 from urllib.parse import parse_qs
@@ -28,6 +29,8 @@ UNAUTHORIZED = HttpResponse(401, contract.error_body(
     "unauthorized"), "application/json", [("www-authenticate", "Bearer")])
 METRICS, READY = "/metrics", "/readyz"
 USAGE, SPEND, STATUS = "/v1/usage", "/v1/spend", "/v1/status"
+TENANTS = "/v1/tenants"  # and below it: the management API (sidecar/tenants_api.py)
+OPENAPI = "/v1/openapi.json"  # the admin port's routes, documented (sidecar/openapi.json)
 
 
 def side_route(req: HttpRequest) -> Union[HttpResponse, str]:
@@ -39,7 +42,7 @@ def side_route(req: HttpRequest) -> Union[HttpResponse, str]:
         return req.path
     if req.path == "/healthz":
         return text(200, "ok\n")
-    if req.path in (USAGE, SPEND, STATUS):
+    if req.path in (USAGE, SPEND, STATUS, OPENAPI) or req.path.startswith(TENANTS):
         return text(404, ADMIN_MOVED)
     return text(404, "not found\n")
 
@@ -55,11 +58,24 @@ def admin_route(req: HttpRequest, token: Optional[TokenFile],
         if req.method != "POST":
             return text(405, "POST a JSON usage report\n")
         return req.path
-    if req.path in (SPEND, STATUS):
+    if req.path in (SPEND, STATUS, OPENAPI):
         if req.method not in ("GET", "HEAD"):
             return text(405, "GET only\n")
         return req.path
+    if req.path == TENANTS or req.path.startswith(TENANTS + "/"):
+        return TENANTS  # the method and the rest of the path: the management API's
     return text(404, "not found\n")
+
+
+def admin_identity(token: Optional[TokenFile], req: HttpRequest) -> str:
+    """Who made an admin call, as the audit trail says it: the admin token is one
+    credential ("admin-token"); without one, the loopback caller's address."""
+    return "admin-token" if token is not None else f"loopback {req.peer}"
+
+
+def openapi_document() -> bytes:
+    """The admin port's OpenAPI 3.1 document, the one committed file (sidecar/openapi.json)."""
+    return resources.files("sidecar").joinpath("openapi.json").read_bytes()
 
 
 def json_error(status: int, kind: str, code: str, message: str) -> HttpResponse:

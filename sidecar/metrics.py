@@ -89,6 +89,15 @@ class Metrics:
             registry=r)
         self.policy_info = Gauge(
             "kt_policy_info", "The policy being served (value 1).", ["source", "digest"], registry=r)
+        # the management API's overlay of holders (sidecar/overlay_sync.py)
+        self.overlay_applied = Counter(
+            "kt_overlay_changes", "Overlay versions of the management API read from its store, "
+            "by result: ok (served here), error (not served: the store did not answer, or the "
+            "overlay does not compile over the policy file; the last good one still serves).",
+            ["result"], registry=r)
+        self.overlay_version = Gauge(
+            "kt_overlay_version", "The management API overlay's version served here (0: none).",
+            registry=r)
         self.tokens_total = Counter(
             "kt_tokens", "Actual tokens used, from responses and usage reports, by tenant "
             "(named tenants; others as _other), model and type (input, output; cached_input: "
@@ -195,6 +204,7 @@ class Metrics:
             self.failure_mode.labels(mode)
         for result in ("ok", "error"):
             self.policy_reloads.labels(result)
+            self.overlay_applied.labels(result)
         for action in ("refunded", "kept", "refund_failed", "nothing_charged"):
             self.late_replies.labels(action)
         for outcome in ("applied", "resent", "settled_before", "unknown"):

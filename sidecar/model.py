@@ -70,6 +70,8 @@ class Kind(str, enum.Enum):
     UNAVAILABLE = "unavailable"  # backend failed; Envoy's own failure mode decides
     # the store answered, but this sidecar could not decide in time (its own load): shed
     OVERLOADED = "overloaded"
+    # the holder was frozen through the management API (docs/budgets.md)
+    FROZEN = "frozen"
 
 
 # the kinds that let a request through (a set: read on every decision, a few times)
@@ -89,6 +91,7 @@ REASONS = {_core.R_NONE: "", _core.R_RPM: "requests", _core.R_TPM: "tokens",
 REASON_PROVIDER_FULL = "provider_full"
 REASON_PROVIDER_QUOTA = "provider_quota"
 REASON_TOKEN_RATE = "token_rate_anomaly"  # the tenant's token rate is far above its usual
+REASON_FROZEN = "frozen"  # the holder is frozen (management API): refused, whatever its limits
 
 
 class Decision(msgspec.Struct, frozen=True):

@@ -17,12 +17,16 @@ log = logging.getLogger("kt.server")
 class PolicyReloader:
     def __init__(self, path: str, interval_s: float, metrics: Metrics,
                  serving: Callable[[], CompiledPolicy],
-                 apply: Callable[[CompiledPolicy], None]) -> None:
+                 apply: Callable[[CompiledPolicy], None],
+                 load: Callable[[str], CompiledPolicy] = load_policy) -> None:
         self.path = path
         self.interval_s = interval_s
         self.metrics = metrics
         self.serving = serving  # the policy being served
         self.apply = apply  # swaps one in: plain assignments, no I/O, on the event loop
+        # reads and compiles the file (the server's: with the management API's overlay of
+        # holders over it, sidecar/overlay_sync.py)
+        self.load = load
         self._stamp = self.stamp()
 
     def stamp(self) -> Optional[tuple]:
@@ -67,7 +71,7 @@ class PolicyReloader:
         self._stamp = stamp
         serving = self.serving()
         try:
-            new = load_policy(self.path)
+            new = self.load(self.path)
         except PolicyError as exc:
             # a bad policy never replaces a good one
             self.metrics.policy_reloads.labels("error").inc()

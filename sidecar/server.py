@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sidecar import http_routes, stop_signals
 from sidecar.backends.base import Backend
 from sidecar.backends.memory import MemoryBackend
+from sidecar.backends.overlay_store import FileOverlayStore, OverlayStore, RedisOverlayStore
 from sidecar.backends.redis import RedisBackend
 from sidecar.credentials import Credentials, GrpcTokenCheck
 from sidecar.flows import Flows
@@ -31,10 +32,12 @@ from sidecar.ledger.recorder import Ledger, build_ledger
 from sidecar.listen import host_port, listen, listen_error, probe_bind
 from sidecar.metrics import Metrics
 from sidecar.policy import schema
-from sidecar.policy.load import CompiledPolicy, load_policy
+from sidecar.overlay_sync import OverlayKeeper
+from sidecar.policy.load import CompiledPolicy, load_policy, read_policy_file
 from sidecar.reload import PolicyReloader
 from sidecar.settlement.open_reservations import keep_open_reservations
-from sidecar.server_config import ServerConfig, sample_policy
+from sidecar.server_config import SAMPLE_SOURCE, ServerConfig, sample_policy, sample_policy_raw
+from sidecar.tenants_api import TenantsApi
 from sidecar.transports.als import UsageLogReceiver
 from sidecar.transports.authz import authorization_handler
 from sidecar.transports.ext_proc import ExternalProcessorServicer
@@ -57,10 +60,30 @@ def make_backend(policy: CompiledPolicy, cfg: ServerConfig) -> Backend:
                          max_tenants=b.max_tenants)
 
 
+def overlay_store_for(backend: Backend, cfg: ServerConfig,
+                      policy: CompiledPolicy) -> OverlayStore:
+    """Where the management API's overlay lives: in Redis beside a Redis backend's state
+    (every sidecar of the fleet reads it), else next to the embedded state file."""
+    if isinstance(backend, RedisBackend):
+        return RedisOverlayStore(backend.cfg)
+    if isinstance(backend, MemoryBackend):
+        return FileOverlayStore.beside(backend.state_file)
+    b = policy.backend
+    state_file = cfg.state_file if cfg.state_file is not None else getattr(b, "state_file", "")
+    return FileOverlayStore.beside(state_file or "")
+
+
 class Sidecar:
     def __init__(self, cfg: ServerConfig, policy: Optional[CompiledPolicy] = None,
                  backend: Optional[Backend] = None, ledger: Optional[Ledger] = None) -> None:
         self.cfg = cfg
+        # the bytes the management API's overlay is layered over: the file's (read again
+        # on reload), the sample's, or none for a policy handed over compiled (tests)
+        raw: Optional[bytes] = None
+        if cfg.policy_path:
+            raw = read_policy_file(cfg.policy_path)
+        elif policy is None:
+            raw = sample_policy_raw()
         self.policy = policy or (load_policy(cfg.policy_path) if cfg.policy_path else sample_policy())
         self.metrics = Metrics()
         self.credentials = Credentials(cfg, self.policy)  # before anything is bound
@@ -82,8 +105,19 @@ class Sidecar:
         self._slow_waiting = 0
         self.http_authz_port = 0
         self.http_authz_server: Optional[asyncio.AbstractServer] = None
+        self.overlay = OverlayKeeper(
+            overlay_store_for(self.backend, cfg, self.policy),
+            cfg.policy_path or SAMPLE_SOURCE, raw, lambda: self.policy, self._apply_policy,
+            self.metrics)
+        # the clock the backend decides by (its budget periods): the embedded one's own,
+        # else the wall clock (Redis decides by its TIME, which it keeps close to)
+        clock = (self.backend.clock if isinstance(self.backend, MemoryBackend)
+                 else lambda: time.time_ns() // 1000)
+        self.tenants = TenantsApi(self.overlay, lambda: self.policy, self.backend, self.ledger,
+                                  clock)
         self._reloader = (PolicyReloader(cfg.policy_path, cfg.reload_interval_s, self.metrics,
-                                         lambda: self.policy, self._apply_policy)
+                                         lambda: self.policy, self._apply_policy,
+                                         self.overlay.load_file)
                           if cfg.policy_path else None)
         self._reload_task: Optional[asyncio.Task] = None
         self._health: Optional[health_aio.HealthServicer] = None
@@ -92,6 +126,14 @@ class Sidecar:
     # --- lifecycle ---------------------------------------------------------
     async def start(self) -> None:
         await self.backend.start()
+        try:
+            # the management API's changes, over the file, before anything is decided
+            layered = await self.overlay.start()
+        except BaseException:
+            await self.backend.close()
+            raise
+        if layered is not None:
+            self._apply_policy(layered)
         self.ledger.start()
         self._ledger_ticker = asyncio.get_running_loop().create_task(self._tick_ledger())
         try:
@@ -147,6 +189,7 @@ class Sidecar:
         self.metrics.policy_info.labels(self.policy.source, self.policy.digest).set(1)
         if self._reloader is not None:
             self._reload_task = asyncio.get_running_loop().create_task(self._reloader.run())
+        self.overlay.run()
         if self.cfg.ready_file:
             tmp = self.cfg.ready_file + ".tmp"
             with open(tmp, "w") as f:
@@ -163,6 +206,7 @@ class Sidecar:
     async def stop(self) -> None:
         if self._reload_task is not None:
             self._reload_task.cancel()
+        await self.overlay.stop()
         if self._ledger_ticker is not None:
             self._ledger_ticker.cancel()
         if self._health is not None:
@@ -239,6 +283,11 @@ class Sidecar:
         if endpoint == http_routes.USAGE:
             status, payload = await report_json(self.service.settlement, req.body)
             return HttpResponse(status, payload, "application/json")
+        if endpoint == http_routes.OPENAPI:
+            return HttpResponse(200, http_routes.openapi_document(), "application/json")
+        if endpoint == http_routes.TENANTS:
+            return await self.tenants.handle(req, http_routes.admin_identity(
+                self.credentials.admin, req))
         if endpoint == http_routes.STATUS:
             return await http_routes.status_report(
                 self.backend, self.ledger.status, self.policy.source, self.policy.digest,
@@ -257,8 +306,11 @@ class Sidecar:
         return self._reloader.reload_if_changed() if self._reloader is not None else False
 
     def _apply_policy(self, new: CompiledPolicy) -> None:
+        self.metrics.policy_info.clear()
+        self.metrics.policy_info.labels(new.source, new.digest).set(1)
         self.policy = new
         self.service.replace_policy(new)
+        self.overlay.served(new)
 
 
 async def serve(cfg: ServerConfig) -> None:

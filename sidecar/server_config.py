@@ -11,10 +11,16 @@ from sidecar.policy.load import CompiledPolicy, parse_policy
 from sidecar.transports.http_side import ServerLimits
 
 
+SAMPLE_SOURCE = "<sample policy>"
+
+
+def sample_policy_raw() -> bytes:
+    return resources.files("sidecar").joinpath("samples/policy.yaml").read_bytes()
+
+
 def sample_policy() -> CompiledPolicy:
     """The policy shipped in the package, served when no --config is given."""
-    raw = resources.files("sidecar").joinpath("samples/policy.yaml").read_bytes()
-    return parse_policy(raw, "<sample policy>")
+    return parse_policy(sample_policy_raw(), SAMPLE_SOURCE)
 
 
 @dataclass

@@ -131,9 +131,9 @@ class Worker:
 
 
 def _request(url: str, data: Optional[bytes] = None,
-             headers: Optional[dict] = None) -> tuple[int, bytes]:
+             headers: Optional[dict] = None, method: Optional[str] = None) -> tuple[int, bytes]:
     req = urllib.request.Request(url, data=data, headers=headers or {},
-                                 method="POST" if data is not None else "GET")
+                                 method=method or ("POST" if data is not None else "GET"))
     try:
         with _LOOPBACK.open(req, timeout=WORKER_TIMEOUT_S) as r:
             return r.status, r.read()
@@ -181,20 +181,25 @@ class Supervisor:
         endpoint = http_routes.admin_route(req, self.admin_token)
         if not isinstance(endpoint, str):
             return endpoint
-        if endpoint in (http_routes.SPEND, http_routes.STATUS):
+        if endpoint in (http_routes.SPEND, http_routes.STATUS, http_routes.OPENAPI,
+                        http_routes.TENANTS):
             # the spend lives in the backend the workers share: any worker answers for all
-            # (status: that worker's queue and failure-mode count, the fleet's spend)
-            return self._forward_to_a_worker(req, endpoint)
+            # (status: that worker's queue and failure-mode count, the fleet's spend); so
+            # does the management API's overlay, which every worker polls from Redis
+            return self._forward_to_a_worker(req, req.path)
         return self._forward_usage(req)
 
     def _forward_to_a_worker(self, req: HttpRequest, path: str) -> HttpResponse:
-        """GET ``path`` (spend, status) from one running worker's admin port: the spend lives
+        """``path`` (spend, status, the management API) from one running worker's admin
+        port, with the request's method and body: the spend and the overlay of holders live
         in the backend the workers share, so any worker answers for all (the caller's token
         goes along; the worker checks it)."""
         query = req.query
         headers = {}
         if req.headers.get("authorization"):
             headers["authorization"] = req.headers["authorization"]
+        if req.body:
+            headers["content-type"] = "application/json"
         last = ""
         for _ in range(len(self.workers)):
             w = self.workers[next(self._turn) % len(self.workers)]
@@ -202,7 +207,9 @@ class Supervisor:
                 continue
             try:
                 status, body = _request(f"http://127.0.0.1:{w.admin_port}{path}"
-                                        + (f"?{query}" if query else ""), None, headers)
+                                        + (f"?{query}" if query else ""),
+                                        req.body if req.method in ("PUT", "POST") else None,
+                                        headers, req.method if req.method != "HEAD" else "GET")
             except OSError as exc:
                 last = f"worker {w.index}: {exc}"
                 continue

@@ -28,7 +28,8 @@ LAYERS: list[tuple[str, list[str]]] = [
                "sidecar.envoy_config", "sidecar.capacity", "sidecar.plan", "sidecar.flows",
                "sidecar.server_config", "sidecar.credentials", "sidecar.listen",
                "sidecar.http_routes", "sidecar.reload", "sidecar.worker_metrics",
-               "sidecar.status"]),
+               "sidecar.status", "sidecar.overlay_sync", "sidecar.tenants_api",
+               "sidecar.tenants_cli", "sidecar.admin_client"]),
     # Envoy's protocols in, the flows' answers out
     ("transports", ["sidecar.transports"]),
     # request -> decision, finished response -> settled charge and ledger event

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional, Protocol, Sequence, Union
 
-from sidecar._core import Limits, Outcome, Quota
+from sidecar._core import Limits, Outcome, Quota, State
 from sidecar.ledger.spend import LAST_DAY, SpendCell, SpendRecord
 from sidecar.metrics import BackendStats
 from sidecar.policy.schema import FailureMode, FailureModes
@@ -181,6 +181,12 @@ class Backend(Protocol):
         can tell "settled elsewhere" from "never settled" when its own copy expires.
         Returns the record, TAKEN_RESERVATION when another replica took it first, or None
         (none shared, or expired). May raise BackendError."""
+
+    async def read_state(self, tenant: str) -> Optional[State]:
+        """A copy of the tenant's own state as last written (buckets and budget; a fresh
+        State when it has none), read without deciding, for the management API's live
+        counters (the decision core then says what it holds now); None when this backend
+        cannot read it alone. May raise BackendError."""
 
     def status(self) -> BackendStatus:
         """Readiness, cheap and non-blocking (read by /readyz)."""

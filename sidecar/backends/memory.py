@@ -361,6 +361,15 @@ class MemoryBackend:
         if held and period_start_us >= 0:
             self._hold(tenant, period_start_us, -held)
 
+    async def read_state(self, tenant: str) -> Optional[_core.State]:
+        copy = _core.State()
+        st = self.states.get(tenant)
+        if st is not None:
+            copy.req_level, copy.req_last = st.req_level, st.req_last
+            copy.tok_level, copy.tok_last = st.tok_level, st.tok_last
+            copy.spent, copy.period_start = st.spent, st.period_start
+        return copy
+
     async def spend_cells(self, since_day: int = 0,
                           until_day: int = LAST_DAY) -> list[SpendCell]:
         if since_day <= 0 and until_day >= LAST_DAY:

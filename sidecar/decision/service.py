@@ -23,7 +23,7 @@ from sidecar.decision.queue import AdmissionQueue, Timer
 from sidecar.decision.routing import ProviderRouter
 from sidecar.ledger.recorder import Ledger
 from sidecar.metrics import Metrics
-from sidecar.model import (CORE_KINDS, OTHER_TENANTS, REASON_PROVIDER_FULL,
+from sidecar.model import (CORE_KINDS, OTHER_TENANTS, REASON_FROZEN, REASON_PROVIDER_FULL,
                            REASON_PROVIDER_QUOTA, REASON_TOKEN_RATE, Decision, Kind, Request)
 from sidecar.policy.load import CompiledPolicy, TenantRule
 from sidecar.policy.providers import PRIORITY_RANK
@@ -126,6 +126,10 @@ class Decider:
         if isinstance(resolved, Decision):
             return resolved
         tenant, rule = resolved
+        if policy.frozen and tenant in policy.frozen:
+            return Decision(Kind.FROZEN, tenant=tenant, reason=REASON_FROZEN, message=(
+                f"Tenant {tenant!r} (or a holder above it) is frozen by its operator: its "
+                "requests are refused until it is unfrozen."))
         try:
             est = estimate(policy, req)
         except LengthRequired as exc:

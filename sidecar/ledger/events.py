@@ -99,7 +99,26 @@ class ThresholdEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"
         return (self.tenant, str(self.period_start_us), repr(self.fraction))
 
 
-Event = Union[UsageEvent, RefusalsEvent, ThresholdEvent]
+class AdminEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="admin"):
+    """A change made through the management API (docs/budgets.md, "Management API"): who
+    made it, what, and the holder's overlay entry (or freeze mark) before and after, as
+    JSON ("" when there was none)."""
+
+    at_us: int
+    who: str  # the admin credential's identity: "admin-token", or "loopback <address>"
+    action: str  # set, delete, delete_overlay, freeze, unfreeze
+    holder: str
+    before: str
+    after: str
+    version: int  # the overlay's version after the change
+    instance: str = ""
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.holder, str(self.version), self.action)
+
+
+Event = Union[UsageEvent, RefusalsEvent, ThresholdEvent, AdminEvent]
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Event)

@@ -20,11 +20,12 @@ import os
 import socket
 from typing import Any, Optional, Sequence
 
-from sidecar.ledger.events import Event, RefusalsEvent, ThresholdEvent, UsageEvent
+from sidecar.ledger.events import (AdminEvent, Event, RefusalsEvent, ThresholdEvent,
+                                   UsageEvent)
 from sidecar.ledger.sinks import SinkError, SinkRefused
 
 log = logging.getLogger("kt.ledger")
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 
 SCHEMA = """
@@ -124,6 +125,20 @@ ALTER TABLE kt_usage_events
 ALTER TABLE kt_usage_events
     ADD COLUMN IF NOT EXISTS end_user text,     -- the end user's id
     ADD COLUMN IF NOT EXISTS tags     text[];   -- the request's tags
+""",
+    # the management API's audit trail (docs/budgets.md, "Management API")
+    4: """
+CREATE TABLE IF NOT EXISTS kt_admin_audit (
+    at       timestamptz NOT NULL,
+    who      text        NOT NULL,
+    action   text        NOT NULL,  -- set, delete, delete_overlay, freeze, unfreeze
+    holder   text        NOT NULL,
+    before   text        NOT NULL,  -- the holder's overlay entry before, JSON ('' none)
+    after    text        NOT NULL,
+    version  bigint      NOT NULL,  -- the overlay's version after the change
+    instance text        NOT NULL,
+    PRIMARY KEY (holder, version, action)
+);
 """,
 }
 
@@ -240,6 +255,7 @@ class PostgresSink:
         usage = [e for e in events if isinstance(e, UsageEvent)]
         refusals = [e for e in events if isinstance(e, RefusalsEvent)]
         thresholds = [e for e in events if isinstance(e, ThresholdEvent)]
+        audits = [e for e in events if isinstance(e, AdminEvent)]
         try:
             conn = self._connection()
             with conn.transaction():
@@ -276,6 +292,14 @@ class PostgresSink:
                             "(%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
                             [(e.tenant, ts(e.period_start_us), e.fraction, e.budget, e.spent,
                               e.budget_unit, ts(e.at_us), e.instance) for e in thresholds])
+                if audits:
+                    with conn.cursor() as cur:
+                        cur.executemany(
+                            "INSERT INTO kt_admin_audit (at, who, action, holder, before, "
+                            "after, version, instance) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+                            "ON CONFLICT DO NOTHING",
+                            [(ts(e.at_us), e.who, e.action, e.holder, e.before, e.after,
+                              e.version, e.instance) for e in audits])
         except (psycopg.DataError, psycopg.IntegrityError) as exc:
             # the transaction was rolled back; the connection is still good
             raise SinkRefused(f"postgres refused: {type(exc).__name__}: "

@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence
 
 from sidecar.ledger.config import LedgerConfig
 from sidecar.ledger.deadletter import DeadLetterFile
-from sidecar.ledger.events import RefusalsEvent, ThresholdEvent, UsageEvent
+from sidecar.ledger.events import AdminEvent, RefusalsEvent, ThresholdEvent, UsageEvent
 from sidecar.ledger.sinks import FileSink, Sink, SpillFile
 from sidecar.ledger.writer import EventLog
 from sidecar.upstream_sli import NOT_KNOWN
@@ -87,6 +87,16 @@ class Ledger:
             budget_unit=budget_unit, budget_charge=budget_charge, unpriced=unpriced,
             instance=self.instance, status=up.status, upstream_us=up.upstream_us,
             ttft_us=up.ttft_us, endpoint=up.endpoint, user=user, tags=tags))
+
+    # --- the management API's changes ------------------------------------------
+    def admin_change(self, *, who: str, action: str, holder: str, before: str, after: str,
+                     version: int) -> None:
+        """An audit event: a change made through the management API."""
+        if self.events is None:
+            return
+        self.events.emit(AdminEvent(at_us=self.clock_us(), who=who, action=action,
+                                    holder=holder, before=before, after=after,
+                                    version=version, instance=self.instance))
 
     # --- refusals -----------------------------------------------------------
     def refused(self, tenant: str, reason: str, now_us: Optional[int] = None) -> None:

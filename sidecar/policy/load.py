@@ -14,7 +14,7 @@ import re
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union, get_args, get_origin
+from typing import Any, Callable, Optional, Union, get_args, get_origin
 
 import msgspec
 import yaml
@@ -95,6 +95,9 @@ class CompiledPolicy:
     unpriced_models: str = "refuse"  # schema.Policy.unpriced_models
     anomaly: schema.Anomaly = schema.Anomaly()
     attribution: attribution_.AttributionConfig = attribution_.AttributionConfig()
+    # holders frozen through the management API (sidecar/policy/overlay.py): every request
+    # of one is refused, whatever its limits say
+    frozen: frozenset[str] = frozenset()
 
     def price_of(self, model: Optional[str]) -> Optional[tuple[int, int]]:
         """nano-USD per (input, output) token of a model; None if the model has no price."""
@@ -118,13 +121,16 @@ class CompiledPolicy:
         return None
 
 
-def load_policy(path: str | Path) -> CompiledPolicy:
-    path = Path(path)
+def read_policy_file(path: str | Path) -> bytes:
+    """The policy file's bytes; a PolicyError naming it when it cannot be read."""
     try:
-        raw = path.read_bytes()
+        return Path(path).read_bytes()
     except OSError as exc:
         raise PolicyError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    return parse_policy(raw, str(path))
+
+
+def load_policy(path: str | Path) -> CompiledPolicy:
+    return parse_policy(read_policy_file(path), str(path))
 
 
 # --- parsing ---------------------------------------------------------------------------
@@ -158,10 +164,17 @@ def _parse_document(raw: bytes, source: str) -> Any:
         raise PolicyError(f"{source}: not valid YAML{where}: {problem}") from None
 
 
-def parse_policy(raw: bytes, source: str) -> CompiledPolicy:
+# a change to the decoded document before it is checked and compiled (the management
+# API's overlay of holders, sidecar/policy/overlay.py), and the digest of that change
+Layer = tuple[Callable[[dict], dict], str]
+
+
+def parse_policy(raw: bytes, source: str, layer: Optional[Layer] = None) -> CompiledPolicy:
     """Parse, validate and compile a policy. Every error in the file is reported, each as
     ``file: $.path: what (line L, column C)`` (the position where the YAML has one), in one
-    PolicyError whose ``errors`` lists them."""
+    PolicyError whose ``errors`` lists them. ``layer``: the document is changed by it first
+    (a layered policy's errors carry no position: a path may be the layer's, not the
+    file's), and the digest is the file's and the layer's."""
     # The cycle collector is paused while the document is built: a large policy is a
     # million small objects, and each full collection would walk all of them again (100,000
     # tenants: 21 s of CPU with it, 6.5 s without; bench/policy_load.py). It also made a
@@ -171,17 +184,21 @@ def parse_policy(raw: bytes, source: str) -> CompiledPolicy:
     gc.disable()
     try:
         doc = _parse_document(raw, source)
+        digest = hashlib.sha256(raw).hexdigest()[:12]
+        if layer is not None and isinstance(doc, dict):
+            doc = layer[0](doc)
+            digest = f"{digest}+{layer[1]}"
         problems: list[_Problem] = []
         policy = _convert(doc, problems)
         compiled = None
         if policy is not None:
-            compiled = _compile(policy, source, hashlib.sha256(raw).hexdigest()[:12], problems)
+            compiled = _compile(policy, source, digest, problems)
         del doc, policy
     finally:
         if collecting:
             gc.enable()
     if problems or compiled is None:
-        raise PolicyError.of(source, problems, raw)
+        raise PolicyError.of(source, problems, raw if layer is None else None)
     return compiled
 
 

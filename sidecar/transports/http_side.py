@@ -32,7 +32,8 @@ from typing import Awaitable, Callable, Optional
 log = logging.getLogger("kt.http")
 
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
-            405: "Method Not Allowed", 408: "Request Timeout", 413: "Payload Too Large",
+            405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
+            413: "Payload Too Large",
             431: "Request Header Fields Too Large", 503: "Service Unavailable"}
 
 

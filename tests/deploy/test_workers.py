@@ -92,6 +92,17 @@ def test_two_workers_are_one_sidecar_on_the_side_port():
             status, spend = get(sc.admin_port, "/v1/spend")
             row = json.loads(spend)["tenants"]["w"]["gpt-4o"]  # by name: the ledger's spend
             assert status == 200 and (row["input_tokens"], row["output_tokens"]) == (7, 3), spend
+            # the management API through the pod's admin port: a freeze reaches one worker,
+            # which writes it to Valkey; every worker refuses the holder within a second
+            req = urllib.request.Request(f"http://127.0.0.1:{sc.admin_port}/v1/tenants/w/freeze",
+                                         data=b"{}", headers={"content-type": "application/json"},
+                                         method="POST")
+            with urllib.request.urlopen(req, timeout=5) as r:
+                assert r.status == 200 and json.load(r)["action"] == "freeze"
+            wait_until(lambda: all(authz(sc.http_authz_port, "w") == 403 for _ in range(20)), 5,
+                       "every worker refuses the frozen holder")
+            status, got = get(sc.admin_port, "/v1/tenants/w")
+            assert status == 200 and json.loads(got)["frozen"]["by"] == "loopback 127.0.0.1"
             # one readiness: a worker that cannot answer makes the pod not ready
             stopped = doc["worker_pids"][1]
             os.kill(stopped, signal.SIGSTOP)

@@ -11,9 +11,9 @@ import psycopg
 import pytest
 
 from sidecar.cli import main as kt
-from sidecar.ledger.events import RefusalsEvent, ThresholdEvent
-from sidecar.ledger.postgres import (MIGRATIONS, SCHEMA, USAGE_COLUMNS, PostgresSink, migrate,
-                                     us_of)
+from sidecar.ledger.events import AdminEvent, RefusalsEvent, ThresholdEvent
+from sidecar.ledger.postgres import (MIGRATIONS, SCHEMA, SCHEMA_VERSION, USAGE_COLUMNS,
+                                     PostgresSink, migrate, us_of)
 from sidecar.ledger.sinks import FileSink, SinkError, SpillFile
 from sidecar.ledger.stats import from_directory, from_postgres
 from sidecar.ledger.writer import EventLog
@@ -37,9 +37,9 @@ def daily_totals(conn) -> tuple:
 
 
 def test_migrate_is_idempotent_and_the_cli_says_so(pg, capsys):
-    assert migrate(pg.dsn) == 3
+    assert migrate(pg.dsn) == SCHEMA_VERSION == 4
     assert kt(["events", "migrate", "--dsn", pg.dsn]) == 0
-    assert "version 3" in capsys.readouterr().out
+    assert "version 4" in capsys.readouterr().out
     with psycopg.connect(pg.dsn) as c:
         assert c.execute("SELECT count(*) FROM kt_ledger_schema").fetchone()[0] == 1
     assert kt(["events", "migrate", "--dsn", "postgresql://postgres@127.0.0.1:1/x"]) == 1
@@ -196,10 +196,11 @@ def test_migration_to_v2_keeps_the_rows_of_v1_and_a_v1_sidecar_can_still_write(p
         sink = PostgresSink(dsn)
         with pytest.raises(SinkError, match="schema version 1.*kt events migrate"):
             sink.write([usage_event(9)])
-        assert migrate(dsn) == 3 and migrate(dsn) == 3  # idempotent (to today's version)
+        # up to this version (2: the SLI columns; 3: attribution; 4: the management API's audit table)
+        assert migrate(dsn) == SCHEMA_VERSION and migrate(dsn) == SCHEMA_VERSION  # idempotent
         with psycopg.connect(dsn) as c:
             assert c.execute("SELECT array_agg(version) FROM kt_ledger_schema"
-                             ).fetchone()[0] == [3]
+                             ).fetchone()[0] == [SCHEMA_VERSION]
             assert {"status", "upstream_ms", "ttft_ms", "endpoint"} <= _columns(c)
             after = c.execute(f"SELECT {', '.join(V1_COLUMNS)}, status, upstream_ms, ttft_ms, "
                               "endpoint FROM kt_usage_events ORDER BY request_id").fetchall()
@@ -209,8 +210,16 @@ def test_migration_to_v2_keeps_the_rows_of_v1_and_a_v1_sidecar_can_still_write(p
                 (3, 1000)]
         new = usage_event(10, status=200, upstream_us=1_234_567, ttft_us=345_678,
                           endpoint="POST /v1/chat/completions")
-        sink.write([new, usage_event(11)])
+        audit = AdminEvent(at_us=1_800_000_000_000_000, who="admin-token", action="freeze",
+                           holder="acme", before="", after='{"reason":"unpaid"}', version=4,
+                           instance="i-1")
+        sink.write([new, usage_event(11), audit])
+        sink.write([audit])  # a retried batch: stored once
         sink.close()
+        with psycopg.connect(dsn) as c:
+            assert c.execute("SELECT who, action, holder, before, after, version, instance "
+                             "FROM kt_admin_audit").fetchall() == [
+                ("admin-token", "freeze", "acme", "", '{"reason":"unpaid"}', 4, "i-1")]
         with psycopg.connect(dsn) as c:
             rows = dict((r[0], r[1:]) for r in c.execute(
                 "SELECT request_id, status, upstream_ms, ttft_ms, endpoint "
@@ -276,7 +285,7 @@ def test_migration_to_v3_keeps_the_rows_of_v2_and_stores_the_attribution(pg):
         sink = PostgresSink(dsn)
         with pytest.raises(SinkError, match="schema version 2.*kt events migrate"):
             sink.write([usage_event(9)])
-        assert migrate(dsn) == 3 and migrate(dsn) == 3
+        assert migrate(dsn) == SCHEMA_VERSION and migrate(dsn) == SCHEMA_VERSION
         with psycopg.connect(dsn) as c:
             after = c.execute(f"SELECT {', '.join(V2_COLUMNS)}, end_user, tags "
                               "FROM kt_usage_events ORDER BY request_id").fetchall()

@@ -171,7 +171,6 @@ def test_the_reloader_refuses_bad_values_survives_any_exception_and_applies_a_la
     import asyncio
     import os
 
-    import sidecar.reload as reload
     from sidecar.backends.memory import MemoryBackend
     from sidecar.ledger.recorder import Ledger
     from sidecar.server import Sidecar
@@ -211,7 +210,8 @@ def test_the_reloader_refuses_bad_values_survives_any_exception_and_applies_a_la
 
             def broken(_path):
                 raise RuntimeError("a bug in the loader")
-            monkeypatch.setattr(reload, "load_policy", broken)
+            # the server's loader (the file with the management API's overlay over it)
+            monkeypatch.setattr(sc._reloader, "load", broken)
             write(RELOAD_GOOD.replace("{rpm: 5}", "{rpm: 6}"))
             await until(lambda: count("error") == 2)
             monkeypatch.undo()

@@ -25,8 +25,8 @@ from typing import Any, Callable, Optional, Sequence
 import hiredis
 
 from sidecar import _core
-from sidecar.backends.base import (TAKEN_RESERVATION, BackendStatus, Candidate, LateReply,
-                                   Settlement)
+from sidecar.backends.base import (TAKEN_RESERVATION, BackendError, BackendStatus, Candidate,
+                                   LateReply, Settlement)
 from sidecar.backends.redis.batcher import Lane, TickBatcher
 from sidecar.backends.redis.cluster import ClusterRouting
 from sidecar.backends.redis.keys import Keys
@@ -374,6 +374,30 @@ class RedisBackend:
         args = [self._now_arg(), spend.model, *spend.counts(), period_start_us, held]
         await self.spend.note(tenant)
         await self.link.call(self.scripts.record_spend, keys, args)
+
+    async def read_state(self, tenant: str) -> Optional[_core.State]:
+        """The tenant's keys as decide.lua last wrote them (its buckets "<level> <last µs>",
+        its budget {ps, s}); a key absent (never used, or expired when full again) stays
+        as a fresh State has it. Capacity leased to replicas is not in the store: used."""
+        rpm, tpm, budget = self.keyspace.tenant(tenant)
+        try:
+            got = await self.link.commands([("GET", rpm), ("GET", tpm),
+                                            ("HMGET", budget, "ps", "s")])
+        except Exception as exc:  # noqa: BLE001 - the one seam: every failure is a BackendError
+            raise BackendError(f"reading {tenant}'s state: {type(exc).__name__}: {exc}") from None
+        st = _core.State()
+        try:
+            for value, which in ((got[0], "req"), (got[1], "tok")):
+                if isinstance(value, (bytes, str)) and value:
+                    level, last = (value.decode() if isinstance(value, bytes) else value).split()
+                    setattr(st, f"{which}_level", float(level))
+                    setattr(st, f"{which}_last", int(last))
+            ps, spent = got[2] if isinstance(got[2], (list, tuple)) else (None, None)
+            if ps is not None and spent is not None:
+                st.period_start, st.spent = int(ps), int(spent)
+        except (ValueError, TypeError) as exc:
+            raise BackendError(f"{tenant}'s state is not decide.lua's: {exc}") from None
+        return st
 
     async def spend_cells(self, since_day: int = 0,
                           until_day: int = LAST_DAY) -> list[SpendCell]:

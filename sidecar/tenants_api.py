@@ -1,0 +1,377 @@
+"""The management API of holders on the admin port (docs/budgets.md, "Management API";
+the routes are the OpenAPI document's, sidecar/openapi.json):
+
+  GET    /v1/tenants[?limit=N&after=NAME]   holders served, by name, a page at a time
+  GET    /v1/tenants/{name}                 its policy as in force, where it came from,
+                                            its overlay entry, freeze mark, live counters
+  PUT    /v1/tenants/{name}                 set its block (a `tenants:` entry, JSON)
+  DELETE /v1/tenants/{name}[?scope=overlay] hide it (or drop only its overlay entry)
+  POST   /v1/tenants/{name}/freeze|unfreeze refuse all its requests, or stop refusing
+
+Authenticated by the admin port's rule before anything here runs (http_routes.py). A
+name or body that is not acceptable is a 400 with a JSON body saying why, and changes
+nothing; every change is checked by compiling the policy it makes (the one path every
+policy takes), written to the overlay store (sidecar/backends/overlay_store.py), served
+at once here and within a second by every other sidecar on the same store, and recorded
+as an audit event in the ledger (who, what, before, after).
+"""
+from __future__ import annotations
+
+import asyncio
+import bisect
+import json
+import logging
+import time
+from typing import Any, Callable, Optional
+from urllib.parse import parse_qs, unquote
+
+import msgspec
+
+from sidecar import _core
+from sidecar.backends.base import Backend, BackendError
+from sidecar.backends.overlay_store import Fields
+from sidecar.http_routes import TENANTS
+from sidecar.ledger.recorder import Ledger
+from sidecar.ledger.spend import HELD_DAY, day_of
+from sidecar.overlay_sync import OverlayKeeper
+from sidecar.policy import overlay as ov
+from sidecar.policy.load import PERIODS, CompiledPolicy, PolicyError, TenantRule
+from sidecar.transports.http_side import HttpRequest, HttpResponse
+
+log = logging.getLogger("kt.admin")
+
+MAX_PAGE = 1000
+DEFAULT_PAGE = 100
+MAX_REASON = 256
+PERIOD_NAMES = {v: k for k, v in PERIODS.items()}
+
+
+def _json(status: int, doc: Any) -> HttpResponse:
+    return HttpResponse(status, json.dumps(doc, sort_keys=True).encode(), "application/json")
+
+
+def _error(status: int, code: str, message: str, **extra: Any) -> HttpResponse:
+    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+            405: "invalid_request_error", 409: "conflict_error"}.get(status, "api_error")
+    return _json(status, {"error": {"type": kind, "code": code, "message": message, **extra}})
+
+
+def _split(path: str) -> Optional[tuple[str, str]]:
+    """(name, action) of /v1/tenants/{name}[/action]; ("", "") for /v1/tenants; None: not
+    one of ours. The name is percent-decoded after the path is split, so a name may hold
+    any character its rule allows (a "/" written %2F)."""
+    if path in (TENANTS, TENANTS + "/"):
+        return "", ""
+    if not path.startswith(TENANTS + "/"):
+        return None
+    rest = path[len(TENANTS) + 1:].split("/")
+    if len(rest) == 1:
+        return unquote(rest[0], errors="strict"), ""
+    if len(rest) == 2 and rest[1] in ("freeze", "unfreeze"):
+        return unquote(rest[0], errors="strict"), rest[1]
+    return None
+
+
+def effective(rule: TenantRule) -> dict[str, Any]:
+    """A compiled rule as an operator reads it: the limits in force (the defaults' where
+    the holder's block leaves them out), in the policy's units."""
+    lim = rule.limits
+    budget: Optional[dict[str, Any]] = None
+    if lim.budget >= 0:
+        amount: Any = lim.budget / 1e9 if lim.budget_in_usd else lim.budget
+        budget = {("usd" if lim.budget_in_usd else "tokens"): amount,
+                  "period": PERIOD_NAMES.get(lim.period, str(lim.period)),
+                  "low_water": lim.low_water}
+    return {"priority": rule.priority, "shadow_mode": rule.shadow,
+            "spill_to_next_tier": rule.spill_to_next_tier,
+            "limits": {"rpm": lim.rpm or None, "tpm": lim.tpm or None, "burst": lim.burst},
+            "budget": budget}
+
+
+class TenantsApi:
+    def __init__(self, keeper: OverlayKeeper, policy: Callable[[], CompiledPolicy],
+                 backend: Backend, ledger: Ledger,
+                 now_us: Callable[[], int] = lambda: time.time_ns() // 1000) -> None:
+        self.keeper = keeper
+        self.policy = policy
+        self.backend = backend
+        self.ledger = ledger
+        self.now_us = now_us
+        self._names: tuple[Optional[CompiledPolicy], list[str]] = (None, [])
+
+    async def handle(self, req: HttpRequest, who: str) -> HttpResponse:
+        try:
+            route = _split(req.path)
+        except UnicodeDecodeError:
+            return _error(400, "invalid_name", "the holder's name is not UTF-8")
+        if route is None:
+            return _error(404, "no_such_route", f"no such route: {req.path[:200]}")
+        name, action = route
+        if not name and not action:
+            if req.method not in ("GET", "HEAD"):
+                return _error(405, "method_not_allowed", "GET only")
+            return await self.list(req.query)
+        problem = ov.name_problem(name)
+        if problem is not None:
+            return _error(400, "invalid_name", problem)
+        if action:
+            if req.method != "POST":
+                return _error(405, "method_not_allowed", "POST only")
+            return await self.freeze(name, action == "freeze", req.body, who)
+        if req.method in ("GET", "HEAD"):
+            return await self.get(name)
+        if req.method == "PUT":
+            return await self.put(name, req.body, who)
+        if req.method == "DELETE":
+            return await self.delete(name, req.query, who)
+        return _error(405, "method_not_allowed", "GET, PUT or DELETE")
+
+    # --- reading -----------------------------------------------------------------------
+    async def _sorted_names(self, policy: CompiledPolicy) -> list[str]:
+        if self._names[0] is not policy:
+            # sorted once per policy served, in a thread: 100,000 names take tens of ms,
+            # which the decisions' event loop must not wait for
+            self._names = (policy, await asyncio.to_thread(sorted, policy.tenants))
+        return self._names[1]
+
+    async def list(self, query: str) -> HttpResponse:
+        q = parse_qs(query, keep_blank_values=True)
+        limit_text = q.get("limit", [str(DEFAULT_PAGE)])[-1]
+        if not (limit_text.isascii() and limit_text.isdigit()
+                and 1 <= int(limit_text) <= MAX_PAGE):
+            return _error(400, "invalid_query", f"limit must be an integer in 1..{MAX_PAGE}")
+        limit = int(limit_text)
+        after = q.get("after", [""])[-1]
+        policy = self.policy()
+        names = await self._sorted_names(policy)
+        start = bisect.bisect_right(names, after) if after else 0
+        page = names[start:start + limit]
+        holders = self.keeper.overlay.holders
+        items = [{"name": n, "source": "overlay" if n in holders else "file",
+                  "frozen": n in policy.frozen} for n in page]
+        more = start + limit < len(names)
+        return _json(200, {"tenants": items, "next": page[-1] if more and page else None,
+                           "total": len(names), "overlay_version": self.keeper.served_version,
+                           "frozen": sorted(policy.frozen)[:MAX_PAGE]})
+
+    async def get(self, name: str) -> HttpResponse:
+        policy = self.policy()
+        overlay = self.keeper.overlay
+        entry = overlay.holders.get(name)
+        mark = overlay.frozen.get(name)
+        rule = policy.tenants.get(name)
+        if rule is not None:
+            source = "overlay" if entry is not None else "file"
+        elif policy.unknown_tenant == "defaults":
+            rule, source = policy.defaults, "defaults"
+        else:
+            source = "none"
+        if rule is None and entry is None and mark is None:
+            return _error(404, "not_found", f"no holder {name!r}: the policy does not name "
+                          "it and unknown tenants are refused")
+        doc: dict[str, Any] = {
+            "name": name, "source": source,
+            "deleted": bool(entry is not None and entry.deleted),
+            "policy": effective(rule) if rule is not None else None,
+            "overlay": msgspec.to_builtins(entry) if entry is not None else None,
+            "frozen": msgspec.to_builtins(mark) if mark is not None else None,
+            "overlay_version": self.keeper.served_version,
+        }
+        doc["counters"] = await self.counters(name, rule) if rule is not None else None
+        return _json(200, doc)
+
+    async def counters(self, name: str, rule: TenantRule) -> dict[str, Any]:
+        """Live counters from the backend: the spend of this budget period, settled and
+        durable (every replica's; sidecar/ledger/spend.py), per model, and the budget
+        left; the buckets' levels where the backend can read them without deciding."""
+        now = self.now_us()
+        lim = rule.limits
+        start, end = _core.period_bounds(now, lim.period if lim.budget >= 0 else _core.P_DAY)
+        out: dict[str, Any] = {"at_us": now, "period_start_us": start,
+                               "period_end_us": end if end != _core.NO_END_US else None}
+        try:
+            out["live"] = await asyncio.wait_for(self.live(name, lim, now), 5)
+        except (BackendError, asyncio.TimeoutError) as exc:
+            out["live"] = {"error": f"state not readable: {exc or type(exc).__name__}"}
+        try:
+            cells = await asyncio.wait_for(
+                self.backend.spend_cells(day_of(start) if start > 0 else 0, day_of(now)), 5)
+        except (BackendError, asyncio.TimeoutError) as exc:
+            out["error"] = f"spend not readable: {exc or type(exc).__name__}"
+            return out
+        models: dict[str, dict[str, int]] = {}
+        held = 0
+        for c in cells:
+            if c.tenant != name:
+                continue
+            if c.day == HELD_DAY:  # what the budget holds for requests not settled yet
+                held += c.counts[0] if c.model == str(start) else 0
+                continue
+            m = models.setdefault(c.model, dict.fromkeys(
+                ("requests", "input_tokens", "output_tokens", "cost_nano_usd"), 0))
+            n, i, o, _cr, _cw, cost = c.counts
+            m["requests"] += n
+            m["input_tokens"] += i
+            m["output_tokens"] += o
+            m["cost_nano_usd"] += cost
+        tokens = sum(m["input_tokens"] + m["output_tokens"] for m in models.values())
+        cost = sum(m["cost_nano_usd"] for m in models.values())
+        out["spend"] = {"models": models, "tokens": tokens, "cost_usd": cost / 1e9}
+        if lim.budget >= 0:
+            settled = cost if lim.budget_in_usd else tokens
+            scale = 1e9 if lim.budget_in_usd else 1
+            out["budget"] = {"unit": "usd" if lim.budget_in_usd else "tokens",
+                             "limit": lim.budget / scale, "settled": settled / scale,
+                             "held": held / scale,
+                             "remaining": max(0, lim.budget - settled - held) / scale}
+        return out
+
+    async def live(self, name: str, lim: _core.Limits, now: int) -> Optional[dict[str, Any]]:
+        """The buckets' levels and the budget's spend as they stand now: the backend's
+        stored state brought to ``now`` by the decision core itself (a decision of no tokens
+        on a copy: refill, period roll-over), so the rule exists once. None: the backend
+        cannot read a holder's state alone."""
+        st = await self.backend.read_state(name)
+        if st is None:
+            return None
+        out = _core.decide(lim, st, now, 0, 0, 0, 0, False)  # on the copy: nothing changes
+        live: dict[str, Any] = {"next_request": "allow" if out.kind <= 1 else "refused"}
+        if lim.rpm > 0:  # the probe took one request from the copy when it admitted it
+            level = st.req_level + (1.0 if out.kind <= 1 else 0.0)
+            live["requests"] = {"per_minute": lim.rpm, "capacity": lim.req_cap,
+                                "level": round(level, 3)}
+        if lim.tpm > 0:
+            live["tokens"] = {"per_minute": lim.tpm, "capacity": lim.tok_cap,
+                              "level": round(st.tok_level, 3), "full_in_us": out.reset_tokens_us}
+        if lim.budget >= 0:
+            scale = 1e9 if lim.budget_in_usd else 1
+            live["budget"] = {"unit": "usd" if lim.budget_in_usd else "tokens",
+                              "limit": lim.budget / scale, "spent": st.spent / scale,
+                              "remaining": max(0, lim.budget - st.spent) / scale,
+                              "resets_in_us": out.budget_reset_us or None}
+        return live
+
+    # --- changing ----------------------------------------------------------------------
+    async def _change(self, name: str, action: str, who: str, fields: Fields,
+                      overlay: ov.Overlay) -> HttpResponse:
+        """Check the overlay compiles over the file, write it, serve it, audit it."""
+        keeper = self.keeper
+        try:
+            policy = await asyncio.to_thread(keeper.compile, overlay)
+        except PolicyError as exc:
+            errors = ov.block_errors(exc, keeper.source, name)
+            return _error(400, "invalid_policy", f"the holder's block is not a valid "
+                          f"`tenants:` entry: {errors[0]}", errors=errors)
+        try:
+            version, before = await keeper.commit(fields, overlay, policy)
+        except (BackendError, PolicyError) as exc:
+            # a change the store did not confirm may still have been applied (a reply lost
+            # after the write): GET says, and the poll serves it if it was
+            return _error(503, "store_unavailable", f"the overlay store did not confirm the "
+                          f"change (read the holder back before retrying): {exc}")
+        log.info("management API: %s %s %r (overlay version %d)", who, action, name, version)
+        for key, old in before.items():
+            new = fields[key]
+            self.ledger.admin_change(who=who, action=action, holder=name,
+                                     before=old.decode() if old else "",
+                                     after=new.decode() if new else "", version=version)
+        return _json(200, {"name": name, "action": action, "overlay_version": version,
+                           "policy_digest": self.policy().digest})
+
+    async def _current(self) -> ov.Overlay:
+        """The overlay a change starts from (under the keeper's lock): the store's, when
+        another sidecar changed it since this one last polled."""
+        try:
+            await self.keeper.sync_locked()
+        except (BackendError, PolicyError):
+            pass  # the change itself says whether the store takes it
+        return self.keeper.overlay
+
+    def _writable(self) -> Optional[HttpResponse]:
+        if self.keeper.raw is None:
+            return _error(409, "no_policy_file", "this sidecar serves a policy it was handed, "
+                          "not a file: holders cannot be layered over it")
+        return None
+
+    async def put(self, name: str, body: bytes, who: str) -> HttpResponse:
+        refused = self._writable()
+        if refused is not None:
+            return refused
+        if len(body) > ov.MAX_BLOCK_BYTES:
+            return _error(400, "invalid_body", f"the block is larger than "
+                          f"{ov.MAX_BLOCK_BYTES} bytes")
+        try:
+            block = msgspec.json.decode(body)
+        except (msgspec.DecodeError, RecursionError) as exc:
+            return _error(400, "invalid_body", f"the body is not JSON: {exc}")
+        if not isinstance(block, dict):
+            return _error(400, "invalid_body", "the body must be a JSON object: the holder's "
+                          "block, in the format of a `tenants:` entry of the policy file")
+        async with self.keeper.lock:
+            current = await self._current()
+            if name not in current.holders and len(current.holders) >= ov.MAX_HOLDERS:
+                return _error(409, "overlay_full", f"the overlay holds {ov.MAX_HOLDERS} "
+                              "holders; move some into the policy file")
+            entry = ov.Entry(block=block, by=who, at_us=self.now_us())
+            overlay = msgspec.structs.replace(current, holders={**current.holders,
+                                                                name: entry})
+            return await self._change(name, "set", who, {f"h:{name}": ov.encode_entry(entry)},
+                                      overlay)
+
+    async def delete(self, name: str, query: str, who: str) -> HttpResponse:
+        refused = self._writable()
+        if refused is not None:
+            return refused
+        scope = parse_qs(query).get("scope", [""])[-1]
+        if scope not in ("", "overlay"):
+            return _error(400, "invalid_query", "scope is `overlay` (drop only the overlay "
+                          "entry, the file's entry serves again) or absent")
+        async with self.keeper.lock:
+            current = await self._current()
+            holders = dict(current.holders)
+            if scope == "overlay":
+                if holders.pop(name, None) is None:
+                    return _error(404, "not_found", f"{name!r} has no overlay entry")
+                overlay = msgspec.structs.replace(current, holders=holders)
+                return await self._change(name, "delete_overlay", who, {f"h:{name}": None},
+                                          overlay)
+            if name not in self.policy().tenants:
+                return _error(404, "not_found", f"no holder {name!r} is served")
+            entry = ov.Entry(deleted=True, by=who, at_us=self.now_us())
+            holders[name] = entry
+            overlay = msgspec.structs.replace(current, holders=holders)
+            return await self._change(name, "delete", who, {f"h:{name}": ov.encode_entry(entry)},
+                                      overlay)
+
+    async def freeze(self, name: str, freeze: bool, body: bytes, who: str) -> HttpResponse:
+        reason = ""
+        if freeze and body.strip():
+            try:
+                doc = msgspec.json.decode(body)
+            except (msgspec.DecodeError, RecursionError) as exc:
+                return _error(400, "invalid_body", f"the body is not JSON: {exc}")
+            if not isinstance(doc, dict) or set(doc) - {"reason"} or not isinstance(
+                    doc.get("reason", ""), str) or len(doc.get("reason", "")) > MAX_REASON:
+                return _error(400, "invalid_body", "the body is optional: {\"reason\": text "
+                              f"of at most {MAX_REASON} characters}}")
+            reason = doc.get("reason", "")
+        async with self.keeper.lock:
+            current = await self._current()
+            frozen = dict(current.frozen)
+            if freeze == (name in frozen):
+                return _json(200, {"name": name, "action": "freeze" if freeze else "unfreeze",
+                                   "overlay_version": self.keeper.served_version,
+                                   "unchanged": True})
+            if freeze:
+                if len(frozen) >= ov.MAX_HOLDERS:
+                    return _error(409, "overlay_full", f"{ov.MAX_HOLDERS} holders are frozen")
+                mark = ov.Frozen(by=who, at_us=self.now_us(), reason=reason)
+                frozen[name] = mark
+                value: Optional[bytes] = ov.encode_frozen(mark)
+            else:
+                del frozen[name]
+                value = None
+            overlay = msgspec.structs.replace(current, frozen=frozen)
+            return await self._change(name, "freeze" if freeze else "unfreeze", who,
+                                      {f"f:{name}": value}, overlay)
+
