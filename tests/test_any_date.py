@@ -31,7 +31,7 @@ EDGES = ["2026-11-30T23:59:59.5Z", "2027-01-01T00:00:00Z"]
 def test_time_dependent_tests_pass_at_the_calendars_edges() -> None:
     # both edges at once, each in its own process (two cores: the suite itself is serial)
     runs = {t0: subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", "-n", "0",
          "-k", "not embedded_sidecar_restarts", *TIME_DEPENDENT],
         cwd=ROOT, env=dict(os.environ, KT_TEST_T0=t0), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True) for t0 in EDGES}

@@ -104,7 +104,7 @@ def context_files(root: Path) -> list[str]:
         """A `!` rule could let back in something under this excluded directory."""
         parts = rel.split("/")
         return any(r[0].startswith("**") or (len(r) > len(parts) - 1 and all(
-            fnmatch.fnmatch(p, q) for p, q in zip(parts, r))) for r in readmits)
+            fnmatch.fnmatch(p, q) for p, q in zip(parts, r, strict=False))) for r in readmits)
 
     # walked as Docker walks the context: an excluded directory no `!` rule reaches into is
     # not entered (.venv and .git alone are tens of thousands of files)
