@@ -421,7 +421,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("files", nargs="+")
     c.set_defaults(func=_check_config)
 
-    e = sub.add_parser("envoy-config", help="print an Envoy bootstrap wired to the sidecar")
+    e = sub.add_parser(
+        "envoy-config", help="print an Envoy bootstrap wired to the sidecar",
+        description="Print an Envoy bootstrap wired to the sidecar. Every FILE given here "
+        "(key-file=, ca=, --sidecar-tls-*, --sidecar-ca, --sidecar-token-file, "
+        "--jwt-jwks-file, a provider's api_key_file/ca_file) is written into the config as "
+        "given and opened by Envoy when it starts: a relative path is resolved against "
+        "Envoy's working directory, not this command's nor the config file's directory "
+        "(docs/deploy.md, \"Files Envoy reads\").")
     e.add_argument("--config", help="policy YAML whose tiers become routes (default: sample)")
     e.add_argument("--listen", default="127.0.0.1:10000", help="Envoy listener HOST:PORT")
     e.add_argument("--admin", default="127.0.0.1:9901", help="Envoy admin HOST:PORT")
@@ -431,7 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "with failover by priority). UPSTREAM is HOST:PORT (TLS when the port is "
                    "443) or http(s)://HOST[:PORT], then optional ,weight=N ,priority=N "
                    ",name=ID ,sni=NAME ,ca=FILE ,key-file=FILE (the provider's API key, "
-                   "injected by Envoy) ,key-header=HEADER (default authorization: Bearer)")
+                   "injected by Envoy; a relative FILE is opened from Envoy's working "
+                   "directory) ,key-header=HEADER (default authorization: Bearer)")
     e.add_argument("--default-upstream", default="127.0.0.1:8000", metavar="UPSTREAM",
                    help="upstream of every tier without --upstream (default 127.0.0.1:8000: "
                    "the quick start's stand-in upstream; the printed config names each "
