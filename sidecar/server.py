@@ -187,12 +187,14 @@ class Sidecar:
         await asyncio.to_thread(self.ledger.close)
 
     async def _tick_ledger(self) -> None:
-        """Close each minute's refusal counts even when no refusal follows, and reservations
-        past their age even when no decision follows."""
+        """Close each minute's refusal counts even when no refusal follows, reservations
+        past their age even when no decision follows, and token-rate flags of tenants that
+        went quiet."""
         while True:
             await asyncio.sleep(5)
             self.ledger.tick()
             self.service.reservations.expire()
+            self.service.sweep_anomalies()
 
     # --- HTTP side port and admin port -------------------------------------
     async def _slowly(self, fn):

@@ -20,11 +20,12 @@ import os
 import socket
 from typing import Any, Optional, Sequence
 
-from sidecar.ledger.events import Event, RefusalsEvent, ThresholdEvent, UsageEvent
+from sidecar.ledger.events import (AnomalyEvent, Event, RefusalsEvent, ThresholdEvent,
+                                   UsageEvent)
 from sidecar.ledger.sinks import SinkError, SinkRefused
 
 log = logging.getLogger("kt.ledger")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 
 SCHEMA = """
@@ -116,6 +117,20 @@ ALTER TABLE kt_usage_events
     ADD COLUMN IF NOT EXISTS upstream_ms double precision,  -- request sent -> reply's last byte
     ADD COLUMN IF NOT EXISTS ttft_ms     double precision,  -- request sent -> reply's first byte
     ADD COLUMN IF NOT EXISTS endpoint    text;              -- the route's name: POST /v1/...
+""",
+    # token-rate anomaly flags, started and cleared (sidecar/anomaly.py)
+    3: """
+CREATE TABLE IF NOT EXISTS kt_token_rate_anomalies (
+    at                  timestamptz      NOT NULL,
+    tenant              text             NOT NULL,
+    flagged             boolean          NOT NULL,  -- true: started; false: cleared
+    tokens_per_minute   bigint           NOT NULL,  -- the tenant's rate when judged
+    baseline_per_minute bigint           NOT NULL,  -- its usual rate
+    factor              double precision NOT NULL,  -- the policy's anomaly.factor
+    action              text             NOT NULL,  -- flag, downgrade, refuse
+    instance            text             NOT NULL,
+    PRIMARY KEY (tenant, at, flagged, instance)
+);
 """,
 }
 
@@ -231,6 +246,7 @@ class PostgresSink:
         usage = [e for e in events if isinstance(e, UsageEvent)]
         refusals = [e for e in events if isinstance(e, RefusalsEvent)]
         thresholds = [e for e in events if isinstance(e, ThresholdEvent)]
+        anomalies = [e for e in events if isinstance(e, AnomalyEvent)]
         try:
             conn = self._connection()
             with conn.transaction():
@@ -266,6 +282,16 @@ class PostgresSink:
                             "(%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
                             [(e.tenant, ts(e.period_start_us), e.fraction, e.budget, e.spent,
                               e.budget_unit, ts(e.at_us), e.instance) for e in thresholds])
+                if anomalies:
+                    with conn.cursor() as cur:
+                        cur.executemany(
+                            "INSERT INTO kt_token_rate_anomalies (at, tenant, flagged, "
+                            "tokens_per_minute, baseline_per_minute, factor, action, "
+                            "instance) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+                            "ON CONFLICT DO NOTHING",
+                            [(ts(e.at_us), e.tenant, e.flagged, e.tokens_per_minute,
+                              e.baseline_per_minute, e.factor, e.action, e.instance)
+                             for e in anomalies])
         except (psycopg.DataError, psycopg.IntegrityError) as exc:
             # the transaction was rolled back; the connection is still good
             raise SinkRefused(f"postgres refused: {type(exc).__name__}: "

@@ -6,7 +6,8 @@ method is a few dict operations and a deque append (EventLog.emit), never I/O.
 - ``refused(tenant, reason)``: counted per tenant, reason and minute; a minute's
   counts become RefusalsEvents once it is over (``tick``) or at shutdown;
 - ``budget_seen(...)``: a ThresholdEvent (and the metric) the first time in a period
-  a tenant's spend reaches each configured fraction of its budget.
+  a tenant's spend reaches each configured fraction of its budget;
+- ``token_rate(...)``: an AnomalyEvent when a tenant's token-rate flag starts or clears.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Callable, Optional, Sequence
 
 from sidecar.ledger.config import LedgerConfig
 from sidecar.ledger.deadletter import DeadLetterFile
-from sidecar.ledger.events import RefusalsEvent, ThresholdEvent, UsageEvent
+from sidecar.ledger.events import AnomalyEvent, RefusalsEvent, ThresholdEvent, UsageEvent
 from sidecar.ledger.sinks import FileSink, Sink, SpillFile
 from sidecar.ledger.writer import EventLog
 from sidecar.upstream_sli import NOT_KNOWN
@@ -148,6 +149,19 @@ class Ledger:
                     budget=budget, spent=spent, budget_unit=unit, at_us=now,
                     instance=self.instance))
         return n - done
+
+    # --- token-rate anomalies -------------------------------------------------
+    def token_rate(self, *, tenant: str, flagged: bool, tokens_per_minute: float,
+                   baseline_per_minute: float, factor: float, action: str) -> None:
+        """A tenant's token-rate flag started or cleared (sidecar/anomaly.py); the rates
+        in whole tokens a minute."""
+        if self.events is None:
+            return
+        self.events.emit(AnomalyEvent(
+            tenant=tenant, flagged=flagged, at_us=self.clock_us(),
+            tokens_per_minute=round(tokens_per_minute),
+            baseline_per_minute=round(baseline_per_minute),
+            factor=factor, action=action, instance=self.instance))
 
     def _remember(self, tenant: str, period_start_us: int, n: int) -> None:
         self._crossed[tenant] = (period_start_us, n)

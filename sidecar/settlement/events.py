@@ -1,10 +1,12 @@
 """The ledger's event for each reservation closed (sidecar/ledger/): settled with its
-usage, or closed with its estimate still charged."""
+usage, or closed with its estimate still charged; and for each token-rate flag started or
+cleared."""
 from __future__ import annotations
 
 import time
 from typing import Optional
 
+from sidecar.anomaly import Anomaly
 from sidecar.ledger.recorder import Ledger
 from sidecar.model import OTHER_TENANTS
 from sidecar.policy.load import CompiledPolicy, TenantRule
@@ -67,3 +69,11 @@ def kept(ledger: Ledger, policy: CompiledPolicy, request_id: str, res: Reservati
         decision=res.decision, estimate_tokens=res.charged_tokens, input_tokens=input_tokens,
         output_tokens=output_tokens, cost_nano_usd=nano, budget_unit=unit,
         budget_charge=res.charged_cost if unit else 0, unpriced=unpriced)
+
+
+def token_rate(ledger: Ledger, policy: CompiledPolicy, change: Anomaly) -> None:
+    """A tenant's token-rate flag started or cleared, with what the policy did about it."""
+    ledger.token_rate(tenant=change.tenant, flagged=change.flagged,
+                      tokens_per_minute=change.tokens_per_minute,
+                      baseline_per_minute=change.baseline_per_minute,
+                      factor=policy.anomaly.factor, action=policy.anomaly.action)

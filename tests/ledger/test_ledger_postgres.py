@@ -11,8 +11,9 @@ import psycopg
 import pytest
 
 from sidecar.cli import main as kt
-from sidecar.ledger.events import RefusalsEvent, ThresholdEvent
-from sidecar.ledger.postgres import SCHEMA, USAGE_COLUMNS, PostgresSink, migrate, us_of
+from sidecar.ledger.events import AnomalyEvent, RefusalsEvent, ThresholdEvent
+from sidecar.ledger.postgres import (SCHEMA, SCHEMA_VERSION, USAGE_COLUMNS, PostgresSink,
+                                     migrate, us_of)
 from sidecar.ledger.sinks import FileSink, SinkError, SpillFile
 from sidecar.ledger.stats import from_directory, from_postgres
 from sidecar.ledger.writer import EventLog
@@ -36,9 +37,9 @@ def daily_totals(conn) -> tuple:
 
 
 def test_migrate_is_idempotent_and_the_cli_says_so(pg, capsys):
-    assert migrate(pg.dsn) == 2
+    assert migrate(pg.dsn) == SCHEMA_VERSION
     assert kt(["events", "migrate", "--dsn", pg.dsn]) == 0
-    assert "version 2" in capsys.readouterr().out
+    assert f"version {SCHEMA_VERSION}" in capsys.readouterr().out
     with psycopg.connect(pg.dsn) as c:
         assert c.execute("SELECT count(*) FROM kt_ledger_schema").fetchone()[0] == 1
     assert kt(["events", "migrate", "--dsn", "postgresql://postgres@127.0.0.1:1/x"]) == 1
@@ -86,6 +87,24 @@ def test_refusals_and_thresholds_are_idempotent_too(db, pg):
     sink.write(evs)
     assert db.execute("SELECT sum(count) FROM kt_refusals").fetchone()[0] == 123
     assert db.execute("SELECT count(*) FROM kt_budget_thresholds").fetchone()[0] == 1
+    sink.close()
+
+
+def test_token_rate_flags_are_stored_once_each(db, pg):
+    sink = PostgresSink(pg.dsn)
+    evs = [AnomalyEvent(tenant="acme", flagged=True, at_us=1_800_000_000_000_000,
+                        tokens_per_minute=42_000, baseline_per_minute=2_000, factor=20.0,
+                        action="downgrade", instance="i1"),
+           AnomalyEvent(tenant="acme", flagged=False, at_us=1_800_000_600_000_000,
+                        tokens_per_minute=1_500, baseline_per_minute=2_100, factor=20.0,
+                        action="downgrade", instance="i1")]
+    sink.write(evs)
+    sink.write(evs)  # a retried batch
+    rows = db.execute("SELECT at, flagged, tokens_per_minute, baseline_per_minute, action "
+                      "FROM kt_token_rate_anomalies ORDER BY at").fetchall()
+    assert [(us_of(r[0]), *r[1:]) for r in rows] == [
+        (1_800_000_000_000_000, True, 42_000, 2_000, "downgrade"),
+        (1_800_000_600_000_000, False, 1_500, 2_100, "downgrade")]
     sink.close()
 
 
@@ -195,10 +214,10 @@ def test_migration_to_v2_keeps_the_rows_of_v1_and_a_v1_sidecar_can_still_write(p
         sink = PostgresSink(dsn)
         with pytest.raises(SinkError, match="schema version 1.*kt events migrate"):
             sink.write([usage_event(9)])
-        assert migrate(dsn) == 2 and migrate(dsn) == 2  # idempotent
+        assert migrate(dsn) == SCHEMA_VERSION and migrate(dsn) == SCHEMA_VERSION  # idempotent
         with psycopg.connect(dsn) as c:
             assert c.execute("SELECT array_agg(version) FROM kt_ledger_schema"
-                             ).fetchone()[0] == [2]
+                             ).fetchone()[0] == [SCHEMA_VERSION]
             assert {"status", "upstream_ms", "ttft_ms", "endpoint"} <= _columns(c)
             after = c.execute(f"SELECT {', '.join(V1_COLUMNS)}, status, upstream_ms, ttft_ms, "
                               "endpoint FROM kt_usage_events ORDER BY request_id").fetchall()
