@@ -32,6 +32,18 @@ def _serve(args: argparse.Namespace) -> int:
     except AddressError as exc:
         print(f"kt serve: {exc}", file=sys.stderr)
         return 2
+    if args.otlp_endpoint:
+        from sidecar.tracing import AVAILABLE, TracingError, check_sample_ratio, traces_url
+
+        try:
+            traces_url(args.otlp_endpoint)
+            check_sample_ratio(args.otlp_sample_ratio)
+            if not AVAILABLE:
+                raise TracingError("--otlp-endpoint needs OpenTelemetry's SDK and OTLP "
+                                   "exporter: pip install 'kt-sidecar[otlp]'")
+        except TracingError as exc:
+            print(f"kt serve: {exc}", file=sys.stderr)
+            return 2
     if args.workers > 1:
         from sidecar.workers import WorkerError, WorkerExited, supervise
 
@@ -53,7 +65,9 @@ def _serve(args: argparse.Namespace) -> int:
                        share_reservations=args.worker_of_supervisor,
                        admin_addr=args.admin, admin_token_file=args.admin_token_file,
                        grpc_token_file=args.grpc_token_file, grpc_tls_cert=args.grpc_tls_cert,
-                       grpc_tls_key=args.grpc_tls_key, grpc_client_ca=args.grpc_client_ca)
+                       grpc_tls_key=args.grpc_tls_key, grpc_client_ca=args.grpc_client_ca,
+                       otlp_endpoint=args.otlp_endpoint,
+                       otlp_sample_ratio=args.otlp_sample_ratio)
     import uvloop
 
     try:
@@ -412,6 +426,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "the side port (--http) serves them as one sidecar: summed /metrics, "
                    "/readyz ready when every worker is")
     s.add_argument("--worker-of-supervisor", action="store_true", help=argparse.SUPPRESS)
+    s.add_argument("--otlp-endpoint", metavar="URL",
+                   help="send a span per request (OpenTelemetry GenAI conventions) to this "
+                   "OTLP/HTTP collector, e.g. http://127.0.0.1:4318 (/v1/traces added to a URL "
+                   "without a path); needs pip install 'kt-sidecar[otlp]'")
+    s.add_argument("--otlp-sample-ratio", type=float, default=1.0, metavar="R",
+                   help="the share of requests that get a span (default 1: every one; a "
+                   "span costs about 150 µs of CPU, docs/deploy.md)")
     s.add_argument("--state-file", help="embedded backend: where budget spend is persisted")
     s.add_argument("--ready-file", help="write {grpc_port, http_port} as JSON here once serving")
     s.add_argument("--log-level", default="INFO")

@@ -60,6 +60,9 @@ class Ledger:
         # tenant -> (period start, how many of self.thresholds were crossed)
         self._crossed: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self.crossings: dict[tuple[str, float], int] = {}  # (tenant label, fraction) -> count
+        # another sink of each usage event: the request's span (sidecar/tracing.py), with
+        # the tenant's budget left after it (None: not known); None: no traces
+        self.spans: Optional[Callable[[UsageEvent, Optional[int]], None]] = None
 
     # --- usage --------------------------------------------------------------
     def closed(self, *, request_id: str, tenant: str, outcome: str, settled_by: str,
@@ -67,16 +70,18 @@ class Ledger:
                tier: str = "", provider: str = "", decision: str = "", estimate_tokens: int = 0,
                input_tokens: int = 0, output_tokens: int = 0, cached_tokens: int = 0,
                cache_write_tokens: int = 0, cost_nano_usd: int = 0, budget_unit: str = "",
-               budget_charge: int = 0, unpriced: bool = False, settled_us: int = 0) -> None:
+               budget_charge: int = 0, unpriced: bool = False, settled_us: int = 0,
+               budget_left: Optional[int] = None) -> None:
         """``settled_us``: when the backend applied it, on the clock that dated the
         durable spend (0: this recorder's clock, now). The provider's answer (status,
-        timings, endpoint) comes from sidecar/upstream_sli.py's context variable."""
-        if self.events is None:
+        timings, endpoint) comes from sidecar/upstream_sli.py's context variable.
+        ``budget_left``: the tenant's budget after it, for the request's span only."""
+        if self.events is None and self.spans is None:
             return
         # the provider's answer, when a transport is closing this request's reservation
         closing = current_upstream.get()
         up = closing[1] if closing is not None and closing[0] == request_id else NOT_KNOWN
-        self.events.emit(UsageEvent(
+        event = UsageEvent(
             request_id=request_id, tenant=tenant, outcome=outcome,  # type: ignore[arg-type]
             settled_by=settled_by, decided_us=decided_us,
             settled_us=settled_us or self.clock_us(),
@@ -86,7 +91,11 @@ class Ledger:
             cache_write_tokens=cache_write_tokens, cost_nano_usd=cost_nano_usd,
             budget_unit=budget_unit, budget_charge=budget_charge, unpriced=unpriced,
             instance=self.instance, status=up.status, upstream_us=up.upstream_us,
-            ttft_us=up.ttft_us, endpoint=up.endpoint))
+            ttft_us=up.ttft_us, endpoint=up.endpoint)
+        if self.events is not None:
+            self.events.emit(event)
+        if self.spans is not None:
+            self.spans(event, budget_left)
 
     # --- refusals -----------------------------------------------------------
     def refused(self, tenant: str, reason: str, now_us: Optional[int] = None) -> None:

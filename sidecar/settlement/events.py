@@ -49,7 +49,9 @@ def settled(ledger: Ledger, policy: CompiledPolicy, request_id: str, tenant: str
         input_tokens=input_tokens, output_tokens=output_tokens, cached_tokens=cached_tokens,
         cache_write_tokens=cache_write_tokens, cost_nano_usd=nano,
         budget_unit=rule.budget_unit if has_budget else "",
-        budget_charge=cost if has_budget else 0, unpriced=unpriced)
+        budget_charge=cost if has_budget else 0, unpriced=unpriced,
+        budget_left=(max(0, rule.limits.budget - budget_spent)
+                     if has_budget and budget_spent >= 0 else None))
     if has_budget and budget_spent >= 0 and res is not None:
         ledger.budget_seen(tenant, tenant if rule.name else OTHER_TENANTS,
                            rule.budget_unit, rule.limits.budget, budget_spent,
