@@ -49,7 +49,7 @@ def _source(args: argparse.Namespace) -> tuple[Optional[str], Optional[str]]:
 
 def _stats(args: argparse.Namespace) -> int:
     from sidecar.ledger import metric_stats
-    from sidecar.ledger.stats import parse_window, stats
+    from sidecar.ledger.stats import Stats, parse_window, stats
     from sidecar.policy.load import PolicyError
 
     metrics = list(dict.fromkeys(args.metric))  # each once, in the order given
@@ -63,10 +63,6 @@ def _stats(args: argparse.Namespace) -> int:
     except (ValueError, PolicyError) as exc:
         print(f"kt events stats: {exc}", file=sys.stderr)
         return 2
-    if metrics and dsn:
-        print("kt events stats: --metric reads a file sink's events (--dir); in PostgreSQL, "
-              "percentile_disc over kt_usage_events (docs/ledger.md)", file=sys.stderr)
-        return 2
     until = time.time_ns() // 1000 + 1
     since = until - window * 1_000_000
     if directory is not None and not Path(directory).is_dir():
@@ -74,8 +70,14 @@ def _stats(args: argparse.Namespace) -> int:
               "--dir, or --config with the policy)", file=sys.stderr)
         return 1
     try:
-        st = (metric_stats.from_directory(directory, since, until, metrics, args.by or "")
-              if metrics and directory is not None else stats(directory, dsn, since, until))
+        st: "metric_stats.MetricStats | Stats"
+        if metrics and dsn:
+            st = metric_stats.from_postgres(dsn, since, until, metrics, args.by or "")
+        elif metrics:
+            assert directory is not None
+            st = metric_stats.from_directory(directory, since, until, metrics, args.by or "")
+        else:
+            st = stats(directory, dsn, since, until)
     except Exception as exc:  # noqa: BLE001 - psycopg's errors, OSError: one clear line
         print(f"kt events stats: {type(exc).__name__}: {str(exc).strip()}", file=sys.stderr)
         return 1

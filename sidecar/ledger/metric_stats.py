@@ -1,5 +1,7 @@
 """``kt events stats --metric NAME``: the distribution of one number of the usage events
-(count, p50, p95, p99, max) over a recent window, in all or per tenant, model or provider.
+(count, p50, p95, p99, max) over a recent window, in all or per tenant, model or provider,
+from a file sink's directory or from PostgreSQL (its rows read back as the same events:
+one computation, the same numbers from either).
 What `kt capacity estimate` asks for (average tokens a request, the peak minute) read back
 from what the sidecar recorded.
 
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
 from sidecar.ledger.events import Event, UsageEvent
+from sidecar.ledger.postgres import connect, ts, us_of
 from sidecar.ledger.sinks import event_files, read_events
 from sidecar.ledger.stats import printable
 
@@ -158,9 +161,11 @@ def _group(e: UsageEvent, by: str) -> str:
 
 
 def from_events(events: Iterable[Event], since_us: int, until_us: int,
-                metrics: list[str], by: str = "") -> MetricStats:
+                metrics: list[str], by: str = "", unique: bool = False) -> MetricStats:
     """The summaries of ``metrics`` over the usage events settled in [since_us, until_us),
-    one row per metric (and group, with ``by``), in the order asked, groups sorted."""
+    one row per metric (and group, with ``by``), in the order asked, groups sorted.
+    ``unique``: the events are known to be distinct (PostgreSQL's primary key), so their
+    keys need not be kept to count each once."""
     for m in metrics:
         check_metric(m)
     if by and by not in GROUPS:
@@ -174,9 +179,10 @@ def from_events(events: Iterable[Event], since_us: int, until_us: int,
     for e in events:
         if not isinstance(e, UsageEvent) or not since_us <= e.settled_us < until_us:
             continue
-        if e.key in seen:
-            continue
-        seen.add(e.key)
+        if not unique:
+            if e.key in seen:
+                continue
+            seen.add(e.key)
         g = _group(e, by)
         groups.add(g)
         for m, read in per_event.items():
@@ -206,3 +212,42 @@ def from_directory(directory: str, since_us: int, until_us: int, metrics: list[s
     st = from_events(read_events(event_files(directory), bad), since_us, until_us, metrics, by)
     st.skipped_lines = bad
     return st
+
+
+def _rows_as_events(rows: Iterable[tuple]) -> Iterable[UsageEvent]:
+    """kt_usage_events rows (the columns _SELECT names) as the events they were written
+    from, with the fields the metrics read (the times back in µs: NULL is 0, not known)."""
+    for (tenant, request_id, outcome, settled_by, settled_at, model_served, provider,
+         estimate, inp, out, cached, nano, status, upstream_ms, ttft_ms) in rows:
+        yield UsageEvent(request_id=request_id, tenant=tenant, outcome=outcome,
+                         settled_by=settled_by, settled_us=us_of(settled_at),
+                         model_served=model_served, provider=provider,
+                         estimate_tokens=estimate, input_tokens=inp, output_tokens=out,
+                         cached_tokens=cached, cost_nano_usd=nano, status=status or 0,
+                         upstream_us=round(upstream_ms * 1000) if upstream_ms else 0,
+                         ttft_us=round(ttft_ms * 1000) if ttft_ms else 0)
+
+
+_SELECT = ("SELECT tenant, request_id, outcome, settled_by, settled_at, model_served, "
+           "provider, estimate_tokens, input_tokens, output_tokens, cached_tokens, "
+           "cost_nano_usd, status, upstream_ms, ttft_ms FROM kt_usage_events "
+           "WHERE settled_at >= %s AND settled_at < %s")
+
+
+def from_postgres(dsn: str, since_us: int, until_us: int, metrics: list[str], by: str = "",
+                  conn=None) -> MetricStats:
+    """The same from PostgreSQL's kt_usage_events (streamed: a server-side cursor)."""
+    for m in metrics:
+        check_metric(m)
+    own = conn is None
+    conn = conn or connect(dsn)
+    try:
+        with conn.transaction():
+            with conn.cursor(name="kt_metric_stats") as cur:
+                cur.itersize = 10_000
+                cur.execute(_SELECT, (ts(since_us), ts(until_us)))
+                return from_events(_rows_as_events(cur), since_us, until_us, metrics, by,
+                                   unique=True)
+    finally:
+        if own:
+            conn.close()

@@ -12,6 +12,9 @@ import pytest
 
 from sidecar.cli import main as kt
 from sidecar.ledger.events import AnomalyEvent, RefusalsEvent, ThresholdEvent
+from sidecar.ledger.metric_stats import METRICS
+from sidecar.ledger.metric_stats import from_directory as metric_from_directory
+from sidecar.ledger.metric_stats import from_postgres as metric_from_postgres
 from sidecar.ledger.postgres import (SCHEMA, SCHEMA_VERSION, USAGE_COLUMNS, PostgresSink,
                                      migrate, us_of)
 from sidecar.ledger.sinks import FileSink, SinkError, SpillFile
@@ -183,6 +186,35 @@ def test_events_stats_agree_between_postgres_and_files(db, pg, tmp_path, capsys)
     doc = json.loads(capsys.readouterr().out)
     assert sum(r["cost_nano_usd"] for r in doc["usage"]) == sum(e.cost_nano_usd for e in evs[:60])
     assert doc["refusals"] == [{"tenant": "beta", "reason": "budget_exhausted", "count": 9}]
+
+
+def test_metric_stats_from_postgres_are_those_of_the_same_events_in_files(db, pg, tmp_path,
+                                                                         capsys):
+    now = time.time_ns() // 1000  # kt events stats --last reads back from the wall clock
+    evs = [usage_event(i, t_us=now - 1000 * i, tenant=("acme", "beta")[i % 2],
+                       settled_by=("access_log_sse", "access_log_json")[i % 3 == 0],
+                       status=(200, 200, 503)[i % 3], upstream_us=1_000_000 + 1_000 * i,
+                       ttft_us=200_000 + 500 * i, output_tokens=5 + i)
+           for i in range(60)]
+    evs.append(usage_event(99, outcome="released", input_tokens=0, output_tokens=0, t_us=now))
+    sink = PostgresSink(pg.dsn)
+    sink.write(evs)
+    sink.close()
+    files = FileSink(tmp_path, fsync=False)
+    files.write(evs)
+    files.close()
+    metrics = list(METRICS)
+    for by in ("", "tenant"):
+        from_pg = metric_from_postgres(pg.dsn, now - 3600 * 10**6, now + 1, metrics, by)
+        from_files = metric_from_directory(str(tmp_path), now - 3600 * 10**6, now + 1,
+                                           metrics, by)
+        assert from_pg.rows == from_files.rows
+    assert {r.metric: r.count for r in from_pg.rows if r.group == "acme"}[
+        "upstream_latency_seconds"] == 20  # acme's 2xx replies: i even, i % 3 != 2
+    assert kt(["events", "stats", "--dsn", pg.dsn, "--last", "1h", "--metric", "ttft_seconds",
+               "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["metrics"]
+    assert row["count"] == 40 and row["max"] == pytest.approx(0.229)  # i = 58
 
 
 V1_COLUMNS = USAGE_COLUMNS[:21]  # what a sidecar of schema version 1 writes

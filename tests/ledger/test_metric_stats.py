@@ -1,6 +1,7 @@
 """`kt events stats --metric`: count, p50, p95, p99 and max of a number of the usage events
 (docs/ledger.md), from a file sink's directory: nearest-rank values that were seen, each
-event key once, only the events that have the number; one-line errors."""
+event key once, only the events that have the number; one-line errors. (The same from
+PostgreSQL: tests/ledger/test_ledger_postgres.py.)"""
 from __future__ import annotations
 
 import json
@@ -118,8 +119,6 @@ def test_the_command_prints_a_table_and_json(sink_dir, capsys):
     (["--metric", "latency"], "is not a metric of the usage events; one of: input_tokens"),
     (["--metric", "x\x1b[31m\nforged"], r"'x\x1b[31m\x0aforged'"),
     (["--by", "model"], "--by groups the rows of --metric"),
-    (["--metric", "input_tokens", "--dsn", "postgresql://x@127.0.0.1:1/x"],
-     "--metric reads a file sink's events"),
 ])
 def test_a_wrong_request_is_one_line_and_exit_2(sink_dir, capsys, flags, fragment):
     assert kt(["events", "stats", "--dir", str(sink_dir), *flags]) == 2
