@@ -179,7 +179,7 @@ def register(sub) -> None:
     st.add_argument("--last", default="24h", help="window: 1h, 24h, 30d, ...")
     st.add_argument("--metric", action="append", default=[], metavar="NAME",
                     help="instead: count, p50, p95, p99 and max of one number of the usage "
-                    "events (repeatable; a file sink's events): input_tokens, output_tokens, "
+                    "events (repeatable; files or PostgreSQL): input_tokens, output_tokens, "
                     "total_tokens, cached_tokens, estimate_tokens, cost_usd, "
                     "upstream_latency_seconds, ttft_seconds, output_tokens_per_second, "
                     "requests_per_minute, tokens_per_minute")
