@@ -104,7 +104,6 @@ class RequestSpans:
                 "kt.tenant": e.tenant,
                 "kt.request_id": e.request_id,
                 "kt.decision": e.decision or "unknown",
-                "kt.tier": e.tier,
                 "kt.outcome": e.outcome,
                 "kt.settled_by": e.settled_by,
                 "kt.usage.cached_tokens": e.cached_tokens,
@@ -114,6 +113,8 @@ class RequestSpans:
                 attributes["http.response.status_code"] = e.status
             if e.endpoint:
                 attributes["http.route"] = e.endpoint
+            if e.tier:  # "": no reservation (a usage report for a request not decided here)
+                attributes["kt.tier"] = e.tier
             if budget_left is not None and e.budget_unit:
                 attributes["kt.budget.remaining"] = (budget_left / 1e9 if e.budget_unit == "usd"
                                                      else budget_left)
