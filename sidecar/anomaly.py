@@ -13,7 +13,12 @@ flagged while its short rate is at least `factor` times its baseline and at leas
 the short rate falls back under the factor. The baseline is a handful of numbers per
 tenant, never a series per request; tenants are bounded (least recently seen dropped).
 Each sidecar sees its own share of a tenant's traffic: behind a balancer that share is
-the same before and during a spike, so the ratio holds on every replica."""
+the same before and during a spike, so the ratio holds on every replica.
+
+Every change of a flag, on or off, goes to the watch's ``listener`` (the settlement
+service's: the log, the metrics and the ledger's event). A tenant that stops sending is
+judged again by ``sweep`` (the server calls it every few seconds), so its flag clears
+within a minute of its last settlement even when no request of its follows."""
 from __future__ import annotations
 
 import math
@@ -37,9 +42,12 @@ class AnomalySettings:
 
 @dataclass(frozen=True)
 class Anomaly:
+    """A tenant's flag starting (``flagged``) or clearing."""
+
     tenant: str
-    tokens_per_minute: float  # the short rate when it was flagged
+    tokens_per_minute: float  # the short rate when it was judged
     baseline_per_minute: float
+    flagged: bool = True
 
 
 class _Tenant:
@@ -63,6 +71,8 @@ class TokenRateWatch:
         self._short_keep = math.exp(-1.0 / settings.short_minutes)
         self._base_keep = math.exp(-1.0 / settings.baseline_minutes)
         self._tenants: OrderedDict[str, _Tenant] = OrderedDict()
+        self._flagged: set[str] = set()  # the tenants flagged now, for sweep
+        self.listener: Optional[Callable[[Anomaly], None]] = None
 
     def _fold(self, t: _Tenant, minute: int) -> None:
         """Fold the minutes from t.minute up to (not including) ``minute`` into the rates."""
@@ -86,7 +96,9 @@ class TokenRateWatch:
         t = self._tenants.get(tenant)
         if t is None:
             if len(self._tenants) >= self.settings.max_tenants:
-                self._tenants.popitem(last=False)
+                gone, old = self._tenants.popitem(last=False)
+                if old.flagged:  # forgotten: no longer flagged for the decisions either
+                    self._change(Anomaly(gone, 0.0, 0.0, flagged=False))
             t = self._tenants[tenant] = _Tenant(minute)
         else:
             self._tenants.move_to_end(tenant)
@@ -104,9 +116,20 @@ class TokenRateWatch:
         # short rate lags a spike by minutes; a flag must not flap at each minute's start)
         now = max(short, t.last, t.count)
         hot = now >= s.min_tokens_per_minute and now >= s.factor * baseline
-        started = hot and not t.flagged
+        if hot == t.flagged:
+            return None
         t.flagged = hot
-        return Anomaly(tenant, now, baseline) if started else None
+        change = Anomaly(tenant, now, baseline, flagged=hot)
+        self._change(change)
+        return change if hot else None
+
+    def _change(self, change: Anomaly) -> None:
+        if change.flagged:
+            self._flagged.add(change.tenant)
+        else:
+            self._flagged.discard(change.tenant)
+        if self.listener is not None:
+            self.listener(change)
 
     def _corrected(self, t: _Tenant) -> tuple[float, float]:
         """The rates without the bias of starting from zero: a weighted mean over the
@@ -128,6 +151,20 @@ class TokenRateWatch:
             self._fold(t, minute)
             self._judge(tenant, t)
         return t.flagged
+
+    def end_all(self) -> None:
+        """End every flag (this watch is being replaced: a reload changed its settings or
+        turned it off; the next one judges afresh)."""
+        for tenant in list(self._flagged):
+            t = self._tenants[tenant]
+            t.flagged = False
+            short, baseline = self._corrected(t)
+            self._change(Anomaly(tenant, short, baseline, flagged=False))
+
+    def sweep(self) -> None:
+        """Judge again every flagged tenant whose minute is over (``flagged`` does)."""
+        for tenant in list(self._flagged):
+            self.flagged(tenant)
 
     def rates(self, tenant: str) -> Optional[tuple[float, float]]:
         """(short rate, baseline) in tokens per minute, for status and tests."""

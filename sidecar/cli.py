@@ -32,6 +32,18 @@ def _serve(args: argparse.Namespace) -> int:
     except AddressError as exc:
         print(f"kt serve: {exc}", file=sys.stderr)
         return 2
+    if args.otlp_endpoint:
+        from sidecar.tracing import AVAILABLE, TracingError, check_sample_ratio, traces_url
+
+        try:
+            traces_url(args.otlp_endpoint)
+            check_sample_ratio(args.otlp_sample_ratio)
+            if not AVAILABLE:
+                raise TracingError("--otlp-endpoint needs OpenTelemetry's SDK and OTLP "
+                                   "exporter: pip install 'kt-sidecar[otlp]'")
+        except TracingError as exc:
+            print(f"kt serve: {exc}", file=sys.stderr)
+            return 2
     if args.workers > 1:
         from sidecar.workers import WorkerError, WorkerExited, supervise
 
@@ -53,7 +65,9 @@ def _serve(args: argparse.Namespace) -> int:
                        share_reservations=args.worker_of_supervisor,
                        admin_addr=args.admin, admin_token_file=args.admin_token_file,
                        grpc_token_file=args.grpc_token_file, grpc_tls_cert=args.grpc_tls_cert,
-                       grpc_tls_key=args.grpc_tls_key, grpc_client_ca=args.grpc_client_ca)
+                       grpc_tls_key=args.grpc_tls_key, grpc_client_ca=args.grpc_client_ca,
+                       otlp_endpoint=args.otlp_endpoint,
+                       otlp_sample_ratio=args.otlp_sample_ratio)
     import uvloop
 
     try:
@@ -378,6 +392,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "the side port (--http) serves them as one sidecar: summed /metrics, "
                    "/readyz ready when every worker is")
     s.add_argument("--worker-of-supervisor", action="store_true", help=argparse.SUPPRESS)
+    s.add_argument("--otlp-endpoint", metavar="URL",
+                   help="send a span per request (OpenTelemetry GenAI conventions) to this "
+                   "OTLP/HTTP collector, e.g. http://127.0.0.1:4318 (/v1/traces added to a URL "
+                   "without a path); needs pip install 'kt-sidecar[otlp]'")
+    s.add_argument("--otlp-sample-ratio", type=float, default=1.0, metavar="R",
+                   help="the share of requests that get a span (default 1: every one; a "
+                   "span costs about 150 µs of CPU, docs/deploy.md)")
     s.add_argument("--state-file", help="embedded backend: where budget spend is persisted")
     s.add_argument("--ready-file", help="write {grpc_port, http_port} as JSON here once serving")
     s.add_argument("--log-level", default="INFO")
@@ -387,7 +408,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("files", nargs="+")
     c.set_defaults(func=_check_config)
 
-    e = sub.add_parser("envoy-config", help="print an Envoy bootstrap wired to the sidecar")
+    e = sub.add_parser(
+        "envoy-config", help="print an Envoy bootstrap wired to the sidecar",
+        description="Print an Envoy bootstrap wired to the sidecar. Every FILE given here "
+        "(key-file=, ca=, --sidecar-tls-*, --sidecar-ca, --sidecar-token-file, "
+        "--jwt-jwks-file, a provider's api_key_file/ca_file) is written into the config as "
+        "given and opened by Envoy when it starts: a relative path is resolved against "
+        "Envoy's working directory, not this command's nor the config file's directory "
+        "(docs/deploy.md, \"Files Envoy reads\").")
     e.add_argument("--config", help="policy YAML whose tiers become routes (default: sample)")
     e.add_argument("--listen", default="127.0.0.1:10000", help="Envoy listener HOST:PORT")
     e.add_argument("--admin", default="127.0.0.1:9901", help="Envoy admin HOST:PORT")
@@ -397,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "with failover by priority). UPSTREAM is HOST:PORT (TLS when the port is "
                    "443) or http(s)://HOST[:PORT], then optional ,weight=N ,priority=N "
                    ",name=ID ,sni=NAME ,ca=FILE ,key-file=FILE (the provider's API key, "
-                   "injected by Envoy) ,key-header=HEADER (default authorization: Bearer)")
+                   "injected by Envoy; a relative FILE is opened from Envoy's working "
+                   "directory) ,key-header=HEADER (default authorization: Bearer)")
     e.add_argument("--default-upstream", default="127.0.0.1:8000", metavar="UPSTREAM",
                    help="upstream of every tier without --upstream (default 127.0.0.1:8000: "
                    "the quick start's stand-in upstream; the printed config names each "

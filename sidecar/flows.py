@@ -42,4 +42,16 @@ class Flows:
         self._set_anomalies(anomaly.watch_for(policy.anomaly, self.decider.anomalies))
 
     def _set_anomalies(self, watch: Optional[anomaly.TokenRateWatch]) -> None:
+        old = self.settlement.anomalies
+        if old is not None and old is not watch:
+            old.end_all()  # its flags end in the books; the new watch judges afresh
         self.decider.anomalies = self.settlement.anomalies = watch
+        if watch is not None:
+            # a flag's start and end, whoever judged it: the log, metrics, ledger event
+            watch.listener = self.settlement.anomaly_changed
+
+    def sweep_anomalies(self) -> None:
+        """Judge again the flagged tenants that went quiet (the server, every few seconds):
+        a flag ends within a minute of the tenant's last tokens, in the books too."""
+        if self.settlement.anomalies is not None:
+            self.settlement.anomalies.sweep()

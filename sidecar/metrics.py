@@ -145,6 +145,12 @@ class Metrics:
             "kt_token_rate_anomalies", "Tenants flagged for settling tokens at many times "
             "their own usual rate (policy `anomaly:`, sidecar/anomaly.py), counted when a flag "
             "starts (tenants not named in the policy as _other).", ["tenant"], registry=r)
+        self.token_rate_flagged = Gauge(
+            "kt_token_rate_flagged_tenants", "Tenants flagged now for a token-rate anomaly "
+            "(policy `anomaly:`, sidecar/anomaly.py): 1 while a named tenant is flagged, 0 "
+            "once it clears (tenants not named in the policy counted together as _other; "
+            "with --workers, one per worker that flags it).",
+            ["tenant"], registry=r)
         self.token_rate_refusals = Counter(
             "kt_token_rate_refusals", "Requests of flagged tenants refused or downgraded by "
             "the policy's `anomaly.action`, by action.", ["action"], registry=r)

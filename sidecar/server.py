@@ -38,6 +38,7 @@ from sidecar.reload import PolicyReloader
 from sidecar.settlement.open_reservations import keep_open_reservations
 from sidecar.server_config import SAMPLE_SOURCE, ServerConfig, sample_policy, sample_policy_raw
 from sidecar.tenants_api import TenantsApi
+from sidecar.tracing import RequestSpans
 from sidecar.transports.als import UsageLogReceiver
 from sidecar.transports.authz import authorization_handler
 from sidecar.transports.ext_proc import ExternalProcessorServicer
@@ -90,6 +91,12 @@ class Sidecar:
         self.backend = backend or make_backend(self.policy, cfg)
         # the policy's ledger: section (a change of it needs a restart, like the backend)
         self.ledger = ledger if ledger is not None else build_ledger(self.policy.ledger)
+        # a span per request closed, beside its ledger event (kt serve --otlp-endpoint)
+        self.spans = (RequestSpans(cfg.otlp_endpoint, instance=self.ledger.instance,
+                                   sample_ratio=cfg.otlp_sample_ratio)
+                      if cfg.otlp_endpoint else None)
+        if self.spans is not None:
+            self.ledger.spans = self.spans.request
         self.service = Flows(self.policy, self.backend, self.metrics, self.ledger)
         self.metrics.watch_backend(self.backend)
         self.metrics.watch_ledger(self.ledger)
@@ -231,14 +238,18 @@ class Sidecar:
         # after the drain: the last settlements' events are in the buffer; written (or
         # spilled) by the writer thread, off the event loop
         await asyncio.to_thread(self.ledger.close)
+        if self.spans is not None:  # the last spans, bounded by the exporter's timeout
+            await asyncio.to_thread(self.spans.close)
 
     async def _tick_ledger(self) -> None:
-        """Close each minute's refusal counts even when no refusal follows, and reservations
-        past their age even when no decision follows."""
+        """Close each minute's refusal counts even when no refusal follows, reservations
+        past their age even when no decision follows, and token-rate flags of tenants that
+        went quiet."""
         while True:
             await asyncio.sleep(5)
             self.ledger.tick()
             self.service.reservations.expire()
+            self.service.sweep_anomalies()
 
     # --- HTTP side port and admin port -------------------------------------
     async def _slowly(self, fn):

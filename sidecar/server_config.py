@@ -44,6 +44,9 @@ class ServerConfig:
     # policy says, so that usage reaching a sibling (Envoy's connection moves to one when
     # a worker dies) replaces the estimate instead of adding to it
     share_reservations: bool = False
+    # an OTLP/HTTP collector: a span per request (sidecar/tracing.py); None: no traces
+    otlp_endpoint: Optional[str] = None
+    otlp_sample_ratio: float = 1.0  # the share of requests that get a span
     reload_interval_s: float = 2.0
     grace_s: float = 2.0
     # connection limits and timeouts of the --http and --admin listeners

@@ -295,11 +295,13 @@ def supervise(args, n: int) -> int:
                "--grpc", grpc_addr, "--http", "127.0.0.1:0", "--admin", "127.0.0.1:0",
                "--ready-file", str(tmp / f"worker-{i}.json"), "--log-level", args.log_level]
         for flag in ("admin_token_file", "grpc_token_file", "grpc_tls_cert", "grpc_tls_key",
-                     "grpc_client_ca"):
+                     "grpc_client_ca", "otlp_endpoint"):
             if getattr(args, flag, None):
                 cmd += ["--" + flag.replace("_", "-"), getattr(args, flag)]
         if args.config:
             cmd += ["--config", args.config]
+        if getattr(args, "otlp_endpoint", None):
+            cmd += ["--otlp-sample-ratio", repr(args.otlp_sample_ratio)]
         if authz_addr:
             cmd += ["--http-authz", authz_addr]
         return cmd

@@ -93,7 +93,8 @@ def db(pg: Postgres) -> Iterator:
     import psycopg
 
     conn = psycopg.connect(pg.dsn, autocommit=True)
-    conn.execute("TRUNCATE kt_usage_events, kt_usage_daily, kt_refusals, kt_budget_thresholds")
+    conn.execute("TRUNCATE kt_usage_events, kt_usage_daily, kt_refusals, kt_budget_thresholds, "
+                 "kt_token_rate_anomalies")
     try:
         yield conn
     finally:

@@ -39,7 +39,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     # the policy file: schema, meaning checks, compiled limits
     ("policy", ["sidecar.policy"]),
     # the events kept for the books, and their sinks
-    ("ledger", ["sidecar.ledger"]),
+    ("ledger", ["sidecar.ledger", "sidecar.tracing"]),
     # values and rules every layer above shares: the answer's contract, the request's model,
     # metrics, credentials, usage formats and prices, addresses
     ("values", ["sidecar.contract", "sidecar.model", "sidecar.endpoints", "sidecar.metrics",

@@ -1,7 +1,9 @@
 """The README's 60-second quick start works as written: its commands, in order, on this
 machine (only the ports move: other tests share the machine, and the README's are fixed),
 answer the curl through Envoy with the upstream's reply and the decision's headers, and
-the metrics count the decision. (The deploy section has its own test in test_deploy.py.)
+the metrics count the decision; then its walk-through shows the sample tenant `trial`
+allowed, downgraded (served by the compact tier) and refused with a 429, and `kt spend` and
+`kt status` show its spend. (The deploy section has its own test in test_deploy.py.)
 And the README's commands piped into `head` end without a traceback."""
 from __future__ import annotations
 
@@ -19,9 +21,10 @@ from tests.support.procs import free_port, log_tail, stop_process, wait_until, w
 ROOT = Path(__file__).parent.parent
 
 
-def quick_start_commands() -> list[str]:
+def quick_start_commands(heading: str = "## 60-second quick start") -> list[str]:
+    """The commands of the first `sh` block under ``heading``, continuation lines joined."""
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("## 60-second quick start"):]
+    section = text[text.index(heading):]
     block = section[section.index("```sh\n") + 6:section.index("\n```", section.index("```sh"))]
     commands, current = [], ""
     for line in block.splitlines():
@@ -46,6 +49,10 @@ def test_the_readme_quick_start_works_as_written():
     assert envoy == ".venv/bin/envoy -c envoy.yaml &"
     assert curl.startswith("curl -s localhost:10000/v1/chat/completions -H 'x-tenant-id: acme' ")
     assert metrics == "curl -s localhost:9090/metrics | grep kt_requests_total"
+    walk, spend_cmd, status_cmd = quick_start_commands("### Allow, downgrade, deny, then the books")
+    assert walk.startswith("for i in 1 2 3 4; do curl -s localhost:10000/v1/chat/completions "
+                           "-H 'x-tenant-id: trial' ")
+    assert (spend_cmd, status_cmd) == (".venv/bin/kt spend", ".venv/bin/kt status")
 
     ports = {p: free_port() for p in (8000, 8001, 8081, 9090, 9091, 10000, 9901)}
 
@@ -107,6 +114,30 @@ def test_the_readme_quick_start_works_as_written():
                                      capture_output=True, text=True, timeout=10).stdout
             assert re.search(r'^kt_requests_total\{decision="allow",transport="authz"\} 1\.0$',
                              counted, re.M), counted
+
+            # the walk-through: allowed, downgraded twice, then the RPM bucket is empty
+            lines = subprocess.run(["bash", "-c", moved(walk)], cwd=d, env=env,
+                                   capture_output=True, text=True, timeout=60).stdout
+            assert lines.splitlines() == [
+                '200 "served_by": "default"', '200 "served_by": "compact"',
+                '200 "served_by": "compact"', '429 "code":"rate_limit_exceeded"'], lines
+            admin = f" --admin 127.0.0.1:{ports[9091]}"
+
+            def spent() -> str:
+                # the access log settles after the reply: kt spend shows it once it has
+                res = subprocess.run(["bash", "-c", moved(spend_cmd) + admin], env=env,
+                                     capture_output=True, text=True, timeout=30)
+                assert res.returncode == 0, res.stderr
+                return res.stdout
+
+            wait_until(lambda: re.search(r"^trial +all +gpt-4o-mini +2 +20 +10 ", spent(),
+                                         re.M), 30, "trial's settled spend", d / "kt.log")
+            assert re.search(r"^trial +all +gpt-4o +1 +10 +5 ", spent(), re.M), spent()
+            shown = subprocess.run(["bash", "-c", moved(status_cmd) + admin], env=env,
+                                   capture_output=True, text=True, timeout=30)
+            assert shown.returncode == 0 and shown.stdout.startswith("READY"), shown.stdout
+            assert re.search(r"^  trial +\$ +0\.0001 +3 req +budget left [\d,.]+ of "
+                             r"1,000\.00 tokens$", shown.stdout, re.M), shown.stdout
         finally:
             for p in reversed(procs):
                 stop_process(p)

@@ -3,7 +3,8 @@ reconcile it with a provider's invoice.
 
 - ``events.py``  the records (msgspec Structs): one ``UsageEvent`` per closed
   reservation, ``RefusalsEvent`` per tenant/reason/minute, ``ThresholdEvent`` per
-  budget fraction crossed; one JSON line each.
+  budget fraction crossed, ``AnomalyEvent`` per token-rate flag started or cleared; one
+  JSON line each.
 - ``sinks.py``   where records go: JSON Lines files (rotation, retention), the spill file.
 - ``postgres.py`` the PostgreSQL sink (psycopg 3, batched, idempotent) and its schema.
 - ``storable.py`` every value made storable before a sink sees it (a documented escape).

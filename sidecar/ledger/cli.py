@@ -1,6 +1,8 @@
 """``kt events ...``: the ledger's commands, registered by sidecar/cli.py.
 
 - ``kt events stats --last 24h [--config POLICY | --dir DIR | --dsn DSN | --dsn-file F] [--json]``
+  ``[--metric NAME]... [--by tenant|model|provider]``: the distribution of a number of the
+  usage events instead (sidecar/ledger/metric_stats.py)
 - ``kt events migrate [--config POLICY | --dsn DSN | --dsn-file F]``
 - ``kt events dead-letters [--file F] [--config POLICY | --dir DIR | --dsn DSN | --dsn-file F]
   [--load] [--json]``: what the sink refused and why; ``--load`` writes them to the sink
@@ -46,11 +48,17 @@ def _source(args: argparse.Namespace) -> tuple[Optional[str], Optional[str]]:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from sidecar.ledger.stats import parse_window, stats
+    from sidecar.ledger import metric_stats
+    from sidecar.ledger.stats import Stats, parse_window, stats
     from sidecar.policy.load import PolicyError
 
+    metrics = list(dict.fromkeys(args.metric))  # each once, in the order given
     try:
         window = parse_window(args.last)
+        for m in metrics:
+            metric_stats.check_metric(m)
+        if args.by and not metrics:
+            raise ValueError("--by groups the rows of --metric: give --metric NAME")
         directory, dsn = _source(args)
     except (ValueError, PolicyError) as exc:
         print(f"kt events stats: {exc}", file=sys.stderr)
@@ -62,7 +70,14 @@ def _stats(args: argparse.Namespace) -> int:
               "--dir, or --config with the policy)", file=sys.stderr)
         return 1
     try:
-        st = stats(directory, dsn, since, until)
+        st: "metric_stats.MetricStats | Stats"
+        if metrics and dsn:
+            st = metric_stats.from_postgres(dsn, since, until, metrics, args.by or "")
+        elif metrics:
+            assert directory is not None
+            st = metric_stats.from_directory(directory, since, until, metrics, args.by or "")
+        else:
+            st = stats(directory, dsn, since, until)
     except Exception as exc:  # noqa: BLE001 - psycopg's errors, OSError: one clear line
         print(f"kt events stats: {type(exc).__name__}: {str(exc).strip()}", file=sys.stderr)
         return 1
@@ -162,6 +177,14 @@ def register(sub) -> None:
                           "and provider over a recent window")
     source_flags(st, with_dir=True)
     st.add_argument("--last", default="24h", help="window: 1h, 24h, 30d, ...")
+    st.add_argument("--metric", action="append", default=[], metavar="NAME",
+                    help="instead: count, p50, p95, p99 and max of one number of the usage "
+                    "events (repeatable; files or PostgreSQL): input_tokens, output_tokens, "
+                    "total_tokens, cached_tokens, estimate_tokens, cost_usd, "
+                    "upstream_latency_seconds, ttft_seconds, output_tokens_per_second, "
+                    "requests_per_minute, tokens_per_minute")
+    st.add_argument("--by", choices=["tenant", "model", "provider"],
+                    help="with --metric: a row per tenant, model (served) or provider")
     st.add_argument("--json", action="store_true", help="print JSON")
     st.set_defaults(func=_stats)
 

@@ -118,7 +118,28 @@ class AdminEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", ta
         return (self.holder, str(self.version), self.action)
 
 
-Event = Union[UsageEvent, RefusalsEvent, ThresholdEvent, AdminEvent]
+class AnomalyEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type",
+                   tag="anomaly"):
+    """A tenant's token-rate anomaly flag started (``flagged``) or cleared
+    (sidecar/anomaly.py, policy ``anomaly:``): when, the rates it was judged on, and what
+    the policy did about it meanwhile."""
+
+    tenant: str
+    flagged: bool
+    at_us: int
+    tokens_per_minute: int  # the tenant's rate now, rounded (at a clear: what it fell to)
+    baseline_per_minute: int  # its usual rate, rounded
+    factor: float  # the policy's anomaly.factor then
+    action: str  # the policy's anomaly.action then: flag, downgrade, refuse
+    instance: str = ""
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        return (self.tenant, str(self.at_us), "flagged" if self.flagged else "cleared",
+                self.instance)
+
+
+Event = Union[UsageEvent, RefusalsEvent, ThresholdEvent, AdminEvent, AnomalyEvent]
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Event)

@@ -20,12 +20,12 @@ import os
 import socket
 from typing import Any, Optional, Sequence
 
-from sidecar.ledger.events import (AdminEvent, Event, RefusalsEvent, ThresholdEvent,
-                                   UsageEvent)
+from sidecar.ledger.events import (AdminEvent, AnomalyEvent, Event, RefusalsEvent,
+                                   ThresholdEvent, UsageEvent)
 from sidecar.ledger.sinks import SinkError, SinkRefused
 
 log = logging.getLogger("kt.ledger")
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 
 SCHEMA = """
@@ -138,6 +138,20 @@ CREATE TABLE IF NOT EXISTS kt_admin_audit (
     version  bigint      NOT NULL,  -- the overlay's version after the change
     instance text        NOT NULL,
     PRIMARY KEY (holder, version, action)
+);
+""",
+    # token-rate anomaly flags, started and cleared (sidecar/anomaly.py)
+    5: """
+CREATE TABLE IF NOT EXISTS kt_token_rate_anomalies (
+    at                  timestamptz      NOT NULL,
+    tenant              text             NOT NULL,
+    flagged             boolean          NOT NULL,  -- true: started; false: cleared
+    tokens_per_minute   bigint           NOT NULL,  -- the tenant's rate when judged
+    baseline_per_minute bigint           NOT NULL,  -- its usual rate
+    factor              double precision NOT NULL,  -- the policy's anomaly.factor
+    action              text             NOT NULL,  -- flag, downgrade, refuse
+    instance            text             NOT NULL,
+    PRIMARY KEY (tenant, at, flagged, instance)
 );
 """,
 }
@@ -256,6 +270,7 @@ class PostgresSink:
         refusals = [e for e in events if isinstance(e, RefusalsEvent)]
         thresholds = [e for e in events if isinstance(e, ThresholdEvent)]
         audits = [e for e in events if isinstance(e, AdminEvent)]
+        anomalies = [e for e in events if isinstance(e, AnomalyEvent)]
         try:
             conn = self._connection()
             with conn.transaction():
@@ -300,6 +315,16 @@ class PostgresSink:
                             "ON CONFLICT DO NOTHING",
                             [(ts(e.at_us), e.who, e.action, e.holder, e.before, e.after,
                               e.version, e.instance) for e in audits])
+                if anomalies:
+                    with conn.cursor() as cur:
+                        cur.executemany(
+                            "INSERT INTO kt_token_rate_anomalies (at, tenant, flagged, "
+                            "tokens_per_minute, baseline_per_minute, factor, action, "
+                            "instance) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+                            "ON CONFLICT DO NOTHING",
+                            [(ts(e.at_us), e.tenant, e.flagged, e.tokens_per_minute,
+                              e.baseline_per_minute, e.factor, e.action, e.instance)
+                             for e in anomalies])
         except (psycopg.DataError, psycopg.IntegrityError) as exc:
             # the transaction was rolled back; the connection is still good
             raise SinkRefused(f"postgres refused: {type(exc).__name__}: "

@@ -6,7 +6,8 @@ method is a few dict operations and a deque append (EventLog.emit), never I/O.
 - ``refused(tenant, reason)``: counted per tenant, reason and minute; a minute's
   counts become RefusalsEvents once it is over (``tick``) or at shutdown;
 - ``budget_seen(...)``: a ThresholdEvent (and the metric) the first time in a period
-  a tenant's spend reaches each configured fraction of its budget.
+  a tenant's spend reaches each configured fraction of its budget;
+- ``token_rate(...)``: an AnomalyEvent when a tenant's token-rate flag starts or clears.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from typing import Callable, Optional, Sequence
 
 from sidecar.ledger.config import LedgerConfig
 from sidecar.ledger.deadletter import DeadLetterFile
-from sidecar.ledger.events import AdminEvent, RefusalsEvent, ThresholdEvent, UsageEvent
+from sidecar.ledger.events import (AdminEvent, AnomalyEvent, RefusalsEvent, ThresholdEvent,
+                                   UsageEvent)
 from sidecar.ledger.sinks import FileSink, Sink, SpillFile
 from sidecar.ledger.writer import EventLog
 from sidecar.upstream_sli import NOT_KNOWN
@@ -59,6 +61,9 @@ class Ledger:
         # tenant -> (period start, how many of self.thresholds were crossed)
         self._crossed: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self.crossings: dict[tuple[str, float], int] = {}  # (tenant label, fraction) -> count
+        # another sink of each usage event: the request's span (sidecar/tracing.py), with
+        # the tenant's budget left after it (None: not known); None: no traces
+        self.spans: Optional[Callable[[UsageEvent, Optional[int]], None]] = None
 
     # --- usage --------------------------------------------------------------
     def closed(self, *, request_id: str, tenant: str, outcome: str, settled_by: str,
@@ -67,16 +72,18 @@ class Ledger:
                input_tokens: int = 0, output_tokens: int = 0, cached_tokens: int = 0,
                cache_write_tokens: int = 0, cost_nano_usd: int = 0, budget_unit: str = "",
                budget_charge: int = 0, unpriced: bool = False, settled_us: int = 0,
-               user: str = "", tags: tuple[str, ...] = ()) -> None:
+               user: str = "", tags: tuple[str, ...] = (),
+               budget_left: Optional[int] = None) -> None:
         """``settled_us``: when the backend applied it, on the clock that dated the
         durable spend (0: this recorder's clock, now). The provider's answer (status,
-        timings, endpoint) comes from sidecar/upstream_sli.py's context variable."""
-        if self.events is None:
+        timings, endpoint) comes from sidecar/upstream_sli.py's context variable.
+        ``budget_left``: the tenant's budget after it, for the request's span only."""
+        if self.events is None and self.spans is None:
             return
         # the provider's answer, when a transport is closing this request's reservation
         closing = current_upstream.get()
         up = closing[1] if closing is not None and closing[0] == request_id else NOT_KNOWN
-        self.events.emit(UsageEvent(
+        event = UsageEvent(
             request_id=request_id, tenant=tenant, outcome=outcome,  # type: ignore[arg-type]
             settled_by=settled_by, decided_us=decided_us,
             settled_us=settled_us or self.clock_us(),
@@ -86,7 +93,11 @@ class Ledger:
             cache_write_tokens=cache_write_tokens, cost_nano_usd=cost_nano_usd,
             budget_unit=budget_unit, budget_charge=budget_charge, unpriced=unpriced,
             instance=self.instance, status=up.status, upstream_us=up.upstream_us,
-            ttft_us=up.ttft_us, endpoint=up.endpoint, user=user, tags=tags))
+            ttft_us=up.ttft_us, endpoint=up.endpoint, user=user, tags=tags)
+        if self.events is not None:
+            self.events.emit(event)
+        if self.spans is not None:
+            self.spans(event, budget_left)
 
     # --- the management API's changes ------------------------------------------
     def admin_change(self, *, who: str, action: str, holder: str, before: str, after: str,
@@ -159,6 +170,19 @@ class Ledger:
                     budget=budget, spent=spent, budget_unit=unit, at_us=now,
                     instance=self.instance))
         return n - done
+
+    # --- token-rate anomalies -------------------------------------------------
+    def token_rate(self, *, tenant: str, flagged: bool, tokens_per_minute: float,
+                   baseline_per_minute: float, factor: float, action: str) -> None:
+        """A tenant's token-rate flag started or cleared (sidecar/anomaly.py); the rates
+        in whole tokens a minute."""
+        if self.events is None:
+            return
+        self.events.emit(AnomalyEvent(
+            tenant=tenant, flagged=flagged, at_us=self.clock_us(),
+            tokens_per_minute=round(tokens_per_minute),
+            baseline_per_minute=round(baseline_per_minute),
+            factor=factor, action=action, instance=self.instance))
 
     def _remember(self, tenant: str, period_start_us: int, n: int) -> None:
         self._crossed[tenant] = (period_start_us, n)

@@ -1,10 +1,12 @@
 """The ledger's event for each reservation closed (sidecar/ledger/): settled with its
-usage, or closed with its estimate still charged."""
+usage, or closed with its estimate still charged; and for each token-rate flag started or
+cleared."""
 from __future__ import annotations
 
 import time
 from typing import Optional
 
+from sidecar.anomaly import Anomaly
 from sidecar.attribution import Attribution
 from sidecar.ledger.recorder import Ledger
 from sidecar.model import OTHER_TENANTS
@@ -50,7 +52,9 @@ def settled(ledger: Ledger, policy: CompiledPolicy, request_id: str, tenant: str
         cache_write_tokens=cache_write_tokens, cost_nano_usd=nano,
         budget_unit=rule.budget_unit if has_budget else "",
         budget_charge=cost if has_budget else 0, unpriced=unpriced, user=att.user,
-        tags=att.tags)
+        tags=att.tags,
+        budget_left=(max(0, rule.limits.budget - budget_spent)
+                     if has_budget and budget_spent >= 0 else None))
     if has_budget and budget_spent >= 0 and res is not None:
         ledger.budget_seen(tenant, tenant if rule.name else OTHER_TENANTS,
                            rule.budget_unit, rule.limits.budget, budget_spent,
@@ -71,3 +75,11 @@ def kept(ledger: Ledger, policy: CompiledPolicy, request_id: str, res: Reservati
         output_tokens=output_tokens, cost_nano_usd=nano, budget_unit=unit,
         budget_charge=res.charged_cost if unit else 0, unpriced=unpriced, user=att.user,
         tags=att.tags)
+
+
+def token_rate(ledger: Ledger, policy: CompiledPolicy, change: Anomaly) -> None:
+    """A tenant's token-rate flag started or cleared, with what the policy did about it."""
+    ledger.token_rate(tenant=change.tenant, flagged=change.flagged,
+                      tokens_per_minute=change.tokens_per_minute,
+                      baseline_per_minute=change.baseline_per_minute,
+                      factor=policy.anomaly.factor, action=policy.anomaly.action)

@@ -17,7 +17,7 @@ from typing import Optional
 import msgspec
 
 from sidecar import attribution
-from sidecar.anomaly import TokenRateWatch
+from sidecar.anomaly import Anomaly, TokenRateWatch
 from sidecar.attribution import Attribution
 from sidecar.backends.base import TAKEN_RESERVATION, Backend, BackendError, Settlement
 from sidecar.burstlog import BurstLog
@@ -83,6 +83,27 @@ class SettlementService:
 
     def replace_policy(self, policy: CompiledPolicy) -> None:
         self.policy = policy
+
+    def anomaly_changed(self, change: Anomaly) -> None:
+        """A tenant's token-rate flag started or cleared (the token-rate watch's listener:
+        a settlement, a decision or the server's sweep judged it): the log, the metrics and
+        the ledger's event."""
+        policy = self.policy
+        label = change.tenant if change.tenant in policy.tenants else OTHER_TENANTS
+        if change.flagged:
+            self.metrics.token_rate_anomalies.labels(label).inc()
+            self.metrics.token_rate_flagged.labels(label).inc()
+            log.warning("token-rate anomaly: tenant %s settles %.0f tokens a minute, "
+                        "%.0fx its usual %.0f (policy anomaly.action: %s)", change.tenant[:128],
+                        change.tokens_per_minute, change.tokens_per_minute /
+                        max(change.baseline_per_minute, 1.0), change.baseline_per_minute,
+                        policy.anomaly.action)
+        else:
+            self.metrics.token_rate_flagged.labels(label).dec()
+            log.info("token-rate anomaly over: tenant %s settles %.0f tokens a minute, its "
+                     "usual %.0f", change.tenant[:128], change.tokens_per_minute,
+                     change.baseline_per_minute)
+        events.token_rate(self.ledger, policy, change)
 
     def track(self, task: asyncio.Task) -> None:
         """Keep a background task referenced until it is done."""
@@ -227,15 +248,8 @@ class SettlementService:
         self._count_usage(request_id, tenant, rule, model, source, input_tokens,
                           output_tokens, cached_tokens, nano, unpriced)
         if self.anomalies is not None and input_tokens + output_tokens:
-            flagged = self.anomalies.observe(tenant, input_tokens + output_tokens)
-            if flagged is not None:
-                self.metrics.token_rate_anomalies.labels(
-                    tenant if rule.name else OTHER_TENANTS).inc()
-                log.warning("token-rate anomaly: tenant %s settles %.0f tokens a minute, "
-                            "%.0fx its usual %.0f (policy anomaly.action: %s)", tenant[:128],
-                            flagged.tokens_per_minute, flagged.tokens_per_minute /
-                            max(flagged.baseline_per_minute, 1.0),
-                            flagged.baseline_per_minute, self.policy.anomaly.action)
+            # a flag started or cleared by these tokens reaches anomaly_changed
+            self.anomalies.observe(tenant, input_tokens + output_tokens)
         events.settled(self.ledger, self.policy, request_id, tenant, rule, res, model,
                        outcome, settled_by, input_tokens, output_tokens, cached_tokens,
                        cache_write_tokens, nano, cost, unpriced, st.budget_spent, st.at_us,

@@ -84,6 +84,9 @@ tenants:
   tokens: {budget: {tokens: 100000, period: day}}
 ledger: {sink: file, fsync: false, thresholds: [0.25, 0.5, 1.0]}
 backend: {kind: redis, url: "%(valkey)s", timeout_ms: 500}
+# no history needed: each tenant's first tokens flag it (only flagged: the answers stay),
+# so the token-rate alert's series exist
+anomaly: {factor: 2, min_tokens_per_minute: 1, warmup_minutes: 0}
 """
 
 

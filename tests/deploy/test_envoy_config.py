@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import collections
+import json
+import re
+import shlex
 import subprocess
 import urllib.error
 import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 import yaml
@@ -13,6 +17,7 @@ import yaml
 from sidecar.cli import main as kt
 from sidecar.envoy_config import (EnvoyOptions, TierRoute, Upstream, UpstreamError, bootstrap,
                                   parse_upstream, render)
+from tests.support.jwt import rs256_keys
 from tests.support.procs import EnvoyProcess, envoy_validate, find_binary, free_port, workdir
 from tests.support.upstream import FakeUpstream
 
@@ -625,3 +630,108 @@ def test_pass_path_adds_an_exact_route_and_refuses_a_bad_one(tmp_path, capsys):
     assert kt(["envoy-config", "--pass-path", "GET:/v1/../files"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("kt envoy-config: --pass-path 'GET:/v1/../files': ") and err.count("\n") == 1
+
+
+# --- every Envoy config the docs print validates as printed --------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def _joined(block: str) -> list[str]:
+    """The commands of a shell block: continuation lines joined, comments dropped."""
+    commands, current = [], ""
+    for line in block.splitlines():
+        line = re.sub(r"\s+#.*$", "", line)
+        current += line.rstrip("\\").strip() + " " if line.endswith("\\") else line.strip()
+        if not line.endswith("\\"):
+            commands.append(current)
+            current = ""
+    return commands
+
+
+def docs_envoy_configs() -> list[tuple[str, list[str], str]]:
+    """(where, `kt` arguments, the policy they name or "") of every `kt envoy-config` the
+    README and docs/*.md print: their shell blocks, the README's weighted-upstream flags and
+    docs/providers.md's policy with `kt envoy-config --config policy.yaml`."""
+    found = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = doc.read_text()
+        for block in re.findall(r"```sh\n(.*?)\n```", text, re.S):
+            for cmd in _joined(block):
+                m = re.match(r"(?:\.venv/bin/)?kt (envoy-config .*?)(?: > envoy\.yaml)?$", cmd)
+                if m:
+                    found.append((f"{doc.name}: {cmd[:60]}", shlex.split(m.group(1)), ""))
+    readme = (ROOT / "README.md").read_text()
+    (weighted,) = re.findall(r"`(--upstream 'default=https://api\.openai\.com,weight=[^`]+)`",
+                             readme)
+    found.append(("README.md: weighted providers", ["envoy-config", *shlex.split(weighted)], ""))
+    providers = (ROOT / "docs" / "providers.md").read_text()
+    assert "`kt envoy-config --config policy.yaml`" in providers
+    policy = re.findall(r"```yaml\n(.*?)\n```", providers, re.S)[0]
+    found.append(("providers.md: the policy with providers",
+                  ["envoy-config", "--config", "policy.yaml"], policy))
+    return found
+
+
+def _place_files(node, d: Path, ca, leaf, where: str = "") -> None:
+    """Create every file the config names (a relative path, or one under `d`), as Envoy
+    will read it: a certificate and its key (``leaf``, of ``ca``), the CA, a JWKS, or a
+    secret's text."""
+    if isinstance(node, list):
+        for v in node:
+            _place_files(v, d, ca, leaf, where)
+        return
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        if key == "filename" and isinstance(value, str):
+            path = Path(value)
+            if path.is_absolute() and not path.is_relative_to(d):
+                assert path.is_file(), (f"{value} ({where}): an absolute path this machine "
+                                        "lacks; the docs name files relative to Envoy's "
+                                        "working directory")
+                continue
+            path = d / path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if where == "trusted_ca":
+                ca.cert_pem.write_to_path(str(path))
+            elif where == "certificate_chain":
+                leaf.cert_chain_pems[0].write_to_path(str(path))
+            elif where == "private_key":
+                leaf.private_key_pem.write_to_path(str(path))
+            elif where == "local_jwks":
+                path.write_text(json.dumps(rs256_keys()[1]))
+            else:
+                path.write_text("sk-placeholder")
+        else:
+            _place_files(value, d, ca, leaf, key)
+
+
+@pytest.mark.envoy
+@pytest.mark.parametrize("where,args,policy", [
+    pytest.param(*example, id=example[0]) for example in docs_envoy_configs()])
+def test_every_envoy_config_the_docs_print_validates_as_printed(
+        tmp_path, monkeypatch, capsys, tls_ca, where, args, policy):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PWD", str(tmp_path))
+    args = [a.replace("$PWD", str(tmp_path)) for a in args]
+    if policy:
+        (tmp_path / "policy.yaml").write_text(policy)
+    assert kt(args) == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    _place_files(yaml.safe_load(text), tmp_path, tls_ca, tls_ca.issue_cert("envoy.kt.test"))
+    (tmp_path / "envoy.yaml").write_text(text)
+    # Envoy in the directory the commands ran in: the relative paths are read from there
+    res = subprocess.run([find_binary("envoy"), "--mode", "validate", "-c", "envoy.yaml",
+                          "--log-level", "warning"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, where + "\n" + res.stdout + res.stderr
+    assert "eprecated" not in res.stdout + res.stderr
+
+
+def test_a_relative_key_file_is_left_for_envoy_to_resolve_from_its_working_directory(capsys):
+    assert kt(["envoy-config", "--upstream",
+               "default=https://api.openai.com,key-file=secrets/openai.key"]) == 0
+    doc = yaml.safe_load(capsys.readouterr().out)
+    (secret,) = doc["static_resources"]["secrets"]
+    assert secret["generic_secret"]["secret"]["filename"] == "secrets/openai.key"

@@ -11,7 +11,10 @@ import psycopg
 import pytest
 
 from sidecar.cli import main as kt
-from sidecar.ledger.events import AdminEvent, RefusalsEvent, ThresholdEvent
+from sidecar.ledger.events import AdminEvent, AnomalyEvent, RefusalsEvent, ThresholdEvent
+from sidecar.ledger.metric_stats import METRICS
+from sidecar.ledger.metric_stats import from_directory as metric_from_directory
+from sidecar.ledger.metric_stats import from_postgres as metric_from_postgres
 from sidecar.ledger.postgres import (MIGRATIONS, SCHEMA, SCHEMA_VERSION, USAGE_COLUMNS,
                                      PostgresSink, migrate, us_of)
 from sidecar.ledger.sinks import FileSink, SinkError, SpillFile
@@ -37,9 +40,9 @@ def daily_totals(conn) -> tuple:
 
 
 def test_migrate_is_idempotent_and_the_cli_says_so(pg, capsys):
-    assert migrate(pg.dsn) == SCHEMA_VERSION == 4
+    assert migrate(pg.dsn) == SCHEMA_VERSION
     assert kt(["events", "migrate", "--dsn", pg.dsn]) == 0
-    assert "version 4" in capsys.readouterr().out
+    assert f"version {SCHEMA_VERSION}" in capsys.readouterr().out
     with psycopg.connect(pg.dsn) as c:
         assert c.execute("SELECT count(*) FROM kt_ledger_schema").fetchone()[0] == 1
     assert kt(["events", "migrate", "--dsn", "postgresql://postgres@127.0.0.1:1/x"]) == 1
@@ -87,6 +90,24 @@ def test_refusals_and_thresholds_are_idempotent_too(db, pg):
     sink.write(evs)
     assert db.execute("SELECT sum(count) FROM kt_refusals").fetchone()[0] == 123
     assert db.execute("SELECT count(*) FROM kt_budget_thresholds").fetchone()[0] == 1
+    sink.close()
+
+
+def test_token_rate_flags_are_stored_once_each(db, pg):
+    sink = PostgresSink(pg.dsn)
+    evs = [AnomalyEvent(tenant="acme", flagged=True, at_us=1_800_000_000_000_000,
+                        tokens_per_minute=42_000, baseline_per_minute=2_000, factor=20.0,
+                        action="downgrade", instance="i1"),
+           AnomalyEvent(tenant="acme", flagged=False, at_us=1_800_000_600_000_000,
+                        tokens_per_minute=1_500, baseline_per_minute=2_100, factor=20.0,
+                        action="downgrade", instance="i1")]
+    sink.write(evs)
+    sink.write(evs)  # a retried batch
+    rows = db.execute("SELECT at, flagged, tokens_per_minute, baseline_per_minute, action "
+                      "FROM kt_token_rate_anomalies ORDER BY at").fetchall()
+    assert [(us_of(r[0]), *r[1:]) for r in rows] == [
+        (1_800_000_000_000_000, True, 42_000, 2_000, "downgrade"),
+        (1_800_000_600_000_000, False, 1_500, 2_100, "downgrade")]
     sink.close()
 
 
@@ -167,6 +188,35 @@ def test_events_stats_agree_between_postgres_and_files(db, pg, tmp_path, capsys)
     assert doc["refusals"] == [{"tenant": "beta", "reason": "budget_exhausted", "count": 9}]
 
 
+def test_metric_stats_from_postgres_are_those_of_the_same_events_in_files(db, pg, tmp_path,
+                                                                         capsys):
+    now = time.time_ns() // 1000  # kt events stats --last reads back from the wall clock
+    evs = [usage_event(i, t_us=now - 1000 * i, tenant=("acme", "beta")[i % 2],
+                       settled_by=("access_log_sse", "access_log_json")[i % 3 == 0],
+                       status=(200, 200, 503)[i % 3], upstream_us=1_000_000 + 1_000 * i,
+                       ttft_us=200_000 + 500 * i, output_tokens=5 + i)
+           for i in range(60)]
+    evs.append(usage_event(99, outcome="released", input_tokens=0, output_tokens=0, t_us=now))
+    sink = PostgresSink(pg.dsn)
+    sink.write(evs)
+    sink.close()
+    files = FileSink(tmp_path, fsync=False)
+    files.write(evs)
+    files.close()
+    metrics = list(METRICS)
+    for by in ("", "tenant"):
+        from_pg = metric_from_postgres(pg.dsn, now - 3600 * 10**6, now + 1, metrics, by)
+        from_files = metric_from_directory(str(tmp_path), now - 3600 * 10**6, now + 1,
+                                           metrics, by)
+        assert from_pg.rows == from_files.rows
+    assert {r.metric: r.count for r in from_pg.rows if r.group == "acme"}[
+        "upstream_latency_seconds"] == 20  # acme's 2xx replies: i even, i % 3 != 2
+    assert kt(["events", "stats", "--dsn", pg.dsn, "--last", "1h", "--metric", "ttft_seconds",
+               "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["metrics"]
+    assert row["count"] == 40 and row["max"] == pytest.approx(0.229)  # i = 58
+
+
 V1_COLUMNS = USAGE_COLUMNS[:21]  # what a sidecar of schema version 1 writes
 
 
@@ -196,7 +246,8 @@ def test_migration_to_v2_keeps_the_rows_of_v1_and_a_v1_sidecar_can_still_write(p
         sink = PostgresSink(dsn)
         with pytest.raises(SinkError, match="schema version 1.*kt events migrate"):
             sink.write([usage_event(9)])
-        # up to this version (2: the SLI columns; 3: attribution; 4: the management API's audit table)
+        # up to this version (2: the SLI columns; 3: attribution; 4: the management API's
+        # audit table; 5: token-rate anomalies)
         assert migrate(dsn) == SCHEMA_VERSION and migrate(dsn) == SCHEMA_VERSION  # idempotent
         with psycopg.connect(dsn) as c:
             assert c.execute("SELECT array_agg(version) FROM kt_ledger_schema"

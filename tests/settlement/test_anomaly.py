@@ -9,9 +9,13 @@ import json
 import pytest
 
 from sidecar import contract
-from sidecar.anomaly import AnomalySettings, TokenRateWatch
+from sidecar.anomaly import Anomaly, AnomalySettings, TokenRateWatch
 from sidecar.backends.memory import MemoryBackend
 from sidecar.flows import Flows
+from sidecar.ledger.events import AnomalyEvent
+from sidecar.ledger.recorder import Ledger
+from sidecar.ledger.sinks import FileSink, SpillFile, event_files, read_events
+from sidecar.ledger.writer import EventLog
 from sidecar.model import Kind, Request
 from sidecar.policy.load import PolicyError, parse_policy
 from tests.support.clock import ManualClock
@@ -77,6 +81,34 @@ def test_an_idle_week_costs_nothing_and_tenants_are_bounded():
     assert watch.rates("a") is None and watch.rates("d") is not None  # oldest dropped
 
 
+def test_every_flag_start_and_end_reaches_the_listener_even_for_a_tenant_gone_quiet():
+    clock = Clock()
+    watch = TokenRateWatch(AnomalySettings(), clock)
+    heard: list[Anomaly] = []
+    watch.listener = heard.append
+    run(watch, clock, "acme", 1_000, 90)
+    run(watch, clock, "acme", 40_000, 2)  # flagged
+    assert [(a.tenant, a.flagged) for a in heard] == [("acme", True)]
+    # then nothing at all from acme: no settlement, no decision; the sweep ends its flag
+    watch.sweep()
+    assert len(heard) == 1  # the same minute: still the spike's
+    clock.now += 6 * 60
+    watch.sweep()
+    assert [(a.tenant, a.flagged) for a in heard] == [("acme", True), ("acme", False)]
+    assert heard[1].tokens_per_minute < heard[0].tokens_per_minute
+    watch.sweep()
+    assert len(heard) == 2  # once
+    # a watch being replaced ends the flags it holds
+    run(watch, clock, "acme", 200_000, 2)
+    assert heard[-1].flagged and watch.flagged("acme")
+    n = len(heard)
+    watch.end_all()
+    assert (heard[-1].tenant, heard[-1].flagged) == ("acme", False) and len(heard) == n + 1
+    assert not watch.flagged("acme")
+    watch.end_all()
+    assert len(heard) == n + 1
+
+
 # --- wired: the settlement feeds the watch, the decision acts on its flag ------------
 
 WIRED = """
@@ -127,3 +159,51 @@ def test_the_anomaly_settings_are_checked_and_can_be_turned_off():
     off = parse_policy((WIRED % "flag").replace("action: flag", "enabled: false").encode(),
                        "<test>")
     assert Flows(off, MemoryBackend()).decider.anomalies is None
+
+
+def test_a_flag_and_its_end_are_events_in_the_ledger_and_a_gauge(tmp_path):
+    events = EventLog(FileSink(tmp_path / "events", fsync=False),
+                      SpillFile(tmp_path / "spill.jsonl"), flush_interval_s=0.01)
+    ledger = Ledger(events, instance="gw-1")
+    ledger.start()
+    flows = Flows(parse_policy((WIRED % "downgrade").encode(), "<test>"),
+                  MemoryBackend(clock=ManualClock()), ledger=ledger)
+    clock = Clock()
+    flows.settlement.anomalies.clock = clock
+    reg = flows.metrics.registry
+
+    def flagged_gauge() -> float:
+        return reg.get_sample_value("kt_token_rate_flagged_tenants", {"tenant": "acme"})
+
+    async def settle(rid: str, tokens: int) -> None:
+        await flows.settlement.settle_usage(rid, "acme", "gpt-4o", tokens, 0, "report")
+
+    async def main():
+        for n in range(15):  # its usual 100 tokens a minute
+            await settle(f"r{n}", 100)
+            clock.now += 60
+        await settle("spike", 5000)
+        assert flagged_gauge() == 1
+        clock.now += 10 * 60  # quiet: the server's sweep ends the flag
+        flows.sweep_anomalies()
+        assert flagged_gauge() == 0
+        await settle("spike-2", 50_000)  # flagged again
+        assert flagged_gauge() == 1
+        # a reload that turns the watch off ends the flag in the books too
+        flows.replace_policy(parse_policy((WIRED % "flag").replace(
+            "action: flag", "enabled: false").encode(), "<test>"))
+        assert flagged_gauge() == 0
+
+    try:
+        asyncio.run(main())
+        assert events.flush()
+    finally:
+        ledger.close()
+    got = [e for e in read_events(event_files(tmp_path / "events"))
+           if isinstance(e, AnomalyEvent)]
+    assert [(e.tenant, e.flagged, e.action, e.factor, e.instance) for e in got] == [
+        ("acme", True, "downgrade", 20.0, "gw-1"), ("acme", False, "downgrade", 20.0, "gw-1"),
+        ("acme", True, "downgrade", 20.0, "gw-1"), ("acme", False, "flag", 20.0, "gw-1")]
+    assert got[0].tokens_per_minute >= 5000 and 90 <= got[0].baseline_per_minute <= 110
+    assert got[1].tokens_per_minute < 1000 and got[0].at_us <= got[1].at_us
+    assert reg.get_sample_value("kt_token_rate_anomalies_total", {"tenant": "acme"}) == 2

@@ -1,0 +1,138 @@
+"""Traces, optional: one span per request whose reservation closes (settled with its usage,
+released, kept at its bound, expired), in OpenTelemetry's GenAI semantic conventions,
+exported by OTLP over HTTP in batches (`kt serve --otlp-endpoint URL`; the `otlp` extra:
+`pip install 'kt-sidecar[otlp]'`).
+
+The span is another sink of the ledger's usage event (``Ledger.spans``): made from the
+same values, when the event is, it starts at the decision and ends at the settlement.
+Making it is a few attribute writes on the event loop; the SDK's BatchSpanProcessor
+queues it (bounded: past its queue it drops spans, never waits) and its own thread
+encodes and sends batches, so the event loop never waits for the collector. Nothing of
+this runs on the decision itself: with tracing off, nothing at all runs
+(bench/micro_tracing.py measures both)."""
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any, Optional
+from urllib.parse import urlsplit
+
+from sidecar.burstlog import BurstLog
+from sidecar.ledger.events import UsageEvent
+
+try:  # the optional extra; without it --otlp-endpoint says how to get it
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+    from opentelemetry.trace import SpanKind, Status, StatusCode
+    AVAILABLE = True
+except ImportError:  # pragma: no cover - the CI installs the extra
+    AVAILABLE = False
+
+log = logging.getLogger("kt.tracing")
+
+# the route the request took -> gen_ai.operation.name
+OPERATIONS = {
+    "POST /v1/chat/completions": "chat",
+    "POST /v1/responses": "chat",
+    "POST /v1/messages": "chat",
+    "POST /v1/completions": "text_completion",
+    "POST /v1/embeddings": "embeddings",
+}
+
+
+class TracingError(ValueError):
+    """--otlp-endpoint cannot be used (not a URL, or the extra is not installed): one line."""
+
+
+def traces_url(endpoint: str) -> str:
+    """The OTLP/HTTP traces URL: a collector's base URL (http://collector:4318) gets the
+    signal's path /v1/traces, as OTEL_EXPORTER_OTLP_ENDPOINT does; a URL with a path is
+    used as it is."""
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise TracingError(f"--otlp-endpoint {endpoint!r}: expected http(s)://HOST:PORT "
+                           "(an OTLP/HTTP collector, e.g. http://127.0.0.1:4318)")
+    if parts.path in ("", "/"):
+        return endpoint.rstrip("/") + "/v1/traces"
+    return endpoint
+
+
+def check_sample_ratio(ratio: float) -> None:
+    if not 0.0 < ratio <= 1.0:  # NaN fails too
+        raise TracingError(f"--otlp-sample-ratio {ratio}: expected a share in (0, 1], e.g. "
+                           "0.05 for one request in twenty")
+
+
+class RequestSpans:
+    """The span of each closed request, handed to the SDK's batch processor."""
+
+    def __init__(self, endpoint: str, instance: str = "", sample_ratio: float = 1.0,
+                 exporter: Optional["SpanExporter"] = None,
+                 max_queue_size: int = 8192, schedule_delay_ms: int = 1000) -> None:
+        if not AVAILABLE:
+            raise TracingError("--otlp-endpoint needs OpenTelemetry's SDK and OTLP exporter: "
+                               "pip install 'kt-sidecar[otlp]'")
+        url = traces_url(endpoint)
+        check_sample_ratio(sample_ratio)
+        # a request not sampled costs one random draw: no span object, nothing to export
+        self.sample_ratio = sample_ratio
+        self.provider = TracerProvider(resource=Resource.create(
+            {"service.name": "kt-sidecar", "service.instance.id": instance}))
+        self.processor = BatchSpanProcessor(
+            exporter or OTLPSpanExporter(endpoint=url, timeout=5),
+            max_queue_size=max_queue_size, schedule_delay_millis=schedule_delay_ms)
+        self.provider.add_span_processor(self.processor)
+        self._tracer = self.provider.get_tracer("kt-sidecar")
+        self._failed = BurstLog(log)
+
+    def request(self, e: UsageEvent, budget_left: Optional[int]) -> None:
+        """One span for the closed request ``e``; ``budget_left``: the tenant's budget
+        after it (in ``e.budget_unit``), None when not known or no budget."""
+        if self.sample_ratio < 1.0 and random.random() >= self.sample_ratio:
+            return
+        try:
+            operation = OPERATIONS.get(e.endpoint, "chat")
+            attributes: dict[str, Any] = {
+                "gen_ai.operation.name": operation,
+                "gen_ai.request.model": e.model_asked or e.model_served,
+                "gen_ai.response.model": e.model_served,
+                "gen_ai.provider.name": e.provider or "unknown",
+                "gen_ai.usage.input_tokens": e.input_tokens,
+                "gen_ai.usage.output_tokens": e.output_tokens,
+                "kt.tenant": e.tenant,
+                "kt.request_id": e.request_id,
+                "kt.decision": e.decision or "unknown",
+                "kt.outcome": e.outcome,
+                "kt.settled_by": e.settled_by,
+                "kt.usage.cached_tokens": e.cached_tokens,
+                "kt.cost.usd": e.cost_nano_usd / 1e9,
+            }
+            if e.status:
+                attributes["http.response.status_code"] = e.status
+            if e.endpoint:
+                attributes["http.route"] = e.endpoint
+            if e.tier:  # "": no reservation (a usage report for a request not decided here)
+                attributes["kt.tier"] = e.tier
+            if budget_left is not None and e.budget_unit:
+                attributes["kt.budget.remaining"] = (budget_left / 1e9 if e.budget_unit == "usd"
+                                                     else budget_left)
+                attributes["kt.budget.unit"] = e.budget_unit
+            end_ns = e.settled_us * 1000
+            span = self._tracer.start_span(
+                f"{operation} {attributes['gen_ai.request.model']}", kind=SpanKind.CLIENT,
+                start_time=e.decided_us * 1000 if 0 < e.decided_us <= e.settled_us else end_ns,
+                attributes=attributes)
+            if e.status >= 400 or e.outcome == "released":
+                span.set_status(Status(StatusCode.ERROR))
+            span.end(end_time=end_ns)
+        except Exception as exc:  # noqa: BLE001 - a trace never fails a settlement
+            self._failed.warning("a request's span was not made: %s", exc)
+
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        return self.provider.force_flush(int(timeout_s * 1000))
+
+    def close(self) -> None:
+        """Send what is queued (bounded by the exporter's timeout), then stop the thread."""
+        self.provider.shutdown()
