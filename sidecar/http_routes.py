@@ -60,6 +60,13 @@ def admin_route(req: HttpRequest, token: Optional[TokenFile],
         return json_error(403, "permission_error", "browser_request", (
             f"The admin port without a token serves loopback clients, not web pages: "
             f"{problem}. Configure an admin token to call it from elsewhere."))
+    if not req.path.isascii():
+        # read as Latin-1 by the server, raw UTF-8 ("acmé" from curl) named another holder
+        # ("acmÃ©"): a freeze that refused nothing; and the --workers supervisor could not
+        # forward it at all
+        return json_error(400, "invalid_request_error", "invalid_path", (
+            "The path holds bytes that are not ASCII: percent-encode a holder's name as "
+            "UTF-8 (e.g. acm%C3%A9), as `kt tenants` does."))
     if req.path == USAGE:
         if req.method != "POST":
             return text(405, "POST a JSON usage report\n")

@@ -4,6 +4,7 @@ all compile the same overlay."""
 from __future__ import annotations
 
 import http.client
+import socket
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,26 @@ def test_a_holder_named_with_outer_spaces_is_refused_not_set_to_no_effect(tmp_pa
         assert status == 400 and "space" in body["error"]["message"]
         assert sc.sidecar.policy.frozen == frozenset()
         assert " acme" not in sc.sidecar.policy.tenants
+
+
+def test_a_raw_non_ascii_path_is_a_400_not_another_holder(tmp_path: Path):
+    """Finding 7 (fixed here): the admin port reads the request line as Latin-1, so a raw
+    UTF-8 name (curl sends `acmé` as it is) froze "acmÃ©", a holder no request names, and
+    answered 200; the --workers supervisor failed to forward it (503, a traceback)."""
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    with RunningSidecar(POLICY, state_file=str(tmp_path / "state" / "spend.json"),
+                        policy_path=str(tmp_path / "policy.yaml")) as sc:
+        with socket.create_connection(("127.0.0.1", sc.sidecar.admin_port), timeout=10) as s:
+            s.sendall("POST /v1/tenants/acmé/freeze HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+                      "content-length: 0\r\nconnection: close\r\n\r\n".encode())
+            answer = b""
+            while chunk := s.recv(4096):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 400 ") and b"invalid_path" in answer
+        assert sc.sidecar.policy.frozen == frozenset()
+        # percent-encoded, as `kt tenants` sends it: the holder a request names
+        assert call(sc, "POST", "/v1/tenants/acm%C3%A9/freeze", token=None)[0] == 200
+        assert sc.sidecar.policy.frozen == frozenset({"acmé"})
 
 
 # a second policy file of the same fleet (a ConfigMap mid-rollout): a tier whose model has
