@@ -114,10 +114,29 @@ class OverlayKeeper:
         if overlay.version == self.served_version:
             self.overlay = overlay
             return False
-        policy = await asyncio.to_thread(self.compile, overlay)
+        try:
+            policy = await asyncio.to_thread(self.compile, overlay)
+        except PolicyError:
+            self._serve_freezes(overlay)
+            raise
         self.overlay = overlay
         self._serve(policy, overlay.version)
         return True
+
+    def _serve_freezes(self, overlay: ov.Overlay) -> None:
+        """The stored overlay does not compile over this sidecar's file (a block valid over
+        another sidecar's file, mid-rollout): its freeze marks still apply, over the policy
+        being served. A freeze is the brake of an incident and needs no compile; the poll
+        goes on failing (counted) until the blocks compile here too. (The marks alone: the
+        holders below a frozen one are found in the layered document, not compiled here;
+        no `tenants:` entry names a parent yet.)"""
+        serving = self.serving()
+        frozen = frozenset(overlay.frozen)
+        if serving.frozen != frozen:
+            self.apply(replace(serving, frozen=frozen))
+            log.warning("overlay version %d does not compile over %s: its %d freeze marks "
+                        "served, its holders' blocks not", overlay.version, self.source,
+                        len(frozen))
 
     # --- compile and serve ---------------------------------------------------------------
     def compile(self, overlay: ov.Overlay, raw: Optional[bytes] = None) -> CompiledPolicy:
