@@ -195,7 +195,8 @@ class TenantsApi:
             out["live"] = {"error": f"state not readable: {exc or type(exc).__name__}"}
         try:
             cells = await asyncio.wait_for(
-                self.backend.spend_cells(day_of(start) if start > 0 else 0, day_of(now)), 5)
+                self.backend.spend_cells(day_of(start) if start > 0 else 0, day_of(now),
+                                         tenant=name), 5)
         except (BackendError, asyncio.TimeoutError) as exc:
             out["error"] = f"spend not readable: {exc or type(exc).__name__}"
             return out
