@@ -4,6 +4,7 @@ all compile the same overlay."""
 from __future__ import annotations
 
 import http.client
+import json
 import socket
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 from sidecar.backends.redis import RedisBackend
 from sidecar.ledger.spend import SpendRecord
+from sidecar.model import Kind, Request
 from sidecar.policy.load import PolicyError, parse_policy
 from tests.support.inproc import RunningSidecar
 from tests.transports.test_tenants_api import POLICY, call, check
@@ -200,3 +202,44 @@ def test_one_holders_counters_on_redis_are_its_own_hash(empty_valkey, tmp_path: 
         assert counters["spend"]["models"] == {"gpt-4o": {
             "requests": 2, "input_tokens": 10, "output_tokens": 10, "cost_nano_usd": 700}}
         assert counters["budget"]["held"] > 0 and counters["budget"]["settled"] == 700 / 1e9
+
+
+UNIT_POLICY = """
+tenant: {header: x-tenant-id, unknown: defaults}
+tiers: [{name: default, model: gpt-4o}]
+pricing:
+  gpt-4o: {input: 0.0025, output: 0.01}
+defaults:
+  limits: {rpm: 1000, tpm: 10000000}
+tenants:
+  acme:
+    budget: {tokens: 100000, period: month}
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="finding 11: a PUT that changes a holder's budget unit "
+                   "reads the period's spend in the new unit: 95,000 tokens become $0.000095")
+def test_a_budget_unit_change_does_not_forget_the_periods_spend(tmp_path: Path):
+    (tmp_path / "policy.yaml").write_text(UNIT_POLICY)
+    body = json.dumps({"model": "gpt-4o", "max_tokens": 10,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    with RunningSidecar(UNIT_POLICY, state_file=str(tmp_path / "state" / "spend.json"),
+                        policy_path=str(tmp_path / "policy.yaml")) as sc:
+        flows = sc.sidecar.service
+
+        async def spend_most_of_the_month():
+            d = await flows.decider.decide(Request(headers={"x-tenant-id": "acme"}, body=body))
+            assert d.kind is Kind.ALLOW
+            await flows.settlement.settle_usage(d.reservation_id, "acme", "gpt-4o", 95_000, 0,
+                                                "report")
+
+        sc.run(spend_most_of_the_month())
+        live = call(sc, "GET", "/v1/tenants/acme", token=None)[1]["counters"]["live"]
+        assert live["budget"]["remaining"] == 5_000  # 95% of the month's tokens spent
+        # the holder's plan moves to USD (a self-serve plan change calls this very PUT)
+        status, _ = call(sc, "PUT", "/v1/tenants/acme", {"budget": {"usd": 1, "period": "month"}},
+                         token=None)
+        live = call(sc, "GET", "/v1/tenants/acme", token=None)[1]["counters"]["live"]
+        # either the change is refused while the period holds spend in the old unit, or the
+        # spend goes on counting: 95,000 input tokens of gpt-4o cost $0.2375 of the $1
+        assert status == 409 or live["budget"]["remaining"] <= 1 - 0.2375, live
