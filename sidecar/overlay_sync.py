@@ -172,17 +172,24 @@ class OverlayKeeper:
             self._loaded = None
 
     async def commit(self, fields: Fields, overlay: ov.Overlay,
-                     policy: CompiledPolicy) -> tuple[int, Fields]:
+                     policy: CompiledPolicy) -> tuple[int, Fields, str]:
         """Write ``fields`` (what turns the overlay served into ``overlay``, whose compiled
-        ``policy`` the caller checked) and serve it; (the new version, the fields before).
-        Called under ``lock``. Another sidecar's change in between: the store is read whole
-        and served (the caller's change is in it)."""
+        ``policy`` the caller checked) and serve it; (the new version, the fields before,
+        "" or why this sidecar does not serve it yet). Called under ``lock``. Another
+        sidecar's change in between: the store is read whole and served (the caller's
+        change is in it). Raises BackendError only when the store did not confirm the
+        change: once it did, the change is made (every other sidecar serves it), whatever
+        this one can serve."""
         version, before = await self.store.change(fields)
         if version == self.overlay.version + 1:
             self.overlay = ov.Overlay(version=version, holders=overlay.holders,
                                       frozen=overlay.frozen)
             self._serve(policy, version)
-        else:
-            self.served_version = -1
+            return version, before, ""
+        self.served_version = -1
+        try:
             await self.refresh_locked()
-        return version, before
+        except (BackendError, PolicyError) as exc:
+            self.metrics.overlay_applied.labels("error").inc()
+            return version, before, str(exc)[:1000]
+        return version, before, ""

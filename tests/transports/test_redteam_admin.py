@@ -7,15 +7,19 @@ import http.client
 import json
 import socket
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
 from sidecar.backends.redis import RedisBackend
+from sidecar.ledger.recorder import Ledger
+from sidecar.ledger.sinks import FileSink, SpillFile
 from sidecar.ledger.spend import SpendRecord
+from sidecar.ledger.writer import EventLog
 from sidecar.model import Kind, Request
 from sidecar.policy.load import PolicyError, parse_policy
 from tests.support.inproc import RunningSidecar
-from tests.transports.test_tenants_api import POLICY, call, check
+from tests.transports.test_tenants_api import POLICY, audit, call, check
 
 
 def raw_call(sc: RunningSidecar, method: str, path: str, body: bytes,
@@ -115,11 +119,11 @@ def _on_redis(policy: str, url: str, prefix: str) -> str:
     return policy + f"backend: {{kind: redis, url: '{url}', key_prefix: {prefix}}}\n"
 
 
-def _sidecar(policy: str, path: Path) -> RunningSidecar:
+def _sidecar(policy: str, path: Path, ledger: Optional[Ledger] = None) -> RunningSidecar:
     path.write_text(policy)
     compiled = parse_policy(policy.encode(), "<test>")
     return RunningSidecar(policy, backend=RedisBackend(compiled.backend),
-                          policy_path=str(path))
+                          policy_path=str(path), ledger=ledger)
 
 
 def test_a_freeze_reaches_a_sidecar_that_cannot_compile_another_holders_block(
@@ -147,6 +151,31 @@ def test_a_freeze_reaches_a_sidecar_that_cannot_compile_another_holders_block(
         with pytest.raises(PolicyError):
             b.run(b.sidecar.overlay.refresh())
         assert check(b, "acme").status.code == 0
+
+
+def test_a_change_the_store_took_is_audited_even_where_the_overlay_does_not_compile(
+        empty_valkey, tmp_path: Path):
+    """Finding 3 (c), fixed here: a change through a sidecar whose file does not compile
+    another sidecar's block was written, confirmed, then answered 503 "the store did not
+    confirm" with no audit event, while every other sidecar served it."""
+    events = EventLog(FileSink(tmp_path / "events", fsync=False),
+                      SpillFile(tmp_path / "spill.jsonl"), flush_interval_s=0.01)
+    led = Ledger(events, instance="b")
+    a_policy = _on_redis(POLICY, empty_valkey.url, "kt-rt3c")
+    b_policy = _on_redis(OTHER_FILE, empty_valkey.url, "kt-rt3c")
+    with _sidecar(a_policy, tmp_path / "a.yaml") as a, \
+            _sidecar(b_policy, tmp_path / "b.yaml", led) as b:
+        assert call(a, "PUT", "/v1/tenants/newco", {"budget": {"usd": 5}}, token=None)[0] == 200
+        status, body = call(b, "POST", "/v1/tenants/acme/freeze", token=None)
+        assert status == 200, body
+        assert body["overlay_version"] == 2 and "does not serve" in body["warning"]
+        assert check(b, "acme").denied_response.status.code == 403  # its marks serve
+        with pytest.raises(PolicyError):  # a serves it too, once polled
+            b.run(b.sidecar.overlay.refresh())
+        a.run(a.sidecar.overlay.refresh())
+        assert check(a, "acme").denied_response.status.code == 403
+        got = [(e.action, e.holder, e.version) for e in audit(led, tmp_path / "events")]
+        assert got == [("freeze", "acme", 2)]
 
 
 def test_reading_one_holder_reads_only_that_holders_spend(tmp_path: Path):
