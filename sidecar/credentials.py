@@ -108,7 +108,7 @@ def browser_problem(req: HttpRequest) -> Optional[str]:
     neither an Origin nor a name other than loopback's."""
     if "origin" in req.headers:
         return "a request from a web page (it carries an Origin header)"
-    host = req.headers.get("host", "").strip()
+    host = req.headers.get("host", "").strip().lower()  # a name, in any case
     if host:
         if host.startswith("["):  # [::1]:9091
             name = host[1:host.find("]")]

@@ -53,7 +53,7 @@ def test_a_web_page_cannot_use_a_tokenless_admin_port(tmp_path: Path):
         assert sc.sidecar.policy.frozen == frozenset()
         assert check(sc, "acme").status.code == 0  # not frozen, not charged a billion
         # the operator's own clients: loopback names, no Origin
-        for host in ("127.0.0.1:9091", "localhost", "[::1]:9091"):
+        for host in ("127.0.0.1:9091", "localhost", "LocalHost:9091", "[::1]:9091"):
             assert raw_call(sc, "GET", "/v1/tenants", b"", {"host": host})[0] == 200
         assert call(sc, "POST", "/v1/tenants/acme/freeze", token=None)[0] == 200
         assert check(sc, "acme").denied_response.status.code == 403
