@@ -98,6 +98,29 @@ class GrpcTokenCheck(grpc.aio.ServerInterceptor):
         return self._deny
 
 
+def browser_problem(req: HttpRequest) -> Optional[str]:
+    """Why a tokenless admin port refuses ``req`` as a web page's, or None. Without a token
+    the port trusts loopback, and a browser on the same machine is on loopback: a page of
+    any site may send it a POST without asking first (a "simple" cross-origin request:
+    freeze, unfreeze, a usage report), and a page whose name was rebound to 127.0.0.1 may
+    read it. Browsers name the page's origin in ``Origin`` on every cross-origin request
+    and every POST, and send the page's own host name in ``Host``: kt's clients send
+    neither an Origin nor a name other than loopback's."""
+    if "origin" in req.headers:
+        return "a request from a web page (it carries an Origin header)"
+    host = req.headers.get("host", "").strip().lower()  # a name, in any case
+    if host:
+        if host.startswith("["):  # [::1]:9091
+            name = host[1:host.find("]")]
+        elif host.count(":") == 1:  # 127.0.0.1:9091, localhost:9091
+            name = host.partition(":")[0]
+        else:
+            name = host
+        if not is_loopback_host(name):
+            return f"Host {host[:100]!r} is not a loopback address"
+    return None
+
+
 def admin_allows(token: Optional[TokenFile], req: HttpRequest) -> bool:
     """The admin API's one rule: the token when one is configured; else (the port is
     bound to loopback, Credentials refuses anything else) a loopback caller."""

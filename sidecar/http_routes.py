@@ -16,7 +16,7 @@ from urllib.parse import parse_qs
 from sidecar import contract, status
 from sidecar.auth import TokenFile
 from sidecar.backends.base import Backend, BackendError
-from sidecar.credentials import admin_allows
+from sidecar.credentials import admin_allows, browser_problem
 from sidecar.ledger.spend import day_of, parse_query, report
 from sidecar.listen import host_port, listen
 from sidecar.transports.http_side import (HttpRequest, HttpResponse, LimitedHttpServer,
@@ -54,6 +54,19 @@ def admin_route(req: HttpRequest, token: Optional[TokenFile],
     if not admin_allows(token, req):
         refused()
         return UNAUTHORIZED
+    problem = browser_problem(req) if token is None else None
+    if problem is not None:  # a web page on the operator's machine, not an operator
+        refused()
+        return json_error(403, "permission_error", "browser_request", (
+            f"The admin port without a token serves loopback clients, not web pages: "
+            f"{problem}. Configure an admin token to call it from elsewhere."))
+    if not req.path.isascii():
+        # read as Latin-1 by the server, raw UTF-8 ("acmé" from curl) named another holder
+        # ("acmÃ©"): a freeze that refused nothing; and the --workers supervisor could not
+        # forward it at all
+        return json_error(400, "invalid_request_error", "invalid_path", (
+            "The path holds bytes that are not ASCII: percent-encode a holder's name as "
+            "UTF-8 (e.g. acm%C3%A9), as `kt tenants` does."))
     if req.path == USAGE:
         if req.method != "POST":
             return text(405, "POST a JSON usage report\n")

@@ -114,10 +114,29 @@ class OverlayKeeper:
         if overlay.version == self.served_version:
             self.overlay = overlay
             return False
-        policy = await asyncio.to_thread(self.compile, overlay)
+        try:
+            policy = await asyncio.to_thread(self.compile, overlay)
+        except PolicyError:
+            self._serve_freezes(overlay)
+            raise
         self.overlay = overlay
         self._serve(policy, overlay.version)
         return True
+
+    def _serve_freezes(self, overlay: ov.Overlay) -> None:
+        """The stored overlay does not compile over this sidecar's file (a block valid over
+        another sidecar's file, mid-rollout): its freeze marks still apply, over the policy
+        being served. A freeze is the brake of an incident and needs no compile; the poll
+        goes on failing (counted) until the blocks compile here too. (The marks alone: the
+        holders below a frozen one are found in the layered document, not compiled here;
+        no `tenants:` entry names a parent yet.)"""
+        serving = self.serving()
+        frozen = frozenset(overlay.frozen)
+        if serving.frozen != frozen:
+            self.apply(replace(serving, frozen=frozen))
+            log.warning("overlay version %d does not compile over %s: its %d freeze marks "
+                        "served, its holders' blocks not", overlay.version, self.source,
+                        len(frozen))
 
     # --- compile and serve ---------------------------------------------------------------
     def compile(self, overlay: ov.Overlay, raw: Optional[bytes] = None) -> CompiledPolicy:
@@ -153,17 +172,24 @@ class OverlayKeeper:
             self._loaded = None
 
     async def commit(self, fields: Fields, overlay: ov.Overlay,
-                     policy: CompiledPolicy) -> tuple[int, Fields]:
+                     policy: CompiledPolicy) -> tuple[int, Fields, str]:
         """Write ``fields`` (what turns the overlay served into ``overlay``, whose compiled
-        ``policy`` the caller checked) and serve it; (the new version, the fields before).
-        Called under ``lock``. Another sidecar's change in between: the store is read whole
-        and served (the caller's change is in it)."""
+        ``policy`` the caller checked) and serve it; (the new version, the fields before,
+        "" or why this sidecar does not serve it yet). Called under ``lock``. Another
+        sidecar's change in between: the store is read whole and served (the caller's
+        change is in it). Raises BackendError only when the store did not confirm the
+        change: once it did, the change is made (every other sidecar serves it), whatever
+        this one can serve."""
         version, before = await self.store.change(fields)
         if version == self.overlay.version + 1:
             self.overlay = ov.Overlay(version=version, holders=overlay.holders,
                                       frozen=overlay.frozen)
             self._serve(policy, version)
-        else:
-            self.served_version = -1
+            return version, before, ""
+        self.served_version = -1
+        try:
             await self.refresh_locked()
-        return version, before
+        except (BackendError, PolicyError) as exc:
+            self.metrics.overlay_applied.labels("error").inc()
+            return version, before, str(exc)[:1000]
+        return version, before, ""

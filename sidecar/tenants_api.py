@@ -195,7 +195,8 @@ class TenantsApi:
             out["live"] = {"error": f"state not readable: {exc or type(exc).__name__}"}
         try:
             cells = await asyncio.wait_for(
-                self.backend.spend_cells(day_of(start) if start > 0 else 0, day_of(now)), 5)
+                self.backend.spend_cells(day_of(start) if start > 0 else 0, day_of(now),
+                                         tenant=name), 5)
         except (BackendError, asyncio.TimeoutError) as exc:
             out["error"] = f"spend not readable: {exc or type(exc).__name__}"
             return out
@@ -263,8 +264,8 @@ class TenantsApi:
             return _error(400, "invalid_policy", f"the holder's block is not a valid "
                           f"`tenants:` entry: {errors[0]}", errors=errors)
         try:
-            version, before = await keeper.commit(fields, overlay, policy)
-        except (BackendError, PolicyError) as exc:
+            version, before, unserved = await keeper.commit(fields, overlay, policy)
+        except BackendError as exc:
             # a change the store did not confirm may still have been applied (a reply lost
             # after the write): GET says, and the poll serves it if it was
             return _error(503, "store_unavailable", f"the overlay store did not confirm the "
@@ -275,8 +276,14 @@ class TenantsApi:
             self.ledger.admin_change(who=who, action=action, holder=name,
                                      before=old.decode() if old else "",
                                      after=new.decode() if new else "", version=version)
-        return _json(200, {"name": name, "action": action, "overlay_version": version,
-                           "policy_digest": self.policy().digest})
+        doc = {"name": name, "action": action, "overlay_version": version,
+               "policy_digest": self.policy().digest}
+        if unserved:
+            # made (the store confirmed it, every other sidecar serves it, audited), but the
+            # store's whole overlay (another sidecar's change with it) does not compile here
+            doc["warning"] = (f"the change is made, but this sidecar does not serve the "
+                              f"stored overlay yet (its freeze marks apply): {unserved}")
+        return _json(200, doc)
 
     async def _current(self) -> ov.Overlay:
         """The overlay a change starts from (under the keeper's lock): the store's, when

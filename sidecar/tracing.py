@@ -23,7 +23,7 @@ from sidecar.ledger.events import UsageEvent
 try:  # the optional extra; without it --otlp-endpoint says how to get it
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace import SpanLimits, TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
     from opentelemetry.trace import SpanKind, Status, StatusCode
     AVAILABLE = True
@@ -40,6 +40,12 @@ OPERATIONS = {
     "POST /v1/completions": "text_completion",
     "POST /v1/embeddings": "embeddings",
 }
+
+
+# an attribute's text past this is cut (the SDK's own limit): a model's name is the
+# client's word, as long as its body allows (~64 KiB), and a span is kept in the batch
+# queue until the collector takes it; 8,192 queued spans of such names held ~0.5 GB
+MAX_ATTRIBUTE_CHARS = 256
 
 
 class TracingError(ValueError):
@@ -79,7 +85,8 @@ class RequestSpans:
         # a request not sampled costs one random draw: no span object, nothing to export
         self.sample_ratio = sample_ratio
         self.provider = TracerProvider(resource=Resource.create(
-            {"service.name": "kt-sidecar", "service.instance.id": instance}))
+            {"service.name": "kt-sidecar", "service.instance.id": instance}),
+            span_limits=SpanLimits(max_span_attribute_length=MAX_ATTRIBUTE_CHARS))
         self.processor = BatchSpanProcessor(
             exporter or OTLPSpanExporter(endpoint=url, timeout=5),
             max_queue_size=max_queue_size, schedule_delay_millis=schedule_delay_ms)
@@ -121,7 +128,8 @@ class RequestSpans:
                 attributes["kt.budget.unit"] = e.budget_unit
             end_ns = e.settled_us * 1000
             span = self._tracer.start_span(
-                f"{operation} {attributes['gen_ai.request.model']}", kind=SpanKind.CLIENT,
+                f"{operation} {attributes['gen_ai.request.model'][:MAX_ATTRIBUTE_CHARS]}",
+                kind=SpanKind.CLIENT,
                 start_time=e.decided_us * 1000 if 0 < e.decided_us <= e.settled_us else end_ns,
                 attributes=attributes)
             if e.status >= 400 or e.outcome == "released":

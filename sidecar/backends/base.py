@@ -136,13 +136,14 @@ class Backend(Protocol):
         """Whether this backend can hold state for ``tenant`` now (the embedded backend
         holds a bounded number of tenants in memory; Redis holds them itself)."""
 
-    async def spend_cells(self, since_day: int = 0,
-                          until_day: int = LAST_DAY) -> list[SpendCell]:
+    async def spend_cells(self, since_day: int = 0, until_day: int = LAST_DAY,
+                          tenant: Optional[str] = None) -> list[SpendCell]:
         """Every tenant's spend per model on each UTC day of ``since_day..until_day``
         (inclusive), as every replica sees it, at a cost that follows the tenants the
         range holds, not every tenant ever seen; and, whatever the range, what every
         tenant's budget holds for requests not settled yet (HELD cells,
-        sidecar/ledger/spend.py). May raise BackendError."""
+        sidecar/ledger/spend.py). ``tenant``: that tenant's cells only, at the cost of
+        that tenant's (one holder's counters). May raise BackendError."""
 
     async def decide_routed(
         self,

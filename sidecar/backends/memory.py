@@ -370,8 +370,13 @@ class MemoryBackend:
             copy.spent, copy.period_start = st.spent, st.period_start
         return copy
 
-    async def spend_cells(self, since_day: int = 0,
-                          until_day: int = LAST_DAY) -> list[SpendCell]:
+    async def spend_cells(self, since_day: int = 0, until_day: int = LAST_DAY,
+                          tenant: Optional[str] = None) -> list[SpendCell]:
+        if tenant is not None:  # one holder's: not a walk over every tenant, on the loop
+            return [SpendCell(tenant, day, model, tuple(c))
+                    for (day, model), c in self.spend.get(tenant, {}).items()
+                    if since_day <= day <= until_day] + [
+                held_cell(tenant, ps, a) for ps, a in self.held.get(tenant, {}).items()]
         if since_day <= 0 and until_day >= LAST_DAY:
             tenants: Iterable[str] = self.spend
         else:  # the tenants of the range's days, through the day index

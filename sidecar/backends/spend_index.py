@@ -28,7 +28,7 @@ The cost of a report is then the tenants the range holds, not every tenant ever 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Optional
 
 from sidecar.ledger.spend import DAY_US, SpendCell, cells_from_fields, day_of, in_range
 
@@ -109,10 +109,15 @@ class SpendIndex:
 
 
 async def read_spend_cells(client: Any, prefix: str, index: SpendIndex, since_day: int,
-                           until_day: int, today: int) -> list[SpendCell]:
+                           until_day: int, today: int,
+                           tenant: Optional[str] = None) -> list[SpendCell]:
     """The spend cells of days ``since_day..until_day`` through a redis-py client (single
-    node or cluster): through the day index where it covers the range, else by SCAN.
-    May raise RedisError / OSError (the caller translates)."""
+    node or cluster): through the day index where it covers the range, else by SCAN;
+    ``tenant``: its one hash only. May raise RedisError / OSError (the caller translates)."""
+    if tenant is not None:
+        fields = await client.hgetall(f"{prefix}:{{{tenant}}}:spend")
+        return [c for c in cells_from_fields(tenant, fields)
+                if in_range(c, since_day, until_day)]
     started = await client.get(index.since_key)
     index_from = int(started) + 1 if started is not None else None
     if index_from is not None and since_day >= index_from:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, Union, get_args, get_origin
 import msgspec
 import yaml
 
-from sidecar import _core
+from sidecar import _core, contract
 from sidecar import attribution as attribution_
 from sidecar.ledger import config as ledger_config
 from sidecar.policy import schema
@@ -38,6 +38,10 @@ MAX_PRICE_USD_PER_1K = _core.MAX_PRICE / NANO_PER_USD_PER_1K  # 100 USD per 1K t
 MAX_BUDGET_USD = _core.MAX_BUDGET // NANO_PER_USD  # 9,007,199 USD
 # a header name as Envoy's config and the decision's lower-cased header map hold it
 _HEADER_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,127}")
+# headers an attribution header may not be (see _compile)
+_NOT_ATTRIBUTION = ("authorization", "proxy-authorization", "cookie", "host", "x-api-key",
+                    "api-key", "content-type", "content-length", "content-encoding",
+                    "x-request-id", "x-forwarded-for")
 MAX_ESTIMATE_TOKENS = 1_000_000_000  # sidecar.decision.estimate.MAX_TOKENS: a default is an estimate
 
 
@@ -463,6 +467,18 @@ def _compile(policy: schema.Policy, source: str, digest: str,
             fail(f"$.attribution.{name}", "must be a lower-case header name")
     if att.user_header == att.tags_header:
         fail("$.attribution.tags_header", "must differ from user_header")
+    # kt envoy-config removes the attribution headers at the edge unless trusted, and a
+    # trusted one is kept in the books: naming another header here would strip the tenant,
+    # the estimate or a client's credentials, or keep a credential as an end user's id
+    taken = {policy.tenant.header.lower(): "tenant.header",
+             est.header.lower(): "estimate.header",
+             **{h: "a header of the sidecar's own" for h in contract.UPSTREAM_HEADERS},
+             **{h: "a header Envoy or the provider needs" for h in _NOT_ATTRIBUTION}}
+    for name in ("user_header", "tags_header"):
+        clash = taken.get(getattr(att, name))
+        if clash is not None:
+            fail(f"$.attribution.{name}", f"{getattr(att, name)!r} is {clash}: name a "
+                 "header of its own")
     for model in [*policy.pricing, *(t.model for t in policy.tiers)]:
         if model.startswith(attribution_.SPEND_PREFIX):
             # the durable spend keeps users' and tags' cells beside the models' under it

@@ -93,6 +93,10 @@ def name_problem(name: str) -> Optional[str]:
     if not valid_tenant(name):
         return ("a holder's name is 1..128 printable characters without braces "
                 "(the rule a request's tenant follows)")
+    if name != name.strip():
+        # a request's tenant is read with its spaces stripped (decision/tenant.py): a
+        # holder " acme" would never be a request's, and freezing it would refuse nothing
+        return "a holder's name neither starts nor ends with a space"
     return None
 
 

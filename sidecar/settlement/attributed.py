@@ -18,6 +18,7 @@ from typing import Callable, Optional
 from sidecar import attribution
 from sidecar.attribution import Attribution, SpendCap
 from sidecar.backends.base import Backend, BackendError
+from sidecar.burstlog import BurstLog
 from sidecar.ledger.spend import SpendRecord
 from sidecar.metrics import Metrics
 
@@ -38,6 +39,8 @@ class AttributedSpend:
         # (tenant, cell) -> six counts, since the last write
         self._pending: dict[tuple[str, str], list[int]] = {}
         self._flushing: Optional[asyncio.Task] = None
+        # a store outage fails every cell of every flush: one line per burst, not per cell
+        self._failed = BurstLog(log)
 
     def add(self, tenant: str, att: Attribution, spend: Optional[SpendRecord],
             day: int) -> None:
@@ -79,12 +82,17 @@ class AttributedSpend:
             self._flushing.cancel()
             self._flushing = None
         pending, self._pending = self._pending, {}
-        written = 0
+        written = failed = lost_nano = 0
+        first = ""
         for (tenant, cell), counts in pending.items():
             try:
                 await self.backend.record_spend(tenant, SpendRecord(cell, *counts))
                 written += 1
             except BackendError as exc:
-                log.warning("attributed spend not recorded (tenant %s, %s, %d nano-USD): %s",
-                            tenant, cell, counts[5], exc)
+                failed += 1
+                lost_nano += counts[5]
+                first = first or f"tenant {tenant}, {cell}: {exc}"
+        if failed:
+            self._failed.warning("%d attributed spend cells not recorded (%d nano-USD in "
+                                 "all); the first: %s", failed, lost_nano, first)
         return written

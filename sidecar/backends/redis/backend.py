@@ -399,9 +399,9 @@ class RedisBackend:
             raise BackendError(f"{tenant}'s state is not decide.lua's: {exc}") from None
         return st
 
-    async def spend_cells(self, since_day: int = 0,
-                          until_day: int = LAST_DAY) -> list[SpendCell]:
-        return await self.spend.cells(since_day, until_day)
+    async def spend_cells(self, since_day: int = 0, until_day: int = LAST_DAY,
+                          tenant: Optional[str] = None) -> list[SpendCell]:
+        return await self.spend.cells(since_day, until_day, tenant)
 
     def has_room_for(self, tenant: str) -> bool:
         return True  # tenants' state lives in Redis, with TTLs, not in this process

@@ -7,7 +7,7 @@ instead of every key, and reads it.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -62,7 +62,8 @@ class SpendDays:
         for tenant, days in self.index.take_failed():
             await self._send(tenant, days)
 
-    async def cells(self, since_day: int = 0, until_day: int = LAST_DAY) -> list[SpendCell]:
+    async def cells(self, since_day: int = 0, until_day: int = LAST_DAY,
+                    tenant: Optional[str] = None) -> list[SpendCell]:
         """The spend cells of days ``since_day..until_day``, from whichever replica asks:
         through the day index where it covers the range, else by SCAN, hashes read in
         pipelined chunks (spend_index.py), through a redis-py client of its own (an admin
@@ -77,7 +78,7 @@ class SpendDays:
         today = day_of(self.wall_us())
         try:
             return await read_spend_cells(client, self.prefix, self.index, since_day,
-                                          until_day, today)
+                                          until_day, today, tenant)
         except (RedisError, RedisClusterException, OSError) as exc:
             raise BackendError(f"redis {self.link.where}: reading spend: {exc!r}") from None
         finally:
