@@ -94,7 +94,7 @@ def db(pg: Postgres) -> Iterator:
 
     conn = psycopg.connect(pg.dsn, autocommit=True)
     conn.execute("TRUNCATE kt_usage_events, kt_usage_daily, kt_refusals, kt_budget_thresholds, "
-                 "kt_token_rate_anomalies")
+                 "kt_token_rate_anomalies, kt_admin_audit")
     try:
         yield conn
     finally:

@@ -137,7 +137,9 @@ CREATE TABLE IF NOT EXISTS kt_admin_audit (
     after    text        NOT NULL,
     version  bigint      NOT NULL,  -- the overlay's version after the change
     instance text        NOT NULL,
-    PRIMARY KEY (holder, version, action)
+    -- a retried batch repeats all five; another change differs in at or instance (the
+    -- version restarts with an in-memory overlay, a Redis that lost it, two fleets)
+    PRIMARY KEY (holder, version, action, at, instance)
 );
 """,
     # token-rate anomaly flags, started and cleared (sidecar/anomaly.py)

@@ -2,15 +2,11 @@
 change that happened; two changes are two rows, whatever their overlay versions."""
 from __future__ import annotations
 
-import pytest
 
 from sidecar.ledger.events import AdminEvent
 from sidecar.ledger.postgres import PostgresSink
 
 
-@pytest.mark.xfail(strict=True, reason="finding 5: kt_admin_audit's key (holder, version, "
-                   "action) drops a later change whose overlay version restarted (an "
-                   "in-memory overlay, Redis that lost its key, two fleets on one ledger)")
 def test_two_changes_with_the_same_overlay_version_are_two_audit_rows(db, pg):
     holder = "redteam-audit-holder"
     db.execute("DELETE FROM kt_admin_audit WHERE holder = %s", (holder,))
