@@ -42,6 +42,10 @@ SPEND_VALUES_PER_TENANT_DAY = 10_000
 # names remembered at once over every tenant (today's and yesterday's): past it every new
 # name is spent under OTHER too, so the memory stays bounded (~120 bytes a name)
 SPEND_NAMES_MAX = 200_000
+# names of tenants the policy does not name (`unknown: defaults` lets a client invent
+# tenants), all of them together, per UTC day: invented tenants cannot take the room of
+# the tenants the operator named (they share this pool, outside SPEND_NAMES_MAX)
+UNNAMED_TENANTS_NAMES_PER_DAY = 10_000
 
 
 class AttributionConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True,
@@ -152,33 +156,53 @@ class SpendCap:
     a client invents."""
 
     def __init__(self, per_tenant_day: int = SPEND_VALUES_PER_TENANT_DAY,
-                 names_max: int = SPEND_NAMES_MAX) -> None:
+                 names_max: int = SPEND_NAMES_MAX,
+                 unnamed_per_day: int = UNNAMED_TENANTS_NAMES_PER_DAY) -> None:
         self.per_tenant_day = per_tenant_day
         self.names_max = names_max
+        self.unnamed_per_day = unnamed_per_day
         self._seen: dict[tuple[str, int, str], set[str]] = {}
-        self._names = 0
+        self._names = 0  # of the tenants the policy names
+        self._unnamed: dict[int, int] = {}  # day -> names of the tenants it does not
+        self._unnamed_keys: set[tuple[str, int, str]] = set()
         self._latest_day = 0
         self.overflowed = 0
 
     def __len__(self) -> int:
-        return self._names
+        return self._names + sum(self._unnamed.values())
 
-    def admit(self, tenant: str, day: int, dimension: str, value: str) -> str:
-        """``value``, or OTHER when its tenant's day (or this process's memory) is full."""
+    def admit(self, tenant: str, day: int, dimension: str, value: str,
+              named: bool = True) -> str:
+        """``value``, or OTHER when its tenant's day (or this process's memory) is full.
+        ``named``: the policy names the tenant; tenants it does not name (invented under
+        `unknown: defaults`) share one pool of ``unnamed_per_day`` names a day, so a flood
+        of invented tenants never spends a named tenant's new users as OTHER."""
         if day > self._latest_day:
             self._latest_day = day
             for key in [k for k in self._seen if k[1] < day - 1]:
-                self._names -= len(self._seen.pop(key))
+                gone = len(self._seen.pop(key))
+                if key not in self._unnamed_keys:
+                    self._names -= gone
+                self._unnamed_keys.discard(key)
+            for old in [d for d in self._unnamed if d < day - 1]:
+                del self._unnamed[old]
         key = (tenant, day, dimension)
         seen = self._seen.get(key)
         if seen is not None and value in seen:
             return value
-        if ((seen is not None and len(seen) >= self.per_tenant_day)
-                or self._names >= self.names_max or day < self._latest_day - 1):
+        full = (self._unnamed.get(day, 0) >= self.unnamed_per_day if not named
+                else self._names >= self.names_max)
+        if ((seen is not None and len(seen) >= self.per_tenant_day) or full
+                or day < self._latest_day - 1):
             self.overflowed += 1
             return OTHER
         if seen is None:
             seen = self._seen[key] = set()
+            if not named:
+                self._unnamed_keys.add(key)
         seen.add(value)
-        self._names += 1
+        if named:
+            self._names += 1
+        else:
+            self._unnamed[day] = self._unnamed.get(day, 0) + 1
         return value

@@ -43,15 +43,15 @@ class AttributedSpend:
         self._failed = BurstLog(log)
 
     def add(self, tenant: str, att: Attribution, spend: Optional[SpendRecord],
-            day: int) -> None:
+            day: int, named: bool = True) -> None:
         """``spend`` (None: nothing was spent) under ``att``'s user and each tag; written
-        within ``interval_s``."""
+        within ``interval_s``. ``named``: the policy names the tenant (SpendCap.admit)."""
         if spend is None or not (att.user or att.tags):
             return
         counts = spend.counts()
         named = [("user", att.user)] if att.user else []
         for dimension, value in [*named, *(("tag", t) for t in att.tags)]:
-            kept_as = self.cap.admit(tenant, day, dimension, value)
+            kept_as = self.cap.admit(tenant, day, dimension, value, named)
             if kept_as == attribution.OTHER:
                 self.metrics.attribution_spend_other.labels(dimension).inc()
             key = (tenant, attribution.spend_model(dimension, kept_as))

@@ -254,7 +254,8 @@ class SettlementService:
                        outcome, settled_by, input_tokens, output_tokens, cached_tokens,
                        cache_write_tokens, nano, cost, unpriced, st.budget_spent, st.at_us,
                        att)
-        self.attributed.add(tenant, att, spend, day_of(st.at_us or time.time_ns() // 1000))
+        self.attributed.add(tenant, att, spend, day_of(st.at_us or time.time_ns() // 1000),
+                            named=bool(rule.name))
 
     def _count_usage(self, request_id: str, tenant: str, rule: TenantRule, model: str,
                      source: str, input_tokens: int, output_tokens: int,
@@ -336,7 +337,8 @@ class SettlementService:
         att = _attribution_of(res)
         events.kept(self.ledger, self.policy, request_id, res, outcome, why, inp, out, nano,
                     unpriced, att)
-        self.attributed.add(res.tenant, att, spend, day_of(time.time_ns() // 1000))
+        self.attributed.add(res.tenant, att, spend, day_of(time.time_ns() // 1000),
+                            named=rule is not None and bool(rule.name))
 
     def _record_spend(self, tenant: str, spend: SpendRecord, period_start_us: int = -1,
                       held: int = 0) -> None:

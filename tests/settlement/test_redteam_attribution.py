@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import socket
 
-import pytest
 
 from sidecar.attribution import OTHER, Attribution, SpendCap
 from sidecar.backends.redis import RedisBackend
@@ -15,21 +14,31 @@ from tests.settlement.test_attribution import POLICY, TRUSTED
 from tests.support.inproc import RunningSidecar
 
 
-@pytest.mark.xfail(strict=True, reason="finding 2: the process-wide bound on attribution "
-                   "names is first come, first served: a flood under a few tenants spends "
-                   "every other tenant's new end users as _other for the day")
-def test_a_flood_under_a_few_tenants_leaves_other_tenants_their_own_users():
+def test_a_flood_of_invented_tenants_leaves_named_tenants_their_own_users():
+    """Finding 2: the process-wide bound on attribution names was first come, first
+    served: ten invented tenants (under `unknown: defaults` a client names its own) at
+    their daily cap spent every other tenant's new end users as _other for the day. Now
+    the tenants the policy does not name share one pool of their own."""
     cap = SpendCap()  # the defaults a sidecar runs with
     day = 20_000
-    # ten tenants (under `unknown: defaults` a client names its own; a trusted filter that
-    # passes a client's `user` on names the users) each at its daily cap of users and tags
     floods = cap.names_max // (2 * cap.per_tenant_day)
+    admitted = 0
     for t in range(floods):
         for i in range(cap.per_tenant_day):
-            assert cap.admit(f"flood-{t}", day, "user", f"u{i}") != OTHER
-            assert cap.admit(f"flood-{t}", day, "tag", f"t{i}") != OTHER
-    # each flooding tenant is within its own bound; the victim has named nobody today
+            admitted += cap.admit(f"flood-{t}", day, "user", f"u{i}", named=False) != OTHER
+            admitted += cap.admit(f"flood-{t}", day, "tag", f"t{i}", named=False) != OTHER
+    assert admitted == cap.unnamed_per_day  # the invented tenants' pool, no more
+    assert len(cap) == cap.unnamed_per_day
+    # a tenant the policy names keeps its own room, and its users are its own
     assert cap.admit("acme", day, "user", "alice") == "alice"
+    for i in range(cap.per_tenant_day - 1):
+        assert cap.admit("acme", day, "user", f"user-{i}") != OTHER
+    assert cap.admit("acme", day, "user", "one-too-many") == OTHER  # its own bound holds
+    # the pool is per day: the next day the invented tenants start again, yesterday's
+    # names are still remembered (late cells), the day before is forgotten
+    assert cap.admit("flood-0", day + 1, "user", "new", named=False) == "new"
+    cap.admit("acme", day + 2, "user", "alice")
+    assert len(cap) == 2  # day + 1's "new" and day + 2's "alice"
 
 
 def test_a_store_outage_logs_one_line_for_the_attributed_cells_not_one_each(caplog):
