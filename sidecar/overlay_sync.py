@@ -51,8 +51,9 @@ class OverlayKeeper:
     # --- start, poll, stop -----------------------------------------------------------
     async def start(self) -> Optional[CompiledPolicy]:
         """Read the store; the layered policy to serve, or None when the overlay is empty.
-        A stored overlay that does not compile over the file stops the start (PolicyError):
-        serving the file alone would hand holders the limits an operator took away. A store
+        A holder whose stored block does not compile over this file is refused (set aside,
+        compile_here), never served the file's entry, which may hand it limits an operator
+        took away; an overlay no holder of which can be blamed stops the start (PolicyError). A store
         that does not answer stops it only where the store is a file; Redis down at start:
         the file alone serves (decisions follow the backend's failure modes meanwhile) and
         the poll serves the overlay as soon as Redis answers."""
@@ -70,7 +71,7 @@ class OverlayKeeper:
         self.metrics.overlay_version.set(self.overlay.version)
         if self.overlay.empty():
             return None
-        return await asyncio.to_thread(self.compile, self.overlay)
+        return await asyncio.to_thread(self.compile_here, self.overlay)
 
     def run(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._poll())
@@ -115,7 +116,7 @@ class OverlayKeeper:
             self.overlay = overlay
             return False
         try:
-            policy = await asyncio.to_thread(self.compile, overlay)
+            policy = await asyncio.to_thread(self.compile_here, overlay)
         except PolicyError:
             self._serve_freezes(overlay)
             raise
@@ -146,6 +147,28 @@ class OverlayKeeper:
         if raw is None:
             return replace(self.serving(), frozen=frozenset(overlay.frozen))
         return ov.compile_layered(raw, self.source, overlay)
+
+    def compile_aside(self, overlay: ov.Overlay) -> tuple[CompiledPolicy, frozenset[str]]:
+        """The file with ``overlay`` over it, and the holders set aside to compile it
+        (ov.compile_quarantined; in a thread). Raises PolicyError."""
+        if self.raw is None:
+            return self.compile(overlay), frozenset()
+        return ov.compile_quarantined(self.raw, self.source, overlay)
+
+    def compile_here(self, overlay: ov.Overlay) -> CompiledPolicy:
+        """What this sidecar serves of a stored overlay (in a thread): the holders whose
+        blocks do not compile over this sidecar's file set aside and refused
+        (ov.compile_quarantined), every other change served; counted and logged, so the
+        alert on overlay errors fires until the files agree. Raises PolicyError only when
+        no holder can be blamed."""
+        policy, aside = self.compile_aside(overlay)
+        if aside:
+            self.metrics.overlay_applied.labels("error").inc()
+            self.poll_errors.warning(
+                "overlay version %d: %d holders' blocks do not compile over %s, refused here "
+                "until they do: %s", overlay.version, len(aside), self.source,
+                ", ".join(sorted(aside)[:10]))
+        return policy
 
     def _serve(self, policy: CompiledPolicy, version: int) -> None:
         self.apply(policy)

@@ -258,7 +258,11 @@ class TenantsApi:
         """Check the overlay compiles over the file, write it, serve it, audit it."""
         keeper = self.keeper
         try:
-            policy = await asyncio.to_thread(keeper.compile, overlay)
+            # another holder's stored block this sidecar's file does not compile (a file
+            # mid-rollout) is set aside here as on the poll; this holder's own must compile
+            policy, aside = await asyncio.to_thread(keeper.compile_aside, overlay)
+            if name in aside:
+                await asyncio.to_thread(keeper.compile, overlay)  # raises: its own errors
         except PolicyError as exc:
             errors = ov.block_errors(exc, keeper.source, name)
             return _error(400, "invalid_policy", f"the holder's block is not a valid "
@@ -278,6 +282,9 @@ class TenantsApi:
                                      after=new.decode() if new else "", version=version)
         doc = {"name": name, "action": action, "overlay_version": version,
                "policy_digest": self.policy().digest}
+        if aside and not unserved:
+            unserved = (f"holders set aside (refused) here, their blocks do not compile over "
+                        f"this sidecar's file: {', '.join(sorted(aside)[:10])}")
         if unserved:
             # made (the store confirmed it, every other sidecar serves it, audited), but the
             # store's whole overlay (another sidecar's change with it) does not compile here

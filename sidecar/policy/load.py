@@ -151,7 +151,7 @@ except AttributeError:  # pragma: no cover - PyYAML built without libyaml
         "slower (install PyYAML's wheel, or libyaml-dev before building it)")
 
 
-def _parse_document(raw: bytes, source: str) -> Any:
+def read_document(raw: bytes, source: str) -> Any:
     """The policy document: JSON (a YAML subset) through msgspec when the file is JSON, a
     generated policy's natural form and ~50x faster than any YAML parser here; else YAML."""
     if raw.lstrip()[:1] == b"{":
@@ -187,7 +187,7 @@ def parse_policy(raw: bytes, source: str, layer: Optional[Layer] = None) -> Comp
     collecting = gc.isenabled()
     gc.disable()
     try:
-        doc = _parse_document(raw, source)
+        doc = read_document(raw, source)
         digest = hashlib.sha256(raw).hexdigest()[:12]
         if layer is not None and isinstance(doc, dict):
             doc = layer[0](doc)

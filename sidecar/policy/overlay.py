@@ -22,7 +22,7 @@ from typing import Any, Optional
 import msgspec
 
 from sidecar.model import valid_tenant
-from sidecar.policy.load import CompiledPolicy, Layer, PolicyError, parse_policy
+from sidecar.policy.load import CompiledPolicy, Layer, PolicyError, parse_policy, read_document
 
 MAX_BLOCK_BYTES = 16 * 1024  # one holder's block, as JSON: far above any real one
 MAX_HOLDERS = 100_000  # entries the overlay may hold (the policy file may hold more)
@@ -164,6 +164,66 @@ def compile_layered(raw: bytes, source: str, overlay: Overlay) -> CompiledPolicy
         policy = replace(policy, frozen=frozen_with_descendants(
             seen.get("tenants"), frozenset(overlay.frozen)))
     return policy
+
+
+QUARANTINE_ROUNDS = 3  # compiles tried, each setting aside the holders the last one blamed
+
+
+def compile_quarantined(raw: bytes, source: str,
+                        overlay: Overlay) -> tuple[CompiledPolicy, frozenset[str]]:
+    """The layered policy, and the holders set aside to get it. A block valid over one
+    sidecar's file may not be over another's (a ConfigMap mid-rollout, a sidecar of another
+    version): the holders its errors name (`$.tenants.<name>...`: the block itself, or a
+    file entry it broke, e.g. whose parent it deleted) are taken out of the document and
+    refused (held as frozen: never the file's entry, which may hand a holder limits an
+    operator took away, nor the defaults); every other holder's change is served. Raises
+    PolicyError when the errors name no holder, or still do after QUARANTINE_ROUNDS."""
+    try:
+        return compile_layered(raw, source, overlay), frozenset()
+    except PolicyError as exc:
+        first = exc
+    head = f"{source}: $.tenants."
+    aside: set[str] = set()
+    error = first
+    for _ in range(QUARANTINE_ROUNDS):
+        blamed = set()
+        for line in error.errors:
+            if line.startswith(head):
+                rest = line[len(head):]
+                name = next((n for n in sorted(_names_of(overlay, raw), key=len, reverse=True)
+                             if rest.startswith(n) and rest[len(n):len(n) + 1] in ("", ".", ":", " ", "[")),
+                            None)
+                if name is not None:
+                    blamed.add(name)
+        if not blamed - aside:
+            raise first
+        aside |= blamed
+        holders = dict(overlay.holders)
+        for name in aside:
+            holders[name] = Entry(deleted=True)
+        trial = Overlay(version=overlay.version, holders=holders,
+                        frozen={**overlay.frozen, **{n: Frozen(reason="quarantined: its block "
+                                                               "does not compile here")
+                                                     for n in aside}})
+        try:
+            return compile_layered(raw, source, trial), frozenset(aside)
+        except PolicyError as exc:
+            error = exc
+    raise first
+
+
+def _names_of(overlay: Overlay, raw: bytes) -> set[str]:
+    """Holder names an error line may name: the overlay's and the file's (decoded loosely:
+    the file compiled alone when it was loaded)."""
+    names = set(overlay.holders)
+    try:
+        doc = read_document(raw, "")
+    except PolicyError:
+        return names
+    tenants = doc.get("tenants") if isinstance(doc, dict) else None
+    if isinstance(tenants, dict):
+        names |= {n for n in tenants if isinstance(n, str)}
+    return names
 
 
 def block_errors(exc: PolicyError, source: str, name: str) -> list[str]:

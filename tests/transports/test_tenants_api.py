@@ -25,7 +25,7 @@ from sidecar.ledger.recorder import Ledger
 from sidecar.ledger.sinks import FileSink, SpillFile, event_files, read_events
 from sidecar.ledger.writer import EventLog
 from sidecar.policy import overlay as ov
-from sidecar.policy.load import PolicyError, parse_policy
+from sidecar.policy.load import parse_policy
 from tests.support.inproc import RunningSidecar
 from tests.support.policies import TIERS_AND_PRICING
 
@@ -253,10 +253,13 @@ defaults:
         (setup / "policy.yaml").write_text(unpriced)
         assert not sc.sidecar.reload_if_changed()
         assert sc.sidecar.policy.tenants["initech"].limits.rpm == 7
-    # ... and at start it stops the sidecar: the file alone would undo an operator's change
-    with pytest.raises(PolicyError, match=r"team-search.*budget.*pricing"):
-        with running(setup):
-            pass
+    # ... and at start that holder is refused (set aside: the file's entry would undo an
+    # operator's change), every other holder's change served: no crash loop
+    with running(setup) as sc:
+        assert "team-search" in sc.sidecar.policy.frozen
+        assert "team-search" not in sc.sidecar.policy.tenants
+        assert check(sc, "team-search").denied_response.status.code == 403
+        assert "globex" in sc.sidecar.policy.frozen  # the rest of the overlay serves
     # an overlay file that is not one stops it too, naming the file
     (setup / "state" / "spend.overlay.json").write_text('{"version": "two"}')
     with pytest.raises(BackendError, match=r"spend\.overlay\.json: not an overlay"):
