@@ -17,7 +17,7 @@ from sidecar.ledger.sinks import FileSink, SpillFile
 from sidecar.ledger.spend import SpendRecord
 from sidecar.ledger.writer import EventLog
 from sidecar.model import Kind, Request
-from sidecar.policy.load import PolicyError, parse_policy
+from sidecar.policy.load import parse_policy
 from tests.support.inproc import RunningSidecar
 from tests.transports.test_tenants_api import POLICY, audit, call, check
 
