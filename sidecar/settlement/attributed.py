@@ -49,8 +49,8 @@ class AttributedSpend:
         if spend is None or not (att.user or att.tags):
             return
         counts = spend.counts()
-        named = [("user", att.user)] if att.user else []
-        for dimension, value in [*named, *(("tag", t) for t in att.tags)]:
+        user = [("user", att.user)] if att.user else []
+        for dimension, value in [*user, *(("tag", t) for t in att.tags)]:
             kept_as = self.cap.admit(tenant, day, dimension, value, named)
             if kept_as == attribution.OTHER:
                 self.metrics.attribution_spend_other.labels(dimension).inc()
