@@ -18,6 +18,7 @@ P_HOUR: int
 P_DAY: int
 P_MONTH: int
 P_TOTAL: int
+MAX_PATH: int
 NO_END_US: int
 MAX_TOKENS: int
 MAX_RATE: int
@@ -77,6 +78,8 @@ class Outcome:
     provider: int
     provider_remaining_requests: int
     provider_remaining_tokens: int
+    cell: int
+    charges: tuple[tuple[int, int], ...] | None
     def __init__(self, kind: int, reason: int, tier: int, retry_after_s: int,
                  limit_requests: int, remaining_requests: int, reset_requests_us: int,
                  limit_tokens: int, remaining_tokens: int, reset_tokens_us: int,
@@ -89,6 +92,10 @@ class Outcome:
 
 def decide(lim: Limits, st: State, now_us: int, tier: int, input_tokens: int,
            output_tokens: int, firm_tokens: int, commit_on_deny: bool = False) -> Outcome: ...
+def decide_path(cells: list[tuple[Limits, State]], now_us: int, tier: int, input_tokens: int,
+                output_tokens: int, firm_tokens: int, commit_on_deny: bool = False) -> Outcome: ...
+def settle_path(cells: list[tuple[Limits, State]], now_us: int, delta_tokens: int,
+                deltas: list[tuple[int, int]]) -> list[int]: ...
 def at_rest(lim: Limits, st: State, now_us: int) -> bool: ...
 def settle(lim: Limits, st: State, now_us: int, delta_tokens: int, delta_cost: int,
            period_start: int) -> int: ...
