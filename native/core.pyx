@@ -42,6 +42,7 @@ P_HOUR = 1
 P_DAY = 2
 P_MONTH = 3
 P_TOTAL = 4
+P_WEEK = 5  # UTC weeks from Monday 00:00
 # the most cells one decision's path may hold (decide_path): a holder's windows and model
 # cells times its depth
 MAX_PATH = 32
@@ -109,6 +110,12 @@ cdef void _period_bounds(int64 now, int period, int64* start, int64* end) noexce
         else:
             end[0] = _days_from_civil(y, m + 1, 1) * DAY_US
         return
+    if period == 5:  # week from Monday 00:00 UTC (1970-01-01 was a Thursday)
+        days = now // DAY_US if now >= 0 else -((-now + DAY_US - 1) // DAY_US)
+        days -= (days + 3) % 7
+        start[0] = days * DAY_US
+        end[0] = start[0] + 7 * DAY_US
+        return
     if period == 0:
         size = 60 * US
     elif period == 1:
@@ -156,7 +163,7 @@ cdef class Limits:
             raise ValueError("low_water must be in [0, 1)")
         if not (-1 <= budget < MAX_COST_C):
             raise ValueError(f"budget must be -1 (none) or in 0..{MAX_COST_C - 1}")
-        if period < 0 or period > 4:
+        if period < 0 or period > 5:
             raise ValueError("unknown period")
         self.prices = tuple((int(a), int(b)) for a, b in prices)
         if len(self.prices) < 1:
@@ -513,6 +520,7 @@ cpdef Outcome decide_path(list cells, int64 now_us, int tier, int64 input_tokens
                    commit_on_deny)
         if o.kind != 0:
             o.cell = 0
+        o.charges = ((o.charged_cost, o.period_start_us),)
         return o
     if n < 1 or n > MAX_PATH_C:
         raise ValueError(f"a path holds 1..{MAX_PATH_C} cells")

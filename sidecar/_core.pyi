@@ -18,6 +18,7 @@ P_HOUR: int
 P_DAY: int
 P_MONTH: int
 P_TOTAL: int
+P_WEEK: int
 MAX_PATH: int
 NO_END_US: int
 MAX_TOKENS: int

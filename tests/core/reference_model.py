@@ -23,7 +23,7 @@ ALLOW, DOWNGRADE, DENY_RATE, DENY_BUDGET, TOO_LARGE = 0, 1, 2, 3, 4
 R_NONE, R_RPM, R_TPM, R_BUDGET, R_SIZE = 0, 1, 2, 3, 4
 R_PROVIDER = 5
 # Periods
-P_MINUTE, P_HOUR, P_DAY, P_MONTH, P_TOTAL = 0, 1, 2, 3, 4
+P_MINUTE, P_HOUR, P_DAY, P_MONTH, P_TOTAL, P_WEEK = 0, 1, 2, 3, 4, 5
 NO_END = 2**62
 # Bounds (native/core.pyx). Python integers cannot wrap; the bounds are part of the rules
 # because the implementations' int64 and doubles need them: a count beyond MAX_TOKENS is
@@ -46,6 +46,13 @@ def period_bounds(now_us: int, period: int) -> tuple[int, int]:
     """[start, end) of the UTC-aligned window holding now_us."""
     if period == P_TOTAL:
         return 0, NO_END
+    if period == P_WEEK:  # from Monday 00:00 UTC
+        import datetime
+
+        day = datetime.date(1970, 1, 1) + datetime.timedelta(days=now_us // (86400 * US))
+        monday = day - datetime.timedelta(days=day.weekday())
+        start = calendar.timegm(monday.timetuple()) * US
+        return start, start + 7 * 86400 * US
     if period in (P_MINUTE, P_HOUR, P_DAY):
         size = (60, 3600, 86400)[period] * US
         start = (now_us // size) * size
@@ -293,6 +300,9 @@ def decide_path(cells: list[tuple[Limits, State]], now: int, tier: int, input_to
                    firm_tokens, commit_on_deny)
         if o.kind != ALLOW:
             o.cell = 0
+        lim = cells[0][0]
+        o.charges = ((o.charged_cost, period_bounds(now, lim.period)[0] if lim.budget >= 0
+                      else 0),)
         return o
     assert 1 <= len(cells) <= MAX_PATH
     ntiers = len(cells[0][0].prices)

@@ -1,0 +1,289 @@
+"""Budget holders (docs/budgets.md): a tenant's `parent`, its several budget windows and its
+per-model limits, compiled into the path of cells a request is decided on.
+
+A cell is one (limits, one budget window) pair with its own state: a holder's first cell
+carries its limits and its first window (its state is the holder's own, as a flat tenant's
+is), each further window is a cell of its own, each model entry adds cells, and the parent's
+cells follow, up to the root. ``_core.decide_path`` decides a path all or nothing; a
+tenant whose path would be its own cell alone keeps ``path`` None and is decided exactly as
+before (the fast path). Here: the checks (unknown parent, cycle, depth, the windows of one
+holder) and the compilation; load.py calls ``compile_paths`` with its own limit checks.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import msgspec
+
+from sidecar import _core
+from sidecar.policy import schema
+
+# levels from a tenant to its root, itself included (the issue asks for at least four)
+MAX_DEPTH = 8
+
+Path_ = tuple[str, ...]
+# (where, limits, budget) -> (compiled limits, budget unit) or None (its error reported)
+BuildLimits = Callable[[Path_, schema.Limits, Optional[schema.Budget]],
+                       Optional[tuple[_core.Limits, str]]]
+Fail = Callable[[Path_, str], None]
+
+
+class PathCell(msgspec.Struct, frozen=True, gc=False):
+    """One cell of a path: whose it is and what it holds (for the answer's reason and
+    message, which name the holder and never its figures), its state's id, its limits."""
+
+    id: str  # the holder's name for its first cell, else "<holder>{<what>}"
+    holder: str
+    label: str  # e.g. "usd budget per week", "gpt-4o limits"
+    unit: str  # "tokens", "usd" or "" (no budget)
+    limits: _core.Limits
+
+
+class HolderPath(msgspec.Struct, frozen=True, gc=False):
+    """The cells one request of a tenant is decided on, the tenant's own first; ``root``
+    names the tree (its hash tag on Redis). Immutable: a reservation keeps the path it
+    was charged on, and its settlement moves exactly those cells."""
+
+    root: str
+    cells: tuple[PathCell, ...]
+
+
+class PathCharge(msgspec.Struct, frozen=True, gc=False):
+    """What a decision on a path charged: the path itself and, per cell, (cost charged in
+    its unit, the period start of the charge) (Outcome.charges). A reservation keeps it, so
+    its settlement moves the cells it was charged on whatever the policy says by then."""
+
+    path: HolderPath
+    charges: tuple[tuple[int, int], ...]
+
+
+class PathSettlement(msgspec.Struct, frozen=True, gc=False):
+    """A settlement of a path: per cell (its cost difference in its own unit, the period
+    start of its charge; -1: the current period). The backends settle every cell by the
+    same token difference and these."""
+
+    path: HolderPath
+    deltas: tuple[tuple[int, int], ...]
+
+
+def path_deltas(path: HolderPath, charges: tuple[tuple[int, int], ...], actual_tokens: int,
+                actual_nano: int) -> PathSettlement:
+    """What each cell must move by when usage is known: the actual cost in the cell's unit
+    less what the decision charged it (``charges``: Outcome.charges)."""
+    deltas = []
+    for cell, (charged, period_start) in zip(path.cells, charges, strict=True):
+        if cell.limits.budget < 0:
+            deltas.append((0, period_start))
+            continue
+        actual = actual_nano if cell.limits.budget_in_usd else actual_tokens
+        deltas.append((actual - charged, period_start))
+    return PathSettlement(path, tuple(deltas))
+
+
+def _windows(where: Path_, budget: Optional[schema.Budget],
+             budgets: Optional[list[schema.Budget]], fail: Fail) -> list[schema.Budget]:
+    if budget is not None and budgets is not None:
+        fail(where + ("budgets",), "set `budget` (one window) or `budgets` (several), not both")
+        return []
+    if budgets is None:
+        return [budget] if budget is not None else []
+    if not budgets:
+        fail(where + ("budgets",), "list at least one budget (or leave `budgets` out)")
+    seen: set[tuple[bool, str]] = set()
+    for i, b in enumerate(budgets):
+        key = (b.usd is not None, b.period)
+        if key in seen:
+            fail(where + ("budgets", str(i)), f"a second {'usd' if key[0] else 'tokens'} "
+                 f"budget per {b.period}: one window per unit and period")
+        seen.add(key)
+    return list(budgets)
+
+
+def _label(model: str, b: Optional[schema.Budget], has_limits: bool) -> str:
+    head = f"{model} " if model else ""
+    if b is None:
+        return head + "limits" if has_limits or head else "limits"
+    unit = "usd" if b.usd is not None else "tokens"
+    return f"{head}{unit} budget per {b.period}" if b.period != "total" else f"{head}{unit} budget"
+
+
+def _window_id(b: schema.Budget) -> str:
+    return f"{'usd' if b.usd is not None else 'tokens'}-{b.period}"
+
+
+class _Holder:
+    """One holder's compiled cells: its own (overall) and per model."""
+
+    __slots__ = ("own", "models")
+
+    def __init__(self) -> None:
+        self.own: list[PathCell] = []
+        self.models: dict[str, list[PathCell]] = {}
+
+
+def _cells(name: str, model: str, id_base: str, lim: schema.Limits,
+           windows: list[schema.Budget], where: Path_, build: BuildLimits,
+           keep_empty: bool) -> Optional[list[PathCell]]:
+    """The cells of one set of limits and windows: the first window with the limits,
+    each further window alone. None when one failed to compile (its error reported)."""
+    out: list[PathCell] = []
+    has_limits = bool(lim.rpm or lim.tpm)
+    first = windows[0] if windows else None
+    built = build(where, lim, first)
+    if built is None:
+        return None
+    if has_limits or first is not None or keep_empty:
+        out.append(PathCell(id=id_base, holder=name, label=_label(model, first, has_limits),
+                            unit=built[1], limits=built[0]))
+    for b in windows[1:]:
+        more = build(where, schema.Limits(), b)
+        if more is None:
+            return None
+        out.append(PathCell(id=f"{id_base}{{{_window_id(b)}}}" if model == "" else
+                            f"{id_base[:-1]}:{_window_id(b)}}}",
+                            holder=name, label=_label(model, b, False), unit=more[1],
+                            limits=more[0]))
+    return out
+
+
+def tree_members(tenants: dict[str, schema.TenantPolicy]) -> set[str]:
+    """Holders in a tree: those with a parent and those named as one. They hold only what
+    they declare (the defaults fill in for flat tenants alone: a team must not be capped
+    at a key's default rate)."""
+    members: set[str] = set()
+    for name, t in tenants.items():
+        if t.parent is not None:
+            members.add(name)
+            members.add(t.parent)
+    return members
+
+
+def compile_paths(tenants: dict[str, schema.TenantPolicy], flat_limits: Callable[[str], schema.Limits],
+                  flat_budget: Callable[[str], Optional[schema.Budget]], build: BuildLimits,
+                  fail: Fail, has_providers: bool
+                  ) -> dict[str, tuple[Optional[HolderPath], Optional[dict[str, HolderPath]]]]:
+    """Per tenant that needs one: (its path for any model, or None when that is its own
+    cell alone; its paths by model, or None). Tenants absent from the result decide on
+    their own cell. Errors (unknown parent, a cycle, too deep, too many cells, windows of
+    one holder) go to ``fail`` with their field path."""
+    members = tree_members(tenants)
+    needs = {n for n, t in tenants.items()
+             if n in members or t.budgets is not None or t.models}
+    if not needs:
+        return {}
+    if has_providers:
+        fail(("tenants",), "`parent`, `budgets` and `models` cannot be used with `providers` "
+             "yet (docs/budgets.md)")
+        return {}
+    ok = True
+    # parents: known, no cycle, not too deep
+    for name in sorted(members & set(tenants)):
+        t = tenants[name]
+        if t.parent is None:
+            continue
+        if t.parent not in tenants:
+            fail(("tenants", name, "parent"), f"unknown holder {t.parent!r}: a parent must be "
+                 "an entry of `tenants` (a team or org may have no limits of its own)")
+            ok = False
+            continue
+        chain = [name]
+        at: Optional[str] = t.parent
+        while at is not None and at in tenants:
+            if at in chain:
+                fail(("tenants", name, "parent"), "a cycle of parents: " + " -> ".join(
+                    chain[chain.index(at):] + [at]))
+                ok = False
+                break
+            chain.append(at)
+            if len(chain) > MAX_DEPTH:
+                fail(("tenants", name, "parent"), f"more than {MAX_DEPTH} levels of parents")
+                ok = False
+                break
+            at = tenants[at].parent
+    holders: dict[str, _Holder] = {}
+
+    def holder(name: str) -> Optional[_Holder]:
+        h = holders.get(name)
+        if h is not None:
+            return h
+        t = tenants[name]
+        where: Path_ = ("tenants", name)
+        h = _Holder()
+        if name in members:
+            lim, windows = t.limits or schema.Limits(), _windows(where, t.budget, t.budgets, fail)
+        else:
+            fb = flat_budget(name)
+            lim = flat_limits(name)
+            windows = _windows(where, fb if t.budgets is None else None, t.budgets, fail)
+        own = _cells(name, "", name, lim, windows, where, build, keep_empty=True)
+        if own is None:
+            return None
+        h.own = own
+        for model, m in (t.models or {}).items():
+            mwhere = where + ("models", model)
+            if not model or "{" in model or "}" in model:
+                fail(mwhere, "a model name must be non-empty and without braces")
+                return None
+            cells = _cells(name, model, f"{name}{{m:{model}}}", m.limits or schema.Limits(),
+                           _windows(mwhere, m.budget, m.budgets, fail), mwhere, build,
+                           keep_empty=False)
+            if cells is None:
+                return None
+            if cells:
+                h.models[model] = cells
+        holders[name] = h
+        return h
+
+    out: dict[str, tuple[Optional[HolderPath], Optional[dict[str, HolderPath]]]] = {}
+    if not ok:
+        return out
+    for name in sorted(needs):
+        chain: list[_Holder] = []
+        at = name
+        root = name
+        while True:
+            h = holder(at)
+            if h is None:
+                break
+            chain.append(h)
+            root = at
+            nxt = tenants[at].parent
+            if nxt is None:
+                break
+            at = nxt
+        if len(chain) == 0 or holder(root) is None:
+            continue
+        models = sorted({m for h in chain for m in h.models})
+
+        def path_for(model: str) -> list[PathCell]:
+            cells: list[PathCell] = []
+            for h in chain:
+                cells += h.own if h is chain[0] else [c for c in h.own if _has_any(c)]
+                cells += h.models.get(model, [])
+            return cells
+
+        default = path_for("")
+        if len(default) > _core.MAX_PATH:
+            fail(("tenants", name), f"its path holds {len(default)} cells (windows, models "
+                 f"and parents): at most {_core.MAX_PATH}")
+            continue
+        # a root alone on its path keeps the flat decision (its keys are a flat tenant's);
+        # a member below a root is decided on the tree's keys even when alone on its path
+        alone_at_root = len(default) == 1 and default[0].id == root
+        base = HolderPath(root, tuple(default)) if (
+            (name in members and not alone_at_root) or len(default) > 1) else None
+        by_model: dict[str, HolderPath] = {}
+        for model in models:
+            cells = path_for(model)
+            if len(cells) > _core.MAX_PATH:
+                fail(("tenants", name, "models", model), f"its path holds {len(cells)} cells: "
+                     f"at most {_core.MAX_PATH}")
+                continue
+            by_model[model] = HolderPath(root, tuple(cells))
+        out[name] = (base, by_model or None)
+    return out
+
+
+def _has_any(cell: PathCell) -> bool:
+    lim = cell.limits
+    return lim.rpm > 0 or lim.tpm > 0 or lim.budget >= 0
