@@ -21,7 +21,7 @@ from sidecar.policy import schema
 # levels from a tenant to its root, itself included (the issue asks for at least four)
 MAX_DEPTH = 8
 
-Path_ = tuple[str, ...]
+Path_ = tuple  # load.py's: field names, and list indexes as ints
 # (where, limits, budget) -> (compiled limits, budget unit) or None (its error reported)
 BuildLimits = Callable[[Path_, schema.Limits, Optional[schema.Budget]],
                        Optional[tuple[_core.Limits, str]]]
@@ -93,7 +93,7 @@ def _windows(where: Path_, budget: Optional[schema.Budget],
     for i, b in enumerate(budgets):
         key = (b.usd is not None, b.period)
         if key in seen:
-            fail(where + ("budgets", str(i)), f"a second {'usd' if key[0] else 'tokens'} "
+            fail(where + ("budgets", i), f"a second {'usd' if key[0] else 'tokens'} "
                  f"budget per {b.period}: one window per unit and period")
         seen.add(key)
     return list(budgets)
@@ -176,7 +176,8 @@ def compile_paths(tenants: dict[str, schema.TenantPolicy], flat_limits: Callable
              "yet (docs/budgets.md)")
         return {}
     ok = True
-    # parents: known, no cycle, not too deep
+    # parents: known, no cycle (each reported once), not too deep
+    cycles: set[frozenset[str]] = set()
     for name in sorted(members & set(tenants)):
         t = tenants[name]
         if t.parent is None:
@@ -190,8 +191,11 @@ def compile_paths(tenants: dict[str, schema.TenantPolicy], flat_limits: Callable
         at: Optional[str] = t.parent
         while at is not None and at in tenants:
             if at in chain:
-                fail(("tenants", name, "parent"), "a cycle of parents: " + " -> ".join(
-                    chain[chain.index(at):] + [at]))
+                loop = chain[chain.index(at):]
+                if frozenset(loop) not in cycles:
+                    cycles.add(frozenset(loop))
+                    fail(("tenants", at, "parent"), "a cycle of parents: " + " -> ".join(
+                        loop + [at]))
                 ok = False
                 break
             chain.append(at)
@@ -211,10 +215,10 @@ def compile_paths(tenants: dict[str, schema.TenantPolicy], flat_limits: Callable
         h = _Holder()
         if name in members:
             lim, windows = t.limits or schema.Limits(), _windows(where, t.budget, t.budgets, fail)
-        else:
-            fb = flat_budget(name)
+        else:  # a flat tenant: the defaults fill in, as for any flat tenant
             lim = flat_limits(name)
-            windows = _windows(where, fb if t.budgets is None else None, t.budgets, fail)
+            windows = _windows(where, t.budget if t.budgets is not None else flat_budget(name),
+                               t.budgets, fail)
         own = _cells(name, "", name, lim, windows, where, build, keep_empty=True)
         if own is None:
             return None

@@ -22,13 +22,14 @@ import yaml
 from sidecar import _core
 from sidecar.ledger import config as ledger_config
 from sidecar.policy import schema
+from sidecar.policy.holders import HolderPath, compile_paths
 from sidecar.policy.tls import tls_context
 from sidecar.policy.url import check_redis_url
 from sidecar.policy.providers import (PRIORITY_RANK, ProviderPlan, compile_providers,
                                       compile_queue)
 
 PERIODS = {"minute": _core.P_MINUTE, "hour": _core.P_HOUR, "day": _core.P_DAY,
-           "month": _core.P_MONTH, "total": _core.P_TOTAL}
+           "week": _core.P_WEEK, "month": _core.P_MONTH, "total": _core.P_TOTAL}
 # USD per 1K tokens -> nano-USD per token
 NANO_PER_USD_PER_1K = 1_000_000
 NANO_PER_USD = 1_000_000_000
@@ -66,6 +67,17 @@ class TenantRule(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     budget_unit: str  # "tokens", "usd" or "" (no budget)
     priority_rank: int = _core.PRIO_NORMAL  # _core.PRIO_*: the reservation rule's index
     spill_to_next_tier: bool = True  # providers: may go one tier down when its tier is full
+    # budget holders (docs/budgets.md): the path of cells a request is decided on, when it
+    # is more than the tenant's own cell (None: decided on ``limits`` alone, the fast path);
+    # and the paths of the models with cells of their own on it
+    path: Optional[HolderPath] = None
+    model_paths: Optional[dict[str, HolderPath]] = None
+
+    def path_for(self, model: str) -> Optional[HolderPath]:
+        """The path a request for ``model`` is decided on (None: ``limits`` alone)."""
+        if self.model_paths is not None:
+            return self.model_paths.get(model, self.path)
+        return self.path
 
 
 @dataclass(frozen=True)
@@ -594,6 +606,40 @@ def _compile(policy: schema.Policy, source: str, digest: str,
             budget_unit=built[1], priority_rank=PRIORITY_RANK[t.priority or d.priority],
             spill_to_next_tier=(t.spill_to_next_tier if t.spill_to_next_tier is not None
                                 else d.spill_to_next_tier))
+    # budget holders: parents, several windows, per-model cells (holders.py)
+    def own_limits(name: str) -> schema.Limits:
+        t = policy.tenants[name]
+        if t.limits is None:
+            return d.limits
+        return schema.Limits(
+            rpm=t.limits.rpm if t.limits.rpm is not None else d.limits.rpm,
+            tpm=t.limits.tpm if t.limits.tpm is not None else d.limits.tpm,
+            burst=t.limits.burst if t.limits.burst is not None else d.limits.burst)
+
+    def own_budget(name: str) -> Optional[schema.Budget]:
+        t = policy.tenants[name]
+        return t.budget if t.budget is not None else d.budget
+
+    def build(where: Path_, lim: schema.Limits,
+              budget: Optional[schema.Budget]) -> Optional[tuple[_core.Limits, str]]:
+        if not (limits_ok(where, lim) and budget_ok(where, budget)):
+            return None
+        return compiled_limits(where, lim, budget)
+
+    if defaults_ok and policy.tiers:
+        for name, (path, model_paths) in compile_paths(
+                policy.tenants, own_limits, own_budget, build, fail,
+                bool(policy.providers)).items():
+            rule = tenants.get(name)
+            if rule is None:
+                continue
+            first = (path or next(iter(model_paths.values()))).cells[0] if (
+                path is not None or model_paths) else None
+            if first is None:
+                continue
+            tenants[name] = msgspec.structs.replace(
+                rule, limits=first.limits, budget_unit=first.unit, path=path,
+                model_paths=model_paths)
     providers = compile_providers(policy, fail)
     queue = compile_queue(policy.queue, fail)
     a = policy.anomaly

@@ -12,6 +12,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from sidecar.policy.holders import PathCharge
+
 log = logging.getLogger("kt.book")
 
 # An unsettled reservation is forgotten after this long, or when this many are open
@@ -75,6 +77,9 @@ class Reservation:
     # the input a stored conversation may add (a Responses previous_response_id): the
     # bound's input is the larger of this and bound_input (sidecar/settlement/bound.py)
     stored_input: int = 0
+    # a decision over a path of cells (docs/budgets.md): the path and each cell's charge,
+    # settled as recorded whatever the policy says by then; None: the tenant's own limits
+    path_charge: Optional[PathCharge] = None
 
 
 # a shared reservation's provider field (provider ids are [A-Za-z0-9._-], never "|"), and
@@ -146,10 +151,11 @@ class ReservationBook:
     def put(self, request_id: str, tenant: str, tier: int, model: str, charged_tokens: int,
             charged_cost: int, period_start_us: int, created_s: float, model_asked: str = "",
             decision: str = "", provider: str = "", bound_input: int = 0,
-            bound_output: int = -1, stored_input: int = 0) -> None:
+            bound_output: int = -1, stored_input: int = 0,
+            path_charge: Optional[PathCharge] = None) -> None:
         self._book[request_id] = (tenant, tier, model, charged_tokens, charged_cost,
                                   period_start_us, created_s, model_asked, decision, provider,
-                                  bound_input, bound_output, stored_input)
+                                  bound_input, bound_output, stored_input, path_charge)
         self._book.move_to_end(request_id)
         self.expire()
 
