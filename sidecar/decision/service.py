@@ -242,7 +242,10 @@ class Decider:
                                   _ledger_decision(CORE_KINDS[out.kind], out.tier > wanted),
                                   provider, est.input_tokens, bound_output, stored,
                                   PathCharge(path, out.charges) if path is not None else None)
-            if self.backend.shares_reservations:
+            # a path's reservation is not shared (its record has no room for the path;
+            # docs/budgets.md): another replica settles its usage as one without a
+            # reservation, on the tenant's path
+            if self.backend.shares_reservations and path is None:
                 self.backend.share_reservation(tenant, rid, reservation_record(
                     out.tier, served, out.charged_tokens, out.charged_cost,
                     out.period_start_us, provider, est.input_tokens, bound_output, stored))

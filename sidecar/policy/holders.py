@@ -117,7 +117,7 @@ class _Holder:
     __slots__ = ("own", "models")
 
     def __init__(self) -> None:
-        self.own: list[PathCell] = []
+        self.own: tuple[PathCell, ...] = ()
         self.models: dict[str, list[PathCell]] = {}
 
 
@@ -161,49 +161,67 @@ def tree_members(tenants: dict[str, schema.TenantPolicy]) -> set[str]:
 def compile_paths(tenants: dict[str, schema.TenantPolicy], flat_limits: Callable[[str], schema.Limits],
                   flat_budget: Callable[[str], Optional[schema.Budget]], build: BuildLimits,
                   fail: Fail, has_providers: bool
-                  ) -> dict[str, tuple[Optional[HolderPath], Optional[dict[str, HolderPath]]]]:
+                  ) -> tuple[dict[str, tuple[Optional[HolderPath], Optional[dict[str, HolderPath]]]],
+                             set[str]]:
     """Per tenant that needs one: (its path for any model, or None when that is its own
-    cell alone; its paths by model, or None). Tenants absent from the result decide on
-    their own cell. Errors (unknown parent, a cycle, too deep, too many cells, windows of
-    one holder) go to ``fail`` with their field path."""
+    cell alone; its paths by model, or None); and the tenants handled here (their own
+    fields checked here: one that is handled and absent had an error). Errors (unknown
+    parent, a cycle, too deep, too many cells, windows of one holder) go to ``fail`` with
+    their field path."""
     members = tree_members(tenants)
     needs = {n for n, t in tenants.items()
              if n in members or t.budgets is not None or t.models}
     if not needs:
-        return {}
+        return {}, needs
     if has_providers:
         fail(("tenants",), "`parent`, `budgets` and `models` cannot be used with `providers` "
              "yet (docs/budgets.md)")
-        return {}
+        return {}, needs
     ok = True
-    # parents: known, no cycle (each reported once), not too deep
+    # parents: known, no cycle (each reported once), not too deep. depth[h]: levels from h
+    # to its root, h included, once its chain is known to be sound (each holder walked once)
+    depth: dict[str, int] = {}
     cycles: set[frozenset[str]] = set()
-    for name in sorted(members & set(tenants)):
-        t = tenants[name]
-        if t.parent is None:
-            continue
-        if t.parent not in tenants:
-            fail(("tenants", name, "parent"), f"unknown holder {t.parent!r}: a parent must be "
-                 "an entry of `tenants` (a team or org may have no limits of its own)")
-            ok = False
+    for name in tenants:  # in the file's order: the same errors, in the same order, each load
+        if name in depth or name not in members:
             continue
         chain = [name]
-        at: Optional[str] = t.parent
-        while at is not None and at in tenants:
-            if at in chain:
+        on_chain = {name}
+        at: Optional[str] = tenants[name].parent
+        bad = False
+        while at is not None and at not in depth:
+            if at not in tenants:
+                fail(("tenants", chain[-1], "parent"), f"unknown holder {at!r}: a parent must "
+                     "be an entry of `tenants` (a team or org may have no limits of its own)")
+                bad = True
+                break
+            if at in on_chain:
                 loop = chain[chain.index(at):]
                 if frozenset(loop) not in cycles:
                     cycles.add(frozenset(loop))
                     fail(("tenants", at, "parent"), "a cycle of parents: " + " -> ".join(
                         loop + [at]))
-                ok = False
+                bad = True
                 break
             chain.append(at)
-            if len(chain) > MAX_DEPTH:
-                fail(("tenants", name, "parent"), f"more than {MAX_DEPTH} levels of parents")
-                ok = False
-                break
+            on_chain.add(at)
             at = tenants[at].parent
+        if bad:
+            ok = False
+            for h in chain:
+                depth[h] = -1  # reported: not walked again
+            continue
+        base_depth = depth[at] if at is not None else 0
+        if base_depth < 0:
+            ok = False
+            for h in chain:
+                depth[h] = -1
+            continue
+        for i, h in enumerate(reversed(chain)):
+            depth[h] = base_depth + i + 1
+            if depth[h] > MAX_DEPTH:
+                fail(("tenants", h, "parent"), f"more than {MAX_DEPTH} levels of parents")
+                ok = False
     holders: dict[str, _Holder] = {}
 
     def holder(name: str) -> Optional[_Holder]:
@@ -222,7 +240,7 @@ def compile_paths(tenants: dict[str, schema.TenantPolicy], flat_limits: Callable
         own = _cells(name, "", name, lim, windows, where, build, keep_empty=True)
         if own is None:
             return None
-        h.own = own
+        h.own = tuple(own)
         for model, m in (t.models or {}).items():
             mwhere = where + ("models", model)
             if not model or "{" in model or "}" in model:
@@ -240,33 +258,43 @@ def compile_paths(tenants: dict[str, schema.TenantPolicy], flat_limits: Callable
 
     out: dict[str, tuple[Optional[HolderPath], Optional[dict[str, HolderPath]]]] = {}
     if not ok:
-        return out
-    for name in sorted(needs):
-        chain: list[_Holder] = []
-        at = name
-        root = name
-        while True:
-            h = holder(at)
-            if h is None:
-                break
-            chain.append(h)
-            root = at
-            nxt = tenants[at].parent
-            if nxt is None:
-                break
-            at = nxt
-        if len(chain) == 0 or holder(root) is None:
+        return out, needs
+    # above a holder: its parent's cells and theirs, up to the root (computed once per
+    # parent: 100,000 keys under 1,000 teams walk each team once)
+    above: dict[str, tuple[str, tuple[PathCell, ...], tuple[_Holder, ...]]] = {}
+
+    def chain_above(name: str) -> Optional[tuple[str, tuple[PathCell, ...], tuple[_Holder, ...]]]:
+        """(root, the cells of ``name`` and every holder above it, those holders)."""
+        got = above.get(name)
+        if got is not None:
+            return got
+        h = holder(name)
+        if h is None:
+            return None
+        own = tuple(c for c in h.own if _has_any(c))
+        parent = tenants[name].parent
+        if parent is None:
+            got = (name, own, (h,))
+        else:
+            up = chain_above(parent)
+            if up is None:
+                return None
+            got = (up[0], own + up[1], (h,) + up[2])
+        above[name] = got
+        return got
+
+    for name in tenants:
+        if name not in needs:
             continue
-        models = sorted({m for h in chain for m in h.models})
-
-        def path_for(model: str) -> list[PathCell]:
-            cells: list[PathCell] = []
-            for h in chain:
-                cells += h.own if h is chain[0] else [c for c in h.own if _has_any(c)]
-                cells += h.models.get(model, [])
-            return cells
-
-        default = path_for("")
+        h = holder(name)
+        if h is None:
+            continue
+        parent = tenants[name].parent
+        up = chain_above(parent) if parent is not None else (name, (), ())
+        if up is None:
+            continue
+        root, upper, chain = up
+        default = h.own + upper
         if len(default) > _core.MAX_PATH:
             fail(("tenants", name), f"its path holds {len(default)} cells (windows, models "
                  f"and parents): at most {_core.MAX_PATH}")
@@ -274,18 +302,22 @@ def compile_paths(tenants: dict[str, schema.TenantPolicy], flat_limits: Callable
         # a root alone on its path keeps the flat decision (its keys are a flat tenant's);
         # a member below a root is decided on the tree's keys even when alone on its path
         alone_at_root = len(default) == 1 and default[0].id == root
-        base = HolderPath(root, tuple(default)) if (
+        base = HolderPath(root, default) if (
             (name in members and not alone_at_root) or len(default) > 1) else None
         by_model: dict[str, HolderPath] = {}
-        for model in models:
-            cells = path_for(model)
+        models = {m for x in (h, *chain) for m in x.models} if (
+            h.models or any(x.models for x in chain)) else ()
+        for model in sorted(models):
+            cells: list[PathCell] = list(h.own) + h.models.get(model, [])
+            for x in chain:
+                cells += [c for c in x.own if _has_any(c)] + x.models.get(model, [])
             if len(cells) > _core.MAX_PATH:
                 fail(("tenants", name, "models", model), f"its path holds {len(cells)} cells: "
                      f"at most {_core.MAX_PATH}")
                 continue
             by_model[model] = HolderPath(root, tuple(cells))
         out[name] = (base, by_model or None)
-    return out
+    return out, needs
 
 
 def _has_any(cell: PathCell) -> bool:

@@ -580,11 +580,53 @@ def _compile(policy: schema.Policy, source: str, digest: str,
                                   shadow=policy.shadow_mode, budget_unit=built[1],
                                   priority_rank=PRIORITY_RANK[d.priority],
                                   spill_to_next_tier=d.spill_to_next_tier)
+    # budget holders: parents, several windows, per-model cells (holders.py); the tenants
+    # they handle (their own fields checked there) get their rule from their path below
+    def own_limits(name: str) -> schema.Limits:
+        t = policy.tenants[name]
+        if t.limits is None:
+            return d.limits
+        return schema.Limits(
+            rpm=t.limits.rpm if t.limits.rpm is not None else d.limits.rpm,
+            tpm=t.limits.tpm if t.limits.tpm is not None else d.limits.tpm,
+            burst=t.limits.burst if t.limits.burst is not None else d.limits.burst)
+
+    def own_budget(name: str) -> Optional[schema.Budget]:
+        t = policy.tenants[name]
+        return t.budget if t.budget is not None else d.budget
+
+    def build(where: Path_, lim: schema.Limits,
+              budget: Optional[schema.Budget]) -> Optional[tuple[_core.Limits, str]]:
+        if not (limits_ok(where, lim) and budget_ok(where, budget)):
+            return None
+        return compiled_limits(where, lim, budget)
+
+    paths: dict = {}
+    handled: set[str] = set()
+    if defaults_ok and policy.tiers:
+        paths, handled = compile_paths(policy.tenants, own_limits, own_budget, build, fail,
+                                       bool(policy.providers))
     tenants: dict[str, TenantRule] = {}
     for name, t in policy.tenants.items():
         where: Path_ = ("tenants", name)
         if not name or len(name) > 128:
             fail(("tenants",), f"tenant name {name!r} must be 1..128 characters")
+            continue
+        got = paths.get(name) if name in handled else None
+        if name in handled and got is None:
+            continue  # its errors were reported with its path's
+        if got is not None and (got[0] is not None or got[1]):  # a holder with a path
+            if True:
+                path, model_paths = got
+                first = (path if path is not None else next(iter(model_paths.values()))
+                         ).cells[0]
+                tenants[name] = TenantRule(
+                    name=name, priority=t.priority or d.priority, limits=first.limits,
+                    shadow=t.shadow_mode if t.shadow_mode is not None else policy.shadow_mode,
+                    budget_unit=first.unit, priority_rank=PRIORITY_RANK[t.priority or d.priority],
+                    spill_to_next_tier=(t.spill_to_next_tier if t.spill_to_next_tier is not None
+                                        else d.spill_to_next_tier),
+                    path=path, model_paths=model_paths)
             continue
         own_ok = limits_ok(where, t.limits) and budget_ok(where, t.budget)
         if not own_ok or not defaults_ok or not policy.tiers:
@@ -606,40 +648,6 @@ def _compile(policy: schema.Policy, source: str, digest: str,
             budget_unit=built[1], priority_rank=PRIORITY_RANK[t.priority or d.priority],
             spill_to_next_tier=(t.spill_to_next_tier if t.spill_to_next_tier is not None
                                 else d.spill_to_next_tier))
-    # budget holders: parents, several windows, per-model cells (holders.py)
-    def own_limits(name: str) -> schema.Limits:
-        t = policy.tenants[name]
-        if t.limits is None:
-            return d.limits
-        return schema.Limits(
-            rpm=t.limits.rpm if t.limits.rpm is not None else d.limits.rpm,
-            tpm=t.limits.tpm if t.limits.tpm is not None else d.limits.tpm,
-            burst=t.limits.burst if t.limits.burst is not None else d.limits.burst)
-
-    def own_budget(name: str) -> Optional[schema.Budget]:
-        t = policy.tenants[name]
-        return t.budget if t.budget is not None else d.budget
-
-    def build(where: Path_, lim: schema.Limits,
-              budget: Optional[schema.Budget]) -> Optional[tuple[_core.Limits, str]]:
-        if not (limits_ok(where, lim) and budget_ok(where, budget)):
-            return None
-        return compiled_limits(where, lim, budget)
-
-    if defaults_ok and policy.tiers:
-        for name, (path, model_paths) in compile_paths(
-                policy.tenants, own_limits, own_budget, build, fail,
-                bool(policy.providers)).items():
-            rule = tenants.get(name)
-            if rule is None:
-                continue
-            first = (path or next(iter(model_paths.values()))).cells[0] if (
-                path is not None or model_paths) else None
-            if first is None:
-                continue
-            tenants[name] = msgspec.structs.replace(
-                rule, limits=first.limits, budget_unit=first.unit, path=path,
-                model_paths=model_paths)
     providers = compile_providers(policy, fail)
     queue = compile_queue(policy.queue, fail)
     a = policy.anomaly

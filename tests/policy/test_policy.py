@@ -50,7 +50,7 @@ BAD = {
     'wrong_type.yaml': '$.tenants.acme.limits.rpm: Expected `int | null`, got `str` (line 4, column 19)',
     # budget holders (docs/budgets.md)
     'unknown_parent.yaml': "$.tenants.key-1.parent: unknown holder 'team-serch': a parent must be an entry of `tenants` (a team or org may have no limits of its own) (line 4, column 13)",
-    'parent_cycle.yaml': '$.tenants.org.parent: a cycle of parents: org -> team-b -> team-a -> org (line 4, column 17)',
+    'parent_cycle.yaml': '$.tenants.team-a.parent: a cycle of parents: team-a -> org -> team-b -> team-a (line 3, column 20)',
     'budget_and_budgets.yaml': '$.tenants.acme.budgets: set `budget` (one window) or `budgets` (several), not both (line 5, column 14)',
     'two_windows_alike.yaml': '$.tenants.acme.budgets[1]: a second tokens budget per day: one window per unit and period (line 6, column 9)',
     'zero_tpm.yaml': '$.tenants.blocked.limits.tpm: must be in 1..1000000000000, got 0 (omit it for no limit: 0 would read as "nothing") (line 4, column 19)',
@@ -245,3 +245,18 @@ def test_a_policy_larger_than_one_conversion_chunk_compiles_every_tenant_and_nam
     col = lines[2 + n - 3].index(".nan") + 1
     assert info.value.errors == [f"<big>: $.tenants.t{n - 3}.limits.burst: must be a number "
                                  f"in 1..1000, got nan (line {n}, column {col})"]
+
+
+def test_a_tree_deeper_than_its_bound_is_refused_in_one_line():
+    from sidecar.policy.holders import MAX_DEPTH
+    from sidecar.policy.load import parse_policy
+
+    levels = [f"  h{i}: {{parent: h{i + 1}}}" for i in range(MAX_DEPTH)] + [f"  h{MAX_DEPTH}: {{}}"]
+    text = "tiers: [{name: d, model: m}]\ntenants:\n" + "\n".join(levels)
+    with pytest.raises(PolicyError) as info:
+        parse_policy(text.encode(), "deep.yaml")
+    assert info.value.errors == [
+        f"deep.yaml: $.tenants.h0.parent: more than {MAX_DEPTH} levels of parents (line 3, column 16)"]
+    # one level less loads, and its deepest key is decided on every level
+    ok = parse_policy("\n".join(text.split("\n")[:2] + text.split("\n")[3:]).encode(), "x")
+    assert len(ok.tenants["h1"].path.cells) == 1  # no level has limits of its own
