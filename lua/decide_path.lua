@@ -9,14 +9,20 @@
 -- in one event-loop tick, in one script call; batch.lua's framing, key counts per item).
 -- Below, KEYS and ARGV are the one decision's.
 --
--- KEYS     3 per cell, in path order: request bucket, token bucket, budget hash (the
---          forms of decide.lua). All keys of a tree carry the ROOT's hash tag
---          (kt:{root}:c:<cell>:rpm...): one slot on a cluster, one script call.
+-- KEYS     one per cell, in path order (cell.lua: buckets and budget in one string). All
+--          keys of a tree carry the ROOT's hash tag (kt:{root}:c:<cell>): one slot on a
+--          cluster, one script call, one MGET.
 -- ARGV[1]  clock override in µs ("0" in production: the server's TIME)
 -- ARGV[2..6]  the request: tier asked, input, output, firm tokens, commit_on_deny (0/1)
 -- ARGV[7]  number of cells n
--- then per cell: its limits as decide.lua's ARGV[7..] (rpm, tpm, burst, budget,
---          budget_in_usd, period, low_water, ntiers, then 2 prices per tier)
+-- ARGV[8]  number of tiers t; ARGV[9..8+2t] nano-USD per input, output token per tier
+--          (one request's prices: every USD cell's; a tokens cell counts tokens)
+-- then per cell 7: rpm, tpm, burst, budget (-1 = none), budget_in_usd (0/1), period,
+--          low_water (decide.lua's meanings)
+-- Why so compact: Redis turns every KEYS and ARGV entry into a Lua string before the
+-- script runs, and each redis.call costs more than the arithmetic around it: one key and
+-- seven arguments per cell, one MGET and one SET per cell keep a three-level decision
+-- near a one-level one (bench/holders_cost.py).
 -- Reply: decide.lua's 17 integers (the header fields are the first cell's), then n, the
 -- index of the cell that refused or downgraded (-1: none), then per cell the cost it was
 -- charged (its unit) and its budget period start: 19 + 2n integers, an odd count, which
@@ -25,7 +31,7 @@
 -- Leases never cover a path of several cells (docs/budgets.md): no lease sweep here.
 -- Held spend (common.lua, held_add) is not kept for path cells yet (docs/budgets.md).
 
--- (common.lua is prepended at load)
+-- (common.lua and cell.lua are prepended at load)
 
 local function decide_path(KEYS, ARGV)
 
@@ -34,21 +40,23 @@ local tier, input, output = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[
 local firm, commit_on_deny = tonumber(ARGV[5]), ARGV[6] == '1'
 local n = tonumber(ARGV[7])
 
--- the cells' limits
+-- the cells' limits, and the keys each uses
+local ntiers = tonumber(ARGV[8])
+local prices = 9
 local C = {}
-local at = 8
+local stored = redis.call('MGET', unpack(KEYS))
+local at = 9 + 2 * ntiers
 for i = 1, n do
   local c = {rpm = tonumber(ARGV[at]), tpm = tonumber(ARGV[at + 1]), burst = tonumber(ARGV[at + 2]),
              budget = tonumber(ARGV[at + 3]), in_usd = ARGV[at + 4] == '1',
              period = tonumber(ARGV[at + 5]), low_water = tonumber(ARGV[at + 6]),
-             ntiers = tonumber(ARGV[at + 7]), prices = at + 8,
-             rk = KEYS[3 * i - 2], tk = KEYS[3 * i - 1], bk = KEYS[3 * i]}
+             r = cell_read(stored[i]), cost = 0, remaining = 0, ps = 0, pe = NO_END, spent = 0,
+             new_period = false, req_level = 0, tok_level = 0}
   c.req_cap, c.tok_cap = c.rpm * c.burst, c.tpm * c.burst
   c.req_rate, c.tok_rate = c.rpm / 60e6, c.tpm / 60e6
-  at = at + 8 + 2 * c.ntiers
+  at = at + 7
   C[i] = c
 end
-local ntiers = C[1].ntiers
 
 local function wait_us(deficit, rate)
   if deficit <= 0 then return 0 end
@@ -82,12 +90,10 @@ end
 local down = -1
 for i = 1, n do
   local c = C[i]
-  c.cost, c.remaining, c.ps, c.pe, c.spent, c.new_period = 0, 0, 0, NO_END, 0, false
   if c.budget >= 0 then
-    c.ps, c.pe = period_bounds(now, c.period)
-    local b = redis.call('HMGET', c.bk, 'ps', 's')
-    c.new_period = tonumber(b[1]) ~= c.ps
-    if not c.new_period then c.spent = stored_spend(b[2]) end
+    c.ps, c.pe = cell_period(now, c.period)
+    c.new_period = c.r == nil or c.r[5] ~= c.ps
+    if not c.new_period then c.spent = stored_spend(c.r[6]) end
     c.remaining = c.budget - c.spent
     if c.remaining < c.low_water * c.budget and tier + 1 < ntiers and down < 0 then
       down = i - 1
@@ -102,7 +108,7 @@ for i = 1, n do
   local c = C[i]
   if c.budget >= 0 then
     if c.in_usd then
-      c.cost = input * tonumber(ARGV[c.prices + 2 * tier]) + output * tonumber(ARGV[c.prices + 2 * tier + 1])
+      c.cost = input * tonumber(ARGV[prices + 2 * tier]) + output * tonumber(ARGV[prices + 2 * tier + 1])
     else
       c.cost = input + output
     end
@@ -130,9 +136,8 @@ end
 -- 3. buckets: the cell that must wait longest refuses
 for i = 1, n do
   local c = C[i]
-  c.req_level, c.tok_level = 0, 0
-  if c.rpm > 0 then c.req_level = bucket_level(c.rk, c.req_cap, c.req_rate, now) end
-  if c.tpm > 0 then c.tok_level = bucket_level(c.tk, c.tok_cap, c.tok_rate, now) end
+  if c.rpm > 0 then c.req_level = cell_level(c.r, 1, c.req_cap, c.req_rate, now) end
+  if c.tpm > 0 then c.tok_level = cell_level(c.r, 3, c.tok_cap, c.tok_rate, now) end
 end
 if kind <= 1 then
   local best = 0
@@ -159,16 +164,18 @@ for i = 1, n do
     if c.rpm > 0 then c.req_level = c.req_level - 1 end
     if c.tpm > 0 then c.tok_level = c.tok_level - tokens end
   end
-  if c.rpm > 0 then bucket_store(c.rk, c.req_level, c.req_cap, c.req_rate, now) end
-  if c.tpm > 0 then bucket_store(c.tk, c.tok_level, c.tok_cap, c.tok_rate, now) end
-  if c.budget >= 0 then
-    if c.new_period or admitted then
-      if admitted then c.spent = add_spend(c.spent, c.cost) end
-      redis.call('HSET', c.bk, 'ps', string.format('%d', c.ps), 's', string.format('%d', c.spent))
-      if c.new_period and c.pe ~= NO_END then expire_after_period(c.bk, c.pe, now) end
-    end
-    c.remaining = c.budget - c.spent
+  if c.budget >= 0 and admitted then c.spent = add_spend(c.spent, c.cost) end
+  -- written when a bucket was refilled (bookkeeping, as the core), a period started or a
+  -- charge was made; a cell with nothing to keep is never written
+  if c.rpm > 0 or c.tpm > 0 or (c.budget >= 0 and (c.new_period or (admitted and c.cost ~= 0))) then
+    local r = c.r or {0, 0, 0, 0, -1, 0}
+    local s = {r[1], r[2], r[3], r[4], r[5], r[6]}
+    if c.rpm > 0 then s[1], s[2] = c.req_level, now end
+    if c.tpm > 0 then s[3], s[4] = c.tok_level, now end
+    if c.budget >= 0 then s[5], s[6] = c.ps, c.spent end
+    cell_write(KEYS[i], s, c, now)
   end
+  if c.budget >= 0 then c.remaining = c.budget - c.spent end
   charges[2 * i - 1] = admitted and c.cost or 0
   charges[2 * i] = c.budget >= 0 and c.ps or 0
 end

@@ -299,11 +299,9 @@ def compile_paths(tenants: dict[str, schema.TenantPolicy], flat_limits: Callable
             fail(("tenants", name), f"its path holds {len(default)} cells (windows, models "
                  f"and parents): at most {_core.MAX_PATH}")
             continue
-        # a root alone on its path keeps the flat decision (its keys are a flat tenant's);
-        # a member below a root is decided on the tree's keys even when alone on its path
-        alone_at_root = len(default) == 1 and default[0].id == root
-        base = HolderPath(root, default) if (
-            (name in members and not alone_at_root) or len(default) > 1) else None
+        # every member of a tree is decided on the tree's cells, even alone on its path:
+        # its cells are shared with the paths of the holders below it
+        base = HolderPath(root, default) if name in members or len(default) > 1 else None
         by_model: dict[str, HolderPath] = {}
         models = {m for x in (h, *chain) for m in x.models} if (
             h.models or any(x.models for x in chain)) else ()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import struct
 
 import redis
 from hypothesis import given, settings
@@ -24,8 +25,8 @@ _trees = itertools.count()
 
 
 def holder_path(cells: list[ref.Limits]) -> HolderPath:
-    """A tree of its own per example: the root's own cell is the last (flat keys), the
-    others are cells of holders below it."""
+    """A tree of its own per example: the root's own cell is the last, the others are
+    cells of holders below it."""
     root = f"root-{next(_trees)}"
     ids = [f"c{i}-{root}" for i in range(len(cells) - 1)] + [root]
     return HolderPath(root, tuple(PathCell(id=i, holder=i, label="", unit="",
@@ -33,17 +34,21 @@ def holder_path(cells: list[ref.Limits]) -> HolderPath:
                                   for i, lim in zip(ids, cells, strict=True)))
 
 
+def cell_state(r: redis.Redis, key: str) -> tuple[float, float, int, int]:
+    """(request level, token level, period start, spent) of a stored cell (lua/cell.lua);
+    absent: never used (full buckets, no period)."""
+    v = r.get(key)
+    if v is None:
+        return math.inf, math.inf, -1, 0
+    req, _, tok, _, ps, spent = struct.unpack("<6d", v)
+    return req, tok, int(ps), int(spent)
+
+
 def stored(r: redis.Redis, backend: RedisBackend, path: HolderPath) -> list[tuple]:
     out = []
     for c in path.cells:
-        rpm_key, tpm_key, budget_key = backend.keyspace.cell(path.root, c.id)
-
-        def level(key: str) -> float:
-            v = r.get(key)
-            return float(v.split()[0]) if v is not None else math.inf
-
-        b = r.hmget(budget_key, "ps", "s")
-        out.append((level(rpm_key), level(tpm_key), int(b[1]) if b[1] is not None else 0))
+        req, tok, _, spent = cell_state(r, backend.keyspace.cell(path.root, c.id))
+        out.append((req, tok, spent))
     return out
 
 
@@ -138,10 +143,33 @@ def test_settle_path_lua_matches_reference_model(valkey, cells, seq, adjustments
 def test_a_trees_keys_share_the_roots_slot(valkey):
     backend = RedisBackend(schema.RedisBackend(url=valkey.url))
     path = holder_path([ref.Limits(rpm=1), ref.Limits(budget=5), ref.Limits(tpm=9)])
-    keys = [k for c in path.cells for k in backend.keyspace.cell(path.root, c.id)]
+    keys = [backend.keyspace.cell(path.root, c.id) for c in path.cells]
     r = redis.Redis.from_url(valkey.url)
-    assert len(set(keys)) == 9
+    assert len(set(keys)) == 3
     assert len({r.execute_command("CLUSTER", "KEYSLOT", k) for k in keys}) == 1
-    # the root's own cell is its flat tenant keys: a holder that becomes a root keeps them
-    assert backend.keyspace.cell(path.root, path.root) == backend.keys(path.root)
+    r.close()
+
+
+def test_a_cell_with_a_period_expires_a_day_after_it_and_a_total_one_never(valkey):
+    clock = ManualClock()
+    backend = RedisBackend(schema.RedisBackend(url=valkey.url, timeout_ms=2000),
+                           clock_override=clock)
+    path = holder_path([ref.Limits(rpm=60), ref.Limits(budget=500, period=ref.P_DAY),
+                        ref.Limits(budget=500, period=ref.P_TOTAL)])
+
+    async def main():
+        await backend.start()
+        try:
+            assert (await backend.decide_path("t", path, 0, 10, 10, 20, False)).kind == 0
+        finally:
+            await backend.close()
+
+    asyncio.run(main())
+    r = redis.Redis.from_url(valkey.url)
+    bucket, day, total = (backend.keyspace.cell(path.root, c.id) for c in path.cells)
+    assert 0 < r.pttl(bucket) <= 1000 + 1000  # full again in 1 s (+1 s)
+    day_end_ms = (clock.now // 86_400_000_000 + 1) * 86_400_000 + 86_400_000
+    assert 0 <= (day_end_ms - clock.now // 1000) - r.pttl(day) < 5000
+    assert r.pttl(total) == -1
+    assert cell_state(r, total)[3] == 20
     r.close()

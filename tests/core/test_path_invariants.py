@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import struct
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -104,10 +105,13 @@ def spent_of(kind, backend, root, cid, lim: _core.Limits, now: int) -> int:
 
     r = redis_client.Redis.from_url(backend.cfg.url)
     try:
-        ps, s = r.hmget(backend.keyspace.cell(root, cid)[2], "ps", "s")
+        v = r.get(backend.keyspace.cell(root, cid))  # lua/cell.lua: six doubles
     finally:
         r.close()
-    if ps is None or int(ps) != _core.period_bounds(now, lim.period)[0]:
+    if v is None:
+        return 0
+    ps, s = struct.unpack("<6d", v)[4:]
+    if int(ps) != _core.period_bounds(now, lim.period)[0]:
         return 0
     return int(s)
 

@@ -111,7 +111,8 @@ class RedisBackend:
         self._tenant_keys: dict[str, bytes] = {}
         self._limit_args: dict[_core.Limits, tuple[bytes, int]] = {}
         self._candidates_packed: dict[tuple, tuple[bytes, bytes]] = {}
-        self._paths_packed: dict[HolderPath, tuple[bytes, int, bytes, int]] = {}
+        self._paths_packed: dict[HolderPath, tuple[list[str], tuple[bytes, int, bytes, int],
+                                                   list]] = {}
         self.late_replies = 0  # replies that came after their decision had timed out
         self.decisions = 0
 
@@ -278,20 +279,32 @@ class RedisBackend:
             self.late_replies += 1
             late.on_outcome(_outcome(reply))
 
-    def _path_packed(self, path: HolderPath) -> tuple[bytes, int, bytes, int]:
-        """A path's keys and its cells' ARGV (count, then each cell's limits), encoded once
-        per path (a policy reload makes new ones)."""
+    def _path_packed(self, path: HolderPath) -> tuple[list[str], bytes, list]:
+        """A path's keys (one per cell, lua/cell.lua) and its ARGV after the request's
+        (decide_path.lua), the encoded keys and arguments cached once per path (a policy
+        reload makes new ones)."""
         packed = self._paths_packed.get(path)
         if packed is None:
             if len(self._paths_packed) > 100_000:
                 self._paths_packed.clear()
-            keys = [k for c in path.cells for k in self.keyspace.cell(path.root, c.id)]
-            args: list = [len(path.cells)]
+            keys: list[str] = []
+            prices: Optional[tuple] = None
+            cells: list = []
             for c in path.cells:
-                args += limit_args(c.limits)
+                lim = c.limits
+                keys.append(self.keyspace.cell(path.root, c.id))
+                if lim.budget >= 0 and lim.budget_in_usd:
+                    if prices is not None and lim.prices != prices:
+                        raise ValueError("the USD cells of a path price a request alike")
+                    prices = lim.prices
+                cells += [lim.rpm, lim.tpm, repr(lim.burst), lim.budget,
+                          1 if lim.budget_in_usd else 0, lim.period, repr(lim.low_water)]
+            ntiers = path.cells[0].limits.ntiers
+            args = [len(path.cells), ntiers,
+                    *(p for pair in (prices or ((0, 0),) * ntiers) for p in pair), *cells]
             packed = self._paths_packed[path] = (
-                b"".join(bulk(k) for k in keys), len(keys),
-                b"".join(bulk(a) for a in args), len(args))
+                keys, (b"".join(bulk(k) for k in keys), len(keys),
+                       b"".join(bulk(a) for a in args), len(args)), args)
         return packed
 
     async def decide_path(self, tenant: str, path: HolderPath, tier: int, input_tokens: int,
@@ -302,14 +315,10 @@ class RedisBackend:
         and children). Every key carries the root's hash tag: one slot on a cluster."""
         request = [self._now_arg(), tier, input_tokens, output_tokens, firm_tokens,
                    1 if commit_on_deny else 0]
-        keys, nkeys, args, nargs = self._path_packed(path)
+        key_list, (keys, nkeys, args, nargs), arg_list = self._path_packed(path)
         if self.cfg.cluster:
-            key_list = [k for c in path.cells for k in self.keyspace.cell(path.root, c.id)]
-            cell_args: list = [len(path.cells)]
-            for c in path.cells:
-                cell_args += limit_args(c.limits)
             reply = await self.link.call(self.scripts.decide_path, key_list,
-                                         request + cell_args
+                                         request + arg_list
                                          + [self.link.deadline_on(key_list[0])])
         else:
             reply = await self._queued(
@@ -432,10 +441,9 @@ class RedisBackend:
         keys: list[str] = []
         args: list = [self._now_arg(), delta_tokens, SETTLED_TTL_MS, len(path.cells)]
         for c, (d_cost, period_start) in zip(path.cells, target.deltas, strict=True):
-            _, tpm_key, budget_key = self.keyspace.cell(path.root, c.id)
-            keys += [tpm_key, budget_key]
-            args += [c.limits.tpm, repr(c.limits.burst), c.limits.budget, c.limits.period,
-                     d_cost, period_start]
+            keys.append(self.keyspace.cell(path.root, c.id))
+            args += [c.limits.rpm, c.limits.tpm, repr(c.limits.burst), c.limits.budget,
+                     c.limits.period, d_cost, period_start]
         cluster = self.cfg.cluster
         keys.append(self.keyspace.path_settled(path.root, tenant, request_id) if cluster
                     else self.keyspace.settled(tenant, request_id))

@@ -27,15 +27,12 @@ class Keys:
         tag = self.tag(tenant)
         return f"{tag}:rpm", f"{tag}:tpm", f"{tag}:budget"
 
-    def cell(self, root: str, cell: str) -> tuple[str, str, str]:
-        """A cell of a holder tree (docs/budgets.md): its request bucket, token bucket and
-        budget, under the ROOT's hash tag so a whole tree is one slot and one script call.
-        The root's own first cell is the root's tenant keys: a holder that becomes a root
-        keeps its counters."""
-        if cell == root:
-            return self.tenant(root)
-        tag = f"{self.tag(root)}:c:{cell}"
-        return f"{tag}:rpm", f"{tag}:tpm", f"{tag}:budget"
+    def cell(self, root: str, cell: str) -> str:
+        """A cell of a holder tree (docs/budgets.md; lua/cell.lua): its buckets and budget in
+        one string, under the ROOT's hash tag so a whole tree is one slot, one script call
+        and one MGET. A holder's cells are new keys when it joins a tree (its flat keys
+        are not read)."""
+        return f"{self.tag(root)}:c:{cell}"
 
     def path_settled(self, root: str, tenant: str, request_id: str) -> str:
         """A path settlement's marker, in the tree's slot (a cluster settles there)."""

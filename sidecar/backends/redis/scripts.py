@@ -86,11 +86,12 @@ class Scripts:
                                       "provider_settle.lua")
         # a decision over a path of cells (a holder and its parents, its windows, its
         # model's cell: docs/budgets.md), and its settlement
-        self.decide_path = Script("decide_path_one.lua", "decide_path.lua", "deadline.lua",
-                                  "decide_path_one.lua")
-        self.decide_path_batch = Script("decide_path_batch.lua", "decide_path.lua",
+        self.decide_path = Script("decide_path_one.lua", "cell.lua", "decide_path.lua",
+                                  "deadline.lua", "decide_path_one.lua")
+        self.decide_path_batch = Script("decide_path_batch.lua", "cell.lua", "decide_path.lua",
                                         "deadline.lua", "batch.lua", "decide_path_batch.lua")
-        self.settle_path = Script("settle_path.lua", "ledger_spend.lua", "settle_path.lua")
+        self.settle_path = Script("settle_path.lua", "cell.lua", "ledger_spend.lua",
+                                  "settle_path.lua")
         # capacity leases (lease.py)
         self.lease = Script("lease.lua")
         self.lease_sweep = Script("lease_sweep.lua")
