@@ -45,8 +45,8 @@ def policy_text(url: str, leases: bool) -> str:
         "pricing: {gpt-4o: {input: 0.0025, output: 0.01}, gpt-4o-mini: {input: 0.00015, output: 0.0006}}",
         f"backend: {{kind: redis, url: '{url}', leases: {'true' if leases else 'false'}, timeout_ms: 2000}}",
         "tenants:",
-        f"  org: {{budget: {{usd: 9000000, period: month}}}}",
-        f"  team: {{parent: org, budget: {{usd: 9000000, period: month}}}}",
+        "  org: {budget: {usd: 9000000, period: month}}",
+        "  team: {parent: org, budget: {usd: 9000000, period: month}}",
     ]
     for i in range(TENANTS):
         own = f"limits: {{rpm: {HUGE}, tpm: {HUGE}}}, budget: {{usd: 9000000, period: day}}"

@@ -239,7 +239,7 @@ class MemoryBackend:
         self.decisions += 1
         if out.charged_tokens or out.charged_cost or out.charges and any(
                 c for c, _ in out.charges):
-            for c, (_, st) in zip(path.cells, cells):
+            for c, (_, st) in zip(path.cells, cells, strict=True):
                 if c.limits.budget >= 0:
                     self._dirty[c.id] = st
         return out
@@ -355,7 +355,7 @@ class MemoryBackend:
         self._dirty[tenant] = st0
         self._journal_pending.append((self._seq, tenant, request_id, st0.period_start,
                                       st0.spent, *cell))
-        for c, (lim, st) in zip(target.path.cells[1:], cells[1:]):
+        for c, (lim, st) in zip(target.path.cells[1:], cells[1:], strict=True):
             if lim.budget >= 0:
                 # the same request id under the cell's id: replay restores the cell's spend
                 self._dirty[c.id] = st

@@ -241,7 +241,8 @@ class Decider:
                                   time.monotonic(), est.model or policy.tiers[asked].model,
                                   _ledger_decision(CORE_KINDS[out.kind], out.tier > wanted),
                                   provider, est.input_tokens, bound_output, stored,
-                                  PathCharge(path, out.charges) if path is not None else None)
+                                  PathCharge(path, out.charges) if (
+                                      path is not None and out.charges is not None) else None)
             # a path's reservation is not shared (its record has no room for the path;
             # docs/budgets.md): another replica settles its usage as one without a
             # reservation, on the tenant's path

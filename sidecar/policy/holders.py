@@ -286,15 +286,15 @@ def compile_paths(tenants: dict[str, schema.TenantPolicy], flat_limits: Callable
     for name in tenants:
         if name not in needs:
             continue
-        h = holder(name)
-        if h is None:
+        mine = holder(name)
+        if mine is None:
             continue
         parent = tenants[name].parent
         up = chain_above(parent) if parent is not None else (name, (), ())
         if up is None:
             continue
-        root, upper, chain = up
-        default = h.own + upper
+        root, upper, above_me = up
+        default = mine.own + upper
         if len(default) > _core.MAX_PATH:
             fail(("tenants", name), f"its path holds {len(default)} cells (windows, models "
                  f"and parents): at most {_core.MAX_PATH}")
@@ -303,11 +303,11 @@ def compile_paths(tenants: dict[str, schema.TenantPolicy], flat_limits: Callable
         # its cells are shared with the paths of the holders below it
         base = HolderPath(root, default) if name in members or len(default) > 1 else None
         by_model: dict[str, HolderPath] = {}
-        models = {m for x in (h, *chain) for m in x.models} if (
-            h.models or any(x.models for x in chain)) else ()
+        models = {m for x in (mine, *above_me) for m in x.models} if (
+            mine.models or any(x.models for x in above_me)) else ()
         for model in sorted(models):
-            cells: list[PathCell] = list(h.own) + h.models.get(model, [])
-            for x in chain:
+            cells: list[PathCell] = list(mine.own) + mine.models.get(model, [])
+            for x in above_me:
                 cells += [c for c in x.own if _has_any(c)] + x.models.get(model, [])
             if len(cells) > _core.MAX_PATH:
                 fail(("tenants", name, "models", model), f"its path holds {len(cells)} cells: "

@@ -402,7 +402,7 @@ def settle_path(cells: list[tuple[Limits, State]], now: int, delta_tokens: int,
     (cost difference, period start of its charge)."""
     assert len(deltas) == len(cells)
     return [settle(lim, st, now, delta_tokens, d, ps)
-            for (lim, st), (d, ps) in zip(cells, deltas)]
+            for (lim, st), (d, ps) in zip(cells, deltas, strict=True)]
 
 
 # --- provider quotas (docs/providers.md) ---------------------------------------------

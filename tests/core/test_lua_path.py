@@ -81,7 +81,7 @@ def run_path(valkey, cells: list[ref.Limits], seq, batched: bool, adjustments=()
         try:
             calls, wants = [], []
             clock.now = times[0] - seq[0][0]
-            for (gap, tier, inp, out, firm_out, shadow), at in zip(seq, times, strict=True):
+            for (_, tier, inp, out, firm_out, shadow), at in zip(seq, times, strict=True):
                 tier = min(tier, len(cells[0].prices) - 1)
                 firm = inp + (out if firm_out else 0)
                 wants.append(ref.decide_path(model, at, tier, inp, out, firm, shadow))

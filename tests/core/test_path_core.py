@@ -75,7 +75,7 @@ def test_core_path_matches_reference_model(cells, seq):
 def test_settle_path_matches_reference_model(cells, seq, adjustments):
     model, core = both(cells)
     now = T0
-    for gap, tier, inp, out, firm_out, shadow in seq:
+    for gap, tier, inp, out, _, shadow in seq:
         now += gap
         tier = min(tier, len(cells[0].prices) - 1)
         ref.decide_path(model, now, tier, inp, out, inp, shadow)

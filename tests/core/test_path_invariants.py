@@ -168,7 +168,7 @@ def test_a_hierarchy_never_admits_beyond_any_level_and_settles_every_level(kind,
             path = paths[key]
             target = path_deltas(path, out.charges, actual, 0)
             await backend.settle(key, target, rid, actual - out.charged_tokens, 0, 0)
-            for c, (d_cost, charge_start) in zip(path.cells, target.deltas):
+            for c, (d_cost, charge_start) in zip(path.cells, target.deltas, strict=True):
                 apply(c.id, now, d_cost, charge_start)
 
         async def main():
@@ -189,7 +189,7 @@ def test_a_hierarchy_never_admits_beyond_any_level_and_settles_every_level(kind,
                     if out.kind in (_core.ALLOW, _core.DOWNGRADE):
                         admitted += 1
                         admitted_at[key].append(now)
-                        for c, (charged, ps) in zip(path.cells, out.charges):
+                        for c, (charged, ps) in zip(path.cells, out.charges, strict=True):
                             lim = c.limits
                             start = _core.period_bounds(now, lim.period)[0]
                             assert ps == start

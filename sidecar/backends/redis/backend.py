@@ -64,7 +64,7 @@ def _outcome(reply: list) -> _core.Outcome:
         return _core.Outcome(*reply)
     out = _core.Outcome(*reply[:17])
     out.cell = reply[18]
-    out.charges = tuple(zip(reply[19::2], reply[20::2]))
+    out.charges = tuple(zip(reply[19::2], reply[20::2], strict=True))
     return out
 
 
@@ -279,7 +279,8 @@ class RedisBackend:
             self.late_replies += 1
             late.on_outcome(_outcome(reply))
 
-    def _path_packed(self, path: HolderPath) -> tuple[list[str], bytes, list]:
+    def _path_packed(self, path: HolderPath
+                     ) -> tuple[list[str], tuple[bytes, int, bytes, int], list]:
         """A path's keys (one per cell, lua/cell.lua) and its ARGV after the request's
         (decide_path.lua), the encoded keys and arguments cached once per path (a policy
         reload makes new ones)."""
