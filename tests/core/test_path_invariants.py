@@ -16,7 +16,7 @@ import itertools
 import struct
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sidecar import _core
@@ -143,6 +143,11 @@ def test_a_hierarchy_never_admits_beyond_any_level_and_settles_every_level(kind,
     @settings(max_examples=EXAMPLES[kind], deadline=None,
               suppress_health_check=[HealthCheck.too_slow])
     @given(programs)
+    # refusals at the org's total (cell 2), a team (1) and a key (0), then at the org's
+    # minute window (3): every level is reached whatever hypothesis draws
+    @example((2000, 6000, 1200, 800, 30, [(w, 0, 400, 400, False)
+                                          for w in (0, 2, 1, 3, 0, 2, 1, 0)]))
+    @example((4000, 1000, 3000, 2500, 30, [(w, 0, 400, 400, False) for w in (0, 2, 1)]))
     def run(program):
         org_total, org_minute, team_total, key_total, key_rpm, steps = program
         clock = ManualClock()
