@@ -54,10 +54,15 @@ end
 
 -- writes a cell: s = {req level, req last, tok level, tok last, period start, spent};
 -- c its limits (rpm, tpm, req_cap, tok_cap, req_rate, tok_rate, budget, pe: its period end)
-local function cell_write(key, s, c, now)
+-- keep_ttl: the TTL already set is still right (a budget alone, in the period that set it)
+local function cell_write(key, s, c, now, keep_ttl)
   local v = struct.pack('<dddddd', s[1], s[2], s[3], s[4], s[5], s[6])
   if c.budget >= 0 and c.pe == NO_END then
     redis.call('SET', key, v)  -- a total budget: kept (SET also drops any earlier TTL)
+    return
+  end
+  if keep_ttl then
+    redis.call('SET', key, v, 'KEEPTTL')
     return
   end
   local ms = 1000

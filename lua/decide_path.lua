@@ -17,12 +17,15 @@
 -- ARGV[7]  number of cells n
 -- ARGV[8]  number of tiers t; ARGV[9..8+2t] nano-USD per input, output token per tier
 --          (one request's prices: every USD cell's; a tokens cell counts tokens)
--- then per cell 7: rpm, tpm, burst, budget (-1 = none), budget_in_usd (0/1), period,
---          low_water (decide.lua's meanings)
+-- ARGV[9+2t] every cell's limits, packed (struct '<ddddddd' per cell, in path order): rpm,
+--          tpm, burst, budget (-1 = none), budget_in_usd (0/1), period, low_water
+--          (decide.lua's meanings; doubles hold each exactly, burst and low_water bit for
+--          bit as the core has them)
 -- Why so compact: Redis turns every KEYS and ARGV entry into a Lua string before the
--- script runs, and each redis.call costs more than the arithmetic around it: one key and
--- seven arguments per cell, one MGET and one SET per cell keep a three-level decision
--- near a one-level one (bench/holders_cost.py).
+-- script runs, and each redis.call and each number parsed from text costs more than the
+-- arithmetic around it: one key per cell, the limits in one packed argument, one MGET and
+-- one SET per cell keep a three-level decision near a one-level one
+-- (bench/holders_cost.py).
 -- Reply: decide.lua's 17 integers (the header fields are the first cell's), then n, the
 -- index of the cell that refused or downgraded (-1: none), then per cell the cost it was
 -- charged (its unit) and its budget period start: 19 + 2n integers, an odd count, which
@@ -45,17 +48,15 @@ local ntiers = tonumber(ARGV[8])
 local prices = 9
 local C = {}
 local stored = redis.call('MGET', unpack(KEYS))
-local at = 9 + 2 * ntiers
+local packed, at = ARGV[9 + 2 * ntiers], 1
 for i = 1, n do
-  local c = {rpm = tonumber(ARGV[at]), tpm = tonumber(ARGV[at + 1]), burst = tonumber(ARGV[at + 2]),
-             budget = tonumber(ARGV[at + 3]), in_usd = ARGV[at + 4] == '1',
-             period = tonumber(ARGV[at + 5]), low_water = tonumber(ARGV[at + 6]),
-             r = cell_read(stored[i]), cost = 0, remaining = 0, ps = 0, pe = NO_END, spent = 0,
-             new_period = false, req_level = 0, tok_level = 0}
-  c.req_cap, c.tok_cap = c.rpm * c.burst, c.tpm * c.burst
-  c.req_rate, c.tok_rate = c.rpm / 60e6, c.tpm / 60e6
-  at = at + 7
-  C[i] = c
+  local rpm, tpm, burst, budget, in_usd, period, low_water
+  rpm, tpm, burst, budget, in_usd, period, low_water, at = struct.unpack('<ddddddd', packed, at)
+  C[i] = {rpm = rpm, tpm = tpm, burst = burst, budget = budget, in_usd = in_usd == 1,
+          period = period, low_water = low_water, r = cell_read(stored[i]), cost = 0,
+          remaining = 0, ps = 0, pe = NO_END, spent = 0, new_period = false, req_level = 0,
+          tok_level = 0, req_cap = rpm * burst, tok_cap = tpm * burst, req_rate = rpm / 60e6,
+          tok_rate = tpm / 60e6}
 end
 
 local function wait_us(deficit, rate)
@@ -173,7 +174,8 @@ for i = 1, n do
     if c.rpm > 0 then s[1], s[2] = c.req_level, now end
     if c.tpm > 0 then s[3], s[4] = c.tok_level, now end
     if c.budget >= 0 then s[5], s[6] = c.ps, c.spent end
-    cell_write(KEYS[i], s, c, now)
+    -- a budget alone in its period keeps the TTL its period's start set
+    cell_write(KEYS[i], s, c, now, c.rpm == 0 and c.tpm == 0 and not c.new_period)
   end
   if c.budget >= 0 then c.remaining = c.budget - c.spent end
   charges[2 * i - 1] = admitted and c.cost or 0

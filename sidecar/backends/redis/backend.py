@@ -19,6 +19,7 @@ the service sheds it, and says so.
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -55,6 +56,10 @@ def _is_outcome(reply: Any) -> bool:
     return (isinstance(reply, list) and (len(reply) in (17, 20) or (
         len(reply) >= 21 and len(reply) % 2 == 1 and reply[17] == (len(reply) - 19) // 2))
             and all(isinstance(x, int) for x in reply))
+
+
+# a cell's limits as decide_path.lua unpacks them (struct '<ddddddd'): exact as doubles
+_CELL_LIMITS = struct.Struct("<7d")
 
 
 def _outcome(reply: list) -> _core.Outcome:
@@ -290,7 +295,7 @@ class RedisBackend:
                 self._paths_packed.clear()
             keys: list[str] = []
             prices: Optional[tuple] = None
-            cells: list = []
+            limits = b""
             for c in path.cells:
                 lim = c.limits
                 keys.append(self.keyspace.cell(path.root, c.id))
@@ -298,11 +303,12 @@ class RedisBackend:
                     if prices is not None and lim.prices != prices:
                         raise ValueError("the USD cells of a path price a request alike")
                     prices = lim.prices
-                cells += [lim.rpm, lim.tpm, repr(lim.burst), lim.budget,
-                          1 if lim.budget_in_usd else 0, lim.period, repr(lim.low_water)]
+                limits += _CELL_LIMITS.pack(lim.rpm, lim.tpm, lim.burst, lim.budget,
+                                            1 if lim.budget_in_usd else 0, lim.period,
+                                            lim.low_water)
             ntiers = path.cells[0].limits.ntiers
             args = [len(path.cells), ntiers,
-                    *(p for pair in (prices or ((0, 0),) * ntiers) for p in pair), *cells]
+                    *(p for pair in (prices or ((0, 0),) * ntiers) for p in pair), limits]
             packed = self._paths_packed[path] = (
                 keys, (b"".join(bulk(k) for k in keys), len(keys),
                        b"".join(bulk(a) for a in args), len(args)), args)
