@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 from sidecar import contract
 from sidecar.backends.memory import MemoryBackend
@@ -172,3 +173,48 @@ tenants:
     assert (d.kind, d.reason) == (Kind.DENY_RATE, "holder:team")
     assert d.outcome.retry_after_s == 30
     assert spent(backend, "key", "org") == [80, 80]
+
+
+def test_every_level_survives_a_restart_of_the_embedded_backend(tmp_path):
+    """Decisions' charges (the snapshot at a clean stop) and a settlement (the journal,
+    without a snapshot after it) come back for every cell: the key, its model cell, the
+    team's two windows and the org; a repeated report of the same request changes nothing."""
+    state = str(tmp_path / "spend.json")
+    clock = ManualClock()
+    ids = ["batch-key", "batch-key{m:gpt-4o}", "team-support", "team-support{tokens-week}",
+           "acme"]
+
+    async def life(settle_rid: str = ""):
+        backend = MemoryBackend(state_file=state, clock=clock, flush_interval_s=3600)
+        await backend.start()
+        f = Flows(parse_policy(COMPANY.encode(), "<test>"), backend)
+        try:
+            if not settle_rid:
+                d = await f.decider.decide(Request(headers={"x-tenant-id": "batch-key"},
+                                                   body=body("gpt-4o", 1000)))
+                assert d.kind is Kind.ALLOW
+                return d.reservation_id, f.reservations.pop(d.reservation_id)
+            return await f.settlement.settle_usage(settle_rid, None, "gpt-4o", 100, 100,
+                                                   reservation=settle_res)
+        finally:
+            await backend.close()
+
+    rid, settle_res = asyncio.run(life())
+    before = Path(state).read_bytes()
+    first = asyncio.run(life(rid))
+    assert first.applied
+    # as if killed right after the settlement was acknowledged: the snapshot from before
+    # it, and the journal, which holds it
+    Path(state).write_bytes(before)
+
+    async def read():
+        backend = MemoryBackend(state_file=state, clock=clock)
+        await backend.start()
+        try:
+            again = await backend.was_settled("batch-key", rid)
+            return [backend.states[i].spent for i in ids], again
+        finally:
+            await backend.close()
+
+    spent, settled = asyncio.run(read())
+    assert spent == [200] * 5 and settled
