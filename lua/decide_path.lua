@@ -169,8 +169,7 @@ for i = 1, n do
   -- written when a bucket was refilled (bookkeeping, as the core), a period started or a
   -- charge was made; a cell with nothing to keep is never written
   if c.rpm > 0 or c.tpm > 0 or (c.budget >= 0 and (c.new_period or (admitted and c.cost ~= 0))) then
-    local r = c.r or {0, 0, 0, 0, -1, 0}
-    local s = {r[1], r[2], r[3], r[4], r[5], r[6]}
+    local s = c.r or {0, 0, 0, 0, -1, 0}  -- the cell's own copy: updated in place
     if c.rpm > 0 then s[1], s[2] = c.req_level, now end
     if c.tpm > 0 then s[3], s[4] = c.tok_level, now end
     if c.budget >= 0 then s[5], s[6] = c.ps, c.spent end
