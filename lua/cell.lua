@@ -41,6 +41,15 @@ local function cell_period(now, p)
   return b[1], b[2]
 end
 
+-- a cell's budget period: from the clock, or (period 6) the window the sidecar computed
+-- (a time zone, an anchor: docs/budgets.md) and, from its end on, the next one, so a
+-- Valkey clock a little ahead of the sidecar's rolls over exactly at the window's end
+local function cell_bounds(now, c)
+  if c.period ~= 6 then return cell_period(now, c.period) end
+  if now < c.we then return c.ws, c.we end
+  return c.we, c.wn
+end
+
 -- a bucket's level now (bucket_level's rule, common.lua): refilled since `last`, never
 -- above `cap`; a cell never stored reads full
 local function cell_level(r, i, cap, rate, now)

@@ -17,10 +17,12 @@
 -- ARGV[7]  number of cells n
 -- ARGV[8]  number of tiers t; ARGV[9..8+2t] nano-USD per input, output token per tier
 --          (one request's prices: every USD cell's; a tokens cell counts tokens)
--- ARGV[9+2t] every cell's limits, packed (struct '<ddddddd' per cell, in path order): rpm,
---          tpm, burst, budget (-1 = none), budget_in_usd (0/1), period, low_water
+-- ARGV[9+2t] every cell's limits, packed (struct '<dddddddddd' per cell, in path order):
+--          rpm, tpm, burst, budget (-1 = none), budget_in_usd (0/1), period, low_water
 --          (decide.lua's meanings; doubles hold each exactly, burst and low_water bit for
---          bit as the core has them)
+--          bit as the core has them), then for period 6 (a calendar window: a time zone, an
+--          anchor) the window's start and end and the next one's end, computed by the
+--          sidecar (cell.lua, cell_bounds)
 -- Why so compact: Redis turns every KEYS and ARGV entry into a Lua string before the
 -- script runs, and each redis.call and each number parsed from text costs more than the
 -- arithmetic around it: one key per cell, the limits in one packed argument, one MGET and
@@ -50,10 +52,12 @@ local C = {}
 local stored = redis.call('MGET', unpack(KEYS))
 local packed, at = ARGV[9 + 2 * ntiers], 1
 for i = 1, n do
-  local rpm, tpm, burst, budget, in_usd, period, low_water
-  rpm, tpm, burst, budget, in_usd, period, low_water, at = struct.unpack('<ddddddd', packed, at)
+  local rpm, tpm, burst, budget, in_usd, period, low_water, ws, we, wn
+  rpm, tpm, burst, budget, in_usd, period, low_water, ws, we, wn, at =
+    struct.unpack('<dddddddddd', packed, at)
   C[i] = {rpm = rpm, tpm = tpm, burst = burst, budget = budget, in_usd = in_usd == 1,
-          period = period, low_water = low_water, r = cell_read(stored[i]), cost = 0,
+          period = period, low_water = low_water, ws = ws, we = we, wn = wn,
+          r = cell_read(stored[i]), cost = 0,
           remaining = 0, ps = 0, pe = NO_END, spent = 0, new_period = false, req_level = 0,
           tok_level = 0, req_cap = rpm * burst, tok_cap = tpm * burst, req_rate = rpm / 60e6,
           tok_rate = tpm / 60e6}
@@ -92,7 +96,7 @@ local down = -1
 for i = 1, n do
   local c = C[i]
   if c.budget >= 0 then
-    c.ps, c.pe = cell_period(now, c.period)
+    c.ps, c.pe = cell_bounds(now, c)
     c.new_period = c.r == nil or c.r[5] ~= c.ps
     if not c.new_period then c.spent = stored_spend(c.r[6]) end
     c.remaining = c.budget - c.spent

@@ -11,7 +11,8 @@
 -- ARGV[3]  marker TTL in ms
 -- ARGV[4]  number of cells n
 -- then per cell: rpm, tpm, burst, budget (-1 = none), period, delta cost, period start µs
---          of its charge (-1 = unknown: the current period)
+--          of its charge (-1 = unknown: the current period), and a calendar window's start,
+--          end and next end (period 6; else 0 0 0: cell.lua, cell_bounds)
 -- then, optional: the request's spend (settle.lua's ARGV[10..16])
 -- Reply: {applied (1/0), the first cell's budget spent after (-1 without), now (µs)}
 
@@ -40,9 +41,10 @@ local stored = redis.call('MGET', unpack(KEYS, 1, n))
 local at = 5
 for i = 1, n do
   local c = {rpm = tonumber(ARGV[at]), tpm = tonumber(ARGV[at + 1]), burst = tonumber(ARGV[at + 2]),
-             budget = tonumber(ARGV[at + 3]), period = tonumber(ARGV[at + 4]), pe = NO_END}
+             budget = tonumber(ARGV[at + 3]), period = tonumber(ARGV[at + 4]), pe = NO_END,
+             ws = tonumber(ARGV[at + 7]), we = tonumber(ARGV[at + 8]), wn = tonumber(ARGV[at + 9])}
   local d_cost, charge_start = clamp_delta(tonumber(ARGV[at + 5])), tonumber(ARGV[at + 6])
-  at = at + 7
+  at = at + 10
   c.req_cap, c.req_rate = c.rpm * c.burst, c.rpm / 60e6
   c.tok_cap, c.tok_rate = c.tpm * c.burst, c.tpm / 60e6
   local r = cell_read(stored[i])
@@ -54,7 +56,7 @@ for i = 1, n do
     s[3], s[4], changed = level, now, true
   end
   if c.budget >= 0 then
-    local pstart, pend = cell_period(now, c.period)
+    local pstart, pend = cell_bounds(now, c)
     c.pe = pend
     local spent = 0
     if s[5] == pstart then spent = stored_spend(s[6]) end

@@ -43,6 +43,9 @@ P_DAY = 2
 P_MONTH = 3
 P_TOTAL = 4
 P_WEEK = 5  # UTC weeks from Monday 00:00
+# a calendar window given from outside (a time zone, a billing anchor: docs/budgets.md):
+# Limits.set_window(start, end, next_end), computed in Python with zoneinfo
+P_WINDOW = 6
 # the most cells one decision's path may hold (decide_path): a holder's windows and model
 # cells times its depth
 MAX_PATH = 32
@@ -129,6 +132,8 @@ cdef void _period_bounds(int64 now, int period, int64* start, int64* end) noexce
 def period_bounds(int64 now_us, int period):
     """[start, end) in microseconds of the UTC-aligned window that holds now_us."""
     cdef int64 s, e
+    if period < 0 or period > 5:
+        raise ValueError("a period from the clock: 0..5 (P_WINDOW's come from Limits)")
     _period_bounds(now_us, period, &s, &e)
     return s, e
 
@@ -146,6 +151,9 @@ cdef class Limits:
     cdef readonly double burst, low_water, req_cap, tok_cap, req_rate, tok_rate
     cdef readonly bint budget_in_usd
     cdef readonly int period, ntiers
+    # P_WINDOW: [win_start, win_end) the window the caller computed, win_next the end of
+    # the one after (so a clock a little past win_end rolls over exactly there)
+    cdef readonly int64 win_start, win_end, win_next
     cdef int64* _pin
     cdef int64* _pout
     cdef readonly tuple prices
@@ -163,7 +171,7 @@ cdef class Limits:
             raise ValueError("low_water must be in [0, 1)")
         if not (-1 <= budget < MAX_COST_C):
             raise ValueError(f"budget must be -1 (none) or in 0..{MAX_COST_C - 1}")
-        if period < 0 or period > 5:
+        if period < 0 or period > 6:
             raise ValueError("unknown period")
         self.prices = tuple((int(a), int(b)) for a, b in prices)
         if len(self.prices) < 1:
@@ -191,6 +199,12 @@ cdef class Limits:
         PyMem_Free(self._pin)
         PyMem_Free(self._pout)
 
+    def set_window(self, int64 start, int64 end, int64 next_end):
+        """P_WINDOW: the calendar window holding the caller's clock, and the next one's end."""
+        if not (0 <= start < end < next_end):
+            raise ValueError("a window needs 0 <= start < end < next_end")
+        self.win_start, self.win_end, self.win_next = start, end, next_end
+
     cdef inline int64 cost(self, int tier, int64 input_tokens, int64 output_tokens):
         # counts <= MAX_TOKENS and prices <= MAX_PRICE: the products and their sum stay
         # below 2^63; the result is capped at MAX_COST, more than any budget
@@ -200,6 +214,19 @@ cdef class Limits:
         else:
             c = input_tokens * self._pin[tier] + output_tokens * self._pout[tier]
         return MAX_COST_C if c > MAX_COST_C else c
+
+
+cdef inline void _lim_bounds(Limits lim, int64 now, int64* start, int64* end) noexcept:
+    # a budget's period: from the clock, or (P_WINDOW) the window the caller gave: the one
+    # it computed, or the next from its end on
+    if lim.period != 6:
+        _period_bounds(now, lim.period, start, end)
+    elif now < lim.win_end:
+        start[0] = lim.win_start
+        end[0] = lim.win_end
+    else:
+        start[0] = lim.win_end
+        end[0] = lim.win_next
 
 
 cdef inline int64 _add_spend(int64 spent, int64 amount):
@@ -388,7 +415,7 @@ cpdef Outcome decide(Limits lim, State st, int64 now_us, int tier, int64 input_t
             tokens = input_tokens + output_tokens
     # 2. budget
     if lim.budget >= 0:
-        _period_bounds(now_us, lim.period, &start, &end)
+        _lim_bounds(lim, now_us, &start, &end)
         if st.period_start != start:
             st.period_start = start
             st.spent = 0
@@ -564,7 +591,7 @@ cpdef Outcome decide_path(list cells, int64 now_us, int tier, int64 input_tokens
         cost[i] = 0
         remaining[i] = 0
         if lim.budget >= 0:
-            _period_bounds(now_us, lim.period, &start[i], &end[i])
+            _lim_bounds(lim, now_us, &start[i], &end[i])
             if st.period_start != start[i]:
                 st.period_start = start[i]
                 st.spent = 0
@@ -701,7 +728,7 @@ cpdef bint at_rest(Limits lim, State st, int64 now_us):
                                now_us) < lim.tok_cap:
         return False
     if lim.budget >= 0 and st.spent != 0:
-        _period_bounds(now_us, lim.period, &start, &end)
+        _lim_bounds(lim, now_us, &start, &end)
         if st.period_start == start:
             return False
     return True
@@ -731,7 +758,7 @@ cpdef int64 settle(Limits lim, State st, int64 now_us, int64 delta_tokens, int64
         st.tok_last = now_us
     if lim.budget < 0:
         return -1
-    _period_bounds(now_us, lim.period, &start, &end)
+    _lim_bounds(lim, now_us, &start, &end)
     if st.period_start != start:
         st.period_start = start
         st.spent = 0

@@ -19,6 +19,7 @@ P_DAY: int
 P_MONTH: int
 P_TOTAL: int
 P_WEEK: int
+P_WINDOW: int
 MAX_PATH: int
 NO_END_US: int
 MAX_TOKENS: int
@@ -45,6 +46,10 @@ class Limits:
     period: int
     ntiers: int
     prices: tuple[tuple[int, int], ...]
+    win_start: int
+    win_end: int
+    win_next: int
+    def set_window(self, start: int, end: int, next_end: int) -> None: ...
     def __init__(self, rpm: int = 0, tpm: int = 0, burst: float = 1.0, budget: int = -1,
                  budget_in_usd: bool = False, period: int = 2, low_water: float = 0.0,
                  prices: object = ((0, 0),)) -> None: ...

@@ -23,7 +23,7 @@ ALLOW, DOWNGRADE, DENY_RATE, DENY_BUDGET, TOO_LARGE = 0, 1, 2, 3, 4
 R_NONE, R_RPM, R_TPM, R_BUDGET, R_SIZE = 0, 1, 2, 3, 4
 R_PROVIDER = 5
 # Periods
-P_MINUTE, P_HOUR, P_DAY, P_MONTH, P_TOTAL, P_WEEK = 0, 1, 2, 3, 4, 5
+P_MINUTE, P_HOUR, P_DAY, P_MONTH, P_TOTAL, P_WEEK, P_WINDOW = 0, 1, 2, 3, 4, 5, 6
 NO_END = 2**62
 # Bounds (native/core.pyx). Python integers cannot wrap; the bounds are part of the rules
 # because the implementations' int64 and doubles need them: a count beyond MAX_TOKENS is
@@ -64,6 +64,16 @@ def period_bounds(now_us: int, period: int) -> tuple[int, int]:
     return start, calendar.timegm((ny, nm, 1, 0, 0, 0)) * US
 
 
+def lim_bounds(lim: "Limits", now: int) -> tuple[int, int]:
+    """A budget's period: from the clock, or (P_WINDOW) the window the caller gave, and
+    the next one from its end on (a clock a little past it rolls over exactly there)."""
+    if lim.period != P_WINDOW:
+        return period_bounds(now, lim.period)
+    if now < lim.win_end:
+        return lim.win_start, lim.win_end
+    return lim.win_end, lim.win_next
+
+
 def _civil_year_month(days: int) -> tuple[int, int]:
     import datetime
 
@@ -82,6 +92,10 @@ class Limits:
     low_water: float = 0.0
     # per tier: (nano-USD per input token, nano-USD per output token)
     prices: list[tuple[int, int]] = field(default_factory=lambda: [(0, 0)])
+    # P_WINDOW: the window the caller computed (a time zone, an anchor) and the next's end
+    win_start: int = 0
+    win_end: int = 0
+    win_next: int = 0
 
     @property
     def req_cap(self) -> float:
@@ -188,7 +202,7 @@ def decide(
     budget_remaining = 0
     budget_end = NO_END
     if lim.budget >= 0:
-        start, end = period_bounds(now, lim.period)
+        start, end = lim_bounds(lim, now)
         budget_end = end
         if st.period_start != start:
             st.period_start, st.spent = start, 0
@@ -273,7 +287,7 @@ def settle(lim: Limits, st: State, now: int, delta_tokens: int, delta_cost: int,
         st.tok_level, st.tok_last = min(lim.tok_cap, level - delta_tokens), now
     if lim.budget < 0:
         return -1
-    start, _ = period_bounds(now, lim.period)
+    start, _ = lim_bounds(lim, now)
     if st.period_start != start:
         st.period_start, st.spent = start, 0
     if period_start == start or period_start < 0:
@@ -301,7 +315,7 @@ def decide_path(cells: list[tuple[Limits, State]], now: int, tier: int, input_to
         if o.kind != ALLOW:
             o.cell = 0
         lim = cells[0][0]
-        o.charges = ((o.charged_cost, period_bounds(now, lim.period)[0] if lim.budget >= 0
+        o.charges = ((o.charged_cost, lim_bounds(lim, now)[0] if lim.budget >= 0
                       else 0),)
         return o
     assert 1 <= len(cells) <= MAX_PATH
@@ -323,7 +337,7 @@ def decide_path(cells: list[tuple[Limits, State]], now: int, tier: int, input_to
     down = -1
     for i, (lim, st) in enumerate(cells):
         if lim.budget >= 0:
-            start[i], end[i] = period_bounds(now, lim.period)
+            start[i], end[i] = lim_bounds(lim, now)
             if st.period_start != start[i]:
                 st.period_start, st.spent = start[i], 0
             st.spent = add_spend(st.spent, 0)

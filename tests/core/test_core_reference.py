@@ -34,9 +34,12 @@ def limit_sets(draw):
 
 
 def to_core(lim: ref.Limits) -> _core.Limits:
-    return _core.Limits(rpm=lim.rpm, tpm=lim.tpm, burst=lim.burst, budget=lim.budget,
-                        budget_in_usd=lim.budget_in_usd, period=lim.period,
-                        low_water=lim.low_water, prices=tuple(lim.prices))
+    out = _core.Limits(rpm=lim.rpm, tpm=lim.tpm, burst=lim.burst, budget=lim.budget,
+                       budget_in_usd=lim.budget_in_usd, period=lim.period,
+                       low_water=lim.low_water, prices=tuple(lim.prices))
+    if lim.period == ref.P_WINDOW:
+        out.set_window(lim.win_start, lim.win_end, lim.win_next)
+    return out
 
 
 requests = st.lists(

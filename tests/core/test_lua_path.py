@@ -104,7 +104,7 @@ def run_path(valkey, cells: list[ref.Limits], seq, batched: bool, adjustments=()
                 check_states(r, backend, path, cells, model)
             for i, (gap, d_tokens, d_cost) in enumerate(adjustments):
                 clock.now += gap
-                deltas = tuple((d_cost, ref.period_bounds(clock.now, lim.period)[0])
+                deltas = tuple((d_cost, ref.lim_bounds(lim, clock.now)[0])
                                for lim in cells)
                 want = ref.settle_path(model, clock.now, d_tokens, list(deltas))
                 target = PathSettlement(path, deltas)

@@ -35,9 +35,15 @@ def paths(draw, min_cells=1, max_cells=5):
             budget=draw(st.one_of(st.just(-1),
                                   st.integers(0, 60_000_000 if in_usd else 30_000))),
             budget_in_usd=in_usd,
-            period=draw(st.integers(0, 5)),
+            period=draw(st.integers(0, 6)),
             low_water=draw(st.sampled_from([0.0, 0.1, 0.5, 0.9])),
             prices=list(prices)))
+        if cells[-1].period == ref.P_WINDOW:
+            # a calendar window (a time zone, an anchor) around the sequence's start
+            hour = 3_600_000_000
+            cells[-1].win_start = T0 - draw(st.integers(0, 48)) * hour
+            cells[-1].win_end = T0 + draw(st.integers(1, 72)) * hour
+            cells[-1].win_next = cells[-1].win_end + draw(st.integers(1, 200)) * hour
     return cells
 
 
@@ -82,7 +88,7 @@ def test_settle_path_matches_reference_model(cells, seq, adjustments):
         _core.decide_path(core, now, tier, inp, out, inp, shadow)
     for gap, d_tokens, d_cost in adjustments:
         now += gap
-        deltas = [(d_cost, ref.period_bounds(now, lim.period)[0]) for lim in cells]
+        deltas = [(d_cost, ref.lim_bounds(lim, now)[0]) for lim in cells]
         assert _core.settle_path(core, now, d_tokens, deltas) == ref.settle_path(
             model, now, d_tokens, deltas)
         same_states(model, core)

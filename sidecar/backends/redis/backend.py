@@ -58,8 +58,13 @@ def _is_outcome(reply: Any) -> bool:
             and all(isinstance(x, int) for x in reply))
 
 
-# a cell's limits as decide_path.lua unpacks them (struct '<ddddddd'): exact as doubles
-_CELL_LIMITS = struct.Struct("<7d")
+# a cell's limits as decide_path.lua unpacks them (struct '<dddddddddd'): exact as doubles
+_CELL_LIMITS = struct.Struct("<10d")
+
+
+def _windows(path: HolderPath) -> tuple:
+    """The calendar windows a path's cells hold now (their ends): its encoding's key."""
+    return tuple(c.limits.win_end for c in path.cells if c.limits.period == _core.P_WINDOW)
 
 
 def _outcome(reply: list) -> _core.Outcome:
@@ -117,7 +122,7 @@ class RedisBackend:
         self._limit_args: dict[_core.Limits, tuple[bytes, int]] = {}
         self._candidates_packed: dict[tuple, tuple[bytes, bytes]] = {}
         self._paths_packed: dict[HolderPath, tuple[list[str], tuple[bytes, int, bytes, int],
-                                                   list]] = {}
+                                                   list, tuple]] = {}
         self.late_replies = 0  # replies that came after their decision had timed out
         self.decisions = 0
 
@@ -290,6 +295,8 @@ class RedisBackend:
         (decide_path.lua), the encoded keys and arguments cached once per path (a policy
         reload makes new ones)."""
         packed = self._paths_packed.get(path)
+        if packed is not None and packed[3] != _windows(path):
+            packed = None  # a calendar window moved on: its bounds are in the arguments
         if packed is None:
             if len(self._paths_packed) > 100_000:
                 self._paths_packed.clear()
@@ -305,14 +312,15 @@ class RedisBackend:
                     prices = lim.prices
                 limits += _CELL_LIMITS.pack(lim.rpm, lim.tpm, lim.burst, lim.budget,
                                             1 if lim.budget_in_usd else 0, lim.period,
-                                            lim.low_water)
+                                            lim.low_water, lim.win_start, lim.win_end,
+                                            lim.win_next)
             ntiers = path.cells[0].limits.ntiers
             args = [len(path.cells), ntiers,
                     *(p for pair in (prices or ((0, 0),) * ntiers) for p in pair), limits]
             packed = self._paths_packed[path] = (
                 keys, (b"".join(bulk(k) for k in keys), len(keys),
-                       b"".join(bulk(a) for a in args), len(args)), args)
-        return packed
+                       b"".join(bulk(a) for a in args), len(args)), args, _windows(path))
+        return packed[0], packed[1], packed[2]
 
     async def decide_path(self, tenant: str, path: HolderPath, tier: int, input_tokens: int,
                           output_tokens: int, firm_tokens: int, commit_on_deny: bool,
@@ -449,8 +457,9 @@ class RedisBackend:
         args: list = [self._now_arg(), delta_tokens, SETTLED_TTL_MS, len(path.cells)]
         for c, (d_cost, period_start) in zip(path.cells, target.deltas, strict=True):
             keys.append(self.keyspace.cell(path.root, c.id))
-            args += [c.limits.rpm, c.limits.tpm, repr(c.limits.burst), c.limits.budget,
-                     c.limits.period, d_cost, period_start]
+            lim = c.limits
+            args += [lim.rpm, lim.tpm, repr(lim.burst), lim.budget, lim.period, d_cost,
+                     period_start, lim.win_start, lim.win_end, lim.win_next]
         cluster = self.cfg.cluster
         keys.append(self.keyspace.path_settled(path.root, tenant, request_id) if cluster
                     else self.keyspace.settled(tenant, request_id))
