@@ -40,7 +40,7 @@ from sidecar.backends.state_files import (MAX_STATE_VALUE, SETTLED_IDS_MAX, Tena
 from sidecar.ledger.spend import (HELD_FIELD, LAST_DAY, SpendCell, SpendRecord, day_of,
                                   held_cell)
 from sidecar.metrics import BackendStats, StateFileStats
-from sidecar.policy.holders import HolderPath, PathSettlement
+from sidecar.policy.holders import HolderPath, PathSettlement, refresh_windows
 from sidecar.policy.schema import FailureMode
 
 log = logging.getLogger("kt.memory")
@@ -233,8 +233,10 @@ class MemoryBackend:
         """One decision over ``path``'s cells (docs/budgets.md), all charged or none. Each
         cell's state is kept under its id (a holder's first cell under its name: a flat
         tenant's state), so parents are shared by their children."""
+        now = self.clock()
+        refresh_windows(path, lambda: now)
         cells = [(c.limits, self.state_for(c.id, c.limits)) for c in path.cells]
-        out = _core.decide_path(cells, self.clock(), tier, input_tokens, output_tokens,
+        out = _core.decide_path(cells, now, tier, input_tokens, output_tokens,
                                 firm_tokens, commit_on_deny)
         self.decisions += 1
         if out.charged_tokens or out.charged_cost or out.charges and any(
@@ -340,6 +342,7 @@ class MemoryBackend:
             return Settlement(applied=False, budget_spent=st0.spent
                               if cells[0][0].budget >= 0 else -1)
         now = self.clock()
+        refresh_windows(target.path, lambda: now)
         spents = _core.settle_path(cells, now, delta_tokens, list(target.deltas))
         cell: tuple = ()
         if spend is not None:

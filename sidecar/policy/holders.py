@@ -11,7 +11,9 @@ holder) and the compilation; load.py calls ``compile_paths`` with its own limit 
 """
 from __future__ import annotations
 
+from datetime import date, datetime, time, timedelta, timezone
 from typing import Callable, Optional
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 
@@ -37,6 +39,9 @@ class PathCell(msgspec.Struct, frozen=True, gc=False):
     label: str  # e.g. "usd budget per week", "gpt-4o limits"
     unit: str  # "tokens", "usd" or "" (no budget)
     limits: _core.Limits
+    # a calendar window (P_WINDOW: a time zone, an anchor), shared by the cells of one
+    # Limits: its bounds are set on them before each decision (refresh_windows)
+    calendar: Optional["Calendar"] = None
 
 
 class HolderPath(msgspec.Struct, frozen=True, gc=False):
@@ -121,6 +126,22 @@ class _Holder:
         self.models: dict[str, list[PathCell]] = {}
 
 
+_calendars: dict[_core.Limits, "Calendar"] = {}
+
+
+def _calendar(limits: _core.Limits, b: Optional[schema.Budget]) -> Optional["Calendar"]:
+    """The Calendar of a P_WINDOW cell: one per compiled Limits (interned by its budget,
+    calendar included, so every cell sharing it shares its window)."""
+    if b is None or limits.period != _core.P_WINDOW:
+        return None
+    cal = _calendars.get(limits)
+    if cal is None:
+        if len(_calendars) > 100_000:  # reloads make new Limits: forget old ones
+            _calendars.clear()
+        cal = _calendars[limits] = Calendar(b)
+    return cal
+
+
 def _cells(name: str, model: str, id_base: str, lim: schema.Limits,
            windows: list[schema.Budget], where: Path_, build: BuildLimits,
            keep_empty: bool) -> Optional[list[PathCell]]:
@@ -134,7 +155,8 @@ def _cells(name: str, model: str, id_base: str, lim: schema.Limits,
         return None
     if has_limits or first is not None or keep_empty:
         out.append(PathCell(id=id_base, holder=name, label=_label(model, first, has_limits),
-                            unit=built[1], limits=built[0]))
+                            unit=built[1], limits=built[0],
+                            calendar=_calendar(built[0], first)))
     for b in windows[1:]:
         more = build(where, schema.Limits(), b)
         if more is None:
@@ -142,7 +164,7 @@ def _cells(name: str, model: str, id_base: str, lim: schema.Limits,
         out.append(PathCell(id=f"{id_base}{{{_window_id(b)}}}" if model == "" else
                             f"{id_base[:-1]}:{_window_id(b)}}}",
                             holder=name, label=_label(model, b, False), unit=more[1],
-                            limits=more[0]))
+                            limits=more[0], calendar=_calendar(more[0], b)))
     return out
 
 
@@ -170,7 +192,8 @@ def compile_paths(tenants: dict[str, schema.TenantPolicy], flat_limits: Callable
     their field path."""
     members = tree_members(tenants)
     needs = {n for n, t in tenants.items()
-             if n in members or t.budgets is not None or t.models}
+             if n in members or t.budgets is not None or t.models
+             or (t.budget is not None and is_calendar(t.budget))}
     if not needs:
         return {}, needs
     if has_providers:
@@ -301,7 +324,10 @@ def compile_paths(tenants: dict[str, schema.TenantPolicy], flat_limits: Callable
             continue
         # every member of a tree is decided on the tree's cells, even alone on its path:
         # its cells are shared with the paths of the holders below it
-        base = HolderPath(root, default) if name in members or len(default) > 1 else None
+        # (a calendar window too: only the path scripts take one)
+        base = HolderPath(root, default) if (
+            name in members or len(default) > 1
+            or any(c.calendar is not None for c in default)) else None
         by_model: dict[str, HolderPath] = {}
         models = {m for x in (mine, *above_me) for m in x.models} if (
             mine.models or any(x.models for x in above_me)) else ()
@@ -321,3 +347,95 @@ def compile_paths(tenants: dict[str, schema.TenantPolicy], flat_limits: Callable
 def _has_any(cell: PathCell) -> bool:
     lim = cell.limits
     return lim.rpm > 0 or lim.tpm > 0 or lim.budget >= 0
+
+
+# --- calendar windows: a time zone, a billing anchor (docs/budgets.md) --------------------
+WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_US = timedelta(microseconds=1)
+
+
+def is_calendar(b: schema.Budget) -> bool:
+    """A window the core cannot compute from the clock alone."""
+    return b.timezone is not None or b.start_day is not None or b.start_weekday is not None
+
+
+def calendar_problem(b: schema.Budget) -> Optional[tuple[str, str]]:
+    """(field, what is wrong) of a budget's calendar settings, or None."""
+    if not is_calendar(b):
+        return None
+    if b.period not in ("day", "week", "month"):
+        return "period", f"a time zone or start applies to day, week and month, not {b.period}"
+    if b.start_day is not None and (b.period != "month" or not 1 <= b.start_day <= 28):
+        return "start_day", "a month's start day: 1..28, with period month"
+    if b.start_weekday is not None and b.period != "week":
+        return "start_weekday", "a week's first day, with period week"
+    if b.timezone is not None:
+        try:
+            ZoneInfo(b.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            return "timezone", f"unknown IANA time zone {b.timezone!r} (e.g. Europe/Berlin)"
+    return None
+
+
+class Calendar:
+    """A day, week or month that starts at local midnight in a time zone, on a chosen day:
+    the window holding an instant and the next one's end, in µs since the epoch (the core's
+    P_WINDOW takes them, Limits.set_window). Computed from the clock (zoneinfo: daylight
+    saving changes make a day 23 or 25 hours long), no reset job; cached until it ends."""
+
+    __slots__ = ("period", "tz", "start_day", "weekday", "_cached")
+
+    def __init__(self, b: schema.Budget) -> None:
+        self.period = b.period
+        self.tz = ZoneInfo(b.timezone) if b.timezone is not None else timezone.utc
+        self.start_day = b.start_day or 1
+        self.weekday = WEEKDAYS.index(b.start_weekday or "monday")
+        self._cached: tuple[int, int, int] = (0, 0, 0)
+
+    def _first(self, d: date) -> date:
+        """The first local day of the window holding day ``d``."""
+        if self.period == "day":
+            return d
+        if self.period == "week":
+            return d - timedelta(days=(d.weekday() - self.weekday) % 7)
+        if d.day >= self.start_day:
+            return d.replace(day=self.start_day)
+        y, m = (d.year - 1, 12) if d.month == 1 else (d.year, d.month - 1)
+        return date(y, m, self.start_day)
+
+    def _after(self, first: date) -> date:
+        """The first local day of the window after the one starting on ``first``."""
+        if self.period == "day":
+            return first + timedelta(days=1)
+        if self.period == "week":
+            return first + timedelta(days=7)
+        y, m = (first.year + 1, 1) if first.month == 12 else (first.year, first.month + 1)
+        return date(y, m, self.start_day)
+
+    def _instant(self, d: date) -> int:
+        """Local midnight starting day ``d``, in µs since the epoch."""
+        return (datetime.combine(d, time(0), tzinfo=self.tz) - _EPOCH) // _US
+
+    def window(self, now_us: int) -> tuple[int, int, int]:
+        """(start, end) of the window holding ``now_us``, and the next window's end."""
+        c = self._cached
+        if c[0] <= now_us < c[1]:
+            return c
+        local = datetime.fromtimestamp(now_us // 1_000_000, self.tz).date()
+        first = self._first(local)
+        second = self._after(first)
+        c = self._cached = (self._instant(first), self._instant(second),
+                            self._instant(self._after(second)))
+        return c
+
+
+def refresh_windows(path: HolderPath, clock: Callable[[], int]) -> None:
+    """Give each calendar cell of ``path`` the window holding the time ``clock`` tells
+    (read only when the path has one), before the core or the scripts decide or settle."""
+    now_us = -1
+    for c in path.cells:
+        if c.calendar is not None:
+            if now_us < 0:
+                now_us = clock()
+            c.limits.set_window(*c.calendar.window(now_us))

@@ -22,7 +22,7 @@ import yaml
 from sidecar import _core
 from sidecar.ledger import config as ledger_config
 from sidecar.policy import schema
-from sidecar.policy.holders import HolderPath, compile_paths
+from sidecar.policy.holders import HolderPath, calendar_problem, compile_paths, is_calendar
 from sidecar.policy.tls import tls_context
 from sidecar.policy.url import check_redis_url
 from sidecar.policy.providers import (PRIORITY_RANK, ProviderPlan, compile_providers,
@@ -522,6 +522,12 @@ def _compile(policy: schema.Policy, source: str, digest: str,
             fail(bwhere, "set exactly one of `tokens` or `usd`")
         if not (0.0 <= budget.low_water < 1.0):
             fail(bwhere + ("low_water",), f"must be in [0, 1), got {budget.low_water}")
+        calendar = calendar_problem(budget)
+        if calendar is not None:
+            fail(bwhere + (calendar[0],), calendar[1])
+        elif is_calendar(budget) and where == ("defaults",):
+            fail(bwhere, "a time zone or start day for the defaults' budget is not supported "
+                 "yet: set it on the tenants (docs/budgets.md)")
         if budget.tokens is not None and not (0 <= budget.tokens <= _core.MAX_BUDGET):
             fail(bwhere + ("tokens",), f"must be in 0..{_core.MAX_BUDGET}, got {budget.tokens}")
         if budget.usd is not None:
@@ -547,6 +553,7 @@ def _compile(policy: schema.Policy, source: str, digest: str,
     def compiled_limits(where: Path_, lim: schema.Limits,
                         budget: Optional[schema.Budget]) -> Optional[tuple[_core.Limits, str]]:
         unit, amount, period, low_water = "", -1, _core.P_DAY, 0.0
+        calendar: Optional[tuple] = None
         if budget is not None:
             if budget.tokens is not None:
                 unit, amount = "tokens", budget.tokens
@@ -554,8 +561,12 @@ def _compile(policy: schema.Policy, source: str, digest: str,
                 assert budget.usd is not None
                 unit, amount = "usd", min(round(budget.usd * NANO_PER_USD), _core.MAX_BUDGET)
             period, low_water = PERIODS[budget.period], budget.low_water
+            if is_calendar(budget):  # its window comes from a Calendar (holders.py)
+                period = _core.P_WINDOW
+                calendar = (budget.period, budget.timezone, budget.start_day,
+                            budget.start_weekday)
         key = (lim.rpm or 0, lim.tpm or 0, lim.burst if lim.burst is not None else 1.0,
-               amount, unit, period, low_water)
+               amount, unit, period, low_water, calendar)
         limits = interned.get(key)
         if limits is None:
             try:

@@ -64,11 +64,20 @@ class Limits(_Strict, frozen=True):
     burst: Optional[float] = None  # bucket capacity = limit x burst; absent = 1.0
 
 
+Weekday = Literal["monday", "tuesday", "wednesday", "thursday", "friday", "saturday",
+                  "sunday"]
+
+
 class Budget(_Strict, frozen=True):
     tokens: Optional[int] = None
     usd: Optional[float] = None
     period: Period = "month"
     low_water: float = 0.0
+    # a calendar window (day, week, month; docs/budgets.md): days start at 00:00 in this
+    # IANA time zone (absent: UTC), a month on `start_day` (1..28), a week on `start_weekday`
+    timezone: Optional[str] = None
+    start_day: Optional[int] = None
+    start_weekday: Optional[Weekday] = None
 
 
 class ModelLimits(_Strict, frozen=True):

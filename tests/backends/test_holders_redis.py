@@ -90,3 +90,43 @@ def test_two_sidecars_never_let_a_tree_overspend_on_a_node_or_a_cluster(store):
                 await b.close()
 
     asyncio.run(main())
+
+
+def test_a_weekly_window_in_a_time_zone_rolls_over_at_its_local_start(store):
+    """Monday 00:00 in Berlin, by the scripts' clock (here an override: the sidecar computes
+    the window from the same one), on a node and on the cluster."""
+    from tests.policy.test_calendar import us
+
+    run = "wc" if store.cluster else "wn"
+    text = f"""
+tenant: {{header: x-tenant-id}}
+tiers: [{{name: d, model: m}}]
+tenants:
+  org-{run}: {{budget: {{tokens: 100000, period: month}}}}
+  key-{run}:
+    parent: org-{run}
+    budget: {{tokens: 500, period: week, timezone: Europe/Berlin}}
+"""
+    policy = parse_policy(text.encode(), "<test>")
+    monday = us("2026-11-22T23:00:00Z")  # Monday 2026-11-23 00:00 in Berlin
+    now = [monday - 1_000_000]
+    cfg = schema.RedisBackend(url=store.url, cluster=store.cluster, timeout_ms=2000)
+
+    async def main():
+        backend = RedisBackend(cfg, clock_override=lambda: now[0])
+        await backend.start()
+        try:
+            flows = Flows(policy, backend)
+            req = request(policy, f"key-{run}", 400)
+            first = await flows.decider.decide(req)
+            refused = await flows.decider.decide(req)
+            now[0] = monday
+            again = await flows.decider.decide(req)
+            return first, refused, again
+        finally:
+            await backend.close()
+
+    first, refused, again = asyncio.run(main())
+    assert first.kind is Kind.ALLOW
+    assert refused.kind is Kind.DENY_BUDGET and refused.outcome.retry_after_s == 1
+    assert again.kind is Kind.ALLOW and again.outcome.period_start_us == monday

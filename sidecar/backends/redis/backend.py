@@ -38,7 +38,7 @@ from sidecar.backends.redis.spend import SpendDays
 from sidecar.ledger.spend import LAST_DAY, SpendCell, SpendRecord
 from sidecar.metrics import BackendStats, LeaseStats
 from sidecar.policy import schema
-from sidecar.policy.holders import HolderPath, PathSettlement
+from sidecar.policy.holders import HolderPath, PathSettlement, refresh_windows
 
 # how long a settled request id is remembered (a repeated report within it is a no-op)
 SETTLED_TTL_MS = 7 * 24 * 3600 * 1000
@@ -330,6 +330,9 @@ class RedisBackend:
         and children). Every key carries the root's hash tag: one slot on a cluster."""
         request = [self._now_arg(), tier, input_tokens, output_tokens, firm_tokens,
                    1 if commit_on_deny else 0]
+        # calendar windows from this host's clock; the script rolls over at their end by
+        # Valkey's (lua/cell.lua, cell_bounds)
+        refresh_windows(path, self._wall_us)
         key_list, (keys, nkeys, args, nargs), arg_list = self._path_packed(path)
         if self.cfg.cluster:
             reply = await self.link.call(self.scripts.decide_path, key_list,
@@ -453,6 +456,7 @@ class RedisBackend:
         rides in the same call; on a cluster the marker is in the tree's slot and the spend
         follows in a second call, only when the settlement applied (docs/budgets.md)."""
         path = target.path
+        refresh_windows(path, self._wall_us)
         keys: list[str] = []
         args: list = [self._now_arg(), delta_tokens, SETTLED_TTL_MS, len(path.cells)]
         for c, (d_cost, period_start) in zip(path.cells, target.deltas, strict=True):
