@@ -17,12 +17,12 @@
 -- ARGV[7]  number of cells n
 -- ARGV[8]  number of tiers t; ARGV[9..8+2t] nano-USD per input, output token per tier
 --          (one request's prices: every USD cell's; a tokens cell counts tokens)
--- ARGV[9+2t] every cell's limits, packed (struct '<dddddddddd' per cell, in path order):
+-- ARGV[9+2t] every cell's limits, packed (struct '<ddddddd' per cell, in path order):
 --          rpm, tpm, burst, budget (-1 = none), budget_in_usd (0/1), period, low_water
 --          (decide.lua's meanings; doubles hold each exactly, burst and low_water bit for
---          bit as the core has them), then for period 6 (a calendar window: a time zone, an
---          anchor) the window's start and end and the next one's end, computed by the
---          sidecar (cell.lua, cell_bounds)
+--          bit as the core has them), and after a cell of period 6 (a calendar window: a
+--          time zone, an anchor) '<ddd': the window's start and end and the next one's
+--          end, computed by the sidecar (cell.lua, cell_bounds)
 -- Why so compact: Redis turns every KEYS and ARGV entry into a Lua string before the
 -- script runs, and each redis.call and each number parsed from text costs more than the
 -- arithmetic around it: one key per cell, the limits in one packed argument, one MGET and
@@ -53,8 +53,8 @@ local stored = redis.call('MGET', unpack(KEYS))
 local packed, at = ARGV[9 + 2 * ntiers], 1
 for i = 1, n do
   local rpm, tpm, burst, budget, in_usd, period, low_water, ws, we, wn
-  rpm, tpm, burst, budget, in_usd, period, low_water, ws, we, wn, at =
-    struct.unpack('<dddddddddd', packed, at)
+  rpm, tpm, burst, budget, in_usd, period, low_water, at = struct.unpack('<ddddddd', packed, at)
+  if period == 6 then ws, we, wn, at = struct.unpack('<ddd', packed, at) end
   C[i] = {rpm = rpm, tpm = tpm, burst = burst, budget = budget, in_usd = in_usd == 1,
           period = period, low_water = low_water, ws = ws, we = we, wn = wn,
           r = cell_read(stored[i]), cost = 0,
@@ -109,34 +109,30 @@ if down >= 0 then
   tier = tier + 1
   if kind == 0 then kind, cell = 1, down end
 end
+-- the cost at the tier it goes to, each cell in its unit; too large at any cell is the
+-- answer (permanent), else the first cell without room refuses, retry at the latest end
+-- (one pass: the prices read once)
+local pin, pout = tonumber(ARGV[prices + 2 * tier]), tonumber(ARGV[prices + 2 * tier + 1])
+local large, short = -1, -1
 for i = 1, n do
   local c = C[i]
   if c.budget >= 0 then
-    if c.in_usd then
-      c.cost = input * tonumber(ARGV[prices + 2 * tier]) + output * tonumber(ARGV[prices + 2 * tier + 1])
-    else
-      c.cost = input + output
-    end
+    if c.in_usd then c.cost = input * pin + output * pout else c.cost = input + output end
     if c.cost > MAX_COST then c.cost = MAX_COST end
-  end
-end
-if kind <= 1 then
-  for i = 1, n do
-    local c = C[i]
-    if c.budget >= 0 and c.cost > c.budget then
-      kind, reason, cell = 4, 3, i - 1
-      break
-    end
-  end
-end
-if kind <= 1 then
-  for i = 1, n do
-    local c = C[i]
-    if c.budget >= 0 and c.cost > c.remaining then
-      if kind <= 1 then kind, reason, cell = 3, 3, i - 1 end
+    if c.cost > c.budget then
+      if large < 0 then large = i - 1 end
+    elseif c.cost > c.remaining then
+      if short < 0 then short = i - 1 end
       if c.pe ~= NO_END and c.pe - now > retry_us then retry_us = c.pe - now end
     end
   end
+end
+if kind <= 1 and large >= 0 then
+  kind, reason, cell, retry_us = 4, 3, large, 0
+elseif kind <= 1 and short >= 0 then
+  kind, reason, cell = 3, 3, short
+else
+  retry_us = 0
 end
 -- 3. buckets: the cell that must wait longest refuses
 for i = 1, n do

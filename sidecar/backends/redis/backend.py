@@ -58,8 +58,10 @@ def _is_outcome(reply: Any) -> bool:
             and all(isinstance(x, int) for x in reply))
 
 
-# a cell's limits as decide_path.lua unpacks them (struct '<dddddddddd'): exact as doubles
-_CELL_LIMITS = struct.Struct("<10d")
+# a cell's limits as decide_path.lua unpacks them (struct '<ddddddd', and '<ddd' of a
+# calendar window's bounds after a P_WINDOW cell): exact as doubles
+_CELL_LIMITS = struct.Struct("<7d")
+_CELL_WINDOW = struct.Struct("<3d")
 
 
 def _windows(path: HolderPath) -> tuple:
@@ -312,8 +314,9 @@ class RedisBackend:
                     prices = lim.prices
                 limits += _CELL_LIMITS.pack(lim.rpm, lim.tpm, lim.burst, lim.budget,
                                             1 if lim.budget_in_usd else 0, lim.period,
-                                            lim.low_water, lim.win_start, lim.win_end,
-                                            lim.win_next)
+                                            lim.low_water)
+                if lim.period == _core.P_WINDOW:
+                    limits += _CELL_WINDOW.pack(lim.win_start, lim.win_end, lim.win_next)
             ntiers = path.cells[0].limits.ntiers
             args = [len(path.cells), ntiers,
                     *(p for pair in (prices or ((0, 0),) * ntiers) for p in pair), limits]
