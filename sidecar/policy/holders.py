@@ -284,10 +284,12 @@ def compile_paths(tenants: dict[str, schema.TenantPolicy], flat_limits: Callable
         return out, needs
     # above a holder: its parent's cells and theirs, up to the root (computed once per
     # parent: 100,000 keys under 1,000 teams walk each team once)
-    above: dict[str, tuple[str, tuple[PathCell, ...], tuple[_Holder, ...]]] = {}
+    above: dict[str, tuple[str, tuple[PathCell, ...], tuple[_Holder, ...], bool]] = {}
 
-    def chain_above(name: str) -> Optional[tuple[str, tuple[PathCell, ...], tuple[_Holder, ...]]]:
-        """(root, the cells of ``name`` and every holder above it, those holders)."""
+    def chain_above(name: str
+                    ) -> Optional[tuple[str, tuple[PathCell, ...], tuple[_Holder, ...], bool]]:
+        """(root, the cells of ``name`` and every holder above it, those holders, whether
+        any of them has model cells)."""
         got = above.get(name)
         if got is not None:
             return got
@@ -297,12 +299,12 @@ def compile_paths(tenants: dict[str, schema.TenantPolicy], flat_limits: Callable
         own = tuple(c for c in h.own if _has_any(c))
         parent = tenants[name].parent
         if parent is None:
-            got = (name, own, (h,))
+            got = (name, own, (h,), bool(h.models))
         else:
             up = chain_above(parent)
             if up is None:
                 return None
-            got = (up[0], own + up[1], (h,) + up[2])
+            got = (up[0], own + up[1], (h,) + up[2], bool(h.models) or up[3])
         above[name] = got
         return got
 
@@ -313,10 +315,10 @@ def compile_paths(tenants: dict[str, schema.TenantPolicy], flat_limits: Callable
         if mine is None:
             continue
         parent = tenants[name].parent
-        up = chain_above(parent) if parent is not None else (name, (), ())
+        up = chain_above(parent) if parent is not None else (name, (), (), False)
         if up is None:
             continue
-        root, upper, above_me = up
+        root, upper, above_me, models_above = up
         default = mine.own + upper
         if len(default) > _core.MAX_PATH:
             fail(("tenants", name), f"its path holds {len(default)} cells (windows, models "
@@ -328,10 +330,11 @@ def compile_paths(tenants: dict[str, schema.TenantPolicy], flat_limits: Callable
         base = HolderPath(root, default) if (
             name in members or len(default) > 1
             or any(c.calendar is not None for c in default)) else None
+        if not (mine.models or models_above):
+            out[name] = (base, None)
+            continue
         by_model: dict[str, HolderPath] = {}
-        models = {m for x in (mine, *above_me) for m in x.models} if (
-            mine.models or any(x.models for x in above_me)) else ()
-        for model in sorted(models):
+        for model in sorted({m for x in (mine, *above_me) for m in x.models}):
             cells: list[PathCell] = list(mine.own) + mine.models.get(model, [])
             for x in above_me:
                 cells += [c for c in x.own if _has_any(c)] + x.models.get(model, [])

@@ -522,10 +522,10 @@ def _compile(policy: schema.Policy, source: str, digest: str,
             fail(bwhere, "set exactly one of `tokens` or `usd`")
         if not (0.0 <= budget.low_water < 1.0):
             fail(bwhere + ("low_water",), f"must be in [0, 1), got {budget.low_water}")
-        calendar = calendar_problem(budget)
+        calendar = calendar_problem(budget) if is_calendar(budget) else None
         if calendar is not None:
             fail(bwhere + (calendar[0],), calendar[1])
-        elif is_calendar(budget) and where == ("defaults",):
+        elif where == ("defaults",) and is_calendar(budget):
             fail(bwhere, "a time zone or start day for the defaults' budget is not supported "
                  "yet: set it on the tenants (docs/budgets.md)")
         if budget.tokens is not None and not (0 <= budget.tokens <= _core.MAX_BUDGET):
