@@ -281,7 +281,9 @@ def compile_paths(tenants: dict[str, schema.TenantPolicy], flat_limits: Callable
 
     out: dict[str, tuple[Optional[HolderPath], Optional[dict[str, HolderPath]]]] = {}
     if not ok:
-        return out, needs
+        # the file fails: its tenants are checked as flat ones, so their own errors are
+        # reported too (every error in one run)
+        return out, set()
     # above a holder: its parent's cells and theirs, up to the root (computed once per
     # parent: 100,000 keys under 1,000 teams walk each team once)
     above: dict[str, tuple[str, tuple[PathCell, ...], tuple[_Holder, ...], bool]] = {}

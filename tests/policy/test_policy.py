@@ -260,3 +260,16 @@ def test_a_tree_deeper_than_its_bound_is_refused_in_one_line():
     # one level less loads, and its deepest key is decided on every level
     ok = parse_policy("\n".join(text.split("\n")[:2] + text.split("\n")[3:]).encode(), "x")
     assert len(ok.tenants["h1"].path.cells) == 1  # no level has limits of its own
+
+
+def test_a_cycle_does_not_hide_the_other_tenants_errors():
+    from sidecar.policy.load import parse_policy
+
+    text = ("tiers: [{name: d, model: m}]\ntenants:\n  a: {parent: b}\n  b: {parent: a}\n"
+            "  c: {budget: {tokens: 5, period: day, timezone: Mars/Olympus}}\n")
+    with pytest.raises(PolicyError) as info:
+        parse_policy(text.encode(), "p.yaml")
+    assert info.value.errors == [
+        "p.yaml: $.tenants.a.parent: a cycle of parents: a -> b -> a (line 3, column 15)",
+        "p.yaml: $.tenants.c.budget.timezone: unknown IANA time zone 'Mars/Olympus' (e.g. "
+        "Europe/Berlin) (line 5, column 50)"]
