@@ -93,6 +93,11 @@ local function period_bounds(t, p)
     if m == 12 then return s, days_from_civil(y + 1, 1, 1) * DAY_US end
     return s, days_from_civil(y, m + 1, 1) * DAY_US
   end
+  if p == 5 then  -- week from Monday 00:00 UTC (1970-01-01 was a Thursday)
+    local days = (t - math.fmod(t, DAY_US)) / DAY_US
+    days = days - math.fmod(days + 3, 7)
+    return days * DAY_US, (days + 7) * DAY_US
+  end
   local size = (p == 0 and 60 or (p == 1 and 3600 or 86400)) * US
   local s = t - math.fmod(t, size)
   return s, s + size

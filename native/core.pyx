@@ -42,6 +42,13 @@ P_HOUR = 1
 P_DAY = 2
 P_MONTH = 3
 P_TOTAL = 4
+P_WEEK = 5  # UTC weeks from Monday 00:00
+# a calendar window given from outside (a time zone, a billing anchor: docs/budgets.md):
+# Limits.set_window(start, end, next_end), computed in Python with zoneinfo
+P_WINDOW = 6
+# the most cells one decision's path may hold (decide_path): a holder's windows and model
+# cells times its depth
+MAX_PATH = 32
 
 cdef int64 US = 1000000
 cdef int64 DAY_US = 86400000000
@@ -106,6 +113,12 @@ cdef void _period_bounds(int64 now, int period, int64* start, int64* end) noexce
         else:
             end[0] = _days_from_civil(y, m + 1, 1) * DAY_US
         return
+    if period == 5:  # week from Monday 00:00 UTC (1970-01-01 was a Thursday)
+        days = now // DAY_US if now >= 0 else -((-now + DAY_US - 1) // DAY_US)
+        days -= (days + 3) % 7
+        start[0] = days * DAY_US
+        end[0] = start[0] + 7 * DAY_US
+        return
     if period == 0:
         size = 60 * US
     elif period == 1:
@@ -119,6 +132,8 @@ cdef void _period_bounds(int64 now, int period, int64* start, int64* end) noexce
 def period_bounds(int64 now_us, int period):
     """[start, end) in microseconds of the UTC-aligned window that holds now_us."""
     cdef int64 s, e
+    if period < 0 or period > 5:
+        raise ValueError("a period from the clock: 0..5 (P_WINDOW's come from Limits)")
     _period_bounds(now_us, period, &s, &e)
     return s, e
 
@@ -136,6 +151,9 @@ cdef class Limits:
     cdef readonly double burst, low_water, req_cap, tok_cap, req_rate, tok_rate
     cdef readonly bint budget_in_usd
     cdef readonly int period, ntiers
+    # P_WINDOW: [win_start, win_end) the window the caller computed, win_next the end of
+    # the one after (so a clock a little past win_end rolls over exactly there)
+    cdef readonly int64 win_start, win_end, win_next
     cdef int64* _pin
     cdef int64* _pout
     cdef readonly tuple prices
@@ -153,7 +171,7 @@ cdef class Limits:
             raise ValueError("low_water must be in [0, 1)")
         if not (-1 <= budget < MAX_COST_C):
             raise ValueError(f"budget must be -1 (none) or in 0..{MAX_COST_C - 1}")
-        if period < 0 or period > 4:
+        if period < 0 or period > 6:
             raise ValueError("unknown period")
         self.prices = tuple((int(a), int(b)) for a, b in prices)
         if len(self.prices) < 1:
@@ -181,6 +199,12 @@ cdef class Limits:
         PyMem_Free(self._pin)
         PyMem_Free(self._pout)
 
+    def set_window(self, int64 start, int64 end, int64 next_end):
+        """P_WINDOW: the calendar window holding the caller's clock, and the next one's end."""
+        if not (0 <= start < end < next_end):
+            raise ValueError("a window needs 0 <= start < end < next_end")
+        self.win_start, self.win_end, self.win_next = start, end, next_end
+
     cdef inline int64 cost(self, int tier, int64 input_tokens, int64 output_tokens):
         # counts <= MAX_TOKENS and prices <= MAX_PRICE: the products and their sum stay
         # below 2^63; the result is capped at MAX_COST, more than any budget
@@ -190,6 +214,19 @@ cdef class Limits:
         else:
             c = input_tokens * self._pin[tier] + output_tokens * self._pout[tier]
         return MAX_COST_C if c > MAX_COST_C else c
+
+
+cdef inline void _lim_bounds(Limits lim, int64 now, int64* start, int64* end) noexcept:
+    # a budget's period: from the clock, or (P_WINDOW) the window the caller gave: the one
+    # it computed, or the next from its end on
+    if lim.period != 6:
+        _period_bounds(now, lim.period, start, end)
+    elif now < lim.win_end:
+        start[0] = lim.win_start
+        end[0] = lim.win_end
+    else:
+        start[0] = lim.win_end
+        end[0] = lim.win_next
 
 
 cdef inline int64 _add_spend(int64 spent, int64 amount):
@@ -251,9 +288,15 @@ cdef class Outcome:
     # decide_routed: index of the candidate provider charged (-1: none), its buckets after
     cdef readonly int provider
     cdef readonly int64 provider_remaining_requests, provider_remaining_tokens
+    # decide_path: the index of the cell that refused, else of the one that downgraded
+    # (-1: none); charges: per cell, (cost charged in its unit, its period start µs), for
+    # settle_path (None from decide(): the one cell is charged_cost, period_start_us)
+    cdef public int cell
+    cdef public tuple charges
 
     def __cinit__(self, *args, **kwargs):
         self.provider = -1
+        self.cell = -1
         self.provider_remaining_requests = -1
         self.provider_remaining_tokens = -1
 
@@ -372,7 +415,7 @@ cpdef Outcome decide(Limits lim, State st, int64 now_us, int tier, int64 input_t
             tokens = input_tokens + output_tokens
     # 2. budget
     if lim.budget >= 0:
-        _period_bounds(now_us, lim.period, &start, &end)
+        _lim_bounds(lim, now_us, &start, &end)
         if st.period_start != start:
             st.period_start = start
             st.spent = 0
@@ -463,6 +506,215 @@ cpdef Outcome decide(Limits lim, State st, int64 now_us, int tier, int64 input_t
     return o
 
 
+DEF MAX_PATH_C = 32
+
+
+cpdef Outcome decide_path(list cells, int64 now_us, int tier, int64 input_tokens,
+                          int64 output_tokens, int64 firm_tokens, bint commit_on_deny=False):
+    """Decide one request over a path of cells, all of them or none, and apply it.
+
+    cells: [(Limits, State), ...], the requesting holder's own cell first (the outcome's
+    header fields are its), then its other windows and model cells, then its parent's,
+    up to the root (docs/budgets.md). The rules are decide()'s, taken over every cell:
+    the soft part of the estimate is trimmed to the smallest token bucket; the request
+    goes one tier down when any cell's budget is below its low water (every cell is then
+    charged at that tier's price, each in its own unit); it is too large when any cell can
+    never take it, refused by budget when any cell's budget has no room, refused by rate
+    when any cell's bucket has no room (retry-after: the longest wait among them); else
+    every cell is charged. A refusal charges no cell (unless commit_on_deny: shadow mode
+    charges them all). Outcome.cell names the cell that refused (the first in path order;
+    budget before buckets, as decide() checks them), or, when admitted one tier down, the
+    first cell below its low water; Outcome.charges lists each cell's (cost, period
+    start) for settle_path. A one-cell path is decide() exactly."""
+    cdef Py_ssize_t n = len(cells), i
+    cdef Limits lim
+    cdef State st
+    cdef Outcome o
+    cdef int kind = 0, reason = 0, cell = -1, down = -1, ntiers
+    cdef double retry_us = 0.0, w, wr, wt, best = 0.0
+    cdef int64 tokens
+    cdef int64 cost[MAX_PATH_C]
+    cdef int64 remaining[MAX_PATH_C]
+    cdef int64 start[MAX_PATH_C]
+    cdef int64 end[MAX_PATH_C]
+    cdef double req_level[MAX_PATH_C]
+    cdef double tok_level[MAX_PATH_C]
+    cdef bint admitted
+    if n == 1:
+        lim = <Limits>cells[0][0]
+        st = <State>cells[0][1]
+        o = decide(lim, st, now_us, tier, input_tokens, output_tokens, firm_tokens,
+                   commit_on_deny)
+        if o.kind != 0:
+            o.cell = 0
+        o.charges = ((o.charged_cost, o.period_start_us),)
+        return o
+    if n < 1 or n > MAX_PATH_C:
+        raise ValueError(f"a path holds 1..{MAX_PATH_C} cells")
+    ntiers = (<Limits>cells[0][0]).ntiers
+    for i in range(n):
+        if (<Limits>cells[i][0]).ntiers != ntiers:
+            raise ValueError("every cell of a path has the same tiers")
+    if tier < 0 or tier >= ntiers:
+        raise ValueError("tier out of range")
+    if now_us < 0:
+        raise ValueError("now_us must be >= 0")  # see decide()
+    if input_tokens < 0 or output_tokens < 0 or firm_tokens < 0:
+        raise ValueError("token counts must be >= 0")
+    # 0. beyond MAX_TOKENS: too large for every holder (decide()'s rule)
+    if input_tokens > MAX_TOKENS_C or output_tokens > MAX_TOKENS_C:
+        kind, reason, cell = 4, 4, 0
+        if input_tokens > MAX_TOKENS_C:
+            input_tokens = MAX_TOKENS_C
+        if output_tokens > MAX_TOKENS_C:
+            output_tokens = MAX_TOKENS_C
+    tokens = input_tokens + output_tokens
+    # 1. the soft part trimmed to every token bucket in turn: after the last, it fits the
+    #    smallest; the firm part larger than any bucket is too large there
+    for i in range(n):
+        lim = <Limits>cells[i][0]
+        if kind == 0 and lim.tpm > 0 and tokens > lim.tok_cap:
+            if firm_tokens > lim.tok_cap:
+                kind, reason, cell = 4, 2, i
+            else:
+                output_tokens = <int64>lim.tok_cap - input_tokens
+                if output_tokens < 0:
+                    output_tokens = 0
+                tokens = input_tokens + output_tokens
+    # 2. budgets: every period rolled from the clock; one tier down if any cell is below
+    #    its low water (the first such cell is named)
+    for i in range(n):
+        lim = <Limits>cells[i][0]
+        st = <State>cells[i][1]
+        start[i] = 0
+        end[i] = NO_END
+        cost[i] = 0
+        remaining[i] = 0
+        if lim.budget >= 0:
+            _lim_bounds(lim, now_us, &start[i], &end[i])
+            if st.period_start != start[i]:
+                st.period_start = start[i]
+                st.spent = 0
+            st.spent = _add_spend(st.spent, 0)
+            remaining[i] = lim.budget - st.spent
+            if remaining[i] < lim.low_water * lim.budget and tier + 1 < ntiers and down < 0:
+                down = i
+    if down >= 0:
+        tier += 1
+        if kind == 0:
+            kind, cell = 1, down
+    for i in range(n):
+        lim = <Limits>cells[i][0]
+        if lim.budget >= 0:
+            cost[i] = lim.cost(tier, input_tokens, output_tokens)
+    if kind <= 1:
+        for i in range(n):  # too large first: a permanent answer
+            lim = <Limits>cells[i][0]
+            if lim.budget >= 0 and cost[i] > lim.budget:
+                kind, reason, cell = 4, 3, i
+                break
+    if kind <= 1:
+        for i in range(n):
+            lim = <Limits>cells[i][0]
+            if lim.budget >= 0 and cost[i] > remaining[i]:
+                if kind <= 1:
+                    kind, reason, cell = 3, 3, i
+                if end[i] != NO_END and <double>(end[i] - now_us) > retry_us:
+                    retry_us = <double>(end[i] - now_us)
+    # 3. buckets: every cell's refilled (bookkeeping, as decide()); the cell that must
+    #    wait longest refuses, and its wait is the retry-after
+    for i in range(n):
+        lim = <Limits>cells[i][0]
+        st = <State>cells[i][1]
+        req_level[i] = 0.0
+        tok_level[i] = 0.0
+        if lim.rpm > 0:
+            req_level[i] = _refill(st.req_level, st.req_last, lim.req_cap, lim.req_rate, now_us)
+            st.req_level = req_level[i]
+            st.req_last = now_us
+        if lim.tpm > 0:
+            tok_level[i] = _refill(st.tok_level, st.tok_last, lim.tok_cap, lim.tok_rate, now_us)
+            st.tok_level = tok_level[i]
+            st.tok_last = now_us
+    if kind <= 1:
+        for i in range(n):
+            lim = <Limits>cells[i][0]
+            wr = 0.0
+            wt = 0.0
+            if lim.rpm > 0 and req_level[i] < 1.0:
+                wr = (1.0 - req_level[i]) / lim.req_rate
+            if lim.tpm > 0 and tok_level[i] < tokens:
+                wt = (tokens - tok_level[i]) / lim.tok_rate
+            w = wr if wr >= wt else wt
+            if w > 0.0 and w > best:
+                best = w
+                cell = i
+                reason = 1 if wr >= wt else 2
+        if best > 0.0:
+            kind, retry_us = 2, best
+    # 4. commit: every cell, or none
+    admitted = kind <= 1 or commit_on_deny
+    charges = []
+    for i in range(n):
+        lim = <Limits>cells[i][0]
+        st = <State>cells[i][1]
+        if admitted:
+            if lim.rpm > 0:
+                req_level[i] -= 1.0
+                st.req_level = req_level[i]
+            if lim.tpm > 0:
+                tok_level[i] -= tokens
+                st.tok_level = tok_level[i]
+            if lim.budget >= 0:
+                st.spent = _add_spend(st.spent, cost[i])
+                remaining[i] = lim.budget - st.spent
+        charges.append((cost[i] if admitted else 0, start[i] if lim.budget >= 0 else 0))
+    if kind == 0:
+        cell = -1
+    cdef int64 retry_after_s = 0
+    if retry_us > MAX_WAIT_US_C:
+        retry_us = MAX_WAIT_US_C
+    if retry_us > 0.0:
+        retry_after_s = <int64>ceil(retry_us / US)
+        if retry_after_s < 1:
+            retry_after_s = 1
+    # the header fields are the first cell's (the requesting holder's own limits)
+    lim = <Limits>cells[0][0]
+    o = Outcome.__new__(Outcome)
+    o.kind, o.reason, o.tier, o.retry_after_s = kind, reason, tier, retry_after_s
+    o.limit_requests = lim.rpm
+    o.limit_tokens = lim.tpm
+    if lim.rpm > 0:
+        o.remaining_requests = _remaining(req_level[0], lim.rpm)
+        o.reset_requests_us = _wait_us(lim.rpm - req_level[0], lim.req_rate)
+    if lim.tpm > 0:
+        o.remaining_tokens = _remaining(tok_level[0], lim.tpm)
+        o.reset_tokens_us = _wait_us(lim.tpm - tok_level[0], lim.tok_rate)
+    o.budget_limit = lim.budget
+    if lim.budget >= 0:
+        o.budget_remaining = remaining[0] if remaining[0] > 0 else 0
+        o.budget_reset_us = end[0] - now_us if end[0] != NO_END else 0
+        o.period_start_us = start[0]
+    if admitted:
+        o.charged_tokens, o.charged_cost = tokens, cost[0]
+    o.wait_us = <int64>ceil(retry_us)
+    o.cell = cell
+    o.charges = tuple(charges)
+    return o
+
+
+cpdef list settle_path(list cells, int64 now_us, int64 delta_tokens, list deltas):
+    """settle() on every cell of a recorded path: the same token difference on each, and
+    on each its own cost difference in its own unit, against the period its charge went
+    to. deltas: [(delta_cost, period_start), ...], one per cell. Returns each cell's
+    budget spent after it (-1 without a budget)."""
+    cdef Py_ssize_t i, n = len(cells)
+    if len(deltas) != n:
+        raise ValueError("one delta per cell")
+    return [settle(<Limits>cells[i][0], <State>cells[i][1], now_us, delta_tokens,
+                   deltas[i][0], deltas[i][1]) for i in range(n)]
+
+
 cpdef bint at_rest(Limits lim, State st, int64 now_us):
     """True when ``st`` is, under ``lim`` at now_us, what a fresh State() is: both buckets
     full again and nothing spent in the current budget period. From then on it decides
@@ -476,7 +728,7 @@ cpdef bint at_rest(Limits lim, State st, int64 now_us):
                                now_us) < lim.tok_cap:
         return False
     if lim.budget >= 0 and st.spent != 0:
-        _period_bounds(now_us, lim.period, &start, &end)
+        _lim_bounds(lim, now_us, &start, &end)
         if st.period_start == start:
             return False
     return True
@@ -506,7 +758,7 @@ cpdef int64 settle(Limits lim, State st, int64 now_us, int64 delta_tokens, int64
         st.tok_last = now_us
     if lim.budget < 0:
         return -1
-    _period_bounds(now_us, lim.period, &start, &end)
+    _lim_bounds(lim, now_us, &start, &end)
     if st.period_start != start:
         st.period_start = start
         st.spent = 0

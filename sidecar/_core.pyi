@@ -18,6 +18,9 @@ P_HOUR: int
 P_DAY: int
 P_MONTH: int
 P_TOTAL: int
+P_WEEK: int
+P_WINDOW: int
+MAX_PATH: int
 NO_END_US: int
 MAX_TOKENS: int
 MAX_RATE: int
@@ -43,6 +46,10 @@ class Limits:
     period: int
     ntiers: int
     prices: tuple[tuple[int, int], ...]
+    win_start: int
+    win_end: int
+    win_next: int
+    def set_window(self, start: int, end: int, next_end: int) -> None: ...
     def __init__(self, rpm: int = 0, tpm: int = 0, burst: float = 1.0, budget: int = -1,
                  budget_in_usd: bool = False, period: int = 2, low_water: float = 0.0,
                  prices: object = ((0, 0),)) -> None: ...
@@ -77,6 +84,8 @@ class Outcome:
     provider: int
     provider_remaining_requests: int
     provider_remaining_tokens: int
+    cell: int
+    charges: tuple[tuple[int, int], ...] | None
     def __init__(self, kind: int, reason: int, tier: int, retry_after_s: int,
                  limit_requests: int, remaining_requests: int, reset_requests_us: int,
                  limit_tokens: int, remaining_tokens: int, reset_tokens_us: int,
@@ -89,6 +98,10 @@ class Outcome:
 
 def decide(lim: Limits, st: State, now_us: int, tier: int, input_tokens: int,
            output_tokens: int, firm_tokens: int, commit_on_deny: bool = False) -> Outcome: ...
+def decide_path(cells: list[tuple[Limits, State]], now_us: int, tier: int, input_tokens: int,
+                output_tokens: int, firm_tokens: int, commit_on_deny: bool = False) -> Outcome: ...
+def settle_path(cells: list[tuple[Limits, State]], now_us: int, delta_tokens: int,
+                deltas: list[tuple[int, int]]) -> list[int]: ...
 def at_rest(lim: Limits, st: State, now_us: int) -> bool: ...
 def settle(lim: Limits, st: State, now_us: int, delta_tokens: int, delta_cost: int,
            period_start: int) -> int: ...

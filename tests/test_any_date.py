@@ -20,6 +20,7 @@ TIME_DEPENDENT = [
     "tests/ledger/test_ledger_spend.py", "tests/settlement/test_usage.py", "tests/core/test_lua_reference.py",
     "tests/backends/test_memory_backend.py", "tests/core/test_invariants.py",
     "tests/core/test_providers_redis.py", "tests/decision/test_providers_service.py",
+    "tests/core/test_path_invariants.py", "tests/decision/test_holders.py",
 ]
 
 

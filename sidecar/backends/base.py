@@ -12,6 +12,7 @@ from typing import Callable, NamedTuple, Optional, Protocol, Sequence, Union
 from sidecar._core import Limits, Outcome, Quota, State
 from sidecar.ledger.spend import LAST_DAY, SpendCell, SpendRecord
 from sidecar.metrics import BackendStats
+from sidecar.policy.holders import HolderPath, PathSettlement
 from sidecar.policy.schema import FailureMode, FailureModes
 
 
@@ -106,10 +107,26 @@ class Backend(Protocol):
         ``late``: where the outcome goes if the caller stops waiting (a timeout, or its
         task cancelled) and the backend applies the decision all the same."""
 
+    async def decide_path(
+        self,
+        tenant: str,
+        path: HolderPath,
+        tier: int,
+        input_tokens: int,
+        output_tokens: int,
+        firm_tokens: int,
+        commit_on_deny: bool,
+        late: Optional[LateReply] = None,
+    ) -> Outcome:
+        """One atomic decision over every cell of ``path`` (_core.decide_path; a holder,
+        its windows and model cells, its parents: docs/budgets.md): all charged or none.
+        Outcome.cell names the cell that refused or downgraded, Outcome.charges what each
+        cell was charged (the reservation keeps it with the path, for settle)."""
+
     async def settle(
         self,
         tenant: str,
-        limits: Limits,
+        limits: Union[Limits, PathSettlement],
         request_id: str,
         delta_tokens: int,
         delta_cost: int,
@@ -118,7 +135,10 @@ class Backend(Protocol):
     ) -> Settlement:
         """Apply actual-minus-charged usage once per request id (idempotent). ``spend``: the
         ledger's record of the request, added to the tenant's spend per day and model in
-        the same atomic step (only when applied)."""
+        the same atomic step (only when applied). ``limits`` a PathSettlement: every cell
+        of the path a decision was charged on moves (delta_tokens, and each cell's own
+        cost difference; ``delta_cost`` and ``period_start_us`` are then unused), and
+        ``budget_spent`` is the first cell's."""
 
     async def was_settled(self, tenant: str, request_id: str) -> bool:
         """Whether a settlement with this (tenant, id) was applied: its idempotency marker,

@@ -29,7 +29,7 @@ import logging
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 
 from sidecar import _core
@@ -40,6 +40,7 @@ from sidecar.backends.state_files import (MAX_STATE_VALUE, SETTLED_IDS_MAX, Tena
 from sidecar.ledger.spend import (HELD_FIELD, LAST_DAY, SpendCell, SpendRecord, day_of,
                                   held_cell)
 from sidecar.metrics import BackendStats, StateFileStats
+from sidecar.policy.holders import HolderPath, PathSettlement, refresh_windows
 from sidecar.policy.schema import FailureMode
 
 log = logging.getLogger("kt.memory")
@@ -226,6 +227,25 @@ class MemoryBackend:
                 self._hold(tenant, out.period_start_us, out.charged_cost)
         return out
 
+    async def decide_path(self, tenant: str, path: HolderPath, tier: int, input_tokens: int,
+                          output_tokens: int, firm_tokens: int, commit_on_deny: bool,
+                          late: Optional[LateReply] = None) -> _core.Outcome:
+        """One decision over ``path``'s cells (docs/budgets.md), all charged or none. Each
+        cell's state is kept under its id (a holder's first cell under its name: a flat
+        tenant's state), so parents are shared by their children."""
+        now = self.clock()
+        refresh_windows(path, lambda: now)
+        cells = [(c.limits, self.state_for(c.id, c.limits)) for c in path.cells]
+        out = _core.decide_path(cells, now, tier, input_tokens, output_tokens,
+                                firm_tokens, commit_on_deny)
+        self.decisions += 1
+        if out.charged_tokens or out.charged_cost or out.charges and any(
+                c for c, _ in out.charges):
+            for c, (_, st) in zip(path.cells, cells, strict=True):
+                if c.limits.budget >= 0:
+                    self._dirty[c.id] = st
+        return out
+
     async def decide_routed(self, tenant: str, limits: _core.Limits, tier: int,
                             input_tokens: int, output_tokens: int, firm_tokens: int,
                             commit_on_deny: bool, priority: int, spill: int,
@@ -262,9 +282,11 @@ class MemoryBackend:
                            delta_requests)
         return True
 
-    async def settle(self, tenant: str, limits: _core.Limits, request_id: str, delta_tokens: int,
-                     delta_cost: int, period_start_us: int,
+    async def settle(self, tenant: str, limits: Union[_core.Limits, PathSettlement],
+                     request_id: str, delta_tokens: int, delta_cost: int, period_start_us: int,
                      spend: Optional[SpendRecord] = None) -> Settlement:
+        if isinstance(limits, PathSettlement):
+            return await self._settle_path(tenant, limits, request_id, delta_tokens, spend)
         st = self.state_for(tenant, limits)
         key = (tenant, request_id)  # per tenant: one tenant's id never settles another's
         seen = self.settled.get(key)
@@ -303,6 +325,47 @@ class MemoryBackend:
                                       *cell, *held))
         await self._durable()
         return Settlement(applied=True, budget_spent=spent, at_us=now)
+
+    async def _settle_path(self, tenant: str, target: PathSettlement, request_id: str,
+                           delta_tokens: int, spend: Optional[SpendRecord]) -> Settlement:
+        """settle() on every cell of a recorded path, once per (tenant, id); each cell's
+        spend after it is journaled (one record per cell, the tenant's own first, which
+        carries the ledger's spend), so a restart brings every level back. Held spend is
+        not kept for paths (docs/budgets.md)."""
+        cells = [(c.limits, self.state_for(c.id, c.limits)) for c in target.path.cells]
+        st0 = cells[0][1]
+        key = (tenant, request_id)
+        seen = self.settled.get(key)
+        if seen is not None:
+            if seen > self._durable_seq:
+                await self._durable()
+            return Settlement(applied=False, budget_spent=st0.spent
+                              if cells[0][0].budget >= 0 else -1)
+        now = self.clock()
+        refresh_windows(target.path, lambda: now)
+        spents = _core.settle_path(cells, now, delta_tokens, list(target.deltas))
+        cell: tuple = ()
+        if spend is not None:
+            day = day_of(now)
+            cell = (day, spend.model, *self._add_spend(tenant, day, spend))
+        if self._files is None:
+            self._remember(key, 0)
+            return Settlement(applied=True, budget_spent=spents[0], at_us=now)
+        self._seq += 1
+        self._remember(key, self._seq)
+        # the tenant's own cell first: its record carries the ledger's spend and, on replay,
+        # the (tenant, id) that makes a repeated report a no-op
+        self._dirty[tenant] = st0
+        self._journal_pending.append((self._seq, tenant, request_id, st0.period_start,
+                                      st0.spent, *cell))
+        for c, (lim, st) in zip(target.path.cells[1:], cells[1:], strict=True):
+            if lim.budget >= 0:
+                # the same request id under the cell's id: replay restores the cell's spend
+                self._dirty[c.id] = st
+                self._journal_pending.append((self._seq, c.id, request_id, st.period_start,
+                                              st.spent))
+        await self._durable()
+        return Settlement(applied=True, budget_spent=spents[0], at_us=now)
 
     async def was_settled(self, tenant: str, request_id: str) -> bool:
         return (tenant, request_id) in self.settled

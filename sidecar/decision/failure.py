@@ -23,11 +23,15 @@ def mode_for(backend: Backend, rule: TenantRule) -> str:
     fm = backend.failure_mode
     if isinstance(fm, str):
         return fm
-    lim = rule.limits
+    # every cell the tenant may be decided on: a parent's budget is a budget too
+    cells = [rule.limits]
+    for path in [rule.path, *(rule.model_paths or {}).values()]:
+        if path is not None:
+            cells += [c.limits for c in path.cells]
     modes = []
-    if lim.rpm > 0 or lim.tpm > 0:
+    if any(lim.rpm > 0 or lim.tpm > 0 for lim in cells):
         modes.append(fm.rate_limits)
-    if lim.budget >= 0:
+    if any(lim.budget >= 0 for lim in cells):
         modes.append(fm.budgets)
     if not modes:
         return "open"

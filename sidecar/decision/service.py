@@ -25,6 +25,7 @@ from sidecar.ledger.recorder import Ledger
 from sidecar.metrics import Metrics
 from sidecar.model import (CORE_KINDS, OTHER_TENANTS, REASON_FROZEN, REASON_PROVIDER_FULL,
                            REASON_PROVIDER_QUOTA, REASON_TOKEN_RATE, Decision, Kind, Request)
+from sidecar.policy.holders import HolderPath, PathCell, PathCharge, path_deltas
 from sidecar.policy.load import CompiledPolicy, TenantRule
 from sidecar.policy.providers import PRIORITY_RANK
 from sidecar.settlement.book import (REQUEST_ID_KEY, ReservationBook, ReservationIds,
@@ -33,6 +34,30 @@ from sidecar.settlement.bound import output_bound, stored_input_bound
 from sidecar.settlement.late import LateRefunds
 
 log = logging.getLogger("kt.service")
+
+
+def holder_answer(cell: PathCell, tenant: str, kind: Kind, retry_after_s: int
+                  ) -> tuple[str, str]:
+    """x-kt-reason and the error message when a cell other than the tenant's own first one
+    refused or downgraded a request (docs/budgets.md): they name the holder and which of
+    its limits, never its figures (another holder's budget is not the client's to see)."""
+    reason = f"holder:{cell.holder}"
+    if kind is Kind.DOWNGRADE:
+        return reason, ""
+    what = f"the {cell.label} of {cell.holder!r}" if cell.holder != tenant \
+        else f"its {cell.label}"
+    whose = (f", which tenant {tenant!r} draws on," if cell.holder != tenant else "")
+    retry = f" Try again in {retry_after_s}s." if retry_after_s > 0 else ""
+    if kind is Kind.DENY_BUDGET:
+        return reason, (f"Budget exhausted for tenant {tenant!r}: {what}{whose} has no room "
+                        f"for this request.{retry}")
+    if kind is Kind.DENY_RATE:
+        return reason, (f"Rate limit reached for tenant {tenant!r}: {what}{whose} has no "
+                        f"room for this request now.{retry}")
+    if kind is Kind.TOO_LARGE:
+        return reason, (f"Request too large for tenant {tenant!r}: {what}{whose} can never "
+                        "admit it.")
+    return reason, ""
 
 
 def _ledger_decision(kind: Kind, downgraded: bool) -> str:
@@ -161,8 +186,17 @@ class Decider:
         late = LateReply()
         router = self.router(policy)
         candidates = router.candidates(asked) if router is not None else []
+        # budget holders (docs/budgets.md): the path of cells when the tenant has more than
+        # its own (a parent, several windows, a model's cell); None on the fast path
+        path = rule.path
+        if rule.model_paths is not None:
+            path = rule.model_paths.get(est.model or policy.tiers[asked].model, path)
         try:
-            if router is None:
+            if path is not None:  # never with providers (the policy refuses both)
+                out = await self.backend.decide_path(tenant, path, asked, est.input_tokens,
+                                                     est.output_tokens, est.firm_tokens,
+                                                     rule.shadow, late)
+            elif router is None:
                 out = await self.backend.decide(tenant, rule.limits, asked, est.input_tokens,
                                                 est.output_tokens, est.firm_tokens, rule.shadow,
                                                 late)
@@ -180,7 +214,7 @@ class Decider:
                 key = self._late_key(decision, req)
                 late.on_outcome = functools.partial(
                     self._late_outcome, decision.kind, tenant, rule, key,
-                    candidates=candidates, input_tokens=est.input_tokens)
+                    candidates=candidates, input_tokens=est.input_tokens, path=path)
             return decision
         except asyncio.CancelledError:
             # the caller stopped waiting (Envoy's own ext_authz timeout cancels the gRPC
@@ -189,7 +223,7 @@ class Decider:
             late.on_outcome = functools.partial(
                 self._late_outcome, Kind.UNAVAILABLE, tenant, rule,
                 REQUEST_ID_KEY + req.request_id if req.request_id else "",
-                candidates=candidates, input_tokens=est.input_tokens)
+                candidates=candidates, input_tokens=est.input_tokens, path=path)
             raise
         chosen = router.observe(out, candidates) if router is not None else None
         provider = chosen.provider if chosen is not None else ""
@@ -213,8 +247,13 @@ class Decider:
                                   time.monotonic(), est.model or policy.tiers[asked].model,
                                   _ledger_decision(CORE_KINDS[out.kind], out.tier > wanted),
                                   provider, est.input_tokens, bound_output, stored,
-                                  att.user, attribution.joined(att.tags))
-            if self.backend.shares_reservations:
+                                  att.user, attribution.joined(att.tags),
+                                  PathCharge(path, out.charges) if (
+                                      path is not None and out.charges is not None) else None)
+            # a path's reservation is not shared (its record has no room for the path;
+            # docs/budgets.md): another replica settles its usage as one without a
+            # reservation, on the tenant's path
+            if self.backend.shares_reservations and path is None:
                 self.backend.share_reservation(tenant, rid, reservation_record(
                     out.tier, served, out.charged_tokens, out.charged_cost,
                     out.period_start_us, provider, est.input_tokens, bound_output, stored,
@@ -224,13 +263,17 @@ class Decider:
         admitted = kind in (Kind.ALLOW, Kind.DOWNGRADE)
         if not admitted and rule.shadow:
             log.info("shadow: tenant=%s would be %s", tenant, kind.value)
-        reason = ""
+        reason = message = ""
         if out.reason == _core.R_PROVIDER:
             reason = REASON_PROVIDER_FULL if admitted else REASON_PROVIDER_QUOTA
+        elif path is not None and out.cell > 0 and kind is not Kind.ALLOW:
+            reason, message = holder_answer(path.cells[out.cell], tenant, kind,
+                                            out.retry_after_s)
         return Decision(kind, tenant=tenant, tier=tier.name, model=tier.model,
                         priority=rule.priority, outcome=out, shadow=not admitted and rule.shadow,
                         downgraded=out.tier > wanted, budget_unit=rule.budget_unit,
-                        reservation_id=rid, provider=provider, reason=reason)
+                        reservation_id=rid, provider=provider, reason=reason,
+                        message=message)
 
     def _attribution_dropped(self, field: str, why: str) -> None:
         self.metrics.attribution_dropped.labels(field, why).inc()
@@ -245,7 +288,7 @@ class Decider:
 
     def _late_outcome(self, answered: Kind, tenant: str, rule: TenantRule, request_id: str,
                       out: _core.Outcome, candidates: Sequence[Candidate] = (),
-                      input_tokens: int = 0) -> None:
+                      input_tokens: int = 0, path: Optional[HolderPath] = None) -> None:
         """Redis applied a decision after it timed out and the failure mode had answered.
         The charge it made is right only if the request went on: refund it when the
         sidecar itself refused the request (fail closed); keep it, as the request's
@@ -258,8 +301,9 @@ class Decider:
         if not (out.charged_tokens or out.charged_cost):
             action = "nothing_charged"
         elif answered in (Kind.FAIL_CLOSED, Kind.OVERLOADED):
-            self.refunds.refund(tenant, rule.limits, out.charged_tokens, out.charged_cost,
-                                out.period_start_us)
+            self.refunds.refund(tenant, rule.limits if path is None or out.charges is None
+                                else path_deltas(path, out.charges, 0, 0),
+                                out.charged_tokens, out.charged_cost, out.period_start_us)
             if 0 <= out.provider < len(candidates):  # and the provider's request and tokens
                 self.refunds.refund_provider(candidates[out.provider], out.charged_tokens, 1)
             return
@@ -271,7 +315,9 @@ class Decider:
             # the estimate was (``input_tokens``), for the ledger (settlement/bound.py)
             self.reservations.put(request_id, tenant, out.tier, self.policy.tiers[out.tier].model,
                                   out.charged_tokens, out.charged_cost, out.period_start_us,
-                                  time.monotonic(), provider=provider, bound_input=input_tokens)
+                                  time.monotonic(), provider=provider, bound_input=input_tokens,
+                                  path_charge=PathCharge(path, out.charges) if (
+                                      path is not None and out.charges is not None) else None)
         self.metrics.late_replies.labels(action).inc()
 
     def _observe(self, tenant: str, rule: TenantRule, out: _core.Outcome) -> None:

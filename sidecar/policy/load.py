@@ -23,13 +23,14 @@ from sidecar import _core, contract
 from sidecar import attribution as attribution_
 from sidecar.ledger import config as ledger_config
 from sidecar.policy import schema
+from sidecar.policy.holders import HolderPath, calendar_problem, compile_paths, is_calendar
 from sidecar.policy.tls import tls_context
 from sidecar.policy.url import check_redis_url
 from sidecar.policy.providers import (PRIORITY_RANK, ProviderPlan, compile_providers,
                                       compile_queue)
 
 PERIODS = {"minute": _core.P_MINUTE, "hour": _core.P_HOUR, "day": _core.P_DAY,
-           "month": _core.P_MONTH, "total": _core.P_TOTAL}
+           "week": _core.P_WEEK, "month": _core.P_MONTH, "total": _core.P_TOTAL}
 # USD per 1K tokens -> nano-USD per token
 NANO_PER_USD_PER_1K = 1_000_000
 NANO_PER_USD = 1_000_000_000
@@ -73,6 +74,17 @@ class TenantRule(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     budget_unit: str  # "tokens", "usd" or "" (no budget)
     priority_rank: int = _core.PRIO_NORMAL  # _core.PRIO_*: the reservation rule's index
     spill_to_next_tier: bool = True  # providers: may go one tier down when its tier is full
+    # budget holders (docs/budgets.md): the path of cells a request is decided on, when it
+    # is more than the tenant's own cell (None: decided on ``limits`` alone, the fast path);
+    # and the paths of the models with cells of their own on it
+    path: Optional[HolderPath] = None
+    model_paths: Optional[dict[str, HolderPath]] = None
+
+    def path_for(self, model: str) -> Optional[HolderPath]:
+        """The path a request for ``model`` is decided on (None: ``limits`` alone)."""
+        if self.model_paths is not None:
+            return self.model_paths.get(model, self.path)
+        return self.path
 
 
 @dataclass(frozen=True)
@@ -558,6 +570,12 @@ def _compile(policy: schema.Policy, source: str, digest: str,
             fail(bwhere, "set exactly one of `tokens` or `usd`")
         if not (0.0 <= budget.low_water < 1.0):
             fail(bwhere + ("low_water",), f"must be in [0, 1), got {budget.low_water}")
+        calendar = calendar_problem(budget) if is_calendar(budget) else None
+        if calendar is not None:
+            fail(bwhere + (calendar[0],), calendar[1])
+        elif where == ("defaults",) and is_calendar(budget):
+            fail(bwhere, "a time zone or start day for the defaults' budget is not supported "
+                 "yet: set it on the tenants (docs/budgets.md)")
         if budget.tokens is not None and not (0 <= budget.tokens <= _core.MAX_BUDGET):
             fail(bwhere + ("tokens",), f"must be in 0..{_core.MAX_BUDGET}, got {budget.tokens}")
         if budget.usd is not None:
@@ -583,6 +601,7 @@ def _compile(policy: schema.Policy, source: str, digest: str,
     def compiled_limits(where: Path_, lim: schema.Limits,
                         budget: Optional[schema.Budget]) -> Optional[tuple[_core.Limits, str]]:
         unit, amount, period, low_water = "", -1, _core.P_DAY, 0.0
+        calendar: Optional[tuple] = None
         if budget is not None:
             if budget.tokens is not None:
                 unit, amount = "tokens", budget.tokens
@@ -590,8 +609,12 @@ def _compile(policy: schema.Policy, source: str, digest: str,
                 assert budget.usd is not None
                 unit, amount = "usd", min(round(budget.usd * NANO_PER_USD), _core.MAX_BUDGET)
             period, low_water = PERIODS[budget.period], budget.low_water
+            if is_calendar(budget):  # its window comes from a Calendar (holders.py)
+                period = _core.P_WINDOW
+                calendar = (budget.period, budget.timezone, budget.start_day,
+                            budget.start_weekday)
         key = (lim.rpm or 0, lim.tpm or 0, lim.burst if lim.burst is not None else 1.0,
-               amount, unit, period, low_water)
+               amount, unit, period, low_water, calendar)
         limits = interned.get(key)
         if limits is None:
             try:
@@ -616,11 +639,53 @@ def _compile(policy: schema.Policy, source: str, digest: str,
                                   shadow=policy.shadow_mode, budget_unit=built[1],
                                   priority_rank=PRIORITY_RANK[d.priority],
                                   spill_to_next_tier=d.spill_to_next_tier)
+    # budget holders: parents, several windows, per-model cells (holders.py); the tenants
+    # they handle (their own fields checked there) get their rule from their path below
+    def own_limits(name: str) -> schema.Limits:
+        t = policy.tenants[name]
+        if t.limits is None:
+            return d.limits
+        return schema.Limits(
+            rpm=t.limits.rpm if t.limits.rpm is not None else d.limits.rpm,
+            tpm=t.limits.tpm if t.limits.tpm is not None else d.limits.tpm,
+            burst=t.limits.burst if t.limits.burst is not None else d.limits.burst)
+
+    def own_budget(name: str) -> Optional[schema.Budget]:
+        t = policy.tenants[name]
+        return t.budget if t.budget is not None else d.budget
+
+    def build(where: Path_, lim: schema.Limits,
+              budget: Optional[schema.Budget]) -> Optional[tuple[_core.Limits, str]]:
+        if not (limits_ok(where, lim) and budget_ok(where, budget)):
+            return None
+        return compiled_limits(where, lim, budget)
+
+    paths: dict = {}
+    handled: set[str] = set()
+    if defaults_ok and policy.tiers:
+        paths, handled = compile_paths(policy.tenants, own_limits, own_budget, build, fail,
+                                       bool(policy.providers))
     tenants: dict[str, TenantRule] = {}
     for name, t in policy.tenants.items():
         where: Path_ = ("tenants", name)
         if not name or len(name) > 128:
             fail(("tenants",), f"tenant name {name!r} must be 1..128 characters")
+            continue
+        got = paths.get(name) if name in handled else None
+        if name in handled and got is None:
+            continue  # its errors were reported with its path's
+        if got is not None and (got[0] is not None or got[1]):  # a holder with a path
+            if True:
+                path, model_paths = got
+                first = (path if path is not None else next(iter(model_paths.values()))
+                         ).cells[0]
+                tenants[name] = TenantRule(
+                    name=name, priority=t.priority or d.priority, limits=first.limits,
+                    shadow=t.shadow_mode if t.shadow_mode is not None else policy.shadow_mode,
+                    budget_unit=first.unit, priority_rank=PRIORITY_RANK[t.priority or d.priority],
+                    spill_to_next_tier=(t.spill_to_next_tier if t.spill_to_next_tier is not None
+                                        else d.spill_to_next_tier),
+                    path=path, model_paths=model_paths)
             continue
         own_ok = limits_ok(where, t.limits) and budget_ok(where, t.budget)
         if not own_ok or not defaults_ok or not policy.tiers:

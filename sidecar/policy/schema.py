@@ -13,7 +13,7 @@ import msgspec
 from sidecar.attribution import AttributionConfig
 from sidecar.ledger.config import LedgerConfig
 
-Period = Literal["minute", "hour", "day", "month", "total"]
+Period = Literal["minute", "hour", "day", "week", "month", "total"]
 Priority = Literal["low", "normal", "high"]
 FailureMode = Literal["open", "closed", "envoy"]
 
@@ -65,17 +65,42 @@ class Limits(_Strict, frozen=True):
     burst: Optional[float] = None  # bucket capacity = limit x burst; absent = 1.0
 
 
+Weekday = Literal["monday", "tuesday", "wednesday", "thursday", "friday", "saturday",
+                  "sunday"]
+
+
 class Budget(_Strict, frozen=True):
     tokens: Optional[int] = None
     usd: Optional[float] = None
     period: Period = "month"
     low_water: float = 0.0
+    # a calendar window (day, week, month; docs/budgets.md): days start at 00:00 in this
+    # IANA time zone (absent: UTC), a month on `start_day` (1..28), a week on `start_weekday`
+    timezone: Optional[str] = None
+    start_day: Optional[int] = None
+    start_weekday: Optional[Weekday] = None
+
+
+class ModelLimits(_Strict, frozen=True):
+    """A holder's limits and budgets for one model (docs/budgets.md), applied together
+    with its overall ones to requests for that model."""
+    limits: Optional[Limits] = None
+    budget: Optional[Budget] = None
+    budgets: Optional[list[Budget]] = None
 
 
 class TenantPolicy(_Strict, frozen=True):
     priority: Optional[Priority] = None
     limits: Optional[Limits] = None
     budget: Optional[Budget] = None
+    # several windows at once (docs/budgets.md), e.g. usd 50 a day and usd 1000 a month;
+    # `budget:` is the one-window form (set one of them)
+    budgets: Optional[list[Budget]] = None
+    # the holder above this one (a team, an org: another entry of `tenants`); a request
+    # is admitted only if every holder up to the root admits it (docs/budgets.md)
+    parent: Optional[str] = None
+    # per-model limits and budgets of this holder, by the model a request asks for
+    models: Optional[dict[str, ModelLimits]] = None
     shadow_mode: Optional[bool] = None
     # providers: when every provider of the request's tier is full, try the next tier
     spill_to_next_tier: Optional[bool] = None

@@ -12,6 +12,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from sidecar.policy.holders import PathCharge
+
 log = logging.getLogger("kt.book")
 
 # An unsettled reservation is forgotten after this long, or when this many are open
@@ -79,6 +81,9 @@ class Reservation:
     # joined by commas (atomic values keep the book's tuples untracked by the GC)
     user: str = ""
     tags: str = ""
+    # a decision over a path of cells (docs/budgets.md): the path and each cell's charge,
+    # settled as recorded whatever the policy says by then; None: the tenant's own limits
+    path_charge: Optional[PathCharge] = None
 
 
 # a shared reservation's provider field (provider ids are [A-Za-z0-9._-], never "|"), and
@@ -162,10 +167,11 @@ class ReservationBook:
             charged_cost: int, period_start_us: int, created_s: float, model_asked: str = "",
             decision: str = "", provider: str = "", bound_input: int = 0,
             bound_output: int = -1, stored_input: int = 0, user: str = "",
-            tags: str = "") -> None:
+            tags: str = "", path_charge: Optional[PathCharge] = None) -> None:
         self._book[request_id] = (tenant, tier, model, charged_tokens, charged_cost,
                                   period_start_us, created_s, model_asked, decision, provider,
-                                  bound_input, bound_output, stored_input, user, tags)
+                                  bound_input, bound_output, stored_input, user, tags,
+                                  path_charge)
         self._book.move_to_end(request_id)
         self.expire()
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Callable
+from typing import Callable, Union
 
 from sidecar import _core
 from sidecar.backends.base import Backend, BackendError, Candidate
 from sidecar.metrics import Metrics
+from sidecar.policy.holders import PathSettlement
 
 log = logging.getLogger("kt.settle")
 
@@ -23,9 +24,10 @@ class LateRefunds:
         self.metrics = metrics
         self.track = track  # keeps each refund referenced until it is done
 
-    def refund(self, tenant: str, limits: _core.Limits, tokens: int, cost: int,
-               period_start_us: int) -> None:
-        """Give a tenant back what a decision that did not stand charged it."""
+    def refund(self, tenant: str, limits: Union[_core.Limits, PathSettlement], tokens: int,
+               cost: int, period_start_us: int) -> None:
+        """Give a tenant back what a decision that did not stand charged it (a path's
+        decision: ``limits`` is its PathSettlement, each cell's charge negated)."""
         async def refund() -> None:
             try:
                 await self.backend.settle(tenant, limits, f"late-refund:{uuid.uuid4().hex}",

@@ -22,11 +22,12 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import Awaitable, Callable, Optional
+from typing import Awaitable, Callable, Optional, Union
 
 from sidecar import _core
 from sidecar.backends.base import Backend, BackendError, BackendTimeout, Settlement
 from sidecar.ledger.spend import SpendRecord
+from sidecar.policy.holders import PathSettlement
 
 log = logging.getLogger("kt.settle")
 
@@ -69,8 +70,9 @@ class Settler:
     def __len__(self) -> int:
         return len(self._pending)
 
-    async def settle(self, tenant: str, limits: _core.Limits, key: str, delta_tokens: int,
-                     delta_cost: int, period_start: int, spend: Optional[SpendRecord],
+    async def settle(self, tenant: str, limits: Union[_core.Limits, PathSettlement], key: str,
+                     delta_tokens: int, delta_cost: int, period_start: int,
+                     spend: Optional[SpendRecord],
                      ours: bool, on_resolved: Resolved,
                      on_unknown: Callable[[], None]) -> Settlement:
         """The backend's settlement. "Already settled" on a resend is this settlement's own

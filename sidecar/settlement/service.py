@@ -12,11 +12,11 @@ import functools
 import logging
 import time
 from collections import OrderedDict
-from typing import Optional
+from typing import Optional, Union
 
 import msgspec
 
-from sidecar import attribution
+from sidecar import _core, attribution
 from sidecar.anomaly import Anomaly, TokenRateWatch
 from sidecar.attribution import Attribution
 from sidecar.backends.base import TAKEN_RESERVATION, Backend, BackendError, Settlement
@@ -25,6 +25,7 @@ from sidecar.ledger.recorder import Ledger
 from sidecar.ledger.spend import SpendRecord, day_of
 from sidecar.metrics import Metrics
 from sidecar.model import OTHER_MODELS, OTHER_TENANTS, valid_tenant
+from sidecar.policy.holders import PathSettlement, path_deltas
 from sidecar.policy.load import CompiledPolicy, TenantRule
 from sidecar.settlement import bound, events
 from sidecar.settlement.attributed import AttributedSpend
@@ -178,6 +179,15 @@ class SettlementService:
         period_start = res.period_start_us if res is not None else -1
         delta_tokens = input_tokens + output_tokens - charged_tokens
         delta_cost = cost - charged_cost if rule.limits.budget >= 0 else 0
+        # a decision over a path of cells settles every cell it was charged on, each in its
+        # unit (docs/budgets.md); usage without a reservation goes to the tenant's path now
+        target: Union[_core.Limits, PathSettlement] = rule.limits
+        if res is not None and res.path_charge is not None:
+            target = path_deltas(res.path_charge.path, res.path_charge.charges,
+                                 input_tokens + output_tokens, nano)
+        elif res is None and (path := rule.path_for(model)) is not None:
+            target = path_deltas(path, tuple((0, -1) for _ in path.cells),
+                                 input_tokens + output_tokens, nano)
         # the ledger's durable spend, written by the same atomic settlement (nothing for a
         # release: a failed request costs nothing)
         # (keyed by the model's name when the policy knows it; any other name, which an
@@ -199,7 +209,7 @@ class SettlementService:
         ours = res is not None or settle_id is not None or source != "report"
         try:
             st = await self.settler.settle(
-                tenant, rule.limits, settle_id or request_id, delta_tokens, delta_cost,
+                tenant, target, settle_id or request_id, delta_tokens, delta_cost,
                 period_start, spend, ours=ours,
                 on_resolved=recorded,
                 on_unknown=functools.partial(self._settlement_unknown, request_id, res))
@@ -243,8 +253,10 @@ class SettlementService:
             # just charged in full
             late = self.reservations.pop(request_id)
             if late is not None:
-                self.late.refund(tenant, rule.limits, late.charged_tokens, late.charged_cost,
-                                 late.period_start_us)
+                self.late.refund(tenant, rule.limits if late.path_charge is None else
+                                 path_deltas(late.path_charge.path, late.path_charge.charges,
+                                             0, 0),
+                                 late.charged_tokens, late.charged_cost, late.period_start_us)
         self._count_usage(request_id, tenant, rule, model, source, input_tokens,
                           output_tokens, cached_tokens, nano, unpriced)
         if self.anomalies is not None and input_tokens + output_tokens:
@@ -331,9 +343,10 @@ class SettlementService:
         unit = rule.budget_unit if rule is not None and rule.limits.budget >= 0 else ""
         inp, out = bound.estimate_tokens(res)
         nano, unpriced = price(self.policy, res.model, Usage(inp, out))
+        # (a path's charge is not held: docs/budgets.md)
         spend = SpendRecord(res.model, 1, inp, out, 0, 0, nano)
         self._record_spend(res.tenant, spend, res.period_start_us,
-                           res.charged_cost if unit else 0)
+                           res.charged_cost if unit and res.path_charge is None else 0)
         att = _attribution_of(res)
         events.kept(self.ledger, self.policy, request_id, res, outcome, why, inp, out, nano,
                     unpriced, att)

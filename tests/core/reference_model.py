@@ -23,7 +23,7 @@ ALLOW, DOWNGRADE, DENY_RATE, DENY_BUDGET, TOO_LARGE = 0, 1, 2, 3, 4
 R_NONE, R_RPM, R_TPM, R_BUDGET, R_SIZE = 0, 1, 2, 3, 4
 R_PROVIDER = 5
 # Periods
-P_MINUTE, P_HOUR, P_DAY, P_MONTH, P_TOTAL = 0, 1, 2, 3, 4
+P_MINUTE, P_HOUR, P_DAY, P_MONTH, P_TOTAL, P_WEEK, P_WINDOW = 0, 1, 2, 3, 4, 5, 6
 NO_END = 2**62
 # Bounds (native/core.pyx). Python integers cannot wrap; the bounds are part of the rules
 # because the implementations' int64 and doubles need them: a count beyond MAX_TOKENS is
@@ -46,6 +46,13 @@ def period_bounds(now_us: int, period: int) -> tuple[int, int]:
     """[start, end) of the UTC-aligned window holding now_us."""
     if period == P_TOTAL:
         return 0, NO_END
+    if period == P_WEEK:  # from Monday 00:00 UTC
+        import datetime
+
+        day = datetime.date(1970, 1, 1) + datetime.timedelta(days=now_us // (86400 * US))
+        monday = day - datetime.timedelta(days=day.weekday())
+        start = calendar.timegm(monday.timetuple()) * US
+        return start, start + 7 * 86400 * US
     if period in (P_MINUTE, P_HOUR, P_DAY):
         size = (60, 3600, 86400)[period] * US
         start = (now_us // size) * size
@@ -55,6 +62,16 @@ def period_bounds(now_us: int, period: int) -> tuple[int, int]:
     start = calendar.timegm((y, m, 1, 0, 0, 0)) * US
     ny, nm = (y + 1, 1) if m == 12 else (y, m + 1)
     return start, calendar.timegm((ny, nm, 1, 0, 0, 0)) * US
+
+
+def lim_bounds(lim: "Limits", now: int) -> tuple[int, int]:
+    """A budget's period: from the clock, or (P_WINDOW) the window the caller gave, and
+    the next one from its end on (a clock a little past it rolls over exactly there)."""
+    if lim.period != P_WINDOW:
+        return period_bounds(now, lim.period)
+    if now < lim.win_end:
+        return lim.win_start, lim.win_end
+    return lim.win_end, lim.win_next
 
 
 def _civil_year_month(days: int) -> tuple[int, int]:
@@ -75,6 +92,10 @@ class Limits:
     low_water: float = 0.0
     # per tier: (nano-USD per input token, nano-USD per output token)
     prices: list[tuple[int, int]] = field(default_factory=lambda: [(0, 0)])
+    # P_WINDOW: the window the caller computed (a time zone, an anchor) and the next's end
+    win_start: int = 0
+    win_end: int = 0
+    win_next: int = 0
 
     @property
     def req_cap(self) -> float:
@@ -115,6 +136,8 @@ class Outcome:
     provider: int = -1  # decide_routed: the candidate charged
     provider_remaining_requests: int = -1
     provider_remaining_tokens: int = -1
+    cell: int = -1  # decide_path: the cell that refused, else the one that downgraded
+    charges: tuple = ()  # decide_path: per cell, (cost charged, its period start)
 
 
 def remaining_shown(level: float, limit: int) -> int:
@@ -179,7 +202,7 @@ def decide(
     budget_remaining = 0
     budget_end = NO_END
     if lim.budget >= 0:
-        start, end = period_bounds(now, lim.period)
+        start, end = lim_bounds(lim, now)
         budget_end = end
         if st.period_start != start:
             st.period_start, st.spent = start, 0
@@ -264,7 +287,7 @@ def settle(lim: Limits, st: State, now: int, delta_tokens: int, delta_cost: int,
         st.tok_level, st.tok_last = min(lim.tok_cap, level - delta_tokens), now
     if lim.budget < 0:
         return -1
-    start, _ = period_bounds(now, lim.period)
+    start, _ = lim_bounds(lim, now)
     if st.period_start != start:
         st.period_start, st.spent = start, 0
     if period_start == start or period_start < 0:
@@ -272,6 +295,128 @@ def settle(lim: Limits, st: State, now: int, delta_tokens: int, delta_cost: int,
     elif delta_cost > 0:
         st.spent = add_spend(st.spent, delta_cost)
     return st.spent
+
+
+MAX_PATH = 32
+
+
+def decide_path(cells: list[tuple[Limits, State]], now: int, tier: int, input_tokens: int,
+                output_tokens: int, firm_tokens: int, commit_on_deny: bool = False) -> Outcome:
+    """One decision over a path of cells (the holder's own first, up to the root): all of
+    them admit and are charged, or none is. decide()'s rules taken over every cell: the
+    soft part trimmed to each token bucket in turn; one tier down if any cell's budget is
+    below its low water (the first such cell named); too large if any cell can never take
+    it; refused by budget at the first cell without room (retry: the longest of their
+    period ends); refused by rate at the cell that must wait longest (retry: that wait).
+    Header fields are the first cell's. A one-cell path is decide()."""
+    if len(cells) == 1:
+        o = decide(cells[0][0], cells[0][1], now, tier, input_tokens, output_tokens,
+                   firm_tokens, commit_on_deny)
+        if o.kind != ALLOW:
+            o.cell = 0
+        lim = cells[0][0]
+        o.charges = ((o.charged_cost, lim_bounds(lim, now)[0] if lim.budget >= 0
+                      else 0),)
+        return o
+    assert 1 <= len(cells) <= MAX_PATH
+    ntiers = len(cells[0][0].prices)
+    kind, reason, cell, retry_us = ALLOW, R_NONE, -1, 0.0
+    if max(input_tokens, output_tokens) > MAX_TOKENS:
+        kind, reason, cell = TOO_LARGE, R_SIZE, 0
+        input_tokens, output_tokens = min(input_tokens, MAX_TOKENS), min(output_tokens, MAX_TOKENS)
+    tokens = input_tokens + output_tokens
+    for i, (lim, _) in enumerate(cells):
+        if kind == ALLOW and lim.tpm > 0 and tokens > lim.tok_cap:
+            if firm_tokens > lim.tok_cap:
+                kind, reason, cell = TOO_LARGE, R_TPM, i
+            else:
+                output_tokens = max(0, int(lim.tok_cap) - input_tokens)
+                tokens = input_tokens + output_tokens
+    n = len(cells)
+    start, end, remaining = [0] * n, [NO_END] * n, [0] * n
+    down = -1
+    for i, (lim, st) in enumerate(cells):
+        if lim.budget >= 0:
+            start[i], end[i] = lim_bounds(lim, now)
+            if st.period_start != start[i]:
+                st.period_start, st.spent = start[i], 0
+            st.spent = add_spend(st.spent, 0)
+            remaining[i] = lim.budget - st.spent
+            if remaining[i] < lim.low_water * lim.budget and tier + 1 < ntiers and down < 0:
+                down = i
+    if down >= 0:
+        tier += 1
+        if kind == ALLOW:
+            kind, cell = DOWNGRADE, down
+    cost = [cost_of(lim, tier, input_tokens, output_tokens) if lim.budget >= 0 else 0
+            for lim, _ in cells]
+    if kind in (ALLOW, DOWNGRADE):
+        for i, (lim, _) in enumerate(cells):
+            if lim.budget >= 0 and cost[i] > lim.budget:
+                kind, reason, cell = TOO_LARGE, R_BUDGET, i
+                break
+    if kind in (ALLOW, DOWNGRADE):
+        for i, (lim, _) in enumerate(cells):
+            if lim.budget >= 0 and cost[i] > remaining[i]:
+                if kind in (ALLOW, DOWNGRADE):
+                    kind, reason, cell = DENY_BUDGET, R_BUDGET, i
+                if end[i] != NO_END:
+                    retry_us = max(retry_us, float(end[i] - now))
+    req_level, tok_level = [0.0] * n, [0.0] * n
+    for i, (lim, st) in enumerate(cells):
+        if lim.rpm > 0:
+            req_level[i] = _refill(st.req_level, st.req_last, lim.req_cap, lim.rpm, now)
+            st.req_level, st.req_last = req_level[i], now
+        if lim.tpm > 0:
+            tok_level[i] = _refill(st.tok_level, st.tok_last, lim.tok_cap, lim.tpm, now)
+            st.tok_level, st.tok_last = tok_level[i], now
+    if kind in (ALLOW, DOWNGRADE):
+        best = 0.0
+        for i, (lim, _) in enumerate(cells):
+            wr = (1.0 - req_level[i]) / (lim.rpm / 60e6) if lim.rpm > 0 and req_level[i] < 1.0 else 0.0
+            wt = (tokens - tok_level[i]) / (lim.tpm / 60e6) if lim.tpm > 0 and tok_level[i] < tokens else 0.0
+            w = max(wr, wt)
+            if w > 0 and w > best:
+                best, cell, reason = w, i, (R_RPM if wr >= wt else R_TPM)
+        if best > 0:
+            kind, retry_us = DENY_RATE, best
+    admitted = kind in (ALLOW, DOWNGRADE) or commit_on_deny
+    charges = []
+    for i, (lim, st) in enumerate(cells):
+        if admitted:
+            if lim.rpm > 0:
+                st.req_level = req_level[i] = req_level[i] - 1.0
+            if lim.tpm > 0:
+                st.tok_level = tok_level[i] = tok_level[i] - tokens
+            if lim.budget >= 0:
+                st.spent = add_spend(st.spent, cost[i])
+                remaining[i] = lim.budget - st.spent
+        charges.append((cost[i] if admitted else 0, start[i] if lim.budget >= 0 else 0))
+    if kind == ALLOW:
+        cell = -1
+    retry_us = min(retry_us, MAX_WAIT_US)
+    lim = cells[0][0]
+    return Outcome(
+        kind=kind, reason=reason, tier=tier,
+        retry_after_s=max(1, math.ceil(retry_us / US)) if retry_us > 0 else 0,
+        remaining_requests=remaining_shown(req_level[0], lim.rpm) if lim.rpm > 0 else 0,
+        remaining_tokens=remaining_shown(tok_level[0], lim.tpm) if lim.tpm > 0 else 0,
+        budget_remaining=max(0, remaining[0]) if lim.budget >= 0 else 0,
+        charged_tokens=tokens if admitted else 0,
+        charged_cost=cost[0] if admitted else 0,
+        reset_requests_us=wait_us(lim.rpm - req_level[0], lim.rpm) if lim.rpm > 0 else 0,
+        reset_tokens_us=wait_us(lim.tpm - tok_level[0], lim.tpm) if lim.tpm > 0 else 0,
+        budget_reset_us=(end[0] - now if lim.budget >= 0 and end[0] != NO_END else 0),
+        wait_us=math.ceil(retry_us), cell=cell, charges=tuple(charges))
+
+
+def settle_path(cells: list[tuple[Limits, State]], now: int, delta_tokens: int,
+                deltas: list[tuple[int, int]]) -> list[int]:
+    """settle() on every cell of a recorded path: one token difference, each cell its own
+    (cost difference, period start of its charge)."""
+    assert len(deltas) == len(cells)
+    return [settle(lim, st, now, delta_tokens, d, ps)
+            for (lim, st), (d, ps) in zip(cells, deltas, strict=True)]
 
 
 # --- provider quotas (docs/providers.md) ---------------------------------------------

@@ -27,16 +27,19 @@ def limit_sets(draw):
         burst=draw(st.sampled_from([1.0, 1.5, 2.0, 3.0])),
         budget=budget,
         budget_in_usd=in_usd,
-        period=draw(st.integers(0, 4)),
+        period=draw(st.integers(0, 5)),
         low_water=draw(st.sampled_from([0.0, 0.1, 0.2, 0.5, 0.9])),
         prices=prices,
     )
 
 
 def to_core(lim: ref.Limits) -> _core.Limits:
-    return _core.Limits(rpm=lim.rpm, tpm=lim.tpm, burst=lim.burst, budget=lim.budget,
-                        budget_in_usd=lim.budget_in_usd, period=lim.period,
-                        low_water=lim.low_water, prices=tuple(lim.prices))
+    out = _core.Limits(rpm=lim.rpm, tpm=lim.tpm, burst=lim.burst, budget=lim.budget,
+                       budget_in_usd=lim.budget_in_usd, period=lim.period,
+                       low_water=lim.low_water, prices=tuple(lim.prices))
+    if lim.period == ref.P_WINDOW:
+        out.set_window(lim.win_start, lim.win_end, lim.win_next)
+    return out
 
 
 requests = st.lists(
@@ -161,7 +164,7 @@ def test_settle_matches_reference_model(lim, seq, adjustments):
         assert core_state.tok_level == ref_state.tok_level
 
 
-@given(st.integers(0, 4_000_000_000 * 1_000_000), st.integers(0, 4))
+@given(st.integers(0, 4_000_000_000 * 1_000_000), st.integers(0, 5))
 def test_period_bounds_match_reference(now, period):
     assert _core.period_bounds(now, period) == ref.period_bounds(now, period)
 
@@ -234,3 +237,16 @@ def test_a_clock_before_1970_is_refused_so_no_period_start_is_negative():
     with pytest.raises(ValueError, match="now_us"):
         _core.settle(lim, _core.State(), -60_000_001, 1, 1, -1)
     assert _core.decide(lim, _core.State(), 0, 0, 1, 1, 2).period_start_us == 0
+
+
+def test_a_week_runs_from_monday_to_monday_utc():
+    # 2026-11-22 is a Sunday: its week began on Monday 2026-11-16 and ends on the 23rd
+    start, end = _core.period_bounds(T0, _core.P_WEEK)
+    assert start == calendar.timegm((2026, 11, 16, 0, 0, 0)) * 1_000_000
+    assert end == calendar.timegm((2026, 11, 23, 0, 0, 0)) * 1_000_000
+    assert _core.period_bounds(end, _core.P_WEEK)[0] == end
+    lim = _core.Limits(budget=100, period=_core.P_WEEK)
+    s = _core.State()
+    assert _core.decide(lim, s, end - 1, 0, 0, 100, 100).admitted
+    assert _core.decide(lim, s, end - 1, 0, 0, 1, 1).retry_after_s == 1
+    assert _core.decide(lim, s, end, 0, 0, 100, 100).admitted

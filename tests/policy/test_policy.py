@@ -14,7 +14,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "policy"
 
 BAD = {
     'max_tenants_too_small.yaml': '$.backend.max_tenants: must be an integer in 1000..50000000, got 10 (line 2, column 38)',
-    'bad_period.yaml': "$.defaults.budget.period: Invalid enum value 'fortnight'; expected one of: minute, hour, day, month, total (line 3, column 34)",
+    'bad_period.yaml': "$.defaults.budget.period: Invalid enum value 'fortnight'; expected one of: minute, hour, day, week, month, total (line 3, column 34)",
     'bad_tenant_metadata.yaml': '$.tenant.metadata: expected "namespace:path.to.field", e.g. "envoy.filters.http.jwt_authn:jwt_payload.tenant" (line 1, column 20)',
     'bad_unknown_mode.yaml': "$.tenant.unknown: Invalid enum value 'allow'; expected one of: defaults, deny (line 1, column 40)",
     'both_budget_units.yaml': '$.tenants.acme.budget: set exactly one of `tokens` or `usd` (line 5, column 13)',
@@ -36,7 +36,7 @@ BAD = {
     'price_beyond_bound.yaml': '$.pricing.gpt-4o.output: must be a number in 0..100 (USD per 1K tokens), got 250.0 (line 3, column 35)',
     'three_mistakes.yaml': [
         '$.defaults.limits: Object contains unknown field `tmp` (line 4, column 21)',
-        "$.defaults.budget.period: Invalid enum value 'fortnight'; expected one of: minute, hour, day, month, total (line 5, column 36)",
+        "$.defaults.budget.period: Invalid enum value 'fortnight'; expected one of: minute, hour, day, week, month, total (line 5, column 36)",
         '$.tenants.acme.limits.burst: must be a number in 1..1000, got nan (line 8, column 21)',
     ],
     'tls_cert_without_key.yaml': [
@@ -48,6 +48,11 @@ BAD = {
     'unknown_backend.yaml': "$.backend.kind: Invalid value 'etcd'; expected one of: memory, redis (line 2, column 17)",
     'unpriced_usd.yaml': "$.tenants.acme.budget: USD budget, but tier 'compact' uses model 'gpt-4o-mini' which has no entry in `pricing` (line 7, column 13)",
     'wrong_type.yaml': '$.tenants.acme.limits.rpm: Expected `int | null`, got `str` (line 4, column 19)',
+    # budget holders (docs/budgets.md)
+    'unknown_parent.yaml': "$.tenants.key-1.parent: unknown holder 'team-serch': a parent must be an entry of `tenants` (a team or org may have no limits of its own) (line 4, column 13)",
+    'parent_cycle.yaml': '$.tenants.team-a.parent: a cycle of parents: team-a -> org -> team-b -> team-a (line 3, column 20)',
+    'budget_and_budgets.yaml': '$.tenants.acme.budgets: set `budget` (one window) or `budgets` (several), not both (line 5, column 14)',
+    'two_windows_alike.yaml': '$.tenants.acme.budgets[1]: a second tokens budget per day: one window per unit and period (line 6, column 9)',
     'zero_tpm.yaml': '$.tenants.blocked.limits.tpm: must be in 1..1000000000000, got 0 (omit it for no limit: 0 would read as "nothing") (line 4, column 19)',
 }
 
@@ -240,3 +245,31 @@ def test_a_policy_larger_than_one_conversion_chunk_compiles_every_tenant_and_nam
     col = lines[2 + n - 3].index(".nan") + 1
     assert info.value.errors == [f"<big>: $.tenants.t{n - 3}.limits.burst: must be a number "
                                  f"in 1..1000, got nan (line {n}, column {col})"]
+
+
+def test_a_tree_deeper_than_its_bound_is_refused_in_one_line():
+    from sidecar.policy.holders import MAX_DEPTH
+    from sidecar.policy.load import parse_policy
+
+    levels = [f"  h{i}: {{parent: h{i + 1}}}" for i in range(MAX_DEPTH)] + [f"  h{MAX_DEPTH}: {{}}"]
+    text = "tiers: [{name: d, model: m}]\ntenants:\n" + "\n".join(levels)
+    with pytest.raises(PolicyError) as info:
+        parse_policy(text.encode(), "deep.yaml")
+    assert info.value.errors == [
+        f"deep.yaml: $.tenants.h0.parent: more than {MAX_DEPTH} levels of parents (line 3, column 16)"]
+    # one level less loads, and its deepest key is decided on every level
+    ok = parse_policy("\n".join(text.split("\n")[:2] + text.split("\n")[3:]).encode(), "x")
+    assert len(ok.tenants["h1"].path.cells) == 1  # no level has limits of its own
+
+
+def test_a_cycle_does_not_hide_the_other_tenants_errors():
+    from sidecar.policy.load import parse_policy
+
+    text = ("tiers: [{name: d, model: m}]\ntenants:\n  a: {parent: b}\n  b: {parent: a}\n"
+            "  c: {budget: {tokens: 5, period: day, timezone: Mars/Olympus}}\n")
+    with pytest.raises(PolicyError) as info:
+        parse_policy(text.encode(), "p.yaml")
+    assert info.value.errors == [
+        "p.yaml: $.tenants.a.parent: a cycle of parents: a -> b -> a (line 3, column 15)",
+        "p.yaml: $.tenants.c.budget.timezone: unknown IANA time zone 'Mars/Olympus' (e.g. "
+        "Europe/Berlin) (line 5, column 50)"]

@@ -19,8 +19,9 @@ the service sheds it, and says so.
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import hiredis
 
@@ -37,6 +38,7 @@ from sidecar.backends.redis.spend import SpendDays
 from sidecar.ledger.spend import LAST_DAY, SpendCell, SpendRecord
 from sidecar.metrics import BackendStats, LeaseStats
 from sidecar.policy import schema
+from sidecar.policy.holders import HolderPath, PathSettlement, refresh_windows
 
 # how long a settled request id is remembered (a repeated report within it is a no-op)
 SETTLED_TTL_MS = 7 * 24 * 3600 * 1000
@@ -49,9 +51,33 @@ SHED_NOTE_S = 60.0
 
 
 def _is_outcome(reply: Any) -> bool:
-    # decide.lua: 17 integers; routed.lua: 20 (the provider's fields after them)
-    return (isinstance(reply, list) and len(reply) in (17, 20)
+    # decide.lua: 17 integers; routed.lua: 20 (the provider's fields after them);
+    # decide_path.lua: 19 and two per cell, an odd count (_outcome)
+    return (isinstance(reply, list) and (len(reply) in (17, 20) or (
+        len(reply) >= 21 and len(reply) % 2 == 1 and reply[17] == (len(reply) - 19) // 2))
             and all(isinstance(x, int) for x in reply))
+
+
+# a cell's limits as decide_path.lua unpacks them (struct '<ddddddd', and '<ddd' of a
+# calendar window's bounds after a P_WINDOW cell): exact as doubles
+_CELL_LIMITS = struct.Struct("<7d")
+_CELL_WINDOW = struct.Struct("<3d")
+
+
+def _windows(path: HolderPath) -> tuple:
+    """The calendar windows a path's cells hold now (their ends): its encoding's key."""
+    return tuple(c.limits.win_end for c in path.cells if c.limits.period == _core.P_WINDOW)
+
+
+def _outcome(reply: list) -> _core.Outcome:
+    """An Outcome from a checked reply; a path decision's cell and charges set from the
+    integers after decide.lua's 17."""
+    if len(reply) in (17, 20):
+        return _core.Outcome(*reply)
+    out = _core.Outcome(*reply[:17])
+    out.cell = reply[18]
+    out.charges = tuple(zip(reply[19::2], reply[20::2], strict=True))
+    return out
 
 
 class RedisBackend:
@@ -76,9 +102,13 @@ class RedisBackend:
         # decisions with providers (routed.lua, docs/providers.md): key counts vary
         self.routed_lane = Lane(one=s.routed, many=s.routed_batch, keys_each=None,
                                 deadline=True, sheds=True)
+        # decisions over a path of cells (decide_path.lua, docs/budgets.md): key counts vary
+        self.path_lane = Lane(one=s.decide_path, many=s.decide_path_batch, keys_each=None,
+                              deadline=True, sheds=True)
         self.settle_lane = Lane(one=None, many=s.settle_batch, keys_each=4, deadline=False,
                                 sheds=False, sends_answered=True)
-        self.decision_batcher = TickBatcher(self.link, (self.decide_lane, self.routed_lane),
+        self.decision_batcher = TickBatcher(self.link, (self.decide_lane, self.routed_lane,
+                                                        self.path_lane),
                                             on_late=self._late_after_cancel)
         self.settlements = TickBatcher(self.link, (self.settle_lane,))
         # provider quotas on a cluster: provider first, then the tenant (cluster.py)
@@ -93,6 +123,8 @@ class RedisBackend:
         self._tenant_keys: dict[str, bytes] = {}
         self._limit_args: dict[_core.Limits, tuple[bytes, int]] = {}
         self._candidates_packed: dict[tuple, tuple[bytes, bytes]] = {}
+        self._paths_packed: dict[HolderPath, tuple[list[str], tuple[bytes, int, bytes, int],
+                                                   list, tuple]] = {}
         self.late_replies = 0  # replies that came after their decision had timed out
         self.decisions = 0
 
@@ -257,7 +289,68 @@ class RedisBackend:
     def _late_after_cancel(self, late: LateReply, reply: Any) -> None:
         if late.on_outcome is not None and _is_outcome(reply):
             self.late_replies += 1
-            late.on_outcome(_core.Outcome(*reply))
+            late.on_outcome(_outcome(reply))
+
+    def _path_packed(self, path: HolderPath
+                     ) -> tuple[list[str], tuple[bytes, int, bytes, int], list]:
+        """A path's keys (one per cell, lua/cell.lua) and its ARGV after the request's
+        (decide_path.lua), the encoded keys and arguments cached once per path (a policy
+        reload makes new ones)."""
+        packed = self._paths_packed.get(path)
+        if packed is not None and packed[3] != _windows(path):
+            packed = None  # a calendar window moved on: its bounds are in the arguments
+        if packed is None:
+            if len(self._paths_packed) > 100_000:
+                self._paths_packed.clear()
+            keys: list[str] = []
+            prices: Optional[tuple] = None
+            limits = b""
+            for c in path.cells:
+                lim = c.limits
+                keys.append(self.keyspace.cell(path.root, c.id))
+                if lim.budget >= 0 and lim.budget_in_usd:
+                    if prices is not None and lim.prices != prices:
+                        raise ValueError("the USD cells of a path price a request alike")
+                    prices = lim.prices
+                limits += _CELL_LIMITS.pack(lim.rpm, lim.tpm, lim.burst, lim.budget,
+                                            1 if lim.budget_in_usd else 0, lim.period,
+                                            lim.low_water)
+                if lim.period == _core.P_WINDOW:
+                    limits += _CELL_WINDOW.pack(lim.win_start, lim.win_end, lim.win_next)
+            ntiers = path.cells[0].limits.ntiers
+            args = [len(path.cells), ntiers,
+                    *(p for pair in (prices or ((0, 0),) * ntiers) for p in pair), limits]
+            packed = self._paths_packed[path] = (
+                keys, (b"".join(bulk(k) for k in keys), len(keys),
+                       b"".join(bulk(a) for a in args), len(args)), args, _windows(path))
+        return packed[0], packed[1], packed[2]
+
+    async def decide_path(self, tenant: str, path: HolderPath, tier: int, input_tokens: int,
+                          output_tokens: int, firm_tokens: int, commit_on_deny: bool,
+                          late: Optional[LateReply] = None) -> _core.Outcome:
+        """One decision over ``path``'s cells in one script call (decide_path.lua), never
+        within a lease (docs/budgets.md: leases would split a parent's room among replicas
+        and children). Every key carries the root's hash tag: one slot on a cluster."""
+        request = [self._now_arg(), tier, input_tokens, output_tokens, firm_tokens,
+                   1 if commit_on_deny else 0]
+        # calendar windows from this host's clock; the script rolls over at their end by
+        # Valkey's (lua/cell.lua, cell_bounds)
+        refresh_windows(path, self._wall_us)
+        key_list, (keys, nkeys, args, nargs), arg_list = self._path_packed(path)
+        if self.cfg.cluster:
+            reply = await self.link.call(self.scripts.decide_path, key_list,
+                                         request + arg_list
+                                         + [self.link.deadline_on(key_list[0])])
+        else:
+            reply = await self._queued(
+                self.path_lane, keys, nkeys, b"".join([bulk(a) for a in request]) + args,
+                len(request) + nargs, late or LateReply())
+        if isinstance(reply, hiredis.ReplyError):
+            raise self.link.failed(f"decide_path.lua: {reply}")
+        if not (_is_outcome(reply) and len(reply) == 19 + 2 * len(path.cells)):
+            raise self.link.failed(f"decide_path.lua: unexpected reply {str(reply)[:120]}")
+        self.decisions += 1
+        return _outcome(reply)
 
     async def decide_routed(self, tenant: str, limits: _core.Limits, tier: int,
                             input_tokens: int, output_tokens: int, firm_tokens: int,
@@ -327,9 +420,11 @@ class RedisBackend:
         return reply.decode()
 
     # --- settlements -----------------------------------------------------------------
-    async def settle(self, tenant: str, limits: _core.Limits, request_id: str, delta_tokens: int,
-                     delta_cost: int, period_start_us: int,
+    async def settle(self, tenant: str, limits: Union[_core.Limits, PathSettlement],
+                     request_id: str, delta_tokens: int, delta_cost: int, period_start_us: int,
                      spend: Optional[SpendRecord] = None) -> Settlement:
+        if isinstance(limits, PathSettlement):
+            return await self._settle_path(tenant, limits, request_id, delta_tokens, spend)
         if self.leases is not None:  # Redis knows what the tenant's lease used first (lease.py)
             await self.leases.report(tenant)
         _, tpm_key, budget_key = self.keys(tenant)
@@ -355,6 +450,37 @@ class RedisBackend:
             raise self.link.failed(f"settle.lua: unexpected reply {str(reply)[:120]}")
         if self.leases is not None:
             self.leases.settled(tenant, reply[1])
+        return Settlement(applied=reply[0] == 1, budget_spent=reply[1], at_us=reply[2])
+
+    async def _settle_path(self, tenant: str, target: PathSettlement, request_id: str,
+                           delta_tokens: int, spend: Optional[SpendRecord]) -> Settlement:
+        """settle_path.lua: every cell of the recorded path in one call, once per id. On one
+        node the marker is the tenant's own (was_settled finds it) and the ledger's spend
+        rides in the same call; on a cluster the marker is in the tree's slot and the spend
+        follows in a second call, only when the settlement applied (docs/budgets.md)."""
+        path = target.path
+        refresh_windows(path, self._wall_us)
+        keys: list[str] = []
+        args: list = [self._now_arg(), delta_tokens, SETTLED_TTL_MS, len(path.cells)]
+        for c, (d_cost, period_start) in zip(path.cells, target.deltas, strict=True):
+            keys.append(self.keyspace.cell(path.root, c.id))
+            lim = c.limits
+            args += [lim.rpm, lim.tpm, repr(lim.burst), lim.budget, lim.period, d_cost,
+                     period_start, lim.win_start, lim.win_end, lim.win_next]
+        cluster = self.cfg.cluster
+        keys.append(self.keyspace.path_settled(path.root, tenant, request_id) if cluster
+                    else self.keyspace.settled(tenant, request_id))
+        if spend is not None:
+            await self.spend.note(tenant)
+            if not cluster:
+                keys.append(self.keyspace.spend(tenant))
+                args += [spend.model, *spend.counts()]
+        reply = await self.link.call(self.scripts.settle_path, keys, args)
+        if not (isinstance(reply, list) and len(reply) == 3
+                and all(isinstance(x, int) for x in reply)):
+            raise self.link.failed(f"settle_path.lua: unexpected reply {str(reply)[:120]}")
+        if cluster and spend is not None and reply[0] == 1:
+            await self.record_spend(tenant, spend)
         return Settlement(applied=reply[0] == 1, budget_spent=reply[1], at_us=reply[2])
 
     async def was_settled(self, tenant: str, request_id: str) -> bool:

@@ -27,6 +27,17 @@ class Keys:
         tag = self.tag(tenant)
         return f"{tag}:rpm", f"{tag}:tpm", f"{tag}:budget"
 
+    def cell(self, root: str, cell: str) -> str:
+        """A cell of a holder tree (docs/budgets.md; lua/cell.lua): its buckets and budget in
+        one string, under the ROOT's hash tag so a whole tree is one slot, one script call
+        and one MGET. A holder's cells are new keys when it joins a tree (its flat keys
+        are not read)."""
+        return f"{self.tag(root)}:c:{cell}"
+
+    def path_settled(self, root: str, tenant: str, request_id: str) -> str:
+        """A path settlement's marker, in the tree's slot (a cluster settles there)."""
+        return f"{self.tag(root)}:settled:{tenant}:{request_id}"
+
     def settled(self, tenant: str, request_id: str) -> str:
         return f"{self.tag(tenant)}:settled:{request_id}"
 

@@ -84,6 +84,14 @@ class Scripts:
         self.provider_take = Script("provider_take.lua", "provider.lua", "provider_take.lua")
         self.provider_settle = Script("provider_settle.lua", "provider.lua",
                                       "provider_settle.lua")
+        # a decision over a path of cells (a holder and its parents, its windows, its
+        # model's cell: docs/budgets.md), and its settlement
+        self.decide_path = Script("decide_path_one.lua", "cell.lua", "decide_path.lua",
+                                  "deadline.lua", "decide_path_one.lua")
+        self.decide_path_batch = Script("decide_path_batch.lua", "cell.lua", "decide_path.lua",
+                                        "deadline.lua", "batch.lua", "decide_path_batch.lua")
+        self.settle_path = Script("settle_path.lua", "cell.lua", "ledger_spend.lua",
+                                  "settle_path.lua")
         # capacity leases (lease.py)
         self.lease = Script("lease.lua")
         self.lease_sweep = Script("lease_sweep.lua")
@@ -91,7 +99,8 @@ class Scripts:
     def all(self) -> tuple[Script, ...]:
         return (self.decide, self.decide_batch, self.settle, self.settle_batch, self.routed,
                 self.routed_batch, self.provider_take, self.provider_settle,
-                self.record_spend, self.lease, self.lease_sweep)
+                self.record_spend, self.lease, self.lease_sweep, self.decide_path,
+                self.decide_path_batch, self.settle_path)
 
 
 def limit_args(limits: _core.Limits) -> list:
