@@ -21,6 +21,7 @@ import asyncio
 import bisect
 import json
 import logging
+import re
 import time
 from typing import Any, Callable, Optional
 from urllib.parse import parse_qs, unquote
@@ -121,7 +122,7 @@ class TenantsApi:
         if req.method in ("GET", "HEAD"):
             return await self.get(name)
         if req.method == "PUT":
-            return await self.put(name, req.body, who)
+            return await self.put(name, req.body, who, req.query)
         if req.method == "DELETE":
             return await self.delete(name, req.query, who)
         return _error(405, "method_not_allowed", "GET, PUT or DELETE")
@@ -254,7 +255,7 @@ class TenantsApi:
 
     # --- changing ----------------------------------------------------------------------
     async def _change(self, name: str, action: str, who: str, fields: Fields,
-                      overlay: ov.Overlay) -> HttpResponse:
+                      overlay: ov.Overlay, force: bool = False) -> HttpResponse:
         """Check the overlay compiles over the file, write it, serve it, audit it."""
         keeper = self.keeper
         try:
@@ -267,6 +268,14 @@ class TenantsApi:
             errors = ov.block_errors(exc, keeper.source, name)
             return _error(400, "invalid_policy", f"the holder's block is not a valid "
                           f"`tenants:` entry: {errors[0]}", errors=errors)
+        changed = unit_changes(self.policy(), policy, name)
+        if changed and not force:
+            # the period's spend is kept as a number in the window's unit: read in another
+            # unit it would be a free period (95,000 tokens -> $0.000095) or a lockout
+            return _error(409, "budget_unit_change", f"{name}'s {changed[0]} changes unit: "
+                          "the spend this period was counted in the old one. Change it when "
+                          "the period ends, or add ?force=true to start that window's count "
+                          "again from zero (audited)", windows=changed)
         try:
             version, before, unserved = await keeper.commit(fields, overlay, policy)
         except BackendError as exc:
@@ -307,7 +316,7 @@ class TenantsApi:
                           "not a file: holders cannot be layered over it")
         return None
 
-    async def put(self, name: str, body: bytes, who: str) -> HttpResponse:
+    async def put(self, name: str, body: bytes, who: str, query: str = "") -> HttpResponse:
         refused = self._writable()
         if refused is not None:
             return refused
@@ -330,7 +339,7 @@ class TenantsApi:
             overlay = msgspec.structs.replace(current, holders={**current.holders,
                                                                 name: entry})
             return await self._change(name, "set", who, {f"h:{name}": ov.encode_entry(entry)},
-                                      overlay)
+                                      overlay, force=_forced(query))
 
     async def delete(self, name: str, query: str, who: str) -> HttpResponse:
         refused = self._writable()
@@ -348,14 +357,14 @@ class TenantsApi:
                     return _error(404, "not_found", f"{name!r} has no overlay entry")
                 overlay = msgspec.structs.replace(current, holders=holders)
                 return await self._change(name, "delete_overlay", who, {f"h:{name}": None},
-                                          overlay)
+                                          overlay, force=_forced(query))
             if name not in self.policy().tenants:
                 return _error(404, "not_found", f"no holder {name!r} is served")
             entry = ov.Entry(deleted=True, by=who, at_us=self.now_us())
             holders[name] = entry
             overlay = msgspec.structs.replace(current, holders=holders)
             return await self._change(name, "delete", who, {f"h:{name}": ov.encode_entry(entry)},
-                                      overlay)
+                                      overlay, force=_forced(query))
 
     async def freeze(self, name: str, freeze: bool, body: bytes, who: str) -> HttpResponse:
         reason = ""
@@ -389,3 +398,42 @@ class TenantsApi:
             return await self._change(name, "freeze" if freeze else "unfreeze", who,
                                       {f"f:{name}": value}, overlay)
 
+
+_UNIT_WORD = re.compile(r"\b(usd|tokens) ")
+PERIOD_NAMES = {code: name for name, code in PERIODS.items()}
+
+
+def _forced(query: str) -> bool:
+    return parse_qs(query).get("force", [""])[-1] in ("true", "1")
+
+
+def _budget_windows(rule: Optional[TenantRule], holder: str) -> dict[str, str]:
+    """The holder's budgeted windows, each by what it counts (its model and period, e.g.
+    "budget per month", "gpt-4o budget per day", or "own cell": the cell kept under the
+    holder's own name, whatever its window) -> its unit."""
+    if rule is None:
+        return {}
+    if rule.path is None:
+        if not rule.budget_unit:
+            return {}
+        window = f"budget per {PERIOD_NAMES.get(rule.limits.period, rule.limits.period)}"
+        return {window: rule.budget_unit, "own cell": rule.budget_unit}
+    out: dict[str, str] = {}
+    paths = [rule.path, *(rule.model_paths or {}).values()]
+    for path in paths:
+        for cell in path.cells:
+            if cell.holder != holder or not cell.unit:
+                continue
+            out[_UNIT_WORD.sub("", cell.label)] = cell.unit
+            if cell.id == holder:
+                out["own cell"] = cell.unit
+    return out
+
+
+def unit_changes(before: CompiledPolicy, after: CompiledPolicy, holder: str) -> list[str]:
+    """The holder's budget windows (by model and period) that count in another unit after
+    the change, or whose state (the cell under its own name) would be read as another
+    window's: each would read this period's spend in the wrong unit."""
+    old = _budget_windows(before.rule_for(holder), holder)
+    new = _budget_windows(after.rule_for(holder), holder)
+    return [w for w in old if w in new and old[w] != new[w]]
