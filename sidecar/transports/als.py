@@ -62,33 +62,44 @@ def _envoys_own_answer(flags) -> bool:
     return flags.ByteSize() > 0 and any(getattr(flags, name) for name in _ENVOYS_OWN_ANSWER)
 
 
-def body_seen_of(entry) -> Optional[str]:
-    """What the usage filter read in the whole request body (sidecar/settlement/bound.py), or None."""
+def _usage_fields(entry):
+    """The usage filter's fields in the entry's metadata (a Struct's map), or None."""
     fm = entry.common_properties.metadata.filter_metadata
     if contract.USAGE_METADATA_NAMESPACE not in fm:
         return None
-    field = fm[contract.USAGE_METADATA_NAMESPACE].fields.get(bound.BODY_METADATA_KEY)
+    return fm[contract.USAGE_METADATA_NAMESPACE].fields
+
+
+def body_seen_of(entry, fields=False) -> Optional[str]:
+    """What the usage filter read in the whole request body (sidecar/settlement/bound.py), or
+    None. ``fields``: the entry's usage fields when already read (_usage_fields)."""
+    if fields is False:
+        fields = _usage_fields(entry)
+    if fields is None:
+        return None
+    field = fields.get(bound.BODY_METADATA_KEY)
     return field.string_value if field is not None else None
 
 
-def usage_of(entry) -> tuple[Optional[str], Optional[Usage], str]:
+def usage_of(entry, fields=False) -> tuple[Optional[str], Optional[Usage], str]:
     """(model, Usage or None, how it was read) from the text the Lua filter left in the
-    entry's metadata."""
-    fm = entry.common_properties.metadata.filter_metadata
-    if contract.USAGE_METADATA_NAMESPACE not in fm:
+    entry's metadata. ``fields``: as body_seen_of."""
+    if fields is False:
+        fields = _usage_fields(entry)
+    if fields is None:
         return None, None, ""
-    fields = fm[contract.USAGE_METADATA_NAMESPACE].fields
-    if "sse" in fields:
-        text, streamed = fields["sse"].string_value, True
-    elif "json" in fields:
-        text, streamed = fields["json"].string_value, False
-    else:
-        return None, None, ""
+    field = fields.get("sse")
+    streamed = field is not None
+    if not streamed:
+        field = fields.get("json")
+        if field is None:
+            return None, None, ""
+    text = field.string_value
     if len(text) > MAX_USAGE_TEXT:
         return None, None, ""
+    # the filter cut out whole lines (or one JSON document): read at once, not as chunks
     scanner = UsageScanner(streamed=streamed)
-    scanner.feed(text.encode())
-    scanner.finish()
+    scanner.read_whole(text.encode())
     return scanner.model, scanner.usage, "access_log_sse" if streamed else "access_log_json"
 
 
@@ -122,8 +133,10 @@ class UsageLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
         service = self.service
         slis, policy = service.metrics.upstream_slis, service.policy
         for entry in entries:
+            # each sub-message read once: every attribute read of upb builds a wrapper
             request = entry.request
-            model, usage, settled_by = usage_of(entry)
+            fields = _usage_fields(entry)
+            model, usage, settled_by = usage_of(entry, fields)
             headers = request.request_headers
             status = entry.response.response_code.value
             provider = headers.get(contract.H_PROVIDER, "")
@@ -135,12 +148,14 @@ class UsageLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
                 usage.completion_tokens if usage is not None else 0,
                 settled_by == "access_log_sse")
             flags = entry.common_properties.response_flags
+            flagged = flags.ByteSize() > 0
             closing.append(close_reservation(
                 service, headers.get(contract.H_RESERVATION, ""), request.request_id,
                 headers.get(contract.H_TENANT), status, usage, model,
-                _cut_short(flags), "access_log", settled_by or "access_log",
-                provider_failed=not _envoys_own_answer(flags),
-                body_seen=body_seen_of(entry), upstream=upstream))
+                flagged and _cut_short(flags), "access_log", settled_by or "access_log",
+                provider_failed=not (flagged and _envoys_own_answer(flags)),
+                body_seen=body_seen_of(entry, fields) if fields is not None else None,
+                upstream=upstream))
         # concurrently: the backend sends what one loop tick queued in one write
         await asyncio.gather(*closing)
         self._entries.inc(len(closing))
