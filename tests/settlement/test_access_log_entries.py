@@ -78,7 +78,7 @@ def test_each_entry_of_a_message_is_settled_with_its_own_usage_and_answer(store,
         msg.http_logs.log_entry.extend(entry(rid, f"t{i % 4}", i) for i, rid in enumerate(rids))
 
         async def one_message():
-            yield msg
+            yield msg.SerializeToString()  # as gRPC hands it over (als.handler)
 
         sc.run(UsageLogReceiver(flows.settlement).StreamAccessLogs(one_message(), None))
         assert led.events is not None and led.events.flush()
