@@ -95,7 +95,7 @@ def read_entries(data: bytes) -> list[EntryFields]:
     reading, or its DecodeError, stands)."""
     try:
         return _als_wire.read_message(data, contract.USAGE_METADATA_NAMESPACE)
-    except ValueError:
+    except Exception:  # noqa: BLE001 - whatever stops our reader, upb reads it (or refuses)
         pass
     msg = als_pb2.StreamAccessLogsMessage.FromString(data)
     return [entry_fields(e) for e in msg.http_logs.log_entry]
