@@ -62,7 +62,8 @@ copy_bench_reference()
 
 setup(
     ext_modules=cythonize(
-        [Extension("sidecar._core", ["native/core.pyx"], extra_compile_args=["-O3"])],
+        [Extension("sidecar._core", ["native/core.pyx"], extra_compile_args=["-O3"]),
+         Extension("sidecar._als_wire", ["native/als_wire.pyx"], extra_compile_args=["-O3"])],
         compiler_directives={"language_level": "3"},
     ),
 )

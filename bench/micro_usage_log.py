@@ -6,7 +6,7 @@ per settled request (decode, parse the usage, settle, count), the part a code ch
 move; with `--redis` also Valkey's CPU and commands per settled request.
 
   python bench/micro_usage_log.py [--entries N] [--batch B] [--runs R] [--redis] [--profile]
-                                  [--slis-ab]
+                                  [--slis-ab] [--ledger] [--sort tottime]
 
 Prints the median (min–max) of R runs in µs of CPU per settled request. `--slis-ab`: each
 run twice, with the upstream SLIs (sidecar/upstream_sli.py: read the timings, observe the
@@ -38,6 +38,7 @@ from sidecar import contract  # noqa: E402
 from sidecar.model import Request  # noqa: E402
 from sidecar.policy.load import parse_policy  # noqa: E402
 from sidecar.flows import Flows  # noqa: E402
+from sidecar.transports import als  # noqa: E402
 from sidecar.transports.als import UsageLogReceiver  # noqa: E402
 
 
@@ -88,7 +89,7 @@ def messages(n: int, batch: int, run: int, reservations: list[str]) -> list[byte
 
 
 async def one_run(service: Flows, n: int, batch: int, run: int,
-                  valkey=None) -> tuple[float, float, float]:
+                  valkey=None, prof=None) -> tuple[float, float, float]:
     """(sidecar µs CPU, Valkey µs CPU, Valkey commands) per settled request."""
     body = json.dumps({"model": "gpt-4o", "max_tokens": USAGE[1],
                        "messages": [{"role": "user", "content": "x" * 760}]}).encode()
@@ -102,17 +103,28 @@ async def one_run(service: Flows, n: int, batch: int, run: int,
     wire = messages(n, batch, run, reservations)
     receiver = UsageLogReceiver(service.settlement)
 
+    # as gRPC hands the messages over: bytes (sidecar/transports/als.py's handler), or
+    # decoded by upb for code before it read them itself (bench/ab_micro.sh's control)
+    raw = hasattr(als, "read_entries")
+
     async def incoming():
         for data in wire:
-            yield als_pb2.StreamAccessLogsMessage.FromString(data)
+            yield data if raw else als_pb2.StreamAccessLogsMessage.FromString(data)
 
     settled0 = sum(s.value for s in service.metrics.settlements.collect()[0].samples
                    if s.name.endswith("_total"))
     if valkey is not None:
         calls0, v0 = sum(valkey_calls(valkey.port).values()), _cpu(valkey.pid)
+    if prof is not None:  # the receiver alone, not the decisions or the bench's messages
+        prof.enable()
     t0 = time.process_time()
     await receiver.StreamAccessLogs(incoming(), None)
+    events = service.ledger.events
+    if events is not None:  # the writer thread's share (encode, write) is counted too
+        events.flush()
     cpu = time.process_time() - t0
+    if prof is not None:
+        prof.disable()
     v_us = v_cmds = float("nan")
     if valkey is not None:
         v_us = 1e6 * (_cpu(valkey.pid) - v0) / n
@@ -143,7 +155,17 @@ async def main_async(a) -> None:
         pol = parse_policy(text.encode(), "<bench>")
         backend = MemoryBackend()
     await backend.start()
-    service = Flows(pol, backend)
+    ledger = None
+    if a.ledger:  # the default ledger: JSON Lines files, written by its thread (no fsync)
+        import tempfile
+
+        from sidecar.ledger.config import LedgerConfig
+        from sidecar.ledger.recorder import build_ledger
+
+        ledger = build_ledger(LedgerConfig(dir=tempfile.mkdtemp(prefix="kt-micro-ledger-"),
+                                           fsync=False))
+        ledger.start()
+    service = Flows(pol, backend, ledger=ledger)
     try:
         await one_run(service, min(a.entries, 2000), a.batch, -1)  # warm up
         results: list[float] = []
@@ -154,31 +176,29 @@ async def main_async(a) -> None:
             await slis_ab(service, a, valkey)
             return
         for run in range(a.runs):
-            if prof:
-                prof.enable()
-            us, v_us, v_cmds = await one_run(service, a.entries, a.batch, run, valkey)
-            if prof:
-                prof.disable()
+            us, v_us, v_cmds = await one_run(service, a.entries, a.batch, run, valkey, prof)
             results.append(us)
             valkey_us.append(v_us)
             valkey_cmds.append(v_cmds)
         print(f"{statistics.median(results):.1f} µs CPU per settled request (decision excluded"
               f"; min {min(results):.1f}, max {max(results):.1f}; {a.runs} runs of "
-              f"{a.entries} entries, {a.batch} per message, backend {backend.name})")
+              f"{a.entries} entries, {a.batch} per message, backend {backend.name}"
+              f"{', file ledger' if a.ledger else ''})")
         if valkey is not None:
             print(f"Valkey: {statistics.median(valkey_us):.1f} µs CPU and "
                   f"{statistics.median(valkey_cmds):.2f} commands (a script's own included) "
                   "per settled request")
         if prof:
-            pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+            pstats.Stats(prof).sort_stats(a.sort).print_stats(30)
     finally:
         await backend.close()
+        if ledger is not None:
+            ledger.close()
         if valkey is not None:
             valkey.stop()
 
 
 async def slis_ab(service: Flows, a, valkey) -> None:
-    import sidecar.transports.als as als
 
     with_slis = als.from_access_log
     results: dict[bool, list[float]] = {True: [], False: []}
@@ -213,6 +233,10 @@ def main() -> None:
     ap.add_argument("--redis", action="store_true")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--slis-ab", action="store_true")
+    ap.add_argument("--ledger", action="store_true",
+                    help="with the default ledger (JSON Lines files, its writer thread "
+                         "counted; fsync off); without it the ledger records nothing")
+    ap.add_argument("--sort", default="cumulative", help="--profile's order (tottime, ...)")
     a = ap.parse_args()
     assert FULL_HOT > 0
     uvloop.run(main_async(a))

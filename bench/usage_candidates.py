@@ -11,6 +11,10 @@ Candidates, measured alternately in the same run:
                sse_to_metadata (work-in-progress API in Envoy 1.40)
 - lua_als:     + lua + the gRPC access log to a do-nothing receiver (bench/noop_authz.py als)
 - native_als:  + native + the same access log
+- lua_als_1s, lua_als_16k: lua_als with the access log's flush interval 1 s and buffer
+               256 KiB (fewer, larger batches), or Envoy's default buffer of 16 KiB (0.1 s)
+
+`--only a,b,...` measures those candidates alone (issue 26: the access log's knobs).
 """
 from __future__ import annotations
 
@@ -59,16 +63,23 @@ NATIVE = [
                      "stop_processing_after_matches": 1}]}}}}}]
 
 
-def access_log(port: int) -> dict:
+# the access log's flush interval and buffer size: kt envoy-config's (0.1 s, 64 KiB) and
+# the alternatives measured against them
+ALS_BUFFERS = {"lua_als": ("0.1s", 65536), "native_als": ("0.1s", 65536),
+               "lua_als_1s": ("1s", 262144), "lua_als_16k": ("0.1s", 16384)}
+
+
+def access_log(port: int, flush: str = "0.1s", size: int = 65536) -> dict:
     return {"name": "envoy.access_loggers.http_grpc", "typed_config": {
         "@type": TYPE + "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
         "common_config": {"log_name": "kt_usage", "transport_api_version": "V3",
                           "grpc_service": {"envoy_grpc": {"cluster_name": "als"}},
-                          "buffer_flush_interval": "0.1s", "buffer_size_bytes": 65536},
+                          "buffer_flush_interval": flush, "buffer_size_bytes": size},
         "additional_request_headers_to_log": ["x-kt-tenant"]}}
 
 
-def config(listen: int, admin: int, up: dict[str, int], filters: list, als_port: int) -> str:
+def config(listen: int, admin: int, up: dict[str, int], filters: list, als_port: int,
+           als_buffer: tuple[str, int] = ("0.1s", 65536)) -> str:
     o = EnvoyOptions(listen_port=listen, admin_port=admin, mode="none", usage="none",
                      tiers=[TierRoute("default", "gpt-4o", f"127.0.0.1:{up['default']}"),
                             TierRoute("compact", "gpt-4o-mini", f"127.0.0.1:{up['compact']}")])
@@ -76,7 +87,7 @@ def config(listen: int, admin: int, up: dict[str, int], filters: list, als_port:
     hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     hcm["http_filters"] = filters + hcm["http_filters"]
     if als_port:
-        hcm["access_log"] = [access_log(als_port)]
+        hcm["access_log"] = [access_log(als_port, *als_buffer)]
         doc["static_resources"]["clusters"].append({
             "name": "als", "type": "STATIC", "connect_timeout": "0.25s",
             "typed_extension_protocol_options": {
@@ -93,6 +104,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--only", default="", help="comma-separated candidates (default: all)")
     a = ap.parse_args()
     out: dict[str, list[tuple[float, float, float]]] = {}
     with workdir("kt-usage-cand-") as d:
@@ -105,14 +117,19 @@ def main() -> int:
                                                       "compact": (up["compact"], "gpt-4o-mini")}),
                               d, ua, up["default"]) as upstream:
                 candidates = {"none": ([], 0), "lua": ([LUA], 0), "native": (NATIVE, 0),
-                              "lua_als": ([LUA], drain_port), "native_als": (NATIVE, drain_port)}
+                              "lua_als": ([LUA], drain_port), "native_als": (NATIVE, drain_port),
+                              "lua_als_1s": ([LUA], drain_port),
+                              "lua_als_16k": ([LUA], drain_port)}
+                if a.only:
+                    candidates = {k: candidates[k] for k in a.only.split(",")}
                 for run in range(a.runs):
                     for name, (filters, als) in candidates.items():
                         sub = d / f"{name}-{run}"
                         sub.mkdir()
                         admin, listen = free_port(), free_port()
-                        with EnvoyProcess(config(listen, admin, up, filters, als), sub, admin,
-                                          listen) as envoy:
+                        with EnvoyProcess(config(listen, admin, up, filters, als,
+                                                 ALS_BUFFERS.get(name, ("0.1s", 65536))),
+                                          sub, admin, listen) as envoy:
                             probe(envoy.url())
                             run_wrk(envoy.url(), script, 1, 32)  # warm up
                             c0, u0 = cpu_seconds(envoy.proc.pid), cpu_seconds(upstream.proc.pid)
@@ -123,7 +140,7 @@ def main() -> int:
                                 1e6 * (cpu_seconds(upstream.proc.pid) - u0) / n))
         finally:
             stop_process(drain)
-    ref = statistics.median(v[1] for v in out["none"])
+    ref = statistics.median(v[1] for v in out["none"]) if "none" in out else 0.0
     print("| candidate | req/s median (min–max) | Envoy µs CPU per request median (min–max) "
           "| added to Envoy alone | upstream µs/request |")
     print("|---|---|---|---|---|")

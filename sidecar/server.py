@@ -14,7 +14,6 @@ from typing import Optional
 
 import grpc
 import msgspec
-from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -39,7 +38,7 @@ from sidecar.settlement.open_reservations import keep_open_reservations
 from sidecar.server_config import SAMPLE_SOURCE, ServerConfig, sample_policy, sample_policy_raw
 from sidecar.tenants_api import TenantsApi
 from sidecar.tracing import RequestSpans
-from sidecar.transports.als import UsageLogReceiver
+from sidecar.transports.als import UsageLogReceiver, handler as usage_log_handler
 from sidecar.transports.authz import authorization_handler
 from sidecar.transports.ext_proc import ExternalProcessorServicer
 from sidecar.transports.http_authz import start_http_authz
@@ -165,7 +164,7 @@ class Sidecar:
             ExternalProcessorServicer(self.service.settlement), server)
         server.add_generic_rpc_handlers((usage_service_handler(self.service.settlement, creds.admin,
                                                                self.metrics),))
-        als_pb2_grpc.add_AccessLogServiceServicer_to_server(UsageLogReceiver(self.service.settlement), server)
+        server.add_generic_rpc_handlers((usage_log_handler(UsageLogReceiver(self.service.settlement)),))
         self._health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         try:

@@ -174,21 +174,19 @@ def duration_us(d) -> int:
     return d.seconds * 1_000_000 + d.nanos // 1000
 
 
-def from_access_log(slis: UpstreamSLIs, policy, entry, provider: str,
+def from_access_log(slis: UpstreamSLIs, policy, tx: int, first: int, last: int,
+                    route_name: str, request_bytes: int, response_bytes: int, provider: str,
                     routed_model: Optional[str], status: int, model: Optional[str],
                     output_tokens: int, streamed: bool) -> Upstream:
-    """The provider's answer as one access-log entry tells it (HTTPAccessLogEntry), and
-    its observation in the histograms (a 2xx reply)."""
-    cp = entry.common_properties
-    tx = duration_us(cp.time_to_first_upstream_tx_byte)
-    first = duration_us(cp.time_to_first_upstream_rx_byte)
-    last = duration_us(cp.time_to_last_upstream_rx_byte)
+    """The provider's answer as one access-log entry tells it (HTTPAccessLogEntry: the
+    times to the first byte sent upstream, to the first and the last byte received, in µs;
+    the route's name, the body sizes), and its observation in the histograms (a 2xx
+    reply)."""
     up = Upstream(status if 100 <= status <= 599 else 0,
                   last - tx if last > tx > 0 else 0, first - tx if first > tx > 0 else 0,
-                  cp.route_name[:256])
+                  route_name[:256])
     if 200 <= status < 300:
         slis.observe(slis.labels(policy, provider, model, routed_model), up.upstream_us,
                      up.ttft_us, last - first if streamed and last > first > 0 else 0,
-                     output_tokens if streamed else 0, entry.request.request_body_bytes,
-                     entry.response.response_body_bytes)
+                     output_tokens if streamed else 0, request_bytes, response_bytes)
     return up

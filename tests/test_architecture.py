@@ -46,7 +46,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                 "sidecar.auth", "sidecar.address", "sidecar.stop_signals", "sidecar.burstlog",
                 "sidecar.upstream_sli", "sidecar.attribution"]),
     # generated or compiled: the decision core (native/core.pyx) and our protobufs
-    ("core", ["sidecar._core", "sidecar._proto"]),
+    ("core", ["sidecar._core", "sidecar._als_wire", "sidecar._proto"]),
 ]
 
 # (importer, imported): an import from a layer above, today.
@@ -103,7 +103,7 @@ def own(name: str, known: set[str]) -> Optional[str]:
     for another package's module."""
     if name != "sidecar" and not name.startswith("sidecar."):
         return None
-    if name.startswith("sidecar._proto") or name.startswith("sidecar._core"):
+    if name.startswith(("sidecar._proto", "sidecar._core", "sidecar._als_wire")):
         return name.split(".")[0] + "." + name.split(".")[1]
     while name not in known and "." in name:
         name = name.rsplit(".", 1)[0]
@@ -144,7 +144,7 @@ def imports_of(name: str, path: Path, known: set[str]) -> Iterator[Import]:
 @functools.lru_cache(maxsize=None)  # the source is read once per run
 def all_imports(package: Path = PACKAGE) -> tuple[Import, ...]:
     found = modules(package)
-    known = set(found) | {"sidecar._core", "sidecar._proto"}
+    known = set(found) | {"sidecar._core", "sidecar._als_wire", "sidecar._proto"}
     return tuple(i for name, path in sorted(found.items()) for i in imports_of(name, path, known))
 
 

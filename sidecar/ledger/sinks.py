@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Optional, Protocol, Sequence
 
 import msgspec
 
-from sidecar.ledger.events import Event, decode_line, encode_line
+from sidecar.ledger.events import Event, decode_line, encode_lines
 
 log = logging.getLogger("kt.ledger")
 CURRENT = "events.jsonl"
@@ -79,7 +79,7 @@ class FileSink:
 
     def write(self, events: Sequence[Event]) -> None:
         try:
-            data = b"".join(encode_line(e) for e in events)
+            data = encode_lines(events)
         except (UnicodeError, msgspec.EncodeError, OverflowError) as exc:
             raise SinkRefused(f"event file: an event cannot be encoded: {exc}") from None
         try:
@@ -210,7 +210,7 @@ class SpillFile:
     def append(self, events: Sequence[Event]) -> None:
         """Raises OSError (SpillFull past the limit): then the events are lost (the caller
         counts them)."""
-        data = b"".join(encode_line(e) for e in events)
+        data = encode_lines(events)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         try:

@@ -241,6 +241,22 @@ class UsageScanner:
         if usage is not None:
             self.usage = usage
 
+    def read_whole(self, data: bytes) -> None:
+        """The whole body at once (the access log's text, which Envoy's usage filter cut
+        out in whole lines): what ``feed(data)`` then ``finish()`` read, without copying
+        the text through the line buffer."""
+        if not self.streamed:
+            self.feed(data)
+            self.finish()
+            return
+        lines = data.split(b"\n")
+        if len(lines[-1]) > MAX_SSE_LINE:  # an unfinished line feed() would have dropped
+            lines.pop()
+        for line in lines:
+            self._line(line.rstrip(b"\r"))
+        if self._anthropic is not None and not self._anthropic_final:
+            self.usage = None  # as finish(): a stream cut before its message_delta
+
     def finish(self) -> None:
         if self.overflow:
             return

@@ -12,7 +12,8 @@ import msgspec
 import pytest
 
 from sidecar.cli import main as kt
-from sidecar.ledger.events import RefusalsEvent, ThresholdEvent, UsageEvent, decode_line, encode_line
+from sidecar.ledger.events import (RefusalsEvent, ThresholdEvent, UsageEvent, decode_line,
+                                   encode_line, encode_lines)
 from sidecar.ledger.recorder import MINUTE_US, OVERFLOW_TENANT, REFUSAL_KEYS_MAX, Ledger
 from sidecar.ledger.sinks import CURRENT, FileSink, SinkError, SpillFile, event_files, read_events
 from sidecar.ledger.stats import from_directory, parse_window
@@ -156,6 +157,14 @@ def test_an_event_is_one_json_line_and_reads_back_equal():
         assert line.endswith(b"\n") and line.count(b"\n") == 1
         assert decode_line(line) == ev
     assert json.loads(encode_line(usage_event(1)))["type"] == "usage"
+
+
+def test_a_batch_encodes_as_its_events_lines_joined():
+    batch = [usage_event(1), RefusalsEvent(minute_us=0, tenant="a\\b", reason="r", count=1),
+             usage_event(2, model_served="é\n\"x\"")]
+    assert encode_lines(batch) == b"".join(encode_line(e) for e in batch)
+    assert [decode_line(line + b"\n") for line in encode_lines(batch).splitlines()] == batch
+    assert encode_lines([]) == b""
 
 
 def test_the_upstream_fields_read_from_new_lines_and_default_on_old_ones():

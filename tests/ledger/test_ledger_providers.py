@@ -35,7 +35,7 @@ from sidecar.ledger.writer import EventLog
 from sidecar.model import Kind, Request
 from sidecar.policy import schema
 from sidecar.settlement.reconcile import close_reservation
-from sidecar.transports.als import UsageLogReceiver
+from sidecar.transports.als import UsageLogReceiver, entry_fields
 from sidecar.settlement.usage import Usage
 from tests.support.clock import ManualClock
 from tests.support.inproc import RunningSidecar
@@ -111,9 +111,9 @@ def test_every_outcome_names_the_provider_and_the_roll_up_counts_by_it(tmp_path,
         # (released); a client gone (kept); never settled (expired); a report with cache
         # tokens for the spilled-over provider
         assert sc.run(svc.settlement.settle_usage(rid[0], "acme", "gpt-4o", 30, 20, "report")).applied
-        sc.run(UsageLogReceiver(svc.settlement)._close_all([access_log_entry(
+        sc.run(UsageLogReceiver(svc.settlement)._close_all([entry_fields(access_log_entry(
             rid[1], "acme", "east", 200,
-            '{"model":"gpt-4o","usage":{"prompt_tokens":7,"completion_tokens":3}}')]))
+            '{"model":"gpt-4o","usage":{"prompt_tokens":7,"completion_tokens":3}}'))]))
         sc.run(close_reservation(svc.settlement, rid[2], "", None, 200, Usage(11, 4), "gpt-4o", False,
                                  "ext_proc", "ext_proc_json"))
         sc.run(close_reservation(svc.settlement, rid[4], "", None, 503, None, None, False, "ext_proc",

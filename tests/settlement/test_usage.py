@@ -65,6 +65,41 @@ def test_a_stream_without_a_usage_chunk_has_no_usage():
     assert sc.usage is None
 
 
+# what the access log's reader gets at once must read as the same text fed in chunks:
+# OpenAI chat and responses, Anthropic's overlay (cut before its message_delta too), CRLF,
+# decoys, an unfinished last line, nothing at all, and JSON documents
+WHOLE_TEXTS = [
+    (True, 'data: {"model":"gpt-4o","choices":[]}\n\ndata: {"choices":[],"usage":'
+           '{"prompt_tokens":7,"completion_tokens":2,"prompt_tokens_details":'
+           '{"cached_tokens":3}}}\n\n'),
+    (True, 'data: {"type":"response.completed","response":{"model":"o3","usage":'
+           '{"input_tokens":9,"output_tokens":4,"input_tokens_details":{"cached_tokens":1}}}}'
+           '\r\n\r\n'),
+    (True, 'data: {"type":"message_start","message":{"model":"claude","usage":{"input_tokens":'
+           '5,"cache_read_input_tokens":2,"output_tokens":1}}}\n\ndata: {"type":"message_delta",'
+           '"usage":{"output_tokens":40}}\n\n'),
+    (True, 'data: {"type":"message_start","message":{"model":"claude","usage":{"input_tokens":'
+           '5,"output_tokens":1}}}\n\n'),
+    (True, 'event: x\ndata: "usage"\ndata: {"usage":{"prompt_tokens":1}}\ndata: [DONE]\n'
+           'data: {"usage":{"prompt_tokens":8,"completion_tokens":1}}'),
+    (True, ''),
+    (False, '{"usage":{"prompt_tokens":12,"completion_tokens":30},"model":"gpt-4o"}'),
+    (False, '{"usage":{"prompt_tokens":-1},"model":"gpt-4o"}'),
+    (False, ''),
+]
+
+
+@pytest.mark.parametrize("streamed,text", WHOLE_TEXTS)
+def test_a_text_read_whole_reads_as_the_same_text_fed_in_chunks(streamed, text):
+    fed = UsageScanner(streamed=streamed)
+    for i in range(0, len(text), 7):
+        fed.feed(text[i:i + 7].encode())
+    fed.finish()
+    whole = UsageScanner(streamed=streamed)
+    whole.read_whole(text.encode())
+    assert (whole.model, whole.usage) == (fed.model, fed.usage)
+
+
 def test_rewrite_model_keeps_the_rest_of_the_body():
     body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "é"}],
                        "stream": True}).encode()

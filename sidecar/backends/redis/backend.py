@@ -33,7 +33,7 @@ from sidecar.backends.redis.cluster import ClusterRouting
 from sidecar.backends.redis.keys import Keys
 from sidecar.backends.redis.lease import LeaseManager
 from sidecar.backends.redis.link import RedisLink
-from sidecar.backends.redis.scripts import Scripts, bulk, limit_args, quota_args
+from sidecar.backends.redis.scripts import Scripts, bulk, bulks, limit_args, quota_args
 from sidecar.backends.redis.spend import SpendDays
 from sidecar.ledger.spend import LAST_DAY, SpendCell, SpendRecord
 from sidecar.metrics import BackendStats, LeaseStats
@@ -441,8 +441,7 @@ class RedisBackend:
             reply = await self.link.call(self.scripts.settle, keys, args)
         else:
             reply = await self.settlements.submit(
-                self.settle_lane, b"".join(bulk(k) for k in keys), len(keys),
-                b"".join(bulk(a) for a in args), len(args))
+                self.settle_lane, bulks(keys), len(keys), bulks(args), len(args))
             if isinstance(reply, hiredis.ReplyError):  # this settlement failed in its batch
                 raise self.link.failed(f"settle.lua: {reply}")
         if not (isinstance(reply, list) and len(reply) == 3
