@@ -129,8 +129,9 @@ class OverlayKeeper:
         another sidecar's file, mid-rollout): its freeze marks still apply, over the policy
         being served. A freeze is the brake of an incident and needs no compile; the poll
         goes on failing (counted) until the blocks compile here too. (The marks alone: the
-        holders below a frozen one are found in the layered document, not compiled here;
-        no `tenants:` entry names a parent yet.)"""
+        holders below a frozen one are found in the layered document, which did not
+        compile here; compile_here sets aside what it can blame first, so this is the case
+        of an overlay whose errors name no holder.)"""
         serving = self.serving()
         frozen = frozenset(overlay.frozen)
         if serving.frozen != frozen:
