@@ -1,7 +1,15 @@
 """Traces, optional: one span per request whose reservation closes (settled with its usage,
 released, kept at its bound, expired), in OpenTelemetry's GenAI semantic conventions,
 exported by OTLP over HTTP in batches (`kt serve --otlp-endpoint URL`; the `otlp` extra:
-`pip install 'kt-sidecar[otlp]'`).
+`pip install 'kt-sidecar[otlp]'`, OpenTelemetry's SDK).
+
+The export is OTLP/HTTP with the JSON encoding (`OtlpJsonExporter`, msgspec), not the
+SDK's protobuf exporter: that exporter needs the `opentelemetry-proto` package, whose
+modules `xds-protos` (Envoy's API, a dependency of this sidecar) ships too, older and
+without `InstrumentationScope`; whichever pip installs last wins, so the protobuf
+exporter failed to import in a fresh environment. Every OTLP collector takes JSON
+(the OpenTelemetry Collector, Jaeger, Tempo), and msgspec encodes it faster than the
+Python protobuf encoder.
 
 The span is another sink of the ledger's usage event (``Ledger.spans``): made from the
 same values, when the event is, it starts at the decision and ends at the settlement.
@@ -14,17 +22,21 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any, Optional
+import urllib.error
+import urllib.request
+from typing import Any, Optional, Sequence
 from urllib.parse import urlsplit
+
+import msgspec
 
 from sidecar.burstlog import BurstLog
 from sidecar.ledger.events import UsageEvent
 
 try:  # the optional extra; without it --otlp-endpoint says how to get it
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import SpanLimits, TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+    from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
+    from opentelemetry.sdk.trace.export import (BatchSpanProcessor, SpanExporter,
+                                                SpanExportResult)
     from opentelemetry.trace import SpanKind, Status, StatusCode
     AVAILABLE = True
 except ImportError:  # pragma: no cover - the CI installs the extra
@@ -88,7 +100,7 @@ class RequestSpans:
             {"service.name": "kt-sidecar", "service.instance.id": instance}),
             span_limits=SpanLimits(max_span_attribute_length=MAX_ATTRIBUTE_CHARS))
         self.processor = BatchSpanProcessor(
-            exporter or OTLPSpanExporter(endpoint=url, timeout=5),
+            exporter or OtlpJsonExporter(url, timeout_s=5.0),
             max_queue_size=max_queue_size, schedule_delay_millis=schedule_delay_ms)
         self.provider.add_span_processor(self.processor)
         self._tracer = self.provider.get_tracer("kt-sidecar")
@@ -144,3 +156,77 @@ class RequestSpans:
     def close(self) -> None:
         """Send what is queued (bounded by the exporter's timeout), then stop the thread."""
         self.provider.shutdown()
+
+
+def _value(v: Any) -> dict[str, Any]:
+    """An attribute's value as OTLP JSON's AnyValue (int64 as a decimal string)."""
+    if isinstance(v, bool):
+        return {"boolValue": v}
+    if isinstance(v, int):
+        return {"intValue": str(v)}
+    if isinstance(v, float):
+        return {"doubleValue": v}
+    return {"stringValue": str(v)}
+
+
+def _attributes(attrs: Any) -> list[dict[str, Any]]:
+    return [{"key": k, "value": _value(v)} for k, v in (attrs or {}).items()]
+
+
+_KINDS = {"INTERNAL": 1, "SERVER": 2, "CLIENT": 3, "PRODUCER": 4, "CONSUMER": 5}
+_STATUS = {"UNSET": 0, "OK": 1, "ERROR": 2}
+
+
+def export_request(spans: "Sequence[ReadableSpan]") -> bytes:
+    """OTLP/JSON ExportTraceServiceRequest of ``spans``: one resourceSpans per resource."""
+    by_resource: dict[int, tuple[Any, list[dict[str, Any]]]] = {}
+    for span in spans:
+        ctx = span.context
+        out: dict[str, Any] = {
+            "traceId": f"{ctx.trace_id:032x}", "spanId": f"{ctx.span_id:016x}",
+            "name": span.name, "kind": _KINDS.get(span.kind.name, 0),
+            "startTimeUnixNano": str(span.start_time or 0),
+            "endTimeUnixNano": str(span.end_time or span.start_time or 0),
+            "attributes": _attributes(span.attributes)}
+        if span.parent is not None:
+            out["parentSpanId"] = f"{span.parent.span_id:016x}"
+        if span.status.status_code.name != "UNSET":
+            out["status"] = {"code": _STATUS[span.status.status_code.name]}
+        key = id(span.resource)
+        if key not in by_resource:
+            by_resource[key] = (span.resource, [])
+        by_resource[key][1].append(out)
+    return msgspec.json.encode({"resourceSpans": [
+        {"resource": {"attributes": _attributes(resource.attributes)},
+         "scopeSpans": [{"scope": {"name": "kt-sidecar"}, "spans": made}]}
+        for resource, made in by_resource.values()]})
+
+
+if AVAILABLE:
+    class OtlpJsonExporter(SpanExporter):
+        """OTLP/HTTP, JSON encoding: one POST per batch, from the batch processor's thread
+        (never the event loop); a collector that fails or does not answer in time loses
+        that batch (logged once per burst), never the sidecar's work."""
+
+        def __init__(self, url: str, timeout_s: float = 5.0) -> None:
+            self.url = url
+            self.timeout_s = timeout_s
+            self._failed = BurstLog(log)
+
+        def export(self, spans: "Sequence[ReadableSpan]") -> "SpanExportResult":
+            req = urllib.request.Request(self.url, data=export_request(spans), method="POST",
+                                         headers={"content-type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout_s) as answer:  # noqa: S310 - the operator's collector URL, http(s) only
+                    answer.read()
+            except (urllib.error.URLError, OSError, ValueError) as exc:
+                self._failed.warning("%d spans not exported to %s: %s", len(spans), self.url,
+                                     exc)
+                return SpanExportResult.FAILURE
+            return SpanExportResult.SUCCESS
+
+        def shutdown(self) -> None:
+            pass
+
+        def force_flush(self, timeout_millis: int = 30000) -> bool:
+            return True

@@ -1,7 +1,7 @@
 """Traces (`kt serve --otlp-endpoint`, sidecar/tracing.py): each request whose reservation
 closes becomes one span in OpenTelemetry's GenAI conventions, sent in batches by the real
-OTLP/HTTP exporter to a receiver this test runs on loopback (a small HTTP server decoding
-the protobuf export request, as a collector does). A bad endpoint is one line."""
+OTLP/HTTP exporter (JSON encoding) to a receiver this test runs on loopback (a small HTTP
+server decoding the export request, as a collector does). A bad endpoint is one line."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,6 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest, ExportTraceServiceResponse)
 
 from sidecar.cli import main as kt
 from sidecar.ledger.events import UsageEvent
@@ -30,8 +28,23 @@ tenants:
 """
 
 
+class Span:
+    """One span of an OTLP/JSON export request, read as a collector reads it."""
+    SPAN_KIND_CLIENT = 3
+
+    def __init__(self, doc: dict) -> None:
+        self.doc = doc
+        self.name = doc["name"]
+        self.kind = doc["kind"]
+        assert len(doc["traceId"]) == 32 and len(doc["spanId"]) == 16
+        self.start_time_unix_nano = int(doc["startTimeUnixNano"])
+        self.end_time_unix_nano = int(doc["endTimeUnixNano"])
+        self.attributes = doc["attributes"]
+        self.status_code = doc.get("status", {}).get("code", 0)
+
+
 class Receiver:
-    """An OTLP/HTTP traces receiver: POST /v1/traces, protobuf in, every span kept."""
+    """An OTLP/HTTP traces receiver: POST /v1/traces, OTLP/JSON in, every span kept."""
 
     def __init__(self) -> None:
         self.spans: list = []
@@ -45,16 +58,17 @@ class Receiver:
             def do_POST(self):  # noqa: N802 (stdlib name)
                 body = self.rfile.read(int(self.headers["content-length"]))
                 assert self.path == "/v1/traces"
-                assert self.headers["content-type"] == "application/x-protobuf"
-                req = ExportTraceServiceRequest.FromString(body)
-                for rs in req.resource_spans:
-                    service = {a.key: a.value.string_value for a in rs.resource.attributes}
-                    for ss in rs.scope_spans:
-                        receiver.spans += [(service, s) for s in ss.spans]
+                assert self.headers["content-type"] == "application/json"
+                req = json.loads(body)
+                for rs in req["resourceSpans"]:
+                    service = {a["key"]: a["value"]["stringValue"]
+                               for a in rs["resource"]["attributes"]}
+                    for ss in rs["scopeSpans"]:
+                        receiver.spans += [(service, Span(s)) for s in ss["spans"]]
                 receiver.requests += 1
-                data = ExportTraceServiceResponse().SerializeToString()
+                data = b"{}"
                 self.send_response(200)
-                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -75,12 +89,12 @@ class Receiver:
         self.server.server_close()
 
 
-def attributes(span) -> dict:
+def attributes(span: Span) -> dict:
     out = {}
     for a in span.attributes:
-        v = a.value
-        out[a.key] = (v.string_value if v.HasField("string_value") else v.int_value
-                      if v.HasField("int_value") else v.double_value)
+        v = a["value"]
+        out[a["key"]] = (v["stringValue"] if "stringValue" in v else int(v["intValue"])
+                         if "intValue" in v else v["doubleValue"])
     return out
 
 
