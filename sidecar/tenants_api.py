@@ -36,6 +36,7 @@ from sidecar.ledger.recorder import Ledger
 from sidecar.ledger.spend import HELD_DAY, day_of
 from sidecar.overlay_sync import OverlayKeeper
 from sidecar.policy import overlay as ov
+from sidecar.policy.holders import PathCell, refresh_windows
 from sidecar.policy.load import PERIODS, CompiledPolicy, PolicyError, TenantRule
 from sidecar.transports.http_side import HttpRequest, HttpResponse
 
@@ -187,11 +188,13 @@ class TenantsApi:
         left; the buckets' levels where the backend can read them without deciding."""
         now = self.now_us()
         lim = rule.limits
-        start, end = _core.period_bounds(now, lim.period if lim.budget >= 0 else _core.P_DAY)
+        start, end = _budget_period(rule, now)
         out: dict[str, Any] = {"at_us": now, "period_start_us": start,
                                "period_end_us": end if end != _core.NO_END_US else None}
         try:
-            out["live"] = await asyncio.wait_for(self.live(name, lim, now), 5)
+            out["live"] = await asyncio.wait_for(
+                self.live(name, lim, now) if rule.path is None and not rule.model_paths
+                else self.live_cells(name, rule, now), 5)
         except (BackendError, asyncio.TimeoutError) as exc:
             out["live"] = {"error": f"state not readable: {exc or type(exc).__name__}"}
         try:
@@ -252,6 +255,44 @@ class TenantsApi:
                               "remaining": max(0, lim.budget - st.spent) / scale,
                               "resets_in_us": out.budget_reset_us or None}
         return live
+
+    async def live_cells(self, name: str, rule: TenantRule, now: int) -> dict[str, Any]:
+        """A holder on a tree (docs/budgets.md): each of its own cells (its windows, its
+        model cells) as the backend holds it now, brought to ``now`` by the decision core
+        on a copy, as ``live`` does for a holder of one cell. Its parents' cells are theirs
+        (GET them by name)."""
+        mine: dict[str, tuple[str, PathCell]] = {}
+        for path in [p for p in (rule.path, *(rule.model_paths or {}).values())
+                     if p is not None]:
+            refresh_windows(path, lambda: now)
+            for cell in path.cells:
+                if cell.holder == name and cell.id not in mine:
+                    mine[cell.id] = (path.root, cell)
+        windows = []
+        admits = True
+        for root, cell in mine.values():
+            st = await self.backend.read_cell_state(root, cell.id)
+            if st is None:
+                continue
+            lim = cell.limits
+            out = _core.decide(lim, st, now, 0, 0, 0, 0, False)  # on the copy
+            admits = admits and out.kind <= 1
+            window: dict[str, Any] = {"cell": cell.id, "what": cell.label}
+            if lim.rpm > 0:
+                window["requests"] = {"per_minute": lim.rpm, "capacity": lim.req_cap,
+                                      "level": round(st.req_level + (1.0 if out.kind <= 1
+                                                                     else 0.0), 3)}
+            if lim.tpm > 0:
+                window["tokens"] = {"per_minute": lim.tpm, "capacity": lim.tok_cap,
+                                    "level": round(st.tok_level, 3)}
+            if lim.budget >= 0:
+                scale = 1e9 if lim.budget_in_usd else 1
+                window["budget"] = {"unit": cell.unit, "limit": lim.budget / scale,
+                                    "spent": st.spent / scale,
+                                    "remaining": max(0, lim.budget - st.spent) / scale,
+                                    "resets_in_us": out.budget_reset_us or None}
+            windows.append(window)
+        return {"next_request": "allow" if admits else "refused", "cells": windows}
 
     # --- changing ----------------------------------------------------------------------
     async def _change(self, name: str, action: str, who: str, fields: Fields,
@@ -437,3 +478,21 @@ def unit_changes(before: CompiledPolicy, after: CompiledPolicy, holder: str) -> 
     old = _budget_windows(before.rule_for(holder), holder)
     new = _budget_windows(after.rule_for(holder), holder)
     return [w for w in old if w in new and old[w] != new[w]]
+
+
+def _budget_period(rule: TenantRule, now: int) -> tuple[int, int]:
+    """[start, end) of the period the holder's first budget counts in now: a calendar
+    window (a time zone, an anchor: P_WINDOW) is computed by its path, not the clock's
+    UTC rule; no budget: the UTC day (what its spend is kept by)."""
+    lim = rule.limits
+    if lim.budget < 0:
+        return _core.period_bounds(now, _core.P_DAY)
+    if lim.period != _core.P_WINDOW:
+        return _core.period_bounds(now, lim.period)
+    for path in (rule.path, *(rule.model_paths or {}).values()):
+        if path is None:
+            continue
+        for cell in path.cells:
+            if cell.limits is lim and cell.calendar is not None:
+                return cell.calendar.window(now)[:2]
+    return _core.period_bounds(now, _core.P_DAY)  # not reached: a window has its cell

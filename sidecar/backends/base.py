@@ -209,6 +209,11 @@ class Backend(Protocol):
         counters (the decision core then says what it holds now); None when this backend
         cannot read it alone. May raise BackendError."""
 
+    async def read_cell_state(self, root: str, cell_id: str) -> Optional[State]:
+        """A copy of one cell of a holder tree (docs/budgets.md: ``root`` names the tree,
+        ``cell_id`` the cell), as ``read_state`` reads a tenant's own. May raise
+        BackendError."""
+
     def status(self) -> BackendStatus:
         """Readiness, cheap and non-blocking (read by /readyz)."""
 

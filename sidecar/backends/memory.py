@@ -433,6 +433,10 @@ class MemoryBackend:
             copy.spent, copy.period_start = st.spent, st.period_start
         return copy
 
+    async def read_cell_state(self, root: str, cell_id: str) -> Optional[_core.State]:
+        # one process: a tree's cells are kept by their ids, as tenants are by their names
+        return await self.read_state(cell_id)
+
     async def spend_cells(self, since_day: int = 0, until_day: int = LAST_DAY,
                           tenant: Optional[str] = None) -> list[SpendCell]:
         if tenant is not None:  # one holder's: not a walk over every tenant, on the loop

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import urllib.error
 import urllib.request
 
 import pytest
@@ -127,6 +128,15 @@ def test_the_company_example_through_envoy():
                 assert status == 200
                 sidecar.wait_usage_delivered()
                 spend = sidecar.spend()
+                cells = {}
+                for holder in ("team-support", "acme"):
+                    url = f"http://127.0.0.1:{sidecar.admin_port}/v1/tenants/{holder}"
+                    try:
+                        with urllib.request.urlopen(url, timeout=10) as r:
+                            live = json.load(r)["counters"]["live"]
+                    except urllib.error.HTTPError as exc:
+                        raise AssertionError(exc.read()) from None
+                    cells.update({c["cell"]: c["budget"]["spent"] for c in live["cells"]})
     # every admitted request was billed 15 tokens by the upstream, and charged that: the
     # gpt-4o cap held the key's gpt-4o to what fit in 71 tokens, the team to what fit in 233
     def tokens(tenant: str, model: str) -> int:
@@ -137,3 +147,8 @@ def test_the_company_example_through_envoy():
     assert tokens("batch-key", "gpt-4o-mini") == (mini_ok + 1) * USAGE
     assert (gpt4o_ok + mini_ok) * USAGE <= TEAM_WEEK_TOKENS
     assert tokens("search-key-1", "gpt-4o") == USAGE
+    # settlement moved every level by the same actual usage: the team's cells by its key's,
+    # the org's by both teams' (all settled: nothing held)
+    support = (gpt4o_ok + mini_ok + 1) * USAGE
+    assert cells["team-support"] == cells["team-support{tokens-week}"] == support
+    assert cells["acme"] == support + USAGE

@@ -19,6 +19,7 @@ the service sheds it, and says so.
 from __future__ import annotations
 
 import asyncio
+import math
 import struct
 import time
 from typing import Any, Callable, Optional, Sequence, Union
@@ -62,6 +63,9 @@ def _is_outcome(reply: Any) -> bool:
 # calendar window's bounds after a P_WINDOW cell): exact as doubles
 _CELL_LIMITS = struct.Struct("<7d")
 _CELL_WINDOW = struct.Struct("<3d")
+# a cell's stored state (lua/cell.lua): request level, its µs, token level, its µs, budget
+# period start (µs, -1: none yet), spent
+_CELL_STATE = struct.Struct("<6d")
 
 
 def _windows(path: HolderPath) -> tuple:
@@ -522,6 +526,25 @@ class RedisBackend:
                 st.period_start, st.spent = int(ps), int(spent)
         except (ValueError, TypeError) as exc:
             raise BackendError(f"{tenant}'s state is not decide.lua's: {exc}") from None
+        return st
+
+    async def read_cell_state(self, root: str, cell_id: str) -> Optional[_core.State]:
+        """One cell of a holder tree as decide_path.lua last wrote it (lua/cell.lua: six
+        packed doubles); absent or not 48 bytes: a fresh cell, as the script reads it."""
+        key = self.keyspace.cell(root, cell_id)
+        try:
+            got = (await self.link.commands([("GET", key)]))[0]
+        except Exception as exc:  # noqa: BLE001 - the one seam: every failure is a BackendError
+            raise BackendError(f"reading cell {cell_id} of {root}: {type(exc).__name__}: "
+                               f"{exc}") from None
+        st = _core.State()
+        if isinstance(got, (bytes, bytearray)) and len(got) == _CELL_STATE.size:
+            req, req_last, tok, tok_last, ps, spent = _CELL_STATE.unpack(got)
+            if all(math.isfinite(x) for x in (req, req_last, tok, tok_last, ps, spent)):
+                st.req_level, st.req_last = req, int(req_last)
+                st.tok_level, st.tok_last = tok, int(tok_last)
+                if ps >= 0:
+                    st.period_start, st.spent = int(ps), int(spent)
         return st
 
     async def spend_cells(self, since_day: int = 0, until_day: int = LAST_DAY,
