@@ -85,6 +85,13 @@ def test_two_sidecars_never_let_a_tree_overspend_on_a_node_or_a_cluster(store):
             assert org == 12 * 200 == search + support
             assert search == per_key[0] + per_key[1] and support == per_key[2] + per_key[3]
             assert all(s <= 1500 for s in per_key) and search <= 2000 and support <= 2000
+            # the management API's reader of a cell (live counters) reads what the script
+            # wrote, from either sidecar
+            for b in backends:
+                st = await b.read_cell_state(path.root, f"org-{run}")
+                assert st is not None and st.spent == org and st.period_start >= 0
+            fresh = await backends[1].read_cell_state(path.root, "never-written")
+            assert fresh is not None and fresh.spent == 0
         finally:
             for b in backends:
                 await b.close()
