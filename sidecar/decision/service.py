@@ -190,7 +190,7 @@ class Decider:
         # its own (a parent, several windows, a model's cell); None on the fast path
         path = rule.path
         if rule.model_paths is not None:
-            path = rule.model_paths.get(est.model or policy.tiers[asked].model, path)
+            path = rule.path_for(est.model or policy.tiers[asked].model)
         try:
             if path is not None:  # never with providers (the policy refuses both)
                 out = await self.backend.decide_path(tenant, path, asked, est.input_tokens,

@@ -62,6 +62,11 @@ class PolicyError(ValueError):
         return cls("\n".join(lines), lines)
 
 
+# a model's dated snapshot: its name, then -YYYY-MM-DD (OpenAI, Anthropic's -YYYYMMDD) or
+# -MMDD (OpenAI's older snapshots): the snapshot is the named model's for a model cell
+_DATED_SNAPSHOT = re.compile(r"(.+?)-(?:\d{4}-\d{2}-\d{2}|\d{8}|\d{4})$")
+
+
 class TenantRule(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Everything the service needs to decide for one tenant (or the defaults). gc=False:
     a policy holds one per tenant, and untracked objects cost the cycle collector nothing
@@ -81,10 +86,19 @@ class TenantRule(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     model_paths: Optional[dict[str, HolderPath]] = None
 
     def path_for(self, model: str) -> Optional[HolderPath]:
-        """The path a request for ``model`` is decided on (None: ``limits`` alone)."""
-        if self.model_paths is not None:
-            return self.model_paths.get(model, self.path)
-        return self.path
+        """The path a request for ``model`` is decided on (None: ``limits`` alone). A
+        model cell holds the model's dated snapshots too: `gpt-4o-2024-08-06` (OpenAI's
+        name in its usage, and one a client may ask for) is under `models: {gpt-4o: ...}`
+        unless the policy names the dated model itself, so a cap is not escaped by a
+        snapshot's name (red team, round 2)."""
+        paths = self.model_paths
+        if paths is None:
+            return self.path
+        got = paths.get(model)
+        if got is None:
+            dated = _DATED_SNAPSHOT.match(model)
+            got = paths.get(dated.group(1)) if dated is not None else None
+        return got if got is not None else self.path
 
 
 @dataclass(frozen=True)

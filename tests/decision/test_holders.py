@@ -130,6 +130,22 @@ def test_a_model_cap_and_a_weekly_window_apply_with_the_overall_ones():
     assert "tokens budget per week of 'team-support'" in d.message
 
 
+def test_a_models_dated_snapshot_is_under_the_models_cap():
+    """A client asking for `gpt-4o-2024-08-06` (OpenAI's dated name of gpt-4o, and the
+    name in its usage) is under `models: {gpt-4o: ...}`: the cap is not escaped by a
+    snapshot's name. `gpt-4o-mini` is another model, not a snapshot."""
+    f, backend, _ = flows()
+    assert ask(f, "batch-key", "gpt-4o-2024-08-06", 1500).kind is Kind.ALLOW
+    d = ask(f, "batch-key", "gpt-4o-2024-11-20", 100)
+    assert (d.kind, d.reason) == (Kind.DENY_BUDGET, "holder:batch-key")
+    assert spent(backend, "batch-key{m:gpt-4o}") == [1500]
+    rule = f.decider.policy.rule_for("batch-key")
+    cap = rule.path_for("gpt-4o")
+    assert rule.path_for("gpt-4o-0806") is cap and rule.path_for("gpt-4o-20240806") is cap
+    assert rule.path_for("gpt-4o-mini") is rule.path is not cap
+    assert rule.path_for("gpt-4o-mini-2024-07-18") is rule.path
+
+
 def test_settlement_moves_every_level_by_the_actual_usage():
     f, backend, _ = flows()
     d = ask(f, "search-key", "gpt-4o-mini", 1000)
