@@ -309,6 +309,15 @@ class TenantsApi:
             errors = ov.block_errors(exc, keeper.source, name)
             return _error(400, "invalid_policy", f"the holder's block is not a valid "
                           f"`tenants:` entry: {errors[0]}", errors=errors)
+        moved = tree_moves(self.policy(), policy) if self.backend.name == "redis" else []
+        if moved and not force:
+            # a tree's cells are kept under its root's hash tag (one slot): a holder that
+            # changes tree (or joins one) finds new keys, its period's spend at zero
+            return _error(409, "tree_change", f"this change moves {len(moved)} holders to "
+                          f"another tree ({', '.join(moved[:5])}): on Redis their counters "
+                          "are kept under their tree's root and would start again from zero "
+                          "this period. Make it when their periods end, or add ?force=true",
+                          holders=moved[:100])
         changed = unit_changes(self.policy(), policy, name)
         if changed and not force:
             # the period's spend is kept as a number in the window's unit: read in another
@@ -496,3 +505,18 @@ def _budget_period(rule: TenantRule, now: int) -> tuple[int, int]:
             if cell.limits is lim and cell.calendar is not None:
                 return cell.calendar.window(now)[:2]
     return _core.period_bounds(now, _core.P_DAY)  # not reached: a window has its cell
+
+
+def _kept_under(rule: TenantRule) -> Optional[str]:
+    """Where a holder's state is kept on Redis: None for a flat holder's own keys, else
+    the root of the tree whose hash tag holds its cells."""
+    paths = [p for p in (rule.path, *(rule.model_paths or {}).values()) if p is not None]
+    return paths[0].root if paths else None
+
+
+def tree_moves(before: CompiledPolicy, after: CompiledPolicy) -> list[str]:
+    """The holders whose state would be read from other keys after the change: they
+    join a tree, leave one, or move under another root (sorted)."""
+    return sorted(name for name, rule in after.tenants.items()
+                  if (old := before.tenants.get(name)) is not None
+                  and _kept_under(old) != _kept_under(rule))

@@ -18,6 +18,7 @@ from sidecar.ledger.writer import EventLog
 from sidecar.model import Kind, Request
 from sidecar.policy.load import parse_policy
 from tests.support.inproc import RunningSidecar
+from tests.support.policies import TIERS_AND_PRICING
 from tests.transports.test_tenants_api import POLICY, audit, call, check
 
 
@@ -282,3 +283,38 @@ def test_a_budget_unit_change_does_not_forget_the_periods_spend(tmp_path: Path):
         # a change that keeps the unit is no conflict
         assert call(sc, "PUT", "/v1/tenants/acme", {"budget": {"usd": 2, "period": "month"}},
                     token=None)[0] == 200
+
+
+TREE_POLICY = """
+tenant: {header: x-tenant-id, unknown: deny}
+""" + TIERS_AND_PRICING + """
+tenants:
+  org: {budget: {tokens: 100000, period: month}}
+  team: {budget: {tokens: 50000, period: month}}
+  key: {parent: team, budget: {tokens: 1000, period: day}}
+"""
+
+
+def test_a_change_that_moves_holders_to_another_tree_is_refused_on_redis(
+        empty_valkey, tmp_path: Path):
+    """Red team round 2, finding 4: on Redis a tree's cells are kept under its root's hash
+    tag, so putting an org above a team (or a flat holder into a tree) gave the team and
+    every key below it new, empty keys: a free period for the whole subtree. The API now
+    refuses it (409 tree_change) unless forced; a change inside one tree is no move."""
+    policy = _on_redis(TREE_POLICY, empty_valkey.url, "kt-rt-tree")
+    with _sidecar(policy, tmp_path / "policy.yaml") as sc:
+        status, body = call(sc, "PUT", "/v1/tenants/team",
+                            {"parent": "org", "budget": {"tokens": 50000, "period": "month"}},
+                            token=None)
+        assert status == 409 and body["error"]["code"] == "tree_change", body
+        # the org too: a flat holder until now, its cells would be new keys as well
+        assert body["error"]["holders"] == ["key", "org", "team"]
+        assert sc.sidecar.policy.rule_for("team").path.root == "team"  # nothing changed
+        # the same root: the key's own limits change, its cells stay where they are
+        assert call(sc, "PUT", "/v1/tenants/key",
+                    {"parent": "team", "budget": {"tokens": 2000, "period": "day"}},
+                    token=None)[0] == 200
+        status, _ = call(sc, "PUT", "/v1/tenants/team?force=true",
+                         {"parent": "org", "budget": {"tokens": 50000, "period": "month"}},
+                         token=None)
+        assert status == 200 and sc.sidecar.policy.rule_for("key").path.root == "org"
