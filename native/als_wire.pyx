@@ -132,7 +132,9 @@ cdef str _value_string(const unsigned char* b, Py_ssize_t start, Py_ssize_t end)
             ln = _len(b, end, &pos)
             text = _text(b, pos, ln)
             pos += ln
-        elif (key >> 3) in (1, 2, 4, 5, 6):  # null, number, bool, struct, list
+        elif key in (8, 17, 32, 42, 50):  # null, number, bool, struct, list: each by its own
+            # wire type; the same field numbers under another are unknown fields to protobuf,
+            # which leave the kind as it was (a string_value stays)
             _skip(b, end, &pos, key)
             text = ""
         else:
