@@ -1,0 +1,63 @@
+"""Red team, round 2: budget holders on Valkey where two sidecars' clocks disagree at a
+calendar window's end (docs/budgets.md, "Calendar windows": each sidecar computes the
+window from its own clock and hands the script its bounds)."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from sidecar.backends.redis import RedisBackend
+from sidecar.flows import Flows
+from sidecar.model import Kind
+from sidecar.policy import schema
+from sidecar.policy.load import parse_policy
+from tests.backends.test_holders_redis import request
+from tests.policy.test_calendar import us
+
+TEXT = """
+tenant: {header: x-tenant-id}
+tiers: [{name: d, model: m}]
+tenants:
+  org-skew: {budget: {tokens: 100000, period: month}}
+  key-skew:
+    parent: org-skew
+    budget: {tokens: 500, period: week, timezone: Europe/Berlin}
+"""
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "finding 2: a sidecar whose clock is behind and one whose clock is ahead, taking turns "
+    "in the last seconds of a calendar window, each find the cell in 'another' window and "
+    "count its spend from zero: every request admitted, and the next window's early spend lost"))
+def test_two_sidecars_with_skewed_clocks_never_restart_a_windows_spend(valkey):
+    monday = us("2026-11-22T23:00:00Z")  # Monday 2026-11-23 00:00 in Berlin
+    valkey_now = monday - 1_000_000  # the scripts' clock: one second before the week ends
+    cfg = schema.RedisBackend(url=valkey.url, timeout_ms=2000)
+
+    async def main():
+        # one policy each, as two processes: each computes the windows on its own cells
+        behind = RedisBackend(cfg, clock_override=lambda: valkey_now)
+        ahead = RedisBackend(cfg, clock_override=lambda: valkey_now)
+        ahead._wall_us = lambda: valkey_now + 2_000_000  # this host's clock, 2 s ahead
+        await behind.start()
+        await ahead.start()
+        try:
+            a = Flows(parse_policy(TEXT.encode(), "<a>"), behind)
+            b = Flows(parse_policy(TEXT.encode(), "<b>"), ahead)
+            req = request(a.policy, "key-skew", 400)
+            out = [await a.decider.decide(req), await a.decider.decide(req)]
+            # documented: a clock ahead rolls the window over early, by its skew
+            out.append(await b.decider.decide(req))
+            # and then each in turn
+            out += [await a.decider.decide(req), await b.decider.decide(req),
+                    await a.decider.decide(req), await b.decider.decide(req)]
+            return [d.kind for d in out]
+        finally:
+            await behind.close()
+            await ahead.close()
+
+    kinds = asyncio.run(main())
+    assert kinds[:3] == [Kind.ALLOW, Kind.DENY_BUDGET, Kind.ALLOW]
+    # 400 of this week's 500 and 400 of the next week's 500 are spent: nothing more fits
+    assert kinds[3:] == [Kind.DENY_BUDGET] * 4, kinds
