@@ -26,11 +26,11 @@ tenants:
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "finding 2: a sidecar whose clock is behind and one whose clock is ahead, taking turns "
-    "in the last seconds of a calendar window, each find the cell in 'another' window and "
-    "count its spend from zero: every request admitted, and the next window's early spend lost"))
 def test_two_sidecars_with_skewed_clocks_never_restart_a_windows_spend(valkey):
+    """Finding 2 (fixed): a sidecar whose clock is behind and one whose clock is ahead,
+    taking turns in the last seconds of a calendar window, each found the cell in 'another'
+    window and counted its spend from zero (every request admitted, the next window's
+    early spend lost). A window never goes back now (lua/cell.lua, cell_bounds)."""
     monday = us("2026-11-22T23:00:00Z")  # Monday 2026-11-23 00:00 in Berlin
     valkey_now = monday - 1_000_000  # the scripts' clock: one second before the week ends
     cfg = schema.RedisBackend(url=valkey.url, timeout_ms=2000)
