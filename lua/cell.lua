@@ -43,10 +43,12 @@ end
 
 -- a cell's budget period: from the clock, or (period 6) the window the sidecar computed
 -- (a time zone, an anchor: docs/budgets.md) and, from its end on, the next one, so a
--- Valkey clock a little ahead of the sidecar's rolls over exactly at the window's end
-local function cell_bounds(now, c)
+-- Valkey clock a little ahead of the sidecar's rolls over exactly at the window's end;
+-- the next one too once the cell (its stored period start) is in it: a window never goes
+-- back, so a sidecar whose clock is behind another's does not restart its spend from zero
+local function cell_bounds(now, c, stored)
   if c.period ~= 6 then return cell_period(now, c.period) end
-  if now < c.we then return c.ws, c.we end
+  if now < c.we and stored ~= c.we then return c.ws, c.we end
   return c.we, c.wn
 end
 

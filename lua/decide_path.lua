@@ -96,7 +96,7 @@ local down = -1
 for i = 1, n do
   local c = C[i]
   if c.budget >= 0 then
-    c.ps, c.pe = cell_bounds(now, c)
+    c.ps, c.pe = cell_bounds(now, c, c.r and c.r[5])
     c.new_period = c.r == nil or c.r[5] ~= c.ps
     if not c.new_period then c.spent = stored_spend(c.r[6]) end
     c.remaining = c.budget - c.spent

@@ -56,7 +56,7 @@ for i = 1, n do
     s[3], s[4], changed = level, now, true
   end
   if c.budget >= 0 then
-    local pstart, pend = cell_bounds(now, c)
+    local pstart, pend = cell_bounds(now, c, r and r[5])
     c.pe = pend
     local spent = 0
     if s[5] == pstart then spent = stored_spend(s[6]) end

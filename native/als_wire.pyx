@@ -101,7 +101,7 @@ cdef class _Duration:
 
 cdef tuple _map_entry(const unsigned char* b, Py_ssize_t start, Py_ssize_t end):
     """A map entry: (its string key, the start and length of its value's bytes, whether the
-    value was there). Its parts repeated: the last of each."""
+    value was there). Its parts repeated: the last of each. Any other field: WireError."""
     cdef Py_ssize_t pos = start, ln, vs = 0, vl = 0
     cdef uint64_t key
     cdef str k = ""
@@ -117,7 +117,9 @@ cdef tuple _map_entry(const unsigned char* b, Py_ssize_t start, Py_ssize_t end):
             vs, vl, present = pos, ln, True
             pos += ln
         else:
-            _skip(b, end, &pos, key)
+            # upb moves an entry with any other field into its parent's unknown fields:
+            # the map does not hold it; upb reads such a message (read_entries)
+            raise WireError("a map entry with a field other than its key and value")
     return k, vs, vl, present
 
 
@@ -132,7 +134,9 @@ cdef str _value_string(const unsigned char* b, Py_ssize_t start, Py_ssize_t end)
             ln = _len(b, end, &pos)
             text = _text(b, pos, ln)
             pos += ln
-        elif (key >> 3) in (1, 2, 4, 5, 6):  # null, number, bool, struct, list
+        elif key in (8, 17, 32, 42, 50):  # null, number, bool, struct, list: each by its own
+            # wire type; the same field numbers under another are unknown fields to protobuf,
+            # which leave the kind as it was (a string_value stays)
             _skip(b, end, &pos, key)
             text = ""
         else:

@@ -216,12 +216,15 @@ cdef class Limits:
         return MAX_COST_C if c > MAX_COST_C else c
 
 
-cdef inline void _lim_bounds(Limits lim, int64 now, int64* start, int64* end) noexcept:
+cdef inline void _lim_bounds(Limits lim, int64 now, int64 stored, int64* start,
+                             int64* end) noexcept:
     # a budget's period: from the clock, or (P_WINDOW) the window the caller gave: the one
-    # it computed, or the next from its end on
+    # it computed, or the next from its end on, or when the state (``stored``, its period
+    # start) is in the next already: a window never goes back, so a caller whose clock is
+    # behind another's, near a window's end, does not start the spend again from zero
     if lim.period != 6:
         _period_bounds(now, lim.period, start, end)
-    elif now < lim.win_end:
+    elif now < lim.win_end and stored != lim.win_end:
         start[0] = lim.win_start
         end[0] = lim.win_end
     else:
@@ -415,7 +418,7 @@ cpdef Outcome decide(Limits lim, State st, int64 now_us, int tier, int64 input_t
             tokens = input_tokens + output_tokens
     # 2. budget
     if lim.budget >= 0:
-        _lim_bounds(lim, now_us, &start, &end)
+        _lim_bounds(lim, now_us, st.period_start, &start, &end)
         if st.period_start != start:
             st.period_start = start
             st.spent = 0
@@ -591,7 +594,7 @@ cpdef Outcome decide_path(list cells, int64 now_us, int tier, int64 input_tokens
         cost[i] = 0
         remaining[i] = 0
         if lim.budget >= 0:
-            _lim_bounds(lim, now_us, &start[i], &end[i])
+            _lim_bounds(lim, now_us, st.period_start, &start[i], &end[i])
             if st.period_start != start[i]:
                 st.period_start = start[i]
                 st.spent = 0
@@ -728,7 +731,7 @@ cpdef bint at_rest(Limits lim, State st, int64 now_us):
                                now_us) < lim.tok_cap:
         return False
     if lim.budget >= 0 and st.spent != 0:
-        _lim_bounds(lim, now_us, &start, &end)
+        _lim_bounds(lim, now_us, st.period_start, &start, &end)
         if st.period_start == start:
             return False
     return True
@@ -758,7 +761,7 @@ cpdef int64 settle(Limits lim, State st, int64 now_us, int64 delta_tokens, int64
         st.tok_last = now_us
     if lim.budget < 0:
         return -1
-    _lim_bounds(lim, now_us, &start, &end)
+    _lim_bounds(lim, now_us, st.period_start, &start, &end)
     if st.period_start != start:
         st.period_start = start
         st.spent = 0

@@ -64,12 +64,13 @@ def period_bounds(now_us: int, period: int) -> tuple[int, int]:
     return start, calendar.timegm((ny, nm, 1, 0, 0, 0)) * US
 
 
-def lim_bounds(lim: "Limits", now: int) -> tuple[int, int]:
+def lim_bounds(lim: "Limits", now: int, stored: int = -1) -> tuple[int, int]:
     """A budget's period: from the clock, or (P_WINDOW) the window the caller gave, and
-    the next one from its end on (a clock a little past it rolls over exactly there)."""
+    the next one from its end on (a clock a little past it rolls over exactly there) or
+    once the state (its period start ``stored``) is in it: a window never goes back."""
     if lim.period != P_WINDOW:
         return period_bounds(now, lim.period)
-    if now < lim.win_end:
+    if now < lim.win_end and stored != lim.win_end:
         return lim.win_start, lim.win_end
     return lim.win_end, lim.win_next
 
@@ -202,7 +203,7 @@ def decide(
     budget_remaining = 0
     budget_end = NO_END
     if lim.budget >= 0:
-        start, end = lim_bounds(lim, now)
+        start, end = lim_bounds(lim, now, st.period_start)
         budget_end = end
         if st.period_start != start:
             st.period_start, st.spent = start, 0
@@ -287,7 +288,7 @@ def settle(lim: Limits, st: State, now: int, delta_tokens: int, delta_cost: int,
         st.tok_level, st.tok_last = min(lim.tok_cap, level - delta_tokens), now
     if lim.budget < 0:
         return -1
-    start, _ = lim_bounds(lim, now)
+    start, _ = lim_bounds(lim, now, st.period_start)
     if st.period_start != start:
         st.period_start, st.spent = start, 0
     if period_start == start or period_start < 0:
@@ -314,9 +315,9 @@ def decide_path(cells: list[tuple[Limits, State]], now: int, tier: int, input_to
                    firm_tokens, commit_on_deny)
         if o.kind != ALLOW:
             o.cell = 0
-        lim = cells[0][0]
-        o.charges = ((o.charged_cost, lim_bounds(lim, now)[0] if lim.budget >= 0
-                      else 0),)
+        lim, st = cells[0]
+        o.charges = ((o.charged_cost, lim_bounds(lim, now, st.period_start)[0]
+                      if lim.budget >= 0 else 0),)
         return o
     assert 1 <= len(cells) <= MAX_PATH
     ntiers = len(cells[0][0].prices)
@@ -337,7 +338,7 @@ def decide_path(cells: list[tuple[Limits, State]], now: int, tier: int, input_to
     down = -1
     for i, (lim, st) in enumerate(cells):
         if lim.budget >= 0:
-            start[i], end[i] = lim_bounds(lim, now)
+            start[i], end[i] = lim_bounds(lim, now, st.period_start)
             if st.period_start != start[i]:
                 st.period_start, st.spent = start[i], 0
             st.spent = add_spend(st.spent, 0)
