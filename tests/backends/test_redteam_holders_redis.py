@@ -75,8 +75,10 @@ tenants:
 
 @pytest.mark.xfail(strict=True, reason=(
     "finding 4: on Redis a tree's cells live under its root's hash tag: a new org above a "
-    "team (a reload, or a PUT of its block) moves the team's and its keys' cells to new, "
-    "empty keys: their spend starts from zero (the embedded backend keeps it)"))
+    "team by a reload of the policy file moves the team's and its keys' cells to new, "
+    "empty keys: their spend starts from zero (the embedded backend keeps it). The "
+    "management API refuses such a change (409 tree_change, tests/transports/"
+    "test_redteam_admin.py); a reload waits for the cells to be carried over"))
 def test_a_new_org_above_a_team_keeps_the_teams_spend(valkey):
     cfg = schema.RedisBackend(url=valkey.url, timeout_ms=2000)
     before = REORG % {"org": "", "parent": ""}

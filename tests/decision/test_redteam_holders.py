@@ -2,16 +2,11 @@
 backend, the suite's manual clock): what a client can choose about its own path."""
 from __future__ import annotations
 
-import pytest
 
 from sidecar.model import Kind
 from tests.decision.test_holders import ask, flows, spent
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "finding 3: a model cell is found by the exact name the client wrote: the provider's "
-    "dated name of the model ('gpt-4o-2024-08-06') is decided on the key's overall cells "
-    "only (a policy in tokens, or one that prices the dated name, admits it)"))
 def test_a_models_cap_is_not_escaped_by_the_providers_dated_name_for_that_model():
     alias = "gpt-4o-2024-08-06"  # what OpenAI serves as gpt-4o, and names in its usage
     f, backend, _ = flows()
