@@ -98,6 +98,10 @@ class Metrics:
         self.overlay_version = Gauge(
             "kt_overlay_version", "The management API overlay's version served here (0: none).",
             registry=r)
+        self.overlay_set_aside = Gauge(
+            "kt_overlay_holders_set_aside", "Holders whose overlay block does not compile over "
+            "this sidecar's policy file, refused here until it does (docs/budgets.md).",
+            registry=r)
         self.tokens_total = Counter(
             "kt_tokens", "Actual tokens used, from responses and usage reports, by tenant "
             "(named tenants; others as _other), model and type (input, output; cached_input: "

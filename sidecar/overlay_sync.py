@@ -163,6 +163,7 @@ class OverlayKeeper:
         alert on overlay errors fires until the files agree. Raises PolicyError only when
         no holder can be blamed."""
         policy, aside = self.compile_aside(overlay)
+        self.metrics.overlay_set_aside.set(len(aside))
         if aside:
             self.metrics.overlay_applied.labels("error").inc()
             self.poll_errors.warning(

@@ -149,6 +149,7 @@ def test_a_freeze_reaches_a_sidecar_that_cannot_compile_another_holders_block(
         assert "newco" not in b.sidecar.policy.tenants and "newco" in b.sidecar.policy.frozen
         assert check(b, "newco").denied_response.status.code == 403
         assert b.sidecar.metrics.overlay_applied.labels("error")._value.get() > errors
+        assert b.sidecar.metrics.overlay_set_aside._value.get() == 1  # until the files agree
         # another holder's change reaches b all the same (finding 3 (b))
         assert call(a, "PUT", "/v1/tenants/initech", {"limits": {"rpm": 9}}, token=None)[0] == 200
         assert b.run(b.sidecar.overlay.refresh())
