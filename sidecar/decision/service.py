@@ -325,7 +325,9 @@ class Decider:
             return
         gauges = self._tenant_gauges.get(tenant)
         if gauges is None:
-            gauges = self._tenant_gauges[tenant] = [None, None, None, None]
+            # the four series, then the limit and period end last written: those two move
+            # only with the policy or a new period, and a gauge's set costs ~3.5 µs
+            gauges = self._tenant_gauges[tenant] = [None, None, None, None, None, None]
         # a series exists only for a limit the tenant has: a tenant without a budget must
         # not export kt_budget_remaining 0, which any low-budget alert would fire on
         if out.limit_tokens > 0:
@@ -338,10 +340,15 @@ class Decider:
                 gauges[2] = self.metrics.budget_limit.labels(tenant, rule.budget_unit)
             scale = 1e9 if rule.budget_unit == "usd" else 1
             gauges[1].set(out.budget_remaining / scale)
-            gauges[2].set(out.budget_limit / scale)
+            if gauges[4] != out.budget_limit:
+                gauges[4] = out.budget_limit
+                gauges[2].set(out.budget_limit / scale)
             # the period's end as a Unix time (whole seconds: it moves only when a period
             # starts); a `total` budget has no end and no series
             if out.budget_reset_us > 0:
                 if gauges[3] is None:
                     gauges[3] = self.metrics.budget_period_end.labels(tenant)
-                gauges[3].set(round(time.time() + out.budget_reset_us / 1e6))
+                end = out.period_start_us  # the same period: the same end
+                if gauges[5] != end:
+                    gauges[5] = end
+                    gauges[3].set(round(time.time() + out.budget_reset_us / 1e6))
