@@ -183,16 +183,14 @@ def compile_quarantined(raw: bytes, source: str,
     except PolicyError as exc:
         first = exc
     head = f"{source}: $.tenants."
+    names = _names_of(overlay, raw)  # once: the file may hold 100,000 holders
     aside: set[str] = set()
     error = first
     for _ in range(QUARANTINE_ROUNDS):
         blamed = set()
         for line in error.errors:
             if line.startswith(head):
-                rest = line[len(head):]
-                name = next((n for n in sorted(_names_of(overlay, raw), key=len, reverse=True)
-                             if rest.startswith(n) and rest[len(n):len(n) + 1] in ("", ".", ":", " ", "[")),
-                            None)
+                name = _blamed_name(line[len(head):], names)
                 if name is not None:
                     blamed.add(name)
         if not blamed - aside:
@@ -210,6 +208,18 @@ def compile_quarantined(raw: bytes, source: str,
         except PolicyError as exc:
             error = exc
     raise first
+
+
+def _blamed_name(rest: str, names: set[str]) -> Optional[str]:
+    """The holder an error line names: the longest holder name that ``rest`` (the line after
+    `$.tenants.`) starts with, followed by the line's next separator (names may hold dots)."""
+    best = None
+    for i, ch in enumerate(rest):
+        if ch in ".: [" and rest[:i] in names:
+            best = rest[:i]
+        if ch == ":":  # the path ends at the first colon: what follows is the message
+            break
+    return best if best is not None or rest not in names else rest
 
 
 def _names_of(overlay: Overlay, raw: bytes) -> set[str]:
