@@ -43,6 +43,7 @@ class OverlayKeeper:
         self.metrics = metrics
         self.overlay = ov.Overlay()
         self.served_version = 0  # the overlay version of the policy being served
+        self.aside: frozenset[str] = frozenset()  # holders set aside in the policy served
         self._loaded: Optional[tuple[CompiledPolicy, bytes, int]] = None
         self._task: Optional[asyncio.Task] = None
         self.lock = asyncio.Lock()  # one change at a time through this sidecar
@@ -163,6 +164,7 @@ class OverlayKeeper:
         alert on overlay errors fires until the files agree. Raises PolicyError only when
         no holder can be blamed."""
         policy, aside = self.compile_aside(overlay)
+        self.aside = aside
         self.metrics.overlay_set_aside.set(len(aside))
         if aside:
             self.metrics.overlay_applied.labels("error").inc()

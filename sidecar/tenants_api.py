@@ -301,10 +301,11 @@ class TenantsApi:
         keeper = self.keeper
         try:
             # another holder's stored block this sidecar's file does not compile (a file
-            # mid-rollout) is set aside here as on the poll; this holder's own must compile
+            # mid-rollout) stays set aside here as on the poll; but a change that breaks a
+            # holder (its own block, or a key whose parent it deletes) is refused
             policy, aside = await asyncio.to_thread(keeper.compile_aside, overlay)
-            if name in aside:
-                await asyncio.to_thread(keeper.compile, overlay)  # raises: its own errors
+            if name in aside or aside - keeper.aside:
+                await asyncio.to_thread(keeper.compile, overlay)  # raises: the errors
         except PolicyError as exc:
             errors = ov.block_errors(exc, keeper.source, name)
             return _error(400, "invalid_policy", f"the holder's block is not a valid "

@@ -304,6 +304,11 @@ def test_a_change_that_moves_holders_to_another_tree_is_refused_on_redis(
     refuses it (409 tree_change) unless forced; a change inside one tree is no move."""
     policy = _on_redis(TREE_POLICY, empty_valkey.url, "kt-rt-tree")
     with _sidecar(policy, tmp_path / "policy.yaml") as sc:
+        # a change that would break another holder (the key names the team as its parent)
+        # is refused, not served with that holder set aside
+        status, body = call(sc, "DELETE", "/v1/tenants/team", token=None)
+        assert status == 400 and body["error"]["code"] == "invalid_policy", body
+        assert "team" in sc.sidecar.policy.tenants and not sc.sidecar.policy.frozen
         status, body = call(sc, "PUT", "/v1/tenants/team",
                             {"parent": "org", "budget": {"tokens": 50000, "period": "month"}},
                             token=None)
