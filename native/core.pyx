@@ -469,13 +469,9 @@ cpdef Outcome decide(Limits lim, State st, int64 now_us, int tier, int64 input_t
             st.spent = _add_spend(st.spent, cost)
             budget_remaining = lim.budget - st.spent
         charged_tokens, charged_cost = tokens, cost
-    cdef int64 retry_after_s = 0
     if retry_us > MAX_WAIT_US_C:
         retry_us = MAX_WAIT_US_C
-    if retry_us > 0.0:
-        retry_after_s = <int64>ceil(retry_us / US)
-        if retry_after_s < 1:
-            retry_after_s = 1
+    cdef int64 retry_after_s = _seconds(retry_us)
     # fields set directly: no Python-level __init__ call on the hot path
     cdef Outcome o = Outcome.__new__(Outcome)
     o.kind, o.reason, o.tier, o.retry_after_s = kind, reason, tier, retry_after_s
@@ -674,13 +670,9 @@ cpdef Outcome decide_path(list cells, int64 now_us, int tier, int64 input_tokens
         charges.append((cost[i] if admitted else 0, start[i] if lim.budget >= 0 else 0))
     if kind == 0:
         cell = -1
-    cdef int64 retry_after_s = 0
     if retry_us > MAX_WAIT_US_C:
         retry_us = MAX_WAIT_US_C
-    if retry_us > 0.0:
-        retry_after_s = <int64>ceil(retry_us / US)
-        if retry_after_s < 1:
-            retry_after_s = 1
+    cdef int64 retry_after_s = _seconds(retry_us)
     # the header fields are the first cell's (the requesting holder's own limits)
     lim = <Limits>cells[0][0]
     o = Outcome.__new__(Outcome)
@@ -1038,7 +1030,8 @@ cpdef Outcome decide_routed(Limits lim, State st, int64 now_us, int tier, int64 
     return _provider_refusal(t0, best)
 
 
-cdef int64 _seconds(double us):
+cdef int64 _seconds(double us) noexcept:
+    """Whole seconds to wait, rounded up, at least 1 when there is any wait."""
     cdef int64 s
     if us <= 0.0:
         return 0
