@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import tempfile
 from typing import Optional, Protocol, Union
 
 import msgspec
@@ -30,6 +29,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
 from sidecar.backends.base import BackendError
+from sidecar.backends.state_files import write_durably
 from sidecar.policy import overlay as ov
 from sidecar.policy import schema
 
@@ -113,26 +113,14 @@ class FileOverlayStore:
         self._loaded = True
 
     def _write(self, raw: bytes) -> None:
-        directory = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".overlay-", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(raw)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+
+        def write(fd: int) -> None:
+            view = memoryview(raw)
+            while view:
+                view = view[os.write(fd, view):]
+
+        write_durably(self.path, ".overlay-", write)
 
     async def load(self) -> ov.Overlay:
         await asyncio.to_thread(self._read)

@@ -18,7 +18,7 @@ import tempfile
 import threading
 import time
 from itertools import islice
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import msgspec
 
@@ -72,6 +72,41 @@ def check_spend(where: str, tenant: Any, period_start: Any, spent: Any,
         if not valid_int(value, low):
             raise refuse(where, f"tenant {tenant!r}: {field} must be an integer in "
                                  f"{low}..{MAX_STATE_VALUE}, not {json.dumps(value)[:40]}")
+
+
+def fsync_directory(directory: str) -> None:
+    """Make a rename or a new file in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: str, temp_prefix: str, write: Callable[[int], None],
+                  before_replace: Optional[Callable[[], None]] = None) -> None:
+    """Replace ``path`` by what ``write(fd)`` writes, atomically and durably: a temporary
+    file beside it (named ``temp_prefix``...), fsync, ``before_replace()``, rename, fsync
+    of the directory; the temporary file removed if any step fails. A crash leaves the
+    old file or the new one, never a part of either."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix, dir=directory)
+    try:
+        try:
+            write(fd)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if before_replace is not None:
+            before_replace()
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_directory(directory)
 
 
 class StateFiles:
@@ -133,52 +168,39 @@ class StateFiles:
         self.spend_mirror.update(spend_changed or {})  # the ledger's, whole tenants
         for tenant in removed:
             mirror.pop(tenant, None)
-        fd, tmp = tempfile.mkstemp(prefix=self.temp_prefix, dir=self.directory)
-        try:
-            try:
-                os.write(fd, b'{"version":%d,"written_at_us":%d,"journal_seq":%d,"tenants":{'
-                         % (STATE_VERSION, written_at_us, seq))
-                items = iter(mirror.items())  # only this thread changes the mirror
-                sep = b""
-                while chunk := dict(islice(items, SNAPSHOT_CHUNK)):
-                    body = _encode(chunk)  # C, the GIL held for well under a millisecond
-                    # os.write releases the GIL: the event loop runs between chunks
-                    os.write(fd, sep + body[1:-1])
-                    sep = b","
-                # the ledger's spend per tenant: {"<day>|<model>": [six counts]}
-                os.write(fd, b'},"spend":{')
-                cells = iter(self.spend_mirror.items())
-                sep = b""
-                while spend_chunk := dict(islice(cells, SNAPSHOT_CHUNK)):
-                    os.write(fd, sep + _encode(spend_chunk)[1:-1])
-                    sep = b","
-                os.write(fd, b"}}")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        def write(fd: int) -> None:
+            os.write(fd, b'{"version":%d,"written_at_us":%d,"journal_seq":%d,"tenants":{'
+                     % (STATE_VERSION, written_at_us, seq))
+            items = iter(mirror.items())  # only this thread changes the mirror
+            sep = b""
+            while chunk := dict(islice(items, SNAPSHOT_CHUNK)):
+                body = _encode(chunk)  # C, the GIL held for well under a millisecond
+                # os.write releases the GIL: the event loop runs between chunks
+                os.write(fd, sep + body[1:-1])
+                sep = b","
+            # the ledger's spend per tenant: {"<day>|<model>": [six counts]}
+            os.write(fd, b'},"spend":{')
+            cells = iter(self.spend_mirror.items())
+            sep = b""
+            while spend_chunk := dict(islice(cells, SNAPSHOT_CHUNK)):
+                os.write(fd, sep + _encode(spend_chunk)[1:-1])
+                sep = b","
+            os.write(fd, b"}}")
+
+        def journal_durable() -> None:
             # the journal records this snapshot includes must be durable before it replaces
             # the last one, or a crash between the two would keep their effect but forget
             # their ids (a retried report would then apply twice)
             with self._durable:
                 if not self._durable.wait_for(lambda: self.durable_seq >= seq, timeout=10):
                     raise OSError(f"the journal is not written up to record {seq}")
-            os.replace(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        self._fsync_directory()
+
+        write_durably(self.path, self.temp_prefix, write, journal_durable)
         self.snapshot_seq = seq
         return len(mirror), time.perf_counter() - started
 
     def _fsync_directory(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_directory(self.directory)
 
     # --- journal (journal thread) ----------------------------------------------
     def open_journal(self, next_seq: int, segments: list[list]) -> None:
